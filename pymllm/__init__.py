@@ -1,0 +1,3 @@
+"""pymllm: building blocks for LLM inference in JAX."""
+
+__version__ = "0.1.0"

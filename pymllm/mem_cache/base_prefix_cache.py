@@ -1,0 +1,244 @@
+"""Abstract base class and shared data types for prefix cache implementations.
+
+All concrete caches (:class:`~pymllm.mem_cache.radix_cache.RadixCache`,
+:class:`~pymllm.mem_cache.chunk_cache.ChunkCache`,
+:class:`~pymllm.mem_cache.mamba_radix_cache.MambaRadixCache`) inherit from
+:class:`BasePrefixCache` and share the data classes defined here.
+
+KV slot ownership, the one rule every cache follows: an index is at every moment in exactly
+one place, free in the allocator, owned by the tree, or owned by the caller. The docstring
+of each method says which indices change hands.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pymllm.mem_cache.errors import InvalidKeyError
+
+_U32_LIMIT = 1 << 32
+
+
+def _pack_tokens(token_ids: Any) -> bytes:
+    """Pack tokens (ints, equal-length tuples or an integer array) as little-endian uint32."""
+    if isinstance(token_ids, RadixKey):
+        token_ids = token_ids.token_ids
+    try:
+        arr = np.asarray(token_ids)
+    except ValueError as exc:  # ragged tuples
+        raise InvalidKeyError(f"token_ids: tuple tokens must all have one length ({exc})") from exc
+    if arr.size == 0:
+        return b""
+    if arr.dtype.kind not in "iu":
+        if arr.dtype == object:
+            # Python ints beyond int64 land here; check them one by one (rare path).
+            flat = arr.ravel()
+            if not all(isinstance(t, int) and 0 <= t < _U32_LIMIT for t in flat):
+                raise InvalidKeyError(
+                    f"token_ids: every token must be an int in [0, 2**32), got {token_ids!r:.80}"
+                )
+            arr = flat.astype(np.uint32)
+        else:
+            raise InvalidKeyError(f"token_ids: tokens must be integers, got dtype {arr.dtype}")
+    lo, hi = arr.min(), arr.max()
+    if lo < 0 or hi >= _U32_LIMIT:
+        bad = lo if lo < 0 else hi
+        raise InvalidKeyError(f"token_ids: token {int(bad)} is outside [0, 2**32)")
+    return np.ascontiguousarray(arr, dtype="<u4").tobytes()
+
+
+def hash_token_ids(token_ids: Any, prior_hash: str | None = None) -> str:
+    """SHA-256 hash of a token-id page with optional chain-hash.
+
+    Each token is encoded as a 4-byte little-endian unsigned integer; tuples (bigram /
+    EAGLE) hash each element in order. When *prior_hash* (a hex digest) is supplied the
+    digest is first fed the raw bytes of that hash, making the result position-aware.
+    Tokens are packed once with numpy; a token outside [0, 2**32) raises ``ValueError``.
+    """
+    h = hashlib.sha256()
+    if prior_hash is not None:
+        try:
+            h.update(bytes.fromhex(prior_hash))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"prior_hash: expected a hex digest, got {prior_hash!r}") from exc
+    h.update(_pack_tokens(token_ids))
+    return h.hexdigest()
+
+
+def hash_to_int64(hex_str: str) -> int:
+    """Convert a hex digest to a signed 64-bit integer (its first 16 hex chars)."""
+    value = int(hex_str[:16], 16)
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def hash_bytes(data: bytes) -> int:
+    """SHA-256 -> unsigned 64-bit int (first 8 digest bytes, big-endian).
+
+    Useful for multimodal embedding keys (``extra_key``).
+    """
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+
+
+class RadixKey:
+    """Compound lookup key: token-id sequence + optional namespace tag.
+
+    ``token_ids`` is a list of ints, a list of equal-length tuples (bigram / EAGLE keys) or
+    a 1-D integer numpy array (taken without a copy by the compiled caches). ``extra_key``
+    isolates independent namespaces so that sequences with identical leading tokens but
+    different adapters / LoRA ids / multimodal context hashes never share prefix nodes.
+    """
+
+    __slots__ = ("extra_key", "token_ids")
+
+    def __init__(self, token_ids: Any, extra_key: Any = None) -> None:
+        self.token_ids = token_ids
+        self.extra_key = extra_key
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.token_ids)
+
+    def __getitem__(self, idx: int | slice) -> RadixKey:
+        if isinstance(idx, slice):
+            return RadixKey(self.token_ids[idx], self.extra_key)
+        n = len(self.token_ids)
+        i = int(idx)
+        if i < -n or i >= n:
+            raise IndexError(f"RadixKey index {idx} out of range for length {n}")
+        i %= n
+        return RadixKey(self.token_ids[i : i + 1], self.extra_key)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RadixKey):
+            return NotImplemented
+        return self.extra_key == other.extra_key and _as_list(self.token_ids) == _as_list(
+            other.token_ids
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like list
+
+    def __repr__(self) -> str:
+        head = _as_list(self.token_ids[:10])
+        more = "..." if len(self.token_ids) > 10 else ""
+        return f"RadixKey(extra_key={self.extra_key!r}, token_ids={head}{more})"
+
+
+def _as_list(tokens: Sequence[Any] | np.ndarray) -> list[Any]:
+    return tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
+
+
+@dataclass(slots=True)
+class MatchResult:
+    """Returned by :meth:`BasePrefixCache.match_prefix`.
+
+    ``indices`` is a 1-D ``numpy.int32`` array of the KV slots of the matched prefix, on
+    the host. They stay owned by the tree: lock ``last_node`` before relying on them past
+    the next ``evict``.
+    """
+
+    indices: np.ndarray
+    last_node: Any = None
+    prefix_len: int = 0
+    mamba_branching_seqlen: int | None = None
+
+
+@dataclass(slots=True)
+class InsertResult:
+    """Returned by :meth:`BasePrefixCache.insert`.
+
+    ``prefix_len`` tokens of the key were already cached: the caller still owns (and must
+    free) the duplicate indices ``value[:prefix_len]`` it passed in.
+    """
+
+    prefix_len: int = 0
+    last_node: Any = None
+    mamba_exist: bool = False
+
+
+@dataclass(slots=True)
+class EvictResult:
+    """Returned by :meth:`BasePrefixCache.evict`: how many tokens/states were freed."""
+
+    full_evicted: int = 0
+    swa_evicted: int = 0
+    mamba_evicted: int = 0
+
+
+class BasePrefixCache(abc.ABC):
+    """Abstract interface for all prefix cache implementations.
+
+    Concrete implementations:
+
+    * :class:`~pymllm.mem_cache.radix_cache.RadixCache` -- radix tree with SWA tombstones
+    * :class:`~pymllm.mem_cache.chunk_cache.ChunkCache` -- no-op fallback
+      (``disable_radix_cache=True``)
+    * :class:`~pymllm.mem_cache.mamba_radix_cache.MambaRadixCache` -- radix tree with
+      independent Mamba/SSM state tracking
+
+    Thread safety: a cache is not meant to be shared between threads without a lock held
+    by the caller; each compiled call runs with the GIL held from start to finish, so a
+    single call is atomic with respect to other Python threads.
+    """
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Clear all cached state and re-initialise."""
+
+    @abc.abstractmethod
+    def match_prefix(self, key: RadixKey) -> MatchResult:
+        """Find the longest cached prefix of *key*."""
+
+    @abc.abstractmethod
+    def insert(self, key: RadixKey, value: Any = None, **kwargs: Any) -> InsertResult:
+        """Insert *key*/*value* into the cache."""
+
+    @abc.abstractmethod
+    def evict(self, num_tokens: int, swa_num_tokens: int = 0) -> EvictResult:
+        """Evict tokens to free memory."""
+
+    @abc.abstractmethod
+    def inc_lock_ref(self, node: Any) -> Any:
+        """Lock *node* (and ancestors) to prevent eviction.
+
+        Returns an opaque token (e.g. ``swa_boundary_id``) that must be passed back to
+        :meth:`dec_lock_ref`.
+        """
+
+    @abc.abstractmethod
+    def dec_lock_ref(self, node: Any, **kwargs: Any) -> None:
+        """Unlock *node* (and ancestors)."""
+
+    def evictable_size(self) -> int:
+        return 0
+
+    def swa_evictable_size(self) -> int:
+        return 0
+
+    def protected_size(self) -> int:
+        return 0
+
+    def swa_protected_size(self) -> int:
+        return 0
+
+    def total_size(self) -> int:
+        return 0
+
+
+__all__ = [
+    "BasePrefixCache",
+    "EvictResult",
+    "InsertResult",
+    "MatchResult",
+    "RadixKey",
+    "hash_bytes",
+    "hash_to_int64",
+    "hash_token_ids",
+]

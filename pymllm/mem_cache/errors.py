@@ -1,0 +1,42 @@
+"""The exceptions raised by :mod:`pymllm.mem_cache`.
+
+Every error subclasses :class:`CacheError` and one built-in exception, so callers can
+catch either our family or the usual ``ValueError``/``TypeError``. An error raised by a
+public call leaves the cache, its allocator and every KV slot exactly as they were.
+"""
+
+from __future__ import annotations
+
+
+class CacheError(Exception):
+    """Base class of every error raised by pymllm.mem_cache."""
+
+
+class InvalidKeyError(CacheError, ValueError):
+    """A key holds tokens outside [0, 2**32), mixed tuple arities or a bad shape."""
+
+
+class InvalidValueError(CacheError, ValueError):
+    """KV indices of the wrong length, dtype or range were passed."""
+
+
+class StaleNodeError(CacheError, ValueError):
+    """A node handle refers to a node that was evicted (or to another cache)."""
+
+
+class LockStateError(CacheError, ValueError):
+    """Unlocking a node that holds no lock, or an unlock that does not match its lock."""
+
+
+class InvalidFreeError(CacheError, ValueError):
+    """Freeing a slot that is not allocated: double free, padding slot 0, out of range."""
+
+
+__all__ = [
+    "CacheError",
+    "InvalidFreeError",
+    "InvalidKeyError",
+    "InvalidValueError",
+    "LockStateError",
+    "StaleNodeError",
+]

@@ -1,0 +1,76 @@
+"""Extension list for the compiled core.
+
+Every ``pyx/pymllm/<pkg>/<name>.pyx`` becomes the extension ``pymllm.<pkg>.<name>``.
+``pyx/`` mirrors the package path so that Cython finds each module's ``.pxd`` by its
+dotted name and one module can ``cimport`` another (see ``include_path``).
+
+Environment switches:
+  PYMLLM_LINETRACE=1  compile with line tracing (coverage of the Cython code)
+  PYMLLM_SANITIZE=1   compile with AddressSanitizer (run under LD_PRELOAD=libasan)
+  PYMLLM_DEBUG=1      compile with -O0 -g and bounds checks on
+  PYMLLM_EXT_FILTER=a,b  build only the extensions whose name contains one of a, b
+                         (development: rebuild one module in place while others are edited)
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+ROOT = Path(__file__).parent
+PYX_ROOT = "pyx"
+
+linetrace = os.environ.get("PYMLLM_LINETRACE") == "1"
+sanitize = os.environ.get("PYMLLM_SANITIZE") == "1"
+debug = os.environ.get("PYMLLM_DEBUG") == "1"
+ext_filter = [f for f in os.environ.get("PYMLLM_EXT_FILTER", "").split(",") if f]
+
+directives = {
+    "language_level": "3",
+    "boundscheck": debug,
+    "wraparound": False,
+    "cdivision": True,
+    "initializedcheck": debug,
+    "embedsignature": True,
+    "linetrace": linetrace,
+}
+
+compile_args = ["-O0", "-g"] if debug else ["-O3"]
+link_args: list[str] = []
+macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+if linetrace:
+    macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
+if sanitize:
+    compile_args = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    link_args = ["-fsanitize=address"]
+
+
+def _extensions() -> list[Extension]:
+    exts = []
+    for pyx in sorted((ROOT / PYX_ROOT).rglob("*.pyx")):
+        rel = pyx.relative_to(ROOT / PYX_ROOT).with_suffix("")
+        if ext_filter and not any(f in rel.name for f in ext_filter):
+            continue
+        exts.append(
+            Extension(
+                ".".join(rel.parts),
+                [str(pyx.relative_to(ROOT))],
+                include_dirs=[np.get_include()],
+                define_macros=macros,
+                extra_compile_args=compile_args,
+                extra_link_args=link_args,
+            )
+        )
+    return exts
+
+
+setup(
+    ext_modules=cythonize(
+        _extensions(),
+        include_path=[PYX_ROOT],
+        compiler_directives=directives,
+        annotate=False,
+    ),
+)
