@@ -1,0 +1,532 @@
+"""``RefRadixCache``: the pure-Python reference model of :class:`RadixCache`.
+
+Two jobs, one implementation:
+
+* the oracle that the property tests (``tests/test_radix_stateful.py``) compare the compiled
+  cache with, operation by operation;
+* the pure-Python baseline that ``bench/`` times the compiled cache against.
+
+So it is written the way the seed (and SGLang's ``radix_cache.py``) writes a radix tree:
+``TreeNode`` objects holding their tokens as a Python list, a ``children`` dict keyed by the
+first token (or first page, as a tuple) -- at the root by ``(namespace, first token/page)`` --,
+token-by-token comparison in Python, and an ``evict`` that walks the tree to collect every
+evictable leaf and ``heapq.heapify``s them on each call. It is neither tuned nor slowed down.
+
+Semantics shared with the compiled cache (and pinned by ``tests/test_reference_model.py``):
+
+* A key's namespace is ``(extra_key, width)``, width 0 for plain int tokens and k for k-tuple
+  tokens; keys of different namespaces never share a node.
+* A logical clock: each successful ``match_prefix``/``insert`` increments ``clock`` first and
+  stamps every node it touches with it. Failed calls change nothing, not even the clock.
+* Node ids: root 0, then 1, 2, ... for each new node (new leaf or split-off upper half); never
+  reused, not even across :meth:`reset`.
+* Eviction order: smallest ``(last_access_time, id)`` first among unlocked non-root leaves.
+
+Sliding windows are not modelled yet (``sliding_window_size`` raises ``NotImplementedError``).
+Where SWA tombstones will go: a per-node ``swa_tombstone`` flag read by ``_walk`` (a match stops
+its window count at tombstones), a second counter pair beside ``_evictable``/``_protected``, and
+a second candidate set in ``evict``; the node layout and the walk need no other change.
+
+Not thread-safe: callers serialise access (see :class:`BasePrefixCache`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pymllm.mem_cache.base_prefix_cache import (
+    BasePrefixCache,
+    EvictResult,
+    InsertResult,
+    MatchResult,
+    RadixKey,
+    hash_token_ids,
+)
+from pymllm.mem_cache.errors import (
+    InvalidKeyError,
+    InvalidValueError,
+    LockStateError,
+    StaleNodeError,
+)
+
+_U32_LIMIT = 1 << 32
+_I32_MAX = (1 << 31) - 1
+_EMPTY_I32 = np.zeros(0, dtype=np.int32)
+_EMPTY_I32.flags.writeable = False
+
+
+def _is_int(t: Any) -> bool:
+    # bool is an int subclass, but a key of booleans is a bug, not tokens (hash_token_ids agrees).
+    return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+
+
+class TreeNode:
+    """One node of the reference tree; the object itself is the handle callers hold.
+
+    ``tokens`` (list of ints or of k-tuples) and ``value`` (``np.int32``, read-only) are this
+    node's own slice of the key and of the KV indices. Handles compare equal by ``id``.
+    """
+
+    __slots__ = (
+        "_owner",
+        "children",
+        "evicted",
+        "extra_key",
+        "hit_count",
+        "id",
+        "last_access_time",
+        "lock_ref",
+        "parent",
+        "tokens",
+        "value",
+        "width",
+    )
+
+    def __init__(
+        self,
+        node_id: int,
+        owner: object,
+        tokens: list[Any],
+        value: np.ndarray,
+        extra_key: Any,
+        width: int,
+        parent: TreeNode | None,
+    ) -> None:
+        self.id = node_id
+        self._owner = owner
+        self.tokens = tokens
+        self.value = value
+        self.extra_key = extra_key
+        self.width = width
+        self.parent = parent
+        self.children: dict[Any, TreeNode] = {}
+        self.lock_ref = 0
+        self.last_access_time = 0
+        self.hit_count = 0
+        self.evicted = False
+
+    @property
+    def key(self) -> RadixKey:
+        return RadixKey(list(self.tokens), self.extra_key)
+
+    @property
+    def namespace(self) -> tuple[Any, int]:
+        return (self.extra_key, self.width)
+
+    def is_leaf(self) -> bool:
+        return not self.children
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TreeNode):
+            return NotImplemented
+        return self.id == other.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        state = " evicted" if self.evicted else ""
+        return (
+            f"TreeNode(id={self.id}, len={len(self.tokens)}, lock_ref={self.lock_ref}, "
+            f"last_access_time={self.last_access_time}, hit_count={self.hit_count}{state})"
+        )
+
+
+class RefRadixCache(BasePrefixCache):
+    """Pure-Python radix-tree prefix cache with the same contract as ``RadixCache``.
+
+    Ownership of KV indices: ``insert(key, value)`` takes ``value[prefix_len:aligned_len]``
+    into the tree; the duplicates ``value[:prefix_len]`` and the unaligned tail
+    ``value[aligned_len:]`` stay the caller's. ``evict`` and ``reset`` hand tree-owned indices
+    back through ``token_to_kv_pool_allocator.free(np.int32 array)``, one call per ``evict`` /
+    ``reset``. ``match_prefix`` indices stay tree-owned. A call that raises changes nothing.
+    """
+
+    def __init__(
+        self,
+        page_size: int = 1,
+        sliding_window_size: int | None = None,
+        token_to_kv_pool_allocator: Any = None,
+        on_node_evict: Callable[[int], Any] | None = None,
+    ) -> None:
+        if not _is_int(page_size) or page_size < 1:
+            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        if sliding_window_size is not None:
+            raise NotImplementedError(
+                "RefRadixCache: sliding_window_size (SWA) is not supported yet"
+            )
+        self.page_size = int(page_size)
+        self.sliding_window_size = sliding_window_size
+        self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
+        self.on_node_evict = on_node_evict
+        self._owner = object()
+        self._next_id = 1
+        self.root_node = TreeNode(0, self._owner, [], _EMPTY_I32, None, 0, None)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.root_node.children = {}
+        self.clock = 0
+        self._evictable = 0
+        self._protected = 0
+
+    # ------------------------------------------------------------------ input checks
+
+    def _parse_key(self, key: Any) -> tuple[list[Any], Any, int]:
+        """Return (tokens as a list of ints or tuples, extra_key, width); raise on bad input."""
+        if not isinstance(key, RadixKey):
+            raise TypeError(f"key must be a RadixKey, got {type(key).__name__}")
+        ids = key.token_ids
+        if isinstance(ids, np.ndarray):
+            if ids.ndim != 1:
+                raise InvalidKeyError(f"token_ids: expected a 1-D array, got shape {ids.shape}")
+            if ids.dtype.kind not in "iu" and ids.size:
+                raise InvalidKeyError(f"token_ids: tokens must be integers, got {ids.dtype}")
+            tokens = ids.tolist()
+            for t in tokens:
+                if not 0 <= t < _U32_LIMIT:
+                    raise InvalidKeyError(f"token_ids: token {t} is outside [0, 2**32)")
+            return tokens, key.extra_key, 0
+        if not isinstance(ids, list):
+            raise TypeError(f"token_ids must be a list or a numpy array, got {type(ids).__name__}")
+        if ids and isinstance(ids[0], tuple):
+            width = len(ids[0])
+            if width == 0:
+                raise InvalidKeyError("token_ids: tuple tokens must not be empty")
+            tokens = []
+            for t in ids:
+                if not isinstance(t, tuple) or len(t) != width:
+                    raise InvalidKeyError(
+                        f"token_ids: tuple tokens must all have length {width}, got {t!r}"
+                    )
+                for e in t:
+                    if not _is_int(e):
+                        raise InvalidKeyError(f"token_ids: non-integer token element {e!r}")
+                    if not 0 <= e < _U32_LIMIT:
+                        raise InvalidKeyError(f"token_ids: token {e} is outside [0, 2**32)")
+                tokens.append(tuple(int(e) for e in t))
+            return tokens, key.extra_key, width
+        tokens = []
+        for t in ids:
+            if not _is_int(t):
+                raise InvalidKeyError(f"token_ids: non-integer token {t!r}")
+            if not 0 <= t < _U32_LIMIT:
+                raise InvalidKeyError(f"token_ids: token {t} is outside [0, 2**32)")
+            tokens.append(int(t))
+        return tokens, key.extra_key, 0
+
+    def _parse_value(self, value: Any, tokens: list[Any], width: int) -> np.ndarray:
+        """Return *value* as an int64 array of len(tokens) slot indices; raise on bad input."""
+        if value is None:
+            if width:
+                raise InvalidValueError("value=None (indices = token ids) needs plain int tokens")
+            arr = np.array(tokens, dtype=np.int64)
+        else:
+            try:
+                arr = np.asarray(value)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise InvalidValueError(f"value: not an array of indices ({exc})") from exc
+            if arr.ndim != 1:
+                raise InvalidValueError(f"value: expected a 1-D array, got shape {arr.shape}")
+            if arr.size == 0:
+                arr = np.zeros(0, dtype=np.int64)
+            elif arr.dtype.kind not in "iu":
+                raise InvalidValueError(f"value: indices must be integers, got {arr.dtype}")
+        if len(arr) != len(tokens):
+            raise InvalidValueError(f"value: {len(arr)} indices for a key of {len(tokens)} tokens")
+        for v in arr.tolist():
+            if not 0 <= v <= _I32_MAX:
+                raise InvalidValueError(f"value: index {v} is outside [0, 2**31)")
+        return arr.astype(np.int64)
+
+    def _check_node(self, node: Any) -> TreeNode:
+        if not isinstance(node, TreeNode):
+            raise TypeError(f"expected a TreeNode of this cache, got {type(node).__name__}")
+        if node._owner is not self._owner:
+            raise StaleNodeError(f"{node!r} belongs to another cache")
+        if node.evicted:
+            raise StaleNodeError(f"{node!r} was evicted")
+        return node
+
+    # ------------------------------------------------------------------ tree helpers
+
+    def _child_key(self, parent: TreeNode, tokens: list[Any], pos: int, ns: Any) -> Any:
+        first = tokens[pos] if self.page_size == 1 else tuple(tokens[pos : pos + self.page_size])
+        return (ns, first) if parent is self.root_node else first
+
+    def _key_match(self, node_tokens: list[Any], tokens: list[Any], pos: int, end: int) -> int:
+        """Common prefix of node_tokens and tokens[pos:end], rounded down to whole pages."""
+        n = min(len(node_tokens), end - pos)
+        i = 0
+        while i < n and node_tokens[i] == tokens[pos + i]:
+            i += 1
+        return i // self.page_size * self.page_size
+
+    def _new_node(
+        self, tokens: list[Any], value: np.ndarray, parent: TreeNode, ns: Any
+    ) -> TreeNode:
+        node = TreeNode(self._next_id, self._owner, tokens, value, ns[0], ns[1], parent)
+        self._next_id += 1
+        return node
+
+    def _split_node(self, child: TreeNode, split_len: int) -> TreeNode:
+        """Cut *child* after split_len tokens; the new upper node takes the head, child the tail."""
+        parent = child.parent
+        assert parent is not None
+        slot = self._child_key(parent, child.tokens, 0, child.namespace)
+        upper = self._new_node(
+            child.tokens[:split_len], child.value[:split_len], parent, child.namespace
+        )
+        upper.lock_ref = child.lock_ref
+        upper.hit_count = child.hit_count
+        upper.last_access_time = child.last_access_time
+        child.tokens = child.tokens[split_len:]
+        child.value = child.value[split_len:]
+        child.parent = upper
+        upper.children[self._child_key(upper, child.tokens, 0, child.namespace)] = child
+        parent.children[slot] = upper
+        return upper
+
+    def _walk(
+        self, tokens: list[Any], end: int, ns: Any, count_hit: bool
+    ) -> tuple[TreeNode, int, list[np.ndarray]]:
+        """Follow tokens[:end] down the tree, splitting a partly matched node and stamping
+        every matched node with the clock. Returns (last matched node, matched, values)."""
+        node = self.root_node
+        pos = 0
+        values = []
+        while end - pos >= self.page_size:
+            child = node.children.get(self._child_key(node, tokens, pos, ns))
+            if child is None:
+                break
+            c = self._key_match(child.tokens, tokens, pos, end)
+            if c < len(child.tokens):
+                child = self._split_node(child, c)
+            child.last_access_time = self.clock
+            if count_hit:
+                child.hit_count += 1
+            values.append(child.value)
+            pos += c
+            node = child
+        return node, pos, values
+
+    def _iter_nodes(self) -> list[TreeNode]:
+        """Every node except the root, parents before children."""
+        out = []
+        stack = list(self.root_node.children.values())
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(node.children.values())
+        return out
+
+    # ------------------------------------------------------------------ public API
+
+    def reset(self) -> None:
+        """Free every tree-owned index (one ``allocator.free`` call) and empty the tree.
+
+        Handles to the removed nodes become stale (``evicted`` is True). The clock goes back
+        to 0; node ids keep counting. ``on_node_evict`` is not called.
+        """
+        nodes = self._iter_nodes()
+        for node in nodes:
+            node.evicted = True
+        values = [node.value for node in nodes]
+        self._reset_state()
+        if values and self.token_to_kv_pool_allocator is not None:
+            freed = np.concatenate(values).astype(np.int32)
+            if len(freed):
+                self.token_to_kv_pool_allocator.free(freed)
+
+    def match_prefix(self, key: RadixKey, **kwargs: Any) -> MatchResult:
+        """Longest cached prefix of *key* in whole pages; splits a node the match ends inside.
+
+        Every matched node gets ``hit_count += 1`` and ``last_access_time = clock``. The
+        returned indices stay tree-owned.
+        """
+        tokens, extra_key, width = self._parse_key(key)
+        self.clock += 1
+        node, pos, values = self._walk(tokens, len(tokens), (extra_key, width), count_hit=True)
+        indices = np.concatenate(values).astype(np.int32) if values else _EMPTY_I32.copy()
+        return MatchResult(indices=indices, last_node=node, prefix_len=pos)
+
+    def insert(self, key: RadixKey, value: Any = None, **kwargs: Any) -> InsertResult:
+        """Insert the whole pages of *key* with KV indices *value* (``None``: the token ids).
+
+        The tree takes ``value[prefix_len:aligned_len]``; ``value[:prefix_len]`` (already
+        cached) and ``value[aligned_len:]`` (partial page) stay the caller's to free.
+        """
+        tokens, extra_key, width = self._parse_key(key)
+        arr = self._parse_value(value, tokens, width)
+        ns = (extra_key, width)
+        self.clock += 1
+        aligned = len(tokens) // self.page_size * self.page_size
+        node, pos, _ = self._walk(tokens, aligned, ns, count_hit=False)
+        prefix_len = pos
+        if pos < aligned:
+            leaf = self._new_node(tokens[pos:aligned], arr[pos:aligned].astype(np.int32), node, ns)
+            leaf.value.flags.writeable = False
+            leaf.last_access_time = self.clock
+            node.children[self._child_key(node, tokens, pos, ns)] = leaf
+            self._evictable += aligned - pos
+            node = leaf
+        return InsertResult(prefix_len=prefix_len, last_node=node)
+
+    def evict(self, num_tokens: int, swa_num_tokens: int = 0) -> EvictResult:
+        """Evict unlocked leaves, least recently used first (ties: smaller id), until at least
+        *num_tokens* tokens are freed or nothing is evictable. Whole nodes, so it may free
+        more than asked. One ``allocator.free`` call; ``on_node_evict(id)`` per node."""
+        if not _is_int(num_tokens) or not _is_int(swa_num_tokens):
+            raise TypeError("num_tokens and swa_num_tokens must be ints")
+        if num_tokens <= 0:
+            return EvictResult()
+        leaves = [n for n in self._iter_nodes() if not n.children and n.lock_ref == 0]
+        heap = [(n.last_access_time, n.id, n) for n in leaves]
+        heapq.heapify(heap)
+        evicted = 0
+        freed = []
+        while evicted < num_tokens and heap:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            assert parent is not None
+            del parent.children[self._child_key(parent, node.tokens, 0, node.namespace)]
+            node.evicted = True
+            self._evictable -= len(node.tokens)
+            evicted += len(node.tokens)
+            freed.append(node.value)
+            if self.on_node_evict is not None:
+                self.on_node_evict(node.id)
+            if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
+        if freed and self.token_to_kv_pool_allocator is not None:
+            self.token_to_kv_pool_allocator.free(np.concatenate(freed).astype(np.int32))
+        return EvictResult(full_evicted=evicted)
+
+    def inc_lock_ref(self, node: Any) -> None:
+        """Lock *node* and its ancestors against eviction; returns None."""
+        node = self._check_node(node)
+        while node is not self.root_node:
+            if node.lock_ref == 0:
+                self._evictable -= len(node.tokens)
+                self._protected += len(node.tokens)
+            node.lock_ref += 1
+            node = node.parent
+        return None
+
+    def dec_lock_ref(self, node: Any, **kwargs: Any) -> None:
+        """Undo one :meth:`inc_lock_ref`; raises ``LockStateError`` if *node* (or an ancestor)
+        holds no lock, leaving every lock as it was."""
+        node = self._check_node(node)
+        path = []
+        while node is not self.root_node:
+            if node.lock_ref == 0:
+                raise LockStateError(f"{node!r} holds no lock")
+            path.append(node)
+            node = node.parent
+        for n in path:
+            n.lock_ref -= 1
+            if n.lock_ref == 0:
+                self._protected -= len(n.tokens)
+                self._evictable += len(n.tokens)
+
+    def evictable_size(self) -> int:
+        return self._evictable
+
+    def protected_size(self) -> int:
+        return self._protected
+
+    def total_size(self) -> int:
+        return self._evictable + self._protected
+
+    def swa_evictable_size(self) -> int:
+        return 0
+
+    def swa_protected_size(self) -> int:
+        return 0
+
+    def compute_node_hash(self, node: Any) -> list[str]:
+        """One chained SHA-256 hex digest per page of *node*'s key; the chain starts at the
+        first page below the root, so the node's hashes depend on its whole path."""
+        node = self._check_node(node)
+        path = []
+        n = node
+        while n is not self.root_node:
+            path.append(n)
+            n = n.parent
+        prior = None
+        hashes: list[str] = []
+        for n in reversed(path):
+            hashes = []
+            for i in range(0, len(n.tokens), self.page_size):
+                prior = hash_token_ids(n.tokens[i : i + self.page_size], prior)
+                hashes.append(prior)
+        return hashes
+
+    def pretty_print(self) -> None:
+        stack = [(self.root_node, 0)]
+        while stack:
+            node, depth = stack.pop()
+            head = node.tokens[:10]
+            more = "..." if len(node.tokens) > 10 else ""
+            ns = "" if node is self.root_node else f" ns={node.namespace!r}"
+            print(
+                f"{'  ' * depth}[{node.id}]{ns} {head}{more} len={len(node.tokens)} "
+                f"lock_ref={node.lock_ref} t={node.last_access_time} hits={node.hit_count}"
+            )
+            stack.extend((c, depth + 1) for c in node.children.values())
+        print(f"evictable={self._evictable} protected={self._protected} clock={self.clock}")
+
+    # ------------------------------------------------------------------ test hooks
+
+    def _tree_values(self) -> np.ndarray:
+        """Every tree-owned index (the test ledger reads the tree through this)."""
+        values = [n.value for n in self._iter_nodes()]
+        return np.concatenate(values).astype(np.int32) if values else _EMPTY_I32.copy()
+
+    def _check_invariants(self) -> None:
+        """Walk the whole tree, recompute every counter; AssertionError on any mismatch."""
+        root = self.root_node
+        assert root.id == 0 and root.parent is None and not root.tokens and not root.evicted
+        assert root.lock_ref == 0, f"root lock_ref {root.lock_ref}"
+        evictable = protected = 0
+        ids = set()
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            assert node.id not in ids, f"node id {node.id} appears twice"
+            ids.add(node.id)
+            for slot, child in node.children.items():
+                assert child.parent is node, f"{child!r}: parent is not {node!r}"
+                assert not child.evicted, f"{child!r} in the tree but marked evicted"
+                assert child._owner is self._owner
+                assert slot == self._child_key(node, child.tokens, 0, child.namespace), (
+                    f"{child!r} filed under {slot!r}"
+                )
+                if node is not root:
+                    assert child.namespace == node.namespace, f"{child!r}: namespace differs"
+                stack.append(child)
+            if node is root:
+                continue
+            n = len(node.tokens)
+            assert n > 0 and n % self.page_size == 0, f"{node!r}: bad key length {n}"
+            assert node.value.dtype == np.int32 and node.value.shape == (n,), f"{node!r}: value"
+            if node.width:
+                assert all(isinstance(t, tuple) and len(t) == node.width for t in node.tokens)
+            else:
+                assert all(type(t) is int for t in node.tokens)
+            assert 0 < node.id < self._next_id
+            assert node.lock_ref >= 0 and node.hit_count >= 0
+            assert 0 <= node.last_access_time <= self.clock
+            if node.lock_ref:
+                protected += n
+            else:
+                evictable += n
+        assert evictable == self._evictable, f"evictable {self._evictable} != {evictable}"
+        assert protected == self._protected, f"protected {self._protected} != {protected}"
+
+
+__all__ = ["RefRadixCache", "TreeNode"]

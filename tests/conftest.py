@@ -1,0 +1,129 @@
+"""Shared test helpers: a recording allocator, cache factories, hypothesis profiles.
+
+Hypothesis profiles: ``ci`` (loaded by default; bounded so the whole suite runs in about two
+minutes on two cores) and ``long`` (``pytest --hypothesis-profile=long``; for soak runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from pymllm.mem_cache.errors import InvalidFreeError
+
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile(
+    "long",
+    max_examples=3000,
+    stateful_step_count=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile("ci")
+
+
+class RecordingAllocator:
+    """Stands in for a KV pool allocator and keeps the books on every slot.
+
+    ``alloc(n)`` hands out fresh slots 1, 2, 3, ... (never reused, so a slot freed twice is
+    caught however far apart the two frees are; slot 0 is the pool's padding slot and is
+    never handed out). ``free(indices)`` takes a 1-D ``np.int32`` array, as the caches
+    promise, records it, and raises ``InvalidFreeError`` for a slot that was never handed
+    out or is already free (recording nothing of that call).
+    """
+
+    def __init__(self) -> None:
+        self.next_slot = 1
+        self.freed: set[int] = set()
+        self.free_calls: list[np.ndarray] = []
+
+    def alloc(self, n: int) -> np.ndarray:
+        out = np.arange(self.next_slot, self.next_slot + n, dtype=np.int32)
+        self.next_slot += n
+        return out
+
+    def free(self, indices: Any) -> None:
+        if not isinstance(indices, np.ndarray) or indices.dtype != np.int32 or indices.ndim != 1:
+            raise TypeError(f"free() wants a 1-D np.int32 array, got {indices!r:.80}")
+        slots = indices.tolist()
+        for i, s in enumerate(slots):
+            if not 1 <= s < self.next_slot:
+                raise InvalidFreeError(f"slot {s} was never handed out")
+            if s in self.freed or s in slots[:i]:
+                raise InvalidFreeError(f"slot {s} freed twice")
+        self.freed.update(slots)
+        self.free_calls.append(indices.copy())
+
+    @property
+    def allocated(self) -> set[int]:
+        return set(range(1, self.next_slot))
+
+    @property
+    def live(self) -> set[int]:
+        """Slots handed out and not yet freed."""
+        return self.allocated - self.freed
+
+    @property
+    def freed_sequence(self) -> list[list[int]]:
+        return [c.tolist() for c in self.free_calls]
+
+    def assert_all_free(self) -> None:
+        assert not self.live, f"leaked slots: {sorted(self.live)[:20]}"
+
+
+@pytest.fixture
+def allocator() -> RecordingAllocator:
+    return RecordingAllocator()
+
+
+def cache_classes(impl: str) -> tuple[type, type]:
+    """(cache class, node class) of one implementation: 'ref' or 'compiled'."""
+    if impl == "ref":
+        from pymllm.mem_cache.reference import RefRadixCache, TreeNode
+
+        return RefRadixCache, TreeNode
+    # Deliberately not importorskip: a missing or broken build must fail the tests.
+    from pymllm.mem_cache.radix_cache import RadixCache, TreeNode
+
+    return RadixCache, TreeNode
+
+
+IMPLS = ["ref", "compiled"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_cache(impl: str, allocator: RecordingAllocator) -> Callable[..., Any]:
+    """Factory for a cache of the parametrized implementation; the allocator defaults to the
+    ``allocator`` fixture and ``evicted_ids`` collects every ``on_node_evict`` call."""
+    cls, _ = cache_classes(impl)
+
+    def make(page_size: int = 1, **kwargs: Any) -> Any:
+        kwargs.setdefault("token_to_kv_pool_allocator", allocator)
+        if "on_node_evict" not in kwargs:
+            kwargs["on_node_evict"] = make.evicted_ids.append
+        return cls(page_size=page_size, **kwargs)
+
+    make.evicted_ids = []  # type: ignore[attr-defined]
+    return make
+
+
+@pytest.fixture
+def node_class(impl: str) -> type:
+    return cache_classes(impl)[1]
