@@ -40,3 +40,10 @@ __all__ = [
     "LockStateError",
     "StaleNodeError",
 ]
+
+
+class AllocatorStateError(CacheError, RuntimeError):
+    """An allocator call out of order, such as ``free_group_end()`` with no open group."""
+
+
+__all__ += ["AllocatorStateError"]

@@ -1,0 +1,57 @@
+# cython: language_level=3
+"""The contract of the host-side slot allocators (implementation: ``_allocator.pyx``).
+
+Everything is counted in *pages* inside; a page is ``page_size`` consecutive slots and
+page ``p`` covers slots ``[p * page_size, (p + 1) * page_size)``. Page 0 (slot 0 when
+``page_size == 1``) is the reserved padding page: never handed out, never freed.
+"""
+
+from libc.stdint cimport int32_t, uint8_t
+
+
+# The reserved padding page/slot id: an in-bounds trash row in every device buffer.
+cdef enum:
+    PAD_PAGE = 0
+
+
+# Per-page state, one byte each in ``PageCore.state``.
+cdef enum PageState:
+    PAGE_FREE = 0       # allocatable: in pages[head:tail] or in release[:n_release]
+    PAGE_ALLOCATED = 1  # owned by a caller
+    PAGE_HELD = 2       # freed inside an open free group: not allocatable until it closes
+    PAGE_PENDING = 3    # transient, inside one free() call, between validation and commit
+    PAGE_RESERVED = 4   # the padding page 0
+
+
+cdef class PageCore:
+    """Free list + allocation state of ``num_pages`` pages (ids ``1..num_pages``)."""
+    cdef int32_t* pages       # free page ids; the live ones are pages[head:tail]
+    cdef int32_t* release     # pages freed since the last merge (need_sort only)
+    cdef int32_t* held        # pages freed inside the open free group
+    cdef int32_t* scratch     # one free() call's unique pages, before they are committed
+    cdef uint8_t* state       # PageState of every page id 0..num_pages
+    cdef readonly int32_t num_pages  # pages 1..num_pages are allocatable
+    cdef readonly int32_t page_size  # slots per page (>= 1)
+    cdef readonly bint need_sort     # frees wait in `release`, merged sorted on demand
+    cdef int32_t head         # first live entry of `pages`
+    cdef int32_t tail         # one past the last live entry of `pages`
+    cdef int32_t n_release    # entries of `release`
+    cdef int32_t n_held       # entries of `held`
+    cdef int32_t n_allocated  # pages in state PAGE_ALLOCATED
+    cdef int group_depth      # nesting depth of free_group_begin(); > 0 holds frees back
+
+    cdef void reset(self) noexcept
+    cdef int32_t free_pages_count(self) noexcept
+    # Takes `need` pages off the free list into out[0:need], marks them allocated.
+    # Returns -1 (nothing changed) when fewer than `need` are allocatable.
+    cdef int take_pages(self, int32_t need, int32_t* out) noexcept
+    # Validates slots[0:n] and collects the unique pages they touch into `scratch`
+    # (marked PAGE_PENDING). Returns their count; raises InvalidFreeError with every state
+    # as it was before the call.
+    cdef int32_t collect(self, const int32_t* slots, Py_ssize_t n) except -1
+    # Moves pages[0:count] (PENDING or ALLOCATED) to the free side: held while a group is
+    # open, else onto `release` (need_sort) or the tail of `pages`.
+    cdef void commit(self, const int32_t* pages, int32_t count) noexcept
+    # Rebuilds `pages` as every PAGE_FREE page, ascending; empties `release`.
+    cdef void merge(self) noexcept
+    cdef void end_group(self) noexcept

@@ -1,0 +1,595 @@
+# cython: language_level=3
+"""Host-side KV slot allocators at C speed.
+
+The free list is an array of page ids with a moving head (``alloc`` takes from the head,
+``need_sort=False`` frees append at the tail); with ``need_sort=True`` frees wait in a
+release array and are merged back in ascending order when the free list runs short, so
+allocations stay as low and as contiguous as the pool allows. One state byte per page makes
+every free checked in O(1) per slot, always on: a double free, the padding slot 0, a slot
+out of range or a slot listed twice raises ``InvalidFreeError`` and frees nothing of the
+call.
+
+Not thread-safe: one owner (the scheduler thread) calls these. No call releases the GIL.
+"""
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, malloc, qsort
+from libc.string cimport memcpy, memmove, memset
+
+cimport numpy as cnp
+
+import operator
+
+import numpy as np
+
+from pymllm.mem_cache.errors import AllocatorStateError, InvalidFreeError, InvalidValueError
+
+cnp.import_array()
+
+# Merge by sorting the release array when it is this many times smaller than the pool;
+# otherwise rebuild the free list from the state bytes (a linear, branch-light scan).
+cdef int32_t SORT_RATIO = 64
+
+
+cdef int _cmp_int32(const void* a, const void* b) noexcept nogil:
+    cdef int32_t x = (<const int32_t*>a)[0]
+    cdef int32_t y = (<const int32_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef void* _xmalloc(size_t nbytes) except NULL:
+    cdef void* p = malloc(nbytes if nbytes > 0 else 1)
+    if p == NULL:
+        raise MemoryError(f"cannot allocate {nbytes} bytes for the slot allocator")
+    return p
+
+
+cdef cnp.ndarray _empty_int32(Py_ssize_t n):
+    cdef cnp.npy_intp dims = n
+    return cnp.PyArray_EMPTY(1, &dims, cnp.NPY_INT32, 0)
+
+
+cdef cnp.ndarray _as_int32_slots(object indices):
+    """A 1-D C-contiguous int32 view/copy of *indices* (numpy, list, jax array, int).
+
+    Values that do not fit int32 are out of range of every pool; they raise here.
+    """
+    if (
+        cnp.PyArray_Check(indices)
+        and cnp.PyArray_TYPE(<cnp.ndarray>indices) == cnp.NPY_INT32
+        and cnp.PyArray_NDIM(<cnp.ndarray>indices) == 1
+        and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>indices)
+    ):
+        return <cnp.ndarray>indices
+    arr = np.asarray(indices)  # a jax array is copied to the host here (a device sync)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    elif arr.ndim != 1:
+        raise InvalidValueError(f"slot indices must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return _empty_int32(0)
+    if arr.dtype.kind not in "iu":
+        raise InvalidValueError(f"slot indices must be integers, got dtype {arr.dtype}")
+    if arr.dtype != np.int32:
+        bad = np.flatnonzero((arr < 0) | (arr > 0x7FFFFFFF))
+        if bad.size:
+            raise InvalidFreeError(f"slot {arr[bad[0]]} is out of range")
+        arr = arr.astype(np.int32)
+    return np.ascontiguousarray(arr)
+
+
+cdef class PageCore:
+    def __cinit__(self, int32_t num_pages, int32_t page_size, bint need_sort):
+        self.pages = NULL
+        self.release = NULL
+        self.held = NULL
+        self.scratch = NULL
+        self.state = NULL
+        if num_pages < 0:
+            raise InvalidValueError(f"size must be >= 0, got {num_pages} pages")
+        if page_size < 1:
+            raise InvalidValueError(f"page_size must be >= 1, got {page_size}")
+        if (<int64_t>num_pages + 1) * page_size > 0x7FFFFFFF:
+            raise InvalidValueError("pool too large: slot ids must fit int32")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.need_sort = need_sort
+        cdef size_t n = <size_t>num_pages
+        self.pages = <int32_t*>_xmalloc(n * sizeof(int32_t))
+        self.release = <int32_t*>_xmalloc(n * sizeof(int32_t))
+        self.held = <int32_t*>_xmalloc(n * sizeof(int32_t))
+        self.scratch = <int32_t*>_xmalloc(n * sizeof(int32_t))
+        # Padded to whole 8-byte words so that merge() can scan a word at a time.
+        self.state = <uint8_t*>_xmalloc((n + 1 + 8) * sizeof(uint8_t))
+        self.reset()
+
+    def __dealloc__(self):
+        free(self.pages)
+        free(self.release)
+        free(self.held)
+        free(self.scratch)
+        free(self.state)
+
+    cdef void reset(self) noexcept:
+        cdef int32_t i
+        memset(self.state, PAGE_FREE, self.num_pages + 1 + 8)
+        # The word-scan in merge() must never see the padding bytes as free.
+        memset(self.state + self.num_pages + 1, PAGE_RESERVED, 8)
+        self.state[PAD_PAGE] = PAGE_RESERVED
+        for i in range(self.num_pages):
+            self.pages[i] = i + 1
+        self.head = 0
+        self.tail = self.num_pages
+        self.n_release = 0
+        self.n_held = 0
+        self.n_allocated = 0
+        self.group_depth = 0
+
+    cdef int32_t free_pages_count(self) noexcept:
+        return self.tail - self.head + self.n_release
+
+    cdef int take_pages(self, int32_t need, int32_t* out) noexcept:
+        cdef int32_t i
+        if need > self.tail - self.head + self.n_release:
+            return -1
+        if need > self.tail - self.head:
+            self.merge()
+        memcpy(out, self.pages + self.head, need * sizeof(int32_t))
+        for i in range(need):
+            self.state[out[i]] = PAGE_ALLOCATED
+        self.head += need
+        self.n_allocated += need
+        return 0
+
+    cdef int32_t collect(self, const int32_t* slots, Py_ssize_t n) except -1:
+        cdef Py_ssize_t i, j
+        cdef int32_t s, p, count = 0
+        cdef int32_t ps = self.page_size
+        cdef int32_t hi = (self.num_pages + 1) * ps
+        cdef uint8_t st
+        for i in range(n):
+            s = slots[i]
+            if s < ps or s >= hi:
+                for j in range(count):
+                    self.state[self.scratch[j]] = PAGE_ALLOCATED
+                if 0 <= s < ps:
+                    raise InvalidFreeError(
+                        f"slot {s} is the reserved padding slot (page 0); it is never "
+                        "allocated and cannot be freed"
+                    )
+                raise InvalidFreeError(f"slot {s} is out of range [{ps}, {hi})")
+            p = s if ps == 1 else s // ps
+            st = self.state[p]
+            if st == PAGE_ALLOCATED:
+                self.state[p] = PAGE_PENDING
+                self.scratch[count] = p
+                count += 1
+            elif st == PAGE_PENDING and ps > 1:
+                pass  # another slot of a page this call already frees
+            else:
+                for j in range(count):
+                    self.state[self.scratch[j]] = PAGE_ALLOCATED
+                if st == PAGE_PENDING:
+                    raise InvalidFreeError(f"slot {s} is listed twice in one free()")
+                raise InvalidFreeError(
+                    f"slot {s} is not allocated (double free?)"
+                    + (f"; its page {p} is free" if ps > 1 else "")
+                )
+        return count
+
+    cdef void commit(self, const int32_t* pages, int32_t count) noexcept:
+        cdef int32_t i
+        cdef uint8_t st
+        cdef int32_t* dst
+        if self.group_depth > 0:
+            st = PAGE_HELD
+            dst = self.held + self.n_held
+            self.n_held += count
+        elif self.need_sort:
+            st = PAGE_FREE
+            dst = self.release + self.n_release
+            self.n_release += count
+        else:
+            st = PAGE_FREE
+            if self.tail + count > self.num_pages:
+                memmove(self.pages, self.pages + self.head,
+                        (self.tail - self.head) * sizeof(int32_t))
+                self.tail -= self.head
+                self.head = 0
+            dst = self.pages + self.tail
+            self.tail += count
+        if dst != pages:
+            memcpy(dst, pages, count * sizeof(int32_t))
+        for i in range(count):
+            self.state[pages[i]] = st
+        self.n_allocated -= count
+
+    cdef void merge(self) noexcept:
+        cdef int32_t n_live = self.tail - self.head
+        cdef int32_t i, j, k, p, n
+        cdef int32_t* live
+        cdef uint64_t word
+        if self.n_release == 0 and (self.need_sort or n_live == 0):
+            return
+        if (<int64_t>self.n_release) * SORT_RATIO < self.num_pages and self.need_sort:
+            # Few releases: sort them and merge with the (sorted) live run into scratch.
+            qsort(self.release, self.n_release, sizeof(int32_t), _cmp_int32)
+            live = self.pages + self.head
+            i = 0
+            j = 0
+            k = 0
+            while i < n_live and j < self.n_release:
+                if live[i] < self.release[j]:
+                    self.scratch[k] = live[i]
+                    i += 1
+                else:
+                    self.scratch[k] = self.release[j]
+                    j += 1
+                k += 1
+            while i < n_live:
+                self.scratch[k] = live[i]
+                i += 1
+                k += 1
+            while j < self.n_release:
+                self.scratch[k] = self.release[j]
+                j += 1
+                k += 1
+            memcpy(self.pages, self.scratch, k * sizeof(int32_t))
+        else:
+            # Every PAGE_FREE page, ascending: skip 8 pages at a time while none is free.
+            k = 0
+            n = self.num_pages + 1
+            p = 0
+            while p < n:
+                memcpy(&word, self.state + p, 8)
+                # A zero byte (PAGE_FREE) anywhere in the word?
+                if ((word - 0x0101010101010101ULL) & ~word & 0x8080808080808080ULL) == 0:
+                    p += 8
+                    continue
+                for i in range(p, p + 8 if p + 8 < n else n):
+                    if self.state[i] == PAGE_FREE:
+                        self.pages[k] = i
+                        k += 1
+                p += 8
+        self.head = 0
+        self.tail = k
+        self.n_release = 0
+
+    cdef void end_group(self) noexcept:
+        cdef int32_t n = self.n_held
+        self.n_held = 0
+        self.group_depth = 0
+        self.commit(self.held, n)
+        # commit() counted these pages as leaving the allocated state a second time.
+        self.n_allocated += n
+
+    def _check(self, str name):
+        """Recompute every counter from the arrays; AssertionError on any disagreement."""
+        cdef int32_t i, p
+        counts = [0, 0, 0, 0, 0]
+        for i in range(self.num_pages + 1):
+            assert self.state[i] <= PAGE_RESERVED, f"{name}: bad state byte at page {i}"
+            counts[self.state[i]] += 1
+        assert self.state[0] == PAGE_RESERVED, f"{name}: page 0 not reserved"
+        assert counts[PAGE_RESERVED] == 1, f"{name}: reserved pages {counts[PAGE_RESERVED]}"
+        assert counts[PAGE_PENDING] == 0, f"{name}: pending pages outside free()"
+        assert counts[PAGE_ALLOCATED] == self.n_allocated, f"{name}: n_allocated drifted"
+        assert counts[PAGE_HELD] == self.n_held, f"{name}: n_held drifted"
+        assert counts[PAGE_FREE] == self.free_pages_count(), f"{name}: free count drifted"
+        assert 0 <= self.head <= self.tail <= self.num_pages, f"{name}: head/tail"
+        seen = set()
+        for i in range(self.head, self.tail):
+            p = self.pages[i]
+            assert self.state[p] == PAGE_FREE and p not in seen, f"{name}: free list page {p}"
+            seen.add(p)
+            if self.need_sort and i > self.head:
+                assert self.pages[i - 1] < p, f"{name}: free list not sorted at {i}"
+        for i in range(self.n_release):
+            p = self.release[i]
+            assert self.state[p] == PAGE_FREE and p not in seen, f"{name}: release page {p}"
+            seen.add(p)
+        for i in range(self.n_held):
+            assert self.state[self.held[i]] == PAGE_HELD, f"{name}: held page {self.held[i]}"
+        assert self.n_held == 0 or self.group_depth > 0, f"{name}: held pages, no group"
+
+    def _allocated_pages(self):
+        cdef int32_t i
+        return np.asarray(
+            [i for i in range(self.num_pages + 1) if self.state[i] == PAGE_ALLOCATED],
+            dtype=np.int32,
+        )
+
+
+cdef cnp.ndarray _pages_to_slots(const int32_t* pages, int32_t n_pages, int32_t ps):
+    cdef cnp.ndarray out = _empty_int32(<Py_ssize_t>n_pages * ps)
+    cdef int32_t* o = <int32_t*>cnp.PyArray_DATA(out)
+    cdef int32_t i, j, base
+    if ps == 1:
+        memcpy(o, pages, n_pages * sizeof(int32_t))
+    else:
+        for i in range(n_pages):
+            base = pages[i] * ps
+            for j in range(ps):
+                o[i * ps + j] = base + j
+    return out
+
+
+cdef int32_t _check_alloc_size(object n, int32_t ps) except -1:
+    n = operator.index(n)
+    if n < 0:
+        raise InvalidValueError(f"cannot allocate {n} slots")
+    if n % ps:
+        raise InvalidValueError(f"alloc({n}): with page_size={ps} allocate whole pages")
+    return <int32_t>(n // ps) if n <= 0x7FFFFFFF else 0x7FFFFFFF
+
+
+cdef class TokenToKVPoolAllocator:
+    """Hands out KV slots ``1..size`` (slot 0 is the padding slot, never handed out).
+
+    ``alloc(n)`` returns ``n`` slots as a fresh 1-D ``np.int32`` array that the caller then
+    owns, or ``None`` when fewer than ``n`` slots are available (nothing changes then). With
+    ``page_size > 1`` it hands out whole pages: ``n`` must be a multiple of ``page_size``
+    and each run of ``page_size`` slots is one page, contiguous. ``free(indices)`` gives
+    slots back (numpy array of any integer dtype, list, int or jax array; int32 numpy is
+    the fast path): they are the allocator's again. With pages, a freed slot frees its
+    whole page. Bad frees raise ``InvalidFreeError`` (a ``ValueError``) and free nothing of
+    that call. With ``need_sort`` (default) freed slots are handed out again lowest first,
+    once the current free list runs out. Not thread-safe.
+    """
+
+    cdef PageCore core
+    cdef readonly int32_t size
+    cdef readonly int32_t page_size
+
+    def __init__(self, size, page_size=1, need_sort=True):
+        if page_size < 1:
+            raise InvalidValueError(f"page_size must be >= 1, got {page_size}")
+        if size < 0:
+            raise InvalidValueError(f"size must be >= 0, got {size}")
+        self.core = PageCore(size // page_size, page_size, need_sort)
+        self.size = self.core.num_pages * page_size
+        self.page_size = page_size
+
+    @property
+    def need_sort(self):
+        return self.core.need_sort
+
+    @property
+    def num_pages(self):
+        return self.core.num_pages
+
+    def available_size(self):
+        """Slots that ``alloc`` can hand out now (slots freed inside an open group wait)."""
+        return self.core.free_pages_count() * self.page_size
+
+    def alloc(self, n):
+        """``n`` fresh slots (1-D ``np.int32``, caller-owned) or ``None`` if unavailable."""
+        cdef int32_t need = _check_alloc_size(n, self.page_size)
+        if need > self.core.free_pages_count():
+            return None
+        if need > self.core.tail - self.core.head:
+            self.core.merge()
+        cdef int32_t* pages = self.core.pages + self.core.head
+        cdef cnp.ndarray out = _pages_to_slots(pages, need, self.page_size)
+        self.core.take_pages(need, self.core.scratch)
+        return out
+
+    def free(self, indices):
+        """Return *indices* to the pool; raises ``InvalidFreeError`` with nothing freed."""
+        cdef cnp.ndarray arr = _as_int32_slots(indices)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
+        if n == 0:
+            return
+        cdef int32_t count = self.core.collect(<const int32_t*>cnp.PyArray_DATA(arr), n)
+        self.core.commit(self.core.scratch, count)
+
+    def free_group_begin(self):
+        """Hold back frees until the matching ``free_group_end()`` (groups nest).
+
+        Frees inside the group are still validated at once; the slots only become
+        allocatable again when the outermost group ends.
+        """
+        self.core.group_depth += 1
+
+    def free_group_end(self):
+        if self.core.group_depth <= 0:
+            raise AllocatorStateError("free_group_end() without free_group_begin()")
+        self.core.group_depth -= 1
+        if self.core.group_depth == 0:
+            self.core.end_group()
+
+    def merge_and_sort_free(self):
+        """Fold pending frees into the free list, which becomes ascending."""
+        self.core.merge()
+
+    def clear(self):
+        """Every slot ``1..size`` free again (an open free group is dropped)."""
+        self.core.reset()
+
+    def is_allocated(self, indices):
+        """Boolean mask: which of *indices* are slots currently owned by a caller."""
+        arr = np.asarray(indices, dtype=np.int64).reshape(-1)
+        pages = arr // self.page_size
+        ok = (arr >= self.page_size) & (pages <= self.core.num_pages)
+        states = np.frombuffer(
+            <uint8_t[:self.core.num_pages + 1]>self.core.state, dtype=np.uint8
+        )
+        return ok & (states[np.where(ok, pages, 0)] == PAGE_ALLOCATED)
+
+    def _check_invariants(self):
+        self.core._check("allocator")
+
+    def __repr__(self):
+        return (
+            f"TokenToKVPoolAllocator(size={self.size}, page_size={self.page_size}, "
+            f"available={self.available_size()})"
+        )
+
+
+cdef class SWATokenToKVPoolAllocator:
+    """Allocates a full-attention slot and a sliding-window slot per token.
+
+    ``alloc(n)`` returns ``n`` full slots (``np.int32``, caller-owned) and records, for each,
+    the SWA slot allocated with it (``translate_loc_from_full_to_swa``); ``None`` when
+    either side cannot serve ``n`` (nothing changes). ``free(full)`` frees both sides;
+    ``free_swa(full)`` frees only the SWA side of still-allocated full slots (slots whose
+    SWA side is already gone are skipped, so a tombstoned node can later be freed whole).
+    Full slots that are not allocated raise ``InvalidFreeError`` in both, nothing freed.
+    ``available_size()`` is the smaller side. Not thread-safe.
+    """
+
+    cdef PageCore full
+    cdef PageCore swa
+    cdef cnp.ndarray _mapping  # int32[(full_pages + 1) * page_size]: full slot -> swa slot
+    cdef int32_t* mapping
+    cdef readonly int32_t size
+    cdef readonly int32_t swa_size
+    cdef readonly int32_t page_size
+
+    def __init__(self, size, swa_size, page_size=1, need_sort=True):
+        if page_size < 1:
+            raise InvalidValueError(f"page_size must be >= 1, got {page_size}")
+        if size < 0 or swa_size < 0:
+            raise InvalidValueError(f"sizes must be >= 0, got {size}, {swa_size}")
+        self.full = PageCore(size // page_size, page_size, need_sort)
+        self.swa = PageCore(swa_size // page_size, page_size, need_sort)
+        self.size = self.full.num_pages * page_size
+        self.swa_size = self.swa.num_pages * page_size
+        self.page_size = page_size
+        self._mapping = np.zeros((self.full.num_pages + 1) * page_size, dtype=np.int32)
+        self.mapping = <int32_t*>cnp.PyArray_DATA(self._mapping)
+
+    @property
+    def full_to_swa_index_mapping(self):
+        """Read-only view: ``mapping[full_slot]`` is its SWA slot, 0 where none."""
+        view = self._mapping.view()
+        view.flags.writeable = False
+        return view
+
+    def available_size(self):
+        return min(self.full_available_size(), self.swa_available_size())
+
+    def full_available_size(self):
+        return self.full.free_pages_count() * self.page_size
+
+    def swa_available_size(self):
+        return self.swa.free_pages_count() * self.page_size
+
+    def alloc(self, n):
+        cdef int32_t ps = self.page_size
+        cdef int32_t need = _check_alloc_size(n, ps)
+        cdef int32_t i, j, fb, sb
+        if need > self.full.free_pages_count() or need > self.swa.free_pages_count():
+            return None
+        if need > self.full.tail - self.full.head:
+            self.full.merge()
+        cdef cnp.ndarray out = _pages_to_slots(self.full.pages + self.full.head, need, ps)
+        self.full.take_pages(need, self.full.scratch)
+        self.swa.take_pages(need, self.swa.scratch)
+        for i in range(need):
+            fb = self.full.scratch[i] * ps
+            sb = self.swa.scratch[i] * ps
+            for j in range(ps):
+                self.mapping[fb + j] = sb + j
+        return out
+
+    cdef int32_t _swa_pages_of(self, int32_t count) noexcept:
+        """Unmap the full pages in full.scratch[0:count]; their live SWA pages go to
+        swa.scratch. Returns how many."""
+        cdef int32_t i, fb, s, k = 0
+        cdef int32_t ps = self.page_size
+        for i in range(count):
+            fb = self.full.scratch[i] * ps
+            s = self.mapping[fb]
+            if s != 0:
+                self.swa.scratch[k] = s // ps
+                k += 1
+                memset(self.mapping + fb, 0, ps * sizeof(int32_t))
+        return k
+
+    def free(self, indices):
+        """Free full slots and their SWA slots; ``InvalidFreeError``: nothing freed."""
+        cdef cnp.ndarray arr = _as_int32_slots(indices)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
+        if n == 0:
+            return
+        cdef int32_t count = self.full.collect(<const int32_t*>cnp.PyArray_DATA(arr), n)
+        cdef int32_t k = self._swa_pages_of(count)
+        self.full.commit(self.full.scratch, count)
+        self.swa.commit(self.swa.scratch, k)
+
+    def free_swa(self, indices):
+        """Free only the SWA side of allocated full slots; the full slots stay the caller's.
+
+        Full slots whose SWA side was already freed are skipped. A full slot that is not
+        allocated raises ``InvalidFreeError`` and nothing is freed.
+        """
+        cdef cnp.ndarray arr = _as_int32_slots(indices)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
+        if n == 0:
+            return
+        cdef int32_t count = self.full.collect(<const int32_t*>cnp.PyArray_DATA(arr), n)
+        cdef int32_t i
+        cdef int32_t k = self._swa_pages_of(count)
+        # Validation only: the full pages stay allocated.
+        for i in range(count):
+            self.full.state[self.full.scratch[i]] = PAGE_ALLOCATED
+        self.swa.commit(self.swa.scratch, k)
+
+    def translate_loc_from_full_to_swa(self, full_indices):
+        """SWA slots of *full_indices* (``np.int32``; 0 where the SWA side is freed)."""
+        return self._mapping[np.asarray(full_indices)]
+
+    def free_group_begin(self):
+        self.full.group_depth += 1
+        self.swa.group_depth += 1
+
+    def free_group_end(self):
+        if self.full.group_depth <= 0:
+            raise AllocatorStateError("free_group_end() without free_group_begin()")
+        self.full.group_depth -= 1
+        self.swa.group_depth -= 1
+        if self.full.group_depth == 0:
+            self.full.end_group()
+            self.swa.end_group()
+
+    def merge_and_sort_free(self):
+        self.full.merge()
+        self.swa.merge()
+
+    def clear(self):
+        self.full.reset()
+        self.swa.reset()
+        self._mapping[:] = 0
+
+    def is_allocated(self, indices):
+        """Boolean mask: which of *indices* are full slots currently owned by a caller."""
+        arr = np.asarray(indices, dtype=np.int64).reshape(-1)
+        pages = arr // self.page_size
+        ok = (arr >= self.page_size) & (pages <= self.full.num_pages)
+        states = np.frombuffer(<uint8_t[:self.full.num_pages + 1]>self.full.state,
+                               dtype=np.uint8)
+        return ok & (states[np.where(ok, pages, 0)] == PAGE_ALLOCATED)
+
+    def _check_invariants(self):
+        cdef int32_t p, s
+        cdef int32_t ps = self.page_size
+        self.full._check("full")
+        self.swa._check("swa")
+        mapped = 0
+        for p in range(self.full.num_pages + 1):
+            s = self.mapping[p * ps]
+            for j in range(ps):
+                expect = (s + j) if s else 0
+                assert self.mapping[p * ps + j] == expect, f"mapping of page {p} not a page"
+            if s:
+                assert self.full.state[p] == PAGE_ALLOCATED, f"freed full page {p} mapped"
+                assert self.swa.state[s // ps] == PAGE_ALLOCATED, f"swa page {s // ps} free"
+                mapped += 1
+        assert mapped == self.swa.n_allocated, "swa pages allocated != full pages mapped"
+
+    def __repr__(self):
+        return (
+            f"SWATokenToKVPoolAllocator(size={self.size}, swa_size={self.swa_size}, "
+            f"page_size={self.page_size}, available={self.available_size()})"
+        )
