@@ -1,0 +1,61 @@
+# The contract of the compiled radix tree.
+#
+# Nodes live in one growable array of structs and refer to each other by slot id (never by
+# pointer: the array is realloc'ed). Slot 0 is the root. A slot is reused after its node is
+# evicted; the public node id (`uid`) is never reused, so a handle (slot, uid) to an evicted
+# node is detected as stale.
+
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+
+ctypedef uint32_t tok_t     # one token id (tuple tokens are `width` consecutive tok_t)
+ctypedef int32_t idx_t      # one KV slot index
+ctypedef int32_t nid_t      # a node's slot in the node array
+
+cdef enum:
+    NIL = -1                # "no node"
+    ROOT = 0                # slot of the root node
+
+cdef enum:
+    HEAP_FULL = 0           # evictable leaves: non-root, no children, lock_ref == 0
+    HEAP_AUX = 1            # second eviction class (SWA tombstoning / Mamba states)
+
+
+ctypedef struct Node:
+    int64_t uid             # public id; -1 while the slot is free
+    nid_t parent            # slot of the parent (NIL for the root)
+    int32_t num_children    # children are found through the ChildMap, counted here
+    int32_t ns              # namespace id (extra_key, token width)
+    int32_t width           # tok_t per position: 1 for int tokens, k for k-tuples
+    int64_t len             # positions (tokens) in this node's key
+    tok_t* key              # len * width tokens, owned
+    idx_t* value            # len KV indices, owned (tree-owned slots)
+    int64_t last_access     # logical clock of the last match/insert that touched it
+    int64_t hit_count       # match_prefix calls that matched this node
+    int32_t lock_ref        # full-KV lock count (node and all its ancestors are locked)
+    int32_t heap_pos[2]     # position in each eviction heap, -1 when absent
+    int32_t aux_lock_ref    # lock count of the second resource (SWA KV / Mamba state)
+    int32_t aux_value       # Mamba: state slot or -1; SWA: 1 = live SWA KV, 0 = tombstone
+    nid_t next_free         # free-list link while the slot is free
+
+
+ctypedef struct MapEntry:
+    uint64_t h              # hash of (parent, ns, first page)
+    nid_t parent
+    nid_t child             # MAP_EMPTY, MAP_DELETED or a node slot
+
+cdef enum:
+    MAP_EMPTY = -1
+    MAP_DELETED = -2
+
+
+ctypedef struct ChildMap:
+    MapEntry* entries
+    uint64_t mask           # capacity - 1 (capacity is a power of two)
+    int64_t used            # live entries
+    int64_t filled          # live + deleted entries (resize when > capacity / 2)
+
+
+ctypedef struct Heap:
+    nid_t* data             # binary min-heap of node slots ordered by (last_access, uid)
+    int64_t size
+    int64_t cap

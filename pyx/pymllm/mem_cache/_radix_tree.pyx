@@ -1,0 +1,1283 @@
+# The compiled radix tree behind RadixCache.
+#
+# Design (see the .pxd for the structs):
+# - nodes in one growable array of structs, addressed by slot; a free list recycles slots;
+# - a node's key and value (KV slot indices) are C arrays it owns;
+# - children are found through one open-addressing hash map keyed by
+#   (parent slot, namespace, first page of the child's key), verified by a memcmp;
+# - evictable leaves sit in an indexed binary min-heap ordered by (last_access, uid), kept
+#   up to date incrementally on every touch/lock/unlock/evict, so evict never walks the tree;
+# - every public method holds the GIL from start to finish: a call is atomic with respect to
+#   other Python threads.
+#
+# Bad input is rejected before anything is mutated; the capacity a mutation needs (nodes,
+# map entries, heap slots) is reserved before it starts, so a MemoryError leaves the tree as
+# it was.
+
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.object cimport PyObject
+from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove, memset
+
+cimport numpy as cnp
+import numpy as np
+
+from pymllm.mem_cache.base_prefix_cache import (
+    EvictResult,
+    InsertResult,
+    MatchResult,
+    RadixKey,
+    hash_token_ids,
+)
+from pymllm.mem_cache.errors import (
+    InvalidKeyError,
+    InvalidValueError,
+    LockStateError,
+    StaleNodeError,
+)
+
+cnp.import_array()
+
+cdef int64_t TOKEN_LIMIT = 1 << 32
+
+
+# ---------------------------------------------------------------------------------------
+# Memory helpers
+# ---------------------------------------------------------------------------------------
+
+cdef int _grow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -1:
+    """Ensure *ptr holds at least `need` elements; doubles capacity, zeroes new memory."""
+    cdef int64_t new_cap = cap[0] if cap[0] > 0 else 16
+    cdef void* p
+    if need <= cap[0]:
+        return 0
+    while new_cap < need:
+        new_cap *= 2
+    if <uint64_t>new_cap > (<uint64_t>-1) // elsize:
+        raise MemoryError("allocation size overflows")
+    p = realloc(ptr[0], new_cap * elsize)
+    if p == NULL:
+        raise MemoryError(f"could not grow a buffer to {new_cap} elements")
+    memset(<char*>p + cap[0] * elsize, 0, (new_cap - cap[0]) * elsize)
+    ptr[0] = p
+    cap[0] = new_cap
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Hashing and comparison of token pages
+# ---------------------------------------------------------------------------------------
+
+cdef inline uint64_t _mix64(uint64_t x) noexcept nogil:
+    x ^= x >> 33
+    x *= <uint64_t>0xff51afd7ed558ccd
+    x ^= x >> 33
+    x *= <uint64_t>0xc4ceb9fe1a85ec53
+    x ^= x >> 33
+    return x
+
+
+cdef inline uint64_t _page_hash(nid_t parent, int32_t ns, const tok_t* t, int64_t ntok) noexcept nogil:
+    cdef uint64_t h = (<uint64_t>(<uint32_t>parent) << 32) ^ <uint32_t>ns
+    cdef int64_t i
+    h = _mix64(h + <uint64_t>0x9E3779B97F4A7C15)
+    for i in range(ntok):
+        h = (h ^ t[i]) * <uint64_t>0x100000001B3
+    return _mix64(h)
+
+
+cdef inline int64_t _common_positions(const tok_t* a, const tok_t* b, int64_t npos,
+                                      int32_t width) noexcept nogil:
+    """Number of leading positions on which a and b agree (npos at most)."""
+    cdef int64_t total = npos * width
+    cdef int64_t i = 0
+    cdef uint64_t wa, wb
+    # two tokens per step; unaligned loads through memcpy compile to plain moves
+    while i + 2 <= total:
+        memcpy(&wa, a + i, 8)
+        memcpy(&wb, b + i, 8)
+        if wa != wb:
+            break
+        i += 2
+    while i < total and a[i] == b[i]:
+        i += 1
+    return i // width
+
+
+# ---------------------------------------------------------------------------------------
+# Child map: open addressing, linear probing, power-of-two capacity, explicit tombstones
+# ---------------------------------------------------------------------------------------
+
+cdef int _map_init(ChildMap* m, uint64_t capacity) except -1:
+    m.entries = <MapEntry*>malloc(capacity * sizeof(MapEntry))
+    if m.entries == NULL:
+        raise MemoryError("child map")
+    cdef uint64_t i
+    for i in range(capacity):
+        m.entries[i].child = MAP_EMPTY
+    m.mask = capacity - 1
+    m.used = 0
+    m.filled = 0
+    return 0
+
+
+cdef inline nid_t _map_find(const ChildMap* m, const Node* nodes, nid_t parent, int32_t ns,
+                            const tok_t* page, int64_t ntok, uint64_t h) noexcept nogil:
+    cdef uint64_t i = h & m.mask
+    cdef const MapEntry* e
+    cdef const Node* c
+    while True:
+        e = &m.entries[i]
+        if e.child == MAP_EMPTY:
+            return NIL
+        if e.child >= 0 and e.h == h and e.parent == parent:
+            c = &nodes[e.child]
+            if c.ns == ns and memcmp(c.key, page, ntok * sizeof(tok_t)) == 0:
+                return e.child
+        i = (i + 1) & m.mask
+
+
+cdef inline void _map_put(ChildMap* m, nid_t parent, nid_t child, uint64_t h) noexcept nogil:
+    """Add an entry; capacity must have been reserved (_map_reserve)."""
+    cdef uint64_t i = h & m.mask
+    while m.entries[i].child >= 0:
+        i = (i + 1) & m.mask
+    if m.entries[i].child == MAP_EMPTY:
+        m.filled += 1
+    m.entries[i].h = h
+    m.entries[i].parent = parent
+    m.entries[i].child = child
+    m.used += 1
+
+
+cdef inline MapEntry* _map_entry_of(ChildMap* m, nid_t child, uint64_t h) noexcept nogil:
+    cdef uint64_t i = h & m.mask
+    while m.entries[i].child != MAP_EMPTY:
+        if m.entries[i].child == child:
+            return &m.entries[i]
+        i = (i + 1) & m.mask
+    return NULL
+
+
+cdef int _map_reserve(ChildMap* m, int64_t extra) except -1:
+    """Make room for `extra` more entries at a load (live + deleted) of at most 1/2."""
+    cdef uint64_t cap = m.mask + 1
+    cdef uint64_t new_cap
+    cdef ChildMap fresh
+    cdef uint64_t i
+    if <uint64_t>(m.filled + extra) * 2 <= cap:
+        return 0
+    new_cap = cap
+    while <uint64_t>(m.used + extra) * 2 > new_cap // 2 * 2 or <uint64_t>(m.used + extra) * 4 > new_cap:
+        new_cap *= 2
+    _map_init(&fresh, new_cap)
+    for i in range(cap):
+        if m.entries[i].child >= 0:
+            _map_put(&fresh, m.entries[i].parent, m.entries[i].child, m.entries[i].h)
+    free(m.entries)
+    m[0] = fresh
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Indexed binary min-heap over node slots, ordered by (last_access, uid)
+# ---------------------------------------------------------------------------------------
+
+cdef inline bint _before(const Node* nodes, nid_t a, nid_t b) noexcept nogil:
+    if nodes[a].last_access != nodes[b].last_access:
+        return nodes[a].last_access < nodes[b].last_access
+    return nodes[a].uid < nodes[b].uid
+
+
+cdef inline void _heap_set(Heap* hp, Node* nodes, int kind, int64_t pos, nid_t n) noexcept nogil:
+    hp.data[pos] = n
+    nodes[n].heap_pos[kind] = <int32_t>pos
+
+
+cdef void _sift_up(Heap* hp, Node* nodes, int kind, int64_t pos) noexcept nogil:
+    cdef nid_t n = hp.data[pos]
+    cdef int64_t parent
+    while pos > 0:
+        parent = (pos - 1) >> 1
+        if not _before(nodes, n, hp.data[parent]):
+            break
+        _heap_set(hp, nodes, kind, pos, hp.data[parent])
+        pos = parent
+    _heap_set(hp, nodes, kind, pos, n)
+
+
+cdef void _sift_down(Heap* hp, Node* nodes, int kind, int64_t pos) noexcept nogil:
+    cdef nid_t n = hp.data[pos]
+    cdef int64_t child
+    while True:
+        child = 2 * pos + 1
+        if child >= hp.size:
+            break
+        if child + 1 < hp.size and _before(nodes, hp.data[child + 1], hp.data[child]):
+            child += 1
+        if not _before(nodes, hp.data[child], n):
+            break
+        _heap_set(hp, nodes, kind, pos, hp.data[child])
+        pos = child
+    _heap_set(hp, nodes, kind, pos, n)
+
+
+cdef inline void _heap_push(Heap* hp, Node* nodes, int kind, nid_t n) noexcept nogil:
+    """Capacity is the node capacity, grown with the node array, so a push never fails."""
+    hp.size += 1
+    _heap_set(hp, nodes, kind, hp.size - 1, n)
+    _sift_up(hp, nodes, kind, hp.size - 1)
+
+
+cdef inline void _heap_remove(Heap* hp, Node* nodes, int kind, nid_t n) noexcept nogil:
+    cdef int64_t pos = nodes[n].heap_pos[kind]
+    cdef nid_t last
+    nodes[n].heap_pos[kind] = -1
+    hp.size -= 1
+    if pos == hp.size:
+        return
+    last = hp.data[hp.size]
+    _heap_set(hp, nodes, kind, pos, last)
+    if pos > 0 and _before(nodes, last, hp.data[(pos - 1) >> 1]):
+        _sift_up(hp, nodes, kind, pos)
+    else:
+        _sift_down(hp, nodes, kind, pos)
+
+
+cdef inline void _heap_touched(Heap* hp, Node* nodes, int kind, nid_t n) noexcept nogil:
+    """Restore order after n's last_access grew (it only moves down)."""
+    if nodes[n].heap_pos[kind] >= 0:
+        _sift_down(hp, nodes, kind, nodes[n].heap_pos[kind])
+
+
+# ---------------------------------------------------------------------------------------
+# Input conversion: keys to contiguous tok_t, values to contiguous idx_t
+# ---------------------------------------------------------------------------------------
+
+ctypedef struct KeyView:
+    const tok_t* tok        # n * width tokens
+    int64_t n               # positions
+    int32_t width           # tok_t per position (1 for plain ints)
+    int32_t arity           # 0 for plain int tokens, k for k-tuples
+
+
+cdef inline tok_t _to_tok(object v) except? 0:
+    cdef long long x
+    cdef int overflow = 0
+    if not PyLong_CheckExact(v):
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise TypeError(f"token_ids: tokens must be integers, got {type(v).__name__}")
+        v = v.__index__()
+    x = PyLong_AsLongLongAndOverflow(v, &overflow)
+    if overflow or x < 0 or x >= TOKEN_LIMIT:
+        raise InvalidKeyError(f"token_ids: token {v} is outside [0, 2**32)")
+    return <tok_t>x
+
+
+cdef inline idx_t _to_idx(object v) except? -1:
+    cdef long long x
+    cdef int overflow = 0
+    if not PyLong_CheckExact(v):
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise TypeError(f"value: KV indices must be integers, got {type(v).__name__}")
+        v = v.__index__()
+    x = PyLong_AsLongLongAndOverflow(v, &overflow)
+    if overflow or x < 0 or x > INT32_MAX:
+        raise InvalidValueError(f"value: KV index {v} is outside [0, 2**31)")
+    return <idx_t>x
+
+
+cdef class _Scratch:
+    """A growable C buffer reused across calls (no malloc per request)."""
+    cdef void* data
+    cdef int64_t cap
+    cdef size_t elsize
+
+    def __cinit__(self, size_t elsize):
+        self.data = NULL
+        self.cap = 0
+        self.elsize = elsize
+
+    def __dealloc__(self):
+        free(self.data)
+
+    cdef inline void* reserve(self, int64_t n) except NULL:
+        _grow(&self.data, &self.cap, n if n > 0 else 1, self.elsize)
+        return self.data
+
+
+# ---------------------------------------------------------------------------------------
+# The tree
+# ---------------------------------------------------------------------------------------
+
+cdef class RadixTreeCore:
+    """Compiled radix tree: node storage, child map, eviction heap, locking.
+
+    Not used directly: :class:`pymllm.mem_cache.radix_cache.RadixCache` is the public class.
+    """
+
+    cdef Node* nodes
+    cdef int64_t cap                # node array capacity (the heap has the same)
+    cdef nid_t free_head            # first free slot, NIL if none
+    cdef int64_t live               # live nodes, root included
+    cdef ChildMap cmap
+    cdef Heap heap
+    cdef int64_t* ns_ref            # root children per namespace
+    cdef int64_t ns_cap
+    cdef int64_t next_uid
+    cdef int64_t clock
+    cdef int64_t _evictable
+    cdef int64_t _protected
+    cdef readonly int page_size
+    cdef _Scratch _tok_scratch
+    cdef _Scratch _val_scratch
+    cdef _Scratch _idx_out
+    cdef _Scratch _nid_scratch
+    cdef _Scratch _uid_out
+    cdef dict _ns_ids               # (extra_key, arity) -> namespace id
+    cdef list _ns_keys              # namespace id -> (extra_key, arity) or None when free
+    cdef list _ns_free
+    cdef dict _hash_cache           # slot -> list of page hashes (compute_node_hash)
+    cdef readonly object token_to_kv_pool_allocator
+    cdef readonly object on_node_evict
+    cdef readonly object sliding_window_size
+
+    def __cinit__(self, *args, **kwargs):
+        self.nodes = NULL
+        self.cap = 0
+        self.cmap.entries = NULL
+        self.heap.data = NULL
+        self.heap.cap = 0
+        self.heap.size = 0
+        self.ns_ref = NULL
+        self.ns_cap = 0
+
+    def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
+                 on_node_evict=None):
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size: expected an int >= 1, got {page_size!r}")
+        if sliding_window_size is not None:
+            raise NotImplementedError(
+                "sliding_window_size: sliding-window tombstones are not implemented yet "
+                "(RadixCache supports full attention only in this release)"
+            )
+        if on_node_evict is not None and not callable(on_node_evict):
+            raise TypeError(f"on_node_evict: expected a callable, got {on_node_evict!r}")
+        self.page_size = page_size
+        self.sliding_window_size = sliding_window_size
+        self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
+        self.on_node_evict = on_node_evict
+        self._tok_scratch = _Scratch(sizeof(tok_t))
+        self._val_scratch = _Scratch(sizeof(idx_t))
+        self._idx_out = _Scratch(sizeof(idx_t))
+        self._nid_scratch = _Scratch(sizeof(nid_t))
+        self._uid_out = _Scratch(sizeof(int64_t))
+        self.next_uid = 1
+        self._init_storage()
+
+    def __dealloc__(self):
+        self._release_storage()
+
+    # -- storage lifecycle ------------------------------------------------------------
+
+    cdef int _init_storage(self) except -1:
+        self.cap = 0
+        _grow(<void**>&self.nodes, &self.cap, 64, sizeof(Node))
+        self.heap.cap = 0
+        _grow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
+        self.heap.size = 0
+        _map_init(&self.cmap, 128)
+        self.ns_cap = 0
+        _grow(<void**>&self.ns_ref, &self.ns_cap, 8, sizeof(int64_t))
+        self._ns_ids = {(None, 0): 0}
+        self._ns_keys = [(None, 0)]
+        self._ns_free = []
+        self._hash_cache = {}
+        self._link_free_slots(0)
+        # the root: slot 0, uid 0, permanently "locked" (never evictable)
+        self.free_head = self.nodes[ROOT].next_free
+        self._init_node(ROOT, 0, NIL, 0, 1)
+        self.live = 1
+        self.clock = 0
+        self._evictable = 0
+        self._protected = 0
+        return 0
+
+    cdef void _release_storage(self) noexcept:
+        cdef int64_t i
+        if self.nodes != NULL:
+            for i in range(self.cap):
+                if self.nodes[i].uid >= 0:
+                    free(self.nodes[i].key)
+                    free(self.nodes[i].value)
+            free(self.nodes)
+            self.nodes = NULL
+        free(self.cmap.entries)
+        self.cmap.entries = NULL
+        free(self.heap.data)
+        self.heap.data = NULL
+        free(self.ns_ref)
+        self.ns_ref = NULL
+
+    cdef void _link_free_slots(self, int64_t start) noexcept:
+        """Chain slots [start, cap) into the free list, in ascending order."""
+        cdef int64_t i
+        for i in range(start, self.cap):
+            self.nodes[i].uid = -1
+            self.nodes[i].next_free = <nid_t>(i + 1) if i + 1 < self.cap else NIL
+        self.free_head = <nid_t>start if start < self.cap else NIL
+
+    cdef int _reserve_nodes(self, int64_t extra) except -1:
+        """Make sure `extra` new nodes (and their heap and map entries) can be created."""
+        cdef int64_t old_cap = self.cap
+        cdef int64_t heap_cap
+        _map_reserve(&self.cmap, extra)
+        if self.live + extra <= self.cap:
+            return 0
+        if self.cap + extra > INT32_MAX:
+            raise MemoryError("the tree cannot hold more than 2**31 nodes")
+        _grow(<void**>&self.nodes, &self.cap, self.live + extra, sizeof(Node))
+        heap_cap = self.heap.cap
+        try:
+            _grow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
+        except MemoryError:
+            # keep the node array's extra capacity but do not expose it: nothing changed
+            self.cap = old_cap
+            raise
+        # new slots go in front of the (empty) free list; live + extra > old cap means the
+        # free list was too short, so append the old free list after the new slots
+        cdef nid_t old_head = self.free_head
+        cdef int64_t i
+        for i in range(old_cap, self.cap):
+            self.nodes[i].uid = -1
+            self.nodes[i].next_free = <nid_t>(i + 1) if i + 1 < self.cap else old_head
+        self.free_head = <nid_t>old_cap
+        return 0
+
+    cdef inline void _init_node(self, nid_t n, int64_t uid, nid_t parent, int32_t ns,
+                                int32_t width) noexcept:
+        cdef Node* x = &self.nodes[n]
+        x.uid = uid
+        x.parent = parent
+        x.num_children = 0
+        x.ns = ns
+        x.width = width
+        x.len = 0
+        x.key = NULL
+        x.value = NULL
+        x.last_access = self.clock
+        x.hit_count = 0
+        x.lock_ref = 0
+        x.heap_pos[0] = -1
+        x.heap_pos[1] = -1
+        x.aux_lock_ref = 0
+        x.aux_value = -1
+        x.next_free = NIL
+
+    cdef nid_t _take_slot(self) noexcept:
+        """Pop a free slot; _reserve_nodes must have been called."""
+        cdef nid_t n = self.free_head
+        self.free_head = self.nodes[n].next_free
+        self.live += 1
+        return n
+
+    cdef void _drop_slot(self, nid_t n) noexcept:
+        cdef Node* x = &self.nodes[n]
+        free(x.key)
+        free(x.value)
+        x.key = NULL
+        x.value = NULL
+        x.uid = -1
+        x.next_free = self.free_head
+        self.free_head = n
+        self.live -= 1
+
+    # -- namespaces -----------------------------------------------------------------
+
+    cdef int32_t _find_ns(self, object extra_key, int32_t arity) except -2:
+        """Namespace id of (extra_key, arity), or -1 when no node has it."""
+        if extra_key is None and arity == 0:
+            return 0
+        try:
+            return self._ns_ids.get((extra_key, arity), -1)
+        except TypeError:
+            raise TypeError(f"extra_key: must be hashable, got {type(extra_key).__name__}") from None
+
+    cdef int32_t _intern_ns(self, object extra_key, int32_t arity) except -1:
+        cdef int32_t ns = self._find_ns(extra_key, arity)
+        if ns >= 0:
+            return ns
+        if self._ns_free:
+            ns = self._ns_free.pop()
+            self._ns_keys[ns] = (extra_key, arity)
+        else:
+            ns = len(self._ns_keys)
+            _grow(<void**>&self.ns_ref, &self.ns_cap, ns + 1, sizeof(int64_t))
+            self._ns_keys.append((extra_key, arity))
+        self.ns_ref[ns] = 0
+        self._ns_ids[(extra_key, arity)] = ns
+        return ns
+
+    cdef int _ns_release_one(self, int32_t ns) except -1:
+        self.ns_ref[ns] -= 1
+        if self.ns_ref[ns] == 0 and ns != 0:
+            del self._ns_ids[self._ns_keys[ns]]
+            self._ns_keys[ns] = None
+            self._ns_free.append(ns)
+        return 0
+
+    # -- input conversion ---------------------------------------------------------------
+
+    cdef object _load_key(self, object key, KeyView* kv):
+        """Fill kv from a RadixKey; returns the object that owns kv.tok (keep it alive)."""
+        if not isinstance(key, RadixKey):
+            raise TypeError(f"key: expected a RadixKey, got {type(key).__name__}")
+        return self._load_tokens((<object>key).token_ids, kv)
+
+    cdef object _load_tokens(self, object token_ids, KeyView* kv):
+        cdef Py_ssize_t n, i, j, width
+        cdef tok_t* buf
+        cdef object t
+        kv.arity = 0
+        kv.width = 1
+        if type(token_ids) is list or type(token_ids) is tuple:
+            n = len(token_ids)
+            kv.n = n
+            if n == 0:
+                kv.tok = <tok_t*>self._tok_scratch.reserve(1)
+                return None
+            t = token_ids[0]
+            if type(t) is tuple:
+                width = len(<tuple>t)
+                if width == 0:
+                    raise InvalidKeyError("token_ids: tuple tokens must not be empty")
+                buf = <tok_t*>self._tok_scratch.reserve(n * width)
+                for i in range(n):
+                    t = token_ids[i]
+                    if type(t) is not tuple or len(<tuple>t) != width:
+                        raise InvalidKeyError(
+                            f"token_ids: token {i} is {t!r}, but tuple tokens must all have "
+                            f"{width} elements"
+                        )
+                    for j in range(width):
+                        buf[i * width + j] = _to_tok((<tuple>t)[j])
+                kv.width = <int32_t>width
+                kv.arity = <int32_t>width
+            else:
+                buf = <tok_t*>self._tok_scratch.reserve(n)
+                for i in range(n):
+                    t = token_ids[i]
+                    if type(t) is tuple:
+                        raise InvalidKeyError(
+                            f"token_ids: token {i} is a tuple but token 0 is not; "
+                            "tuple and int tokens cannot mix"
+                        )
+                    buf[i] = _to_tok(t)
+            kv.tok = buf
+            return None
+        if isinstance(token_ids, np.ndarray):
+            return self._load_token_array(token_ids, kv)
+        try:
+            arr = np.asarray(token_ids)
+        except ValueError as exc:
+            raise InvalidKeyError(f"token_ids: cannot read {type(token_ids).__name__}: {exc}")
+        return self._load_token_array(arr, kv)
+
+    cdef object _load_token_array(self, cnp.ndarray arr, KeyView* kv):
+        cdef Py_ssize_t n, i
+        cdef const int32_t* p32
+        cdef const int64_t* p64
+        cdef tok_t* buf
+        if arr.ndim != 1:
+            raise InvalidKeyError(
+                f"token_ids: expected a 1-D array, got shape {tuple((<object>arr).shape)} "
+                "(use a list of tuples for multi-token positions)"
+            )
+        if arr.dtype.kind not in "iu":
+            raise InvalidKeyError(f"token_ids: expected integer tokens, got dtype {arr.dtype}")
+        n = arr.shape[0]
+        kv.n = n
+        kv.width = 1
+        kv.arity = 0
+        if n == 0:
+            kv.tok = <tok_t*>self._tok_scratch.reserve(1)
+            return None
+        if arr.dtype.isnative and arr.dtype.itemsize == 4 and cnp.PyArray_IS_C_CONTIGUOUS(arr):
+            if arr.dtype.kind == "i":
+                p32 = <const int32_t*>cnp.PyArray_DATA(arr)
+                for i in range(n):
+                    if p32[i] < 0:
+                        raise InvalidKeyError(f"token_ids: token {p32[i]} is outside [0, 2**32)")
+            kv.tok = <const tok_t*>cnp.PyArray_DATA(arr)   # zero-copy path
+            return arr
+        if arr.dtype.kind == "u" and arr.dtype.itemsize == 8:
+            if n and arr.max() >= TOKEN_LIMIT:
+                raise InvalidKeyError(f"token_ids: token {int(arr.max())} is outside [0, 2**32)")
+        a64 = np.ascontiguousarray(arr, dtype=np.int64)
+        p64 = <const int64_t*>cnp.PyArray_DATA(a64)
+        buf = <tok_t*>self._tok_scratch.reserve(n)
+        for i in range(n):
+            if p64[i] < 0 or p64[i] >= TOKEN_LIMIT:
+                raise InvalidKeyError(f"token_ids: token {p64[i]} is outside [0, 2**32)")
+            buf[i] = <tok_t>p64[i]
+        kv.tok = buf
+        return None
+
+    cdef object _load_value(self, object value, const KeyView* kv, const idx_t** out):
+        """Point *out at len(key) KV indices; returns the owner of that memory."""
+        cdef Py_ssize_t n = kv.n, i
+        cdef idx_t* buf
+        cdef const int32_t* p32
+        cdef const int64_t* p64
+        if value is None:
+            if kv.arity != 0:
+                raise InvalidValueError(
+                    "value: None (use the token ids as values) needs plain int tokens, "
+                    f"not {kv.arity}-tuples"
+                )
+            buf = <idx_t*>self._val_scratch.reserve(n)
+            for i in range(n):
+                if kv.tok[i] > <uint32_t>INT32_MAX:
+                    raise InvalidValueError(f"value: KV index {kv.tok[i]} is outside [0, 2**31)")
+                buf[i] = <idx_t>kv.tok[i]
+            out[0] = buf
+            return None
+        if type(value) is list or type(value) is tuple:
+            if len(value) != n:
+                raise InvalidValueError(
+                    f"value: expected {n} KV indices (one per token), got {len(value)}"
+                )
+            buf = <idx_t*>self._val_scratch.reserve(n)
+            for i in range(n):
+                buf[i] = _to_idx(value[i])
+            out[0] = buf
+            return None
+        cdef cnp.ndarray arr
+        if isinstance(value, np.ndarray):
+            arr = value
+        else:
+            try:
+                arr = np.asarray(value)
+            except (TypeError, ValueError) as exc:
+                raise InvalidValueError(f"value: cannot read {type(value).__name__}: {exc}")
+        if arr.ndim != 1:
+            raise InvalidValueError(f"value: expected a 1-D array, got shape {tuple((<object>arr).shape)}")
+        if arr.dtype.kind not in "iu":
+            raise InvalidValueError(f"value: expected integer KV indices, got dtype {arr.dtype}")
+        if arr.shape[0] != n:
+            raise InvalidValueError(
+                f"value: expected {n} KV indices (one per token), got {arr.shape[0]}"
+            )
+        if n == 0:
+            out[0] = <idx_t*>self._val_scratch.reserve(1)
+            return None
+        if (arr.dtype.isnative and arr.dtype.kind == "i" and arr.dtype.itemsize == 4
+                and cnp.PyArray_IS_C_CONTIGUOUS(arr)):
+            p32 = <const int32_t*>cnp.PyArray_DATA(arr)
+            for i in range(n):
+                if p32[i] < 0:
+                    raise InvalidValueError(f"value: KV index {p32[i]} is outside [0, 2**31)")
+            out[0] = <const idx_t*>p32
+            return arr
+        if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.max() > INT32_MAX:
+            raise InvalidValueError(f"value: KV index {int(arr.max())} is outside [0, 2**31)")
+        a64 = np.ascontiguousarray(arr, dtype=np.int64)
+        p64 = <const int64_t*>cnp.PyArray_DATA(a64)
+        buf = <idx_t*>self._val_scratch.reserve(n)
+        for i in range(n):
+            if p64[i] < 0 or p64[i] > INT32_MAX:
+                raise InvalidValueError(f"value: KV index {p64[i]} is outside [0, 2**31)")
+            buf[i] = <idx_t>p64[i]
+        out[0] = buf
+        return None
+
+    cdef nid_t _slot_of(self, object node, bint allow_root) except -2:
+        """Validate a TreeNode handle and return its slot."""
+        cdef TreeNode h
+        if not isinstance(node, TreeNode):
+            raise TypeError(f"node: expected a TreeNode, got {type(node).__name__}")
+        h = <TreeNode>node
+        if h._tree is not self:
+            raise StaleNodeError(f"node: {node!r} belongs to another cache")
+        if h._slot >= self.cap or self.nodes[h._slot].uid != h._uid:
+            raise StaleNodeError(f"node: node {h._uid} was evicted; match the key again")
+        return h._slot
+
+    cdef inline TreeNode _handle(self, nid_t n):
+        cdef TreeNode h = TreeNode.__new__(TreeNode)
+        h._tree = self
+        h._slot = n
+        h._uid = self.nodes[n].uid
+        return h
+
+    # -- the walk shared by match and insert --------------------------------------------
+
+    cdef nid_t _split(self, nid_t x, int64_t m) noexcept:
+        """Split node x after m positions; returns the new upper node. Capacity reserved."""
+        cdef nid_t u = self._take_slot()
+        cdef Node* X = &self.nodes[x]
+        cdef Node* U = &self.nodes[u]
+        cdef int32_t w = X.width
+        cdef int64_t rest = X.len - m
+        cdef MapEntry* e
+        cdef uint64_t h_old = _page_hash(X.parent, X.ns, X.key, self.page_size * w)
+        self._init_node(u, self.next_uid, X.parent, X.ns, w)
+        self.next_uid += 1
+        U.len = m
+        U.key = <tok_t*>malloc(m * w * sizeof(tok_t))
+        U.value = <idx_t*>malloc(m * sizeof(idx_t))
+        # malloc of a few bytes failing is not recoverable here; the caller reserved nodes
+        memcpy(U.key, X.key, m * w * sizeof(tok_t))
+        memcpy(U.value, X.value, m * sizeof(idx_t))
+        memmove(X.key, X.key + m * w, rest * w * sizeof(tok_t))
+        memmove(X.value, X.value + m, rest * sizeof(idx_t))
+        X.len = rest
+        U.last_access = X.last_access
+        U.hit_count = X.hit_count
+        U.lock_ref = X.lock_ref
+        U.aux_lock_ref = X.aux_lock_ref
+        U.num_children = 1
+        e = _map_entry_of(&self.cmap, x, h_old)
+        e.child = u
+        X.parent = u
+        _map_put(&self.cmap, u, x, _page_hash(u, X.ns, X.key, self.page_size * w))
+        if self._hash_cache:
+            self._split_hash_cache(x, u, m)
+        return u
+
+    cdef void _split_hash_cache(self, nid_t x, nid_t u, int64_t m):
+        hashes = self._hash_cache.pop(x, None)
+        if hashes is not None:
+            k = m // self.page_size
+            self._hash_cache[u] = hashes[:k]
+            self._hash_cache[x] = hashes[k:]
+
+    cdef int64_t _walk(self, const KeyView* kv, int32_t ns, int64_t limit, bint count_hit,
+                       nid_t* last, int64_t* path_len) except -1:
+        """Follow kv from the root over at most `limit` positions, splitting a node where the
+        match ends inside it. Touches matched nodes with the clock; records them in the nid
+        scratch. Returns the matched length; *last is the deepest matched node."""
+        cdef int64_t P = self.page_size
+        cdef int32_t w = kv.width
+        cdef int64_t pos = 0, m, avail
+        cdef nid_t cur = ROOT, child
+        cdef nid_t* path = <nid_t*>self._nid_scratch.reserve(limit // P + 1)
+        cdef Node* c
+        cdef bint split
+        path_len[0] = 0
+        while limit - pos >= P:
+            child = _map_find(&self.cmap, self.nodes, cur, ns, kv.tok + pos * w, P * w,
+                              _page_hash(cur, ns, kv.tok + pos * w, P * w))
+            if child == NIL:
+                break
+            c = &self.nodes[child]
+            avail = limit - pos
+            m = _common_positions(c.key, kv.tok + pos * w, c.len if c.len < avail else avail, w)
+            m -= m % P
+            split = m < c.len
+            if split:
+                child = self._split(child, m)
+                c = &self.nodes[child]
+            c.last_access = self.clock
+            if count_hit:
+                c.hit_count += 1
+            _heap_touched(&self.heap, self.nodes, HEAP_FULL, child)
+            path[path_len[0]] = child
+            path_len[0] += 1
+            pos += m
+            cur = child
+            if split:   # the key diverges (or ends) inside the old node: nothing below
+                break
+        last[0] = cur
+        return pos
+
+    # -- public API ---------------------------------------------------------------------
+
+    def match_prefix(self, key):
+        """Find the longest cached prefix of *key* (whole pages when page_size > 1).
+
+        Returns ``MatchResult(indices, last_node, prefix_len)``: ``indices`` is a new 1-D
+        int32 numpy array of the KV slots of the first ``prefix_len`` tokens. They stay
+        owned by the tree: call :meth:`inc_lock_ref` on ``last_node`` before the next
+        :meth:`evict` if you read them later. A match ending inside a node splits it, so
+        ``last_node`` always ends exactly at ``prefix_len``. Recency and hit counts of the
+        matched nodes are refreshed. Bad keys raise and change nothing.
+        """
+        cdef KeyView kv
+        cdef nid_t last
+        cdef int64_t n_path, matched, i, off
+        cdef int32_t ns
+        owner = self._load_key(key, &kv)
+        ns = self._find_ns(key.extra_key, kv.arity)
+        self._reserve_nodes(1)
+        self.clock += 1
+        if ns < 0 or kv.n < self.page_size:
+            return MatchResult(indices=np.empty(0, dtype=np.int32), last_node=self._handle(ROOT),
+                               prefix_len=0)
+        matched = self._walk(&kv, ns, kv.n, True, &last, &n_path)
+        cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [matched], cnp.NPY_INT32, 0)
+        cdef idx_t* dst = <idx_t*>cnp.PyArray_DATA(out)
+        cdef nid_t* path = <nid_t*>self._nid_scratch.data
+        off = 0
+        for i in range(n_path):
+            memcpy(dst + off, self.nodes[path[i]].value, self.nodes[path[i]].len * sizeof(idx_t))
+            off += self.nodes[path[i]].len
+        return MatchResult(indices=out, last_node=self._handle(last), prefix_len=matched)
+
+    def insert(self, key, value=None, **kwargs):
+        """Insert *key* with its KV slot indices *value* (one per token).
+
+        ``value`` may be a numpy array, a list or a jax array; ``None`` uses the token ids
+        themselves (plain int keys only). The key is cut to whole pages
+        (``aligned = len(key) // page_size * page_size``).
+
+        Ownership after the call: the tree owns ``value[prefix_len:aligned]``; the caller
+        still owns, and must free, the duplicates ``value[:prefix_len]`` (those tokens were
+        already cached, under the tree's own indices) and the unaligned tail
+        ``value[aligned:]``. Returns ``InsertResult(prefix_len, last_node)`` with
+        ``last_node`` ending at ``aligned``. Bad input raises and changes nothing.
+        """
+        cdef KeyView kv
+        cdef const idx_t* vals
+        cdef nid_t last, leaf
+        cdef int64_t n_path, aligned, matched
+        cdef int32_t ns
+        cdef Node* L
+        cdef Node* par
+        cdef int32_t w
+        cdef tok_t* new_key
+        cdef idx_t* new_val
+        if kwargs:
+            raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
+        owner = self._load_key(key, &kv)
+        vowner = self._load_value(value, &kv, &vals)
+        aligned = kv.n - kv.n % self.page_size
+        ns = self._find_ns(key.extra_key, kv.arity)
+        if aligned == 0:
+            self.clock += 1
+            return InsertResult(prefix_len=0, last_node=self._handle(ROOT))
+        self._reserve_nodes(2)
+        w = kv.width
+        # allocate the leaf's arrays before mutating anything (all or nothing)
+        new_key = <tok_t*>malloc(aligned * w * sizeof(tok_t))
+        new_val = <idx_t*>malloc(aligned * sizeof(idx_t))
+        if new_key == NULL or new_val == NULL:
+            free(new_key)
+            free(new_val)
+            raise MemoryError("insert: could not allocate the new leaf")
+        if ns < 0:
+            try:
+                ns = self._intern_ns(key.extra_key, kv.arity)
+            except BaseException:
+                free(new_key)
+                free(new_val)
+                raise
+        self.clock += 1
+        matched = self._walk(&kv, ns, aligned, False, &last, &n_path)
+        if matched == aligned:
+            free(new_key)
+            free(new_val)
+            return InsertResult(prefix_len=matched, last_node=self._handle(last))
+        # a new leaf for the rest under `last`
+        leaf = self._take_slot()
+        self._init_node(leaf, self.next_uid, last, ns, w)
+        self.next_uid += 1
+        L = &self.nodes[leaf]
+        L.len = aligned - matched
+        L.key = new_key
+        L.value = new_val
+        memcpy(new_key, kv.tok + matched * w, L.len * w * sizeof(tok_t))
+        memcpy(new_val, vals + matched, L.len * sizeof(idx_t))
+        par = &self.nodes[last]
+        if par.heap_pos[HEAP_FULL] >= 0:
+            _heap_remove(&self.heap, self.nodes, HEAP_FULL, last)
+        par.num_children += 1
+        if last == ROOT:
+            self.ns_ref[ns] += 1
+        _map_put(&self.cmap, last, leaf, _page_hash(last, ns, L.key, self.page_size * w))
+        _heap_push(&self.heap, self.nodes, HEAP_FULL, leaf)
+        self._evictable += L.len
+        return InsertResult(prefix_len=matched, last_node=self._handle(leaf))
+
+    def evict(self, num_tokens, swa_num_tokens=0):
+        """Evict unlocked leaves, least recently used first, until at least *num_tokens*
+        tokens are freed or nothing evictable is left (whole nodes, so it may free more).
+
+        A parent whose last child goes becomes a candidate itself. The freed KV slots go
+        back in one ``allocator.free(int32 array)`` call; ``on_node_evict(node_id)`` is
+        called for each evicted node, after the tree is consistent again. Cost is
+        proportional to what is evicted (heap pops), never a walk over the tree.
+        """
+        cdef int64_t want = num_tokens
+        cdef int64_t done = 0, n_ev = 0
+        cdef nid_t n, parent
+        cdef Node* x
+        cdef idx_t* out
+        cdef int64_t* uids
+        if want <= 0 or self.heap.size == 0:
+            return EvictResult(full_evicted=0)
+        out = <idx_t*>self._idx_out.reserve(min(want, self._evictable) + 1)
+        while done < want and self.heap.size > 0:
+            n = self.heap.data[0]
+            x = &self.nodes[n]
+            out = <idx_t*>self._idx_out.reserve(done + x.len)
+            memcpy(out + done, x.value, x.len * sizeof(idx_t))
+            uids = <int64_t*>self._uid_out.reserve(n_ev + 1)
+            uids[n_ev] = x.uid
+            n_ev += 1
+            done += x.len
+            self._remove_leaf(n)
+        self._after_evict(done, n_ev)
+        return EvictResult(full_evicted=done)
+
+    cdef int _after_evict(self, int64_t n_idx, int64_t n_nodes) except -1:
+        """Hand the evicted slots to the allocator (one call) and report evicted nodes."""
+        cdef cnp.ndarray freed
+        cdef int64_t i
+        cdef int64_t* uids = <int64_t*>self._uid_out.data
+        if n_idx > 0 and self.token_to_kv_pool_allocator is not None:
+            freed = cnp.PyArray_EMPTY(1, [n_idx], cnp.NPY_INT32, 0)
+            memcpy(cnp.PyArray_DATA(freed), self._idx_out.data, n_idx * sizeof(idx_t))
+            self.token_to_kv_pool_allocator.free(freed)
+        if self.on_node_evict is not None:
+            ids = [uids[i] for i in range(n_nodes)]
+            for uid in ids:
+                self.on_node_evict(uid)
+        return 0
+
+    cdef int _remove_leaf(self, nid_t n) except -1:
+        """Unlink an unlocked leaf and recycle its slot (its value was copied out)."""
+        cdef Node* x = &self.nodes[n]
+        cdef nid_t parent = x.parent
+        cdef MapEntry* e = _map_entry_of(
+            &self.cmap, n, _page_hash(parent, x.ns, x.key, self.page_size * x.width))
+        e.child = MAP_DELETED
+        self.cmap.used -= 1
+        if x.heap_pos[HEAP_FULL] >= 0:
+            _heap_remove(&self.heap, self.nodes, HEAP_FULL, n)
+        self._evictable -= x.len
+        self.nodes[parent].num_children -= 1
+        if parent == ROOT:
+            self._ns_release_one(x.ns)
+        if self._hash_cache:
+            self._hash_cache.pop(n, None)
+        self._drop_slot(n)
+        x = &self.nodes[parent]
+        if parent != ROOT and x.num_children == 0 and x.lock_ref == 0:
+            _heap_push(&self.heap, self.nodes, HEAP_FULL, parent)
+        return 0
+
+    def inc_lock_ref(self, node):
+        """Lock *node* and its ancestors: their KV cannot be evicted until unlocked.
+
+        Tokens of nodes going from 0 to 1 lock move from ``evictable_size()`` to
+        ``protected_size()``. Locking the root is a no-op. Returns None (the token to hand
+        back to :meth:`dec_lock_ref`). A stale handle raises ``StaleNodeError``.
+        """
+        cdef nid_t n = self._slot_of(node, True)
+        cdef Node* x
+        while n != ROOT:
+            x = &self.nodes[n]
+            if x.lock_ref == 0:
+                self._evictable -= x.len
+                self._protected += x.len
+                if x.heap_pos[HEAP_FULL] >= 0:
+                    _heap_remove(&self.heap, self.nodes, HEAP_FULL, n)
+            x.lock_ref += 1
+            n = x.parent
+        return None
+
+    def dec_lock_ref(self, node, swa_boundary_id=None):
+        """Undo one :meth:`inc_lock_ref` of *node*.
+
+        Raises ``LockStateError`` (and changes nothing) when the node holds no lock.
+        Unlocking the root is a no-op.
+        """
+        cdef nid_t n = self._slot_of(node, True)
+        cdef Node* x
+        if n != ROOT and self.nodes[n].lock_ref <= 0:
+            raise LockStateError(f"node: node {self.nodes[n].uid} is not locked")
+        while n != ROOT:
+            x = &self.nodes[n]
+            x.lock_ref -= 1
+            if x.lock_ref == 0:
+                self._protected -= x.len
+                self._evictable += x.len
+                if x.num_children == 0:
+                    _heap_push(&self.heap, self.nodes, HEAP_FULL, n)
+            n = x.parent
+
+    def evictable_size(self):
+        """Tokens in unlocked nodes (O(1))."""
+        return self._evictable
+
+    def protected_size(self):
+        """Tokens in locked nodes (O(1))."""
+        return self._protected
+
+    def total_size(self):
+        """Tokens in the tree (O(1))."""
+        return self._evictable + self._protected
+
+    def swa_evictable_size(self):
+        return 0
+
+    def swa_protected_size(self):
+        return 0
+
+    def reset(self):
+        """Free every tree-owned KV slot (one ``allocator.free`` call) and empty the tree.
+
+        Handles held by callers become stale. Node ids are not reused afterwards.
+        """
+        cdef int64_t i, total = 0
+        cdef idx_t* out
+        cdef Node* x
+        out = <idx_t*>self._idx_out.reserve(self._evictable + self._protected + 1)
+        for i in range(1, self.cap):
+            x = &self.nodes[i]
+            if x.uid >= 0:
+                memcpy(out + total, x.value, x.len * sizeof(idx_t))
+                total += x.len
+        self._release_storage()
+        self._init_storage()
+        self._after_evict(total, 0)
+
+    # -- introspection --------------------------------------------------------------------
+
+    @property
+    def root_node(self):
+        """Handle of the root (id 0): never evicted; locking it is a no-op."""
+        return self._handle(ROOT)
+
+    def compute_node_hash(self, node):
+        """One chained SHA-256 hex digest per page of *node*'s key.
+
+        The chain is seeded with the parent's last page hash (children of the root are
+        unseeded), so equal pages at different positions hash differently. Cached on the
+        node and kept valid across splits.
+        """
+        cdef nid_t n = self._slot_of(node, True)
+        return list(self._node_hashes(n))
+
+    cdef list _node_hashes(self, nid_t n):
+        cdef list hashes
+        cdef Node* x
+        if n == ROOT:
+            return []
+        hashes = self._hash_cache.get(n)
+        if hashes is not None:
+            return hashes
+        parent_hashes = self._node_hashes(self.nodes[n].parent)
+        prior = parent_hashes[len(parent_hashes) - 1] if parent_hashes else None
+        tokens = self._node_tokens(n)
+        hashes = []
+        P = self.page_size
+        for start in range(0, len(tokens), P):
+            prior = hash_token_ids(tokens[start:start + P], prior)
+            hashes.append(prior)
+        self._hash_cache[n] = hashes
+        return hashes
+
+    cdef object _node_tokens(self, nid_t n):
+        """The node's own key as a list of ints or of tuples."""
+        cdef Node* x = &self.nodes[n]
+        cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [x.len * x.width], cnp.NPY_UINT32, 0)
+        memcpy(cnp.PyArray_DATA(arr), x.key, x.len * x.width * sizeof(tok_t))
+        extra_key, arity = self._ns_keys[x.ns]
+        if arity == 0:
+            return arr.tolist()
+        return [tuple(row) for row in arr.reshape(x.len, arity).tolist()]
+
+    cdef object _node_value(self, nid_t n):
+        cdef Node* x = &self.nodes[n]
+        cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [x.len], cnp.NPY_INT32, 0)
+        memcpy(cnp.PyArray_DATA(arr), x.value, x.len * sizeof(idx_t))
+        return arr
+
+    def _children_slots(self):
+        """Map parent slot -> list of child slots (an O(tree) debugging aid)."""
+        kids = {}
+        cdef int64_t i
+        for i in range(1, self.cap):
+            if self.nodes[i].uid >= 0:
+                kids.setdefault(self.nodes[i].parent, []).append(i)
+        return kids
+
+    def _nodes(self):
+        """Handles of every node but the root, in slot order (O(tree), for tests)."""
+        cdef int64_t i
+        return [self._handle(<nid_t>i) for i in range(1, self.cap) if self.nodes[i].uid >= 0]
+
+    def children(self, node):
+        """Handles of *node*'s children (O(tree): a debugging aid, not for hot paths)."""
+        cdef nid_t n = self._slot_of(node, True)
+        return [self._handle(c) for c in self._children_slots().get(n, [])]
+
+    def pretty_print(self):
+        """Print the tree, one node per line, indented by depth."""
+        kids = self._children_slots()
+        lines = []
+        stack = [(ROOT, 0)]
+        while stack:
+            n, depth = stack.pop()
+            if n != ROOT:
+                x = self._handle(n)
+                lines.append(f"{'  ' * (depth - 1)}{x!r}")
+            for c in reversed(kids.get(n, [])):
+                stack.append((c, depth + 1))
+        lines.append(
+            f"#tokens: {self.total_size()} (evictable {self._evictable}, "
+            f"protected {self._protected})"
+        )
+        print("\n".join(lines))
+
+    def _check_invariants(self):
+        """Walk the whole structure and recompute every counter (O(tree); for tests)."""
+        cdef int64_t i, evictable = 0, protected = 0, live = 0, in_heap = 0, child_sum
+        cdef Node* x
+        cdef Node* p
+        cdef nid_t found
+        kids = self._children_slots()
+        ns_count = {}
+        assert self.nodes[ROOT].uid == 0 and self.nodes[ROOT].parent == NIL
+        for i in range(self.cap):
+            x = &self.nodes[i]
+            if x.uid < 0:
+                assert x.heap_pos[0] == -1 or True
+                continue
+            live += 1
+            assert x.num_children == len(kids.get(i, [])), f"node {x.uid}: child count"
+            if i == ROOT:
+                continue
+            p = &self.nodes[x.parent]
+            assert p.uid >= 0, f"node {x.uid}: parent slot {x.parent} is free"
+            assert x.len > 0 and x.len % self.page_size == 0, f"node {x.uid}: len {x.len}"
+            assert x.uid < self.next_uid
+            assert x.lock_ref >= 0
+            child_sum = 0
+            for c in kids.get(i, []):
+                child_sum += self.nodes[<nid_t>c].lock_ref
+                assert self.nodes[<nid_t>c].ns == x.ns, f"node {x.uid}: child in another ns"
+            assert x.lock_ref >= child_sum, f"node {x.uid}: lock_ref below its children's"
+            if x.lock_ref > 0:
+                protected += x.len
+            else:
+                evictable += x.len
+            should = x.num_children == 0 and x.lock_ref == 0
+            assert (x.heap_pos[HEAP_FULL] >= 0) == should, f"node {x.uid}: heap membership"
+            if should:
+                in_heap += 1
+                assert self.heap.data[x.heap_pos[HEAP_FULL]] == i
+            found = _map_find(&self.cmap, self.nodes, x.parent, x.ns, x.key,
+                              self.page_size * x.width,
+                              _page_hash(x.parent, x.ns, x.key, self.page_size * x.width))
+            assert found == i, f"node {x.uid}: not found through the child map"
+            if x.parent == ROOT:
+                ns_count[x.ns] = ns_count.get(x.ns, 0) + 1
+            assert self._ns_keys[x.ns] is not None
+        assert live == self.live, f"live nodes {live} != {self.live}"
+        assert evictable == self._evictable, f"evictable {evictable} != {self._evictable}"
+        assert protected == self._protected, f"protected {protected} != {self._protected}"
+        assert in_heap == self.heap.size, f"heap size {self.heap.size} != {in_heap}"
+        assert self.cmap.used == live - 1, f"map entries {self.cmap.used} != {live - 1}"
+        for i in range(1, self.heap.size):
+            assert not _before(self.nodes, self.heap.data[i], self.heap.data[(i - 1) >> 1])
+        for ns_id, cnt in ns_count.items():
+            assert self.ns_ref[ns_id] == cnt, f"namespace {ns_id}: {self.ns_ref[ns_id]} != {cnt}"
+        for ns_id, ns_key in enumerate(self._ns_keys):
+            if ns_key is not None and ns_id != 0:
+                assert ns_count.get(ns_id, 0) > 0, f"namespace {ns_id} has no root child"
+        free_count = 0
+        f = self.free_head
+        while f != NIL:
+            assert self.nodes[f].uid == -1
+            free_count += 1
+            f = self.nodes[f].next_free
+        assert free_count == self.cap - live, f"free list {free_count} != {self.cap - live}"
+
+
+cdef class TreeNode:
+    """A handle to a node of a compiled radix tree.
+
+    Holding a handle does not keep the node alive: once the node is evicted, ``evicted`` is
+    True, locking it raises ``StaleNodeError`` and its other attributes raise too. Handles
+    compare equal when they name the same node.
+    """
+
+    cdef RadixTreeCore _tree
+    cdef nid_t _slot
+    cdef int64_t _uid
+
+    def __init__(self):
+        raise TypeError("TreeNode handles are returned by the cache; they cannot be created")
+
+    cdef inline Node* _node(self) except NULL:
+        if self._slot >= self._tree.cap or self._tree.nodes[self._slot].uid != self._uid:
+            raise StaleNodeError(f"node {self._uid} was evicted")
+        return &self._tree.nodes[self._slot]
+
+    @property
+    def id(self):
+        """The node's id: unique in its cache, never reused (0 is the root)."""
+        return self._uid
+
+    @property
+    def evicted(self):
+        return self._slot >= self._tree.cap or self._tree.nodes[self._slot].uid != self._uid
+
+    @property
+    def key(self):
+        """The node's own tokens (not the whole prefix) as a RadixKey."""
+        self._node()
+        if self._slot == ROOT:
+            return RadixKey([], None)
+        x = self._node()
+        extra_key, _ = self._tree._ns_keys[x.ns]
+        return RadixKey(self._tree._node_tokens(self._slot), extra_key)
+
+    @property
+    def value(self):
+        """A copy of the node's KV slot indices (int32); the tree keeps owning them."""
+        self._node()
+        return self._tree._node_value(self._slot)
+
+    @property
+    def parent(self):
+        cdef Node* x = self._node()
+        if x.parent == NIL:
+            return None
+        return self._tree._handle(x.parent)
+
+    @property
+    def lock_ref(self):
+        return self._node().lock_ref
+
+    @property
+    def last_access_time(self):
+        """Logical clock of the last match/insert that touched this node."""
+        return self._node().last_access
+
+    @property
+    def hit_count(self):
+        return self._node().hit_count
+
+    def __eq__(self, other):
+        if not isinstance(other, TreeNode):
+            return NotImplemented
+        return (<TreeNode>other)._tree is self._tree and (<TreeNode>other)._uid == self._uid
+
+    def __hash__(self):
+        return hash((id(self._tree), self._uid))
+
+    def __repr__(self):
+        if self.evicted:
+            return f"TreeNode(id={self._uid}, evicted)"
+        x = self._node()
+        if self._slot == ROOT:
+            return "TreeNode(id=0, root)"
+        toks = self._tree._node_tokens(self._slot)
+        head = ", ".join(map(str, toks[:8])) + (", ..." if len(toks) > 8 else "")
+        return (f"TreeNode(id={self._uid}, len={x.len}, key=[{head}], lock_ref={x.lock_ref}, "
+                f"last_access={x.last_access})")
