@@ -13,6 +13,8 @@ from pymllm.mem_cache.base_prefix_cache import hash_bytes as hash_bytes
 from pymllm.mem_cache.base_prefix_cache import hash_to_int64 as hash_to_int64
 from pymllm.mem_cache.base_prefix_cache import hash_token_ids as hash_token_ids
 from pymllm.mem_cache.chunk_cache import ChunkCache as ChunkCache
+from pymllm.mem_cache.radix_cache import RadixCache as RadixCache
+from pymllm.mem_cache.radix_cache import TreeNode as TreeNode
 
 __all__ = [
     "BasePrefixCache",
@@ -20,7 +22,9 @@ __all__ = [
     "EvictResult",
     "InsertResult",
     "MatchResult",
+    "RadixCache",
     "RadixKey",
+    "TreeNode",
     "hash_bytes",
     "hash_to_int64",
     "hash_token_ids",
