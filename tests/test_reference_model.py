@@ -30,8 +30,9 @@ def K(tokens: Any, extra_key: Any = None) -> RadixKey:
     return RadixKey(tokens, extra_key)
 
 
-def state(cache: Any) -> tuple[int, int, int, int]:
-    return (cache.clock, cache.evictable_size(), cache.protected_size(), cache.total_size())
+def state(cache: Any) -> tuple[int, int, int]:
+    # The logical clock is not public API: tests read it off the stamps of touched nodes.
+    return (cache.evictable_size(), cache.protected_size(), cache.total_size())
 
 
 def toks(node: Any) -> list[Any]:
@@ -56,7 +57,7 @@ def test_fresh_cache(make_cache):
     root = cache.root_node
     assert root.id == 0 and root.parent is None and root.lock_ref == 0 and not root.evicted
     assert len(root.key) == 0
-    assert state(cache) == (0, 0, 0, 0)
+    assert state(cache) == (0, 0, 0)
     assert cache.swa_evictable_size() == 0 and cache.swa_protected_size() == 0
     cache._check_invariants()
 
@@ -80,7 +81,7 @@ def test_insert_into_empty_tree(make_cache, node_class):
     assert leaf.value.dtype == np.int32 and vals(leaf) == [10, 11, 12]
     assert (leaf.hit_count, leaf.last_access_time, leaf.lock_ref) == (0, 1, 0)
     assert not leaf.evicted
-    assert state(cache) == (1, 3, 0, 3)
+    assert state(cache) == (3, 0, 3)
     cache._check_invariants()
 
 
@@ -95,10 +96,11 @@ def test_match_exact_partial_and_miss(make_cache):
     miss = cache.match_prefix(K([9, 1]))
     assert miss.prefix_len == 0 and miss.last_node == cache.root_node
     assert miss.indices.dtype == np.int32 and miss.indices.shape == (0,)
-    assert cache.clock == 3
 
     empty = cache.match_prefix(K([]))
-    assert empty.prefix_len == 0 and empty.last_node.id == 0 and cache.clock == 4
+    assert empty.prefix_len == 0 and empty.last_node.id == 0
+    # insert, match, miss and empty match each ticked the clock.
+    assert cache.match_prefix(K([1, 2, 3])).last_node.last_access_time == 5
     cache._check_invariants()
 
 
@@ -118,7 +120,7 @@ def test_match_inside_a_node_splits_it(make_cache):
     assert leaf.id == 1 and toks(leaf) == [3, 4] and vals(leaf) == [12, 13]
     assert leaf.parent == upper
     assert (leaf.lock_ref, leaf.hit_count, leaf.last_access_time) == (1, 1, 2)
-    assert state(cache) == (3, 0, 4, 4)
+    assert state(cache) == (0, 4, 4)
     cache._check_invariants()
 
 
@@ -138,7 +140,7 @@ def test_insert_duplicate_and_extension(make_cache, allocator):
     again = cache.insert(K([1, 2, 3]), c)
     assert again.prefix_len == 3 and again.last_node == first
     assert first.hit_count == 1 and first.last_access_time == 4  # insert touches, no hit
-    assert state(cache) == (4, 5, 0, 5)
+    assert state(cache) == (5, 0, 5)
     allocator.free(b[:3])
     allocator.free(c)
     cache.reset()
@@ -218,8 +220,9 @@ def test_paged_insert_keeps_whole_pages(make_cache, allocator):
     allocator.free(value[8:])  # the partial page stays the caller's
     short = allocator.alloc(3)
     res = cache.insert(K([0, 1, 2]), short)
-    assert res.prefix_len == 0 and res.last_node == cache.root_node and cache.clock == 2
+    assert res.prefix_len == 0 and res.last_node == cache.root_node
     allocator.free(short)
+    assert cache.match_prefix(K(list(range(8)))).last_node.last_access_time == 3
     cache.reset()
     allocator.assert_all_free()
 
@@ -305,9 +308,8 @@ def test_ids_count_up_and_survive_reset(make_cache):
     cache.evict(1)
     assert cache.insert(K([3]), i32([3])).last_node.id == 3
     cache.reset()
-    assert cache.clock == 0
-    assert cache.insert(K([1]), i32([1])).last_node.id == 4
-    assert cache.clock == 1
+    leaf = cache.insert(K([1]), i32([1])).last_node
+    assert leaf.id == 4 and leaf.last_access_time == 1  # the clock restarted at 0
 
 
 def test_handles_compare_by_id(make_cache):
@@ -334,7 +336,7 @@ def test_evict_lru_order_and_one_free_call(make_cache, allocator):
     assert cache.evict(2) == EvictResult(full_evicted=3)  # c (1 token), then a (2)
     assert allocator.freed_sequence == [[3, 4, 5], [6, 1, 2]]
     assert make_cache.evicted_ids == [2, 3, 1]
-    assert state(cache) == (4, 0, 0, 0)
+    assert state(cache) == (0, 0, 0)
     assert cache.evict(5) == EvictResult(full_evicted=0)
     assert len(allocator.free_calls) == 2
     allocator.assert_all_free()
@@ -351,7 +353,7 @@ def test_evict_cascades_to_parents_and_skips_locked(make_cache, allocator):
     assert res.full_evicted == 4
     assert make_cache.evicted_ids == [1, 3, 2]
     assert allocator.freed_sequence == [[3, 6, 1, 2]]
-    assert state(cache)[1:] == (0, 2, 2)
+    assert state(cache) == (0, 2, 2)
     assert not locked.evicted
     cache.dec_lock_ref(locked)
     assert cache.evict(1).full_evicted == 2
@@ -372,7 +374,7 @@ def test_evict_locked_parent_with_unlocked_leaf(make_cache, allocator):
     upper = cache.insert(K([1, 2]), allocator.alloc(2)).last_node
     leaf = cache.insert(K([1, 2, 3]), allocator.alloc(3)).last_node
     cache.inc_lock_ref(upper)
-    assert state(cache)[1:] == (1, 2, 3)
+    assert state(cache) == (1, 2, 3)
     assert cache.evict(10).full_evicted == 1
     assert leaf.evicted and not upper.evicted
     cache.dec_lock_ref(upper)
@@ -404,14 +406,14 @@ def test_lock_moves_tokens_along_the_path(make_cache):
     other = cache.insert(K([9]), i32([9])).last_node
     assert cache.inc_lock_ref(leaf) is None
     assert (leaf.lock_ref, leaf.parent.lock_ref, other.lock_ref) == (1, 1, 0)
-    assert state(cache)[1:] == (1, 5, 6)
+    assert state(cache) == (1, 5, 6)
     cache.inc_lock_ref(leaf)
-    assert (leaf.lock_ref, leaf.parent.lock_ref) == (2, 2) and state(cache)[1:] == (1, 5, 6)
+    assert (leaf.lock_ref, leaf.parent.lock_ref) == (2, 2) and state(cache) == (1, 5, 6)
     cache.dec_lock_ref(leaf)
-    assert state(cache)[1:] == (1, 5, 6)
+    assert state(cache) == (1, 5, 6)
     cache.dec_lock_ref(leaf)
-    assert (leaf.lock_ref, leaf.parent.lock_ref) == (0, 0) and state(cache)[1:] == (6, 0, 6)
-    assert cache.clock == 3  # locks do not tick the clock
+    assert (leaf.lock_ref, leaf.parent.lock_ref) == (0, 0) and state(cache) == (6, 0, 6)
+    assert cache.match_prefix(K([9])).last_node.last_access_time == 4  # locks do not tick
     cache._check_invariants()
 
 
@@ -420,12 +422,12 @@ def test_unlock_unlocked_raises_and_changes_nothing(make_cache):
     leaf = cache.insert(K([1, 2]), i32([1, 2])).last_node
     with pytest.raises(LockStateError):
         cache.dec_lock_ref(leaf)
-    assert leaf.lock_ref == 0 and state(cache) == (1, 2, 0, 2)
+    assert leaf.lock_ref == 0 and state(cache) == (2, 0, 2)
     cache.inc_lock_ref(leaf)
     cache.dec_lock_ref(leaf)
     with pytest.raises(LockStateError):
         cache.dec_lock_ref(leaf)
-    assert leaf.lock_ref == 0 and state(cache) == (1, 2, 0, 2)
+    assert leaf.lock_ref == 0 and state(cache) == (2, 0, 2)
 
 
 def test_lock_on_root_is_noop(make_cache):
@@ -433,7 +435,7 @@ def test_lock_on_root_is_noop(make_cache):
     assert cache.inc_lock_ref(cache.root_node) is None
     cache.dec_lock_ref(cache.root_node)
     cache.dec_lock_ref(cache.root_node)
-    assert cache.root_node.lock_ref == 0 and state(cache) == (0, 0, 0, 0)
+    assert cache.root_node.lock_ref == 0 and state(cache) == (0, 0, 0)
 
 
 def test_split_of_locked_node_keeps_sizes(make_cache):
@@ -441,9 +443,9 @@ def test_split_of_locked_node_keeps_sizes(make_cache):
     leaf = cache.insert(K([1, 2, 3, 4]), i32([1, 2, 3, 4])).last_node
     cache.inc_lock_ref(leaf)
     upper = cache.match_prefix(K([1, 2])).last_node
-    assert upper.lock_ref == 1 and state(cache)[1:] == (0, 4, 4)
+    assert upper.lock_ref == 1 and state(cache) == (0, 4, 4)
     cache.dec_lock_ref(leaf)
-    assert (upper.lock_ref, leaf.lock_ref) == (0, 0) and state(cache)[1:] == (4, 0, 4)
+    assert (upper.lock_ref, leaf.lock_ref) == (0, 0) and state(cache) == (4, 0, 4)
     cache._check_invariants()
 
 
@@ -462,7 +464,7 @@ def test_reset_frees_everything_in_one_call(make_cache, allocator):
     assert len(allocator.free_calls) == 2
     assert sorted(allocator.free_calls[1].tolist()) == [1, 2, 3, 6]
     allocator.assert_all_free()
-    assert state(cache) == (0, 0, 0, 0) and make_cache.evicted_ids == []
+    assert state(cache) == (0, 0, 0) and make_cache.evicted_ids == []
     assert cache.match_prefix(K([1, 2, 3])).prefix_len == 0
     cache._check_invariants()
 
@@ -520,7 +522,8 @@ def test_bad_keys_raise_and_change_nothing(make_cache, allocator, key, error):
     with pytest.raises(error):
         cache.insert(key, np.arange(len(key), dtype=np.int32))
     assert state(cache) == before
-    assert cache.insert(K([5]), allocator.alloc(1)).last_node.id == 2
+    probe = cache.insert(K([5]), allocator.alloc(1)).last_node
+    assert probe.id == 2 and probe.last_access_time == 2  # no id, no clock tick was used
     cache._check_invariants()
 
 
@@ -532,6 +535,10 @@ BAD_VALUES = [
     pytest.param(K([1, 2]), np.array([[1, 2]]), id="2d-array"),
     pytest.param(K([(1, 2), (3, 4)]), None, id="none-with-tuple-key"),
     pytest.param(K([1]), [], id="empty-for-one-token"),
+    pytest.param(K([1, 2]), [1, 2.5], id="float-in-list"),
+    pytest.param(K([1, 2]), [1, 2**31], id="index-2**31"),
+    pytest.param(K([1, 2]), np.array([1, 2**31], dtype=np.int64), id="array-index-2**31"),
+    pytest.param(K([1, 2**31]), None, id="none-token-2**31"),
 ]
 
 
@@ -543,7 +550,8 @@ def test_bad_values_raise_and_change_nothing(make_cache, key, value):
     with pytest.raises(InvalidValueError):
         cache.insert(key, value)
     assert state(cache) == before
-    assert cache.match_prefix(K([1, 2, 3])).indices.tolist() == [7, 8, 9]
+    m = cache.match_prefix(K([1, 2, 3]))
+    assert m.indices.tolist() == [7, 8, 9] and m.last_node.last_access_time == 2
     assert cache.insert(K([4]), i32([4])).last_node.id == 2
 
 
@@ -569,4 +577,5 @@ def test_key_must_be_radix_key(make_cache):
         cache.match_prefix([1, 2, 3])
     with pytest.raises(TypeError):
         cache.insert([1, 2, 3], i32([1, 2, 3]))
-    assert state(cache) == (0, 0, 0, 0)
+    assert state(cache) == (0, 0, 0)
+    assert cache.insert(K([1]), i32([1])).last_node.last_access_time == 1

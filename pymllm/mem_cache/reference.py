@@ -181,6 +181,11 @@ class RefRadixCache(BasePrefixCache):
         if not isinstance(key, RadixKey):
             raise TypeError(f"key must be a RadixKey, got {type(key).__name__}")
         ids = key.token_ids
+        if not isinstance(ids, (list, tuple, np.ndarray)):
+            try:
+                ids = np.asarray(ids)
+            except (TypeError, ValueError) as exc:
+                raise InvalidKeyError(f"token_ids: cannot read {type(ids).__name__}") from exc
         if isinstance(ids, np.ndarray):
             if ids.ndim != 1:
                 raise InvalidKeyError(f"token_ids: expected a 1-D array, got shape {ids.shape}")
@@ -191,8 +196,6 @@ class RefRadixCache(BasePrefixCache):
                 if not 0 <= t < _U32_LIMIT:
                     raise InvalidKeyError(f"token_ids: token {t} is outside [0, 2**32)")
             return tokens, key.extra_key, 0
-        if not isinstance(ids, list):
-            raise TypeError(f"token_ids must be a list or a numpy array, got {type(ids).__name__}")
         if ids and isinstance(ids[0], tuple):
             width = len(ids[0])
             if width == 0:
