@@ -1,0 +1,733 @@
+"""Device pools: the KV cache the tree's slot indices name, the request table, Mamba states.
+
+Ownership: a KV slot is either free in a :class:`TokenToKVPoolAllocator` or owned by one
+caller (the scheduler, a request, or the radix tree once inserted). :class:`KVPool` never
+checks ownership; it stores whatever is written at a slot. Slot 0 (page 0 with pages) is the
+padding slot: never handed out, an in-bounds trash row that every padded index list points
+at, so a padded write or copy can only ever change row 0.
+
+Device side: each buffer set is a ``NamedTuple`` of ``jax.Array`` and every update is a pure
+function ``(buffers, ...) -> buffers`` jitted with the buffers donated, so XLA updates them
+in place (no copy of the cache). The module-level ``write_kv``/``read_kv``/... are meant to
+be called inside a model's own jitted step; the classes keep the current buffers, call
+per-pool jitted copies built once with the pool's shardings in and out, and rebind after
+every call. Never keep a reference to a pool's buffers across one of its calls: it is
+deleted (donated).
+
+Index lists are padded with slot 0 up to :func:`bucket_size` (16, 24, 32, 48, 64, 96, ...:
+powers of two and the midpoints between), so a serving loop compiles each update a handful
+of times, not once per request size. For zero recompilation produce K/V at the bucket size
+in the model step (pad the batch); host (numpy) K/V of any length are padded on the host.
+
+Not thread-safe: one owner calls each pool.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
+from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
+from pymllm.mem_cache.errors import InvalidValueError
+
+PAD_SLOT = 0
+"""The padding slot: row 0 of every buffer, never allocated."""
+
+MIN_BUCKET = 16
+
+
+def bucket_size(n: int) -> int:
+    """Smallest bucket >= *n*: 16, 24, 32, 48, 64, 96, 128, ... (at most 1.33x padding)."""
+    n = operator.index(n)
+    if n <= MIN_BUCKET:
+        return MIN_BUCKET
+    p = 1 << (n - 1).bit_length()
+    mid = (p >> 1) + (p >> 2)
+    return mid if n <= mid else p
+
+
+def pad_slots(loc: Any, size: int | None = None) -> np.ndarray:
+    """*loc* as ``np.int32`` padded with slot 0 to *size* (default ``bucket_size(len)``)."""
+    loc = np.asarray(loc, dtype=np.int32).reshape(-1)
+    size = bucket_size(len(loc)) if size is None else size
+    if len(loc) == size:
+        return loc
+    out = np.zeros(size, dtype=np.int32)
+    out[: len(loc)] = loc
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Pure device functions. Shapes: L layers, R = rows (size + page_size), n index entries.
+# ---------------------------------------------------------------------------------------
+
+
+class KVBuffers(NamedTuple):
+    """The KV cache: ``k`` is ``[L, R, Hk, Dk]``, ``v`` is ``[L, R, Hv, Dv]``, one dtype."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def _write_kv(buffers: KVBuffers, layer_id: Any, loc: Any, k: Any, v: Any) -> KVBuffers:
+    return KVBuffers(
+        buffers.k.at[layer_id, loc].set(k.astype(buffers.k.dtype), unique_indices=True),
+        buffers.v.at[layer_id, loc].set(v.astype(buffers.v.dtype), unique_indices=True),
+    )
+
+
+def _write_kv_all(buffers: KVBuffers, loc: Any, k: Any, v: Any) -> KVBuffers:
+    return KVBuffers(
+        buffers.k.at[:, loc].set(k.astype(buffers.k.dtype), unique_indices=True),
+        buffers.v.at[:, loc].set(v.astype(buffers.v.dtype), unique_indices=True),
+    )
+
+
+def _read_kv(buffers: KVBuffers, layer_id: Any, loc: Any) -> tuple[jax.Array, jax.Array]:
+    return buffers.k[layer_id, loc], buffers.v[layer_id, loc]
+
+
+def _read_kv_all(buffers: KVBuffers, loc: Any) -> tuple[jax.Array, jax.Array]:
+    return buffers.k[:, loc], buffers.v[:, loc]
+
+
+def _copy_kv(buffers: KVBuffers, src_loc: Any, dst_loc: Any) -> KVBuffers:
+    return KVBuffers(
+        buffers.k.at[:, dst_loc].set(buffers.k[:, src_loc], unique_indices=True),
+        buffers.v.at[:, dst_loc].set(buffers.v[:, src_loc], unique_indices=True),
+    )
+
+
+def _layer(buffers: KVBuffers, layer_id: Any) -> tuple[jax.Array, jax.Array]:
+    return buffers.k[layer_id], buffers.v[layer_id]
+
+
+write_kv = jax.jit(_write_kv, donate_argnames=("buffers",))
+write_kv.__doc__ = """Write one layer's K/V rows: ``buffers.k[layer_id, loc] = k`` (and V).
+
+Args: ``buffers`` (:class:`KVBuffers`, **donated**: deleted by the call, use the result);
+``layer_id`` int32 scalar (traced: one compilation serves every layer); ``loc`` int32
+``[n]`` slots, distinct except for padding entries 0; ``k`` ``[n, Hk, Dk]``, ``v``
+``[n, Hv, Dv]`` (cast to the buffer dtype). Returns the updated :class:`KVBuffers`, same
+shapes, dtypes and shardings. Padding entries (slot 0) write only row 0. Not checked:
+out-of-range ``loc`` is dropped by the scatter, a negative one wraps (so pad with 0).
+"""
+
+write_kv_all = jax.jit(_write_kv_all, donate_argnames=("buffers",))
+write_kv_all.__doc__ = """Write every layer's K/V rows in one call: ``buffers.k[:, loc] = k``.
+
+Args: ``buffers`` (**donated**); ``loc`` int32 ``[n]``; ``k`` ``[L, n, Hk, Dk]``, ``v``
+``[L, n, Hv, Dv]``. Returns the updated :class:`KVBuffers`. One call for all layers pays the
+dispatch cost once (about 40 us a call on an H200), not once per layer.
+"""
+
+read_kv = jax.jit(_read_kv)
+read_kv.__doc__ = """Gather one layer's K/V rows: ``(buffers.k[layer_id, loc], buffers.v[...])``.
+
+Args: ``buffers`` (not donated); ``layer_id`` int32 scalar; ``loc`` int32 ``[n]``.
+Returns ``k`` ``[n, Hk, Dk]`` and ``v`` ``[n, Hv, Dv]``, fresh arrays in the pool dtype.
+"""
+
+read_kv_all = jax.jit(_read_kv_all)
+read_kv_all.__doc__ = """Gather every layer's rows at ``loc``.
+
+Args: ``buffers`` (not donated); ``loc`` int32 ``[n]``. Returns ``k`` ``[L, n, Hk, Dk]``
+and ``v`` ``[L, n, Hv, Dv]``.
+"""
+
+copy_kv = jax.jit(_copy_kv, donate_argnames=("buffers",))
+copy_kv.__doc__ = """Copy rows ``src_loc`` to ``dst_loc`` in every layer (defragmentation, forking).
+
+Args: ``buffers`` (**donated**); ``src_loc``, ``dst_loc`` int32 ``[n]``, same length, the
+non-padding ``dst_loc`` distinct. Every source row is read before any row is written.
+Returns the updated :class:`KVBuffers`.
+"""
+
+
+@functools.partial(jax.jit, static_argnames=("m", "axis"))
+def _pad_rows(x: jax.Array, m: int, axis: int) -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, m - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation helpers (host side, before anything is written).
+# ---------------------------------------------------------------------------------------
+
+
+def _positive(name: str, value: Any, minimum: int = 1) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise InvalidValueError(f"{name} must be an int, got {value!r}") from None
+    if value < minimum:
+        raise InvalidValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _slots(name: str, loc: Any, rows: int) -> np.ndarray:
+    """*loc* as a 1-D host int32 array of slots in ``[0, rows)``; a jax array syncs here."""
+    arr = np.asarray(loc)
+    if arr.ndim != 1:
+        raise InvalidValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int32)
+    if arr.dtype.kind not in "iu":
+        raise InvalidValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    lo, hi = arr.min(), arr.max()
+    if lo < 0 or hi >= rows:
+        bad = arr[(arr < 0) | (arr >= rows)][0]
+        raise InvalidValueError(f"{name} holds slot {bad}, outside [0, {rows})")
+    return arr.astype(np.int32, copy=False)
+
+
+def _check_array(name: str, x: Any, shape: tuple[int, ...], dtype: Any) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise InvalidValueError(f"{name} must be an array, got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise InvalidValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if jnp.dtype(x.dtype) != jnp.dtype(dtype):
+        raise InvalidValueError(f"{name} must have dtype {jnp.dtype(dtype)}, got {x.dtype}")
+
+
+def _pad_to(x: Any, m: int, axis: int) -> Any:
+    """Pad *x* with zero rows along *axis* to length *m*: on the host for numpy input (no
+    compilation), else on device (one small compilation per distinct input length)."""
+    n = x.shape[axis]
+    if n == m:
+        return x
+    if isinstance(x, np.ndarray):
+        shape = list(x.shape)
+        shape[axis] = m
+        out = np.zeros(shape, dtype=x.dtype)
+        idx = [slice(None)] * x.ndim
+        idx[axis] = slice(0, n)
+        out[tuple(idx)] = x
+        return out
+    return _pad_rows(x, m, axis)
+
+
+def _layer_id(layer_id: Any, layer_num: int) -> np.int32:
+    try:
+        i = operator.index(layer_id)
+    except TypeError:
+        raise InvalidValueError(f"layer_id must be an int, got {layer_id!r}") from None
+    if not 0 <= i < layer_num:
+        raise InvalidValueError(f"layer_id {i} out of range [0, {layer_num})")
+    return np.int32(i)
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.Array:
+    """A zero buffer created on device with its final sharding (no host copy)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+# ---------------------------------------------------------------------------------------
+# KVPool
+# ---------------------------------------------------------------------------------------
+
+
+class KVPool:
+    """Per-layer K and V buffers on device, indexed by KV slot.
+
+    ``k`` buffer: ``[layer_num, rows, k_head_num, k_head_dim]``, ``v`` buffer:
+    ``[layer_num, rows, v_head_num, v_head_dim]`` (K and V dims independent: MHA, GQA, MQA,
+    MLA-shaped), ``rows = size // page_size * page_size + page_size``; row(s) of page 0 are
+    padding. With a :class:`jax.sharding.Mesh`, each buffer is sharded over its head axis
+    along the mesh axis *head_axis* (tensor parallel) when the head count divides the axis
+    size, else replicated; without one, it lives on *device* (default: the first device).
+
+    The pool owns its buffers and donates them on every write; :attr:`buffers` is only
+    valid until the pool's next update. A model step that takes :attr:`buffers`, donates
+    them and returns new ones hands them back with ``pool.buffers = new``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        layer_num: int,
+        k_head_num: int,
+        k_head_dim: int,
+        *,
+        v_head_num: int | None = None,
+        v_head_dim: int | None = None,
+        dtype: Any = jnp.bfloat16,
+        page_size: int = 1,
+        mesh: Mesh | None = None,
+        head_axis: str | None = None,
+        device: jax.Device | None = None,
+    ) -> None:
+        self.page_size = _positive("page_size", page_size)
+        self.size = _positive("size", size, 0) // self.page_size * self.page_size
+        self.layer_num = _positive("layer_num", layer_num)
+        self.head_num = _positive("k_head_num", k_head_num)
+        self.head_dim = _positive("k_head_dim", k_head_dim)
+        self.v_head_num = _positive("v_head_num", k_head_num if v_head_num is None else v_head_num)
+        self.v_head_dim = _positive("v_head_dim", k_head_dim if v_head_dim is None else v_head_dim)
+        self.dtype = jnp.dtype(dtype)
+        self.rows = self.size + self.page_size
+        self.mesh = mesh
+
+        if mesh is None:
+            rep = SingleDeviceSharding(device if device is not None else jax.devices()[0])
+            k_buf = v_buf = k_row = v_row = rep
+        else:
+            if head_axis is None:
+                if len(mesh.axis_names) != 1:
+                    raise InvalidValueError(
+                        f"mesh has axes {mesh.axis_names}: pass head_axis= to pick one"
+                    )
+                head_axis = mesh.axis_names[0]
+            if head_axis not in mesh.axis_names:
+                raise InvalidValueError(f"head_axis {head_axis!r} not in {mesh.axis_names}")
+            tp = mesh.shape[head_axis]
+            rep = NamedSharding(mesh, P())
+
+            def spec(heads: int, lead: int) -> NamedSharding:
+                if heads % tp:
+                    return rep
+                return NamedSharding(mesh, P(*([None] * lead), head_axis, None))
+
+            k_buf, v_buf = spec(self.head_num, 2), spec(self.v_head_num, 2)
+            k_row, v_row = spec(self.head_num, 1), spec(self.v_head_num, 1)
+        self.head_axis = head_axis
+        self.shardings = KVBuffers(k_buf, v_buf)
+        self._rep = rep
+        self._row_shardings = (k_row, v_row)
+
+        bs = self.shardings
+        self._write = jax.jit(
+            _write_kv,
+            donate_argnums=0,
+            in_shardings=(bs, rep, rep, k_row, v_row),
+            out_shardings=bs,
+        )
+        self._write_all = jax.jit(
+            _write_kv_all,
+            donate_argnums=0,
+            in_shardings=(bs, rep, k_buf, v_buf),
+            out_shardings=bs,
+        )
+        self._read = jax.jit(_read_kv, in_shardings=(bs, rep, rep), out_shardings=(k_row, v_row))
+        self._read_all = jax.jit(_read_kv_all, in_shardings=(bs, rep), out_shardings=(k_buf, v_buf))
+        self._copy = jax.jit(
+            _copy_kv, donate_argnums=0, in_shardings=(bs, rep, rep), out_shardings=bs
+        )
+        self._get_layer = jax.jit(_layer, in_shardings=(bs, rep))
+
+        self._buffers = KVBuffers(
+            _zeros(self.k_shape, self.dtype, k_buf), _zeros(self.v_shape, self.dtype, v_buf)
+        )
+
+    # -- shapes and sizes ------------------------------------------------------------
+
+    @property
+    def k_shape(self) -> tuple[int, int, int, int]:
+        return (self.layer_num, self.rows, self.head_num, self.head_dim)
+
+    @property
+    def v_shape(self) -> tuple[int, int, int, int]:
+        return (self.layer_num, self.rows, self.v_head_num, self.v_head_dim)
+
+    def mem_bytes(self) -> int:
+        """Bytes of all K and V buffers (global, across every device of the mesh)."""
+        per_row = self.head_num * self.head_dim + self.v_head_num * self.v_head_dim
+        return self.layer_num * self.rows * per_row * self.dtype.itemsize
+
+    @property
+    def buffers(self) -> KVBuffers:
+        """The current buffers; deleted by the pool's next update (donation)."""
+        return self._buffers
+
+    @buffers.setter
+    def buffers(self, new: KVBuffers) -> None:
+        _check_array("buffers.k", new.k, self.k_shape, self.dtype)
+        _check_array("buffers.v", new.v, self.v_shape, self.dtype)
+        self._buffers = KVBuffers(*new)
+
+    # -- stateful conveniences -------------------------------------------------------
+
+    def _prep_rows(
+        self, loc: Any, k: Any, v: Any, lead: tuple[int, ...]
+    ) -> tuple[np.ndarray, Any, Any, int]:
+        loc = _slots("loc", loc, self.rows)
+        n = len(loc)
+        axis = len(lead)
+        _check_array("k", k, (*lead, n, self.head_num, self.head_dim), self.dtype)
+        _check_array("v", v, (*lead, n, self.v_head_num, self.v_head_dim), self.dtype)
+        m = bucket_size(n)
+        return pad_slots(loc, m), _pad_to(k, m, axis), _pad_to(v, m, axis), n
+
+    def set_kv_buffer(self, layer_id: int, loc: Any, k: Any, v: Any) -> None:
+        """Write ``k`` ``[n, Hk, Dk]`` and ``v`` ``[n, Hv, Dv]`` at slots ``loc`` ``[n]`` of
+        one layer. Everything is checked first (layer range, slot range, shapes, dtype); an
+        error writes nothing. Slots stay owned by whoever owned them."""
+        layer = _layer_id(layer_id, self.layer_num)
+        loc, k, v, n = self._prep_rows(loc, k, v, ())
+        if n == 0:
+            return
+        k = jax.device_put(k, self._row_shardings[0])
+        v = jax.device_put(v, self._row_shardings[1])
+        self._buffers = self._write(self._buffers, layer, loc, k, v)
+
+    def set_kv_all(self, loc: Any, k: Any, v: Any) -> None:
+        """Write every layer at once: ``k`` ``[L, n, Hk, Dk]``, ``v`` ``[L, n, Hv, Dv]``."""
+        loc, k, v, n = self._prep_rows(loc, k, v, (self.layer_num,))
+        if n == 0:
+            return
+        k = jax.device_put(k, self.shardings.k)
+        v = jax.device_put(v, self.shardings.v)
+        self._buffers = self._write_all(self._buffers, loc, k, v)
+
+    def get_kv(self, layer_id: int, loc: Any) -> tuple[jax.Array, jax.Array]:
+        """``(k [n, Hk, Dk], v [n, Hv, Dv])`` at slots ``loc`` of one layer (fresh arrays).
+
+        The gather runs at the bucket size; trimming to ``n`` is one slice per distinct
+        ``n``. Inside a jitted step call :func:`read_kv` with padded slots instead.
+        """
+        layer = _layer_id(layer_id, self.layer_num)
+        loc = _slots("loc", loc, self.rows)
+        n = len(loc)
+        k, v = self._read(self._buffers, layer, pad_slots(loc))
+        return (k, v) if n == k.shape[0] else (k[:n], v[:n])
+
+    def get_kv_all(self, loc: Any) -> tuple[jax.Array, jax.Array]:
+        """``(k [L, n, Hk, Dk], v [L, n, Hv, Dv])`` at slots ``loc`` of every layer."""
+        loc = _slots("loc", loc, self.rows)
+        n = len(loc)
+        k, v = self._read_all(self._buffers, pad_slots(loc))
+        return (k, v) if n == k.shape[1] else (k[:, :n], v[:, :n])
+
+    def get_kv_buffer(self, layer_id: int) -> tuple[jax.Array, jax.Array]:
+        """A copy of one layer's whole K and V buffers, ``[rows, H, D]`` each."""
+        return self._get_layer(self._buffers, _layer_id(layer_id, self.layer_num))
+
+    def get_key_buffer(self, layer_id: int) -> jax.Array:
+        return self.get_kv_buffer(layer_id)[0]
+
+    def get_value_buffer(self, layer_id: int) -> jax.Array:
+        return self.get_kv_buffer(layer_id)[1]
+
+    def copy(self, src_loc: Any, dst_loc: Any) -> None:
+        """Copy the K/V rows at ``src_loc`` to ``dst_loc`` in every layer (jitted, donated).
+
+        Both 1-D, same length, in range; the caller owns ``dst_loc`` and keeps owning both.
+        """
+        src = _slots("src_loc", src_loc, self.rows)
+        dst = _slots("dst_loc", dst_loc, self.rows)
+        if len(src) != len(dst):
+            raise InvalidValueError(f"src_loc has {len(src)} slots, dst_loc {len(dst)}")
+        if len(src) == 0:
+            return
+        m = bucket_size(len(src))
+        self._buffers = self._copy(self._buffers, pad_slots(src, m), pad_slots(dst, m))
+
+    def __repr__(self) -> str:
+        return (
+            f"KVPool(size={self.size}, layers={self.layer_num}, k={self.head_num}x"
+            f"{self.head_dim}, v={self.v_head_num}x{self.v_head_dim}, {self.dtype}, "
+            f"page_size={self.page_size}, {self.mem_bytes() / 2**30:.2f} GiB)"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# ReqToTokenPool
+# ---------------------------------------------------------------------------------------
+
+
+class ReqToTokenPool:
+    """Host table ``req_to_token[slot, pos]`` (``np.int32``): the KV slot of each token of
+    each running request.
+
+    Request slots are ``1..max_reqs``; row 0 stays all zeros (it points every position at the
+    KV padding slot) and pads a batch in :meth:`to_device`. ``alloc(n)`` hands out request
+    slots the caller owns until ``free``; the table rows are not cleared on either.
+    """
+
+    def __init__(self, max_reqs: int, max_context_len: int) -> None:
+        self.size = _positive("max_reqs", max_reqs)
+        self.max_context_len = _positive("max_context_len", max_context_len)
+        self.req_to_token = np.zeros((self.size + 1, self.max_context_len), dtype=np.int32)
+        self._slots = TokenToKVPoolAllocator(self.size, need_sort=False)
+
+    def available_size(self) -> int:
+        return self._slots.available_size()
+
+    def alloc(self, n: int = 1) -> np.ndarray | None:
+        """*n* request slots (``np.int32``, caller-owned) or ``None`` (nothing changes)."""
+        return self._slots.alloc(n)
+
+    def free(self, slots: Any) -> None:
+        """Give request slot(s) back; ``InvalidFreeError`` (nothing freed) if not owned."""
+        self._slots.free(slots)
+
+    def write(self, index: Any, values: Any) -> None:
+        """``req_to_token[index] = values`` (numpy indexing, e.g. ``(slot, slice(a, b))``)."""
+        self.req_to_token[index] = values
+
+    def clear(self) -> None:
+        """Every request slot free and the table zeroed."""
+        self._slots.clear()
+        self.req_to_token[:] = 0
+
+    def to_device(self, slots: Any, max_len: int | None = None, sharding: Any = None) -> jax.Array:
+        """Rows *slots* as one device array in one host-to-device transfer.
+
+        Shape ``[bucket_size(len(slots)), cols]``: padding rows are row 0 (zeros); ``cols`` is
+        ``min(bucket_size(max_len), max_context_len)`` or the full width without *max_len*.
+        """
+        rows = pad_slots(_slots("slots", slots, self.size + 1))
+        cols = (
+            self.max_context_len
+            if max_len is None
+            else min(bucket_size(max_len), self.max_context_len)
+        )
+        host = self.req_to_token[rows, :cols]
+        return jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+
+
+# ---------------------------------------------------------------------------------------
+# MambaPool
+# ---------------------------------------------------------------------------------------
+
+
+class MambaBuffers(NamedTuple):
+    """Recurrent states: ``conv`` ``[L, R, *conv_shape]``, ``temporal``
+    ``[L, R, *temporal_shape]``; ``R = size + 1``, row 0 padding."""
+
+    conv: jax.Array
+    temporal: jax.Array
+
+
+def _copy_states(buffers: MambaBuffers, src: Any, dst: Any) -> MambaBuffers:
+    return MambaBuffers(*(b.at[:, dst].set(b[:, src], unique_indices=True) for b in buffers))
+
+
+def _reset_states(buffers: MambaBuffers, slots: Any) -> MambaBuffers:
+    return MambaBuffers(*(b.at[:, slots].set(0, unique_indices=True) for b in buffers))
+
+
+def _read_states(buffers: MambaBuffers, slots: Any) -> MambaBuffers:
+    return MambaBuffers(*(b[:, slots] for b in buffers))
+
+
+def _write_states(buffers: MambaBuffers, slots: Any, conv: Any, temporal: Any) -> MambaBuffers:
+    return MambaBuffers(
+        buffers.conv.at[:, slots].set(conv.astype(buffers.conv.dtype), unique_indices=True),
+        buffers.temporal.at[:, slots].set(
+            temporal.astype(buffers.temporal.dtype), unique_indices=True
+        ),
+    )
+
+
+copy_states = jax.jit(_copy_states, donate_argnames=("buffers",))
+copy_states.__doc__ = """Copy state rows ``src`` to ``dst`` in every layer of both buffers.
+
+Args: ``buffers`` (:class:`MambaBuffers`, **donated**); ``src``, ``dst`` int32 ``[n]``
+(non-padding ``dst`` distinct). Returns the updated :class:`MambaBuffers`.
+"""
+
+reset_states = jax.jit(_reset_states, donate_argnames=("buffers",))
+reset_states.__doc__ = """Zero the state rows ``slots`` (int32 ``[n]``) in every layer.
+
+Args: ``buffers`` (**donated**). Returns the updated :class:`MambaBuffers`.
+"""
+
+
+class MambaPool:
+    """State pool of Mamba/GDN layers: one conv state and one recurrent ("temporal") state
+    per layer and slot, on device.
+
+    Slots ``1..size`` serve both running requests and the radix cache's tracked states;
+    ``alloc(n)`` returns ``np.int32`` slots the caller owns (their contents are whatever was
+    left there: call :meth:`reset_states` or :meth:`copy_states` before reading), or
+    ``None``. ``free(slots)`` returns them (``InvalidFreeError``, nothing freed, on a bad
+    free). Updates donate the buffers, as in :class:`KVPool`.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        layer_num: int,
+        conv_state_shape: tuple[int, ...],
+        temporal_state_shape: tuple[int, ...],
+        *,
+        conv_dtype: Any = jnp.bfloat16,
+        temporal_dtype: Any = jnp.float32,
+        device: jax.Device | None = None,
+    ) -> None:
+        self.size = _positive("size", size)
+        self.layer_num = _positive("layer_num", layer_num)
+        self.conv_state_shape = tuple(int(d) for d in conv_state_shape)
+        self.temporal_state_shape = tuple(int(d) for d in temporal_state_shape)
+        self.conv_dtype = jnp.dtype(conv_dtype)
+        self.temporal_dtype = jnp.dtype(temporal_dtype)
+        self.rows = self.size + 1
+        sh = SingleDeviceSharding(device if device is not None else jax.devices()[0])
+        self._sharding = sh
+        shardings = MambaBuffers(sh, sh)
+        self._allocator = TokenToKVPoolAllocator(self.size, need_sort=False)
+        self._copy = jax.jit(
+            _copy_states,
+            donate_argnums=0,
+            in_shardings=(shardings, sh, sh),
+            out_shardings=shardings,
+        )
+        self._reset = jax.jit(
+            _reset_states, donate_argnums=0, in_shardings=(shardings, sh), out_shardings=shardings
+        )
+        self._write = jax.jit(
+            _write_states,
+            donate_argnums=0,
+            in_shardings=(shardings, sh, sh, sh),
+            out_shardings=shardings,
+        )
+        self._read = jax.jit(_read_states, in_shardings=(shardings, sh))
+        self._buffers = MambaBuffers(
+            _zeros((self.layer_num, self.rows, *self.conv_state_shape), self.conv_dtype, sh),
+            _zeros(
+                (self.layer_num, self.rows, *self.temporal_state_shape), self.temporal_dtype, sh
+            ),
+        )
+
+    @property
+    def buffers(self) -> MambaBuffers:
+        """The current buffers; deleted by the pool's next update (donation)."""
+        return self._buffers
+
+    @buffers.setter
+    def buffers(self, new: MambaBuffers) -> None:
+        _check_array("buffers.conv", new.conv, self._buffers.conv.shape, self.conv_dtype)
+        _check_array(
+            "buffers.temporal", new.temporal, self._buffers.temporal.shape, self.temporal_dtype
+        )
+        self._buffers = MambaBuffers(*new)
+
+    def mem_bytes(self) -> int:
+        return sum(b.size * b.dtype.itemsize for b in self._buffers)
+
+    def available_size(self) -> int:
+        return self._allocator.available_size()
+
+    def alloc(self, n: int = 1) -> np.ndarray | None:
+        """*n* state slots (``np.int32``, caller-owned) or ``None`` (nothing changes)."""
+        return self._allocator.alloc(n)
+
+    def free(self, slots: Any) -> None:
+        """Give state slots back (numpy, list, int or jax array); contents untouched."""
+        self._allocator.free(slots)
+
+    def clear(self) -> None:
+        """Every slot free (device contents untouched)."""
+        self._allocator.clear()
+
+    def copy_states(self, src: Any, dst: Any) -> None:
+        """Copy states ``src`` -> ``dst`` (same length; the caller owns ``dst``)."""
+        s = _slots("src", src, self.rows)
+        d = _slots("dst", dst, self.rows)
+        if len(s) != len(d):
+            raise InvalidValueError(f"src has {len(s)} slots, dst {len(d)}")
+        if len(s):
+            m = bucket_size(len(s))
+            self._buffers = self._copy(self._buffers, pad_slots(s, m), pad_slots(d, m))
+
+    def reset_states(self, slots: Any) -> None:
+        """Zero the states of *slots* in every layer."""
+        s = _slots("slots", slots, self.rows)
+        if len(s):
+            self._buffers = self._reset(self._buffers, pad_slots(s))
+
+    def set_states(self, slots: Any, conv: Any, temporal: Any) -> None:
+        """Write ``conv`` ``[L, n, *conv_shape]`` and ``temporal`` ``[L, n, *temporal_shape]``."""
+        s = _slots("slots", slots, self.rows)
+        n = len(s)
+        _check_array("conv", conv, (self.layer_num, n, *self.conv_state_shape), self.conv_dtype)
+        _check_array(
+            "temporal",
+            temporal,
+            (self.layer_num, n, *self.temporal_state_shape),
+            self.temporal_dtype,
+        )
+        if n:
+            m = bucket_size(n)
+            conv = jax.device_put(_pad_to(conv, m, 1), self._sharding)
+            temporal = jax.device_put(_pad_to(temporal, m, 1), self._sharding)
+            self._buffers = self._write(self._buffers, pad_slots(s, m), conv, temporal)
+
+    def get_states(self, slots: Any) -> MambaBuffers:
+        """``MambaBuffers(conv [L, n, ...], temporal [L, n, ...])`` of *slots* (fresh)."""
+        s = _slots("slots", slots, self.rows)
+        out = self._read(self._buffers, pad_slots(s))
+        return MambaBuffers(*(b[:, : len(s)] for b in out))
+
+
+# ---------------------------------------------------------------------------------------
+# Factories
+# ---------------------------------------------------------------------------------------
+
+
+def make_full_attention_net_mem_pool(
+    size: int,
+    layer_num: int,
+    head_num: int,
+    head_dim: int,
+    *,
+    v_head_num: int | None = None,
+    v_head_dim: int | None = None,
+    dtype: Any = jnp.bfloat16,
+    page_size: int = 1,
+    need_sort: bool = True,
+    mesh: Mesh | None = None,
+    head_axis: str | None = None,
+) -> tuple[KVPool, TokenToKVPoolAllocator]:
+    """A :class:`KVPool` of *size* slots and the allocator that hands them out."""
+    pool = KVPool(
+        size,
+        layer_num,
+        head_num,
+        head_dim,
+        v_head_num=v_head_num,
+        v_head_dim=v_head_dim,
+        dtype=dtype,
+        page_size=page_size,
+        mesh=mesh,
+        head_axis=head_axis,
+    )
+    return pool, TokenToKVPoolAllocator(size, page_size=page_size, need_sort=need_sort)
+
+
+def make_req_to_token_pool(max_reqs: int, max_context_len: int) -> ReqToTokenPool:
+    """A :class:`ReqToTokenPool` of *max_reqs* request slots of *max_context_len* tokens."""
+    return ReqToTokenPool(max_reqs, max_context_len)
+
+
+__all__ = [
+    "PAD_SLOT",
+    "KVBuffers",
+    "KVPool",
+    "MambaBuffers",
+    "MambaPool",
+    "ReqToTokenPool",
+    "SWATokenToKVPoolAllocator",
+    "TokenToKVPoolAllocator",
+    "bucket_size",
+    "copy_kv",
+    "copy_states",
+    "make_full_attention_net_mem_pool",
+    "make_req_to_token_pool",
+    "pad_slots",
+    "read_kv",
+    "read_kv_all",
+    "reset_states",
+    "write_kv",
+    "write_kv_all",
+]
