@@ -589,12 +589,13 @@ cdef class RadixTreeCore:
         cdef const int32_t* p32
         cdef const int64_t* p64
         cdef tok_t* buf
+        cdef int typenum = cnp.PyArray_TYPE(arr)
         if arr.ndim != 1:
             raise InvalidKeyError(
                 f"token_ids: expected a 1-D array, got shape {tuple((<object>arr).shape)} "
                 "(use a list of tuples for multi-token positions)"
             )
-        if arr.dtype.kind not in "iu":
+        if not cnp.PyArray_ISINTEGER(arr):
             raise InvalidKeyError(f"token_ids: expected integer tokens, got dtype {arr.dtype}")
         n = arr.shape[0]
         kv.n = n
@@ -603,15 +604,16 @@ cdef class RadixTreeCore:
         if n == 0:
             kv.tok = <tok_t*>self._tok_scratch.reserve(1)
             return None
-        if arr.dtype.isnative and arr.dtype.itemsize == 4 and cnp.PyArray_IS_C_CONTIGUOUS(arr):
-            if arr.dtype.kind == "i":
+        if ((typenum == cnp.NPY_INT32 or typenum == cnp.NPY_UINT32)
+                and cnp.PyArray_ISNOTSWAPPED(arr) and cnp.PyArray_IS_C_CONTIGUOUS(arr)):
+            if typenum == cnp.NPY_INT32:
                 p32 = <const int32_t*>cnp.PyArray_DATA(arr)
                 for i in range(n):
                     if p32[i] < 0:
                         raise InvalidKeyError(f"token_ids: token {p32[i]} is outside [0, 2**32)")
             kv.tok = <const tok_t*>cnp.PyArray_DATA(arr)   # zero-copy path
             return arr
-        if arr.dtype.kind == "u" and arr.dtype.itemsize == 8:
+        if typenum == cnp.NPY_UINT64 or typenum == cnp.NPY_ULONGLONG:
             if n and arr.max() >= TOKEN_LIMIT:
                 raise InvalidKeyError(f"token_ids: token {int(arr.max())} is outside [0, 2**32)")
         a64 = np.ascontiguousarray(arr, dtype=np.int64)
@@ -661,9 +663,10 @@ cdef class RadixTreeCore:
                 arr = np.asarray(value)
             except (TypeError, ValueError) as exc:
                 raise InvalidValueError(f"value: cannot read {type(value).__name__}: {exc}")
+        cdef int typenum = cnp.PyArray_TYPE(arr)
         if arr.ndim != 1:
             raise InvalidValueError(f"value: expected a 1-D array, got shape {tuple((<object>arr).shape)}")
-        if arr.dtype.kind not in "iu":
+        if not cnp.PyArray_ISINTEGER(arr):
             raise InvalidValueError(f"value: expected integer KV indices, got dtype {arr.dtype}")
         if arr.shape[0] != n:
             raise InvalidValueError(
@@ -672,7 +675,7 @@ cdef class RadixTreeCore:
         if n == 0:
             out[0] = <idx_t*>self._val_scratch.reserve(1)
             return None
-        if (arr.dtype.isnative and arr.dtype.kind == "i" and arr.dtype.itemsize == 4
+        if (typenum == cnp.NPY_INT32 and cnp.PyArray_ISNOTSWAPPED(arr)
                 and cnp.PyArray_IS_C_CONTIGUOUS(arr)):
             p32 = <const int32_t*>cnp.PyArray_DATA(arr)
             for i in range(n):
@@ -680,7 +683,7 @@ cdef class RadixTreeCore:
                     raise InvalidValueError(f"value: KV index {p32[i]} is outside [0, 2**31)")
             out[0] = <const idx_t*>p32
             return arr
-        if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.max() > INT32_MAX:
+        if (typenum == cnp.NPY_UINT64 or typenum == cnp.NPY_ULONGLONG) and arr.max() > INT32_MAX:
             raise InvalidValueError(f"value: KV index {int(arr.max())} is outside [0, 2**31)")
         a64 = np.ascontiguousarray(arr, dtype=np.int64)
         p64 = <const int64_t*>cnp.PyArray_DATA(a64)

@@ -1,0 +1,116 @@
+"""RadixCache benchmarks (issue 2).
+
+* the serving workload (200 system prompts x 1024 tokens, 4000 requests + 256 fresh tokens,
+  300,000-slot pool so eviction runs, page_size 1): compiled vs the pure-Python reference
+  model, with list keys and numpy keys;
+* per-match and per-evicted-node cost as the tree grows from 1e3 to 1e6 cached tokens;
+* hash_token_ids throughput.
+
+Run: ``pytest bench --benchmark-only`` (ratios printed at the end).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import note, record, serve
+
+from pymllm.mem_cache import RadixCache, RadixKey, hash_token_ids
+from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
+from pymllm.mem_cache.reference import RefRadixCache
+
+POOL = 300_000
+IMPLS = {"compiled": RadixCache, "pure-python": RefRadixCache}
+
+
+@pytest.mark.parametrize("keys", ["list", "numpy"])
+@pytest.mark.parametrize("impl", ["compiled", "pure-python"])
+def test_system_prompt_workload(benchmark, system_prompt_workload, impl, keys):
+    wl = system_prompt_workload
+    data = wl.lists if keys == "list" else wl.arrays
+
+    def setup():
+        alloc = TokenToKVPoolAllocator(POOL)
+        return (IMPLS[impl](token_to_kv_pool_allocator=alloc), alloc), {}
+
+    hits = []
+
+    def run(cache, alloc):
+        hits.append(serve(cache, alloc, data))
+
+    rounds = 5 if impl == "compiled" else 1
+    benchmark.group = f"workload-{keys}"
+    benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
+    group = f"system-prompt workload, {keys} keys (per request)"
+    record(benchmark, group, impl, baseline=impl == "pure-python", per=len(data))
+    if impl == "compiled":
+        note(
+            group,
+            f"token hit rate {hits[-1] / wl.prompt_tokens:.1%} "
+            f"(ideal {wl.ideal_hit_tokens / wl.prompt_tokens:.1%})",
+        )
+
+
+def _grown_tree(total_tokens: int, leaf_len: int = 64, fanout: int = 16):
+    """A tree of `total_tokens` tokens: keys share 64-token stems in groups of `fanout`."""
+    rng = np.random.default_rng(1)
+    n_keys = total_tokens // (2 * leaf_len) or 1
+    stems = rng.integers(0, 50_000, size=(n_keys // fanout + 1, leaf_len), dtype=np.int32)
+    keys = [
+        np.concatenate([stems[i // fanout], rng.integers(0, 50_000, leaf_len, dtype=np.int32)])
+        for i in range(n_keys)
+    ]
+    cache = RadixCache()
+    nxt = 1
+    for k in keys:
+        cache.insert(RadixKey(k), np.arange(nxt, nxt + len(k), dtype=np.int32))
+        nxt += len(k)
+    return cache, keys
+
+
+SIZES = [1_000, 10_000, 100_000, 1_000_000]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_match_cost_vs_tree_size(benchmark, size):
+    cache, keys = _grown_tree(size)
+    rng = np.random.default_rng(2)
+    probes = [RadixKey(keys[i]) for i in rng.integers(0, len(keys), 1000)]
+
+    def run():
+        for k in probes:
+            cache.match_prefix(k)
+
+    benchmark.group = "match-vs-size"
+    benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=1)
+    record(benchmark, "match_prefix of a 128-token key, per call", f"{size:>9,} tokens", per=1000)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_evict_cost_vs_tree_size(benchmark, size):
+    n_evict = 200
+
+    def setup():
+        cache, keys = _grown_tree(size)
+        return (cache,), {}
+
+    def run(cache):
+        for _ in range(n_evict):
+            cache.evict(1)
+
+    benchmark.group = "evict-vs-size"
+    benchmark.pedantic(run, setup=setup, rounds=5, iterations=1)
+    record(benchmark, "evict of one leaf (64 tokens), per node", f"{size:>9,} tokens", per=n_evict)
+
+
+def test_hash_token_ids_throughput(benchmark):
+    tokens = np.random.default_rng(3).integers(0, 1 << 31, size=1 << 20, dtype=np.int64)
+    benchmark.group = "hash"
+    benchmark(hash_token_ids, tokens)
+    record(benchmark, "hash_token_ids, 1M tokens (4 MB)", "per call")
+    stats = benchmark.stats
+    if stats is not None:
+        note(
+            "hash_token_ids, 1M tokens (4 MB)",
+            f"throughput {4 * (1 << 20) / stats.stats.median / 1e6:.0f} MB/s of token bytes",
+        )

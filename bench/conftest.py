@@ -1,0 +1,116 @@
+"""Seeded workloads shared by the benchmark suites, and a ratio summary at the end.
+
+Each suite records the median of every timed case with :func:`record`; the terminal summary
+prints, per group, every case's median and its ratio against the group's baseline, all from
+the same run (medians of one run, never single times).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+_MEDIANS: dict[str, dict[str, float]] = defaultdict(dict)
+_BASELINES: dict[str, str] = {}
+_NOTES: dict[str, list[str]] = defaultdict(list)
+
+
+def record(benchmark, group: str, case: str, *, baseline: bool = False, per: int = 1) -> None:
+    """Remember the median of a finished ``benchmark`` call (seconds per `per` operations)."""
+    stats = benchmark.stats
+    if stats is None:  # --benchmark-disable
+        return
+    _MEDIANS[group][case] = stats.stats.median / per
+    if baseline:
+        _BASELINES[group] = case
+
+
+def note(group: str, line: str) -> None:
+    _NOTES[group].append(line)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _MEDIANS:
+        return
+    tr = terminalreporter
+    tr.section("pymllm ratios (medians of this run)")
+    for group, cases in _MEDIANS.items():
+        base = _BASELINES.get(group)
+        tr.write_line(f"[{group}]")
+        for case, median in cases.items():
+            ratio = ""
+            if base and base in cases and case != base:
+                ratio = f"  {cases[base] / median:8.1f}x faster than {base}"
+            tr.write_line(f"  {case:<40} {_fmt(median)}{ratio}")
+        for line in _NOTES.get(group, []):
+            tr.write_line(f"  {line}")
+
+
+def _fmt(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:9.3f} s "
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:9.3f} ms"
+    if seconds >= 1e-6:
+        return f"{seconds * 1e6:9.3f} us"
+    return f"{seconds * 1e9:9.1f} ns"
+
+
+class SystemPromptWorkload:
+    """The issue-2 workload: shared system prompts plus fresh suffixes.
+
+    ``n_prompts`` prompts of ``prompt_len`` random tokens; ``n_requests`` requests, each a
+    random prompt followed by ``suffix_len`` fresh random tokens.
+    """
+
+    def __init__(
+        self,
+        n_prompts: int = 200,
+        prompt_len: int = 1024,
+        n_requests: int = 4000,
+        suffix_len: int = 256,
+        vocab: int = 50_000,
+        seed: int = 0,
+    ) -> None:
+        rng = np.random.default_rng(seed)
+        prompts = rng.integers(0, vocab, size=(n_prompts, prompt_len), dtype=np.int32)
+        which = rng.integers(0, n_prompts, size=n_requests)
+        suffixes = rng.integers(0, vocab, size=(n_requests, suffix_len), dtype=np.int32)
+        self.arrays = [np.concatenate([prompts[w], s]) for w, s in zip(which, suffixes)]
+        self.lists = [a.tolist() for a in self.arrays]
+        self.prompt_tokens = n_requests * (prompt_len + suffix_len)
+        # the best any cache can do: every prompt after its first use is a hit
+        first_use = len(set(which.tolist()))
+        self.ideal_hit_tokens = (n_requests - first_use) * prompt_len
+
+
+def serve(cache, allocator, keys, extra_key=None) -> int:
+    """Run every key as one request: match -> lock -> allocate (evicting when short) ->
+    insert -> free duplicates -> unlock. Returns the number of cached (hit) tokens."""
+    from pymllm.mem_cache import RadixKey
+
+    hits = 0
+    for tokens in keys:
+        key = RadixKey(tokens, extra_key)
+        m = cache.match_prefix(key)
+        cache.inc_lock_ref(m.last_node)
+        need = len(tokens) - m.prefix_len
+        short = need - allocator.available_size()
+        if short > 0:
+            cache.evict(short)
+        new = allocator.alloc(need)
+        assert new is not None, "pool too small for one request"
+        value = np.concatenate([m.indices, new])
+        r = cache.insert(key, value)
+        if r.prefix_len > m.prefix_len:
+            allocator.free(value[m.prefix_len : r.prefix_len])
+        cache.dec_lock_ref(m.last_node)
+        hits += m.prefix_len
+    return hits
+
+
+@pytest.fixture(scope="session")
+def system_prompt_workload() -> SystemPromptWorkload:
+    return SystemPromptWorkload()

@@ -1,0 +1,134 @@
+"""The seed's shared types: hashing helpers, RadixKey, result dataclasses, the ABC."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+
+from pymllm.mem_cache import (
+    BasePrefixCache,
+    EvictResult,
+    InsertResult,
+    MatchResult,
+    RadixKey,
+    hash_bytes,
+    hash_to_int64,
+    hash_token_ids,
+)
+from pymllm.mem_cache.errors import CacheError, InvalidKeyError
+
+
+def _sha(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def test_hash_token_ids_packs_uint32_little_endian():
+    assert hash_token_ids([1, 2, 0xFFFFFFFF]) == _sha(struct.pack("<3I", 1, 2, 0xFFFFFFFF))
+
+
+def test_hash_token_ids_tuple_tokens_hash_each_element_in_order():
+    expected = _sha(struct.pack("<4I", 1, 2, 3, 4))
+    assert hash_token_ids([(1, 2), (3, 4)]) == expected
+    assert hash_token_ids([(1, 2), (3, 4)]) != hash_token_ids([(2, 1), (3, 4)])
+
+
+def test_hash_token_ids_chains_on_raw_bytes_of_prior_hash():
+    prior = hash_token_ids([7])
+    assert hash_token_ids([8], prior) == _sha(bytes.fromhex(prior), struct.pack("<I", 8))
+    assert hash_token_ids([8], prior) != hash_token_ids([8])
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [[5, 6, 7], np.array([5, 6, 7], dtype=np.int32), np.array([5, 6, 7], dtype=np.uint64),
+     RadixKey([5, 6, 7])],
+)
+def test_hash_token_ids_accepts_lists_arrays_and_keys(tokens):
+    assert hash_token_ids(tokens) == _sha(struct.pack("<3I", 5, 6, 7))
+
+
+@pytest.mark.parametrize("bad", [[-1], [1 << 32], [1, 2**70], [1.5]])
+def test_hash_token_ids_rejects_tokens_outside_uint32(bad):
+    with pytest.raises(ValueError):
+        hash_token_ids(bad)
+
+
+def test_hash_token_ids_rejects_ragged_tuples():
+    with pytest.raises(InvalidKeyError):
+        hash_token_ids([(1, 2), (3,)])
+
+
+def test_hash_token_ids_empty_page():
+    assert hash_token_ids([]) == _sha(b"")
+
+
+def test_hash_to_int64_is_signed_first_16_hex_chars():
+    assert hash_to_int64("0000000000000001" + "f" * 48) == 1
+    assert hash_to_int64("ffffffffffffffff" + "0" * 48) == -1
+    assert hash_to_int64("8000000000000000") == -(1 << 63)
+
+
+def test_hash_bytes_is_first_8_digest_bytes_big_endian():
+    digest = hashlib.sha256(b"image").digest()
+    assert hash_bytes(b"image") == int.from_bytes(digest[:8], "big")
+    assert 0 <= hash_bytes(b"") < 1 << 64
+
+
+def test_radix_key_slots_len_iter():
+    k = RadixKey([1, 2, 3], extra_key="lora")
+    assert RadixKey.__slots__ == ("extra_key", "token_ids")
+    assert len(k) == 3 and list(k) == [1, 2, 3]
+    with pytest.raises(AttributeError):
+        k.other = 1  # type: ignore[attr-defined]
+
+
+def test_radix_key_getitem_slice_keeps_extra_key():
+    k = RadixKey([1, 2, 3, 4], extra_key=9)
+    s = k[1:3]
+    assert isinstance(s, RadixKey) and s.token_ids == [2, 3] and s.extra_key == 9
+
+
+@pytest.mark.parametrize("tokens", [[1, 2, 3], np.array([1, 2, 3]), [(1, 2), (3, 4), (5, 6)]])
+def test_radix_key_int_index_gives_one_token_key(tokens):
+    k = RadixKey(tokens, extra_key="x")
+    one = k[-1]
+    assert isinstance(one, RadixKey) and len(one) == 1 and one.extra_key == "x"
+    assert list(one)[0] == (tokens[-1] if not isinstance(tokens, np.ndarray) else 3)
+
+
+def test_radix_key_index_out_of_range():
+    with pytest.raises(IndexError):
+        RadixKey([1, 2])[2]
+    with pytest.raises(IndexError):
+        RadixKey([1, 2])[-3]
+
+
+def test_radix_key_repr_shows_extra_key_and_first_ten_tokens():
+    r = repr(RadixKey(list(range(12)), extra_key="a"))
+    assert "'a'" in r and "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]..." in r
+    assert "..." not in repr(RadixKey([1, 2]))
+
+
+def test_result_dataclass_defaults():
+    m = MatchResult(indices=np.zeros(0, dtype=np.int32))
+    assert (m.last_node, m.prefix_len, m.mamba_branching_seqlen) == (None, 0, None)
+    assert InsertResult() == InsertResult(prefix_len=0, last_node=None, mamba_exist=False)
+    assert EvictResult() == EvictResult(full_evicted=0, swa_evicted=0, mamba_evicted=0)
+
+
+def test_base_prefix_cache_is_abstract():
+    with pytest.raises(TypeError):
+        BasePrefixCache()  # type: ignore[abstract]
+    assert set(BasePrefixCache.__abstractmethods__) == {
+        "reset", "match_prefix", "insert", "evict", "inc_lock_ref", "dec_lock_ref",
+    }
+
+
+def test_errors_are_one_family_and_builtin_compatible():
+    assert issubclass(InvalidKeyError, CacheError) and issubclass(InvalidKeyError, ValueError)
