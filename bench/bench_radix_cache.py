@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import note, record, serve
+from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 
 from pymllm.mem_cache import RadixCache, RadixKey, hash_token_ids
-from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 from pymllm.mem_cache.reference import RefRadixCache
 
 POOL = 300_000
@@ -91,7 +91,7 @@ def test_evict_cost_vs_tree_size(benchmark, size):
     n_evict = 200
 
     def setup():
-        cache, keys = _grown_tree(size)
+        cache, _ = _grown_tree(size)
         return (cache,), {}
 
     def run(cache):

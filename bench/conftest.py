@@ -78,7 +78,9 @@ class SystemPromptWorkload:
         prompts = rng.integers(0, vocab, size=(n_prompts, prompt_len), dtype=np.int32)
         which = rng.integers(0, n_prompts, size=n_requests)
         suffixes = rng.integers(0, vocab, size=(n_requests, suffix_len), dtype=np.int32)
-        self.arrays = [np.concatenate([prompts[w], s]) for w, s in zip(which, suffixes)]
+        self.arrays = [
+            np.concatenate([prompts[w], s]) for w, s in zip(which, suffixes, strict=True)
+        ]
         self.lists = [a.tolist() for a in self.arrays]
         self.prompt_tokens = n_requests * (prompt_len + suffix_len)
         # the best any cache can do: every prompt after its first use is a hit

@@ -46,8 +46,12 @@ def test_hash_token_ids_chains_on_raw_bytes_of_prior_hash():
 
 @pytest.mark.parametrize(
     "tokens",
-    [[5, 6, 7], np.array([5, 6, 7], dtype=np.int32), np.array([5, 6, 7], dtype=np.uint64),
-     RadixKey([5, 6, 7])],
+    [
+        [5, 6, 7],
+        np.array([5, 6, 7], dtype=np.int32),
+        np.array([5, 6, 7], dtype=np.uint64),
+        RadixKey([5, 6, 7]),
+    ],
 )
 def test_hash_token_ids_accepts_lists_arrays_and_keys(tokens):
     assert hash_token_ids(tokens) == _sha(struct.pack("<3I", 5, 6, 7))
@@ -99,7 +103,7 @@ def test_radix_key_int_index_gives_one_token_key(tokens):
     k = RadixKey(tokens, extra_key="x")
     one = k[-1]
     assert isinstance(one, RadixKey) and len(one) == 1 and one.extra_key == "x"
-    assert list(one)[0] == (tokens[-1] if not isinstance(tokens, np.ndarray) else 3)
+    assert next(iter(one)) == (tokens[-1] if not isinstance(tokens, np.ndarray) else 3)
 
 
 def test_radix_key_index_out_of_range():
@@ -126,7 +130,12 @@ def test_base_prefix_cache_is_abstract():
     with pytest.raises(TypeError):
         BasePrefixCache()  # type: ignore[abstract]
     assert set(BasePrefixCache.__abstractmethods__) == {
-        "reset", "match_prefix", "insert", "evict", "inc_lock_ref", "dec_lock_ref",
+        "reset",
+        "match_prefix",
+        "insert",
+        "evict",
+        "inc_lock_ref",
+        "dec_lock_ref",
     }
 
 
