@@ -1,0 +1,152 @@
+"""Model configurations for the reference engine: one frozen dataclass, a few presets.
+
+A config is static data to ``jax.jit`` (hashable, never traced): two steps built from equal
+configs share one compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+#: Layer kinds. ``attn``: full causal attention over the paged KV. ``swa``: the same, limited
+#: to the last ``sliding_window`` positions. ``rec``: a gated linear recurrence whose
+#: per-request state lives in a state pool instead of the KV pool.
+LAYER_KINDS = ("attn", "swa", "rec")
+
+#: Model variants and the layer pattern each one repeats.
+VARIANTS = {
+    "full": ("attn",),
+    "swa": ("swa", "attn"),
+    "hybrid": ("rec", "attn"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of a decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU).
+
+    ``variant`` picks the layer pattern (see :data:`VARIANTS`): ``full`` (every layer full
+    attention), ``swa`` (sliding-window and full attention alternating) or ``hybrid``
+    (gated linear recurrence and full attention alternating). ``dtype`` is the dtype of the
+    weights, the activations and the KV pool; float32 keeps the exactness checks tight.
+    """
+
+    name: str = "tiny"
+    vocab_size: int = 512
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    ffn_dim: int = 768
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    variant: str = "full"
+    sliding_window: int = 128
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The kind of every layer, the variant's pattern repeated."""
+        pattern = VARIANTS[self.variant]
+        return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+    @property
+    def kv_layer_ids(self) -> tuple[int, ...]:
+        """Layers that keep KV in the KV pool (``attn`` and ``swa``)."""
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k != "rec")
+
+    @property
+    def rec_layer_ids(self) -> tuple[int, ...]:
+        """Layers that keep a recurrent state in the state pool."""
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == "rec")
+
+    def replace(self, **changes: object) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count (embedding and LM head included)."""
+        d, h, kvh, hd, f = (
+            self.d_model,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.ffn_dim,
+        )
+        attn = d * h * hd * 2 + d * kvh * hd * 2
+        rec = d * h * hd * 3 + h * hd + h * hd * d
+        mlp = 3 * d * f
+        per_kind = {"attn": attn, "swa": attn, "rec": rec}
+        layers = sum(per_kind[k] + mlp + 2 * d for k in self.layer_kinds)
+        return layers + 2 * self.vocab_size * d + d
+
+
+#: Presets. ``tiny`` runs on two CPU cores in seconds; the others are GPU sizes (random
+#: weights: the figures measure the serving loop, not a language model).
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+    "small": ModelConfig(
+        name="small",
+        vocab_size=8192,
+        d_model=1024,
+        n_layers=8,
+        n_heads=16,
+        n_kv_heads=4,
+        head_dim=64,
+        ffn_dim=2816,
+        sliding_window=512,
+        dtype="bfloat16",
+    ),
+    "1b": ModelConfig(
+        name="1b",
+        vocab_size=32000,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        ffn_dim=8192,
+        sliding_window=1024,
+        dtype="bfloat16",
+    ),
+    "8b": ModelConfig(
+        name="8b",
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=14336,
+        rope_theta=500000.0,
+        sliding_window=4096,
+        dtype="bfloat16",
+    ),
+}
+
+
+def get_config(name: str, variant: str = "full", **overrides: object) -> ModelConfig:
+    """A preset by name with ``variant`` and any field overridden."""
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        known = sorted(PRESETS)
+        raise ValueError(f"unknown model preset {name!r}; choose one of {known}") from None
+    return base.replace(variant=variant, **overrides)
+
+
+__all__ = ["LAYER_KINDS", "PRESETS", "VARIANTS", "ModelConfig", "get_config"]

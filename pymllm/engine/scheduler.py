@@ -1,0 +1,559 @@
+"""A continuous-batching scheduler that serves a workload through any ``BasePrefixCache``.
+
+The life of a request, and who owns its KV slots at each point (the rule of
+:mod:`pymllm.mem_cache.base_prefix_cache`: a slot is free, the tree's, or ours):
+
+1. **Admit**: ``match_prefix(prompt)`` gives the cached prefix (at most ``len(prompt) - 1``
+   tokens: one token is always computed, for its logits); ``inc_lock_ref`` pins it; the
+   slots for the rest of the prompt and for the generated tokens are allocated at once
+   (evicting from the cache when the pool is short), so a running request never stalls.
+   ``slots[:cached_len]`` are the tree's (locked), the rest ours.
+2. **Prefill** in chunks, several requests per step, then **cache the prompt**: ``insert``
+   it, free the duplicates (prompt tokens another request inserted meanwhile), re-match to
+   adopt the tree's slots and move our lock to the new node. Requests arriving later reuse
+   this prompt while we are still decoding.
+3. **Decode** greedily, all running requests per step.
+4. **Finish**: ``insert`` prompt + output (the last token has no KV), free the duplicates and
+   whatever the tree did not take, unlock.
+
+What the tree took from an ``insert`` is measured as the growth of ``total_size()``, so the
+same code serves ``RadixCache`` (takes ``value[prefix_len:]``) and ``ChunkCache`` (takes
+nothing) without asking which one it has.
+
+Timing: steps that trigger a JIT compilation are timed and taken off the clock, so the
+figures describe a warmed-up server (the compile time is reported on its own).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from pymllm.engine import model as M
+from pymllm.engine.config import ModelConfig
+from pymllm.engine.memory import EngineMemory
+from pymllm.engine.workloads import RequestSpec, Workload
+from pymllm.mem_cache.base_prefix_cache import BasePrefixCache, RadixKey
+from pymllm.mem_cache.chunk_cache import ChunkCache
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve the workload as configured (e.g. the pool is too small)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits and shape buckets.
+
+    * ``max_running``: requests admitted at once (the decode batch).
+    * ``max_prefill_batch``, ``chunk_tokens``: requests and prompt tokens per prefill step;
+      a longer prompt is prefilled over several steps (chunked prefill).
+    * ``min_token_bucket``, ``min_seq_bucket``: smallest padded chunk length and slot-table
+      length; buckets are powers of two from there, so a run compiles a handful of shapes.
+    * ``wait_for_shared_prefix``: hold back a request whose prompt shares at least
+      ``share_min_tokens`` uncached tokens with a request still in prefill, so it reuses
+      that prefill once cached instead of computing it again. ``None``: on unless the cache
+      is a ``ChunkCache`` (which never reuses anything).
+    * ``record_logits``: keep each request's first-token logits (for exactness checks).
+    """
+
+    max_running: int = 16
+    max_prefill_batch: int = 4
+    chunk_tokens: int = 256
+    min_token_bucket: int = 16
+    min_seq_bucket: int = 128
+    wait_for_shared_prefix: bool | None = None
+    share_min_tokens: int = 32
+    record_logits: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_prefill_batch", "chunk_tokens", "min_token_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+@dataclass
+class _Req:
+    spec: RequestSpec
+    seq: int
+    arrival: float
+    prompt: np.ndarray
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    cached_len: int = 0  # slots[:cached_len] belong to the tree (locked through `node`)
+    node: Any = None
+    lock_token: Any = None
+    prefilled: int = 0  # positions whose KV is in the pool
+    computed: int = 0  # prompt tokens this request computed itself
+    state_slot: int = 0
+    output: list[int] = field(default_factory=list)
+    t_admit: float = 0.0
+    t_first: float = 0.0
+    t_finish: float = 0.0
+    first_logits: np.ndarray | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def kv_len(self) -> int:
+        """Positions that get KV: the prompt and every generated token but the last."""
+        return self.prompt_len + self.spec.max_new_tokens - 1
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < self.prompt_len
+
+
+@dataclass
+class RequestResult:
+    rid: str
+    prompt_len: int
+    cached_tokens: int
+    output: np.ndarray
+    arrival: float
+    ttft: float
+    latency: float
+    first_logits: np.ndarray | None = None
+
+
+@dataclass
+class RunStats:
+    """What one run served and what it cost. Times in seconds, compile time excluded."""
+
+    cache: str
+    workload: str
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    prefill_tokens: int
+    generated_tokens: int
+    wall_s: float
+    compile_s: float
+    compiles: int
+    steps: int
+    prefill_steps: int
+    decode_steps: int
+    evicted_tokens: int
+    ttft_p50: float
+    ttft_p99: float
+    kv_slots: int
+    kv_free: int
+    kv_in_cache: int
+    leak_free: bool
+    results: list[RequestResult] = field(repr=False, default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Prompt plus generated tokens served per second."""
+        return (self.prompt_tokens + self.generated_tokens) / self.wall_s if self.wall_s else 0.0
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        return {r.rid: r.output for r in self.results}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures (no per-request detail)."""
+        return {
+            "cache": self.cache,
+            "workload": self.workload,
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "hit_rate": round(self.hit_rate, 4),
+            "prefill_tokens": self.prefill_tokens,
+            "generated_tokens": self.generated_tokens,
+            "wall_s": round(self.wall_s, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "ttft_p50_ms": round(self.ttft_p50 * 1e3, 1),
+            "ttft_p99_ms": round(self.ttft_p99 * 1e3, 1),
+            "compile_s": round(self.compile_s, 2),
+            "compiles": self.compiles,
+            "steps": self.steps,
+            "prefill_steps": self.prefill_steps,
+            "decode_steps": self.decode_steps,
+            "evicted_tokens": self.evicted_tokens,
+            "kv_slots": self.kv_slots,
+            "kv_free": self.kv_free,
+            "kv_in_cache": self.kv_in_cache,
+            "leak_free": self.leak_free,
+        }
+
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+class Engine:
+    """Serves workloads with one model, one memory and one prefix cache.
+
+    The cache must free through ``memory.token_to_kv_pool_allocator``. The engine is not
+    thread-safe; one :meth:`run` at a time. After a run every KV slot is free or owned by
+    the cache (:meth:`check_slots` verifies this; the cache keeps its contents, so a second
+    run starts warm).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        memory: EngineMemory,
+        cache: BasePrefixCache,
+        *,
+        params: M.Params | None = None,
+        sched: SchedulerConfig | None = None,
+    ) -> None:
+        if memory.cfg != cfg:
+            raise ValueError("memory was built for another model config")
+        if cfg.rec_layer_ids and not isinstance(cache, ChunkCache):
+            raise ValueError(
+                f"the {cfg.variant!r} model keeps recurrent state that {type(cache).__name__} "
+                "does not snapshot; serve it with ChunkCache (MambaRadixCache is not wired yet)"
+            )
+        if cfg.rec_layer_ids and memory.state_allocator is None:
+            raise ValueError("the model has recurrent layers: build EngineMemory with state_size")
+        self.cfg = cfg
+        self.memory = memory
+        self.cache = cache
+        self.params = params if params is not None else M.init_params(cfg)
+        self.sched = sched or SchedulerConfig()
+        wait = self.sched.wait_for_shared_prefix
+        self._wait_shared = not isinstance(cache, ChunkCache) if wait is None else wait
+        self._alloc = memory.token_to_kv_pool_allocator
+
+    # -- clock ------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return time.perf_counter() - self._t0 - self._compile_s
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def _alloc_kv(self, n: int) -> np.ndarray | None:
+        short = n - self._alloc.available_size()
+        if short > 0:
+            self._evicted += self.cache.evict(short).full_evicted
+        return self._alloc.alloc(n)
+
+    def _lock(self, node: Any) -> Any:
+        return self.cache.inc_lock_ref(node)
+
+    def _unlock(self, node: Any, token: Any) -> None:
+        if token is None:
+            self.cache.dec_lock_ref(node)
+        else:
+            self.cache.dec_lock_ref(node, swa_uuid_for_lock=token)
+
+    def _insert(self, r: _Req, tokens: np.ndarray) -> tuple[int, int]:
+        """Insert ``tokens`` with our slots; returns (prefix_len, tokens the tree took)."""
+        before = self.cache.total_size()
+        res = self.cache.insert(RadixKey(tokens, r.spec.extra_key), r.slots[: len(tokens)])
+        taken = self.cache.total_size() - before
+        if res.prefix_len < r.cached_len:
+            raise EngineError(
+                f"cache reported prefix_len {res.prefix_len} below the locked prefix "
+                f"{r.cached_len} of request {r.spec.rid}"
+            )
+        return res.prefix_len, taken
+
+    # -- request life -----------------------------------------------------------------------
+
+    def _shares_pending_prefill(self, r: _Req, cached: int) -> bool:
+        for p in self._running:
+            if p.in_prefill and p.spec.extra_key == r.spec.extra_key:
+                if _common_prefix_len(p.prompt, r.prompt) - cached >= self.sched.share_min_tokens:
+                    return True
+        return False
+
+    def _try_admit(self, r: _Req) -> str:
+        """'ok', 'wait' (a shared prefix is being prefilled) or 'nomem'."""
+        m = self.cache.match_prefix(RadixKey(r.prompt, r.spec.extra_key))
+        cached = min(len(m.indices), r.prompt_len - 1)
+        if self._wait_shared and self._shares_pending_prefill(r, cached):
+            return "wait"
+        token = self._lock(m.last_node)
+        new = self._alloc_kv(r.kv_len - cached)
+        state_slot = 0
+        if new is not None and self.memory.state_allocator is not None:
+            got = self.memory.state_allocator.alloc(1)
+            if got is None:
+                self._alloc.free(new)
+                new = None
+            else:
+                state_slot = int(got[0])
+        if new is None:
+            self._unlock(m.last_node, token)
+            return "nomem"
+        r.slots = np.concatenate([m.indices[:cached].astype(np.int32), new])
+        r.cached_len = r.prefilled = cached
+        r.node, r.lock_token = m.last_node, token
+        r.state_slot = state_slot
+        r.t_admit = self._now()
+        return "ok"
+
+    def _cache_prompt(self, r: _Req) -> None:
+        """Hand the prefilled prompt to the cache and adopt the tree's slots for it."""
+        key = RadixKey(r.prompt, r.spec.extra_key)
+        prefix_len, _ = self._insert(r, r.prompt)
+        dups = r.slots[r.cached_len : prefix_len].copy()
+        m = self.cache.match_prefix(key)
+        token = self._lock(m.last_node)
+        self._unlock(r.node, r.lock_token)
+        r.node, r.lock_token = m.last_node, token
+        r.slots[: len(m.indices)] = m.indices
+        r.cached_len = len(m.indices)
+        if dups.size:
+            self._alloc.free(dups)
+
+    def _finish(self, r: _Req) -> None:
+        seq = np.concatenate([r.prompt, np.asarray(r.output[:-1], dtype=np.int32)])
+        prefix_len, taken = self._insert(r, seq)
+        ours = np.concatenate(
+            [r.slots[r.cached_len : prefix_len], r.slots[prefix_len + taken : r.kv_len]]
+        )
+        self._unlock(r.node, r.lock_token)
+        if ours.size:
+            self._alloc.free(ours)
+        if r.state_slot:
+            assert self.memory.state_allocator is not None
+            self.memory.state_allocator.free(np.array([r.state_slot], np.int32))
+        r.node = r.lock_token = None
+        r.slots = r.slots[:0]
+        r.t_finish = self._now()
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _run_step(self, rows: list[tuple[_Req, int]], decode: bool) -> tuple[np.ndarray, Any]:
+        sched = self.sched
+        b = _bucket(len(rows), 1)
+        t = 1 if decode else _bucket(max(n for _, n in rows), sched.min_token_bucket)
+        s = _bucket(max(r.prefilled + n for r, n in rows), sched.min_seq_bucket)
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.zeros((b, t), np.int32)
+        new_slots = np.zeros((b, t), np.int32)
+        kv_slots = np.zeros((b, s), np.int32)
+        chunk_lens = np.zeros(b, np.int32)
+        state_slots = np.zeros(b, np.int32)
+        fresh = np.zeros(b, bool)
+        for i, (r, n) in enumerate(rows):
+            a = r.prefilled
+            if decode:
+                tokens[i, 0] = r.output[-1]
+            else:
+                tokens[i, :n] = r.prompt[a : a + n]
+            positions[i, :n] = np.arange(a, a + n)
+            new_slots[i, :n] = r.slots[a : a + n]
+            kv_slots[i, : a + n] = r.slots[: a + n]
+            chunk_lens[i] = n
+            state_slots[i] = r.state_slot
+            fresh[i] = a == 0
+        batch = {
+            "tokens": tokens,
+            "positions": positions,
+            "new_slots": new_slots,
+            "kv_slots": kv_slots,
+            "chunk_lens": chunk_lens,
+            "last_idx": np.maximum(chunk_lens - 1, 0),
+            "state_slots": state_slots,
+            "state_fresh": fresh,
+        }
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        n_compiled = M.compile_count()
+        t_start = time.perf_counter()
+        next_tokens, logits, kv, state = M.extend_step(
+            self.params, self.memory.kv, self.memory.state, batch, self.cfg
+        )
+        self.memory.rebind(kv, state)
+        out = np.asarray(next_tokens)
+        if M.compile_count() != n_compiled:
+            self._compile_s += time.perf_counter() - t_start
+            self._compiles += 1
+        self._steps += 1
+        return out, logits
+
+    def _prefill_step(self) -> None:
+        budget = self.sched.chunk_tokens
+        rows: list[tuple[_Req, int]] = []
+        for r in self._running:
+            if r.in_prefill:
+                n = min(r.prompt_len - r.prefilled, budget)
+                rows.append((r, n))
+                budget -= n
+                if budget <= 0 or len(rows) == self.sched.max_prefill_batch:
+                    break
+        next_tokens, logits = self._run_step(rows, decode=False)
+        self._prefill_steps += 1
+        host_logits = None
+        for i, (r, n) in enumerate(rows):
+            r.prefilled += n
+            r.computed += n
+            if r.in_prefill:
+                continue
+            r.output.append(int(next_tokens[i]))
+            r.t_first = self._now()
+            if self.sched.record_logits:
+                if host_logits is None:
+                    host_logits = np.asarray(logits)
+                r.first_logits = host_logits[i].copy()
+            self._cache_prompt(r)
+            if len(r.output) == r.spec.max_new_tokens:
+                self._retire(r)
+
+    def _decode_step(self) -> None:
+        rows = [(r, 1) for r in self._running if not r.in_prefill]
+        next_tokens, _ = self._run_step(rows, decode=True)
+        self._decode_steps += 1
+        for i, (r, _) in enumerate(rows):
+            r.prefilled += 1
+            r.output.append(int(next_tokens[i]))
+            if len(r.output) == r.spec.max_new_tokens:
+                self._retire(r)
+
+    def _retire(self, r: _Req) -> None:
+        self._finish(r)
+        self._running.remove(r)
+        self._done.append(r)
+        wl = self._workload
+        if wl is not None and wl.follow_up is not None:
+            nxt = wl.follow_up(r.spec, np.asarray(r.output, dtype=np.int32))
+            if nxt is not None:
+                self._push(nxt, r.t_finish + nxt.arrival)
+        if self._progress is not None:
+            self._progress(len(self._done), self._total, self._now())
+
+    def _push(self, spec: RequestSpec, arrival: float) -> None:
+        self._seq += 1
+        r = _Req(spec=spec, seq=self._seq, arrival=arrival, prompt=spec.prompt)
+        if r.kv_len > self.memory.kv_size:
+            raise EngineError(
+                f"request {spec.rid} needs {r.kv_len} KV slots; the pool has {self.memory.kv_size}"
+            )
+        heapq.heappush(self._pending, (arrival, self._seq, r))
+
+    # -- driver -----------------------------------------------------------------------------
+
+    def run(
+        self, workload: Workload, *, name: str | None = None, progress: ProgressFn | None = None
+    ) -> RunStats:
+        """Serve every request of ``workload`` (and its follow-ups); return the figures."""
+        self._t0 = time.perf_counter()
+        self._compile_s = 0.0
+        self._compiles = self._steps = self._prefill_steps = self._decode_steps = 0
+        self._evicted = 0
+        self._seq = 0
+        self._pending: list[tuple[float, int, _Req]] = []
+        self._waiting: list[_Req] = []
+        self._running: list[_Req] = []
+        self._done: list[_Req] = []
+        self._workload = workload
+        self._progress = progress
+        self._total = workload.total_requests
+        for spec in workload.requests:
+            self._push(spec, spec.arrival)
+
+        while self._pending or self._waiting or self._running:
+            now = self._now()
+            while self._pending and self._pending[0][0] <= now:
+                self._waiting.append(heapq.heappop(self._pending)[2])
+            self._admit()
+            if any(r.in_prefill for r in self._running):
+                self._prefill_step()
+            elif self._running:
+                self._decode_step()
+            elif self._waiting:
+                r = self._waiting[0]
+                raise EngineError(
+                    f"request {r.spec.rid} needs {r.kv_len} KV slots and cannot be admitted "
+                    f"with nothing running: {self._alloc.available_size()} free after evicting, "
+                    f"{self.cache.protected_size()} locked in the cache"
+                )
+            elif self._pending:
+                time.sleep(max(0.0, self._pending[0][0] - self._now()))
+        return self._stats(name or type(self.cache).__name__, workload)
+
+    def _admit(self) -> None:
+        i = 0
+        while i < len(self._waiting) and len(self._running) < self.sched.max_running:
+            r = self._waiting[i]
+            verdict = self._try_admit(r)
+            if verdict == "ok":
+                self._waiting.pop(i)
+                self._running.append(r)
+            elif verdict == "wait":
+                i += 1
+            else:  # first come, first served: nobody overtakes a request short of memory
+                break
+
+    def check_slots(self) -> tuple[int, int, bool]:
+        """``(free, in_cache, ok)``: every KV slot is free, in the cache or held by a running
+        request, the counts add up to the pool size, and no cache node is left locked."""
+        free = self._alloc.available_size()
+        in_cache = self.cache.total_size()
+        held = sum(len(r.slots) - r.cached_len for r in getattr(self, "_running", []))
+        ok = free + in_cache + held == self.memory.kv_size
+        if not getattr(self, "_running", []):
+            ok = ok and self.cache.protected_size() == 0
+            if self.memory.state_allocator is not None:
+                ok = ok and self.memory.state_available() == self.memory.state_size
+        return free, in_cache, ok
+
+    def _stats(self, name: str, workload: Workload) -> RunStats:
+        done = sorted(self._done, key=lambda r: r.seq)
+        ttft = np.array([r.t_first - r.arrival for r in done]) if done else np.zeros(1)
+        free, in_cache, ok = self.check_slots()
+        prompt_tokens = sum(r.prompt_len for r in done)
+        prefill = sum(r.computed for r in done)
+        return RunStats(
+            cache=name,
+            workload=workload.name,
+            requests=len(done),
+            prompt_tokens=prompt_tokens,
+            cached_tokens=prompt_tokens - prefill,
+            prefill_tokens=prefill,
+            generated_tokens=sum(len(r.output) for r in done),
+            wall_s=self._now(),
+            compile_s=self._compile_s,
+            compiles=self._compiles,
+            steps=self._steps,
+            prefill_steps=self._prefill_steps,
+            decode_steps=self._decode_steps,
+            evicted_tokens=self._evicted,
+            ttft_p50=float(np.percentile(ttft, 50)),
+            ttft_p99=float(np.percentile(ttft, 99)),
+            kv_slots=self.memory.kv_size,
+            kv_free=free,
+            kv_in_cache=in_cache,
+            leak_free=ok,
+            results=[
+                RequestResult(
+                    rid=r.spec.rid,
+                    prompt_len=r.prompt_len,
+                    cached_tokens=r.prompt_len - r.computed,
+                    output=np.asarray(r.output, dtype=np.int32),
+                    arrival=r.arrival,
+                    ttft=r.t_first - r.arrival,
+                    latency=r.t_finish - r.arrival,
+                    first_logits=r.first_logits,
+                )
+                for r in done
+            ],
+        )
+
+
+__all__ = ["Engine", "EngineError", "RequestResult", "RunStats", "SchedulerConfig"]

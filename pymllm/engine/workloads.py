@@ -1,0 +1,293 @@
+"""Workloads for the engine: shared system prompts, multi-turn chat, Mooncake trace files.
+
+A workload is a list of :class:`RequestSpec` plus an optional ``follow_up`` hook that turns a
+finished request into the next one (multi-turn chat: the next turn's prompt is the previous
+prompt, the tokens the model generated, and a new user message). Token ids are drawn from
+seeded generators, so a workload is the same on every run and machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class RequestSpec:
+    """One request: prompt token ids, how many tokens to generate, when it arrives.
+
+    ``arrival`` is in seconds from the start of the run (for a follow-up: from the moment
+    the request it follows finished). ``meta`` is free for the workload's own bookkeeping.
+    """
+
+    rid: str
+    prompt: np.ndarray
+    max_new_tokens: int
+    arrival: float = 0.0
+    extra_key: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prompt = np.ascontiguousarray(self.prompt, dtype=np.int32)
+        if self.prompt.ndim != 1 or self.prompt.size == 0:
+            raise ValueError(f"request {self.rid}: prompt must be a non-empty 1-D token array")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"request {self.rid}: max_new_tokens must be >= 1")
+
+
+@dataclass
+class Workload:
+    """Requests to serve. ``follow_up(spec, output_tokens)`` may return the next request."""
+
+    name: str
+    description: str
+    requests: list[RequestSpec]
+    follow_up: Callable[[RequestSpec, np.ndarray], RequestSpec | None] | None = None
+    #: Requests including the follow-ups that will be created (for progress reports).
+    total_requests: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.total_requests:
+            self.total_requests = len(self.requests)
+
+    def max_seq_len(self) -> int:
+        """An upper bound of prompt + output length over the initial requests."""
+        return max(len(r.prompt) + r.max_new_tokens for r in self.requests)
+
+
+def _tokens(rng: np.random.Generator, n: int, vocab_size: int) -> np.ndarray:
+    return rng.integers(1, vocab_size, size=n, dtype=np.int32)
+
+
+def shared_prefix(
+    *,
+    vocab_size: int,
+    n_groups: int = 8,
+    per_group: int = 8,
+    prefix_len: int = 512,
+    suffix_len: tuple[int, int] = (32, 96),
+    output_len: int = 16,
+    seed: int = 0,
+) -> Workload:
+    """Groups of requests sharing a long system prompt, interleaved across groups.
+
+    Request ``i`` belongs to group ``i % n_groups``: its prompt is the group's
+    ``prefix_len`` tokens plus a fresh suffix of ``suffix_len[0]..suffix_len[1]`` tokens.
+    The ideal hit rate is that of every request but the first of each group reusing the
+    whole prefix.
+    """
+    rng = np.random.default_rng(seed)
+    prefixes = [_tokens(rng, prefix_len, vocab_size) for _ in range(n_groups)]
+    reqs = []
+    for i in range(n_groups * per_group):
+        g = i % n_groups
+        suffix = _tokens(rng, int(rng.integers(suffix_len[0], suffix_len[1] + 1)), vocab_size)
+        reqs.append(
+            RequestSpec(
+                rid=f"g{g}-r{i // n_groups}",
+                prompt=np.concatenate([prefixes[g], suffix]),
+                max_new_tokens=output_len,
+                meta={"group": g},
+            )
+        )
+    return Workload(
+        name="shared-prefix",
+        description=(
+            f"{n_groups} system prompts of {prefix_len} tokens, {per_group} requests each "
+            f"(+{suffix_len[0]}-{suffix_len[1]} fresh tokens, {output_len} generated)"
+        ),
+        requests=reqs,
+    )
+
+
+def multi_turn(
+    *,
+    vocab_size: int,
+    n_conversations: int = 8,
+    turns: int = 4,
+    system_len: int = 256,
+    user_len: tuple[int, int] = (32, 64),
+    output_len: int = 24,
+    seed: int = 0,
+) -> Workload:
+    """Chats whose every turn extends the conversation so far.
+
+    All conversations open with one shared system prompt of ``system_len`` tokens. Turn
+    ``k + 1`` arrives when turn ``k`` finishes; its prompt is turn ``k``'s prompt, the
+    ``output_len`` tokens the model generated, and a new user message.
+    """
+    rng = np.random.default_rng(seed)
+    system = _tokens(rng, system_len, vocab_size)
+    # All user messages are drawn up front so the workload does not depend on timing.
+    user_msgs = [
+        [
+            _tokens(rng, int(rng.integers(user_len[0], user_len[1] + 1)), vocab_size)
+            for _ in range(turns)
+        ]
+        for _ in range(n_conversations)
+    ]
+    reqs = [
+        RequestSpec(
+            rid=f"c{c}-t0",
+            prompt=np.concatenate([system, user_msgs[c][0]]),
+            max_new_tokens=output_len,
+            meta={"conv": c, "turn": 0},
+        )
+        for c in range(n_conversations)
+    ]
+
+    def follow_up(spec: RequestSpec, output: np.ndarray) -> RequestSpec | None:
+        c, t = spec.meta["conv"], spec.meta["turn"] + 1
+        if t >= turns:
+            return None
+        return RequestSpec(
+            rid=f"c{c}-t{t}",
+            prompt=np.concatenate([spec.prompt, output, user_msgs[c][t]]),
+            max_new_tokens=output_len,
+            extra_key=spec.extra_key,
+            meta={"conv": c, "turn": t},
+        )
+
+    return Workload(
+        name="multi-turn",
+        description=(
+            f"{n_conversations} chats x {turns} turns, shared {system_len}-token system "
+            f"prompt, {user_len[0]}-{user_len[1]}-token user turns, {output_len} generated"
+        ),
+        requests=reqs,
+        follow_up=follow_up,
+        total_requests=n_conversations * turns,
+    )
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be replayed; the message names the line and the field."""
+
+
+def _trace_field(rec: dict[str, Any], name: str, where: str, *, kind: str) -> Any:
+    if name not in rec:
+        raise TraceError(f"{where}: missing field {name!r}")
+    val = rec[name]
+    if kind == "number":
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+            raise TraceError(f"{where}: field {name!r} must be a number, got {val!r}")
+        if val < 0:
+            raise TraceError(f"{where}: field {name!r} must be >= 0, got {val!r}")
+    elif kind == "posint":
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise TraceError(f"{where}: field {name!r} must be a positive integer, got {val!r}")
+    elif kind == "ids":
+        if not isinstance(val, list) or not all(
+            isinstance(h, int) and not isinstance(h, bool) for h in val
+        ):
+            raise TraceError(f"{where}: field {name!r} must be a list of integers, got {val!r:.80}")
+    return val
+
+
+def load_mooncake_trace(
+    path: str | Path,
+    *,
+    vocab_size: int,
+    block_size: int = 512,
+    time_scale: float = 0.0,
+    max_requests: int | None = None,
+    max_output: int | None = None,
+    seed: int = 0,
+) -> Workload:
+    """Parse a Mooncake-format JSONL trace into a workload.
+
+    Each line is an object with ``timestamp`` (ms), ``input_length``, ``output_length`` and
+    ``hash_ids``: one id per ``block_size``-token block of the prompt, equal ids meaning
+    equal blocks (the trace's prefix sharing). Every id expands to a deterministic block of
+    tokens (seeded by ``seed`` and the id); the prompt is the blocks joined and cut to
+    ``input_length``. Arrivals are ``timestamp * time_scale`` (0: all at once, in file
+    order). Blank lines are skipped. Raises :class:`TraceError` naming the file, the line
+    and the field for anything else that is malformed.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read trace file: {exc.strerror or exc}") from exc
+    blocks: dict[int, np.ndarray] = {}
+
+    def block(h: int) -> np.ndarray:
+        if h not in blocks:
+            rng = np.random.default_rng([seed, h & 0xFFFFFFFFFFFFFFFF])
+            blocks[h] = _tokens(rng, block_size, vocab_size)
+        return blocks[h]
+
+    reqs: list[RequestSpec] = []
+    t0: float | None = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(rec, dict):
+            raise TraceError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        ts = _trace_field(rec, "timestamp", where, kind="number")
+        n_in = _trace_field(rec, "input_length", where, kind="posint")
+        n_out = _trace_field(rec, "output_length", where, kind="posint")
+        ids = _trace_field(rec, "hash_ids", where, kind="ids")
+        want = -(-n_in // block_size)
+        if len(ids) != want:
+            raise TraceError(
+                f"{where}: field 'hash_ids' has {len(ids)} ids but input_length {n_in} needs "
+                f"ceil({n_in}/{block_size}) = {want} (is the block size {block_size}?)"
+            )
+        t0 = ts if t0 is None else t0
+        prompt = np.concatenate([block(h) for h in ids])[:n_in]
+        reqs.append(
+            RequestSpec(
+                rid=f"line{lineno}",
+                prompt=prompt,
+                max_new_tokens=min(n_out, max_output) if max_output else n_out,
+                arrival=max(0.0, (ts - t0) / 1000.0 * time_scale),
+                meta={"line": lineno, "hash_ids": ids},
+            )
+        )
+        if max_requests is not None and len(reqs) >= max_requests:
+            break
+    if not reqs:
+        raise TraceError(f"{path}: the trace holds no requests")
+    reqs.sort(key=lambda r: r.arrival)  # stable: file order among equal arrivals
+    return Workload(
+        name=f"trace:{path.name}",
+        description=f"{len(reqs)} requests replayed from {path} ({block_size}-token blocks)",
+        requests=reqs,
+    )
+
+
+def make_workload(name: str, *, vocab_size: int, seed: int = 0, **kwargs: Any) -> Workload:
+    """A built-in workload by name: ``shared-prefix`` or ``multi-turn``."""
+    builders: dict[str, Callable[..., Workload]] = {
+        "shared-prefix": shared_prefix,
+        "multi-turn": multi_turn,
+    }
+    if name not in builders:
+        raise ValueError(f"unknown workload {name!r}; choose one of {sorted(builders)}")
+    return builders[name](vocab_size=vocab_size, seed=seed, **kwargs)
+
+
+WORKLOADS = ("shared-prefix", "multi-turn")
+
+__all__ = [
+    "WORKLOADS",
+    "RequestSpec",
+    "TraceError",
+    "Workload",
+    "load_mooncake_trace",
+    "make_workload",
+    "multi_turn",
+    "shared_prefix",
+]
