@@ -13,6 +13,8 @@ from pymllm.mem_cache.base_prefix_cache import hash_bytes as hash_bytes
 from pymllm.mem_cache.base_prefix_cache import hash_to_int64 as hash_to_int64
 from pymllm.mem_cache.base_prefix_cache import hash_token_ids as hash_token_ids
 from pymllm.mem_cache.chunk_cache import ChunkCache as ChunkCache
+from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache as MambaRadixCache
+from pymllm.mem_cache.mamba_radix_cache import MambaTreeNode as MambaTreeNode
 from pymllm.mem_cache.radix_cache import RadixCache as RadixCache
 from pymllm.mem_cache.radix_cache import TreeNode as TreeNode
 
@@ -21,6 +23,8 @@ __all__ = [
     "ChunkCache",
     "EvictResult",
     "InsertResult",
+    "MambaRadixCache",
+    "MambaTreeNode",
     "MatchResult",
     "RadixCache",
     "RadixKey",

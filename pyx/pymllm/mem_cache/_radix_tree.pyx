@@ -267,7 +267,7 @@ cdef inline tok_t _to_tok(object v) except? 0:
     cdef int overflow = 0
     if not PyLong_CheckExact(v):
         if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise TypeError(f"token_ids: tokens must be integers, got {type(v).__name__}")
+            raise InvalidKeyError(f"token_ids: tokens must be integers, got {type(v).__name__}")
         v = v.__index__()
     x = PyLong_AsLongLongAndOverflow(v, &overflow)
     if overflow or x < 0 or x >= TOKEN_LIMIT:
@@ -280,12 +280,19 @@ cdef inline idx_t _to_idx(object v) except? -1:
     cdef int overflow = 0
     if not PyLong_CheckExact(v):
         if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise TypeError(f"value: KV indices must be integers, got {type(v).__name__}")
+            raise InvalidValueError(f"value: KV indices must be integers, got {type(v).__name__}")
         v = v.__index__()
     x = PyLong_AsLongLongAndOverflow(v, &overflow)
     if overflow or x < 0 or x > INT32_MAX:
         raise InvalidValueError(f"value: KV index {v} is outside [0, 2**31)")
     return <idx_t>x
+
+
+cdef cnp.ndarray _copy_idx(const idx_t* src, int64_t n):
+    """A new int32 numpy array holding n indices copied from src."""
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [n], cnp.NPY_INT32, 0)
+    memcpy(cnp.PyArray_DATA(out), src, n * sizeof(idx_t))
+    return out
 
 
 cdef class _Scratch:
@@ -322,7 +329,12 @@ cdef class RadixTreeCore:
     cdef nid_t free_head            # first free slot, NIL if none
     cdef int64_t live               # live nodes, root included
     cdef ChildMap cmap
-    cdef Heap heap
+    cdef Heap heap                  # HEAP_FULL: evictable leaves
+    cdef Heap aux_heap              # HEAP_AUX: droppable Mamba states (Mamba mode)
+    cdef bint mamba                 # nodes may carry a Mamba state slot (aux_value)
+    cdef int64_t _aux_evictable     # states with aux_lock_ref == 0
+    cdef int64_t _aux_protected     # states with aux_lock_ref > 0
+    cdef int64_t n_states_out       # states collected in _state_out by the current evict
     cdef int64_t* ns_ref            # root children per namespace
     cdef int64_t ns_cap
     cdef int64_t next_uid
@@ -335,6 +347,7 @@ cdef class RadixTreeCore:
     cdef _Scratch _idx_out
     cdef _Scratch _nid_scratch
     cdef _Scratch _uid_out
+    cdef _Scratch _state_out
     cdef dict _ns_ids               # (extra_key, arity) -> namespace id
     cdef list _ns_keys              # namespace id -> (extra_key, arity) or None when free
     cdef list _ns_free
@@ -342,6 +355,7 @@ cdef class RadixTreeCore:
     cdef readonly object token_to_kv_pool_allocator
     cdef readonly object on_node_evict
     cdef readonly object sliding_window_size
+    cdef readonly object mamba_pool
 
     def __cinit__(self, *args, **kwargs):
         self.nodes = NULL
@@ -350,6 +364,9 @@ cdef class RadixTreeCore:
         self.heap.data = NULL
         self.heap.cap = 0
         self.heap.size = 0
+        self.aux_heap.data = NULL
+        self.aux_heap.cap = 0
+        self.aux_heap.size = 0
         self.ns_ref = NULL
         self.ns_cap = 0
 
@@ -362,19 +379,25 @@ cdef class RadixTreeCore:
                 "sliding_window_size: sliding-window tombstones are not implemented yet "
                 "(RadixCache supports full attention only in this release)"
             )
+        self._setup(page_size, token_to_kv_pool_allocator, on_node_evict)
+
+    cdef int _setup(self, object page_size, object allocator, object on_node_evict) except -1:
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size: expected an int >= 1, got {page_size!r}")
         if on_node_evict is not None and not callable(on_node_evict):
             raise TypeError(f"on_node_evict: expected a callable, got {on_node_evict!r}")
         self.page_size = page_size
-        self.sliding_window_size = sliding_window_size
-        self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
+        self.token_to_kv_pool_allocator = allocator
         self.on_node_evict = on_node_evict
         self._tok_scratch = _Scratch(sizeof(tok_t))
         self._val_scratch = _Scratch(sizeof(idx_t))
         self._idx_out = _Scratch(sizeof(idx_t))
         self._nid_scratch = _Scratch(sizeof(nid_t))
         self._uid_out = _Scratch(sizeof(int64_t))
+        self._state_out = _Scratch(sizeof(idx_t))
         self.next_uid = 1
         self._init_storage()
+        return 0
 
     def __dealloc__(self):
         self._release_storage()
@@ -387,6 +410,11 @@ cdef class RadixTreeCore:
         self.heap.cap = 0
         _grow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
         self.heap.size = 0
+        self.aux_heap.cap = 0
+        _grow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
+        self.aux_heap.size = 0
+        self._aux_evictable = 0
+        self._aux_protected = 0
         _map_init(&self.cmap, 128)
         self.ns_cap = 0
         _grow(<void**>&self.ns_ref, &self.ns_cap, 8, sizeof(int64_t))
@@ -417,6 +445,8 @@ cdef class RadixTreeCore:
         self.cmap.entries = NULL
         free(self.heap.data)
         self.heap.data = NULL
+        free(self.aux_heap.data)
+        self.aux_heap.data = NULL
         free(self.ns_ref)
         self.ns_ref = NULL
 
@@ -441,6 +471,7 @@ cdef class RadixTreeCore:
         heap_cap = self.heap.cap
         try:
             _grow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
+            _grow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
         except MemoryError:
             # keep the node array's extra capacity but do not expose it: nothing changed
             self.cap = old_cap
@@ -708,7 +739,11 @@ cdef class RadixTreeCore:
         return h._slot
 
     cdef inline TreeNode _handle(self, nid_t n):
-        cdef TreeNode h = TreeNode.__new__(TreeNode)
+        cdef TreeNode h
+        if self.mamba:
+            h = MambaTreeNode.__new__(MambaTreeNode)
+        else:
+            h = TreeNode.__new__(TreeNode)
         h._tree = self
         h._slot = n
         h._uid = self.nodes[n].uid
@@ -738,9 +773,8 @@ cdef class RadixTreeCore:
         X.len = rest
         U.last_access = X.last_access
         U.hit_count = X.hit_count
-        U.lock_ref = X.lock_ref
-        U.aux_lock_ref = X.aux_lock_ref
-        U.num_children = 1
+        U.lock_ref = X.lock_ref     # every lock through X also locked the part above it
+        U.num_children = 1          # a split never invents a Mamba state: U has none
         e = _map_entry_of(&self.cmap, x, h_old)
         e.child = u
         X.parent = u
@@ -757,10 +791,14 @@ cdef class RadixTreeCore:
             self._hash_cache[x] = hashes[k:]
 
     cdef int64_t _walk(self, const KeyView* kv, int32_t ns, int64_t limit, bint count_hit,
-                       nid_t* last, int64_t* path_len) except -1:
+                       nid_t* last, int64_t* path_len, bint do_split=True,
+                       int64_t* partial=NULL) except -1:
         """Follow kv from the root over at most `limit` positions, splitting a node where the
         match ends inside it. Touches matched nodes with the clock; records them in the nid
-        scratch. Returns the matched length; *last is the deepest matched node."""
+        scratch. Returns the matched length; *last is the deepest matched node.
+
+        With do_split False a match ending inside a node stops before it (untouched) and
+        *partial receives the page-aligned length matched inside it."""
         cdef int64_t P = self.page_size
         cdef int32_t w = kv.width
         cdef int64_t pos = 0, m, avail
@@ -769,6 +807,8 @@ cdef class RadixTreeCore:
         cdef Node* c
         cdef bint split
         path_len[0] = 0
+        if partial != NULL:
+            partial[0] = 0
         while limit - pos >= P:
             child = _map_find(&self.cmap, self.nodes, cur, ns, kv.tok + pos * w, P * w,
                               _page_hash(cur, ns, kv.tok + pos * w, P * w))
@@ -780,12 +820,16 @@ cdef class RadixTreeCore:
             m -= m % P
             split = m < c.len
             if split:
+                if not do_split:
+                    partial[0] = m
+                    break
                 child = self._split(child, m)
                 c = &self.nodes[child]
             c.last_access = self.clock
             if count_hit:
                 c.hit_count += 1
             _heap_touched(&self.heap, self.nodes, HEAP_FULL, child)
+            _heap_touched(&self.aux_heap, self.nodes, HEAP_AUX, child)
             path[path_len[0]] = child
             path_len[0] += 1
             pos += m
@@ -843,25 +887,32 @@ cdef class RadixTreeCore:
         """
         cdef KeyView kv
         cdef const idx_t* vals
-        cdef nid_t last, leaf
-        cdef int64_t n_path, aligned, matched
-        cdef int32_t ns
-        cdef Node* L
-        cdef Node* par
-        cdef int32_t w
-        cdef tok_t* new_key
-        cdef idx_t* new_val
+        cdef nid_t last
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
         owner = self._load_key(key, &kv)
         vowner = self._load_value(value, &kv, &vals)
-        aligned = kv.n - kv.n % self.page_size
-        ns = self._find_ns(key.extra_key, kv.arity)
+        matched = self._insert_kv(&kv, vals, key.extra_key, &last)
+        return InsertResult(prefix_len=matched, last_node=self._handle(last))
+
+    cdef int64_t _insert_kv(self, const KeyView* kv, const idx_t* vals, object extra_key,
+                            nid_t* out_last) except -1:
+        """Store validated key/values; returns the prefix length that was already cached
+        and sets *out_last to the node ending at the page-aligned key end."""
+        cdef nid_t last, leaf
+        cdef int64_t n_path, matched
+        cdef int64_t aligned = kv.n - kv.n % self.page_size
+        cdef int32_t w = kv.width
+        cdef int32_t ns = self._find_ns(extra_key, kv.arity)
+        cdef Node* L
+        cdef Node* par
+        cdef tok_t* new_key
+        cdef idx_t* new_val
         if aligned == 0:
             self.clock += 1
-            return InsertResult(prefix_len=0, last_node=self._handle(ROOT))
+            out_last[0] = ROOT
+            return 0
         self._reserve_nodes(2)
-        w = kv.width
         # allocate the leaf's arrays before mutating anything (all or nothing)
         new_key = <tok_t*>malloc(aligned * w * sizeof(tok_t))
         new_val = <idx_t*>malloc(aligned * sizeof(idx_t))
@@ -871,17 +922,18 @@ cdef class RadixTreeCore:
             raise MemoryError("insert: could not allocate the new leaf")
         if ns < 0:
             try:
-                ns = self._intern_ns(key.extra_key, kv.arity)
+                ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
                 free(new_key)
                 free(new_val)
                 raise
         self.clock += 1
-        matched = self._walk(&kv, ns, aligned, False, &last, &n_path)
+        matched = self._walk(kv, ns, aligned, False, &last, &n_path)
         if matched == aligned:
             free(new_key)
             free(new_val)
-            return InsertResult(prefix_len=matched, last_node=self._handle(last))
+            out_last[0] = last
+            return matched
         # a new leaf for the rest under `last`
         leaf = self._take_slot()
         self._init_node(leaf, self.next_uid, last, ns, w)
@@ -901,7 +953,8 @@ cdef class RadixTreeCore:
         _map_put(&self.cmap, last, leaf, _page_hash(last, ns, L.key, self.page_size * w))
         _heap_push(&self.heap, self.nodes, HEAP_FULL, leaf)
         self._evictable += L.len
-        return InsertResult(prefix_len=matched, last_node=self._handle(leaf))
+        out_last[0] = leaf
+        return matched
 
     def evict(self, num_tokens, swa_num_tokens=0):
         """Evict unlocked leaves, least recently used first, until at least *num_tokens*
@@ -911,42 +964,62 @@ cdef class RadixTreeCore:
         back in one ``allocator.free(int32 array)`` call; ``on_node_evict(node_id)`` is
         called for each evicted node, after the tree is consistent again. Cost is
         proportional to what is evicted (heap pops), never a walk over the tree.
+        ``swa_num_tokens`` is ignored without a sliding window.
         """
-        cdef int64_t want = num_tokens
-        cdef int64_t done = 0, n_ev = 0
-        cdef nid_t n, parent
-        cdef Node* x
-        cdef idx_t* out
-        cdef int64_t* uids
-        if want <= 0 or self.heap.size == 0:
-            return EvictResult(full_evicted=0)
-        out = <idx_t*>self._idx_out.reserve(min(want, self._evictable) + 1)
-        while done < want and self.heap.size > 0:
-            n = self.heap.data[0]
-            x = &self.nodes[n]
-            out = <idx_t*>self._idx_out.reserve(done + x.len)
-            memcpy(out + done, x.value, x.len * sizeof(idx_t))
-            uids = <int64_t*>self._uid_out.reserve(n_ev + 1)
-            uids[n_ev] = x.uid
-            n_ev += 1
-            done += x.len
-            self._remove_leaf(n)
+        cdef int64_t n_ev = 0
+        cdef int64_t done = self._evict_full(num_tokens, &n_ev)
         self._after_evict(done, n_ev)
         return EvictResult(full_evicted=done)
 
+    cdef int64_t _evict_full(self, int64_t want, int64_t* n_ev) except -1:
+        """Pop LRU leaves until `want` tokens are collected in _idx_out (from index 0)."""
+        cdef int64_t done = 0
+        cdef nid_t n
+        self.n_states_out = 0
+        n_ev[0] = 0
+        while done < want and self.heap.size > 0:
+            n = self.heap.data[0]
+            done = self._collect_and_remove(n, done, n_ev)
+        return done
+
+    cdef int64_t _collect_and_remove(self, nid_t n, int64_t done, int64_t* n_ev) except -1:
+        """Copy leaf n's KV into _idx_out at `done`, record its id, remove it."""
+        cdef Node* x = &self.nodes[n]
+        cdef idx_t* out = <idx_t*>self._idx_out.reserve(done + x.len)
+        cdef int64_t* uids = <int64_t*>self._uid_out.reserve(n_ev[0] + 1)
+        memcpy(out + done, x.value, x.len * sizeof(idx_t))
+        uids[n_ev[0]] = x.uid
+        n_ev[0] += 1
+        done += x.len
+        self._remove_leaf(n)
+        return done
+
     cdef int _after_evict(self, int64_t n_idx, int64_t n_nodes) except -1:
-        """Hand the evicted slots to the allocator (one call) and report evicted nodes."""
-        cdef cnp.ndarray freed
+        """Hand the evicted slots to the allocator (one call), the evicted Mamba states to
+        the state pool (one call), and report evicted nodes."""
         cdef int64_t i
         cdef int64_t* uids = <int64_t*>self._uid_out.data
         if n_idx > 0 and self.token_to_kv_pool_allocator is not None:
-            freed = cnp.PyArray_EMPTY(1, [n_idx], cnp.NPY_INT32, 0)
-            memcpy(cnp.PyArray_DATA(freed), self._idx_out.data, n_idx * sizeof(idx_t))
-            self.token_to_kv_pool_allocator.free(freed)
+            self.token_to_kv_pool_allocator.free(_copy_idx(<idx_t*>self._idx_out.data, n_idx))
+        if self.n_states_out > 0 and self.mamba_pool is not None:
+            self.mamba_pool.free(_copy_idx(<idx_t*>self._state_out.data, self.n_states_out))
+        self.n_states_out = 0
         if self.on_node_evict is not None:
             ids = [uids[i] for i in range(n_nodes)]
             for uid in ids:
                 self.on_node_evict(uid)
+        return 0
+
+    cdef int _drop_state(self, nid_t n) except -1:
+        """Move node n's (unlocked) Mamba state to _state_out."""
+        cdef Node* x = &self.nodes[n]
+        cdef idx_t* st = <idx_t*>self._state_out.reserve(self.n_states_out + 1)
+        st[self.n_states_out] = x.aux_value
+        self.n_states_out += 1
+        if x.heap_pos[HEAP_AUX] >= 0:
+            _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
+        self._aux_evictable -= 1
+        x.aux_value = -1
         return 0
 
     cdef int _remove_leaf(self, nid_t n) except -1:
@@ -959,6 +1032,8 @@ cdef class RadixTreeCore:
         self.cmap.used -= 1
         if x.heap_pos[HEAP_FULL] >= 0:
             _heap_remove(&self.heap, self.nodes, HEAP_FULL, n)
+        if x.aux_value >= 0:
+            self._drop_state(n)
         self._evictable -= x.len
         self.nodes[parent].num_children -= 1
         if parent == ROOT:
@@ -978,7 +1053,10 @@ cdef class RadixTreeCore:
         ``protected_size()``. Locking the root is a no-op. Returns None (the token to hand
         back to :meth:`dec_lock_ref`). A stale handle raises ``StaleNodeError``.
         """
-        cdef nid_t n = self._slot_of(node, True)
+        self._lock(self._slot_of(node, True))
+        return None
+
+    cdef int _lock(self, nid_t n) except -1:
         cdef Node* x
         while n != ROOT:
             x = &self.nodes[n]
@@ -989,7 +1067,7 @@ cdef class RadixTreeCore:
                     _heap_remove(&self.heap, self.nodes, HEAP_FULL, n)
             x.lock_ref += 1
             n = x.parent
-        return None
+        return 0
 
     def dec_lock_ref(self, node, swa_boundary_id=None):
         """Undo one :meth:`inc_lock_ref` of *node*.
@@ -997,7 +1075,9 @@ cdef class RadixTreeCore:
         Raises ``LockStateError`` (and changes nothing) when the node holds no lock.
         Unlocking the root is a no-op.
         """
-        cdef nid_t n = self._slot_of(node, True)
+        self._unlock(self._slot_of(node, True))
+
+    cdef int _unlock(self, nid_t n) except -1:
         cdef Node* x
         if n != ROOT and self.nodes[n].lock_ref <= 0:
             raise LockStateError(f"node: node {self.nodes[n].uid} is not locked")
@@ -1010,6 +1090,7 @@ cdef class RadixTreeCore:
                 if x.num_children == 0:
                     _heap_push(&self.heap, self.nodes, HEAP_FULL, n)
             n = x.parent
+        return 0
 
     def evictable_size(self):
         """Tokens in unlocked nodes (O(1))."""
@@ -1030,21 +1111,29 @@ cdef class RadixTreeCore:
         return 0
 
     def reset(self):
-        """Free every tree-owned KV slot (one ``allocator.free`` call) and empty the tree.
+        """Free every tree-owned KV slot (one ``allocator.free`` call) and every stored
+        Mamba state (one ``mamba_pool.free`` call), and empty the tree.
 
-        Handles held by callers become stale. Node ids are not reused afterwards.
+        Handles held by callers become stale; ``on_node_evict`` is not called. Node ids are
+        not reused afterwards.
         """
-        cdef int64_t i, total = 0
+        cdef int64_t i, total = 0, n_states = 0
         cdef idx_t* out
+        cdef idx_t* st
         cdef Node* x
         out = <idx_t*>self._idx_out.reserve(self._evictable + self._protected + 1)
+        st = <idx_t*>self._state_out.reserve(self._aux_evictable + self._aux_protected + 1)
         for i in range(1, self.cap):
             x = &self.nodes[i]
             if x.uid >= 0:
                 memcpy(out + total, x.value, x.len * sizeof(idx_t))
                 total += x.len
+                if self.mamba and x.aux_value >= 0:
+                    st[n_states] = x.aux_value
+                    n_states += 1
         self._release_storage()
         self._init_storage()
+        self.n_states_out = n_states
         self._after_evict(total, 0)
 
     # -- introspection --------------------------------------------------------------------
@@ -1139,6 +1228,7 @@ cdef class RadixTreeCore:
     def _check_invariants(self):
         """Walk the whole structure and recompute every counter (O(tree); for tests)."""
         cdef int64_t i, evictable = 0, protected = 0, live = 0, in_heap = 0, child_sum
+        cdef int64_t aux_ev = 0, aux_pr = 0, in_aux = 0
         cdef Node* x
         cdef Node* p
         cdef nid_t found
@@ -1170,6 +1260,22 @@ cdef class RadixTreeCore:
                 evictable += x.len
             should = x.num_children == 0 and x.lock_ref == 0
             assert (x.heap_pos[HEAP_FULL] >= 0) == should, f"node {x.uid}: heap membership"
+            if self.mamba:
+                assert x.lock_ref >= x.aux_lock_ref >= 0, f"node {x.uid}: mamba lock"
+                if x.aux_value >= 0:
+                    if x.aux_lock_ref > 0:
+                        aux_pr += 1
+                    else:
+                        aux_ev += 1
+                else:
+                    assert x.aux_lock_ref == 0, f"node {x.uid}: locked missing state"
+                aux_should = x.aux_value >= 0 and x.aux_lock_ref == 0
+                assert (x.heap_pos[HEAP_AUX] >= 0) == aux_should, f"node {x.uid}: aux heap"
+                if aux_should:
+                    in_aux += 1
+                    assert self.aux_heap.data[x.heap_pos[HEAP_AUX]] == i
+            else:
+                assert x.aux_value == -1 and x.heap_pos[HEAP_AUX] == -1
             if should:
                 in_heap += 1
                 assert self.heap.data[x.heap_pos[HEAP_FULL]] == i
@@ -1187,6 +1293,12 @@ cdef class RadixTreeCore:
         assert self.cmap.used == live - 1, f"map entries {self.cmap.used} != {live - 1}"
         for i in range(1, self.heap.size):
             assert not _before(self.nodes, self.heap.data[i], self.heap.data[(i - 1) >> 1])
+        assert aux_ev == self._aux_evictable, f"aux evictable {aux_ev} != {self._aux_evictable}"
+        assert aux_pr == self._aux_protected, f"aux protected {aux_pr} != {self._aux_protected}"
+        assert in_aux == self.aux_heap.size, f"aux heap {self.aux_heap.size} != {in_aux}"
+        for i in range(1, self.aux_heap.size):
+            assert not _before(self.nodes, self.aux_heap.data[i],
+                               self.aux_heap.data[(i - 1) >> 1])
         for ns_id, cnt in ns_count.items():
             assert self.ns_ref[ns_id] == cnt, f"namespace {ns_id}: {self.ns_ref[ns_id]} != {cnt}"
         for ns_id, ns_key in enumerate(self._ns_keys):
@@ -1284,3 +1396,202 @@ cdef class TreeNode:
         head = ", ".join(map(str, toks[:8])) + (", ..." if len(toks) > 8 else "")
         return (f"TreeNode(id={self._uid}, len={x.len}, key=[{head}], lock_ref={x.lock_ref}, "
                 f"last_access={x.last_access})")
+
+
+cdef class MambaTreeNode(TreeNode):
+    """A handle to a node of a MambaRadixCache: a TreeNode plus its Mamba state slot."""
+
+    @property
+    def mamba_value(self):
+        """The node's state slot as a length-1 int32 array, or None when it holds none.
+        The tree keeps owning the slot."""
+        cdef Node* x = self._node()
+        if x.aux_value < 0:
+            return None
+        return np.array([x.aux_value], dtype=np.int32)
+
+    @property
+    def mamba_lock_ref(self):
+        return self._node().aux_lock_ref
+
+    @property
+    def full_lock_ref(self):
+        return self._node().lock_ref
+
+
+cdef class MambaTreeCore(RadixTreeCore):
+    """Compiled core of MambaRadixCache: the same tree, plus one optional SSM state slot per
+    node (the state after the node's last token), a second LRU heap of droppable states and
+    a state lock count per node. Public class: ``pymllm.mem_cache.MambaRadixCache``."""
+
+    def __init__(self, page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,
+                 on_node_evict=None):
+        if mamba_pool is not None and not callable(getattr(mamba_pool, "free", None)):
+            raise TypeError(f"mamba_pool: expected an object with free(slots), got {mamba_pool!r}")
+        self.mamba = True
+        self.mamba_pool = mamba_pool
+        self.sliding_window_size = None
+        self._setup(page_size, token_to_kv_pool_allocator, on_node_evict)
+
+    def match_prefix(self, key):
+        """Longest cached prefix of *key* that ends at a node holding a Mamba state.
+
+        ``indices``/``prefix_len``/``last_node`` describe that prefix (the KV stays owned
+        by the tree). ``mamba_branching_seqlen`` is the page-aligned length of the longer
+        KV-only match when there is one (save a state there and the next request with this
+        prefix hits), else None. Matching never splits a node (a split could not carry a
+        state). Every fully matched node gets its recency and hit count refreshed.
+        """
+        cdef KeyView kv
+        cdef nid_t last = ROOT
+        cdef int64_t n_path, kv_len, partial, k, i, state_len = 0, off
+        cdef int32_t ns
+        cdef nid_t* path
+        owner = self._load_key(key, &kv)
+        ns = self._find_ns(key.extra_key, kv.arity)
+        self.clock += 1
+        if ns < 0 or kv.n < self.page_size:
+            return MatchResult(indices=np.empty(0, dtype=np.int32),
+                               last_node=self._handle(ROOT), prefix_len=0)
+        kv_len = self._walk(&kv, ns, kv.n, True, &last, &n_path, False, &partial)
+        kv_len += partial
+        path = <nid_t*>self._nid_scratch.data
+        k = n_path - 1
+        while k >= 0 and self.nodes[path[k]].aux_value < 0:
+            k -= 1
+        last = path[k] if k >= 0 else ROOT
+        for i in range(k + 1):
+            state_len += self.nodes[path[i]].len
+        cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [state_len], cnp.NPY_INT32, 0)
+        cdef idx_t* dst = <idx_t*>cnp.PyArray_DATA(out)
+        off = 0
+        for i in range(k + 1):
+            memcpy(dst + off, self.nodes[path[i]].value, self.nodes[path[i]].len * sizeof(idx_t))
+            off += self.nodes[path[i]].len
+        return MatchResult(indices=out, last_node=self._handle(last), prefix_len=state_len,
+                           mamba_branching_seqlen=kv_len if kv_len > state_len else None)
+
+    def insert(self, key, value=None, mamba_value=None, **kwargs):
+        """Insert KV as :meth:`RadixCache.insert` does and attach *mamba_value* (one state
+        slot: an int or a length-1 array) to the node ending at the page-aligned key end,
+        splitting there if needed.
+
+        Returns ``InsertResult(prefix_len, last_node, mamba_exist)``. Ownership: KV as in
+        RadixCache; the state slot passes to the tree unless ``mamba_exist`` is True (a
+        state was already stored at that point), in which case it stays the caller's to
+        free. A state needs a key of at least one page. Bad input changes nothing.
+        """
+        cdef KeyView kv
+        cdef const idx_t* vals
+        cdef nid_t last
+        cdef int64_t state = -1
+        cdef Node* x
+        if kwargs:
+            raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
+        owner = self._load_key(key, &kv)
+        vowner = self._load_value(value, &kv, &vals)
+        if mamba_value is not None:
+            state = _parse_state_slot(mamba_value)
+            if kv.n < self.page_size:
+                raise InvalidValueError(
+                    f"mamba_value: a state needs a key of at least one page ({self.page_size} "
+                    f"tokens), got {kv.n}"
+                )
+        matched = self._insert_kv(&kv, vals, key.extra_key, &last)
+        exist = False
+        if state >= 0:
+            x = &self.nodes[last]
+            if x.aux_value >= 0:
+                exist = True
+            else:
+                x.aux_value = <int32_t>state
+                x.aux_lock_ref = 0
+                self._aux_evictable += 1
+                _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, last)
+        return InsertResult(prefix_len=matched, last_node=self._handle(last), mamba_exist=exist)
+
+    def evict(self, num_tokens, swa_num_tokens=0, mamba_num=None):
+        """Full eviction of LRU unlocked leaves until *num_tokens* KV tokens are freed (their
+        states go too), then Mamba-only eviction until *mamba_num* states are freed in all
+        (the seed's second argument ``swa_num_tokens`` means the same here): the least
+        recently used unlocked state is dropped; a leaf losing its state is removed.
+
+        KV slots go back in one ``allocator.free`` call, states in one ``mamba_pool.free``
+        call. Returns ``EvictResult(full_evicted, mamba_evicted=...)``. Each step removes a
+        heap entry, so the loop ends; cost is proportional to what is evicted.
+        """
+        cdef int64_t n_ev = 0, done, want_states, states
+        cdef nid_t n
+        cdef Node* x
+        if mamba_num is None:
+            mamba_num = swa_num_tokens
+        elif swa_num_tokens:
+            raise TypeError("evict(): give the Mamba state count once (mamba_num or the 2nd arg)")
+        want_states = mamba_num
+        done = self._evict_full(num_tokens, &n_ev)
+        while self.n_states_out < want_states and self.aux_heap.size > 0:
+            n = self.aux_heap.data[0]
+            x = &self.nodes[n]
+            if x.num_children == 0 and x.lock_ref == 0:
+                done = self._collect_and_remove(n, done, &n_ev)
+            else:
+                self._drop_state(n)
+        states = self.n_states_out
+        self._after_evict(done, n_ev)
+        return EvictResult(full_evicted=done, mamba_evicted=states)
+
+    def inc_lock_ref(self, node):
+        """Lock the KV of *node* and its ancestors, and *node*'s own Mamba state if it has
+        one. Returns None. A stale handle raises ``StaleNodeError``."""
+        cdef nid_t n = self._slot_of(node, True)
+        cdef Node* x = &self.nodes[n]
+        self._lock(n)
+        if n != ROOT and x.aux_value >= 0:
+            if x.aux_lock_ref == 0:
+                self._aux_evictable -= 1
+                self._aux_protected += 1
+                _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
+            x.aux_lock_ref += 1
+        return None
+
+    def dec_lock_ref(self, node, swa_boundary_id=None):
+        """Undo one :meth:`inc_lock_ref`; ``LockStateError`` (nothing changed) when the node
+        holds no lock."""
+        cdef nid_t n = self._slot_of(node, True)
+        cdef Node* x = &self.nodes[n]
+        if n != ROOT and x.lock_ref <= 0:
+            raise LockStateError(f"node: node {x.uid} is not locked")
+        if n != ROOT and x.aux_lock_ref > 0:
+            x.aux_lock_ref -= 1
+            if x.aux_lock_ref == 0:
+                self._aux_protected -= 1
+                self._aux_evictable += 1
+                _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, n)
+        self._unlock(n)
+
+    def mamba_evictable_size(self):
+        """Stored states that are not locked (O(1))."""
+        return self._aux_evictable
+
+    def mamba_protected_size(self):
+        """Stored states that are locked (O(1))."""
+        return self._aux_protected
+
+
+cdef int64_t _parse_state_slot(object mamba_value) except -1:
+    """One Mamba state slot from an int or a length-1 integer array/list."""
+    if isinstance(mamba_value, bool):
+        raise TypeError("mamba_value: expected an int slot or a length-1 int array, got bool")
+    if not isinstance(mamba_value, int):
+        try:
+            arr = np.asarray(mamba_value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidValueError(f"mamba_value: cannot read {mamba_value!r}: {exc}")
+        if arr.dtype.kind not in "iu" or arr.size != 1 or arr.ndim > 1:
+            raise InvalidValueError(
+                f"mamba_value: expected one integer state slot, got {mamba_value!r}"
+            )
+        mamba_value = int(arr.reshape(-1)[0])
+    if mamba_value < 0 or mamba_value > INT32_MAX:
+        raise InvalidValueError(f"mamba_value: state slot {mamba_value} is outside [0, 2**31)")
+    return mamba_value

@@ -1,0 +1,34 @@
+"""``MambaRadixCache``: prefix caching for hybrid attention + SSM (Mamba / GDN) models.
+
+A cached prefix of a hybrid model is reusable only where the recurrent state at exactly
+that prefix's end was saved. The compiled core
+(:class:`~pymllm.mem_cache._radix_tree.MambaTreeCore`) is the same radix tree as
+``RadixCache`` (one copy of the tree code) with one optional state slot per node.
+"""
+
+from __future__ import annotations
+
+from pymllm.mem_cache._radix_tree import MambaTreeCore, MambaTreeNode
+from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
+
+
+class MambaRadixCache(MambaTreeCore, BasePrefixCache):
+    """Radix-tree prefix cache with independent Mamba/SSM state tracking.
+
+    ``MambaRadixCache(page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,
+    on_node_evict=None)``; ``mamba_pool`` is anything with ``free(int32 slots)`` (normally
+    :class:`~pymllm.mem_cache.memory_pool.MambaPool`).
+
+    Ownership: KV slots as in :class:`~pymllm.mem_cache.radix_cache.RadixCache`. A state
+    slot passed to ``insert`` becomes the tree's unless ``InsertResult.mamba_exist`` is True;
+    states leave the tree only through ``evict``/``reset``, back to ``mamba_pool.free``.
+    ``match_prefix`` results end at a node holding a state; copy that state
+    (``last_node.mamba_value``) into the request's own slot before extending it.
+
+    Thread safety: as RadixCache (each call atomic under the GIL).
+    """
+
+    __slots__ = ()
+
+
+__all__ = ["MambaRadixCache", "MambaTreeNode"]
