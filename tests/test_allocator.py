@@ -1,0 +1,469 @@
+"""Slot allocators: the compiled ones against a pure-Python reference, op by op."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    precondition,
+    rule,
+)
+
+from pymllm.mem_cache.errors import AllocatorStateError, InvalidFreeError, InvalidValueError
+from pymllm.mem_cache.memory_pool import SWATokenToKVPoolAllocator, TokenToKVPoolAllocator
+
+
+class RefAllocator:
+    """The reference model of ``TokenToKVPoolAllocator``: Python lists and sets, same order
+    of hand-out (head of the free list; frees wait in ``release`` under ``need_sort`` and
+    are merged sorted when the free list runs short)."""
+
+    def __init__(self, size: int, page_size: int = 1, need_sort: bool = True) -> None:
+        self.page_size = page_size
+        self.num_pages = size // page_size
+        self.size = self.num_pages * page_size
+        self.need_sort = need_sort
+        self.clear()
+
+    def clear(self) -> None:
+        self.pages = list(range(1, self.num_pages + 1))
+        self.release: list[int] = []
+        self.held: list[int] = []
+        self.allocated: set[int] = set()
+        self.depth = 0
+
+    def available_size(self) -> int:
+        return (len(self.pages) + len(self.release)) * self.page_size
+
+    def merge_and_sort_free(self) -> None:
+        self.pages = sorted(self.pages + self.release)
+        self.release = []
+
+    def alloc(self, n: int) -> np.ndarray | None:
+        if n < 0 or n % self.page_size:
+            raise InvalidValueError(n)
+        need = n // self.page_size
+        if need > len(self.pages) + len(self.release):
+            return None
+        if need > len(self.pages):
+            self.merge_and_sort_free()
+        got, self.pages = self.pages[:need], self.pages[need:]
+        self.allocated.update(got)
+        ps = self.page_size
+        return np.array([p * ps + j for p in got for j in range(ps)], dtype=np.int32)
+
+    def free(self, indices: Any) -> None:
+        slots = np.asarray(indices).reshape(-1).tolist()
+        pages: list[int] = []
+        for s in slots:
+            p = s // self.page_size
+            if s < self.page_size or p > self.num_pages or p not in self.allocated:
+                raise InvalidFreeError(s)
+            if p in pages:
+                if self.page_size == 1:
+                    raise InvalidFreeError(s)
+                continue
+            pages.append(p)
+        self.allocated.difference_update(pages)
+        if self.depth:
+            self.held += pages
+        elif self.need_sort:
+            self.release += pages
+        else:
+            self.pages += pages
+
+    def free_group_begin(self) -> None:
+        self.depth += 1
+
+    def free_group_end(self) -> None:
+        if not self.depth:
+            raise AllocatorStateError("no group")
+        self.depth -= 1
+        if not self.depth:
+            held, self.held = self.held, []
+            (self.release if self.need_sort else self.pages).extend(held)
+
+    def _check_invariants(self) -> None:
+        assert len(set(self.pages) | set(self.release) | self.allocated | set(self.held)) == (
+            len(self.pages) + len(self.release) + len(self.allocated) + len(self.held)
+        )
+
+
+IMPLS = {"ref": RefAllocator, "compiled": TokenToKVPoolAllocator}
+
+
+@pytest.fixture(params=sorted(IMPLS))
+def make(request: pytest.FixtureRequest) -> Any:
+    return IMPLS[request.param]
+
+
+def _state(a: Any) -> tuple[int, list[int]]:
+    """What a failed call must leave unchanged: free count and which slots are owned."""
+    slots = np.arange(a.size + a.page_size)
+    if isinstance(a, RefAllocator):
+        mask = [s >= a.page_size and s // a.page_size in a.allocated for s in slots.tolist()]
+    else:
+        mask = a.is_allocated(slots)
+    return a.available_size(), slots[np.asarray(mask, dtype=bool)].tolist()
+
+
+# -- contract tests, run against the reference and the compiled allocator ----------------
+
+
+def test_alloc_hands_out_distinct_slots_never_zero(make: Any) -> None:
+    a = make(64)
+    got = np.concatenate([a.alloc(n) for n in (1, 7, 20, 36)])
+    assert got.dtype == np.int32 and got.ndim == 1
+    assert sorted(got.tolist()) == list(range(1, 65))
+    assert a.available_size() == 0
+    assert a.alloc(1) is None
+    assert a.alloc(0).shape == (0,)
+
+
+def test_alloc_too_many_returns_none_and_changes_nothing(make: Any) -> None:
+    a = make(10)
+    a.alloc(4)
+    before = _state(a)
+    assert a.alloc(7) is None
+    assert _state(a) == before
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param([0], id="padding-slot"),
+        pytest.param([11], id="past-end"),
+        pytest.param([-1], id="negative"),
+        pytest.param(np.array([2**40], dtype=np.int64), id="beyond-int32"),
+        pytest.param([5], id="never-allocated"),
+        pytest.param([2, 2], id="twice-in-one-call"),
+        pytest.param([1, 2, 3, 0], id="valid-then-padding"),
+        pytest.param([1, 5], id="valid-then-free"),
+    ],
+)
+def test_bad_free_raises_and_frees_nothing(make: Any, bad: Any) -> None:
+    a = make(10)
+    a.alloc(4)  # slots 1..4 owned
+    before = _state(a)
+    with pytest.raises(InvalidFreeError):
+        a.free(bad)
+    assert _state(a) == before
+    a.free(np.arange(1, 5, dtype=np.int32))  # the valid slots are still freeable
+    assert a.available_size() == 10
+
+
+def test_double_free_across_calls(make: Any) -> None:
+    a = make(8)
+    x = a.alloc(3)
+    a.free(x[:1])
+    with pytest.raises(InvalidFreeError):
+        a.free(x)
+    assert a.available_size() == 6
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        pytest.param(lambda x: x, id="int32"),
+        pytest.param(lambda x: x.astype(np.int64), id="int64"),
+        pytest.param(lambda x: x.astype(np.uint16), id="uint16"),
+        pytest.param(lambda x: x.tolist(), id="list"),
+        pytest.param(lambda x: jnp.asarray(x), id="jax"),
+        pytest.param(lambda x: x[::-1], id="strided"),
+    ],
+)
+def test_free_accepts_arrays_lists_and_jax(make: Any, convert: Any) -> None:
+    a = make(8)
+    x = a.alloc(5)
+    a.free(convert(x))
+    assert a.available_size() == 8
+
+
+def test_free_scalar_and_empty(make: Any) -> None:
+    a = make(4)
+    x = a.alloc(2)
+    a.free(int(x[0]))
+    a.free([])
+    a.free(np.zeros(0, dtype=np.int32))
+    assert a.available_size() == 3
+
+
+def test_need_sort_hands_out_lowest_after_merge(make: Any) -> None:
+    a = make(8)
+    a.alloc(8)
+    a.free([7, 2, 5])
+    assert a.alloc(3).tolist() == [2, 5, 7]
+
+
+def test_without_need_sort_frees_go_to_the_back(make: Any) -> None:
+    a = make(8, need_sort=False)
+    a.alloc(4)
+    a.free([3, 1])
+    assert a.alloc(6).tolist() == [5, 6, 7, 8, 3, 1]
+
+
+def test_merge_and_sort_free(make: Any) -> None:
+    a = make(8, need_sort=False)
+    a.alloc(8)
+    a.free([6, 1, 4])
+    a.merge_and_sort_free()
+    assert a.alloc(3).tolist() == [1, 4, 6]
+
+
+@pytest.mark.parametrize("freed", [10, 3000], ids=["sort-merge", "scan-merge"])
+def test_merge_paths_agree_with_sorted(make: Any, freed: int) -> None:
+    # 10 released of 10000 pages merges by sorting the releases; 3000 by scanning state.
+    a = make(10_000)
+    x = a.alloc(10_000)
+    rng = np.random.default_rng(freed)
+    gone = rng.choice(x, size=freed, replace=False)
+    a.free(gone)
+    assert a.alloc(freed).tolist() == sorted(gone.tolist())
+
+
+def test_free_group_holds_slots_until_end(make: Any) -> None:
+    a = make(4)
+    x = a.alloc(4)
+    a.free_group_begin()
+    a.free(x[:2])
+    a.free_group_begin()  # groups nest
+    a.free(x[2:3])
+    with pytest.raises(InvalidFreeError):
+        a.free(x[:1])  # already freed inside the group: still a double free
+    a.free_group_end()
+    assert a.available_size() == 0 and a.alloc(1) is None
+    a.free_group_end()
+    assert a.available_size() == 3
+    with pytest.raises(AllocatorStateError):
+        a.free_group_end()
+
+
+def test_clear_frees_everything(make: Any) -> None:
+    a = make(6)
+    a.alloc(5)
+    a.clear()
+    assert a.available_size() == 6
+    assert sorted(a.alloc(6).tolist()) == list(range(1, 7))
+
+
+def test_pages_are_whole_and_contiguous(make: Any) -> None:
+    a = make(64, page_size=16)  # pages 1..4 -> slots 16..79
+    x = a.alloc(32)
+    assert x.tolist() == list(range(16, 48))
+    with pytest.raises(InvalidValueError):
+        a.alloc(5)
+    a.free(x[17:18])  # one slot frees its whole page
+    assert a.available_size() == 16 + 32
+    with pytest.raises(InvalidFreeError):
+        a.free(x[16:17])  # another slot of that freed page
+    with pytest.raises(InvalidFreeError):
+        a.free([15])  # the padding page
+    a.free(np.array([x[0], x[3]]))  # two slots of one page: one page freed
+    assert a.available_size() == 64
+
+
+def test_size_rounds_down_to_pages(make: Any) -> None:
+    a = make(40, page_size=16)
+    assert a.size == 32 and a.available_size() == 32
+
+
+def test_bad_inputs_are_value_errors(make: Any) -> None:
+    a = make(4)
+    with pytest.raises(InvalidValueError):
+        a.alloc(-1)
+    x = a.alloc(2)
+    if make is TokenToKVPoolAllocator:
+        with pytest.raises(InvalidValueError):
+            a.free(x.astype(np.float32))
+        with pytest.raises(InvalidValueError):
+            a.free(x.reshape(1, 2))
+        with pytest.raises(TypeError):
+            a.alloc(1.5)
+    assert a.available_size() == 2
+
+
+# -- stateful: compiled vs reference, invariants after every step -----------------------
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    owned = Bundle("owned")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ps = 1
+        self.pair: tuple[Any, Any] | None = None
+        self.live: set[int] = set()
+
+    @precondition(lambda self: self.pair is None)
+    @rule(ps=st.sampled_from([1, 4]), pages=st.integers(1, 40), need_sort=st.booleans())
+    def init(self, ps: int, pages: int, need_sort: bool) -> None:
+        self.ps = ps
+        self.pair = (
+            TokenToKVPoolAllocator(pages * ps, ps, need_sort),
+            RefAllocator(pages * ps, ps, need_sort),
+        )
+
+    @precondition(lambda self: self.pair is not None)
+    @rule(target=owned, pages=st.integers(0, 12))
+    def alloc(self, pages: int) -> Any:
+        got, want = (a.alloc(pages * self.ps) for a in self.pair)
+        if want is None:
+            assert got is None
+            return None
+        assert got.tolist() == want.tolist()
+        assert not self.live & set(got.tolist()), "slot handed out twice"
+        self.live |= set(got.tolist())
+        return got
+
+    @precondition(lambda self: self.pair is not None)
+    @rule(x=consumes(owned), data=st.data())
+    def free(self, x: Any, data: st.DataObject) -> None:
+        if x is None:
+            return
+        order = data.draw(st.permutations(range(len(x))))
+        for a in self.pair:
+            a.free(x[list(order)])
+        self.live -= set(x.tolist())
+
+    @precondition(lambda self: self.pair is not None)
+    @rule(slot=st.integers(-3, 200), x=owned)
+    def bad_free(self, slot: int, x: Any) -> None:
+        assume(slot not in self.live)
+        bad = [slot] if x is None else [*x.tolist(), slot]
+        for a in self.pair:
+            before = _state(a)
+            with pytest.raises(InvalidFreeError):
+                a.free(bad)
+            assert _state(a) == before
+
+    @precondition(lambda self: self.pair is not None)
+    @rule()
+    def group_begin(self) -> None:
+        for a in self.pair:
+            a.free_group_begin()
+
+    @precondition(lambda self: self.pair is not None and self.pair[1].depth > 0)
+    @rule()
+    def group_end(self) -> None:
+        for a in self.pair:
+            a.free_group_end()
+
+    @precondition(lambda self: self.pair is not None)
+    @rule()
+    def merge(self) -> None:
+        for a in self.pair:
+            a.merge_and_sort_free()
+
+    @invariant()
+    def agree(self) -> None:
+        if self.pair is None:
+            return
+        got, want = self.pair
+        assert got.available_size() == want.available_size()
+        got._check_invariants()
+        want._check_invariants()
+
+
+TestAllocatorMachine = AllocatorMachine.TestCase
+
+
+# -- SWA --------------------------------------------------------------------------------
+
+
+def test_swa_alloc_maps_full_to_swa() -> None:
+    a = SWATokenToKVPoolAllocator(16, 8)
+    x = a.alloc(5)
+    swa = a.translate_loc_from_full_to_swa(x)
+    assert swa.dtype == np.int32 and len(set(swa.tolist())) == 5 and swa.min() >= 1
+    assert (a.full_to_swa_index_mapping[x] == swa).all()
+    assert a.available_size() == 3 and a.full_available_size() == 11
+    a._check_invariants()
+
+
+def test_swa_alloc_none_when_either_side_is_short() -> None:
+    a = SWATokenToKVPoolAllocator(16, 4)
+    assert a.alloc(5) is None
+    assert a.full_available_size() == 16 and a.swa_available_size() == 4
+    a = SWATokenToKVPoolAllocator(4, 16)
+    assert a.alloc(5) is None
+
+
+def test_free_swa_frees_only_the_swa_side_then_free_frees_the_rest() -> None:
+    a = SWATokenToKVPoolAllocator(16, 8)
+    x = a.alloc(6)
+    a.free_swa(x[:4])
+    assert a.swa_available_size() == 6 and a.full_available_size() == 10
+    assert a.translate_loc_from_full_to_swa(x[:4]).tolist() == [0, 0, 0, 0]
+    a.free_swa(x[:2])  # SWA side already gone: skipped
+    a._check_invariants()
+    a.free(x)  # full side of all six, SWA side of the last two
+    assert a.swa_available_size() == 8 and a.full_available_size() == 16
+    a._check_invariants()
+
+
+@pytest.mark.parametrize("which", ["free", "free_swa"])
+@pytest.mark.parametrize("bad", [[0], [17], [9], [1, 1]], ids=["pad", "range", "unowned", "dup"])
+def test_swa_bad_frees_change_nothing(which: str, bad: list[int]) -> None:
+    a = SWATokenToKVPoolAllocator(16, 8)
+    x = a.alloc(4)  # full slots 1..4
+    before = (a.full_available_size(), a.swa_available_size(), a.translate_loc_from_full_to_swa(x))
+    with pytest.raises(InvalidFreeError):
+        getattr(a, which)(bad)
+    after = (a.full_available_size(), a.swa_available_size(), a.translate_loc_from_full_to_swa(x))
+    assert before[:2] == after[:2] and (before[2] == after[2]).all()
+    a._check_invariants()
+
+
+def test_swa_pages_keep_offsets() -> None:
+    a = SWATokenToKVPoolAllocator(64, 32, page_size=16)
+    x = a.alloc(32)
+    swa = a.translate_loc_from_full_to_swa(x)
+    assert (swa % 16 == x % 16).all() and (np.diff(swa[:16]) == 1).all()
+    a.free_swa(x[3:4])  # one slot frees the whole SWA page
+    assert a.translate_loc_from_full_to_swa(x[:16]).tolist() == [0] * 16
+    assert a.swa_available_size() == 16
+    a._check_invariants()
+
+
+def test_swa_free_group_and_clear() -> None:
+    a = SWATokenToKVPoolAllocator(8, 8)
+    x = a.alloc(4)
+    a.free_group_begin()
+    a.free(x)
+    assert a.available_size() == 4
+    a.free_group_end()
+    assert a.available_size() == 8
+    a.alloc(3)
+    a.clear()
+    assert a.available_size() == 8 and not a.full_to_swa_index_mapping.any()
+    a._check_invariants()
+
+
+@settings(max_examples=40)
+@given(ops=st.lists(st.tuples(st.sampled_from("afs"), st.integers(0, 6)), max_size=40))
+def test_swa_random_ops_keep_invariants(ops: list[tuple[str, int]]) -> None:
+    a = SWATokenToKVPoolAllocator(24, 10)
+    live: list[np.ndarray] = []
+    for op, n in ops:
+        if op == "a":
+            x = a.alloc(n)
+            if x is not None:
+                live.append(x)
+        elif live:
+            x = live.pop(n % len(live))
+            (a.free if op == "f" else a.free_swa)(x)
+            if op == "s":
+                live.append(x)  # full side still owned
+        a._check_invariants()
+    for x in live:
+        a.free(x)
+    assert a.full_available_size() == 24 and a.swa_available_size() == 10

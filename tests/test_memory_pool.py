@@ -1,0 +1,372 @@
+"""JAX device pools: KVPool, ReqToTokenPool, MambaPool (CPU; sharding in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
+from pymllm.mem_cache.memory_pool import (
+    KVBuffers,
+    KVPool,
+    MambaPool,
+    ReqToTokenPool,
+    bucket_size,
+    make_full_attention_net_mem_pool,
+    make_req_to_token_pool,
+    pad_slots,
+    read_kv,
+    write_kv,
+)
+
+BF16 = jnp.bfloat16
+
+# (k_head_num, k_head_dim, v_head_num, v_head_dim)
+SHAPES = {
+    "mha": (4, 16, 4, 16),
+    "gqa": (2, 32, 2, 32),
+    "mla": (1, 72, 1, 64),
+}
+
+
+def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(BF16)
+
+
+def host(x: Any) -> np.ndarray:
+    return np.asarray(jax.device_get(x))
+
+
+@pytest.fixture
+def compiles() -> Iterator[list[str]]:
+    """Names of the XLA backend compilations that happen while the test runs."""
+    seen: list[str] = []
+
+    def listener(name: str, *_: Any, **__: Any) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            seen.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+# -- bucketing --------------------------------------------------------------------------
+
+
+def test_bucket_size_is_small_set_and_bounded_padding() -> None:
+    buckets = {bucket_size(n) for n in range(1, 65537)}
+    assert len(buckets) <= 2 * 17
+    for n in range(1, 5000):
+        b = bucket_size(n)
+        assert b >= n and (n <= 16 or b <= 1.5 * n)
+    assert pad_slots([5, 6]).tolist() == [5, 6] + [0] * 14
+
+
+# -- round trips ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_write_then_read_round_trip(shape: str, page_size: int) -> None:
+    hk, dk, hv, dv = SHAPES[shape]
+    pool, alloc = make_full_attention_net_mem_pool(
+        128, 2, hk, dk, v_head_num=hv, v_head_dim=dv, page_size=page_size
+    )
+    assert pool.k_shape == (2, 128 + page_size, hk, dk)
+    assert pool.v_shape == (2, 128 + page_size, hv, dv)
+    rng = np.random.default_rng(0)
+    loc = alloc.alloc(48)
+    k, v = rand(rng, 48, hk, dk), rand(rng, 48, hv, dv)
+    pool.set_kv_buffer(1, loc, k, v)
+    got_k, got_v = pool.get_kv(1, loc)
+    np.testing.assert_array_equal(host(got_k), k)
+    np.testing.assert_array_equal(host(got_v), v)
+    want_k = np.zeros(pool.k_shape, BF16)
+    want_k[1, loc] = k
+    np.testing.assert_array_equal(host(pool.buffers.k), want_k)  # nothing else written
+
+
+def test_all_layer_calls_and_whole_layer_views() -> None:
+    pool = KVPool(64, 3, 2, 8, v_head_num=1, v_head_dim=4)
+    rng = np.random.default_rng(9)
+    loc = np.arange(5, 25)
+    k3, v3 = rand(rng, 3, 20, 2, 8), rand(rng, 3, 20, 1, 4)
+    pool.set_kv_all(loc, k3, v3)
+    ak, av = pool.get_kv_all(loc)
+    np.testing.assert_array_equal(host(ak), k3)
+    np.testing.assert_array_equal(host(av), v3)
+    kb, vb = pool.get_kv_buffer(2)
+    assert kb.shape == (65, 2, 8) and vb.shape == (65, 1, 4)
+    np.testing.assert_array_equal(host(kb)[loc], k3[2])
+    np.testing.assert_array_equal(host(pool.get_value_buffer(1))[loc], v3[1])
+    np.testing.assert_array_equal(host(pool.get_key_buffer(0))[loc], k3[0])
+
+
+def test_jax_inputs_round_trip_and_module_functions_compose_in_a_step() -> None:
+    pool = KVPool(64, 2, 2, 8)
+    rng = np.random.default_rng(1)
+    loc = pad_slots(np.arange(1, 11))
+    k = jnp.asarray(rand(rng, 16, 2, 8))
+
+    @jax.jit
+    def step(buffers: KVBuffers, loc: jax.Array, k: jax.Array) -> tuple[KVBuffers, jax.Array]:
+        for layer in range(2):
+            buffers = write_kv(buffers, layer, loc, k * (layer + 1), k)
+        return buffers, read_kv(buffers, 1, loc)[0]
+
+    new, got = step(pool.buffers, loc, k)
+    pool.buffers = new
+    np.testing.assert_array_equal(host(got)[:10], host(k * 2)[:10])
+    np.testing.assert_array_equal(host(pool.get_kv(0, loc[:10])[0]), host(k)[:10])
+
+
+def test_padding_writes_land_only_in_row_zero() -> None:
+    pool = KVPool(40, 2, 2, 4)
+    rows = np.arange(1, 41)
+    rng = np.random.default_rng(2)
+    base_k, base_v = rand(rng, 2, 40, 2, 4), rand(rng, 2, 40, 2, 4)
+    pool.set_kv_all(rows, base_k, base_v)
+    loc = np.array([7, 3, 30], dtype=np.int32)  # padded to 16 with 13 zeros
+    k, v = rand(rng, 3, 2, 4), rand(rng, 3, 2, 4)
+    pool.set_kv_buffer(1, loc, k, v)
+    want_k = np.concatenate([np.zeros((2, 1, 2, 4), BF16), base_k], axis=1)
+    want_k[1, loc] = k
+    got_k = host(pool.buffers.k)
+    np.testing.assert_array_equal(got_k[:, 1:], want_k[:, 1:])
+    assert not got_k[:, 0].any()  # row 0 got only the zero padding
+    # copy() pads with 0 -> 0 as well.
+    pool.copy([30], [31])
+    got_k2 = host(pool.buffers.k)
+    np.testing.assert_array_equal(got_k2[:, 31], got_k[:, 30])
+    np.testing.assert_array_equal(np.delete(got_k2, 31, axis=1), np.delete(got_k, 31, axis=1))
+
+
+def test_copy_reads_sources_before_writing() -> None:
+    pool = KVPool(16, 1, 1, 2, dtype=jnp.float32)
+    vals = np.arange(1, 17, dtype=np.float32)[None, :, None, None] * np.ones((1, 16, 1, 2))
+    pool.set_kv_all(np.arange(1, 17), vals.astype(np.float32), vals.astype(np.float32))
+    pool.copy([1, 2, 3], [2, 3, 4])  # overlapping shift
+    got = host(pool.buffers.k)[0, 1:6, 0, 0].tolist()
+    assert got == [1, 1, 2, 3, 5]
+    with pytest.raises(InvalidValueError):
+        pool.copy([1, 2], [3])
+
+
+# -- donation and compilation -----------------------------------------------------------
+
+
+def test_every_update_donates_the_old_buffers() -> None:
+    # pytest runs with filterwarnings=error: a "donated buffers were not usable" warning fails.
+    pool = KVPool(32, 2, 2, 4)
+    rng = np.random.default_rng(3)
+    loc = np.arange(1, 6)
+    for update in (
+        lambda: pool.set_kv_buffer(0, loc, rand(rng, 5, 2, 4), rand(rng, 5, 2, 4)),
+        lambda: pool.set_kv_all(loc, rand(rng, 2, 5, 2, 4), rand(rng, 2, 5, 2, 4)),
+        lambda: pool.copy(loc, loc + 10),
+    ):
+        old = pool.buffers
+        update()
+        assert old.k.is_deleted() and old.v.is_deleted()
+        assert not pool.buffers.k.is_deleted()
+    buffers = pool.buffers
+    out = write_kv(
+        buffers, 1, pad_slots(loc), jnp.zeros((16, 2, 4), BF16), jnp.zeros((16, 2, 4), BF16)
+    )
+    assert buffers.k.is_deleted() and not out.k.is_deleted()
+
+
+def test_random_request_sizes_compile_once_per_bucket(compiles: list[str]) -> None:
+    pool = KVPool(4096, 2, 2, 8)
+    rng = np.random.default_rng(4)
+    sizes = rng.integers(1, 1025, size=200)
+    k = rand(rng, 1024, 2, 8)
+    pool.set_kv_buffer(0, [1], k[:1], k[:1])  # warm: compile bucket 16 before counting
+    compiles.clear()
+    for i, n in enumerate(sizes.tolist()):
+        loc = rng.choice(np.arange(1, 4097, dtype=np.int32), size=n, replace=False)
+        pool.set_kv_buffer(i % 2, loc, k[:n], k[:n])
+    buckets = {bucket_size(n) for n in sizes.tolist()} - {16}
+    assert len(compiles) <= len(buckets), (len(compiles), sorted(buckets))
+    assert len(buckets) <= 20
+
+
+def test_bucket_sized_device_inputs_do_not_compile_again(compiles: list[str]) -> None:
+    pool = KVPool(256, 1, 2, 8)
+    k = jnp.asarray(np.ones((32, 2, 8), BF16))
+    pool.set_kv_buffer(0, np.arange(1, 33), k, k)
+    compiles.clear()
+    for n in (17, 20, 31, 32):  # all bucket 32: loc padded on the host, k already 32 rows
+        pool.set_kv_buffer(0, pad_slots(np.arange(1, n + 1), 32), k, k)
+    assert compiles == []
+
+
+# -- bad input: clear errors, nothing written -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda p, k: p.set_kv_buffer(2, [1, 2], k, k), id="layer-too-big"),
+        pytest.param(lambda p, k: p.set_kv_buffer(-1, [1, 2], k, k), id="layer-negative"),
+        pytest.param(lambda p, k: p.set_kv_buffer(0, [1, 9], k, k), id="slot-past-end"),
+        pytest.param(lambda p, k: p.set_kv_buffer(0, [1, -1], k, k), id="slot-negative"),
+        pytest.param(lambda p, k: p.set_kv_buffer(0, [1, 2, 3], k, k), id="loc-too-long"),
+        pytest.param(lambda p, k: p.set_kv_buffer(0, [[1, 2]], k, k), id="loc-2d"),
+        pytest.param(lambda p, k: p.set_kv_buffer(0, [1.0, 2.0], k, k), id="loc-float"),
+        pytest.param(
+            lambda p, k: p.set_kv_buffer(0, [1, 2], k.astype(np.float32), k), id="k-dtype"
+        ),
+        pytest.param(lambda p, k: p.set_kv_buffer(0, [1, 2], k, k[:, :1]), id="v-heads"),
+        pytest.param(lambda p, k: p.set_kv_buffer(0, [1, 2], k[..., :2], k), id="k-dim"),
+        pytest.param(lambda p, k: p.set_kv_buffer(0, [1, 2], [[0]], k), id="k-not-array"),
+        pytest.param(lambda p, k: p.set_kv_all([1, 2], k, k), id="all-missing-layer-axis"),
+        pytest.param(lambda p, k: p.get_kv(5, [1]), id="read-layer"),
+        pytest.param(lambda p, k: p.get_kv(0, [99]), id="read-slot"),
+        pytest.param(lambda p, k: p.copy([1], [9]), id="copy-range"),
+    ],
+)
+def test_bad_input_raises_before_writing(call: Any) -> None:
+    pool = KVPool(8, 2, 2, 4)
+    k = np.ones((2, 2, 4), BF16)
+    pool.set_kv_buffer(0, [1, 2], k, k)
+    before = pool.buffers
+    with pytest.raises(InvalidValueError):
+        call(pool, k)
+    assert pool.buffers is before and not before.k.is_deleted()
+    assert host(before.k)[0, 1:3].all() and not host(before.k)[:, 3:].any()
+
+
+def test_constructor_validation_and_sizes() -> None:
+    with pytest.raises(InvalidValueError):
+        KVPool(8, 0, 2, 4)
+    with pytest.raises(InvalidValueError):
+        KVPool(8, 1, 2, 4, page_size=0)
+    pool = KVPool(100, 3, 2, 4, v_head_num=1, v_head_dim=8, dtype=jnp.float32, page_size=16)
+    assert pool.size == 96 and pool.rows == 112
+    assert pool.mem_bytes() == 3 * 112 * (2 * 4 + 1 * 8) * 4
+    with pytest.raises(InvalidValueError):
+        pool.buffers = KVBuffers(pool.buffers.v, pool.buffers.k)
+
+
+# -- ReqToTokenPool ---------------------------------------------------------------------
+
+
+def test_req_to_token_pool() -> None:
+    pool = make_req_to_token_pool(4, 100)
+    assert pool.req_to_token.shape == (5, 100) and pool.req_to_token.dtype == np.int32
+    slots = pool.alloc(3)
+    assert sorted(slots.tolist()) == [1, 2, 3] and pool.available_size() == 1
+    assert pool.alloc(2) is None and pool.available_size() == 1
+    pool.write((slots[0], slice(0, 5)), np.arange(10, 15))
+    pool.write((slots[1], slice(0, 3)), [7, 8, 9])
+    dev = pool.to_device(slots[:2], max_len=5)
+    assert dev.shape == (16, 16) and dev.dtype == jnp.int32
+    got = host(dev)
+    assert got[0, :5].tolist() == [10, 11, 12, 13, 14] and got[1, :3].tolist() == [7, 8, 9]
+    assert not got[2:].any()  # padding rows are row 0: zeros
+    assert pool.to_device(slots).shape == (16, 100)
+    pool.free(slots[0])
+    with pytest.raises(InvalidFreeError):
+        pool.free(slots[0])
+    with pytest.raises(InvalidFreeError):
+        pool.free(0)
+    pool.clear()
+    assert pool.available_size() == 4 and not pool.req_to_token.any()
+    with pytest.raises(InvalidValueError):
+        ReqToTokenPool(0, 4)
+
+
+# -- MambaPool --------------------------------------------------------------------------
+
+
+def test_mamba_pool_alloc_copy_reset() -> None:
+    pool = MambaPool(6, 2, (3, 4), (2, 2), conv_dtype=BF16, temporal_dtype=jnp.float32)
+    slots = pool.alloc(3)
+    assert slots.dtype == np.int32 and pool.available_size() == 3
+    assert pool.alloc(4) is None
+    rng = np.random.default_rng(5)
+    conv = rand(rng, 2, 3, 3, 4)
+    temporal = rng.standard_normal((2, 3, 2, 2)).astype(np.float32)
+    pool.set_states(slots, conv, temporal)
+    got = pool.get_states(slots)
+    np.testing.assert_array_equal(host(got.conv), conv)
+    old = pool.buffers
+    pool.copy_states(slots[:1], slots[2:])
+    assert old.conv.is_deleted()
+    got = pool.get_states(slots)
+    np.testing.assert_array_equal(host(got.temporal)[:, 2], temporal[:, 0])
+    np.testing.assert_array_equal(host(got.conv)[:, 2], conv[:, 0])
+    pool.reset_states(slots[1:2])
+    got = pool.get_states(slots)
+    assert not host(got.temporal)[:, 1].any() and not host(got.conv)[:, 1].any()
+    np.testing.assert_array_equal(host(got.temporal)[:, 0], temporal[:, 0])
+    pool.free(jnp.asarray(slots[:2]))
+    with pytest.raises(InvalidFreeError):
+        pool.free(slots[:1])
+    assert pool.available_size() == 5
+    with pytest.raises(InvalidValueError):
+        pool.copy_states([1], [9])
+    with pytest.raises(InvalidValueError):
+        pool.set_states(slots, conv.astype(np.float32), temporal)
+    assert pool.mem_bytes() == 2 * 7 * (12 * 2 + 4 * 4)
+
+
+# -- sharding: 4 host devices in a subprocess -------------------------------------------
+
+SHARDED = textwrap.dedent(
+    """
+    import warnings
+    warnings.simplefilter("error")
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    from pymllm.mem_cache.memory_pool import KVPool, pad_slots
+    assert len(jax.devices()) == 4, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    rng = np.random.default_rng(7)
+    # 8 heads: sharded 2 per device; 1 head (MLA-shaped): replicated.
+    for hk, dk, hv, dv, sizes in [(8, 16, 8, 16, [5, 12, 30, 9]), (1, 24, 1, 16, [5, 12])]:
+        one = KVPool(200, 2, hk, dk, v_head_num=hv, v_head_dim=dv)
+        many = KVPool(200, 2, hk, dk, v_head_num=hv, v_head_dim=dv, mesh=mesh)
+        spec = many.buffers.k.sharding.spec
+        assert (len(spec) > 2 and spec[2] == "tp") == (hk % 4 == 0), spec
+        for step, n in enumerate(sizes):
+            loc = rng.choice(np.arange(1, 201), size=n, replace=False)
+            k = rng.standard_normal((n, hk, dk)).astype(jnp.bfloat16)
+            v = rng.standard_normal((n, hv, dv)).astype(jnp.bfloat16)
+            for pool in (one, many):
+                old = pool.buffers
+                pool.set_kv_buffer(step % 2, loc, k, v)
+                pool.copy(loc[:3], 200 - np.arange(3))
+                assert old.k.is_deleted()
+            assert many.buffers.k.sharding == many.shardings.k
+        assert many._write._cache_size() <= 2, many._write._cache_size()
+        for a, b in zip(one.get_kv(1, pad_slots(loc)), many.get_kv(1, pad_slots(loc))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(one.buffers.k), np.asarray(many.buffers.k))
+        np.testing.assert_array_equal(np.asarray(one.buffers.v), np.asarray(many.buffers.v))
+    print("SHARDED-OK")
+    """
+)
+
+
+def test_sharded_over_four_devices_matches_one_device() -> None:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    res = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0 and "SHARDED-OK" in res.stdout, res.stderr[-4000:]
