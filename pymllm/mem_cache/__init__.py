@@ -15,6 +15,15 @@ from pymllm.mem_cache.base_prefix_cache import hash_token_ids as hash_token_ids
 from pymllm.mem_cache.chunk_cache import ChunkCache as ChunkCache
 from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache as MambaRadixCache
 from pymllm.mem_cache.mamba_radix_cache import MambaTreeNode as MambaTreeNode
+from pymllm.mem_cache.memory_pool import KVPool as KVPool
+from pymllm.mem_cache.memory_pool import MambaPool as MambaPool
+from pymllm.mem_cache.memory_pool import ReqToTokenPool as ReqToTokenPool
+from pymllm.mem_cache.memory_pool import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
+from pymllm.mem_cache.memory_pool import TokenToKVPoolAllocator as TokenToKVPoolAllocator
+from pymllm.mem_cache.memory_pool import (
+    make_full_attention_net_mem_pool as make_full_attention_net_mem_pool,
+)
+from pymllm.mem_cache.memory_pool import make_req_to_token_pool as make_req_to_token_pool
 from pymllm.mem_cache.radix_cache import RadixCache as RadixCache
 from pymllm.mem_cache.radix_cache import TreeNode as TreeNode
 
@@ -23,13 +32,20 @@ __all__ = [
     "ChunkCache",
     "EvictResult",
     "InsertResult",
+    "KVPool",
+    "MambaPool",
     "MambaRadixCache",
     "MambaTreeNode",
     "MatchResult",
     "RadixCache",
     "RadixKey",
+    "ReqToTokenPool",
+    "SWATokenToKVPoolAllocator",
+    "TokenToKVPoolAllocator",
     "TreeNode",
     "hash_bytes",
     "hash_to_int64",
     "hash_token_ids",
+    "make_full_attention_net_mem_pool",
+    "make_req_to_token_pool",
 ]

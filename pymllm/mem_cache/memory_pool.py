@@ -45,7 +45,7 @@ MIN_BUCKET = 16
 
 
 def bucket_size(n: int) -> int:
-    """Smallest bucket >= *n*: 16, 24, 32, 48, 64, 96, 128, ... (at most 1.33x padding)."""
+    """Smallest bucket >= *n*: 16, 24, 32, 48, 64, 96, 128, ... (padding at most 1.5x)."""
     n = operator.index(n)
     if n <= MIN_BUCKET:
         return MIN_BUCKET
