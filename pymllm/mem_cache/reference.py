@@ -365,11 +365,15 @@ class RefRadixCache(BasePrefixCache):
         """
         tokens, extra_key, width = self._parse_key(key)
         arr = self._parse_value(value, tokens, width)
-        ns = (extra_key, width)
+        prefix_len, node = self._insert_kv(tokens, arr, (extra_key, width))
+        return InsertResult(prefix_len=prefix_len, last_node=node)
+
+    def _insert_kv(self, tokens: list[Any], arr: np.ndarray, ns: Any) -> tuple[int, TreeNode]:
+        """The mutation half of :meth:`insert` (input already checked); returns
+        (prefix_len, node ending at the page-aligned key end). Shared with the Mamba model."""
         self.clock += 1
         aligned = len(tokens) // self.page_size * self.page_size
         node, pos, _ = self._walk(tokens, aligned, ns, count_hit=False)
-        prefix_len = pos
         if pos < aligned:
             leaf = self._new_node(tokens[pos:aligned], arr[pos:aligned].astype(np.int32), node, ns)
             leaf.value.flags.writeable = False
@@ -377,7 +381,7 @@ class RefRadixCache(BasePrefixCache):
             node.children[self._child_key(node, tokens, pos, ns)] = leaf
             self._evictable += aligned - pos
             node = leaf
-        return InsertResult(prefix_len=prefix_len, last_node=node)
+        return pos, node
 
     def evict(self, num_tokens: int, swa_num_tokens: int = 0) -> EvictResult:
         """Evict unlocked leaves, least recently used first (ties: smaller id), until at least
@@ -387,27 +391,40 @@ class RefRadixCache(BasePrefixCache):
             raise TypeError("num_tokens and swa_num_tokens must be ints")
         if num_tokens <= 0:
             return EvictResult()
+        freed: list[np.ndarray] = []
+        evicted = self._evict_leaves(num_tokens, freed)
+        if freed and self.token_to_kv_pool_allocator is not None:
+            self.token_to_kv_pool_allocator.free(np.concatenate(freed).astype(np.int32))
+        return EvictResult(full_evicted=evicted)
+
+    def _evict_leaves(self, num_tokens: int, freed: list[np.ndarray]) -> int:
+        """The LRU loop of :meth:`evict`: remove leaves until *num_tokens* tokens are gone,
+        appending their values to *freed* (not freed yet); returns the tokens removed."""
         leaves = [n for n in self._iter_nodes() if not n.children and n.lock_ref == 0]
         heap = [(n.last_access_time, n.id, n) for n in leaves]
         heapq.heapify(heap)
         evicted = 0
-        freed = []
         while evicted < num_tokens and heap:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
             assert parent is not None
-            del parent.children[self._child_key(parent, node.tokens, 0, node.namespace)]
-            node.evicted = True
-            self._evictable -= len(node.tokens)
-            evicted += len(node.tokens)
-            freed.append(node.value)
-            if self.on_node_evict is not None:
-                self.on_node_evict(node.id)
+            evicted += self._remove_leaf(node, freed)
             if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
-        if freed and self.token_to_kv_pool_allocator is not None:
-            self.token_to_kv_pool_allocator.free(np.concatenate(freed).astype(np.int32))
-        return EvictResult(full_evicted=evicted)
+        return evicted
+
+    def _remove_leaf(self, node: TreeNode, freed: list[np.ndarray]) -> int:
+        """Unlink an unlocked leaf, append its value to *freed*, report it; returns its
+        length. (The Mamba model extends this to drop the node's state too.)"""
+        parent = node.parent
+        assert parent is not None
+        del parent.children[self._child_key(parent, node.tokens, 0, node.namespace)]
+        node.evicted = True
+        self._evictable -= len(node.tokens)
+        freed.append(node.value)
+        if self.on_node_evict is not None:
+            self.on_node_evict(node.id)
+        return len(node.tokens)
 
     def inc_lock_ref(self, node: Any) -> None:
         """Lock *node* and its ancestors against eviction; returns None."""
