@@ -27,6 +27,7 @@ ctypedef struct Node:
     int32_t ns              # namespace id (extra_key, token width)
     int32_t width           # tok_t per position: 1 for int tokens, k for k-tuples
     int64_t len             # positions (tokens) in this node's key
+    int64_t end_pos         # prefix length at the node's end (root: 0); splits keep it
     tok_t* key              # len * width tokens, owned
     idx_t* value            # len KV indices, owned (tree-owned slots)
     int64_t last_access     # logical clock of the last match/insert that touched it
@@ -34,7 +35,7 @@ ctypedef struct Node:
     int32_t lock_ref        # full-KV lock count (node and all its ancestors are locked)
     int32_t heap_pos[2]     # position in each eviction heap, -1 when absent
     int32_t aux_lock_ref    # lock count of the second resource (SWA KV / Mamba state)
-    int32_t aux_value       # Mamba: state slot or -1; SWA: 1 = live SWA KV, 0 = tombstone
+    int32_t aux_value       # Mamba: state slot or -1; SWA: 0 = live SWA KV, -1 = tombstone
     nid_t next_free         # free-list link while the slot is free
 
 

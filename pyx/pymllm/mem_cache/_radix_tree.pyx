@@ -332,9 +332,13 @@ cdef class RadixTreeCore:
     cdef Heap heap                  # HEAP_FULL: evictable leaves
     cdef Heap aux_heap              # HEAP_AUX: droppable Mamba states (Mamba mode)
     cdef bint mamba                 # nodes may carry a Mamba state slot (aux_value)
-    cdef int64_t _aux_evictable     # states with aux_lock_ref == 0
-    cdef int64_t _aux_protected     # states with aux_lock_ref > 0
+    cdef bint swa                   # sliding window: aux_value 0 = live SWA KV, -1 = tombstone
+    cdef int64_t window             # sliding_window_size (SWA mode)
+    cdef int64_t _aux_evictable     # Mamba: unlocked states; SWA: live SWA tokens, unlocked
+    cdef int64_t _aux_protected     # Mamba: locked states; SWA: live SWA tokens, SWA-locked
     cdef int64_t n_states_out       # states collected in _state_out by the current evict
+    cdef int64_t aux_freed          # SWA tokens freed by the current evict
+    cdef int64_t n_swa_out          # indices tombstoned by the current evict (_swa_out)
     cdef int64_t* ns_ref            # root children per namespace
     cdef int64_t ns_cap
     cdef int64_t next_uid
@@ -348,6 +352,7 @@ cdef class RadixTreeCore:
     cdef _Scratch _nid_scratch
     cdef _Scratch _uid_out
     cdef _Scratch _state_out
+    cdef _Scratch _swa_out
     cdef dict _ns_ids               # (extra_key, arity) -> namespace id
     cdef list _ns_keys              # namespace id -> (extra_key, arity) or None when free
     cdef list _ns_free
@@ -372,13 +377,21 @@ cdef class RadixTreeCore:
 
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None):
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size: expected an int >= 1, got {page_size!r}")
         if sliding_window_size is not None:
-            raise NotImplementedError(
-                "sliding_window_size: sliding-window tombstones are not implemented yet "
-                "(RadixCache supports full attention only in this release)"
-            )
+            if (isinstance(sliding_window_size, bool) or not isinstance(sliding_window_size, int)
+                    or sliding_window_size < 1):
+                raise ValueError(
+                    f"sliding_window_size: expected an int >= 1 or None, got {sliding_window_size!r}"
+                )
+            if (token_to_kv_pool_allocator is not None
+                    and not callable(getattr(token_to_kv_pool_allocator, "free_swa", None))):
+                raise TypeError(
+                    "token_to_kv_pool_allocator: a sliding window needs an allocator with "
+                    "free_swa() (SWATokenToKVPoolAllocator)"
+                )
+            self.swa = True
+            self.window = sliding_window_size
+        self.sliding_window_size = sliding_window_size
         self._setup(page_size, token_to_kv_pool_allocator, on_node_evict)
 
     cdef int _setup(self, object page_size, object allocator, object on_node_evict) except -1:
@@ -395,6 +408,7 @@ cdef class RadixTreeCore:
         self._nid_scratch = _Scratch(sizeof(nid_t))
         self._uid_out = _Scratch(sizeof(int64_t))
         self._state_out = _Scratch(sizeof(idx_t))
+        self._swa_out = _Scratch(sizeof(idx_t))
         self.next_uid = 1
         self._init_storage()
         return 0
@@ -504,6 +518,7 @@ cdef class RadixTreeCore:
         x.heap_pos[1] = -1
         x.aux_lock_ref = 0
         x.aux_value = -1
+        x.end_pos = 0
         x.next_free = NIL
 
     cdef nid_t _take_slot(self) noexcept:
@@ -775,6 +790,13 @@ cdef class RadixTreeCore:
         U.hit_count = X.hit_count
         U.lock_ref = X.lock_ref     # every lock through X also locked the part above it
         U.num_children = 1          # a split never invents a Mamba state: U has none
+        U.end_pos = X.end_pos - rest
+        if self.swa:
+            # SWA KV and SWA locks cover whole nodes, so both halves share X's
+            U.aux_value = X.aux_value
+            U.aux_lock_ref = X.aux_lock_ref
+            if U.aux_value >= 0 and U.aux_lock_ref == 0:
+                _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, u)
         e = _map_entry_of(&self.cmap, x, h_old)
         e.child = u
         X.parent = u
@@ -850,10 +872,14 @@ cdef class RadixTreeCore:
         :meth:`evict` if you read them later. A match ending inside a node splits it, so
         ``last_node`` always ends exactly at ``prefix_len``. Recency and hit counts of the
         matched nodes are refreshed. Bad keys raise and change nothing.
+
+        With a sliding window W, a prefix is usable only if its path has no tombstone or
+        its last W tokens all hold SWA KV; the result is cut back to the longest usable
+        prefix (at a node boundary).
         """
         cdef KeyView kv
         cdef nid_t last
-        cdef int64_t n_path, matched, i, off
+        cdef int64_t n_path, matched
         cdef int32_t ns
         owner = self._load_key(key, &kv)
         ns = self._find_ns(key.extra_key, kv.arity)
@@ -863,16 +889,42 @@ cdef class RadixTreeCore:
             return MatchResult(indices=np.empty(0, dtype=np.int32), last_node=self._handle(ROOT),
                                prefix_len=0)
         matched = self._walk(&kv, ns, kv.n, True, &last, &n_path)
-        cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [matched], cnp.NPY_INT32, 0)
+        if self.swa:
+            n_path = self._swa_usable(n_path)
+            last = (<nid_t*>self._nid_scratch.data)[n_path - 1] if n_path > 0 else ROOT
+            matched = self.nodes[last].end_pos
+        return MatchResult(indices=self._path_indices(n_path, matched),
+                           last_node=self._handle(last), prefix_len=matched)
+
+    cdef cnp.ndarray _path_indices(self, int64_t n_path, int64_t total):
+        """The KV indices of the first n_path nodes recorded by _walk, as one int32 array."""
+        cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [total], cnp.NPY_INT32, 0)
         cdef idx_t* dst = <idx_t*>cnp.PyArray_DATA(out)
         cdef nid_t* path = <nid_t*>self._nid_scratch.data
-        off = 0
+        cdef int64_t i, off = 0
         for i in range(n_path):
             memcpy(dst + off, self.nodes[path[i]].value, self.nodes[path[i]].len * sizeof(idx_t))
             off += self.nodes[path[i]].len
-        return MatchResult(indices=out, last_node=self._handle(last), prefix_len=matched)
+        return out
 
-    def insert(self, key, value=None, **kwargs):
+    cdef int64_t _swa_usable(self, int64_t n_path) noexcept:
+        """How many leading nodes of the walked path form the longest usable SWA prefix: no
+        tombstone on it, or at least `window` live tokens since the last tombstone (the
+        count restarts at every tombstone)."""
+        cdef nid_t* path = <nid_t*>self._nid_scratch.data
+        cdef int64_t i, best = 0, live_since = -1   # -1: no tombstone seen yet
+        cdef Node* x
+        for i in range(n_path):
+            x = &self.nodes[path[i]]
+            if x.aux_value < 0:
+                live_since = 0
+            elif live_since >= 0:
+                live_since += x.len
+            if live_since < 0 or live_since >= self.window:
+                best = i + 1
+        return best
+
+    def insert(self, key, value=None, prev_prefix_len=0, swa_evicted_seqlen=0, **kwargs):
         """Insert *key* with its KV slot indices *value* (one per token).
 
         ``value`` may be a numpy array, a list or a jax array; ``None`` uses the token ids
@@ -884,6 +936,17 @@ cdef class RadixTreeCore:
         already cached, under the tree's own indices) and the unaligned tail
         ``value[aligned:]``. Returns ``InsertResult(prefix_len, last_node)`` with
         ``last_node`` ending at ``aligned``. Bad input raises and changes nothing.
+        ``prev_prefix_len`` and ``swa_evicted_seqlen`` only matter with a sliding window.
+
+        With a sliding window the tree settles every index of ``value[prev_prefix_len:
+        aligned]`` itself, so the caller frees none of them: ``value[:prev_prefix_len]`` is
+        the caller's protected prefix (the tree's own indices, from ``match_prefix``) and is
+        left alone; beyond it, a duplicate of a live node is freed (``allocator.free``); a
+        tombstoned node whose range starts at or beyond ``swa_evicted_seqlen`` is revived
+        with the incoming indices (its old ones are freed), otherwise the incoming
+        duplicate is freed; the new suffix is stored, as a tombstone up to
+        ``swa_evicted_seqlen`` (rounded up to a page) and live after it; a suffix lying
+        wholly below ``swa_evicted_seqlen`` is not cached and its indices are freed.
         """
         cdef KeyView kv
         cdef const idx_t* vals
@@ -892,20 +955,114 @@ cdef class RadixTreeCore:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
         owner = self._load_key(key, &kv)
         vowner = self._load_value(value, &kv, &vals)
-        matched = self._insert_kv(&kv, vals, key.extra_key, &last)
+        if self.swa:
+            matched = self._insert_swa(&kv, vals, key.extra_key, prev_prefix_len,
+                                       swa_evicted_seqlen, &last)
+        else:
+            matched = self._insert_kv(&kv, vals, key.extra_key, &last)
         return InsertResult(prefix_len=matched, last_node=self._handle(last))
+
+    cdef int64_t _insert_swa(self, const KeyView* kv, const idx_t* vals, object extra_key,
+                             object prev_prefix_len, object swa_evicted_seqlen,
+                             nid_t* out_last) except -1:
+        cdef int64_t P = self.page_size
+        cdef int64_t aligned = kv.n - kv.n % P
+        cdef int64_t ppl, es, n_path, matched, i, s0, n_free = 0, tomb_len, matched_live, same
+        cdef int32_t w = kv.width
+        cdef int32_t ns
+        cdef nid_t last, tomb
+        cdef nid_t* path
+        cdef Node* x
+        cdef idx_t* dup
+        cdef tok_t* k1 = NULL
+        cdef tok_t* k2 = NULL
+        cdef idx_t* v1 = NULL
+        cdef idx_t* v2 = NULL
+        ppl = _nonneg_int("prev_prefix_len", prev_prefix_len)
+        es = _nonneg_int("swa_evicted_seqlen", swa_evicted_seqlen)
+        if ppl > kv.n or ppl % P:
+            raise InvalidValueError(
+                f"prev_prefix_len: expected a multiple of page_size {P} in [0, {kv.n}], got {ppl}"
+            )
+        es = (es + P - 1) // P * P
+        ns = self._find_ns(extra_key, kv.arity)
+        if aligned == 0:
+            self.clock += 1
+            out_last[0] = ROOT
+            return 0
+        self._reserve_nodes(4)      # a split at prev_prefix_len, one at the match end, 2 new
+        dup = <idx_t*>self._idx_out.reserve(2 * aligned)
+        k1 = <tok_t*>malloc(aligned * w * sizeof(tok_t))
+        k2 = <tok_t*>malloc(aligned * w * sizeof(tok_t))
+        v1 = <idx_t*>malloc(aligned * sizeof(idx_t))
+        v2 = <idx_t*>malloc(aligned * sizeof(idx_t))
+        try:
+            if k1 == NULL or k2 == NULL or v1 == NULL or v2 == NULL:
+                raise MemoryError("insert: could not allocate new nodes")
+            if ns < 0:
+                ns = self._intern_ns(extra_key, kv.arity)
+        except BaseException:
+            free(k1); free(k2); free(v1); free(v2)
+            raise
+        self.clock += 1
+        if ppl > 0:     # nodes never straddle the caller's protected prefix
+            self._walk(kv, ns, ppl, False, &last, &n_path)
+        matched = self._walk(kv, ns, aligned, False, &last, &n_path)
+        path = <nid_t*>self._nid_scratch.data
+        for i in range(n_path):
+            x = &self.nodes[path[i]]
+            s0 = x.end_pos - x.len
+            if s0 < ppl:
+                continue
+            # an incoming index equal to the node's own at that position is the tree's own
+            # slot handed back (prev_prefix_len too short), never a duplicate to free
+            same = _count_equal(x.value, vals + s0, x.len)
+            if x.aux_value < 0 and s0 >= es and same == 0:
+                # revive the tombstone with the incoming indices; its old ones are freed
+                memcpy(dup + n_free, x.value, x.len * sizeof(idx_t))
+                n_free += x.len
+                memcpy(x.value, vals + s0, x.len * sizeof(idx_t))
+                x.aux_value = 0
+                self._aux_evictable += x.len
+                _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, path[i])
+            elif same < x.len:
+                n_free += _copy_differing(dup + n_free, x.value, vals + s0, x.len)
+        if matched < aligned:
+            if es >= aligned:
+                # the whole new suffix lost its SWA KV: not worth caching
+                memcpy(dup + n_free, vals + matched, (aligned - matched) * sizeof(idx_t))
+                n_free += aligned - matched
+            else:
+                if es > matched:
+                    tomb_len = es - matched
+                    memcpy(k1, kv.tok + matched * w, tomb_len * w * sizeof(tok_t))
+                    memcpy(v1, vals + matched, tomb_len * sizeof(idx_t))
+                    last = self._link_leaf(last, ns, w, k1, v1, tomb_len, False)
+                    k1 = NULL
+                    v1 = NULL
+                    matched_live = es
+                else:
+                    matched_live = matched
+                memcpy(k2, kv.tok + matched_live * w, (aligned - matched_live) * w * sizeof(tok_t))
+                memcpy(v2, vals + matched_live, (aligned - matched_live) * sizeof(idx_t))
+                last = self._link_leaf(last, ns, w, k2, v2, aligned - matched_live, True)
+                k2 = NULL
+                v2 = NULL
+        free(k1); free(k2); free(v1); free(v2)
+        out_last[0] = last
+        if n_free > 0 and self.token_to_kv_pool_allocator is not None:
+            self.token_to_kv_pool_allocator.free(_copy_idx(dup, n_free))
+        return matched
 
     cdef int64_t _insert_kv(self, const KeyView* kv, const idx_t* vals, object extra_key,
                             nid_t* out_last) except -1:
         """Store validated key/values; returns the prefix length that was already cached
         and sets *out_last to the node ending at the page-aligned key end."""
-        cdef nid_t last, leaf
+        cdef nid_t last
         cdef int64_t n_path, matched
         cdef int64_t aligned = kv.n - kv.n % self.page_size
         cdef int32_t w = kv.width
         cdef int32_t ns = self._find_ns(extra_key, kv.arity)
-        cdef Node* L
-        cdef Node* par
         cdef tok_t* new_key
         cdef idx_t* new_val
         if aligned == 0:
@@ -935,26 +1092,39 @@ cdef class RadixTreeCore:
             out_last[0] = last
             return matched
         # a new leaf for the rest under `last`
-        leaf = self._take_slot()
-        self._init_node(leaf, self.next_uid, last, ns, w)
+        memcpy(new_key, kv.tok + matched * w, (aligned - matched) * w * sizeof(tok_t))
+        memcpy(new_val, vals + matched, (aligned - matched) * sizeof(idx_t))
+        out_last[0] = self._link_leaf(last, ns, w, new_key, new_val, aligned - matched, True)
+        return matched
+
+    cdef nid_t _link_leaf(self, nid_t parent, int32_t ns, int32_t w, tok_t* key, idx_t* value,
+                          int64_t n, bint live) noexcept:
+        """Hang a new leaf owning key/value (n positions) under parent. In SWA mode it holds
+        live SWA KV unless `live` is False (a tombstone). Capacity must be reserved."""
+        cdef nid_t leaf = self._take_slot()
+        cdef Node* L
+        cdef Node* par
+        self._init_node(leaf, self.next_uid, parent, ns, w)
         self.next_uid += 1
         L = &self.nodes[leaf]
-        L.len = aligned - matched
-        L.key = new_key
-        L.value = new_val
-        memcpy(new_key, kv.tok + matched * w, L.len * w * sizeof(tok_t))
-        memcpy(new_val, vals + matched, L.len * sizeof(idx_t))
-        par = &self.nodes[last]
+        L.len = n
+        L.key = key
+        L.value = value
+        par = &self.nodes[parent]
+        L.end_pos = par.end_pos + n
         if par.heap_pos[HEAP_FULL] >= 0:
-            _heap_remove(&self.heap, self.nodes, HEAP_FULL, last)
+            _heap_remove(&self.heap, self.nodes, HEAP_FULL, parent)
         par.num_children += 1
-        if last == ROOT:
+        if parent == ROOT:
             self.ns_ref[ns] += 1
-        _map_put(&self.cmap, last, leaf, _page_hash(last, ns, L.key, self.page_size * w))
+        _map_put(&self.cmap, parent, leaf, _page_hash(parent, ns, key, self.page_size * w))
         _heap_push(&self.heap, self.nodes, HEAP_FULL, leaf)
-        self._evictable += L.len
-        out_last[0] = leaf
-        return matched
+        self._evictable += n
+        if self.swa and live:
+            L.aux_value = 0
+            _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, leaf)
+            self._aux_evictable += n
+        return leaf
 
     def evict(self, num_tokens, swa_num_tokens=0):
         """Evict unlocked leaves, least recently used first, until at least *num_tokens*
@@ -966,16 +1136,41 @@ cdef class RadixTreeCore:
         proportional to what is evicted (heap pops), never a walk over the tree.
         ``swa_num_tokens`` is ignored without a sliding window.
         """
-        cdef int64_t n_ev = 0
-        cdef int64_t done = self._evict_full(num_tokens, &n_ev)
+        cdef int64_t n_ev = 0, swa_want, swa_done
+        cdef int64_t done = self._evict_full(_count("num_tokens", num_tokens), &n_ev)
+        cdef nid_t n
+        cdef Node* x
+        cdef idx_t* out
+        if not self.swa:
+            self._after_evict(done, n_ev)
+            return EvictResult(full_evicted=done)
+        # SWA phase: tombstone least recently used SWA-unlocked nodes (an unlocked leaf goes
+        # whole); each step takes one node off the SWA heap, so the loop ends
+        swa_want = _count("swa_num_tokens", swa_num_tokens)
+        while self.aux_freed < swa_want and self.aux_heap.size > 0:
+            n = self.aux_heap.data[0]
+            x = &self.nodes[n]
+            if x.num_children == 0 and x.lock_ref == 0:
+                done = self._collect_and_remove(n, done, &n_ev)
+            else:
+                out = <idx_t*>self._swa_out.reserve(self.n_swa_out + x.len)
+                memcpy(out + self.n_swa_out, x.value, x.len * sizeof(idx_t))
+                self.n_swa_out += x.len
+                _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
+                self._aux_evictable -= x.len
+                self.aux_freed += x.len
+                x.aux_value = -1
+        swa_done = self.aux_freed
         self._after_evict(done, n_ev)
-        return EvictResult(full_evicted=done)
+        return EvictResult(full_evicted=done, swa_evicted=swa_done)
 
     cdef int64_t _evict_full(self, int64_t want, int64_t* n_ev) except -1:
         """Pop LRU leaves until `want` tokens are collected in _idx_out (from index 0)."""
         cdef int64_t done = 0
         cdef nid_t n
         self.n_states_out = 0
+        self.aux_freed = 0
+        self.n_swa_out = 0
         n_ev[0] = 0
         while done < want and self.heap.size > 0:
             n = self.heap.data[0]
@@ -987,11 +1182,17 @@ cdef class RadixTreeCore:
         cdef Node* x = &self.nodes[n]
         cdef idx_t* out = <idx_t*>self._idx_out.reserve(done + x.len)
         cdef int64_t* uids = <int64_t*>self._uid_out.reserve(n_ev[0] + 1)
+        cdef nid_t parent = x.parent
         memcpy(out + done, x.value, x.len * sizeof(idx_t))
         uids[n_ev[0]] = x.uid
         n_ev[0] += 1
         done += x.len
         self._remove_leaf(n)
+        x = &self.nodes[parent]
+        if (self.swa and parent != ROOT and x.aux_value < 0 and x.num_children == 0
+                and x.lock_ref == 0):
+            # no leaf stays a tombstone: its full KV alone serves no match
+            done = self._collect_and_remove(parent, done, n_ev)
         return done
 
     cdef int _after_evict(self, int64_t n_idx, int64_t n_nodes) except -1:
@@ -999,6 +1200,12 @@ cdef class RadixTreeCore:
         the state pool (one call), and report evicted nodes."""
         cdef int64_t i
         cdef int64_t* uids = <int64_t*>self._uid_out.data
+        # SWA-only frees first: a node tombstoned and then removed in one call is in both
+        # lists, and free_swa needs its full slots still allocated
+        if self.n_swa_out > 0 and self.token_to_kv_pool_allocator is not None:
+            self.token_to_kv_pool_allocator.free_swa(
+                _copy_idx(<idx_t*>self._swa_out.data, self.n_swa_out))
+        self.n_swa_out = 0
         if n_idx > 0 and self.token_to_kv_pool_allocator is not None:
             self.token_to_kv_pool_allocator.free(_copy_idx(<idx_t*>self._idx_out.data, n_idx))
         if self.n_states_out > 0 and self.mamba_pool is not None:
@@ -1033,7 +1240,13 @@ cdef class RadixTreeCore:
         if x.heap_pos[HEAP_FULL] >= 0:
             _heap_remove(&self.heap, self.nodes, HEAP_FULL, n)
         if x.aux_value >= 0:
-            self._drop_state(n)
+            if self.mamba:
+                self._drop_state(n)
+            else:   # SWA: a live leaf's SWA KV goes with its full KV
+                if x.heap_pos[HEAP_AUX] >= 0:
+                    _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
+                self._aux_evictable -= x.len
+                self.aux_freed += x.len
         self._evictable -= x.len
         self.nodes[parent].num_children -= 1
         if parent == ROOT:
@@ -1052,8 +1265,32 @@ cdef class RadixTreeCore:
         Tokens of nodes going from 0 to 1 lock move from ``evictable_size()`` to
         ``protected_size()``. Locking the root is a no-op. Returns None (the token to hand
         back to :meth:`dec_lock_ref`). A stale handle raises ``StaleNodeError``.
+
+        With a sliding window W the SWA KV is locked only over the nearest W live tokens
+        (whole nodes, stopping at a tombstone), and the return value is the boundary token
+        to pass back as ``dec_lock_ref(node, swa_boundary_id)``: the prefix position where
+        the SWA lock stopped, or None when it reached the root. Positions, unlike node ids,
+        survive the splits that other requests cause while the lock is held.
         """
-        self._lock(self._slot_of(node, True))
+        cdef nid_t n = self._slot_of(node, True)
+        cdef Node* x
+        cdef int64_t acc = 0
+        self._lock(n)
+        if not self.swa:
+            return None
+        while n != ROOT:
+            x = &self.nodes[n]
+            if x.aux_value < 0:
+                return x.end_pos
+            if x.aux_lock_ref == 0:
+                self._aux_evictable -= x.len
+                self._aux_protected += x.len
+                _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
+            x.aux_lock_ref += 1
+            acc += x.len
+            if acc >= self.window:
+                return x.end_pos - x.len
+            n = x.parent
         return None
 
     cdef int _lock(self, nid_t n) except -1:
@@ -1072,10 +1309,37 @@ cdef class RadixTreeCore:
     def dec_lock_ref(self, node, swa_boundary_id=None):
         """Undo one :meth:`inc_lock_ref` of *node*.
 
-        Raises ``LockStateError`` (and changes nothing) when the node holds no lock.
+        Raises ``LockStateError`` (and changes nothing) when the node holds no lock, or
+        (with a sliding window) when ``swa_boundary_id`` does not match a held SWA lock.
         Unlocking the root is a no-op.
         """
-        self._unlock(self._slot_of(node, True))
+        cdef nid_t n = self._slot_of(node, True)
+        cdef nid_t m
+        cdef int64_t boundary
+        cdef Node* x
+        if self.swa and n != ROOT:
+            if self.nodes[n].lock_ref <= 0:
+                raise LockStateError(f"node: node {self.nodes[n].uid} is not locked")
+            boundary = 0 if swa_boundary_id is None else _nonneg_int("swa_boundary_id",
+                                                                       swa_boundary_id)
+            m = n
+            while m != ROOT and self.nodes[m].end_pos > boundary:
+                if self.nodes[m].aux_lock_ref <= 0:
+                    raise LockStateError(
+                        f"swa_boundary_id: {swa_boundary_id!r} does not match the SWA lock "
+                        f"of node {self.nodes[n].uid}"
+                    )
+                m = self.nodes[m].parent
+            m = n
+            while m != ROOT and self.nodes[m].end_pos > boundary:
+                x = &self.nodes[m]
+                x.aux_lock_ref -= 1
+                if x.aux_lock_ref == 0:
+                    self._aux_protected -= x.len
+                    self._aux_evictable += x.len
+                    _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, m)
+                m = x.parent
+        self._unlock(n)
 
     cdef int _unlock(self, nid_t n) except -1:
         cdef Node* x
@@ -1105,10 +1369,12 @@ cdef class RadixTreeCore:
         return self._evictable + self._protected
 
     def swa_evictable_size(self):
-        return 0
+        """Live SWA tokens in nodes without an SWA lock (O(1); 0 without a window)."""
+        return self._aux_evictable if self.swa else 0
 
     def swa_protected_size(self):
-        return 0
+        """Live SWA tokens in SWA-locked nodes (O(1); 0 without a window)."""
+        return self._aux_protected if self.swa else 0
 
     def reset(self):
         """Free every tree-owned KV slot (one ``allocator.free`` call) and every stored
@@ -1274,6 +1540,22 @@ cdef class RadixTreeCore:
                 if aux_should:
                     in_aux += 1
                     assert self.aux_heap.data[x.heap_pos[HEAP_AUX]] == i
+            elif self.swa:
+                assert x.lock_ref >= x.aux_lock_ref >= 0, f"node {x.uid}: swa lock"
+                assert x.end_pos == p.end_pos + x.len, f"node {x.uid}: end_pos"
+                if x.aux_value >= 0:
+                    if x.aux_lock_ref > 0:
+                        aux_pr += x.len
+                    else:
+                        aux_ev += x.len
+                else:
+                    assert x.aux_lock_ref == 0, f"node {x.uid}: SWA-locked tombstone"
+                    assert x.num_children > 0 or x.lock_ref > 0 or x.heap_pos[HEAP_FULL] >= 0
+                aux_should = x.aux_value >= 0 and x.aux_lock_ref == 0
+                assert (x.heap_pos[HEAP_AUX] >= 0) == aux_should, f"node {x.uid}: swa heap"
+                if aux_should:
+                    in_aux += 1
+                    assert self.aux_heap.data[x.heap_pos[HEAP_AUX]] == i
             else:
                 assert x.aux_value == -1 and x.heap_pos[HEAP_AUX] == -1
             if should:
@@ -1378,6 +1660,16 @@ cdef class TreeNode:
     def hit_count(self):
         return self._node().hit_count
 
+    @property
+    def swa_tombstone(self):
+        """True when the node's SWA KV was freed (sliding window caches only)."""
+        return self._tree.swa and self._node().aux_value < 0 and self._slot != ROOT
+
+    @property
+    def swa_lock_ref(self):
+        """SWA lock count (sliding window caches only; 0 otherwise)."""
+        return self._node().aux_lock_ref if self._tree.swa else 0
+
     def __eq__(self, other):
         if not isinstance(other, TreeNode):
             return NotImplemented
@@ -1444,7 +1736,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         """
         cdef KeyView kv
         cdef nid_t last = ROOT
-        cdef int64_t n_path, kv_len, partial, k, i, state_len = 0, off
+        cdef int64_t n_path, kv_len, partial, k, state_len
         cdef int32_t ns
         cdef nid_t* path
         owner = self._load_key(key, &kv)
@@ -1460,15 +1752,9 @@ cdef class MambaTreeCore(RadixTreeCore):
         while k >= 0 and self.nodes[path[k]].aux_value < 0:
             k -= 1
         last = path[k] if k >= 0 else ROOT
-        for i in range(k + 1):
-            state_len += self.nodes[path[i]].len
-        cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [state_len], cnp.NPY_INT32, 0)
-        cdef idx_t* dst = <idx_t*>cnp.PyArray_DATA(out)
-        off = 0
-        for i in range(k + 1):
-            memcpy(dst + off, self.nodes[path[i]].value, self.nodes[path[i]].len * sizeof(idx_t))
-            off += self.nodes[path[i]].len
-        return MatchResult(indices=out, last_node=self._handle(last), prefix_len=state_len,
+        state_len = self.nodes[last].end_pos
+        return MatchResult(indices=self._path_indices(k + 1, state_len),
+                           last_node=self._handle(last), prefix_len=state_len,
                            mamba_branching_seqlen=kv_len if kv_len > state_len else None)
 
     def insert(self, key, value=None, mamba_value=None, **kwargs):
@@ -1527,8 +1813,8 @@ cdef class MambaTreeCore(RadixTreeCore):
             mamba_num = swa_num_tokens
         elif swa_num_tokens:
             raise TypeError("evict(): give the Mamba state count once (mamba_num or the 2nd arg)")
-        want_states = mamba_num
-        done = self._evict_full(num_tokens, &n_ev)
+        want_states = _count("mamba_num", mamba_num)
+        done = self._evict_full(_count("num_tokens", num_tokens), &n_ev)
         while self.n_states_out < want_states and self.aux_heap.size > 0:
             n = self.aux_heap.data[0]
             x = &self.nodes[n]
@@ -1576,6 +1862,41 @@ cdef class MambaTreeCore(RadixTreeCore):
     def mamba_protected_size(self):
         """Stored states that are locked (O(1))."""
         return self._aux_protected
+
+
+cdef inline int64_t _count_equal(const idx_t* a, const idx_t* b, int64_t n) noexcept nogil:
+    cdef int64_t i, c = 0
+    for i in range(n):
+        c += a[i] == b[i]
+    return c
+
+
+cdef inline int64_t _copy_differing(idx_t* dst, const idx_t* own, const idx_t* incoming,
+                                    int64_t n) noexcept nogil:
+    """Copy incoming[i] where it differs from own[i]; returns how many were copied."""
+    cdef int64_t i, k = 0
+    for i in range(n):
+        if incoming[i] != own[i]:
+            dst[k] = incoming[i]
+            k += 1
+    return k
+
+
+cdef int64_t _count(str name, object v) except? -1:
+    """An eviction count: any int (<= 0 means nothing); bools and floats are rejected."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    v = v.__index__()
+    return max(-1, min(v, (<int64_t>1) << 62))
+
+
+cdef int64_t _nonneg_int(str name, object v) except -1:
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    v = v.__index__()
+    if v < 0:
+        raise InvalidValueError(f"{name}: expected an int >= 0, got {v}")
+    return v
 
 
 cdef int64_t _parse_state_slot(object mamba_value) except -1:
