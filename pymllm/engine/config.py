@@ -28,7 +28,8 @@ class ModelConfig:
 
     ``variant`` picks the layer pattern (see :data:`VARIANTS`): ``full`` (every layer full
     attention), ``swa`` (sliding-window and full attention alternating) or ``hybrid``
-    (gated linear recurrence and full attention alternating). ``dtype`` is the dtype of the
+    (gated linear recurrence and full attention alternating; the recurrence runs a causal
+    depthwise convolution of ``conv_width`` taps first, Mamba style). ``dtype`` is the dtype of the
     weights, the activations and the KV pool; float32 keeps the exactness checks tight.
     """
 
@@ -44,6 +45,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     variant: str = "full"
     sliding_window: int = 128
+    conv_width: int = 4
     dtype: str = "float32"
     seed: int = 0
 
@@ -56,6 +58,14 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        pattern = VARIANTS[self.variant]
+        if self.n_layers % len(pattern):
+            raise ValueError(
+                f"n_layers ({self.n_layers}) must be a multiple of the {self.variant!r} "
+                f"pattern length ({len(pattern)})"
+            )
+        if self.conv_width < 2:
+            raise ValueError(f"conv_width must be >= 2, got {self.conv_width}")
         if self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
 
@@ -64,6 +74,11 @@ class ModelConfig:
         """The kind of every layer, the variant's pattern repeated."""
         pattern = VARIANTS[self.variant]
         return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+    @property
+    def pattern(self) -> tuple[str, ...]:
+        """The layer kinds of one group; the model is ``n_layers / len(pattern)`` groups."""
+        return VARIANTS[self.variant]
 
     @property
     def kv_layer_ids(self) -> tuple[int, ...]:
@@ -88,7 +103,7 @@ class ModelConfig:
             self.ffn_dim,
         )
         attn = d * h * hd * 2 + d * kvh * hd * 2
-        rec = d * h * hd * 3 + h * hd + h * hd * d
+        rec = d * h * hd * 3 + h * hd * (1 + self.conv_width) + h * hd * d
         mlp = 3 * d * f
         per_kind = {"attn": attn, "swa": attn, "rec": rec}
         layers = sum(per_kind[k] + mlp + 2 * d for k in self.layer_kinds)

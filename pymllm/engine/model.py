@@ -7,15 +7,21 @@ every query attends over the request's whole slot table (cached prefix + new tok
 gathered from the pool. The cached prefix is therefore never recomputed: it is read from the
 slots the prefix cache hands out.
 
-Buffers (all donated, rebound by the caller):
+Buffers are the package's pools' own (:mod:`pymllm.mem_cache.memory_pool`), donated and
+returned by the step:
 
-* ``kv``: one ``(k, v)`` pair per attention layer (``cfg.kv_layer_ids``), each
-  ``[pool_size + 1, n_kv_heads, head_dim]`` of ``cfg.dtype``; row 0 is the padding slot.
-* ``state``: one ``[state_slots + 1, n_heads, head_dim]`` float32 buffer per recurrent
-  layer (``cfg.rec_layer_ids``); row 0 is the padding slot.
+* ``kv``: :class:`~pymllm.mem_cache.memory_pool.KVBuffers` of a ``KVPool`` with one layer
+  per attention layer (``cfg.kv_layer_ids``): ``k``/``v`` ``[L_kv, rows, n_kv_heads,
+  head_dim]`` of ``cfg.dtype``; row 0 is the padding slot.
+* ``state``: :class:`~pymllm.mem_cache.memory_pool.MambaBuffers` of a ``MambaPool`` with
+  one layer per recurrent layer: ``conv`` ``[L_rec, rows, conv_width - 1, n_heads *
+  head_dim]`` and ``temporal`` ``[L_rec, rows, n_heads, head_dim]`` (float32); ``None``
+  when the model has no recurrent layer.
 
-Padding everywhere uses slot 0: padded tokens write their KV/state to the trash row 0 and
-padded slot-table entries read it (masked out of the softmax).
+The layers run as a ``lax.scan`` over groups of the variant's pattern (one group is one
+layer for ``full``, a pair for ``swa``/``hybrid``), so compilation cost does not grow with
+depth. Padding everywhere uses slot 0: padded tokens write their KV/state to the trash row
+0 and padded slot-table entries read it (masked out of the softmax).
 """
 
 from __future__ import annotations
@@ -28,66 +34,68 @@ import jax.numpy as jnp
 import numpy as np
 
 from pymllm.engine.config import ModelConfig
+from pymllm.mem_cache.memory_pool import KVBuffers, MambaBuffers
 
 Params = dict[str, Any]
-KVBuffers = tuple[tuple[jax.Array, jax.Array], ...]
-StateBuffers = tuple[jax.Array, ...]
 
 _NEG_INF = -1e30
 
 
 def init_params(cfg: ModelConfig) -> Params:
-    """Weights drawn from ``cfg.seed`` (scaled normal; norms at one)."""
+    """Weights drawn from ``cfg.seed`` (scaled normal; norms at one).
+
+    ``params["blocks"][j]`` holds the weights of pattern position ``j`` for every group,
+    stacked on a leading axis of ``n_layers / len(pattern)``.
+    """
     dtype = jnp.dtype(cfg.dtype)
     d, h, kvh, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-    keys = iter(jax.random.split(jax.random.PRNGKey(cfg.seed), 8 + 8 * cfg.n_layers))
+    groups = cfg.n_layers // len(cfg.pattern)
+    keys = iter(jax.random.split(jax.random.PRNGKey(cfg.seed), 4 + 16 * len(cfg.pattern)))
 
     def dense(shape: Sequence[int], fan_in: int, scale: float = 1.0) -> jax.Array:
-        w = jax.random.normal(next(keys), shape, jnp.float32) * (scale / np.sqrt(fan_in))
-        return w.astype(dtype)
+        w = jax.random.normal(next(keys), (groups, *shape), jnp.float32)
+        return (w * (scale / np.sqrt(fan_in))).astype(dtype)
 
-    layers = []
-    for kind in cfg.layer_kinds:
-        layer: dict[str, jax.Array] = {
-            "norm1": jnp.ones((d,), dtype),
-            "norm2": jnp.ones((d,), dtype),
+    def full(shape: Sequence[int], value: float) -> jax.Array:
+        return jnp.full((groups, *shape), value, dtype)
+
+    blocks = []
+    for kind in cfg.pattern:
+        blk: dict[str, jax.Array] = {
+            "norm1": full((d,), 1.0),
+            "norm2": full((d,), 1.0),
             "w_gate": dense((d, f), d),
             "w_up": dense((d, f), d),
             "w_down": dense((f, d), f),
         }
         if kind == "rec":
-            layer["w_u"] = dense((d, h * hd), d)
-            layer["w_a"] = dense((d, h * hd), d)
+            blk["w_u"] = dense((d, h * hd), d)
+            blk["conv"] = dense((cfg.conv_width, h * hd), cfg.conv_width)
+            blk["w_a"] = dense((d, h * hd), d)
             # Bias the decay gate towards remembering (sigmoid(2) ~ 0.88).
-            layer["b_a"] = jnp.full((h * hd,), 2.0, dtype)
-            layer["w_g"] = dense((d, h * hd), d)
-            layer["w_o"] = dense((h * hd, d), h * hd)
+            blk["b_a"] = full((h * hd,), 2.0)
+            blk["w_g"] = dense((d, h * hd), d)
+            blk["w_o"] = dense((h * hd, d), h * hd)
         else:
-            layer["wq"] = dense((d, h * hd), d)
-            layer["wk"] = dense((d, kvh * hd), d)
-            layer["wv"] = dense((d, kvh * hd), d)
-            layer["wo"] = dense((h * hd, d), h * hd)
-        layers.append(layer)
+            blk["wq"] = dense((d, h * hd), d)
+            blk["wk"] = dense((d, kvh * hd), d)
+            blk["wv"] = dense((d, kvh * hd), d)
+            blk["wo"] = dense((h * hd, d), h * hd)
+        blocks.append(blk)
     return {
-        "embed": dense((cfg.vocab_size, d), 1),
-        "layers": layers,
+        "embed": jax.random.normal(next(keys), (cfg.vocab_size, d), jnp.float32).astype(dtype),
+        "blocks": blocks,
         "norm_f": jnp.ones((d,), dtype),
-        # A wider LM head spreads the logits, so greedy argmax rarely meets a near-tie.
-        "lm_head": dense((d, cfg.vocab_size), d, scale=4.0),
+        # A wide LM head spreads the logits, so greedy argmax rarely meets a near-tie.
+        "lm_head": (
+            jax.random.normal(next(keys), (d, cfg.vocab_size), jnp.float32) * (4.0 / np.sqrt(d))
+        ).astype(dtype),
     }
 
 
-def init_kv_buffers(cfg: ModelConfig, pool_size: int) -> KVBuffers:
-    """Zeroed KV buffers for the layout the step expects (without a ``KVPool``)."""
-    shape = (pool_size + 1, cfg.n_kv_heads, cfg.head_dim)
-    dtype = jnp.dtype(cfg.dtype)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in cfg.kv_layer_ids)
-
-
-def init_state_buffers(cfg: ModelConfig, num_slots: int) -> StateBuffers:
-    """Zeroed recurrent-state buffers, ``num_slots + 1`` rows each (row 0 = padding)."""
-    shape = (num_slots + 1, cfg.n_heads, cfg.head_dim)
-    return tuple(jnp.zeros(shape, jnp.float32) for _ in cfg.rec_layer_ids)
+def state_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(conv_state_shape, temporal_state_shape)`` of one recurrent layer, for ``MambaPool``."""
+    return (cfg.conv_width - 1, cfg.n_heads * cfg.head_dim), (cfg.n_heads, cfg.head_dim)
 
 
 def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -96,128 +104,159 @@ def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half form. ``x``: [B, T, H, D]; ``positions``: [B, T]."""
-    half = x.shape[-1] // 2
+def _rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, ...]:
+    half = head_dim // 2
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     ang = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, half]
-    cos = jnp.cos(ang)[:, :, None, :]
-    sin = jnp.sin(ang)[:, :, None, :]
+    return jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+
+
+def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding, rotate-half form. ``x``: [B, T, H, D]."""
+    half = x.shape[-1] // 2
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., :half], x32[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-def _kv_write(buf: jax.Array, loc: jax.Array, val: jax.Array) -> jax.Array:
-    # Padding tokens all target row 0; whatever lands there is never read unmasked.
-    return buf.at[loc].set(val, unique_indices=True)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def _attention(
     cfg: ModelConfig,
     p: dict[str, jax.Array],
     x: jax.Array,
-    kv: tuple[jax.Array, jax.Array],
+    kv: KVBuffers,
+    layer: jax.Array,
     b: dict[str, jax.Array],
-    window: int | None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    rope: tuple[jax.Array, jax.Array],
+    bias: jax.Array,
+) -> tuple[jax.Array, KVBuffers]:
     bsz, t, _ = x.shape
     h, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q = (x @ p["wq"]).reshape(bsz, t, h, hd)
-    k = (x @ p["wk"]).reshape(bsz, t, kvh, hd)
+    q = _rope((x @ p["wq"]).reshape(bsz, t, h, hd), *rope)
+    k = _rope((x @ p["wk"]).reshape(bsz, t, kvh, hd), *rope)
     v = (x @ p["wv"]).reshape(bsz, t, kvh, hd)
-    q = _rope(q, b["positions"], cfg.rope_theta)
-    k = _rope(k, b["positions"], cfg.rope_theta)
 
-    k_buf, v_buf = kv
+    # Write first, then gather: the chunk's own keys come back through the pool, exactly as
+    # a later request that hits this prefix will read them. Padding tokens all write row 0.
     loc = b["new_slots"].reshape(-1)
-    k_buf = _kv_write(k_buf, loc, k.reshape(-1, kvh, hd).astype(k_buf.dtype))
-    v_buf = _kv_write(v_buf, loc, v.reshape(-1, kvh, hd).astype(v_buf.dtype))
+    kv = KVBuffers(
+        kv.k.at[layer, loc].set(k.reshape(-1, kvh, hd).astype(kv.k.dtype), unique_indices=True),
+        kv.v.at[layer, loc].set(v.reshape(-1, kvh, hd).astype(kv.v.dtype), unique_indices=True),
+    )
+    keys = kv.k[layer, b["kv_slots"]]  # [B, S, kvh, hd]: paged attention by gather
+    vals = kv.v[layer, b["kv_slots"]]
 
-    # Paged attention by gather: the request's slot table names every KV row it may see.
-    keys = k_buf[b["kv_slots"]]  # [B, S, kvh, hd]
-    vals = v_buf[b["kv_slots"]]
-    s = keys.shape[1]
-    qg = q.reshape(bsz, t, kvh, h // kvh, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(hd))
-    kv_pos = jnp.arange(s, dtype=jnp.int32)[None, None, :]
-    q_pos = b["positions"][:, :, None]
-    mask = kv_pos <= q_pos  # [B, T, S]; causal, and beyond the request's length
-    if window is not None:
-        mask = mask & (kv_pos > q_pos - window)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(vals.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, vals, preferred_element_type=jnp.float32)
-    out = out.reshape(bsz, t, h * hd).astype(x.dtype)
-    return out @ p["wo"], (k_buf, v_buf)
+    # Query heads grouped under their KV head, flattened into one batched matmul per KV head
+    # ([B, kvh, g*T, hd] x [B, kvh, S, hd]): several times faster on CPU than a 5-D einsum.
+    g = h // kvh
+    qg = q.reshape(bsz, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(bsz, kvh, g * t, hd)
+    keys = keys.transpose(0, 2, 1, 3)
+    vals = vals.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, keys, preferred_element_type=jnp.float32)
+    s = keys.shape[2]
+    scores = scores.reshape(bsz, kvh, g, t, s) * (1.0 / np.sqrt(hd)) + bias[:, None, None]
+    probs = jax.nn.softmax(scores.reshape(bsz, kvh, g * t, s), axis=-1).astype(vals.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vals, preferred_element_type=jnp.float32)
+    out = out.reshape(bsz, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(bsz, t, h * hd)
+    out = out.astype(x.dtype)
+    return out @ p["wo"], kv
 
 
 def _recurrence(
     cfg: ModelConfig,
     p: dict[str, jax.Array],
     x: jax.Array,
-    state_buf: jax.Array,
+    state: MambaBuffers,
+    layer: jax.Array,
     b: dict[str, jax.Array],
-) -> tuple[jax.Array, jax.Array]:
-    """Gated linear recurrence ``s_t = a_t * s_{t-1} + (1 - a_t) * u_t``, output gated.
+) -> tuple[jax.Array, MambaBuffers]:
+    """Causal depthwise conv, then ``s_t = a_t * s_{t-1} + (1 - a_t) * u_t``, output gated.
 
-    The state of each request is read from its slot in ``state_buf`` (zero where
-    ``state_fresh``) and written back there; padded tokens (``t >= chunk_lens``) leave it
-    unchanged.
+    Each request's conv window and recurrent state are read from its slot (zero where
+    ``state_fresh``) and written back there; padded tokens (``t >= chunk_lens``) leave both
+    unchanged, so a prompt split into chunks ends in the same state as one pass.
     """
     bsz, t, _ = x.shape
-    h, hd = cfg.n_heads, cfg.head_dim
-    u = (x @ p["w_u"]).astype(jnp.float32).reshape(bsz, t, h, hd)
+    h, hd, c = cfg.n_heads, cfg.head_dim, cfg.n_heads * cfg.head_dim
+    width = cfg.conv_width
+    slots, fresh = b["state_slots"], b["state_fresh"][:, None, None]
+    conv0 = jnp.where(fresh, 0.0, state.conv[layer, slots].astype(jnp.float32))  # [B, W-1, C]
+    s0 = jnp.where(fresh, 0.0, state.temporal[layer, slots])  # [B, h, hd]
+
+    u = (x @ p["w_u"]).astype(jnp.float32)  # [B, T, C]
+    ext = jnp.concatenate([conv0, u], axis=1)  # [B, W-1+T, C]
+    w = p["conv"].astype(jnp.float32)
+    u = sum(ext[:, j : j + t] * w[j] for j in range(width))
+    # The new conv window: the last W-1 inputs up to the row's last valid token.
+    idx = b["chunk_lens"][:, None] + jnp.arange(width - 1)[None, :]
+    conv_new = jnp.take_along_axis(ext, idx[:, :, None], axis=1)
+
+    u = u.reshape(bsz, t, h, hd)
     a = jax.nn.sigmoid((x @ p["w_a"] + p["b_a"]).astype(jnp.float32)).reshape(bsz, t, h, hd)
     valid = jnp.arange(t)[None, :] < b["chunk_lens"][:, None]  # [B, T]
-    s0 = state_buf[b["state_slots"]]  # [B, h, hd]
-    s0 = jnp.where(b["state_fresh"][:, None, None], 0.0, s0)
 
     def step(s: jax.Array, inp: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
         u_t, a_t, ok = inp
-        s_new = a_t * s + (1.0 - a_t) * u_t
-        s = jnp.where(ok[:, None, None], s_new, s)
+        s = jnp.where(ok[:, None, None], a_t * s + (1.0 - a_t) * u_t, s)
         return s, s
 
     s_last, seq = jax.lax.scan(step, s0, (u.swapaxes(0, 1), a.swapaxes(0, 1), valid.swapaxes(0, 1)))
-    seq = seq.swapaxes(0, 1).reshape(bsz, t, h * hd)
+    seq = seq.swapaxes(0, 1).reshape(bsz, t, c)
     gate = jax.nn.silu((x @ p["w_g"]).astype(jnp.float32))
     y = (seq * gate).astype(x.dtype) @ p["w_o"]
-    state_buf = state_buf.at[b["state_slots"]].set(s_last, unique_indices=True)
-    return y, state_buf
+    state = MambaBuffers(
+        state.conv.at[layer, slots].set(conv_new.astype(state.conv.dtype), unique_indices=True),
+        state.temporal.at[layer, slots].set(s_last, unique_indices=True),
+    )
+    return y, state
 
 
 def _extend(
     params: Params,
     kv: KVBuffers,
-    state: StateBuffers,
+    state: MambaBuffers | None,
     batch: dict[str, jax.Array],
     *,
     cfg: ModelConfig,
-) -> tuple[jax.Array, jax.Array, KVBuffers, StateBuffers]:
+) -> tuple[jax.Array, jax.Array, KVBuffers, MambaBuffers | None]:
+    pattern = cfg.pattern
+    n_attn = sum(k != "rec" for k in pattern)
+    n_rec = len(pattern) - n_attn
+    rope = _rope_tables(batch["positions"], cfg.head_dim, cfg.rope_theta)
+    # Additive masks [B, T, S], built once per step and shared by every layer of a kind.
+    kv_pos = jnp.arange(batch["kv_slots"].shape[1], dtype=jnp.int32)[None, None, :]
+    q_pos = batch["positions"][:, :, None]
+    visible = kv_pos <= q_pos  # causal; slots past the request's length are masked too
+    full_bias = jnp.where(visible, 0.0, _NEG_INF).astype(jnp.float32)
+    swa_bias = jnp.where(visible & (kv_pos > q_pos - cfg.sliding_window), 0.0, _NEG_INF)
     x = params["embed"][batch["tokens"]]
-    kv_out = list(kv)
-    state_out = list(state)
-    kv_i = rec_i = 0
-    for kind, p in zip(cfg.layer_kinds, params["layers"], strict=True):
-        hn = _rms_norm(x, p["norm1"], cfg.norm_eps)
-        if kind == "rec":
-            y, state_out[rec_i] = _recurrence(cfg, p, hn, state_out[rec_i], batch)
-            rec_i += 1
-        else:
-            window = cfg.sliding_window if kind == "swa" else None
-            y, kv_out[kv_i] = _attention(cfg, p, hn, kv_out[kv_i], batch, window)
-            kv_i += 1
-        x = x + y
-        hn = _rms_norm(x, p["norm2"], cfg.norm_eps)
-        x = x + (jax.nn.silu(hn @ p["w_gate"]) * (hn @ p["w_up"])) @ p["w_down"]
+
+    def group(carry: tuple[Any, ...], xs: tuple[Any, ...]) -> tuple[tuple[Any, ...], None]:
+        x, kv, state = carry
+        g, blocks = xs
+        attn_i = rec_i = 0
+        for kind, p in zip(pattern, blocks, strict=True):
+            hn = _rms_norm(x, p["norm1"], cfg.norm_eps)
+            if kind == "rec":
+                y, state = _recurrence(cfg, p, hn, state, g * n_rec + rec_i, batch)
+                rec_i += 1
+            else:
+                bias = swa_bias if kind == "swa" else full_bias
+                y, kv = _attention(cfg, p, hn, kv, g * n_attn + attn_i, batch, rope, bias)
+                attn_i += 1
+            x = x + y
+            hn = _rms_norm(x, p["norm2"], cfg.norm_eps)
+            x = x + (jax.nn.silu(hn @ p["w_gate"]) * (hn @ p["w_up"])) @ p["w_down"]
+        return (x, kv, state), None
+
+    groups = cfg.n_layers // len(pattern)
+    (x, kv, state), _ = jax.lax.scan(
+        group, (x, kv, state), (jnp.arange(groups, dtype=jnp.int32), params["blocks"])
+    )
     last = jnp.take_along_axis(x, batch["last_idx"][:, None, None], axis=1)[:, 0]
     last = _rms_norm(last, params["norm_f"], cfg.norm_eps)
     logits = (last @ params["lm_head"]).astype(jnp.float32)
     next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return next_tokens, logits, tuple(kv_out), tuple(state_out)
+    return next_tokens, logits, kv, state
 
 
 _extend_jit = jax.jit(_extend, static_argnames=("cfg",), donate_argnames=("kv", "state"))
@@ -226,13 +265,14 @@ _extend_jit = jax.jit(_extend, static_argnames=("cfg",), donate_argnames=("kv", 
 def extend_step(
     params: Params,
     kv: KVBuffers,
-    state: StateBuffers,
+    state: MambaBuffers | None,
     batch: dict[str, jax.Array],
     cfg: ModelConfig,
-) -> tuple[jax.Array, jax.Array, KVBuffers, StateBuffers]:
+) -> tuple[jax.Array, jax.Array, KVBuffers, MambaBuffers | None]:
     """One chunked-prefill or decode step for a padded batch; jitted, ``kv``/``state`` donated.
 
-    ``batch`` (int32 arrays; ``B``, ``T``, ``S`` are bucket sizes chosen by the caller):
+    ``batch`` (int32 unless noted; ``B``, ``T``, ``S`` are bucket sizes chosen by the caller,
+    each distinct ``(B, T, S)`` compiles once):
 
     * ``tokens``, ``positions``, ``new_slots``: ``[B, T]``; the new tokens, their absolute
       positions and the KV slot each one is written to (padding: token 0, position 0,
@@ -242,12 +282,12 @@ def extend_step(
       position ``p`` iff ``j <= p`` (and, in ``swa`` layers, ``j > p - sliding_window``).
     * ``chunk_lens``, ``last_idx``, ``state_slots``: ``[B]``; new tokens per row, the index
       in ``T`` of the row's last new token (its logits are returned), and the row's slot in
-      the recurrent-state buffers (padding rows: 0).
+      the state pool (padding rows: 0).
     * ``state_fresh``: ``[B]`` bool; the row starts its recurrence from a zero state
       instead of reading its slot (a request's first chunk).
 
-    Returns ``(next_tokens [B] int32, logits [B, vocab] float32, kv, state)``; the input
-    ``kv`` and ``state`` are donated and must not be used again.
+    Returns ``(next_tokens [B] int32, logits [B, vocab] float32, kv, state)`` on the
+    buffers' device; the input ``kv`` and ``state`` are donated and must not be used again.
     """
     return _extend_jit(params, kv, state, batch, cfg=cfg)
 
@@ -257,13 +297,4 @@ def compile_count() -> int:
     return int(_extend_jit._cache_size())
 
 
-__all__ = [
-    "KVBuffers",
-    "Params",
-    "StateBuffers",
-    "compile_count",
-    "extend_step",
-    "init_kv_buffers",
-    "init_params",
-    "init_state_buffers",
-]
+__all__ = ["Params", "compile_count", "extend_step", "init_params", "state_shapes"]

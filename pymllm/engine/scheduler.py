@@ -41,6 +41,7 @@ from pymllm.engine.memory import EngineMemory
 from pymllm.engine.workloads import RequestSpec, Workload
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache, RadixKey
 from pymllm.mem_cache.chunk_cache import ChunkCache
+from pymllm.mem_cache.memory_pool import bucket_size
 
 
 class EngineError(RuntimeError):
@@ -55,7 +56,8 @@ class SchedulerConfig:
     * ``max_prefill_batch``, ``chunk_tokens``: requests and prompt tokens per prefill step;
       a longer prompt is prefilled over several steps (chunked prefill).
     * ``min_token_bucket``, ``min_seq_bucket``: smallest padded chunk length and slot-table
-      length; buckets are powers of two from there, so a run compiles a handful of shapes.
+      length. Batch and chunk sizes are padded to powers of two, slot tables to the pools'
+      ``bucket_size`` (steps of at most 1.5x), so a run compiles a handful of shapes.
     * ``wait_for_shared_prefix``: hold back a request whose prompt shares at least
       ``share_min_tokens`` uncached tokens with a request still in prefill, so it reuses
       that prefill once cached instead of computing it again. ``None``: on unless the cache
@@ -66,7 +68,7 @@ class SchedulerConfig:
     max_running: int = 16
     max_prefill_batch: int = 4
     chunk_tokens: int = 256
-    min_token_bucket: int = 16
+    min_token_bucket: int = 32
     min_seq_bucket: int = 128
     wait_for_shared_prefix: bool | None = None
     share_min_tokens: int = 32
@@ -80,6 +82,20 @@ class SchedulerConfig:
 
 def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def ideal_cached_tokens(results: list[RequestResult]) -> int:
+    """Prompt tokens an unbounded cache could reuse serving ``results`` one at a time in
+    order: each prompt's longest prefix (at most ``len - 1``) among the earlier sequences
+    (prompt + output). The yardstick for a run's hit rate."""
+    from pymllm.mem_cache.radix_cache import RadixCache
+
+    tree = RadixCache(page_size=1)
+    hit = 0
+    for r in results:
+        hit += min(tree.match_prefix(RadixKey(r.prompt)).prefix_len, r.prompt_len - 1)
+        tree.insert(RadixKey(np.concatenate([r.prompt, r.output[:-1]])))
+    return hit
 
 
 def _common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
@@ -124,6 +140,7 @@ class _Req:
 @dataclass
 class RequestResult:
     rid: str
+    prompt: np.ndarray = field(repr=False)
     prompt_len: int
     cached_tokens: int
     output: np.ndarray
@@ -227,8 +244,6 @@ class Engine:
                 f"the {cfg.variant!r} model keeps recurrent state that {type(cache).__name__} "
                 "does not snapshot; serve it with ChunkCache (MambaRadixCache is not wired yet)"
             )
-        if cfg.rec_layer_ids and memory.state_allocator is None:
-            raise ValueError("the model has recurrent layers: build EngineMemory with state_size")
         self.cfg = cfg
         self.memory = memory
         self.cache = cache
@@ -258,7 +273,7 @@ class Engine:
         if token is None:
             self.cache.dec_lock_ref(node)
         else:
-            self.cache.dec_lock_ref(node, swa_uuid_for_lock=token)
+            self.cache.dec_lock_ref(node, swa_boundary_id=token)
 
     def _insert(self, r: _Req, tokens: np.ndarray) -> tuple[int, int]:
         """Insert ``tokens`` with our slots; returns (prefix_len, tokens the tree took)."""
@@ -290,8 +305,8 @@ class Engine:
         token = self._lock(m.last_node)
         new = self._alloc_kv(r.kv_len - cached)
         state_slot = 0
-        if new is not None and self.memory.state_allocator is not None:
-            got = self.memory.state_allocator.alloc(1)
+        if new is not None and self.memory.state_pool is not None:
+            got = self.memory.state_pool.alloc(1)
             if got is None:
                 self._alloc.free(new)
                 new = None
@@ -331,8 +346,8 @@ class Engine:
         if ours.size:
             self._alloc.free(ours)
         if r.state_slot:
-            assert self.memory.state_allocator is not None
-            self.memory.state_allocator.free(np.array([r.state_slot], np.int32))
+            assert self.memory.state_pool is not None
+            self.memory.state_pool.free(np.array([r.state_slot], np.int32))
         r.node = r.lock_token = None
         r.slots = r.slots[:0]
         r.t_finish = self._now()
@@ -341,9 +356,11 @@ class Engine:
 
     def _run_step(self, rows: list[tuple[_Req, int]], decode: bool) -> tuple[np.ndarray, Any]:
         sched = self.sched
-        b = _bucket(len(rows), 1)
+        # Decode pads the batch to max_running: a padded decode row costs little and one
+        # batch size per slot-table bucket keeps compilations few.
+        b = _bucket(sched.max_running if decode else len(rows), 1)
         t = 1 if decode else _bucket(max(n for _, n in rows), sched.min_token_bucket)
-        s = _bucket(max(r.prefilled + n for r, n in rows), sched.min_seq_bucket)
+        s = max(bucket_size(max(r.prefilled + n for r, n in rows)), sched.min_seq_bucket)
         tokens = np.zeros((b, t), np.int32)
         positions = np.zeros((b, t), np.int32)
         new_slots = np.zeros((b, t), np.int32)
@@ -509,7 +526,7 @@ class Engine:
         ok = free + in_cache + held == self.memory.kv_size
         if not getattr(self, "_running", []):
             ok = ok and self.cache.protected_size() == 0
-            if self.memory.state_allocator is not None:
+            if self.memory.state_pool is not None:
                 ok = ok and self.memory.state_available() == self.memory.state_size
         return free, in_cache, ok
 
@@ -543,6 +560,7 @@ class Engine:
             results=[
                 RequestResult(
                     rid=r.spec.rid,
+                    prompt=r.prompt,
                     prompt_len=r.prompt_len,
                     cached_tokens=r.prompt_len - r.computed,
                     output=np.asarray(r.output, dtype=np.int32),
@@ -556,4 +574,11 @@ class Engine:
         )
 
 
-__all__ = ["Engine", "EngineError", "RequestResult", "RunStats", "SchedulerConfig"]
+__all__ = [
+    "Engine",
+    "EngineError",
+    "RequestResult",
+    "RunStats",
+    "SchedulerConfig",
+    "ideal_cached_tokens",
+]

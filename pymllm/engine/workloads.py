@@ -68,7 +68,7 @@ def _tokens(rng: np.random.Generator, n: int, vocab_size: int) -> np.ndarray:
 def shared_prefix(
     *,
     vocab_size: int,
-    n_groups: int = 8,
+    n_groups: int = 6,
     per_group: int = 8,
     prefix_len: int = 512,
     suffix_len: tuple[int, int] = (32, 96),

@@ -1,0 +1,303 @@
+"""``pymllm-cache``: command-line entry point.
+
+Subcommands register themselves in :data:`COMMANDS` (name -> (help, add_arguments, run)),
+so later ones (``replay``, ``gen-trace``) plug in without touching ``main``.
+
+``pymllm-cache demo`` serves a workload with a small JAX transformer twice, with the radix
+prefix cache and with ``ChunkCache`` (no reuse), and prints what the cache saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+CACHES = ("radix", "chunk")
+CACHE_NAMES = {"radix": "RadixCache", "chunk": "ChunkCache"}
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+
+def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    from pymllm.engine.config import PRESETS, VARIANTS
+    from pymllm.engine.workloads import WORKLOADS
+
+    p.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="shared-prefix",
+        help="built-in workload (default: %(default)s); ignored with --trace",
+    )
+    p.add_argument("--trace", metavar="FILE", help="replay a Mooncake-format JSONL trace")
+    p.add_argument(
+        "--cache",
+        choices=(*CACHES, "both"),
+        default="both",
+        help="which prefix cache to run (default: both, and compare)",
+    )
+    p.add_argument(
+        "--model", choices=sorted(PRESETS), default="tiny", help="model preset (default: tiny)"
+    )
+    p.add_argument(
+        "--variant",
+        choices=sorted(VARIANTS),
+        default="full",
+        help="layer pattern: full attention, alternating sliding window, or hybrid "
+        "recurrent (default: full)",
+    )
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=16384,
+        metavar="N",
+        help="KV slots in the pool; smaller than the workload forces eviction (default: 16384)",
+    )
+    p.add_argument("--max-running", type=int, default=16, metavar="N", help="decode batch")
+    p.add_argument(
+        "--chunk-tokens", type=int, default=256, metavar="N", help="prefill tokens per step"
+    )
+    p.add_argument("--max-requests", type=int, metavar="N", help="replay only the first N")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="trace arrivals at timestamp * X (default 0: all at once, in order)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="workload and weight seed")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+class _Progress:
+    """One status line on stderr: redrawn in place on a terminal, every 25% otherwise."""
+
+    def __init__(self, label: str, stream: TextIO, enabled: bool) -> None:
+        self.label, self.stream, self.enabled = label, stream, enabled
+        self.tty = enabled and stream.isatty()
+        self._next_pct = 25
+
+    def __call__(self, done: int, total: int, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        total = max(total, done, 1)
+        pct = 100 * done // total
+        bar = "#" * (20 * done // total)
+        line = f"  {self.label:<11} [{bar:<20}] {done}/{total} requests  {elapsed:6.1f} s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+            self.stream.flush()
+        elif pct >= self._next_pct:
+            self.stream.write(line + "\n")
+            self._next_pct = (pct // 25 + 1) * 25
+
+
+def _make_cache(kind: str, cfg: Any, memory: Any) -> Any:
+    from pymllm.mem_cache import ChunkCache, RadixCache
+
+    alloc = memory.token_to_kv_pool_allocator
+    if kind == "chunk":
+        return ChunkCache(alloc)
+    if cfg.rec_layer_ids:
+        raise SystemExit(
+            "pymllm-cache: error: the hybrid model needs MambaRadixCache, which the engine "
+            "does not drive yet; run it with --cache chunk"
+        )
+    # Sliding-window layers read the full KV pool; RadixCache keeps every token's KV, which
+    # is exact for them (the SWA-aware cache that frees out-of-window KV comes later).
+    return RadixCache(page_size=1, token_to_kv_pool_allocator=alloc)
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.1f} s"
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        right = [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        cells = [r[0].ljust(widths[0]), *right]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pymllm.engine.config import get_config
+    from pymllm.engine.memory import EngineMemory
+    from pymllm.engine.model import init_params
+    from pymllm.engine.scheduler import Engine, EngineError, SchedulerConfig, ideal_cached_tokens
+    from pymllm.engine.workloads import TraceError, load_mooncake_trace, make_workload
+
+    t_start = time.perf_counter()
+    err = sys.stderr
+    try:
+        cfg = get_config(args.model, args.variant, seed=args.seed)
+        sched = SchedulerConfig(
+            max_running=args.max_running, chunk_tokens=args.chunk_tokens, record_logits=True
+        )
+    except ValueError as exc:
+        err.write(f"pymllm-cache: error: {exc}\n")
+        return 2
+    if args.pool_size < 1:
+        err.write("pymllm-cache: error: --pool-size must be >= 1\n")
+        return 2
+    try:
+        if args.trace:
+            workload = load_mooncake_trace(
+                args.trace,
+                vocab_size=cfg.vocab_size,
+                time_scale=args.time_scale,
+                max_requests=args.max_requests,
+                seed=args.seed,
+            )
+        else:
+            workload = make_workload(args.workload, vocab_size=cfg.vocab_size, seed=args.seed)
+    except TraceError as exc:
+        err.write(f"pymllm-cache: error: {exc}\n")
+        return 2
+
+    import jax
+
+    kinds = list(CACHES) if args.cache == "both" else [args.cache]
+    if cfg.rec_layer_ids and args.cache == "both":
+        kinds = ["chunk"]
+    show = not args.quiet and not args.json
+    if show:
+        err.write(
+            f"pymllm-cache demo: {cfg.name} model ({cfg.variant}, {cfg.n_layers} layers, "
+            f"{cfg.num_params() / 1e6:.1f}M params, {cfg.dtype}) on "
+            f"{jax.devices()[0].platform}\n  workload: {workload.description}\n"
+        )
+    params = init_params(cfg)
+    runs = {}
+    for kind in kinds:
+        memory = EngineMemory(cfg, args.pool_size, state_size=args.max_running + 1)
+        cache = _make_cache(kind, cfg, memory)
+        engine = Engine(cfg, memory, cache, params=params, sched=sched)
+        progress = _Progress(CACHE_NAMES[kind], err, enabled=not args.quiet)
+        try:
+            runs[kind] = engine.run(workload, name=CACHE_NAMES[kind], progress=progress)
+        except EngineError as exc:
+            err.write(f"\npymllm-cache: error: {exc}\n")
+            return 1
+
+    first = next(iter(runs.values()))
+    ideal = ideal_cached_tokens(first.results) / max(first.prompt_tokens, 1)
+    report: dict[str, Any] = {
+        "model": {
+            "preset": cfg.name,
+            "variant": cfg.variant,
+            "layers": cfg.n_layers,
+            "params": cfg.num_params(),
+            "dtype": cfg.dtype,
+            "device": jax.devices()[0].platform,
+        },
+        "workload": {"name": workload.name, "description": workload.description},
+        "pool_size": args.pool_size,
+        "ideal_hit_rate": round(ideal, 4),
+        "runs": [r.summary() for r in runs.values()],
+    }
+    if "radix" in runs and "chunk" in runs:
+        a, b = runs["radix"], runs["chunk"]
+        same = sum(
+            np.array_equal(x.output, y.output) for x, y in zip(a.results, b.results, strict=True)
+        )
+        diff = max(
+            float(np.max(np.abs(x.first_logits - y.first_logits)))
+            for x, y in zip(a.results, b.results, strict=True)
+        )
+        report["speedup"] = round(b.wall_s / a.wall_s, 3) if a.wall_s else None
+        report["exact"] = {
+            "identical_outputs": int(same),
+            "requests": a.requests,
+            "first_token_logits_max_abs_diff": diff,
+        }
+    report["total_wall_s"] = round(time.perf_counter() - t_start, 2)
+
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_render(report, runs))
+    ok = all(r.leak_free for r in runs.values())
+    if "exact" in report:
+        ok = ok and report["exact"]["identical_outputs"] == report["exact"]["requests"]
+    return 0 if ok else 1
+
+
+def _render(report: dict[str, Any], runs: dict[str, Any]) -> str:
+    stats = list(runs.values())
+
+    def row(label: str, fn: Callable[[Any], str]) -> tuple[str, ...]:
+        return (label, *(fn(s) for s in stats))
+
+    rows = [
+        row("requests", lambda s: f"{s.requests:,}"),
+        row("prompt tokens", lambda s: f"{s.prompt_tokens:,}"),
+        row("cached tokens (hit rate)", lambda s: f"{s.cached_tokens:,} ({s.hit_rate:.1%})"),
+        row("prefill tokens computed", lambda s: f"{s.prefill_tokens:,}"),
+        row("generated tokens", lambda s: f"{s.generated_tokens:,}"),
+        row("wall time", lambda s: _fmt_s(s.wall_s)),
+        row("tokens/s (prompt+generated)", lambda s: f"{s.tokens_per_s:,.0f}"),
+        row("TTFT p50", lambda s: _fmt_s(s.ttft_p50)),
+        row("TTFT p99", lambda s: _fmt_s(s.ttft_p99)),
+        row("tokens evicted", lambda s: f"{s.evicted_tokens:,}"),
+        row("KV slots free + in cache", lambda s: f"{s.kv_free:,} + {s.kv_in_cache:,}"),
+        row("no slot leaks", lambda s: "yes" if s.leak_free else "NO"),
+        row("JIT compile (not in wall)", lambda s: f"{s.compile_s:.1f} s ({s.compiles})"),
+    ]
+    lines = [
+        "",
+        _table(rows, ("", *(s.cache for s in stats))),
+        "",
+        f"ideal hit rate (unbounded cache, one request at a time): {report['ideal_hit_rate']:.1%}",
+    ]
+    if "speedup" in report:
+        ex = report["exact"]
+        lines.append(f"speedup (ChunkCache wall / RadixCache wall): {report['speedup']:.2f}x")
+        lines.append(
+            f"greedy tokens identical: {ex['identical_outputs']}/{ex['requests']} requests; "
+            f"first-token logits max |diff| {ex['first_token_logits_max_abs_diff']:.1e}"
+        )
+    lines.append(f"total time including JIT compilation: {report['total_wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+# -- entry point --------------------------------------------------------------------------
+
+COMMANDS: dict[str, Command] = {
+    "demo": (
+        "serve a workload with and without the prefix cache and print what it saved",
+        _add_demo_arguments,
+        _run_demo,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pymllm-cache", description="Prefix (KV) cache for JAX LLM inference."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
