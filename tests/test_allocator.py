@@ -219,15 +219,35 @@ def test_merge_and_sort_free(make: Any) -> None:
     assert a.alloc(3).tolist() == [1, 4, 6]
 
 
-@pytest.mark.parametrize("freed", [10, 3000], ids=["sort-merge", "scan-merge"])
-def test_merge_paths_agree_with_sorted(make: Any, freed: int) -> None:
-    # 10 released of 10000 pages merges by sorting the releases; 3000 by scanning state.
-    a = make(10_000)
-    x = a.alloc(10_000)
+@pytest.mark.parametrize(
+    ("pages", "live", "freed", "path"),
+    [
+        pytest.param(10_000, 0, 3000, 2, id="bitmap-scan"),  # many releases: scan the bitmap
+        pytest.param(10_000, 5000, 10, 1, id="radix-2-passes"),  # few releases, long free run
+        pytest.param(2000, 1900, 20, 1, id="radix-1-pass"),  # ids < 2048: one 11-bit pass
+        pytest.param(10_000, 5000, 1, 0, id="already-sorted"),
+    ],
+)
+def test_merge_paths_agree_with_sorted(
+    make: Any, pages: int, live: int, freed: int, path: int
+) -> None:
+    a = make(pages)
+    x = a.alloc(pages)
+    if live:
+        a.free(x[:live])
+        assert a.alloc(1).tolist() == [1]  # merges; slots 2..live stay on the free list
     rng = np.random.default_rng(freed)
-    gone = rng.choice(x, size=freed, replace=False)
+    gone = rng.choice(x[live:], size=freed, replace=False)  # released out of order
     a.free(gone)
-    assert a.alloc(freed).tolist() == sorted(gone.tolist())
+    want = sorted(x[1:live].tolist() + gone.tolist())
+    before = a._merge_counts() if make is TokenToKVPoolAllocator else None
+    assert a.alloc(len(want)).tolist() == want
+    a._check_invariants()
+    if before is not None:
+        after = a._merge_counts()
+        assert [y - b for b, y in zip(before, after, strict=True)] == [
+            int(path == i) for i in range(3)
+        ]
 
 
 def test_free_group_holds_slots_until_end(make: Any) -> None:

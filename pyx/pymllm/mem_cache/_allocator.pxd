@@ -6,7 +6,7 @@ page ``p`` covers slots ``[p * page_size, (p + 1) * page_size)``. Page 0 (slot 0
 ``page_size == 1``) is the reserved padding page: never handed out, never freed.
 """
 
-from libc.stdint cimport int32_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 
 # The reserved padding page/slot id: an in-bounds trash row in every device buffer.
@@ -25,11 +25,13 @@ cdef enum PageState:
 
 cdef class PageCore:
     """Free list + allocation state of ``num_pages`` pages (ids ``1..num_pages``)."""
-    cdef int32_t* pages       # free page ids; the live ones are pages[head:tail]
+    cdef int32_t* pages       # free page ids, capacity 2 * num_pages; live: pages[head:tail]
     cdef int32_t* release     # pages freed since the last merge (need_sort only)
     cdef int32_t* held        # pages freed inside the open free group
-    cdef int32_t* scratch     # one free() call's unique pages, before they are committed
+    cdef int32_t* scratch     # one free() call's unique pages before commit; merge's output
     cdef uint8_t* state       # PageState of every page id 0..num_pages
+    cdef uint64_t* freebits   # bit p set <=> state[p] == PAGE_FREE: merge() scans 64 a word
+    cdef int32_t n_words      # words of `freebits`
     cdef readonly int32_t num_pages  # pages 1..num_pages are allocatable
     cdef readonly int32_t page_size  # slots per page (>= 1)
     cdef readonly bint need_sort     # frees wait in `release`, merged sorted on demand
@@ -39,12 +41,14 @@ cdef class PageCore:
     cdef int32_t n_held       # entries of `held`
     cdef int32_t n_allocated  # pages in state PAGE_ALLOCATED
     cdef int group_depth      # nesting depth of free_group_begin(); > 0 holds frees back
+    cdef int64_t merges[3]    # test hook: merges by already-sorted, radix-sort, bitmap scan
 
     cdef void reset(self) noexcept
     cdef int32_t free_pages_count(self) noexcept
-    # Takes `need` pages off the free list into out[0:need], marks them allocated.
-    # Returns -1 (nothing changed) when fewer than `need` are allocatable.
-    cdef int take_pages(self, int32_t need, int32_t* out) noexcept
+    # Takes `need` pages off the free list and marks them allocated; returns a pointer to
+    # their ids, valid until this core's next call. NULL (nothing changed) when fewer than
+    # `need` are allocatable.
+    cdef int32_t* take_pages(self, int32_t need) noexcept
     # Validates slots[0:n] and collects the unique pages they touch into `scratch`
     # (marked PAGE_PENDING). Returns their count; raises InvalidFreeError with every state
     # as it was before the call.

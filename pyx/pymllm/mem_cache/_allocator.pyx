@@ -13,7 +13,7 @@ Not thread-safe: one owner (the scheduler thread) calls these. No call releases 
 """
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
-from libc.stdlib cimport free, malloc, qsort
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
 
 cimport numpy as cnp
@@ -26,15 +26,43 @@ from pymllm.mem_cache.errors import AllocatorStateError, InvalidFreeError, Inval
 
 cnp.import_array()
 
-# Merge by sorting the release array when it is this many times smaller than the pool;
-# otherwise rebuild the free list from the state bytes (a linear, branch-light scan).
-cdef int32_t SORT_RATIO = 64
+
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long) nogil
+
+# LSD radix sort of page ids: 11-bit digits, as many passes as the largest id needs.
+cdef enum:
+    RADIX_BITS = 11
+    RADIX = 1 << RADIX_BITS
 
 
-cdef int _cmp_int32(const void* a, const void* b) noexcept nogil:
-    cdef int32_t x = (<const int32_t*>a)[0]
-    cdef int32_t y = (<const int32_t*>b)[0]
-    return (x > y) - (x < y)
+cdef int32_t* _radix_sort(int32_t* a, int32_t* tmp, int32_t n, int32_t max_value) noexcept:
+    """Sorts a[0:n] (values in [0, max_value]) using tmp[0:n]; returns whichever of the two
+    buffers holds the sorted result."""
+    cdef int32_t counts[RADIX]
+    cdef int32_t i, c, total
+    cdef int shift = 0
+    cdef int32_t* src = a
+    cdef int32_t* dst = tmp
+    cdef int32_t* swap
+    while shift == 0 or (max_value >> shift) > 0:
+        memset(counts, 0, sizeof(counts))
+        for i in range(n):
+            counts[(src[i] >> shift) & (RADIX - 1)] += 1
+        total = 0
+        for i in range(RADIX):
+            c = counts[i]
+            counts[i] = total
+            total += c
+        for i in range(n):
+            c = (src[i] >> shift) & (RADIX - 1)
+            dst[counts[c]] = src[i]
+            counts[c] += 1
+        swap = src
+        src = dst
+        dst = swap
+        shift += RADIX_BITS
+    return src
 
 
 cdef void* _xmalloc(size_t nbytes) except NULL:
@@ -85,6 +113,7 @@ cdef class PageCore:
         self.held = NULL
         self.scratch = NULL
         self.state = NULL
+        self.freebits = NULL
         if num_pages < 0:
             raise InvalidValueError(f"size must be >= 0, got {num_pages} pages")
         if page_size < 1:
@@ -95,12 +124,15 @@ cdef class PageCore:
         self.page_size = page_size
         self.need_sort = need_sort
         cdef size_t n = <size_t>num_pages
-        self.pages = <int32_t*>_xmalloc(n * sizeof(int32_t))
+        # Twice the pages: with need_sort=False frees append at the tail, and compacting
+        # only when the tail reaches the end keeps that amortized O(1) per page.
+        self.pages = <int32_t*>_xmalloc(2 * n * sizeof(int32_t))
+        self.scratch = <int32_t*>_xmalloc(2 * n * sizeof(int32_t))
         self.release = <int32_t*>_xmalloc(n * sizeof(int32_t))
         self.held = <int32_t*>_xmalloc(n * sizeof(int32_t))
-        self.scratch = <int32_t*>_xmalloc(n * sizeof(int32_t))
-        # Padded to whole 8-byte words so that merge() can scan a word at a time.
-        self.state = <uint8_t*>_xmalloc((n + 1 + 8) * sizeof(uint8_t))
+        self.state = <uint8_t*>_xmalloc((n + 1) * sizeof(uint8_t))
+        self.n_words = <int32_t>((n + 1 + 63) // 64)
+        self.freebits = <uint64_t*>_xmalloc(self.n_words * sizeof(uint64_t))
         self.reset()
 
     def __dealloc__(self):
@@ -109,37 +141,41 @@ cdef class PageCore:
         free(self.held)
         free(self.scratch)
         free(self.state)
+        free(self.freebits)
 
     cdef void reset(self) noexcept:
         cdef int32_t i
-        memset(self.state, PAGE_FREE, self.num_pages + 1 + 8)
-        # The word-scan in merge() must never see the padding bytes as free.
-        memset(self.state + self.num_pages + 1, PAGE_RESERVED, 8)
+        memset(self.state, PAGE_FREE, self.num_pages + 1)
         self.state[PAD_PAGE] = PAGE_RESERVED
+        memset(self.freebits, 0, self.n_words * sizeof(uint64_t))
         for i in range(self.num_pages):
             self.pages[i] = i + 1
+            self.freebits[(i + 1) >> 6] |= 1ULL << ((i + 1) & 63)
         self.head = 0
         self.tail = self.num_pages
         self.n_release = 0
         self.n_held = 0
         self.n_allocated = 0
         self.group_depth = 0
+        self.merges[0] = self.merges[1] = self.merges[2] = 0
 
     cdef int32_t free_pages_count(self) noexcept:
         return self.tail - self.head + self.n_release
 
-    cdef int take_pages(self, int32_t need, int32_t* out) noexcept:
+    cdef int32_t* take_pages(self, int32_t need) noexcept:
         cdef int32_t i
+        cdef int32_t* got
         if need > self.tail - self.head + self.n_release:
-            return -1
+            return NULL
         if need > self.tail - self.head:
             self.merge()
-        memcpy(out, self.pages + self.head, need * sizeof(int32_t))
+        got = self.pages + self.head
         for i in range(need):
-            self.state[out[i]] = PAGE_ALLOCATED
+            self.state[got[i]] = PAGE_ALLOCATED
+            self.freebits[got[i] >> 6] &= ~(1ULL << (got[i] & 63))
         self.head += need
         self.n_allocated += need
-        return 0
+        return got
 
     cdef int32_t collect(self, const int32_t* slots, Py_ssize_t n) except -1:
         cdef Py_ssize_t i, j
@@ -191,7 +227,7 @@ cdef class PageCore:
             self.n_release += count
         else:
             st = PAGE_FREE
-            if self.tail + count > self.num_pages:
+            if self.tail + count > 2 * self.num_pages:
                 memmove(self.pages, self.pages + self.head,
                         (self.tail - self.head) * sizeof(int32_t))
                 self.tail -= self.head
@@ -200,57 +236,78 @@ cdef class PageCore:
             self.tail += count
         if dst != pages:
             memcpy(dst, pages, count * sizeof(int32_t))
-        for i in range(count):
-            self.state[pages[i]] = st
+        if st == PAGE_FREE:
+            for i in range(count):
+                self.state[pages[i]] = PAGE_FREE
+                self.freebits[pages[i] >> 6] |= 1ULL << (pages[i] & 63)
+        else:
+            for i in range(count):
+                self.state[pages[i]] = st
         self.n_allocated -= count
 
     cdef void merge(self) noexcept:
         cdef int32_t n_live = self.tail - self.head
-        cdef int32_t i, j, k, p, n
+        cdef int32_t n_rel = self.n_release
+        cdef int32_t i, j, k, p, n, passes
         cdef int32_t* live
+        cdef int32_t* rel
+        cdef int32_t* swap
         cdef uint64_t word
-        if self.n_release == 0 and (self.need_sort or n_live == 0):
+        cdef int64_t sort_cost, scan_cost
+        if n_rel == 0 and (self.need_sort or n_live == 0):
             return
-        if (<int64_t>self.n_release) * SORT_RATIO < self.num_pages and self.need_sort:
-            # Few releases: sort them and merge with the (sorted) live run into scratch.
-            qsort(self.release, self.n_release, sizeof(int32_t), _cmp_int32)
+        # Radix-sort the releases and merge them with the sorted live run, or rebuild the
+        # whole list from the state bytes, whichever touches less memory.
+        passes = 1
+        while (self.num_pages >> (RADIX_BITS * passes)) > 0:
+            passes += 1
+        sort_cost = passes * (2 * <int64_t>n_rel + RADIX)
+        scan_cost = self.n_words + 2 * (<int64_t>n_live + n_rel)
+        # Releases are often already ascending (a freed run that was allocated together).
+        i = 1
+        while i < n_rel and self.release[i - 1] < self.release[i]:
+            i += 1
+        if i >= n_rel:
+            sort_cost = 0
+        if self.need_sort and sort_cost < scan_cost:
+            rel = self.release
+            self.merges[0 if sort_cost == 0 else 1] += 1
+            if sort_cost > 0:
+                rel = _radix_sort(self.release, self.scratch, n_rel, self.num_pages)
+            if rel == self.scratch:  # keep the sorted run out of the merge's output buffer
+                memcpy(self.release, self.scratch, n_rel * sizeof(int32_t))
+                rel = self.release
             live = self.pages + self.head
             i = 0
             j = 0
             k = 0
-            while i < n_live and j < self.n_release:
-                if live[i] < self.release[j]:
+            while i < n_live and j < n_rel:
+                if live[i] < rel[j]:
                     self.scratch[k] = live[i]
                     i += 1
                 else:
-                    self.scratch[k] = self.release[j]
+                    self.scratch[k] = rel[j]
                     j += 1
                 k += 1
-            while i < n_live:
-                self.scratch[k] = live[i]
-                i += 1
-                k += 1
-            while j < self.n_release:
-                self.scratch[k] = self.release[j]
-                j += 1
-                k += 1
-            memcpy(self.pages, self.scratch, k * sizeof(int32_t))
+            if i < n_live:
+                memcpy(self.scratch + k, live + i, (n_live - i) * sizeof(int32_t))
+                k += n_live - i
+            if j < n_rel:
+                memcpy(self.scratch + k, rel + j, (n_rel - j) * sizeof(int32_t))
+                k += n_rel - j
+            swap = self.pages
+            self.pages = self.scratch
+            self.scratch = swap
         else:
-            # Every PAGE_FREE page, ascending: skip 8 pages at a time while none is free.
+            # Every PAGE_FREE page, ascending, off the free bitmap.
+            self.merges[2] += 1
             k = 0
-            n = self.num_pages + 1
-            p = 0
-            while p < n:
-                memcpy(&word, self.state + p, 8)
-                # A zero byte (PAGE_FREE) anywhere in the word?
-                if ((word - 0x0101010101010101ULL) & ~word & 0x8080808080808080ULL) == 0:
-                    p += 8
-                    continue
-                for i in range(p, p + 8 if p + 8 < n else n):
-                    if self.state[i] == PAGE_FREE:
-                        self.pages[k] = i
-                        k += 1
-                p += 8
+            for i in range(self.n_words):
+                word = self.freebits[i]
+                while word:
+                    self.pages[k] = (i << 6) + __builtin_ctzll(word)
+                    k += 1
+                    word &= word - 1
         self.head = 0
         self.tail = k
         self.n_release = 0
@@ -276,7 +333,11 @@ cdef class PageCore:
         assert counts[PAGE_ALLOCATED] == self.n_allocated, f"{name}: n_allocated drifted"
         assert counts[PAGE_HELD] == self.n_held, f"{name}: n_held drifted"
         assert counts[PAGE_FREE] == self.free_pages_count(), f"{name}: free count drifted"
-        assert 0 <= self.head <= self.tail <= self.num_pages, f"{name}: head/tail"
+        assert 0 <= self.head <= self.tail <= 2 * self.num_pages, f"{name}: head/tail"
+        for i in range(self.num_pages + 1):
+            assert (
+                (self.freebits[i >> 6] >> (i & 63)) & 1) == (self.state[i] == PAGE_FREE
+            ), f"{name}: free bit of page {i}"
         seen = set()
         for i in range(self.head, self.tail):
             p = self.pages[i]
@@ -365,14 +426,10 @@ cdef class TokenToKVPoolAllocator:
     def alloc(self, n):
         """``n`` fresh slots (1-D ``np.int32``, caller-owned) or ``None`` if unavailable."""
         cdef int32_t need = _check_alloc_size(n, self.page_size)
-        if need > self.core.free_pages_count():
+        cdef int32_t* pages = self.core.take_pages(need)
+        if pages == NULL:
             return None
-        if need > self.core.tail - self.core.head:
-            self.core.merge()
-        cdef int32_t* pages = self.core.pages + self.core.head
-        cdef cnp.ndarray out = _pages_to_slots(pages, need, self.page_size)
-        self.core.take_pages(need, self.core.scratch)
-        return out
+        return _pages_to_slots(pages, need, self.page_size)
 
     def free(self, indices):
         """Return *indices* to the pool; raises ``InvalidFreeError`` with nothing freed."""
@@ -418,6 +475,10 @@ cdef class TokenToKVPoolAllocator:
 
     def _check_invariants(self):
         self.core._check("allocator")
+
+    def _merge_counts(self):
+        """Test hook: merges so far by path (already sorted, radix sort, bitmap scan)."""
+        return tuple(self.core.merges[i] for i in range(3))
 
     def __repr__(self):
         return (
@@ -481,14 +542,12 @@ cdef class SWATokenToKVPoolAllocator:
         cdef int32_t i, j, fb, sb
         if need > self.full.free_pages_count() or need > self.swa.free_pages_count():
             return None
-        if need > self.full.tail - self.full.head:
-            self.full.merge()
-        cdef cnp.ndarray out = _pages_to_slots(self.full.pages + self.full.head, need, ps)
-        self.full.take_pages(need, self.full.scratch)
-        self.swa.take_pages(need, self.swa.scratch)
+        cdef int32_t* full_pages = self.full.take_pages(need)
+        cdef int32_t* swa_pages = self.swa.take_pages(need)
+        cdef cnp.ndarray out = _pages_to_slots(full_pages, need, ps)
         for i in range(need):
-            fb = self.full.scratch[i] * ps
-            sb = self.swa.scratch[i] * ps
+            fb = full_pages[i] * ps
+            sb = swa_pages[i] * ps
             for j in range(ps):
                 self.mapping[fb + j] = sb + j
         return out
