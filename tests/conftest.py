@@ -83,6 +83,52 @@ class RecordingAllocator:
         assert not self.live, f"leaked slots: {sorted(self.live)[:20]}"
 
 
+class RecordingSWAAllocator(RecordingAllocator):
+    """A :class:`RecordingAllocator` with a sliding-window side, as
+    ``SWATokenToKVPoolAllocator``: every full slot handed out has an SWA slot (numbered as
+    the full slot; slots are never reused, so neither are SWA slots).
+
+    ``free(indices)`` frees the full slots and whichever of their SWA slots are still held;
+    ``free_swa(indices)`` frees only the SWA side of held full slots. Stricter than the real
+    allocator, which skips SWA sides already freed: here that is ``InvalidFreeError``
+    (nothing recorded), so a test proves that every SWA slot is freed exactly once.
+    ``calls`` lists every successful call in order as ``(kind, slots)``, kind ``"free"`` or
+    ``"free_swa"``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swa_freed: set[int] = set()
+        self.calls: list[tuple[str, list[int]]] = []
+
+    def free(self, indices: Any) -> None:
+        super().free(indices)
+        slots = indices.tolist()
+        self.swa_freed.update(slots)
+        self.calls.append(("free", slots))
+
+    def free_swa(self, indices: Any) -> None:
+        if not isinstance(indices, np.ndarray) or indices.dtype != np.int32 or indices.ndim != 1:
+            raise TypeError(f"free_swa() wants a 1-D np.int32 array, got {indices!r:.80}")
+        slots = indices.tolist()
+        for i, s in enumerate(slots):
+            if not 1 <= s < self.next_slot or s in self.freed:
+                raise InvalidFreeError(f"free_swa: full slot {s} is not held")
+            if s in self.swa_freed or s in slots[:i]:
+                raise InvalidFreeError(f"free_swa: SWA side of slot {s} freed twice")
+        self.swa_freed.update(slots)
+        self.calls.append(("free_swa", slots))
+
+    @property
+    def swa_live(self) -> set[int]:
+        """Slots whose SWA side is handed out and not yet freed."""
+        return self.allocated - self.swa_freed
+
+    def assert_all_free(self) -> None:
+        super().assert_all_free()
+        assert not self.swa_live, f"leaked SWA slots: {sorted(self.swa_live)[:20]}"
+
+
 @pytest.fixture
 def allocator() -> RecordingAllocator:
     return RecordingAllocator()
