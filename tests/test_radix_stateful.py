@@ -1,0 +1,399 @@
+"""Stateful property test: the compiled ``RadixCache`` against the reference model.
+
+A hypothesis ``RuleBasedStateMachine`` drives both caches with the same random sequence of
+match / insert / lock / unlock / evict / reset / hash calls, bad calls included, and after
+every step checks that
+
+* every result agrees (indices, prefix_len, last_node id, EvictResult, raised error type),
+* both trees are the same node for node (id, parent, tokens, namespace, value, lock_ref,
+  last_access_time, hit_count) and both pass ``_check_invariants()``,
+* the allocators saw the same ``free`` calls and the same ``on_node_evict`` ids,
+* a ledger holds: every slot ever allocated is in exactly one place -- free in the
+  allocator, owned by the tree, or owned by the test as the caller -- and after the final
+  ``reset()`` every slot is free.
+
+Keys come from a tiny alphabet and usually extend an earlier key, so splits, shared pages
+and eviction cascades happen within a few steps. The page size is drawn once per run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from conftest import RecordingAllocator  # tests/ is on sys.path (rootdir conftest)
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from pymllm.mem_cache.base_prefix_cache import RadixKey
+from pymllm.mem_cache.errors import CacheError, InvalidKeyError, InvalidValueError
+from pymllm.mem_cache.radix_cache import RadixCache
+from pymllm.mem_cache.reference import RefRadixCache
+
+# (extra_key, tuple width); width 0 is plain int tokens.
+NAMESPACES = [(None, 0), ("a", 0), (7, 0), (None, 2), ("a", 2)]
+BIG = 2**32 - 1  # the largest valid token
+PLAIN_TOKEN = st.sampled_from([0, 1, 2, 0, 1, 2, BIG])
+PAIR_TOKEN = st.tuples(st.integers(0, 1), st.integers(0, 1))
+SUFFIX = {0: st.lists(PLAIN_TOKEN, max_size=8), 2: st.lists(PAIR_TOKEN, max_size=8)}
+# Strategies are built once: building them per draw costs more than the caches' work.
+NAMESPACE = st.sampled_from(NAMESPACES)
+KEY_FORMS = {
+    "tuples": st.just("list"),
+    "big": st.sampled_from(["list", "int64"]),
+    "small": st.sampled_from(["list", "int64", "int32"]),
+}
+VALUE_FORM = st.sampled_from(["list", "int32", "int64"])
+BAD_CALL = st.sampled_from(["value", "key", "unlock", "hash"])
+BAD_PLAIN = st.sampled_from([-1, 2**32, 2**40])
+BAD_PAIR = st.sampled_from([(0,), (0, 1, 1), (0, -1), (0, 2**32)])
+MAX_KEY_LEN = 24
+
+
+def _outcome(fn: Any) -> tuple[str, Any]:
+    try:
+        return ("ok", fn())
+    except (CacheError, TypeError, ValueError) as exc:
+        return ("raised", type(exc))
+
+
+class RadixCacheComparison(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ref: RefRadixCache | None = None
+
+    @initialize(page_size=st.sampled_from([1, 2, 4]))
+    def setup(self, page_size: int) -> None:
+        self.alloc_ref = RecordingAllocator()
+        self.alloc_c = RecordingAllocator()
+        self.evicted_ref: list[int] = []
+        self.evicted_c: list[int] = []
+        self.ref = RefRadixCache(
+            page_size,
+            token_to_kv_pool_allocator=self.alloc_ref,
+            on_node_evict=self.evicted_ref.append,
+        )
+        self.c = RadixCache(
+            page_size,
+            token_to_kv_pool_allocator=self.alloc_c,
+            on_node_evict=self.evicted_c.append,
+        )
+        self.caller_owned: set[int] = set()
+        self.keys: list[tuple[tuple[Any, int], list[Any]]] = []  # every key inserted so far
+        # id -> (ref handle, compiled handle); stale handles stay here on purpose.
+        self.handles: dict[int, tuple[Any, Any]] = {0: (self.ref.root_node, self.c.root_node)}
+        self.locks: list[int] = []  # ids locked by the test, one entry per lock
+        self.free_calls_seen = 0
+        self.steps = 0  # read by coverage statistics scripts
+
+    # ------------------------------------------------------------------ helpers
+
+    def _alloc(self, n: int) -> np.ndarray:
+        a = self.alloc_ref.alloc(n)
+        b = self.alloc_c.alloc(n)
+        assert a.tolist() == b.tolist()
+        return a
+
+    def _draw_key(
+        self, data: st.DataObject, extend: bool = False
+    ) -> tuple[tuple[Any, int], list[Any]]:
+        """A key that, half the time (always with *extend*), starts with part of an earlier
+        key of its namespace, so that keys share prefixes and pages."""
+        if extend and self.keys:
+            ns = self.keys[data.draw(st.integers(0, len(self.keys) - 1), label="key")][0]
+        else:
+            ns = data.draw(NAMESPACE, label="namespace")
+        earlier = [toks for (n, toks) in self.keys if n == ns]
+        prefix: list[Any] = []
+        if earlier and (extend or data.draw(st.booleans(), label="extend an earlier key")):
+            base = earlier[data.draw(st.integers(0, len(earlier) - 1), label="earlier key")]
+            prefix = base[: data.draw(st.integers(0, len(base)), label="cut")]
+        suffix = data.draw(SUFFIX[ns[1]], label="suffix")
+        return ns, (prefix + suffix)[:MAX_KEY_LEN]
+
+    def _make_key(self, data: st.DataObject, ns: tuple[Any, int], tokens: list[Any]) -> Any:
+        """A fresh RadixKey per call (list, int32 or int64 array), so an aliasing bug shows."""
+        forms = "tuples" if ns[1] else "big" if BIG in tokens else "small"
+        form = data.draw(KEY_FORMS[forms], label="key form")
+
+        def make() -> RadixKey:
+            if form == "list":
+                return RadixKey(list(tokens), ns[0])
+            return RadixKey(np.array(tokens, dtype=form), ns[0])
+
+        return make
+
+    def _register(self, ref_node: Any, c_node: Any) -> None:
+        assert ref_node.id == c_node.id, f"last_node: ref {ref_node.id} != compiled {c_node.id}"
+        self.handles[ref_node.id] = (ref_node, c_node)
+
+    @staticmethod
+    def _scribble(key: RadixKey, value: Any) -> None:
+        # The caches must have copied what they keep: overwrite the caller's buffers.
+        if isinstance(key.token_ids, np.ndarray):
+            key.token_ids[:] = 5
+        if isinstance(value, np.ndarray):
+            value[:] = 0
+
+    def _check_new_free_calls(self, ordered: bool) -> None:
+        new_ref = self.alloc_ref.freed_sequence[self.free_calls_seen :]
+        new_c = self.alloc_c.freed_sequence[self.free_calls_seen :]
+        assert len(new_ref) == len(new_c), f"free calls: ref {new_ref} != compiled {new_c}"
+        if not ordered:
+            new_ref = [sorted(x) for x in new_ref]
+            new_c = [sorted(x) for x in new_c]
+        assert new_ref == new_c, f"freed: ref {new_ref} != compiled {new_c}"
+        self.free_calls_seen = len(self.alloc_ref.free_calls)
+
+    def _pick_handle(self, data: st.DataObject, pool: list[int]) -> tuple[Any, Any]:
+        pool = sorted(pool)
+        return self.handles[pool[data.draw(st.integers(0, len(pool) - 1), label="node")]]
+
+    # ------------------------------------------------------------------ rules
+
+    # Inserts and matches have two rules each, so that they make up half of all steps.
+
+    @rule(data=st.data())
+    def match(self, data: st.DataObject) -> None:
+        self._match(data, extend=False)
+
+    @rule(data=st.data())
+    def match_earlier_key(self, data: st.DataObject) -> None:
+        self._match(data, extend=True)
+
+    @rule(data=st.data())
+    def insert(self, data: st.DataObject) -> None:
+        self._insert(data, extend=False)
+
+    @rule(data=st.data())
+    def insert_extending(self, data: st.DataObject) -> None:
+        self._insert(data, extend=True)
+
+    def _match(self, data: st.DataObject, extend: bool) -> None:
+        ns, tokens = self._draw_key(data, extend)
+        make = self._make_key(data, ns, tokens)
+        key_r, key_c = make(), make()
+        mr = self.ref.match_prefix(key_r)
+        mc = self.c.match_prefix(key_c)
+        assert isinstance(mc.indices, np.ndarray) and mc.indices.dtype == np.int32
+        assert mc.indices.ndim == 1
+        assert mr.indices.tolist() == mc.indices.tolist()
+        assert mr.prefix_len == mc.prefix_len == len(mr.indices)
+        self._register(mr.last_node, mc.last_node)
+        self._scribble(key_c, mc.indices)
+        self._scribble(key_r, mr.indices)
+
+    def _insert(self, data: st.DataObject, extend: bool) -> None:
+        ns, tokens = self._draw_key(data, extend)
+        make = self._make_key(data, ns, tokens)
+        slots = self._alloc(len(tokens))
+        vform = data.draw(VALUE_FORM, label="value form")
+
+        def value() -> Any:
+            return slots.tolist() if vform == "list" else slots.astype(vform)
+
+        key_r, key_c, val_r, val_c = make(), make(), value(), value()
+        rr = self.ref.insert(key_r, val_r)
+        rc = self.c.insert(key_c, val_c)
+        assert rr.prefix_len == rc.prefix_len
+        self._register(rr.last_node, rc.last_node)
+        aligned = len(tokens) // self.ref.page_size * self.ref.page_size
+        self.caller_owned.update(slots[: rr.prefix_len].tolist())
+        self.caller_owned.update(slots[aligned:].tolist())
+        self.keys.append((ns, tokens))
+        self._scribble(key_c, val_c)
+        self._scribble(key_r, val_r)
+
+    @rule(data=st.data())
+    def bad_call(self, data: st.DataObject) -> None:
+        """One call that must fail the same way in both caches and change nothing."""
+        kind = data.draw(BAD_CALL, label="bad call")
+        if kind == "value":
+            self._insert_bad_value(data)
+        elif kind == "key":
+            self._bad_key(data)
+        elif kind == "unlock":
+            self._unlock_unheld(data)
+        else:
+            self._node_hash(data)
+
+    def _insert_bad_value(self, data: st.DataObject) -> None:
+        ns, tokens = self._draw_key(data)
+        make = self._make_key(data, ns, tokens)
+        kinds = ["too long", "negative" if tokens else "too long"]
+        if tokens:
+            kinds.append("too short")
+        kind = data.draw(st.sampled_from(kinds), label="bad value")
+        slots = self._alloc(len(tokens) + 1)
+        self.caller_owned.update(slots.tolist())
+        value = slots[: len(tokens)].astype(np.int64)
+        if kind == "too long":
+            value = slots.astype(np.int64)
+        elif kind == "too short":
+            value = value[:-1]
+        else:
+            value[data.draw(st.integers(0, len(tokens) - 1))] = -1
+        out_r = _outcome(lambda: self.ref.insert(make(), value.copy()))
+        out_c = _outcome(lambda: self.c.insert(make(), value.copy()))
+        assert out_r == ("raised", InvalidValueError), out_r
+        assert out_c == out_r, f"compiled: {out_c}"
+
+    def _bad_key(self, data: st.DataObject) -> None:
+        ns, tokens = self._draw_key(data)
+        pos = data.draw(st.integers(0, len(tokens)), label="bad token position")
+        if ns[1] == 0:
+            bad = data.draw(BAD_PLAIN, label="bad token")
+            form = data.draw(KEY_FORMS["big"], label="bad key form")
+            bad_tokens = [*tokens[:pos], bad, *tokens[pos:]]
+            if form == "int64":
+                bad_tokens = np.array(bad_tokens, dtype=np.int64)
+        else:
+            bad = data.draw(BAD_PAIR, label="bad tuple")
+            tokens = tokens or [(0, 0)]  # a lone (0,) would be a valid width-1 key
+            bad_tokens = [*tokens[:pos], bad, *tokens[pos:]]
+        n = len(bad_tokens)
+        for call in ("match", "insert"):
+
+            def run(cache: Any, call: str = call) -> Any:
+                key = RadixKey(bad_tokens, ns[0])
+                if call == "match":
+                    return cache.match_prefix(key)
+                return cache.insert(key, np.arange(1, n + 1, dtype=np.int32))
+
+            out_r = _outcome(lambda: run(self.ref))
+            out_c = _outcome(lambda: run(self.c))
+            assert out_r == ("raised", InvalidKeyError), out_r
+            assert out_c == out_r, f"{call}: compiled {out_c}"
+
+    @rule(data=st.data())
+    def lock(self, data: st.DataObject) -> None:
+        h_r, h_c = self._pick_handle(data, list(self.handles))
+        out_r = _outcome(lambda: self.ref.inc_lock_ref(h_r))
+        out_c = _outcome(lambda: self.c.inc_lock_ref(h_c))
+        assert out_r == out_c, f"inc_lock_ref({h_r.id}): ref {out_r} != compiled {out_c}"
+        if out_r[0] == "ok" and h_r.id != 0:
+            self.locks.append(h_r.id)
+
+    @precondition(lambda self: self.ref is not None and self.locks)
+    @rule(data=st.data())
+    def unlock(self, data: st.DataObject) -> None:
+        i = data.draw(st.integers(0, len(self.locks) - 1), label="lock")
+        h_r, h_c = self.handles[self.locks.pop(i)]
+        self.ref.dec_lock_ref(h_r)
+        self.c.dec_lock_ref(h_c)
+
+    def _unlock_unheld(self, data: st.DataObject) -> None:
+        # Stale handles, unlocked nodes and the root: never an unlock that the test owes.
+        pool = [i for i, (r, _) in self.handles.items() if r.evicted or r.lock_ref == 0]
+        h_r, h_c = self._pick_handle(data, pool)
+        out_r = _outcome(lambda: self.ref.dec_lock_ref(h_r))
+        out_c = _outcome(lambda: self.c.dec_lock_ref(h_c))
+        assert out_r == out_c, f"dec_lock_ref({h_r.id}): ref {out_r} != compiled {out_c}"
+
+    @rule(num_tokens=st.integers(-2, 30))
+    def evict(self, num_tokens: int) -> None:
+        rr = self.ref.evict(num_tokens)
+        rc = self.c.evict(num_tokens)
+        assert rr == rc, f"evict({num_tokens}): ref {rr} != compiled {rc}"
+        self._check_new_free_calls(ordered=True)
+        assert self.evicted_ref == self.evicted_c
+
+    @rule(data=st.data())
+    def housekeeping(self, data: st.DataObject) -> None:
+        if data.draw(st.integers(0, 2), label="reset?") == 0:
+            self._reset()
+        else:
+            self._release_caller_owned()
+
+    def _reset(self) -> None:
+        self.ref.reset()
+        self.c.reset()
+        # One free call each; the order within it is the implementation's.
+        self._check_new_free_calls(ordered=False)
+        self.locks.clear()
+
+    def _release_caller_owned(self) -> None:
+        if self.caller_owned:
+            slots = np.array(sorted(self.caller_owned), dtype=np.int32)
+            self.alloc_ref.free(slots)
+            self.alloc_c.free(slots.copy())
+            self.caller_owned.clear()
+            self.free_calls_seen += 1
+
+    def _node_hash(self, data: st.DataObject) -> None:
+        h_r, h_c = self._pick_handle(data, list(self.handles))
+        out_r = _outcome(lambda: self.ref.compute_node_hash(h_r))
+        out_c = _outcome(lambda: self.c.compute_node_hash(h_c))
+        assert out_r == out_c, f"compute_node_hash({h_r.id}): ref {out_r} != compiled {out_c}"
+
+    # ------------------------------------------------------------------ invariants
+
+    @staticmethod
+    def _describe(node: Any) -> tuple[Any, ...]:
+        key = node.key
+        return (
+            node.parent.id,
+            [tuple(t) if isinstance(t, tuple) else int(t) for t in key.token_ids],
+            type(key.extra_key).__name__,
+            key.extra_key,
+            np.asarray(node.value).tolist(),
+            node.lock_ref,
+            node.last_access_time,
+            node.hit_count,
+        )
+
+    @invariant()
+    def same_state(self) -> None:
+        if self.ref is None:
+            return
+        self.steps += 1
+        self.ref._check_invariants()
+        self.c._check_invariants()
+        for name in (
+            "evictable_size",
+            "protected_size",
+            "total_size",
+            "swa_evictable_size",
+            "swa_protected_size",
+        ):
+            r, c = getattr(self.ref, name)(), getattr(self.c, name)()
+            assert r == c, f"{name}: ref {r} != compiled {c}"
+        ref_nodes = {n.id: n for n in self.ref._iter_nodes()}
+        c_nodes = {n.id: n for n in self.c._nodes()}
+        assert sorted(ref_nodes) == sorted(c_nodes), "the trees hold different node ids"
+        for node_id, rn in ref_nodes.items():
+            dr, dc = self._describe(rn), self._describe(c_nodes[node_id])
+            assert dr == dc, f"node {node_id}: ref {dr} != compiled {dc}"
+            self.handles.setdefault(node_id, (rn, c_nodes[node_id]))
+        for node_id, (hr, hc) in self.handles.items():
+            assert hr.evicted == hc.evicted == (node_id != 0 and node_id not in ref_nodes)
+        assert self.evicted_ref == self.evicted_c
+        assert len(self.alloc_ref.free_calls) == len(self.alloc_c.free_calls)
+        assert self.alloc_ref.freed == self.alloc_c.freed
+        # The ledger: every allocated slot is free, tree-owned or caller-owned, exactly once.
+        tree = self.ref._tree_values().tolist()
+        owned, free, caller = set(tree), self.alloc_ref.freed, self.caller_owned
+        assert len(owned) == len(tree), "a slot is owned twice by the tree"
+        assert owned.isdisjoint(free), f"freed but still in the tree: {owned & free}"
+        assert owned.isdisjoint(caller), f"tree- and caller-owned: {owned & caller}"
+        assert caller.isdisjoint(free), f"caller-owned but freed: {caller & free}"
+        assert owned | free | caller == self.alloc_ref.allocated, "a slot leaked"
+
+    def teardown(self) -> None:
+        if self.ref is None:
+            return
+        self.ref.reset()
+        self.c.reset()
+        self._check_new_free_calls(ordered=False)
+        self._release_caller_owned()
+        self.alloc_ref.assert_all_free()
+        self.alloc_c.assert_all_free()
+
+
+TestRadixCacheComparison = RadixCacheComparison.TestCase
