@@ -6,8 +6,11 @@
   the same seeded workload: a 262,144-slot pool, batches of a fixed size, 64 batches
   outstanding, freed in random order (so merges run).
 * ``KVPool`` write/read bandwidth on CPU, all layers in one jitted call, beside the
-  no-donation write that copies the whole cache every call. The H200 figures come from
-  ``bench/gpu_kv_bandwidth.py`` (see ``bench/RESULTS.md``).
+  no-donation write that copies the whole cache every call. float32 here: XLA:CPU has no
+  native bf16 scatter and converts the *whole* bf16 buffer to f32 and back around every
+  scatter (O(cache) per write, seconds for a 268 MB pool), an artifact of the CPU backend
+  that GPUs do not share. The H200 figures (bf16) come from ``bench/gpu_kv_bandwidth.py``
+  (see ``bench/RESULTS.md``).
 
 Run: ``pytest bench/bench_memory_pool.py --benchmark-only`` (ratios printed at the end).
 """
@@ -95,20 +98,20 @@ KV_BATCHES = [16, 256, 4096]
 
 @pytest.fixture(scope="module")
 def kv_pool() -> KVPool:
-    return KVPool(SLOTS, LAYERS, HEADS, DIM, dtype=jnp.bfloat16)
+    return KVPool(SLOTS, LAYERS, HEADS, DIM, dtype=jnp.float32)
 
 
 def _rows(n: int) -> tuple[np.ndarray, jax.Array]:
     rng = np.random.default_rng(n)
     loc = pad_slots(rng.choice(np.arange(1, SLOTS + 1, dtype=np.int32), n, replace=False))
-    k = jax.device_put(rng.standard_normal((LAYERS, n, HEADS, DIM)).astype(jnp.bfloat16))
+    k = jax.device_put(rng.standard_normal((LAYERS, n, HEADS, DIM)).astype(np.float32))
     return loc, k
 
 
 def _gbps(benchmark, n: int) -> str:
     if benchmark.stats is None:
         return ""
-    row_bytes = 2 * n * LAYERS * HEADS * DIM * 2  # K and V rows
+    row_bytes = 2 * n * LAYERS * HEADS * DIM * 4  # K and V rows, float32
     return f"{row_bytes / benchmark.stats.stats.median / 1e9:8.2f} GB/s of rows"
 
 
