@@ -583,3 +583,82 @@ def test_key_must_be_radix_key(make_cache):
         cache.insert([1, 2, 3], i32([1, 2, 3]))
     assert state(cache) == (0, 0, 0)
     assert cache.insert(K([1]), i32([1])).last_node.last_access_time == 1
+
+
+# ---------------------------------------------------------------- handles and edge cases
+
+
+def test_reset_leaves_a_fresh_tree_and_stale_handles(make_cache, allocator):
+    cache = make_cache()
+    leaf = cache.insert(K([1, 2]), allocator.alloc(2)).last_node
+    cache.match_prefix(K([1, 2]))
+    cache.reset()
+    assert leaf.evicted
+    with pytest.raises(StaleNodeError):
+        cache.inc_lock_ref(leaf)
+    with pytest.raises(StaleNodeError):
+        cache.compute_node_hash(leaf)
+    root = cache.root_node
+    assert root.id == 0 and not root.evicted
+    # Indistinguishable from a fresh cache but for the ids: the root was never touched.
+    assert (root.lock_ref, root.hit_count, root.last_access_time) == (0, 0, 0)
+    assert cache.insert(K([1, 2]), allocator.alloc(2)).last_node.id == 2
+    cache.reset()
+    allocator.assert_all_free()
+
+
+def test_foreign_and_wrong_handles(make_cache):
+    cache = make_cache(token_to_kv_pool_allocator=None)
+    other = make_cache(token_to_kv_pool_allocator=None)
+    foreign = other.insert(K([1]), i32([1])).last_node
+    cache.insert(K([1]), i32([1]))
+    with pytest.raises(StaleNodeError):
+        cache.inc_lock_ref(foreign)
+    with pytest.raises(StaleNodeError):
+        cache.dec_lock_ref(foreign)
+    with pytest.raises(TypeError):
+        cache.inc_lock_ref("node 1")
+    with pytest.raises(TypeError):
+        cache.dec_lock_ref(None)
+    assert foreign.lock_ref == 0 and state(cache) == (1, 0, 1)
+    assert cache.compute_node_hash(cache.root_node) == []
+
+
+def test_insert_empty_key(make_cache):
+    cache = make_cache(token_to_kv_pool_allocator=None)
+    res = cache.insert(K([]), [])
+    assert res.prefix_len == 0 and res.last_node.id == 0
+    res = cache.insert(K(np.zeros(0, dtype=np.int64)))
+    assert res.prefix_len == 0 and res.last_node.id == 0
+    assert cache.insert(K([3]), [3]).last_node.last_access_time == 3
+
+
+def test_value_none_with_numpy_key(make_cache):
+    cache = make_cache(token_to_kv_pool_allocator=None)
+    leaf = cache.insert(K(np.array([7, 8, 9], dtype=np.int32))).last_node
+    assert vals(leaf) == [7, 8, 9] and toks(leaf) == [7, 8, 9]
+
+
+def test_pretty_print_runs(make_cache, capsys):
+    cache = make_cache(token_to_kv_pool_allocator=None)
+    cache.insert(K([1, 2, 3]), [1, 2, 3])
+    cache.insert(K([1, 2, 4], "ns"), [1, 2, 4])
+    cache.pretty_print()
+    assert capsys.readouterr().out
+
+
+def test_unlock_through_an_ancestor_keeps_locks_consistent(make_cache):
+    """Locks held on a leaf pin its ancestors; unlocking the parent directly is allowed
+    (its lock_ref is 1), but no later unlock may drive a lock_ref below zero."""
+    cache = make_cache(token_to_kv_pool_allocator=None)
+    cache.insert(K([1, 2, 3]), i32([1, 2, 3]))
+    leaf = cache.insert(K([1, 2, 3, 4]), i32([1, 2, 3, 4])).last_node
+    parent = leaf.parent
+    cache.inc_lock_ref(leaf)
+    cache.dec_lock_ref(parent)
+    assert (parent.lock_ref, leaf.lock_ref) == (0, 1) and state(cache) == (3, 1, 4)
+    cache._check_invariants()
+    with pytest.raises(LockStateError):
+        cache.dec_lock_ref(leaf)  # the parent on its path holds no lock any more
+    assert (parent.lock_ref, leaf.lock_ref) == (0, 1) and state(cache) == (3, 1, 4)
+    cache._check_invariants()
