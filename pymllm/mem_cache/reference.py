@@ -191,11 +191,9 @@ class RefRadixCache(BasePrefixCache):
                 raise InvalidKeyError(f"token_ids: expected a 1-D array, got shape {ids.shape}")
             if ids.dtype.kind not in "iu" and ids.size:
                 raise InvalidKeyError(f"token_ids: tokens must be integers, got {ids.dtype}")
-            tokens = ids.tolist()
-            for t in tokens:
-                if not 0 <= t < _U32_LIMIT:
-                    raise InvalidKeyError(f"token_ids: token {t} is outside [0, 2**32)")
-            return tokens, key.extra_key, 0
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= _U32_LIMIT):
+                raise InvalidKeyError("token_ids: a token is outside [0, 2**32)")
+            return ids.tolist(), key.extra_key, 0
         if ids and isinstance(ids[0], tuple):
             width = len(ids[0])
             if width == 0:
@@ -241,9 +239,8 @@ class RefRadixCache(BasePrefixCache):
                 raise InvalidValueError(f"value: indices must be integers, got {arr.dtype}")
         if len(arr) != len(tokens):
             raise InvalidValueError(f"value: {len(arr)} indices for a key of {len(tokens)} tokens")
-        for v in arr.tolist():
-            if not 0 <= v <= _I32_MAX:
-                raise InvalidValueError(f"value: index {v} is outside [0, 2**31)")
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > _I32_MAX):
+            raise InvalidValueError("value: an index is outside [0, 2**31)")
         return arr.astype(np.int64)
 
     def _check_node(self, node: Any) -> TreeNode:
