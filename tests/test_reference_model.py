@@ -662,3 +662,32 @@ def test_unlock_through_an_ancestor_keeps_locks_consistent(make_cache):
         cache.dec_lock_ref(leaf)  # the parent on its path holds no lock any more
     assert (parent.lock_ref, leaf.lock_ref) == (0, 1) and state(cache) == (3, 1, 4)
     cache._check_invariants()
+
+
+def test_unhashable_extra_key_raises_and_changes_nothing(make_cache):
+    cache = make_cache(token_to_kv_pool_allocator=None)
+    cache.insert(K([1]), [1])
+    with pytest.raises(TypeError):
+        cache.match_prefix(K([1], ["not", "hashable"]))
+    with pytest.raises(TypeError):
+        cache.insert(K([1], {}), [1])
+    assert state(cache) == (1, 0, 1)
+    assert cache.insert(K([2]), [2]).last_node.last_access_time == 2
+
+
+@pytest.mark.parametrize("dtype", ["<i4", ">i4", "<i8", ">i8", "<u4", "<u8"])
+def test_strided_and_byteswapped_arrays(make_cache, dtype):
+    cache = make_cache(token_to_kv_pool_allocator=None)
+    base = np.arange(20, dtype=dtype)
+    key, value = base[::2], base[1::2]  # not contiguous
+    leaf = cache.insert(K(key), value).last_node
+    assert toks(leaf) == list(range(0, 20, 2)) and vals(leaf) == list(range(1, 20, 2))
+    assert cache.match_prefix(K(base[::2][:4])).indices.tolist() == [1, 3, 5, 7]
+    bad = np.arange(4, dtype=dtype)[::2].copy()
+    if bad.dtype.kind == "i":
+        bad = (bad - 1)[::-1]  # [1, -1], a negative-stride view
+        with pytest.raises(InvalidKeyError):
+            cache.match_prefix(K(bad))
+        with pytest.raises(InvalidValueError):
+            cache.insert(K([5, 6]), bad)
+    assert state(cache) == (10, 0, 10)

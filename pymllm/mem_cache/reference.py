@@ -180,6 +180,12 @@ class RefRadixCache(BasePrefixCache):
         """Return (tokens as a list of ints or tuples, extra_key, width); raise on bad input."""
         if not isinstance(key, RadixKey):
             raise TypeError(f"key must be a RadixKey, got {type(key).__name__}")
+        try:
+            hash(key.extra_key)
+        except TypeError:
+            raise TypeError(
+                f"extra_key: must be hashable, got {type(key.extra_key).__name__}"
+            ) from None
         ids = key.token_ids
         if not isinstance(ids, (list, tuple, np.ndarray)):
             try:
