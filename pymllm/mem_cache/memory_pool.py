@@ -323,6 +323,8 @@ class KVPool:
             _copy_kv, donate_argnums=0, in_shardings=(bs, rep, rep), out_shardings=bs
         )
         self._get_layer = jax.jit(_layer, in_shardings=(bs, rep))
+        # Layer ids live on device once: a host scalar per call would be one more transfer.
+        self._layer_ids = tuple(jax.device_put(np.int32(i), rep) for i in range(self.layer_num))
 
         self._buffers = KVBuffers(
             _zeros(self.k_shape, self.dtype, k_buf), _zeros(self.v_shape, self.dtype, v_buf)
@@ -371,7 +373,7 @@ class KVPool:
         """Write ``k`` ``[n, Hk, Dk]`` and ``v`` ``[n, Hv, Dv]`` at slots ``loc`` ``[n]`` of
         one layer. Everything is checked first (layer range, slot range, shapes, dtype); an
         error writes nothing. Slots stay owned by whoever owned them."""
-        layer = _layer_id(layer_id, self.layer_num)
+        layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
         loc, k, v, n = self._prep_rows(loc, k, v, ())
         if n == 0:
             return
@@ -394,7 +396,7 @@ class KVPool:
         The gather runs at the bucket size; trimming to ``n`` is one slice per distinct
         ``n``. Inside a jitted step call :func:`read_kv` with padded slots instead.
         """
-        layer = _layer_id(layer_id, self.layer_num)
+        layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
         k, v = self._read(self._buffers, layer, pad_slots(loc))
@@ -409,7 +411,7 @@ class KVPool:
 
     def get_kv_buffer(self, layer_id: int) -> tuple[jax.Array, jax.Array]:
         """A copy of one layer's whole K and V buffers, ``[rows, H, D]`` each."""
-        return self._get_layer(self._buffers, _layer_id(layer_id, self.layer_num))
+        return self._get_layer(self._buffers, self._layer_ids[_layer_id(layer_id, self.layer_num)])
 
     def get_key_buffer(self, layer_id: int) -> jax.Array:
         return self.get_kv_buffer(layer_id)[0]
