@@ -76,9 +76,13 @@ def timeit(fn: Any, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def measure_copy_peak(nbytes: int, reps: int) -> float:
-    """GB/s (read + write bytes) of an elementwise pass over a buffer of `nbytes`."""
-    f = jax.jit(lambda x: x + jnp.ones((), x.dtype))
+def measure_copy_peak(nbytes: int, reps: int, op: str = "add") -> float:
+    """GB/s (read + write bytes) of one pass over a bf16 buffer of `nbytes`: an elementwise
+    add (``add``) or a plain copy into a fresh buffer (``copy``)."""
+    if op == "add":
+        f = jax.jit(lambda x: x + jnp.ones((), x.dtype))
+    else:
+        f = jax.jit(lambda x: jnp.array(x, copy=True))
     t = timeit(functools.partial(f, jnp.zeros((nbytes // 2,), jnp.bfloat16)), reps)
     return 2 * nbytes / t / 1e9
 
@@ -98,8 +102,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": [],
     }
     res["copy_gbps"] = measure_copy_peak(args.copy_bytes, args.reps)
+    res["memcpy_gbps"] = measure_copy_peak(args.copy_bytes, args.reps, "copy")
     print(f"# device {kind} ({dev.platform}), jax {jax.__version__}", flush=True)
     print(f"# plain device pass: {res['copy_gbps']:.0f} GB/s read+write", flush=True)
+    print(f"# copy into a fresh buffer: {res['memcpy_gbps']:.0f} GB/s read+write", flush=True)
 
     pool = mp.KVPool(S, L, H, D, dtype=dtype)
     res["pool"]["bytes"] = pool.mem_bytes()
@@ -144,14 +150,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     del got_k, got_v
                 if pattern == "random":
 
-                    def w_layers(loc: Any = loc, k1: Any = k[0], v1: Any = v[0]) -> Any:
+                    def w_layers(
+                        loc: Any = loc, k1: Any = k[0], v1: Any = v[0], ids: Any = pool._layer_ids
+                    ) -> Any:
                         b = state["buffers"]
                         for layer in range(L):
-                            b = write_one(b, np.int32(layer), loc, k1, v1)
+                            b = write_one(b, ids[layer], loc, k1, v1)
                         state["buffers"] = b
                         return b.k
 
                     row["write_per_layer_s"] = timeit(w_layers, max(2, args.reps // 4))
+                    if n in (1, 8192):  # the same with a host scalar layer id per call
+                        host_ids = [np.int32(i) for i in range(L)]
+                        row["write_per_layer_host_ids_s"] = timeit(
+                            functools.partial(w_layers, ids=host_ids), max(2, args.reps // 4)
+                        )
             except Exception as e:  # keep the sweep going; report the failure in the row
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rb = n * row_bytes_per_token
@@ -189,6 +202,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def pallas_write_all(interpret: bool = False) -> Any:
+    """Experimental (not used by KVPool): a Pallas row-scatter, one program per (token,
+    layer) copying that token's K and V rows. Offsets are int32 in the kernel, so keep
+    the pool under 2**31 elements per buffer."""
+    from jax.experimental import pallas as pl
+
+    def kernel(loc_ref, k_ref, v_ref, kin_ref, vin_ref, kout_ref, vout_ref):
+        i = pl.program_id(0)
+        layer = pl.program_id(1)
+        row = loc_ref[i]
+        kout_ref[layer, row] = k_ref[layer, i]
+        vout_ref[layer, row] = v_ref[layer, i]
+
+    def write(buffers: Any, loc: Any, k: Any, v: Any) -> Any:
+        bk, bv = buffers
+        out = pl.pallas_call(
+            kernel,
+            out_shape=(
+                jax.ShapeDtypeStruct(bk.shape, bk.dtype),
+                jax.ShapeDtypeStruct(bv.shape, bv.dtype),
+            ),
+            grid=(loc.shape[0], k.shape[0]),
+            input_output_aliases={3: 0, 4: 1},
+            interpret=interpret,
+        )(loc, k, v, bk, bv)
+        return mp.KVBuffers(*out)
+
+    return jax.jit(write, donate_argnums=0)
+
+
+def run_pallas(args: argparse.Namespace) -> dict[str, Any]:
+    """XLA scatter vs the Pallas row-scatter on the same (smaller) pool."""
+    dtype = jnp.dtype(args.dtype)
+    L, H, D, S = args.layers, args.heads, args.dim, args.slots
+    pool = mp.KVPool(S, L, H, D, dtype=dtype)
+    fns = {"xla": mp.write_kv_all, "pallas": pallas_write_all(jax.devices()[0].platform == "cpu")}
+    rng = np.random.default_rng(1)
+    key = jax.random.PRNGKey(1)
+    state = {"buffers": pool.buffers}
+    out: dict[str, Any] = {"pool": f"{pool}", "rows": []}
+    for n in [b for b in args.batches if b <= min(args.max_batch, S)]:
+        m = mp.bucket_size(n)
+        slots = rng.choice(np.arange(1, S + 1, dtype=np.int32), size=n, replace=False)
+        loc = jax.device_put(mp.pad_slots(slots, m))
+        k = jax.random.normal(key, (L, m, H, D), dtype)
+        v = jax.random.normal(jax.random.fold_in(key, 1), (L, m, H, D), dtype)
+        row: dict[str, Any] = {"tokens": n}
+        for name, fn in fns.items():
+            try:
+
+                def w(fn: Any = fn, loc: Any = loc, k: Any = k, v: Any = v) -> Any:
+                    state["buffers"] = fn(state["buffers"], loc, k, v)
+                    return state["buffers"].k
+
+                row[f"{name}_s"] = timeit(w, args.reps)
+                got_k, got_v = mp.read_kv_all(state["buffers"], loc)
+                row[f"{name}_ok"] = bool(
+                    jnp.array_equal(got_k[:, :n], k[:, :n])
+                    & jnp.array_equal(got_v[:, :n], v[:, :n])
+                )
+                row[f"{name}_rows_gbps"] = (
+                    n * L * 2 * H * D * dtype.itemsize / row[f"{name}_s"] / 1e9
+                )
+            except Exception as e:
+                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     peak = res["datasheet_peak_gbps"]
     copy = res["copy_gbps"]
@@ -197,7 +280,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Device: {res['device']} ({res['platform']}), jax {res['jax']}. Pool: {p['layers']} "
         f"layers x {p['slots']:,} slots x {p['heads']} heads x {p['dim']} dim, {p['dtype']}, "
         f"K+V {p.get('bytes', 0) / 1e9:.1f} GB. Plain device pass (read+write): "
-        f"{copy:,.0f} GB/s" + (f"; datasheet peak {peak:,.0f} GB/s." if peak else "."),
+        f"{copy:,.0f} GB/s; copy into a fresh buffer {res.get('memcpy_gbps', 0):,.0f} GB/s"
+        + (f"; datasheet peak {peak:,.0f} GB/s." if peak else "."),
         "",
         "'rows' = K/V payload bytes per second; 'moved' = 2 x rows (read + write traffic); "
         "% of the datasheet peak and of the measured plain pass.",
@@ -246,6 +330,14 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {e['tokens']:,} | {_us(e['write_donated_s'])} | {_us(e['write_s'])} | "
                 f"{e['write_s'] / e['write_donated_s']:,.0f}x |"
             )
+    host = [r for r in res["rows"] if "write_per_layer_host_ids_s" in r]
+    if host:
+        lines += ["", "Per-layer writes (32 calls), layer id on device vs a host scalar per call:"]
+        for r in host:
+            lines.append(
+                f"- {r['tokens']:,} tokens: {_us(r['write_per_layer_s'])} vs "
+                f"{_us(r['write_per_layer_host_ids_s'])}"
+            )
     if "round_trip_ok" in res:
         lines += ["", f"Round trip (write then read equal): {res['round_trip_ok']}."]
     return "\n".join(lines)
@@ -274,10 +366,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--copy-bytes", type=int, default=4 << 30)
     ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny pool, float32")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--pallas", action="store_true", help="XLA vs Pallas row-scatter only")
     args = ap.parse_args(argv)
     if args.small:
         args.layers, args.slots, args.max_batch, args.dtype = 2, 4096, 1024, "float32"
         args.reps, args.copy_bytes = 3, 64 << 20
+    if args.pallas:
+        res = run_pallas(args)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1))
+        return
     res = run(args)
     md = markdown(res)
     print()
