@@ -332,7 +332,10 @@ def markdown(res: dict[str, Any]) -> str:
             )
     host = [r for r in res["rows"] if "write_per_layer_host_ids_s" in r]
     if host:
-        lines += ["", "Per-layer writes (32 calls), layer id on device vs a host scalar per call:"]
+        lines += [
+            "",
+            f"Per-layer writes ({p['layers']} calls), layer id on device vs a host scalar:",
+        ]
         for r in host:
             lines.append(
                 f"- {r['tokens']:,} tokens: {_us(r['write_per_layer_s'])} vs "
