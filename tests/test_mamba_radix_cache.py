@@ -303,6 +303,22 @@ def test_mamba_only_then_full_eviction_in_lru_order(make_cache, kv_pool, state_p
     cache._check_invariants()
 
 
+def test_eviction_follows_recency_not_ids(make_cache, kv_pool, state_pool):
+    cache = make_cache()
+    for tok in (1, 2, 3, 4):
+        cache.insert(K([tok]), i32([10 + tok]), mamba_value=tok)  # id=tok, t=tok
+    cache.match_prefix(K([1]))  # id1 t=5
+    cache.match_prefix(K([2]))  # id2 t=6
+    # States by (t, id): id3 (3), id4 (4), id1 (5), id2 (6).
+    assert cache.evict(0, 2) == EvictResult(full_evicted=2, mamba_evicted=2)
+    assert state_pool.freed_sequence == [[3, 4]] and kv_pool.freed_sequence == [[13, 14]]
+    cache.match_prefix(K([2]))  # id2 t=8
+    assert cache.evict(1, 1) == EvictResult(full_evicted=1, mamba_evicted=1)
+    assert make_cache.evicted_ids == [3, 4, 1]
+    assert state_pool.freed_sequence[-1] == [1]
+    assert sizes(cache) == (1, 0, 1, 1, 0)
+
+
 def test_full_eviction_frees_states_and_they_count(make_cache, kv_pool, state_pool):
     cache = make_cache()
     cache.insert(K([1, 2]), i32([11, 12]), mamba_value=1)  # id1 t=1
@@ -352,12 +368,8 @@ def test_evict_arguments(make_cache):
     assert cache.evict(0, 0, mamba_num=1) == EvictResult(full_evicted=2, mamba_evicted=1)
 
 
-def test_evict_rejects_non_int_counts(make_cache, request):
-    if request.node.callspec.params["impl"] == "compiled":
-        # Divergence: RadixTreeCore converts evict's counts with a C cast, so True evicts one
-        # token and 1.5 is truncated, where RefRadixCache (and RadixCache's contract tests)
-        # raise TypeError for non-int counts.
-        request.applymarker(pytest.mark.xfail(reason="compiled evict accepts bool/float"))
+def test_evict_rejects_non_int_counts(make_cache):
+    # bool and float counts are caller bugs (the compiled core once cast them silently)
     cache = make_cache()
     cache.insert(K([1, 2]), i32([11, 12]), mamba_value=1)
     for args in [(True,), (1.5,), (0, 0.5), (0, True)]:
