@@ -110,9 +110,21 @@ class ModelConfig:
         return layers + 2 * self.vocab_size * d + d
 
 
-#: Presets. ``tiny`` runs on two CPU cores in seconds; the others are GPU sizes (random
-#: weights: the figures measure the serving loop, not a language model).
+#: Presets. ``micro`` is for smoke tests; ``tiny`` (the demo's default) runs on two CPU
+#: cores in seconds; the others are GPU sizes (random weights: the figures measure the
+#: serving loop, not a language model).
 PRESETS: dict[str, ModelConfig] = {
+    "micro": ModelConfig(
+        name="micro",
+        vocab_size=256,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=128,
+        sliding_window=32,
+    ),
     "tiny": ModelConfig(),
     "small": ModelConfig(
         name="small",

@@ -41,27 +41,34 @@ Params = dict[str, Any]
 _NEG_INF = -1e30
 
 
+class _Draw:
+    """A placeholder for a normal weight of ``shape`` times ``scale``."""
+
+    def __init__(self, shape: tuple[int, ...], scale: float) -> None:
+        self.shape, self.scale = shape, scale
+
+
 def init_params(cfg: ModelConfig) -> Params:
-    """Weights drawn from ``cfg.seed`` (scaled normal; norms at one).
+    """Weights drawn from ``cfg.seed`` (scaled normal; norms at one), on the default device.
 
     ``params["blocks"][j]`` holds the weights of pattern position ``j`` for every group,
-    stacked on a leading axis of ``n_layers / len(pattern)``.
+    stacked on a leading axis of ``n_layers / len(pattern)``. Drawn with numpy on the host,
+    one array at a time: the same weights on every platform, and nothing to compile (each
+    ``jax.random`` call compiles its own PRNG kernel, about a second each on a CPU).
     """
     dtype = jnp.dtype(cfg.dtype)
     d, h, kvh, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
     groups = cfg.n_layers // len(cfg.pattern)
-    keys = iter(jax.random.split(jax.random.PRNGKey(cfg.seed), 4 + 16 * len(cfg.pattern)))
 
-    def dense(shape: Sequence[int], fan_in: int, scale: float = 1.0) -> jax.Array:
-        w = jax.random.normal(next(keys), (groups, *shape), jnp.float32)
-        return (w * (scale / np.sqrt(fan_in))).astype(dtype)
+    def dense(shape: Sequence[int], fan_in: int, scale: float = 1.0) -> _Draw:
+        return _Draw((groups, *shape), scale / np.sqrt(fan_in))
 
-    def full(shape: Sequence[int], value: float) -> jax.Array:
-        return jnp.full((groups, *shape), value, dtype)
+    def full(shape: Sequence[int], value: float) -> np.ndarray:
+        return np.full((groups, *shape), value, np.float32)
 
     blocks = []
     for kind in cfg.pattern:
-        blk: dict[str, jax.Array] = {
+        blk: dict[str, Any] = {
             "norm1": full((d,), 1.0),
             "norm2": full((d,), 1.0),
             "w_gate": dense((d, f), d),
@@ -82,15 +89,22 @@ def init_params(cfg: ModelConfig) -> Params:
             blk["wv"] = dense((d, kvh * hd), d)
             blk["wo"] = dense((h * hd, d), h * hd)
         blocks.append(blk)
-    return {
-        "embed": jax.random.normal(next(keys), (cfg.vocab_size, d), jnp.float32).astype(dtype),
+    tree = {
+        "embed": _Draw((cfg.vocab_size, d), 1.0),
         "blocks": blocks,
-        "norm_f": jnp.ones((d,), dtype),
+        "norm_f": np.ones((d,), np.float32),
         # A wide LM head spreads the logits, so greedy argmax rarely meets a near-tie.
-        "lm_head": (
-            jax.random.normal(next(keys), (d, cfg.vocab_size), jnp.float32) * (4.0 / np.sqrt(d))
-        ).astype(dtype),
+        "lm_head": _Draw((d, cfg.vocab_size), 4.0 / np.sqrt(d)),
     }
+
+    rng = np.random.default_rng(cfg.seed)
+
+    def draw(x: Any) -> jax.Array:
+        if isinstance(x, _Draw):
+            x = rng.standard_normal(x.shape, dtype=np.float32) * np.float32(x.scale)
+        return jax.device_put(x.astype(dtype))  # a host cast: no kernel to compile
+
+    return jax.tree.map(draw, tree, is_leaf=lambda x: isinstance(x, _Draw))
 
 
 def state_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:

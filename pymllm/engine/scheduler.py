@@ -55,6 +55,8 @@ class SchedulerConfig:
     * ``max_running``: requests admitted at once (the decode batch).
     * ``max_prefill_batch``, ``chunk_tokens``: requests and prompt tokens per prefill step;
       a longer prompt is prefilled over several steps (chunked prefill).
+      ``pad_prefill_batch`` pads every prefill step to ``max_prefill_batch`` rows: fewer
+      shapes to compile, padded rows computed for nothing.
     * ``min_token_bucket``, ``min_seq_bucket``: smallest padded chunk length and slot-table
       length. Batch and chunk sizes are padded to powers of two, slot tables to the pools'
       ``bucket_size`` (steps of at most 1.5x), so a run compiles a handful of shapes.
@@ -67,6 +69,7 @@ class SchedulerConfig:
 
     max_running: int = 16
     max_prefill_batch: int = 4
+    pad_prefill_batch: bool = False
     chunk_tokens: int = 256
     min_token_bucket: int = 32
     min_seq_bucket: int = 128
@@ -358,7 +361,10 @@ class Engine:
         sched = self.sched
         # Decode pads the batch to max_running: a padded decode row costs little and one
         # batch size per slot-table bucket keeps compilations few.
-        b = _bucket(sched.max_running if decode else len(rows), 1)
+        if decode:
+            b = _bucket(sched.max_running, 1)
+        else:
+            b = _bucket(sched.max_prefill_batch if sched.pad_prefill_batch else len(rows), 1)
         t = 1 if decode else _bucket(max(n for _, n in rows), sched.min_token_bucket)
         s = max(bucket_size(max(r.prefilled + n for r, n in rows)), sched.min_seq_bucket)
         tokens = np.zeros((b, t), np.int32)

@@ -1,0 +1,291 @@
+"""The reference engine: model vs a dense reference, cache exactness, slot accounting.
+
+Every test uses the ``micro`` preset and the same step shapes (prefill: 2 rows of 32 tokens,
+decode: 4 rows; slot tables of 128), so each variant compiles two step shapes for the whole
+module: compiling dominates the module's run time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from pymllm.engine import model as M
+from pymllm.engine.config import get_config
+from pymllm.engine.memory import EngineMemory
+from pymllm.engine.scheduler import (
+    Engine,
+    EngineError,
+    RunStats,
+    SchedulerConfig,
+    ideal_cached_tokens,
+)
+from pymllm.engine.workloads import RequestSpec, Workload, multi_turn, shared_prefix
+from pymllm.mem_cache import ChunkCache, RadixCache
+
+SCHED = SchedulerConfig(
+    max_running=4, max_prefill_batch=2, pad_prefill_batch=True, chunk_tokens=32, record_logits=True
+)
+LOGIT_ATOL = 1e-4
+# One pool size for the module: the KV buffers' shape is part of every step's compile key.
+POOL = 512
+
+
+@functools.cache
+def cfg_of(variant: str):
+    return get_config("micro", variant)
+
+
+@functools.cache
+def params_of(variant: str):
+    return M.init_params(cfg_of(variant))
+
+
+def small_shared(seed: int = 0, n_groups: int = 3, per_group: int = 4) -> Workload:
+    return shared_prefix(
+        vocab_size=256,
+        n_groups=n_groups,
+        per_group=per_group,
+        prefix_len=96,
+        suffix_len=(8, 24),
+        output_len=6,
+        seed=seed,
+    )
+
+
+def serve(
+    variant: str, kind: str, workload: Workload, pool: int, sched: SchedulerConfig | None = None
+) -> tuple[RunStats, Engine]:
+    cfg = cfg_of(variant)
+    sched = sched or SCHED
+    mem = EngineMemory(cfg, pool, state_size=sched.max_running + 1)
+    alloc = mem.token_to_kv_pool_allocator
+    cache = ChunkCache(alloc) if kind == "chunk" else RadixCache(token_to_kv_pool_allocator=alloc)
+    engine = Engine(cfg, mem, cache, params=params_of(variant), sched=sched)
+    return engine.run(workload), engine
+
+
+def assert_same_generation(a: RunStats, b: RunStats) -> None:
+    assert [r.rid for r in a.results] == [r.rid for r in b.results]
+    for x, y in zip(a.results, b.results, strict=True):
+        np.testing.assert_array_equal(x.output, y.output, err_msg=x.rid)
+        np.testing.assert_allclose(x.first_logits, y.first_logits, rtol=0, atol=LOGIT_ATOL)
+
+
+def assert_slots_accounted(engine: Engine) -> None:
+    """Every KV slot is free or in the tree, exactly once; nothing locked."""
+    cache, mem = engine.cache, engine.memory
+    free, in_cache, ok = engine.check_slots()
+    assert ok
+    assert free + in_cache == mem.kv_size
+    assert cache.protected_size() == 0
+    if isinstance(cache, RadixCache):
+        cache._check_invariants()
+        vals = [np.asarray(n.value) for n in cache._nodes() if len(n.key)]
+        tree = np.concatenate(vals) if vals else np.zeros(0, np.int32)
+        assert len(tree) == in_cache
+        assert len(np.unique(tree)) == len(tree)
+        assert tree.min(initial=1) >= 1 and tree.max(initial=1) <= mem.kv_size
+    if mem.state_pool is not None:
+        assert mem.state_available() == mem.state_size
+
+
+# -- the model ----------------------------------------------------------------------------
+
+
+def dense_logits(variant: str, tokens: np.ndarray) -> np.ndarray:
+    """A plain float64 numpy forward over the whole sequence: no pool, no paging, no chunks."""
+    cfg = cfg_of(variant)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), params_of(variant))
+    h, kvh, hd, n = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, len(tokens)
+
+    def rms(x, w):
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * w
+
+    half = hd // 2
+    ang = np.arange(n)[:, None] * cfg.rope_theta ** (-np.arange(half) / half)
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+
+    def rope(x):
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    def silu(x):
+        return x / (1 + np.exp(-x))
+
+    x = params["embed"][tokens]
+    pattern = cfg.pattern
+    for layer, kind in enumerate(cfg.layer_kinds):
+        p = {k: v[layer // len(pattern)] for k, v in params["blocks"][layer % len(pattern)].items()}
+        hn = rms(x, p["norm1"])
+        if kind == "rec":
+            u = hn @ p["w_u"]
+            pad = np.concatenate([np.zeros((cfg.conv_width - 1, u.shape[1])), u])
+            u = sum(pad[j : j + n] * p["conv"][j] for j in range(cfg.conv_width))
+            a = 1 / (1 + np.exp(-(hn @ p["w_a"] + p["b_a"])))
+            s, seq = np.zeros(u.shape[1]), []
+            for t in range(n):
+                s = a[t] * s + (1 - a[t]) * u[t]
+                seq.append(s)
+            y = (np.stack(seq) * silu(hn @ p["w_g"])) @ p["w_o"]
+        else:
+            q = rope((hn @ p["wq"]).reshape(n, h, hd))
+            k = np.repeat(rope((hn @ p["wk"]).reshape(n, kvh, hd)), h // kvh, axis=1)
+            v = np.repeat((hn @ p["wv"]).reshape(n, kvh, hd), h // kvh, axis=1)
+            sc = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+            qi, ki = np.arange(n)[:, None], np.arange(n)[None, :]
+            vis = ki <= qi
+            if kind == "swa":
+                vis &= ki > qi - cfg.sliding_window
+            sc = np.where(vis, sc, -np.inf)
+            pr = np.exp(sc - sc.max(-1, keepdims=True))
+            pr /= pr.sum(-1, keepdims=True)
+            y = np.einsum("hqk,khd->qhd", pr, v).reshape(n, h * hd) @ p["wo"]
+        x = x + y
+        hn = rms(x, p["norm2"])
+        x = x + (silu(hn @ p["w_gate"]) * (hn @ p["w_up"])) @ p["w_down"]
+    return rms(x, params["norm_f"]) @ params["lm_head"]
+
+
+def step_batch(tokens, positions, new_slots, table, state_slot, fresh):
+    """A prefill-shaped batch (2 rows of 32, slot tables of 128) whose second row is padding."""
+    n = len(tokens)
+    b = {
+        "tokens": np.zeros((2, 32), np.int32),
+        "positions": np.zeros((2, 32), np.int32),
+        "new_slots": np.zeros((2, 32), np.int32),
+        "kv_slots": np.zeros((2, 128), np.int32),
+        "chunk_lens": np.array([n, 0], np.int32),
+        "last_idx": np.array([n - 1, 0], np.int32),
+        "state_slots": np.array([state_slot, 0], np.int32),
+        "state_fresh": np.array([fresh, False]),
+    }
+    b["tokens"][0, :n] = tokens
+    b["positions"][0, :n] = positions
+    b["new_slots"][0, :n] = new_slots
+    b["kv_slots"][0, : len(table)] = table
+    return b
+
+
+@pytest.mark.parametrize("variant", ["full", "swa", "hybrid"])
+def test_paged_chunked_steps_match_dense_reference(variant):
+    """Chunked prefill then decode, KV at scattered slots, equals one dense pass."""
+    cfg = cfg_of(variant)
+    n = 100
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, cfg.vocab_size, n).astype(np.int32)
+    slots = rng.permutation(np.arange(1, 301, dtype=np.int32))[:n]  # not contiguous
+    want = dense_logits(variant, tokens)
+    mem = EngineMemory(cfg, POOL, state_size=SCHED.max_running + 1)
+    bounds = [(0, 32), (32, 64), (64, 90)] + [(i, i + 1) for i in range(90, n)]
+    for a, e in bounds:
+        # Decode steps (one token) reuse the prefill shape: one compilation per variant.
+        batch = step_batch(tokens[a:e], np.arange(a, e), slots[a:e], slots[:e], 2, a == 0)
+        _, logits, kv, state = M.extend_step(params_of(variant), mem.kv, mem.state, batch, cfg)
+        mem.rebind(kv, state)
+        np.testing.assert_allclose(np.asarray(logits)[0], want[e - 1], rtol=0, atol=2e-3)
+
+
+def test_step_donates_the_pool_buffers():
+    cfg = cfg_of("hybrid")
+    mem = EngineMemory(cfg, POOL, state_size=SCHED.max_running + 1)
+    old_kv, old_state = mem.kv, mem.state
+    batch = step_batch(np.array([5, 6]), np.arange(2), np.array([1, 2]), np.array([1, 2]), 1, True)
+    _, _, kv, state = M.extend_step(params_of("hybrid"), old_kv, old_state, batch, cfg)
+    mem.rebind(kv, state)
+    assert old_kv.k.is_deleted() and old_kv.v.is_deleted()
+    assert old_state.conv.is_deleted() and old_state.temporal.is_deleted()
+    assert not mem.kv.k.is_deleted()
+
+
+# -- the engine: exactness and accounting ---------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["full", "swa"])
+def test_radix_matches_chunk_under_eviction_and_chunked_prefill(variant):
+    wl = small_shared(n_groups=4, per_group=4)
+    # 4 prefixes of 96 tokens, 16 requests of up to 125 slots, 4 running, 512 slots: the
+    # cache must evict to admit.
+    radix, radix_engine = serve(variant, "radix", wl, pool=POOL)
+    chunk, chunk_engine = serve(variant, "chunk", wl, pool=POOL)
+    assert_same_generation(radix, chunk)
+    assert radix.requests == chunk.requests == 16
+    assert radix.evicted_tokens > 0
+    assert radix.cached_tokens > 0 and chunk.cached_tokens == 0
+    assert radix.prefill_tokens == radix.prompt_tokens - radix.cached_tokens
+    assert chunk.prefill_tokens == chunk.prompt_tokens
+    assert radix.prefill_steps < chunk.prefill_steps
+    for engine in (radix_engine, chunk_engine):
+        assert_slots_accounted(engine)
+
+
+def test_radix_reaches_the_ideal_hit_rate():
+    wl = small_shared()
+    radix, engine = serve("full", "radix", wl, pool=POOL)
+    # Requests sharing a prompt still in prefill wait for it instead of recomputing it.
+    assert radix.cached_tokens == ideal_cached_tokens(radix.results)
+    assert_slots_accounted(engine)
+
+
+def test_multi_turn_reuses_the_conversation_and_stays_exact():
+    wl = multi_turn(
+        vocab_size=256, n_conversations=3, turns=3, system_len=48, user_len=(8, 16), output_len=6
+    )
+    radix, radix_engine = serve("full", "radix", wl, pool=POOL)
+    chunk, chunk_engine = serve("full", "chunk", wl, pool=POOL)
+    assert radix.requests == 9
+    assert_same_generation(radix, chunk)
+    by_rid = {r.rid: r for r in radix.results}
+    # A later turn reuses the previous turn's prompt and all but its last generated token.
+    prev, nxt = by_rid["c0-t0"], by_rid["c0-t1"]
+    assert nxt.cached_tokens >= prev.prompt_len + len(prev.output) - 1
+    assert_slots_accounted(radix_engine)
+    assert_slots_accounted(chunk_engine)
+
+
+@pytest.mark.parametrize("variant", ["full", "swa", "hybrid"])
+def test_served_generation_matches_dense_greedy_decoding(variant):
+    """Batched, chunked, paged serving generates what a dense forward pass would."""
+    wl = small_shared(seed=5)
+    stats, engine = serve(variant, "chunk", wl, pool=POOL)
+    for r in stats.results[:3]:
+        seq = list(r.prompt)
+        for i in range(len(r.output)):
+            logits = dense_logits(variant, np.asarray(seq))[-1]
+            if i == 0:
+                np.testing.assert_allclose(r.first_logits, logits, rtol=0, atol=2e-3)
+            seq.append(int(np.argmax(logits)))
+        np.testing.assert_array_equal(r.output, seq[len(r.prompt) :], err_msg=r.rid)
+    assert_slots_accounted(engine)
+
+
+def test_no_recompilation_across_request_sizes():
+    serve("full", "radix", small_shared(seed=0), pool=POOL)
+    before = M.compile_count()
+    stats, _ = serve("full", "radix", small_shared(seed=7), pool=POOL)
+    assert M.compile_count() == before
+    assert stats.compiles == 0
+
+
+def test_hybrid_refuses_a_cache_without_state_snapshots():
+    cfg = cfg_of("hybrid")
+    mem = EngineMemory(cfg, 64, state_size=2)
+    cache = RadixCache(token_to_kv_pool_allocator=mem.token_to_kv_pool_allocator)
+    with pytest.raises(ValueError, match="recurrent state"):
+        Engine(cfg, mem, cache, params=params_of("hybrid"))
+
+
+def test_request_larger_than_the_pool_is_refused():
+    wl = Workload("one", "one long request", [RequestSpec("big", np.arange(1, 600), 8)])
+    with pytest.raises(EngineError, match="needs 606 KV slots; the pool has 512"):
+        serve("full", "radix", wl, pool=POOL)
+
+
+def test_memory_for_another_config_is_refused():
+    mem = EngineMemory(cfg_of("full"), 64)
+    cache = ChunkCache(mem.token_to_kv_pool_allocator)
+    with pytest.raises(ValueError, match="another model config"):
+        Engine(cfg_of("swa"), mem, cache)
