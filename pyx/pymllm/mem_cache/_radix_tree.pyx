@@ -20,6 +20,7 @@ from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
+cimport cython
 cimport numpy as cnp
 import numpy as np
 
@@ -91,15 +92,14 @@ cdef inline int64_t _common_positions(const tok_t* a, const tok_t* b, int64_t np
                                       int32_t width) noexcept nogil:
     """Number of leading positions on which a and b agree (npos at most)."""
     cdef int64_t total = npos * width
-    cdef int64_t i = 0
-    cdef uint64_t wa, wb
-    # two tokens per step; unaligned loads through memcpy compile to plain moves
-    while i + 2 <= total:
-        memcpy(&wa, a + i, 8)
-        memcpy(&wb, b + i, 8)
-        if wa != wb:
+    cdef int64_t i = 0, chunk
+    # memcmp (SIMD in libc) over 64-token blocks finds the mismatching block; a plain loop
+    # then finds the token inside it
+    while i < total:
+        chunk = total - i if total - i < 64 else 64
+        if memcmp(a + i, b + i, chunk * sizeof(tok_t)) != 0:
             break
-        i += 2
+        i += chunk
     while i < total and a[i] == b[i]:
         i += 1
     return i // width
@@ -262,6 +262,21 @@ ctypedef struct KeyView:
     int32_t arity           # 0 for plain int tokens, k for k-tuples
 
 
+cdef inline Py_ssize_t _first_negative(const int32_t* p, Py_ssize_t n) noexcept nogil:
+    """Index of the first negative entry, n if none (an OR reduction the compiler
+    vectorizes; the slow search runs only on bad input)."""
+    cdef int32_t acc = 0
+    cdef Py_ssize_t i
+    for i in range(n):
+        acc |= p[i]
+    if acc >= 0:
+        return n
+    for i in range(n):
+        if p[i] < 0:
+            return i
+    return n
+
+
 cdef inline tok_t _to_tok(object v) except? 0:
     cdef long long x
     cdef int overflow = 0
@@ -293,6 +308,28 @@ cdef cnp.ndarray _copy_idx(const idx_t* src, int64_t n):
     cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [n], cnp.NPY_INT32, 0)
     memcpy(cnp.PyArray_DATA(out), src, n * sizeof(idx_t))
     return out
+
+
+_object_new = object.__new__
+
+
+cdef inline object _match_result(object indices, object last_node, int64_t prefix_len,
+                                 object branching=None):
+    """MatchResult without the dataclass __init__ (a Python-level call): same fields."""
+    r = _object_new(MatchResult)
+    r.indices = indices
+    r.last_node = last_node
+    r.prefix_len = prefix_len
+    r.mamba_branching_seqlen = branching
+    return r
+
+
+cdef inline object _insert_result(int64_t prefix_len, object last_node, bint mamba_exist=False):
+    r = _object_new(InsertResult)
+    r.prefix_len = prefix_len
+    r.last_node = last_node
+    r.mamba_exist = mamba_exist
+    return r
 
 
 cdef class _Scratch:
@@ -439,9 +476,9 @@ cdef class RadixTreeCore:
         self._link_free_slots(0)
         # the root: slot 0, uid 0, permanently "locked" (never evictable)
         self.free_head = self.nodes[ROOT].next_free
+        self.clock = 0
         self._init_node(ROOT, 0, NIL, 0, 1)
         self.live = 1
-        self.clock = 0
         self._evictable = 0
         self._protected = 0
         return 0
@@ -654,9 +691,9 @@ cdef class RadixTreeCore:
                 and cnp.PyArray_ISNOTSWAPPED(arr) and cnp.PyArray_IS_C_CONTIGUOUS(arr)):
             if typenum == cnp.NPY_INT32:
                 p32 = <const int32_t*>cnp.PyArray_DATA(arr)
-                for i in range(n):
-                    if p32[i] < 0:
-                        raise InvalidKeyError(f"token_ids: token {p32[i]} is outside [0, 2**32)")
+                i = _first_negative(p32, n)
+                if i < n:
+                    raise InvalidKeyError(f"token_ids: token {p32[i]} is outside [0, 2**32)")
             kv.tok = <const tok_t*>cnp.PyArray_DATA(arr)   # zero-copy path
             return arr
         if typenum == cnp.NPY_UINT64 or typenum == cnp.NPY_ULONGLONG:
@@ -724,9 +761,9 @@ cdef class RadixTreeCore:
         if (typenum == cnp.NPY_INT32 and cnp.PyArray_ISNOTSWAPPED(arr)
                 and cnp.PyArray_IS_C_CONTIGUOUS(arr)):
             p32 = <const int32_t*>cnp.PyArray_DATA(arr)
-            for i in range(n):
-                if p32[i] < 0:
-                    raise InvalidValueError(f"value: KV index {p32[i]} is outside [0, 2**31)")
+            i = _first_negative(p32, n)
+            if i < n:
+                raise InvalidValueError(f"value: KV index {p32[i]} is outside [0, 2**31)")
             out[0] = <const idx_t*>p32
             return arr
         if (typenum == cnp.NPY_UINT64 or typenum == cnp.NPY_ULONGLONG) and arr.max() > INT32_MAX:
@@ -886,15 +923,13 @@ cdef class RadixTreeCore:
         self._reserve_nodes(1)
         self.clock += 1
         if ns < 0 or kv.n < self.page_size:
-            return MatchResult(indices=np.empty(0, dtype=np.int32), last_node=self._handle(ROOT),
-                               prefix_len=0)
+            return _match_result(np.empty(0, dtype=np.int32), self._handle(ROOT), 0)
         matched = self._walk(&kv, ns, kv.n, True, &last, &n_path)
         if self.swa:
             n_path = self._swa_usable(n_path)
             last = (<nid_t*>self._nid_scratch.data)[n_path - 1] if n_path > 0 else ROOT
             matched = self.nodes[last].end_pos
-        return MatchResult(indices=self._path_indices(n_path, matched),
-                           last_node=self._handle(last), prefix_len=matched)
+        return _match_result(self._path_indices(n_path, matched), self._handle(last), matched)
 
     cdef cnp.ndarray _path_indices(self, int64_t n_path, int64_t total):
         """The KV indices of the first n_path nodes recorded by _walk, as one int32 array."""
@@ -960,7 +995,7 @@ cdef class RadixTreeCore:
                                        swa_evicted_seqlen, &last)
         else:
             matched = self._insert_kv(&kv, vals, key.extra_key, &last)
-        return InsertResult(prefix_len=matched, last_node=self._handle(last))
+        return _insert_result(matched, self._handle(last))
 
     cdef int64_t _insert_swa(self, const KeyView* kv, const idx_t* vals, object extra_key,
                              object prev_prefix_len, object swa_evicted_seqlen,
@@ -989,6 +1024,13 @@ cdef class RadixTreeCore:
         if aligned == 0:
             self.clock += 1
             out_last[0] = ROOT
+            return 0
+        if ns < 0 and es >= aligned:
+            # nothing of a new namespace gets cached: no namespace id is taken
+            self.clock += 1
+            out_last[0] = ROOT
+            if self.token_to_kv_pool_allocator is not None:
+                self.token_to_kv_pool_allocator.free(_copy_idx(vals, aligned))
             return 0
         self._reserve_nodes(4)      # a split at prev_prefix_len, one at the match end, 2 new
         dup = <idx_t*>self._idx_out.reserve(2 * aligned)
@@ -1136,8 +1178,10 @@ cdef class RadixTreeCore:
         proportional to what is evicted (heap pops), never a walk over the tree.
         ``swa_num_tokens`` is ignored without a sliding window.
         """
-        cdef int64_t n_ev = 0, swa_want, swa_done
-        cdef int64_t done = self._evict_full(_count("num_tokens", num_tokens), &n_ev)
+        cdef int64_t n_ev = 0, swa_done
+        cdef int64_t want = _count("num_tokens", num_tokens)
+        cdef int64_t swa_want = _count("swa_num_tokens", swa_num_tokens)
+        cdef int64_t done = self._evict_full(want, &n_ev)
         cdef nid_t n
         cdef Node* x
         cdef idx_t* out
@@ -1146,7 +1190,6 @@ cdef class RadixTreeCore:
             return EvictResult(full_evicted=done)
         # SWA phase: tombstone least recently used SWA-unlocked nodes (an unlocked leaf goes
         # whole); each step takes one node off the SWA heap, so the loop ends
-        swa_want = _count("swa_num_tokens", swa_num_tokens)
         while self.aux_freed < swa_want and self.aux_heap.size > 0:
             n = self.aux_heap.data[0]
             x = &self.nodes[n]
@@ -1343,8 +1386,16 @@ cdef class RadixTreeCore:
 
     cdef int _unlock(self, nid_t n) except -1:
         cdef Node* x
-        if n != ROOT and self.nodes[n].lock_ref <= 0:
-            raise LockStateError(f"node: node {self.nodes[n].uid} is not locked")
+        cdef nid_t m = n
+        while m != ROOT:    # all or nothing: every node on the path must hold a lock
+            if self.nodes[m].lock_ref <= 0:
+                if m == n:
+                    raise LockStateError(f"node: node {self.nodes[n].uid} is not locked")
+                raise LockStateError(
+                    f"node: node {self.nodes[n].uid} is locked but its ancestor "
+                    f"{self.nodes[m].uid} is not (unlocked through an ancestor?)"
+                )
+            m = self.nodes[m].parent
         while n != ROOT:
             x = &self.nodes[n]
             x.lock_ref -= 1
@@ -1519,7 +1570,7 @@ cdef class RadixTreeCore:
             for c in kids.get(i, []):
                 child_sum += self.nodes[<nid_t>c].lock_ref
                 assert self.nodes[<nid_t>c].ns == x.ns, f"node {x.uid}: child in another ns"
-            assert x.lock_ref >= child_sum, f"node {x.uid}: lock_ref below its children's"
+            # (a caller may unlock an ancestor directly, so lock_ref >= child_sum can break)
             if x.lock_ref > 0:
                 protected += x.len
             else:
@@ -1595,6 +1646,7 @@ cdef class RadixTreeCore:
         assert free_count == self.cap - live, f"free list {free_count} != {self.cap - live}"
 
 
+@cython.no_gc
 cdef class TreeNode:
     """A handle to a node of a compiled radix tree.
 
@@ -1743,8 +1795,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         ns = self._find_ns(key.extra_key, kv.arity)
         self.clock += 1
         if ns < 0 or kv.n < self.page_size:
-            return MatchResult(indices=np.empty(0, dtype=np.int32),
-                               last_node=self._handle(ROOT), prefix_len=0)
+            return _match_result(np.empty(0, dtype=np.int32), self._handle(ROOT), 0)
         kv_len = self._walk(&kv, ns, kv.n, True, &last, &n_path, False, &partial)
         kv_len += partial
         path = <nid_t*>self._nid_scratch.data
@@ -1753,9 +1804,8 @@ cdef class MambaTreeCore(RadixTreeCore):
             k -= 1
         last = path[k] if k >= 0 else ROOT
         state_len = self.nodes[last].end_pos
-        return MatchResult(indices=self._path_indices(k + 1, state_len),
-                           last_node=self._handle(last), prefix_len=state_len,
-                           mamba_branching_seqlen=kv_len if kv_len > state_len else None)
+        return _match_result(self._path_indices(k + 1, state_len), self._handle(last), state_len,
+                             kv_len if kv_len > state_len else None)
 
     def insert(self, key, value=None, mamba_value=None, **kwargs):
         """Insert KV as :meth:`RadixCache.insert` does and attach *mamba_value* (one state
@@ -1794,7 +1844,7 @@ cdef class MambaTreeCore(RadixTreeCore):
                 x.aux_lock_ref = 0
                 self._aux_evictable += 1
                 _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, last)
-        return InsertResult(prefix_len=matched, last_node=self._handle(last), mamba_exist=exist)
+        return _insert_result(matched, self._handle(last), exist)
 
     def evict(self, num_tokens, swa_num_tokens=0, mamba_num=None):
         """Full eviction of LRU unlocked leaves until *num_tokens* KV tokens are freed (their
@@ -1814,7 +1864,8 @@ cdef class MambaTreeCore(RadixTreeCore):
         elif swa_num_tokens:
             raise TypeError("evict(): give the Mamba state count once (mamba_num or the 2nd arg)")
         want_states = _count("mamba_num", mamba_num)
-        done = self._evict_full(_count("num_tokens", num_tokens), &n_ev)
+        done = _count("num_tokens", num_tokens)
+        done = self._evict_full(done, &n_ev)
         while self.n_states_out < want_states and self.aux_heap.size > 0:
             n = self.aux_heap.data[0]
             x = &self.nodes[n]
@@ -1884,6 +1935,12 @@ cdef inline int64_t _copy_differing(idx_t* dst, const idx_t* own, const idx_t* i
 
 cdef int64_t _count(str name, object v) except? -1:
     """An eviction count: any int (<= 0 means nothing); bools and floats are rejected."""
+    cdef long long x
+    cdef int overflow = 0
+    if PyLong_CheckExact(v):
+        x = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if not overflow:
+            return max(-1, min(x, (<int64_t>1) << 62))
     if isinstance(v, bool) or not hasattr(v, "__index__"):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     v = v.__index__()
