@@ -4,6 +4,8 @@ The compiled radix tree (:class:`RadixCache`, :class:`MambaRadixCache`) hands ou
 indices; the JAX pools (:mod:`pymllm.mem_cache.memory_pool`) hold the KV those slots name.
 """
 
+from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
+from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache as BasePrefixCache
 from pymllm.mem_cache.base_prefix_cache import EvictResult as EvictResult
 from pymllm.mem_cache.base_prefix_cache import InsertResult as InsertResult
@@ -15,17 +17,29 @@ from pymllm.mem_cache.base_prefix_cache import hash_token_ids as hash_token_ids
 from pymllm.mem_cache.chunk_cache import ChunkCache as ChunkCache
 from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache as MambaRadixCache
 from pymllm.mem_cache.mamba_radix_cache import MambaTreeNode as MambaTreeNode
-from pymllm.mem_cache.memory_pool import KVPool as KVPool
-from pymllm.mem_cache.memory_pool import MambaPool as MambaPool
-from pymllm.mem_cache.memory_pool import ReqToTokenPool as ReqToTokenPool
-from pymllm.mem_cache.memory_pool import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
-from pymllm.mem_cache.memory_pool import TokenToKVPoolAllocator as TokenToKVPoolAllocator
-from pymllm.mem_cache.memory_pool import (
-    make_full_attention_net_mem_pool as make_full_attention_net_mem_pool,
-)
-from pymllm.mem_cache.memory_pool import make_req_to_token_pool as make_req_to_token_pool
 from pymllm.mem_cache.radix_cache import RadixCache as RadixCache
 from pymllm.mem_cache.radix_cache import TreeNode as TreeNode
+
+# The device pools need JAX; import them on first use so that a host-only user of the
+# tree (a replay tool, a scheduler test) does not pay for initialising JAX.
+_DEVICE_NAMES = frozenset(
+    {
+        "KVPool",
+        "MambaPool",
+        "ReqToTokenPool",
+        "make_full_attention_net_mem_pool",
+        "make_req_to_token_pool",
+    }
+)
+
+
+def __getattr__(name: str):
+    if name in _DEVICE_NAMES:
+        from pymllm.mem_cache import memory_pool
+
+        return getattr(memory_pool, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BasePrefixCache",
