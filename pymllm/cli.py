@@ -63,6 +63,14 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chunk-tokens", type=int, default=256, metavar="N", help="prefill tokens per step"
     )
+    p.add_argument(
+        "--prefill-batch", type=int, default=4, metavar="N", help="requests per prefill step"
+    )
+    p.add_argument(
+        "--pad-prefill-batch",
+        action="store_true",
+        help="pad every prefill step to --prefill-batch rows (fewer compilations)",
+    )
     p.add_argument("--max-requests", type=int, metavar="N", help="replay only the first N")
     p.add_argument(
         "--time-scale",
@@ -143,7 +151,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     try:
         cfg = get_config(args.model, args.variant, seed=args.seed)
         sched = SchedulerConfig(
-            max_running=args.max_running, chunk_tokens=args.chunk_tokens, record_logits=True
+            max_running=args.max_running,
+            max_prefill_batch=args.prefill_batch,
+            pad_prefill_batch=args.pad_prefill_batch,
+            chunk_tokens=args.chunk_tokens,
+            record_logits=True,
         )
     except ValueError as exc:
         err.write(f"pymllm-cache: error: {exc}\n")
