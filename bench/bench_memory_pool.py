@@ -3,8 +3,9 @@
 * Slot allocator alloc+free throughput: the compiled ``TokenToKVPoolAllocator`` (always-on
   double-free checks) against a numpy free list in the style of the seed's family
   (``free_slots[:n]`` / ``np.concatenate`` on free / ``np.sort`` on merge, no checks), on
-  the same seeded workload: a 262,144-slot pool, batches of a fixed size, 64 batches
-  outstanding, freed in random order (so merges run).
+  the same seeded workload: a 262,144-slot pool, batches of a fixed size, 16 batches
+  outstanding, freed in random order (so merges run); and the exhausted pool (64 batches
+  of 4096 outstanding fill it: every alloc merges what the last free released).
 * ``KVPool`` write/read bandwidth on CPU, all layers in one jitted call, beside the
   no-donation write that copies the whole cache every call. float32 here: XLA:CPU has no
   native bf16 scatter and converts the *whole* bf16 buffer to f32 and back around every
@@ -26,8 +27,7 @@ from conftest import note, record
 from pymllm.mem_cache.memory_pool import KVPool, TokenToKVPoolAllocator, pad_slots
 
 POOL = 262_144
-OUTSTANDING = 64
-BATCHES = [1, 16, 256, 1024, 4096]
+BATCHES = [(1, 16), (16, 16), (256, 16), (1024, 16), (4096, 16), (4096, 64)]
 
 
 class NumpyFreeList:
@@ -57,33 +57,34 @@ class NumpyFreeList:
 ALLOCATORS = {"compiled": TokenToKVPoolAllocator, "numpy-free-list": NumpyFreeList}
 
 
-def churn(alloc, batch: int, cycles: int, order: np.ndarray) -> int:
-    """Alloc `cycles` batches keeping OUTSTANDING live; free each in a seeded random order.
-    Returns the slots that went through alloc and free."""
+def churn(alloc, batch: int, outstanding: int, cycles: int, order: np.ndarray) -> int:
+    """Alloc `cycles` batches keeping `outstanding` live; free each in a seeded random
+    order. Returns the slots that went through alloc and free."""
     live: list[np.ndarray] = []
     for i in range(cycles):
         x = alloc.alloc(batch)
         live.append(x)
-        if len(live) == OUTSTANDING:
+        if len(live) == outstanding:
             alloc.free(live.pop(order[i]))
     for x in live:
         alloc.free(x)
     return cycles * batch
 
 
-@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize(("batch", "outstanding"), BATCHES, ids=[f"{b}x{o}" for b, o in BATCHES])
 @pytest.mark.parametrize("impl", sorted(ALLOCATORS))
-def test_alloc_free_throughput(benchmark, impl: str, batch: int) -> None:
+def test_alloc_free_throughput(benchmark, impl: str, batch: int, outstanding: int) -> None:
     cycles = max(256, min(20_000, 4 * POOL // batch))
-    order = np.random.default_rng(batch).integers(0, OUTSTANDING, size=cycles)
+    order = np.random.default_rng(batch).integers(0, outstanding, size=cycles)
     slots = []
 
     def setup():
-        return (ALLOCATORS[impl](POOL), batch, cycles, order), {}
+        return (ALLOCATORS[impl](POOL), batch, outstanding, cycles, order), {}
 
-    benchmark.group = f"alloc+free batch={batch}"
+    benchmark.group = f"alloc+free batch={batch} outstanding={outstanding}"
     benchmark.pedantic(lambda *a: slots.append(churn(*a)), setup=setup, rounds=5)
-    group = f"allocator alloc+free, batch {batch} (per slot)"
+    full = " (pool full)" if batch * outstanding >= POOL else ""
+    group = f"allocator alloc+free, batch {batch}{full} (per slot)"
     record(benchmark, group, impl, baseline=impl != "compiled", per=cycles * batch)
     if benchmark.stats is not None:
         rate = cycles * batch / benchmark.stats.stats.median

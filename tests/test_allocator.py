@@ -148,6 +148,9 @@ def test_alloc_too_many_returns_none_and_changes_nothing(make: Any) -> None:
         pytest.param([2, 2], id="twice-in-one-call"),
         pytest.param([1, 2, 3, 0], id="valid-then-padding"),
         pytest.param([1, 5], id="valid-then-free"),
+        pytest.param([2, 3, 4, 5], id="run-ending-free"),
+        pytest.param([0, 1, 2, 3], id="run-from-padding"),
+        pytest.param([9, 10, 11], id="run-past-end"),
     ],
 )
 def test_bad_free_raises_and_frees_nothing(make: Any, bad: Any) -> None:
@@ -159,6 +162,26 @@ def test_bad_free_raises_and_frees_nothing(make: Any, bad: Any) -> None:
     assert _state(a) == before
     a.free(np.arange(1, 5, dtype=np.int32))  # the valid slots are still freeable
     assert a.available_size() == 10
+
+
+def test_runs_across_bitmap_words(make: Any) -> None:
+    # Consecutive slots take a whole-range path (state bytes, free bitmap words).
+    a = make(300)
+    x = a.alloc(300)
+    a.free(x[59:131])  # crosses two 64-page words
+    a._check_invariants()
+    with pytest.raises(InvalidFreeError):
+        a.free(x[100:140])  # a run, partly free already
+    assert a.available_size() == 72
+    a.free_group_begin()
+    a.free(x[0:59])
+    assert a.available_size() == 72
+    a.free_group_end()
+    assert a.alloc(131).tolist() == list(range(1, 132))  # one sorted run again
+    a._check_invariants()
+    a.free(np.arange(1, 132, dtype=np.int32))
+    assert a.available_size() == 131
+    a._check_invariants()
 
 
 def test_double_free_across_calls(make: Any) -> None:
@@ -349,7 +372,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     def free(self, x: Any, data: st.DataObject) -> None:
         if x is None:
             return
-        order = data.draw(st.permutations(range(len(x))))
+        # In allocation order (a run: the whole-range path) or shuffled (slot by slot).
+        order = data.draw(st.one_of(st.just(list(range(len(x)))), st.permutations(range(len(x)))))
         for a in self.pair:
             a.free(x[list(order)])
         self.live -= set(x.tolist())

@@ -56,6 +56,13 @@ cdef class PageCore:
     # Moves pages[0:count] (PENDING or ALLOCATED) to the free side: held while a group is
     # open, else onto `release` (need_sort) or the tail of `pages`.
     cdef void commit(self, const int32_t* pages, int32_t count) noexcept
+    # Where the next `count` freed pages are written (compacts `pages` first if needed).
+    cdef int32_t* free_dst(self, int32_t count) noexcept
+    # Books `count` pages written at free_dst(count) whose state is already set.
+    cdef void placed(self, int32_t* dst, int32_t count, bint bits_done) noexcept
+    # page_size == 1 fast path of collect + commit: one pass, rolled back on error
+    # (InvalidFreeError, every state as before). Returns n.
+    cdef int32_t free_slots(self, const int32_t* slots, Py_ssize_t n) except -1
     # Rebuilds `pages` as every PAGE_FREE page, ascending; empties `release`.
     cdef void merge(self) noexcept
     cdef void end_group(self) noexcept

@@ -12,7 +12,7 @@ call.
 Not thread-safe: one owner (the scheduler thread) calls these. No call releases the GIL.
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
 
@@ -63,6 +63,59 @@ cdef int32_t* _radix_sort(int32_t* a, int32_t* tmp, int32_t n, int32_t max_value
         dst = swap
         shift += RADIX_BITS
     return src
+
+
+cdef inline void _set_bits(uint64_t* bits, const int32_t* pages, int32_t n) noexcept:
+    """Set the bits of pages[0:n]; runs within one word update it once (a read-modify-write
+    per page would serialize on store forwarding)."""
+    cdef int32_t i, w
+    cdef int32_t cur = -1
+    cdef uint64_t acc = 0
+    for i in range(n):
+        w = pages[i] >> 6
+        if w != cur:
+            if cur >= 0:
+                bits[cur] |= acc
+            cur = w
+            acc = 0
+        acc |= 1ULL << (pages[i] & 63)
+    if cur >= 0:
+        bits[cur] |= acc
+
+
+cdef inline void _clear_bits(uint64_t* bits, const int32_t* pages, int32_t n) noexcept:
+    cdef int32_t i, w
+    cdef int32_t cur = -1
+    cdef uint64_t acc = 0
+    for i in range(n):
+        w = pages[i] >> 6
+        if w != cur:
+            if cur >= 0:
+                bits[cur] &= ~acc
+            cur = w
+            acc = 0
+        acc |= 1ULL << (pages[i] & 63)
+    if cur >= 0:
+        bits[cur] &= ~acc
+
+
+cdef inline void _fill_bit_range(uint64_t* bits, int32_t lo, int32_t n, bint value) noexcept:
+    """Set (value) or clear the bits lo .. lo+n-1, whole words at a time."""
+    cdef int32_t hi = lo + n  # exclusive
+    cdef int32_t w0 = lo >> 6
+    cdef int32_t w1 = (hi - 1) >> 6
+    cdef uint64_t first = ~0ULL << (lo & 63)
+    cdef uint64_t last = ~0ULL >> (63 - ((hi - 1) & 63))
+    if n <= 0:
+        return
+    if w0 == w1:
+        first &= last
+        bits[w0] = (bits[w0] | first) if value else (bits[w0] & ~first)
+        return
+    bits[w0] = (bits[w0] | first) if value else (bits[w0] & ~first)
+    if w1 > w0 + 1:
+        memset(bits + w0 + 1, 0xFF if value else 0, (w1 - w0 - 1) * sizeof(uint64_t))
+    bits[w1] = (bits[w1] | last) if value else (bits[w1] & ~last)
 
 
 cdef void* _xmalloc(size_t nbytes) except NULL:
@@ -170,9 +223,14 @@ cdef class PageCore:
         if need > self.tail - self.head:
             self.merge()
         got = self.pages + self.head
-        for i in range(need):
-            self.state[got[i]] = PAGE_ALLOCATED
-            self.freebits[got[i] >> 6] &= ~(1ULL << (got[i] & 63))
+        if need > 0 and self.need_sort and got[need - 1] - got[0] == need - 1:
+            # A sorted run of consecutive pages: whole-range state and bitmap updates.
+            memset(self.state + got[0], PAGE_ALLOCATED, need)
+            _fill_bit_range(self.freebits, got[0], need, False)
+        else:
+            for i in range(need):
+                self.state[got[i]] = PAGE_ALLOCATED
+            _clear_bits(self.freebits, got, need)
         self.head += need
         self.n_allocated += need
         return got
@@ -213,37 +271,92 @@ cdef class PageCore:
                 )
         return count
 
+    cdef int32_t* free_dst(self, int32_t count) noexcept:
+        """Where the next `count` freed pages go (held / release / tail of the free list)."""
+        if self.group_depth > 0:
+            return self.held + self.n_held
+        if self.need_sort:
+            return self.release + self.n_release
+        if self.tail + count > 2 * self.num_pages:
+            memmove(self.pages, self.pages + self.head, (self.tail - self.head) * sizeof(int32_t))
+            self.tail -= self.head
+            self.head = 0
+        return self.pages + self.tail
+
     cdef void commit(self, const int32_t* pages, int32_t count) noexcept:
         cdef int32_t i
-        cdef uint8_t st
-        cdef int32_t* dst
-        if self.group_depth > 0:
-            st = PAGE_HELD
-            dst = self.held + self.n_held
-            self.n_held += count
-        elif self.need_sort:
-            st = PAGE_FREE
-            dst = self.release + self.n_release
-            self.n_release += count
-        else:
-            st = PAGE_FREE
-            if self.tail + count > 2 * self.num_pages:
-                memmove(self.pages, self.pages + self.head,
-                        (self.tail - self.head) * sizeof(int32_t))
-                self.tail -= self.head
-                self.head = 0
-            dst = self.pages + self.tail
-            self.tail += count
+        cdef uint8_t st = PAGE_HELD if self.group_depth > 0 else PAGE_FREE
+        cdef int32_t* dst = self.free_dst(count)
         if dst != pages:
             memcpy(dst, pages, count * sizeof(int32_t))
-        if st == PAGE_FREE:
-            for i in range(count):
-                self.state[pages[i]] = PAGE_FREE
-                self.freebits[pages[i] >> 6] |= 1ULL << (pages[i] & 63)
+        for i in range(count):
+            self.state[dst[i]] = st
+        self.placed(dst, count, False)
+
+    cdef void placed(self, int32_t* dst, int32_t count, bint bits_done) noexcept:
+        """Books `count` pages just written at free_dst(count), their state already set."""
+        if self.group_depth > 0:
+            self.n_held += count
         else:
-            for i in range(count):
-                self.state[pages[i]] = st
+            if not bits_done:
+                _set_bits(self.freebits, dst, count)
+            if self.need_sort:
+                self.n_release += count
+            else:
+                self.tail += count
         self.n_allocated -= count
+
+    cdef int32_t free_slots(self, const int32_t* slots, Py_ssize_t n) except -1:
+        """page_size == 1: validate and free slots[0:n] in one pass (rolled back on error)."""
+        cdef Py_ssize_t i, j, bad = -1
+        cdef int32_t s
+        cdef int32_t hi = self.num_pages
+        cdef uint8_t st = PAGE_HELD if self.group_depth > 0 else PAGE_FREE
+        # More slots than are allocated: one of them is bad before the buffer fills up.
+        cdef int32_t* dst = self.free_dst(<int32_t>min(n, self.n_allocated))
+        cdef int32_t s0 = slots[0]
+        cdef uint32_t diff = 0
+        cdef uint8_t acc = 0
+        if 1 < n <= self.n_allocated and 1 <= s0 and s0 - 1 + n <= hi:
+            # Consecutive slots (a freed allocation, usually): branch-free checks over the
+            # range, then whole-range state, list and bitmap updates.
+            for i in range(n):
+                diff |= <uint32_t>(slots[i] ^ (s0 + <int32_t>i))
+            if diff == 0:
+                for i in range(n):
+                    acc |= self.state[s0 + i] ^ PAGE_ALLOCATED
+                if acc == 0:
+                    memset(self.state + s0, st, n)
+                    for i in range(n):
+                        dst[i] = s0 + <int32_t>i
+                    if st == PAGE_FREE:
+                        _fill_bit_range(self.freebits, s0, <int32_t>n, True)
+                    self.placed(dst, <int32_t>n, True)
+                    return <int32_t>n
+        for i in range(n):
+            s = slots[i]
+            if s < 1 or s > hi or self.state[s] != PAGE_ALLOCATED or i >= self.n_allocated:
+                bad = i
+                break
+            self.state[s] = st
+            dst[i] = s
+        if bad >= 0:
+            for j in range(bad):
+                self.state[dst[j]] = PAGE_ALLOCATED
+            s = slots[bad]
+            if s == PAD_PAGE:
+                raise InvalidFreeError(
+                    "slot 0 is the reserved padding slot; it is never allocated and cannot "
+                    "be freed"
+                )
+            if s < 1 or s > hi:
+                raise InvalidFreeError(f"slot {s} is out of range [1, {hi + 1})")
+            for j in range(bad):
+                if dst[j] == s:
+                    raise InvalidFreeError(f"slot {s} is listed twice in one free()")
+            raise InvalidFreeError(f"slot {s} is not allocated (double free?)")
+        self.placed(dst, <int32_t>n, False)
+        return <int32_t>n
 
     cdef void merge(self) noexcept:
         cdef int32_t n_live = self.tail - self.head
@@ -437,8 +550,11 @@ cdef class TokenToKVPoolAllocator:
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         if n == 0:
             return
-        cdef int32_t count = self.core.collect(<const int32_t*>cnp.PyArray_DATA(arr), n)
-        self.core.commit(self.core.scratch, count)
+        cdef const int32_t* data = <const int32_t*>cnp.PyArray_DATA(arr)
+        if self.page_size == 1:
+            self.core.free_slots(data, n)
+        else:
+            self.core.commit(self.core.scratch, self.core.collect(data, n))
 
     def free_group_begin(self):
         """Hold back frees until the matching ``free_group_end()`` (groups nest).
