@@ -27,7 +27,17 @@ from conftest import note, record
 from pymllm.mem_cache.memory_pool import KVPool, TokenToKVPoolAllocator, pad_slots
 
 POOL = 262_144
-BATCHES = [(1, 16), (16, 16), (256, 16), (1024, 16), (4096, 16), (4096, 64)]
+# (batch, outstanding, shuffled): shuffled frees give each batch back in random slot order,
+# which takes the slot-by-slot path instead of the whole-run one.
+BATCHES = [
+    (1, 16, False),
+    (16, 16, False),
+    (256, 16, False),
+    (1024, 16, False),
+    (1024, 16, True),
+    (4096, 16, False),
+    (4096, 64, False),
+]
 
 
 class NumpyFreeList:
@@ -57,13 +67,13 @@ class NumpyFreeList:
 ALLOCATORS = {"compiled": TokenToKVPoolAllocator, "numpy-free-list": NumpyFreeList}
 
 
-def churn(alloc, batch: int, outstanding: int, cycles: int, order: np.ndarray) -> int:
-    """Alloc `cycles` batches keeping `outstanding` live; free each in a seeded random
-    order. Returns the slots that went through alloc and free."""
+def churn(alloc, batch: int, outstanding: int, cycles: int, order: np.ndarray, perm) -> int:
+    """Alloc `cycles` batches keeping `outstanding` live; free each (its slots permuted by
+    `perm` if given) in a seeded random order. Returns the slots through alloc and free."""
     live: list[np.ndarray] = []
     for i in range(cycles):
         x = alloc.alloc(batch)
-        live.append(x)
+        live.append(x if perm is None else x[perm])
         if len(live) == outstanding:
             alloc.free(live.pop(order[i]))
     for x in live:
@@ -71,20 +81,28 @@ def churn(alloc, batch: int, outstanding: int, cycles: int, order: np.ndarray) -
     return cycles * batch
 
 
-@pytest.mark.parametrize(("batch", "outstanding"), BATCHES, ids=[f"{b}x{o}" for b, o in BATCHES])
+@pytest.mark.parametrize(
+    ("batch", "outstanding", "shuffled"),
+    BATCHES,
+    ids=[f"{b}x{o}" + ("-shuffled" if s else "") for b, o, s in BATCHES],
+)
 @pytest.mark.parametrize("impl", sorted(ALLOCATORS))
-def test_alloc_free_throughput(benchmark, impl: str, batch: int, outstanding: int) -> None:
+def test_alloc_free_throughput(
+    benchmark, impl: str, batch: int, outstanding: int, shuffled: bool
+) -> None:
     cycles = max(256, min(20_000, 4 * POOL // batch))
-    order = np.random.default_rng(batch).integers(0, outstanding, size=cycles)
+    rng = np.random.default_rng(batch)
+    order = rng.integers(0, outstanding, size=cycles)
+    perm = rng.permutation(batch) if shuffled else None
     slots = []
 
     def setup():
-        return (ALLOCATORS[impl](POOL), batch, outstanding, cycles, order), {}
+        return (ALLOCATORS[impl](POOL), batch, outstanding, cycles, order, perm), {}
 
-    benchmark.group = f"alloc+free batch={batch} outstanding={outstanding}"
+    benchmark.group = f"alloc+free batch={batch} outstanding={outstanding} shuffled={shuffled}"
     benchmark.pedantic(lambda *a: slots.append(churn(*a)), setup=setup, rounds=5)
-    full = " (pool full)" if batch * outstanding >= POOL else ""
-    group = f"allocator alloc+free, batch {batch}{full} (per slot)"
+    full = ", pool full" if batch * outstanding >= POOL else ""
+    group = f"allocator alloc+free, batch {batch}{full}{', shuffled' if shuffled else ''}"
     record(benchmark, group, impl, baseline=impl != "compiled", per=cycles * batch)
     if benchmark.stats is not None:
         rate = cycles * batch / benchmark.stats.stats.median
