@@ -541,6 +541,10 @@ TestMambaCacheComparison = MambaCacheComparison.TestCase
 @pytest.fixture(scope="module", autouse=True)
 def _report_steps(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
+    line = f"\nmamba stateful: {STEPS['steps']} steps in {STEPS['runs']} runs"
     capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is None:  # -p no:capture
+        print(line)
+        return
     with capture.global_and_fixture_disabled():
-        print(f"\nmamba stateful: {STEPS['steps']} steps in {STEPS['runs']} runs")
+        print(line)
