@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import note, record, serve
-from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 
 from pymllm.mem_cache import RadixCache, RadixKey, hash_token_ids
+from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 from pymllm.mem_cache.reference import RefRadixCache
 
 POOL = 300_000
