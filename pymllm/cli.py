@@ -18,8 +18,9 @@ from typing import Any, TextIO
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
+#: ``radix`` is the radix cache matched to the model (RadixCache, or MambaRadixCache for the
+#: hybrid model); ``chunk`` is ChunkCache, the no-reuse baseline.
 CACHES = ("radix", "chunk")
-CACHE_NAMES = {"radix": "RadixCache", "chunk": "ChunkCache"}
 
 
 # -- demo ---------------------------------------------------------------------------------
@@ -60,6 +61,14 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="KV slots in the pool; smaller than the workload forces eviction (default: 16384)",
     )
     p.add_argument("--max-running", type=int, default=16, metavar="N", help="decode batch")
+    p.add_argument(
+        "--state-slots",
+        type=int,
+        default=64,
+        metavar="N",
+        help="recurrent-state slots (hybrid model): running requests plus the states "
+        "MambaRadixCache saves (default: 64)",
+    )
     p.add_argument(
         "--chunk-tokens", type=int, default=256, metavar="N", help="prefill tokens per step"
     )
@@ -114,10 +123,9 @@ def _make_cache(kind: str, cfg: Any, memory: Any) -> Any:
     if kind == "chunk":
         return ChunkCache(alloc)
     if cfg.rec_layer_ids:
-        raise SystemExit(
-            "pymllm-cache: error: the hybrid model needs MambaRadixCache, which the engine "
-            "does not drive yet; run it with --cache chunk"
-        )
+        from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache
+
+        return MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=memory.state_pool)
     # Sliding-window layers read the full KV pool; RadixCache keeps every token's KV, which
     # is exact for them (the SWA-aware cache that frees out-of-window KV comes later).
     return RadixCache(page_size=1, token_to_kv_pool_allocator=alloc)
@@ -163,6 +171,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.pool_size < 1:
         err.write("pymllm-cache: error: --pool-size must be >= 1\n")
         return 2
+    if args.state_slots <= args.max_running:
+        err.write("pymllm-cache: error: --state-slots must exceed --max-running\n")
+        return 2
     try:
         if args.trace:
             workload = load_mooncake_trace(
@@ -181,8 +192,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     import jax
 
     kinds = list(CACHES) if args.cache == "both" else [args.cache]
-    if cfg.rec_layer_ids and args.cache == "both":
-        kinds = ["chunk"]
     show = not args.quiet and not args.json
     if show:
         err.write(
@@ -193,12 +202,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     params = init_params(cfg)
     runs = {}
     for kind in kinds:
-        memory = EngineMemory(cfg, args.pool_size, state_size=args.max_running + 1)
+        memory = EngineMemory(cfg, args.pool_size, state_size=args.state_slots)
         cache = _make_cache(kind, cfg, memory)
         engine = Engine(cfg, memory, cache, params=params, sched=sched)
-        progress = _Progress(CACHE_NAMES[kind], err, enabled=not args.quiet)
+        name = type(cache).__name__
+        progress = _Progress(name, err, enabled=not args.quiet)
         try:
-            runs[kind] = engine.run(workload, name=CACHE_NAMES[kind], progress=progress)
+            runs[kind] = engine.run(workload, name=name, progress=progress)
         except EngineError as exc:
             err.write(f"\npymllm-cache: error: {exc}\n")
             return 1
@@ -275,7 +285,8 @@ def _render(report: dict[str, Any], runs: dict[str, Any]) -> str:
     ]
     if "speedup" in report:
         ex = report["exact"]
-        lines.append(f"speedup (ChunkCache wall / RadixCache wall): {report['speedup']:.2f}x")
+        names = f"{stats[1].cache} wall / {stats[0].cache} wall"
+        lines.append(f"speedup ({names}): {report['speedup']:.2f}x")
         lines.append(
             f"greedy tokens identical: {ex['identical_outputs']}/{ex['requests']} requests; "
             f"first-token logits max |diff| {ex['first_token_logits_max_abs_diff']:.1e}"

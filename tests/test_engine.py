@@ -25,13 +25,15 @@ from pymllm.engine.scheduler import (
 )
 from pymllm.engine.workloads import RequestSpec, Workload, multi_turn, shared_prefix
 from pymllm.mem_cache import ChunkCache, RadixCache
+from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache
 
 SCHED = SchedulerConfig(
     max_running=4, max_prefill_batch=2, pad_prefill_batch=True, chunk_tokens=32, record_logits=True
 )
 LOGIT_ATOL = 1e-4
-# One pool size for the module: the KV buffers' shape is part of every step's compile key.
+# One pool size for the module: the buffers' shapes are part of every step's compile key.
 POOL = 512
+STATE_SLOTS = 12  # 4 running requests plus states the MambaRadixCache keeps
 
 
 @functools.cache
@@ -61,9 +63,14 @@ def serve(
 ) -> tuple[RunStats, Engine]:
     cfg = cfg_of(variant)
     sched = sched or SCHED
-    mem = EngineMemory(cfg, pool, state_size=sched.max_running + 1)
+    mem = EngineMemory(cfg, pool, state_size=STATE_SLOTS)
     alloc = mem.token_to_kv_pool_allocator
-    cache = ChunkCache(alloc) if kind == "chunk" else RadixCache(token_to_kv_pool_allocator=alloc)
+    if kind == "chunk":
+        cache = ChunkCache(alloc)
+    elif cfg.rec_layer_ids:
+        cache = MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=mem.state_pool)
+    else:
+        cache = RadixCache(token_to_kv_pool_allocator=alloc)
     engine = Engine(cfg, mem, cache, params=params_of(variant), sched=sched)
     return engine.run(workload), engine
 
@@ -89,7 +96,13 @@ def assert_slots_accounted(engine: Engine) -> None:
         assert len(tree) == in_cache
         assert len(np.unique(tree)) == len(tree)
         assert tree.min(initial=1) >= 1 and tree.max(initial=1) <= mem.kv_size
-    if mem.state_pool is not None:
+    if isinstance(cache, MambaRadixCache):
+        cache._check_invariants()
+        assert cache.mamba_protected_size() == 0
+        in_tree = [int(n.mamba_value[0]) for n in cache._nodes() if n.mamba_value is not None]
+        assert len(set(in_tree)) == len(in_tree) == cache.mamba_evictable_size()
+        assert mem.state_available() + len(in_tree) == mem.state_size
+    elif mem.state_pool is not None:
         assert mem.state_available() == mem.state_size
 
 
@@ -161,6 +174,7 @@ def step_batch(tokens, positions, new_slots, table, state_slot, fresh):
         "chunk_lens": np.array([n, 0], np.int32),
         "last_idx": np.array([n - 1, 0], np.int32),
         "state_slots": np.array([state_slot, 0], np.int32),
+        "state_read": np.array([state_slot, 0], np.int32),
         "state_fresh": np.array([fresh, False]),
     }
     b["tokens"][0, :n] = tokens
@@ -179,7 +193,7 @@ def test_paged_chunked_steps_match_dense_reference(variant):
     tokens = rng.integers(1, cfg.vocab_size, n).astype(np.int32)
     slots = rng.permutation(np.arange(1, 301, dtype=np.int32))[:n]  # not contiguous
     want = dense_logits(variant, tokens)
-    mem = EngineMemory(cfg, POOL, state_size=SCHED.max_running + 1)
+    mem = EngineMemory(cfg, POOL, state_size=STATE_SLOTS)
     bounds = [(0, 32), (32, 64), (64, 90)] + [(i, i + 1) for i in range(90, n)]
     for a, e in bounds:
         # Decode steps (one token) reuse the prefill shape: one compilation per variant.
@@ -191,7 +205,7 @@ def test_paged_chunked_steps_match_dense_reference(variant):
 
 def test_step_donates_the_pool_buffers():
     cfg = cfg_of("hybrid")
-    mem = EngineMemory(cfg, POOL, state_size=SCHED.max_running + 1)
+    mem = EngineMemory(cfg, POOL, state_size=STATE_SLOTS)
     old_kv, old_state = mem.kv, mem.state
     batch = step_batch(np.array([5, 6]), np.arange(2), np.array([1, 2]), np.array([1, 2]), 1, True)
     _, _, kv, state = M.extend_step(params_of("hybrid"), old_kv, old_state, batch, cfg)
@@ -204,7 +218,7 @@ def test_step_donates_the_pool_buffers():
 # -- the engine: exactness and accounting ---------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["full", "swa"])
+@pytest.mark.parametrize("variant", ["full", "swa", "hybrid"])
 def test_radix_matches_chunk_under_eviction_and_chunked_prefill(variant):
     wl = small_shared(n_groups=4, per_group=4)
     # 4 prefixes of 96 tokens, 16 requests of up to 125 slots, 4 running, 512 slots: the
@@ -268,6 +282,20 @@ def test_no_recompilation_across_request_sizes():
     stats, _ = serve("full", "radix", small_shared(seed=7), pool=POOL)
     assert M.compile_count() == before
     assert stats.compiles == 0
+
+
+def test_hybrid_reuses_saved_states():
+    """A prefix is reusable where a state was saved: the second request of a group saves
+    one where it branches from the first, so the third and fourth reuse the whole prefix."""
+    wl = small_shared()
+    radix, engine = serve("hybrid", "radix", wl, pool=POOL)
+    by_group: dict[int, list[int]] = {}
+    for spec, r in zip(wl.requests, radix.results, strict=True):
+        by_group.setdefault(spec.meta["group"], []).append(r.cached_tokens)
+    for hits in by_group.values():
+        assert hits[:2] == [0, 0] and min(hits[2:]) >= 96
+    assert engine.cache.mamba_evictable_size() > 0
+    assert_slots_accounted(engine)
 
 
 def test_hybrid_refuses_a_cache_without_state_snapshots():

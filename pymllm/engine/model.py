@@ -185,16 +185,17 @@ def _recurrence(
 ) -> tuple[jax.Array, MambaBuffers]:
     """Causal depthwise conv, then ``s_t = a_t * s_{t-1} + (1 - a_t) * u_t``, output gated.
 
-    Each request's conv window and recurrent state are read from its slot (zero where
-    ``state_fresh``) and written back there; padded tokens (``t >= chunk_lens``) leave both
-    unchanged, so a prompt split into chunks ends in the same state as one pass.
+    Each request's conv window and recurrent state are read from slot ``state_read`` (zero
+    where ``state_fresh``) and written to slot ``state_slots``; padded tokens
+    (``t >= chunk_lens``) leave both unchanged, so a prompt split into chunks ends in the
+    same state as one pass.
     """
     bsz, t, _ = x.shape
     h, hd, c = cfg.n_heads, cfg.head_dim, cfg.n_heads * cfg.head_dim
     width = cfg.conv_width
-    slots, fresh = b["state_slots"], b["state_fresh"][:, None, None]
-    conv0 = jnp.where(fresh, 0.0, state.conv[layer, slots].astype(jnp.float32))  # [B, W-1, C]
-    s0 = jnp.where(fresh, 0.0, state.temporal[layer, slots])  # [B, h, hd]
+    slots, src, fresh = b["state_slots"], b["state_read"], b["state_fresh"][:, None, None]
+    conv0 = jnp.where(fresh, 0.0, state.conv[layer, src].astype(jnp.float32))  # [B, W-1, C]
+    s0 = jnp.where(fresh, 0.0, state.temporal[layer, src])  # [B, h, hd]
 
     u = (x @ p["w_u"]).astype(jnp.float32)  # [B, T, C]
     ext = jnp.concatenate([conv0, u], axis=1)  # [B, W-1+T, C]
@@ -297,8 +298,10 @@ def extend_step(
     * ``chunk_lens``, ``last_idx``, ``state_slots``: ``[B]``; new tokens per row, the index
       in ``T`` of the row's last new token (its logits are returned), and the row's slot in
       the state pool (padding rows: 0).
-    * ``state_fresh``: ``[B]`` bool; the row starts its recurrence from a zero state
-      instead of reading its slot (a request's first chunk).
+    * ``state_read``: ``[B]``; the state-pool slot the row's recurrence starts from (its own
+      slot, or on a request's first step a cached prefix's saved state).
+    * ``state_fresh``: ``[B]`` bool; the row starts from a zero state instead (a request's
+      first chunk without a cached prefix).
 
     Returns ``(next_tokens [B] int32, logits [B, vocab] float32, kv, state)`` on the
     buffers' device; the input ``kv`` and ``state`` are donated and must not be used again.

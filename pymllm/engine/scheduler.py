@@ -3,22 +3,26 @@
 The life of a request, and who owns its KV slots at each point (the rule of
 :mod:`pymllm.mem_cache.base_prefix_cache`: a slot is free, the tree's, or ours):
 
-1. **Admit**: ``match_prefix(prompt)`` gives the cached prefix (at most ``len(prompt) - 1``
-   tokens: one token is always computed, for its logits); ``inc_lock_ref`` pins it; the
-   slots for the rest of the prompt and for the generated tokens are allocated at once
-   (evicting from the cache when the pool is short), so a running request never stalls.
-   ``slots[:cached_len]`` are the tree's (locked), the rest ours.
+1. **Admit**: ``match_prefix(prompt[:-1])`` gives the cached prefix (one token is always
+   computed, for its logits); ``inc_lock_ref`` pins it; the slots for the rest of the prompt
+   and for the generated tokens are allocated at once (evicting from the cache when the pool
+   is short), so a running request never stalls. ``slots[:cached_len]`` are the tree's
+   (locked), the rest ours. A recurrent model also takes a state slot of its own; its first
+   step reads the state the tree saved at the end of the match.
 2. **Prefill** in chunks, several requests per step, then **cache the prompt**: ``insert``
    it, free the duplicates (prompt tokens another request inserted meanwhile), re-match to
    adopt the tree's slots and move our lock to the new node. Requests arriving later reuse
-   this prompt while we are still decoding.
+   this prompt while we are still decoding. A state-tracking cache also gets a copy of the
+   recurrent state at the prompt's end.
 3. **Decode** greedily, all running requests per step.
-4. **Finish**: ``insert`` prompt + output (the last token has no KV), free the duplicates and
-   whatever the tree did not take, unlock.
+4. **Finish**: ``insert`` prompt + output (the last token has no KV) and, for a recurrent
+   model with a state-tracking cache, our state slot; free the duplicates and whatever the
+   tree did not take, unlock.
 
 What the tree took from an ``insert`` is measured as the growth of ``total_size()``, so the
 same code serves ``RadixCache`` (takes ``value[prefix_len:]``) and ``ChunkCache`` (takes
-nothing) without asking which one it has.
+nothing) without asking which one it has. A cache tracks recurrent states when it has
+``mamba_evictable_size`` (``MambaRadixCache``): it then receives ``mamba_value`` on insert.
 
 Timing: steps that trigger a JIT compilation are timed and taken off the clock, so the
 figures describe a warmed-up server (the compile time is reported on its own).
@@ -120,6 +124,8 @@ class _Req:
     prefilled: int = 0  # positions whose KV is in the pool
     computed: int = 0  # prompt tokens this request computed itself
     state_slot: int = 0
+    state_src: int = 0  # the tree's state slot the first step reads (0: our own slot)
+    branch: int = 0  # a position to cache the prefix at with its state (0: none)
     output: list[int] = field(default_factory=list)
     t_admit: float = 0.0
     t_first: float = 0.0
@@ -242,10 +248,11 @@ class Engine:
     ) -> None:
         if memory.cfg != cfg:
             raise ValueError("memory was built for another model config")
-        if cfg.rec_layer_ids and not isinstance(cache, ChunkCache):
+        self._state_cache = bool(cfg.rec_layer_ids) and hasattr(cache, "mamba_evictable_size")
+        if cfg.rec_layer_ids and not (isinstance(cache, ChunkCache) or self._state_cache):
             raise ValueError(
                 f"the {cfg.variant!r} model keeps recurrent state that {type(cache).__name__} "
-                "does not snapshot; serve it with ChunkCache (MambaRadixCache is not wired yet)"
+                "does not snapshot; serve it with MambaRadixCache or ChunkCache"
             )
         self.cfg = cfg
         self.memory = memory
@@ -269,6 +276,14 @@ class Engine:
             self._evicted += self.cache.evict(short).full_evicted
         return self._alloc.alloc(n)
 
+    def _alloc_state(self) -> int | None:
+        pool = self.memory.state_pool
+        assert pool is not None
+        if pool.available_size() < 1 and self._state_cache:
+            self.cache.evict(0, mamba_num=1)
+        got = pool.alloc(1)
+        return None if got is None else int(got[0])
+
     def _lock(self, node: Any) -> Any:
         return self.cache.inc_lock_ref(node)
 
@@ -278,17 +293,24 @@ class Engine:
         else:
             self.cache.dec_lock_ref(node, swa_boundary_id=token)
 
-    def _insert(self, r: _Req, tokens: np.ndarray) -> tuple[int, int]:
-        """Insert ``tokens`` with our slots; returns (prefix_len, tokens the tree took)."""
+    def _insert(
+        self, r: _Req, tokens: np.ndarray, state: int | None = None
+    ) -> tuple[int, int, bool]:
+        """Insert ``tokens`` with our slots (and ``state``, a state slot, when the cache
+        tracks states); returns (prefix_len, tokens the tree took, state already there)."""
         before = self.cache.total_size()
-        res = self.cache.insert(RadixKey(tokens, r.spec.extra_key), r.slots[: len(tokens)])
+        key, value = RadixKey(tokens, r.spec.extra_key), r.slots[: len(tokens)]
+        if state is None:
+            res = self.cache.insert(key, value)
+        else:
+            res = self.cache.insert(key, value, mamba_value=state)
         taken = self.cache.total_size() - before
         if res.prefix_len < r.cached_len:
             raise EngineError(
                 f"cache reported prefix_len {res.prefix_len} below the locked prefix "
                 f"{r.cached_len} of request {r.spec.rid}"
             )
-        return res.prefix_len, taken
+        return res.prefix_len, taken, bool(res.mamba_exist)
 
     # -- request life -----------------------------------------------------------------------
 
@@ -301,20 +323,20 @@ class Engine:
 
     def _try_admit(self, r: _Req) -> str:
         """'ok', 'wait' (a shared prefix is being prefilled) or 'nomem'."""
-        m = self.cache.match_prefix(RadixKey(r.prompt, r.spec.extra_key))
-        cached = min(len(m.indices), r.prompt_len - 1)
+        m = self.cache.match_prefix(RadixKey(r.prompt[:-1], r.spec.extra_key))
+        cached = len(m.indices)
         if self._wait_shared and self._shares_pending_prefill(r, cached):
             return "wait"
         token = self._lock(m.last_node)
         new = self._alloc_kv(r.kv_len - cached)
         state_slot = 0
         if new is not None and self.memory.state_pool is not None:
-            got = self.memory.state_pool.alloc(1)
+            got = self._alloc_state()
             if got is None:
                 self._alloc.free(new)
                 new = None
             else:
-                state_slot = int(got[0])
+                state_slot = got
         if new is None:
             self._unlock(m.last_node, token)
             return "nomem"
@@ -322,15 +344,40 @@ class Engine:
         r.cached_len = r.prefilled = cached
         r.node, r.lock_token = m.last_node, token
         r.state_slot = state_slot
+        # The first step starts from the state saved at the end of the cached prefix.
+        r.state_src = int(m.last_node.mamba_value[0]) if self._state_cache and cached else 0
+        # A state-tracking cache may hold the KV further than its last saved state (the
+        # point where requests branch): prefill stops there once to save a state for them.
+        branch = m.mamba_branching_seqlen
+        r.branch = branch if self._state_cache and branch is not None and branch > cached else 0
         r.t_admit = self._now()
         return "ok"
 
-    def _cache_prompt(self, r: _Req) -> None:
-        """Hand the prefilled prompt to the cache and adopt the tree's slots for it."""
-        key = RadixKey(r.prompt, r.spec.extra_key)
-        prefix_len, _ = self._insert(r, r.prompt)
+    def _cache_prompt(self, r: _Req, upto: int | None = None) -> None:
+        """Hand the prefilled ``prompt[:upto]`` to the cache and adopt the tree's slots."""
+        tokens = r.prompt if upto is None else r.prompt[:upto]
+        key = RadixKey(tokens, r.spec.extra_key)
+        snap = None
+        if self._state_cache:
+            # The tree needs its own copy of the state at the prompt's end: ours moves on.
+            # Without a free state slot the prompt is not cached now (only at the finish):
+            # the re-match below must cover every slot the tree takes.
+            snap = self._alloc_state()
+            if snap is None:
+                return
+            pool = self.memory.state_pool
+            assert pool is not None
+            pool.copy_states(np.array([r.state_slot], np.int32), np.array([snap], np.int32))
+        prefix_len, taken, state_exists = self._insert(r, tokens, snap)
+        if snap is not None and state_exists:
+            self.memory.state_pool.free(np.array([snap], np.int32))  # type: ignore[union-attr]
         dups = r.slots[r.cached_len : prefix_len].copy()
         m = self.cache.match_prefix(key)
+        if len(m.indices) < prefix_len + taken:
+            raise EngineError(
+                f"re-matching the cached prompt of {r.spec.rid} found {len(m.indices)} tokens, "
+                f"fewer than the {prefix_len + taken} the cache holds"
+            )
         token = self._lock(m.last_node)
         self._unlock(r.node, r.lock_token)
         r.node, r.lock_token = m.last_node, token
@@ -341,7 +388,10 @@ class Engine:
 
     def _finish(self, r: _Req) -> None:
         seq = np.concatenate([r.prompt, np.asarray(r.output[:-1], dtype=np.int32)])
-        prefix_len, taken = self._insert(r, seq)
+        state = r.state_slot if self._state_cache else None
+        prefix_len, taken, state_exists = self._insert(r, seq, state)
+        if state is not None and not state_exists:
+            r.state_slot = 0  # the tree owns it now
         ours = np.concatenate(
             [r.slots[r.cached_len : prefix_len], r.slots[prefix_len + taken : r.kv_len]]
         )
@@ -373,6 +423,7 @@ class Engine:
         kv_slots = np.zeros((b, s), np.int32)
         chunk_lens = np.zeros(b, np.int32)
         state_slots = np.zeros(b, np.int32)
+        state_read = np.zeros(b, np.int32)
         fresh = np.zeros(b, bool)
         for i, (r, n) in enumerate(rows):
             a = r.prefilled
@@ -385,6 +436,8 @@ class Engine:
             kv_slots[i, : a + n] = r.slots[: a + n]
             chunk_lens[i] = n
             state_slots[i] = r.state_slot
+            state_read[i] = r.state_src or r.state_slot
+            r.state_src = 0
             fresh[i] = a == 0
         batch = {
             "tokens": tokens,
@@ -394,6 +447,7 @@ class Engine:
             "chunk_lens": chunk_lens,
             "last_idx": np.maximum(chunk_lens - 1, 0),
             "state_slots": state_slots,
+            "state_read": state_read,
             "state_fresh": fresh,
         }
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -416,6 +470,8 @@ class Engine:
         for r in self._running:
             if r.in_prefill:
                 n = min(r.prompt_len - r.prefilled, budget)
+                if r.branch > r.prefilled:
+                    n = min(n, r.branch - r.prefilled)
                 rows.append((r, n))
                 budget -= n
                 if budget <= 0 or len(rows) == self.sched.max_prefill_batch:
@@ -426,6 +482,9 @@ class Engine:
         for i, (r, n) in enumerate(rows):
             r.prefilled += n
             r.computed += n
+            if r.prefilled == r.branch:
+                self._cache_prompt(r, upto=r.branch)
+                r.branch = 0
             if r.in_prefill:
                 continue
             r.output.append(int(next_tokens[i]))
@@ -533,7 +592,12 @@ class Engine:
         if not getattr(self, "_running", []):
             ok = ok and self.cache.protected_size() == 0
             if self.memory.state_pool is not None:
-                ok = ok and self.memory.state_available() == self.memory.state_size
+                in_tree = 0
+                if self._state_cache:
+                    get = self.cache.mamba_evictable_size  # type: ignore[attr-defined]
+                    in_tree = get() + self.cache.mamba_protected_size()  # type: ignore[attr-defined]
+                    ok = ok and self.cache.mamba_protected_size() == 0  # type: ignore[attr-defined]
+                ok = ok and self.memory.state_available() + in_tree == self.memory.state_size
         return free, in_cache, ok
 
     def _stats(self, name: str, workload: Workload) -> RunStats:
