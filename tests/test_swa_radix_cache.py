@@ -378,6 +378,26 @@ def test_match_crossing_a_tombstone_with_fewer_than_w_live_tokens(make_cache, po
     cache._check_invariants()
 
 
+def test_match_crossing_a_tombstone_page2(make_cache, pool):
+    """Issue 3, case 1, in pages of 2: the same cut, and a walk that splits at pages."""
+    cache = make_cache(page_size=2)
+    cache.insert(K(range(1, 13)), slots(range(101, 113)), swa_evicted_seqlen=5)  # 5 -> 6
+    r = cache.insert(K([1, 2, 3, 4, 80, 81]), [201, 202, 203, 204, 280, 281])
+    assert (r.prefix_len, r.last_node.id) == (4, 4)
+    assert pool.calls == [("free", [101, 102, 103, 104])]
+    assert tree(cache) == {
+        3: (0, [1, 2, 3, 4], [201, 202, 203, 204], False),  # revived
+        1: (3, [5, 6], [105, 106], True),
+        2: (1, list(range(7, 13)), slots(range(107, 113)), False),
+        4: (3, [80, 81], [280, 281], False),
+    }
+    # [7, 8, 9] matches 3 tokens of node 2, 2 in whole pages: 2 live tokens, cut back
+    assert match(cache, [*range(1, 10), 20]) == (4, 3, [201, 202, 203, 204])
+    assert tree(cache)[5] == (1, [7, 8], [107, 108], False)
+    assert match(cache, range(1, 11)) == (10, 6, slots(range(201, 205), range(105, 111)))
+    cache._check_invariants()
+
+
 def test_live_count_restarts_at_every_tombstone(make_cache, pool):
     cache = make_cache()
     cache.insert(K([1, 2]), [101, 102])
@@ -457,6 +477,21 @@ def test_full_eviction_cascades_through_tombstoned_parents(make_cache, pool):
     assert pool.calls == [("free", slots(range(106, 109), range(103, 106), 101, 102))]
     assert make_cache.evicted_ids == [2, 1, 3]
     assert tree(cache) == {} and sizes(cache) == (0, 0, 0, 0)
+    cache._check_invariants()
+
+
+def test_full_eviction_cascades_page2(make_cache, pool):
+    cache = make_cache(page_size=2)
+    cache.insert(K(range(1, 11)), slots(range(101, 111)), swa_evicted_seqlen=6)
+    assert match(cache, [1, 2, 99, 98]) == (0, 0, [])
+    assert tree(cache) == {
+        3: (0, [1, 2], [101, 102], True),
+        1: (3, [3, 4, 5, 6], [103, 104, 105, 106], True),
+        2: (1, [7, 8, 9, 10], [107, 108, 109, 110], False),
+    }
+    assert cache.evict(1) == EvictResult(full_evicted=10, swa_evicted=4)
+    assert pool.calls == [("free", slots(range(107, 111), range(103, 107), 101, 102))]
+    assert make_cache.evicted_ids == [2, 1, 3]
     cache._check_invariants()
 
 
@@ -629,6 +664,27 @@ def test_lock_unlock_with_boundaries_restores_every_counter(make_cache, pool):
     assert locks(cache) == {}
     assert sizes(cache) == start
     assert pool.calls == []
+    cache._check_invariants()
+
+
+def test_lock_unlock_with_boundaries_page2(make_cache, pool):
+    cache = make_cache(page_size=2)
+    cache.insert(K([1, 2]), [101, 102])
+    cache.insert(K(range(1, 7)), slots(range(101, 107)))
+    cache.insert(K(range(1, 13)), slots(range(101, 113)))
+    n1, n2, n3 = node(cache, 1), node(cache, 2), node(cache, 3)  # [1, 2], [3 .. 6], [7 .. 12]
+    start = sizes(cache)
+    assert cache.inc_lock_ref(n3) == 6
+    assert cache.inc_lock_ref(n2) == 2  # node 2 alone holds W tokens
+    assert cache.inc_lock_ref(n1) is None
+    assert locks(cache) == {1: (3, 1), 2: (2, 1), 3: (1, 1)}
+    assert sizes(cache) == (0, 12, 0, 12)
+    assert match(cache, range(1, 10)) == (8, 4, slots(range(101, 109)))  # splits node 3
+    assert locks(cache) == {1: (3, 1), 2: (2, 1), 4: (1, 1), 3: (1, 1)}
+    cache.dec_lock_ref(n2, 2)
+    cache.dec_lock_ref(n3, 6)
+    cache.dec_lock_ref(n1, None)
+    assert locks(cache) == {} and sizes(cache) == start
     cache._check_invariants()
 
 
