@@ -154,6 +154,7 @@ Returns the updated :class:`KVBuffers`.
 
 @functools.partial(jax.jit, static_argnames=("m", "axis"))
 def _pad_rows(x: jax.Array, m: int, axis: int) -> jax.Array:
+    """*x* with zero rows appended along *axis* up to length *m* (static). Not donated."""
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, m - x.shape[axis])
     return jnp.pad(x, widths)
@@ -249,6 +250,10 @@ class KVPool:
     The pool owns its buffers and donates them on every write; :attr:`buffers` is only
     valid until the pool's next update. A model step that takes :attr:`buffers`, donates
     them and returns new ones hands them back with ``pool.buffers = new``.
+
+    On the CPU backend prefer ``dtype=jnp.float32``: XLA:CPU has no native bf16 scatter and
+    converts the whole bf16 buffer to f32 and back around every write (O(cache) per call).
+    GPUs scatter bf16 natively (see ``bench/RESULTS.md`` for H200 figures).
     """
 
     def __init__(

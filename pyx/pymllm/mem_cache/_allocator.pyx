@@ -565,6 +565,9 @@ cdef class TokenToKVPoolAllocator:
         self.core.group_depth += 1
 
     def free_group_end(self):
+        """Close a group; when the outermost closes, its freed slots become allocatable.
+
+        Raises ``AllocatorStateError`` without an open group."""
         if self.core.group_depth <= 0:
             raise AllocatorStateError("free_group_end() without free_group_begin()")
         self.core.group_depth -= 1
@@ -576,7 +579,8 @@ cdef class TokenToKVPoolAllocator:
         self.core.merge()
 
     def clear(self):
-        """Every slot ``1..size`` free again (an open free group is dropped)."""
+        """Every slot ``1..size`` free again: slots callers held are the allocator's now
+        (an open free group is dropped)."""
         self.core.reset()
 
     def is_allocated(self, indices):
@@ -653,6 +657,8 @@ cdef class SWATokenToKVPoolAllocator:
         return self.swa.free_pages_count() * self.page_size
 
     def alloc(self, n):
+        """``n`` fresh full slots (``np.int32``, caller-owned, each with an SWA slot) or
+        ``None`` when either side cannot serve ``n`` (nothing changes)."""
         cdef int32_t ps = self.page_size
         cdef int32_t need = _check_alloc_size(n, ps)
         cdef int32_t i, j, fb, sb
@@ -720,6 +726,7 @@ cdef class SWATokenToKVPoolAllocator:
         self.swa.group_depth += 1
 
     def free_group_end(self):
+        """Close a group (both sides); see ``TokenToKVPoolAllocator.free_group_end``."""
         if self.full.group_depth <= 0:
             raise AllocatorStateError("free_group_end() without free_group_begin()")
         self.full.group_depth -= 1
