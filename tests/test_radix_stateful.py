@@ -90,7 +90,7 @@ class RadixCacheComparison(RuleBasedStateMachine):
         self.handles: dict[int, tuple[Any, Any]] = {0: (self.ref.root_node, self.c.root_node)}
         self.locks: list[int] = []  # ids locked by the test, one entry per lock
         self.free_calls_seen = 0
-        self.steps = 0  # read by coverage statistics scripts
+        self.steps = 0  # steps compared so far (for ad-hoc coverage statistics)
 
     # ------------------------------------------------------------------ helpers
 

@@ -22,10 +22,11 @@ Semantics shared with the compiled cache (and pinned by ``tests/test_reference_m
   reused, not even across :meth:`reset`.
 * Eviction order: smallest ``(last_access_time, id)`` first among unlocked non-root leaves.
 
-Sliding windows are not modelled yet (``sliding_window_size`` raises ``NotImplementedError``).
-Where SWA tombstones will go: a per-node ``swa_tombstone`` flag read by ``_walk`` (a match stops
-its window count at tombstones), a second counter pair beside ``_evictable``/``_protected``, and
-a second candidate set in ``evict``; the node layout and the walk need no other change.
+This class models full attention only (``sliding_window_size`` raises
+``NotImplementedError``); the sliding-window model :class:`RefSWARadixCache`
+(``reference_swa.py``) and the Mamba model (``reference_mamba.py``) subclass it through the
+small hooks ``_new_node``, ``_split_node``, ``_walk``, ``_insert_kv``, ``_evict_leaves``,
+``_remove_leaf`` and ``_reset_state``: keep their contracts when changing this file.
 
 Not thread-safe: callers serialise access (see :class:`BasePrefixCache`).
 """
