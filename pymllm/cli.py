@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -88,9 +89,21 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         metavar="X",
         help="trace arrivals at timestamp * X (default 0: all at once, in order)",
     )
+    p.add_argument(
+        "--jit-cache",
+        metavar="DIR",
+        default=_default_jit_cache(),
+        help="JAX persistent compilation cache, so later runs skip compiling "
+        "(default: %(default)s; '' turns it off)",
+    )
     p.add_argument("--seed", type=int, default=0, help="workload and weight seed")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _default_jit_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pymllm", "jax")
 
 
 class _Progress:
@@ -191,6 +204,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     import jax
 
+    if args.jit_cache:
+        jax.config.update("jax_compilation_cache_dir", args.jit_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     kinds = list(CACHES) if args.cache == "both" else [args.cache]
     show = not args.quiet and not args.json
     if show:

@@ -12,7 +12,7 @@ from pymllm.cli import COMMANDS, build_parser, main
 # 2 rows x 32 tokens): the CLI tests and the engine tests compile them once between them.
 SMALL = [
     "--model", "micro", "--pool-size", "512", "--max-running", "4", "--chunk-tokens", "32",
-    "--prefill-batch", "2", "--pad-prefill-batch",
+    "--prefill-batch", "2", "--pad-prefill-batch", "--jit-cache", "",
 ]  # fmt: skip
 
 
