@@ -34,6 +34,7 @@ LOGIT_ATOL = 1e-4
 # One pool size for the module: the buffers' shapes are part of every step's compile key.
 POOL = 512
 STATE_SLOTS = 12  # 4 running requests plus states the MambaRadixCache keeps
+SWA_POOL = 480  # the swa variant's sliding-window layers keep their KV in a smaller pool
 
 
 @functools.cache
@@ -63,12 +64,15 @@ def serve(
 ) -> tuple[RunStats, Engine]:
     cfg = cfg_of(variant)
     sched = sched or SCHED
-    mem = EngineMemory(cfg, pool, state_size=STATE_SLOTS)
+    swa = SWA_POOL if variant == "swa" else None
+    mem = EngineMemory(cfg, pool, state_size=STATE_SLOTS, swa_size=swa)
     alloc = mem.token_to_kv_pool_allocator
     if kind == "chunk":
         cache = ChunkCache(alloc)
     elif cfg.rec_layer_ids:
         cache = MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=mem.state_pool)
+    elif swa:
+        cache = RadixCache(token_to_kv_pool_allocator=alloc, sliding_window_size=cfg.sliding_window)
     else:
         cache = RadixCache(token_to_kv_pool_allocator=alloc)
     engine = Engine(cfg, mem, cache, params=params_of(variant), sched=sched)
@@ -89,6 +93,7 @@ def assert_slots_accounted(engine: Engine) -> None:
     assert ok
     assert free + in_cache == mem.kv_size
     assert cache.protected_size() == 0
+    mem.token_to_kv_pool_allocator._check_invariants()
     if isinstance(cache, RadixCache):
         cache._check_invariants()
         vals = [np.asarray(n.value) for n in cache._nodes() if len(n.key)]
@@ -198,8 +203,10 @@ def test_paged_chunked_steps_match_dense_reference(variant):
     for a, e in bounds:
         # Decode steps (one token) reuse the prefill shape: one compilation per variant.
         batch = step_batch(tokens[a:e], np.arange(a, e), slots[a:e], slots[:e], 2, a == 0)
-        _, logits, kv, state = M.extend_step(params_of(variant), mem.kv, mem.state, batch, cfg)
-        mem.rebind(kv, state)
+        _, logits, kv, swa_kv, state = M.extend_step(
+            params_of(variant), mem.kv, mem.swa_kv, mem.state, batch, cfg
+        )
+        mem.rebind(kv, swa_kv, state)
         np.testing.assert_allclose(np.asarray(logits)[0], want[e - 1], rtol=0, atol=2e-3)
 
 
@@ -208,8 +215,10 @@ def test_step_donates_the_pool_buffers():
     mem = EngineMemory(cfg, POOL, state_size=STATE_SLOTS)
     old_kv, old_state = mem.kv, mem.state
     batch = step_batch(np.array([5, 6]), np.arange(2), np.array([1, 2]), np.array([1, 2]), 1, True)
-    _, _, kv, state = M.extend_step(params_of("hybrid"), old_kv, old_state, batch, cfg)
-    mem.rebind(kv, state)
+    _, _, kv, swa_kv, state = M.extend_step(
+        params_of("hybrid"), old_kv, None, old_state, batch, cfg
+    )
+    mem.rebind(kv, swa_kv, state)
     assert old_kv.k.is_deleted() and old_kv.v.is_deleted()
     assert old_state.conv.is_deleted() and old_state.temporal.is_deleted()
     assert not mem.kv.k.is_deleted()
@@ -232,6 +241,8 @@ def test_radix_matches_chunk_under_eviction_and_chunked_prefill(variant):
     assert radix.prefill_tokens == radix.prompt_tokens - radix.cached_tokens
     assert chunk.prefill_tokens == chunk.prompt_tokens
     assert radix.prefill_steps < chunk.prefill_steps
+    if variant == "swa":  # the windowed tree freed SWA KV that no window needs any more
+        assert radix_engine.cache.swa_evictable_size() < radix_engine.cache.evictable_size()
     for engine in (radix_engine, chunk_engine):
         assert_slots_accounted(engine)
 

@@ -19,6 +19,7 @@ from pymllm.mem_cache.memory_pool import (
     KVPool,
     MambaBuffers,
     MambaPool,
+    SWATokenToKVPoolAllocator,
     TokenToKVPoolAllocator,
     make_full_attention_net_mem_pool,
 )
@@ -29,24 +30,42 @@ class EngineMemory:
 
     * ``kv_pool`` / ``token_to_kv_pool_allocator``: ``kv_size`` KV slots ``[1, kv_size]``,
       one per cached token, for every attention layer.
+    * ``swa_pool`` (only with ``swa_size``, for the ``swa`` variant): the sliding-window
+      layers' KV in a pool of ``swa_size`` slots of its own; the allocator is then a
+      ``SWATokenToKVPoolAllocator`` that gives every token a full slot and an SWA slot, and
+      ``kv_pool`` holds only the full-attention layers.
     * ``state_pool`` (``None`` without recurrent layers): ``state_size`` state slots,
       one per running request plus those a state-tracking cache keeps.
 
     Not thread-safe; one engine drives it.
     """
 
-    def __init__(self, cfg: ModelConfig, kv_size: int, state_size: int = 0) -> None:
+    def __init__(
+        self, cfg: ModelConfig, kv_size: int, state_size: int = 0, swa_size: int | None = None
+    ) -> None:
         self.cfg = cfg
         self.kv_size = kv_size
         self.kv_pool: KVPool
-        self.token_to_kv_pool_allocator: TokenToKVPoolAllocator
-        self.kv_pool, self.token_to_kv_pool_allocator = make_full_attention_net_mem_pool(
-            kv_size,
-            layer_num=len(cfg.kv_layer_ids),
-            head_num=cfg.n_kv_heads,
-            head_dim=cfg.head_dim,
-            dtype=jnp.dtype(cfg.dtype),
-        )
+        self.swa_pool: KVPool | None = None
+        self.token_to_kv_pool_allocator: TokenToKVPoolAllocator | SWATokenToKVPoolAllocator
+        n_swa = sum(k == "swa" for k in cfg.layer_kinds)
+        if swa_size is not None:
+            if not n_swa:
+                raise ValueError(f"swa_size given but the {cfg.variant!r} model has no SWA layers")
+            pool_args = {"dtype": jnp.dtype(cfg.dtype)}
+            heads = (cfg.n_kv_heads, cfg.head_dim)
+            self.kv_pool = KVPool(kv_size, len(cfg.kv_layer_ids) - n_swa, *heads, **pool_args)
+            self.swa_pool = KVPool(swa_size, n_swa, *heads, **pool_args)
+            self.token_to_kv_pool_allocator = SWATokenToKVPoolAllocator(kv_size, swa_size)
+        else:
+            self.kv_pool, self.token_to_kv_pool_allocator = make_full_attention_net_mem_pool(
+                kv_size,
+                layer_num=len(cfg.kv_layer_ids),
+                head_num=cfg.n_kv_heads,
+                head_dim=cfg.head_dim,
+                dtype=jnp.dtype(cfg.dtype),
+            )
+        self.swa_size = swa_size
         self.state_pool: MambaPool | None = None
         self.state_size = 0
         if cfg.rec_layer_ids:
@@ -68,12 +87,19 @@ class EngineMemory:
         return self.kv_pool.buffers
 
     @property
+    def swa_kv(self) -> KVBuffers | None:
+        return self.swa_pool.buffers if self.swa_pool is not None else None
+
+    @property
     def state(self) -> MambaBuffers | None:
         return self.state_pool.buffers if self.state_pool is not None else None
 
-    def rebind(self, kv: KVBuffers, state: MambaBuffers | None) -> None:
+    def rebind(self, kv: KVBuffers, swa_kv: KVBuffers | None, state: MambaBuffers | None) -> None:
         """Give the pools the buffers a donated step returned."""
         self.kv_pool.buffers = kv
+        if self.swa_pool is not None:
+            assert swa_kv is not None
+            self.swa_pool.buffers = swa_kv
         if self.state_pool is not None:
             assert state is not None
             self.state_pool.buffers = state
@@ -85,8 +111,8 @@ class EngineMemory:
         return self.state_pool.available_size() if self.state_pool is not None else 0
 
     def mem_bytes(self) -> int:
-        extra = self.state_pool.mem_bytes() if self.state_pool is not None else 0
-        return self.kv_pool.mem_bytes() + extra
+        pools = (self.kv_pool, self.swa_pool, self.state_pool)
+        return sum(p.mem_bytes() for p in pools if p is not None)
 
 
 __all__ = ["EngineMemory"]

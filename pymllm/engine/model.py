@@ -13,6 +13,10 @@ returned by the step:
 * ``kv``: :class:`~pymllm.mem_cache.memory_pool.KVBuffers` of a ``KVPool`` with one layer
   per attention layer (``cfg.kv_layer_ids``): ``k``/``v`` ``[L_kv, rows, n_kv_heads,
   head_dim]`` of ``cfg.dtype``; row 0 is the padding slot.
+* ``swa_kv``: ``None``, or the ``KVBuffers`` of a second pool that holds the ``swa``
+  layers' KV (then ``kv`` holds only the full-attention layers), indexed by SWA slots: the
+  layout of ``RadixCache(sliding_window_size=...)`` with a ``SWATokenToKVPoolAllocator``,
+  which frees the SWA KV of tokens that left every window.
 * ``state``: :class:`~pymllm.mem_cache.memory_pool.MambaBuffers` of a ``MambaPool`` with
   one layer per recurrent layer: ``conv`` ``[L_rec, rows, conv_width - 1, n_heads *
   head_dim]`` and ``temporal`` ``[L_rec, rows, n_heads, head_dim]`` (float32); ``None``
@@ -228,14 +232,22 @@ def _recurrence(
 def _extend(
     params: Params,
     kv: KVBuffers,
+    swa_kv: KVBuffers | None,
     state: MambaBuffers | None,
     batch: dict[str, jax.Array],
     *,
     cfg: ModelConfig,
-) -> tuple[jax.Array, jax.Array, KVBuffers, MambaBuffers | None]:
+) -> tuple[jax.Array, jax.Array, KVBuffers, KVBuffers | None, MambaBuffers | None]:
     pattern = cfg.pattern
-    n_attn = sum(k != "rec" for k in pattern)
-    n_rec = len(pattern) - n_attn
+    split = swa_kv is not None  # sliding-window layers keep their KV in a pool of their own
+    n_swa = sum(k == "swa" for k in pattern) if split else 0
+    n_kv = sum(k != "rec" for k in pattern) - n_swa
+    n_rec = sum(k == "rec" for k in pattern)
+    swa_batch = (
+        dict(batch, new_slots=batch["swa_new_slots"], kv_slots=batch["swa_kv_slots"])
+        if split
+        else batch
+    )
     rope = _rope_tables(batch["positions"], cfg.head_dim, cfg.rope_theta)
     # Additive masks [B, T, S], built once per step and shared by every layer of a kind.
     kv_pos = jnp.arange(batch["kv_slots"].shape[1], dtype=jnp.int32)[None, None, :]
@@ -246,45 +258,50 @@ def _extend(
     x = params["embed"][batch["tokens"]]
 
     def group(carry: tuple[Any, ...], xs: tuple[Any, ...]) -> tuple[tuple[Any, ...], None]:
-        x, kv, state = carry
+        x, kv, swa_kv, state = carry
         g, blocks = xs
-        attn_i = rec_i = 0
+        kv_i = swa_i = rec_i = 0
         for kind, p in zip(pattern, blocks, strict=True):
             hn = _rms_norm(x, p["norm1"], cfg.norm_eps)
             if kind == "rec":
                 y, state = _recurrence(cfg, p, hn, state, g * n_rec + rec_i, batch)
                 rec_i += 1
+            elif kind == "swa" and split:
+                layer = g * n_swa + swa_i
+                y, swa_kv = _attention(cfg, p, hn, swa_kv, layer, swa_batch, rope, swa_bias)
+                swa_i += 1
             else:
                 bias = swa_bias if kind == "swa" else full_bias
-                y, kv = _attention(cfg, p, hn, kv, g * n_attn + attn_i, batch, rope, bias)
-                attn_i += 1
+                y, kv = _attention(cfg, p, hn, kv, g * n_kv + kv_i, batch, rope, bias)
+                kv_i += 1
             x = x + y
             hn = _rms_norm(x, p["norm2"], cfg.norm_eps)
             x = x + (jax.nn.silu(hn @ p["w_gate"]) * (hn @ p["w_up"])) @ p["w_down"]
-        return (x, kv, state), None
+        return (x, kv, swa_kv, state), None
 
     groups = cfg.n_layers // len(pattern)
-    (x, kv, state), _ = jax.lax.scan(
-        group, (x, kv, state), (jnp.arange(groups, dtype=jnp.int32), params["blocks"])
+    (x, kv, swa_kv, state), _ = jax.lax.scan(
+        group, (x, kv, swa_kv, state), (jnp.arange(groups, dtype=jnp.int32), params["blocks"])
     )
     last = jnp.take_along_axis(x, batch["last_idx"][:, None, None], axis=1)[:, 0]
     last = _rms_norm(last, params["norm_f"], cfg.norm_eps)
     logits = (last @ params["lm_head"]).astype(jnp.float32)
     next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return next_tokens, logits, kv, state
+    return next_tokens, logits, kv, swa_kv, state
 
 
-_extend_jit = jax.jit(_extend, static_argnames=("cfg",), donate_argnames=("kv", "state"))
+_extend_jit = jax.jit(_extend, static_argnames=("cfg",), donate_argnames=("kv", "swa_kv", "state"))
 
 
 def extend_step(
     params: Params,
     kv: KVBuffers,
+    swa_kv: KVBuffers | None,
     state: MambaBuffers | None,
     batch: dict[str, jax.Array],
     cfg: ModelConfig,
-) -> tuple[jax.Array, jax.Array, KVBuffers, MambaBuffers | None]:
-    """One chunked-prefill or decode step for a padded batch; jitted, ``kv``/``state`` donated.
+) -> tuple[jax.Array, jax.Array, KVBuffers, KVBuffers | None, MambaBuffers | None]:
+    """One chunked-prefill or decode step for a padded batch; jitted, buffers donated.
 
     ``batch`` (int32 unless noted; ``B``, ``T``, ``S`` are bucket sizes chosen by the caller,
     each distinct ``(B, T, S)`` compiles once):
@@ -303,10 +320,14 @@ def extend_step(
     * ``state_fresh``: ``[B]`` bool; the row starts from a zero state instead (a request's
       first chunk without a cached prefix).
 
-    Returns ``(next_tokens [B] int32, logits [B, vocab] float32, kv, state)`` on the
-    buffers' device; the input ``kv`` and ``state`` are donated and must not be used again.
+    * ``swa_new_slots`` ``[B, T]``, ``swa_kv_slots`` ``[B, S]`` (only with ``swa_kv``): the
+      same positions' slots in the sliding-window pool (0 where a token's SWA KV is gone).
+
+    Returns ``(next_tokens [B] int32, logits [B, vocab] float32, kv, swa_kv, state)`` on
+    the buffers' device; the inputs ``kv``, ``swa_kv`` and ``state`` are donated and must
+    not be used again.
     """
-    return _extend_jit(params, kv, state, batch, cfg=cfg)
+    return _extend_jit(params, kv, swa_kv, state, batch, cfg=cfg)
 
 
 def compile_count() -> int:

@@ -248,6 +248,17 @@ class Engine:
     ) -> None:
         if memory.cfg != cfg:
             raise ValueError("memory was built for another model config")
+        self._window = getattr(cache, "sliding_window_size", None)
+        if self._window is not None and memory.swa_pool is None:
+            raise ValueError(
+                "a cache with a sliding window frees SWA KV on its own: build EngineMemory "
+                "with swa_size (a SWATokenToKVPoolAllocator and an SWA pool)"
+            )
+        if self._window is not None and self._window < cfg.sliding_window:
+            raise ValueError(
+                f"the cache's window ({self._window}) is shorter than the model's "
+                f"({cfg.sliding_window}): it would free KV the model still reads"
+            )
         self._state_cache = bool(cfg.rec_layer_ids) and hasattr(cache, "mamba_evictable_size")
         if cfg.rec_layer_ids and not (isinstance(cache, ChunkCache) or self._state_cache):
             raise ValueError(
@@ -271,10 +282,21 @@ class Engine:
     # -- slots ------------------------------------------------------------------------------
 
     def _alloc_kv(self, n: int) -> np.ndarray | None:
-        short = n - self._alloc.available_size()
-        if short > 0:
-            self._evicted += self.cache.evict(short).full_evicted
-        return self._alloc.alloc(n)
+        alloc = self._alloc
+        if self.memory.swa_pool is None:
+            short = n - alloc.available_size()
+            if short > 0:
+                self._evicted += self.cache.evict(short).full_evicted
+        else:
+            full_short = n - alloc.full_available_size()  # type: ignore[union-attr]
+            swa_short = n - alloc.swa_available_size()  # type: ignore[union-attr]
+            if full_short > 0 or swa_short > 0:
+                if self._window:  # the tree can free SWA KV alone (tombstones)
+                    res = self.cache.evict(max(full_short, 0), max(swa_short, 0))
+                else:  # freeing a token frees both of its slots
+                    res = self.cache.evict(max(full_short, swa_short))
+                self._evicted += res.full_evicted
+        return alloc.alloc(n)
 
     def _alloc_state(self) -> int | None:
         pool = self.memory.state_pool
@@ -295,22 +317,32 @@ class Engine:
 
     def _insert(
         self, r: _Req, tokens: np.ndarray, state: int | None = None
-    ) -> tuple[int, int, bool]:
+    ) -> tuple[np.ndarray, int, bool]:
         """Insert ``tokens`` with our slots (and ``state``, a state slot, when the cache
-        tracks states); returns (prefix_len, tokens the tree took, state already there)."""
+        tracks states). Returns the duplicates ours to free (tokens another request cached
+        meanwhile), how many leading tokens the tree now holds for us (the slots past that
+        stay ours), and whether it already had a state there."""
+        n = len(tokens)
         before = self.cache.total_size()
-        key, value = RadixKey(tokens, r.spec.extra_key), r.slots[: len(tokens)]
-        if state is None:
-            res = self.cache.insert(key, value)
-        else:
-            res = self.cache.insert(key, value, mamba_value=state)
-        taken = self.cache.total_size() - before
+        key, value = RadixKey(tokens, r.spec.extra_key), r.slots[:n]
+        kwargs: dict[str, Any] = {}
+        if state is not None:
+            kwargs["mamba_value"] = state
+        if self._window:
+            # A windowed tree settles every index past our locked prefix itself (stores,
+            # frees or revives it): none of value[cached_len:] stays ours.
+            kwargs["prev_prefix_len"] = r.cached_len
+        res = self.cache.insert(key, value, **kwargs)
         if res.prefix_len < r.cached_len:
             raise EngineError(
                 f"cache reported prefix_len {res.prefix_len} below the locked prefix "
                 f"{r.cached_len} of request {r.spec.rid}"
             )
-        return res.prefix_len, taken, bool(res.mamba_exist)
+        exists = bool(res.mamba_exist)
+        if self._window:
+            return r.slots[:0], n, exists
+        taken = self.cache.total_size() - before
+        return r.slots[r.cached_len : res.prefix_len], res.prefix_len + taken, exists
 
     # -- request life -----------------------------------------------------------------------
 
@@ -368,15 +400,15 @@ class Engine:
             pool = self.memory.state_pool
             assert pool is not None
             pool.copy_states(np.array([r.state_slot], np.int32), np.array([snap], np.int32))
-        prefix_len, taken, state_exists = self._insert(r, tokens, snap)
+        dups, covered, state_exists = self._insert(r, tokens, snap)
         if snap is not None and state_exists:
             self.memory.state_pool.free(np.array([snap], np.int32))  # type: ignore[union-attr]
-        dups = r.slots[r.cached_len : prefix_len].copy()
+        dups = dups.copy()
         m = self.cache.match_prefix(key)
-        if len(m.indices) < prefix_len + taken:
+        if len(m.indices) < covered:
             raise EngineError(
                 f"re-matching the cached prompt of {r.spec.rid} found {len(m.indices)} tokens, "
-                f"fewer than the {prefix_len + taken} the cache holds"
+                f"fewer than the {covered} the cache holds"
             )
         token = self._lock(m.last_node)
         self._unlock(r.node, r.lock_token)
@@ -389,12 +421,10 @@ class Engine:
     def _finish(self, r: _Req) -> None:
         seq = np.concatenate([r.prompt, np.asarray(r.output[:-1], dtype=np.int32)])
         state = r.state_slot if self._state_cache else None
-        prefix_len, taken, state_exists = self._insert(r, seq, state)
+        dups, covered, state_exists = self._insert(r, seq, state)
+        ours = np.concatenate([dups, r.slots[covered : len(seq)]])
         if state is not None and not state_exists:
             r.state_slot = 0  # the tree owns it now
-        ours = np.concatenate(
-            [r.slots[r.cached_len : prefix_len], r.slots[prefix_len + taken : r.kv_len]]
-        )
         self._unlock(r.node, r.lock_token)
         if ours.size:
             self._alloc.free(ours)
@@ -450,13 +480,17 @@ class Engine:
             "state_read": state_read,
             "state_fresh": fresh,
         }
+        if self.memory.swa_pool is not None:
+            to_swa = self._alloc.translate_loc_from_full_to_swa  # type: ignore[union-attr]
+            batch["swa_new_slots"] = to_swa(new_slots.reshape(-1)).reshape(new_slots.shape)
+            batch["swa_kv_slots"] = to_swa(kv_slots.reshape(-1)).reshape(kv_slots.shape)
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         n_compiled = M.compile_count()
         t_start = time.perf_counter()
-        next_tokens, logits, kv, state = M.extend_step(
-            self.params, self.memory.kv, self.memory.state, batch, self.cfg
+        next_tokens, logits, kv, swa_kv, state = M.extend_step(
+            self.params, self.memory.kv, self.memory.swa_kv, self.memory.state, batch, self.cfg
         )
-        self.memory.rebind(kv, state)
+        self.memory.rebind(kv, swa_kv, state)
         out = np.asarray(next_tokens)
         if M.compile_count() != n_compiled:
             self._compile_s += time.perf_counter() - t_start
@@ -585,12 +619,19 @@ class Engine:
     def check_slots(self) -> tuple[int, int, bool]:
         """``(free, in_cache, ok)``: every KV slot is free, in the cache or held by a running
         request, the counts add up to the pool size, and no cache node is left locked."""
-        free = self._alloc.available_size()
-        in_cache = self.cache.total_size()
+        alloc, cache, split = self._alloc, self.cache, self.memory.swa_pool is not None
+        free = alloc.full_available_size() if split else alloc.available_size()  # type: ignore[union-attr]
+        in_cache = cache.total_size()
         held = sum(len(r.slots) - r.cached_len for r in getattr(self, "_running", []))
         ok = free + in_cache + held == self.memory.kv_size
+        if split:  # the SWA side: free, live in the tree (windowed caches drop old ones), ours
+            swa_in_cache = in_cache
+            if self._window:
+                swa_in_cache = cache.swa_evictable_size() + cache.swa_protected_size()
+            swa_free = alloc.swa_available_size()  # type: ignore[union-attr]
+            ok = ok and swa_free + swa_in_cache + held == self.memory.swa_size
         if not getattr(self, "_running", []):
-            ok = ok and self.cache.protected_size() == 0
+            ok = ok and cache.protected_size() == 0 and cache.swa_protected_size() == 0
             if self.memory.state_pool is not None:
                 in_tree = 0
                 if self._state_cache:
