@@ -61,6 +61,12 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="KV slots in the pool; smaller than the workload forces eviction (default: 16384)",
     )
+    p.add_argument(
+        "--swa-pool-size",
+        type=int,
+        metavar="N",
+        help="slots of the sliding-window layers' KV pool (swa model; default: --pool-size)",
+    )
     p.add_argument("--max-running", type=int, default=16, metavar="N", help="decode batch")
     p.add_argument(
         "--state-slots",
@@ -139,8 +145,10 @@ def _make_cache(kind: str, cfg: Any, memory: Any) -> Any:
         from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache
 
         return MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=memory.state_pool)
-    # Sliding-window layers read the full KV pool; RadixCache keeps every token's KV, which
-    # is exact for them (the SWA-aware cache that frees out-of-window KV comes later).
+    if memory.swa_pool is not None:
+        # Sliding-window layers keep their KV in a pool of their own; the windowed tree frees
+        # what left every window (tombstones) and keeps the full-attention KV.
+        return RadixCache(token_to_kv_pool_allocator=alloc, sliding_window_size=cfg.sliding_window)
     return RadixCache(page_size=1, token_to_kv_pool_allocator=alloc)
 
 
@@ -218,7 +226,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     params = init_params(cfg)
     runs = {}
     for kind in kinds:
-        memory = EngineMemory(cfg, args.pool_size, state_size=args.state_slots)
+        swa = (args.swa_pool_size or args.pool_size) if cfg.variant == "swa" else None
+        memory = EngineMemory(cfg, args.pool_size, state_size=args.state_slots, swa_size=swa)
         cache = _make_cache(kind, cfg, memory)
         engine = Engine(cfg, memory, cache, params=params, sched=sched)
         name = type(cache).__name__
