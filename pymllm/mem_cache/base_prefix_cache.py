@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,32 +26,64 @@ from pymllm.mem_cache.errors import InvalidKeyError
 _U32_LIMIT = 1 << 32
 
 
-def _pack_tokens(token_ids: Any) -> bytes:
-    """Pack tokens (ints, equal-length tuples or an integer array) as little-endian uint32."""
+_HASH_CHUNK = 1 << 16  # tokens converted per step: the buffer stays in L2 cache
+_SMALL_PAGE = 256  # up to this many list tokens are packed by struct, not numpy
+
+
+def _token_array(token_ids: Any) -> np.ndarray:
+    """Tokens (ints, equal-length tuples or an integer array) as one flat integer array."""
     if isinstance(token_ids, RadixKey):
         token_ids = token_ids.token_ids
     try:
         arr = np.asarray(token_ids)
     except ValueError as exc:  # ragged tuples
         raise InvalidKeyError(f"token_ids: tuple tokens must all have one length ({exc})") from exc
-    if arr.size == 0:
-        return b""
-    if arr.dtype.kind not in "iu":
-        if arr.dtype == object:
-            # Python ints beyond int64 land here; check them one by one (rare path).
-            flat = arr.ravel()
-            if not all(isinstance(t, int) and 0 <= t < _U32_LIMIT for t in flat):
-                raise InvalidKeyError(
-                    f"token_ids: every token must be an int in [0, 2**32), got {token_ids!r:.80}"
-                )
-            arr = flat.astype(np.uint32)
-        else:
+    if arr.dtype.kind not in "iu" and arr.size:
+        if arr.dtype != object:
             raise InvalidKeyError(f"token_ids: tokens must be integers, got dtype {arr.dtype}")
+        # Python ints beyond int64 land here; check them one by one (rare path).
+        flat = arr.ravel()
+        if not all(isinstance(t, int) and 0 <= t < _U32_LIMIT for t in flat):
+            raise InvalidKeyError(
+                f"token_ids: every token must be an int in [0, 2**32), got {token_ids!r:.80}"
+            )
+        arr = flat.astype(np.uint32)
+    return arr.reshape(-1)
+
+
+def _check_token_range(arr: np.ndarray) -> None:
+    if arr.dtype.kind == "u" and arr.dtype.itemsize <= 4:
+        return
     lo, hi = arr.min(), arr.max()
     if lo < 0 or hi >= _U32_LIMIT:
         bad = lo if lo < 0 else hi
         raise InvalidKeyError(f"token_ids: token {int(bad)} is outside [0, 2**32)")
-    return np.ascontiguousarray(arr, dtype="<u4").tobytes()
+
+
+def _feed_tokens(h: Any, token_ids: Any) -> None:
+    """Feed the tokens to hasher *h* as little-endian uint32, without building the packed
+    bytes of a long key: 32-bit arrays go in as they are, others in L2-sized chunks."""
+    if type(token_ids) is list and len(token_ids) <= _SMALL_PAGE:
+        # a page of plain ints: one struct.pack (a C loop) beats numpy's fixed costs
+        try:
+            h.update(struct.pack(f"<{len(token_ids)}I", *token_ids))
+            return
+        except struct.error:
+            pass  # tuples, out-of-range or non-int tokens: the array path says which
+    arr = _token_array(token_ids)
+    if arr.size == 0:
+        return
+    if arr.dtype.itemsize == 4 and arr.dtype.byteorder in "<=|" and arr.flags.c_contiguous:
+        _check_token_range(arr)
+        h.update(arr if np.little_endian or arr.dtype.byteorder == "<" else arr.byteswap())
+        return
+    buf = np.empty(min(arr.size, _HASH_CHUNK), dtype="<u4")
+    for start in range(0, arr.size, _HASH_CHUNK):
+        chunk = arr[start : start + _HASH_CHUNK]
+        _check_token_range(chunk)
+        out = buf[: chunk.size]
+        np.copyto(out, chunk, casting="unsafe")
+        h.update(out)
 
 
 def hash_token_ids(token_ids: Any, prior_hash: str | None = None) -> str:
@@ -59,7 +92,8 @@ def hash_token_ids(token_ids: Any, prior_hash: str | None = None) -> str:
     Each token is encoded as a 4-byte little-endian unsigned integer; tuples (bigram /
     EAGLE) hash each element in order. When *prior_hash* (a hex digest) is supplied the
     digest is first fed the raw bytes of that hash, making the result position-aware.
-    Tokens are packed once with numpy; a token outside [0, 2**32) raises ``ValueError``.
+    Tokens are packed with numpy, never one by one; a token outside [0, 2**32) raises
+    ``ValueError`` (``InvalidKeyError``).
     """
     h = hashlib.sha256()
     if prior_hash is not None:
@@ -67,7 +101,7 @@ def hash_token_ids(token_ids: Any, prior_hash: str | None = None) -> str:
             h.update(bytes.fromhex(prior_hash))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"prior_hash: expected a hex digest, got {prior_hash!r}") from exc
-    h.update(_pack_tokens(token_ids))
+    _feed_tokens(h, token_ids)
     return h.hexdigest()
 
 
