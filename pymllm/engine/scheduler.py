@@ -604,13 +604,17 @@ class Engine:
         return self._stats(name or type(self.cache).__name__, workload)
 
     def _admit(self) -> None:
+        # Requests held back for a shared prefix are passed over, but only so many per step:
+        # a long queue (a replayed trace) must not cost a match per waiting request per step.
+        limit = min(len(self._waiting), 4 * self.sched.max_running)
         i = 0
-        while i < len(self._waiting) and len(self._running) < self.sched.max_running:
+        while i < limit and len(self._running) < self.sched.max_running:
             r = self._waiting[i]
             verdict = self._try_admit(r)
             if verdict == "ok":
                 self._waiting.pop(i)
                 self._running.append(r)
+                limit -= 1
             elif verdict == "wait":
                 i += 1
             else:  # first come, first served: nobody overtakes a request short of memory
