@@ -594,10 +594,13 @@ class Engine:
                 self._decode_step()
             elif self._waiting:
                 r = self._waiting[0]
+                states = ""
+                if self.memory.state_pool is not None:
+                    states = f", {self.memory.state_available()} state slots free"
                 raise EngineError(
                     f"request {r.spec.rid} needs {r.kv_len} KV slots and cannot be admitted "
                     f"with nothing running: {self._alloc.available_size()} free after evicting, "
-                    f"{self.cache.protected_size()} locked in the cache"
+                    f"{self.cache.protected_size()} locked in the cache{states}"
                 )
             elif self._pending:
                 time.sleep(max(0.0, self._pending[0][0] - self._now()))
