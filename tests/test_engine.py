@@ -328,3 +328,14 @@ def test_memory_for_another_config_is_refused():
     cache = ChunkCache(mem.token_to_kv_pool_allocator)
     with pytest.raises(ValueError, match="another model config"):
         Engine(cfg_of("swa"), mem, cache)
+
+
+def test_requests_wait_for_their_arrival():
+    prompt = np.arange(1, 41, dtype=np.int32)
+    specs = [RequestSpec(f"r{i}", prompt + i, 4, arrival=0.3 * i) for i in range(3)]
+    stats, engine = serve("full", "radix", Workload("timed", "timed", specs), pool=POOL)
+    arrivals = [r.arrival for r in stats.results]
+    assert arrivals == pytest.approx([0.0, 0.3, 0.6])
+    assert stats.wall_s >= 0.6
+    assert all(r.ttft >= 0 and r.latency >= r.ttft for r in stats.results)
+    assert_slots_accounted(engine)
