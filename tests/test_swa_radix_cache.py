@@ -257,18 +257,23 @@ def test_insert_revives_a_tombstone_at_or_beyond_swa_evicted_seqlen(make_cache, 
 def test_revival_frees_slots_of_a_locked_prefix(make_cache, pool):
     """The rule as written: a tombstone is revived whatever its lock_ref, and its old slots
     are freed, although a request that matched through it still holds them (its full KV).
-    Pinned here so that a change of the rule is a visible decision."""
+    Two requests as a scheduler runs them; pinned so that changing the rule is a visible
+    decision."""
     cache = make_cache()
     cache.insert(K(range(1, 9)), slots(range(101, 109)), swa_evicted_seqlen=4)
-    m = cache.match_prefix(K(range(1, 9)))  # request A: 4 live tokens after the tombstone
-    assert m.prefix_len == 8 and m.indices.tolist() == slots(range(101, 109))
-    assert cache.inc_lock_ref(m.last_node) == 4
-    assert locks(cache) == {1: (1, 0), 2: (1, 1)}
-    cache.insert(K(range(1, 9)), slots(range(201, 209)))  # request B, fresh slots
-    assert tree(cache)[1] == (0, [1, 2, 3, 4], [201, 202, 203, 204], False)
+    a = cache.match_prefix(K(range(1, 9)))  # request A: 4 live tokens after the tombstone
+    assert a.prefix_len == 8 and a.indices.tolist() == slots(range(101, 109))
+    assert cache.inc_lock_ref(a.last_node) == 4
+    # request B shares the tombstone but only 2 live tokens after it: no usable prefix
+    key_b = [1, 2, 3, 4, 5, 6, 90, 91]
+    assert match(cache, key_b) == (0, 0, [])
+    r = cache.insert(K(key_b), slots(range(201, 209)), prev_prefix_len=0)
+    assert (r.prefix_len, r.last_node.id) == (6, 4)
+    assert tree(cache)[1] == (0, [1, 2, 3, 4], [201, 202, 203, 204], False)  # revived
     # A's slots 101..104 are back in the pool while A is still locked on them
-    assert pool.calls == [("free", slots(range(101, 105), range(205, 209)))]
-    cache.dec_lock_ref(m.last_node, 4)
+    assert pool.calls == [("free", [101, 102, 103, 104, 205, 206])]
+    assert locks(cache) == {1: (1, 0), 3: (1, 1), 2: (1, 1)}
+    cache.dec_lock_ref(a.last_node, 4)
     cache._check_invariants()
 
 
