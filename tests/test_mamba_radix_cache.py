@@ -384,7 +384,7 @@ def test_evict_rejects_non_int_counts(make_cache):
 def test_locks_keep_kv_and_state_alive(make_cache, kv_pool, state_pool):
     cache = make_cache()
     leaf = cache.insert(K([1, 2, 3]), i32([11, 12, 13]), mamba_value=5).last_node
-    assert cache.inc_lock_ref(leaf) is None
+    assert cache.inc_lock_ref(leaf) is True  # the token: a state lock was taken
     assert (leaf.lock_ref, leaf.full_lock_ref, leaf.mamba_lock_ref) == (1, 1, 1)
     assert sizes(cache) == (0, 3, 3, 0, 1)
     assert cache.evict(100, mamba_num=100) == EvictResult()
@@ -445,6 +445,30 @@ def test_state_added_to_a_locked_node_is_not_locked(make_cache):
     cache._check_invariants()
 
 
+def test_lock_token_keeps_another_requests_state_lock(make_cache, state_pool):
+    """Request 1 locks a node without a state; a state arrives; request 2 locks it (state
+    lock included). Request 1's unlock, given its token, must not release request 2's
+    state lock, so the state cannot be dropped while request 2 copies from it."""
+    cache = make_cache()
+    node = cache.insert(K([1, 2])).last_node
+    token1 = cache.inc_lock_ref(node)
+    assert token1 is False
+    cache.insert(K([1, 2]), mamba_value=5)
+    token2 = cache.inc_lock_ref(node)
+    assert token2 is True and node.mamba_lock_ref == 1
+    cache.dec_lock_ref(node, swa_boundary_id=token1)
+    assert (node.full_lock_ref, node.mamba_lock_ref) == (1, 1)
+    assert cache.evict(0, mamba_num=1) == EvictResult()  # the state is still protected
+    assert state_pool.free_calls == []
+    with pytest.raises(TypeError):
+        cache.dec_lock_ref(node, swa_boundary_id=3)
+    cache.dec_lock_ref(node, swa_boundary_id=token2)
+    assert (node.full_lock_ref, node.mamba_lock_ref) == (0, 0)
+    with pytest.raises(LockStateError):
+        cache.dec_lock_ref(node, swa_boundary_id=True)
+    cache._check_invariants()
+
+
 def test_split_of_a_locked_node(make_cache):
     cache = make_cache()
     leaf = cache.insert(K([1, 2, 3, 4]), i32([11, 12, 13, 14]), mamba_value=1).last_node
@@ -464,7 +488,7 @@ def test_split_of_a_locked_node(make_cache):
 def test_root_lock_is_a_no_op(make_cache):
     cache = make_cache()
     root = cache.root_node
-    assert cache.inc_lock_ref(root) is None
+    assert cache.inc_lock_ref(root) is False  # no state lock taken
     cache.dec_lock_ref(root)
     cache.dec_lock_ref(root)
     assert root.lock_ref == 0 and root.mamba_lock_ref == 0

@@ -90,6 +90,7 @@ class MambaCacheComparison(RuleBasedStateMachine):
         # id -> (ref handle, compiled handle); stale handles stay here on purpose.
         self.handles: dict[int, tuple[Any, Any]] = {0: (self.ref.root_node, self.c.root_node)}
         self.locks: list[int] = []  # ids locked by the test, one entry per lock
+        self.lock_tokens: list[Any] = []  # inc_lock_ref's token for each entry of locks
         self.seen = {"kv": 0, "st": 0}  # free calls already compared
 
     # ------------------------------------------------------------------ helpers
@@ -403,14 +404,16 @@ class MambaCacheComparison(RuleBasedStateMachine):
         assert out_r == out_c, f"inc_lock_ref({h_r.id}): ref {out_r} != compiled {out_c}"
         if out_r[0] == "ok" and h_r.id != 0:
             self.locks.append(h_r.id)
+            self.lock_tokens.append(out_r[1])
 
     @precondition(lambda self: self.ref is not None and self.locks)
     @rule(data=st.data())
     def unlock(self, data: st.DataObject) -> None:
         i = data.draw(st.integers(0, len(self.locks) - 1), label="lock")
         h_r, h_c = self.handles[self.locks.pop(i)]
-        self.ref.dec_lock_ref(h_r)
-        self.c.dec_lock_ref(h_c)
+        token = self.lock_tokens.pop(i)
+        self.ref.dec_lock_ref(h_r, swa_boundary_id=token)
+        self.c.dec_lock_ref(h_c, swa_boundary_id=token)
 
     @rule(
         # mostly small: evictions that leave most of the tree, and Mamba-only ones (0 tokens)
@@ -447,6 +450,7 @@ class MambaCacheComparison(RuleBasedStateMachine):
             self.c.reset()
             self._check_new_free_calls(ordered=False)  # one call per pool, order unspecified
             self.locks.clear()
+            self.lock_tokens.clear()
         else:
             self._release_caller_owned()
 

@@ -231,26 +231,37 @@ class RefMambaRadixCache(RefRadixCache):
         node.mamba_value = None
         self._mamba_evictable -= 1
 
-    def inc_lock_ref(self, node: Any) -> None:
-        """Lock *node*'s KV and its ancestors' (as RadixCache), and *node*'s own state."""
+    def inc_lock_ref(self, node: Any) -> bool:
+        """Lock *node*'s KV and its ancestors' (as RadixCache), and *node*'s own state.
+        Returns the token for :meth:`dec_lock_ref`: whether a state lock was taken."""
         node = self._check_node(node)
         super().inc_lock_ref(node)
-        if node is not self.root_node and node.mamba_value is not None:
-            if node.mamba_lock_ref == 0:
-                self._mamba_evictable -= 1
-                self._mamba_protected += 1
-            node.mamba_lock_ref += 1
-        return None
+        if node is self.root_node or node.mamba_value is None:
+            return False
+        if node.mamba_lock_ref == 0:
+            self._mamba_evictable -= 1
+            self._mamba_protected += 1
+        node.mamba_lock_ref += 1
+        return True
 
-    def dec_lock_ref(self, node: Any, **kwargs: Any) -> None:
-        """Undo one :meth:`inc_lock_ref`: the node's state lock if it holds one, then the KV
-        locks. ``LockStateError`` (nothing changed) when the node holds no lock."""
+    def dec_lock_ref(self, node: Any, swa_boundary_id: Any = None) -> None:
+        """Undo one :meth:`inc_lock_ref` given its token (True: release the state lock too;
+        None: release one if the node holds one). ``LockStateError`` (nothing changed) when
+        the node, or with token True its state, holds no lock."""
         node = self._check_node(node)
+        if swa_boundary_id is not None and not isinstance(swa_boundary_id, bool):
+            raise TypeError(f"swa_boundary_id: expected a bool token, got {swa_boundary_id!r}")
         if node is self.root_node:
             return
         if node.lock_ref == 0:
             raise LockStateError(f"{node!r} holds no lock")
-        if node.mamba_lock_ref > 0:
+        if swa_boundary_id is None:
+            release_state = node.mamba_lock_ref > 0
+        else:
+            release_state = swa_boundary_id
+            if release_state and node.mamba_lock_ref == 0:
+                raise LockStateError(f"{node!r} holds no state lock")
+        if release_state:
             node.mamba_lock_ref -= 1
             if node.mamba_lock_ref == 0:
                 self._mamba_protected -= 1

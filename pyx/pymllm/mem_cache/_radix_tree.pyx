@@ -1879,26 +1879,43 @@ cdef class MambaTreeCore(RadixTreeCore):
 
     def inc_lock_ref(self, node):
         """Lock the KV of *node* and its ancestors, and *node*'s own Mamba state if it has
-        one. Returns None. A stale handle raises ``StaleNodeError``."""
+        one. Returns the token to pass back to :meth:`dec_lock_ref`: True when the state was
+        locked, False when the node had none. A stale handle raises ``StaleNodeError``."""
         cdef nid_t n = self._slot_of(node, True)
         cdef Node* x = &self.nodes[n]
         self._lock(n)
-        if n != ROOT and x.aux_value >= 0:
-            if x.aux_lock_ref == 0:
-                self._aux_evictable -= 1
-                self._aux_protected += 1
-                _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
-            x.aux_lock_ref += 1
-        return None
+        if n == ROOT or x.aux_value < 0:
+            return False
+        if x.aux_lock_ref == 0:
+            self._aux_evictable -= 1
+            self._aux_protected += 1
+            _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
+        x.aux_lock_ref += 1
+        return True
 
     def dec_lock_ref(self, node, swa_boundary_id=None):
-        """Undo one :meth:`inc_lock_ref`; ``LockStateError`` (nothing changed) when the node
-        holds no lock."""
+        """Undo one :meth:`inc_lock_ref`. Pass its token (as ``swa_boundary_id``, the
+        seed's name for the opaque lock token): True releases a state lock, False none. A
+        state saved on the node after it was locked belongs to whichever lock took it, so
+        without the token (None) a state lock is released only if the node holds one, which
+        can release another request's: keep the token. ``LockStateError`` (nothing changed)
+        when the node, or (token True) its state, holds no lock."""
         cdef nid_t n = self._slot_of(node, True)
         cdef Node* x = &self.nodes[n]
+        cdef bint release_state
         if n != ROOT and x.lock_ref <= 0:
             raise LockStateError(f"node: node {x.uid} is not locked")
-        if n != ROOT and x.aux_lock_ref > 0:
+        if swa_boundary_id is None:
+            release_state = x.aux_lock_ref > 0
+        elif isinstance(swa_boundary_id, bool):
+            release_state = swa_boundary_id
+            if release_state and x.aux_lock_ref <= 0:
+                raise LockStateError(f"swa_boundary_id: node {x.uid} holds no state lock")
+        else:
+            raise TypeError(
+                f"swa_boundary_id: expected the bool token of inc_lock_ref, got {swa_boundary_id!r}"
+            )
+        if n != ROOT and release_state:
             x.aux_lock_ref -= 1
             if x.aux_lock_ref == 0:
                 self._aux_protected -= 1
