@@ -254,11 +254,11 @@ def test_insert_revives_a_tombstone_at_or_beyond_swa_evicted_seqlen(make_cache, 
     cache._check_invariants()
 
 
-def test_revival_frees_slots_of_a_locked_prefix(make_cache, pool):
-    """The rule as written: a tombstone is revived whatever its lock_ref, and its old slots
-    are freed, although a request that matched through it still holds them (its full KV).
-    Two requests as a scheduler runs them; pinned so that changing the rule is a visible
-    decision."""
+def test_locked_tombstone_is_not_revived(make_cache, pool):
+    """A request that matched through a tombstone still reads its full KV: another
+    request's insert must not revive it (which would free those slots under the first
+    request); its incoming duplicates are freed instead. Two requests as a scheduler runs
+    them."""
     cache = make_cache()
     cache.insert(K(range(1, 9)), slots(range(101, 109)), swa_evicted_seqlen=4)
     a = cache.match_prefix(K(range(1, 9)))  # request A: 4 live tokens after the tombstone
@@ -269,11 +269,15 @@ def test_revival_frees_slots_of_a_locked_prefix(make_cache, pool):
     assert match(cache, key_b) == (0, 0, [])
     r = cache.insert(K(key_b), slots(range(201, 209)), prev_prefix_len=0)
     assert (r.prefix_len, r.last_node.id) == (6, 4)
-    assert tree(cache)[1] == (0, [1, 2, 3, 4], [201, 202, 203, 204], False)  # revived
-    # A's slots 101..104 are back in the pool while A is still locked on them
-    assert pool.calls == [("free", [101, 102, 103, 104, 205, 206])]
+    assert tree(cache)[1] == (0, [1, 2, 3, 4], [101, 102, 103, 104], True)  # still A's
+    assert pool.calls == [("free", [201, 202, 203, 204, 205, 206])]
     assert locks(cache) == {1: (1, 0), 3: (1, 1), 2: (1, 1)}
     cache.dec_lock_ref(a.last_node, 4)
+    cache._check_invariants()
+    # unlocked now: the next such insert revives it
+    r = cache.insert(K(key_b), slots(range(301, 309)), prev_prefix_len=0)
+    assert tree(cache)[1] == (0, [1, 2, 3, 4], [301, 302, 303, 304], False)
+    assert pool.calls[1:] == [("free", [101, 102, 103, 104, 305, 306, 307, 308])]
     cache._check_invariants()
 
 

@@ -212,7 +212,9 @@ class RefSWARadixCache(RefRadixCache):
                 incoming = arr[start : start + length]
                 # an incoming index equal to the node's own is the tree's slot handed back
                 same = int(np.count_nonzero(incoming == n.value))
-                if n.swa_tombstone and start >= es and same == 0:
+                # a locked tombstone's slots are still read by the request holding it:
+                # never revived (its old slots freed) under that request
+                if n.swa_tombstone and start >= es and same == 0 and n.lock_ref == 0:
                     to_free.extend(n.value.tolist())
                     n.value = incoming.astype(np.int32)
                     n.value.flags.writeable = False

@@ -978,7 +978,8 @@ cdef class RadixTreeCore:
         the caller's protected prefix (the tree's own indices, from ``match_prefix``) and is
         left alone; beyond it, a duplicate of a live node is freed (``allocator.free``); a
         tombstoned node whose range starts at or beyond ``swa_evicted_seqlen`` is revived
-        with the incoming indices (its old ones are freed), otherwise the incoming
+        with the incoming indices (its old ones are freed) unless it is locked (a request
+        still reads its full KV), otherwise the incoming
         duplicate is freed; the new suffix is stored, as a tombstone up to
         ``swa_evicted_seqlen`` (rounded up to a page) and live after it; a suffix lying
         wholly below ``swa_evicted_seqlen`` is not cached and its indices are freed.
@@ -1059,8 +1060,9 @@ cdef class RadixTreeCore:
             # an incoming index equal to the node's own at that position is the tree's own
             # slot handed back (prev_prefix_len too short), never a duplicate to free
             same = _count_equal(x.value, vals + s0, x.len)
-            if x.aux_value < 0 and s0 >= es and same == 0:
+            if x.aux_value < 0 and s0 >= es and same == 0 and x.lock_ref == 0:
                 # revive the tombstone with the incoming indices; its old ones are freed
+                # (only when unlocked: a request holding it still reads its full KV)
                 memcpy(dup + n_free, x.value, x.len * sizeof(idx_t))
                 n_free += x.len
                 memcpy(x.value, vals + s0, x.len * sizeof(idx_t))
