@@ -262,6 +262,13 @@ ctypedef struct KeyView:
     int32_t arity           # 0 for plain int tokens, k for k-tuples
 
 
+cdef extern from "Python.h":
+    # borrowed-pointer forms of the C API, so a loop over a list's items does no refcounting
+    PyObject** _seq_items "PySequence_Fast_ITEMS" (object)
+    bint _is_exact_int "PyLong_CheckExact" (PyObject*)
+    long long _as_long_long "PyLong_AsLongLongAndOverflow" (PyObject*, int*) except? -1
+
+
 cdef inline Py_ssize_t _first_negative(const int32_t* p, Py_ssize_t n) noexcept nogil:
     """Index of the first negative entry, n if none (an OR reduction the compiler
     vectorizes; the slow search runs only on bad input)."""
@@ -622,6 +629,10 @@ cdef class RadixTreeCore:
         cdef Py_ssize_t n, i, j, width
         cdef tok_t* buf
         cdef object t
+        cdef PyObject** items
+        cdef PyObject* p
+        cdef long long x
+        cdef int overflow = 0
         kv.arity = 0
         kv.width = 1
         if type(token_ids) is list or type(token_ids) is tuple:
@@ -649,8 +660,15 @@ cdef class RadixTreeCore:
                 kv.arity = <int32_t>width
             else:
                 buf = <tok_t*>self._tok_scratch.reserve(n)
+                items = _seq_items(token_ids)
                 for i in range(n):
-                    t = token_ids[i]
+                    p = items[i]
+                    if _is_exact_int(p):
+                        x = _as_long_long(p, &overflow)
+                        if not overflow and 0 <= x < TOKEN_LIMIT:
+                            buf[i] = <tok_t>x
+                            continue
+                    t = <object>p
                     if type(t) is tuple:
                         raise InvalidKeyError(
                             f"token_ids: token {i} is a tuple but token 0 is not; "
@@ -712,6 +730,10 @@ cdef class RadixTreeCore:
     cdef object _load_value(self, object value, const KeyView* kv, const idx_t** out):
         """Point *out at len(key) KV indices; returns the owner of that memory."""
         cdef Py_ssize_t n = kv.n, i
+        cdef PyObject** items
+        cdef PyObject* p
+        cdef long long x
+        cdef int overflow = 0
         cdef idx_t* buf
         cdef const int32_t* p32
         cdef const int64_t* p64
@@ -734,8 +756,15 @@ cdef class RadixTreeCore:
                     f"value: expected {n} KV indices (one per token), got {len(value)}"
                 )
             buf = <idx_t*>self._val_scratch.reserve(n)
+            items = _seq_items(value)
             for i in range(n):
-                buf[i] = _to_idx(value[i])
+                p = items[i]
+                if _is_exact_int(p):
+                    x = _as_long_long(p, &overflow)
+                    if not overflow and 0 <= x <= INT32_MAX:
+                        buf[i] = <idx_t>x
+                        continue
+                buf[i] = _to_idx(<object>p)
             out[0] = buf
             return None
         cdef cnp.ndarray arr
