@@ -376,6 +376,9 @@ def sharded_run(request: pytest.FixtureRequest) -> Iterator[subprocess.Popen[str
     proc = subprocess.Popen(
         [sys.executable, "-c", SHARDED],
         env=env,
+        # not the repo root: `python -c` puts the cwd first on sys.path, and the source
+        # tree's pymllm (without compiled modules) would shadow the installed one
+        cwd=os.path.dirname(os.path.abspath(__file__)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
