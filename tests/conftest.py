@@ -173,3 +173,31 @@ def make_cache(impl: str, allocator: RecordingAllocator) -> Callable[..., Any]:
 @pytest.fixture
 def node_class(impl: str) -> type:
     return cache_classes(impl)[1]
+
+
+def assert_same_trees(
+    ref: Any,
+    compiled: Any,
+    describe: Callable[[Any], Any],
+    handles: dict[int, tuple[Any, Any]],
+    size_names: tuple[str, ...],
+) -> dict[int, Any]:
+    """One comparison step of the stateful tests: both caches pass their own invariant
+    checks, agree on every size counter and on every node (``describe`` gives the fields
+    compared), and every handle either side ever returned is evicted on both or on neither.
+    New nodes join ``handles``. Returns the reference's nodes by id."""
+    ref._check_invariants()
+    compiled._check_invariants()
+    for name in size_names:
+        r, c = getattr(ref, name)(), getattr(compiled, name)()
+        assert r == c, f"{name}: ref {r} != compiled {c}"
+    ref_nodes = {n.id: n for n in ref._iter_nodes()}
+    c_nodes = {n.id: n for n in compiled._nodes()}
+    assert sorted(ref_nodes) == sorted(c_nodes), "the trees hold different node ids"
+    for node_id, rn in ref_nodes.items():
+        dr, dc = describe(rn), describe(c_nodes[node_id])
+        assert dr == dc, f"node {node_id}: ref {dr} != compiled {dc}"
+        handles.setdefault(node_id, (rn, c_nodes[node_id]))
+    for node_id, (hr, hc) in handles.items():
+        assert hr.evicted == hc.evicted == (node_id != 0 and node_id not in ref_nodes)
+    return ref_nodes

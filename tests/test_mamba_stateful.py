@@ -33,7 +33,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RecordingAllocator  # tests/ is on sys.path (rootdir conftest)
+from conftest import (  # tests/ is on sys.path (rootdir conftest)
+    RecordingAllocator,
+    assert_same_trees,
+)
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -491,28 +494,21 @@ class MambaCacheComparison(RuleBasedStateMachine):
         if self.ref is None:
             return
         STEPS["steps"] += 1
-        self.ref._check_invariants()
-        self.c._check_invariants()
-        for name in (
-            "evictable_size",
-            "protected_size",
-            "total_size",
-            "mamba_evictable_size",
-            "mamba_protected_size",
-            "swa_evictable_size",
-            "swa_protected_size",
-        ):
-            r, c = getattr(self.ref, name)(), getattr(self.c, name)()
-            assert r == c, f"{name}: ref {r} != compiled {c}"
-        ref_nodes = {n.id: n for n in self.ref._iter_nodes()}
-        c_nodes = {n.id: n for n in self.c._nodes()}
-        assert sorted(ref_nodes) == sorted(c_nodes), "the trees hold different node ids"
-        for node_id, rn in ref_nodes.items():
-            dr, dc = self._describe(rn), self._describe(c_nodes[node_id])
-            assert dr == dc, f"node {node_id}: ref {dr} != compiled {dc}"
-            self.handles.setdefault(node_id, (rn, c_nodes[node_id]))
-        for node_id, (hr, hc) in self.handles.items():
-            assert hr.evicted == hc.evicted == (node_id != 0 and node_id not in ref_nodes)
+        assert_same_trees(
+            self.ref,
+            self.c,
+            self._describe,
+            self.handles,
+            (
+                "evictable_size",
+                "protected_size",
+                "total_size",
+                "mamba_evictable_size",
+                "mamba_protected_size",
+                "swa_evictable_size",
+                "swa_protected_size",
+            ),
+        )
         assert self.evicted_ref == self.evicted_c
         for r, c in ((self.kv_ref, self.kv_c), (self.st_ref, self.st_c)):
             assert len(r.free_calls) == len(c.free_calls) and r.freed == c.freed
