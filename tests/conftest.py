@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from pymllm.mem_cache.errors import InvalidFreeError
+from pymllm.mem_cache.errors import CacheError, InvalidFreeError
 
 settings.register_profile(
     "ci",
@@ -201,3 +201,37 @@ def assert_same_trees(
     for node_id, (hr, hc) in handles.items():
         assert hr.evicted == hc.evicted == (node_id != 0 and node_id not in ref_nodes)
     return ref_nodes
+
+
+BIG_TOKEN = 2**32 - 1  # the largest valid token
+
+
+def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
+    """("ok", result) or ("raised", exception type): how one call ended, for comparing two
+    implementations call by call."""
+    try:
+        return ("ok", fn())
+    except (CacheError, TypeError, ValueError) as exc:
+        return ("raised", type(exc))
+
+
+def draw_key_maker(data: Any, ns: tuple[Any, int], tokens: list[Any]) -> Callable[[], Any]:
+    """Draw a key form (list, or an int32/int64 array for plain tokens) and return a maker
+    of fresh RadixKeys of that form, so an aliasing bug in either cache shows."""
+    from hypothesis import strategies as st
+
+    from pymllm.mem_cache import RadixKey
+
+    forms = ["list"]
+    if ns[1] == 0:
+        forms.append("int64")
+        if BIG_TOKEN not in tokens:
+            forms.append("int32")
+    form = data.draw(st.sampled_from(forms), label="key form")
+
+    def make() -> Any:
+        if form == "list":
+            return RadixKey(list(tokens), ns[0])
+        return RadixKey(np.array(tokens, dtype=form), ns[0])
+
+    return make

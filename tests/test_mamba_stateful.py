@@ -34,33 +34,28 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import (  # tests/ is on sys.path (rootdir conftest)
+    BIG_TOKEN,
     RecordingAllocator,
     assert_same_trees,
+    draw_key_maker,
+    outcome,
 )
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pymllm.mem_cache.base_prefix_cache import RadixKey
-from pymllm.mem_cache.errors import CacheError, InvalidKeyError, InvalidValueError
+from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError
 from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache
 from pymllm.mem_cache.reference_mamba import RefMambaRadixCache
 
 # (extra_key, tuple width); width 0 is plain int tokens.
 NAMESPACES = [(None, 0), (None, 0), ("a", 0), (None, 2)]
-BIG = 2**32 - 1  # the largest valid token
-PLAIN_TOKEN = st.sampled_from([0, 1, 2, 0, 1, 2, BIG])
+PLAIN_TOKEN = st.sampled_from([0, 1, 2, 0, 1, 2, BIG_TOKEN])
 PAIR_TOKEN = st.tuples(st.integers(0, 1), st.integers(0, 1))
 MAX_KEY_LEN = 24
 
 STEPS = {"steps": 0, "runs": 0}
-
-
-def _outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
-    try:
-        return ("ok", fn())
-    except (CacheError, TypeError, ValueError) as exc:
-        return ("raised", type(exc))
 
 
 class MambaCacheComparison(RuleBasedStateMachine):
@@ -128,24 +123,6 @@ class MambaCacheComparison(RuleBasedStateMachine):
         suffix = data.draw(st.lists(token, max_size=8), label="suffix")
         return ns, (prefix + suffix)[:MAX_KEY_LEN]
 
-    def _key_maker(
-        self, data: st.DataObject, ns: tuple[Any, int], tokens: list[Any]
-    ) -> Callable[[], RadixKey]:
-        """Fresh RadixKeys (list, int32 or int64 array) per call, so an aliasing bug shows."""
-        forms = ["list"]
-        if ns[1] == 0:
-            forms.append("int64")
-            if BIG not in tokens:
-                forms.append("int32")
-        form = data.draw(st.sampled_from(forms), label="key form")
-
-        def make() -> RadixKey:
-            if form == "list":
-                return RadixKey(list(tokens), ns[0])
-            return RadixKey(np.array(tokens, dtype=form), ns[0])
-
-        return make
-
     @staticmethod
     def _state_forms(data: st.DataObject, slot: int) -> Callable[[], Any]:
         form = data.draw(st.sampled_from(["int", "np.int64", "list", "array", "0-d"]))
@@ -199,7 +176,7 @@ class MambaCacheComparison(RuleBasedStateMachine):
 
     def _match(self, data: st.DataObject, extend: bool) -> tuple[Any, list[Any], Any]:
         ns, tokens = self._draw_key(data, extend)
-        make = self._key_maker(data, ns, tokens)
+        make = draw_key_maker(data, ns, tokens)
         mr = self.ref.match_prefix(make())
         mc = self.c.match_prefix(make())
         assert isinstance(mc.indices, np.ndarray) and mc.indices.dtype == np.int32
@@ -248,7 +225,7 @@ class MambaCacheComparison(RuleBasedStateMachine):
     ) -> None:
         """Insert tokens/slots into both; *owned* are the test's slots among *slots* (the
         rest, from a match, are the tree's)."""
-        make = self._key_maker(data, ns, tokens)
+        make = draw_key_maker(data, ns, tokens)
         vform = data.draw(st.sampled_from(["list", "int32", "int64"]), label="value form")
 
         def value() -> Any:
@@ -309,8 +286,8 @@ class MambaCacheComparison(RuleBasedStateMachine):
             self._unlock_unheld(data)
         else:
             n, s, m = data.draw(st.tuples(st.integers(-1, 9), st.integers(1, 3), st.integers(0, 3)))
-            out_r = _outcome(lambda: self.ref.evict(n, s, mamba_num=m))
-            out_c = _outcome(lambda: self.c.evict(n, s, mamba_num=m))
+            out_r = outcome(lambda: self.ref.evict(n, s, mamba_num=m))
+            out_c = outcome(lambda: self.c.evict(n, s, mamba_num=m))
             assert out_r == out_c == ("raised", TypeError), (out_r, out_c)
 
     def _insert_bad_state(self, data: st.DataObject) -> None:
@@ -330,15 +307,15 @@ class MambaCacheComparison(RuleBasedStateMachine):
         if len(tokens) < self.ref.page_size:  # a good slot, but no whole page to hold it
             choices.append((state, InvalidValueError))
         bad, exc = data.draw(st.sampled_from(choices), label="bad state")
-        make = self._key_maker(data, ns, tokens)
-        out_r = _outcome(lambda: self.ref.insert(make(), slots.copy(), mamba_value=bad))
-        out_c = _outcome(lambda: self.c.insert(make(), slots.copy(), mamba_value=bad))
+        make = draw_key_maker(data, ns, tokens)
+        out_r = outcome(lambda: self.ref.insert(make(), slots.copy(), mamba_value=bad))
+        out_c = outcome(lambda: self.c.insert(make(), slots.copy(), mamba_value=bad))
         assert out_r == ("raised", exc), out_r
         assert out_c == out_r, f"compiled: {out_c}"
 
     def _insert_bad_value(self, data: st.DataObject) -> None:
         ns, tokens = self._draw_key(data)
-        make = self._key_maker(data, ns, tokens)
+        make = draw_key_maker(data, ns, tokens)
         kinds = ["too long"]
         if tokens:
             kinds += ["too short", "negative"]
@@ -354,8 +331,8 @@ class MambaCacheComparison(RuleBasedStateMachine):
             value = value[:-1]
         else:
             value[data.draw(st.integers(0, len(tokens) - 1))] = -1
-        out_r = _outcome(lambda: self.ref.insert(make(), value.copy(), mamba_value=state))
-        out_c = _outcome(lambda: self.c.insert(make(), value.copy(), mamba_value=state))
+        out_r = outcome(lambda: self.ref.insert(make(), value.copy(), mamba_value=state))
+        out_c = outcome(lambda: self.c.insert(make(), value.copy(), mamba_value=state))
         assert out_r == ("raised", InvalidValueError), out_r
         assert out_c == out_r, f"compiled: {out_c}"
 
@@ -380,8 +357,8 @@ class MambaCacheComparison(RuleBasedStateMachine):
                     return cache.match_prefix(key)
                 return cache.insert(key, np.arange(1, n + 1, dtype=np.int32), mamba_value=1)
 
-            out_r = _outcome(lambda: run(self.ref))
-            out_c = _outcome(lambda: run(self.c))
+            out_r = outcome(lambda: run(self.ref))
+            out_c = outcome(lambda: run(self.c))
             assert out_r == ("raised", InvalidKeyError), out_r
             assert out_c == out_r, f"{call}: compiled {out_c}"
 
@@ -389,8 +366,8 @@ class MambaCacheComparison(RuleBasedStateMachine):
         # Stale handles, unlocked nodes and the root: never an unlock that the test owes.
         pool = [i for i, (r, _) in self.handles.items() if r.evicted or r.lock_ref == 0]
         h_r, h_c = self._pick_handle(data, pool)
-        out_r = _outcome(lambda: self.ref.dec_lock_ref(h_r))
-        out_c = _outcome(lambda: self.c.dec_lock_ref(h_c))
+        out_r = outcome(lambda: self.ref.dec_lock_ref(h_r))
+        out_c = outcome(lambda: self.c.dec_lock_ref(h_c))
         assert out_r == out_c, f"dec_lock_ref({h_r.id}): ref {out_r} != compiled {out_c}"
 
     # ------------------------------------------------------------------ locks / evict
@@ -402,8 +379,8 @@ class MambaCacheComparison(RuleBasedStateMachine):
         h_r, h_c = self._pick_handle(data, list(self.handles) if stale_too else live)
         if h_r.id and not h_r.evicted and h_r.mamba_value is not None:
             event("lock: a node holding a state")
-        out_r = _outcome(lambda: self.ref.inc_lock_ref(h_r))
-        out_c = _outcome(lambda: self.c.inc_lock_ref(h_c))
+        out_r = outcome(lambda: self.ref.inc_lock_ref(h_r))
+        out_c = outcome(lambda: self.c.inc_lock_ref(h_c))
         assert out_r == out_c, f"inc_lock_ref({h_r.id}): ref {out_r} != compiled {out_c}"
         if out_r[0] == "ok" and h_r.id != 0:
             self.locks.append(h_r.id)

@@ -24,6 +24,7 @@ import numpy as np
 from conftest import (  # tests/ is on sys.path (rootdir conftest)
     RecordingAllocator,
     assert_same_trees,
+    outcome,
 )
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -35,7 +36,7 @@ from hypothesis.stateful import (
 )
 
 from pymllm.mem_cache.base_prefix_cache import RadixKey
-from pymllm.mem_cache.errors import CacheError, InvalidKeyError, InvalidValueError
+from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError
 from pymllm.mem_cache.radix_cache import RadixCache
 from pymllm.mem_cache.reference import RefRadixCache
 
@@ -57,13 +58,6 @@ BAD_CALL = st.sampled_from(["value", "key", "unlock", "hash"])
 BAD_PLAIN = st.sampled_from([-1, 2**32, 2**40])
 BAD_PAIR = st.sampled_from([(0,), (0, 1, 1), (0, -1), (0, 2**32)])
 MAX_KEY_LEN = 24
-
-
-def _outcome(fn: Any) -> tuple[str, Any]:
-    try:
-        return ("ok", fn())
-    except (CacheError, TypeError, ValueError) as exc:
-        return ("raised", type(exc))
 
 
 class RadixCacheComparison(RuleBasedStateMachine):
@@ -242,8 +236,8 @@ class RadixCacheComparison(RuleBasedStateMachine):
             value = value[:-1]
         else:
             value[data.draw(st.integers(0, len(tokens) - 1))] = -1
-        out_r = _outcome(lambda: self.ref.insert(make(), value.copy()))
-        out_c = _outcome(lambda: self.c.insert(make(), value.copy()))
+        out_r = outcome(lambda: self.ref.insert(make(), value.copy()))
+        out_c = outcome(lambda: self.c.insert(make(), value.copy()))
         assert out_r == ("raised", InvalidValueError), out_r
         assert out_c == out_r, f"compiled: {out_c}"
 
@@ -269,16 +263,16 @@ class RadixCacheComparison(RuleBasedStateMachine):
                     return cache.match_prefix(key)
                 return cache.insert(key, np.arange(1, n + 1, dtype=np.int32))
 
-            out_r = _outcome(lambda: run(self.ref))
-            out_c = _outcome(lambda: run(self.c))
+            out_r = outcome(lambda: run(self.ref))
+            out_c = outcome(lambda: run(self.c))
             assert out_r == ("raised", InvalidKeyError), out_r
             assert out_c == out_r, f"{call}: compiled {out_c}"
 
     @rule(data=st.data())
     def lock(self, data: st.DataObject) -> None:
         h_r, h_c = self._pick_handle(data, list(self.handles))
-        out_r = _outcome(lambda: self.ref.inc_lock_ref(h_r))
-        out_c = _outcome(lambda: self.c.inc_lock_ref(h_c))
+        out_r = outcome(lambda: self.ref.inc_lock_ref(h_r))
+        out_c = outcome(lambda: self.c.inc_lock_ref(h_c))
         assert out_r == out_c, f"inc_lock_ref({h_r.id}): ref {out_r} != compiled {out_c}"
         if out_r[0] == "ok" and h_r.id != 0:
             self.locks.append(h_r.id)
@@ -295,8 +289,8 @@ class RadixCacheComparison(RuleBasedStateMachine):
         # Stale handles, unlocked nodes and the root: never an unlock that the test owes.
         pool = [i for i, (r, _) in self.handles.items() if r.evicted or r.lock_ref == 0]
         h_r, h_c = self._pick_handle(data, pool)
-        out_r = _outcome(lambda: self.ref.dec_lock_ref(h_r))
-        out_c = _outcome(lambda: self.c.dec_lock_ref(h_c))
+        out_r = outcome(lambda: self.ref.dec_lock_ref(h_r))
+        out_c = outcome(lambda: self.c.dec_lock_ref(h_c))
         assert out_r == out_c, f"dec_lock_ref({h_r.id}): ref {out_r} != compiled {out_c}"
 
     @rule(num_tokens=st.integers(-2, 30))
@@ -331,8 +325,8 @@ class RadixCacheComparison(RuleBasedStateMachine):
 
     def _node_hash(self, data: st.DataObject) -> None:
         h_r, h_c = self._pick_handle(data, list(self.handles))
-        out_r = _outcome(lambda: self.ref.compute_node_hash(h_r))
-        out_c = _outcome(lambda: self.c.compute_node_hash(h_c))
+        out_r = outcome(lambda: self.ref.compute_node_hash(h_r))
+        out_c = outcome(lambda: self.c.compute_node_hash(h_c))
         assert out_r == out_c, f"compute_node_hash({h_r.id}): ref {out_r} != compiled {out_c}"
 
     # ------------------------------------------------------------------ invariants

@@ -35,32 +35,27 @@ from typing import Any
 
 import numpy as np
 from conftest import (  # tests/ is on sys.path (rootdir conftest)
+    BIG_TOKEN,
     RecordingSWAAllocator,
     assert_same_trees,
+    draw_key_maker,
+    outcome,
 )
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pymllm.mem_cache.base_prefix_cache import RadixKey
-from pymllm.mem_cache.errors import CacheError, InvalidValueError, LockStateError
+from pymllm.mem_cache.errors import InvalidValueError, LockStateError
 from pymllm.mem_cache.radix_cache import RadixCache
 from pymllm.mem_cache.reference_swa import RefSWARadixCache
 
 # (extra_key, tuple width); width 0 is plain int tokens.
 NAMESPACES = [(None, 0), ("a", 0), (None, 2)]
-BIG = 2**32 - 1  # the largest valid token
-PLAIN_TOKEN = st.sampled_from([0, 1, 2, 0, 1, 2, BIG])
+PLAIN_TOKEN = st.sampled_from([0, 1, 2, 0, 1, 2, BIG_TOKEN])
 PAIR_TOKEN = st.tuples(st.integers(0, 1), st.integers(0, 1))
 MAX_KEY_LEN = 24
 MAX_REQUESTS = 4
-
-
-def _outcome(fn: Any) -> tuple[str, Any]:
-    try:
-        return ("ok", fn())
-    except (CacheError, TypeError, ValueError) as exc:
-        return ("raised", type(exc))
 
 
 class SWACacheComparison(RuleBasedStateMachine):
@@ -135,22 +130,6 @@ class SWACacheComparison(RuleBasedStateMachine):
     def _token(ns: tuple[Any, int]) -> Any:
         return PAIR_TOKEN if ns[1] else PLAIN_TOKEN
 
-    def _make_key(self, data: st.DataObject, ns: tuple[Any, int], tokens: list[Any]) -> Any:
-        """A fresh RadixKey per call (list, int32 or int64 array), so an aliasing bug shows."""
-        forms = ["list"]
-        if ns[1] == 0:
-            forms.append("int64")
-            if BIG not in tokens:
-                forms.append("int32")
-        form = data.draw(st.sampled_from(forms), label="key form")
-
-        def make() -> RadixKey:
-            if form == "list":
-                return RadixKey(list(tokens), ns[0])
-            return RadixKey(np.array(tokens, dtype=form), ns[0])
-
-        return make
-
     def _values(self, data: st.DataObject, slots: np.ndarray) -> tuple[Any, Any]:
         vform = data.draw(st.sampled_from(["list", "int32", "int64"]), label="value form")
         if vform == "list":
@@ -188,7 +167,7 @@ class SWACacheComparison(RuleBasedStateMachine):
 
     def _match_both(self, data: st.DataObject, extend: bool) -> tuple[Any, list[Any], Any]:
         ns, tokens = self._draw_key(data, extend)
-        make = self._make_key(data, ns, tokens)
+        make = draw_key_maker(data, ns, tokens)
         key_r, key_c = make(), make()
         mr = self.ref.match_prefix(key_r)
         mc = self.c.match_prefix(key_c)
@@ -214,7 +193,7 @@ class SWACacheComparison(RuleBasedStateMachine):
         ppl: int,
         evicted_seqlen: int,
     ) -> None:
-        make = self._make_key(data, ns, tokens)
+        make = draw_key_maker(data, ns, tokens)
         key_r, key_c = make(), make()
         val_r, val_c = self._values(data, value)
         tombs = {n.id for n in self.ref._iter_nodes() if n.swa_tombstone}
@@ -312,8 +291,8 @@ class SWACacheComparison(RuleBasedStateMachine):
     @rule(data=st.data())
     def lock(self, data: st.DataObject) -> None:
         h_r, h_c = self._pick_handle(data, list(self.handles))
-        out_r = _outcome(lambda: self.ref.inc_lock_ref(h_r))
-        out_c = _outcome(lambda: self.c.inc_lock_ref(h_c))
+        out_r = outcome(lambda: self.ref.inc_lock_ref(h_r))
+        out_c = outcome(lambda: self.c.inc_lock_ref(h_c))
         assert out_r == out_c, f"inc_lock_ref({h_r.id}): ref {out_r} != compiled {out_c}"
         if out_r[0] == "ok" and h_r.id != 0:
             self.locks.append((h_r.id, out_r[1]))
@@ -358,8 +337,8 @@ class SWACacheComparison(RuleBasedStateMachine):
         else:
             bad = data.draw(st.sampled_from(["3", 3.0, True, None]), label="bad count")
             args = data.draw(st.sampled_from([(bad, 1), (1, bad), (0, bad)]), label="args")
-            out_r = _outcome(lambda: self.ref.evict(*args))
-            out_c = _outcome(lambda: self.c.evict(*args))
+            out_r = outcome(lambda: self.ref.evict(*args))
+            out_c = outcome(lambda: self.c.evict(*args))
             assert out_r == ("raised", TypeError), out_r
             assert out_c == out_r, f"compiled: {out_c}"
 
@@ -379,9 +358,9 @@ class SWACacheComparison(RuleBasedStateMachine):
         slots = self._alloc(n)
         self.caller_owned.update(slots.tolist())
         kwargs = {bad[0]: bad[1]}
-        make = self._make_key(data, ns, tokens)
-        out_r = _outcome(lambda: self.ref.insert(make(), slots.copy(), **kwargs))
-        out_c = _outcome(lambda: self.c.insert(make(), slots.copy(), **kwargs))
+        make = draw_key_maker(data, ns, tokens)
+        out_r = outcome(lambda: self.ref.insert(make(), slots.copy(), **kwargs))
+        out_c = outcome(lambda: self.c.insert(make(), slots.copy(), **kwargs))
         assert out_r[0] == "raised" and out_r[1] in (TypeError, InvalidValueError), out_r
         assert out_c == out_r, f"insert(**{kwargs}): compiled {out_c}"
 
@@ -391,8 +370,8 @@ class SWACacheComparison(RuleBasedStateMachine):
         pool = [i for i, (r, _) in self.handles.items() if r.evicted or r.lock_ref == 0]
         h_r, h_c = self._pick_handle(data, pool)
         boundary = data.draw(st.sampled_from([None, 0, 1, 2, 5, -1, True, "0"]), label="b")
-        out_r = _outcome(lambda: self.ref.dec_lock_ref(h_r, boundary))
-        out_c = _outcome(lambda: self.c.dec_lock_ref(h_c, boundary))
+        out_r = outcome(lambda: self.ref.dec_lock_ref(h_r, boundary))
+        out_c = outcome(lambda: self.c.dec_lock_ref(h_c, boundary))
         assert out_r == out_c, f"dec_lock_ref({h_r.id}, {boundary!r}): {out_r} != {out_c}"
         assert (out_r[0] == "ok") == (h_r.id == 0)
 
@@ -411,8 +390,8 @@ class SWACacheComparison(RuleBasedStateMachine):
             boundary = data.draw(st.integers(0, ends[-1]), label="boundary")
             if all(n.swa_lock_ref > 0 for n, e in zip(path, ends, strict=True) if e > boundary):
                 return  # this unlock would succeed: it is not a bad call
-        out_r = _outcome(lambda: self.ref.dec_lock_ref(h_r, boundary))
-        out_c = _outcome(lambda: self.c.dec_lock_ref(h_c, boundary))
+        out_r = outcome(lambda: self.ref.dec_lock_ref(h_r, boundary))
+        out_c = outcome(lambda: self.c.dec_lock_ref(h_c, boundary))
         assert out_r[0] == "raised", f"dec_lock_ref({h_r.id}, {boundary!r}) did not raise"
         assert out_c == out_r, f"dec_lock_ref({h_r.id}, {boundary!r}): compiled {out_c}"
         if isinstance(boundary, int) and not isinstance(boundary, bool) and boundary >= 0:
