@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import note, record, serve
+from conftest import admit, note, record, serve
 
 from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
@@ -63,16 +63,7 @@ def serve_mamba(cache: Any, kv: TokenToKVPoolAllocator, states: TokenToKVPoolAll
     """
     hits = saved = 0
     for tokens in keys:
-        key = RadixKey(tokens)
-        m = cache.match_prefix(key)
-        cache.inc_lock_ref(m.last_node)
-        need = len(tokens) - m.prefix_len
-        short = need - kv.available_size()
-        if short > 0:
-            cache.evict(short)
-        new = kv.alloc(need)
-        assert new is not None, "KV pool too small for one request"
-        value = np.concatenate([m.indices, new])
+        key, m, lock, value = admit(cache, kv, tokens)
         done = m.prefix_len  # value[:done] is the tree's or already given back
         branch = m.mamba_branching_seqlen
         if branch is not None:
@@ -93,7 +84,7 @@ def serve_mamba(cache: Any, kv: TokenToKVPoolAllocator, states: TokenToKVPoolAll
             states.free(np.array([slot], dtype=np.int32))
         else:
             saved += 1
-        cache.dec_lock_ref(m.last_node)
+        cache.dec_lock_ref(m.last_node, swa_boundary_id=lock)  # was the state lock taken
         hits += m.prefix_len
     return hits, saved
 

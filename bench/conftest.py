@@ -97,26 +97,32 @@ class SystemPromptWorkload:
 def serve(cache, allocator, keys, extra_key=None) -> int:
     """Run every key as one request: match -> lock -> allocate (evicting when short) ->
     insert -> free duplicates -> unlock. Returns the number of cached (hit) tokens."""
-    from pymllm.mem_cache import RadixKey
-
     hits = 0
     for tokens in keys:
-        key = RadixKey(tokens, extra_key)
-        m = cache.match_prefix(key)
-        cache.inc_lock_ref(m.last_node)
-        need = len(tokens) - m.prefix_len
-        short = need - allocator.available_size()
-        if short > 0:
-            cache.evict(short)
-        new = allocator.alloc(need)
-        assert new is not None, "pool too small for one request"
-        value = np.concatenate([m.indices, new])
+        key, m, lock, value = admit(cache, allocator, tokens, extra_key)
         r = cache.insert(key, value)
         if r.prefix_len > m.prefix_len:
             allocator.free(value[m.prefix_len : r.prefix_len])
-        cache.dec_lock_ref(m.last_node)
+        cache.dec_lock_ref(m.last_node, swa_boundary_id=lock)
         hits += m.prefix_len
     return hits
+
+
+def admit(cache, allocator, tokens, extra_key=None):
+    """The start of every request: match -> lock -> allocate the uncached part (evicting
+    when the pool is short). Returns (key, match, lock token, prefix slots + new slots)."""
+    from pymllm.mem_cache import RadixKey
+
+    key = RadixKey(tokens, extra_key)
+    m = cache.match_prefix(key)
+    lock = cache.inc_lock_ref(m.last_node)
+    need = len(tokens) - m.prefix_len
+    short = need - allocator.available_size()
+    if short > 0:
+        cache.evict(short)
+    new = allocator.alloc(need)
+    assert new is not None, "pool too small for one request"
+    return key, m, lock, np.concatenate([m.indices, new])
 
 
 @pytest.fixture(scope="session")
