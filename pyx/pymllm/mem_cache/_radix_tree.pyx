@@ -519,14 +519,12 @@ cdef class RadixTreeCore:
     cdef int _reserve_nodes(self, int64_t extra) except -1:
         """Make sure `extra` new nodes (and their heap and map entries) can be created."""
         cdef int64_t old_cap = self.cap
-        cdef int64_t heap_cap
         _map_reserve(&self.cmap, extra)
         if self.live + extra <= self.cap:
             return 0
         if self.cap + extra > INT32_MAX:
             raise MemoryError("the tree cannot hold more than 2**31 nodes")
         _grow(<void**>&self.nodes, &self.cap, self.live + extra, sizeof(Node))
-        heap_cap = self.heap.cap
         try:
             _grow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
             _grow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
@@ -807,7 +805,7 @@ cdef class RadixTreeCore:
         out[0] = buf
         return None
 
-    cdef nid_t _slot_of(self, object node, bint allow_root) except -2:
+    cdef nid_t _slot_of(self, object node) except -2:
         """Validate a TreeNode handle and return its slot."""
         cdef TreeNode h
         if not isinstance(node, TreeNode):
@@ -1346,7 +1344,7 @@ cdef class RadixTreeCore:
         the SWA lock stopped, or None when it reached the root. Positions, unlike node ids,
         survive the splits that other requests cause while the lock is held.
         """
-        cdef nid_t n = self._slot_of(node, True)
+        cdef nid_t n = self._slot_of(node)
         cdef Node* x
         cdef int64_t acc = 0
         self._lock(n)
@@ -1387,7 +1385,7 @@ cdef class RadixTreeCore:
         (with a sliding window) when ``swa_boundary_id`` does not match a held SWA lock.
         Unlocking the root is a no-op.
         """
-        cdef nid_t n = self._slot_of(node, True)
+        cdef nid_t n = self._slot_of(node)
         cdef nid_t m
         cdef int64_t boundary
         cdef Node* x
@@ -1498,7 +1496,7 @@ cdef class RadixTreeCore:
         unseeded), so equal pages at different positions hash differently. Cached on the
         node and kept valid across splits.
         """
-        cdef nid_t n = self._slot_of(node, True)
+        cdef nid_t n = self._slot_of(node)
         return list(self._node_hashes(n))
 
     cdef list _node_hashes(self, nid_t n):
@@ -1552,7 +1550,7 @@ cdef class RadixTreeCore:
 
     def children(self, node):
         """Handles of *node*'s children (O(tree): a debugging aid, not for hot paths)."""
-        cdef nid_t n = self._slot_of(node, True)
+        cdef nid_t n = self._slot_of(node)
         return [self._handle(c) for c in self._children_slots().get(n, [])]
 
     def pretty_print(self):
@@ -1912,7 +1910,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         """Lock the KV of *node* and its ancestors, and *node*'s own Mamba state if it has
         one. Returns the token to pass back to :meth:`dec_lock_ref`: True when the state was
         locked, False when the node had none. A stale handle raises ``StaleNodeError``."""
-        cdef nid_t n = self._slot_of(node, True)
+        cdef nid_t n = self._slot_of(node)
         cdef Node* x = &self.nodes[n]
         self._lock(n)
         if n == ROOT or x.aux_value < 0:
@@ -1931,7 +1929,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         without the token (None) a state lock is released only if the node holds one, which
         can release another request's: keep the token. ``LockStateError`` (nothing changed)
         when the node, or (token True) its state, holds no lock."""
-        cdef nid_t n = self._slot_of(node, True)
+        cdef nid_t n = self._slot_of(node)
         cdef Node* x = &self.nodes[n]
         cdef bint release_state
         if n != ROOT and x.lock_ref <= 0:
