@@ -320,6 +320,238 @@ def _render(report: dict[str, Any], runs: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- replay -------------------------------------------------------------------------------
+
+
+def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
+    from pymllm.replay.generate import TraceSpec
+    from pymllm.replay.simulator import eviction_policies
+    from pymllm.replay.traces import FORMATS, MOONCAKE_BLOCK_TOKENS
+
+    policies = eviction_policies()
+    p.add_argument(
+        "trace",
+        nargs="?",
+        metavar="TRACE",
+        help="trace file: Mooncake JSONL (hash_ids) or one JSON list of token ids per line "
+        "(default: the built-in synthetic trace that gen-trace writes with the same "
+        "--requests and --seed)",
+    )
+    p.add_argument(
+        "--capacity",
+        nargs="+",
+        action="extend",
+        metavar="N",
+        help="cache capacities in trace units (Mooncake: blocks; plain: tokens), e.g. "
+        "1000 64k 1e6 inf ('inf': unbounded, the ideal hit rate); default: 8 log-spaced "
+        "steps up to the trace's distinct units, then inf",
+    )
+    p.add_argument(
+        "--policy",
+        nargs="+",
+        action="extend",
+        choices=policies,
+        metavar="NAME",
+        help=f"eviction policies to compare, of {', '.join(policies)} (default: all)",
+    )
+    p.add_argument(
+        "--page-size",
+        type=int,
+        default=1,
+        metavar="P",
+        help="the tree's page size in trace units: keys are matched and cached in whole "
+        "pages of P blocks (Mooncake) or P tokens (plain); a block in the hit rates is one "
+        "page (default: 1)",
+    )
+    p.add_argument("--format", choices=FORMATS, default="auto", help="trace format")
+    p.add_argument(
+        "--block-tokens",
+        type=int,
+        default=MOONCAKE_BLOCK_TOKENS,
+        metavar="N",
+        help="tokens per Mooncake hash id, for the token hit rate (default: %(default)s)",
+    )
+    p.add_argument("--max-requests", type=int, metavar="N", help="replay only the first N")
+    builtin = TraceSpec()
+    for flag, val in (("--requests", builtin.requests), ("--seed", builtin.seed)):
+        p.add_argument(
+            flag, type=int, default=val, metavar="N", help=f"of the built-in trace (default {val})"
+        )
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="save hit rate vs capacity (needs matplotlib)"
+    )
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from pymllm.replay import generate, plot, simulator
+    from pymllm.replay.traces import TraceError, read_trace, trace_from_records
+
+    err = sys.stderr
+    try:
+        if args.plot:
+            plot.require_matplotlib()
+        if args.trace:
+            trace = read_trace(
+                args.trace,
+                format=args.format,
+                block_tokens=args.block_tokens,
+                max_requests=args.max_requests,
+            )
+        else:
+            spec = generate.TraceSpec(requests=args.requests, seed=args.seed)
+            records = generate.generate_trace(spec)[: args.max_requests]
+            name = f"synthetic(requests={spec.requests}, seed={spec.seed})"
+            trace = trace_from_records(records, name, format="mooncake")
+        caps = (
+            [simulator.parse_capacity(c) for c in args.capacity]
+            if args.capacity
+            else simulator.default_capacities(trace)
+        )
+        policies = list(dict.fromkeys(args.policy or simulator.eviction_policies()))
+        ideal = simulator.ideal(trace, args.page_size)
+        progress = _Progress("replay", err, enabled=not args.quiet)
+        results = simulator.sweep(
+            trace, caps, policies, page_size=args.page_size, progress=progress
+        )
+    except (TraceError, ValueError, ImportError) as exc:
+        err.write(f"pymllm-cache: error: {exc}\n")
+        return 2
+    report: dict[str, Any] = {
+        "trace": {
+            "name": trace.name,
+            "format": trace.format,
+            "requests": len(trace),
+            "unit": trace.unit,
+            "unit_tokens": trace.unit_tokens,
+            "units": trace.total_units,
+            "distinct_units": ideal.distinct_units,
+            "tokens": trace.total_tokens,
+        },
+        "page_size": args.page_size,
+        "ideal": {
+            "block_hit_rate": round(ideal.block_hit_rate, 6),
+            "token_hit_rate": round(ideal.token_hit_rate, 6),
+            "request_hit_fraction": round(ideal.request_hit_fraction, 6),
+        },
+        "runs": [r.summary() for r in results],
+        "plot": args.plot,
+    }
+    if args.plot:
+        plot.plot_hit_rates(
+            results,
+            args.plot,
+            title=f"{trace.name}: {len(trace):,} requests, {trace.total_units:,} {trace.unit}s",
+            ideal=ideal,
+        )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_render_replay(report))
+    return 0 if all(r.leak_free for r in results) else 1
+
+
+def _render_replay(report: dict[str, Any]) -> str:
+    t, ideal, unit = report["trace"], report["ideal"], report["trace"]["unit"]
+    rows = [
+        (
+            f"{r['capacity']:,}" if isinstance(r["capacity"], int) else str(r["capacity"]),
+            r["policy"],
+            f"{r['block_hit_rate']:.2%}",
+            f"{r['token_hit_rate']:.2%}",
+            f"{r['request_hit_fraction']:.2%}",
+            f"{r['evicted_tokens']:,}",
+            f"{r['requests_per_s']:,.0f}",
+            "" if r["leak_free"] else "SLOT LEAK",
+        )
+        for r in report["runs"]
+    ]
+    header = (
+        f"capacity ({unit}s)",
+        "policy",
+        "block hit",
+        "token hit",
+        "reqs with hit",
+        "evicted tokens",
+        "requests/s",
+        "",
+    )
+    lines = [
+        f"trace {t['name']} ({t['format']}): {t['requests']:,} requests, {t['units']:,} "
+        f"{unit}s ({t['distinct_units']:,} distinct), {t['tokens']:,} tokens; "
+        f"page size {report['page_size']} {unit}(s)",
+        f"ideal (unbounded cache): block hit {ideal['block_hit_rate']:.2%}, token hit "
+        f"{ideal['token_hit_rate']:.2%}, requests with a hit {ideal['request_hit_fraction']:.2%}",
+        "",
+        _table(rows, header),
+        "",
+        "requests/s: the replay loop alone (match, lock, evict, alloc, insert, free, unlock);"
+        " trace parsing excluded",
+    ]
+    if report["plot"]:
+        lines.append(f"plot saved to {report['plot']}")
+    return "\n".join(lines)
+
+
+# -- gen-trace ----------------------------------------------------------------------------
+
+
+def _add_gen_trace_arguments(p: argparse.ArgumentParser) -> None:
+    from pymllm.replay.generate import TraceSpec
+
+    d = TraceSpec()
+    p.add_argument("out", metavar="OUT.jsonl", help="where to write the Mooncake-format trace")
+    p.add_argument("--requests", type=int, default=d.requests, metavar="N", help="lines to write")
+    p.add_argument("--seed", type=int, default=d.seed, help="the same seed, the same file")
+    p.add_argument(
+        "--groups", type=int, default=d.groups, metavar="G", help="shared system prompts"
+    )
+    p.add_argument(
+        "--mean-turns",
+        type=float,
+        default=d.mean_turns,
+        metavar="T",
+        help="mean turns per conversation; each turn extends the previous one's hash_ids",
+    )
+    p.add_argument(
+        "--no-prefix",
+        type=float,
+        default=d.no_prefix,
+        metavar="F",
+        help="fraction of conversations without a shared system prompt",
+    )
+    p.add_argument(
+        "--block-tokens", type=int, default=d.block_tokens, metavar="N", help="tokens per block"
+    )
+
+
+def _run_gen_trace(args: argparse.Namespace) -> int:
+    from pymllm.replay.generate import TraceSpec, generate_trace, write_trace
+
+    try:
+        spec = TraceSpec(
+            requests=args.requests,
+            seed=args.seed,
+            groups=args.groups,
+            mean_turns=args.mean_turns,
+            no_prefix=args.no_prefix,
+            block_tokens=args.block_tokens,
+        )
+        records = generate_trace(spec)
+        write_trace(args.out, records)
+    except (ValueError, OSError) as exc:
+        sys.stderr.write(f"pymllm-cache: error: {exc}\n")
+        return 2
+    refs = sum(len(r["hash_ids"]) for r in records)
+    distinct = len({h for r in records for h in r["hash_ids"]})
+    print(
+        f"wrote {len(records):,} requests ({refs:,} block references, {distinct:,} distinct "
+        f"blocks of {spec.block_tokens} tokens) to {args.out}"
+    )
+    return 0
+
+
 # -- entry point --------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
@@ -327,6 +559,16 @@ COMMANDS: dict[str, Command] = {
         "serve a workload with and without the prefix cache and print what it saved",
         _add_demo_arguments,
         _run_demo,
+    ),
+    "replay": (
+        "replay a trace through the real prefix cache: hit rate per capacity and policy",
+        _add_replay_arguments,
+        _run_replay,
+    ),
+    "gen-trace": (
+        "write a synthetic Mooncake-format trace (shared prefixes, multi-turn chats)",
+        _add_gen_trace_arguments,
+        _run_gen_trace,
     ),
 }
 

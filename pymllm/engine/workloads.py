@@ -8,14 +8,14 @@ seeded generators, so a workload is the same on every run and machine.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pymllm.replay.traces import TraceError, mooncake_record, trace_records
 
 
 @dataclass
@@ -166,30 +166,6 @@ def multi_turn(
     )
 
 
-class TraceError(ValueError):
-    """A trace file that cannot be replayed; the message names the line and the field."""
-
-
-def _trace_field(rec: dict[str, Any], name: str, where: str, *, kind: str) -> Any:
-    if name not in rec:
-        raise TraceError(f"{where}: missing field {name!r}")
-    val = rec[name]
-    if kind == "number":
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
-            raise TraceError(f"{where}: field {name!r} must be a number, got {val!r}")
-        if val < 0:
-            raise TraceError(f"{where}: field {name!r} must be >= 0, got {val!r}")
-    elif kind == "posint":
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise TraceError(f"{where}: field {name!r} must be a positive integer, got {val!r}")
-    elif kind == "ids":
-        if not isinstance(val, list) or not all(
-            isinstance(h, int) and not isinstance(h, bool) for h in val
-        ):
-            raise TraceError(f"{where}: field {name!r} must be a list of integers, got {val!r:.80}")
-    return val
-
-
 def load_mooncake_trace(
     path: str | Path,
     *,
@@ -211,10 +187,6 @@ def load_mooncake_trace(
     and the field for anything else that is malformed.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot read trace file: {exc.strerror or exc}") from exc
     blocks: dict[int, np.ndarray] = {}
 
     def block(h: int) -> np.ndarray:
@@ -225,26 +197,9 @@ def load_mooncake_trace(
 
     reqs: list[RequestSpec] = []
     t0: float | None = None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(rec, dict):
-            raise TraceError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        ts = _trace_field(rec, "timestamp", where, kind="number")
-        n_in = _trace_field(rec, "input_length", where, kind="posint")
-        n_out = _trace_field(rec, "output_length", where, kind="posint")
-        ids = _trace_field(rec, "hash_ids", where, kind="ids")
-        want = -(-n_in // block_size)
-        if len(ids) != want:
-            raise TraceError(
-                f"{where}: field 'hash_ids' has {len(ids)} ids but input_length {n_in} needs "
-                f"ceil({n_in}/{block_size}) = {want} (is the block size {block_size}?)"
-            )
+    for lineno, where, rec in trace_records(path):
+        r = mooncake_record(rec, where, block_size=block_size)
+        ts, n_in, n_out, ids = r["timestamp"], r["input_length"], r["output_length"], r["hash_ids"]
         t0 = ts if t0 is None else t0
         prompt = np.concatenate([block(h) for h in ids])[:n_in]
         reqs.append(

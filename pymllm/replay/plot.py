@@ -1,0 +1,63 @@
+"""Hit rate against capacity, one line per eviction policy (matplotlib, an optional extra)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+from pymllm.replay.simulator import Ideal, ReplayResult
+
+INSTALL_HINT = 'pip install "pymllm[plot]" (from a checkout: pip install ".[plot]")'
+
+
+def require_matplotlib() -> None:
+    """Raise ``ImportError`` naming the ``plot`` extra unless matplotlib is installed
+    (checked before a long replay, so a missing extra fails at once, not at the end)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError(f"plotting needs matplotlib: {INSTALL_HINT}")
+
+
+def plot_hit_rates(
+    results: Sequence[ReplayResult],
+    path: str | Path,
+    *,
+    title: str,
+    ideal: Ideal | None = None,
+) -> None:
+    """Save a PNG (or any format matplotlib infers from *path*'s suffix) of block hit rate
+    against capacity on a log axis, one line per policy. Unbounded runs are not points on
+    that axis: the ideal (unbounded) rate is drawn as a dashed horizontal line instead."""
+    require_matplotlib()
+    # The Figure API needs no pyplot state and no GUI backend: it renders with Agg.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    policies = list(dict.fromkeys(r.policy for r in results))
+    unit = results[0].unit if results else "block"
+    for pol in policies:
+        pts = sorted(
+            (r.capacity, r.block_hit_rate) for r in results if r.policy == pol and r.capacity
+        )
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=4, label=pol)
+    if ideal is not None:
+        ax.axhline(
+            ideal.block_hit_rate,
+            linestyle="--",
+            color="gray",
+            label=f"unbounded (ideal) {ideal.block_hit_rate:.1%}",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"cache capacity ({unit}s)")
+    ax.set_ylabel("block hit rate")
+    ax.set_ylim(0, 1)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.savefig(path, dpi=120)
+
+
+__all__ = ["INSTALL_HINT", "plot_hit_rates", "require_matplotlib"]
