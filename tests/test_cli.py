@@ -105,3 +105,120 @@ def test_demo_rejects_bad_settings(capsys):
     assert "--pool-size must be >= 1" in capsys.readouterr().err
     assert main(["demo", "--max-running", "0"]) == 2
     assert "max_running must be >= 1" in capsys.readouterr().err
+
+
+# -- replay and gen-trace -----------------------------------------------------------------
+
+
+@pytest.fixture
+def replay_trace(tmp_path):
+    # 3 blocks of system prompt shared by all; request i adds 2 fresh blocks.
+    lines = [rec(512 * 5, [0, 1, 2, 100 + 2 * i, 101 + 2 * i], ts=i) for i in range(8)]
+    path = tmp_path / "replay.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_replay_json_reports_each_capacity_and_policy(replay_trace, capsys):
+    rc = main(["replay", str(replay_trace), "--capacity", "5", "12", "inf", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    report = json.loads(out.out)  # stdout is only the JSON
+    assert report["trace"]["requests"] == 8 and report["trace"]["unit"] == "block"
+    assert report["trace"]["distinct_units"] == 3 + 16
+    # ideal: every request after the first reuses the 3 system blocks
+    assert report["ideal"]["block_hit_rate"] == round(7 * 3 / 40, 6)
+    runs = {(r["capacity"], r["policy"]): r for r in report["runs"]}
+    assert ("inf", "lru") in runs and (5, "lru") in runs and (12, "lru") in runs
+    assert runs["inf", "lru"]["block_hit_rate"] == report["ideal"]["block_hit_rate"]
+    assert runs["inf", "lru"]["evicted_units"] == 0
+    # 5 blocks: each request locks the shared 3 and evicts the previous request's 2 fresh
+    # ones (the only unlocked leaf), so it still hits the ideal; 12 blocks evict less
+    assert runs[5, "lru"]["block_hit_rate"] == report["ideal"]["block_hit_rate"]
+    assert runs[5, "lru"]["evicted_units"] == 7 * 2
+    assert runs[12, "lru"]["evicted_units"] == 2 * (8 - 4)
+    assert all(r["leak_free"] and r["requests_per_s"] > 0 for r in report["runs"])
+    assert "24/24 requests" in out.err  # progress over the 3 runs goes to stderr
+
+
+def test_replay_table_and_policies(replay_trace, capsys):
+    from pymllm.replay import eviction_policies
+
+    rc = main(["replay", str(replay_trace), "--capacity", "inf", "--quiet"])
+    out = capsys.readouterr()
+    assert rc == 0 and out.err == ""
+    assert "ideal (unbounded cache): block hit 52.50%" in out.out
+    for label in ("capacity (blocks)", "block hit", "token hit", "reqs with hit", "requests/s"):
+        assert label in out.out
+    rows = [line for line in out.out.splitlines() if line.startswith("inf ")]
+    assert [r.split()[1] for r in rows] == list(eviction_policies())  # default: every policy
+    assert all("52.50%" in r for r in rows)
+
+
+def test_replay_errors_name_the_line_or_argument(tmp_path, replay_trace, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rec(512, [1])) + "\n\n" + '{"hash_ids": [1, -2]}\n')
+    assert main(["replay", str(bad)]) == 2
+    assert "bad.jsonl:3: field 'hash_ids': id -2 is outside" in capsys.readouterr().err
+    assert main(["replay", str(replay_trace), "--capacity", "4"]) == 2
+    assert "capacity: 4 blocks cannot hold the trace's longest request" in capsys.readouterr().err
+    assert main(["replay", str(replay_trace), "--capacity", "lots"]) == 2
+    assert "capacity: expected a positive whole number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["replay", str(replay_trace), "--policy", "mru"])
+    assert "invalid choice: 'mru'" in capsys.readouterr().err
+
+
+def test_replay_plot(replay_trace, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "hit.png"
+    rc = main(["replay", str(replay_trace), "--capacity", "6", "12", "inf", "--plot", str(png)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot saved to {png}" in out.out
+
+
+def test_replay_plot_without_matplotlib_says_what_to_install(replay_trace, monkeypatch, capsys):
+    from pymllm.replay import plot
+
+    monkeypatch.setattr(plot.importlib.util, "find_spec", lambda name: None)
+    rc = main(["replay", str(replay_trace), "--plot", "x.png", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert 'plotting needs matplotlib: pip install "pymllm[plot]"' in err
+    assert 'pip install ".[plot]"' in err
+
+
+def test_gen_trace_then_replay(tmp_path, capsys):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert main(["gen-trace", str(a), "--requests", "300", "--seed", "4"]) == 0
+    assert "wrote 300 requests" in capsys.readouterr().out
+    assert main(["gen-trace", str(b), "--requests", "300", "--seed", "4"]) == 0
+    capsys.readouterr()
+    assert a.read_bytes() == b.read_bytes()
+    assert len(a.read_text().splitlines()) == 300
+    assert main(["replay", str(a), "--capacity", "inf", "--policy", "lru", "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    # no TRACE: the same generator, the same defaults
+    built_in_args = ["--requests", "300", "--seed", "4", "--capacity", "inf", "--policy", "lru"]
+    assert main(["replay", *built_in_args, "--json"]) == 0
+    built_in = json.loads(capsys.readouterr().out)
+    assert from_file["runs"][0]["hit_blocks"] == built_in["runs"][0]["hit_blocks"] > 0
+    assert from_file["ideal"] == built_in["ideal"]
+    assert main(["gen-trace", str(a), "--requests", "0"]) == 2
+    assert "requests: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_replay_plain_trace_with_page_size(tmp_path, capsys):
+    path = tmp_path / "plain.jsonl"
+    path.write_text(
+        "[1, 2, 3, 4, 5]\n[1, 2, 3, 4, 6]\n" + '{"tokens": [1, 2, 3], "extra_key": "x"}\n'
+    )
+    rc = main(["replay", str(path), "--page-size", "2", "--capacity", "inf", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert (report["trace"]["format"], report["trace"]["unit"]) == ("tokens", "token")
+    run = report["runs"][0]
+    # the second request reuses 2 whole pages (4 tokens); the namespace "x" shares nothing
+    assert (run["hit_blocks"], run["blocks"], run["hit_tokens"], run["tokens"]) == (2, 8, 4, 13)

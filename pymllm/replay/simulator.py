@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -111,6 +111,10 @@ class ReplayResult:
     evicted_tokens: int
     seconds: float
     leak_free: bool
+    #: Units hit by each request, in trace order (not part of :meth:`summary`).
+    prefix_units: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, np.int64), repr=False, compare=False
+    )
 
     @property
     def block_hit_rate(self) -> float:
@@ -130,7 +134,7 @@ class ReplayResult:
 
     def summary(self) -> dict[str, Any]:
         """The fields plus the derived rates, as plain JSON-ready values."""
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "prefix_units"}
         out["capacity"] = "inf" if self.capacity is None else self.capacity
         out["block_hit_rate"] = round(self.block_hit_rate, 6)
         out["token_hit_rate"] = round(self.token_hit_rate, 6)
@@ -255,6 +259,7 @@ def replay(
         evicted_tokens=evicted * trace.unit_tokens,
         seconds=seconds,
         leak_free=cache.total_size() + alloc.available_size() == pool,
+        prefix_units=prefix,
     )
 
 
