@@ -2,11 +2,14 @@
 
 Hypothesis profiles: ``ci`` (loaded by default; bounded so the whole suite runs in about two
 minutes on two cores) and ``long`` (``pytest --hypothesis-profile=long``; for soak runs).
+Every state machine counts the steps it checked with :func:`count_step`; the counts are
+printed at the end of the session ("stateful steps").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -235,3 +238,152 @@ def draw_key_maker(data: Any, ns: tuple[Any, int], tokens: list[Any]) -> Callabl
         return RadixKey(np.array(tokens, dtype=form), ns[0])
 
     return make
+
+
+# ------------------------------------------------------------------ shared by the state machines
+
+STEP_COUNTS: Counter[str] = Counter()  # machine name -> steps checked in this session
+RUN_COUNTS: Counter[str] = Counter()  # machine name -> runs (examples) started
+
+
+def count_step(machine: str) -> None:
+    """One checked step of *machine* (called from its invariant)."""
+    STEP_COUNTS[machine] += 1
+
+
+def count_run(machine: str) -> None:
+    """One run (hypothesis example) of *machine* (called from its initialize rule)."""
+    RUN_COUNTS[machine] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not STEP_COUNTS:
+        return
+    tr = terminalreporter
+    tr.section("stateful steps")
+    for name in sorted(STEP_COUNTS):
+        tr.write_line(f"{name}: {STEP_COUNTS[name]} steps in {RUN_COUNTS[name]} runs")
+    tr.write_line(f"total: {sum(STEP_COUNTS.values())} steps in {sum(RUN_COUNTS.values())} runs")
+
+
+SWA_FIELDS = ("swa_lock_ref", "swa_tombstone")
+MAMBA_FIELDS = ("mamba_value", "full_lock_ref", "mamba_lock_ref")
+SIZES = (
+    "evictable_size",
+    "protected_size",
+    "total_size",
+    "swa_evictable_size",
+    "swa_protected_size",
+)
+MAMBA_SIZES = (*SIZES, "mamba_evictable_size", "mamba_protected_size")
+
+
+def describe_node(node: Any, fields: tuple[str, ...] = ()) -> tuple[Any, ...]:
+    """What the stateful tests compare of one node: parent id, tokens, namespace (type and
+    value), KV value, lock_ref, clock stamp, hit count, then the given extra *fields*
+    (:data:`SWA_FIELDS`, :data:`MAMBA_FIELDS`)."""
+    key = node.key
+    out = [
+        node.parent.id,
+        [tuple(t) if isinstance(t, tuple) else int(t) for t in key.token_ids],
+        type(key.extra_key).__name__,
+        key.extra_key,
+        np.asarray(node.value).tolist(),
+        node.lock_ref,
+        node.last_access_time,
+        node.hit_count,
+    ]
+    for name in fields:
+        v = getattr(node, name)
+        if name == "mamba_value":
+            v = None if v is None else (str(v.dtype), v.tolist())
+        elif name == "swa_tombstone":
+            v = bool(v)
+        out.append(v)
+    return tuple(out)
+
+
+def assert_slot_ledger(what: str, universe: Iterable[int], places: dict[str, Any]) -> None:
+    """The ownership ledger: every slot of *universe* is in exactly one of *places* (name ->
+    slots: free in the allocator, in the tree, held by one caller or request), none twice
+    (not even twice in one place) and none outside the universe."""
+    seen: dict[int, list[str]] = {}
+    for place, slots in places.items():
+        for s in slots:
+            seen.setdefault(int(s), []).append(place)
+    twice = {s: p for s, p in seen.items() if len(p) > 1}
+    assert not twice, f"{what} slots in two places: {dict(sorted(twice.items())[:5])}"
+    universe = set(universe)
+    missing = universe - seen.keys()
+    assert not missing, f"{what} slots leaked (in no place): {sorted(missing)[:20]}"
+    stray = seen.keys() - universe
+    assert not stray, f"{what} slots from nowhere: {sorted(stray)[:20]}"
+
+
+class PairedCaches:
+    """Helpers of a state machine that drives a reference model (``self.ref``) and a
+    compiled cache (``self.c``) with the same calls: node handles by id, keys that share
+    prefixes, scribbling over the caller's buffers.
+
+    Subclasses set ``NAMESPACES`` ((extra_key, tuple width) pairs; width 0 is plain int
+    tokens) and ``MAX_KEY_LEN``, and keep ``self.keys`` (every key inserted so far, as
+    (namespace, tokens)) and ``self.handles`` (id -> (ref handle, compiled handle); stale
+    handles stay on purpose).
+    """
+
+    NAMESPACES: list[tuple[Any, int]] = [(None, 0)]
+    MAX_KEY_LEN = 24
+    MAX_SUFFIX = 8
+    keys: list[tuple[tuple[Any, int], list[Any]]]
+    handles: dict[int, tuple[Any, Any]]
+
+    def _token(self, ns: tuple[Any, int]) -> Any:
+        from hypothesis import strategies as st
+
+        if ns[1]:
+            return st.tuples(st.integers(0, 1), st.integers(0, 1))
+        return st.sampled_from([0, 1, 2, 0, 1, 2, BIG_TOKEN])
+
+    def _draw_key(
+        self, data: Any, extend: bool = False, min_suffix: int = 0
+    ) -> tuple[tuple[Any, int], list[Any]]:
+        """A key that, half the time (always with *extend*), starts with part of an earlier
+        key of its namespace, so that keys share prefixes, pages and eviction cascades."""
+        from hypothesis import strategies as st
+
+        if extend and self.keys:
+            spaces = sorted({n for n, _ in self.keys}, key=repr)
+            ns = spaces[data.draw(st.integers(0, len(spaces) - 1), label="namespace")]
+        else:
+            ns = self.NAMESPACES[
+                data.draw(st.integers(0, len(self.NAMESPACES) - 1), label="namespace")
+            ]
+        earlier = [toks for (n, toks) in self.keys if n == ns]
+        prefix: list[Any] = []
+        if earlier and (extend or data.draw(st.booleans(), label="extend an earlier key")):
+            base = earlier[data.draw(st.integers(0, len(earlier) - 1), label="earlier key")]
+            # drawn from the end, so that the simplest choice is the whole earlier key
+            prefix = base[: len(base) - data.draw(st.integers(0, len(base)), label="cut")]
+        suffix = data.draw(
+            st.lists(self._token(ns), min_size=min_suffix, max_size=self.MAX_SUFFIX),
+            label="suffix",
+        )
+        return ns, (prefix + suffix)[: self.MAX_KEY_LEN]
+
+    def _register(self, ref_node: Any, c_node: Any) -> None:
+        assert ref_node.id == c_node.id, f"last_node: ref {ref_node.id} != compiled {c_node.id}"
+        self.handles[ref_node.id] = (ref_node, c_node)
+
+    def _pick_handle(self, data: Any, pool: Iterable[int]) -> tuple[Any, Any]:
+        from hypothesis import strategies as st
+
+        ids = sorted(pool)
+        return self.handles[ids[data.draw(st.integers(0, len(ids) - 1), label="node id")]]
+
+    @staticmethod
+    def _scribble(key: Any, value: Any) -> None:
+        # The caches must have copied what they keep: overwrite the caller's buffers.
+        if isinstance(key.token_ids, np.ndarray):
+            key.token_ids[:] = 5
+        if isinstance(value, np.ndarray):
+            value[:] = 0
