@@ -440,3 +440,16 @@ def test_generator_knobs_change_the_sharing():
         TraceSpec(requests=0)
     with pytest.raises(ValueError, match=r"no_prefix: expected a fraction in \[0, 1\], got 2"):
         TraceSpec(no_prefix=2)
+
+
+def test_warmup_fills_the_cache_untimed_and_uncounted():
+    t = trace_from_records([[1, 2, 3], [4, 5]])
+    warm = trace_from_records([[1, 2, 9], [7, 7, 7]])
+    res = replay(t, None, warmup=warm)
+    assert res.prefix_units.tolist() == [2, 0]
+    assert (res.requests, res.warm_units, res.pool_slots) == (2, 6, 5 + 6)
+    assert res.leak_free
+    # at capacity 3 the warm [7,7,7] leaf is newest, so [1,2,9] went when it came
+    assert replay(t, 3, warmup=warm).prefix_units.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="warmup: expected a trace of tokens, got blocks"):
+        replay(t, None, warmup=trace_from_records([mc([1])]))

@@ -11,6 +11,7 @@ from pymllm.replay.generate import TraceSpec as TraceSpec
 from pymllm.replay.generate import generate_trace as generate_trace
 from pymllm.replay.generate import write_trace as write_trace
 from pymllm.replay.simulator import Ideal as Ideal
+from pymllm.replay.simulator import Replay as Replay
 from pymllm.replay.simulator import ReplayResult as ReplayResult
 from pymllm.replay.simulator import default_capacities as default_capacities
 from pymllm.replay.simulator import eviction_policies as eviction_policies
@@ -25,6 +26,7 @@ from pymllm.replay.traces import read_trace as read_trace
 
 __all__ = [
     "Ideal",
+    "Replay",
     "ReplayResult",
     "Trace",
     "TraceError",

@@ -111,6 +111,8 @@ class ReplayResult:
     evicted_tokens: int
     seconds: float
     leak_free: bool
+    #: Units the tree held when the timed replay began (after any warmup).
+    warm_units: int = 0
     #: Units hit by each request, in trace order (not part of :meth:`summary`).
     prefix_units: np.ndarray = field(
         default_factory=lambda: np.zeros(0, np.int64), repr=False, compare=False
@@ -182,85 +184,136 @@ def replay(
     policy: str = "lru",
     page_size: int = 1,
     progress: Progress | None = None,
+    warmup: Trace | None = None,
 ) -> ReplayResult:
-    """Run every request of *trace* through a fresh cache of *capacity* units.
+    """Run every request of *trace* through a fresh cache of *capacity* units: the same as
+    ``Replay(trace, capacity, ...).run(progress)``; see :class:`Replay`."""
+    return Replay(trace, capacity, policy=policy, page_size=page_size, warmup=warmup).run(progress)
+
+
+class Replay:
+    """One replay, set up: a fresh cache and allocator, the trace's keys as
+    :class:`RadixKey` objects, and any warmup already served. :meth:`run` serves the trace
+    once (a second call raises: the cache is no longer fresh).
 
     ``capacity=None`` is unbounded (a pool of the trace's total units: nothing is ever
     evicted, so the hit rates are the ideal ones, :func:`ideal_prefix_units`). A finite
     capacity must hold the longest request, since a request keeps its whole key's slots
-    while it runs. Raises ``ValueError`` naming the argument for a bad capacity, page size
-    or policy; the trace is not modified.
+    while it runs. *warmup*, a trace in the same unit, is replayed first through the same
+    cache, untimed and uncounted (the result's ``warm_units`` says what the tree then held).
+    Raises ``ValueError`` naming the argument for a bad capacity, page size, policy or
+    warmup; the traces are not modified.
     """
-    page_size = _check_page_size(page_size)
-    pool = pool_slots(trace, capacity)
-    sizes = [int(k.size) for k in trace.keys]
-    longest = max(sizes)
-    alloc = TokenToKVPoolAllocator(pool)
-    cache = make_cache(policy, page_size, alloc)
-    keys = [
-        RadixKey(k, e)
-        for k, e in zip(trace.keys, trace.extra_keys or [None] * len(trace.keys), strict=True)
-    ]
-    aligned = [n - n % page_size for n in sizes]
-    prios = trace.priorities if policy == "priority" else None
-    prefix = np.zeros(len(keys), dtype=np.int64)
-    # One scratch row for every request's value (prefix slots + new slots): the tree copies
-    # what it takes, so the row is free again once insert returns.
-    row = np.zeros(longest, dtype=np.int32)
 
-    match, insert = cache.match_prefix, cache.insert
-    lock, unlock, evict = cache.inc_lock_ref, cache.dec_lock_ref, cache.evict
-    available, take, give = alloc.available_size, alloc.alloc, alloc.free
-    evicted = 0
-    total = len(keys)
-    t0 = time.perf_counter()
-    for i, key in enumerate(keys):
-        m = match(key)
-        node = m.last_node
-        lock(node)
-        p = m.prefix_len
-        n = sizes[i]
-        need = n - p
-        short = need - available()
-        if short > 0:
-            evicted += evict(short).full_evicted
-        new = take(need)
-        if new is None:  # cannot happen while capacity >= n: all but our prefix is evictable
-            raise RuntimeError(f"request {i}: the pool could not supply {need} slots")
-        row[:p] = m.indices
-        row[p:n] = new
-        value = row[:n]
-        r = insert(key, value) if prios is None else insert(key, value, priority=prios[i])
-        if r.prefix_len > p:  # cached by someone else meanwhile: our copies are duplicates
-            give(value[p : r.prefix_len])
-        if aligned[i] < n:  # the unaligned tail is never cached
-            give(value[aligned[i] : n])
-        unlock(node)
-        prefix[i] = p
-        if progress is not None and (i + 1) % PROGRESS_EVERY == 0:
-            progress(i + 1, total, time.perf_counter() - t0)
-    seconds = time.perf_counter() - t0
-    if progress is not None:
-        progress(total, total, seconds)
-    blocks, hit_blocks, hit_tokens, with_hit = _hits(trace, prefix, page_size)
-    return ReplayResult(
-        policy=policy,
-        capacity=capacity,
-        pool_slots=pool,
-        page_size=page_size,
-        unit=trace.unit,
-        requests=total,
-        blocks=blocks,
-        hit_blocks=hit_blocks,
-        tokens=trace.total_tokens,
-        hit_tokens=hit_tokens,
-        requests_with_hit=with_hit,
-        evicted_units=evicted,
-        evicted_tokens=evicted * trace.unit_tokens,
-        seconds=seconds,
-        leak_free=cache.total_size() + alloc.available_size() == pool,
-        prefix_units=prefix,
-    )
+    def __init__(
+        self,
+        trace: Trace,
+        capacity: int | None,
+        *,
+        policy: str = "lru",
+        page_size: int = 1,
+        warmup: Trace | None = None,
+    ) -> None:
+        page_size = _check_page_size(page_size)
+        pool = pool_slots(trace, capacity)
+        if warmup is not None:
+            if warmup.unit != trace.unit:
+                raise ValueError(f"warmup: expected a trace of {trace.unit}s, got {warmup.unit}s")
+            pool = pool_slots(warmup, capacity) + pool if capacity is None else pool
+            pool_slots(warmup, pool)
+        self.trace, self.capacity, self.policy, self.page_size = trace, capacity, policy, page_size
+        self.pool = pool
+        self.allocator = TokenToKVPoolAllocator(pool)
+        self.cache = make_cache(policy, page_size, self.allocator)
+        if warmup is not None:
+            self._serve(self._requests(warmup), None)
+        self.warm_units = self.cache.total_size()
+        self._todo: tuple[Any, ...] | None = self._requests(trace)
+
+    def _requests(self, trace: Trace) -> tuple[Any, ...]:
+        """What the loop reads: keys, sizes, aligned sizes, priorities (or None)."""
+        sizes = [int(k.size) for k in trace.keys]
+        keys = [
+            RadixKey(k, e)
+            for k, e in zip(trace.keys, trace.extra_keys or [None] * len(trace.keys), strict=True)
+        ]
+        aligned = [n - n % self.page_size for n in sizes]
+        return keys, sizes, aligned, trace.priorities if self.policy == "priority" else None
+
+    def run(self, progress: Progress | None = None) -> ReplayResult:
+        """Serve the trace; ``progress(done, total, seconds)`` every few thousand requests."""
+        if self._todo is None:
+            raise RuntimeError("Replay.run: this replay has run; set up a new one")
+        todo, self._todo = self._todo, None
+        prefix, evicted, seconds = self._serve(todo, progress)
+        trace, cache, pool = self.trace, self.cache, self.pool
+        blocks, hit_blocks, hit_tokens, with_hit = _hits(trace, prefix, self.page_size)
+        return ReplayResult(
+            policy=self.policy,
+            capacity=self.capacity,
+            pool_slots=pool,
+            page_size=self.page_size,
+            unit=trace.unit,
+            requests=len(trace),
+            blocks=blocks,
+            hit_blocks=hit_blocks,
+            tokens=trace.total_tokens,
+            hit_tokens=hit_tokens,
+            requests_with_hit=with_hit,
+            evicted_units=evicted,
+            evicted_tokens=evicted * trace.unit_tokens,
+            seconds=seconds,
+            leak_free=cache.total_size() + self.allocator.available_size() == pool,
+            warm_units=self.warm_units,
+            prefix_units=prefix,
+        )
+
+    def _serve(
+        self, todo: tuple[Any, ...], progress: Progress | None
+    ) -> tuple[np.ndarray, int, float]:
+        """The request loop (see the module docstring). Returns each request's hit units,
+        the units evicted and the loop's seconds."""
+        keys, sizes, aligned, prios = todo
+        cache, alloc = self.cache, self.allocator
+        prefix = np.zeros(len(keys), dtype=np.int64)
+        # One scratch row for every request's value (prefix slots + new slots): the tree
+        # copies what it takes, so the row is free again once insert returns.
+        row = np.zeros(max(sizes), dtype=np.int32)
+        match, insert = cache.match_prefix, cache.insert
+        lock, unlock, evict = cache.inc_lock_ref, cache.dec_lock_ref, cache.evict
+        available, take, give = alloc.available_size, alloc.alloc, alloc.free
+        evicted = 0
+        total = len(keys)
+        t0 = time.perf_counter()
+        for i, key in enumerate(keys):
+            m = match(key)
+            node = m.last_node
+            lock(node)
+            p = m.prefix_len
+            n = sizes[i]
+            need = n - p
+            short = need - available()
+            if short > 0:
+                evicted += evict(short).full_evicted
+            new = take(need)
+            if new is None:  # cannot happen while capacity >= n: all but our prefix is evictable
+                raise RuntimeError(f"request {i}: the pool could not supply {need} slots")
+            row[:p] = m.indices
+            row[p:n] = new
+            value = row[:n]
+            r = insert(key, value) if prios is None else insert(key, value, priority=prios[i])
+            if r.prefix_len > p:  # cached by someone else meanwhile: our copies are duplicates
+                give(value[p : r.prefix_len])
+            if aligned[i] < n:  # the unaligned tail is never cached
+                give(value[aligned[i] : n])
+            unlock(node)
+            prefix[i] = p
+            if progress is not None and (i + 1) % PROGRESS_EVERY == 0:
+                progress(i + 1, total, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if progress is not None:
+            progress(total, total, seconds)
+        return prefix, evicted, seconds
 
 
 def ideal_prefix_units(trace: Trace, page_size: int = 1) -> np.ndarray:
@@ -357,6 +410,7 @@ def sweep(
 __all__ = [
     "Ideal",
     "Progress",
+    "Replay",
     "ReplayResult",
     "default_capacities",
     "eviction_policies",
