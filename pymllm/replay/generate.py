@@ -82,11 +82,15 @@ def generate_trace(spec: TraceSpec | None = None) -> list[dict[str, Any]]:
     p_end = 1.0 / spec.mean_turns
     events: list[tuple[int, int, list[int]]] = []  # (time ms, order, hash_ids)
     start = 0.0
-    cutoff = np.inf  # once `requests` turns exist: the latest time among the first of them
+    # Once `requests` turns exist, the latest time among the first `requests` of them bounds
+    # the trace: a chat starting after it cannot enter. New turns only lower that bound, so
+    # it is recomputed as turns accumulate, and the loop ends once chats start after it.
+    cutoff = np.inf
+    next_check = spec.requests
     while True:
         start += rng.exponential(1.0 / spec.rate)
         if start * 1000 >= cutoff:
-            break  # this chat and all later ones start after the first `requests` turns
+            break
         if rng.random() < spec.no_prefix:
             ids: list[int] = []
         else:
@@ -98,11 +102,10 @@ def generate_trace(spec: TraceSpec | None = None) -> list[dict[str, Any]]:
             if rng.random() < p_end:
                 break
             t += rng.exponential(spec.think_s)
-        if cutoff == np.inf and len(events) >= spec.requests:
-            # Later chats only add events, which can only lower this bound: fixing it now
-            # is safe, and the loop ends once chats start after it.
+        if len(events) >= next_check:
             times = np.fromiter((e[0] for e in events), dtype=np.int64, count=len(events))
             cutoff = float(np.partition(times, spec.requests - 1)[spec.requests - 1])
+            next_check = len(events) + max(spec.requests // 16, 1)
     events.sort()
     out_lo, out_hi = spec.output_tokens
     outs = rng.integers(out_lo, out_hi + 1, size=spec.requests)

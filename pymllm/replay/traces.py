@@ -157,6 +157,7 @@ class Trace:
     extra_keys: list[Any] | None = None
     priorities: list[int] | None = None
     lines: list[int] = field(default_factory=list)
+    _distinct: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -172,7 +173,10 @@ class Trace:
 
     def distinct_units(self) -> int:
         """Units a cache must hold to keep every prefix of the trace: the nodes of a trie of
-        all keys (equal to the distinct hash ids of a well-formed Mooncake trace)."""
+        all keys (equal to the distinct hash ids of a well-formed Mooncake trace). Computed
+        once: a trace's keys are not meant to change after reading."""
+        if self._distinct is not None:
+            return self._distinct
         root: dict[Any, Any] = {}
         n = 0
         for key, ns in zip(self.keys, self.extra_keys or [None] * len(self.keys), strict=True):
@@ -183,6 +187,7 @@ class Trace:
                     nxt = node[u] = {}
                     n += 1
                 node = nxt
+        self._distinct = n
         return n
 
 
