@@ -6,6 +6,7 @@ indices; the JAX pools (:mod:`pymllm.mem_cache.memory_pool`) hold the KV those s
 
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
+from pymllm.mem_cache._radix_tree import EVICTION_POLICIES as EVICTION_POLICIES
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache as BasePrefixCache
 from pymllm.mem_cache.base_prefix_cache import EvictResult as EvictResult
 from pymllm.mem_cache.base_prefix_cache import InsertResult as InsertResult
@@ -42,6 +43,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "EVICTION_POLICIES",
     "BasePrefixCache",
     "ChunkCache",
     "EvictResult",

@@ -5,6 +5,8 @@ from typing import Any
 
 from pymllm.mem_cache.base_prefix_cache import EvictResult, InsertResult, MatchResult, RadixKey
 
+EVICTION_POLICIES: tuple[str, ...]
+
 class TreeNode:
     @property
     def id(self) -> int: ...
@@ -40,6 +42,7 @@ class RadixTreeCore:
         sliding_window_size: int | None = None,
         token_to_kv_pool_allocator: Any = None,
         on_node_evict: Callable[[int], object] | None = None,
+        eviction_policy: str = "lru",
     ) -> None: ...
     @property
     def root_node(self) -> TreeNode: ...
@@ -50,6 +53,7 @@ class RadixTreeCore:
         value: Any = None,
         prev_prefix_len: int = 0,
         swa_evicted_seqlen: int = 0,
+        priority: int = 0,
         **kwargs: Any,
     ) -> InsertResult: ...
     def evict(self, num_tokens: int, swa_num_tokens: int = 0) -> EvictResult: ...
@@ -83,9 +87,15 @@ class MambaTreeCore(RadixTreeCore):
         token_to_kv_pool_allocator: Any = None,
         mamba_pool: Any = None,
         on_node_evict: Callable[[int], object] | None = None,
+        eviction_policy: str = "lru",
     ) -> None: ...
     def insert(  # type: ignore[override]
-        self, key: RadixKey, value: Any = None, mamba_value: Any = None, **kwargs: Any
+        self,
+        key: RadixKey,
+        value: Any = None,
+        mamba_value: Any = None,
+        priority: int = 0,
+        **kwargs: Any,
     ) -> InsertResult: ...
     def evict(  # type: ignore[override]
         self, num_tokens: int, swa_num_tokens: int = 0, mamba_num: int | None = None

@@ -32,18 +32,22 @@ class InvalidFreeError(CacheError, ValueError):
     """Freeing a slot that is not allocated: double free, padding slot 0, out of range."""
 
 
+class AllocatorStateError(CacheError, RuntimeError):
+    """An allocator call out of order, such as ``free_group_end()`` with no open group."""
+
+
+class ReentrantCallError(CacheError, RuntimeError):
+    """A cache method was called from one of that cache's own callbacks (``on_node_evict``,
+    the allocator's ``free``) while the outer call is still running."""
+
+
 __all__ = [
+    "AllocatorStateError",
     "CacheError",
     "InvalidFreeError",
     "InvalidKeyError",
     "InvalidValueError",
     "LockStateError",
+    "ReentrantCallError",
     "StaleNodeError",
 ]
-
-
-class AllocatorStateError(CacheError, RuntimeError):
-    """An allocator call out of order, such as ``free_group_end()`` with no open group."""
-
-
-__all__ += ["AllocatorStateError"]

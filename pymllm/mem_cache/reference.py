@@ -20,7 +20,11 @@ Semantics shared with the compiled cache (and pinned by ``tests/test_reference_m
   stamps every node it touches with it. Failed calls change nothing, not even the clock.
 * Node ids: root 0, then 1, 2, ... for each new node (new leaf or split-off upper half); never
   reused, not even across :meth:`reset`.
-* Eviction order: smallest ``(last_access_time, id)`` first among unlocked non-root leaves.
+* Eviction order: smallest ``(policy key, last_access_time, id)`` first among unlocked
+  non-root leaves; the policy key is 0 for ``"lru"``, ``hit_count`` for ``"lfu"``, the
+  creation clock for ``"fifo"`` (a split-off upper half keeps its node's), the largest
+  ``insert(priority=)`` on the node's paths for ``"priority"`` and ``hit_count > 0`` for
+  ``"slru"`` (probationary before protected).
 
 This class models full attention only (``sliding_window_size`` raises
 ``NotImplementedError``); the sliding-window model :class:`RefSWARadixCache`
@@ -39,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from pymllm.mem_cache._radix_tree import EVICTION_POLICIES
 from pymllm.mem_cache.base_prefix_cache import (
     BasePrefixCache,
     EvictResult,
@@ -60,6 +65,16 @@ _EMPTY_I32 = np.zeros(0, dtype=np.int32)
 _EMPTY_I32.flags.writeable = False
 
 
+def _int64_arg(name: str, v: Any) -> int:
+    """A 64-bit int argument; bools and floats are rejected (as the compiled core does)."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {v!r} ({type(v).__name__})")
+    v = v.__index__()
+    if not -(1 << 63) <= v < (1 << 63):
+        raise InvalidValueError(f"{name}: expected a 64-bit int, got {v}")
+    return v
+
+
 def _is_int(t: Any) -> bool:
     # bool is an int subclass, but a key of booleans is a bug, not tokens (hash_token_ids agrees).
     return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
@@ -75,6 +90,7 @@ class TreeNode:
     __slots__ = (
         "_owner",
         "children",
+        "created",
         "evicted",
         "extra_key",
         "hit_count",
@@ -82,6 +98,7 @@ class TreeNode:
         "last_access_time",
         "lock_ref",
         "parent",
+        "priority",
         "tokens",
         "value",
         "width",
@@ -108,6 +125,8 @@ class TreeNode:
         self.lock_ref = 0
         self.last_access_time = 0
         self.hit_count = 0
+        self.created = 0  # clock when the node (or the node it was split from) was made
+        self.priority = 0  # largest insert(priority=) through this node
         self.evicted = False
 
     @property
@@ -153,9 +172,16 @@ class RefRadixCache(BasePrefixCache):
         sliding_window_size: int | None = None,
         token_to_kv_pool_allocator: Any = None,
         on_node_evict: Callable[[int], Any] | None = None,
+        eviction_policy: str = "lru",
     ) -> None:
         if not _is_int(page_size) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        if not isinstance(eviction_policy, str) or eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(
+                f"eviction_policy: expected one of {', '.join(EVICTION_POLICIES)}, "
+                f"got {eviction_policy!r}"
+            )
+        self.eviction_policy = eviction_policy
         if sliding_window_size is not None:
             raise NotImplementedError(
                 "RefRadixCache: sliding_window_size (SWA) is not supported yet"
@@ -277,8 +303,32 @@ class RefRadixCache(BasePrefixCache):
         self, tokens: list[Any], value: np.ndarray, parent: TreeNode, ns: Any
     ) -> TreeNode:
         node = TreeNode(self._next_id, self._owner, tokens, value, ns[0], ns[1], parent)
+        node.created = self.clock
         self._next_id += 1
         return node
+
+    def _evict_order(self, node: TreeNode) -> tuple[Any, int, int]:
+        """Sort key of an eviction candidate under the policy: smallest goes first."""
+        policy = self.eviction_policy
+        if policy == "lru":
+            first: Any = 0
+        elif policy == "lfu":
+            first = node.hit_count
+        elif policy == "fifo":
+            first = node.created
+        elif policy == "priority":
+            first = node.priority
+        else:  # slru: never-hit (probationary) nodes before hit (protected) ones
+            first = node.hit_count > 0
+        return first, node.last_access_time, node.id
+
+    def _raise_priority(self, node: TreeNode, priority: int) -> None:
+        """Raise *node* and its ancestors to at least *priority* (``"priority"`` policy)."""
+        if self.eviction_policy != "priority":
+            return
+        while node.parent is not None:
+            node.priority = max(node.priority, priority)
+            node = node.parent
 
     def _split_node(self, child: TreeNode, split_len: int) -> TreeNode:
         """Cut *child* after split_len tokens; the new upper node takes the head, child the tail."""
@@ -291,6 +341,8 @@ class RefRadixCache(BasePrefixCache):
         upper.lock_ref = child.lock_ref
         upper.hit_count = child.hit_count
         upper.last_access_time = child.last_access_time
+        upper.created = child.created
+        upper.priority = child.priority
         child.tokens = child.tokens[split_len:]
         child.value = child.value[split_len:]
         child.parent = upper
@@ -361,15 +413,22 @@ class RefRadixCache(BasePrefixCache):
         indices = np.concatenate(values).astype(np.int32) if values else _EMPTY_I32.copy()
         return MatchResult(indices=indices, last_node=node, prefix_len=pos)
 
-    def insert(self, key: RadixKey, value: Any = None, **kwargs: Any) -> InsertResult:
+    def insert(
+        self, key: RadixKey, value: Any = None, priority: int = 0, **kwargs: Any
+    ) -> InsertResult:
         """Insert the whole pages of *key* with KV indices *value* (``None``: the token ids).
 
         The tree takes ``value[prefix_len:aligned_len]``; ``value[:prefix_len]`` (already
         cached) and ``value[aligned_len:]`` (partial page) stay the caller's to free.
+        ``priority``: see :meth:`_raise_priority`.
         """
+        if kwargs:
+            raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
+        prio = _int64_arg("priority", priority)
         tokens, extra_key, width = self._parse_key(key)
         arr = self._parse_value(value, tokens, width)
         prefix_len, node = self._insert_kv(tokens, arr, (extra_key, width))
+        self._raise_priority(node, prio)
         return InsertResult(prefix_len=prefix_len, last_node=node)
 
     def _insert_kv(self, tokens: list[Any], arr: np.ndarray, ns: Any) -> tuple[int, TreeNode]:
@@ -405,16 +464,16 @@ class RefRadixCache(BasePrefixCache):
         """The LRU loop of :meth:`evict`: remove leaves until *num_tokens* tokens are gone,
         appending their values to *freed* (not freed yet); returns the tokens removed."""
         leaves = [n for n in self._iter_nodes() if not n.children and n.lock_ref == 0]
-        heap = [(n.last_access_time, n.id, n) for n in leaves]
+        heap = [(*self._evict_order(n), n) for n in leaves]
         heapq.heapify(heap)
         evicted = 0
         while evicted < num_tokens and heap:
-            _, _, node = heapq.heappop(heap)
+            node = heapq.heappop(heap)[-1]
             parent = node.parent
             assert parent is not None
             evicted += self._remove_leaf(node, freed)
             if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
+                heapq.heappush(heap, (*self._evict_order(parent), parent))
         return evicted
 
     def _remove_leaf(self, node: TreeNode, freed: list[np.ndarray]) -> int:

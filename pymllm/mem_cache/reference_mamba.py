@@ -36,7 +36,14 @@ import numpy as np
 
 from pymllm.mem_cache.base_prefix_cache import EvictResult, InsertResult, MatchResult, RadixKey
 from pymllm.mem_cache.errors import InvalidValueError, LockStateError
-from pymllm.mem_cache.reference import _EMPTY_I32, _I32_MAX, RefRadixCache, TreeNode, _is_int
+from pymllm.mem_cache.reference import (
+    _EMPTY_I32,
+    _I32_MAX,
+    RefRadixCache,
+    TreeNode,
+    _int64_arg,
+    _is_int,
+)
 
 
 class MambaTreeNode(TreeNode):
@@ -93,10 +100,13 @@ class RefMambaRadixCache(RefRadixCache):
         token_to_kv_pool_allocator: Any = None,
         mamba_pool: Any = None,
         on_node_evict: Callable[[int], Any] | None = None,
+        eviction_policy: str = "lru",
     ) -> None:
         if mamba_pool is not None and not callable(getattr(mamba_pool, "free", None)):
             raise TypeError(f"mamba_pool: expected an object with free(slots), got {mamba_pool!r}")
-        super().__init__(page_size, None, token_to_kv_pool_allocator, on_node_evict)
+        super().__init__(
+            page_size, None, token_to_kv_pool_allocator, on_node_evict, eviction_policy
+        )
         self.mamba_pool = mamba_pool
         self.root_node = MambaTreeNode(0, self._owner, [], _EMPTY_I32, None, 0, None)
         self._reset_state()
@@ -111,6 +121,7 @@ class RefMambaRadixCache(RefRadixCache):
         self, tokens: list[Any], value: np.ndarray, parent: TreeNode, ns: Any
     ) -> MambaTreeNode:
         node = MambaTreeNode(self._next_id, self._owner, tokens, value, ns[0], ns[1], parent)
+        node.created = self.clock
         self._next_id += 1
         return node
 
@@ -154,13 +165,19 @@ class RefMambaRadixCache(RefRadixCache):
         )
 
     def insert(
-        self, key: RadixKey, value: Any = None, mamba_value: Any = None, **kwargs: Any
+        self,
+        key: RadixKey,
+        value: Any = None,
+        mamba_value: Any = None,
+        priority: int = 0,
+        **kwargs: Any,
     ) -> InsertResult:
         """Insert KV as :meth:`RefRadixCache.insert` and attach *mamba_value* (an int or a
         length-1 int array) to the node ending at the aligned key end, unless one is there
         (``mamba_exist=True``; the slot stays the caller's)."""
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
+        prio = _int64_arg("priority", priority)
         tokens, extra_key, width = self._parse_key(key)
         arr = self._parse_value(value, tokens, width)
         state = None
@@ -181,6 +198,7 @@ class RefMambaRadixCache(RefRadixCache):
                 node.mamba_value.flags.writeable = False
                 node.mamba_lock_ref = 0
                 self._mamba_evictable += 1
+        self._raise_priority(node, prio)
         return InsertResult(prefix_len=prefix_len, last_node=node, mamba_exist=exist)
 
     def evict(
@@ -201,9 +219,9 @@ class RefMambaRadixCache(RefRadixCache):
         if len(self._states_out) < mamba_num:
             holders = [n for n in self._iter_nodes() if n.mamba_value is not None]
             candidates = sorted(
-                (n.last_access_time, n.id, n) for n in holders if n.mamba_lock_ref == 0
+                (*self._evict_order(n), n) for n in holders if n.mamba_lock_ref == 0
             )
-            for _, _, node in candidates:
+            for *_, node in candidates:
                 if len(self._states_out) >= mamba_num:
                     break
                 if not node.children and node.lock_ref == 0:

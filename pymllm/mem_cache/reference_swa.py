@@ -46,7 +46,7 @@ import numpy as np
 
 from pymllm.mem_cache.base_prefix_cache import EvictResult, InsertResult, MatchResult, RadixKey
 from pymllm.mem_cache.errors import InvalidValueError, LockStateError
-from pymllm.mem_cache.reference import _EMPTY_I32, RefRadixCache, TreeNode, _is_int
+from pymllm.mem_cache.reference import _EMPTY_I32, RefRadixCache, TreeNode, _int64_arg, _is_int
 
 
 class SWATreeNode(TreeNode):
@@ -91,6 +91,7 @@ class RefSWARadixCache(RefRadixCache):
         sliding_window_size: int | None = None,
         token_to_kv_pool_allocator: Any = None,
         on_node_evict: Callable[[int], Any] | None = None,
+        eviction_policy: str = "lru",
     ) -> None:
         w = sliding_window_size
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
@@ -101,7 +102,7 @@ class RefSWARadixCache(RefRadixCache):
                 "token_to_kv_pool_allocator: a sliding window needs an allocator with "
                 "free_swa() (SWATokenToKVPoolAllocator)"
             )
-        super().__init__(page_size, None, alloc, on_node_evict)
+        super().__init__(page_size, None, alloc, on_node_evict, eviction_policy)
         self.sliding_window_size = w
         self.root_node = SWATreeNode(0, self._owner, [], _EMPTY_I32, None, 0, None)
         self._reset_state()
@@ -116,6 +117,7 @@ class RefSWARadixCache(RefRadixCache):
         self, tokens: list[Any], value: np.ndarray, parent: TreeNode, ns: Any
     ) -> SWATreeNode:
         node = SWATreeNode(self._next_id, self._owner, tokens, value, ns[0], ns[1], parent)
+        node.created = self.clock
         self._next_id += 1
         return node
 
@@ -179,12 +181,14 @@ class RefSWARadixCache(RefRadixCache):
         value: Any = None,
         prev_prefix_len: Any = 0,
         swa_evicted_seqlen: Any = 0,
+        priority: int = 0,
         **kwargs: Any,
     ) -> InsertResult:
         """Insert the whole pages of *key*; the tree settles ``value[prev_prefix_len:
         aligned]`` (keeps it or frees it in one ``allocator.free`` call)."""
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
+        prio = _int64_arg("priority", priority)
         tokens, extra_key, width = self._parse_key(key)
         arr = self._parse_value(value, tokens, width)
         ppl = _nonneg_int("prev_prefix_len", prev_prefix_len)
@@ -234,6 +238,7 @@ class RefSWARadixCache(RefRadixCache):
                 node = self._add_leaf(node, tokens, arr, live_from, aligned, ns, live=True)
         if to_free and self.token_to_kv_pool_allocator is not None:
             self.token_to_kv_pool_allocator.free(np.array(to_free, dtype=np.int32))
+        self._raise_priority(node, prio)
         return InsertResult(prefix_len=matched, last_node=node)
 
     def _add_leaf(
@@ -270,20 +275,20 @@ class RefSWARadixCache(RefRadixCache):
         full = 0
         if num_tokens > 0:
             leaves = [n for n in self._iter_nodes() if not n.children and n.lock_ref == 0]
-            heap = [(n.last_access_time, n.id, n) for n in leaves]
+            heap = [(*self._evict_order(n), n) for n in leaves]
             heapq.heapify(heap)
             while full < num_tokens and heap:
-                _, _, node = heapq.heappop(heap)
+                node = heapq.heappop(heap)[-1]
                 parent, n_full = self._remove_cascade(node, removed)
                 full += n_full
                 if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
-                    heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
+                    heapq.heappush(heap, (*self._evict_order(parent), parent))
         if self._swa_freed < swa_num_tokens:
             live = [n for n in self._iter_nodes() if not n.swa_tombstone and n.swa_lock_ref == 0]
-            heap = [(n.last_access_time, n.id, n) for n in live]
+            heap = [(*self._evict_order(n), n) for n in live]
             heapq.heapify(heap)
             while self._swa_freed < swa_num_tokens and heap:
-                _, _, node = heapq.heappop(heap)
+                node = heapq.heappop(heap)[-1]
                 if not node.children and node.lock_ref == 0:
                     full += self._remove_cascade(node, removed)[1]
                 else:

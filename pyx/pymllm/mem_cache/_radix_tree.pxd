@@ -16,6 +16,13 @@ cdef enum:
     ROOT = 0                # slot of the root node
 
 cdef enum:
+    POLICY_LRU = 0          # least recently used first
+    POLICY_LFU = 1          # fewest match hits first, ties by recency
+    POLICY_FIFO = 2         # oldest insertion first (a split keeps the insertion time)
+    POLICY_PRIORITY = 3     # lowest insert(priority=) first, ties by recency
+    POLICY_SLRU = 4         # never-hit (probationary) before hit (protected), LRU within
+
+cdef enum:
     HEAP_FULL = 0           # evictable leaves: non-root, no children, lock_ref == 0
     HEAP_AUX = 1            # second eviction class (SWA tombstoning / Mamba states)
 
@@ -30,6 +37,9 @@ ctypedef struct Node:
     int64_t end_pos         # prefix length at the node's end (root: 0); splits keep it
     tok_t* key              # len * width tokens, owned
     idx_t* value            # len KV indices, owned (tree-owned slots)
+    int64_t prio            # eviction class, compared before last_access (policy-defined:
+                            # 0 for LRU, hits for LFU, creation clock for FIFO, priority,
+                            # segment for SLRU); it only ever grows while a node lives
     int64_t last_access     # logical clock of the last match/insert that touched it
     int64_t hit_count       # match_prefix calls that matched this node
     int32_t lock_ref        # full-KV lock count (node and all its ancestors are locked)
@@ -57,6 +67,6 @@ ctypedef struct ChildMap:
 
 
 ctypedef struct Heap:
-    nid_t* data             # binary min-heap of node slots ordered by (last_access, uid)
+    nid_t* data             # binary min-heap of node slots ordered by (prio, last_access, uid)
     int64_t size
     int64_t cap

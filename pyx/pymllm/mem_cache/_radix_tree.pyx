@@ -5,10 +5,13 @@
 # - a node's key and value (KV slot indices) are C arrays it owns;
 # - children are found through one open-addressing hash map keyed by
 #   (parent slot, namespace, first page of the child's key), verified by a memcmp;
-# - evictable leaves sit in an indexed binary min-heap ordered by (last_access, uid), kept
+# - evictable leaves sit in an indexed binary min-heap ordered by (prio, last_access, uid)
+#   (prio is the eviction policy's class: constant for LRU, hits for LFU, ...), kept
 #   up to date incrementally on every touch/lock/unlock/evict, so evict never walks the tree;
-# - every public method holds the GIL from start to finish: a call is atomic with respect to
-#   other Python threads.
+# - every public method runs under the cache's own guard (_enter, below): the GIL alone is
+#   not enough, because evict calls back into Python (allocator.free, on_node_evict) and
+#   any object allocation may run a finalizer, and either can hand the GIL to another
+#   thread in the middle of a call.
 #
 # Bad input is rejected before anything is mutated; the capacity a mutation needs (nodes,
 # map entries, heap slots) is reserved before it starts, so a MemoryError leaves the tree as
@@ -16,6 +19,8 @@
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.object cimport PyObject
+from cpython.pythread cimport PyThread_get_thread_ident
+from posix.unistd cimport usleep
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
@@ -35,10 +40,14 @@ from pymllm.mem_cache.errors import (
     InvalidKeyError,
     InvalidValueError,
     LockStateError,
+    ReentrantCallError,
     StaleNodeError,
 )
 
 cnp.import_array()
+
+#: Valid ``eviction_policy`` names, in the order of the POLICY_* enum.
+EVICTION_POLICIES = ("lru", "lfu", "fifo", "priority", "slru")
 
 cdef int64_t TOKEN_LIMIT = 1 << 32
 
@@ -181,10 +190,12 @@ cdef int _map_reserve(ChildMap* m, int64_t extra) except -1:
 
 
 # ---------------------------------------------------------------------------------------
-# Indexed binary min-heap over node slots, ordered by (last_access, uid)
+# Indexed binary min-heap over node slots, ordered by (prio, last_access, uid)
 # ---------------------------------------------------------------------------------------
 
 cdef inline bint _before(const Node* nodes, nid_t a, nid_t b) noexcept nogil:
+    if nodes[a].prio != nodes[b].prio:
+        return nodes[a].prio < nodes[b].prio
     if nodes[a].last_access != nodes[b].last_access:
         return nodes[a].last_access < nodes[b].last_access
     return nodes[a].uid < nodes[b].uid
@@ -246,7 +257,7 @@ cdef inline void _heap_remove(Heap* hp, Node* nodes, int kind, nid_t n) noexcept
 
 
 cdef inline void _heap_touched(Heap* hp, Node* nodes, int kind, nid_t n) noexcept nogil:
-    """Restore order after n's last_access grew (it only moves down)."""
+    """Restore order after n's (prio, last_access) grew (it only moves down)."""
     if nodes[n].heap_pos[kind] >= 0:
         _sift_down(hp, nodes, kind, nodes[n].heap_pos[kind])
 
@@ -390,6 +401,8 @@ cdef class RadixTreeCore:
     cdef int64_t _evictable
     cdef int64_t _protected
     cdef readonly int page_size
+    cdef int policy                 # POLICY_* (eviction order: see _before and the .pxd)
+    cdef unsigned long _owner       # thread inside a public call (0: none), see _enter
     cdef _Scratch _tok_scratch
     cdef _Scratch _val_scratch
     cdef _Scratch _idx_out
@@ -420,7 +433,7 @@ cdef class RadixTreeCore:
         self.ns_cap = 0
 
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
-                 on_node_evict=None):
+                 on_node_evict=None, eviction_policy="lru"):
         if sliding_window_size is not None:
             if (isinstance(sliding_window_size, bool) or not isinstance(sliding_window_size, int)
                     or sliding_window_size < 1):
@@ -436,11 +449,18 @@ cdef class RadixTreeCore:
             self.swa = True
             self.window = sliding_window_size
         self.sliding_window_size = sliding_window_size
-        self._setup(page_size, token_to_kv_pool_allocator, on_node_evict)
+        self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
 
-    cdef int _setup(self, object page_size, object allocator, object on_node_evict) except -1:
+    cdef int _setup(self, object page_size, object allocator, object on_node_evict,
+                    object eviction_policy) except -1:
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size: expected an int >= 1, got {page_size!r}")
+        if not isinstance(eviction_policy, str) or eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(
+                f"eviction_policy: expected one of {', '.join(EVICTION_POLICIES)}, "
+                f"got {eviction_policy!r}"
+            )
+        self.policy = EVICTION_POLICIES.index(eviction_policy)
         if on_node_evict is not None and not callable(on_node_evict):
             raise TypeError(f"on_node_evict: expected a callable, got {on_node_evict!r}")
         self.page_size = page_size
@@ -459,6 +479,29 @@ cdef class RadixTreeCore:
 
     def __dealloc__(self):
         self._release_storage()
+
+    # -- thread guard -------------------------------------------------------------------
+
+    cdef inline int _enter(self) except -1:
+        """Start a public call: wait while another thread is inside one (it can only be
+        parked in a Python callback, holding no GIL), refuse a re-entrant call from one of
+        our own callbacks. The caller clears _owner in a finally clause."""
+        cdef unsigned long me = PyThread_get_thread_ident()
+        if self._owner != 0:
+            self._wait_turn(me)
+        self._owner = me
+        return 0
+
+    cdef int _wait_turn(self, unsigned long me) except -1:
+        if self._owner == me:
+            raise ReentrantCallError(
+                "a cache method was called from inside one of its own callbacks "
+                "(on_node_evict or the allocator's free); defer the call until it returns"
+            )
+        while self._owner != 0:
+            with nogil:
+                usleep(20)
+        return 0
 
     # -- storage lifecycle ------------------------------------------------------------
 
@@ -554,6 +597,7 @@ cdef class RadixTreeCore:
         x.key = NULL
         x.value = NULL
         x.last_access = self.clock
+        x.prio = self.clock if self.policy == POLICY_FIFO else 0
         x.hit_count = 0
         x.lock_ref = 0
         x.heap_pos[0] = -1
@@ -851,6 +895,7 @@ cdef class RadixTreeCore:
         memmove(X.value, X.value + m, rest * sizeof(idx_t))
         X.len = rest
         U.last_access = X.last_access
+        U.prio = X.prio             # same hits, insertion time, priority and segment
         U.hit_count = X.hit_count
         U.lock_ref = X.lock_ref     # every lock through X also locked the part above it
         U.num_children = 1          # a split never invents a Mamba state: U has none
@@ -914,6 +959,10 @@ cdef class RadixTreeCore:
             c.last_access = self.clock
             if count_hit:
                 c.hit_count += 1
+                if self.policy == POLICY_LFU:
+                    c.prio = c.hit_count
+                elif self.policy == POLICY_SLRU:
+                    c.prio = 1      # promoted to the protected segment
             _heap_touched(&self.heap, self.nodes, HEAP_FULL, child)
             _heap_touched(&self.aux_heap, self.nodes, HEAP_AUX, child)
             path[path_len[0]] = child
@@ -941,6 +990,13 @@ cdef class RadixTreeCore:
         its last W tokens all hold SWA KV; the result is cut back to the longest usable
         prefix (at a node boundary).
         """
+        self._enter()
+        try:
+            return self._match_prefix_locked(key)
+        finally:
+            self._owner = 0
+
+    cdef object _match_prefix_locked(self, key):
         cdef KeyView kv
         cdef nid_t last
         cdef int64_t n_path, matched
@@ -986,7 +1042,8 @@ cdef class RadixTreeCore:
                 best = i + 1
         return best
 
-    def insert(self, key, value=None, prev_prefix_len=0, swa_evicted_seqlen=0, **kwargs):
+    def insert(self, key, value=None, prev_prefix_len=0, swa_evicted_seqlen=0, priority=0,
+               **kwargs):
         """Insert *key* with its KV slot indices *value* (one per token).
 
         ``value`` may be a numpy array, a list or a jax array; ``None`` uses the token ids
@@ -999,6 +1056,9 @@ cdef class RadixTreeCore:
         ``value[aligned:]``. Returns ``InsertResult(prefix_len, last_node)`` with
         ``last_node`` ending at ``aligned``. Bad input raises and changes nothing.
         ``prev_prefix_len`` and ``swa_evicted_seqlen`` only matter with a sliding window.
+        ``priority`` only matters with ``eviction_policy="priority"``: every node on the
+        path from the root to ``last_node`` is raised to at least ``priority`` (lower
+        priorities are evicted first; a node's priority never drops).
 
         With a sliding window the tree settles every index of ``value[prev_prefix_len:
         aligned]`` itself, so the caller frees none of them: ``value[:prev_prefix_len]`` is
@@ -1011,11 +1071,20 @@ cdef class RadixTreeCore:
         ``swa_evicted_seqlen`` (rounded up to a page) and live after it; a suffix lying
         wholly below ``swa_evicted_seqlen`` is not cached and its indices are freed.
         """
+        if kwargs:
+            raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
+        self._enter()
+        try:
+            return self._insert_locked(key, value, prev_prefix_len, swa_evicted_seqlen, priority)
+        finally:
+            self._owner = 0
+
+    cdef object _insert_locked(self, key, value=None, prev_prefix_len=0, swa_evicted_seqlen=0,
+                               priority=0):
         cdef KeyView kv
         cdef const idx_t* vals
         cdef nid_t last
-        if kwargs:
-            raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
+        cdef int64_t prio = _int64("priority", priority)
         owner = self._load_key(key, &kv)
         vowner = self._load_value(value, &kv, &vals)
         if self.swa:
@@ -1023,7 +1092,20 @@ cdef class RadixTreeCore:
                                        swa_evicted_seqlen, &last)
         else:
             matched = self._insert_kv(&kv, vals, key.extra_key, &last)
+        if self.policy == POLICY_PRIORITY:
+            self._raise_priority(last, prio)
         return _insert_result(matched, self._handle(last))
+
+    cdef void _raise_priority(self, nid_t n, int64_t p) noexcept:
+        """Raise n and its ancestors to priority >= p (it only grows: heaps sift down)."""
+        cdef Node* x
+        while n != ROOT:
+            x = &self.nodes[n]
+            if x.prio < p:
+                x.prio = p
+                _heap_touched(&self.heap, self.nodes, HEAP_FULL, n)
+                _heap_touched(&self.aux_heap, self.nodes, HEAP_AUX, n)
+            n = x.parent
 
     cdef int64_t _insert_swa(self, const KeyView* kv, const idx_t* vals, object extra_key,
                              object prev_prefix_len, object swa_evicted_seqlen,
@@ -1207,6 +1289,13 @@ cdef class RadixTreeCore:
         proportional to what is evicted (heap pops), never a walk over the tree.
         ``swa_num_tokens`` is ignored without a sliding window.
         """
+        self._enter()
+        try:
+            return self._evict_locked(num_tokens, swa_num_tokens)
+        finally:
+            self._owner = 0
+
+    cdef object _evict_locked(self, num_tokens, swa_num_tokens=0):
         cdef int64_t n_ev = 0, swa_done
         cdef int64_t want = _count("num_tokens", num_tokens)
         cdef int64_t swa_want = _count("swa_num_tokens", swa_num_tokens)
@@ -1344,6 +1433,13 @@ cdef class RadixTreeCore:
         the SWA lock stopped, or None when it reached the root. Positions, unlike node ids,
         survive the splits that other requests cause while the lock is held.
         """
+        self._enter()
+        try:
+            return self._inc_lock_ref_locked(node)
+        finally:
+            self._owner = 0
+
+    cdef object _inc_lock_ref_locked(self, node):
         cdef nid_t n = self._slot_of(node)
         cdef Node* x
         cdef int64_t acc = 0
@@ -1385,6 +1481,13 @@ cdef class RadixTreeCore:
         (with a sliding window) when ``swa_boundary_id`` does not match a held SWA lock.
         Unlocking the root is a no-op.
         """
+        self._enter()
+        try:
+            return self._dec_lock_ref_locked(node, swa_boundary_id)
+        finally:
+            self._owner = 0
+
+    cdef object _dec_lock_ref_locked(self, node, swa_boundary_id=None):
         cdef nid_t n = self._slot_of(node)
         cdef nid_t m
         cdef int64_t boundary
@@ -1463,6 +1566,13 @@ cdef class RadixTreeCore:
         Handles held by callers become stale; ``on_node_evict`` is not called. Node ids are
         not reused afterwards.
         """
+        self._enter()
+        try:
+            return self._reset_locked()
+        finally:
+            self._owner = 0
+
+    cdef object _reset_locked(self):
         cdef int64_t i, total = 0, n_states = 0
         cdef idx_t* out
         cdef idx_t* st
@@ -1496,6 +1606,13 @@ cdef class RadixTreeCore:
         unseeded), so equal pages at different positions hash differently. Cached on the
         node and kept valid across splits.
         """
+        self._enter()
+        try:
+            return self._compute_node_hash_locked(node)
+        finally:
+            self._owner = 0
+
+    cdef object _compute_node_hash_locked(self, node):
         cdef nid_t n = self._slot_of(node)
         return list(self._node_hashes(n))
 
@@ -1545,16 +1662,37 @@ cdef class RadixTreeCore:
 
     def _nodes(self):
         """Handles of every node but the root, in slot order (O(tree), for tests)."""
+        self._enter()
+        try:
+            return self._nodes_locked()
+        finally:
+            self._owner = 0
+
+    cdef object _nodes_locked(self):
         cdef int64_t i
         return [self._handle(<nid_t>i) for i in range(1, self.cap) if self.nodes[i].uid >= 0]
 
     def children(self, node):
         """Handles of *node*'s children (O(tree): a debugging aid, not for hot paths)."""
+        self._enter()
+        try:
+            return self._children_locked(node)
+        finally:
+            self._owner = 0
+
+    cdef object _children_locked(self, node):
         cdef nid_t n = self._slot_of(node)
         return [self._handle(c) for c in self._children_slots().get(n, [])]
 
     def pretty_print(self):
         """Print the tree, one node per line, indented by depth."""
+        self._enter()
+        try:
+            return self._pretty_print_locked()
+        finally:
+            self._owner = 0
+
+    cdef object _pretty_print_locked(self):
         kids = self._children_slots()
         lines = []
         stack = [(ROOT, 0)]
@@ -1573,6 +1711,13 @@ cdef class RadixTreeCore:
 
     def _check_invariants(self):
         """Walk the whole structure and recompute every counter (O(tree); for tests)."""
+        self._enter()
+        try:
+            return self._check_invariants_locked()
+        finally:
+            self._owner = 0
+
+    cdef object _check_invariants_locked(self):
         cdef int64_t i, evictable = 0, protected = 0, live = 0, in_heap = 0, child_sum
         cdef int64_t aux_ev = 0, aux_pr = 0, in_aux = 0
         cdef Node* x
@@ -1673,7 +1818,6 @@ cdef class RadixTreeCore:
             free_count += 1
             f = self.nodes[f].next_free
         assert free_count == self.cap - live, f"free list {free_count} != {self.cap - live}"
-
 
 @cython.no_gc
 cdef class TreeNode:
@@ -1798,13 +1942,13 @@ cdef class MambaTreeCore(RadixTreeCore):
     a state lock count per node. Public class: ``pymllm.mem_cache.MambaRadixCache``."""
 
     def __init__(self, page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,
-                 on_node_evict=None):
+                 on_node_evict=None, eviction_policy="lru"):
         if mamba_pool is not None and not callable(getattr(mamba_pool, "free", None)):
             raise TypeError(f"mamba_pool: expected an object with free(slots), got {mamba_pool!r}")
         self.mamba = True
         self.mamba_pool = mamba_pool
         self.sliding_window_size = None
-        self._setup(page_size, token_to_kv_pool_allocator, on_node_evict)
+        self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
 
     def match_prefix(self, key):
         """Longest cached prefix of *key* that ends at a node holding a Mamba state.
@@ -1815,6 +1959,13 @@ cdef class MambaTreeCore(RadixTreeCore):
         prefix hits), else None. Matching never splits a node (a split could not carry a
         state). Every fully matched node gets its recency and hit count refreshed.
         """
+        self._enter()
+        try:
+            return self._match_prefix_mamba(key)
+        finally:
+            self._owner = 0
+
+    cdef object _match_prefix_mamba(self, key):
         cdef KeyView kv
         cdef nid_t last = ROOT
         cdef int64_t n_path, kv_len, partial, k, state_len
@@ -1836,7 +1987,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         return _match_result(self._path_indices(k + 1, state_len), self._handle(last), state_len,
                              kv_len if kv_len > state_len else None)
 
-    def insert(self, key, value=None, mamba_value=None, **kwargs):
+    def insert(self, key, value=None, mamba_value=None, priority=0, **kwargs):
         """Insert KV as :meth:`RadixCache.insert` does and attach *mamba_value* (one state
         slot: an int or a length-1 array) to the node ending at the page-aligned key end,
         splitting there if needed.
@@ -1845,14 +1996,23 @@ cdef class MambaTreeCore(RadixTreeCore):
         RadixCache; the state slot passes to the tree unless ``mamba_exist`` is True (a
         state was already stored at that point), in which case it stays the caller's to
         free. A state needs a key of at least one page. Bad input changes nothing.
+        ``priority`` as in :meth:`RadixCache.insert` (``eviction_policy="priority"``).
         """
+        if kwargs:
+            raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
+        self._enter()
+        try:
+            return self._insert_mamba(key, value, mamba_value, priority)
+        finally:
+            self._owner = 0
+
+    cdef object _insert_mamba(self, key, value=None, mamba_value=None, priority=0):
         cdef KeyView kv
         cdef const idx_t* vals
         cdef nid_t last
         cdef int64_t state = -1
+        cdef int64_t prio = _int64("priority", priority)
         cdef Node* x
-        if kwargs:
-            raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
         owner = self._load_key(key, &kv)
         vowner = self._load_value(value, &kv, &vals)
         if mamba_value is not None:
@@ -1873,6 +2033,8 @@ cdef class MambaTreeCore(RadixTreeCore):
                 x.aux_lock_ref = 0
                 self._aux_evictable += 1
                 _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, last)
+        if self.policy == POLICY_PRIORITY:
+            self._raise_priority(last, prio)
         return _insert_result(matched, self._handle(last), exist)
 
     def evict(self, num_tokens, swa_num_tokens=0, mamba_num=None):
@@ -1885,6 +2047,13 @@ cdef class MambaTreeCore(RadixTreeCore):
         call. Returns ``EvictResult(full_evicted, mamba_evicted=...)``. Each step removes a
         heap entry, so the loop ends; cost is proportional to what is evicted.
         """
+        self._enter()
+        try:
+            return self._evict_mamba(num_tokens, swa_num_tokens, mamba_num)
+        finally:
+            self._owner = 0
+
+    cdef object _evict_mamba(self, num_tokens, swa_num_tokens=0, mamba_num=None):
         cdef int64_t n_ev = 0, done, want_states, states
         cdef nid_t n
         cdef Node* x
@@ -1910,6 +2079,13 @@ cdef class MambaTreeCore(RadixTreeCore):
         """Lock the KV of *node* and its ancestors, and *node*'s own Mamba state if it has
         one. Returns the token to pass back to :meth:`dec_lock_ref`: True when the state was
         locked, False when the node had none. A stale handle raises ``StaleNodeError``."""
+        self._enter()
+        try:
+            return self._inc_lock_ref_mamba(node)
+        finally:
+            self._owner = 0
+
+    cdef object _inc_lock_ref_mamba(self, node):
         cdef nid_t n = self._slot_of(node)
         cdef Node* x = &self.nodes[n]
         self._lock(n)
@@ -1929,6 +2105,13 @@ cdef class MambaTreeCore(RadixTreeCore):
         without the token (None) a state lock is released only if the node holds one, which
         can release another request's: keep the token. ``LockStateError`` (nothing changed)
         when the node, or (token True) its state, holds no lock."""
+        self._enter()
+        try:
+            return self._dec_lock_ref_mamba(node, swa_boundary_id)
+        finally:
+            self._owner = 0
+
+    cdef object _dec_lock_ref_mamba(self, node, swa_boundary_id=None):
         cdef nid_t n = self._slot_of(node)
         cdef Node* x = &self.nodes[n]
         cdef bint release_state
@@ -1991,6 +2174,16 @@ cdef int64_t _count(str name, object v) except? -1:
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     v = v.__index__()
     return max(-1, min(v, (<int64_t>1) << 62))
+
+
+cdef int64_t _int64(str name, object v) except? -1:
+    """Any int that fits in 64 bits; bools and floats are rejected."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {v!r} ({type(v).__name__})")
+    v = v.__index__()
+    if not -(1 << 63) <= v < (1 << 63):
+        raise InvalidValueError(f"{name}: expected a 64-bit int, got {v}")
+    return v
 
 
 cdef int64_t _nonneg_int(str name, object v) except -1:
