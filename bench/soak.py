@@ -273,14 +273,12 @@ class Workload:
     """Seeded prompts: a system prefix (one of many, shared) plus fresh tokens."""
 
     def __init__(self, rng: np.random.Generator, n_prefixes: int) -> None:
-        self.rng = rng
         self.prefixes = [
             rng.integers(0, 50_000, int(rng.integers(16, 192)), dtype=np.int32)
             for _ in range(n_prefixes)
         ]
 
-    def prompt(self) -> tuple[Any, np.ndarray]:
-        rng = self.rng
+    def prompt(self, rng: np.random.Generator) -> tuple[Any, np.ndarray]:
         i = int(rng.integers(len(self.prefixes)))
         base = self.prefixes[i]
         cut = len(base) if rng.random() < 0.7 else int(rng.integers(1, len(base) + 1))
@@ -288,51 +286,59 @@ class Workload:
         return (None if i % 4 else "lora-1"), np.concatenate([base[:cut], fresh])
 
 
+def draw_ops(rng: np.random.Generator, n: int) -> list[str]:
+    """n operation names drawn from the serving mix."""
+    names = list(MIX)
+    p = np.array([MIX[k] for k in names], dtype=np.float64)
+    return [names[i] for i in rng.choice(len(names), size=n, p=p / p.sum())]
+
+
+def step(stack: Stack, work: Workload, rng: np.random.Generator, op: str, args: Any) -> int:
+    """Run one operation of the mix; returns 1 for an admitted request, -1 for one turned
+    away for lack of memory, else 0."""
+    reqs = stack.reqs
+    if op == "admit" or not reqs:
+        if len(reqs) >= args.max_reqs:
+            return 0
+        return 1 if stack.admit(*work.prompt(rng)) else -1
+    if op == "evict":
+        n = int(rng.integers(1, 256))
+        if stack.kind == "swa":
+            stack.cache.evict(n, int(rng.integers(0, 64)))
+        elif stack.kind == "mamba":
+            stack.cache.evict(n, mamba_num=int(rng.integers(0, 3)))
+        else:
+            stack.cache.evict(n)
+        return 0
+    r = reqs[int(rng.integers(len(reqs)))]
+    if op == "prefill":
+        if r.cached < len(r.tokens):
+            stack.prefill(r, int(rng.integers(r.cached + 1, len(r.tokens) + 1)))
+    elif op == "decode" and len(r.tokens) < args.max_len:
+        stack.decode(r, rng.integers(0, 50_000, int(rng.integers(1, 5)), np.int32))
+    elif op in ("decode", "finish"):
+        stack.finish(r)
+    else:
+        stack.abort(r)
+    return 0
+
+
 def soak(kind: str, ops: int, seed: int, check_every: int, args: Any) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     stack = Stack(kind, args.pool, args.states, args.window)
     work = Workload(rng, args.prefixes)
-    names = list(MIX)
-    p = np.array([MIX[n] for n in names], dtype=np.float64)
-    choices = rng.choice(len(names), size=ops, p=p / p.sum())
-    counts = dict.fromkeys(names, 0)
+    names = draw_ops(rng, ops)
+    counts = dict.fromkeys(MIX, 0)
     admitted = rejected = 0
     rss_start = rss_bytes()
     rss_warm = rss_start
     warm_at = max(1, ops // 10)
     t0 = time.perf_counter()
-    for i in range(ops):
-        op = names[choices[i]]
+    for i, op in enumerate(names):
         counts[op] += 1
-        reqs = stack.reqs
-        if op == "admit" or not reqs:
-            if len(reqs) < args.max_reqs:
-                if stack.admit(*work.prompt()):
-                    admitted += 1
-                else:
-                    rejected += 1
-        elif op == "evict":
-            n = int(rng.integers(1, 256))
-            if kind == "swa":
-                stack.cache.evict(n, int(rng.integers(0, 64)))
-            elif kind == "mamba":
-                stack.cache.evict(n, mamba_num=int(rng.integers(0, 3)))
-            else:
-                stack.cache.evict(n)
-        else:
-            r = reqs[int(rng.integers(len(reqs)))]
-            if op == "prefill":
-                if r.cached < len(r.tokens):
-                    stack.prefill(r, int(rng.integers(r.cached + 1, len(r.tokens) + 1)))
-            elif op == "decode":
-                if len(r.tokens) < args.max_len:
-                    stack.decode(r, rng.integers(0, 50_000, int(rng.integers(1, 5)), np.int32))
-                else:
-                    stack.finish(r)
-            elif op == "finish":
-                stack.finish(r)
-            else:
-                stack.abort(r)
+        got = step(stack, work, rng, op, args)
+        admitted += got == 1
+        rejected += got == -1
         if (i + 1) % check_every == 0:
             stack.check()
         if i + 1 == warm_at:
@@ -359,7 +365,7 @@ def soak(kind: str, ops: int, seed: int, check_every: int, args: Any) -> dict[st
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", type=int, default=1_000_000, help="operations per cache kind")
     ap.add_argument("--kinds", default="radix", help=f"comma-separated, of {','.join(KINDS)}")
@@ -377,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         default=8.0,
         help="allowed RSS growth from the warm point (after 10%% of the ops) to the end",
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in KINDS]

@@ -8,8 +8,12 @@ printed at the end of the session ("stateful steps").
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -387,3 +391,14 @@ class PairedCaches:
             key.token_ids[:] = 5
         if isinstance(value, np.ndarray):
             value[:] = 0
+
+
+def load_bench(name: str) -> ModuleType:
+    """The script ``bench/<name>.py`` as a module (bench/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"pymllm_bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
