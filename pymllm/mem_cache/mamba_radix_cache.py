@@ -16,8 +16,10 @@ class MambaRadixCache(MambaTreeCore, BasePrefixCache):
     """Radix-tree prefix cache with independent Mamba/SSM state tracking.
 
     ``MambaRadixCache(page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,
-    on_node_evict=None)``; ``mamba_pool`` is anything with ``free(int32 slots)`` (normally
-    :class:`~pymllm.mem_cache.memory_pool.MambaPool`).
+    on_node_evict=None, eviction_policy="lru")``; ``mamba_pool`` is anything with
+    ``free(int32 slots)`` (normally :class:`~pymllm.mem_cache.memory_pool.MambaPool`).
+    ``eviction_policy`` as in RadixCache; it orders both the KV leaves and the states
+    that ``evict(..., mamba_num=)`` drops.
 
     Ownership: KV slots as in :class:`~pymllm.mem_cache.radix_cache.RadixCache`. A state
     slot passed to ``insert`` becomes the tree's unless ``InsertResult.mamba_exist`` is True;
@@ -25,7 +27,8 @@ class MambaRadixCache(MambaTreeCore, BasePrefixCache):
     ``match_prefix`` results end at a node holding a state; copy that state
     (``last_node.mamba_value``) into the request's own slot before extending it.
 
-    Thread safety: as RadixCache (each call atomic under the GIL).
+    Thread safety: as RadixCache (each call atomic, guarded against the threads its
+    callbacks may let in; re-entry from a callback raises ``ReentrantCallError``).
     """
 
     __slots__ = ()

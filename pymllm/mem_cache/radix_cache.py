@@ -15,21 +15,32 @@ class RadixCache(RadixTreeCore, BasePrefixCache):
     """Radix-tree prefix cache: repeated prompt prefixes reuse their KV slots.
 
     ``RadixCache(page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
-    on_node_evict=None)``
+    on_node_evict=None, eviction_policy="lru")``
 
     * ``page_size``: keys are matched and stored in whole pages of this many tokens.
     * ``token_to_kv_pool_allocator``: anything with ``free(int32 array)``; evicted KV slots
       go back through it.
     * ``on_node_evict``: optional ``callback(node_id)`` called for each evicted node.
+    * ``eviction_policy``: which unlocked leaf ``evict`` removes first (every policy breaks
+      ties by recency, then node id): ``"lru"`` least recently matched or inserted;
+      ``"lfu"`` fewest ``match_prefix`` hits; ``"fifo"`` oldest insertion (a node split in
+      two keeps its insertion time); ``"priority"`` lowest ``insert(..., priority=p)``
+      (an insert raises every node on its path to at least ``p``); ``"slru"`` nodes never
+      hit since insertion (probationary) before nodes hit at least once (protected).
+      With a sliding window the same order picks the nodes whose window KV goes first.
 
     KV slot ownership: ``match_prefix`` hands out *views* (the tree keeps owning them; lock
     ``last_node`` to keep them); ``insert`` takes ``value[prefix_len:aligned_len]`` and
     leaves the duplicates ``value[:prefix_len]`` to the caller to free; ``evict`` and
     ``reset`` give tree-owned slots back to the allocator.
 
-    Thread safety: every call runs with the GIL held throughout, so each call is atomic
-    with respect to other Python threads; sequences of calls (match then lock) are not, and
-    need a lock of the caller's if several threads share one cache.
+    Thread safety: every call is atomic with respect to other Python threads. The GIL alone
+    would not make it so (``evict`` runs the allocator's ``free`` and ``on_node_evict``,
+    Python code that can hand the GIL to another thread midway), so each call also holds
+    the cache's own guard: another thread's call waits until it returns. A callback that
+    calls back into the same cache gets ``ReentrantCallError`` (the O(1) size queries are
+    allowed). Sequences of calls (match, then lock) are not atomic: threads sharing one
+    cache serialise them with a lock of their own.
     """
 
     __slots__ = ()

@@ -9,7 +9,12 @@ every free checked in O(1) per slot, always on: a double free, the padding slot 
 out of range or a slot listed twice raises ``InvalidFreeError`` and frees nothing of the
 call.
 
-Not thread-safe: one owner (the scheduler thread) calls these. No call releases the GIL.
+Thread safety: every public call is atomic with respect to other Python threads. A call
+first converts its arguments (which may run Python code, e.g. copying a jax array to the
+host) and makes its result array, then changes the allocator's state in one stretch of C
+code that holds the GIL throughout and calls nothing in Python. A sequence of calls
+(``available_size()`` then ``alloc()``) is not atomic: threads sharing an allocator
+serialise such sequences themselves.
 """
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
@@ -146,15 +151,15 @@ cdef cnp.ndarray _as_int32_slots(object indices):
     if arr.ndim == 0:
         arr = arr.reshape(1)
     elif arr.ndim != 1:
-        raise InvalidValueError(f"slot indices must be 1-D, got shape {arr.shape}")
+        raise InvalidValueError(f"indices: expected a 1-D array of slot ids, got shape {arr.shape}")
     if arr.size == 0:
         return _empty_int32(0)
     if arr.dtype.kind not in "iu":
-        raise InvalidValueError(f"slot indices must be integers, got dtype {arr.dtype}")
+        raise InvalidValueError(f"indices: expected integer slot ids, got dtype {arr.dtype}")
     if arr.dtype != np.int32:
         bad = np.flatnonzero((arr < 0) | (arr > 0x7FFFFFFF))
         if bad.size:
-            raise InvalidFreeError(f"slot {arr[bad[0]]} is out of range")
+            raise InvalidFreeError(f"indices: slot {arr[bad[0]]} is out of range [0, 2**31)")
         arr = arr.astype(np.int32)
     return np.ascontiguousarray(arr)
 
@@ -168,11 +173,11 @@ cdef class PageCore:
         self.state = NULL
         self.freebits = NULL
         if num_pages < 0:
-            raise InvalidValueError(f"size must be >= 0, got {num_pages} pages")
+            raise InvalidValueError(f"size: expected >= 0, got {num_pages} pages")
         if page_size < 1:
-            raise InvalidValueError(f"page_size must be >= 1, got {page_size}")
+            raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
         if (<int64_t>num_pages + 1) * page_size > 0x7FFFFFFF:
-            raise InvalidValueError("pool too large: slot ids must fit int32")
+            raise InvalidValueError(f"size: {num_pages} pages of {page_size} slots do not fit int32 slot ids")
         self.num_pages = num_pages
         self.page_size = page_size
         self.need_sort = need_sort
@@ -248,10 +253,10 @@ cdef class PageCore:
                     self.state[self.scratch[j]] = PAGE_ALLOCATED
                 if 0 <= s < ps:
                     raise InvalidFreeError(
-                        f"slot {s} is the reserved padding slot (page 0); it is never "
+                        f"indices: slot {s} is the reserved padding slot (page 0); it is never "
                         "allocated and cannot be freed"
                     )
-                raise InvalidFreeError(f"slot {s} is out of range [{ps}, {hi})")
+                raise InvalidFreeError(f"indices: slot {s} is out of range [{ps}, {hi})")
             p = s if ps == 1 else s // ps
             st = self.state[p]
             if st == PAGE_ALLOCATED:
@@ -264,9 +269,9 @@ cdef class PageCore:
                 for j in range(count):
                     self.state[self.scratch[j]] = PAGE_ALLOCATED
                 if st == PAGE_PENDING:
-                    raise InvalidFreeError(f"slot {s} is listed twice in one free()")
+                    raise InvalidFreeError(f"indices: slot {s} is listed twice in one free()")
                 raise InvalidFreeError(
-                    f"slot {s} is not allocated (double free?)"
+                    f"indices: slot {s} is not allocated (double free?)"
                     + (f"; its page {p} is free" if ps > 1 else "")
                 )
         return count
@@ -346,15 +351,15 @@ cdef class PageCore:
             s = slots[bad]
             if s == PAD_PAGE:
                 raise InvalidFreeError(
-                    "slot 0 is the reserved padding slot; it is never allocated and cannot "
+                    "indices: slot 0 is the reserved padding slot; it is never allocated and cannot "
                     "be freed"
                 )
             if s < 1 or s > hi:
-                raise InvalidFreeError(f"slot {s} is out of range [1, {hi + 1})")
+                raise InvalidFreeError(f"indices: slot {s} is out of range [1, {hi + 1})")
             for j in range(bad):
                 if dst[j] == s:
-                    raise InvalidFreeError(f"slot {s} is listed twice in one free()")
-            raise InvalidFreeError(f"slot {s} is not allocated (double free?)")
+                    raise InvalidFreeError(f"indices: slot {s} is listed twice in one free()")
+            raise InvalidFreeError(f"indices: slot {s} is not allocated (double free?)")
         self.placed(dst, <int32_t>n, False)
         return <int32_t>n
 
@@ -474,9 +479,9 @@ cdef class PageCore:
         )
 
 
-cdef cnp.ndarray _pages_to_slots(const int32_t* pages, int32_t n_pages, int32_t ps):
-    cdef cnp.ndarray out = _empty_int32(<Py_ssize_t>n_pages * ps)
-    cdef int32_t* o = <int32_t*>cnp.PyArray_DATA(out)
+cdef void _pages_to_slots(int32_t* o, const int32_t* pages, int32_t n_pages,
+                          int32_t ps) noexcept:
+    """Write the slots of pages[0:n_pages] to o (n_pages * ps of them)."""
     cdef int32_t i, j, base
     if ps == 1:
         memcpy(o, pages, n_pages * sizeof(int32_t))
@@ -485,15 +490,14 @@ cdef cnp.ndarray _pages_to_slots(const int32_t* pages, int32_t n_pages, int32_t 
             base = pages[i] * ps
             for j in range(ps):
                 o[i * ps + j] = base + j
-    return out
 
 
 cdef int32_t _check_alloc_size(object n, int32_t ps) except -1:
     n = operator.index(n)
     if n < 0:
-        raise InvalidValueError(f"cannot allocate {n} slots")
+        raise InvalidValueError(f"n: cannot allocate {n} slots")
     if n % ps:
-        raise InvalidValueError(f"alloc({n}): with page_size={ps} allocate whole pages")
+        raise InvalidValueError(f"n: {n} is not a whole number of pages (page_size={ps})")
     return <int32_t>(n // ps) if n <= 0x7FFFFFFF else 0x7FFFFFFF
 
 
@@ -508,7 +512,8 @@ cdef class TokenToKVPoolAllocator:
     the fast path): they are the allocator's again. With pages, a freed slot frees its
     whole page. Bad frees raise ``InvalidFreeError`` (a ``ValueError``) and free nothing of
     that call. With ``need_sort`` (default) freed slots are handed out again lowest first,
-    once the current free list runs out. Not thread-safe.
+    once the current free list runs out. Each call is atomic with respect to Python
+    threads (see the module docstring).
     """
 
     cdef PageCore core
@@ -517,9 +522,9 @@ cdef class TokenToKVPoolAllocator:
 
     def __init__(self, size, page_size=1, need_sort=True):
         if page_size < 1:
-            raise InvalidValueError(f"page_size must be >= 1, got {page_size}")
+            raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
         if size < 0:
-            raise InvalidValueError(f"size must be >= 0, got {size}")
+            raise InvalidValueError(f"size: expected an int >= 0, got {size!r}")
         self.core = PageCore(size // page_size, page_size, need_sort)
         self.size = self.core.num_pages * page_size
         self.page_size = page_size
@@ -539,10 +544,15 @@ cdef class TokenToKVPoolAllocator:
     def alloc(self, n):
         """``n`` fresh slots (1-D ``np.int32``, caller-owned) or ``None`` if unavailable."""
         cdef int32_t need = _check_alloc_size(n, self.page_size)
-        cdef int32_t* pages = self.core.take_pages(need)
-        if pages == NULL:
+        cdef cnp.ndarray out
+        cdef int32_t* pages
+        if need > self.core.free_pages_count():
             return None
-        return _pages_to_slots(pages, need, self.page_size)
+        # the result array first: if it cannot be made, no slot has changed hands
+        out = _empty_int32(<Py_ssize_t>need * self.page_size)
+        pages = self.core.take_pages(need)
+        _pages_to_slots(<int32_t*>cnp.PyArray_DATA(out), pages, need, self.page_size)
+        return out
 
     def free(self, indices):
         """Return *indices* to the pool; raises ``InvalidFreeError`` with nothing freed."""
@@ -616,7 +626,8 @@ cdef class SWATokenToKVPoolAllocator:
     ``free_swa(full)`` frees only the SWA side of still-allocated full slots (slots whose
     SWA side is already gone are skipped, so a tombstoned node can later be freed whole).
     Full slots that are not allocated raise ``InvalidFreeError`` in both, nothing freed.
-    ``available_size()`` is the smaller side. Not thread-safe.
+    ``available_size()`` is the smaller side. Each call is atomic with respect to Python
+    threads (see the module docstring).
     """
 
     cdef PageCore full
@@ -629,9 +640,9 @@ cdef class SWATokenToKVPoolAllocator:
 
     def __init__(self, size, swa_size, page_size=1, need_sort=True):
         if page_size < 1:
-            raise InvalidValueError(f"page_size must be >= 1, got {page_size}")
+            raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
         if size < 0 or swa_size < 0:
-            raise InvalidValueError(f"sizes must be >= 0, got {size}, {swa_size}")
+            raise InvalidValueError(f"size, swa_size: expected ints >= 0, got {size!r}, {swa_size!r}")
         self.full = PageCore(size // page_size, page_size, need_sort)
         self.swa = PageCore(swa_size // page_size, page_size, need_sort)
         self.size = self.full.num_pages * page_size
@@ -664,9 +675,11 @@ cdef class SWATokenToKVPoolAllocator:
         cdef int32_t i, j, fb, sb
         if need > self.full.free_pages_count() or need > self.swa.free_pages_count():
             return None
+        # the result array first: if it cannot be made, no slot has changed hands
+        cdef cnp.ndarray out = _empty_int32(<Py_ssize_t>need * ps)
         cdef int32_t* full_pages = self.full.take_pages(need)
         cdef int32_t* swa_pages = self.swa.take_pages(need)
-        cdef cnp.ndarray out = _pages_to_slots(full_pages, need, ps)
+        _pages_to_slots(<int32_t*>cnp.PyArray_DATA(out), full_pages, need, ps)
         for i in range(need):
             fb = full_pages[i] * ps
             sb = swa_pages[i] * ps

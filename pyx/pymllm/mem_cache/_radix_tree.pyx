@@ -300,7 +300,7 @@ cdef inline tok_t _to_tok(object v) except? 0:
     cdef int overflow = 0
     if not PyLong_CheckExact(v):
         if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise InvalidKeyError(f"token_ids: tokens must be integers, got {type(v).__name__}")
+            raise InvalidKeyError(f"token_ids: tokens must be integers, got {v!r:.60} ({type(v).__name__})")
         v = v.__index__()
     x = PyLong_AsLongLongAndOverflow(v, &overflow)
     if overflow or x < 0 or x >= TOKEN_LIMIT:
@@ -313,7 +313,7 @@ cdef inline idx_t _to_idx(object v) except? -1:
     cdef int overflow = 0
     if not PyLong_CheckExact(v):
         if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise InvalidValueError(f"value: KV indices must be integers, got {type(v).__name__}")
+            raise InvalidValueError(f"value: KV indices must be integers, got {v!r:.60} ({type(v).__name__})")
         v = v.__index__()
     x = PyLong_AsLongLongAndOverflow(v, &overflow)
     if overflow or x < 0 or x > INT32_MAX:
@@ -444,7 +444,7 @@ cdef class RadixTreeCore:
                     and not callable(getattr(token_to_kv_pool_allocator, "free_swa", None))):
                 raise TypeError(
                     "token_to_kv_pool_allocator: a sliding window needs an allocator with "
-                    "free_swa() (SWATokenToKVPoolAllocator)"
+                    f"free_swa() (SWATokenToKVPoolAllocator), got {token_to_kv_pool_allocator!r:.80}"
                 )
             self.swa = True
             self.window = sliding_window_size
@@ -634,7 +634,7 @@ cdef class RadixTreeCore:
         try:
             return self._ns_ids.get((extra_key, arity), -1)
         except TypeError:
-            raise TypeError(f"extra_key: must be hashable, got {type(extra_key).__name__}") from None
+            raise TypeError(f"extra_key: must be hashable, got {extra_key!r:.60} ({type(extra_key).__name__})") from None
 
     cdef int32_t _intern_ns(self, object extra_key, int32_t arity) except -1:
         cdef int32_t ns = self._find_ns(extra_key, arity)
@@ -664,7 +664,7 @@ cdef class RadixTreeCore:
     cdef object _load_key(self, object key, KeyView* kv):
         """Fill kv from a RadixKey; returns the object that owns kv.tok (keep it alive)."""
         if not isinstance(key, RadixKey):
-            raise TypeError(f"key: expected a RadixKey, got {type(key).__name__}")
+            raise TypeError(f"key: expected a RadixKey, got {key!r:.60} ({type(key).__name__})")
         return self._load_tokens((<object>key).token_ids, kv)
 
     cdef object _load_tokens(self, object token_ids, KeyView* kv):
@@ -687,7 +687,7 @@ cdef class RadixTreeCore:
             if type(t) is tuple:
                 width = len(<tuple>t)
                 if width == 0:
-                    raise InvalidKeyError("token_ids: tuple tokens must not be empty")
+                    raise InvalidKeyError("token_ids: tuple tokens must not be empty, got ()")
                 buf = <tok_t*>self._tok_scratch.reserve(n * width)
                 for i in range(n):
                     t = token_ids[i]
@@ -853,7 +853,7 @@ cdef class RadixTreeCore:
         """Validate a TreeNode handle and return its slot."""
         cdef TreeNode h
         if not isinstance(node, TreeNode):
-            raise TypeError(f"node: expected a TreeNode, got {type(node).__name__}")
+            raise TypeError(f"node: expected a TreeNode, got {node!r:.60} ({type(node).__name__})")
         h = <TreeNode>node
         if h._tree is not self:
             raise StaleNodeError(f"node: {node!r} belongs to another cache")
@@ -2060,7 +2060,10 @@ cdef class MambaTreeCore(RadixTreeCore):
         if mamba_num is None:
             mamba_num = swa_num_tokens
         elif swa_num_tokens:
-            raise TypeError("evict(): give the Mamba state count once (mamba_num or the 2nd arg)")
+            raise TypeError(
+                f"mamba_num: give the Mamba state count once (mamba_num or the 2nd argument), "
+                f"got swa_num_tokens={swa_num_tokens!r} and mamba_num={mamba_num!r}"
+            )
         want_states = _count("mamba_num", mamba_num)
         done = _count("num_tokens", num_tokens)
         done = self._evict_full(done, &n_ev)
@@ -2171,7 +2174,7 @@ cdef int64_t _count(str name, object v) except? -1:
         if not overflow:
             return max(-1, min(x, (<int64_t>1) << 62))
     if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        raise TypeError(f"{name}: expected an int, got {v!r:.60} ({type(v).__name__})")
     v = v.__index__()
     return max(-1, min(v, (<int64_t>1) << 62))
 
@@ -2188,7 +2191,7 @@ cdef int64_t _int64(str name, object v) except? -1:
 
 cdef int64_t _nonneg_int(str name, object v) except -1:
     if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        raise TypeError(f"{name}: expected an int, got {v!r:.60} ({type(v).__name__})")
     v = v.__index__()
     if v < 0:
         raise InvalidValueError(f"{name}: expected an int >= 0, got {v}")
@@ -2198,7 +2201,9 @@ cdef int64_t _nonneg_int(str name, object v) except -1:
 cdef int64_t _parse_state_slot(object mamba_value) except -1:
     """One Mamba state slot from an int or a length-1 integer array/list."""
     if isinstance(mamba_value, bool):
-        raise TypeError("mamba_value: expected an int slot or a length-1 int array, got bool")
+        raise TypeError(
+            f"mamba_value: expected an int slot or a length-1 int array, got {mamba_value!r}"
+        )
     if not isinstance(mamba_value, int):
         try:
             arr = np.asarray(mamba_value)
