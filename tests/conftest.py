@@ -1,7 +1,8 @@
 """Shared test helpers: a recording allocator, cache factories, hypothesis profiles.
 
 Hypothesis profiles: ``ci`` (loaded by default; bounded so the whole suite runs in about two
-minutes on two cores) and ``long`` (``pytest --hypothesis-profile=long``; for soak runs).
+minutes on two cores), ``long`` (``pytest --hypothesis-profile=long``; for soak runs) and
+``memcheck`` (a few short runs, for the valgrind run of ``.ci/memcheck``).
 Every state machine counts the steps it checked with :func:`count_step`; the counts are
 printed at the end of the session ("stateful steps").
 """
@@ -36,6 +37,14 @@ settings.register_profile(
     stateful_step_count=150,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile(
+    "memcheck",  # under valgrind (.ci/memcheck): a few short runs of each state machine
+    max_examples=8,
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
     print_blob=True,
 )
 settings.load_profile("ci")
