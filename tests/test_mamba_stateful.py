@@ -22,21 +22,27 @@ drawn once per run.
 
 Profiles (tests/conftest.py): ``ci`` (default, 100 examples x up to 50 steps, about 4,000
 steps) takes about 20 s; ``--hypothesis-profile=long`` (3000 x 150) is the soak run. The
-step count is printed at the end; ``--hypothesis-show-statistics`` lists how many examples
-reached the interesting events (state hits, branching, drops, locked states).
+step count is printed at the end ("stateful steps"); ``--hypothesis-show-statistics`` lists
+how many examples reached the interesting events (state hits, branching, drops, locked
+states).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pytest
 from conftest import (  # tests/ is on sys.path (rootdir conftest)
-    BIG_TOKEN,
+    MAMBA_FIELDS,
+    MAMBA_SIZES,
+    PairedCaches,
     RecordingAllocator,
     assert_same_trees,
+    assert_slot_ledger,
+    count_run,
+    count_step,
+    describe_node,
     draw_key_maker,
     outcome,
 )
@@ -51,21 +57,20 @@ from pymllm.mem_cache.reference_mamba import RefMambaRadixCache
 
 # (extra_key, tuple width); width 0 is plain int tokens.
 NAMESPACES = [(None, 0), (None, 0), ("a", 0), (None, 2)]
-PLAIN_TOKEN = st.sampled_from([0, 1, 2, 0, 1, 2, BIG_TOKEN])
-PAIR_TOKEN = st.tuples(st.integers(0, 1), st.integers(0, 1))
 MAX_KEY_LEN = 24
 
-STEPS = {"steps": 0, "runs": 0}
 
+class MambaCacheComparison(PairedCaches, RuleBasedStateMachine):
+    NAMESPACES = NAMESPACES
+    MAX_KEY_LEN = MAX_KEY_LEN
 
-class MambaCacheComparison(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.ref: RefMambaRadixCache | None = None
 
     @initialize(page_size=st.sampled_from([1, 2, 4]))
     def setup(self, page_size: int) -> None:
-        STEPS["runs"] += 1
+        count_run(type(self).__name__)
         self.kv_ref, self.kv_c = RecordingAllocator(), RecordingAllocator()
         self.st_ref, self.st_c = RecordingAllocator(), RecordingAllocator()
         self.evicted_ref: list[int] = []
@@ -103,26 +108,6 @@ class MambaCacheComparison(RuleBasedStateMachine):
         assert a.tolist() == b.tolist()
         return int(a[0])
 
-    def _draw_key(
-        self, data: st.DataObject, extend: bool = False
-    ) -> tuple[tuple[Any, int], list[Any]]:
-        """A key that, half the time (always with *extend*), starts with part of an earlier
-        key of its namespace, so that keys share prefixes and pages."""
-        if extend and self.keys:
-            ns = data.draw(st.sampled_from(sorted({n for n, _ in self.keys}, key=repr)))
-        else:
-            ns = data.draw(st.sampled_from(NAMESPACES), label="namespace")
-        earlier = [toks for (n, toks) in self.keys if n == ns]
-        prefix: list[Any] = []
-        if earlier and (extend or data.draw(st.booleans(), label="extend an earlier key")):
-            base = data.draw(st.sampled_from(earlier))
-            # half the time the whole earlier key: states sit at the ends of inserted keys
-            cut = st.one_of(st.just(len(base)), st.integers(0, len(base)))
-            prefix = base[: data.draw(cut, label="cut")]
-        token = PAIR_TOKEN if ns[1] else PLAIN_TOKEN
-        suffix = data.draw(st.lists(token, max_size=8), label="suffix")
-        return ns, (prefix + suffix)[:MAX_KEY_LEN]
-
     @staticmethod
     def _state_forms(data: st.DataObject, slot: int) -> Callable[[], Any]:
         form = data.draw(st.sampled_from(["int", "np.int64", "list", "array", "0-d"]))
@@ -134,10 +119,6 @@ class MambaCacheComparison(RuleBasedStateMachine):
             "0-d": lambda: np.array(slot, dtype=np.int64),
         }[form]
 
-    def _register(self, ref_node: Any, c_node: Any) -> None:
-        assert ref_node.id == c_node.id, f"last_node: ref {ref_node.id} != compiled {c_node.id}"
-        self.handles[ref_node.id] = (ref_node, c_node)
-
     def _check_new_free_calls(self, ordered: bool) -> None:
         for name, r, c in (("kv", self.kv_ref, self.kv_c), ("st", self.st_ref, self.st_c)):
             new_r = r.freed_sequence[self.seen[name] :]
@@ -148,9 +129,6 @@ class MambaCacheComparison(RuleBasedStateMachine):
                 new_c = [sorted(x) for x in new_c]
             assert new_r == new_c, f"{name} freed: ref {new_r} != compiled {new_c}"
             self.seen[name] = len(r.free_calls)
-
-    def _pick_handle(self, data: st.DataObject, pool: list[int]) -> tuple[Any, Any]:
-        return self.handles[data.draw(st.sampled_from(sorted(pool)), label="node id")]
 
     # ------------------------------------------------------------------ match / insert
 
@@ -448,43 +426,13 @@ class MambaCacheComparison(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ invariants
 
-    @staticmethod
-    def _describe(node: Any) -> tuple[Any, ...]:
-        key = node.key
-        mv = node.mamba_value
-        return (
-            node.parent.id,
-            [tuple(t) if isinstance(t, tuple) else int(t) for t in key.token_ids],
-            type(key.extra_key).__name__,
-            key.extra_key,
-            np.asarray(node.value).tolist(),
-            None if mv is None else (str(mv.dtype), mv.tolist()),
-            node.lock_ref,
-            node.full_lock_ref,
-            node.mamba_lock_ref,
-            node.last_access_time,
-            node.hit_count,
-        )
-
     @invariant()
     def same_state(self) -> None:
         if self.ref is None:
             return
-        STEPS["steps"] += 1
+        count_step(type(self).__name__)
         assert_same_trees(
-            self.ref,
-            self.c,
-            self._describe,
-            self.handles,
-            (
-                "evictable_size",
-                "protected_size",
-                "total_size",
-                "mamba_evictable_size",
-                "mamba_protected_size",
-                "swa_evictable_size",
-                "swa_protected_size",
-            ),
+            self.ref, self.c, lambda n: describe_node(n, MAMBA_FIELDS), self.handles, MAMBA_SIZES
         )
         assert self.evicted_ref == self.evicted_c
         for r, c in ((self.kv_ref, self.kv_c), (self.st_ref, self.st_c)):
@@ -494,12 +442,9 @@ class MambaCacheComparison(RuleBasedStateMachine):
             ("KV", self.ref._tree_values().tolist(), self.kv_ref, self.caller_kv),
             ("state", self.ref._tree_states().tolist(), self.st_ref, self.caller_states),
         ):
-            owned, free = set(tree), pool.freed
-            assert len(owned) == len(tree), f"a {what} slot is owned twice by the tree"
-            assert owned.isdisjoint(free), f"{what} freed but in the tree: {owned & free}"
-            assert owned.isdisjoint(caller), f"{what} tree- and caller-owned: {owned & caller}"
-            assert caller.isdisjoint(free), f"{what} caller-owned but freed: {caller & free}"
-            assert owned | free | caller == pool.allocated, f"a {what} slot leaked"
+            assert_slot_ledger(
+                what, pool.allocated, {"free": pool.freed, "tree": tree, "caller": caller}
+            )
 
     def teardown(self) -> None:
         if self.ref is None:
@@ -513,15 +458,3 @@ class MambaCacheComparison(RuleBasedStateMachine):
 
 
 TestMambaCacheComparison = MambaCacheComparison.TestCase
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_steps(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    line = f"\nmamba stateful: {STEPS['steps']} steps in {STEPS['runs']} runs"
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    if capture is None:  # -p no:capture
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        print(line)

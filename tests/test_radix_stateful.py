@@ -22,8 +22,15 @@ from typing import Any
 
 import numpy as np
 from conftest import (  # tests/ is on sys.path (rootdir conftest)
+    SIZES,
+    PairedCaches,
     RecordingAllocator,
     assert_same_trees,
+    assert_slot_ledger,
+    count_run,
+    count_step,
+    describe_node,
+    draw_key_maker,
     outcome,
 )
 from hypothesis import strategies as st
@@ -42,17 +49,7 @@ from pymllm.mem_cache.reference import RefRadixCache
 
 # (extra_key, tuple width); width 0 is plain int tokens.
 NAMESPACES = [(None, 0), ("a", 0), (7, 0), (None, 2), ("a", 2)]
-BIG = 2**32 - 1  # the largest valid token
-PLAIN_TOKEN = st.sampled_from([0, 1, 2, 0, 1, 2, BIG])
-PAIR_TOKEN = st.tuples(st.integers(0, 1), st.integers(0, 1))
-SUFFIX = {0: st.lists(PLAIN_TOKEN, max_size=8), 2: st.lists(PAIR_TOKEN, max_size=8)}
 # Strategies are built once: building them per draw costs more than the caches' work.
-NAMESPACE = st.sampled_from(NAMESPACES)
-KEY_FORMS = {
-    "tuples": st.just("list"),
-    "big": st.sampled_from(["list", "int64"]),
-    "small": st.sampled_from(["list", "int64", "int32"]),
-}
 VALUE_FORM = st.sampled_from(["list", "int32", "int64"])
 BAD_CALL = st.sampled_from(["value", "key", "unlock", "hash"])
 BAD_PLAIN = st.sampled_from([-1, 2**32, 2**40])
@@ -60,13 +57,17 @@ BAD_PAIR = st.sampled_from([(0,), (0, 1, 1), (0, -1), (0, 2**32)])
 MAX_KEY_LEN = 24
 
 
-class RadixCacheComparison(RuleBasedStateMachine):
+class RadixCacheComparison(PairedCaches, RuleBasedStateMachine):
+    NAMESPACES = NAMESPACES
+    MAX_KEY_LEN = MAX_KEY_LEN
+
     def __init__(self) -> None:
         super().__init__()
         self.ref: RefRadixCache | None = None
 
     @initialize(page_size=st.sampled_from([1, 2, 4]))
     def setup(self, page_size: int) -> None:
+        count_run(type(self).__name__)
         self.alloc_ref = RecordingAllocator()
         self.alloc_c = RecordingAllocator()
         self.evicted_ref: list[int] = []
@@ -87,7 +88,6 @@ class RadixCacheComparison(RuleBasedStateMachine):
         self.handles: dict[int, tuple[Any, Any]] = {0: (self.ref.root_node, self.c.root_node)}
         self.locks: list[int] = []  # ids locked by the test, one entry per lock
         self.free_calls_seen = 0
-        self.steps = 0  # steps compared so far (for ad-hoc coverage statistics)
 
     # ------------------------------------------------------------------ helpers
 
@@ -96,47 +96,6 @@ class RadixCacheComparison(RuleBasedStateMachine):
         b = self.alloc_c.alloc(n)
         assert a.tolist() == b.tolist()
         return a
-
-    def _draw_key(
-        self, data: st.DataObject, extend: bool = False
-    ) -> tuple[tuple[Any, int], list[Any]]:
-        """A key that, half the time (always with *extend*), starts with part of an earlier
-        key of its namespace, so that keys share prefixes and pages."""
-        if extend and self.keys:
-            ns = self.keys[data.draw(st.integers(0, len(self.keys) - 1), label="key")][0]
-        else:
-            ns = data.draw(NAMESPACE, label="namespace")
-        earlier = [toks for (n, toks) in self.keys if n == ns]
-        prefix: list[Any] = []
-        if earlier and (extend or data.draw(st.booleans(), label="extend an earlier key")):
-            base = earlier[data.draw(st.integers(0, len(earlier) - 1), label="earlier key")]
-            prefix = base[: data.draw(st.integers(0, len(base)), label="cut")]
-        suffix = data.draw(SUFFIX[ns[1]], label="suffix")
-        return ns, (prefix + suffix)[:MAX_KEY_LEN]
-
-    def _make_key(self, data: st.DataObject, ns: tuple[Any, int], tokens: list[Any]) -> Any:
-        """A fresh RadixKey per call (list, int32 or int64 array), so an aliasing bug shows."""
-        forms = "tuples" if ns[1] else "big" if BIG in tokens else "small"
-        form = data.draw(KEY_FORMS[forms], label="key form")
-
-        def make() -> RadixKey:
-            if form == "list":
-                return RadixKey(list(tokens), ns[0])
-            return RadixKey(np.array(tokens, dtype=form), ns[0])
-
-        return make
-
-    def _register(self, ref_node: Any, c_node: Any) -> None:
-        assert ref_node.id == c_node.id, f"last_node: ref {ref_node.id} != compiled {c_node.id}"
-        self.handles[ref_node.id] = (ref_node, c_node)
-
-    @staticmethod
-    def _scribble(key: RadixKey, value: Any) -> None:
-        # The caches must have copied what they keep: overwrite the caller's buffers.
-        if isinstance(key.token_ids, np.ndarray):
-            key.token_ids[:] = 5
-        if isinstance(value, np.ndarray):
-            value[:] = 0
 
     def _check_new_free_calls(self, ordered: bool) -> None:
         new_ref = self.alloc_ref.freed_sequence[self.free_calls_seen :]
@@ -147,10 +106,6 @@ class RadixCacheComparison(RuleBasedStateMachine):
             new_c = [sorted(x) for x in new_c]
         assert new_ref == new_c, f"freed: ref {new_ref} != compiled {new_c}"
         self.free_calls_seen = len(self.alloc_ref.free_calls)
-
-    def _pick_handle(self, data: st.DataObject, pool: list[int]) -> tuple[Any, Any]:
-        pool = sorted(pool)
-        return self.handles[pool[data.draw(st.integers(0, len(pool) - 1), label="node")]]
 
     # ------------------------------------------------------------------ rules
 
@@ -174,7 +129,7 @@ class RadixCacheComparison(RuleBasedStateMachine):
 
     def _match(self, data: st.DataObject, extend: bool) -> None:
         ns, tokens = self._draw_key(data, extend)
-        make = self._make_key(data, ns, tokens)
+        make = draw_key_maker(data, ns, tokens)
         key_r, key_c = make(), make()
         mr = self.ref.match_prefix(key_r)
         mc = self.c.match_prefix(key_c)
@@ -188,7 +143,7 @@ class RadixCacheComparison(RuleBasedStateMachine):
 
     def _insert(self, data: st.DataObject, extend: bool) -> None:
         ns, tokens = self._draw_key(data, extend)
-        make = self._make_key(data, ns, tokens)
+        make = draw_key_maker(data, ns, tokens)
         slots = self._alloc(len(tokens))
         vform = data.draw(VALUE_FORM, label="value form")
 
@@ -222,7 +177,7 @@ class RadixCacheComparison(RuleBasedStateMachine):
 
     def _insert_bad_value(self, data: st.DataObject) -> None:
         ns, tokens = self._draw_key(data)
-        make = self._make_key(data, ns, tokens)
+        make = draw_key_maker(data, ns, tokens)
         kinds = ["too long", "negative" if tokens else "too long"]
         if tokens:
             kinds.append("too short")
@@ -246,7 +201,7 @@ class RadixCacheComparison(RuleBasedStateMachine):
         pos = data.draw(st.integers(0, len(tokens)), label="bad token position")
         if ns[1] == 0:
             bad = data.draw(BAD_PLAIN, label="bad token")
-            form = data.draw(KEY_FORMS["big"], label="bad key form")
+            form = data.draw(st.sampled_from(["list", "int64"]), label="bad key form")
             bad_tokens = [*tokens[:pos], bad, *tokens[pos:]]
             if form == "int64":
                 bad_tokens = np.array(bad_tokens, dtype=np.int64)
@@ -331,49 +286,25 @@ class RadixCacheComparison(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ invariants
 
-    @staticmethod
-    def _describe(node: Any) -> tuple[Any, ...]:
-        key = node.key
-        return (
-            node.parent.id,
-            [tuple(t) if isinstance(t, tuple) else int(t) for t in key.token_ids],
-            type(key.extra_key).__name__,
-            key.extra_key,
-            np.asarray(node.value).tolist(),
-            node.lock_ref,
-            node.last_access_time,
-            node.hit_count,
-        )
-
     @invariant()
     def same_state(self) -> None:
         if self.ref is None:
             return
-        self.steps += 1
-        assert_same_trees(
-            self.ref,
-            self.c,
-            self._describe,
-            self.handles,
-            (
-                "evictable_size",
-                "protected_size",
-                "total_size",
-                "swa_evictable_size",
-                "swa_protected_size",
-            ),
-        )
+        count_step(type(self).__name__)
+        assert_same_trees(self.ref, self.c, describe_node, self.handles, SIZES)
         assert self.evicted_ref == self.evicted_c
         assert len(self.alloc_ref.free_calls) == len(self.alloc_c.free_calls)
         assert self.alloc_ref.freed == self.alloc_c.freed
         # The ledger: every allocated slot is free, tree-owned or caller-owned, exactly once.
-        tree = self.ref._tree_values().tolist()
-        owned, free, caller = set(tree), self.alloc_ref.freed, self.caller_owned
-        assert len(owned) == len(tree), "a slot is owned twice by the tree"
-        assert owned.isdisjoint(free), f"freed but still in the tree: {owned & free}"
-        assert owned.isdisjoint(caller), f"tree- and caller-owned: {owned & caller}"
-        assert caller.isdisjoint(free), f"caller-owned but freed: {caller & free}"
-        assert owned | free | caller == self.alloc_ref.allocated, "a slot leaked"
+        assert_slot_ledger(
+            "KV",
+            self.alloc_ref.allocated,
+            {
+                "free": self.alloc_ref.freed,
+                "tree": self.ref._tree_values().tolist(),
+                "caller": self.caller_owned,
+            },
+        )
 
     def teardown(self) -> None:
         if self.ref is None:

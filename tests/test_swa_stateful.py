@@ -35,9 +35,15 @@ from typing import Any
 
 import numpy as np
 from conftest import (  # tests/ is on sys.path (rootdir conftest)
-    BIG_TOKEN,
+    SIZES,
+    SWA_FIELDS,
+    PairedCaches,
     RecordingSWAAllocator,
     assert_same_trees,
+    assert_slot_ledger,
+    count_run,
+    count_step,
+    describe_node,
     draw_key_maker,
     outcome,
 )
@@ -45,21 +51,19 @@ from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pymllm.mem_cache.base_prefix_cache import RadixKey
 from pymllm.mem_cache.errors import InvalidValueError, LockStateError
 from pymllm.mem_cache.radix_cache import RadixCache
 from pymllm.mem_cache.reference_swa import RefSWARadixCache
 
 # (extra_key, tuple width); width 0 is plain int tokens.
 NAMESPACES = [(None, 0), ("a", 0), (None, 2)]
-PLAIN_TOKEN = st.sampled_from([0, 1, 2, 0, 1, 2, BIG_TOKEN])
-PAIR_TOKEN = st.tuples(st.integers(0, 1), st.integers(0, 1))
 MAX_KEY_LEN = 24
 MAX_REQUESTS = 4
 
 
-class SWACacheComparison(RuleBasedStateMachine):
-    total_steps = 0  # every step of every run in this process (read by soak scripts)
+class SWACacheComparison(PairedCaches, RuleBasedStateMachine):
+    NAMESPACES = NAMESPACES
+    MAX_KEY_LEN = MAX_KEY_LEN
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,6 +71,7 @@ class SWACacheComparison(RuleBasedStateMachine):
 
     @initialize(page_size=st.sampled_from([1, 2]), window=st.integers(1, 6))
     def setup(self, page_size: int, window: int) -> None:
+        count_run(type(self).__name__)
         self.page = page_size
         self.alloc_ref = RecordingSWAAllocator()
         self.alloc_c = RecordingSWAAllocator()
@@ -106,30 +111,6 @@ class SWACacheComparison(RuleBasedStateMachine):
             self.alloc_ref.free_swa(slots.astype(np.int32))
             self.alloc_c.free_swa(slots.astype(np.int32))
 
-    def _draw_key(
-        self, data: st.DataObject, extend: bool = False, min_suffix: int = 0
-    ) -> tuple[tuple[Any, int], list[Any]]:
-        """A key that, half the time (always with *extend*), starts with part of an earlier
-        key of its namespace, so that keys share prefixes and pages."""
-        if extend and self.keys:
-            ns = data.draw(st.sampled_from(sorted({n for n, _ in self.keys}, key=repr)))
-        else:
-            ns = data.draw(st.sampled_from(NAMESPACES), label="namespace")
-        earlier = [toks for (n, toks) in self.keys if n == ns]
-        prefix: list[Any] = []
-        if earlier and (extend or data.draw(st.booleans(), label="extend an earlier key")):
-            base = data.draw(st.sampled_from(earlier))
-            # drawn from the end, so that the simplest choice is the whole earlier key
-            prefix = base[: len(base) - data.draw(st.integers(0, len(base)), label="cut")]
-        suffix = data.draw(
-            st.lists(self._token(ns), min_size=min_suffix, max_size=8), label="suffix"
-        )
-        return ns, (prefix + suffix)[:MAX_KEY_LEN]
-
-    @staticmethod
-    def _token(ns: tuple[Any, int]) -> Any:
-        return PAIR_TOKEN if ns[1] else PLAIN_TOKEN
-
     def _values(self, data: st.DataObject, slots: np.ndarray) -> tuple[Any, Any]:
         vform = data.draw(st.sampled_from(["list", "int32", "int64"]), label="value form")
         if vform == "list":
@@ -141,18 +122,6 @@ class SWACacheComparison(RuleBasedStateMachine):
             return 0
         return data.draw(st.integers(0, len(tokens) + 3), label="swa_evicted_seqlen")
 
-    def _register(self, ref_node: Any, c_node: Any) -> None:
-        assert ref_node.id == c_node.id, f"last_node: ref {ref_node.id} != compiled {c_node.id}"
-        self.handles[ref_node.id] = (ref_node, c_node)
-
-    @staticmethod
-    def _scribble(key: RadixKey, value: Any) -> None:
-        # The caches must have copied what they keep: overwrite the caller's buffers.
-        if isinstance(key.token_ids, np.ndarray):
-            key.token_ids[:] = 5
-        if isinstance(value, np.ndarray):
-            value[:] = 0
-
     def _check_new_calls(self, ordered: bool = True) -> None:
         new_ref = self.alloc_ref.calls[self.calls_seen :]
         new_c = self.alloc_c.calls[self.calls_seen :]
@@ -161,9 +130,6 @@ class SWACacheComparison(RuleBasedStateMachine):
             new_c = [(k, sorted(s)) for k, s in new_c]
         assert new_ref == new_c, f"allocator calls: ref {new_ref} != compiled {new_c}"
         self.calls_seen = len(self.alloc_ref.calls)
-
-    def _pick_handle(self, data: st.DataObject, pool: list[int]) -> tuple[Any, Any]:
-        return self.handles[data.draw(st.sampled_from(sorted(pool)), label="node id")]
 
     def _match_both(self, data: st.DataObject, extend: bool) -> tuple[Any, list[Any], Any]:
         ns, tokens = self._draw_key(data, extend)
@@ -421,52 +387,25 @@ class SWACacheComparison(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ invariants
 
-    @staticmethod
-    def _describe(node: Any) -> tuple[Any, ...]:
-        key = node.key
-        return (
-            node.parent.id,
-            [tuple(t) if isinstance(t, tuple) else int(t) for t in key.token_ids],
-            type(key.extra_key).__name__,
-            key.extra_key,
-            np.asarray(node.value).tolist(),
-            node.lock_ref,
-            node.swa_lock_ref,
-            bool(node.swa_tombstone),
-            node.last_access_time,
-            node.hit_count,
-        )
-
     @invariant()
     def same_state(self) -> None:
         if self.ref is None:
             return
-        SWACacheComparison.total_steps += 1
+        count_step(type(self).__name__)
         ref_nodes = assert_same_trees(
-            self.ref,
-            self.c,
-            self._describe,
-            self.handles,
-            (
-                "evictable_size",
-                "protected_size",
-                "total_size",
-                "swa_evictable_size",
-                "swa_protected_size",
-            ),
+            self.ref, self.c, lambda n: describe_node(n, SWA_FIELDS), self.handles, SIZES
         )
         assert self.evicted_ref == self.evicted_c
         assert len(self.alloc_ref.calls) == len(self.alloc_c.calls) == self.calls_seen
         assert self.alloc_ref.freed == self.alloc_c.freed
         assert self.alloc_ref.swa_freed == self.alloc_c.swa_freed
         # The full ledger: every allocated slot is free, tree-owned or caller-owned, once.
-        tree = self.ref._tree_values().tolist()
-        owned, free, caller = set(tree), self.alloc_ref.freed, self.caller_owned
-        assert len(owned) == len(tree), "a slot is owned twice by the tree"
-        assert owned.isdisjoint(free), f"freed but still in the tree: {owned & free}"
-        assert owned.isdisjoint(caller), f"tree- and caller-owned: {owned & caller}"
-        assert caller.isdisjoint(free), f"caller-owned but freed: {caller & free}"
-        assert owned | free | caller == self.alloc_ref.allocated, "a slot leaked"
+        free = self.alloc_ref.freed
+        assert_slot_ledger(
+            "KV",
+            self.alloc_ref.allocated,
+            {"free": free, "tree": self.ref._tree_values().tolist(), "caller": self.caller_owned},
+        )
         # The SWA ledger: a node holds its slots' SWA side exactly when it is live.
         swa_free = self.alloc_ref.swa_freed
         assert free <= swa_free, "a full slot was freed but its SWA side was not"
