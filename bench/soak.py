@@ -25,6 +25,7 @@ one ``MambaPool`` uses, so that JAX is not loaded).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ from pymllm.mem_cache import (
     SWATokenToKVPoolAllocator,
     TokenToKVPoolAllocator,
 )
+from pymllm.mem_cache.errors import StaleNodeError
 
 KINDS = ("radix", "swa", "mamba")
 # op -> weight: the serving mix
@@ -130,10 +132,27 @@ class Stack:
 
     # -- request life ---------------------------------------------------------------------
 
+    def client(self) -> Stack:
+        """A second scheduler on the same cache and allocators, with its own requests (the
+        thread test gives each thread one)."""
+        other = copy.copy(self)
+        other.reqs = []
+        return other
+
+    def match_and_lock(self, key: RadixKey) -> tuple[Any, Any]:
+        """match_prefix, then lock its last node. Each call is atomic, the pair is not: on a
+        shared cache another scheduler may evict the node in between (StaleNodeError), and
+        the match is simply made again."""
+        while True:
+            m = self.cache.match_prefix(key)
+            try:
+                return m, self.cache.inc_lock_ref(m.last_node)
+            except StaleNodeError:
+                continue
+
     def admit(self, extra_key: Any, tokens: np.ndarray) -> bool:
-        m = self.cache.match_prefix(RadixKey(tokens, extra_key))
+        m, token = self.match_and_lock(RadixKey(tokens, extra_key))
         cached = len(m.indices)
-        token = self.cache.inc_lock_ref(m.last_node)
         new = self.alloc_kv(len(tokens) - cached)
         state = 0
         if new is not None and self.states is not None:
@@ -155,15 +174,13 @@ class Stack:
             kwargs["mamba_value"] = state
         if self.kind == "swa":
             kwargs["prev_prefix_len"] = r.cached
-        before = self.cache.total_size()
         res = self.cache.insert(RadixKey(r.tokens[:n], r.extra_key), r.slots[:n], **kwargs)
         if res.prefix_len < r.cached:
             raise AssertionError(f"insert: prefix_len {res.prefix_len} < locked {r.cached}")
+        # The tree takes value[prefix_len:n] (page size 1); a windowed tree settles all of
+        # value[prev_prefix_len:n] itself. The ledger check catches any other outcome.
         if self.kind == "swa":
             return r.slots[:0], n, False
-        covered = res.prefix_len + self.cache.total_size() - before
-        if covered != n:
-            raise AssertionError(f"insert: the tree settled {covered} of {n} slots")
         return r.slots[r.cached : res.prefix_len].copy(), n, bool(res.mamba_exist)
 
     def prefill(self, r: Request, upto: int) -> None:
@@ -175,11 +192,12 @@ class Stack:
         dups, covered, exist = self.insert(r, upto, snap)
         if snap and exist:
             self.free_state(snap)
-        m = self.cache.match_prefix(RadixKey(r.tokens[:upto], r.extra_key))
-        token = self.cache.inc_lock_ref(m.last_node)
+        m, token = self.match_and_lock(RadixKey(r.tokens[:upto], r.extra_key))
         self.unlock(r.node, r.token)
         ours = r.slots[max(covered, len(m.indices)) :]
-        refill = covered - len(m.indices)  # SWA: the re-match stops short at a tombstone
+        # The re-match stops short (SWA: at a tombstone; on a shared cache: another
+        # scheduler evicted what we inserted): those positions are computed anew.
+        refill = covered - len(m.indices)
         r.node, r.token, r.cached = m.last_node, token, len(m.indices)
         self.free_kv(dups)
         new = self.alloc_kv(refill) if refill > 0 else r.slots[:0]
@@ -222,13 +240,15 @@ class Stack:
     def full_available(self) -> int:
         return self.kv.full_available_size() if self.kind == "swa" else self.kv.available_size()
 
-    def check(self) -> None:
-        """Invariants of the tree and the allocators, and the slot ledger."""
+    def check(self, held: int | None = None) -> None:
+        """Invariants of the tree and the allocators, and the slot ledger (*held*: slots
+        held by live requests, default this scheduler's)."""
         self.cache._check_invariants()
         self.kv._check_invariants()
         if self.states is not None:
             self.states._check_invariants()
-        free, tree, held = self.full_available(), self.cache.total_size(), self.held()
+        free, tree = self.full_available(), self.cache.total_size()
+        held = self.held() if held is None else held
         if free + tree + held != self.pool:
             raise AssertionError(f"ledger: {free} free + {tree} tree + {held} held != {self.pool}")
 
@@ -253,14 +273,12 @@ class Workload:
     """Seeded prompts: a system prefix (one of many, shared) plus fresh tokens."""
 
     def __init__(self, rng: np.random.Generator, n_prefixes: int) -> None:
-        self.rng = rng
         self.prefixes = [
             rng.integers(0, 50_000, int(rng.integers(16, 192)), dtype=np.int32)
             for _ in range(n_prefixes)
         ]
 
-    def prompt(self) -> tuple[Any, np.ndarray]:
-        rng = self.rng
+    def prompt(self, rng: np.random.Generator) -> tuple[Any, np.ndarray]:
         i = int(rng.integers(len(self.prefixes)))
         base = self.prefixes[i]
         cut = len(base) if rng.random() < 0.7 else int(rng.integers(1, len(base) + 1))
@@ -268,51 +286,59 @@ class Workload:
         return (None if i % 4 else "lora-1"), np.concatenate([base[:cut], fresh])
 
 
+def draw_ops(rng: np.random.Generator, n: int) -> list[str]:
+    """n operation names drawn from the serving mix."""
+    names = list(MIX)
+    p = np.array([MIX[k] for k in names], dtype=np.float64)
+    return [names[i] for i in rng.choice(len(names), size=n, p=p / p.sum())]
+
+
+def step(stack: Stack, work: Workload, rng: np.random.Generator, op: str, args: Any) -> int:
+    """Run one operation of the mix; returns 1 for an admitted request, -1 for one turned
+    away for lack of memory, else 0."""
+    reqs = stack.reqs
+    if op == "admit" or not reqs:
+        if len(reqs) >= args.max_reqs:
+            return 0
+        return 1 if stack.admit(*work.prompt(rng)) else -1
+    if op == "evict":
+        n = int(rng.integers(1, 256))
+        if stack.kind == "swa":
+            stack.cache.evict(n, int(rng.integers(0, 64)))
+        elif stack.kind == "mamba":
+            stack.cache.evict(n, mamba_num=int(rng.integers(0, 3)))
+        else:
+            stack.cache.evict(n)
+        return 0
+    r = reqs[int(rng.integers(len(reqs)))]
+    if op == "prefill":
+        if r.cached < len(r.tokens):
+            stack.prefill(r, int(rng.integers(r.cached + 1, len(r.tokens) + 1)))
+    elif op == "decode" and len(r.tokens) < args.max_len:
+        stack.decode(r, rng.integers(0, 50_000, int(rng.integers(1, 5)), np.int32))
+    elif op in ("decode", "finish"):
+        stack.finish(r)
+    else:
+        stack.abort(r)
+    return 0
+
+
 def soak(kind: str, ops: int, seed: int, check_every: int, args: Any) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     stack = Stack(kind, args.pool, args.states, args.window)
     work = Workload(rng, args.prefixes)
-    names = list(MIX)
-    p = np.array([MIX[n] for n in names], dtype=np.float64)
-    choices = rng.choice(len(names), size=ops, p=p / p.sum())
-    counts = dict.fromkeys(names, 0)
+    names = draw_ops(rng, ops)
+    counts = dict.fromkeys(MIX, 0)
     admitted = rejected = 0
     rss_start = rss_bytes()
     rss_warm = rss_start
     warm_at = max(1, ops // 10)
     t0 = time.perf_counter()
-    for i in range(ops):
-        op = names[choices[i]]
+    for i, op in enumerate(names):
         counts[op] += 1
-        reqs = stack.reqs
-        if op == "admit" or not reqs:
-            if len(reqs) < args.max_reqs:
-                if stack.admit(*work.prompt()):
-                    admitted += 1
-                else:
-                    rejected += 1
-        elif op == "evict":
-            n = int(rng.integers(1, 256))
-            if kind == "swa":
-                stack.cache.evict(n, int(rng.integers(0, 64)))
-            elif kind == "mamba":
-                stack.cache.evict(n, mamba_num=int(rng.integers(0, 3)))
-            else:
-                stack.cache.evict(n)
-        else:
-            r = reqs[int(rng.integers(len(reqs)))]
-            if op == "prefill":
-                if r.cached < len(r.tokens):
-                    stack.prefill(r, int(rng.integers(r.cached + 1, len(r.tokens) + 1)))
-            elif op == "decode":
-                if len(r.tokens) < args.max_len:
-                    stack.decode(r, rng.integers(0, 50_000, int(rng.integers(1, 5)), np.int32))
-                else:
-                    stack.finish(r)
-            elif op == "finish":
-                stack.finish(r)
-            else:
-                stack.abort(r)
+        got = step(stack, work, rng, op, args)
+        admitted += got == 1
+        rejected += got == -1
         if (i + 1) % check_every == 0:
             stack.check()
         if i + 1 == warm_at:
@@ -339,7 +365,7 @@ def soak(kind: str, ops: int, seed: int, check_every: int, args: Any) -> dict[st
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", type=int, default=1_000_000, help="operations per cache kind")
     ap.add_argument("--kinds", default="radix", help=f"comma-separated, of {','.join(KINDS)}")
@@ -357,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         default=8.0,
         help="allowed RSS growth from the warm point (after 10%% of the ops) to the end",
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in KINDS]

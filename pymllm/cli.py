@@ -497,47 +497,35 @@ def _render_replay(report: dict[str, Any]) -> str:
 # -- gen-trace ----------------------------------------------------------------------------
 
 
+#: gen-trace's options: flag, type, metavar, help; each sets the TraceSpec field of its name.
+_GEN_TRACE_OPTIONS = (
+    ("--requests", int, "N", "lines to write"),
+    ("--seed", int, "S", "the same seed, the same file"),
+    ("--groups", int, "G", "shared system prompts"),
+    ("--mean-turns", float, "T", "mean turns per conversation; a turn extends the last one"),
+    ("--no-prefix", float, "F", "fraction of conversations without a shared system prompt"),
+    ("--block-tokens", int, "N", "tokens per block"),
+)
+
+
 def _add_gen_trace_arguments(p: argparse.ArgumentParser) -> None:
     from pymllm.replay.generate import TraceSpec
 
-    d = TraceSpec()
+    spec = TraceSpec()
     p.add_argument("out", metavar="OUT.jsonl", help="where to write the Mooncake-format trace")
-    p.add_argument("--requests", type=int, default=d.requests, metavar="N", help="lines to write")
-    p.add_argument("--seed", type=int, default=d.seed, help="the same seed, the same file")
-    p.add_argument(
-        "--groups", type=int, default=d.groups, metavar="G", help="shared system prompts"
-    )
-    p.add_argument(
-        "--mean-turns",
-        type=float,
-        default=d.mean_turns,
-        metavar="T",
-        help="mean turns per conversation; each turn extends the previous one's hash_ids",
-    )
-    p.add_argument(
-        "--no-prefix",
-        type=float,
-        default=d.no_prefix,
-        metavar="F",
-        help="fraction of conversations without a shared system prompt",
-    )
-    p.add_argument(
-        "--block-tokens", type=int, default=d.block_tokens, metavar="N", help="tokens per block"
-    )
+    for flag, kind, metavar, text in _GEN_TRACE_OPTIONS:
+        default = getattr(spec, flag[2:].replace("-", "_"))
+        p.add_argument(
+            flag, type=kind, default=default, metavar=metavar, help=f"{text} ({default})"
+        )
 
 
 def _run_gen_trace(args: argparse.Namespace) -> int:
     from pymllm.replay.generate import TraceSpec, generate_trace, write_trace
 
+    fields = [flag[2:].replace("-", "_") for flag, *_ in _GEN_TRACE_OPTIONS]
     try:
-        spec = TraceSpec(
-            requests=args.requests,
-            seed=args.seed,
-            groups=args.groups,
-            mean_turns=args.mean_turns,
-            no_prefix=args.no_prefix,
-            block_tokens=args.block_tokens,
-        )
+        spec = TraceSpec(**{f: getattr(args, f) for f in fields})
         records = generate_trace(spec)
         write_trace(args.out, records)
     except (ValueError, OSError) as exc:

@@ -1,15 +1,20 @@
 """Shared test helpers: a recording allocator, cache factories, hypothesis profiles.
 
 Hypothesis profiles: ``ci`` (loaded by default; bounded so the whole suite runs in about two
-minutes on two cores) and ``long`` (``pytest --hypothesis-profile=long``; for soak runs).
+minutes on two cores), ``long`` (``pytest --hypothesis-profile=long``; for soak runs) and
+``memcheck`` (a few short runs, for the valgrind run of ``.ci/memcheck``).
 Every state machine counts the steps it checked with :func:`count_step`; the counts are
 printed at the end of the session ("stateful steps").
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -32,6 +37,14 @@ settings.register_profile(
     stateful_step_count=150,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile(
+    "memcheck",  # under valgrind (.ci/memcheck): a few short runs of each state machine
+    max_examples=8,
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
     print_blob=True,
 )
 settings.load_profile("ci")
@@ -387,3 +400,14 @@ class PairedCaches:
             key.token_ids[:] = 5
         if isinstance(value, np.ndarray):
             value[:] = 0
+
+
+def load_bench(name: str) -> ModuleType:
+    """The script ``bench/<name>.py`` as a module (bench/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"pymllm_bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

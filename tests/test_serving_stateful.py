@@ -10,6 +10,9 @@ and a real :class:`~pymllm.mem_cache.memory_pool.ReqToTokenPool`, and runs for f
 * ``mamba``: ``MambaRadixCache`` over a ``TokenToKVPoolAllocator`` and a ``MambaPool``;
 * ``chunk``: ``ChunkCache`` (caches nothing) over a ``TokenToKVPoolAllocator``.
 
+The eviction policy (``lru``, ``lfu``, ``fifo``, ``priority`` with drawn insert
+priorities, ``slru``) is drawn per run and given to both caches.
+
 The compiled cache frees into the real allocators; the reference model
 (``RefRadixCache``/``RefSWARadixCache``/``RefMambaRadixCache``; for ``chunk`` a second
 ``ChunkCache``) frees into :class:`SlotBooks`, which keeps the same books the real allocator
@@ -62,6 +65,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pymllm.mem_cache import (
+    EVICTION_POLICIES,
     ChunkCache,
     MambaRadixCache,
     RadixCache,
@@ -130,7 +134,7 @@ class SlotBooks:
         self.swa_held.difference_update(slots)
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     rid: int
     ns: Any  # extra_key
@@ -165,14 +169,15 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ setup
 
-    @initialize(window=st.integers(1, 6))
-    def setup(self, window: int) -> None:
+    @initialize(window=st.integers(1, 6), policy=st.sampled_from(EVICTION_POLICIES))
+    def setup(self, window: int, policy: str) -> None:
         count_run(type(self).__name__)
         kind = self.KIND
+        self.policy = policy
         self.evicted_ref: list[int] = []
         self.evicted_c: list[int] = []
-        hooks_r = {"on_node_evict": self.evicted_ref.append}
-        hooks_c = {"on_node_evict": self.evicted_c.append}
+        hooks_r = {"on_node_evict": self.evicted_ref.append, "eviction_policy": policy}
+        hooks_c = {"on_node_evict": self.evicted_c.append, "eviction_policy": policy}
         self.req_pool = ReqToTokenPool(MAX_REQS, CONTEXT)
         self.states: MambaPool | None = None
         if kind == "swa":
@@ -312,6 +317,8 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         if self.KIND == "swa":
             kwargs["prev_prefix_len"] = req.cached if ppl is None else ppl
             kwargs["swa_evicted_seqlen"] = es
+        if self.tree and self.policy == "priority":
+            kwargs["priority"] = data.draw(st.integers(0, 3), label="priority")
         before = self.c.total_size()
         as_list = data.draw(st.booleans(), label="value as a list")
         value = req.slots[:n]

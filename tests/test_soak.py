@@ -5,28 +5,14 @@ Marked ``soak``: not in the default run (``pytest -m soak`` selects it).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_bench  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.soak
 
-SOAK = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
-
-
-def _load_soak():
-    spec = importlib.util.spec_from_file_location("pymllm_bench_soak", SOAK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_short_soak_of_every_cache_kind_leaks_nothing(capsys: pytest.CaptureFixture[str]) -> None:
-    soak = _load_soak()
+    soak = load_bench("soak")
     rc = soak.main(
         ["--ops", "30000", "--kinds", "radix,swa,mamba", "--check-every", "3000", "--pool", "2048"]
     )
@@ -40,7 +26,7 @@ def test_short_soak_of_every_cache_kind_leaks_nothing(capsys: pytest.CaptureFixt
 
 def test_soak_reports_a_leak() -> None:
     """The soak's accounting can fail: a request that drops its slots shows as a leak."""
-    soak = _load_soak()
+    soak = load_bench("soak")
     stack = soak.Stack("radix", 256, 8, 16)
     assert stack.admit(None, soak.np.arange(40, dtype=soak.np.int32))
     stack.check()

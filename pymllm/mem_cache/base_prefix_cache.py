@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import operator
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,10 +38,14 @@ def _token_array(token_ids: Any) -> np.ndarray:
     try:
         arr = np.asarray(token_ids)
     except ValueError as exc:  # ragged tuples
-        raise InvalidKeyError(f"token_ids: tuple tokens must all have one length ({exc})") from exc
+        raise InvalidKeyError(
+            f"token_ids: tuple tokens must all have one length, got {token_ids!r:.80}"
+        ) from exc
     if arr.dtype.kind not in "iu" and arr.size:
         if arr.dtype != object:
-            raise InvalidKeyError(f"token_ids: tokens must be integers, got dtype {arr.dtype}")
+            raise InvalidKeyError(
+                f"token_ids: tokens must be integers, got dtype {arr.dtype}: {token_ids!r:.80}"
+            )
         # Python ints beyond int64 land here; check them one by one (rare path).
         flat = arr.ravel()
         if not all(isinstance(t, int) and 0 <= t < _U32_LIMIT for t in flat):
@@ -92,31 +97,50 @@ def hash_token_ids(token_ids: Any, prior_hash: str | None = None) -> str:
     Each token is encoded as a 4-byte little-endian unsigned integer; tuples (bigram /
     EAGLE) hash each element in order. When *prior_hash* (a hex digest) is supplied the
     digest is first fed the raw bytes of that hash, making the result position-aware.
-    Tokens are packed with numpy, never one by one; a token outside [0, 2**32) raises
-    ``ValueError`` (``InvalidKeyError``).
+    Tokens are packed with numpy, never one by one; a token outside [0, 2**32) or a
+    *prior_hash* that is not a hex string raises ``InvalidKeyError`` (a ``ValueError``).
     """
     h = hashlib.sha256()
     if prior_hash is not None:
         try:
             h.update(bytes.fromhex(prior_hash))
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"prior_hash: expected a hex digest, got {prior_hash!r}") from exc
+            raise InvalidKeyError(
+                f"prior_hash: expected a hex digest, got {prior_hash!r:.80}"
+            ) from exc
     _feed_tokens(h, token_ids)
     return h.hexdigest()
 
 
 def hash_to_int64(hex_str: str) -> int:
-    """Convert a hex digest to a signed 64-bit integer (its first 16 hex chars)."""
-    value = int(hex_str[:16], 16)
+    """Convert a hex digest to a signed 64-bit integer (its first 16 hex chars).
+
+    ``TypeError`` for a non-string, ``InvalidKeyError`` (a ``ValueError``) for a string
+    that does not start with 1 to 16 hex digits."""
+    if not isinstance(hex_str, str):
+        raise TypeError(
+            f"hex_str: expected a hex string, got {type(hex_str).__name__} {hex_str!r:.80}"
+        )
+    try:
+        value = int(hex_str[:16], 16)
+    except ValueError:
+        raise InvalidKeyError(f"hex_str: expected a hex digest, got {hex_str!r:.80}") from None
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
 def hash_bytes(data: bytes) -> int:
     """SHA-256 -> unsigned 64-bit int (first 8 digest bytes, big-endian).
 
-    Useful for multimodal embedding keys (``extra_key``).
+    Useful for multimodal embedding keys (``extra_key``). ``TypeError`` unless *data*
+    supports the buffer protocol (bytes, bytearray, memoryview, a contiguous array).
     """
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+    try:
+        digest = hashlib.sha256(data).digest()
+    except TypeError:
+        raise TypeError(
+            f"data: expected bytes-like, got {type(data).__name__} {data!r:.80}"
+        ) from None
+    return int.from_bytes(digest[:8], "big")
 
 
 class RadixKey:
@@ -144,9 +168,12 @@ class RadixKey:
         if isinstance(idx, slice):
             return RadixKey(self.token_ids[idx], self.extra_key)
         n = len(self.token_ids)
-        i = int(idx)
+        try:
+            i = operator.index(idx)
+        except TypeError:
+            raise TypeError(f"idx: expected an int or a slice, got {idx!r:.80}") from None
         if i < -n or i >= n:
-            raise IndexError(f"RadixKey index {idx} out of range for length {n}")
+            raise IndexError(f"idx: RadixKey index {idx} out of range for length {n}")
         i %= n
         return RadixKey(self.token_ids[i : i + 1], self.extra_key)
 

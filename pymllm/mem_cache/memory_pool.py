@@ -46,7 +46,10 @@ MIN_BUCKET = 16
 
 def bucket_size(n: int) -> int:
     """Smallest bucket >= *n*: 16, 24, 32, 48, 64, 96, 128, ... (padding at most 1.5x)."""
-    n = operator.index(n)
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n: expected an int, got {type(n).__name__} {n!r:.80}") from None
     if n <= MIN_BUCKET:
         return MIN_BUCKET
     p = 1 << (n - 1).bit_length()
@@ -187,7 +190,7 @@ def _slots(name: str, loc: Any, rows: int) -> np.ndarray:
     lo, hi = arr.min(), arr.max()
     if lo < 0 or hi >= rows:
         bad = arr[(arr < 0) | (arr >= rows)][0]
-        raise InvalidValueError(f"{name} holds slot {bad}, outside [0, {rows})")
+        raise InvalidValueError(f"{name}: slot {bad} is outside [0, {rows})")
     return arr.astype(np.int32, copy=False)
 
 
@@ -223,7 +226,7 @@ def _layer_id(layer_id: Any, layer_num: int) -> np.int32:
     except TypeError:
         raise InvalidValueError(f"layer_id must be an int, got {layer_id!r}") from None
     if not 0 <= i < layer_num:
-        raise InvalidValueError(f"layer_id {i} out of range [0, {layer_num})")
+        raise InvalidValueError(f"layer_id: {i} is out of range [0, {layer_num})")
     return np.int32(i)
 
 
@@ -432,7 +435,9 @@ class KVPool:
         src = _slots("src_loc", src_loc, self.rows)
         dst = _slots("dst_loc", dst_loc, self.rows)
         if len(src) != len(dst):
-            raise InvalidValueError(f"src_loc has {len(src)} slots, dst_loc {len(dst)}")
+            raise InvalidValueError(
+                f"src_loc/dst_loc: lengths differ, src_loc has {len(src)} slots, dst_loc {len(dst)}"
+            )
         if len(src) == 0:
             return
         m = bucket_size(len(src))
@@ -478,8 +483,16 @@ class ReqToTokenPool:
         self._slots.free(slots)
 
     def write(self, index: Any, values: Any) -> None:
-        """``req_to_token[index] = values`` (numpy indexing, e.g. ``(slot, slice(a, b))``)."""
-        self.req_to_token[index] = values
+        """``req_to_token[index] = values`` (numpy indexing, e.g. ``(slot, slice(a, b))``);
+        ``InvalidValueError`` (nothing written) for an index out of the table or values
+        that do not fit it."""
+        try:
+            self.req_to_token[index] = values
+        except (IndexError, ValueError, TypeError) as exc:
+            raise InvalidValueError(
+                f"index/values: cannot write {values!r:.60} at {index!r:.60} of a "
+                f"{self.req_to_token.shape} table ({exc})"
+            ) from exc
 
     def clear(self) -> None:
         """Every request slot free and the table zeroed."""
@@ -642,7 +655,9 @@ class MambaPool:
         s = _slots("src", src, self.rows)
         d = _slots("dst", dst, self.rows)
         if len(s) != len(d):
-            raise InvalidValueError(f"src has {len(s)} slots, dst {len(d)}")
+            raise InvalidValueError(
+                f"src/dst: lengths differ, src has {len(s)} slots, dst {len(d)}"
+            )
         if len(s):
             m = bucket_size(len(s))
             self._buffers = self._copy(self._buffers, pad_slots(s, m), pad_slots(d, m))

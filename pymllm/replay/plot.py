@@ -26,7 +26,8 @@ def plot_hit_rates(
     ideal: Ideal | None = None,
 ) -> None:
     """Save a PNG (or any format matplotlib infers from *path*'s suffix) of block hit rate
-    against capacity on a log axis, one line per policy. Unbounded runs are not points on
+    against capacity on a log axis, one line per policy (policies with identical results
+    share a line labelled with all their names). Unbounded runs are not points on
     that axis: the ideal (unbounded) rate is drawn as a dashed horizontal line instead."""
     require_matplotlib()
     # The Figure API needs no pyplot state and no GUI backend: it renders with Agg.
@@ -34,15 +35,19 @@ def plot_hit_rates(
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
-    policies = list(dict.fromkeys(r.policy for r in results))
     unit = results[0].unit if results else "block"
-    for pol in policies:
+    # Policies with the same hit rate at every capacity share one line, labelled with all
+    # their names (drawn separately they would hide each other).
+    curves: dict[tuple[tuple[int, float], ...], list[str]] = {}
+    for pol in dict.fromkeys(r.policy for r in results):
         pts = sorted(
             (r.capacity, r.block_hit_rate) for r in results if r.policy == pol and r.capacity
         )
         if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o", markersize=4, label=pol)
+            curves.setdefault(tuple(pts), []).append(pol)
+    for k, (pts, names) in enumerate(curves.items()):
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="osD^v<>"[k % 7], markersize=4, label=" = ".join(names))
     if ideal is not None:
         ax.axhline(
             ideal.block_hit_rate,

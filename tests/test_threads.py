@@ -1,0 +1,155 @@
+"""Threads: eight schedulers share one cache (or one allocator), then every book balances.
+
+Each public call on a cache or an allocator must be atomic with respect to Python threads
+(the compiled core guards its state across the Python callbacks it makes: the allocator's
+``free``, ``on_node_evict``). Eight threads, each with its own requests, run the serving mix
+of ``bench/soak.py`` on one shared ``RadixCache`` (with an ``on_node_evict`` callback), one
+windowed ``RadixCache`` and one ``MambaRadixCache``, or alloc/free on one shared allocator,
+with the switch interval at 1 us so that threads change hands inside calls. Afterwards:
+``_check_invariants()`` of the tree and the allocators, the slot ledger (free + in the tree
++ held by the threads' live requests == the pool), no node reported evicted twice or
+evicted and still in the tree, and after aborting everything and a reset every slot free.
+
+A sequence of calls (match then lock) is not atomic, and the schedulers here do what one
+sharing a cache has to: a node evicted between the two by another thread raises
+``StaleNodeError`` and the match is made again.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from conftest import load_bench  # tests/ is on sys.path (rootdir conftest)
+
+from pymllm.mem_cache import SWATokenToKVPoolAllocator, TokenToKVPoolAllocator
+
+THREADS = 8
+OPS_PER_THREAD = 1500
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+def _run_threads(workers: list[Callable[[], None]]) -> None:
+    """Start every worker at once (a barrier), join them, re-raise the first failure."""
+    errors: list[str] = []
+    barrier = threading.Barrier(len(workers))
+
+    def run(work: Callable[[], None]) -> None:
+        barrier.wait()
+        try:
+            work()
+        except BaseException:
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hangs (deadlock?)"
+    assert not errors, f"{len(errors)} thread(s) failed; the first:\n{errors[0]}"
+
+
+@pytest.mark.parametrize("kind", ["radix", "swa", "mamba"])
+def test_eight_schedulers_share_one_cache(kind: str, fast_switching: None) -> None:
+    soak = load_bench("soak")
+    args = soak.parser().parse_args(["--max-reqs", "6", "--max-len", "160"])
+    stack = soak.Stack(kind, 1024, 24, 16)
+    evicted: list[int] = []
+    # RadixCache's callback attribute is read-only: rebuild the cache around the
+    # recording callback with the stack's allocators.
+    stack.cache = type(stack.cache)(
+        **{
+            "radix": {"token_to_kv_pool_allocator": stack.kv},
+            "swa": {"token_to_kv_pool_allocator": stack.kv, "sliding_window_size": 16},
+            "mamba": {"token_to_kv_pool_allocator": stack.kv, "mamba_pool": stack.states},
+        }[kind],
+        on_node_evict=evicted.append,
+    )
+    work = soak.Workload(np.random.default_rng(0), 24)  # few prefixes: threads share them
+    clients = [stack.client() for _ in range(THREADS)]
+
+    def worker(client: object, seed: int) -> Callable[[], None]:
+        def work_loop() -> None:
+            rng = np.random.default_rng(seed)
+            for op in soak.draw_ops(rng, OPS_PER_THREAD):
+                soak.step(client, work, rng, op, args)
+
+        return work_loop
+
+    _run_threads([worker(c, i + 1) for i, c in enumerate(clients)])
+
+    held = sum(c.held() for c in clients)
+    stack.check(held=held)  # invariants of tree and allocators, free + tree + held == pool
+    assert len(set(evicted)) == len(evicted), "a node was reported evicted twice"
+    in_tree = {n.id for n in stack.cache._nodes()}
+    assert not in_tree & set(evicted), "a node reported evicted is still in the tree"
+    assert len(evicted) > 0, "no eviction ran: the test lost its pressure"
+    cache = stack.cache
+    assert cache.total_size() == cache.evictable_size() + cache.protected_size()
+    for c in clients:
+        for r in list(c.reqs):
+            c.abort(r)
+    assert cache.protected_size() == 0 and cache.swa_protected_size() == 0
+    cache.reset()
+    stack.check(held=0)
+    assert stack.full_available() == 1024
+    if kind == "swa":
+        assert stack.kv.swa_available_size() == stack.kv.swa_size
+    if kind == "mamba":
+        assert stack.states.available_size() == stack.states.size
+        assert cache.mamba_protected_size() == 0
+
+
+@pytest.mark.parametrize("swa", [False, True], ids=["full", "swa"])
+def test_eight_threads_share_one_allocator(swa: bool, fast_switching: None) -> None:
+    size = 4096
+    alloc = SWATokenToKVPoolAllocator(size, size) if swa else TokenToKVPoolAllocator(size)
+    book = threading.Lock()
+    out: set[int] = set()  # every slot some thread holds
+
+    def worker(seed: int) -> Callable[[], None]:
+        def work_loop() -> None:
+            rng = np.random.default_rng(seed)
+            mine: list[np.ndarray] = []
+            for _ in range(3000):
+                if mine and rng.random() < 0.5:
+                    slots = mine.pop(int(rng.integers(len(mine))))
+                    if swa and rng.random() < 0.3:
+                        alloc.free_swa(slots)
+                    with book:
+                        out.difference_update(slots.tolist())
+                    alloc.free(slots)
+                    continue
+                got = alloc.alloc(int(rng.integers(1, 9)))
+                if got is None:
+                    continue
+                with book:
+                    twice = out.intersection(got.tolist())
+                    assert not twice, f"slots {sorted(twice)} handed to two threads"
+                    out.update(got.tolist())
+                mine.append(got)
+            for slots in mine:
+                with book:
+                    out.difference_update(slots.tolist())
+                alloc.free(slots)
+
+        return work_loop
+
+    _run_threads([worker(i + 1) for i in range(THREADS)])
+    alloc._check_invariants()
+    assert not out
+    assert alloc.available_size() == size
