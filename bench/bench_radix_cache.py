@@ -51,6 +51,30 @@ def test_system_prompt_workload(benchmark, system_prompt_workload, impl, keys):
         )
 
 
+def _serve_without_cache(allocator, keys, prompt_len: int = 1024) -> None:
+    """The serving loop's own work with every cache call left out: the key object, the
+    allocation of the fresh part, the value array and the free. It bounds the ratio any
+    cache can reach against the pure-Python one on this workload."""
+    for tokens in keys:
+        key = RadixKey(tokens)
+        new = allocator.alloc(len(key) - prompt_len)
+        value = np.concatenate([tokens[:prompt_len], new])
+        allocator.free(value[prompt_len:])
+
+
+@pytest.mark.parametrize("keys", ["numpy"])
+def test_system_prompt_loop_floor(benchmark, system_prompt_workload, keys):
+    data = system_prompt_workload.arrays
+
+    def setup():
+        return (TokenToKVPoolAllocator(POOL, need_sort=False),), {}
+
+    benchmark.group = f"workload-{keys}"
+    benchmark.pedantic(lambda alloc: _serve_without_cache(alloc, data), setup=setup, rounds=5)
+    group = f"system-prompt workload, {keys} keys (per request)"
+    record(benchmark, group, "loop without any cache (floor)", per=len(data))
+
+
 def _grown_tree(total_tokens: int, leaf_len: int = 64, fanout: int = 16):
     """A tree of `total_tokens` tokens: keys share 64-token stems in groups of `fanout`."""
     rng = np.random.default_rng(1)

@@ -7,21 +7,36 @@ out; a continuous-batching scheduler (:mod:`~pymllm.engine.scheduler`) that work
 reader (:mod:`~pymllm.engine.workloads`). ``pymllm-cache demo`` runs it.
 """
 
-from pymllm.engine.config import PRESETS as PRESETS
-from pymllm.engine.config import ModelConfig as ModelConfig
-from pymllm.engine.config import get_config as get_config
-from pymllm.engine.memory import EngineMemory as EngineMemory
-from pymllm.engine.model import extend_step as extend_step
-from pymllm.engine.model import init_params as init_params
-from pymllm.engine.scheduler import Engine as Engine
-from pymllm.engine.scheduler import EngineError as EngineError
-from pymllm.engine.scheduler import RunStats as RunStats
-from pymllm.engine.scheduler import SchedulerConfig as SchedulerConfig
-from pymllm.engine.workloads import RequestSpec as RequestSpec
-from pymllm.engine.workloads import TraceError as TraceError
-from pymllm.engine.workloads import Workload as Workload
-from pymllm.engine.workloads import load_mooncake_trace as load_mooncake_trace
-from pymllm.engine.workloads import make_workload as make_workload
+from importlib import import_module
+from typing import Any
+
+# Where each public name lives. Imported on first use: the model and the scheduler load JAX
+# (about a second), which the config and workload helpers (and every CLI --help) do without.
+_HOMES = {
+    "PRESETS": "config",
+    "ModelConfig": "config",
+    "get_config": "config",
+    "EngineMemory": "memory",
+    "extend_step": "model",
+    "init_params": "model",
+    "Engine": "scheduler",
+    "EngineError": "scheduler",
+    "RunStats": "scheduler",
+    "SchedulerConfig": "scheduler",
+    "RequestSpec": "workloads",
+    "TraceError": "workloads",
+    "Workload": "workloads",
+    "load_mooncake_trace": "workloads",
+    "make_workload": "workloads",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{home}"), name)
+
 
 __all__ = [
     "PRESETS",

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pymllm.mem_cache import RadixCache, RadixKey, TokenToKVPoolAllocator
+from pymllm.mem_cache import EVICTION_POLICIES, RadixCache, RadixKey, TokenToKVPoolAllocator
 from pymllm.replay.traces import Trace
 
 #: ``progress(done, total, elapsed_seconds)``, called every few thousand requests.
@@ -40,21 +40,17 @@ PROGRESS_EVERY = 4096
 
 
 def eviction_policies() -> tuple[str, ...]:
-    """The eviction policies this build of :class:`RadixCache` offers (``lru`` at least)."""
-    import pymllm.mem_cache as mc
-
-    return tuple(getattr(mc, "EVICTION_POLICIES", ("lru",)))
+    """The eviction policies :class:`RadixCache` offers, in their documented order."""
+    return EVICTION_POLICIES
 
 
 def make_cache(policy: str, page_size: int, allocator: Any) -> RadixCache:
     """A :class:`RadixCache` with *policy* that frees evicted slots into *allocator*."""
-    valid = eviction_policies()
-    if policy not in valid:
-        raise ValueError(f"policy: expected one of {valid}, got {policy!r}")
-    kwargs: dict[str, Any] = {}
-    if len(valid) > 1:  # a build without policies takes no eviction_policy argument
-        kwargs["eviction_policy"] = policy
-    return RadixCache(page_size=page_size, token_to_kv_pool_allocator=allocator, **kwargs)
+    if policy not in EVICTION_POLICIES:
+        raise ValueError(f"policy: expected one of {EVICTION_POLICIES}, got {policy!r}")
+    return RadixCache(
+        page_size=page_size, token_to_kv_pool_allocator=allocator, eviction_policy=policy
+    )
 
 
 def parse_capacity(text: str | int | float | None) -> int | None:

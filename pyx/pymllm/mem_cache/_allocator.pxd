@@ -66,3 +66,13 @@ cdef class PageCore:
     # Rebuilds `pages` as every PAGE_FREE page, ascending; empties `release`.
     cdef void merge(self) noexcept
     cdef void end_group(self) noexcept
+
+
+cdef class TokenToKVPoolAllocator:
+    """Slots ``1..size`` of one KV pool (see the .pyx for the public contract)."""
+    cdef PageCore core
+    cdef readonly int32_t size
+    cdef readonly int32_t page_size
+    # Frees data[0:n] (validated: InvalidFreeError, nothing freed). The C entry point of
+    # free(), which the compiled radix tree calls directly when it evicts.
+    cdef int free_c(self, const int32_t* data, Py_ssize_t n) except -1

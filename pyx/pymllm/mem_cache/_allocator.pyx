@@ -516,10 +516,6 @@ cdef class TokenToKVPoolAllocator:
     threads (see the module docstring).
     """
 
-    cdef PageCore core
-    cdef readonly int32_t size
-    cdef readonly int32_t page_size
-
     def __init__(self, size, page_size=1, need_sort=True):
         if page_size < 1:
             raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
@@ -560,11 +556,14 @@ cdef class TokenToKVPoolAllocator:
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         if n == 0:
             return
-        cdef const int32_t* data = <const int32_t*>cnp.PyArray_DATA(arr)
+        self.free_c(<const int32_t*>cnp.PyArray_DATA(arr), n)
+
+    cdef int free_c(self, const int32_t* data, Py_ssize_t n) except -1:
         if self.page_size == 1:
             self.core.free_slots(data, n)
         else:
             self.core.commit(self.core.scratch, self.core.collect(data, n))
+        return 0
 
     def free_group_begin(self):
         """Hold back frees until the matching ``free_group_end()`` (groups nest).

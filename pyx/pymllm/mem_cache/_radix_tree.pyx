@@ -29,6 +29,8 @@ cimport cython
 cimport numpy as cnp
 import numpy as np
 
+from pymllm.mem_cache._allocator cimport TokenToKVPoolAllocator
+
 from pymllm.mem_cache.base_prefix_cache import (
     EvictResult,
     InsertResult,
@@ -339,6 +341,14 @@ cdef inline object _match_result(object indices, object last_node, int64_t prefi
     r.last_node = last_node
     r.prefix_len = prefix_len
     r.mamba_branching_seqlen = branching
+    return r
+
+
+cdef inline object _evict_result(int64_t full, int64_t swa=0, int64_t mamba=0):
+    r = _object_new(EvictResult)
+    r.full_evicted = full
+    r.swa_evicted = swa
+    r.mamba_evicted = mamba
     return r
 
 
@@ -1305,7 +1315,7 @@ cdef class RadixTreeCore:
         cdef idx_t* out
         if not self.swa:
             self._after_evict(done, n_ev)
-            return EvictResult(full_evicted=done)
+            return _evict_result(done)
         # SWA phase: tombstone least recently used SWA-unlocked nodes (an unlocked leaf goes
         # whole); each step takes one node off the SWA heap, so the loop ends
         while self.aux_freed < swa_want and self.aux_heap.size > 0:
@@ -1323,7 +1333,7 @@ cdef class RadixTreeCore:
                 x.aux_value = -1
         swa_done = self.aux_freed
         self._after_evict(done, n_ev)
-        return EvictResult(full_evicted=done, swa_evicted=swa_done)
+        return _evict_result(done, swa_done)
 
     cdef int64_t _evict_full(self, int64_t want, int64_t* n_ev) except -1:
         """Pop LRU leaves until `want` tokens are collected in _idx_out (from index 0)."""
@@ -1368,7 +1378,13 @@ cdef class RadixTreeCore:
                 _copy_idx(<idx_t*>self._swa_out.data, self.n_swa_out))
         self.n_swa_out = 0
         if n_idx > 0 and self.token_to_kv_pool_allocator is not None:
-            self.token_to_kv_pool_allocator.free(_copy_idx(<idx_t*>self._idx_out.data, n_idx))
+            if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator:
+                # our own allocator: straight to its C entry point, no array, no Python call
+                (<TokenToKVPoolAllocator>self.token_to_kv_pool_allocator).free_c(
+                    <idx_t*>self._idx_out.data, n_idx)
+            else:
+                self.token_to_kv_pool_allocator.free(
+                    _copy_idx(<idx_t*>self._idx_out.data, n_idx))
         if self.n_states_out > 0 and self.mamba_pool is not None:
             self.mamba_pool.free(_copy_idx(<idx_t*>self._state_out.data, self.n_states_out))
         self.n_states_out = 0
@@ -2076,7 +2092,7 @@ cdef class MambaTreeCore(RadixTreeCore):
                 self._drop_state(n)
         states = self.n_states_out
         self._after_evict(done, n_ev)
-        return EvictResult(full_evicted=done, mamba_evicted=states)
+        return _evict_result(done, 0, states)
 
     def inc_lock_ref(self, node):
         """Lock the KV of *node* and its ancestors, and *node*'s own Mamba state if it has
