@@ -27,6 +27,7 @@ from pymllm.mem_cache import (
 )
 from pymllm.mem_cache.errors import (
     CacheError,
+    InvalidFreeError,
     InvalidKeyError,
     InvalidValueError,
     LockStateError,
@@ -271,7 +272,7 @@ CASES: list[Any] = [
         lambda: _mamba().insert(K3, np.arange(3), mamba_value=True),
         TypeError,
         "mamba_value",
-        "bool",
+        "True",
         id="mamba_value=True",
     ),
     pytest.param(
@@ -392,6 +393,69 @@ CASES: list[Any] = [
     ),
     pytest.param(
         lambda: _memory_pool_module().bucket_size(1.5), TypeError, "n", "1.5", id="bucket_size(1.5)"
+    ),
+    pytest.param(
+        lambda: _mamba().evict(1, 2, mamba_num=3),
+        TypeError,
+        "mamba_num",
+        "3",
+        id="mamba count twice",
+    ),
+    pytest.param(
+        lambda: TokenToKVPoolAllocator(8, page_size=2).alloc(3),
+        InvalidValueError,
+        "n",
+        "3",
+        id="alloc part of a page",
+    ),
+    pytest.param(
+        lambda: _allocated(TokenToKVPoolAllocator(8)).free(np.array([0], np.int32)),
+        InvalidFreeError,
+        "indices",
+        "0",
+        id="free slot 0",
+    ),
+    pytest.param(
+        lambda: _allocated(TokenToKVPoolAllocator(8)).free(np.array([99], np.int32)),
+        InvalidFreeError,
+        "indices",
+        "99",
+        id="free slot 99",
+    ),
+    pytest.param(
+        lambda: _double_free(TokenToKVPoolAllocator(8)),
+        InvalidFreeError,
+        "indices",
+        "2",
+        id="double free",
+    ),
+    pytest.param(
+        lambda: _allocated(TokenToKVPoolAllocator(8)).free(np.array([1, 1], np.int32)),
+        InvalidFreeError,
+        "indices",
+        "1",
+        id="free listed twice",
+    ),
+    pytest.param(
+        lambda: SWATokenToKVPoolAllocator(8, -1),
+        InvalidValueError,
+        "swa_size",
+        "-1",
+        id="swa_size=-1",
+    ),
+    pytest.param(
+        lambda: _allocated(SWATokenToKVPoolAllocator(8, 8)).free_swa(np.array([6], np.int32)),
+        InvalidFreeError,
+        "indices",
+        "6",
+        id="free_swa unallocated",
+    ),
+    pytest.param(
+        lambda: _mamba_pool().free([3]),
+        InvalidFreeError,
+        "slots",
+        "3",
+        id="MambaPool free unallocated",
     ),
     # ---- hashing
     pytest.param(

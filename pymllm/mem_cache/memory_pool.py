@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
-from pymllm.mem_cache.errors import InvalidValueError
+from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
 
 PAD_SLOT = 0
 """The padding slot: row 0 of every buffer, never allocated."""
@@ -228,6 +228,17 @@ def _layer_id(layer_id: Any, layer_num: int) -> np.int32:
     if not 0 <= i < layer_num:
         raise InvalidValueError(f"layer_id: {i} is out of range [0, {layer_num})")
     return np.int32(i)
+
+
+def _free_named(allocator: TokenToKVPoolAllocator, slots: Any) -> None:
+    """``allocator.free(slots)``, its errors naming the argument as the pools call it."""
+    try:
+        allocator.free(slots)
+    except InvalidFreeError as exc:
+        msg = str(exc)
+        raise InvalidFreeError(
+            "slots: " + (msg[len("indices: ") :] if msg.startswith("indices: ") else msg)
+        ) from None
 
 
 def _zeros(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.Array:
@@ -480,7 +491,7 @@ class ReqToTokenPool:
 
     def free(self, slots: Any) -> None:
         """Give request slot(s) back; ``InvalidFreeError`` (nothing freed) if not owned."""
-        self._slots.free(slots)
+        _free_named(self._slots, slots)
 
     def write(self, index: Any, values: Any) -> None:
         """``req_to_token[index] = values`` (numpy indexing, e.g. ``(slot, slice(a, b))``);
@@ -643,8 +654,9 @@ class MambaPool:
         return self._allocator.alloc(n)
 
     def free(self, slots: Any) -> None:
-        """Give state slots back (numpy, list, int or jax array); contents untouched."""
-        self._allocator.free(slots)
+        """Give state slots back (numpy, list, int or jax array); contents untouched.
+        ``InvalidFreeError`` (nothing freed) for a slot that is not allocated."""
+        _free_named(self._allocator, slots)
 
     def clear(self) -> None:
         """Every slot free (device contents untouched)."""
