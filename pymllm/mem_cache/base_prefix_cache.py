@@ -244,9 +244,10 @@ class BasePrefixCache(abc.ABC):
     * :class:`~pymllm.mem_cache.mamba_radix_cache.MambaRadixCache` -- radix tree with
       independent Mamba/SSM state tracking
 
-    Thread safety: a cache is not meant to be shared between threads without a lock held
-    by the caller; each compiled call runs with the GIL held from start to finish, so a
-    single call is atomic with respect to other Python threads.
+    Thread safety: each call of a compiled cache is atomic with respect to other Python
+    threads (the cache guards itself even while its callbacks run Python code); a sequence
+    of calls (match, lock, insert) is not, so threads sharing one cache hold a lock of
+    their own around each request's sequence.
     """
 
     @abc.abstractmethod
