@@ -504,6 +504,7 @@ _GEN_TRACE_OPTIONS = (
     ("--groups", int, "G", "shared system prompts"),
     ("--mean-turns", float, "T", "mean turns per conversation; a turn extends the last one"),
     ("--no-prefix", float, "F", "fraction of conversations without a shared system prompt"),
+    ("--regenerate", float, "F", "fraction of turns sent twice (a regenerated answer)"),
     ("--block-tokens", int, "N", "tokens per block"),
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -432,14 +433,24 @@ def test_generator_knobs_change_the_sharing():
         recs = generate_trace(TraceSpec(requests=800, seed=3, **kw))
         return ideal(trace_from_records(recs)).block_hit_rate
 
-    lone = generate_trace(TraceSpec(requests=800, seed=3, mean_turns=1, no_prefix=1.0))
-    assert hit(mean_turns=1, no_prefix=1.0) == 0.0  # one-turn chats, no system prompt
+    solo = {"mean_turns": 1, "no_prefix": 1.0, "regenerate": 0.0}
+    lone = generate_trace(TraceSpec(requests=800, seed=3, **solo))
+    assert hit(**solo) == 0.0  # one-turn chats, no system prompt, no resent turns
     assert len({h for r in lone for h in r["hash_ids"]}) == sum(len(r["hash_ids"]) for r in lone)
+    # every turn resent: each key twice (once, for a turn whose resend fell past the cut)
+    again = generate_trace(TraceSpec(requests=800, seed=3, **{**solo, "regenerate": 1.0}))
+    counts = Counter(tuple(r["hash_ids"]) for r in again)
+    assert (
+        set(counts.values()) <= {1, 2} and sum(c == 2 for c in counts.values()) > len(counts) // 2
+    )
+    assert hit(**{**solo, "regenerate": 0.5}) > 0
     assert 0 < hit(mean_turns=1, no_prefix=0.0) < hit()  # system prompts, then chains too
     with pytest.raises(ValueError, match="requests: expected a positive integer, got 0"):
         TraceSpec(requests=0)
     with pytest.raises(ValueError, match=r"no_prefix: expected a fraction in \[0, 1\], got 2"):
         TraceSpec(no_prefix=2)
+    with pytest.raises(ValueError, match=r"regenerate: expected a fraction in \[0, 1\]"):
+        TraceSpec(regenerate=-0.1)
 
 
 def test_warmup_fills_the_cache_untimed_and_uncounted():

@@ -4,7 +4,10 @@ The generator draws conversations. Each opens with one of ``groups`` system prom
 (``system_blocks`` blocks, chosen with Zipf-like popularity so a few are hot) or, with
 probability ``no_prefix``, with none; its first turn adds ``user_blocks`` fresh blocks, and
 every later turn repeats the whole previous turn's ``hash_ids`` and appends fresh blocks (the
-model's answer and the next user message), as a chat client resends its history. Turns per
+model's answer and the next user message), as a chat client resends its history. With
+probability ``regenerate`` a turn is sent twice (the user asks for another answer): the same
+``hash_ids`` again a little later, a request that hits a leaf without extending it, which
+is where recency-based and insertion-based eviction part ways. Turns per
 conversation are geometric with mean ``mean_turns``. Conversations start as a Poisson
 process and their turns follow after exponential think times, so chats interleave; the
 lines are written in timestamp order and cut to ``requests``, which keeps every chain
@@ -39,6 +42,7 @@ class TraceSpec:
     user_blocks: tuple[int, int] = (1, 10)
     mean_turns: float = 3.0
     no_prefix: float = 0.1
+    regenerate: float = 0.1
     zipf: float = 1.1
     rate: float = 20.0  # conversations started per second
     think_s: float = 30.0  # mean gap between a turn and the next
@@ -56,8 +60,11 @@ class TraceSpec:
                 raise ValueError(f"{name}: expected 1 <= low <= high, got {(lo, hi)!r}")
         if not self.mean_turns >= 1:
             raise ValueError(f"mean_turns: expected a number >= 1, got {self.mean_turns!r}")
-        if not 0 <= self.no_prefix <= 1:
-            raise ValueError(f"no_prefix: expected a fraction in [0, 1], got {self.no_prefix!r}")
+        for name in ("no_prefix", "regenerate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(
+                    f"{name}: expected a fraction in [0, 1], got {getattr(self, name)!r}"
+                )
         for name in ("zipf", "rate", "think_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
@@ -99,6 +106,9 @@ def generate_trace(spec: TraceSpec | None = None) -> list[dict[str, Any]]:
         while True:
             ids = ids + fresh(int(rng.integers(spec.user_blocks[0], spec.user_blocks[1] + 1)))
             events.append((round(t * 1000), len(events), ids))
+            if rng.random() < spec.regenerate:
+                t += rng.exponential(spec.think_s / 4)
+                events.append((round(t * 1000), len(events), ids))
             if rng.random() < p_end:
                 break
             t += rng.exponential(spec.think_s)
