@@ -1,7 +1,7 @@
 """Trace replay speed: the issue-7 case, 12,000 requests and ~300,000 block references.
 
 The trace is the built-in synthetic one (``pymllm-cache gen-trace`` defaults: 12,000
-Mooncake-format requests, 306,229 block references, 66,922 distinct blocks). Each round
+Mooncake-format requests, 301,115 block references, 61,001 distinct blocks). Each round
 replays it through a fresh ``RadixCache`` + ``TokenToKVPoolAllocator`` at one capacity and
 one policy. The timed part is ``Replay.run()`` alone (``benchmark.pedantic`` builds the
 fresh cache, the keys and any warmup in ``setup``); requests/s is the median over the rounds
