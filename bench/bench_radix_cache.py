@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import note, record, serve
 
-from pymllm.mem_cache import RadixCache, RadixKey, hash_token_ids
+from pymllm.mem_cache import EVICTION_POLICIES, RadixCache, RadixKey, hash_token_ids
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 from pymllm.mem_cache.reference import RefRadixCache
 
@@ -75,7 +75,7 @@ def test_system_prompt_loop_floor(benchmark, system_prompt_workload, keys):
     record(benchmark, group, "loop without any cache (floor)", per=len(data))
 
 
-def _grown_tree(total_tokens: int, leaf_len: int = 64, fanout: int = 16):
+def _grown_tree(total_tokens: int, leaf_len: int = 64, fanout: int = 16, policy: str = "lru"):
     """A tree of `total_tokens` tokens: keys share 64-token stems in groups of `fanout`."""
     rng = np.random.default_rng(1)
     n_keys = total_tokens // (2 * leaf_len) or 1
@@ -84,7 +84,7 @@ def _grown_tree(total_tokens: int, leaf_len: int = 64, fanout: int = 16):
         np.concatenate([stems[i // fanout], rng.integers(0, 50_000, leaf_len, dtype=np.int32)])
         for i in range(n_keys)
     ]
-    cache = RadixCache()
+    cache = RadixCache(eviction_policy=policy)
     nxt = 1
     for k in keys:
         cache.insert(RadixKey(k), np.arange(nxt, nxt + len(k), dtype=np.int32))
@@ -125,6 +125,33 @@ def test_evict_cost_vs_tree_size(benchmark, size):
     benchmark.group = "evict-vs-size"
     benchmark.pedantic(run, setup=setup, rounds=5, iterations=1)
     record(benchmark, "evict of one leaf (64 tokens), per node", f"{size:>9,} tokens", per=n_evict)
+
+
+@pytest.mark.parametrize("size", [100_000, 1_000_000])
+@pytest.mark.parametrize("policy", EVICTION_POLICIES)
+def test_evict_cost_per_policy(benchmark, policy, size):
+    """Every policy keeps evict proportional to what it frees: one heap pop per node."""
+    n_evict = 200
+
+    def setup():
+        cache, keys = _grown_tree(size, policy=policy)
+        rng = np.random.default_rng(4)
+        for i in rng.integers(0, len(keys), len(keys) // 2):  # uneven hits and recency
+            cache.match_prefix(RadixKey(keys[i]))
+        return (cache,), {}
+
+    def run(cache):
+        for _ in range(n_evict):
+            cache.evict(1)
+
+    benchmark.group = "evict-per-policy"
+    benchmark.pedantic(run, setup=setup, rounds=5, iterations=1)
+    record(
+        benchmark,
+        "evict of one leaf, per node, by policy",
+        f"{policy:<8} {size:>9,} tokens",
+        per=n_evict,
+    )
 
 
 def test_hash_token_ids_throughput(benchmark):
