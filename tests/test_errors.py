@@ -124,6 +124,28 @@ CASES: list[Any] = [
         "TokenToKVPoolAllocator",
         id="window without free_swa",
     ),
+    pytest.param(lambda: RadixCache(page_size=0), InvalidValueError, "page_size", "0", id="page=0"),
+    pytest.param(
+        lambda: RadixCache(eviction_policy="mru"),
+        InvalidValueError,
+        "eviction_policy",
+        "'mru'",
+        id="policy=mru",
+    ),
+    pytest.param(
+        lambda: RadixCache(sliding_window_size=0),
+        InvalidValueError,
+        "sliding_window_size",
+        "0",
+        id="window=0",
+    ),
+    pytest.param(
+        lambda: _radix(eviction_policy="priority").insert(K3, np.arange(3), priority=1.5),
+        TypeError,
+        "priority",
+        "1.5",
+        id="priority=1.5",
+    ),
     # ---- RadixCache: keys and values
     pytest.param(lambda: _radix().match_prefix([1, 2]), TypeError, "key", "list", id="key=list"),
     pytest.param(
@@ -290,6 +312,15 @@ CASES: list[Any] = [
         "swa_boundary_id",
         "5",
         id="Mamba token 5",
+    ),
+    pytest.param(
+        lambda: (lambda c, n: (c.inc_lock_ref(n), c.dec_lock_ref(n, swa_boundary_id=True)))(
+            *_with_node(_mamba)
+        ),
+        LockStateError,
+        "swa_boundary_id",
+        "True",
+        id="Mamba token True without a state",
     ),
     # ---- allocators
     pytest.param(lambda: TokenToKVPoolAllocator(-1), InvalidValueError, "size", "-1", id="size=-1"),

@@ -175,9 +175,9 @@ class RefRadixCache(BasePrefixCache):
         eviction_policy: str = "lru",
     ) -> None:
         if not _is_int(page_size) or page_size < 1:
-            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+            raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
         if not isinstance(eviction_policy, str) or eviction_policy not in EVICTION_POLICIES:
-            raise ValueError(
+            raise InvalidValueError(
                 f"eviction_policy: expected one of {', '.join(EVICTION_POLICIES)}, "
                 f"got {eviction_policy!r}"
             )

@@ -278,7 +278,10 @@ class RefMambaRadixCache(RefRadixCache):
         else:
             release_state = swa_boundary_id
             if release_state and node.mamba_lock_ref == 0:
-                raise LockStateError(f"{node!r} holds no state lock")
+                raise LockStateError(
+                    f"swa_boundary_id: got {swa_boundary_id!r} (a state lock), but {node!r} "
+                    "holds no state lock"
+                )
         if release_state:
             node.mamba_lock_ref -= 1
             if node.mamba_lock_ref == 0:

@@ -95,7 +95,7 @@ class RefSWARadixCache(RefRadixCache):
     ) -> None:
         w = sliding_window_size
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"sliding_window_size: expected an int >= 1, got {w!r}")
+            raise InvalidValueError(f"sliding_window_size: expected an int >= 1, got {w!r}")
         alloc = token_to_kv_pool_allocator
         if alloc is not None and not callable(getattr(alloc, "free_swa", None)):
             raise TypeError(

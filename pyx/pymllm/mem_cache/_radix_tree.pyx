@@ -447,7 +447,7 @@ cdef class RadixTreeCore:
         if sliding_window_size is not None:
             if (isinstance(sliding_window_size, bool) or not isinstance(sliding_window_size, int)
                     or sliding_window_size < 1):
-                raise ValueError(
+                raise InvalidValueError(
                     f"sliding_window_size: expected an int >= 1 or None, got {sliding_window_size!r}"
                 )
             if (token_to_kv_pool_allocator is not None
@@ -464,9 +464,9 @@ cdef class RadixTreeCore:
     cdef int _setup(self, object page_size, object allocator, object on_node_evict,
                     object eviction_policy) except -1:
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size: expected an int >= 1, got {page_size!r}")
+            raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
         if not isinstance(eviction_policy, str) or eviction_policy not in EVICTION_POLICIES:
-            raise ValueError(
+            raise InvalidValueError(
                 f"eviction_policy: expected one of {', '.join(EVICTION_POLICIES)}, "
                 f"got {eviction_policy!r}"
             )
@@ -2141,7 +2141,10 @@ cdef class MambaTreeCore(RadixTreeCore):
         elif isinstance(swa_boundary_id, bool):
             release_state = swa_boundary_id
             if release_state and x.aux_lock_ref <= 0:
-                raise LockStateError(f"swa_boundary_id: node {x.uid} holds no state lock")
+                raise LockStateError(
+                    f"swa_boundary_id: got {swa_boundary_id!r} (a state lock), but node {x.uid} "
+                    "holds no state lock"
+                )
         else:
             raise TypeError(
                 f"swa_boundary_id: expected the bool token of inc_lock_ref, got {swa_boundary_id!r}"
