@@ -110,47 +110,42 @@ def test_match_cost_vs_tree_size(benchmark, size):
     record(benchmark, "match_prefix of a 128-token key, per call", f"{size:>9,} tokens", per=1000)
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_evict_cost_vs_tree_size(benchmark, size):
-    n_evict = 200
-
-    def setup():
-        cache, _ = _grown_tree(size)
-        return (cache,), {}
+def _time_evictions(benchmark, make_cache, group: str, case: str, n_evict: int = 200) -> None:
+    """Median time per evicted node of `n_evict` one-node evictions from a fresh cache."""
 
     def run(cache):
         for _ in range(n_evict):
             cache.evict(1)
 
-    benchmark.group = "evict-vs-size"
-    benchmark.pedantic(run, setup=setup, rounds=5, iterations=1)
-    record(benchmark, "evict of one leaf (64 tokens), per node", f"{size:>9,} tokens", per=n_evict)
+    benchmark.group = group
+    benchmark.pedantic(run, setup=lambda: ((make_cache(),), {}), rounds=5, iterations=1)
+    record(benchmark, group, case, per=n_evict)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_evict_cost_vs_tree_size(benchmark, size):
+    _time_evictions(
+        benchmark,
+        lambda: _grown_tree(size)[0],
+        "evict of one leaf (64 tokens), per node",
+        f"{size:>9,} tokens",
+    )
 
 
 @pytest.mark.parametrize("size", [100_000, 1_000_000])
 @pytest.mark.parametrize("policy", EVICTION_POLICIES)
 def test_evict_cost_per_policy(benchmark, policy, size):
     """Every policy keeps evict proportional to what it frees: one heap pop per node."""
-    n_evict = 200
 
-    def setup():
+    def make():
         cache, keys = _grown_tree(size, policy=policy)
         rng = np.random.default_rng(4)
         for i in rng.integers(0, len(keys), len(keys) // 2):  # uneven hits and recency
             cache.match_prefix(RadixKey(keys[i]))
-        return (cache,), {}
+        return cache
 
-    def run(cache):
-        for _ in range(n_evict):
-            cache.evict(1)
-
-    benchmark.group = "evict-per-policy"
-    benchmark.pedantic(run, setup=setup, rounds=5, iterations=1)
-    record(
-        benchmark,
-        "evict of one leaf, per node, by policy",
-        f"{policy:<8} {size:>9,} tokens",
-        per=n_evict,
+    _time_evictions(
+        benchmark, make, "evict of one leaf, per node, by policy", f"{policy:<8} {size:>9,} tokens"
     )
 
 
