@@ -19,7 +19,10 @@ powers of two and the midpoints between), so a serving loop compiles each update
 of times, not once per request size. For zero recompilation produce K/V at the bucket size
 in the model step (pad the batch); host (numpy) K/V of any length are padded on the host.
 
-Not thread-safe: one owner calls each pool.
+Threads: slot allocation (``alloc``/``free`` of every pool) goes through the compiled
+allocator and is atomic with respect to Python threads. The device buffers are not shared
+safely: a donated write deletes the buffers that another thread may be reading, so one
+thread (the model step) owns a pool's reads and writes.
 """
 
 from __future__ import annotations
