@@ -20,8 +20,16 @@ def _fill(cache: Any, alloc: RecordingAllocator, keys: list[list[int]]) -> None:
         cache.insert(RadixKey(k), alloc.alloc(len(k)))
 
 
+READERS = {
+    "match_prefix": lambda cache, node: cache.match_prefix(RadixKey([7, 8, 9])),
+    "size query": lambda cache, node: cache.total_size(),
+    "node handle": lambda cache, node: node.evicted,
+}
+
+
+@pytest.mark.parametrize("call", sorted(READERS))
 @pytest.mark.parametrize("cls", [RadixCache, MambaRadixCache])
-def test_other_threads_wait_while_a_callback_runs(cls: type) -> None:
+def test_other_threads_wait_while_a_callback_runs(cls: type, call: str) -> None:
     in_callback = threading.Event()
     b_started = threading.Event()
     b_done = threading.Event()
@@ -40,13 +48,14 @@ def test_other_threads_wait_while_a_callback_runs(cls: type) -> None:
     alloc = RecordingAllocator()
     cache = cls(token_to_kv_pool_allocator=alloc, on_node_evict=on_evict)
     _fill(cache, alloc, [[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    node = cache.match_prefix(RadixKey([7, 8, 9])).last_node
     errors: list[BaseException] = []
 
     def thread_b() -> None:
         try:
             assert in_callback.wait(5)
             b_started.set()
-            cache.match_prefix(RadixKey([7, 8, 9]))
+            READERS[call](cache, node)
             b_done.set()
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)

@@ -37,10 +37,11 @@ class RadixCache(RadixTreeCore, BasePrefixCache):
     Thread safety: every call is atomic with respect to other Python threads. The GIL alone
     would not make it so (``evict`` runs the allocator's ``free`` and ``on_node_evict``,
     Python code that can hand the GIL to another thread midway), so each call also holds
-    the cache's own guard: another thread's call waits until it returns. A callback that
-    calls back into the same cache gets ``ReentrantCallError`` (the O(1) size queries are
-    allowed). Sequences of calls (match, then lock) are not atomic: threads sharing one
-    cache serialise them with a lock of their own.
+    the cache's own guard: another thread's call waits until it returns, and so do its size
+    queries and node-handle reads. A callback that calls back into the same cache gets
+    ``ReentrantCallError`` (size queries and handle reads are allowed there). Sequences of
+    calls (match, then lock) are not atomic: threads sharing one cache serialise them with a
+    lock of their own.
     """
 
     __slots__ = ()

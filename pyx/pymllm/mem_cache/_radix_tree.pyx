@@ -502,6 +502,16 @@ cdef class RadixTreeCore:
         self._owner = me
         return 0
 
+    cdef inline int _await_idle(self) except -1:
+        """Readers (size queries, node handles) wait while another thread is inside a
+        public call, so they never see a half-done mutation; the thread inside (its own
+        callbacks) reads freely."""
+        if self._owner != 0 and self._owner != PyThread_get_thread_ident():
+            while self._owner != 0:
+                with nogil:
+                    usleep(20)
+        return 0
+
     cdef int _wait_turn(self, unsigned long me) except -1:
         if self._owner == me:
             raise ReentrantCallError(
@@ -1557,22 +1567,27 @@ cdef class RadixTreeCore:
 
     def evictable_size(self):
         """Tokens in unlocked nodes (O(1))."""
+        self._await_idle()
         return self._evictable
 
     def protected_size(self):
         """Tokens in locked nodes (O(1))."""
+        self._await_idle()
         return self._protected
 
     def total_size(self):
         """Tokens in the tree (O(1))."""
+        self._await_idle()
         return self._evictable + self._protected
 
     def swa_evictable_size(self):
         """Live SWA tokens in nodes without an SWA lock (O(1); 0 without a window)."""
+        self._await_idle()
         return self._aux_evictable if self.swa else 0
 
     def swa_protected_size(self):
         """Live SWA tokens in SWA-locked nodes (O(1); 0 without a window)."""
+        self._await_idle()
         return self._aux_protected if self.swa else 0
 
     def reset(self):
@@ -1852,6 +1867,7 @@ cdef class TreeNode:
         raise TypeError("TreeNode handles are returned by the cache; they cannot be created")
 
     cdef inline Node* _node(self) except NULL:
+        self._tree._await_idle()
         if self._slot >= self._tree.cap or self._tree.nodes[self._slot].uid != self._uid:
             raise StaleNodeError(f"node {self._uid} was evicted")
         return &self._tree.nodes[self._slot]
@@ -1863,6 +1879,7 @@ cdef class TreeNode:
 
     @property
     def evicted(self):
+        self._tree._await_idle()
         return self._slot >= self._tree.cap or self._tree.nodes[self._slot].uid != self._uid
 
     @property
@@ -2159,10 +2176,12 @@ cdef class MambaTreeCore(RadixTreeCore):
 
     def mamba_evictable_size(self):
         """Stored states that are not locked (O(1))."""
+        self._await_idle()
         return self._aux_evictable
 
     def mamba_protected_size(self):
         """Stored states that are locked (O(1))."""
+        self._await_idle()
         return self._aux_protected
 
 
