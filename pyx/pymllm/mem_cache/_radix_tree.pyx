@@ -1300,11 +1300,13 @@ cdef class RadixTreeCore:
         return leaf
 
     def evict(self, num_tokens, swa_num_tokens=0):
-        """Evict unlocked leaves, least recently used first, until at least *num_tokens*
-        tokens are freed or nothing evictable is left (whole nodes, so it may free more).
+        """Evict unlocked leaves in the eviction policy's order (least recently used first
+        by default) until at least *num_tokens* tokens are freed or nothing evictable is left
+        (whole nodes, so it may free more).
 
         A parent whose last child goes becomes a candidate itself. The freed KV slots go
-        back in one ``allocator.free(int32 array)`` call; ``on_node_evict(node_id)`` is
+        back in one ``allocator.free(int32 array)`` call (for a ``TokenToKVPoolAllocator``,
+        straight through its C entry point, no array); ``on_node_evict(node_id)`` is
         called for each evicted node, after the tree is consistent again. Cost is
         proportional to what is evicted (heap pops), never a walk over the tree.
         ``swa_num_tokens`` is ignored without a sliding window.
@@ -1326,7 +1328,7 @@ cdef class RadixTreeCore:
         if not self.swa:
             self._after_evict(done, n_ev)
             return _evict_result(done)
-        # SWA phase: tombstone least recently used SWA-unlocked nodes (an unlocked leaf goes
+        # SWA phase: tombstone SWA-unlocked nodes in policy order (an unlocked leaf goes
         # whole); each step takes one node off the SWA heap, so the loop ends
         while self.aux_freed < swa_want and self.aux_heap.size > 0:
             n = self.aux_heap.data[0]
@@ -1346,7 +1348,7 @@ cdef class RadixTreeCore:
         return _evict_result(done, swa_done)
 
     cdef int64_t _evict_full(self, int64_t want, int64_t* n_ev) except -1:
-        """Pop LRU leaves until `want` tokens are collected in _idx_out (from index 0)."""
+        """Pop leaves in policy order until `want` tokens are collected in _idx_out."""
         cdef int64_t done = 0
         cdef nid_t n
         self.n_states_out = 0
@@ -1971,7 +1973,7 @@ cdef class MambaTreeNode(TreeNode):
 
 cdef class MambaTreeCore(RadixTreeCore):
     """Compiled core of MambaRadixCache: the same tree, plus one optional SSM state slot per
-    node (the state after the node's last token), a second LRU heap of droppable states and
+    node (the state after the node's last token), a second heap of droppable states and
     a state lock count per node. Public class: ``pymllm.mem_cache.MambaRadixCache``."""
 
     def __init__(self, page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,
@@ -2071,10 +2073,11 @@ cdef class MambaTreeCore(RadixTreeCore):
         return _insert_result(matched, self._handle(last), exist)
 
     def evict(self, num_tokens, swa_num_tokens=0, mamba_num=None):
-        """Full eviction of LRU unlocked leaves until *num_tokens* KV tokens are freed (their
-        states go too), then Mamba-only eviction until *mamba_num* states are freed in all
-        (the seed's second argument ``swa_num_tokens`` means the same here): the least
-        recently used unlocked state is dropped; a leaf losing its state is removed.
+        """Full eviction of unlocked leaves, in the eviction policy's order, until
+        *num_tokens* KV tokens are freed (their states go too), then Mamba-only eviction
+        until *mamba_num* states are freed in all (the seed's second argument
+        ``swa_num_tokens`` means the same here): the unlocked state first in policy order
+        (least recently used by default) is dropped; a leaf losing its state is removed.
 
         KV slots go back in one ``allocator.free`` call, states in one ``mamba_pool.free``
         call. Returns ``EvictResult(full_evicted, mamba_evicted=...)``. Each step removes a
