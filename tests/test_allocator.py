@@ -151,6 +151,9 @@ def test_alloc_too_many_returns_none_and_changes_nothing(make: Any) -> None:
         pytest.param([2, 3, 4, 5], id="run-ending-free"),
         pytest.param([0, 1, 2, 3], id="run-from-padding"),
         pytest.param([9, 10, 11], id="run-past-end"),
+        pytest.param([3, 4, 1, 2, 3], id="runs-then-repeat"),
+        pytest.param([3, 4, 1, 2, 7], id="runs-then-free"),
+        pytest.param([1, 2, 10, 11], id="run-then-run-past-end"),
     ],
 )
 def test_bad_free_raises_and_frees_nothing(make: Any, bad: Any) -> None:
@@ -181,6 +184,21 @@ def test_runs_across_bitmap_words(make: Any) -> None:
     a._check_invariants()
     a.free(np.arange(1, 132, dtype=np.int32))
     assert a.available_size() == 131
+    a._check_invariants()
+
+
+def test_free_in_runs_any_order(make: Any) -> None:
+    # Frees arrive as runs of consecutive slots in any order (evicted nodes, finished
+    # requests): each run is checked and freed as a range, the bitmap set per run.
+    a = make(200)
+    x = a.alloc(200)
+    parts = [x[130:190], x[3:70], x[190:191], x[100:101], x[71:99]]
+    a.free(np.concatenate(parts))
+    a._check_invariants()
+    freed = sorted(np.concatenate(parts).tolist())
+    assert a.available_size() == len(freed)
+    assert _state(a)[1] == sorted(set(range(1, 201)) - set(freed))
+    assert sorted(a.alloc(len(freed)).tolist()) == freed
     a._check_invariants()
 
 

@@ -221,7 +221,7 @@ cdef class PageCore:
         return self.tail - self.head + self.n_release
 
     cdef int32_t* take_pages(self, int32_t need) noexcept:
-        cdef int32_t i
+        cdef int32_t i, j, k
         cdef int32_t* got
         if need > self.tail - self.head + self.n_release:
             return NULL
@@ -233,9 +233,21 @@ cdef class PageCore:
             memset(self.state + got[0], PAGE_ALLOCATED, need)
             _fill_bit_range(self.freebits, got[0], need, False)
         else:
-            for i in range(need):
-                self.state[got[i]] = PAGE_ALLOCATED
-            _clear_bits(self.freebits, got, need)
+            # Runs of consecutive pages (a FIFO free list keeps the runs that frees brought
+            # back) take whole-range updates; single pages the per-page ones.
+            i = 0
+            while i < need:
+                j = i + 1
+                while j < need and got[j] == got[j - 1] + 1:
+                    j += 1
+                if j - i >= 8:
+                    memset(self.state + got[i], PAGE_ALLOCATED, j - i)
+                    _fill_bit_range(self.freebits, got[i], j - i, False)
+                else:
+                    for k in range(i, j):
+                        self.state[got[k]] = PAGE_ALLOCATED
+                    _clear_bits(self.freebits, got + i, j - i)
+                i = j
         self.head += need
         self.n_allocated += need
         return got
