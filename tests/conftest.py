@@ -349,6 +349,8 @@ class PairedCaches:
     MAX_SUFFIX = 8
     keys: list[tuple[tuple[Any, int], list[Any]]]
     handles: dict[int, tuple[Any, Any]]
+    ref: Any
+    c: Any
 
     def _token(self, ns: tuple[Any, int]) -> Any:
         from hypothesis import strategies as st
@@ -394,6 +396,88 @@ class PairedCaches:
 
         ids = sorted(pool)
         return self.handles[ids[data.draw(st.integers(0, len(ids) - 1), label="node id")]]
+
+    # -- bad calls shared by the comparison machines: each must fail the same way in both
+    # caches and change nothing. Subclasses give the caller's slots and insert arguments.
+
+    #: insert() arguments beyond key and value for a bad-key insert (never reached)
+    BAD_KEY_INSERT_KWARGS: dict[str, Any] = {}
+
+    def _caller_slots(self, n: int) -> np.ndarray:
+        """*n* fresh KV slots, booked as the caller's (they are never inserted)."""
+        raise NotImplementedError
+
+    def _bad_value_insert_kwargs(self) -> dict[str, Any]:
+        """insert() arguments beyond key and value for a bad-value insert."""
+        return {}
+
+    def _insert_bad_value(self, data: Any) -> None:
+        from hypothesis import strategies as st
+
+        from pymllm.mem_cache.errors import InvalidValueError
+
+        ns, tokens = self._draw_key(data)
+        make = draw_key_maker(data, ns, tokens)
+        kinds = ["too long"]
+        if tokens:
+            kinds += ["too short", "negative"]
+        kind = data.draw(st.sampled_from(kinds), label="bad value")
+        slots = self._caller_slots(len(tokens) + 1)
+        kwargs = self._bad_value_insert_kwargs()
+        value = slots[: len(tokens)].astype(np.int64)
+        if kind == "too long":
+            value = slots.astype(np.int64)
+        elif kind == "too short":
+            value = value[:-1]
+        else:
+            value[data.draw(st.integers(0, len(tokens) - 1))] = -1
+        out_r = outcome(lambda: self.ref.insert(make(), value.copy(), **kwargs))
+        out_c = outcome(lambda: self.c.insert(make(), value.copy(), **kwargs))
+        assert out_r == ("raised", InvalidValueError), out_r
+        assert out_c == out_r, f"compiled: {out_c}"
+
+    def _bad_key(self, data: Any) -> None:
+        from hypothesis import strategies as st
+
+        from pymllm.mem_cache import RadixKey
+        from pymllm.mem_cache.errors import InvalidKeyError
+
+        ns, tokens = self._draw_key(data)
+        pos = data.draw(st.integers(0, len(tokens)), label="bad token position")
+        bad_tokens: Any
+        if ns[1] == 0:
+            bad = data.draw(st.sampled_from([-1, 2**32, 2**40]), label="bad token")
+            form = data.draw(st.sampled_from(["list", "int64"]), label="bad key form")
+            bad_tokens = [*tokens[:pos], bad, *tokens[pos:]]
+            if form == "int64":
+                bad_tokens = np.array(bad_tokens, dtype=np.int64)
+        else:
+            pairs = [(0,), (0, 1, 1), (0, -1), (0, 2**32)]
+            bad = data.draw(st.sampled_from(pairs), label="bad tuple")
+            tokens = tokens or [(0, 0)]  # a lone (0,) would be a valid width-1 key
+            bad_tokens = [*tokens[:pos], bad, *tokens[pos:]]
+        n = len(bad_tokens)
+        for call in ("match", "insert"):
+
+            def run(cache: Any, call: str = call) -> Any:
+                key = RadixKey(bad_tokens, ns[0])
+                if call == "match":
+                    return cache.match_prefix(key)
+                value = np.arange(1, n + 1, dtype=np.int32)
+                return cache.insert(key, value, **self.BAD_KEY_INSERT_KWARGS)
+
+            out_r = outcome(lambda: run(self.ref))
+            out_c = outcome(lambda: run(self.c))
+            assert out_r == ("raised", InvalidKeyError), out_r
+            assert out_c == out_r, f"{call}: compiled {out_c}"
+
+    def _unlock_unheld(self, data: Any) -> None:
+        # Stale handles, unlocked nodes and the root: never an unlock that the test owes.
+        pool = [i for i, (r, _) in self.handles.items() if r.evicted or r.lock_ref == 0]
+        h_r, h_c = self._pick_handle(data, pool)
+        out_r = outcome(lambda: self.ref.dec_lock_ref(h_r))
+        out_c = outcome(lambda: self.c.dec_lock_ref(h_c))
+        assert out_r == out_c, f"dec_lock_ref({h_r.id}): ref {out_r} != compiled {out_c}"
 
     @staticmethod
     def _scribble(key: Any, value: Any) -> None:
