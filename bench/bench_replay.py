@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from conftest import note, record
 
-from pymllm.replay import Replay, eviction_policies, generate_trace, ideal
+from pymllm.mem_cache import EVICTION_POLICIES
+from pymllm.replay import Replay, generate_trace, ideal
 from pymllm.replay.traces import trace_from_records
 
-POLICIES = eviction_policies()
+POLICIES = EVICTION_POLICIES
 CAPACITY_CASES = ("1/16", "1/4", "all", "inf", "1e6 warm")
 WARM_BLOCKS = 1_000_000
 ROUNDS = 5

@@ -324,11 +324,11 @@ def _render(report: dict[str, Any], runs: dict[str, Any]) -> str:
 
 
 def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
+    from pymllm.mem_cache import EVICTION_POLICIES
     from pymllm.replay.generate import TraceSpec
-    from pymllm.replay.simulator import eviction_policies
     from pymllm.replay.traces import FORMATS, MOONCAKE_BLOCK_TOKENS
 
-    policies = eviction_policies()
+    policies = EVICTION_POLICIES
     p.add_argument(
         "trace",
         nargs="?",
@@ -385,6 +385,7 @@ def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_replay(args: argparse.Namespace) -> int:
+    from pymllm.mem_cache import EVICTION_POLICIES
     from pymllm.replay import generate, plot, simulator
     from pymllm.replay.traces import TraceError, read_trace, trace_from_records
 
@@ -409,7 +410,7 @@ def _run_replay(args: argparse.Namespace) -> int:
             if args.capacity
             else simulator.default_capacities(trace)
         )
-        policies = list(dict.fromkeys(args.policy or simulator.eviction_policies()))
+        policies = list(dict.fromkeys(args.policy or EVICTION_POLICIES))
         ideal = simulator.ideal(trace, args.page_size)
         progress = _Progress("replay", err, enabled=not args.quiet)
         results = simulator.sweep(

@@ -138,14 +138,14 @@ def test_replay_json_reports_each_capacity_and_policy(replay_trace, capsys):
     assert runs[5, "lru"]["evicted_units"] == 7 * 2
     assert runs[12, "lru"]["evicted_units"] == 2 * (8 - 4)
     assert all(r["leak_free"] and r["requests_per_s"] > 0 for r in report["runs"])
-    from pymllm.replay import eviction_policies
+    from pymllm.mem_cache import EVICTION_POLICIES
 
-    n = 8 * 3 * len(eviction_policies())  # 8 requests, 3 capacities, every policy
+    n = 8 * 3 * len(EVICTION_POLICIES)  # 8 requests, 3 capacities, every policy
     assert f"{n}/{n} requests" in out.err  # progress over all the runs goes to stderr
 
 
 def test_replay_table_and_policies(replay_trace, capsys):
-    from pymllm.replay import eviction_policies
+    from pymllm.mem_cache import EVICTION_POLICIES
 
     rc = main(["replay", str(replay_trace), "--capacity", "inf", "--quiet"])
     out = capsys.readouterr()
@@ -154,7 +154,7 @@ def test_replay_table_and_policies(replay_trace, capsys):
     for label in ("capacity (blocks)", "block hit", "token hit", "reqs with hit", "requests/s"):
         assert label in out.out
     rows = [line for line in out.out.splitlines() if line.startswith("inf ")]
-    assert [r.split()[1] for r in rows] == list(eviction_policies())  # default: every policy
+    assert [r.split()[1] for r in rows] == list(EVICTION_POLICIES)  # default: every policy
     assert all("52.50%" in r for r in rows)
 
 

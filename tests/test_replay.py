@@ -15,13 +15,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pymllm.mem_cache import RadixKey
+from pymllm.mem_cache import EVICTION_POLICIES, RadixKey
 from pymllm.mem_cache.reference import RefRadixCache
 from pymllm.replay import (
     TraceError,
     TraceSpec,
     default_capacities,
-    eviction_policies,
     generate_trace,
     ideal,
     ideal_prefix_units,
@@ -33,7 +32,7 @@ from pymllm.replay import (
 )
 from pymllm.replay.traces import trace_from_records
 
-POLICIES = eviction_policies()
+POLICIES = EVICTION_POLICIES
 
 
 def write_lines(tmp_path, lines, name="trace.jsonl"):

@@ -13,8 +13,8 @@ from pymllm.replay.generate import write_trace as write_trace
 from pymllm.replay.simulator import Ideal as Ideal
 from pymllm.replay.simulator import Replay as Replay
 from pymllm.replay.simulator import ReplayResult as ReplayResult
+from pymllm.replay.simulator import check_policy as check_policy
 from pymllm.replay.simulator import default_capacities as default_capacities
-from pymllm.replay.simulator import eviction_policies as eviction_policies
 from pymllm.replay.simulator import ideal as ideal
 from pymllm.replay.simulator import ideal_prefix_units as ideal_prefix_units
 from pymllm.replay.simulator import parse_capacity as parse_capacity
@@ -31,8 +31,8 @@ __all__ = [
     "Trace",
     "TraceError",
     "TraceSpec",
+    "check_policy",
     "default_capacities",
-    "eviction_policies",
     "generate_trace",
     "ideal",
     "ideal_prefix_units",

@@ -39,15 +39,16 @@ Progress = Callable[[int, int, float], None]
 PROGRESS_EVERY = 4096
 
 
-def eviction_policies() -> tuple[str, ...]:
-    """The eviction policies :class:`RadixCache` offers, in their documented order."""
-    return EVICTION_POLICIES
+def check_policy(policy: str) -> str:
+    """*policy* if it is one of :data:`EVICTION_POLICIES`, else ``ValueError`` naming it."""
+    if policy not in EVICTION_POLICIES:
+        raise ValueError(f"policy: expected one of {EVICTION_POLICIES}, got {policy!r}")
+    return policy
 
 
 def make_cache(policy: str, page_size: int, allocator: Any) -> RadixCache:
     """A :class:`RadixCache` with *policy* that frees evicted slots into *allocator*."""
-    if policy not in EVICTION_POLICIES:
-        raise ValueError(f"policy: expected one of {EVICTION_POLICIES}, got {policy!r}")
+    check_policy(policy)
     return RadixCache(
         page_size=page_size, token_to_kv_pool_allocator=allocator, eviction_policy=policy
     )
@@ -381,10 +382,8 @@ def sweep(
     the runs as one count."""
     for cap in capacities:
         pool_slots(trace, cap)
-    valid = eviction_policies()
     for pol in policies:
-        if pol not in valid:
-            raise ValueError(f"policy: expected one of {valid}, got {pol!r}")
+        check_policy(pol)
     total = len(trace) * len(capacities) * len(policies)
     out: list[ReplayResult] = []
     spent = 0.0
@@ -408,8 +407,8 @@ __all__ = [
     "Progress",
     "Replay",
     "ReplayResult",
+    "check_policy",
     "default_capacities",
-    "eviction_policies",
     "ideal",
     "ideal_prefix_units",
     "make_cache",
