@@ -166,6 +166,9 @@ class RefRadixCache(BasePrefixCache):
     ``reset``. ``match_prefix`` indices stay tree-owned. A call that raises changes nothing.
     """
 
+    #: the node type this model builds (the SWA and Mamba models add fields)
+    NODE_CLASS: type[TreeNode] = TreeNode
+
     def __init__(
         self,
         page_size: int = 1,
@@ -192,7 +195,7 @@ class RefRadixCache(BasePrefixCache):
         self.on_node_evict = on_node_evict
         self._owner = object()
         self._next_id = 1
-        self.root_node = TreeNode(0, self._owner, [], _EMPTY_I32, None, 0, None)
+        self.root_node = self.NODE_CLASS(0, self._owner, [], _EMPTY_I32, None, 0, None)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -302,7 +305,7 @@ class RefRadixCache(BasePrefixCache):
     def _new_node(
         self, tokens: list[Any], value: np.ndarray, parent: TreeNode, ns: Any
     ) -> TreeNode:
-        node = TreeNode(self._next_id, self._owner, tokens, value, ns[0], ns[1], parent)
+        node = self.NODE_CLASS(self._next_id, self._owner, tokens, value, ns[0], ns[1], parent)
         node.created = self.clock
         self._next_id += 1
         return node

@@ -94,6 +94,8 @@ class RefMambaRadixCache(RefRadixCache):
     nothing.
     """
 
+    NODE_CLASS = MambaTreeNode
+
     def __init__(
         self,
         page_size: int = 1,
@@ -108,22 +110,12 @@ class RefMambaRadixCache(RefRadixCache):
             page_size, None, token_to_kv_pool_allocator, on_node_evict, eviction_policy
         )
         self.mamba_pool = mamba_pool
-        self.root_node = MambaTreeNode(0, self._owner, [], _EMPTY_I32, None, 0, None)
-        self._reset_state()
 
     def _reset_state(self) -> None:
         super()._reset_state()
         self._mamba_evictable = 0
         self._mamba_protected = 0
         self._states_out: list[int] = []  # states freed by the running evict, in order
-
-    def _new_node(
-        self, tokens: list[Any], value: np.ndarray, parent: TreeNode, ns: Any
-    ) -> MambaTreeNode:
-        node = MambaTreeNode(self._next_id, self._owner, tokens, value, ns[0], ns[1], parent)
-        node.created = self.clock
-        self._next_id += 1
-        return node
 
     # ------------------------------------------------------------------ public API
 

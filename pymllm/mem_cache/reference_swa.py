@@ -85,6 +85,8 @@ class RefSWARadixCache(RefRadixCache):
     that raises changes nothing.
     """
 
+    NODE_CLASS = SWATreeNode
+
     def __init__(
         self,
         page_size: int = 1,
@@ -104,22 +106,12 @@ class RefSWARadixCache(RefRadixCache):
             )
         super().__init__(page_size, None, alloc, on_node_evict, eviction_policy)
         self.sliding_window_size = w
-        self.root_node = SWATreeNode(0, self._owner, [], _EMPTY_I32, None, 0, None)
-        self._reset_state()
 
     def _reset_state(self) -> None:
         super()._reset_state()
         self._swa_evictable = 0
         self._swa_protected = 0
         self._swa_freed = 0  # SWA tokens freed by the running evict
-
-    def _new_node(
-        self, tokens: list[Any], value: np.ndarray, parent: TreeNode, ns: Any
-    ) -> SWATreeNode:
-        node = SWATreeNode(self._next_id, self._owner, tokens, value, ns[0], ns[1], parent)
-        node.created = self.clock
-        self._next_id += 1
-        return node
 
     def _split_node(self, child: TreeNode, split_len: int) -> TreeNode:
         assert isinstance(child, SWATreeNode)
