@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import jax.numpy as jnp
@@ -202,6 +203,33 @@ def test_free_in_runs_any_order(make: Any) -> None:
     a._check_invariants()
 
 
+@pytest.mark.parametrize(
+    "bad_at",
+    [
+        pytest.param(150, id="already-free-inside-a-later-run-block"),
+        pytest.param(64, id="already-free-first-slot-of-a-block"),
+        pytest.param(3, id="already-free-in-the-first-block"),
+    ],
+)
+def test_multi_block_free_rolls_back(make: Any, bad_at: int) -> None:
+    # A free of several 64-slot blocks: the blocks before the bad slot were already
+    # booked (whole-range updates) and must be rolled back with nothing freed.
+    a = make(400)
+    x = a.alloc(400)
+    a.free(x[bad_at : bad_at + 1])
+    before = _state(a)
+    with pytest.raises(InvalidFreeError):
+        a.free(x[:200])
+    assert _state(a) == before
+    a._check_invariants()
+    with pytest.raises(InvalidFreeError):
+        a.free(np.concatenate([x[200:330], x[250:251]]))  # repeat lands in a third block
+    assert _state(a) == before
+    a.free(np.concatenate([x[:bad_at], x[bad_at + 1 : 400]]))
+    assert a.available_size() == 400
+    a._check_invariants()
+
+
 def test_double_free_across_calls(make: Any) -> None:
     a = make(8)
     x = a.alloc(3)
@@ -364,9 +392,13 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.pair: tuple[Any, Any] | None = None
         self.live: set[int] = set()
 
+    MAX_PAGES = 40  # pool size drawn up to this
+    MAX_ALLOC = 12  # pages per alloc drawn up to this
+
     @precondition(lambda self: self.pair is None)
-    @rule(ps=st.sampled_from([1, 4]), pages=st.integers(1, 40), need_sort=st.booleans())
-    def init(self, ps: int, pages: int, need_sort: bool) -> None:
+    @rule(ps=st.sampled_from([1, 4]), need_sort=st.booleans(), data=st.data())
+    def init(self, ps: int, need_sort: bool, data: st.DataObject) -> None:
+        pages = data.draw(st.integers(1, self.MAX_PAGES), label="pages")
         self.ps = ps
         self.pair = (
             TokenToKVPoolAllocator(pages * ps, ps, need_sort),
@@ -374,8 +406,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         )
 
     @precondition(lambda self: self.pair is not None)
-    @rule(target=owned, pages=st.integers(0, 12))
-    def alloc(self, pages: int) -> Any:
+    @rule(target=owned, data=st.data())
+    def alloc(self, data: st.DataObject) -> Any:
+        pages = data.draw(st.integers(0, self.MAX_ALLOC), label="alloc pages")
         got, want = (a.alloc(pages * self.ps) for a in self.pair)
         if want is None:
             assert got is None
@@ -390,8 +423,15 @@ class AllocatorMachine(RuleBasedStateMachine):
     def free(self, x: Any, data: st.DataObject) -> None:
         if x is None:
             return
-        # In allocation order (a run: the whole-range path) or shuffled (slot by slot).
-        order = data.draw(st.one_of(st.just(list(range(len(x)))), st.permutations(range(len(x)))))
+        # In allocation order (runs: the whole-range paths), shuffled (slot by slot), or
+        # as the allocation's pieces in shuffled order (what one evict frees).
+        order = data.draw(
+            st.one_of(
+                st.just(list(range(len(x)))),
+                st.permutations(range(len(x))),
+                _shuffled_pieces(len(x)),
+            )
+        )
         for a in self.pair:
             a.free(x[list(order)])
         self.live -= set(x.tolist())
@@ -436,6 +476,27 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 
 TestAllocatorMachine = AllocatorMachine.TestCase
+
+
+class LargeAllocatorMachine(AllocatorMachine):
+    """The same machine with allocations spanning several 64-page blocks, so frees and
+    allocs mix whole-block range updates with per-page ones (and bad slots land in any
+    block)."""
+
+    MAX_PAGES = 700
+    MAX_ALLOC = 260
+
+
+TestLargeAllocatorMachine = LargeAllocatorMachine.TestCase
+
+
+@st.composite
+def _shuffled_pieces(draw: Any, n: int) -> list[int]:
+    """range(n) cut at drawn points into pieces, the pieces in a drawn order."""
+    cuts = sorted(draw(st.sets(st.integers(1, max(n - 1, 1)), max_size=6))) if n > 1 else []
+    bounds = [0, *cuts, n]
+    pieces = [list(range(a, b)) for a, b in itertools.pairwise(bounds) if a < b]
+    return [i for piece in draw(st.permutations(pieces)) for i in piece]
 
 
 # -- SWA --------------------------------------------------------------------------------

@@ -123,6 +123,44 @@ cdef inline void _fill_bit_range(uint64_t* bits, int32_t lo, int32_t n, bint val
     bits[w1] = (bits[w1] | last) if value else (bits[w1] & ~last)
 
 
+# Pages are booked in blocks of BLOCK: a block of consecutive ids (the common case: frees
+# give back what one alloc took, and the free list keeps those runs) takes whole-range
+# state and bitmap updates after branch-free checks the compiler vectorizes; any other
+# block takes the per-page ones.
+cdef enum:
+    BLOCK = 64
+
+
+cdef inline bint _consecutive(const int32_t* p, int32_t n) noexcept:
+    """p[0:n] == p[0], p[0] + 1, ..., p[0] + n - 1 (n >= 1); no early exit, so it vectorizes."""
+    cdef uint32_t diff = 0
+    cdef int32_t p0 = p[0], i
+    for i in range(n):
+        diff |= <uint32_t>(p[i] ^ (p0 + i))
+    return diff == 0
+
+
+cdef inline bint _all_in_state(const uint8_t* state, int32_t lo, int32_t n, uint8_t st) noexcept:
+    """state[lo:lo+n] are all st (branch-free)."""
+    cdef uint8_t acc = 0
+    cdef int32_t i
+    for i in range(n):
+        acc |= state[lo + i] ^ st
+    return acc == 0
+
+
+cdef inline void _set_free_bits(uint64_t* bits, const int32_t* pages, int32_t n) noexcept:
+    """Set the bits of pages[0:n], block by block (range fills for consecutive blocks)."""
+    cdef int32_t i = 0, k
+    while i < n:
+        k = min(<int32_t>BLOCK, n - i)
+        if _consecutive(pages + i, k):
+            _fill_bit_range(bits, pages[i], k, True)
+        else:
+            _set_bits(bits, pages + i, k)
+        i += k
+
+
 cdef void* _xmalloc(size_t nbytes) except NULL:
     cdef void* p = malloc(nbytes if nbytes > 0 else 1)
     if p == NULL:
@@ -233,21 +271,17 @@ cdef class PageCore:
             memset(self.state + got[0], PAGE_ALLOCATED, need)
             _fill_bit_range(self.freebits, got[0], need, False)
         else:
-            # Runs of consecutive pages (a FIFO free list keeps the runs that frees brought
-            # back) take whole-range updates; single pages the per-page ones.
             i = 0
             while i < need:
-                j = i + 1
-                while j < need and got[j] == got[j - 1] + 1:
-                    j += 1
-                if j - i >= 8:
-                    memset(self.state + got[i], PAGE_ALLOCATED, j - i)
-                    _fill_bit_range(self.freebits, got[i], j - i, False)
+                k = min(<int32_t>BLOCK, need - i)
+                if _consecutive(got + i, k):
+                    memset(self.state + got[i], PAGE_ALLOCATED, k)
+                    _fill_bit_range(self.freebits, got[i], k, False)
                 else:
-                    for k in range(i, j):
-                        self.state[got[k]] = PAGE_ALLOCATED
-                    _clear_bits(self.freebits, got + i, j - i)
-                i = j
+                    for j in range(i, i + k):
+                        self.state[got[j]] = PAGE_ALLOCATED
+                    _clear_bits(self.freebits, got + i, k)
+                i += k
         self.head += need
         self.n_allocated += need
         return got
@@ -316,7 +350,7 @@ cdef class PageCore:
             self.n_held += count
         else:
             if not bits_done:
-                _set_bits(self.freebits, dst, count)
+                _set_free_bits(self.freebits, dst, count)
             if self.need_sort:
                 self.n_release += count
             else:
@@ -326,37 +360,31 @@ cdef class PageCore:
     cdef int32_t free_slots(self, const int32_t* slots, Py_ssize_t n) except -1:
         """page_size == 1: validate and free slots[0:n] in one pass (rolled back on error)."""
         cdef Py_ssize_t i, j, bad = -1
-        cdef int32_t s
+        cdef int32_t s, k, s0
         cdef int32_t hi = self.num_pages
         cdef uint8_t st = PAGE_HELD if self.group_depth > 0 else PAGE_FREE
         # More slots than are allocated: one of them is bad before the buffer fills up.
         cdef int32_t* dst = self.free_dst(<int32_t>min(n, self.n_allocated))
-        cdef int32_t s0 = slots[0]
-        cdef uint32_t diff = 0
-        cdef uint8_t acc = 0
-        if 1 < n <= self.n_allocated and 1 <= s0 and s0 - 1 + n <= hi:
-            # Consecutive slots (a freed allocation, usually): branch-free checks over the
-            # range, then whole-range state, list and bitmap updates.
-            for i in range(n):
-                diff |= <uint32_t>(slots[i] ^ (s0 + <int32_t>i))
-            if diff == 0:
-                for i in range(n):
-                    acc |= self.state[s0 + i] ^ PAGE_ALLOCATED
-                if acc == 0:
-                    memset(self.state + s0, st, n)
-                    for i in range(n):
-                        dst[i] = s0 + <int32_t>i
-                    if st == PAGE_FREE:
-                        _fill_bit_range(self.freebits, s0, <int32_t>n, True)
-                    self.placed(dst, <int32_t>n, True)
-                    return <int32_t>n
-        for i in range(n):
-            s = slots[i]
-            if s < 1 or s > hi or self.state[s] != PAGE_ALLOCATED or i >= self.n_allocated:
-                bad = i
-                break
-            self.state[s] = st
-            dst[i] = s
+        i = 0
+        while i < n and bad < 0:
+            k = <int32_t>min(<Py_ssize_t>BLOCK, n - i)
+            s0 = slots[i]
+            if (i + k <= self.n_allocated and 1 <= s0 and s0 - 1 + k <= hi
+                    and _consecutive(slots + i, k)
+                    and _all_in_state(self.state, s0, k, PAGE_ALLOCATED)):
+                memset(self.state + s0, st, k)
+                for j in range(k):
+                    dst[i + j] = s0 + <int32_t>j
+                i += k
+                continue
+            for j in range(i, i + k):
+                s = slots[j]
+                if s < 1 or s > hi or self.state[s] != PAGE_ALLOCATED or j >= self.n_allocated:
+                    bad = j
+                    break
+                self.state[s] = st
+                dst[j] = s
+            i += k
         if bad >= 0:
             for j in range(bad):
                 self.state[dst[j]] = PAGE_ALLOCATED
