@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -124,6 +125,43 @@ def test_result_dataclass_defaults():
     assert (m.last_node, m.prefix_len, m.mamba_branching_seqlen) == (None, 0, None)
     assert InsertResult() == InsertResult(prefix_len=0, last_node=None, mamba_exist=False)
     assert EvictResult() == EvictResult(full_evicted=0, swa_evicted=0, mamba_evicted=0)
+
+
+def test_compiled_caches_build_results_equal_to_the_dataclass_constructors():
+    # The compiled caches fill the result slots directly (no __init__): every field must
+    # still be set, of the right type, and equal to what the constructor would build.
+    from conftest import RecordingAllocator
+
+    from pymllm.mem_cache import MambaRadixCache, RadixCache
+
+    c = RadixCache()
+    ins = c.insert(RadixKey([1, 2, 3]), np.array([5, 6, 7]))
+    assert ins == InsertResult(prefix_len=0, last_node=ins.last_node, mamba_exist=False)
+    assert type(ins.prefix_len) is int and ins.mamba_exist is False
+    m = c.match_prefix(RadixKey([1, 2, 9]))
+    assert type(m) is MatchResult and type(m.prefix_len) is int
+    assert (m.indices.tolist(), m.prefix_len, m.mamba_branching_seqlen) == ([5, 6], 2, None)
+    ev = c.evict(1)
+    assert ev == EvictResult(full_evicted=1, swa_evicted=0, mamba_evicted=0)
+    assert all(type(v) is int for v in (ev.full_evicted, ev.swa_evicted, ev.mamba_evicted))
+    mc = MambaRadixCache(mamba_pool=RecordingAllocator())
+    got = mc.insert(RadixKey([1, 2]), np.array([3, 4]), mamba_value=7)
+    assert got.mamba_exist is False
+    again = mc.insert(RadixKey([1, 2]), np.array([3, 4]), mamba_value=8)
+    assert again.mamba_exist is True and type(again.prefix_len) is int
+
+
+def test_compiled_results_hold_no_extra_references():
+    from pymllm.mem_cache import RadixCache
+
+    c = RadixCache()
+    c.insert(RadixKey([1, 2, 3]), np.array([5, 6, 7]))
+    results = [c.match_prefix(RadixKey([1, 2, 3])) for _ in range(100)]
+    # each field's object is referenced by its slot only (+ getrefcount's argument)
+    assert all(sys.getrefcount(r.indices) == 2 for r in results)
+    assert all(sys.getrefcount(r.last_node) == 2 for r in results)
+    ins = [c.insert(RadixKey([1, 2, 3, 4]), np.array([5, 6, 7, 8])) for _ in range(10)]
+    assert all(sys.getrefcount(r.last_node) == 2 for r in ins)
 
 
 def test_base_prefix_cache_is_abstract():

@@ -18,7 +18,7 @@
 # it was.
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
-from cpython.object cimport PyObject
+from cpython.object cimport PyObject, PyTypeObject
 from cpython.pythread cimport PyThread_get_thread_ident
 from posix.unistd cimport usleep
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
@@ -330,33 +330,80 @@ cdef cnp.ndarray _copy_idx(const idx_t* src, int64_t n):
     return out
 
 
-_object_new = object.__new__
+# The three result dataclasses are built without their __init__ (a Python-level call) and
+# without setattr (a name lookup per field): a fresh instance from the type's allocator,
+# each field stored straight into its slot. The slot offsets are read once, here, from the
+# classes' member descriptors (they are slots dataclasses); a class that lost its slots
+# fails at import, not later.
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    void Py_INCREF(object)
+    PyObject* PyLong_FromLongLong(long long) except NULL
+    object _generic_alloc "PyType_GenericAlloc" (PyTypeObject*, Py_ssize_t)
+
+_MemberDescriptor = type(MatchResult.__dict__["indices"])
+
+
+cdef Py_ssize_t _slot_offset(object cls, str name) except -1:
+    d = cls.__dict__.get(name)
+    if type(d) is not _MemberDescriptor:
+        raise TypeError(f"{cls.__name__}.{name} is not a slot (the result classes must be "
+                        "slots dataclasses)")
+    return (<PyMemberDescrObject*>d).d_member.offset
+
+
+cdef Py_ssize_t _MR_INDICES = _slot_offset(MatchResult, "indices")
+cdef Py_ssize_t _MR_LAST_NODE = _slot_offset(MatchResult, "last_node")
+cdef Py_ssize_t _MR_PREFIX_LEN = _slot_offset(MatchResult, "prefix_len")
+cdef Py_ssize_t _MR_BRANCHING = _slot_offset(MatchResult, "mamba_branching_seqlen")
+cdef Py_ssize_t _IR_PREFIX_LEN = _slot_offset(InsertResult, "prefix_len")
+cdef Py_ssize_t _IR_LAST_NODE = _slot_offset(InsertResult, "last_node")
+cdef Py_ssize_t _IR_MAMBA_EXIST = _slot_offset(InsertResult, "mamba_exist")
+cdef Py_ssize_t _ER_FULL = _slot_offset(EvictResult, "full_evicted")
+cdef Py_ssize_t _ER_SWA = _slot_offset(EvictResult, "swa_evicted")
+cdef Py_ssize_t _ER_MAMBA = _slot_offset(EvictResult, "mamba_evicted")
+cdef PyTypeObject* _MR_TYPE = <PyTypeObject*>MatchResult  # the module keeps them alive
+cdef PyTypeObject* _IR_TYPE = <PyTypeObject*>InsertResult
+cdef PyTypeObject* _ER_TYPE = <PyTypeObject*>EvictResult
+
+
+cdef inline void _put(object obj, Py_ssize_t offset, object v) noexcept:
+    """Store a new reference to v in a fresh instance's empty (NULL) slot."""
+    Py_INCREF(v)
+    (<PyObject**>((<char*><PyObject*>obj) + offset))[0] = <PyObject*>v
+
+
+cdef inline void _put_int(object obj, Py_ssize_t offset, PyObject* v) noexcept:
+    """Store v (a new reference, handed over) in a fresh instance's empty slot."""
+    (<PyObject**>((<char*><PyObject*>obj) + offset))[0] = v
 
 
 cdef inline object _match_result(object indices, object last_node, int64_t prefix_len,
                                  object branching=None):
-    """MatchResult without the dataclass __init__ (a Python-level call): same fields."""
-    r = _object_new(MatchResult)
-    r.indices = indices
-    r.last_node = last_node
-    r.prefix_len = prefix_len
-    r.mamba_branching_seqlen = branching
+    r = _generic_alloc(_MR_TYPE, 0)
+    _put_int(r, _MR_PREFIX_LEN, PyLong_FromLongLong(prefix_len))
+    _put(r, _MR_INDICES, indices)
+    _put(r, _MR_LAST_NODE, last_node)
+    _put(r, _MR_BRANCHING, branching)
     return r
 
 
 cdef inline object _evict_result(int64_t full, int64_t swa=0, int64_t mamba=0):
-    r = _object_new(EvictResult)
-    r.full_evicted = full
-    r.swa_evicted = swa
-    r.mamba_evicted = mamba
+    r = _generic_alloc(_ER_TYPE, 0)
+    _put_int(r, _ER_FULL, PyLong_FromLongLong(full))
+    _put_int(r, _ER_SWA, PyLong_FromLongLong(swa))
+    _put_int(r, _ER_MAMBA, PyLong_FromLongLong(mamba))
     return r
 
 
 cdef inline object _insert_result(int64_t prefix_len, object last_node, bint mamba_exist=False):
-    r = _object_new(InsertResult)
-    r.prefix_len = prefix_len
-    r.last_node = last_node
-    r.mamba_exist = mamba_exist
+    r = _generic_alloc(_IR_TYPE, 0)
+    _put_int(r, _IR_PREFIX_LEN, PyLong_FromLongLong(prefix_len))
+    _put(r, _IR_LAST_NODE, last_node)
+    _put(r, _IR_MAMBA_EXIST, True if mamba_exist else False)
     return r
 
 
@@ -2222,6 +2269,12 @@ cdef int64_t _count(str name, object v) except? -1:
 
 cdef int64_t _int64(str name, object v) except? -1:
     """Any int that fits in 64 bits; bools and floats are rejected."""
+    cdef int overflow = 0
+    cdef long long x
+    if PyLong_CheckExact(v):  # the common case, without the __index__ protocol
+        x = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if not overflow:
+            return x
     if isinstance(v, bool) or not hasattr(v, "__index__"):
         raise TypeError(f"{name}: expected an int, got {v!r} ({type(v).__name__})")
     v = v.__index__()
@@ -2231,6 +2284,12 @@ cdef int64_t _int64(str name, object v) except? -1:
 
 
 cdef int64_t _nonneg_int(str name, object v) except -1:
+    cdef int overflow = 0
+    cdef long long x
+    if PyLong_CheckExact(v):
+        x = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if not overflow and x >= 0:
+            return x
     if isinstance(v, bool) or not hasattr(v, "__index__"):
         raise TypeError(f"{name}: expected an int, got {v!r:.60} ({type(v).__name__})")
     v = v.__index__()
