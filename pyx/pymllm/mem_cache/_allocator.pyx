@@ -132,21 +132,42 @@ cdef enum:
 
 
 cdef inline bint _consecutive(const int32_t* p, int32_t n) noexcept:
-    """p[0:n] == p[0], p[0] + 1, ..., p[0] + n - 1 (n >= 1); no early exit, so it vectorizes."""
+    """p[0:n] == p[0], p[0] + 1, ..., p[0] + n - 1 (n >= 1). No early exit and unsigned
+    arithmetic (the build has -fwrapv), so it vectorizes; a whole block has a constant trip
+    count, so no scalar prologue or epilogue."""
     cdef uint32_t diff = 0
-    cdef int32_t p0 = p[0], i
-    for i in range(n):
-        diff |= <uint32_t>(p[i] ^ (p0 + i))
+    cdef uint32_t p0 = <uint32_t>p[0]
+    cdef const uint32_t* q = <const uint32_t*>p
+    cdef size_t i
+    if n == BLOCK:
+        for i in range(<size_t>BLOCK):
+            diff |= q[i] ^ (p0 + <uint32_t>i)
+    else:
+        for i in range(<size_t>n):
+            diff |= q[i] ^ (p0 + <uint32_t>i)
     return diff == 0
 
 
 cdef inline bint _all_in_state(const uint8_t* state, int32_t lo, int32_t n, uint8_t st) noexcept:
-    """state[lo:lo+n] are all st (branch-free)."""
+    """state[lo:lo+n] are all st (branch-free; indexed from a pointer so that it vectorizes)."""
     cdef uint8_t acc = 0
-    cdef int32_t i
-    for i in range(n):
-        acc |= state[lo + i] ^ st
+    cdef const uint8_t* q = state + lo
+    cdef size_t i
+    if n == BLOCK:
+        for i in range(<size_t>BLOCK):
+            acc |= q[i] ^ st
+    else:
+        for i in range(<size_t>n):
+            acc |= q[i] ^ st
     return acc == 0
+
+
+cdef inline void _fill_sequence(int32_t* dst, int32_t s0, int32_t n) noexcept:
+    """dst[0:n] = s0, s0 + 1, ..., s0 + n - 1 (vectorizes, as _consecutive)."""
+    cdef uint32_t* q = <uint32_t*>dst
+    cdef size_t i
+    for i in range(<size_t>n):
+        q[i] = <uint32_t>s0 + <uint32_t>i
 
 
 cdef inline void _set_free_bits(uint64_t* bits, const int32_t* pages, int32_t n) noexcept:
@@ -373,8 +394,7 @@ cdef class PageCore:
                     and _consecutive(slots + i, k)
                     and _all_in_state(self.state, s0, k, PAGE_ALLOCATED)):
                 memset(self.state + s0, st, k)
-                for j in range(k):
-                    dst[i + j] = s0 + <int32_t>j
+                _fill_sequence(dst + i, s0, k)
                 i += k
                 continue
             for j in range(i, i + k):
