@@ -14,17 +14,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import note, record, serve
+from seed_style import SeedStyleRadixCache
 
 from pymllm.mem_cache import EVICTION_POLICIES, RadixCache, RadixKey, hash_token_ids
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 from pymllm.mem_cache.reference import RefRadixCache
 
 POOL = 300_000
-IMPLS = {"compiled": RadixCache, "pure-python": RefRadixCache}
+_HITS: dict[str, set[int]] = {}  # hit tokens per key kind, across the implementations
+IMPLS = {
+    "compiled": RadixCache,
+    "pure-python (seed style)": SeedStyleRadixCache,
+    "pure-python (reference model)": RefRadixCache,
+}
 
 
 @pytest.mark.parametrize("keys", ["list", "numpy"])
-@pytest.mark.parametrize("impl", ["compiled", "pure-python"])
+@pytest.mark.parametrize("impl", list(IMPLS))
 def test_system_prompt_workload(benchmark, system_prompt_workload, impl, keys):
     wl = system_prompt_workload
     data = wl.lists if keys == "list" else wl.arrays
@@ -42,7 +48,11 @@ def test_system_prompt_workload(benchmark, system_prompt_workload, impl, keys):
     benchmark.group = f"workload-{keys}"
     benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
     group = f"system-prompt workload, {keys} keys (per request)"
-    record(benchmark, group, impl, baseline=impl == "pure-python", per=len(data))
+    record(benchmark, group, impl, baseline=impl != "compiled", per=len(data))
+    # every implementation keeps the same LRU order, so all must hit the same tokens
+    assert len(set(hits)) == 1
+    _HITS.setdefault(keys, set()).add(hits[-1])
+    assert len(_HITS[keys]) == 1, f"implementations disagree on the hits: {_HITS[keys]}"
     if impl == "compiled":
         note(
             group,
