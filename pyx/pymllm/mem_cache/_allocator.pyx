@@ -129,6 +129,7 @@ cdef inline void _fill_bit_range(uint64_t* bits, int32_t lo, int32_t n, bint val
 # block takes the per-page ones.
 cdef enum:
     BLOCK = 64
+    SUB = 16  # a block that is not one run is booked in sub-blocks of SUB pages
 
 
 cdef inline bint _consecutive(const int32_t* p, int32_t n) noexcept:
@@ -141,6 +142,9 @@ cdef inline bint _consecutive(const int32_t* p, int32_t n) noexcept:
     cdef size_t i
     if n == BLOCK:
         for i in range(<size_t>BLOCK):
+            diff |= q[i] ^ (p0 + <uint32_t>i)
+    elif n == SUB:
+        for i in range(<size_t>SUB):
             diff |= q[i] ^ (p0 + <uint32_t>i)
     else:
         for i in range(<size_t>n):
@@ -155,6 +159,9 @@ cdef inline bint _all_in_state(const uint8_t* state, int32_t lo, int32_t n, uint
     cdef size_t i
     if n == BLOCK:
         for i in range(<size_t>BLOCK):
+            acc |= q[i] ^ st
+    elif n == SUB:
+        for i in range(<size_t>SUB):
             acc |= q[i] ^ st
     else:
         for i in range(<size_t>n):
@@ -171,14 +178,21 @@ cdef inline void _fill_sequence(int32_t* dst, int32_t s0, int32_t n) noexcept:
 
 
 cdef inline void _set_free_bits(uint64_t* bits, const int32_t* pages, int32_t n) noexcept:
-    """Set the bits of pages[0:n], block by block (range fills for consecutive blocks)."""
-    cdef int32_t i = 0, k
+    """Set the bits of pages[0:n]: range fills for blocks (or sub-blocks) that are runs."""
+    cdef int32_t i = 0, k, j, m
     while i < n:
         k = min(<int32_t>BLOCK, n - i)
         if _consecutive(pages + i, k):
             _fill_bit_range(bits, pages[i], k, True)
         else:
-            _set_bits(bits, pages + i, k)
+            j = i
+            while j < i + k:
+                m = min(<int32_t>SUB, i + k - j)
+                if _consecutive(pages + j, m):
+                    _fill_bit_range(bits, pages[j], m, True)
+                else:
+                    _set_bits(bits, pages + j, m)
+                j += m
         i += k
 
 
@@ -221,6 +235,30 @@ cdef cnp.ndarray _as_int32_slots(object indices):
             raise InvalidFreeError(f"indices: slot {arr[bad[0]]} is out of range [0, 2**31)")
         arr = arr.astype(np.int32)
     return np.ascontiguousarray(arr)
+
+
+cdef inline bint _mark_run(PageCore self, const int32_t* got, int32_t k) noexcept:
+    """Pages got[0:k], just taken off the free list, become PAGE_ALLOCATED in one range
+    update if they are a run; False (nothing changed) otherwise."""
+    if _consecutive(got, k):
+        memset(self.state + got[0], PAGE_ALLOCATED, k)
+        _fill_bit_range(self.freebits, got[0], k, False)
+        return True
+    return False
+
+
+cdef inline bint _free_run(PageCore self, const int32_t* slots, Py_ssize_t i, int32_t k,
+                           int32_t* dst, uint8_t st) noexcept:
+    """slots[i:i+k] as one range, if they are a run of allocated slots: state set to st,
+    copied to dst[i:i+k]; False (nothing changed) otherwise."""
+    cdef int32_t s0 = slots[i]
+    if (i + k <= self.n_allocated and 1 <= s0 and s0 - 1 + k <= self.num_pages
+            and _consecutive(slots + i, k)
+            and _all_in_state(self.state, s0, k, PAGE_ALLOCATED)):
+        memset(self.state + s0, st, k)
+        _fill_sequence(dst + i, s0, k)
+        return True
+    return False
 
 
 cdef class PageCore:
@@ -280,7 +318,7 @@ cdef class PageCore:
         return self.tail - self.head + self.n_release
 
     cdef int32_t* take_pages(self, int32_t need) noexcept:
-        cdef int32_t i, j, k
+        cdef int32_t i, j, k, m, p
         cdef int32_t* got
         if need > self.tail - self.head + self.n_release:
             return NULL
@@ -295,13 +333,15 @@ cdef class PageCore:
             i = 0
             while i < need:
                 k = min(<int32_t>BLOCK, need - i)
-                if _consecutive(got + i, k):
-                    memset(self.state + got[i], PAGE_ALLOCATED, k)
-                    _fill_bit_range(self.freebits, got[i], k, False)
-                else:
-                    for j in range(i, i + k):
-                        self.state[got[j]] = PAGE_ALLOCATED
-                    _clear_bits(self.freebits, got + i, k)
+                if not _mark_run(self, got + i, k):
+                    j = i
+                    while j < i + k:
+                        m = min(<int32_t>SUB, i + k - j)
+                        if not _mark_run(self, got + j, m):
+                            for p in range(j, j + m):
+                                self.state[got[p]] = PAGE_ALLOCATED
+                            _clear_bits(self.freebits, got + j, m)
+                        j += m
                 i += k
         self.head += need
         self.n_allocated += need
@@ -379,9 +419,10 @@ cdef class PageCore:
         self.n_allocated -= count
 
     cdef int32_t free_slots(self, const int32_t* slots, Py_ssize_t n) except -1:
-        """page_size == 1: validate and free slots[0:n] in one pass (rolled back on error)."""
-        cdef Py_ssize_t i, j, bad = -1
-        cdef int32_t s, k, s0
+        """page_size == 1: validate and free slots[0:n] in one pass (rolled back on error).
+        Blocks, then sub-blocks, that are runs are booked as ranges; other slots one by one."""
+        cdef Py_ssize_t i, j, end, bad = -1
+        cdef int32_t s, k
         cdef int32_t hi = self.num_pages
         cdef uint8_t st = PAGE_HELD if self.group_depth > 0 else PAGE_FREE
         # More slots than are allocated: one of them is bad before the buffer fills up.
@@ -389,22 +430,22 @@ cdef class PageCore:
         i = 0
         while i < n and bad < 0:
             k = <int32_t>min(<Py_ssize_t>BLOCK, n - i)
-            s0 = slots[i]
-            if (i + k <= self.n_allocated and 1 <= s0 and s0 - 1 + k <= hi
-                    and _consecutive(slots + i, k)
-                    and _all_in_state(self.state, s0, k, PAGE_ALLOCATED)):
-                memset(self.state + s0, st, k)
-                _fill_sequence(dst + i, s0, k)
+            if _free_run(self, slots, i, k, dst, st):
                 i += k
                 continue
-            for j in range(i, i + k):
-                s = slots[j]
-                if s < 1 or s > hi or self.state[s] != PAGE_ALLOCATED or j >= self.n_allocated:
-                    bad = j
-                    break
-                self.state[s] = st
-                dst[j] = s
-            i += k
+            end = i + k
+            while i < end and bad < 0:
+                k = <int32_t>min(<Py_ssize_t>SUB, end - i)
+                if not _free_run(self, slots, i, k, dst, st):
+                    for j in range(i, i + k):
+                        s = slots[j]
+                        if (s < 1 or s > hi or self.state[s] != PAGE_ALLOCATED
+                                or j >= self.n_allocated):
+                            bad = j
+                            break
+                        self.state[s] = st
+                        dst[j] = s
+                i += k
         if bad >= 0:
             for j in range(bad):
                 self.state[dst[j]] = PAGE_ALLOCATED
