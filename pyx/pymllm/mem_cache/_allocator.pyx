@@ -17,6 +17,7 @@ code that holds the GIL throughout and calls nothing in Python. A sequence of ca
 serialise such sequences themselves.
 """
 
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
@@ -249,13 +250,16 @@ cdef inline bint _mark_run(PageCore self, const int32_t* got, int32_t k) noexcep
 
 cdef inline bint _free_run(PageCore self, const int32_t* slots, Py_ssize_t i, int32_t k,
                            int32_t* dst, uint8_t st) noexcept:
-    """slots[i:i+k] as one range, if they are a run of allocated slots: state set to st,
-    copied to dst[i:i+k]; False (nothing changed) otherwise."""
+    """slots[i:i+k] as one range, if they are a run of allocated slots: state set to st
+    (and free bits set when st is PAGE_FREE), copied to dst[i:i+k]; False (nothing
+    changed) otherwise."""
     cdef int32_t s0 = slots[i]
     if (i + k <= self.n_allocated and 1 <= s0 and s0 - 1 + k <= self.num_pages
             and _consecutive(slots + i, k)
             and _all_in_state(self.state, s0, k, PAGE_ALLOCATED)):
         memset(self.state + s0, st, k)
+        if st == PAGE_FREE:
+            _fill_bit_range(self.freebits, s0, k, True)
         _fill_sequence(dst + i, s0, k)
         return True
     return False
@@ -445,10 +449,15 @@ cdef class PageCore:
                             break
                         self.state[s] = st
                         dst[j] = s
+                    if st == PAGE_FREE:
+                        _set_bits(self.freebits, dst + i, <int32_t>((bad if bad >= 0 else i + k) - i))
                 i += k
         if bad >= 0:
+            # roll back: every slot booked so far is allocated again
             for j in range(bad):
                 self.state[dst[j]] = PAGE_ALLOCATED
+            if st == PAGE_FREE:
+                _clear_bits(self.freebits, dst, <int32_t>bad)
             s = slots[bad]
             if s == PAD_PAGE:
                 raise InvalidFreeError(
@@ -461,7 +470,7 @@ cdef class PageCore:
                 if dst[j] == s:
                     raise InvalidFreeError(f"indices: slot {s} is listed twice in one free()")
             raise InvalidFreeError(f"indices: slot {s} is not allocated (double free?)")
-        self.placed(dst, <int32_t>n, False)
+        self.placed(dst, <int32_t>n, True)
         return <int32_t>n
 
     cdef void merge(self) noexcept:
@@ -594,6 +603,12 @@ cdef void _pages_to_slots(int32_t* o, const int32_t* pages, int32_t n_pages,
 
 
 cdef int32_t _check_alloc_size(object n, int32_t ps) except -1:
+    cdef int overflow = 0
+    cdef long long x
+    if PyLong_CheckExact(n):  # the common case, in C
+        x = PyLong_AsLongLongAndOverflow(n, &overflow)
+        if not overflow and 0 <= x <= 0x7FFFFFFF and x % ps == 0:
+            return <int32_t>(x // ps)
     n = operator.index(n)
     if n < 0:
         raise InvalidValueError(f"n: cannot allocate {n} slots")
