@@ -282,19 +282,29 @@ cdef extern from "Python.h":
     long long _as_long_long "PyLong_AsLongLongAndOverflow" (PyObject*, int*) except? -1
 
 
-cdef inline Py_ssize_t _first_negative(const int32_t* p, Py_ssize_t n) noexcept nogil:
-    """Index of the first negative entry, n if none (an OR reduction the compiler
-    vectorizes; the slow search runs only on bad input)."""
-    cdef int32_t acc = 0
-    cdef Py_ssize_t i
-    for i in range(n):
-        acc |= p[i]
-    if acc >= 0:
-        return n
-    for i in range(n):
-        if p[i] < 0:
-            return i
-    return n
+# Index of the first negative entry of p[0:n], n if none: an OR reduction the compiler
+# vectorizes (the slow search runs only on bad input). It reads every token of every key
+# and value, so on x86-64 Linux GCC builds it is compiled twice, for AVX2 and for the
+# baseline, and the loader picks one for the CPU it runs on (an ifunc).
+cdef extern from *:
+    """
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    __attribute__((target_clones("avx2", "default")))
+    #endif
+    static Py_ssize_t pymllm_first_negative(const int32_t* p, Py_ssize_t n) {
+        int32_t acc = 0;
+        Py_ssize_t i;
+        for (i = 0; i < n; i++)
+            acc |= p[i];
+        if (acc >= 0)
+            return n;
+        for (i = 0; i < n; i++)
+            if (p[i] < 0)
+                return i;
+        return n;
+    }
+    """
+    Py_ssize_t _first_negative "pymllm_first_negative" (const int32_t* p, Py_ssize_t n) noexcept nogil
 
 
 cdef inline tok_t _to_tok(object v) except? 0:
