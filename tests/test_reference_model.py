@@ -293,6 +293,53 @@ def test_numpy_keys_share_nodes_with_list_keys(make_cache, dtype):
     assert toks(big) == [2**32 - 1]
 
 
+# Ints of 0, 1, 2 and 3 internal 30-bit digits, at the edges of the valid ranges: the
+# compiled cache reads small ints from the object itself and everything else the general way.
+_EDGE_TOKENS = [0, 1, 2**30 - 1, 2**30, 2**31 - 1, 2**31, 2**32 - 1]
+_EDGE_INDICES = [0, 1, 2**30 - 1, 2**30, 2**31 - 1]
+
+
+def test_list_keys_and_values_at_int_edges(make_cache):
+    cache = make_cache(token_to_kv_pool_allocator=None)
+    res = cache.insert(K(list(_EDGE_TOKENS)), [*_EDGE_INDICES, 5, 6])
+    assert toks(res.last_node) == _EDGE_TOKENS
+    m = cache.match_prefix(K(np.array(_EDGE_TOKENS, dtype=np.uint32)))
+    assert m.prefix_len == len(_EDGE_TOKENS)
+    assert m.indices.tolist() == [*_EDGE_INDICES, 5, 6]
+    pairs = [(t, _EDGE_TOKENS[-1 - i]) for i, t in enumerate(_EDGE_TOKENS)]
+    tup = cache.insert(K(pairs), list(range(len(pairs))))
+    assert toks(tup.last_node) == pairs
+    assert cache.match_prefix(K(pairs)).prefix_len == len(pairs)
+    cache._check_invariants()
+
+
+@pytest.mark.parametrize(
+    "bad_token",
+    [-1, -(2**30), 2**32, 2**60, -(2**60), 2**100, True],
+    ids=["-1", "-2**30", "2**32", "2**60", "-2**60", "2**100", "True"],
+)
+def test_list_keys_reject_ints_past_the_edges(make_cache, bad_token):
+    cache = make_cache(token_to_kv_pool_allocator=None)
+    cache.insert(K([1, 2]), [1, 2])
+    before = cache.total_size()
+    for key in (K([1, bad_token]), K([(1, 2), (bad_token, 3)])):
+        with pytest.raises((InvalidKeyError, TypeError)):
+            cache.insert(key, [3, 4])
+        with pytest.raises((InvalidKeyError, TypeError)):
+            cache.match_prefix(key)
+    assert cache.total_size() == before
+    cache._check_invariants()
+
+
+@pytest.mark.parametrize("bad_index", [-1, 2**31, 2**32, 2**60, -(2**60)])
+def test_list_values_reject_indices_past_the_edges(make_cache, bad_index):
+    cache = make_cache(token_to_kv_pool_allocator=None)
+    with pytest.raises(InvalidValueError):
+        cache.insert(K([1, 2]), [1, bad_index])
+    assert cache.total_size() == 0
+    cache._check_invariants()
+
+
 def test_tuple_keys_paged(make_cache):
     cache = make_cache(page_size=2, token_to_kv_pool_allocator=None)
     key = [(1, 1), (1, 2), (2, 1), (2, 2), (3, 3)]
