@@ -23,16 +23,30 @@ from pymllm.mem_cache import RadixKey
 _MEDIANS: dict[str, dict[str, float]] = defaultdict(dict)
 _BASELINES: dict[str, list[str]] = defaultdict(list)
 _NOTES: dict[str, list[str]] = defaultdict(list)
+_FLOORS: dict[str, str] = {}
 
 
-def record(benchmark, group: str, case: str, *, baseline: bool = False, per: int = 1) -> None:
-    """Remember the median of a finished ``benchmark`` call (seconds per `per` operations)."""
+def record(
+    benchmark,
+    group: str,
+    case: str,
+    *,
+    baseline: bool = False,
+    floor: bool = False,
+    per: int = 1,
+) -> None:
+    """Remember the median of a finished ``benchmark`` call (seconds per `per` operations).
+
+    ``floor``: the case is the timed loop with every call under test left out; the summary
+    then also shows each case minus it (the calls' own cost) and those ratios."""
     stats = benchmark.stats
     if stats is None:  # --benchmark-disable
         return
     _MEDIANS[group][case] = stats.stats.median / per
     if baseline and case not in _BASELINES[group]:
         _BASELINES[group].append(case)
+    if floor:
+        _FLOORS[group] = case
 
 
 def note(group: str, line: str) -> None:
@@ -46,15 +60,24 @@ def pytest_terminal_summary(terminalreporter) -> None:
     tr.section("pymllm ratios (medians of this run)")
     for group, cases in _MEDIANS.items():
         tr.write_line(f"[{group}]")
-        for case, median in cases.items():
-            ratios = [
-                f"{cases[base] / median:8.1f}x faster than {base}"
-                for base in _BASELINES.get(group, [])
-                if base in cases and base != case
-            ]
-            tr.write_line(f"  {case:<40} {_fmt(median)}  " + "; ".join(ratios))
+        _write_cases(tr, group, cases)
+        floor = _FLOORS.get(group)
+        if floor in cases and len(cases) > 1:
+            tr.write_line(f"  minus the {floor} (the calls' own cost, a difference of medians):")
+            own = {c: m - cases[floor] for c, m in cases.items() if c != floor}
+            _write_cases(tr, group, own)
         for line in _NOTES.get(group, []):
             tr.write_line(f"  {line}")
+
+
+def _write_cases(tr, group: str, cases: dict[str, float]) -> None:
+    for case, median in cases.items():
+        ratios = [
+            f"{cases[base] / median:8.1f}x faster than {base}"
+            for base in _BASELINES.get(group, [])
+            if base in cases and base != case and median > 0
+        ]
+        tr.write_line(f"  {case:<40} {_fmt(median)}  " + "; ".join(ratios))
 
 
 def _fmt(seconds: float) -> str:
