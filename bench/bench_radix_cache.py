@@ -88,10 +88,15 @@ def test_system_prompt_loop_floor(benchmark, system_prompt_workload, keys):
     record(benchmark, group, "loop without any cache (floor)", floor=True, per=len(data))
 
 
+def _n_keys(total_tokens: int, leaf_len: int = 64) -> int:
+    """Keys (= leaves) of `_grown_tree(total_tokens)`: each is a 64-token stem + 64 own."""
+    return total_tokens // (2 * leaf_len) or 1
+
+
 def _grown_tree(total_tokens: int, leaf_len: int = 64, fanout: int = 16, policy: str = "lru"):
     """A tree of `total_tokens` tokens: keys share 64-token stems in groups of `fanout`."""
     rng = np.random.default_rng(1)
-    n_keys = total_tokens // (2 * leaf_len) or 1
+    n_keys = _n_keys(total_tokens, leaf_len)
     stems = rng.integers(0, 50_000, size=(n_keys // fanout + 1, leaf_len), dtype=np.int32)
     keys = [
         np.concatenate([stems[i // fanout], rng.integers(0, 50_000, leaf_len, dtype=np.int32)])
@@ -124,7 +129,8 @@ def test_match_cost_vs_tree_size(benchmark, size):
 
 
 def _time_evictions(benchmark, make_cache, group: str, case: str, n_evict: int = 200) -> None:
-    """Median time per evicted node of `n_evict` one-node evictions from a fresh cache."""
+    """Median time per evicted node of `n_evict` one-node evictions from a fresh cache
+    (`n_evict` at most the cache's leaves, so that every call evicts one)."""
 
     def run(cache):
         for _ in range(n_evict):
@@ -142,6 +148,7 @@ def test_evict_cost_vs_tree_size(benchmark, size):
         lambda: _grown_tree(size)[0],
         "evict of one leaf (64 tokens), per node",
         f"{size:>9,} tokens",
+        n_evict=min(200, _n_keys(size)),
     )
 
 
