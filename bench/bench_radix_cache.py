@@ -1,8 +1,10 @@
 """RadixCache benchmarks (issue 2).
 
 * the serving workload (200 system prompts x 1024 tokens, 4000 requests + 256 fresh tokens,
-  300,000-slot pool so eviction runs, page_size 1): compiled vs the pure-Python reference
-  model, with list keys and numpy keys;
+  300,000-slot pool so eviction runs, page_size 1): compiled vs two pure-Python caches (the
+  reference model, and the SGLang-style tree of seed_style.py), with list keys and numpy
+  keys, plus the same loop with no cache at all (the floor: the summary also shows every
+  case minus it);
 * per-match and per-evicted-node cost as the tree grows from 1e3 to 1e6 cached tokens;
 * hash_token_ids throughput.
 
