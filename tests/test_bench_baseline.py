@@ -4,17 +4,30 @@ same amount and leave the allocator in the same state (both keep LRU by the same
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 
-from pymllm.mem_cache import RadixCache, RadixKey
+from pymllm.mem_cache import RadixCache
 from pymllm.mem_cache.memory_pool import TokenToKVPoolAllocator
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
-from seed_style import SeedStyleRadixCache
+
+def _bench_module(name: str) -> ModuleType:
+    """bench/<name>.py, loaded under "bench_<name>" (bench/conftest.py must not shadow the
+    tests' conftest)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SeedStyleRadixCache = _bench_module("seed_style").SeedStyleRadixCache
+_bench_serve = _bench_module("conftest").serve  # the benchmarks' own serving loop
 
 
 def _requests(as_list: bool) -> list:
@@ -32,18 +45,10 @@ def _requests(as_list: bool) -> list:
 
 
 def _serve_one(cache, alloc, tokens) -> tuple[int, int]:
-    key = RadixKey(tokens)
-    m = cache.match_prefix(key)
-    cache.inc_lock_ref(m.last_node)
-    need = len(tokens) - m.prefix_len
-    short = need - alloc.available_size()
-    evicted = cache.evict(short).full_evicted if short > 0 else 0
-    value = np.concatenate([m.indices, alloc.alloc(need)])
-    r = cache.insert(key, value)
-    if r.prefix_len > m.prefix_len:
-        alloc.free(value[m.prefix_len : r.prefix_len])
-    cache.dec_lock_ref(m.last_node)
-    return m.prefix_len, evicted
+    """One request through the benchmarks' loop; returns (hit tokens, tokens evicted)."""
+    before = cache.total_size()
+    hit = _bench_serve(cache, alloc, [tokens])
+    return hit, before + len(tokens) - hit - cache.total_size()
 
 
 @pytest.mark.parametrize("as_list", [False, True], ids=["numpy-keys", "list-keys"])
