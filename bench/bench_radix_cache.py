@@ -46,7 +46,7 @@ def test_system_prompt_workload(benchmark, system_prompt_workload, impl, keys):
     def run(cache, alloc):
         hits.append(serve(cache, alloc, data))
 
-    rounds = 5 if impl == "compiled" else 3
+    rounds = 25 if impl == "compiled" else 3
     benchmark.group = f"workload-{keys}"
     benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
     group = f"system-prompt workload, {keys} keys (per request)"
@@ -85,7 +85,7 @@ def test_system_prompt_loop_floor(benchmark, system_prompt_workload, keys):
         return (TokenToKVPoolAllocator(POOL, need_sort=False),), {}
 
     benchmark.group = f"workload-{keys}"
-    benchmark.pedantic(lambda alloc: _serve_without_cache(alloc, data), setup=setup, rounds=5)
+    benchmark.pedantic(lambda alloc: _serve_without_cache(alloc, data), setup=setup, rounds=25)
     group = f"system-prompt workload, {keys} keys (per request)"
     record(benchmark, group, "loop without any cache (floor)", floor=True, per=len(data))
 

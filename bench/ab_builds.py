@@ -1,0 +1,107 @@
+"""Compare builds of the compiled tree on the issue-2 serving workload, round by round.
+
+On a shared machine one build's time per request drifts by up to 2x between runs, more
+than most changes are worth, so timing two builds one after the other decides nothing.
+This loads every build's ``_radix_tree`` module side by side in one process and alternates
+whole serving rounds between them (A B, then B A, ...): each round of a build is divided by
+the first build's round next to it, and the median of those ratios (with its quartiles)
+resolves differences of a few percent.
+
+Usage (from the repository root)::
+
+    cp pymllm/mem_cache/_radix_tree.*.so /tmp/before.so    # keep the build you start from
+    # ... change pyx/, rebuild: PYMLLM_EXT_FILTER=_radix python setup.py build_ext --inplace
+    cp pymllm/mem_cache/_radix_tree.*.so /tmp/after.so
+    python bench/ab_builds.py /tmp/before.so /tmp/after.so --keys list --rounds 30
+
+The first build is the reference. Each path must be a distinct file (a copy, not a link):
+the loader maps one file once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from conftest import SystemPromptWorkload, serve
+
+from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
+from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
+
+POOL = 300_000
+
+
+def load_build(path: str | Path, index: int) -> type:
+    """A cache class (the build's RadixTreeCore bound to BasePrefixCache) from one .so."""
+    # the module name must end in the extension's own name: its init symbol is looked up
+    # from it; the prefix keeps the builds apart in sys.modules
+    spec = importlib.util.spec_from_file_location(f"_ab_build{index}._radix_tree", str(path))
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{path}: not a loadable extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return type(f"RadixCacheBuild{index}", (module.RadixTreeCore, BasePrefixCache), {})
+
+
+def compare(
+    builds: list[str], keys: str = "numpy", rounds: int = 20, requests: int = 4000
+) -> list[dict[str, float]]:
+    """Per build: median us per request and the median / quartiles of its paired ratio to
+    the first build (< 1: faster)."""
+    classes = [load_build(p, i) for i, p in enumerate(builds)]
+    wl = SystemPromptWorkload(n_requests=requests)
+    data = wl.lists if keys == "list" else wl.arrays
+    gc.collect()
+    gc.freeze()
+    times: list[list[float]] = [[] for _ in builds]
+    hits: set[int] = set()
+    for r in range(rounds):
+        order = range(len(builds)) if r % 2 == 0 else reversed(range(len(builds)))
+        for i in order:
+            alloc = TokenToKVPoolAllocator(POOL, need_sort=False)
+            cache = classes[i](token_to_kv_pool_allocator=alloc)
+            t0 = time.perf_counter()
+            hits.add(serve(cache, alloc, data))
+            times[i].append((time.perf_counter() - t0) / len(data) * 1e6)
+    if len(hits) != 1:
+        raise AssertionError(f"the builds disagree on the hit tokens: {sorted(hits)}")
+    ref = np.array(times[0])
+    rows = []
+    for t in times:
+        ratio = np.array(t) / ref
+        rows.append(
+            {
+                "us_per_request": float(np.median(t)),
+                "ratio": float(np.median(ratio)),
+                "ratio_q1": float(np.percentile(ratio, 25)),
+                "ratio_q3": float(np.percentile(ratio, 75)),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("builds", nargs="+", help="_radix_tree .so files; the first is the reference")
+    ap.add_argument("--keys", choices=["numpy", "list"], default="numpy")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--requests", type=int, default=4000)
+    args = ap.parse_args(argv)
+    rows = compare(args.builds, args.keys, args.rounds, args.requests)
+    print(f"{args.keys} keys, {args.requests} requests a round, {args.rounds} paired rounds")
+    for path, row in zip(args.builds, rows, strict=True):
+        print(
+            f"{Path(path).name:<28} {row['us_per_request']:8.2f} us/request  "
+            f"vs the first: {row['ratio']:.3f} "
+            f"(quartiles {row['ratio_q1']:.3f}-{row['ratio_q3']:.3f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
