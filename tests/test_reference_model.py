@@ -632,6 +632,57 @@ def test_key_must_be_radix_key(make_cache):
     assert cache.insert(K([1]), i32([1])).last_node.last_access_time == 1
 
 
+_TOKENS_SLOT = RadixKey.__dict__["token_ids"]  # RadixKey's own slots (member descriptors)
+_EXTRA_SLOT = RadixKey.__dict__["extra_key"]
+
+
+class _ShiftedKey(RadixKey):
+    """A RadixKey subclass serving its fields through properties: it stores the tokens and
+    the namespace given, and the cache must see them as the properties give them."""
+
+    __slots__ = ()
+
+    @property  # type: ignore[override]
+    def token_ids(self) -> list[int]:
+        return [t + 1 for t in _TOKENS_SLOT.__get__(self)]
+
+    @token_ids.setter
+    def token_ids(self, value: Any) -> None:
+        _TOKENS_SLOT.__set__(self, value)
+
+    @property  # type: ignore[override]
+    def extra_key(self) -> Any:
+        return ("shifted", _EXTRA_SLOT.__get__(self))
+
+    @extra_key.setter
+    def extra_key(self, value: Any) -> None:
+        _EXTRA_SLOT.__set__(self, value)
+
+
+def test_radix_key_subclass_fields_are_read_through_its_attributes(make_cache):
+    cache = make_cache()
+    assert cache.insert(_ShiftedKey([1, 2, 3], "a"), i32([7, 8, 9])).prefix_len == 0
+    m = cache.match_prefix(K([2, 3, 4], ("shifted", "a")))
+    assert (m.prefix_len, m.indices.tolist()) == (3, [7, 8, 9])
+    assert cache.match_prefix(K([1, 2, 3], "a")).prefix_len == 0
+    assert cache.match_prefix(_ShiftedKey([1, 2], "a")).prefix_len == 2
+
+
+@pytest.mark.parametrize("field", ["token_ids", "extra_key"])
+def test_radix_key_with_a_deleted_field_raises_and_changes_nothing(make_cache, field):
+    cache = make_cache()
+    cache.insert(K([1, 2]), i32([1, 2]))
+    key = K([1, 2, 3])
+    delattr(key, field)
+    before = state(cache)
+    with pytest.raises(AttributeError):
+        cache.match_prefix(key)
+    with pytest.raises(AttributeError):
+        cache.insert(key, i32([1, 2, 3]))
+    assert state(cache) == before
+    assert cache.match_prefix(K([1, 2, 3])).prefix_len == 2
+
+
 # ---------------------------------------------------------------- handles and edge cases
 
 

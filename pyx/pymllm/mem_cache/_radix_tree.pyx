@@ -375,6 +375,10 @@ cdef inline idx_t _to_idx(object v) except? -1:
     return <idx_t>x
 
 
+cdef inline cnp.ndarray _empty_idx():
+    return cnp.PyArray_EMPTY(1, [0], cnp.NPY_INT32, 0)
+
+
 cdef cnp.ndarray _copy_idx(const idx_t* src, int64_t n):
     """A new int32 numpy array holding n indices copied from src."""
     cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [n], cnp.NPY_INT32, 0)
@@ -402,8 +406,8 @@ _MemberDescriptor = type(MatchResult.__dict__["indices"])
 cdef Py_ssize_t _slot_offset(object cls, str name) except -1:
     d = cls.__dict__.get(name)
     if type(d) is not _MemberDescriptor:
-        raise TypeError(f"{cls.__name__}.{name} is not a slot (the result classes must be "
-                        "slots dataclasses)")
+        raise TypeError(f"{cls.__name__}.{name} is not a slot (RadixKey and the result "
+                        "classes must keep their __slots__)")
     return (<PyMemberDescrObject*>d).d_member.offset
 
 
@@ -417,9 +421,31 @@ cdef Py_ssize_t _IR_MAMBA_EXIST = _slot_offset(InsertResult, "mamba_exist")
 cdef Py_ssize_t _ER_FULL = _slot_offset(EvictResult, "full_evicted")
 cdef Py_ssize_t _ER_SWA = _slot_offset(EvictResult, "swa_evicted")
 cdef Py_ssize_t _ER_MAMBA = _slot_offset(EvictResult, "mamba_evicted")
+# A RadixKey's two fields are read the same way (a getattr by name costs a type lookup
+# and a descriptor call, twice per match and per insert); a subclass, which may override
+# them, and an instance whose slot was deleted take the getattr.
+cdef Py_ssize_t _RK_TOKEN_IDS = _slot_offset(RadixKey, "token_ids")
+cdef Py_ssize_t _RK_EXTRA_KEY = _slot_offset(RadixKey, "extra_key")
 cdef PyTypeObject* _MR_TYPE = <PyTypeObject*>MatchResult  # the module keeps them alive
 cdef PyTypeObject* _IR_TYPE = <PyTypeObject*>InsertResult
 cdef PyTypeObject* _ER_TYPE = <PyTypeObject*>EvictResult
+
+
+cdef inline object _key_field(object key, Py_ssize_t offset, str name):
+    cdef PyObject* v
+    if type(key) is RadixKey:
+        v = (<PyObject**>((<char*><PyObject*>key) + offset))[0]
+        if v != NULL:
+            return <object>v
+    return getattr(key, name)
+
+
+cdef inline object _token_ids(object key):
+    return _key_field(key, _RK_TOKEN_IDS, "token_ids")
+
+
+cdef inline object _extra_key(object key):
+    return _key_field(key, _RK_EXTRA_KEY, "extra_key")
 
 
 cdef inline void _put(object obj, Py_ssize_t offset, object v) noexcept:
@@ -784,7 +810,7 @@ cdef class RadixTreeCore:
         """Fill kv from a RadixKey; returns the object that owns kv.tok (keep it alive)."""
         if not isinstance(key, RadixKey):
             raise TypeError(f"key: expected a RadixKey, got {key!r:.60} ({type(key).__name__})")
-        return self._load_tokens((<object>key).token_ids, kv)
+        return self._load_tokens(_token_ids(key), kv)
 
     cdef object _load_tokens(self, object token_ids, KeyView* kv):
         cdef Py_ssize_t n, i, j, width
@@ -843,7 +869,7 @@ cdef class RadixTreeCore:
                     buf[i] = _to_tok(t)
             kv.tok = buf
             return None
-        if isinstance(token_ids, np.ndarray):
+        if cnp.PyArray_Check(token_ids):
             return self._load_token_array(token_ids, kv)
         try:
             arr = np.asarray(token_ids)
@@ -938,7 +964,7 @@ cdef class RadixTreeCore:
             out[0] = buf
             return None
         cdef cnp.ndarray arr
-        if isinstance(value, np.ndarray):
+        if cnp.PyArray_Check(value):
             arr = value
         else:
             try:
@@ -1130,11 +1156,11 @@ cdef class RadixTreeCore:
         cdef int64_t n_path, matched
         cdef int32_t ns
         owner = self._load_key(key, &kv)
-        ns = self._find_ns(key.extra_key, kv.arity)
+        ns = self._find_ns(_extra_key(key), kv.arity)
         self._reserve_nodes(1)
         self.clock += 1
         if ns < 0 or kv.n < self.page_size:
-            return _match_result(np.empty(0, dtype=np.int32), self._handle(ROOT), 0)
+            return _match_result(_empty_idx(), self._handle(ROOT), 0)
         matched = self._walk(&kv, ns, kv.n, True, &last, &n_path)
         if self.swa:
             n_path = self._swa_usable(n_path)
@@ -1216,10 +1242,10 @@ cdef class RadixTreeCore:
         owner = self._load_key(key, &kv)
         vowner = self._load_value(value, &kv, &vals)
         if self.swa:
-            matched = self._insert_swa(&kv, vals, key.extra_key, prev_prefix_len,
+            matched = self._insert_swa(&kv, vals, _extra_key(key), prev_prefix_len,
                                        swa_evicted_seqlen, &last)
         else:
-            matched = self._insert_kv(&kv, vals, key.extra_key, &last)
+            matched = self._insert_kv(&kv, vals, _extra_key(key), &last)
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
         return _insert_result(matched, self._handle(last))
@@ -2115,10 +2141,10 @@ cdef class MambaTreeCore(RadixTreeCore):
         cdef int32_t ns
         cdef nid_t* path
         owner = self._load_key(key, &kv)
-        ns = self._find_ns(key.extra_key, kv.arity)
+        ns = self._find_ns(_extra_key(key), kv.arity)
         self.clock += 1
         if ns < 0 or kv.n < self.page_size:
-            return _match_result(np.empty(0, dtype=np.int32), self._handle(ROOT), 0)
+            return _match_result(_empty_idx(), self._handle(ROOT), 0)
         kv_len = self._walk(&kv, ns, kv.n, True, &last, &n_path, False, &partial)
         kv_len += partial
         path = <nid_t*>self._nid_scratch.data
@@ -2165,7 +2191,7 @@ cdef class MambaTreeCore(RadixTreeCore):
                     f"mamba_value: a state needs a key of at least one page ({self.page_size} "
                     f"tokens), got {kv.n}"
                 )
-        matched = self._insert_kv(&kv, vals, key.extra_key, &last)
+        matched = self._insert_kv(&kv, vals, _extra_key(key), &last)
         exist = False
         if state >= 0:
             x = &self.nodes[last]
