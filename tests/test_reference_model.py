@@ -128,6 +128,46 @@ def test_match_inside_a_node_splits_it(make_cache):
     cache._check_invariants()
 
 
+# around the 64-token blocks the compiled compare works in, and a long key's tail
+DIVERGE_AT = [0, 1, 62, 63, 64, 65, 127, 128, 129, 191, 192, 255, 256, 299]
+
+
+@pytest.mark.parametrize("at", DIVERGE_AT)
+def test_long_keys_diverging_anywhere(make_cache, at):
+    """A 300-token node matched by keys that differ at one position: every position before
+    it matches, none after; a key cut short matches its whole length."""
+    cache = make_cache()
+    base = np.arange(1000, 1300, dtype=np.int32)
+    cache.insert(K(base), np.arange(1, 301, dtype=np.int32))
+    probe = base.copy()
+    probe[at] += 7
+    m = cache.match_prefix(K(probe.tolist()))
+    assert m.prefix_len == at and m.indices.tolist() == list(range(1, at + 1))
+    assert cache.match_prefix(K(base[:at])).prefix_len == at
+    r = cache.insert(K(probe), np.arange(301, 601, dtype=np.int32))
+    assert r.prefix_len == at
+    assert cache.match_prefix(K(probe)).indices.tolist() == (
+        list(range(1, at + 1)) + list(range(301 + at, 601))
+    )
+    cache._check_invariants()
+
+
+@pytest.mark.parametrize("at", [0, 31, 32, 33, 63, 64, 99])
+@pytest.mark.parametrize("element", [0, 1])
+def test_long_tuple_keys_diverging_in_either_element(make_cache, at, element):
+    """Bigram keys (2 ids per position, 64-id blocks = 32 positions): a difference in either
+    element of position `at` ends the match there."""
+    cache = make_cache()
+    base = [(1000 + i, 2000 + i) for i in range(100)]
+    cache.insert(K(base), np.arange(1, 101, dtype=np.int32))
+    probe = list(base)
+    pair = list(probe[at])
+    pair[element] += 5
+    probe[at] = tuple(pair)
+    assert cache.match_prefix(K(probe)).prefix_len == at
+    cache._check_invariants()
+
+
 def test_insert_duplicate_and_extension(make_cache, allocator):
     cache = make_cache()
     a = allocator.alloc(3)

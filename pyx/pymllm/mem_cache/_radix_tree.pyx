@@ -99,21 +99,39 @@ cdef inline uint64_t _page_hash(nid_t parent, int32_t ns, const tok_t* t, int64_
     return _mix64(h)
 
 
+# Index of the first token where a and b differ (n if none): 64-token blocks are compared
+# by a branch-free XOR/OR reduction the compiler vectorizes (AVX2 and baseline clones, as
+# pymllm_first_negative), the block that differs is then searched token by token.
+cdef extern from *:
+    """
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    __attribute__((target_clones("avx2", "default")))
+    #endif
+    static int64_t pymllm_first_diff(const uint32_t* a, const uint32_t* b, int64_t n) {
+        int64_t i = 0;
+        size_t j;
+        for (; i + 64 <= n; i += 64) {
+            const uint32_t* pa = a + i;
+            const uint32_t* pb = b + i;
+            uint32_t acc = 0;
+            for (j = 0; j < 64; j++)
+                acc |= pa[j] ^ pb[j];
+            if (acc)
+                break;
+        }
+        for (; i < n; i++)
+            if (a[i] != b[i])
+                return i;
+        return n;
+    }
+    """
+    int64_t _first_diff "pymllm_first_diff" (const tok_t* a, const tok_t* b, int64_t n) noexcept nogil
+
+
 cdef inline int64_t _common_positions(const tok_t* a, const tok_t* b, int64_t npos,
                                       int32_t width) noexcept nogil:
     """Number of leading positions on which a and b agree (npos at most)."""
-    cdef int64_t total = npos * width
-    cdef int64_t i = 0, chunk
-    # memcmp (SIMD in libc) over 64-token blocks finds the mismatching block; a plain loop
-    # then finds the token inside it
-    while i < total:
-        chunk = total - i if total - i < 64 else 64
-        if memcmp(a + i, b + i, chunk * sizeof(tok_t)) != 0:
-            break
-        i += chunk
-    while i < total and a[i] == b[i]:
-        i += 1
-    return i // width
+    return _first_diff(a, b, npos * width) // width
 
 
 # ---------------------------------------------------------------------------------------
