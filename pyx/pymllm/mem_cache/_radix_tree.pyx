@@ -25,7 +25,6 @@ from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
-cimport cython
 cimport numpy as cnp
 import numpy as np
 
@@ -2004,7 +2003,9 @@ cdef class RadixTreeCore:
             f = self.nodes[f].next_free
         assert free_count == self.cap - live, f"free list {free_count} != {self.cap - live}"
 
-@cython.no_gc
+# Not @cython.no_gc: a handle refers to its cache, and a cache's owner (a scheduler whose
+# on_node_evict callback the cache holds) often keeps handles; the collector must see that
+# reference to free such a cycle (tests/test_handles_gc.py).
 cdef class TreeNode:
     """A handle to a node of a compiled radix tree.
 
