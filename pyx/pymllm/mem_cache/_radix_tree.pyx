@@ -25,6 +25,7 @@ from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
+cimport cython
 cimport numpy as cnp
 import numpy as np
 
@@ -2005,7 +2006,9 @@ cdef class RadixTreeCore:
 
 # Not @cython.no_gc: a handle refers to its cache, and a cache's owner (a scheduler whose
 # on_node_evict callback the cache holds) often keeps handles; the collector must see that
-# reference to free such a cycle (tests/test_handles_gc.py).
+# reference to free such a cycle (tests/test_handles_gc.py). no_gc_clear: the collector
+# breaks the cycle elsewhere, so a handle's _tree is never None while the handle exists.
+@cython.no_gc_clear
 cdef class TreeNode:
     """A handle to a node of a compiled radix tree.
 
