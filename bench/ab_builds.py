@@ -28,12 +28,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import SystemPromptWorkload, serve
+from conftest import POOL, SystemPromptWorkload, serve
 
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
-
-POOL = 300_000
 
 
 def load_build(path: str | Path, index: int) -> type:

@@ -90,6 +90,10 @@ def _fmt(seconds: float) -> str:
     return f"{seconds * 1e9:9.1f} ns"
 
 
+# The issue-2 workload's KV pool: smaller than what its requests cache, so eviction runs.
+POOL = 300_000
+
+
 class SystemPromptWorkload:
     """The issue-2 workload: shared system prompts plus fresh suffixes.
 
