@@ -14,6 +14,10 @@ Usage (from the repository root)::
     cp pymllm/mem_cache/_radix_tree.*.so /tmp/after.so
     python bench/ab_builds.py /tmp/before.so /tmp/after.so --keys list --rounds 30
 
+``--match-tree TOKENS`` times ``match_prefix`` instead (the benchmark's 128-token probes on
+a tree of TOKENS cached tokens, one tree per build; ``--requests`` probes a round), where
+a change shows in how a large tree's memory is reached rather than in the serving loop.
+
 The first build is the reference. Each path must be a distinct file (a copy, not a link):
 the loader maps one file once.
 """
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_radix_cache import _grown_tree, _probes
 from conftest import POOL, SystemPromptWorkload, serve
 
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
@@ -47,25 +52,46 @@ def load_build(path: str | Path, index: int) -> type:
 
 
 def compare(
-    builds: list[str], keys: str = "numpy", rounds: int = 20, requests: int = 4000
+    builds: list[str],
+    keys: str = "numpy",
+    rounds: int = 20,
+    requests: int = 4000,
+    match_tree: int | None = None,
 ) -> list[dict[str, float]]:
-    """Per build: median us per request and the median / quartiles of its paired ratio to
-    the first build (< 1: faster)."""
+    """Per build: median us per request (per match with `match_tree`) and the median /
+    quartiles of its paired ratio to the first build (< 1: faster)."""
     classes = [load_build(p, i) for i, p in enumerate(builds)]
-    wl = SystemPromptWorkload(n_requests=requests)
-    data = wl.lists if keys == "list" else wl.arrays
-    gc.collect()
-    gc.freeze()
-    times: list[list[float]] = [[] for _ in builds]
-    hits: set[int] = set()
-    for r in range(rounds):
-        order = range(len(builds)) if r % 2 == 0 else reversed(range(len(builds)))
-        for i in order:
+    if match_tree is None:
+        wl = SystemPromptWorkload(n_requests=requests)
+        data = wl.lists if keys == "list" else wl.arrays
+        hits: set[int] = set()
+
+        def one_round(i: int) -> float:
             alloc = TokenToKVPoolAllocator(POOL, need_sort=False)
             cache = classes[i](token_to_kv_pool_allocator=alloc)
             t0 = time.perf_counter()
             hits.add(serve(cache, alloc, data))
-            times[i].append((time.perf_counter() - t0) / len(data) * 1e6)
+            return (time.perf_counter() - t0) / len(data) * 1e6
+
+    else:
+        grown = [_grown_tree(match_tree, cache_cls=cls) for cls in classes]
+        probes = _probes(grown[0][1], requests)
+        hits = {0}
+
+        def one_round(i: int) -> float:
+            match = grown[i][0].match_prefix
+            t0 = time.perf_counter()
+            for k in probes:
+                match(k)
+            return (time.perf_counter() - t0) / len(probes) * 1e6
+
+    gc.collect()
+    gc.freeze()
+    times: list[list[float]] = [[] for _ in builds]
+    for r in range(rounds):
+        order = range(len(builds)) if r % 2 == 0 else reversed(range(len(builds)))
+        for i in order:
+            times[i].append(one_round(i))
     if len(hits) != 1:
         raise AssertionError(f"the builds disagree on the hit tokens: {sorted(hits)}")
     ref = np.array(times[0])
@@ -89,12 +115,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keys", choices=["numpy", "list"], default="numpy")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--requests", type=int, default=4000)
+    ap.add_argument(
+        "--match-tree",
+        type=int,
+        metavar="TOKENS",
+        help="time match_prefix on a tree of TOKENS cached tokens instead of the workload",
+    )
     args = ap.parse_args(argv)
-    rows = compare(args.builds, args.keys, args.rounds, args.requests)
-    print(f"{args.keys} keys, {args.requests} requests a round, {args.rounds} paired rounds")
+    rows = compare(args.builds, args.keys, args.rounds, args.requests, args.match_tree)
+    if args.match_tree is None:
+        unit = "request"
+        print(f"{args.keys} keys, {args.requests} requests a round, {args.rounds} paired rounds")
+    else:
+        unit = "match"
+        print(
+            f"match_prefix on a {args.match_tree:,}-token tree, {args.requests} probes a round, "
+            f"{args.rounds} paired rounds"
+        )
     for path, row in zip(args.builds, rows, strict=True):
         print(
-            f"{Path(path).name:<28} {row['us_per_request']:8.2f} us/request  "
+            f"{Path(path).name:<28} {row['us_per_request']:8.2f} us/{unit}  "
             f"vs the first: {row['ratio']:.3f} "
             f"(quartiles {row['ratio_q1']:.3f}-{row['ratio_q3']:.3f})"
         )

@@ -99,7 +99,13 @@ def _n_keys(total_tokens: int, leaf_len: int = 64) -> int:
     return total_tokens // (2 * leaf_len) or 1
 
 
-def _grown_tree(total_tokens: int, leaf_len: int = 64, fanout: int = 16, policy: str = "lru"):
+def _grown_tree(
+    total_tokens: int,
+    leaf_len: int = 64,
+    fanout: int = 16,
+    policy: str = "lru",
+    cache_cls: type = RadixCache,
+):
     """A tree of `total_tokens` tokens: keys share 64-token stems in groups of `fanout`."""
     rng = np.random.default_rng(1)
     n_keys = _n_keys(total_tokens, leaf_len)
@@ -108,12 +114,18 @@ def _grown_tree(total_tokens: int, leaf_len: int = 64, fanout: int = 16, policy:
         np.concatenate([stems[i // fanout], rng.integers(0, 50_000, leaf_len, dtype=np.int32)])
         for i in range(n_keys)
     ]
-    cache = RadixCache(eviction_policy=policy)
+    cache = cache_cls(eviction_policy=policy)
     nxt = 1
     for k in keys:
         cache.insert(RadixKey(k), np.arange(nxt, nxt + len(k), dtype=np.int32))
         nxt += len(k)
     return cache, keys
+
+
+def _probes(keys: list, n: int) -> list:
+    """`n` match keys drawn at random from a grown tree's keys (seeded)."""
+    rng = np.random.default_rng(2)
+    return [RadixKey(keys[i]) for i in rng.integers(0, len(keys), n)]
 
 
 SIZES = [1_000, 10_000, 100_000, 1_000_000]
@@ -122,8 +134,7 @@ SIZES = [1_000, 10_000, 100_000, 1_000_000]
 @pytest.mark.parametrize("size", SIZES)
 def test_match_cost_vs_tree_size(benchmark, size):
     cache, keys = _grown_tree(size)
-    rng = np.random.default_rng(2)
-    probes = [RadixKey(keys[i]) for i in rng.integers(0, len(keys), 1000)]
+    probes = _probes(keys, 1000)
 
     def run():
         for k in probes:

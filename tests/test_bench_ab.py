@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pymllm.mem_cache import _radix_tree
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ab_builds.py"
@@ -18,22 +20,42 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_two_copies_of_one_build_are_paired_round_by_round(tmp_path: Path) -> None:
+def _copies(tmp_path: Path, *names: str) -> list[str]:
+    """Copies of the installed build under `names`: distinct files, each loaded on its own."""
     built = Path(_radix_tree.__file__)
-    copies = []
-    for name in ("before.so", "after.so"):  # distinct files: each is loaded on its own
+    for name in names:
         shutil.copy(built, tmp_path / name)
-        copies.append(str(tmp_path / name))
-    out = _run(*copies, "--keys", "list", "--rounds", "3", "--requests", "40")
+    return [str(tmp_path / name) for name in names]
+
+
+@pytest.mark.parametrize(
+    ("args", "header", "unit"),
+    [
+        (
+            ("--keys", "list", "--rounds", "3", "--requests", "40"),
+            "list keys, 40 requests a round, 3 paired rounds",
+            "us/request",
+        ),
+        (
+            ("--match-tree", "2000", "--rounds", "3", "--requests", "50"),
+            "match_prefix on a 2,000-token tree, 50 probes a round, 3 paired rounds",
+            "us/match",
+        ),
+    ],
+    ids=["workload", "match-tree"],
+)
+def test_two_copies_of_one_build_are_paired_round_by_round(
+    tmp_path: Path, args: tuple[str, ...], header: str, unit: str
+) -> None:
+    copies = _copies(tmp_path, "before.so", "after.so")
+    out = _run(*copies, *args)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0] == "list keys, 40 requests a round, 3 paired rounds"
+    assert lines[0] == header
     assert len(lines) == 3
-    assert (
-        lines[1].startswith("before.so")
-        and "vs the first: 1.000 (quartiles 1.000-1.000)" in lines[1]
-    )
-    assert lines[2].startswith("after.so") and "us/request" in lines[2]
+    assert lines[1].startswith("before.so") and unit in lines[1]
+    assert "vs the first: 1.000 (quartiles 1.000-1.000)" in lines[1]
+    assert lines[2].startswith("after.so") and unit in lines[2]
 
 
 def test_a_file_that_is_not_an_extension_is_refused(tmp_path: Path) -> None:

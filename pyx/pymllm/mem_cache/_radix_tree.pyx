@@ -90,6 +90,13 @@ cdef inline uint64_t _mix64(uint64_t x) noexcept nogil:
     return x
 
 
+cdef extern from *:
+    """
+    #define pymllm_prefetch(p) __builtin_prefetch((const void*)(p))
+    """
+    void _prefetch "pymllm_prefetch" (const void* p) noexcept nogil
+
+
 cdef inline uint64_t _page_hash(nid_t parent, int32_t ns, const tok_t* t, int64_t ntok) noexcept nogil:
     cdef uint64_t h = (<uint64_t>(<uint32_t>parent) << 32) ^ <uint32_t>ns
     cdef int64_t i
@@ -1112,12 +1119,23 @@ cdef class RadixTreeCore:
         path_len[0] = 0
         if partial != NULL:
             partial[0] = 0
+        cdef uint64_t h = 0, h_next
+        if limit >= P:
+            h = _page_hash(ROOT, ns, kv.tok, P * w)
         while limit - pos >= P:
-            child = _map_find(&self.cmap, self.nodes, cur, ns, kv.tok + pos * w, P * w,
-                              _page_hash(cur, ns, kv.tok + pos * w, P * w))
+            child = _map_find(&self.cmap, self.nodes, cur, ns, kv.tok + pos * w, P * w, h)
             if child == NIL:
                 break
             c = &self.nodes[child]
+            # Start the loads this node will need while its key is compared: its slots
+            # (copied out by match) and, should the whole node match, the bucket of the
+            # next lookup. Both overlap cache misses that would otherwise come one by one.
+            _prefetch(c.value)
+            if limit - pos - c.len >= P:
+                h_next = _page_hash(child, ns, kv.tok + (pos + c.len) * w, P * w)
+                _prefetch(&self.cmap.entries[h_next & self.cmap.mask])
+            else:
+                h_next = 0
             avail = limit - pos
             m = _common_positions(c.key, kv.tok + pos * w, c.len if c.len < avail else avail, w)
             m -= m % P
@@ -1143,6 +1161,7 @@ cdef class RadixTreeCore:
             cur = child
             if split:   # the key diverges (or ends) inside the old node: nothing below
                 break
+            h = h_next
         last[0] = cur
         return pos
 
@@ -1518,6 +1537,8 @@ cdef class RadixTreeCore:
         cdef idx_t* out = <idx_t*>self._idx_out.reserve(done + x.len)
         cdef int64_t* uids = <int64_t*>self._uid_out.reserve(n_ev[0] + 1)
         cdef nid_t parent = x.parent
+        _prefetch(x.key)    # hashed by _remove_leaf to find the map entry, then freed
+        _prefetch(&self.nodes[parent])
         memcpy(out + done, x.value, x.len * sizeof(idx_t))
         uids[n_ev[0]] = x.uid
         n_ev[0] += 1
