@@ -317,7 +317,7 @@ cdef extern from *:
     #include "longintrepr.h"
     #endif
     static inline int pymllm_small_nonneg(PyObject* p, uint32_t* out) {
-        if (!PyLong_CheckExact(p))
+        if (__builtin_expect(!PyLong_CheckExact(p), 0))
             return 0;
     #if PY_VERSION_HEX >= 0x030C0000
         {
@@ -333,7 +333,7 @@ cdef extern from *:
     #else
         {
             Py_ssize_t size = Py_SIZE(p);
-            if (size == 1) {
+            if (__builtin_expect(size == 1, 1)) {
                 *out = (uint32_t)((PyLongObject*)p)->ob_digit[0];
                 return 1;
             }
