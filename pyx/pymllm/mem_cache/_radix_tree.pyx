@@ -90,9 +90,16 @@ cdef inline uint64_t _mix64(uint64_t x) noexcept nogil:
     return x
 
 
+# A hint to start loading p's cache line; PYMLLM_LIKELY marks the branch the hot loops take.
 cdef extern from *:
     """
+    #if defined(__GNUC__)
     #define pymllm_prefetch(p) __builtin_prefetch((const void*)(p))
+    #define PYMLLM_LIKELY(x) __builtin_expect(!!(x), 1)
+    #else
+    #define pymllm_prefetch(p) ((void)(p))
+    #define PYMLLM_LIKELY(x) (x)
+    #endif
     """
     void _prefetch "pymllm_prefetch" (const void* p) noexcept nogil
 
@@ -317,7 +324,7 @@ cdef extern from *:
     #include "longintrepr.h"
     #endif
     static inline int pymllm_small_nonneg(PyObject* p, uint32_t* out) {
-        if (__builtin_expect(!PyLong_CheckExact(p), 0))
+        if (!PYMLLM_LIKELY(PyLong_CheckExact(p)))
             return 0;
     #if PY_VERSION_HEX >= 0x030C0000
         {
@@ -333,7 +340,7 @@ cdef extern from *:
     #else
         {
             Py_ssize_t size = Py_SIZE(p);
-            if (__builtin_expect(size == 1, 1)) {
+            if (PYMLLM_LIKELY(size == 1)) {
                 *out = (uint32_t)((PyLongObject*)p)->ob_digit[0];
                 return 1;
             }
@@ -1537,8 +1544,6 @@ cdef class RadixTreeCore:
         cdef idx_t* out = <idx_t*>self._idx_out.reserve(done + x.len)
         cdef int64_t* uids = <int64_t*>self._uid_out.reserve(n_ev[0] + 1)
         cdef nid_t parent = x.parent
-        _prefetch(x.key)    # hashed by _remove_leaf to find the map entry, then freed
-        _prefetch(&self.nodes[parent])
         memcpy(out + done, x.value, x.len * sizeof(idx_t))
         uids[n_ev[0]] = x.uid
         n_ev[0] += 1
