@@ -18,6 +18,13 @@ Usage (from the repository root)::
 a tree of TOKENS cached tokens, one tree per build; ``--requests`` probes a round), where
 a change shows in how a large tree's memory is reached rather than in the serving loop.
 
+A build may also be named ``seed-style`` or ``reference``: the pure-Python caches the
+benchmark compares against (``bench/seed_style.py``, ``pymllm.mem_cache.reference``). Paired
+with a compiled build, round by round, their ratio is the benchmark's ratio with the
+machine's drift taken out (workload only)::
+
+    python bench/ab_builds.py pymllm/mem_cache/_radix_tree.*.so seed-style --rounds 15
+
 The first build is the reference. Each path must be a distinct file (a copy, not a link):
 the loader maps one file once.
 """
@@ -34,13 +41,20 @@ from pathlib import Path
 import numpy as np
 from bench_radix_cache import _grown_tree, _probes
 from conftest import POOL, SystemPromptWorkload, serve
+from seed_style import SeedStyleRadixCache
 
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
+from pymllm.mem_cache.reference import RefRadixCache
+
+PURE_PYTHON = {"seed-style": SeedStyleRadixCache, "reference": RefRadixCache}
 
 
 def load_build(path: str | Path, index: int) -> type:
-    """A cache class (the build's RadixTreeCore bound to BasePrefixCache) from one .so."""
+    """A cache class (the build's RadixTreeCore bound to BasePrefixCache) from one .so, or
+    the pure-Python cache of that name (PURE_PYTHON)."""
+    if str(path) in PURE_PYTHON:
+        return PURE_PYTHON[str(path)]
     # the module name must end in the extension's own name: its init symbol is looked up
     # from it; the prefix keeps the builds apart in sys.modules
     spec = importlib.util.spec_from_file_location(f"_ab_build{index}._radix_tree", str(path))
@@ -61,6 +75,8 @@ def compare(
     """Per build: median us per request (per match with `match_tree`) and the median /
     quartiles of its paired ratio to the first build (< 1: faster)."""
     classes = [load_build(p, i) for i, p in enumerate(builds)]
+    if match_tree is not None and any(str(p) in PURE_PYTHON for p in builds):
+        raise ValueError("--match-tree compares compiled builds only")
     if match_tree is None:
         wl = SystemPromptWorkload(n_requests=requests)
         data = wl.lists if keys == "list" else wl.arrays

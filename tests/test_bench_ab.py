@@ -64,3 +64,20 @@ def test_a_file_that_is_not_an_extension_is_refused(tmp_path: Path) -> None:
     out = _run(str(bogus), "--rounds", "1", "--requests", "5")
     assert out.returncode != 0
     assert "notes.txt: not a loadable extension module" in out.stderr
+
+
+def test_a_pure_python_cache_is_paired_by_name(tmp_path: Path) -> None:
+    (compiled,) = _copies(tmp_path, "compiled.so")
+    out = _run(compiled, "seed-style", "reference", "--rounds", "2", "--requests", "20")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "numpy keys, 20 requests a round, 2 paired rounds"
+    assert [line.split()[0] for line in lines[1:]] == ["compiled.so", "seed-style", "reference"]
+    assert all("us/request  vs the first: " in line for line in lines[1:])
+
+
+def test_match_tree_refuses_a_pure_python_cache(tmp_path: Path) -> None:
+    (compiled,) = _copies(tmp_path, "compiled.so")
+    out = _run(compiled, "seed-style", "--match-tree", "2000", "--rounds", "1")
+    assert out.returncode != 0
+    assert "--match-tree compares compiled builds only" in out.stderr
