@@ -407,13 +407,14 @@ cdef inline idx_t _to_idx(object v) except? -1:
     return <idx_t>x
 
 
-cdef inline cnp.ndarray _empty_idx():
-    return cnp.PyArray_EMPTY(1, [0], cnp.NPY_INT32, 0)
+cdef inline cnp.ndarray _new_idx(int64_t n):
+    """A new 1-D int32 numpy array of n (uninitialized) indices."""
+    return cnp.PyArray_EMPTY(1, [n], cnp.NPY_INT32, 0)
 
 
 cdef cnp.ndarray _copy_idx(const idx_t* src, int64_t n):
     """A new int32 numpy array holding n indices copied from src."""
-    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [n], cnp.NPY_INT32, 0)
+    cdef cnp.ndarray out = _new_idx(n)
     memcpy(cnp.PyArray_DATA(out), src, n * sizeof(idx_t))
     return out
 
@@ -1204,7 +1205,7 @@ cdef class RadixTreeCore:
         self._reserve_nodes(1)
         self.clock += 1
         if ns < 0 or kv.n < self.page_size:
-            return _match_result(_empty_idx(), self._handle(ROOT), 0)
+            return _match_result(_new_idx(0), self._handle(ROOT), 0)
         matched = self._walk(&kv, ns, kv.n, True, &last, &n_path)
         if self.swa:
             n_path = self._swa_usable(n_path)
@@ -1214,7 +1215,7 @@ cdef class RadixTreeCore:
 
     cdef cnp.ndarray _path_indices(self, int64_t n_path, int64_t total):
         """The KV indices of the first n_path nodes recorded by _walk, as one int32 array."""
-        cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, [total], cnp.NPY_INT32, 0)
+        cdef cnp.ndarray out = _new_idx(total)
         cdef idx_t* dst = <idx_t*>cnp.PyArray_DATA(out)
         cdef nid_t* path = <nid_t*>self._nid_scratch.data
         cdef int64_t i, off = 0
@@ -1857,10 +1858,7 @@ cdef class RadixTreeCore:
         return [tuple(row) for row in arr.reshape(x.len, arity).tolist()]
 
     cdef object _node_value(self, nid_t n):
-        cdef Node* x = &self.nodes[n]
-        cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [x.len], cnp.NPY_INT32, 0)
-        memcpy(cnp.PyArray_DATA(arr), x.value, x.len * sizeof(idx_t))
-        return arr
+        return _copy_idx(self.nodes[n].value, self.nodes[n].len)
 
     def _children_slots(self):
         """Map parent slot -> list of child slots (an O(tree) debugging aid)."""
@@ -2192,7 +2190,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         ns = self._find_ns(_extra_key(key), kv.arity)
         self.clock += 1
         if ns < 0 or kv.n < self.page_size:
-            return _match_result(_empty_idx(), self._handle(ROOT), 0)
+            return _match_result(_new_idx(0), self._handle(ROOT), 0)
         kv_len = self._walk(&kv, ns, kv.n, True, &last, &n_path, False, &partial)
         kv_len += partial
         path = <nid_t*>self._nid_scratch.data
