@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_radix_cache import _grown_tree, _probes
-from conftest import POOL, SystemPromptWorkload, serve
+from conftest import POOL, SystemPromptWorkload, keep_freed_memory, serve
 from seed_style import SeedStyleRadixCache
 
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         help="time match_prefix on a tree of TOKENS cached tokens instead of the workload",
     )
     args = ap.parse_args(argv)
+    if not keep_freed_memory():
+        print(
+            "glibc's default malloc thresholds (PYMLLM_BENCH_MALLOC=default or not glibc)",
+            file=sys.stderr,
+        )
     rows = compare(args.builds, args.keys, args.rounds, args.requests, args.match_tree)
     if args.match_tree is None:
         unit = "request"
