@@ -39,13 +39,18 @@ libc.free(p)
 """
 
 
-def _probe(malloc_env: str | None) -> tuple[str, int]:
+def _probe(malloc_env: str | None, cwd: Path) -> tuple[str, int]:
     env = dict(os.environ)
     env.pop("PYMLLM_BENCH_MALLOC", None)
     if malloc_env is not None:
         env["PYMLLM_BENCH_MALLOC"] = malloc_env
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=cwd,  # not the checkout: `-c` puts the cwd first on sys.path, before the install
     )
     assert out.returncode == 0, out.stderr
     took, mmapped = out.stdout.split()
@@ -57,9 +62,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_the_benchmarks_keep_large_blocks_on_the_heap() -> None:
-    assert _probe(None) == ("True", 0)
+def test_the_benchmarks_keep_large_blocks_on_the_heap(tmp_path: Path) -> None:
+    assert _probe(None, tmp_path) == ("True", 0)
 
 
-def test_default_leaves_glibc_as_it_is() -> None:
-    assert _probe("default") == ("False", 1)
+def test_default_leaves_glibc_as_it_is(tmp_path: Path) -> None:
+    assert _probe("default", tmp_path) == ("False", 1)
