@@ -95,6 +95,14 @@ def note(group: str, line: str) -> None:
     _NOTES[group].append(line)
 
 
+def paired_ratio(times, ref_times) -> tuple[float, float, float]:
+    """Median and quartiles of ``times[i] / ref_times[i]``: rounds timed next to each other,
+    so that the machine's drift divides out of each ratio."""
+    ratio = np.asarray(times, dtype=float) / np.asarray(ref_times, dtype=float)
+    q1, median, q3 = np.percentile(ratio, [25, 50, 75])
+    return float(median), float(q1), float(q3)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if not _MEDIANS:
         return
