@@ -28,7 +28,7 @@ class TreeNode:
     def swa_tombstone(self) -> bool: ...
     @property
     def swa_lock_ref(self) -> int: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 class RadixTreeCore:
@@ -36,6 +36,7 @@ class RadixTreeCore:
     sliding_window_size: int | None
     token_to_kv_pool_allocator: Any
     on_node_evict: Callable[[int], object] | None
+    mamba_pool: Any  # None except in MambaTreeCore
     def __init__(
         self,
         page_size: int = 1,
