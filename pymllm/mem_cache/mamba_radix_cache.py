@@ -12,7 +12,8 @@ from pymllm.mem_cache._radix_tree import MambaTreeCore, MambaTreeNode
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
 
 
-class MambaRadixCache(MambaTreeCore, BasePrefixCache):
+# The ignore: dec_lock_ref takes swa_boundary_id only, as in RadixCache.
+class MambaRadixCache(MambaTreeCore, BasePrefixCache):  # type: ignore[misc]
     """Radix-tree prefix cache with independent Mamba/SSM state tracking.
 
     ``MambaRadixCache(page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,

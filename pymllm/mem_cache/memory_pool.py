@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
@@ -299,6 +299,11 @@ class KVPool:
         self.rows = self.size + self.page_size
         self.mesh = mesh
 
+        rep: Sharding
+        k_buf: Sharding
+        v_buf: Sharding
+        k_row: Sharding
+        v_row: Sharding
         if mesh is None:
             rep = SingleDeviceSharding(device if device is not None else jax.devices()[0])
             k_buf = v_buf = k_row = v_row = rep
@@ -314,7 +319,7 @@ class KVPool:
             tp = mesh.shape[head_axis]
             rep = NamedSharding(mesh, P())
 
-            def spec(heads: int, lead: int) -> NamedSharding:
+            def spec(heads: int, lead: int) -> Sharding:
                 if heads % tp:
                     return rep
                 return NamedSharding(mesh, P(*([None] * lead), head_axis, None))
@@ -322,7 +327,8 @@ class KVPool:
             k_buf, v_buf = spec(self.head_num, 2), spec(self.v_head_num, 2)
             k_row, v_row = spec(self.head_num, 1), spec(self.v_head_num, 1)
         self.head_axis = head_axis
-        self.shardings = KVBuffers(k_buf, v_buf)
+        # the buffers' sharding tree: their NamedTuple holding a Sharding per buffer
+        self.shardings = cast(Any, KVBuffers)(k_buf, v_buf)
         self._rep = rep
         self._row_shardings = (k_row, v_row)
 
@@ -608,7 +614,7 @@ class MambaPool:
         self.rows = self.size + 1
         sh = SingleDeviceSharding(device if device is not None else jax.devices()[0])
         self._sharding = sh
-        shardings = MambaBuffers(sh, sh)
+        shardings = cast(Any, MambaBuffers)(sh, sh)  # a Sharding per buffer
         self._allocator = TokenToKVPoolAllocator(self.size, need_sort=False)
         self._copy = jax.jit(
             _copy_states,

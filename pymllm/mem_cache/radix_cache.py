@@ -11,7 +11,9 @@ from pymllm.mem_cache._radix_tree import RadixTreeCore, TreeNode
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
 
 
-class RadixCache(RadixTreeCore, BasePrefixCache):
+# The ignore: the compiled dec_lock_ref takes the one keyword the base's **kwargs carries
+# (swa_boundary_id) and rejects any other, rather than swallowing a typo.
+class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     """Radix-tree prefix cache: repeated prompt prefixes reuse their KV slots.
 
     ``RadixCache(page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,

@@ -190,7 +190,7 @@ class RefRadixCache(BasePrefixCache):
                 "RefRadixCache: sliding_window_size (SWA) is not supported yet"
             )
         self.page_size = int(page_size)
-        self.sliding_window_size = sliding_window_size
+        self.sliding_window_size: int | None = sliding_window_size
         self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
         self.on_node_evict = on_node_evict
         self._owner = object()
@@ -234,7 +234,7 @@ class RefRadixCache(BasePrefixCache):
             width = len(ids[0])
             if width == 0:
                 raise InvalidKeyError("token_ids: tuple tokens must not be empty")
-            tokens = []
+            tokens: list[Any] = []
             for t in ids:
                 if not isinstance(t, tuple) or len(t) != width:
                     raise InvalidKeyError(
@@ -492,7 +492,7 @@ class RefRadixCache(BasePrefixCache):
             self.on_node_evict(node.id)
         return len(node.tokens)
 
-    def inc_lock_ref(self, node: Any) -> None:
+    def inc_lock_ref(self, node: Any) -> Any:
         """Lock *node* and its ancestors against eviction; returns None."""
         node = self._check_node(node)
         while node is not self.root_node:

@@ -30,7 +30,7 @@ Not thread-safe: callers serialise access (see :class:`BasePrefixCache`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -156,7 +156,7 @@ class RefMambaRadixCache(RefRadixCache):
             mamba_branching_seqlen=kv_len if kv_len > len(indices) else None,
         )
 
-    def insert(
+    def insert(  # type: ignore[override]  # the compiled cache's order: mamba_value 3rd
         self,
         key: RadixKey,
         value: Any = None,
@@ -219,7 +219,7 @@ class RefMambaRadixCache(RefRadixCache):
                 if not node.children and node.lock_ref == 0:
                     evicted += self._remove_leaf(node, freed)
                 else:
-                    self._drop_state(node)
+                    self._drop_state(cast(MambaTreeNode, node))
         states, self._states_out = self._states_out, []
         if freed and self.token_to_kv_pool_allocator is not None:
             kv = np.concatenate(freed).astype(np.int32)
@@ -254,7 +254,7 @@ class RefMambaRadixCache(RefRadixCache):
         node.mamba_lock_ref += 1
         return True
 
-    def dec_lock_ref(self, node: Any, swa_boundary_id: Any = None) -> None:
+    def dec_lock_ref(self, node: Any, swa_boundary_id: Any = None) -> None:  # type: ignore[override]
         """Undo one :meth:`inc_lock_ref` given its token (True: release the state lock too;
         None: release one if the node holds one). ``LockStateError`` (nothing changed) when
         the node, or with token True its state, holds no lock."""

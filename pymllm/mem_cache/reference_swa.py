@@ -86,6 +86,7 @@ class RefSWARadixCache(RefRadixCache):
     """
 
     NODE_CLASS = SWATreeNode
+    sliding_window_size: int  # always set here (the base class allows None)
 
     def __init__(
         self,
@@ -167,7 +168,7 @@ class RefSWARadixCache(RefRadixCache):
         )
         return MatchResult(indices=indices, last_node=last, prefix_len=len(indices))
 
-    def insert(
+    def insert(  # type: ignore[override]  # the compiled cache's order: prev_prefix_len 3rd
         self,
         key: RadixKey,
         value: Any = None,
