@@ -40,10 +40,9 @@ from pathlib import Path
 
 import numpy as np
 from bench_radix_cache import _grown_tree, _probes
-from conftest import POOL, SystemPromptWorkload, keep_freed_memory, paired_ratio, serve
+from conftest import SystemPromptWorkload, fresh_cache, keep_freed_memory, paired_ratio, serve
 from seed_style import SeedStyleRadixCache
 
-from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
 from pymllm.mem_cache.reference import RefRadixCache
 
@@ -83,8 +82,7 @@ def compare(
         hits: set[int] = set()
 
         def one_round(i: int) -> float:
-            alloc = TokenToKVPoolAllocator(POOL, need_sort=False)
-            cache = classes[i](token_to_kv_pool_allocator=alloc)
+            cache, alloc = fresh_cache(classes[i])
             gc.collect()  # the last round's pure-Python tree (cycles) goes here, untimed
             t0 = time.perf_counter()
             hits.add(serve(cache, alloc, data))

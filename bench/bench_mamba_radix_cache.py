@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import admit, note, record, serve
+from conftest import POOL, admit, note, record, serve
 
 from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 from pymllm.mem_cache.reference_mamba import RefMambaRadixCache
 
-POOL = 300_000
 STATES = 256
 GROUP = "hybrid (KV + Mamba state) system-prompt workload, numpy keys (per request)"
 IMPLS: dict[str, Any] = {

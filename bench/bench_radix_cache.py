@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import POOL, note, paired_ratio, record, serve
+from conftest import POOL, fresh_cache, note, paired_ratio, record, serve
 from seed_style import SeedStyleRadixCache
 
 from pymllm.mem_cache import EVICTION_POLICIES, RadixCache, RadixKey, hash_token_ids
@@ -45,8 +45,7 @@ def test_system_prompt_workload(benchmark, system_prompt_workload, impl, keys):
 
     def setup():
         gc.collect()  # the last round's tree (cycles, in the pure-Python ones) goes here
-        alloc = TokenToKVPoolAllocator(POOL, need_sort=False)
-        return (IMPLS[impl](token_to_kv_pool_allocator=alloc), alloc), {}
+        return fresh_cache(IMPLS[impl]), {}
 
     hits = []
 
@@ -85,15 +84,13 @@ def test_system_prompt_workload_paired(benchmark, system_prompt_workload, keys):
     baseline: list[float] = []
 
     def setup():
-        alloc = TokenToKVPoolAllocator(POOL, need_sort=False)
-        seed_style = SeedStyleRadixCache(token_to_kv_pool_allocator=alloc)
+        seed_style, alloc = fresh_cache(SeedStyleRadixCache)
         t0 = time.perf_counter()
         serve(seed_style, alloc, data)
         baseline.append(time.perf_counter() - t0)
         del seed_style
         gc.collect()  # the tree's cycles, before the compiled round rather than inside it
-        alloc = TokenToKVPoolAllocator(POOL, need_sort=False)
-        return (RadixCache(token_to_kv_pool_allocator=alloc), alloc), {}
+        return fresh_cache(RadixCache), {}
 
     benchmark.group = f"workload-{keys}-paired"
     benchmark.pedantic(

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import note, record, serve
+from conftest import POOL, fresh_cache, note, record, serve
 
 from pymllm.mem_cache import RadixCache, RadixKey
-from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator, TokenToKVPoolAllocator
+from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator
 from pymllm.mem_cache.reference_swa import RefSWARadixCache
 
-POOL = 300_000
 WINDOW = 1024
 GROUP = "system-prompt workload with a sliding window (per request)"
 HITS: dict[str, int] = {}
@@ -78,8 +77,7 @@ def test_system_prompt_workload_swa(benchmark, system_prompt_workload, case):
 
     def setup():
         if spec is None:
-            alloc = TokenToKVPoolAllocator(POOL, need_sort=False)
-            return (RadixCache(token_to_kv_pool_allocator=alloc), alloc), {}
+            return fresh_cache(RadixCache), {}
         cls, swa_pool = spec
         alloc = SWATokenToKVPoolAllocator(POOL, swa_pool, need_sort=False)
         window = None if case.startswith("no window") else WINDOW

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from pymllm.mem_cache import RadixKey
+from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -147,6 +148,12 @@ def _fmt(seconds: float) -> str:
 
 # The issue-2 workload's KV pool: smaller than what its requests cache, so eviction runs.
 POOL = 300_000
+
+
+def fresh_cache(cache_cls):
+    """A new cache of `cache_cls` over a new POOL-slot allocator: (cache, allocator)."""
+    alloc = TokenToKVPoolAllocator(POOL, need_sort=False)
+    return cache_cls(token_to_kv_pool_allocator=alloc), alloc
 
 
 class SystemPromptWorkload:
