@@ -19,7 +19,7 @@ a tree of TOKENS cached tokens, one tree per build; ``--requests`` probes a roun
 a change shows in how a large tree's memory is reached rather than in the serving loop.
 
 A build may also be named ``seed-style`` or ``reference``: the pure-Python caches the
-benchmark compares against (``bench/seed_style.py``, ``pymllm.mem_cache.reference``). Paired
+benchmark compares against (``bench/seed_style.py``, ``tests/reference_model.py``). Paired
 with a compiled build, round by round, their ratio is the benchmark's ratio with the
 machine's drift taken out (workload only)::
 
@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 from bench_radix_cache import _grown_tree, _probes
 from conftest import SystemPromptWorkload, fresh_cache, keep_freed_memory, paired_ratio, serve
+from reference_model import RefRadixCache
 from seed_style import SeedStyleRadixCache
 
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
-from pymllm.mem_cache.reference import RefRadixCache
 
 PURE_PYTHON = {"seed-style": SeedStyleRadixCache, "reference": RefRadixCache}
 

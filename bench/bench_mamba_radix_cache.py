@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import POOL, admit, note, record, serve
+from reference_mamba import RefMambaRadixCache
 
 from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
-from pymllm.mem_cache.reference_mamba import RefMambaRadixCache
 
 STATES = 256
 GROUP = "hybrid (KV + Mamba state) system-prompt workload, numpy keys (per request)"

@@ -20,11 +20,11 @@ import time
 import numpy as np
 import pytest
 from conftest import POOL, fresh_cache, note, paired_ratio, record, serve
+from reference_model import RefRadixCache
 from seed_style import SeedStyleRadixCache
 
 from pymllm.mem_cache import EVICTION_POLICIES, RadixCache, RadixKey, hash_token_ids
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
-from pymllm.mem_cache.reference import RefRadixCache
 
 # The compiled cache and the floor take ~0.05 s a round: 25 rounds span seconds of the
 # machine's drift, as the 3 rounds of a pure-Python cache do.

@@ -25,10 +25,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import POOL, fresh_cache, note, record, serve
+from reference_swa import RefSWARadixCache
 
 from pymllm.mem_cache import RadixCache, RadixKey
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator
-from pymllm.mem_cache.reference_swa import RefSWARadixCache
 
 WINDOW = 1024
 GROUP = "system-prompt workload with a sliding window (per request)"

@@ -18,12 +18,22 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import ctypes
 import ctypes.util
 import platform
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pymllm.mem_cache import RadixKey
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
+
+# The pure-Python reference models live with the tests that use them as oracles
+# (tests/reference_model.py, reference_swa.py, reference_mamba.py); the suites time against
+# them too. Every bench module imports this one before them (pytest loads it first; the
+# scripts import it by name), so the tests directory is on the path by then.
+_TESTS = str(Path(__file__).resolve().parents[1] / "tests")
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1

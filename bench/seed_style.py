@@ -7,7 +7,7 @@ conversion up front. ``children`` dicts keyed by the first token (``(extra_key, 
 under the root), a per-token ``_key_match``, values stored as a copy of the caller's slice
 (SGLang clones them), and an ``evict`` that walks the tree to collect the evictable leaves
 and ``heapq.heapify``s them on every call. No input checks: it is a yardstick, not a cache
-to serve with (``RefRadixCache`` in ``pymllm.mem_cache.reference`` is the checked model
+to serve with (``RefRadixCache`` in ``tests/reference_model.py`` is the checked model
 the property tests use, and it converts numpy keys to lists once).
 
 LRU by a logical clock stamped on every node a match or insert passes, ties broken by node

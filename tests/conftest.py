@@ -153,7 +153,7 @@ def allocator() -> RecordingAllocator:
 def cache_classes(impl: str) -> tuple[type, type]:
     """(cache class, node class) of one implementation: 'ref' or 'compiled'."""
     if impl == "ref":
-        from pymllm.mem_cache.reference import RefRadixCache, TreeNode
+        from reference_model import RefRadixCache, TreeNode
 
         return RefRadixCache, TreeNode
     # Deliberately not importorskip: a missing or broken build must fail the tests.

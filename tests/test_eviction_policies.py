@@ -148,9 +148,9 @@ def test_bad_priority_changes_nothing(make_cache, allocator, bad, exc) -> None:
 
 def test_sliding_window_cache_uses_the_policy() -> None:
     from conftest import RecordingSWAAllocator
+    from reference_swa import RefSWARadixCache
 
     from pymllm.mem_cache import RadixCache
-    from pymllm.mem_cache.reference_swa import RefSWARadixCache
 
     for cls in (RadixCache, RefSWARadixCache):
         alloc = RecordingSWAAllocator()
@@ -177,8 +177,9 @@ def test_sliding_window_cache_uses_the_policy() -> None:
 
 
 def test_mamba_states_follow_the_policy() -> None:
+    from reference_mamba import RefMambaRadixCache
+
     from pymllm.mem_cache import MambaRadixCache
-    from pymllm.mem_cache.reference_mamba import RefMambaRadixCache
 
     class States:
         def __init__(self) -> None:

@@ -3,7 +3,7 @@
 The ``make_cache`` fixture below is parametrized (through conftest's ``impl``) over the
 pure-Python reference model ``RefMambaRadixCache`` and the compiled ``MambaRadixCache``:
 every expectation is worked out by hand from the written semantics (see the docstring of
-``pymllm/mem_cache/reference_mamba.py``), so both must meet it.
+``tests/reference_mamba.py``), so both must meet it.
 
 Both pools are ``RecordingAllocator``s with slots 1..999 handed out up front, so a test can
 use literal slot numbers and a double free still raises.
@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import RecordingAllocator  # tests/ is on sys.path (rootdir conftest)
+from reference_mamba import MambaTreeNode as RefMambaTreeNode
+from reference_mamba import RefMambaRadixCache
 
 from pymllm.mem_cache import MambaRadixCache, RadixKey
 from pymllm.mem_cache import MambaTreeNode as CompiledMambaTreeNode
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache, EvictResult
 from pymllm.mem_cache.errors import InvalidValueError, LockStateError, StaleNodeError
-from pymllm.mem_cache.reference_mamba import MambaTreeNode as RefMambaTreeNode
-from pymllm.mem_cache.reference_mamba import RefMambaRadixCache
 
 CLASSES = {
     "ref": (RefMambaRadixCache, RefMambaTreeNode),

@@ -49,10 +49,10 @@ from conftest import (  # tests/ is on sys.path (rootdir conftest)
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from reference_mamba import RefMambaRadixCache
 
 from pymllm.mem_cache.errors import InvalidValueError
 from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache
-from pymllm.mem_cache.reference_mamba import RefMambaRadixCache
 
 # (extra_key, tuple width); width 0 is plain int tokens.
 NAMESPACES = [(None, 0), (None, 0), ("a", 0), (None, 2)]

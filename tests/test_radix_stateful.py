@@ -41,9 +41,9 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from reference_model import RefRadixCache
 
 from pymllm.mem_cache.radix_cache import RadixCache
-from pymllm.mem_cache.reference import RefRadixCache
 
 # (extra_key, tuple width); width 0 is plain int tokens.
 NAMESPACES = [(None, 0), ("a", 0), (7, 0), (None, 2), ("a", 2)]

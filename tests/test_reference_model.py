@@ -65,7 +65,7 @@ def test_fresh_cache(make_cache):
 def test_reference_has_no_sliding_window():
     # The compiled cache grew SWA tombstones (issue 3); the reference model does not model
     # them yet and must say so rather than silently ignore the window.
-    from pymllm.mem_cache.reference import RefRadixCache
+    from reference_model import RefRadixCache
 
     with pytest.raises(NotImplementedError):
         RefRadixCache(sliding_window_size=128)

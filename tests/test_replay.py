@@ -14,9 +14,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from reference_model import RefRadixCache
 
 from pymllm.mem_cache import EVICTION_POLICIES, RadixKey
-from pymllm.mem_cache.reference import RefRadixCache
 from pymllm.replay import (
     TraceError,
     TraceSpec,

@@ -63,6 +63,9 @@ from conftest import (  # tests/ is on sys.path (rootdir conftest)
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from reference_mamba import RefMambaRadixCache
+from reference_model import RefRadixCache
+from reference_swa import RefSWARadixCache
 
 from pymllm.mem_cache import (
     EVICTION_POLICIES,
@@ -80,9 +83,6 @@ from pymllm.mem_cache.errors import (
     StaleNodeError,
 )
 from pymllm.mem_cache.memory_pool import MambaPool, ReqToTokenPool
-from pymllm.mem_cache.reference import RefRadixCache
-from pymllm.mem_cache.reference_mamba import RefMambaRadixCache
-from pymllm.mem_cache.reference_swa import RefSWARadixCache
 
 KV_SIZE = 40  # small pools: admissions evict and fail often
 SWA_SIZE = 24

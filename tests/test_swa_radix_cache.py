@@ -4,7 +4,7 @@ implementations.
 The ``make_cache`` fixture below is parametrized (through conftest's ``impl``) over the
 pure-Python reference model ``RefSWARadixCache`` and the compiled ``RadixCache``: every
 expectation is worked out by hand from the written semantics (see the docstring of
-``pymllm/mem_cache/reference_swa.py``), so both must meet it. The window is 4 tokens
+``tests/reference_swa.py``), so both must meet it. The window is 4 tokens
 throughout; page sizes 1 and 2.
 
 Values are literal slot numbers (token t usually gets slot 100 + t, a second request's
@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import RecordingAllocator, RecordingSWAAllocator
+from reference_swa import RefSWARadixCache, SWATreeNode
 
 from pymllm.mem_cache import RadixCache, RadixKey
 from pymllm.mem_cache import TreeNode as CompiledTreeNode
 from pymllm.mem_cache.base_prefix_cache import EvictResult
 from pymllm.mem_cache.errors import InvalidValueError, LockStateError, StaleNodeError
-from pymllm.mem_cache.reference_swa import RefSWARadixCache, SWATreeNode
 
 W = 4
 CLASSES = {"ref": (RefSWARadixCache, SWATreeNode), "compiled": (RadixCache, CompiledTreeNode)}

@@ -50,10 +50,10 @@ from conftest import (  # tests/ is on sys.path (rootdir conftest)
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from reference_swa import RefSWARadixCache
 
 from pymllm.mem_cache.errors import InvalidValueError, LockStateError
 from pymllm.mem_cache.radix_cache import RadixCache
-from pymllm.mem_cache.reference_swa import RefSWARadixCache
 
 # (extra_key, tuple width); width 0 is plain int tokens.
 NAMESPACES = [(None, 0), ("a", 0), (None, 2)]

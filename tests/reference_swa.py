@@ -43,10 +43,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from reference_model import _EMPTY_I32, RefRadixCache, TreeNode, _int64_arg, _is_int
 
 from pymllm.mem_cache.base_prefix_cache import EvictResult, InsertResult, MatchResult, RadixKey
 from pymllm.mem_cache.errors import InvalidValueError, LockStateError
-from pymllm.mem_cache.reference import _EMPTY_I32, RefRadixCache, TreeNode, _int64_arg, _is_int
 
 
 class SWATreeNode(TreeNode):

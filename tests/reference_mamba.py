@@ -33,10 +33,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
-
-from pymllm.mem_cache.base_prefix_cache import EvictResult, InsertResult, MatchResult, RadixKey
-from pymllm.mem_cache.errors import InvalidValueError, LockStateError
-from pymllm.mem_cache.reference import (
+from reference_model import (
     _EMPTY_I32,
     _I32_MAX,
     RefRadixCache,
@@ -44,6 +41,9 @@ from pymllm.mem_cache.reference import (
     _int64_arg,
     _is_int,
 )
+
+from pymllm.mem_cache.base_prefix_cache import EvictResult, InsertResult, MatchResult, RadixKey
+from pymllm.mem_cache.errors import InvalidValueError, LockStateError
 
 
 class MambaTreeNode(TreeNode):
