@@ -518,6 +518,40 @@ cdef inline object _insert_result(int64_t prefix_len, object last_node, bint mam
     return r
 
 
+cdef int _alloc_node_arrays(int64_t n, int32_t w, tok_t** key, idx_t** value) except -1:
+    """malloc a node's key (n positions of w tokens) and value (n slots) arrays, exactly
+    sized. MemoryError, with nothing allocated, if either fails."""
+    key[0] = <tok_t*>malloc(n * w * sizeof(tok_t))
+    value[0] = <idx_t*>malloc(n * sizeof(idx_t))
+    if key[0] == NULL or value[0] == NULL:
+        free(key[0])
+        free(value[0])
+        key[0] = NULL
+        value[0] = NULL
+        raise MemoryError(f"insert: could not allocate a node of {n} positions")
+    return 0
+
+
+cdef int _alloc_swa_suffix(int64_t matched, int64_t aligned, int64_t es, int32_t w,
+                           tok_t** k1, idx_t** v1, tok_t** k2, idx_t** v2) except -1:
+    """Arrays for the nodes a sliding-window insert hangs below its match: a tombstone over
+    [matched, es) when es > matched, and a live node over the rest up to aligned. None when
+    nothing new is cached (all matched, or the whole suffix below es)."""
+    if matched >= aligned or es >= aligned:
+        return 0
+    if es > matched:
+        _alloc_node_arrays(es - matched, w, k1, v1)
+    try:
+        _alloc_node_arrays(aligned - (es if es > matched else matched), w, k2, v2)
+    except BaseException:
+        free(k1[0])
+        free(v1[0])
+        k1[0] = NULL
+        v1[0] = NULL
+        raise
+    return 0
+
+
 cdef class _Scratch:
     """A growable C buffer reused across calls (no malloc per request)."""
     cdef void* data
@@ -1322,6 +1356,7 @@ cdef class RadixTreeCore:
         cdef tok_t* k2 = NULL
         cdef idx_t* v1 = NULL
         cdef idx_t* v2 = NULL
+        cdef bint allocated
         ppl = _nonneg_int("prev_prefix_len", prev_prefix_len)
         es = _nonneg_int("swa_evicted_seqlen", swa_evicted_seqlen)
         if ppl > kv.n or ppl % P:
@@ -1343,22 +1378,24 @@ cdef class RadixTreeCore:
             return 0
         self._reserve_nodes(4)      # a split at prev_prefix_len, one at the match end, 2 new
         dup = <idx_t*>self._idx_out.reserve(2 * aligned)
-        k1 = <tok_t*>malloc(aligned * w * sizeof(tok_t))
-        k2 = <tok_t*>malloc(aligned * w * sizeof(tok_t))
-        v1 = <idx_t*>malloc(aligned * sizeof(idx_t))
-        v2 = <idx_t*>malloc(aligned * sizeof(idx_t))
-        try:
-            if k1 == NULL or k2 == NULL or v1 == NULL or v2 == NULL:
-                raise MemoryError("insert: could not allocate new nodes")
-            if ns < 0:
+        allocated = ns < 0
+        if allocated:
+            # a new namespace matches nothing: the new nodes' arrays are allocated before
+            # the namespace is taken (all or nothing)
+            _alloc_swa_suffix(0, aligned, es, w, &k1, &v1, &k2, &v2)
+            try:
                 ns = self._intern_ns(extra_key, kv.arity)
-        except BaseException:
-            free(k1); free(k2); free(v1); free(v2)
-            raise
+            except BaseException:
+                free(k1); free(k2); free(v1); free(v2)
+                raise
         self.clock += 1
         if ppl > 0:     # nodes never straddle the caller's protected prefix
             self._walk(kv, ns, ppl, False, &last, &n_path)
         matched = self._walk(kv, ns, aligned, False, &last, &n_path)
+        if not allocated:
+            # before any index changes hands; out of memory here, only the walks' recency
+            # updates and splits (the cached content unchanged) stand
+            _alloc_swa_suffix(matched, aligned, es, w, &k1, &v1, &k2, &v2)
         path = <nid_t*>self._nid_scratch.data
         for i in range(n_path):
             x = &self.nodes[path[i]]
@@ -1415,21 +1452,17 @@ cdef class RadixTreeCore:
         cdef int64_t aligned = kv.n - kv.n % self.page_size
         cdef int32_t w = kv.width
         cdef int32_t ns = self._find_ns(extra_key, kv.arity)
-        cdef tok_t* new_key
-        cdef idx_t* new_val
+        cdef tok_t* new_key = NULL
+        cdef idx_t* new_val = NULL
         if aligned == 0:
             self.clock += 1
             out_last[0] = ROOT
             return 0
         self._reserve_nodes(2)
-        # allocate the leaf's arrays before mutating anything (all or nothing)
-        new_key = <tok_t*>malloc(aligned * w * sizeof(tok_t))
-        new_val = <idx_t*>malloc(aligned * sizeof(idx_t))
-        if new_key == NULL or new_val == NULL:
-            free(new_key)
-            free(new_val)
-            raise MemoryError("insert: could not allocate the new leaf")
         if ns < 0:
+            # a new namespace matches nothing: the leaf takes the whole key, and its arrays
+            # are allocated before the namespace is taken (all or nothing)
+            _alloc_node_arrays(aligned, w, &new_key, &new_val)
             try:
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
@@ -1439,10 +1472,13 @@ cdef class RadixTreeCore:
         self.clock += 1
         matched = self._walk(kv, ns, aligned, False, &last, &n_path)
         if matched == aligned:
-            free(new_key)
-            free(new_val)
             out_last[0] = last
             return matched
+        if new_key == NULL:
+            # sized to the leaf, not the key: a short leaf under a long cached prefix must not
+            # hold arrays as long as the whole key. Out of memory here, the walk's recency
+            # updates (and a split, which leaves the cached content as it was) stand
+            _alloc_node_arrays(aligned - matched, w, &new_key, &new_val)
         # a new leaf for the rest under `last`
         memcpy(new_key, kv.tok + matched * w, (aligned - matched) * w * sizeof(tok_t))
         memcpy(new_val, vals + matched, (aligned - matched) * sizeof(idx_t))

@@ -1,0 +1,66 @@
+"""Host memory of the compiled tree: a node's key and slot arrays are sized to the node.
+
+A short leaf under a long cached prefix (a new chat turn under a long conversation) must
+not hold arrays as long as the whole key it was inserted with. Measured with glibc's
+``mallinfo2`` (bytes in use on the heap plus mmap'ed blocks) around the inserts; the keys
+and values are built before, so the difference is the tree's own allocations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+
+import numpy as np
+import pytest
+
+from pymllm.mem_cache import RadixCache, RadixKey
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallinfo2 is glibc's")
+
+PREFIX = 1 << 16  # 64K tokens: the whole key's arrays would be 256 KB each
+SUFFIX = 16
+LEAVES = 40
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
+        "keepcost".split()
+    ]
+
+
+def _bytes_in_use() -> int:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+@pytest.mark.parametrize(
+    "window",
+    [None, 64, PREFIX + 8],
+    ids=["full", "sliding-window", "sliding-window-tombstones"],
+)
+def test_a_short_leaf_under_a_long_prefix_holds_only_its_own_tokens(window) -> None:
+    cache = RadixCache(sliding_window_size=window)
+    base = np.arange(1, PREFIX + 1, dtype=np.int32)
+    cache.insert(RadixKey(base), base.copy())
+    rng = np.random.default_rng(0)
+    keys = [
+        np.concatenate([base, rng.integers(PREFIX + 1, 1 << 30, SUFFIX, dtype=np.int32)])
+        for _ in range(LEAVES)
+    ]
+    values = [k.copy() for k in keys]
+    # with the window ending inside the new suffix, part of it is stored as a tombstone
+    kwargs = {"swa_evicted_seqlen": PREFIX + SUFFIX // 2} if window == PREFIX + 8 else {}
+    before = _bytes_in_use()
+    for k, v in zip(keys, values, strict=True):
+        assert cache.insert(RadixKey(k), v, **kwargs).prefix_len == PREFIX
+    per_leaf = (_bytes_in_use() - before) / LEAVES
+    assert cache.total_size() == PREFIX + LEAVES * SUFFIX
+    # 16 tokens x (4-byte key + 4-byte slot), node and map growth: well under 16 KB a leaf;
+    # arrays sized by the whole key would be over 512 KB
+    assert per_leaf < 16 * 1024, f"{per_leaf:.0f} bytes a leaf"
