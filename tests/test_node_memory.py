@@ -64,3 +64,45 @@ def test_a_short_leaf_under_a_long_prefix_holds_only_its_own_tokens(window) -> N
     # 16 tokens x (4-byte key + 4-byte slot), node and map growth: well under 16 KB a leaf;
     # arrays sized by the whole key would be over 512 KB
     assert per_leaf < 16 * 1024, f"{per_leaf:.0f} bytes a leaf"
+
+
+# Run in a child process: an address-space limit makes the tree's next large malloc fail.
+OUT_OF_MEMORY = r"""
+import resource
+import numpy as np
+from pymllm.mem_cache import RadixCache, RadixKey
+
+N = 32 << 20                      # one node of 32M tokens: 128 MB of key, 128 MB of slots
+base = np.arange(N, dtype=np.int32)
+cache = RadixCache()
+cache.insert(RadixKey(base), base)
+longer = np.concatenate([base, np.arange(N, 2 * N, dtype=np.int32)])
+probe = RadixKey(base[: N - 1])   # ends inside the node: matching it splits the node
+before = (cache.total_size(), cache.evictable_size())
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))
+outcomes = []
+for call in (lambda: cache.match_prefix(probe), lambda: cache.insert(RadixKey(longer), longer)):
+    try:
+        call()
+        outcomes.append("ok")
+    except MemoryError:
+        outcomes.append("MemoryError")
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+cache._check_invariants()
+m = cache.match_prefix(RadixKey(base))
+assert (cache.total_size(), cache.evictable_size()) == before
+assert m.prefix_len == N and np.array_equal(m.indices, base)
+print(*outcomes)
+"""
+
+
+def test_out_of_memory_in_a_split_or_a_new_leaf_raises_and_keeps_the_tree() -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", OUT_OF_MEMORY], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["MemoryError", "MemoryError"]

@@ -528,7 +528,7 @@ cdef int _alloc_node_arrays(int64_t n, int32_t w, tok_t** key, idx_t** value) ex
         free(value[0])
         key[0] = NULL
         value[0] = NULL
-        raise MemoryError(f"insert: could not allocate a node of {n} positions")
+        raise MemoryError(f"could not allocate a tree node of {n} positions")
     return 0
 
 
@@ -1095,8 +1095,12 @@ cdef class RadixTreeCore:
 
     # -- the walk shared by match and insert --------------------------------------------
 
-    cdef nid_t _split(self, nid_t x, int64_t m) noexcept:
-        """Split node x after m positions; returns the new upper node. Capacity reserved."""
+    cdef nid_t _split(self, nid_t x, int64_t m) except NIL:
+        """Split node x after m positions; returns the new upper node. Capacity reserved.
+        Out of memory for the upper node's arrays: MemoryError, x left as it was."""
+        cdef tok_t* ukey
+        cdef idx_t* uvalue
+        _alloc_node_arrays(m, self.nodes[x].width, &ukey, &uvalue)
         cdef nid_t u = self._take_slot()
         cdef Node* X = &self.nodes[x]
         cdef Node* U = &self.nodes[u]
@@ -1107,9 +1111,8 @@ cdef class RadixTreeCore:
         self._init_node(u, self.next_uid, X.parent, X.ns, w)
         self.next_uid += 1
         U.len = m
-        U.key = <tok_t*>malloc(m * w * sizeof(tok_t))
-        U.value = <idx_t*>malloc(m * sizeof(idx_t))
-        # malloc of a few bytes failing is not recoverable here; the caller reserved nodes
+        U.key = ukey
+        U.value = uvalue
         memcpy(U.key, X.key, m * w * sizeof(tok_t))
         memcpy(U.value, X.value, m * sizeof(idx_t))
         memmove(X.key, X.key + m * w, rest * w * sizeof(tok_t))
