@@ -2,7 +2,7 @@
 #
 # Design (see the .pxd for the structs):
 # - nodes in one growable array of structs, addressed by slot; a free list recycles slots;
-# - a node's key and value (KV slot indices) are C arrays it owns;
+# - a node's key and value (KV slot indices) are C arrays it owns, sized to the node;
 # - children are found through one open-addressing hash map keyed by
 #   (parent slot, namespace, first page of the child's key), verified by a memcmp;
 # - evictable leaves sit in an indexed binary min-heap ordered by (prio, last_access, uid)
@@ -14,8 +14,10 @@
 #   thread in the middle of a call.
 #
 # Bad input is rejected before anything is mutated; the capacity a mutation needs (nodes,
-# map entries, heap slots) is reserved before it starts, so a MemoryError leaves the tree as
-# it was.
+# map entries, heap slots) is reserved before it starts. A node's arrays are allocated once
+# its size is known, after the walk: a MemoryError there leaves the tree consistent, with
+# the walk's recency updates and splits (which keep the cached content), and before any KV
+# index changes hands.
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.object cimport PyObject, PyTypeObject
