@@ -66,6 +66,28 @@ def test_a_short_leaf_under_a_long_prefix_holds_only_its_own_tokens(window) -> N
     assert per_leaf < 16 * 1024, f"{per_leaf:.0f} bytes a leaf"
 
 
+def test_a_split_near_the_end_of_a_long_node_leaves_the_lower_half_short() -> None:
+    cache = RadixCache()
+    rng = np.random.default_rng(1)
+    # LEAVES long nodes under the root (distinct first tokens), each then diverged from
+    # SUFFIX tokens before its end: the split leaves a SUFFIX-token lower half
+    bases = [
+        np.concatenate([[i], rng.integers(1, 1 << 30, PREFIX // 4 - 1)]).astype(np.int32)
+        for i in range(LEAVES)
+    ]
+    for b in bases:
+        cache.insert(RadixKey(b), b.copy())
+    keys = [np.concatenate([b[:-SUFFIX], b[-SUFFIX:] + 1]) for b in bases]
+    values = [k.copy() for k in keys]
+    before = _bytes_in_use()
+    for k, v in zip(keys, values, strict=True):
+        assert cache.insert(RadixKey(k), v).prefix_len == PREFIX // 4 - SUFFIX
+    per_split = (_bytes_in_use() - before) / LEAVES
+    # the upper half's new arrays replace what the lower half gives back; a lower half
+    # keeping the whole node's arrays would add 128 KB a split
+    assert per_split < 16 * 1024, f"{per_split:.0f} bytes a split"
+
+
 # Run in a child process: an address-space limit makes the tree's next large malloc fail.
 OUT_OF_MEMORY = r"""
 import resource

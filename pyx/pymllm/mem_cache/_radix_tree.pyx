@@ -520,6 +520,13 @@ cdef inline object _insert_result(int64_t prefix_len, object last_node, bint mam
     return r
 
 
+cdef inline void _shrink(void** block, size_t nbytes) noexcept:
+    """realloc *block down to nbytes (> 0); if that fails the block stays as it was."""
+    cdef void* p = realloc(block[0], nbytes)
+    if p != NULL:
+        block[0] = p
+
+
 cdef int _alloc_node_arrays(int64_t n, int32_t w, tok_t** key, idx_t** value) except -1:
     """malloc a node's key (n positions of w tokens) and value (n slots) arrays, exactly
     sized. MemoryError, with nothing allocated, if either fails."""
@@ -1119,6 +1126,10 @@ cdef class RadixTreeCore:
         memcpy(U.value, X.value, m * sizeof(idx_t))
         memmove(X.key, X.key + m * w, rest * w * sizeof(tok_t))
         memmove(X.value, X.value + m, rest * sizeof(idx_t))
+        # the lower half keeps its block: give back what it no longer holds (a split near
+        # the end of a long node would otherwise leave a short node with long arrays)
+        _shrink(<void**>&X.key, rest * w * sizeof(tok_t))
+        _shrink(<void**>&X.value, rest * sizeof(idx_t))
         X.len = rest
         U.last_access = X.last_access
         U.prio = X.prio             # same hits, insertion time, priority and segment
