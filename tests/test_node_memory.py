@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -119,12 +121,39 @@ print(*outcomes)
 """
 
 
-def test_out_of_memory_in_a_split_or_a_new_leaf_raises_and_keeps_the_tree() -> None:
-    import subprocess
-    import sys
+def _child(code: str) -> str:
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
+    return run.stdout
 
-    run = subprocess.run(
-        [sys.executable, "-c", OUT_OF_MEMORY], capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["MemoryError", "MemoryError"]
+
+def test_out_of_memory_in_a_split_or_a_new_leaf_raises_and_keeps_the_tree() -> None:
+    assert _child(OUT_OF_MEMORY).split() == ["MemoryError", "MemoryError"]
+
+
+NEW_NAMESPACE_OUT_OF_MEMORY = r"""
+import resource
+import numpy as np
+from pymllm.mem_cache import RadixCache, RadixKey
+
+N = 16 << 20                      # arrays of 64 MB each; the walk's path buffer is 64 MB too
+key = np.arange(N, dtype=np.int32)
+cache = RadixCache()
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+# room for two of the three 64 MB blocks the insert needs
+resource.setrlimit(resource.RLIMIT_AS, (vm + (160 << 20), resource.RLIM_INFINITY))
+try:
+    cache.insert(RadixKey(key, extra_key="adapter-a"), key)
+    print("ok")
+except MemoryError:
+    print("MemoryError")
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+cache._check_invariants()         # no namespace left behind without a node
+print(cache.total_size())
+print(cache.insert(RadixKey(key[:8], extra_key="adapter-a"), key[:8]).prefix_len)
+cache._check_invariants()
+"""
+
+
+def test_out_of_memory_inserting_into_a_new_namespace_leaves_no_namespace_behind() -> None:
+    assert _child(NEW_NAMESPACE_OUT_OF_MEMORY).split() == ["MemoryError", "0", "0"]

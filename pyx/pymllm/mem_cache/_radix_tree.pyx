@@ -520,6 +520,14 @@ cdef inline object _insert_result(int64_t prefix_len, object last_node, bint mam
     return r
 
 
+cdef int _same_length(object seq, Py_ssize_t n, object error, str name) except -1:
+    """After an element's ``__index__`` (Python code) ran mid-conversion: the list must still
+    hold n items (its item array is re-read after this), else ``error``."""
+    if len(seq) != n:
+        raise error(f"{name}: the sequence changed length while it was read ({n} -> {len(seq)})")
+    return 0
+
+
 cdef inline void _shrink(void** block, size_t nbytes) noexcept:
     """realloc *block down to nbytes (> 0); if that fails the block stays as it was."""
     cdef void* p = realloc(block[0], nbytes)
@@ -921,7 +929,8 @@ cdef class RadixTreeCore:
                     elems = _seq_items(t)
                     for j in range(width):
                         if not _small_nonneg(elems[j], &buf[i * width + j]):
-                            buf[i * width + j] = _to_tok(<object>elems[j])
+                            buf[i * width + j] = _to_tok(<object>elems[j])  # t holds the tuple
+                            _same_length(token_ids, n, InvalidKeyError, "token_ids")
                 kv.width = <int32_t>width
                 kv.arity = <int32_t>width
             else:
@@ -943,6 +952,9 @@ cdef class RadixTreeCore:
                             "tuple and int tokens cannot mix"
                         )
                     buf[i] = _to_tok(t)
+                    # the token's __index__ ran Python code: re-read the item array
+                    _same_length(token_ids, n, InvalidKeyError, "token_ids")
+                    items = _seq_items(token_ids)
             kv.tok = buf
             return None
         if cnp.PyArray_Check(token_ids):
@@ -997,6 +1009,7 @@ cdef class RadixTreeCore:
 
     cdef object _load_value(self, object value, const KeyView* kv, const idx_t** out):
         """Point *out at len(key) KV indices; returns the owner of that memory."""
+        cdef object t
         cdef Py_ssize_t n = kv.n, i
         cdef uint32_t u
         cdef PyObject** items
@@ -1036,7 +1049,11 @@ cdef class RadixTreeCore:
                     if not overflow and 0 <= x <= INT32_MAX:
                         buf[i] = <idx_t>x
                         continue
-                buf[i] = _to_idx(<object>p)
+                t = <object>p       # a reference of our own while its __index__ runs
+                buf[i] = _to_idx(t)
+                # the index's __index__ ran Python code: re-read the item array
+                _same_length(value, n, InvalidValueError, "value")
+                items = _seq_items(value)
             out[0] = buf
             return None
         cdef cnp.ndarray arr
@@ -1318,7 +1335,9 @@ cdef class RadixTreeCore:
         still reads its full KV), otherwise the incoming
         duplicate is freed; the new suffix is stored, as a tombstone up to
         ``swa_evicted_seqlen`` (rounded up to a page) and live after it; a suffix lying
-        wholly below ``swa_evicted_seqlen`` is not cached and its indices are freed.
+        wholly below ``swa_evicted_seqlen`` is not cached and its indices are freed. Those
+        frees come first, in one ``allocator.free`` call: if it raises, the tree has taken
+        none of ``value`` and the caller still owns all of it.
         """
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
@@ -1373,6 +1392,7 @@ cdef class RadixTreeCore:
         cdef idx_t* v1 = NULL
         cdef idx_t* v2 = NULL
         cdef bint allocated
+        cdef int64_t* revive
         ppl = _nonneg_int("prev_prefix_len", prev_prefix_len)
         es = _nonneg_int("swa_evicted_seqlen", swa_evicted_seqlen)
         if ppl > kv.n or ppl % P:
@@ -1394,6 +1414,8 @@ cdef class RadixTreeCore:
             return 0
         self._reserve_nodes(4)      # a split at prev_prefix_len, one at the match end, 2 new
         dup = <idx_t*>self._idx_out.reserve(2 * aligned)
+        self._nid_scratch.reserve(aligned // P + 1)   # the walks' path
+        revive = <int64_t*>self._uid_out.reserve(aligned // P + 1)   # a flag per path node
         allocated = ns < 0
         if allocated:
             # a new namespace matches nothing: the new nodes' arrays are allocated before
@@ -1413,7 +1435,10 @@ cdef class RadixTreeCore:
             # updates and splits (the cached content unchanged) stand
             _alloc_swa_suffix(matched, aligned, es, w, &k1, &v1, &k2, &v2)
         path = <nid_t*>self._nid_scratch.data
+        # First decide, changing nothing, which indices are duplicates and free them: should
+        # the allocator raise, the tree has taken none of the caller's indices.
         for i in range(n_path):
+            revive[i] = 0
             x = &self.nodes[path[i]]
             s0 = x.end_pos - x.len
             if s0 < ppl:
@@ -1422,41 +1447,49 @@ cdef class RadixTreeCore:
             # slot handed back (prev_prefix_len too short), never a duplicate to free
             same = _count_equal(x.value, vals + s0, x.len)
             if x.aux_value < 0 and s0 >= es and same == 0 and x.lock_ref == 0:
-                # revive the tombstone with the incoming indices; its old ones are freed
+                # the tombstone is revived with the incoming indices; its old ones are freed
                 # (only when unlocked: a request holding it still reads its full KV)
                 memcpy(dup + n_free, x.value, x.len * sizeof(idx_t))
                 n_free += x.len
-                memcpy(x.value, vals + s0, x.len * sizeof(idx_t))
+                revive[i] = 1
+            elif same < x.len:
+                n_free += _copy_differing(dup + n_free, x.value, vals + s0, x.len)
+        if matched < aligned and es >= aligned:
+            # the whole new suffix lost its SWA KV: not worth caching
+            memcpy(dup + n_free, vals + matched, (aligned - matched) * sizeof(idx_t))
+            n_free += aligned - matched
+        if n_free > 0 and self.token_to_kv_pool_allocator is not None:
+            try:
+                self.token_to_kv_pool_allocator.free(_copy_idx(dup, n_free))
+            except BaseException:
+                free(k1); free(k2); free(v1); free(v2)
+                raise
+        # Then take the rest: nothing below raises.
+        for i in range(n_path):
+            if revive[i]:
+                x = &self.nodes[path[i]]
+                memcpy(x.value, vals + (x.end_pos - x.len), x.len * sizeof(idx_t))
                 x.aux_value = 0
                 self._aux_evictable += x.len
                 _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, path[i])
-            elif same < x.len:
-                n_free += _copy_differing(dup + n_free, x.value, vals + s0, x.len)
-        if matched < aligned:
-            if es >= aligned:
-                # the whole new suffix lost its SWA KV: not worth caching
-                memcpy(dup + n_free, vals + matched, (aligned - matched) * sizeof(idx_t))
-                n_free += aligned - matched
+        if matched < aligned and es < aligned:
+            if es > matched:
+                tomb_len = es - matched
+                memcpy(k1, kv.tok + matched * w, tomb_len * w * sizeof(tok_t))
+                memcpy(v1, vals + matched, tomb_len * sizeof(idx_t))
+                last = self._link_leaf(last, ns, w, k1, v1, tomb_len, False)
+                k1 = NULL
+                v1 = NULL
+                matched_live = es
             else:
-                if es > matched:
-                    tomb_len = es - matched
-                    memcpy(k1, kv.tok + matched * w, tomb_len * w * sizeof(tok_t))
-                    memcpy(v1, vals + matched, tomb_len * sizeof(idx_t))
-                    last = self._link_leaf(last, ns, w, k1, v1, tomb_len, False)
-                    k1 = NULL
-                    v1 = NULL
-                    matched_live = es
-                else:
-                    matched_live = matched
-                memcpy(k2, kv.tok + matched_live * w, (aligned - matched_live) * w * sizeof(tok_t))
-                memcpy(v2, vals + matched_live, (aligned - matched_live) * sizeof(idx_t))
-                last = self._link_leaf(last, ns, w, k2, v2, aligned - matched_live, True)
-                k2 = NULL
-                v2 = NULL
+                matched_live = matched
+            memcpy(k2, kv.tok + matched_live * w, (aligned - matched_live) * w * sizeof(tok_t))
+            memcpy(v2, vals + matched_live, (aligned - matched_live) * sizeof(idx_t))
+            last = self._link_leaf(last, ns, w, k2, v2, aligned - matched_live, True)
+            k2 = NULL
+            v2 = NULL
         free(k1); free(k2); free(v1); free(v2)
         out_last[0] = last
-        if n_free > 0 and self.token_to_kv_pool_allocator is not None:
-            self.token_to_kv_pool_allocator.free(_copy_idx(dup, n_free))
         return matched
 
     cdef int64_t _insert_kv(self, const KeyView* kv, const idx_t* vals, object extra_key,
@@ -1475,6 +1508,7 @@ cdef class RadixTreeCore:
             out_last[0] = ROOT
             return 0
         self._reserve_nodes(2)
+        self._nid_scratch.reserve(aligned // self.page_size + 1)   # the walk's path
         if ns < 0:
             # a new namespace matches nothing: the leaf takes the whole key, and its arrays
             # are allocated before the namespace is taken (all or nothing)
@@ -1541,6 +1575,12 @@ cdef class RadixTreeCore:
         called for each evicted node, after the tree is consistent again. Cost is
         proportional to what is evicted (heap pops), never a walk over the tree.
         ``swa_num_tokens`` is ignored without a sliding window.
+
+        Ownership: the evicted slots (and Mamba states) leave the tree; they are handed to
+        the allocator (and the state pool) in that call. If a callback raises, the others
+        still run (every slot and state is handed over, every node reported) and the first
+        exception is raised afterwards: the nodes are gone either way, and what a raising
+        allocator did with the slots it was handed is up to it.
         """
         self._enter()
         try:
@@ -1592,49 +1632,77 @@ cdef class RadixTreeCore:
         return done
 
     cdef int64_t _collect_and_remove(self, nid_t n, int64_t done, int64_t* n_ev) except -1:
-        """Copy leaf n's KV into _idx_out at `done`, record its id, remove it."""
-        cdef Node* x = &self.nodes[n]
-        cdef idx_t* out = <idx_t*>self._idx_out.reserve(done + x.len)
-        cdef int64_t* uids = <int64_t*>self._uid_out.reserve(n_ev[0] + 1)
-        cdef nid_t parent = x.parent
-        memcpy(out + done, x.value, x.len * sizeof(idx_t))
-        uids[n_ev[0]] = x.uid
-        n_ev[0] += 1
-        done += x.len
-        self._remove_leaf(n)
-        x = &self.nodes[parent]
-        if (self.swa and parent != ROOT and x.aux_value < 0 and x.num_children == 0
-                and x.lock_ref == 0):
-            # no leaf stays a tombstone: its full KV alone serves no match
-            done = self._collect_and_remove(parent, done, n_ev)
-        return done
+        """Copy leaf n's KV into _idx_out at `done`, record its id, remove it; then the same
+        for every parent this leaves a childless, unlocked tombstone (SWA: no leaf stays a
+        tombstone, its full KV alone serves no match). A loop, not recursion: such a chain
+        is as long as the tree is deep."""
+        cdef Node* x
+        cdef idx_t* out
+        cdef int64_t* uids
+        cdef nid_t parent
+        while True:
+            out = <idx_t*>self._idx_out.reserve(done + self.nodes[n].len)
+            uids = <int64_t*>self._uid_out.reserve(n_ev[0] + 1)
+            x = &self.nodes[n]
+            parent = x.parent
+            memcpy(out + done, x.value, x.len * sizeof(idx_t))
+            uids[n_ev[0]] = x.uid
+            n_ev[0] += 1
+            done += x.len
+            self._remove_leaf(n)
+            x = &self.nodes[parent]
+            if not (self.swa and parent != ROOT and x.aux_value < 0 and x.num_children == 0
+                    and x.lock_ref == 0):
+                return done
+            n = parent
 
     cdef int _after_evict(self, int64_t n_idx, int64_t n_nodes) except -1:
         """Hand the evicted slots to the allocator (one call), the evicted Mamba states to
-        the state pool (one call), and report evicted nodes."""
+        the state pool (one call), and report evicted nodes. The nodes are already gone, so
+        every stage runs even when an earlier one raises (a skipped stage would leak what it
+        hands over); the first exception is raised once all have run."""
         cdef int64_t i
         cdef int64_t* uids = <int64_t*>self._uid_out.data
+        first = None
         # SWA-only frees first: a node tombstoned and then removed in one call is in both
         # lists, and free_swa needs its full slots still allocated
         if self.n_swa_out > 0 and self.token_to_kv_pool_allocator is not None:
-            self.token_to_kv_pool_allocator.free_swa(
-                _copy_idx(<idx_t*>self._swa_out.data, self.n_swa_out))
+            try:
+                self.token_to_kv_pool_allocator.free_swa(
+                    _copy_idx(<idx_t*>self._swa_out.data, self.n_swa_out))
+            except BaseException as exc:
+                first = exc
         self.n_swa_out = 0
         if n_idx > 0 and self.token_to_kv_pool_allocator is not None:
-            if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator:
-                # our own allocator: straight to its C entry point, no array, no Python call
-                (<TokenToKVPoolAllocator>self.token_to_kv_pool_allocator).free_c(
-                    <idx_t*>self._idx_out.data, n_idx)
-            else:
-                self.token_to_kv_pool_allocator.free(
-                    _copy_idx(<idx_t*>self._idx_out.data, n_idx))
-        if self.n_states_out > 0 and self.mamba_pool is not None:
-            self.mamba_pool.free(_copy_idx(<idx_t*>self._state_out.data, self.n_states_out))
+            try:
+                if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator:
+                    # our own allocator: straight to its C entry point, no array, no Python
+                    (<TokenToKVPoolAllocator>self.token_to_kv_pool_allocator).free_c(
+                        <idx_t*>self._idx_out.data, n_idx)
+                else:
+                    self.token_to_kv_pool_allocator.free(
+                        _copy_idx(<idx_t*>self._idx_out.data, n_idx))
+            except BaseException as exc:
+                if first is None:
+                    first = exc
+        n_states = self.n_states_out
         self.n_states_out = 0
+        if n_states > 0 and self.mamba_pool is not None:
+            try:
+                self.mamba_pool.free(_copy_idx(<idx_t*>self._state_out.data, n_states))
+            except BaseException as exc:
+                if first is None:
+                    first = exc
         if self.on_node_evict is not None:
             ids = [uids[i] for i in range(n_nodes)]
             for uid in ids:
-                self.on_node_evict(uid)
+                try:
+                    self.on_node_evict(uid)
+                except BaseException as exc:
+                    if first is None:
+                        first = exc
+        if first is not None:
+            raise first
         return 0
 
     cdef int _drop_state(self, nid_t n) except -1:
@@ -1764,6 +1832,7 @@ cdef class RadixTreeCore:
                         f"of node {self.nodes[n].uid}"
                     )
                 m = self.nodes[m].parent
+            self._check_unlockable(n)
             m = n
             while m != ROOT and self.nodes[m].end_pos > boundary:
                 x = &self.nodes[m]
@@ -1777,6 +1846,21 @@ cdef class RadixTreeCore:
 
     cdef int _unlock(self, nid_t n) except -1:
         cdef Node* x
+        self._check_unlockable(n)
+        while n != ROOT:
+            x = &self.nodes[n]
+            x.lock_ref -= 1
+            if x.lock_ref == 0:
+                self._protected -= x.len
+                self._evictable += x.len
+                if x.num_children == 0:
+                    _heap_push(&self.heap, self.nodes, HEAP_FULL, n)
+            n = x.parent
+        return 0
+
+    cdef int _check_unlockable(self, nid_t n) except -1:
+        """LockStateError unless n and every ancestor hold a lock (checked before any
+        release, so that a failed unlock changes nothing)."""
         cdef nid_t m = n
         while m != ROOT:    # all or nothing: every node on the path must hold a lock
             if self.nodes[m].lock_ref <= 0:
@@ -1787,15 +1871,6 @@ cdef class RadixTreeCore:
                     f"{self.nodes[m].uid} is not (unlocked through an ancestor?)"
                 )
             m = self.nodes[m].parent
-        while n != ROOT:
-            x = &self.nodes[n]
-            x.lock_ref -= 1
-            if x.lock_ref == 0:
-                self._protected -= x.len
-                self._evictable += x.len
-                if x.num_children == 0:
-                    _heap_push(&self.heap, self.nodes, HEAP_FULL, n)
-            n = x.parent
         return 0
 
     def evictable_size(self):
@@ -1881,22 +1956,27 @@ cdef class RadixTreeCore:
         return list(self._node_hashes(n))
 
     cdef list _node_hashes(self, nid_t n):
-        cdef list hashes
-        cdef Node* x
-        if n == ROOT:
-            return []
-        hashes = self._hash_cache.get(n)
-        if hashes is not None:
-            return hashes
-        parent_hashes = self._node_hashes(self.nodes[n].parent)
-        prior = parent_hashes[len(parent_hashes) - 1] if parent_hashes else None
-        tokens = self._node_tokens(n)
-        hashes = []
+        """Page hashes of node n, computed (and cached) from the nearest ancestor whose hashes
+        are cached, top down. A loop, not recursion: the path is as long as the tree is deep."""
+        cdef list hashes = []
+        cdef list todo = []
+        cdef nid_t m = n
+        while m != ROOT:
+            cached = self._hash_cache.get(m)
+            if cached is not None:
+                hashes = cached
+                break
+            todo.append(m)
+            m = self.nodes[m].parent
         P = self.page_size
-        for start in range(0, len(tokens), P):
-            prior = hash_token_ids(tokens[start:start + P], prior)
-            hashes.append(prior)
-        self._hash_cache[n] = hashes
+        for m in reversed(todo):
+            prior = hashes[len(hashes) - 1] if hashes else None
+            tokens = self._node_tokens(m)
+            hashes = []
+            for start in range(0, len(tokens), P):
+                prior = hash_token_ids(tokens[start:start + P], prior)
+                hashes.append(prior)
+            self._hash_cache[m] = hashes
         return hashes
 
     cdef object _node_tokens(self, nid_t n):
@@ -2173,13 +2253,16 @@ cdef class TreeNode:
     def __repr__(self):
         if self.evicted:
             return f"TreeNode(id={self._uid}, evicted)"
-        x = self._node()
+        cdef Node* x = self._node()
         if self._slot == ROOT:
             return "TreeNode(id=0, root)"
+        # read the node before making Python objects: an allocation may run the collector,
+        # whose callbacks may change the tree (and move its node array)
+        cdef int64_t n = x.len, lock_ref = x.lock_ref, last_access = x.last_access
         toks = self._tree._node_tokens(self._slot)
         head = ", ".join(map(str, toks[:8])) + (", ..." if len(toks) > 8 else "")
-        return (f"TreeNode(id={self._uid}, len={x.len}, key=[{head}], lock_ref={x.lock_ref}, "
-                f"last_access={x.last_access})")
+        return (f"TreeNode(id={self._uid}, len={n}, key=[{head}], lock_ref={lock_ref}, "
+                f"last_access={last_access})")
 
 
 cdef class MambaTreeNode(TreeNode):
@@ -2313,7 +2396,8 @@ cdef class MambaTreeCore(RadixTreeCore):
 
         KV slots go back in one ``allocator.free`` call, states in one ``mamba_pool.free``
         call. Returns ``EvictResult(full_evicted, mamba_evicted=...)``. Each step removes a
-        heap entry, so the loop ends; cost is proportional to what is evicted.
+        heap entry, so the loop ends; cost is proportional to what is evicted. A raising
+        callback does not stop the others (as in :meth:`RadixCache.evict`).
         """
         self._enter()
         try:
@@ -2401,6 +2485,7 @@ cdef class MambaTreeCore(RadixTreeCore):
             raise TypeError(
                 f"swa_boundary_id: expected the bool token of inc_lock_ref, got {swa_boundary_id!r}"
             )
+        self._check_unlockable(n)
         if n != ROOT and release_state:
             x.aux_lock_ref -= 1
             if x.aux_lock_ref == 0:
