@@ -520,6 +520,27 @@ cdef inline object _insert_result(int64_t prefix_len, object last_node, bint mam
     return r
 
 
+cdef inline Py_ssize_t _read_ints(PyObject** items, Py_ssize_t i, Py_ssize_t n,
+                                  uint32_t* out, int64_t limit) noexcept:
+    """Convert items[i:n] into out while they are exact ints in [0, limit); returns the index
+    of the first item that is not (n if none), which the caller converts through Python.
+    No Python code runs here, so the item array stays valid for the whole scan."""
+    cdef PyObject* p
+    cdef long long x
+    cdef int overflow = 0
+    while i < n:
+        p = items[i]
+        if not _small_nonneg(p, &out[i]):
+            if not _is_exact_int(p):
+                return i
+            x = _as_long_long(p, &overflow)
+            if overflow or x < 0 or x >= limit:
+                return i
+            out[i] = <uint32_t>x
+        i += 1
+    return n
+
+
 cdef int _same_length(object seq, Py_ssize_t n, object error, str name) except -1:
     """After an element's ``__index__`` (Python code) ran mid-conversion: the list must still
     hold n items (its item array is re-read after this), else ``error``."""
@@ -935,26 +956,18 @@ cdef class RadixTreeCore:
                 kv.arity = <int32_t>width
             else:
                 buf = <tok_t*>self._tok_scratch.reserve(n)
-                items = _seq_items(token_ids)
-                for i in range(n):
-                    p = items[i]
-                    if _small_nonneg(p, &buf[i]):
-                        continue
-                    if _is_exact_int(p):
-                        x = _as_long_long(p, &overflow)
-                        if not overflow and 0 <= x < TOKEN_LIMIT:
-                            buf[i] = <tok_t>x
-                            continue
-                    t = <object>p
+                i = _read_ints(_seq_items(token_ids), 0, n, buf, TOKEN_LIMIT)
+                while i < n:
+                    t = <object>_seq_items(token_ids)[i]
                     if type(t) is tuple:
                         raise InvalidKeyError(
                             f"token_ids: token {i} is a tuple but token 0 is not; "
                             "tuple and int tokens cannot mix"
                         )
                     buf[i] = _to_tok(t)
-                    # the token's __index__ ran Python code: re-read the item array
+                    # its __index__ ran Python code: the list is read afresh from i + 1
                     _same_length(token_ids, n, InvalidKeyError, "token_ids")
-                    items = _seq_items(token_ids)
+                    i = _read_ints(_seq_items(token_ids), i + 1, n, buf, TOKEN_LIMIT)
             kv.tok = buf
             return None
         if cnp.PyArray_Check(token_ids):
@@ -1038,22 +1051,14 @@ cdef class RadixTreeCore:
                     f"value: expected {n} KV indices (one per token), got {len(value)}"
                 )
             buf = <idx_t*>self._val_scratch.reserve(n)
-            items = _seq_items(value)
-            for i in range(n):
-                p = items[i]
-                if _small_nonneg(p, &u):
-                    buf[i] = <idx_t>u
-                    continue
-                if _is_exact_int(p):
-                    x = _as_long_long(p, &overflow)
-                    if not overflow and 0 <= x <= INT32_MAX:
-                        buf[i] = <idx_t>x
-                        continue
-                t = <object>p       # a reference of our own while its __index__ runs
+            i = _read_ints(_seq_items(value), 0, n, <uint32_t*>buf, <int64_t>INT32_MAX + 1)
+            while i < n:
+                t = <object>_seq_items(value)[i]    # our own reference while __index__ runs
                 buf[i] = _to_idx(t)
-                # the index's __index__ ran Python code: re-read the item array
+                # its __index__ ran Python code: the list is read afresh from i + 1
                 _same_length(value, n, InvalidValueError, "value")
-                items = _seq_items(value)
+                i = _read_ints(_seq_items(value), i + 1, n, <uint32_t*>buf,
+                               <int64_t>INT32_MAX + 1)
             out[0] = buf
             return None
         cdef cnp.ndarray arr
