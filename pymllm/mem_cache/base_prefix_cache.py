@@ -112,19 +112,23 @@ def hash_token_ids(token_ids: Any, prior_hash: str | None = None) -> str:
     return h.hexdigest()
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
 def hash_to_int64(hex_str: str) -> int:
     """Convert a hex digest to a signed 64-bit integer (its first 16 hex chars).
 
-    ``TypeError`` for a non-string, ``InvalidKeyError`` (a ``ValueError``) for a string
-    that does not start with 1 to 16 hex digits."""
+    ``TypeError`` for a non-string, ``InvalidKeyError`` (a ``ValueError``) unless its first
+    16 characters (all of it, if shorter, but at least one) are hex digits: no sign, ``0x``,
+    underscore or space, which ``int(s, 16)`` would accept."""
     if not isinstance(hex_str, str):
         raise TypeError(
             f"hex_str: expected a hex string, got {type(hex_str).__name__} {hex_str!r:.80}"
         )
-    try:
-        value = int(hex_str[:16], 16)
-    except ValueError:
-        raise InvalidKeyError(f"hex_str: expected a hex digest, got {hex_str!r:.80}") from None
+    head = hex_str[:16]
+    if not head or not all(c in _HEX_DIGITS for c in head):
+        raise InvalidKeyError(f"hex_str: expected a hex digest, got {hex_str!r:.80}")
+    value = int(head, 16)
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
@@ -136,7 +140,7 @@ def hash_bytes(data: bytes) -> int:
     """
     try:
         digest = hashlib.sha256(data).digest()
-    except TypeError:
+    except (TypeError, ValueError, BufferError):  # not bytes-like, or not contiguous
         raise TypeError(
             f"data: expected bytes-like, got {type(data).__name__} {data!r:.80}"
         ) from None

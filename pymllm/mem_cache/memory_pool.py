@@ -61,8 +61,15 @@ def bucket_size(n: int) -> int:
 
 
 def pad_slots(loc: Any, size: int | None = None) -> np.ndarray:
-    """*loc* as ``np.int32`` padded with slot 0 to *size* (default ``bucket_size(len)``)."""
-    loc = np.asarray(loc, dtype=np.int32).reshape(-1)
+    """*loc* as ``np.int32`` padded with slot 0 to *size* (default ``bucket_size(len)``).
+
+    ``InvalidValueError`` for slots that are not integers or lie outside ``[0, 2**31)``
+    (never wrapped or truncated into another slot)."""
+    return _pad(_slots("loc", np.asarray(loc).reshape(-1), 1 << 31), size)
+
+
+def _pad(loc: np.ndarray, size: int | None = None) -> np.ndarray:
+    """``pad_slots`` of slots already checked (1-D ``np.int32``)."""
     size = bucket_size(len(loc)) if size is None else size
     if len(loc) == size:
         return loc
@@ -395,7 +402,7 @@ class KVPool:
         _check_array("k", k, (*lead, n, self.head_num, self.head_dim), self.dtype)
         _check_array("v", v, (*lead, n, self.v_head_num, self.v_head_dim), self.dtype)
         m = bucket_size(n)
-        return pad_slots(loc, m), _pad_to(k, m, axis), _pad_to(v, m, axis), n
+        return _pad(loc, m), _pad_to(k, m, axis), _pad_to(v, m, axis), n
 
     def set_kv_buffer(self, layer_id: int, loc: Any, k: Any, v: Any) -> None:
         """Write ``k`` ``[n, Hk, Dk]`` and ``v`` ``[n, Hv, Dv]`` at slots ``loc`` ``[n]`` of
@@ -427,14 +434,14 @@ class KVPool:
         layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
-        k, v = self._read(self._buffers, layer, pad_slots(loc))
+        k, v = self._read(self._buffers, layer, _pad(loc))
         return (k, v) if n == k.shape[0] else (k[:n], v[:n])
 
     def get_kv_all(self, loc: Any) -> tuple[jax.Array, jax.Array]:
         """``(k [L, n, Hk, Dk], v [L, n, Hv, Dv])`` at slots ``loc`` of every layer."""
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
-        k, v = self._read_all(self._buffers, pad_slots(loc))
+        k, v = self._read_all(self._buffers, _pad(loc))
         return (k, v) if n == k.shape[1] else (k[:, :n], v[:, :n])
 
     def get_kv_buffer(self, layer_id: int) -> tuple[jax.Array, jax.Array]:
@@ -461,7 +468,7 @@ class KVPool:
         if len(src) == 0:
             return
         m = bucket_size(len(src))
-        self._buffers = self._copy(self._buffers, pad_slots(src, m), pad_slots(dst, m))
+        self._buffers = self._copy(self._buffers, _pad(src, m), _pad(dst, m))
 
     def __repr__(self) -> str:
         return (
@@ -503,12 +510,31 @@ class ReqToTokenPool:
         _free_named(self._slots, slots)
 
     def write(self, index: Any, values: Any) -> None:
-        """``req_to_token[index] = values`` (numpy indexing, e.g. ``(slot, slice(a, b))``);
-        ``InvalidValueError`` (nothing written) for an index out of the table or values
-        that do not fit it."""
+        """``req_to_token[index] = values`` (numpy indexing, e.g. ``(slot, slice(a, b))``).
+
+        ``InvalidValueError`` (nothing written) when the rows are not request slots
+        ``1..max_reqs`` (row 0 is the padding row every batch is padded with; a negative
+        row would index from the end), when the values are not integer KV slots in
+        ``[0, 2**31)`` (never wrapped into another slot), or when they do not fit the index.
+        """
+        row = index[0] if isinstance(index, tuple) and index else index
+        rows = np.arange(self.size + 1)[row] if isinstance(row, slice) else np.asarray(row)
+        if rows.dtype.kind not in "iu":
+            raise InvalidValueError(f"index: expected request slot rows, got {row!r:.60}")
+        if rows.size and (rows.min() < 1 or rows.max() > self.size):
+            raise InvalidValueError(
+                f"index: rows {row!r:.60} are not all request slots in [1, {self.size}]"
+            )
+        vals = np.asarray(values)
+        if vals.size and (
+            vals.dtype.kind not in "iu" or vals.min() < 0 or vals.max() > np.iinfo(np.int32).max
+        ):
+            raise InvalidValueError(
+                f"values: expected KV slots (integers in [0, 2**31)), got {values!r:.60}"
+            )
         try:
-            self.req_to_token[index] = values
-        except (IndexError, ValueError, TypeError) as exc:
+            self.req_to_token[index] = vals
+        except (IndexError, ValueError, TypeError, OverflowError) as exc:
             raise InvalidValueError(
                 f"index/values: cannot write {values!r:.60} at {index!r:.60} of a "
                 f"{self.req_to_token.shape} table ({exc})"
@@ -525,7 +551,7 @@ class ReqToTokenPool:
         Shape ``[bucket_size(len(slots)), cols]``: padding rows are row 0 (zeros); ``cols`` is
         ``min(bucket_size(max_len), max_context_len)`` or the full width without *max_len*.
         """
-        rows = pad_slots(_slots("slots", slots, self.size + 1))
+        rows = _pad(_slots("slots", slots, self.size + 1))
         cols = (
             self.max_context_len
             if max_len is None
@@ -681,13 +707,13 @@ class MambaPool:
             )
         if len(s):
             m = bucket_size(len(s))
-            self._buffers = self._copy(self._buffers, pad_slots(s, m), pad_slots(d, m))
+            self._buffers = self._copy(self._buffers, _pad(s, m), _pad(d, m))
 
     def reset_states(self, slots: Any) -> None:
         """Zero the states of *slots* in every layer."""
         s = _slots("slots", slots, self.rows)
         if len(s):
-            self._buffers = self._reset(self._buffers, pad_slots(s))
+            self._buffers = self._reset(self._buffers, _pad(s))
 
     def set_states(self, slots: Any, conv: Any, temporal: Any) -> None:
         """Write ``conv`` ``[L, n, *conv_shape]`` and ``temporal`` ``[L, n, *temporal_shape]``."""
@@ -704,12 +730,15 @@ class MambaPool:
             m = bucket_size(n)
             conv = jax.device_put(_pad_to(conv, m, 1), self._sharding)
             temporal = jax.device_put(_pad_to(temporal, m, 1), self._sharding)
-            self._buffers = self._write(self._buffers, pad_slots(s, m), conv, temporal)
+            self._buffers = self._write(self._buffers, _pad(s, m), conv, temporal)
 
     def get_states(self, slots: Any) -> MambaBuffers:
-        """``MambaBuffers(conv [L, n, ...], temporal [L, n, ...])`` of *slots* (fresh)."""
+        """``MambaBuffers(conv [L, n, ...], temporal [L, n, ...])`` of *slots* (fresh).
+
+        The gather runs at the bucket size; trimming to ``n`` compiles one slice per distinct
+        ``n`` (as :meth:`KVPool.get_kv`)."""
         s = _slots("slots", slots, self.rows)
-        out = self._read(self._buffers, pad_slots(s))
+        out = self._read(self._buffers, _pad(s))
         return MambaBuffers(*(b[:, : len(s)] for b in out))
 
 

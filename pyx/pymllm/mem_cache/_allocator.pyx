@@ -6,8 +6,9 @@ The free list is an array of page ids with a moving head (``alloc`` takes from t
 release array and are merged back in ascending order when the free list runs short, so
 allocations stay as low and as contiguous as the pool allows. One state byte per page makes
 every free checked in O(1) per slot, always on: a double free, the padding slot 0, a slot
-out of range or a slot listed twice raises ``InvalidFreeError`` and frees nothing of the
-call.
+out of range or (with ``page_size`` 1) a slot listed twice raises ``InvalidFreeError`` and
+frees nothing of the call. With pages, a call frees each page once, however many of its
+slots it lists (the same slot twice included).
 
 Thread safety: every public call is atomic with respect to other Python threads. A call
 first converts its arguments (which may run Python code, e.g. copying a jax array to the
@@ -217,6 +218,7 @@ cdef cnp.ndarray _as_int32_slots(object indices):
     if (
         cnp.PyArray_Check(indices)
         and cnp.PyArray_TYPE(<cnp.ndarray>indices) == cnp.NPY_INT32
+        and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>indices)   # '>i4' is int32 too
         and cnp.PyArray_NDIM(<cnp.ndarray>indices) == 1
         and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>indices)
     ):
@@ -602,6 +604,20 @@ cdef void _pages_to_slots(int32_t* o, const int32_t* pages, int32_t n_pages,
                 o[i * ps + j] = base + j
 
 
+cdef object _size_arg(str name, object value, int minimum):
+    """A constructor's size argument: an int (not a float) in [minimum, 2**31), else
+    ``InvalidValueError``."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise InvalidValueError(
+            f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r:.60}"
+        ) from None
+    if not minimum <= value <= 0x7FFFFFFF:
+        raise InvalidValueError(f"{name}: expected an int in [{minimum}, 2**31), got {value}")
+    return value
+
+
 cdef int32_t _check_alloc_size(object n, int32_t ps) except -1:
     cdef int overflow = 0
     cdef long long x
@@ -633,10 +649,8 @@ cdef class TokenToKVPoolAllocator:
     """
 
     def __init__(self, size, page_size=1, need_sort=True):
-        if page_size < 1:
-            raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
-        if size < 0:
-            raise InvalidValueError(f"size: expected an int >= 0, got {size!r}")
+        page_size = _size_arg("page_size", page_size, 1)
+        size = _size_arg("size", size, 0)
         self.core = PageCore(size // page_size, page_size, need_sort)
         self.size = self.core.num_pages * page_size
         self.page_size = page_size
@@ -754,10 +768,9 @@ cdef class SWATokenToKVPoolAllocator:
     cdef readonly int32_t page_size
 
     def __init__(self, size, swa_size, page_size=1, need_sort=True):
-        if page_size < 1:
-            raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
-        if size < 0 or swa_size < 0:
-            raise InvalidValueError(f"size, swa_size: expected ints >= 0, got {size!r}, {swa_size!r}")
+        page_size = _size_arg("page_size", page_size, 1)
+        size = _size_arg("size", size, 0)
+        swa_size = _size_arg("swa_size", swa_size, 0)
         self.full = PageCore(size // page_size, page_size, need_sort)
         self.swa = PageCore(swa_size // page_size, page_size, need_sort)
         self.size = self.full.num_pages * page_size
@@ -846,8 +859,20 @@ cdef class SWATokenToKVPoolAllocator:
         self.swa.commit(self.swa.scratch, k)
 
     def translate_loc_from_full_to_swa(self, full_indices):
-        """SWA slots of *full_indices* (``np.int32``; 0 where the SWA side is freed)."""
-        return self._mapping[np.asarray(full_indices)]
+        """SWA slots of *full_indices* (``np.int32``, same shape; 0 where the SWA side is
+        freed). ``InvalidValueError`` for non-integer slots or slots outside the pool (a
+        negative slot would otherwise index from the end)."""
+        idx = np.asarray(full_indices)
+        if idx.size == 0:
+            return np.zeros(idx.shape, dtype=np.int32)
+        if idx.dtype.kind not in "iu":
+            raise InvalidValueError(f"full_indices: expected integer slots, got dtype {idx.dtype}")
+        if idx.min() < 0 or idx.max() >= len(self._mapping):
+            bad = idx[(idx < 0) | (idx >= len(self._mapping))].flat[0]
+            raise InvalidValueError(
+                f"full_indices: slot {bad} is outside [0, {len(self._mapping)})"
+            )
+        return self._mapping[idx]
 
     def free_group_begin(self):
         self.full.group_depth += 1

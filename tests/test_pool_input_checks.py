@@ -1,0 +1,119 @@
+"""Inputs that used to be converted silently into another slot (or the wrong error).
+
+Each case was found by a review of the pools and helpers: a big-endian int32 array read in
+native byte order by the allocator's fast path, negative or wide slots wrapped by numpy
+conversions, writes to the padding row, and error types other than the documented ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pymllm.mem_cache import (
+    SWATokenToKVPoolAllocator,
+    TokenToKVPoolAllocator,
+    hash_bytes,
+    hash_to_int64,
+)
+from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError
+from pymllm.mem_cache.memory_pool import ReqToTokenPool, pad_slots
+
+
+@pytest.mark.parametrize("swa", [False, True], ids=["full", "swa"])
+def test_free_of_a_big_endian_int32_array_frees_the_slots_it_names(swa: bool) -> None:
+    a = SWATokenToKVPoolAllocator(70_000, 70_000) if swa else TokenToKVPoolAllocator(70_000)
+    slots = a.alloc(70_000)
+    assert slots is not None
+    a.free(np.array([256], dtype=">i4"))  # read natively, 256 would be 65536
+    assert not a.is_allocated(np.array([256]))[0]
+    assert a.is_allocated(np.array([65536]))[0]
+    assert a.available_size() == 1
+
+
+def test_translate_rejects_slots_outside_the_pool() -> None:
+    a = SWATokenToKVPoolAllocator(8, 8)
+    full = a.alloc(8)
+    assert a.translate_loc_from_full_to_swa(full).tolist() == list(range(1, 9))
+    for bad in ([-1], [9], [1.0], [True]):
+        with pytest.raises(InvalidValueError):
+            a.translate_loc_from_full_to_swa(bad)
+    assert a.translate_loc_from_full_to_swa([]).tolist() == []
+
+
+@pytest.mark.parametrize(
+    "loc",
+    [
+        np.array([2**32 + 5], dtype=np.int64),  # would wrap to slot 5
+        np.array([2**31 + 3], dtype=np.uint32),  # would turn negative
+        [1.9, 2.2],  # would truncate to 1, 2
+        [-1],
+    ],
+    ids=["int64-wide", "uint32-wide", "float", "negative"],
+)
+def test_pad_slots_rejects_what_it_would_turn_into_another_slot(loc) -> None:
+    with pytest.raises(InvalidValueError):
+        pad_slots(loc)
+
+
+def test_pad_slots_pads_good_slots_with_the_padding_slot() -> None:
+    out = pad_slots(np.array([3, 4], dtype=np.int64))
+    assert out.dtype == np.int32 and out.tolist() == [3, 4] + [0] * 14
+
+
+@pytest.mark.parametrize(
+    ("index", "values"),
+    [
+        ((0, slice(0, 3)), [5, 6, 7]),  # the padding row
+        ((-5, slice(0, 3)), [5, 6, 7]),  # the padding row again, from the end
+        ((1, slice(0, 2)), np.array([2**32 + 3, 1], dtype=np.int64)),  # would wrap to 3
+        ((1, slice(0, 2)), [1.5, 2.0]),
+        ((1, slice(0, 2)), [-1, 2]),
+        ((1, 0), 2**40),  # OverflowError from numpy before
+        ((9, slice(0, 2)), [1, 2]),
+    ],
+    ids=["row0", "negative-row", "int64-wide", "float", "negative", "huge-int", "row-out"],
+)
+def test_req_to_token_write_rejects_and_writes_nothing(index, values) -> None:
+    pool = ReqToTokenPool(4, 8)
+    with pytest.raises(InvalidValueError):
+        pool.write(index, values)
+    assert not pool.req_to_token.any()
+
+
+def test_req_to_token_write_accepts_rows_slices_and_arrays() -> None:
+    pool = ReqToTokenPool(4, 8)
+    pool.write((1, slice(0, 3)), np.array([5, 6, 7], dtype=np.int64))
+    pool.write((slice(2, 4), slice(0, 2)), [[1, 2], [3, 4]])
+    pool.write(np.array([4]), np.full((1, 8), 9))
+    assert pool.req_to_token[1, :3].tolist() == [5, 6, 7]
+    assert pool.req_to_token[2:4, :2].tolist() == [[1, 2], [3, 4]]
+    assert pool.req_to_token[4].tolist() == [9] * 8
+    assert not pool.req_to_token[0].any()
+
+
+@pytest.mark.parametrize("args", [(2**31,), (10.0,), (10, 2.0), (-1,), (10, 0)])
+def test_allocator_constructor_rejects_non_int_and_out_of_range_sizes(args) -> None:
+    with pytest.raises(InvalidValueError):
+        TokenToKVPoolAllocator(*args)
+
+
+def test_swa_allocator_constructor_rejects_a_float_window_pool() -> None:
+    with pytest.raises(InvalidValueError):
+        SWATokenToKVPoolAllocator(8, 8.0)
+
+
+@pytest.mark.parametrize("text", ["-1", "0x10", " 1_0", "+f", "", "ab-cd"])
+def test_hash_to_int64_takes_hex_digits_only(text: str) -> None:
+    with pytest.raises(InvalidKeyError):
+        hash_to_int64(text)
+
+
+def test_hash_to_int64_reads_a_short_hex_string() -> None:
+    assert hash_to_int64("ff") == 255
+    assert hash_to_int64("ffffffffffffffff" + "zz") == -1
+
+
+def test_hash_bytes_of_a_strided_array_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="bytes-like"):
+        hash_bytes(np.arange(10, dtype=np.uint8)[::2])
