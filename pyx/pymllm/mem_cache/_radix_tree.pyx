@@ -921,11 +921,7 @@ cdef class RadixTreeCore:
         cdef Py_ssize_t n, i, j, width
         cdef tok_t* buf
         cdef object t
-        cdef PyObject** items
         cdef PyObject** elems
-        cdef PyObject* p
-        cdef long long x
-        cdef int overflow = 0
         kv.arity = 0
         kv.width = 1
         if type(token_ids) is list or type(token_ids) is tuple:
@@ -1024,11 +1020,6 @@ cdef class RadixTreeCore:
         """Point *out at len(key) KV indices; returns the owner of that memory."""
         cdef object t
         cdef Py_ssize_t n = kv.n, i
-        cdef uint32_t u
-        cdef PyObject** items
-        cdef PyObject* p
-        cdef long long x
-        cdef int overflow = 0
         cdef idx_t* buf
         cdef const int32_t* p32
         cdef const int64_t* p64
