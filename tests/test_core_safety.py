@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -26,7 +27,15 @@ from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError, LockStat
 
 
 def _child(code: str) -> str:
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # from outside the checkout: `-c` puts the working directory first on sys.path, and
+    # the repository root holds the unbuilt sources
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tempfile.gettempdir(),
+    )
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
     return run.stdout
 

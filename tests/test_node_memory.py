@@ -13,6 +13,7 @@ import ctypes.util
 import platform
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -122,7 +123,15 @@ print(*outcomes)
 
 
 def _child(code: str) -> str:
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # from outside the checkout: `-c` puts the working directory first on sys.path, and
+    # the repository root holds the unbuilt sources
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tempfile.gettempdir(),
+    )
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
     return run.stdout
 
