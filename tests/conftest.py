@@ -10,7 +10,9 @@ printed at the end of the session ("stateful steps").
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -497,3 +499,20 @@ def load_bench(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def run_child(code: str, timeout: float = 300) -> str:
+    """Run *code* in a fresh Python process (for cases that crash or limit the process) and
+    return its stdout; a non-zero exit fails the test with the child's stderr.
+
+    The child starts outside the checkout: ``python -c`` puts the working directory first on
+    sys.path, and the repository root holds the unbuilt sources."""
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tempfile.gettempdir(),
+    )
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
+    return run.stdout

@@ -9,12 +9,10 @@ of ending the run.
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 import pytest
+from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import (
     MambaRadixCache,
@@ -24,21 +22,6 @@ from pymllm.mem_cache import (
     TokenToKVPoolAllocator,
 )
 from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError, LockStateError
-
-
-def _child(code: str) -> str:
-    # from outside the checkout: `-c` puts the working directory first on sys.path, and
-    # the repository root holds the unbuilt sources
-    run = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tempfile.gettempdir(),
-    )
-    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
-    return run.stdout
-
 
 # -- Python code running in the middle of a call --------------------------------------
 
@@ -106,7 +89,7 @@ print(cache.total_size())
 
 
 def test_a_list_changed_by_a_tokens_index_is_rejected_not_read_after_free() -> None:
-    assert _child(LIST_SHRUNK_BY_INDEX).split() == [
+    assert run_child(LIST_SHRUNK_BY_INDEX).split() == [
         "InvalidKeyError",
         "InvalidValueError",
         "InvalidKeyError",
@@ -160,7 +143,7 @@ t.join()
 
 
 def test_evicting_a_deep_tombstone_chain_and_hashing_a_deep_node_on_a_small_stack() -> None:
-    assert _child(DEEP_CHAIN).split() == ["20000", "20001", "1"]
+    assert run_child(DEEP_CHAIN).split() == ["20000", "20001", "1"]
 
 
 # -- failed unlocks change nothing -------------------------------------------------------

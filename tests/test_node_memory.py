@@ -11,12 +11,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 import pytest
+from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import RadixCache, RadixKey
 
@@ -122,22 +120,8 @@ print(*outcomes)
 """
 
 
-def _child(code: str) -> str:
-    # from outside the checkout: `-c` puts the working directory first on sys.path, and
-    # the repository root holds the unbuilt sources
-    run = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tempfile.gettempdir(),
-    )
-    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
-    return run.stdout
-
-
 def test_out_of_memory_in_a_split_or_a_new_leaf_raises_and_keeps_the_tree() -> None:
-    assert _child(OUT_OF_MEMORY).split() == ["MemoryError", "MemoryError"]
+    assert run_child(OUT_OF_MEMORY, timeout=120).split() == ["MemoryError", "MemoryError"]
 
 
 NEW_NAMESPACE_OUT_OF_MEMORY = r"""
@@ -165,4 +149,4 @@ cache._check_invariants()
 
 
 def test_out_of_memory_inserting_into_a_new_namespace_leaves_no_namespace_behind() -> None:
-    assert _child(NEW_NAMESPACE_OUT_OF_MEMORY).split() == ["MemoryError", "0", "0"]
+    assert run_child(NEW_NAMESPACE_OUT_OF_MEMORY, timeout=120).split() == ["MemoryError", "0", "0"]
