@@ -1838,11 +1838,13 @@ cdef class RadixTreeCore:
                     self._aux_evictable += x.len
                     _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, m)
                 m = x.parent
-        self._unlock(n)
+        else:
+            self._check_unlockable(n)
+        self._release_locks(n)
 
-    cdef int _unlock(self, nid_t n) except -1:
+    cdef void _release_locks(self, nid_t n) noexcept:
+        """Drop one lock of n and each ancestor; _check_unlockable(n) must have passed."""
         cdef Node* x
-        self._check_unlockable(n)
         while n != ROOT:
             x = &self.nodes[n]
             x.lock_ref -= 1
@@ -1852,7 +1854,6 @@ cdef class RadixTreeCore:
                 if x.num_children == 0:
                     _heap_push(&self.heap, self.nodes, HEAP_FULL, n)
             n = x.parent
-        return 0
 
     cdef int _check_unlockable(self, nid_t n) except -1:
         """LockStateError unless n and every ancestor hold a lock (checked before any
@@ -2488,7 +2489,7 @@ cdef class MambaTreeCore(RadixTreeCore):
                 self._aux_protected -= 1
                 self._aux_evictable += 1
                 _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, n)
-        self._unlock(n)
+        self._release_locks(n)
 
     def mamba_evictable_size(self):
         """Stored states that are not locked (O(1))."""
