@@ -244,3 +244,30 @@ def test_hash_token_ids_throughput(benchmark):
             "hash_token_ids, 1M tokens (4 MB)",
             f"throughput {4 * (1 << 20) / stats.stats.median / 1e6:.0f} MB/s of token bytes",
         )
+
+
+@pytest.mark.parametrize("offset", [0, 16, 64])
+@pytest.mark.parametrize("nbytes", [4096, 65536])
+@pytest.mark.parametrize("impl", ["memcpy (np.copyto)", "pymllm copy32"])
+def test_copy_at_4k_alias(benchmark, impl, nbytes, offset):
+    """Copying slot arrays with the destination `offset` bytes past the source modulo 4 KiB.
+    glibc's memcpy (numpy's copyto calls it) uses `rep movsb` from a few KB up, which on AMD
+    Zen 3/4 crawls at offsets 1-31; the compiled modules' copy (`_copy.pxd`) steps around it.
+    (`_copy_int32` also checks its arguments, as copyto does.)"""
+    from pymllm.mem_cache._allocator import _copy_int32
+
+    n = nbytes // 4
+    buf = np.zeros(3 * n + 2048, dtype=np.int32)
+    base = (-buf.ctypes.data) % 4096 // 4
+    src = buf[base : base + n]
+    at = base + n + 1024 + offset // 4  # a page past the source's end, plus the offset
+    dst = buf[at : at + n]
+    copy = _copy_int32 if impl == "pymllm copy32" else np.copyto
+    benchmark.group = "copy-4k-alias"
+    benchmark.pedantic(copy, args=(dst, src), rounds=200, iterations=20, warmup_rounds=5)
+    record(
+        benchmark,
+        f"copy of {nbytes:,} bytes, dst {offset} bytes past src mod 4 KiB",
+        impl,
+        baseline=impl != "pymllm copy32",
+    )

@@ -21,9 +21,11 @@ serialise such sequences themselves.
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memmove, memset
 
 cimport numpy as cnp
+
+from pymllm.mem_cache._copy cimport copy32
 
 import operator
 
@@ -406,7 +408,7 @@ cdef class PageCore:
         cdef uint8_t st = PAGE_HELD if self.group_depth > 0 else PAGE_FREE
         cdef int32_t* dst = self.free_dst(count)
         if dst != pages:
-            memcpy(dst, pages, count * sizeof(int32_t))
+            copy32(dst, pages, count)
         for i in range(count):
             self.state[dst[i]] = st
         self.placed(dst, count, False)
@@ -505,7 +507,7 @@ cdef class PageCore:
             if sort_cost > 0:
                 rel = _radix_sort(self.release, self.scratch, n_rel, self.num_pages)
             if rel == self.scratch:  # keep the sorted run out of the merge's output buffer
-                memcpy(self.release, self.scratch, n_rel * sizeof(int32_t))
+                copy32(self.release, self.scratch, n_rel)
                 rel = self.release
             live = self.pages + self.head
             i = 0
@@ -520,10 +522,10 @@ cdef class PageCore:
                     j += 1
                 k += 1
             if i < n_live:
-                memcpy(self.scratch + k, live + i, (n_live - i) * sizeof(int32_t))
+                copy32(self.scratch + k, live + i, n_live - i)
                 k += n_live - i
             if j < n_rel:
-                memcpy(self.scratch + k, rel + j, (n_rel - j) * sizeof(int32_t))
+                copy32(self.scratch + k, rel + j, n_rel - j)
                 k += n_rel - j
             swap = self.pages
             self.pages = self.scratch
@@ -596,7 +598,7 @@ cdef void _pages_to_slots(int32_t* o, const int32_t* pages, int32_t n_pages,
     """Write the slots of pages[0:n_pages] to o (n_pages * ps of them)."""
     cdef int32_t i, j, base
     if ps == 1:
-        memcpy(o, pages, n_pages * sizeof(int32_t))
+        copy32(o, pages, n_pages)
     else:
         for i in range(n_pages):
             base = pages[i] * ps
@@ -928,3 +930,24 @@ cdef class SWATokenToKVPoolAllocator:
             f"SWATokenToKVPoolAllocator(size={self.size}, swa_size={self.swa_size}, "
             f"page_size={self.page_size}, available={self.available_size()})"
         )
+
+
+def _copy_int32(cnp.ndarray dst not None, cnp.ndarray src not None):
+    """Copy ``src`` into ``dst`` with the routine the compiled modules copy slot and token
+    arrays with (``_copy.pxd``); for its tests and its benchmark. Both must be 1-D
+    C-contiguous native int32 arrays of one length that do not overlap."""
+    cdef cnp.ndarray a
+    for name, a in (("dst", dst), ("src", src)):
+        if not (cnp.PyArray_TYPE(a) == cnp.NPY_INT32 and cnp.PyArray_ISNOTSWAPPED(a)
+                and cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(a)):
+            raise InvalidValueError(f"{name}: expected a 1-D C-contiguous int32 array")
+    if not cnp.PyArray_ISWRITEABLE(dst):
+        raise InvalidValueError("dst: read-only")
+    cdef Py_ssize_t n = cnp.PyArray_DIM(src, 0)
+    if cnp.PyArray_DIM(dst, 0) != n:
+        raise InvalidValueError(f"dst and src differ in length ({cnp.PyArray_DIM(dst, 0)} != {n})")
+    cdef char* d = <char*>cnp.PyArray_DATA(dst)
+    cdef char* s = <char*>cnp.PyArray_DATA(src)
+    if n > 0 and d < s + 4 * n and s < d + 4 * n:
+        raise InvalidValueError("dst and src overlap")
+    copy32(d, s, n)

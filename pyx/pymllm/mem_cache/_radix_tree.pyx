@@ -25,13 +25,14 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from posix.unistd cimport usleep
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memmove, memset
+from libc.string cimport memcmp, memmove, memset
 
 cimport cython
 cimport numpy as cnp
 import numpy as np
 
 from pymllm.mem_cache._allocator cimport TokenToKVPoolAllocator
+from pymllm.mem_cache._copy cimport copy32
 
 from pymllm.mem_cache.base_prefix_cache import (
     EvictResult,
@@ -417,7 +418,7 @@ cdef inline cnp.ndarray _new_idx(int64_t n):
 cdef cnp.ndarray _copy_idx(const idx_t* src, int64_t n):
     """A new int32 numpy array holding n indices copied from src."""
     cdef cnp.ndarray out = _new_idx(n)
-    memcpy(cnp.PyArray_DATA(out), src, n * sizeof(idx_t))
+    copy32(cnp.PyArray_DATA(out), src, n)
     return out
 
 
@@ -1135,8 +1136,8 @@ cdef class RadixTreeCore:
         U.len = m
         U.key = ukey
         U.value = uvalue
-        memcpy(U.key, X.key, m * w * sizeof(tok_t))
-        memcpy(U.value, X.value, m * sizeof(idx_t))
+        copy32(U.key, X.key, m * w)
+        copy32(U.value, X.value, m)
         memmove(X.key, X.key + m * w, rest * w * sizeof(tok_t))
         memmove(X.value, X.value + m, rest * sizeof(idx_t))
         # the lower half keeps its block: give back what it no longer holds (a split near
@@ -1283,7 +1284,7 @@ cdef class RadixTreeCore:
         cdef nid_t* path = <nid_t*>self._nid_scratch.data
         cdef int64_t i, off = 0
         for i in range(n_path):
-            memcpy(dst + off, self.nodes[path[i]].value, self.nodes[path[i]].len * sizeof(idx_t))
+            copy32(dst + off, self.nodes[path[i]].value, self.nodes[path[i]].len)
             off += self.nodes[path[i]].len
         return out
 
@@ -1445,14 +1446,14 @@ cdef class RadixTreeCore:
             if x.aux_value < 0 and s0 >= es and same == 0 and x.lock_ref == 0:
                 # the tombstone is revived with the incoming indices; its old ones are freed
                 # (only when unlocked: a request holding it still reads its full KV)
-                memcpy(dup + n_free, x.value, x.len * sizeof(idx_t))
+                copy32(dup + n_free, x.value, x.len)
                 n_free += x.len
                 revive[i] = 1
             elif same < x.len:
                 n_free += _copy_differing(dup + n_free, x.value, vals + s0, x.len)
         if matched < aligned and es >= aligned:
             # the whole new suffix lost its SWA KV: not worth caching
-            memcpy(dup + n_free, vals + matched, (aligned - matched) * sizeof(idx_t))
+            copy32(dup + n_free, vals + matched, aligned - matched)
             n_free += aligned - matched
         if n_free > 0 and self.token_to_kv_pool_allocator is not None:
             try:
@@ -1464,23 +1465,23 @@ cdef class RadixTreeCore:
         for i in range(n_path):
             if revive[i]:
                 x = &self.nodes[path[i]]
-                memcpy(x.value, vals + (x.end_pos - x.len), x.len * sizeof(idx_t))
+                copy32(x.value, vals + (x.end_pos - x.len), x.len)
                 x.aux_value = 0
                 self._aux_evictable += x.len
                 _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, path[i])
         if matched < aligned and es < aligned:
             if es > matched:
                 tomb_len = es - matched
-                memcpy(k1, kv.tok + matched * w, tomb_len * w * sizeof(tok_t))
-                memcpy(v1, vals + matched, tomb_len * sizeof(idx_t))
+                copy32(k1, kv.tok + matched * w, tomb_len * w)
+                copy32(v1, vals + matched, tomb_len)
                 last = self._link_leaf(last, ns, w, k1, v1, tomb_len, False)
                 k1 = NULL
                 v1 = NULL
                 matched_live = es
             else:
                 matched_live = matched
-            memcpy(k2, kv.tok + matched_live * w, (aligned - matched_live) * w * sizeof(tok_t))
-            memcpy(v2, vals + matched_live, (aligned - matched_live) * sizeof(idx_t))
+            copy32(k2, kv.tok + matched_live * w, (aligned - matched_live) * w)
+            copy32(v2, vals + matched_live, aligned - matched_live)
             last = self._link_leaf(last, ns, w, k2, v2, aligned - matched_live, True)
             k2 = NULL
             v2 = NULL
@@ -1526,8 +1527,8 @@ cdef class RadixTreeCore:
             # updates (and a split, which leaves the cached content as it was) stand
             _alloc_node_arrays(aligned - matched, w, &new_key, &new_val)
         # a new leaf for the rest under `last`
-        memcpy(new_key, kv.tok + matched * w, (aligned - matched) * w * sizeof(tok_t))
-        memcpy(new_val, vals + matched, (aligned - matched) * sizeof(idx_t))
+        copy32(new_key, kv.tok + matched * w, (aligned - matched) * w)
+        copy32(new_val, vals + matched, aligned - matched)
         out_last[0] = self._link_leaf(last, ns, w, new_key, new_val, aligned - matched, True)
         return matched
 
@@ -1604,7 +1605,7 @@ cdef class RadixTreeCore:
                 done = self._collect_and_remove(n, done, &n_ev)
             else:
                 out = <idx_t*>self._swa_out.reserve(self.n_swa_out + x.len)
-                memcpy(out + self.n_swa_out, x.value, x.len * sizeof(idx_t))
+                copy32(out + self.n_swa_out, x.value, x.len)
                 self.n_swa_out += x.len
                 _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
                 self._aux_evictable -= x.len
@@ -1641,7 +1642,7 @@ cdef class RadixTreeCore:
             uids = <int64_t*>self._uid_out.reserve(n_ev[0] + 1)
             x = &self.nodes[n]
             parent = x.parent
-            memcpy(out + done, x.value, x.len * sizeof(idx_t))
+            copy32(out + done, x.value, x.len)
             uids[n_ev[0]] = x.uid
             n_ev[0] += 1
             done += x.len
@@ -1918,7 +1919,7 @@ cdef class RadixTreeCore:
         for i in range(1, self.cap):
             x = &self.nodes[i]
             if x.uid >= 0:
-                memcpy(out + total, x.value, x.len * sizeof(idx_t))
+                copy32(out + total, x.value, x.len)
                 total += x.len
                 if self.mamba and x.aux_value >= 0:
                     st[n_states] = x.aux_value
@@ -1980,7 +1981,7 @@ cdef class RadixTreeCore:
         """The node's own key as a list of ints or of tuples."""
         cdef Node* x = &self.nodes[n]
         cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [x.len * x.width], cnp.NPY_UINT32, 0)
-        memcpy(cnp.PyArray_DATA(arr), x.key, x.len * x.width * sizeof(tok_t))
+        copy32(cnp.PyArray_DATA(arr), x.key, x.len * x.width)
         extra_key, arity = self._ns_keys[x.ns]
         if arity == 0:
             return arr.tolist()

@@ -1,0 +1,69 @@
+# cython: language_level=3
+# Copying int32 arrays (KV slot indices, token ids) without glibc's 4 KiB-aliasing cliff.
+#
+# From a few KB up, glibc's memcpy (before 2.40) copies with `rep movsb`. On AMD Zen 3 and
+# Zen 4 that instruction runs about 30x slower when the destination starts 1-31 bytes past
+# the source modulo 4 KiB (measured here, a 4 KB copy: 64 ns, and 2.1-2.5 us at offsets
+# 1-31; bench/bench_radix_cache.py::test_copy_at_4k_alias). Which offsets two buffers get is
+# up to malloc, and a serving loop that keeps reusing the same few blocks can land on a bad
+# one on every request (a steady-state match_prefix of a 1,280-token prefix: 3.7 us a call
+# instead of 0.74). Copies in the aliasing window run backward, 128 bytes a step (4 KB:
+# 95 ns; the compiler's loop-to-memcpy rewrite is switched off, or it would call memcpy
+# again); every other copy is memcpy. Header-only: each module that cimports it compiles its own copy.
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #if defined(__GNUC__)  /* GCC and clang: vector types */
+    #if !defined(__clang__)
+    __attribute__((optimize("no-tree-loop-distribute-patterns")))
+    #if defined(__x86_64__) && defined(__linux__)
+    __attribute__((target_clones("avx2", "default")))
+    #endif
+    #endif
+    static void pymllm_copy32_backward(void* __restrict dst, const void* __restrict src,
+                                       Py_ssize_t n) {
+        /* 128 bytes a step, last step first, its four loads before its four stores: a
+           forward copy with dst just past src (mod 4 KiB) stalls each load on the store
+           before it, whose low 12 address bits it shares. */
+        typedef int32_t pymllm_v8 __attribute__((vector_size(32)));
+        char* d = (char*)dst;
+        const char* s = (const char*)src;
+        Py_ssize_t i = n * 4;
+        pymllm_v8 a, b, c, e;
+        while (i >= 128) {
+            i -= 128;
+            __builtin_memcpy(&a, s + i + 96, 32);
+            __builtin_memcpy(&b, s + i + 64, 32);
+            __builtin_memcpy(&c, s + i + 32, 32);
+            __builtin_memcpy(&e, s + i, 32);
+            __builtin_memcpy(d + i + 96, &a, 32);
+            __builtin_memcpy(d + i + 64, &b, 32);
+            __builtin_memcpy(d + i + 32, &c, 32);
+            __builtin_memcpy(d + i, &e, 32);
+        }
+        while (i >= 4) {
+            i -= 4;
+            __builtin_memcpy(d + i, s + i, 4);
+        }
+    }
+
+    /* `rep movsb` is slow when dst is 1-31 bytes past src modulo 4 KiB; the window is
+       taken as 1-63 bytes to leave a margin for other cores, and copies under 2 KiB never
+       use rep movsb. */
+    static inline void pymllm_copy32(void* dst, const void* src, Py_ssize_t n) {
+        size_t gap = ((uintptr_t)dst - (uintptr_t)src) & 4095u;
+        if (n >= 512 && gap - 1u < 63u)
+            pymllm_copy32_backward(dst, src, n);
+        else
+            memcpy(dst, src, (size_t)n * sizeof(int32_t));
+    }
+    #else
+    static inline void pymllm_copy32(void* dst, const void* src, Py_ssize_t n) {
+        memcpy(dst, src, (size_t)n * sizeof(int32_t));
+    }
+    #endif
+    """
+    # Copies n 4-byte elements (int32 or uint32) from src to dst; they must not overlap.
+    void copy32 "pymllm_copy32" (void* dst, const void* src, Py_ssize_t n) noexcept nogil
