@@ -82,3 +82,59 @@ def test_copy_rejects_read_only_and_overlap():
     assert np.array_equal(buf[:8], np.arange(8, 16, dtype=np.int32))
     with pytest.raises(TypeError):
         _copy_int32(None, buf)
+
+
+def test_split_moves_the_tail_at_a_4k_aliasing_shift():
+    """A split at 1,020 tokens moves the lower half's tail down by 4,080 bytes: 16 bytes
+    short of 4 KiB, the window where the move runs forward in 128-byte steps (with memmove it
+    was rep movsb's slow case). Both halves must keep exactly their tokens and slots."""
+    from pymllm.mem_cache import RadixCache, RadixKey
+
+    rng = np.random.default_rng(7)
+    key = rng.integers(0, 50_000, 3000, dtype=np.int32)
+    slots = np.arange(1, 3001, dtype=np.int32)
+    cache = RadixCache()
+    cache.insert(RadixKey(key), slots)
+    other = key[:1100].copy()
+    other[1020:] += 1  # diverges at 1,020: the node splits there
+    m = cache.match_prefix(RadixKey(other))
+    assert m.prefix_len == 1020
+    assert np.array_equal(m.indices, slots[:1020])
+    lower = next(iter(cache.children(m.last_node)))
+    assert np.array_equal(lower.key, key[1020:])
+    assert np.array_equal(lower.value, slots[1020:])
+    full = cache.match_prefix(RadixKey(key))
+    assert full.prefix_len == 3000 and np.array_equal(full.indices, slots)
+    cache._check_invariants()
+
+
+def test_allocator_compaction_at_a_4k_aliasing_shift():
+    """The allocator (need_sort=False) compacts its free list when its tail runs out: with
+    5,116 entries taken from the head (20,464 bytes: 16 short of 5 x 4 KiB) the live entries
+    move down in the aliasing window. The free order must survive the move."""
+    from collections import deque
+
+    from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
+
+    n = 4096
+    alloc = TokenToKVPoolAllocator(n, need_sort=False)
+    model = deque(range(1, n + 1))  # the free list, in the order alloc hands slots out
+
+    def take(k):
+        got = alloc.alloc(k)
+        expect = [model.popleft() for _ in range(k)]
+        assert got.tolist() == expect
+        return got
+
+    def give(slots):
+        alloc.free(slots)
+        model.extend(slots.tolist())
+
+    first = take(4000)
+    give(first)  # the free list's tail reaches 8,096 of its 8,192 entries
+    second = take(1116)  # its head reaches 5,116
+    give(second)  # no room at the tail: the 2,980 live entries move down 5,116 places
+    assert alloc.available_size() == n
+    alloc._check_invariants()
+    take(n)  # every slot, in the model's order
+    assert alloc.available_size() == 0

@@ -21,11 +21,11 @@ serialise such sequences themselves.
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memmove, memset
+from libc.string cimport memset
 
 cimport numpy as cnp
 
-from pymllm.mem_cache._copy cimport copy32
+from pymllm.mem_cache._copy cimport copy32, move32_down
 
 import operator
 
@@ -398,7 +398,7 @@ cdef class PageCore:
         if self.need_sort:
             return self.release + self.n_release
         if self.tail + count > 2 * self.num_pages:
-            memmove(self.pages, self.pages + self.head, (self.tail - self.head) * sizeof(int32_t))
+            move32_down(self.pages, self.pages + self.head, self.tail - self.head)
             self.tail -= self.head
             self.head = 0
         return self.pages + self.tail

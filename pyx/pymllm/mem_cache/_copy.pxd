@@ -1,15 +1,21 @@
 # cython: language_level=3
 # Copying int32 arrays (KV slot indices, token ids) without glibc's 4 KiB-aliasing cliff.
 #
-# From a few KB up, glibc's memcpy (before 2.40) copies with `rep movsb`. On AMD Zen 3 and
-# Zen 4 that instruction runs about 30x slower when the destination starts 1-31 bytes past
-# the source modulo 4 KiB (measured here, a 4 KB copy: 64 ns, and 2.1-2.5 us at offsets
-# 1-31; bench/bench_radix_cache.py::test_copy_at_4k_alias). Which offsets two buffers get is
-# up to malloc, and a serving loop that keeps reusing the same few blocks can land on a bad
-# one on every request (a steady-state match_prefix of a 1,280-token prefix: 3.7 us a call
-# instead of 0.74). Copies in the aliasing window run backward, 128 bytes a step (4 KB:
-# 95 ns; the compiler's loop-to-memcpy rewrite is switched off, or it would call memcpy
-# again); every other copy is memcpy. Header-only: each module that cimports it compiles its own copy.
+# From a few KB up, glibc's memcpy and memmove (2.36 on the development machine) copy with
+# `rep movsb`. On AMD Zen 3 (this machine's EPYC) that instruction runs about 30x slower when
+# the destination starts 1-31 bytes past the source modulo 4 KiB (a 4 KB copy: 57-87 ns, and
+# 2.1-2.5 us at those offsets; bench/bench_radix_cache.py::test_copy_at_4k_alias). Which
+# offsets two buffers get is up to malloc, and a serving loop that keeps reusing the same few
+# blocks can land on a bad one on every request (a steady-state match_prefix of a 1,280-token
+# prefix: 2.2-3.9 us a call instead of 1.2).
+#
+# copy32: copies in that window run backward, 128 bytes a step (4 KB: 95 ns); every other
+# copy is memcpy. move32_down (a move to a lower address within one array: a split node
+# keeping its tail, the allocator compacting its free list) has the same cliff when the
+# shift is 1-31 bytes short of a multiple of 4 KiB (16 KB: 5.6-7.0 us instead of 0.24);
+# there it runs forward in the same steps. The loops are compiled with GCC's
+# loop-to-memcpy rewrite off (or they would call memcpy again), for AVX2 and the baseline.
+# Header-only: each module that cimports it compiles its own copy.
 
 cdef extern from *:
     """
@@ -59,11 +65,53 @@ cdef extern from *:
         else
             memcpy(dst, src, (size_t)n * sizeof(int32_t));
     }
+
+    #if !defined(__clang__)
+    __attribute__((optimize("no-tree-loop-distribute-patterns")))
+    #if defined(__x86_64__) && defined(__linux__)
+    __attribute__((target_clones("avx2", "default")))
+    #endif
+    #endif
+    static void pymllm_move32_forward(void* dst, const void* src, Py_ssize_t n) {
+        /* dst <= src, possibly overlapping: 128 bytes a step, first step first, its four
+           loads before its four stores (which end below src + i + 128, so they never
+           overwrite a byte not yet loaded). */
+        typedef int32_t pymllm_v8 __attribute__((vector_size(32)));
+        char* d = (char*)dst;
+        const char* s = (const char*)src;
+        Py_ssize_t i = 0, nb = n * 4;
+        pymllm_v8 a, b, c, e;
+        for (; i + 128 <= nb; i += 128) {
+            __builtin_memcpy(&a, s + i, 32);
+            __builtin_memcpy(&b, s + i + 32, 32);
+            __builtin_memcpy(&c, s + i + 64, 32);
+            __builtin_memcpy(&e, s + i + 96, 32);
+            __builtin_memcpy(d + i, &a, 32);
+            __builtin_memcpy(d + i + 32, &b, 32);
+            __builtin_memcpy(d + i + 64, &c, 32);
+            __builtin_memcpy(d + i + 96, &e, 32);
+        }
+        for (; i < nb; i += 4)
+            __builtin_memcpy(d + i, s + i, 4);
+    }
+
+    static inline void pymllm_move32_down(void* dst, const void* src, Py_ssize_t n) {
+        size_t gap = ((uintptr_t)dst - (uintptr_t)src) & 4095u;
+        if (n >= 512 && gap - 1u < 63u)
+            pymllm_move32_forward(dst, src, n);
+        else
+            memmove(dst, src, (size_t)n * sizeof(int32_t));
+    }
     #else
     static inline void pymllm_copy32(void* dst, const void* src, Py_ssize_t n) {
         memcpy(dst, src, (size_t)n * sizeof(int32_t));
+    }
+    static inline void pymllm_move32_down(void* dst, const void* src, Py_ssize_t n) {
+        memmove(dst, src, (size_t)n * sizeof(int32_t));
     }
     #endif
     """
     # Copies n 4-byte elements (int32 or uint32) from src to dst; they must not overlap.
     void copy32 "pymllm_copy32" (void* dst, const void* src, Py_ssize_t n) noexcept nogil
+    # memmove of n 4-byte elements to a lower address (dst <= src; they may overlap).
+    void move32_down "pymllm_move32_down" (void* dst, const void* src, Py_ssize_t n) noexcept nogil

@@ -25,14 +25,14 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from posix.unistd cimport usleep
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcmp, memmove, memset
+from libc.string cimport memcmp, memset
 
 cimport cython
 cimport numpy as cnp
 import numpy as np
 
 from pymllm.mem_cache._allocator cimport TokenToKVPoolAllocator
-from pymllm.mem_cache._copy cimport copy32
+from pymllm.mem_cache._copy cimport copy32, move32_down
 
 from pymllm.mem_cache.base_prefix_cache import (
     EvictResult,
@@ -1138,8 +1138,8 @@ cdef class RadixTreeCore:
         U.value = uvalue
         copy32(U.key, X.key, m * w)
         copy32(U.value, X.value, m)
-        memmove(X.key, X.key + m * w, rest * w * sizeof(tok_t))
-        memmove(X.value, X.value + m, rest * sizeof(idx_t))
+        move32_down(X.key, X.key + m * w, rest * w)
+        move32_down(X.value, X.value + m, rest)
         # the lower half keeps its block: give back what it no longer holds (a split near
         # the end of a long node would otherwise leave a short node with long arrays)
         _shrink(<void**>&X.key, rest * w * sizeof(tok_t))
