@@ -1,7 +1,7 @@
 """The int32 copy routine of the compiled modules (pyx/pymllm/mem_cache/_copy.pxd).
 
 It copies with memcpy except when the destination starts 1-63 bytes past the source modulo
-4 KiB, where it copies backward in 128-byte steps (glibc's memcpy is ~30x slower there on
+4 KiB, where it copies forward in 128-byte steps (glibc's memcpy is ~30x slower there on
 AMD Zen). Both paths, and the step loop's tail, must copy exactly the source.
 """
 
@@ -28,7 +28,7 @@ LENGTHS = [0, 1, 7, 8, 31, 32, 33, 511, 512, 513, 543, 544, 1024, 4099]
 @pytest.mark.parametrize("n", LENGTHS)
 def test_copy_matches_source_at_every_offset(n):
     """Destination 0..128 bytes past the source modulo 4 KiB (step 4: int32 alignment),
-    which covers the backward path (4..60) and memcpy on both sides of it."""
+    which covers the stepped path (4..60) and memcpy on both sides of it."""
     rng = np.random.default_rng(n)
     buf, base = _page_aligned(4 * n + 8192)
     src_at = base + 4  # the source itself off the page boundary

@@ -9,13 +9,14 @@
 # blocks can land on a bad one on every request (a steady-state match_prefix of a 1,280-token
 # prefix: 2.2-3.9 us a call instead of 1.2).
 #
-# copy32: copies in that window run backward, 128 bytes a step (4 KB: 95 ns); every other
-# copy is memcpy. move32_down (a move to a lower address within one array: a split node
-# keeping its tail, the allocator compacting its free list) has the same cliff when the
-# shift is 1-31 bytes short of a multiple of 4 KiB (16 KB: 5.6-7.0 us instead of 0.24);
-# there it runs forward in the same steps. The loops are compiled with GCC's
-# loop-to-memcpy rewrite off (or they would call memcpy again), for AVX2 and the baseline.
-# Header-only: each module that cimports it compiles its own copy.
+# In that window copy32 (distinct arrays) and move32_down (a move to a lower address within
+# one array: a split node keeping its tail, the allocator compacting its free list, where the
+# cliff shows when the shift is 1-31 bytes short of a multiple of 4 KiB; 16 KB: 5.6-7.0 us
+# instead of 0.24) copy forward in 128-byte steps, each step's four loads before its four
+# stores (4 KB: 61-95 ns; 64 KB: 1.5 us against memcpy's 22 us). Everywhere else they are
+# memcpy and memmove. The loop is compiled with GCC's loop-to-memcpy rewrite off (or it
+# would call memcpy again), for AVX2 and the baseline. Header-only: each module that
+# cimports it compiles its own copy.
 
 cdef extern from *:
     """
@@ -28,54 +29,10 @@ cdef extern from *:
     __attribute__((target_clones("avx2", "default")))
     #endif
     #endif
-    static void pymllm_copy32_backward(void* __restrict dst, const void* __restrict src,
-                                       Py_ssize_t n) {
-        /* 128 bytes a step, last step first, its four loads before its four stores: a
-           forward copy with dst just past src (mod 4 KiB) stalls each load on the store
-           before it, whose low 12 address bits it shares. */
-        typedef int32_t pymllm_v8 __attribute__((vector_size(32)));
-        char* d = (char*)dst;
-        const char* s = (const char*)src;
-        Py_ssize_t i = n * 4;
-        pymllm_v8 a, b, c, e;
-        while (i >= 128) {
-            i -= 128;
-            __builtin_memcpy(&a, s + i + 96, 32);
-            __builtin_memcpy(&b, s + i + 64, 32);
-            __builtin_memcpy(&c, s + i + 32, 32);
-            __builtin_memcpy(&e, s + i, 32);
-            __builtin_memcpy(d + i + 96, &a, 32);
-            __builtin_memcpy(d + i + 64, &b, 32);
-            __builtin_memcpy(d + i + 32, &c, 32);
-            __builtin_memcpy(d + i, &e, 32);
-        }
-        while (i >= 4) {
-            i -= 4;
-            __builtin_memcpy(d + i, s + i, 4);
-        }
-    }
-
-    /* `rep movsb` is slow when dst is 1-31 bytes past src modulo 4 KiB; the window is
-       taken as 1-63 bytes to leave a margin for other cores, and copies under 2 KiB never
-       use rep movsb. */
-    static inline void pymllm_copy32(void* dst, const void* src, Py_ssize_t n) {
-        size_t gap = ((uintptr_t)dst - (uintptr_t)src) & 4095u;
-        if (n >= 512 && gap - 1u < 63u)
-            pymllm_copy32_backward(dst, src, n);
-        else
-            memcpy(dst, src, (size_t)n * sizeof(int32_t));
-    }
-
-    #if !defined(__clang__)
-    __attribute__((optimize("no-tree-loop-distribute-patterns")))
-    #if defined(__x86_64__) && defined(__linux__)
-    __attribute__((target_clones("avx2", "default")))
-    #endif
-    #endif
-    static void pymllm_move32_forward(void* dst, const void* src, Py_ssize_t n) {
-        /* dst <= src, possibly overlapping: 128 bytes a step, first step first, its four
-           loads before its four stores (which end below src + i + 128, so they never
-           overwrite a byte not yet loaded). */
+    static void pymllm_copy32_steps(void* dst, const void* src, Py_ssize_t n) {
+        /* Forward, 128 bytes a step, the step's loads before its stores: with dst <= src
+           the stores end below src + i + 128, so an overlapping move never overwrites a
+           byte before it is loaded. */
         typedef int32_t pymllm_v8 __attribute__((vector_size(32)));
         char* d = (char*)dst;
         const char* s = (const char*)src;
@@ -95,10 +52,22 @@ cdef extern from *:
             __builtin_memcpy(d + i, s + i, 4);
     }
 
+    /* rep movsb is slow when dst is 1-31 bytes past src modulo 4 KiB; the window is taken
+       as 1-63 bytes for a margin, and under 2 KiB glibc does not use rep movsb. */
+    static inline int pymllm_4k_alias(const void* dst, const void* src, Py_ssize_t n) {
+        return n >= 512 && ((((uintptr_t)dst - (uintptr_t)src) & 4095u) - 1u) < 63u;
+    }
+
+    static inline void pymllm_copy32(void* dst, const void* src, Py_ssize_t n) {
+        if (pymllm_4k_alias(dst, src, n))
+            pymllm_copy32_steps(dst, src, n);
+        else
+            memcpy(dst, src, (size_t)n * sizeof(int32_t));
+    }
+
     static inline void pymllm_move32_down(void* dst, const void* src, Py_ssize_t n) {
-        size_t gap = ((uintptr_t)dst - (uintptr_t)src) & 4095u;
-        if (n >= 512 && gap - 1u < 63u)
-            pymllm_move32_forward(dst, src, n);
+        if (pymllm_4k_alias(dst, src, n))
+            pymllm_copy32_steps(dst, src, n);
         else
             memmove(dst, src, (size_t)n * sizeof(int32_t));
     }
