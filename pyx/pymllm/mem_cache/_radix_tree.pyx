@@ -61,8 +61,10 @@ cdef int64_t TOKEN_LIMIT = 1 << 32
 # Memory helpers
 # ---------------------------------------------------------------------------------------
 
-cdef int _grow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -1:
-    """Ensure *ptr holds at least `need` elements; doubles capacity, zeroes new memory."""
+cdef int _regrow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -1:
+    """Ensure *ptr holds at least `need` elements (doubling the capacity); the new elements
+    are left as realloc made them. Growing never touches them, so a large array's growth
+    costs no page faults (glibc moves an mmap'ed block with mremap)."""
     cdef int64_t new_cap = cap[0] if cap[0] > 0 else 16
     cdef void* p
     if need <= cap[0]:
@@ -74,9 +76,17 @@ cdef int _grow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -1:
     p = realloc(ptr[0], new_cap * elsize)
     if p == NULL:
         raise MemoryError(f"could not grow a buffer to {new_cap} elements")
-    memset(<char*>p + cap[0] * elsize, 0, (new_cap - cap[0]) * elsize)
     ptr[0] = p
     cap[0] = new_cap
+    return 0
+
+
+cdef int _grow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -1:
+    """_regrow, then zero the new elements."""
+    cdef int64_t old = cap[0]
+    _regrow(ptr, cap, need, elsize)
+    if cap[0] > old:
+        memset(<char*>ptr[0] + old * elsize, 0, (cap[0] - old) * elsize)
     return 0
 
 
@@ -622,7 +632,8 @@ cdef class RadixTreeCore:
 
     cdef Node* nodes
     cdef int64_t cap                # node array capacity (the heap has the same)
-    cdef nid_t free_head            # first free slot, NIL if none
+    cdef int64_t hwm                # slots [hwm, cap) were never used (not initialized)
+    cdef nid_t free_head            # first freed slot, NIL if none (then hwm is next)
     cdef int64_t live               # live nodes, root included
     cdef ChildMap cmap
     cdef Heap heap                  # HEAP_FULL: evictable leaves
@@ -663,6 +674,7 @@ cdef class RadixTreeCore:
     def __cinit__(self, *args, **kwargs):
         self.nodes = NULL
         self.cap = 0
+        self.hwm = 0
         self.cmap.entries = NULL
         self.heap.data = NULL
         self.heap.cap = 0
@@ -758,12 +770,12 @@ cdef class RadixTreeCore:
 
     cdef int _init_storage(self) except -1:
         self.cap = 0
-        _grow(<void**>&self.nodes, &self.cap, 64, sizeof(Node))
+        _regrow(<void**>&self.nodes, &self.cap, 64, sizeof(Node))
         self.heap.cap = 0
-        _grow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
+        _regrow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
         self.heap.size = 0
         self.aux_heap.cap = 0
-        _grow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
+        _regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
         self.aux_heap.size = 0
         self._aux_evictable = 0
         self._aux_protected = 0
@@ -774,9 +786,10 @@ cdef class RadixTreeCore:
         self._ns_keys = [(None, 0)]
         self._ns_free = []
         self._hash_cache = {}
-        self._link_free_slots(0)
-        # the root: slot 0, uid 0, permanently "locked" (never evictable)
-        self.free_head = self.nodes[ROOT].next_free
+        # no slot is initialized until _take_slot hands it out (hwm); the root: slot 0,
+        # uid 0, permanently "locked" (never evictable)
+        self.free_head = NIL
+        self.hwm = 1
         self.clock = 0
         self._init_node(ROOT, 0, NIL, 0, 1)
         self.live = 1
@@ -787,7 +800,7 @@ cdef class RadixTreeCore:
     cdef void _release_storage(self) noexcept:
         cdef int64_t i
         if self.nodes != NULL:
-            for i in range(self.cap):
+            for i in range(self.hwm):
                 if self.nodes[i].uid >= 0:
                     free(self.nodes[i].key)
                     free(self.nodes[i].value)
@@ -802,38 +815,24 @@ cdef class RadixTreeCore:
         free(self.ns_ref)
         self.ns_ref = NULL
 
-    cdef void _link_free_slots(self, int64_t start) noexcept:
-        """Chain slots [start, cap) into the free list, in ascending order."""
-        cdef int64_t i
-        for i in range(start, self.cap):
-            self.nodes[i].uid = -1
-            self.nodes[i].next_free = <nid_t>(i + 1) if i + 1 < self.cap else NIL
-        self.free_head = <nid_t>start if start < self.cap else NIL
-
     cdef int _reserve_nodes(self, int64_t extra) except -1:
-        """Make sure `extra` new nodes (and their heap and map entries) can be created."""
+        """Make sure `extra` new nodes (and their heap and map entries) can be created.
+        Growing the node array initializes none of the new slots (see hwm), so a large
+        tree's growth costs a realloc, not a pass over the new memory."""
         cdef int64_t old_cap = self.cap
         _map_reserve(&self.cmap, extra)
         if self.live + extra <= self.cap:
             return 0
         if self.cap + extra > INT32_MAX:
             raise MemoryError("the tree cannot hold more than 2**31 nodes")
-        _grow(<void**>&self.nodes, &self.cap, self.live + extra, sizeof(Node))
+        _regrow(<void**>&self.nodes, &self.cap, self.live + extra, sizeof(Node))
         try:
-            _grow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
-            _grow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
+            _regrow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
+            _regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
         except MemoryError:
             # keep the node array's extra capacity but do not expose it: nothing changed
             self.cap = old_cap
             raise
-        # new slots go in front of the (empty) free list; live + extra > old cap means the
-        # free list was too short, so append the old free list after the new slots
-        cdef nid_t old_head = self.free_head
-        cdef int64_t i
-        for i in range(old_cap, self.cap):
-            self.nodes[i].uid = -1
-            self.nodes[i].next_free = <nid_t>(i + 1) if i + 1 < self.cap else old_head
-        self.free_head = <nid_t>old_cap
         return 0
 
     cdef inline void _init_node(self, nid_t n, int64_t uid, nid_t parent, int32_t ns,
@@ -861,7 +860,11 @@ cdef class RadixTreeCore:
     cdef nid_t _take_slot(self) noexcept:
         """Pop a free slot; _reserve_nodes must have been called."""
         cdef nid_t n = self.free_head
-        self.free_head = self.nodes[n].next_free
+        if n != NIL:
+            self.free_head = self.nodes[n].next_free
+        else:   # no freed slot: the first never-used one
+            n = <nid_t>self.hwm
+            self.hwm += 1
         self.live += 1
         return n
 
@@ -1101,7 +1104,7 @@ cdef class RadixTreeCore:
         h = <TreeNode>node
         if h._tree is not self:
             raise StaleNodeError(f"node: {node!r} belongs to another cache")
-        if h._slot >= self.cap or self.nodes[h._slot].uid != h._uid:
+        if h._slot >= self.hwm or self.nodes[h._slot].uid != h._uid:
             raise StaleNodeError(f"node: node {h._uid} was evicted; match the key again")
         return h._slot
 
@@ -1916,7 +1919,7 @@ cdef class RadixTreeCore:
         cdef Node* x
         out = <idx_t*>self._idx_out.reserve(self._evictable + self._protected + 1)
         st = <idx_t*>self._state_out.reserve(self._aux_evictable + self._aux_protected + 1)
-        for i in range(1, self.cap):
+        for i in range(1, self.hwm):
             x = &self.nodes[i]
             if x.uid >= 0:
                 copy32(out + total, x.value, x.len)
@@ -1994,7 +1997,7 @@ cdef class RadixTreeCore:
         """Map parent slot -> list of child slots (an O(tree) debugging aid)."""
         kids = {}
         cdef int64_t i
-        for i in range(1, self.cap):
+        for i in range(1, self.hwm):
             if self.nodes[i].uid >= 0:
                 kids.setdefault(self.nodes[i].parent, []).append(i)
         return kids
@@ -2009,7 +2012,7 @@ cdef class RadixTreeCore:
 
     cdef object _nodes_locked(self):
         cdef int64_t i
-        return [self._handle(<nid_t>i) for i in range(1, self.cap) if self.nodes[i].uid >= 0]
+        return [self._handle(<nid_t>i) for i in range(1, self.hwm) if self.nodes[i].uid >= 0]
 
     def children(self, node):
         """Handles of *node*'s children (O(tree): a debugging aid, not for hot paths)."""
@@ -2065,7 +2068,7 @@ cdef class RadixTreeCore:
         kids = self._children_slots()
         ns_count = {}
         assert self.nodes[ROOT].uid == 0 and self.nodes[ROOT].parent == NIL
-        for i in range(self.cap):
+        for i in range(self.hwm):
             x = &self.nodes[i]
             if x.uid < 0:
                 assert x.heap_pos[0] == -1 or True
@@ -2156,7 +2159,8 @@ cdef class RadixTreeCore:
             assert self.nodes[f].uid == -1
             free_count += 1
             f = self.nodes[f].next_free
-        assert free_count == self.cap - live, f"free list {free_count} != {self.cap - live}"
+        assert free_count == self.hwm - live, f"free list {free_count} != {self.hwm - live}"
+        assert self.hwm <= self.cap
 
 # Not @cython.no_gc: a handle refers to its cache, and a cache's owner (a scheduler whose
 # on_node_evict callback the cache holds) often keeps handles; the collector must see that
@@ -2180,7 +2184,7 @@ cdef class TreeNode:
 
     cdef inline Node* _node(self) except NULL:
         self._tree._await_idle()
-        if self._slot >= self._tree.cap or self._tree.nodes[self._slot].uid != self._uid:
+        if self._slot >= self._tree.hwm or self._tree.nodes[self._slot].uid != self._uid:
             raise StaleNodeError(f"node {self._uid} was evicted")
         return &self._tree.nodes[self._slot]
 
@@ -2192,7 +2196,7 @@ cdef class TreeNode:
     @property
     def evicted(self):
         self._tree._await_idle()
-        return self._slot >= self._tree.cap or self._tree.nodes[self._slot].uid != self._uid
+        return self._slot >= self._tree.hwm or self._tree.nodes[self._slot].uid != self._uid
 
     @property
     def key(self):
