@@ -299,3 +299,37 @@ def test_split_at_4k_alias(benchmark, at):
     benchmark.group = "split-4k-alias"
     benchmark.pedantic(run, setup=setup, rounds=15, iterations=1)
     record(benchmark, "match that splits a 4,000-token node, per split", f"at {at} tokens", per=200)
+
+
+def test_insert_latency_while_growing(benchmark):
+    """Single-insert latency while a tree grows to 1.2M nodes (4-token leaves under the
+    root): the inserts that grow the node array or the child map must not stall for a pass
+    over the tree. Notes the median, the 99.9th percentile and the worst insert."""
+    n = 1_200_000
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 1 << 30, size=(n, 4), dtype=np.int32)
+    keys[:, 0] = np.arange(n, dtype=np.int32)
+    radix_keys = [RadixKey(k) for k in keys]
+    vals = np.arange(1, 4 * n + 1, dtype=np.int32).reshape(n, 4)
+    per_insert = np.empty(n)
+
+    def grow():
+        cache = RadixCache()
+        clock = time.perf_counter
+        for i in range(n):
+            t0 = clock()
+            cache.insert(radix_keys[i], vals[i])
+            per_insert[i] = clock() - t0
+        return cache
+
+    benchmark.group = "insert-latency"
+    benchmark.pedantic(grow, rounds=1, iterations=1)
+    group = "insert while growing to 1.2M nodes, per insert"
+    record(benchmark, group, "whole growth", per=n)
+    worst = np.argsort(per_insert)[::-1][:3]
+    note(
+        group,
+        f"median {np.median(per_insert) * 1e6:.2f} us, 99.9th percentile "
+        f"{np.percentile(per_insert, 99.9) * 1e6:.1f} us, worst "
+        + ", ".join(f"{per_insert[i] * 1e3:.1f} ms (insert {i:,})" for i in sorted(worst)),
+    )

@@ -52,18 +52,25 @@ ctypedef struct Node:
 ctypedef struct MapEntry:
     uint64_t h              # hash of (parent, ns, first page)
     nid_t parent
-    nid_t child             # MAP_EMPTY, MAP_DELETED or a node slot
+    nid_t child             # MAP_EMPTY, MAP_DELETED or a node slot (> 0: the root is no child)
 
 cdef enum:
-    MAP_EMPTY = -1
+    MAP_EMPTY = 0           # zero, so that a table from calloc is empty without a pass over it
     MAP_DELETED = -2
 
 
+# Growing the map never rehashes it in one go: a larger table is started (calloc'ed: its
+# pages are touched only as entries land in them) and the old one is drained into it a few
+# buckets per later reservation, while lookups look in both. A tree of a million nodes
+# would otherwise stall one insert for a rehash of a million entries.
 ctypedef struct ChildMap:
-    MapEntry* entries
+    MapEntry* entries       # the table new entries go into
     uint64_t mask           # capacity - 1 (capacity is a power of two)
-    int64_t used            # live entries
-    int64_t filled          # live + deleted entries (resize when > capacity / 2)
+    int64_t used            # live entries, in both tables
+    int64_t filled          # live + deleted entries of `entries` (grow when > capacity / 2)
+    MapEntry* old           # the table being drained into `entries`, NULL when none
+    uint64_t old_mask
+    uint64_t old_next       # buckets old[0:old_next] were drained (deleted or moved)
 
 
 ctypedef struct Heap:

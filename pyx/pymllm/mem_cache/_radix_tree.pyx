@@ -61,10 +61,84 @@ cdef int64_t TOKEN_LIMIT = 1 << 32
 # Memory helpers
 # ---------------------------------------------------------------------------------------
 
-cdef int _regrow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -1:
-    """Ensure *ptr holds at least `need` elements (doubling the capacity); the new elements
-    are left as realloc made them. Growing never touches them, so a large array's growth
-    costs no page faults (glibc moves an mmap'ed block with mremap)."""
+cdef int _grow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -1:
+    """Ensure *ptr holds at least `need` elements; doubles capacity, zeroes new memory."""
+    cdef int64_t old = cap[0]
+    _grow_block(ptr, cap, need, elsize, False)
+    if cap[0] > old:
+        memset(<char*>ptr[0] + old * elsize, 0, (cap[0] - old) * elsize)
+    return 0
+
+
+# Blocks of 1 MiB and more (the node array, the heaps, the child map's tables: they grow
+# with the tree) are mapped from the kernel directly, whatever malloc's settings: a new
+# block's pages arrive zeroed as they are first touched, and a block grows by mremap, which
+# moves page tables instead of copying (Linux; elsewhere a copy). malloc would copy a block
+# it keeps in its heap (under its mmap threshold, up to 32 MiB, or any size where a program
+# raised it) into fresh pages: 24 ms for a 29 MB node array on this machine, inside one
+# insert.
+cdef extern from *:
+    """
+    #include <sys/mman.h>
+    #define PYMLLM_BIG_BYTES ((size_t)1 << 20)
+
+    static void* pymllm_map_pages(size_t nbytes) {
+        void* q = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                       -1, 0);
+        return q == MAP_FAILED ? NULL : q;
+    }
+
+    /* Resize a block of old_bytes (0: p is NULL) to new_bytes > old_bytes; NULL, with the
+       old block intact, when out of memory. */
+    static void* pymllm_big_resize(void* p, size_t old_bytes, size_t new_bytes) {
+        void* q;
+        if (new_bytes < PYMLLM_BIG_BYTES)
+            return realloc(p, new_bytes);
+        if (old_bytes >= PYMLLM_BIG_BYTES) {
+    #if defined(__linux__)
+            q = mremap(p, old_bytes, new_bytes, MREMAP_MAYMOVE);
+            return q == MAP_FAILED ? NULL : q;
+    #else
+            q = pymllm_map_pages(new_bytes);
+            if (q != NULL) {
+                memcpy(q, p, old_bytes);
+                munmap(p, old_bytes);
+            }
+            return q;
+    #endif
+        }
+        q = pymllm_map_pages(new_bytes);
+        if (q != NULL && p != NULL) {
+            memcpy(q, p, old_bytes);
+            free(p);
+        }
+        return q;
+    }
+
+    /* A zeroed block of nbytes. */
+    static void* pymllm_big_zeroed(size_t nbytes) {
+        return nbytes >= PYMLLM_BIG_BYTES ? pymllm_map_pages(nbytes) : calloc(1, nbytes);
+    }
+
+    static void pymllm_big_free(void* p, size_t nbytes) {
+        if (p == NULL)
+            return;
+        if (nbytes >= PYMLLM_BIG_BYTES)
+            munmap(p, nbytes);
+        else
+            free(p);
+    }
+    """
+    void* _big_resize "pymllm_big_resize" (void* p, size_t old_bytes, size_t new_bytes) nogil
+    void* _big_zeroed "pymllm_big_zeroed" (size_t nbytes) nogil
+    void _big_free "pymllm_big_free" (void* p, size_t nbytes) nogil
+
+
+cdef int _grow_block(void** ptr, int64_t* cap, int64_t need, size_t elsize,
+                     bint big) except -1:
+    """Ensure *ptr holds at least `need` elements, doubling the capacity; new elements are
+    not initialized. `big`: a block that grows with the tree (see above), resized by
+    _big_resize and freed by _big_free with its capacity in bytes; else realloc/free."""
     cdef int64_t new_cap = cap[0] if cap[0] > 0 else 16
     cdef void* p
     if need <= cap[0]:
@@ -73,7 +147,10 @@ cdef int _regrow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -
         new_cap *= 2
     if <uint64_t>new_cap > (<uint64_t>-1) // elsize:
         raise MemoryError("allocation size overflows")
-    p = realloc(ptr[0], new_cap * elsize)
+    if big:
+        p = _big_resize(ptr[0], cap[0] * elsize, new_cap * elsize)
+    else:
+        p = realloc(ptr[0], new_cap * elsize)
     if p == NULL:
         raise MemoryError(f"could not grow a buffer to {new_cap} elements")
     ptr[0] = p
@@ -81,13 +158,8 @@ cdef int _regrow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -
     return 0
 
 
-cdef int _grow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -1:
-    """_regrow, then zero the new elements."""
-    cdef int64_t old = cap[0]
-    _regrow(ptr, cap, need, elsize)
-    if cap[0] > old:
-        memset(<char*>ptr[0] + old * elsize, 0, (cap[0] - old) * elsize)
-    return 0
+cdef inline int _big_regrow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -1:
+    return _grow_block(ptr, cap, need, elsize, True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,77 +234,177 @@ cdef inline int64_t _common_positions(const tok_t* a, const tok_t* b, int64_t np
 
 
 # ---------------------------------------------------------------------------------------
-# Child map: open addressing, linear probing, power-of-two capacity, explicit tombstones
+# Child map: open addressing, linear probing, power-of-two capacity, explicit tombstones,
+# grown incrementally (see ChildMap in the .pxd)
 # ---------------------------------------------------------------------------------------
 
+cdef MapEntry* _table_alloc(uint64_t capacity) except NULL:
+    """A table of `capacity` empty buckets (MAP_EMPTY is 0)."""
+    cdef void* p = _big_zeroed(capacity * sizeof(MapEntry))
+    if p == NULL:
+        raise MemoryError(f"child map: cannot allocate {capacity} buckets")
+    return <MapEntry*>p
+
+
+cdef void _table_free(MapEntry* t, uint64_t capacity) noexcept:
+    _big_free(t, capacity * sizeof(MapEntry))
+
+
 cdef int _map_init(ChildMap* m, uint64_t capacity) except -1:
-    m.entries = <MapEntry*>malloc(capacity * sizeof(MapEntry))
-    if m.entries == NULL:
-        raise MemoryError("child map")
-    cdef uint64_t i
-    for i in range(capacity):
-        m.entries[i].child = MAP_EMPTY
+    m.entries = _table_alloc(capacity)   # all MAP_EMPTY
     m.mask = capacity - 1
     m.used = 0
     m.filled = 0
+    m.old = NULL
+    m.old_mask = 0
+    m.old_next = 0
     return 0
+
+
+cdef void _map_release(ChildMap* m) noexcept:
+    _table_free(m.entries, m.mask + 1)
+    m.entries = NULL
+    _table_free(m.old, m.old_mask + 1)
+    m.old = NULL
+
+
+cdef inline nid_t _table_find(const MapEntry* t, uint64_t mask, const Node* nodes,
+                              nid_t parent, int32_t ns, const tok_t* page, int64_t ntok,
+                              uint64_t h) noexcept nogil:
+    cdef uint64_t i = h & mask
+    cdef const MapEntry* e
+    cdef const Node* c
+    while True:
+        e = &t[i]
+        if e.child == MAP_EMPTY:
+            return NIL
+        if e.child > 0 and e.h == h and e.parent == parent:
+            c = &nodes[e.child]
+            if c.ns == ns and memcmp(c.key, page, ntok * sizeof(tok_t)) == 0:
+                return e.child
+        i = (i + 1) & mask
 
 
 cdef inline nid_t _map_find(const ChildMap* m, const Node* nodes, nid_t parent, int32_t ns,
                             const tok_t* page, int64_t ntok, uint64_t h) noexcept nogil:
-    cdef uint64_t i = h & m.mask
-    cdef const MapEntry* e
-    cdef const Node* c
-    while True:
-        e = &m.entries[i]
-        if e.child == MAP_EMPTY:
-            return NIL
-        if e.child >= 0 and e.h == h and e.parent == parent:
-            c = &nodes[e.child]
-            if c.ns == ns and memcmp(c.key, page, ntok * sizeof(tok_t)) == 0:
-                return e.child
-        i = (i + 1) & m.mask
+    cdef nid_t found = _table_find(m.entries, m.mask, nodes, parent, ns, page, ntok, h)
+    if found == NIL and m.old != NULL:
+        found = _table_find(m.old, m.old_mask, nodes, parent, ns, page, ntok, h)
+    return found
+
+
+cdef inline bint _bucket_put(MapEntry* t, uint64_t mask, nid_t parent, nid_t child,
+                             uint64_t h) noexcept nogil:
+    """Put an entry in table t; returns whether it took an empty bucket (not a deleted one)."""
+    cdef uint64_t i = h & mask
+    cdef bint was_empty
+    while t[i].child > 0:
+        i = (i + 1) & mask
+    was_empty = t[i].child == MAP_EMPTY
+    t[i].h = h
+    t[i].parent = parent
+    t[i].child = child
+    return was_empty
+
+
+cdef inline void _table_put(ChildMap* m, nid_t parent, nid_t child, uint64_t h) noexcept nogil:
+    m.filled += _bucket_put(m.entries, m.mask, parent, child, h)
 
 
 cdef inline void _map_put(ChildMap* m, nid_t parent, nid_t child, uint64_t h) noexcept nogil:
     """Add an entry; capacity must have been reserved (_map_reserve)."""
-    cdef uint64_t i = h & m.mask
-    while m.entries[i].child >= 0:
-        i = (i + 1) & m.mask
-    if m.entries[i].child == MAP_EMPTY:
-        m.filled += 1
-    m.entries[i].h = h
-    m.entries[i].parent = parent
-    m.entries[i].child = child
+    _table_put(m, parent, child, h)
     m.used += 1
 
 
-cdef inline MapEntry* _map_entry_of(ChildMap* m, nid_t child, uint64_t h) noexcept nogil:
-    cdef uint64_t i = h & m.mask
-    while m.entries[i].child != MAP_EMPTY:
-        if m.entries[i].child == child:
-            return &m.entries[i]
-        i = (i + 1) & m.mask
+cdef inline MapEntry* _table_entry_of(MapEntry* t, uint64_t mask, nid_t child,
+                                      uint64_t h) noexcept nogil:
+    cdef uint64_t i = h & mask
+    while t[i].child != MAP_EMPTY:
+        if t[i].child == child:
+            return &t[i]
+        i = (i + 1) & mask
     return NULL
 
 
+cdef inline MapEntry* _map_entry_of(ChildMap* m, nid_t child, uint64_t h) noexcept nogil:
+    cdef MapEntry* e = _table_entry_of(m.entries, m.mask, child, h)
+    if e == NULL and m.old != NULL:
+        e = _table_entry_of(m.old, m.old_mask, child, h)
+    return e
+
+
+cdef void _map_drain(ChildMap* m, uint64_t buckets) noexcept:
+    """Move up to `buckets` more buckets of the old table into the current one; free it
+    once drained. A moved bucket is left deleted, so that the old table's probe chains
+    still reach the entries not moved yet."""
+    cdef uint64_t end = m.old_next + buckets
+    cdef MapEntry* e
+    if end > m.old_mask + 1:
+        end = m.old_mask + 1
+    while m.old_next < end:
+        e = &m.old[m.old_next]
+        if e.child > 0:
+            _table_put(m, e.parent, e.child, e.h)
+            e.child = MAP_DELETED
+        m.old_next += 1
+    if m.old_next > m.old_mask:
+        _table_free(m.old, m.old_mask + 1)
+        m.old = NULL
+
+
+# Buckets drained per reservation: per reserved entry, and at least. Only the tests change
+# them (_set_map_drain), to keep the map mid-drain through many operations.
+cdef uint64_t _DRAIN_PER_ENTRY = 8
+cdef uint64_t _DRAIN_MIN = 64
+
+
+def _set_map_drain(per_entry, minimum):
+    """Set the child map's drain rate (buckets per reserved entry, and at least); returns
+    the previous pair. For tests: a slow drain keeps maps mid-drain for long."""
+    global _DRAIN_PER_ENTRY, _DRAIN_MIN
+    previous = (_DRAIN_PER_ENTRY, _DRAIN_MIN)
+    _DRAIN_PER_ENTRY = per_entry
+    _DRAIN_MIN = minimum
+    return previous
+
+
 cdef int _map_reserve(ChildMap* m, int64_t extra) except -1:
-    """Make room for `extra` more entries at a load (live + deleted) of at most 1/2."""
+    """Make room for `extra` more entries at a load (live + deleted) of at most 1/2.
+
+    While an old table drains, each call moves 8 buckets per reserved entry (and 64 more):
+    the current table, started at a load of at most 1/4 and never smaller than the old one,
+    takes at least old capacity / 4 entries before it is full, by when the old table is
+    empty. (Should it not be, its rest moves into the newest table; never three tables.)"""
     cdef uint64_t cap = m.mask + 1
     cdef uint64_t new_cap
-    cdef ChildMap fresh
-    cdef uint64_t i
+    cdef MapEntry* fresh
+    if m.old != NULL:
+        _map_drain(m, _DRAIN_PER_ENTRY * <uint64_t>extra + _DRAIN_MIN)
     if <uint64_t>(m.filled + extra) * 2 <= cap:
         return 0
     new_cap = cap
-    while <uint64_t>(m.used + extra) * 2 > new_cap // 2 * 2 or <uint64_t>(m.used + extra) * 4 > new_cap:
+    while <uint64_t>(m.used + extra) * 4 > new_cap:
         new_cap *= 2
-    _map_init(&fresh, new_cap)
-    for i in range(cap):
-        if m.entries[i].child >= 0:
-            _map_put(&fresh, m.entries[i].parent, m.entries[i].child, m.entries[i].h)
-    free(m.entries)
-    m[0] = fresh
+    fresh = _table_alloc(new_cap)
+    cdef int64_t filled = 0
+    cdef uint64_t i
+    if m.old != NULL:
+        # not drained in time (the bound above rules it out at the default rates): the rest
+        # of the oldest table goes straight into the new one, which holds every entry at a
+        # load of at most 1/4
+        for i in range(m.old_next, m.old_mask + 1):
+            if m.old[i].child > 0:
+                filled += _bucket_put(fresh, new_cap - 1, m.old[i].parent, m.old[i].child,
+                                      m.old[i].h)
+        _table_free(m.old, m.old_mask + 1)
+    m.old = m.entries
+    m.old_mask = m.mask
+    m.old_next = 0
+    m.entries = fresh
+    m.mask = new_cap - 1
+    m.filled = filled
+    _map_drain(m, _DRAIN_PER_ENTRY * <uint64_t>extra + _DRAIN_MIN)
     return 0
 
 
@@ -676,6 +848,7 @@ cdef class RadixTreeCore:
         self.cap = 0
         self.hwm = 0
         self.cmap.entries = NULL
+        self.cmap.old = NULL
         self.heap.data = NULL
         self.heap.cap = 0
         self.heap.size = 0
@@ -770,12 +943,12 @@ cdef class RadixTreeCore:
 
     cdef int _init_storage(self) except -1:
         self.cap = 0
-        _regrow(<void**>&self.nodes, &self.cap, 64, sizeof(Node))
+        _big_regrow(<void**>&self.nodes, &self.cap, 64, sizeof(Node))
         self.heap.cap = 0
-        _regrow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
+        _big_regrow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
         self.heap.size = 0
         self.aux_heap.cap = 0
-        _regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
+        _big_regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
         self.aux_heap.size = 0
         self._aux_evictable = 0
         self._aux_protected = 0
@@ -804,35 +977,37 @@ cdef class RadixTreeCore:
                 if self.nodes[i].uid >= 0:
                     free(self.nodes[i].key)
                     free(self.nodes[i].value)
-            free(self.nodes)
+            _big_free(self.nodes, self.cap * sizeof(Node))
             self.nodes = NULL
-        free(self.cmap.entries)
-        self.cmap.entries = NULL
-        free(self.heap.data)
+            self.cap = 0
+        _map_release(&self.cmap)
+        _big_free(self.heap.data, self.heap.cap * sizeof(nid_t))
         self.heap.data = NULL
-        free(self.aux_heap.data)
+        self.heap.cap = 0
+        _big_free(self.aux_heap.data, self.aux_heap.cap * sizeof(nid_t))
         self.aux_heap.data = NULL
+        self.aux_heap.cap = 0
         free(self.ns_ref)
         self.ns_ref = NULL
 
     cdef int _reserve_nodes(self, int64_t extra) except -1:
         """Make sure `extra` new nodes (and their heap and map entries) can be created.
-        Growing the node array initializes none of the new slots (see hwm), so a large
-        tree's growth costs a realloc, not a pass over the new memory."""
-        cdef int64_t old_cap = self.cap
+        Growing the node array initializes none of the new slots (see hwm), and the large
+        blocks grow by mremap (_big_regrow), so a large tree's growth costs no pass over its
+        memory."""
+        cdef int64_t target = self.cap if self.cap > 0 else 64
         _map_reserve(&self.cmap, extra)
         if self.live + extra <= self.cap:
             return 0
         if self.cap + extra > INT32_MAX:
             raise MemoryError("the tree cannot hold more than 2**31 nodes")
-        _regrow(<void**>&self.nodes, &self.cap, self.live + extra, sizeof(Node))
-        try:
-            _regrow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
-            _regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
-        except MemoryError:
-            # keep the node array's extra capacity but do not expose it: nothing changed
-            self.cap = old_cap
-            raise
+        while target < self.live + extra:
+            target *= 2
+        # the heaps first: a heap may be longer than the node array, never shorter (a push
+        # never fails), so a MemoryError from any of the three leaves that intact
+        _big_regrow(<void**>&self.heap.data, &self.heap.cap, target, sizeof(nid_t))
+        _big_regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, target, sizeof(nid_t))
+        _big_regrow(<void**>&self.nodes, &self.cap, target, sizeof(Node))
         return 0
 
     cdef inline void _init_node(self, nid_t n, int64_t uid, nid_t parent, int32_t ns,
@@ -2002,6 +2177,18 @@ cdef class RadixTreeCore:
                 kids.setdefault(self.nodes[i].parent, []).append(i)
         return kids
 
+    def _storage_state(self):
+        """Capacities and growth state of the node array and the child map (for tests)."""
+        return {
+            "node_capacity": self.cap,
+            "slots_used": self.hwm,          # slots ever handed out; the rest untouched
+            "live": self.live,
+            "map_capacity": self.cmap.mask + 1,
+            "map_draining": self.cmap.old != NULL,
+            "map_old_capacity": self.cmap.old_mask + 1 if self.cmap.old != NULL else 0,
+            "map_old_drained": self.cmap.old_next if self.cmap.old != NULL else 0,
+        }
+
     def _nodes(self):
         """Handles of every node but the root, in slot order (O(tree), for tests)."""
         self._enter()
@@ -2050,6 +2237,25 @@ cdef class RadixTreeCore:
             f"protected {self._protected})"
         )
         print("\n".join(lines))
+
+    cdef int _check_map(self) except -1:
+        """Both tables' live entries add up to `used`; `filled` counts the current table's
+        non-empty buckets; each table keeps an empty bucket (its probes end)."""
+        cdef uint64_t i
+        cdef int64_t live = 0, filled = 0
+        for i in range(self.cmap.mask + 1):
+            if self.cmap.entries[i].child != MAP_EMPTY:
+                filled += 1
+                live += self.cmap.entries[i].child > 0
+        assert filled == self.cmap.filled, f"map filled {self.cmap.filled} != {filled}"
+        assert filled * 2 <= <int64_t>(self.cmap.mask + 1), "map over half full"
+        if self.cmap.old != NULL:
+            assert self.cmap.old_next <= self.cmap.old_mask
+            for i in range(self.cmap.old_mask + 1):
+                live += self.cmap.old[i].child > 0
+                assert i >= self.cmap.old_next or self.cmap.old[i].child <= 0
+        assert live == self.cmap.used, f"map live entries {live} != {self.cmap.used}"
+        return 0
 
     def _check_invariants(self):
         """Walk the whole structure and recompute every counter (O(tree); for tests)."""
@@ -2140,6 +2346,7 @@ cdef class RadixTreeCore:
         assert protected == self._protected, f"protected {protected} != {self._protected}"
         assert in_heap == self.heap.size, f"heap size {self.heap.size} != {in_heap}"
         assert self.cmap.used == live - 1, f"map entries {self.cmap.used} != {live - 1}"
+        self._check_map()
         for i in range(1, self.heap.size):
             assert not _before(self.nodes, self.heap.data[i], self.heap.data[(i - 1) >> 1])
         assert aux_ev == self._aux_evictable, f"aux evictable {aux_ev} != {self._aux_evictable}"
