@@ -270,3 +270,37 @@ def test_bad_value_lists_raise_the_documented_errors() -> None:
     with pytest.raises(InvalidKeyError):
         cache.insert(RadixKey([1, -2]), [1, 2])
     assert cache.total_size() == 0
+
+
+# -- __init__ called again ----------------------------------------------------------------
+
+REINIT = """
+import numpy as np
+from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey, TokenToKVPoolAllocator
+for make in (lambda a: RadixCache(token_to_kv_pool_allocator=a),
+             lambda a: RadixCache(sliding_window_size=4, token_to_kv_pool_allocator=None),
+             lambda a: MambaRadixCache(token_to_kv_pool_allocator=a)):
+    alloc = TokenToKVPoolAllocator(100_000, need_sort=False)
+    cache = make(alloc)
+    # large enough that the node array and the map are mapped blocks (1 MiB and more)
+    for i in range(20_000):
+        cache.insert(RadixKey([i, 1]), alloc.alloc(2))
+    before = cache.total_size()
+    try:
+        cache.__init__()
+    except RuntimeError as exc:
+        assert "already initialized" in str(exc), exc
+    else:
+        raise AssertionError("__init__ ran twice")
+    assert cache.total_size() == before
+    cache._check_invariants()
+    cache.reset()
+print("ok")
+"""
+
+
+def test_init_again_raises_and_keeps_the_tree() -> None:
+    """__init__ on a live cache dropped the tree without giving its KV slots back (and, once
+    the node array was a mapped block, freed it with free(): SIGSEGV). It now raises and
+    changes nothing (a child process: the old failure was a crash)."""
+    assert run_child(REINIT).strip() == "ok"

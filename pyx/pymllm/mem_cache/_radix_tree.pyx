@@ -860,6 +860,7 @@ cdef class RadixTreeCore:
 
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None, eviction_policy="lru"):
+        self._check_fresh()
         if sliding_window_size is not None:
             if (isinstance(sliding_window_size, bool) or not isinstance(sliding_window_size, int)
                     or sliding_window_size < 1):
@@ -876,6 +877,15 @@ cdef class RadixTreeCore:
             self.window = sliding_window_size
         self.sliding_window_size = sliding_window_size
         self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
+
+    cdef int _check_fresh(self) except -1:
+        """__init__ runs once: calling it again on a live cache would drop the tree without
+        giving its KV slots back (reset() does that)."""
+        if self.nodes != NULL:
+            raise RuntimeError(
+                f"{type(self).__name__} is already initialized; call reset() to empty it"
+            )
+        return 0
 
     cdef int _setup(self, object page_size, object allocator, object on_node_evict,
                     object eviction_policy) except -1:
@@ -2502,6 +2512,7 @@ cdef class MambaTreeCore(RadixTreeCore):
 
     def __init__(self, page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,
                  on_node_evict=None, eviction_policy="lru"):
+        self._check_fresh()
         if mamba_pool is not None and not callable(getattr(mamba_pool, "free", None)):
             raise TypeError(f"mamba_pool: expected an object with free(slots), got {mamba_pool!r}")
         self.mamba = True
