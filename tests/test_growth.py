@@ -98,9 +98,9 @@ def test_lookups_and_changes_mid_drain_with_a_slow_drain(drain):
     lookups, splits and evictions meet entries whose probe chain crosses drained buckets;
     with none, every growth comes while the old table is not drained yet (its rest then
     moves into the newest table)."""
-    from pymllm.mem_cache._radix_tree import _set_map_drain
+    from pymllm.mem_cache._radix_tree import _set_map_tuning
 
-    previous = _set_map_drain(*drain)
+    previous = _set_map_tuning(*drain, 128)
     try:
         n = 700
         keys = _keys(n, seed=4)
@@ -127,4 +127,4 @@ def test_lookups_and_changes_mid_drain_with_a_slow_drain(drain):
         assert mid_drain > 800, f"only {mid_drain} lookups mid-drain"
         cache._check_invariants()
     finally:
-        _set_map_drain(*previous)
+        _set_map_tuning(*previous)

@@ -263,3 +263,26 @@ class RadixCacheComparison(PairedCaches, RuleBasedStateMachine):
 
 
 TestRadixCacheComparison = RadixCacheComparison.TestCase
+
+
+class RadixCacheComparisonMidDrain(RadixCacheComparison):
+    """The same comparison with the compiled cache's child map starting at 4 buckets and
+    draining one bucket per reservation when it grows: the small trees of these runs then
+    spend most steps with entries in two tables (tests/test_growth.py covers large ones)."""
+
+    def __init__(self) -> None:
+        from pymllm.mem_cache._radix_tree import _set_map_tuning
+
+        self._tuning = _set_map_tuning(0, 1, 4)
+        super().__init__()
+
+    def teardown(self) -> None:
+        from pymllm.mem_cache._radix_tree import _set_map_tuning
+
+        try:
+            super().teardown()
+        finally:
+            _set_map_tuning(*self._tuning)
+
+
+TestRadixCacheComparisonMidDrain = RadixCacheComparisonMidDrain.TestCase

@@ -353,19 +353,25 @@ cdef void _map_drain(ChildMap* m, uint64_t buckets) noexcept:
         m.old = NULL
 
 
-# Buckets drained per reservation: per reserved entry, and at least. Only the tests change
-# them (_set_map_drain), to keep the map mid-drain through many operations.
+# Buckets drained per reservation (per reserved entry, and at least) and a new tree's map
+# capacity. Only the tests change them (_set_map_tuning): a small map and a slow drain keep
+# even a small tree's map mid-drain through many operations.
 cdef uint64_t _DRAIN_PER_ENTRY = 8
 cdef uint64_t _DRAIN_MIN = 64
+cdef uint64_t _MAP_INITIAL = 128
 
 
-def _set_map_drain(per_entry, minimum):
-    """Set the child map's drain rate (buckets per reserved entry, and at least); returns
-    the previous pair. For tests: a slow drain keeps maps mid-drain for long."""
-    global _DRAIN_PER_ENTRY, _DRAIN_MIN
-    previous = (_DRAIN_PER_ENTRY, _DRAIN_MIN)
+def _set_map_tuning(per_entry, minimum, initial_capacity):
+    """Set the child map's drain rate (buckets per reserved entry, and at least) and the
+    capacity new caches start with (a power of two >= 2); returns the previous triple.
+    For tests."""
+    global _DRAIN_PER_ENTRY, _DRAIN_MIN, _MAP_INITIAL
+    if initial_capacity < 2 or initial_capacity & (initial_capacity - 1):
+        raise ValueError(f"initial_capacity: expected a power of two >= 2, got {initial_capacity}")
+    previous = (_DRAIN_PER_ENTRY, _DRAIN_MIN, _MAP_INITIAL)
     _DRAIN_PER_ENTRY = per_entry
     _DRAIN_MIN = minimum
+    _MAP_INITIAL = initial_capacity
     return previous
 
 
@@ -962,7 +968,7 @@ cdef class RadixTreeCore:
         self.aux_heap.size = 0
         self._aux_evictable = 0
         self._aux_protected = 0
-        _map_init(&self.cmap, 128)
+        _map_init(&self.cmap, _MAP_INITIAL)
         self.ns_cap = 0
         _grow(<void**>&self.ns_ref, &self.ns_cap, 8, sizeof(int64_t))
         self._ns_ids = {(None, 0): 0}
