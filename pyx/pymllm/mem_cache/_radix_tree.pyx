@@ -366,12 +366,11 @@ def _set_map_tuning(per_entry, minimum, initial_capacity):
     capacity new caches start with (a power of two >= 2); returns the previous triple.
     For tests."""
     global _DRAIN_PER_ENTRY, _DRAIN_MIN, _MAP_INITIAL
-    if initial_capacity < 2 or initial_capacity & (initial_capacity - 1):
+    cdef uint64_t p = per_entry, lo = minimum, cap = initial_capacity   # OverflowError < 0
+    if cap < 2 or cap & (cap - 1):
         raise ValueError(f"initial_capacity: expected a power of two >= 2, got {initial_capacity}")
     previous = (_DRAIN_PER_ENTRY, _DRAIN_MIN, _MAP_INITIAL)
-    _DRAIN_PER_ENTRY = per_entry
-    _DRAIN_MIN = minimum
-    _MAP_INITIAL = initial_capacity
+    _DRAIN_PER_ENTRY, _DRAIN_MIN, _MAP_INITIAL = p, lo, cap
     return previous
 
 
