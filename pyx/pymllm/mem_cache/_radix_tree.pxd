@@ -55,14 +55,15 @@ ctypedef struct MapEntry:
     nid_t child             # MAP_EMPTY, MAP_DELETED or a node slot (> 0: the root is no child)
 
 cdef enum:
-    MAP_EMPTY = 0           # zero, so that a table from calloc is empty without a pass over it
+    MAP_EMPTY = 0           # zero: a zeroed table is empty without a pass over it
     MAP_DELETED = -2
 
 
-# Growing the map never rehashes it in one go: a larger table is started (calloc'ed: its
-# pages are touched only as entries land in them) and the old one is drained into it a few
-# buckets per later reservation, while lookups look in both. A tree of a million nodes
-# would otherwise stall one insert for a rehash of a million entries.
+# Growing the map never rehashes it in one go: a larger, zeroed table is started (from
+# 1 MiB on, pages mapped from the kernel, touched only as entries land in them) and the old
+# one is drained into it a few buckets per later reservation, while lookups look in both.
+# A tree of a million nodes would otherwise stall one insert for a rehash of a million
+# entries (380 ms on the development machine).
 ctypedef struct ChildMap:
     MapEntry* entries       # the table new entries go into
     uint64_t mask           # capacity - 1 (capacity is a power of two)
