@@ -117,3 +117,21 @@ def test_hash_to_int64_reads_a_short_hex_string() -> None:
 def test_hash_bytes_of_a_strided_array_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="bytes-like"):
         hash_bytes(np.arange(10, dtype=np.uint8)[::2])
+
+
+@pytest.mark.parametrize(
+    ("cls", "args"),
+    [(TokenToKVPoolAllocator, (64,)), (SWATokenToKVPoolAllocator, (64, 32))],
+    ids=["full", "swa"],
+)
+def test_allocator_init_again_raises_and_keeps_its_slots(cls, args) -> None:
+    """A second __init__ forgot every allocated slot: their owners' later frees then hit
+    slots handed out again. It now raises and changes nothing."""
+    alloc = cls(*args)
+    held = alloc.alloc(10)
+    before = alloc.available_size()
+    with pytest.raises(RuntimeError, match="already initialized"):
+        alloc.__init__(*args)
+    assert alloc.available_size() == before
+    alloc.free(held)
+    assert alloc.available_size() == before + 10

@@ -606,6 +606,16 @@ cdef void _pages_to_slots(int32_t* o, const int32_t* pages, int32_t n_pages,
                 o[i * ps + j] = base + j
 
 
+cdef int _check_fresh(object allocator, object core) except -1:
+    """__init__ runs once: calling it again would forget every allocated slot (their
+    owners would then free slots the allocator hands out again); clear() frees them all."""
+    if core is not None:
+        raise RuntimeError(
+            f"{type(allocator).__name__} is already initialized; call clear() to free every slot"
+        )
+    return 0
+
+
 cdef object _size_arg(str name, object value, int minimum):
     """A constructor's size argument: an int (not a float) in [minimum, 2**31), else
     ``InvalidValueError``."""
@@ -651,6 +661,7 @@ cdef class TokenToKVPoolAllocator:
     """
 
     def __init__(self, size, page_size=1, need_sort=True):
+        _check_fresh(self, self.core)
         page_size = _size_arg("page_size", page_size, 1)
         size = _size_arg("size", size, 0)
         self.core = PageCore(size // page_size, page_size, need_sort)
@@ -770,6 +781,7 @@ cdef class SWATokenToKVPoolAllocator:
     cdef readonly int32_t page_size
 
     def __init__(self, size, swa_size, page_size=1, need_sort=True):
+        _check_fresh(self, self.full)
         page_size = _size_arg("page_size", page_size, 1)
         size = _size_arg("size", size, 0)
         swa_size = _size_arg("swa_size", swa_size, 0)
