@@ -135,3 +135,27 @@ def test_allocator_init_again_raises_and_keeps_its_slots(cls, args) -> None:
     assert alloc.available_size() == before
     alloc.free(held)
     assert alloc.available_size() == before + 10
+
+
+def test_pools_init_again_raise_and_keep_their_state() -> None:
+    """The JAX pools' __init__ run again replaced their buffers (the cached KV and states)
+    and free lists under the caches and callers pointing into them. It now raises."""
+    from pymllm.mem_cache.memory_pool import KVPool, MambaPool
+
+    kv = KVPool(16, 1, 1, 2, dtype=np.float32)
+    buffers = kv.buffers
+    with pytest.raises(RuntimeError, match="already initialized"):
+        kv.__init__(16, 1, 1, 2, dtype=np.float32)
+    assert kv.buffers is buffers
+    reqs = ReqToTokenPool(4, 8)
+    held = reqs.alloc(2)
+    with pytest.raises(RuntimeError, match="already initialized"):
+        reqs.__init__(4, 8)
+    assert reqs.available_size() == 2
+    reqs.free(held)
+    mamba = MambaPool(4, 1, (2,), (2,))
+    got = mamba.alloc(1)
+    with pytest.raises(RuntimeError, match="already initialized"):
+        mamba.__init__(4, 1, (2,), (2,))
+    assert mamba.available_size() == 3
+    mamba.free(got)

@@ -178,6 +178,13 @@ def _pad_rows(x: jax.Array, m: int, axis: int) -> jax.Array:
 # ---------------------------------------------------------------------------------------
 
 
+def _refuse_second_init(pool: Any) -> None:
+    """A pool's __init__ runs once: run again, it would replace the buffers (and free lists)
+    that caches and callers still point into. Set ``_initialized`` at the end of __init__."""
+    if getattr(pool, "_initialized", False):
+        raise RuntimeError(f"{type(pool).__name__} is already initialized; create a new one")
+
+
 def _positive(name: str, value: Any, minimum: int = 1) -> int:
     try:
         value = operator.index(value)
@@ -295,6 +302,7 @@ class KVPool:
         head_axis: str | None = None,
         device: jax.Device | None = None,
     ) -> None:
+        _refuse_second_init(self)
         self.page_size = _positive("page_size", page_size)
         self.size = _positive("size", size, 0) // self.page_size * self.page_size
         self.layer_num = _positive("layer_num", layer_num)
@@ -364,6 +372,7 @@ class KVPool:
         self._buffers = KVBuffers(
             _zeros(self.k_shape, self.dtype, k_buf), _zeros(self.v_shape, self.dtype, v_buf)
         )
+        self._initialized = True
 
     # -- shapes and sizes ------------------------------------------------------------
 
@@ -493,10 +502,12 @@ class ReqToTokenPool:
     """
 
     def __init__(self, max_reqs: int, max_context_len: int) -> None:
+        _refuse_second_init(self)
         self.size = _positive("max_reqs", max_reqs)
         self.max_context_len = _positive("max_context_len", max_context_len)
         self.req_to_token = np.zeros((self.size + 1, self.max_context_len), dtype=np.int32)
         self._slots = TokenToKVPoolAllocator(self.size, need_sort=False)
+        self._initialized = True
 
     def available_size(self) -> int:
         return self._slots.available_size()
@@ -631,6 +642,7 @@ class MambaPool:
         temporal_dtype: Any = jnp.float32,
         device: jax.Device | None = None,
     ) -> None:
+        _refuse_second_init(self)
         self.size = _positive("size", size)
         self.layer_num = _positive("layer_num", layer_num)
         self.conv_state_shape = tuple(int(d) for d in conv_state_shape)
@@ -664,6 +676,7 @@ class MambaPool:
                 (self.layer_num, self.rows, *self.temporal_state_shape), self.temporal_dtype, sh
             ),
         )
+        self._initialized = True
 
     @property
     def buffers(self) -> MambaBuffers:
