@@ -195,6 +195,18 @@ def _positive(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
+def _check_ints(name: str, arr: np.ndarray, lo: int, hi: int) -> None:
+    """``InvalidValueError`` unless *arr* (any shape; empty passes) holds integers in
+    ``[lo, hi)``."""
+    if arr.size == 0:
+        return
+    if arr.dtype.kind not in "iu":
+        raise InvalidValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.min() < lo or arr.max() >= hi:
+        bad = arr[(arr < lo) | (arr >= hi)].flat[0]
+        raise InvalidValueError(f"{name}: slot {bad} is outside [{lo}, {hi})")
+
+
 def _slots(name: str, loc: Any, rows: int) -> np.ndarray:
     """*loc* as a 1-D host int32 array of slots in ``[0, rows)``; a jax array syncs here."""
     arr = np.asarray(loc)
@@ -202,12 +214,7 @@ def _slots(name: str, loc: Any, rows: int) -> np.ndarray:
         raise InvalidValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
         return np.zeros(0, dtype=np.int32)
-    if arr.dtype.kind not in "iu":
-        raise InvalidValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    lo, hi = arr.min(), arr.max()
-    if lo < 0 or hi >= rows:
-        bad = arr[(arr < 0) | (arr >= rows)][0]
-        raise InvalidValueError(f"{name}: slot {bad} is outside [0, {rows})")
+    _check_ints(name, arr, 0, rows)
     return arr.astype(np.int32, copy=False)
 
 
@@ -530,19 +537,11 @@ class ReqToTokenPool:
         """
         row = index[0] if isinstance(index, tuple) and index else index
         rows = np.arange(self.size + 1)[row] if isinstance(row, slice) else np.asarray(row)
-        if rows.dtype.kind not in "iu":
+        if rows.dtype.kind not in "iu":  # even when empty: numpy would take a bool mask
             raise InvalidValueError(f"index: expected request slot rows, got {row!r:.60}")
-        if rows.size and (rows.min() < 1 or rows.max() > self.size):
-            raise InvalidValueError(
-                f"index: rows {row!r:.60} are not all request slots in [1, {self.size}]"
-            )
+        _check_ints("index", rows, 1, self.size + 1)  # request slots; row 0 pads batches
         vals = np.asarray(values)
-        if vals.size and (
-            vals.dtype.kind not in "iu" or vals.min() < 0 or vals.max() > np.iinfo(np.int32).max
-        ):
-            raise InvalidValueError(
-                f"values: expected KV slots (integers in [0, 2**31)), got {values!r:.60}"
-            )
+        _check_ints("values", vals, 0, 1 << 31)  # KV slots, never wrapped into int32
         try:
             self.req_to_token[index] = vals
         except (IndexError, ValueError, TypeError, OverflowError) as exc:
