@@ -1010,19 +1010,18 @@ cdef class RadixTreeCore:
         Growing the node array initializes none of the new slots (see hwm), and the large
         blocks grow by mremap (_big_regrow), so a large tree's growth costs no pass over its
         memory."""
-        cdef int64_t target = self.cap if self.cap > 0 else 64
+        cdef int64_t need = self.live + extra
         _map_reserve(&self.cmap, extra)
-        if self.live + extra <= self.cap:
+        if need <= self.cap:
             return 0
         if self.cap + extra > INT32_MAX:
             raise MemoryError("the tree cannot hold more than 2**31 nodes")
-        while target < self.live + extra:
-            target *= 2
         # the heaps first: a heap may be longer than the node array, never shorter (a push
-        # never fails), so a MemoryError from any of the three leaves that intact
-        _big_regrow(<void**>&self.heap.data, &self.heap.cap, target, sizeof(nid_t))
-        _big_regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, target, sizeof(nid_t))
-        _big_regrow(<void**>&self.nodes, &self.cap, target, sizeof(Node))
+        # never fails), so a MemoryError from any of the three leaves that intact (all three
+        # double from the same capacity, so they end equal)
+        _big_regrow(<void**>&self.heap.data, &self.heap.cap, need, sizeof(nid_t))
+        _big_regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, need, sizeof(nid_t))
+        _big_regrow(<void**>&self.nodes, &self.cap, need, sizeof(Node))
         return 0
 
     cdef inline void _init_node(self, nid_t n, int64_t uid, nid_t parent, int32_t ns,
@@ -2382,7 +2381,7 @@ cdef class RadixTreeCore:
             free_count += 1
             f = self.nodes[f].next_free
         assert free_count == self.hwm - live, f"free list {free_count} != {self.hwm - live}"
-        assert self.hwm <= self.cap
+        assert self.hwm <= self.cap <= min(self.heap.cap, self.aux_heap.cap)
 
 # Not @cython.no_gc: a handle refers to its cache, and a cache's owner (a scheduler whose
 # on_node_evict callback the cache holds) often keeps handles; the collector must see that
