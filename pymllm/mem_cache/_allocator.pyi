@@ -7,6 +7,8 @@ import numpy.typing as npt
 
 _Slots: TypeAlias = npt.NDArray[np.int32]
 
+def _check_ints(name: str, arr: np.ndarray, lo: int, hi: int) -> None: ...
+
 class PageCore:
     """Free list and per-page state of one pool (internal: the allocators' storage)."""
 

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
+from pymllm.mem_cache._allocator import _check_ints
 from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
 
 PAD_SLOT = 0
@@ -193,18 +194,6 @@ def _positive(name: str, value: Any, minimum: int = 1) -> int:
     if value < minimum:
         raise InvalidValueError(f"{name} must be >= {minimum}, got {value}")
     return value
-
-
-def _check_ints(name: str, arr: np.ndarray, lo: int, hi: int) -> None:
-    """``InvalidValueError`` unless *arr* (any shape; empty passes) holds integers in
-    ``[lo, hi)``."""
-    if arr.size == 0:
-        return
-    if arr.dtype.kind not in "iu":
-        raise InvalidValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if arr.min() < lo or arr.max() >= hi:
-        bad = arr[(arr < lo) | (arr >= hi)].flat[0]
-        raise InvalidValueError(f"{name}: slot {bad} is outside [{lo}, {hi})")
 
 
 def _slots(name: str, loc: Any, rows: int) -> np.ndarray:

@@ -606,6 +606,18 @@ cdef void _pages_to_slots(int32_t* o, const int32_t* pages, int32_t n_pages,
                 o[i * ps + j] = base + j
 
 
+def _check_ints(str name, object arr, lo, hi):
+    """``InvalidValueError`` unless the numpy array *arr* (any shape; empty passes) holds
+    integers in ``[lo, hi)``. Shared with memory_pool's slot checks."""
+    if arr.size == 0:
+        return
+    if arr.dtype.kind not in "iu":
+        raise InvalidValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.min() < lo or arr.max() >= hi:
+        bad = arr[(arr < lo) | (arr >= hi)].flat[0]
+        raise InvalidValueError(f"{name}: slot {bad} is outside [{lo}, {hi})")
+
+
 cdef int _check_fresh(object allocator, object core) except -1:
     """__init__ runs once: calling it again would forget every allocated slot (their
     owners would then free slots the allocator hands out again); clear() frees them all."""
@@ -879,13 +891,7 @@ cdef class SWATokenToKVPoolAllocator:
         idx = np.asarray(full_indices)
         if idx.size == 0:
             return np.zeros(idx.shape, dtype=np.int32)
-        if idx.dtype.kind not in "iu":
-            raise InvalidValueError(f"full_indices: expected integer slots, got dtype {idx.dtype}")
-        if idx.min() < 0 or idx.max() >= len(self._mapping):
-            bad = idx[(idx < 0) | (idx >= len(self._mapping))].flat[0]
-            raise InvalidValueError(
-                f"full_indices: slot {bad} is outside [0, {len(self._mapping)})"
-            )
+        _check_ints("full_indices", idx, 0, len(self._mapping))
         return self._mapping[idx]
 
     def free_group_begin(self):
