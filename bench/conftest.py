@@ -115,7 +115,7 @@ def paired_ratio(times, ref_times) -> tuple[float, float, float]:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    if not _MEDIANS:
+    if not _MEDIANS and not _NOTES:
         return
     tr = terminalreporter
     tr.section("pymllm ratios (medians of this run)")
@@ -124,7 +124,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
         if KEEPS_FREED_MEMORY
         else f"glibc's default malloc thresholds ({_KEEP_FREED_ENV}=default or not glibc)"
     )
-    for group, cases in _MEDIANS.items():
+    for group in dict.fromkeys([*_MEDIANS, *_NOTES]):  # each group with a median or a note
+        cases = _MEDIANS.get(group, {})
         tr.write_line(f"[{group}]")
         _write_cases(tr, group, cases)
         floor = _FLOORS.get(group)
