@@ -35,6 +35,10 @@ directives = {
     "initializedcheck": debug,
     "embedsignature": True,
     "linetrace": linetrace,
+    # No pickling or copying generated for the extension types: allocators, caches and node
+    # handles stand for slot ownership, which a copy would share (copy.copy) or forge
+    # (__setstate__ of a handle naming any slot).
+    "auto_pickle": False,
 }
 
 compile_args = ["-O0", "-g"] if debug else ["-O3"]

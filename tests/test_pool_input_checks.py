@@ -71,8 +71,18 @@ def test_pad_slots_pads_good_slots_with_the_padding_slot() -> None:
         ((1, slice(0, 2)), [-1, 2]),
         ((1, 0), 2**40),  # OverflowError from numpy before
         ((9, slice(0, 2)), [1, 2]),
+        ((slice(1, 3, 0), 0), 1),  # a bare ValueError from numpy before
     ],
-    ids=["row0", "negative-row", "int64-wide", "float", "negative", "huge-int", "row-out"],
+    ids=[
+        "row0",
+        "negative-row",
+        "int64-wide",
+        "float",
+        "negative",
+        "huge-int",
+        "row-out",
+        "zero-step",
+    ],
 )
 def test_req_to_token_write_rejects_and_writes_nothing(index, values) -> None:
     pool = ReqToTokenPool(4, 8)
@@ -159,3 +169,84 @@ def test_pools_init_again_raise_and_keep_their_state() -> None:
         mamba.__init__(4, 1, (2,), (2,))
     assert mamba.available_size() == 3
     mamba.free(got)
+
+
+# -- found by the review of session 9 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [2, -1, 2.0, True])
+def test_pad_slots_rejects_a_size_that_cannot_hold_the_slots(size) -> None:
+    """A short or negative size raised numpy's bare ValueError (a float or True was taken
+    as an int)."""
+    with pytest.raises(InvalidValueError, match="size"):
+        pad_slots([1, 2, 3], size)
+
+
+@pytest.mark.parametrize("swa", [False, True], ids=["full", "swa"])
+@pytest.mark.parametrize("bad", [[1.5], [2**70], [True]], ids=["float", "huge", "bool"])
+def test_is_allocated_refuses_what_is_not_a_slot_id(swa: bool, bad) -> None:
+    """is_allocated([1.5]) answered for slot 1 (free refuses the same float) and
+    [2**70] raised OverflowError."""
+    a = SWATokenToKVPoolAllocator(8, 8) if swa else TokenToKVPoolAllocator(8)
+    assert a.alloc(2) is not None
+    with pytest.raises(InvalidValueError, match="integer slot ids"):
+        a.is_allocated(bad)
+
+
+def test_is_allocated_answers_false_outside_the_pool() -> None:
+    a = TokenToKVPoolAllocator(8)
+    slots = a.alloc(2)
+    assert slots is not None
+    huge = np.array([2**64 - 1, 1], dtype=np.uint64)  # wraps negative as int64
+    assert a.is_allocated(huge).tolist() == [False, True]
+    wide = np.array([2**40, -3, 2], dtype=np.int64)
+    assert a.is_allocated(wide).tolist() == [False, False, True]
+    assert a.is_allocated([]).tolist() == []
+
+
+@pytest.mark.parametrize("swa", [False, True], ids=["full", "swa"])
+def test_alloc_refuses_a_bool_count(swa: bool) -> None:
+    """alloc(True) handed out a slot, where free(True) is refused."""
+    a = SWATokenToKVPoolAllocator(8, 8) if swa else TokenToKVPoolAllocator(8)
+    with pytest.raises(TypeError, match="bool"):
+        a.alloc(True)
+    assert a.available_size() == 8
+
+
+@pytest.mark.parametrize(
+    "shape", [(1.7,), (-1,), (0,), (2, True), 3], ids=["float", "negative", "zero", "bool", "int"]
+)
+def test_mamba_pool_refuses_a_state_shape_that_is_not_positive_ints(shape) -> None:
+    """(1.7,) was truncated to (1,), and (-1,) failed inside JAX with a TypeError."""
+    from pymllm.mem_cache.memory_pool import MambaPool
+
+    with pytest.raises(InvalidValueError, match="conv_state_shape"):
+        MambaPool(2, 1, shape, (2,))
+
+
+def test_setting_donated_buffers_is_refused_and_the_pool_keeps_its_own() -> None:
+    """A stale reference (deleted by the update that donated it) was accepted: the pool
+    dropped its live buffers and every later call failed inside XLA."""
+    from pymllm.mem_cache.memory_pool import KVPool, MambaPool
+
+    kv = KVPool(8, 1, 1, 2, dtype=np.float32)
+    stale = kv.buffers
+    kv.set_kv_buffer(
+        0,
+        np.array([1], dtype=np.int32),
+        np.full((1, 1, 2), 7, np.float32),
+        np.full((1, 1, 2), 7, np.float32),
+    )
+    assert stale.k.is_deleted()
+    with pytest.raises(InvalidValueError, match="deleted"):
+        kv.buffers = stale
+    k, _ = kv.get_kv(0, np.array([1], dtype=np.int32))
+    assert np.asarray(k).ravel().tolist() == [7.0, 7.0]
+    with pytest.raises(InvalidValueError, match="KVBuffers"):
+        kv.buffers = (kv.buffers.k,)  # a bare AttributeError before
+    kv.buffers = tuple(kv.buffers)  # any pair of arrays is taken
+    mamba = MambaPool(2, 1, (2,), (2,))
+    old = mamba.buffers
+    mamba.reset_states(np.array([1], dtype=np.int32))
+    with pytest.raises(InvalidValueError, match="deleted"):
+        mamba.buffers = old

@@ -36,6 +36,12 @@ class AllocatorStateError(CacheError, RuntimeError):
     """An allocator call out of order, such as ``free_group_end()`` with no open group."""
 
 
+class NotInitializedError(CacheError, RuntimeError):
+    """A cache or allocator used before its ``__init__`` ran to completion (made with
+    ``__new__``, a subclass that skipped ``super().__init__()``, or an ``__init__`` that
+    raised)."""
+
+
 class ReentrantCallError(CacheError, RuntimeError):
     """A cache method was called from one of that cache's own callbacks (``on_node_evict``,
     the allocator's ``free``) while the outer call is still running."""
@@ -48,6 +54,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidValueError",
     "LockStateError",
+    "NotInitializedError",
     "ReentrantCallError",
     "StaleNodeError",
 ]

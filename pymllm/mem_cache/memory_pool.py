@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,10 @@ def pad_slots(loc: Any, size: int | None = None) -> np.ndarray:
 
     ``InvalidValueError`` for slots that are not integers or lie outside ``[0, 2**31)``
     (never wrapped or truncated into another slot)."""
-    return _pad(_slots("loc", np.asarray(loc).reshape(-1), 1 << 31), size)
+    slots = _slots("loc", np.asarray(loc).reshape(-1), 1 << 31)
+    if size is not None and _positive("size", size, 0) < len(slots):
+        raise InvalidValueError(f"size: {size} is shorter than loc ({len(slots)} slots)")
+    return _pad(slots, size)
 
 
 def _pad(loc: np.ndarray, size: int | None = None) -> np.ndarray:
@@ -186,11 +189,19 @@ def _refuse_second_init(pool: Any) -> None:
         raise RuntimeError(f"{type(pool).__name__} is already initialized; create a new one")
 
 
-def _positive(name: str, value: Any, minimum: int = 1) -> int:
+def _int_arg(name: str, value: Any) -> int:
+    """*value* as an int (``operator.index``: not a float, not a bool), else
+    ``InvalidValueError`` naming *name*."""
     try:
-        value = operator.index(value)
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        return operator.index(value)
     except TypeError:
         raise InvalidValueError(f"{name} must be an int, got {value!r}") from None
+
+
+def _positive(name: str, value: Any, minimum: int = 1) -> int:
+    value = _int_arg(name, value)
     if value < minimum:
         raise InvalidValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -210,6 +221,10 @@ def _slots(name: str, loc: Any, rows: int) -> np.ndarray:
 def _check_array(name: str, x: Any, shape: tuple[int, ...], dtype: Any) -> None:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise InvalidValueError(f"{name} must be an array, got {type(x).__name__}")
+    if isinstance(x, jax.Array) and x.is_deleted():
+        raise InvalidValueError(
+            f"{name} was deleted: an update donated it (take the pool's current buffers)"
+        )
     if tuple(x.shape) != shape:
         raise InvalidValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
     if jnp.dtype(x.dtype) != jnp.dtype(dtype):
@@ -234,13 +249,35 @@ def _pad_to(x: Any, m: int, axis: int) -> Any:
 
 
 def _layer_id(layer_id: Any, layer_num: int) -> np.int32:
-    try:
-        i = operator.index(layer_id)
-    except TypeError:
-        raise InvalidValueError(f"layer_id must be an int, got {layer_id!r}") from None
+    i = _int_arg("layer_id", layer_id)
     if not 0 <= i < layer_num:
         raise InvalidValueError(f"layer_id: {i} is out of range [0, {layer_num})")
     return np.int32(i)
+
+
+def _shape(name: str, dims: Any) -> tuple[int, ...]:
+    """A state shape: a sequence of ints >= 1 (a float or a negative is refused, never
+    truncated)."""
+    try:
+        items = list(dims)
+    except TypeError:
+        raise InvalidValueError(f"{name} must be a sequence of ints, got {dims!r}") from None
+    return tuple(_positive(f"{name}[{i}]", d) for i, d in enumerate(items))
+
+
+_Buffers = TypeVar("_Buffers", "KVBuffers", "MambaBuffers")
+
+
+def _as_buffers(cls: type[_Buffers], new: Any) -> _Buffers:
+    """*new* (a ``cls`` or any pair of arrays) as a ``cls``, else ``InvalidValueError``."""
+    if isinstance(new, cls):
+        return new
+    try:
+        return cls(*new)
+    except TypeError:
+        raise InvalidValueError(
+            f"buffers must be a {cls.__name__} ({', '.join(cls._fields)}), got {new!r:.60}"
+        ) from None
 
 
 def _free_named(allocator: TokenToKVPoolAllocator, slots: Any) -> None:
@@ -392,9 +429,10 @@ class KVPool:
 
     @buffers.setter
     def buffers(self, new: KVBuffers) -> None:
+        new = _as_buffers(KVBuffers, new)
         _check_array("buffers.k", new.k, self.k_shape, self.dtype)
         _check_array("buffers.v", new.v, self.v_shape, self.dtype)
-        self._buffers = KVBuffers(*new)
+        self._buffers = new
 
     # -- stateful conveniences -------------------------------------------------------
 
@@ -525,7 +563,10 @@ class ReqToTokenPool:
         ``[0, 2**31)`` (never wrapped into another slot), or when they do not fit the index.
         """
         row = index[0] if isinstance(index, tuple) and index else index
-        rows = np.arange(self.size + 1)[row] if isinstance(row, slice) else np.asarray(row)
+        try:
+            rows = np.arange(self.size + 1)[row] if isinstance(row, slice) else np.asarray(row)
+        except (ValueError, TypeError) as exc:  # a zero slice step, a bad slice bound
+            raise InvalidValueError(f"index: bad request rows {row!r:.60} ({exc})") from exc
         if rows.dtype.kind not in "iu":  # even when empty: numpy would take a bool mask
             raise InvalidValueError(f"index: expected request slot rows, got {row!r:.60}")
         _check_ints("index", rows, 1, self.size + 1)  # request slots; row 0 pads batches
@@ -633,8 +674,8 @@ class MambaPool:
         _refuse_second_init(self)
         self.size = _positive("size", size)
         self.layer_num = _positive("layer_num", layer_num)
-        self.conv_state_shape = tuple(int(d) for d in conv_state_shape)
-        self.temporal_state_shape = tuple(int(d) for d in temporal_state_shape)
+        self.conv_state_shape = _shape("conv_state_shape", conv_state_shape)
+        self.temporal_state_shape = _shape("temporal_state_shape", temporal_state_shape)
         self.conv_dtype = jnp.dtype(conv_dtype)
         self.temporal_dtype = jnp.dtype(temporal_dtype)
         self.rows = self.size + 1
@@ -673,11 +714,12 @@ class MambaPool:
 
     @buffers.setter
     def buffers(self, new: MambaBuffers) -> None:
+        new = _as_buffers(MambaBuffers, new)
         _check_array("buffers.conv", new.conv, self._buffers.conv.shape, self.conv_dtype)
         _check_array(
             "buffers.temporal", new.temporal, self._buffers.temporal.shape, self.temporal_dtype
         )
-        self._buffers = MambaBuffers(*new)
+        self._buffers = new
 
     def mem_bytes(self) -> int:
         return sum(b.size * b.dtype.itemsize for b in self._buffers)

@@ -31,7 +31,12 @@ import operator
 
 import numpy as np
 
-from pymllm.mem_cache.errors import AllocatorStateError, InvalidFreeError, InvalidValueError
+from pymllm.mem_cache.errors import (
+    AllocatorStateError,
+    InvalidFreeError,
+    InvalidValueError,
+    NotInitializedError,
+)
 
 cnp.import_array()
 
@@ -628,6 +633,37 @@ cdef int _check_fresh(object allocator, object core) except -1:
     return 0
 
 
+cdef int _not_initialized(object allocator) except -1:
+    """What every public call of an allocator without its page core raises: __init__ never
+    ran (``__new__``, a subclass that skipped ``super().__init__()``) or it raised."""
+    raise NotInitializedError(
+        f"{type(allocator).__name__} has no slots: its __init__ did not run to completion"
+    )
+
+
+cdef inline PageCore _live_core(TokenToKVPoolAllocator a):
+    """a's page core, or NotInitializedError: the check every public call makes."""
+    if a.core is None:
+        _not_initialized(a)
+    return a.core
+
+
+cdef object _allocated_mask(PageCore core, int32_t page_size, object indices):
+    """is_allocated of both allocators: a flat boolean mask, True where the slot lies in an
+    allocated page (any integer is a fair question; slots outside the pool are False).
+    ``InvalidValueError`` for anything but integers (a float is never rounded to a slot)."""
+    arr = np.asarray(indices).reshape(-1)
+    if arr.dtype.kind not in "iu":
+        if arr.size:
+            raise InvalidValueError(f"indices: expected integer slot ids, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
+    arr = arr.astype(np.int64)  # uint64 from 2**63 wraps negative: outside the pool too
+    pages = arr // page_size
+    ok = (arr >= page_size) & (pages <= core.num_pages)
+    states = np.frombuffer(<uint8_t[:core.num_pages + 1]>core.state, dtype=np.uint8)
+    return ok & (states[np.where(ok, pages, 0)] == PAGE_ALLOCATED)
+
+
 cdef object _size_arg(str name, object value, int minimum):
     """A constructor's size argument: an int (not a float) in [minimum, 2**31), else
     ``InvalidValueError``."""
@@ -649,6 +685,8 @@ cdef int32_t _check_alloc_size(object n, int32_t ps) except -1:
         x = PyLong_AsLongLongAndOverflow(n, &overflow)
         if not overflow and 0 <= x <= 0x7FFFFFFF and x % ps == 0:
             return <int32_t>(x // ps)
+    if isinstance(n, bool):  # free(True) is refused too: a bool is not a slot count
+        raise TypeError("n: expected an int, got bool")
     n = operator.index(n)
     if n < 0:
         raise InvalidValueError(f"n: cannot allocate {n} slots")
@@ -682,31 +720,35 @@ cdef class TokenToKVPoolAllocator:
 
     @property
     def need_sort(self):
-        return self.core.need_sort
+        return _live_core(self).need_sort
 
     @property
     def num_pages(self):
-        return self.core.num_pages
+        return _live_core(self).num_pages
 
     def available_size(self):
         """Slots that ``alloc`` can hand out now (slots freed inside an open group wait)."""
-        return self.core.free_pages_count() * self.page_size
+        return _live_core(self).free_pages_count() * self.page_size
 
     def alloc(self, n):
         """``n`` fresh slots (1-D ``np.int32``, caller-owned) or ``None`` if unavailable."""
+        cdef PageCore core = _live_core(self)
         cdef int32_t need = _check_alloc_size(n, self.page_size)
         cdef cnp.ndarray out
         cdef int32_t* pages
-        if need > self.core.free_pages_count():
+        if need > core.free_pages_count():
             return None
         # the result array first: if it cannot be made, no slot has changed hands
         out = _empty_int32(<Py_ssize_t>need * self.page_size)
-        pages = self.core.take_pages(need)
+        pages = core.take_pages(need)
+        if pages == NULL:  # defensive: only Python code run by making the array could
+            return None    # have taken the slots (numpy arrays do not start the collector)
         _pages_to_slots(<int32_t*>cnp.PyArray_DATA(out), pages, need, self.page_size)
         return out
 
     def free(self, indices):
         """Return *indices* to the pool; raises ``InvalidFreeError`` with nothing freed."""
+        _live_core(self)
         cdef cnp.ndarray arr = _as_int32_slots(indices)
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         if n == 0:
@@ -714,10 +756,11 @@ cdef class TokenToKVPoolAllocator:
         self.free_c(<const int32_t*>cnp.PyArray_DATA(arr), n)
 
     cdef int free_c(self, const int32_t* data, Py_ssize_t n) except -1:
+        cdef PageCore core = _live_core(self)
         if self.page_size == 1:
-            self.core.free_slots(data, n)
+            core.free_slots(data, n)
         else:
-            self.core.commit(self.core.scratch, self.core.collect(data, n))
+            core.commit(core.scratch, core.collect(data, n))
         return 0
 
     def free_group_begin(self):
@@ -726,45 +769,44 @@ cdef class TokenToKVPoolAllocator:
         Frees inside the group are still validated at once; the slots only become
         allocatable again when the outermost group ends.
         """
-        self.core.group_depth += 1
+        cdef PageCore core = _live_core(self)
+        core.group_depth += 1
 
     def free_group_end(self):
         """Close a group; when the outermost closes, its freed slots become allocatable.
 
         Raises ``AllocatorStateError`` without an open group."""
-        if self.core.group_depth <= 0:
+        cdef PageCore core = _live_core(self)
+        if core.group_depth <= 0:
             raise AllocatorStateError("free_group_end() without free_group_begin()")
-        self.core.group_depth -= 1
-        if self.core.group_depth == 0:
-            self.core.end_group()
+        core.group_depth -= 1
+        if core.group_depth == 0:
+            core.end_group()
 
     def merge_and_sort_free(self):
         """Fold pending frees into the free list, which becomes ascending."""
-        self.core.merge()
+        _live_core(self).merge()
 
     def clear(self):
         """Every slot ``1..size`` free again: slots callers held are the allocator's now
         (an open free group is dropped)."""
-        self.core.reset()
+        _live_core(self).reset()
 
     def is_allocated(self, indices):
         """Boolean mask: which of *indices* are slots currently owned by a caller."""
-        arr = np.asarray(indices, dtype=np.int64).reshape(-1)
-        pages = arr // self.page_size
-        ok = (arr >= self.page_size) & (pages <= self.core.num_pages)
-        states = np.frombuffer(
-            <uint8_t[:self.core.num_pages + 1]>self.core.state, dtype=np.uint8
-        )
-        return ok & (states[np.where(ok, pages, 0)] == PAGE_ALLOCATED)
+        return _allocated_mask(_live_core(self), self.page_size, indices)
 
     def _check_invariants(self):
-        self.core._check("allocator")
+        _live_core(self)._check("allocator")
 
     def _merge_counts(self):
         """Test hook: merges so far by path (already sorted, radix sort, bitmap scan)."""
-        return tuple(self.core.merges[i] for i in range(3))
+        cdef PageCore core = _live_core(self)
+        return tuple(core.merges[i] for i in range(3))
 
     def __repr__(self):
+        if self.core is None:
+            return "TokenToKVPoolAllocator(uninitialized)"
         return (
             f"TokenToKVPoolAllocator(size={self.size}, page_size={self.page_size}, "
             f"available={self.available_size()})"
@@ -797,17 +839,28 @@ cdef class SWATokenToKVPoolAllocator:
         page_size = _size_arg("page_size", page_size, 1)
         size = _size_arg("size", size, 0)
         swa_size = _size_arg("swa_size", swa_size, 0)
-        self.full = PageCore(size // page_size, page_size, need_sort)
-        self.swa = PageCore(swa_size // page_size, page_size, need_sort)
-        self.size = self.full.num_pages * page_size
-        self.swa_size = self.swa.num_pages * page_size
+        # everything that can fail first: an __init__ that raises leaves no half allocator
+        full = PageCore(size // page_size, page_size, need_sort)
+        swa = PageCore(swa_size // page_size, page_size, need_sort)
+        mapping = np.zeros((full.num_pages + 1) * page_size, dtype=np.int32)
+        self.full = full
+        self.swa = swa
+        self.size = full.num_pages * page_size
+        self.swa_size = swa.num_pages * page_size
         self.page_size = page_size
-        self._mapping = np.zeros((self.full.num_pages + 1) * page_size, dtype=np.int32)
-        self.mapping = <int32_t*>cnp.PyArray_DATA(self._mapping)
+        self._mapping = mapping
+        self.mapping = <int32_t*>cnp.PyArray_DATA(mapping)
+
+    cdef inline int _live(self) except -1:
+        """NotInitializedError unless __init__ completed: the check every public call makes."""
+        if self.full is None:
+            _not_initialized(self)
+        return 0
 
     @property
     def full_to_swa_index_mapping(self):
         """Read-only view: ``mapping[full_slot]`` is its SWA slot, 0 where none."""
+        self._live()
         view = self._mapping.view()
         view.flags.writeable = False
         return view
@@ -816,14 +869,17 @@ cdef class SWATokenToKVPoolAllocator:
         return min(self.full_available_size(), self.swa_available_size())
 
     def full_available_size(self):
+        self._live()
         return self.full.free_pages_count() * self.page_size
 
     def swa_available_size(self):
+        self._live()
         return self.swa.free_pages_count() * self.page_size
 
     def alloc(self, n):
         """``n`` fresh full slots (``np.int32``, caller-owned, each with an SWA slot) or
         ``None`` when either side cannot serve ``n`` (nothing changes)."""
+        self._live()
         cdef int32_t ps = self.page_size
         cdef int32_t need = _check_alloc_size(n, ps)
         cdef int32_t i, j, fb, sb
@@ -831,6 +887,8 @@ cdef class SWATokenToKVPoolAllocator:
             return None
         # the result array first: if it cannot be made, no slot has changed hands
         cdef cnp.ndarray out = _empty_int32(<Py_ssize_t>need * ps)
+        if need > self.full.free_pages_count() or need > self.swa.free_pages_count():
+            return None  # defensive, as in TokenToKVPoolAllocator.alloc
         cdef int32_t* full_pages = self.full.take_pages(need)
         cdef int32_t* swa_pages = self.swa.take_pages(need)
         _pages_to_slots(<int32_t*>cnp.PyArray_DATA(out), full_pages, need, ps)
@@ -857,6 +915,7 @@ cdef class SWATokenToKVPoolAllocator:
 
     def free(self, indices):
         """Free full slots and their SWA slots; ``InvalidFreeError``: nothing freed."""
+        self._live()
         cdef cnp.ndarray arr = _as_int32_slots(indices)
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         if n == 0:
@@ -872,6 +931,7 @@ cdef class SWATokenToKVPoolAllocator:
         Full slots whose SWA side was already freed are skipped. A full slot that is not
         allocated raises ``InvalidFreeError`` and nothing is freed.
         """
+        self._live()
         cdef cnp.ndarray arr = _as_int32_slots(indices)
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         if n == 0:
@@ -888,6 +948,7 @@ cdef class SWATokenToKVPoolAllocator:
         """SWA slots of *full_indices* (``np.int32``, same shape; 0 where the SWA side is
         freed). ``InvalidValueError`` for non-integer slots or slots outside the pool (a
         negative slot would otherwise index from the end)."""
+        self._live()
         idx = np.asarray(full_indices)
         if idx.size == 0:
             return np.zeros(idx.shape, dtype=np.int32)
@@ -895,11 +956,13 @@ cdef class SWATokenToKVPoolAllocator:
         return self._mapping[idx]
 
     def free_group_begin(self):
+        self._live()
         self.full.group_depth += 1
         self.swa.group_depth += 1
 
     def free_group_end(self):
         """Close a group (both sides); see ``TokenToKVPoolAllocator.free_group_end``."""
+        self._live()
         if self.full.group_depth <= 0:
             raise AllocatorStateError("free_group_end() without free_group_begin()")
         self.full.group_depth -= 1
@@ -909,26 +972,25 @@ cdef class SWATokenToKVPoolAllocator:
             self.swa.end_group()
 
     def merge_and_sort_free(self):
+        self._live()
         self.full.merge()
         self.swa.merge()
 
     def clear(self):
+        self._live()
         self.full.reset()
         self.swa.reset()
         self._mapping[:] = 0
 
     def is_allocated(self, indices):
         """Boolean mask: which of *indices* are full slots currently owned by a caller."""
-        arr = np.asarray(indices, dtype=np.int64).reshape(-1)
-        pages = arr // self.page_size
-        ok = (arr >= self.page_size) & (pages <= self.full.num_pages)
-        states = np.frombuffer(<uint8_t[:self.full.num_pages + 1]>self.full.state,
-                               dtype=np.uint8)
-        return ok & (states[np.where(ok, pages, 0)] == PAGE_ALLOCATED)
+        self._live()
+        return _allocated_mask(self.full, self.page_size, indices)
 
     def _check_invariants(self):
         cdef int32_t p, s
         cdef int32_t ps = self.page_size
+        self._live()
         self.full._check("full")
         self.swa._check("swa")
         mapped = 0
@@ -944,6 +1006,8 @@ cdef class SWATokenToKVPoolAllocator:
         assert mapped == self.swa.n_allocated, "swa pages allocated != full pages mapped"
 
     def __repr__(self):
+        if self.full is None:
+            return "SWATokenToKVPoolAllocator(uninitialized)"
         return (
             f"SWATokenToKVPoolAllocator(size={self.size}, swa_size={self.swa_size}, "
             f"page_size={self.page_size}, available={self.available_size()})"

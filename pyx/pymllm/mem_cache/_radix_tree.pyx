@@ -45,6 +45,7 @@ from pymllm.mem_cache.errors import (
     InvalidKeyError,
     InvalidValueError,
     LockStateError,
+    NotInitializedError,
     ReentrantCallError,
     StaleNodeError,
 )
@@ -801,6 +802,23 @@ cdef class _Scratch:
 # The tree
 # ---------------------------------------------------------------------------------------
 
+# Test hook: how many of the next tree initializations (__init__, reset) fail with
+# MemoryError after their node array is allocated, as if memory ran out midway.
+cdef int _fail_storage_inits = 0
+
+
+def _fail_next_storage_inits(int count):
+    """Test hook: the next `count` tree initializations raise MemoryError midway."""
+    global _fail_storage_inits
+    _fail_storage_inits = count
+
+
+cdef int _count_down_storage_failure() except -1:
+    global _fail_storage_inits
+    _fail_storage_inits -= 1
+    raise MemoryError("out of memory (injected by _fail_next_storage_inits)")
+
+
 cdef class RadixTreeCore:
     """Compiled radix tree: node storage, child map, eviction heap, locking.
 
@@ -914,7 +932,9 @@ cdef class RadixTreeCore:
         self._uid_out = _Scratch(sizeof(int64_t))
         self._state_out = _Scratch(sizeof(idx_t))
         self._swa_out = _Scratch(sizeof(idx_t))
-        self.next_uid = 1
+        # node ids are never reused, not even by an __init__ after a failed reset(): a
+        # handle names its node by (slot, id)
+        self.next_uid = max(self.next_uid, 1)
         self._init_storage()
         return 0
 
@@ -928,6 +948,8 @@ cdef class RadixTreeCore:
         parked in a Python callback, holding no GIL), refuse a re-entrant call from one of
         our own callbacks. The caller clears _owner in a finally clause."""
         cdef unsigned long me = PyThread_get_thread_ident()
+        if self.nodes == NULL:
+            self._not_initialized()
         if self._owner != 0:
             self._wait_turn(me)
         self._owner = me
@@ -937,11 +959,20 @@ cdef class RadixTreeCore:
         """Readers (size queries, node handles) wait while another thread is inside a
         public call, so they never see a half-done mutation; the thread inside (its own
         callbacks) reads freely."""
+        if self.nodes == NULL:
+            self._not_initialized()
         if self._owner != 0 and self._owner != PyThread_get_thread_ident():
             while self._owner != 0:
                 with nogil:
                     usleep(20)
         return 0
+
+    cdef int _not_initialized(self) except -1:
+        """Every public call starts here when there is no tree (nodes NULL): __init__ never
+        ran (``__new__``, a subclass that skipped ``super().__init__()``) or it raised."""
+        raise NotInitializedError(
+            f"{type(self).__name__} has no tree: its __init__ did not run to completion"
+        )
 
     cdef int _wait_turn(self, unsigned long me) except -1:
         if self._owner == me:
@@ -957,32 +988,41 @@ cdef class RadixTreeCore:
     # -- storage lifecycle ------------------------------------------------------------
 
     cdef int _init_storage(self) except -1:
-        self.cap = 0
-        _big_regrow(<void**>&self.nodes, &self.cap, 64, sizeof(Node))
-        self.heap.cap = 0
-        _big_regrow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
-        self.heap.size = 0
-        self.aux_heap.cap = 0
-        _big_regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
-        self.aux_heap.size = 0
-        self._aux_evictable = 0
-        self._aux_protected = 0
-        _map_init(&self.cmap, _MAP_INITIAL)
-        self.ns_cap = 0
-        _grow(<void**>&self.ns_ref, &self.ns_cap, 8, sizeof(int64_t))
-        self._ns_ids = {(None, 0): 0}
-        self._ns_keys = [(None, 0)]
-        self._ns_free = []
-        self._hash_cache = {}
-        # no slot is initialized until _take_slot hands it out (hwm); the root: slot 0,
-        # uid 0, permanently "locked" (never evictable)
-        self.free_head = NIL
-        self.hwm = 1
-        self.clock = 0
-        self._init_node(ROOT, 0, NIL, 0, 1)
-        self.live = 1
-        self._evictable = 0
-        self._protected = 0
+        """A fresh tree (the root alone). Out of memory it raises with no storage left
+        (nodes NULL: every later call raises NotInitializedError), never half a tree."""
+        self.hwm = 0  # _release_storage reads the node slots below hwm
+        try:
+            self.cap = 0
+            _big_regrow(<void**>&self.nodes, &self.cap, 64, sizeof(Node))
+            if _fail_storage_inits > 0:  # test hook: out of memory midway
+                _count_down_storage_failure()
+            self.heap.cap = 0
+            _big_regrow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
+            self.heap.size = 0
+            self.aux_heap.cap = 0
+            _big_regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
+            self.aux_heap.size = 0
+            self._aux_evictable = 0
+            self._aux_protected = 0
+            _map_init(&self.cmap, _MAP_INITIAL)
+            self.ns_cap = 0
+            _grow(<void**>&self.ns_ref, &self.ns_cap, 8, sizeof(int64_t))
+            self._ns_ids = {(None, 0): 0}
+            self._ns_keys = [(None, 0)]
+            self._ns_free = []
+            self._hash_cache = {}
+            # no slot is initialized until _take_slot hands it out (hwm); the root: slot 0,
+            # uid 0, permanently "locked" (never evictable)
+            self.free_head = NIL
+            self.hwm = 1
+            self.clock = 0
+            self._init_node(ROOT, 0, NIL, 0, 1)
+            self.live = 1
+            self._evictable = 0
+            self._protected = 0
+        except BaseException:
+            self._release_storage()
+            raise
         return 0
 
     cdef void _release_storage(self) noexcept:
@@ -995,6 +1035,7 @@ cdef class RadixTreeCore:
             _big_free(self.nodes, self.cap * sizeof(Node))
             self.nodes = NULL
             self.cap = 0
+            self.hwm = 0
         _map_release(&self.cmap)
         _big_free(self.heap.data, self.heap.cap * sizeof(nid_t))
         self.heap.data = NULL
@@ -2093,7 +2134,9 @@ cdef class RadixTreeCore:
         Mamba state (one ``mamba_pool.free`` call), and empty the tree.
 
         Handles held by callers become stale; ``on_node_evict`` is not called. Node ids are
-        not reused afterwards.
+        not reused afterwards. If memory runs out while the empty tree is rebuilt, the
+        slots and states are handed over all the same and ``MemoryError`` propagates; the
+        cache then raises ``NotInitializedError`` until ``__init__`` is called again.
         """
         self._enter()
         try:
@@ -2117,15 +2160,18 @@ cdef class RadixTreeCore:
                     st[n_states] = x.aux_value
                     n_states += 1
         self._release_storage()
-        self._init_storage()
-        self.n_states_out = n_states
-        self._after_evict(total, 0)
+        try:
+            self._init_storage()
+        finally:  # the slots and states copied out above leave the tree either way
+            self.n_states_out = n_states
+            self._after_evict(total, 0)
 
     # -- introspection --------------------------------------------------------------------
 
     @property
     def root_node(self):
         """Handle of the root (id 0): never evicted; locking it is a no-op."""
+        self._await_idle()
         return self._handle(ROOT)
 
     def compute_node_hash(self, node):
