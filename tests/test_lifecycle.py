@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import pickle
 
+import numpy as np
 import pytest
 from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
@@ -28,6 +29,7 @@ from pymllm.mem_cache.errors import (
     CacheError,
     NotInitializedError,
 )
+from pymllm.mem_cache.memory_pool import KVPool, MambaPool, ReqToTokenPool
 
 UNINITIALIZED = """
 from pymllm.mem_cache import (
@@ -176,16 +178,28 @@ def test_a_sliding_window_allocator_whose_init_raised_is_not_half_built() -> Non
         lambda: MambaRadixCache(),
         lambda: TokenToKVPoolAllocator(8),
         lambda: SWATokenToKVPoolAllocator(8, 4),
+        lambda: KVPool(8, 1, 1, 2, dtype=np.float32),
+        lambda: ReqToTokenPool(4, 8),
+        lambda: MambaPool(2, 1, (2,), (2,)),
     ],
-    ids=["cache", "handle", "mamba-cache", "allocator", "swa-allocator"],
+    ids=[
+        "cache",
+        "handle",
+        "mamba-cache",
+        "allocator",
+        "swa-allocator",
+        "kv-pool",
+        "req-to-token-pool",
+        "mamba-pool",
+    ],
 )
 @pytest.mark.parametrize(
     "duplicate", [copy.copy, copy.deepcopy, pickle.dumps], ids=["copy", "deepcopy", "pickle"]
 )
 def test_caches_handles_and_allocators_cannot_be_copied(make, duplicate) -> None:
     """They stand for slot ownership: copy.copy of an allocator shared its free list (two
-    objects handing out the same slots), and a handle's generated __setstate__ could name
-    any slot."""
+    objects handing out the same slots), a handle's generated __setstate__ could name any
+    slot, and a copied pool shared its buffers, which the original's next update deleted."""
     obj = make()
     with pytest.raises(TypeError, match="cannot pickle"):
         duplicate(obj)

@@ -182,11 +182,21 @@ def _pad_rows(x: jax.Array, m: int, axis: int) -> jax.Array:
 # ---------------------------------------------------------------------------------------
 
 
-def _refuse_second_init(pool: Any) -> None:
-    """A pool's __init__ runs once: run again, it would replace the buffers (and free lists)
-    that caches and callers still point into. Set ``_initialized`` at the end of __init__."""
-    if getattr(pool, "_initialized", False):
-        raise RuntimeError(f"{type(pool).__name__} is already initialized; create a new one")
+class _SlotOwner:
+    """Base of the pools, which own slots and device buffers that caches and callers point
+    into: neither a second ``__init__`` nor a copy may give them a second owner (the
+    compiled allocators and caches refuse the same way)."""
+
+    __slots__ = ()
+
+    def _refuse_second_init(self) -> None:
+        """Called first by __init__, which sets ``_initialized`` when it completes: run
+        again, it would replace the buffers and free lists under their users."""
+        if getattr(self, "_initialized", False):
+            raise RuntimeError(f"{type(self).__name__} is already initialized; create a new one")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"cannot pickle '{type(self).__name__}' object: it owns slots")
 
 
 def _int_arg(name: str, value: Any) -> int:
@@ -301,7 +311,7 @@ def _zeros(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.Array:
 # ---------------------------------------------------------------------------------------
 
 
-class KVPool:
+class KVPool(_SlotOwner):
     """Per-layer K and V buffers on device, indexed by KV slot.
 
     ``k`` buffer: ``[layer_num, rows, k_head_num, k_head_dim]``, ``v`` buffer:
@@ -335,7 +345,7 @@ class KVPool:
         head_axis: str | None = None,
         device: jax.Device | None = None,
     ) -> None:
-        _refuse_second_init(self)
+        self._refuse_second_init()
         self.page_size = _positive("page_size", page_size)
         self.size = _positive("size", size, 0) // self.page_size * self.page_size
         self.layer_num = _positive("layer_num", layer_num)
@@ -526,7 +536,7 @@ class KVPool:
 # ---------------------------------------------------------------------------------------
 
 
-class ReqToTokenPool:
+class ReqToTokenPool(_SlotOwner):
     """Host table ``req_to_token[slot, pos]`` (``np.int32``): the KV slot of each token of
     each running request.
 
@@ -536,7 +546,7 @@ class ReqToTokenPool:
     """
 
     def __init__(self, max_reqs: int, max_context_len: int) -> None:
-        _refuse_second_init(self)
+        self._refuse_second_init()
         self.size = _positive("max_reqs", max_reqs)
         self.max_context_len = _positive("max_context_len", max_context_len)
         self.req_to_token = np.zeros((self.size + 1, self.max_context_len), dtype=np.int32)
@@ -649,7 +659,7 @@ Args: ``buffers`` (**donated**). Returns the updated :class:`MambaBuffers`.
 """
 
 
-class MambaPool:
+class MambaPool(_SlotOwner):
     """State pool of Mamba/GDN layers: one conv state and one recurrent ("temporal") state
     per layer and slot, on device.
 
@@ -671,7 +681,7 @@ class MambaPool:
         temporal_dtype: Any = jnp.float32,
         device: jax.Device | None = None,
     ) -> None:
-        _refuse_second_init(self)
+        self._refuse_second_init()
         self.size = _positive("size", size)
         self.layer_num = _positive("layer_num", layer_num)
         self.conv_state_shape = _shape("conv_state_shape", conv_state_shape)
