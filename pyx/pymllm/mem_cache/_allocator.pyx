@@ -653,10 +653,8 @@ cdef object _allocated_mask(PageCore core, int32_t page_size, object indices):
     allocated page (any integer is a fair question; slots outside the pool are False).
     ``InvalidValueError`` for anything but integers (a float is never rounded to a slot)."""
     arr = np.asarray(indices).reshape(-1)
-    if arr.dtype.kind not in "iu":
-        if arr.size:
-            raise InvalidValueError(f"indices: expected integer slot ids, got dtype {arr.dtype}")
-        arr = arr.astype(np.int64)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise InvalidValueError(f"indices: expected integer slot ids, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)  # uint64 from 2**63 wraps negative: outside the pool too
     pages = arr // page_size
     ok = (arr >= page_size) & (pages <= core.num_pages)
