@@ -144,6 +144,13 @@ expect(NotInitializedError, "__init__", cache.match_prefix, RadixKey([1]))
 cache.__init__(page_size=2)
 assert cache.insert(RadixKey([1, 2, 3]), [1, 2, 3]).prefix_len == 0
 assert cache.total_size() == 2
+# nothing of a failed __init__ stays: here, sliding-window mode
+windowed = RadixCache.__new__(RadixCache)
+expect(InvalidValueError, "page_size", windowed.__init__, page_size=0, sliding_window_size=4)
+windowed.__init__()
+windowed.insert(RadixKey([1, 2, 3]), [1, 2, 3])
+assert windowed.sliding_window_size is None
+assert (windowed.swa_evictable_size(), windowed.evictable_size()) == (0, 3)
 print("ok")
 """
 

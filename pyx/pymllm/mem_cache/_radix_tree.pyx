@@ -884,6 +884,8 @@ cdef class RadixTreeCore:
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None, eviction_policy="lru"):
         self._check_fresh()
+        self.swa = False  # not left over from an __init__ that raised
+        self.window = 0
         if sliding_window_size is not None:
             if (isinstance(sliding_window_size, bool) or not isinstance(sliding_window_size, int)
                     or sliding_window_size < 1):
