@@ -172,6 +172,7 @@ class RefMambaRadixCache(RefRadixCache):
         prio = _int64_arg("priority", priority)
         tokens, extra_key, width = self._parse_key(key)
         arr = self._parse_value(value, tokens, width)
+        self._new_priority = prio
         state = None
         if mamba_value is not None:
             state = _parse_state_slot(mamba_value)

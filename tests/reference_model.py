@@ -307,6 +307,7 @@ class RefRadixCache(BasePrefixCache):
     ) -> TreeNode:
         node = self.NODE_CLASS(self._next_id, self._owner, tokens, value, ns[0], ns[1], parent)
         node.created = self.clock
+        node.priority = self._new_priority  # a split's upper half then takes its child's
         self._next_id += 1
         return node
 
@@ -324,6 +325,10 @@ class RefRadixCache(BasePrefixCache):
         else:  # slru: never-hit (probationary) nodes before hit (protected) ones
             first = node.hit_count > 0
         return first, node.last_access_time, node.id
+
+    # the priority of the nodes the current insert makes (``"priority"`` policy: a new node
+    # starts at its insert's priority, even a negative one)
+    _new_priority = 0
 
     def _raise_priority(self, node: TreeNode, priority: int) -> None:
         """Raise *node* and its ancestors to at least *priority* (``"priority"`` policy)."""
@@ -430,6 +435,7 @@ class RefRadixCache(BasePrefixCache):
         prio = _int64_arg("priority", priority)
         tokens, extra_key, width = self._parse_key(key)
         arr = self._parse_value(value, tokens, width)
+        self._new_priority = prio
         prefix_len, node = self._insert_kv(tokens, arr, (extra_key, width))
         self._raise_priority(node, prio)
         return InsertResult(prefix_len=prefix_len, last_node=node)

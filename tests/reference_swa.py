@@ -69,8 +69,8 @@ def _nonneg_int(name: str, v: Any) -> int:
     if isinstance(v, (bool, np.bool_)) or not hasattr(v, "__index__"):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     v = v.__index__()
-    if v < 0:
-        raise InvalidValueError(f"{name}: expected an int >= 0, got {v}")
+    if not 0 <= v < (1 << 63):
+        raise InvalidValueError(f"{name}: expected an int in [0, 2**63), got {v}")
     return v
 
 
@@ -184,6 +184,7 @@ class RefSWARadixCache(RefRadixCache):
         prio = _int64_arg("priority", priority)
         tokens, extra_key, width = self._parse_key(key)
         arr = self._parse_value(value, tokens, width)
+        self._new_priority = prio
         ppl = _nonneg_int("prev_prefix_len", prev_prefix_len)
         es = _nonneg_int("swa_evicted_seqlen", swa_evicted_seqlen)
         page = self.page_size

@@ -27,7 +27,8 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
       ties by recency, then node id): ``"lru"`` least recently matched or inserted;
       ``"lfu"`` fewest ``match_prefix`` hits; ``"fifo"`` oldest insertion (a node split in
       two keeps its insertion time); ``"priority"`` lowest ``insert(..., priority=p)``
-      (an insert raises every node on its path to at least ``p``); ``"slru"`` nodes never
+      (the nodes an insert makes start at ``p``, even a negative one, and it raises every
+      node on its path to at least ``p``); ``"slru"`` nodes never
       hit since insertion (probationary) before nodes hit at least once (protected).
       With a sliding window the same order picks the nodes whose window KV goes first.
 

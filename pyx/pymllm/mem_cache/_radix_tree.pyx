@@ -845,6 +845,7 @@ cdef class RadixTreeCore:
     cdef int64_t ns_cap
     cdef int64_t next_uid
     cdef int64_t clock
+    cdef int64_t new_prio           # priority policy: what a node made by this insert starts at
     cdef int64_t _evictable
     cdef int64_t _protected
     cdef readonly int page_size
@@ -859,6 +860,7 @@ cdef class RadixTreeCore:
     cdef _Scratch _swa_out
     cdef dict _ns_ids               # (extra_key, arity) -> namespace id
     cdef list _ns_keys              # namespace id -> (extra_key, arity) or None when free
+    cdef set _ns_stuck              # ids whose extra_key could not be found again to free them
     cdef list _ns_free
     cdef dict _hash_cache           # slot -> list of page hashes (compute_node_hash)
     cdef readonly object token_to_kv_pool_allocator
@@ -1011,6 +1013,7 @@ cdef class RadixTreeCore:
             _grow(<void**>&self.ns_ref, &self.ns_cap, 8, sizeof(int64_t))
             self._ns_ids = {(None, 0): 0}
             self._ns_keys = [(None, 0)]
+            self._ns_stuck = set()
             self._ns_free = []
             self._hash_cache = {}
             # no slot is initialized until _take_slot hands it out (hwm); the root: slot 0,
@@ -1018,6 +1021,7 @@ cdef class RadixTreeCore:
             self.free_head = NIL
             self.hwm = 1
             self.clock = 0
+            self.new_prio = 0
             self._init_node(ROOT, 0, NIL, 0, 1)
             self.live = 1
             self._evictable = 0
@@ -1079,7 +1083,12 @@ cdef class RadixTreeCore:
         x.key = NULL
         x.value = NULL
         x.last_access = self.clock
-        x.prio = self.clock if self.policy == POLICY_FIFO else 0
+        if self.policy == POLICY_FIFO:
+            x.prio = self.clock
+        elif self.policy == POLICY_PRIORITY:
+            x.prio = self.new_prio  # an insert's new nodes take its priority, even a negative one
+        else:
+            x.prio = 0
         x.hit_count = 0
         x.lock_ref = 0
         x.heap_pos[0] = -1
@@ -1138,9 +1147,18 @@ cdef class RadixTreeCore:
         return ns
 
     cdef int _ns_release_one(self, int32_t ns) except -1:
+        """Drop a reference to namespace ns; the last one frees its id for reuse. Runs in
+        the middle of a node's removal, so nothing here may raise: the dict lookup hashes
+        the caller's extra_key again, and an extra_key whose hash or equality changed since
+        (or raises) cannot be found. Then ns stays registered, empty, and is never reused
+        (no other extra_key can land in its nodes)."""
         self.ns_ref[ns] -= 1
         if self.ns_ref[ns] == 0 and ns != 0:
-            del self._ns_ids[self._ns_keys[ns]]
+            try:
+                del self._ns_ids[self._ns_keys[ns]]
+            except Exception:
+                self._ns_stuck.add(ns)
+                return 0
             self._ns_keys[ns] = None
             self._ns_free.append(ns)
         return 0
@@ -1587,6 +1605,7 @@ cdef class RadixTreeCore:
         cdef int64_t prio = _int64("priority", priority)
         owner = self._load_key(key, &kv)
         vowner = self._load_value(value, &kv, &vals)
+        self.new_prio = prio
         if self.swa:
             matched = self._insert_swa(&kv, vals, _extra_key(key), prev_prefix_len,
                                        swa_evicted_seqlen, &last)
@@ -1597,7 +1616,8 @@ cdef class RadixTreeCore:
         return _insert_result(matched, self._handle(last))
 
     cdef void _raise_priority(self, nid_t n, int64_t p) noexcept:
-        """Raise n and its ancestors to priority >= p (it only grows: heaps sift down)."""
+        """Raise n and its ancestors to priority >= p (it only grows: heaps sift down). The
+        nodes this insert made already start at p (new_prio)."""
         cdef Node* x
         while n != ROOT:
             x = &self.nodes[n]
@@ -1631,7 +1651,8 @@ cdef class RadixTreeCore:
             raise InvalidValueError(
                 f"prev_prefix_len: expected a multiple of page_size {P} in [0, {kv.n}], got {ppl}"
             )
-        es = (es + P - 1) // P * P
+        # past the key's end it is all the same (and rounding 2**63 - 1 up would overflow)
+        es = (min(es, kv.n) + P - 1) // P * P
         ns = self._find_ns(extra_key, kv.arity)
         if aligned == 0:
             self.clock += 1
@@ -2420,7 +2441,7 @@ cdef class RadixTreeCore:
         for ns_id, cnt in ns_count.items():
             assert self.ns_ref[ns_id] == cnt, f"namespace {ns_id}: {self.ns_ref[ns_id]} != {cnt}"
         for ns_id, ns_key in enumerate(self._ns_keys):
-            if ns_key is not None and ns_id != 0:
+            if ns_key is not None and ns_id != 0 and ns_id not in self._ns_stuck:
                 assert ns_count.get(ns_id, 0) > 0, f"namespace {ns_id} has no root child"
         free_count = 0
         f = self.free_head
@@ -2506,12 +2527,14 @@ cdef class TreeNode:
     @property
     def swa_tombstone(self):
         """True when the node's SWA KV was freed (sliding window caches only)."""
-        return self._tree.swa and self._node().aux_value < 0 and self._slot != ROOT
+        cdef Node* x = self._node()  # StaleNodeError first, whatever the cache kind
+        return self._tree.swa and x.aux_value < 0 and self._slot != ROOT
 
     @property
     def swa_lock_ref(self):
         """SWA lock count (sliding window caches only; 0 otherwise)."""
-        return self._node().aux_lock_ref if self._tree.swa else 0
+        cdef Node* x = self._node()  # StaleNodeError first, whatever the cache kind
+        return x.aux_lock_ref if self._tree.swa else 0
 
     def __eq__(self, other):
         if not isinstance(other, TreeNode):
@@ -2644,6 +2667,7 @@ cdef class MambaTreeCore(RadixTreeCore):
                     f"mamba_value: a state needs a key of at least one page ({self.page_size} "
                     f"tokens), got {kv.n}"
                 )
+        self.new_prio = prio
         matched = self._insert_kv(&kv, vals, _extra_key(key), &last)
         exist = False
         if state >= 0:
@@ -2835,8 +2859,8 @@ cdef int64_t _nonneg_int(str name, object v) except -1:
     if isinstance(v, bool) or not hasattr(v, "__index__"):
         raise TypeError(f"{name}: expected an int, got {v!r:.60} ({type(v).__name__})")
     v = v.__index__()
-    if v < 0:
-        raise InvalidValueError(f"{name}: expected an int >= 0, got {v}")
+    if not 0 <= v < (1 << 63):
+        raise InvalidValueError(f"{name}: expected an int in [0, 2**63), got {v}")
     return v
 
 

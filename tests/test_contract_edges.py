@@ -1,0 +1,110 @@
+"""Edges of the tree's contract found by a review (session 9), each reproduced first.
+
+A negative insert priority was raised to 0; an extra_key whose hash changed after insert
+made evict raise midway (slots leaked, the tree half changed); a huge swa_evicted_seqlen
+overflowed when rounded up to a page; ints past 2**63 raised OverflowError; evicted
+handles of a cache without a sliding window answered swa_tombstone and swa_lock_ref.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pymllm.mem_cache import (
+    MambaRadixCache,
+    RadixCache,
+    RadixKey,
+    SWATokenToKVPoolAllocator,
+    TokenToKVPoolAllocator,
+)
+from pymllm.mem_cache.errors import InvalidValueError, StaleNodeError
+
+
+def test_a_negative_priority_is_evicted_before_priority_zero() -> None:
+    cache = RadixCache(eviction_policy="priority")
+    older = cache.insert(RadixKey([1, 2]), [1, 2]).last_node  # priority 0
+    newer = cache.insert(RadixKey([7, 8]), [7, 8], priority=-5).last_node
+    cache.evict(1)
+    assert newer.evicted and not older.evicted
+    # an insert through an existing node never lowers it
+    cache.insert(RadixKey([1, 2, 3]), [1, 2, 3], priority=-9)
+    cache.evict(1)  # the new [3] leaf (-9) goes, then [1, 2] would be next at 0
+    assert not older.evicted
+    cache._check_invariants()
+
+
+class MutableName:
+    """An extra_key whose hash follows a field the caller changes (a caller bug that
+    Python's dicts do not tolerate either)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MutableName) and other.name == self.name
+
+
+def test_an_extra_key_whose_hash_changed_does_not_break_evict() -> None:
+    alloc = TokenToKVPoolAllocator(64)
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    key = MutableName("a")
+    cache.insert(RadixKey([1, 2, 3], key), alloc.alloc(3))
+    cache.insert(RadixKey([4, 5]), alloc.alloc(2))
+    key.name = "b"
+    assert cache.evict(100).full_evicted == 5  # raised KeyError midway before
+    assert alloc.available_size() == 64  # every slot back
+    assert cache.total_size() == 0
+    cache._check_invariants()
+    # the namespace stays registered, empty; other keys never land in it
+    cache.insert(RadixKey([1, 2, 3], MutableName("c")), alloc.alloc(3))
+    assert cache.match_prefix(RadixKey([1, 2, 3], MutableName("c"))).prefix_len == 3
+    cache._check_invariants()
+
+
+@pytest.mark.parametrize("es", [8, 10**6, 2**62, 2**63 - 1])
+def test_an_evicted_window_past_the_key_caches_nothing_and_frees_everything(es: int) -> None:
+    alloc = SWATokenToKVPoolAllocator(64, 64, page_size=2)
+    cache = RadixCache(page_size=2, sliding_window_size=4, token_to_kv_pool_allocator=alloc)
+    slots = alloc.alloc(8)
+    r = cache.insert(RadixKey(list(range(1, 9))), slots, swa_evicted_seqlen=es)
+    assert r.prefix_len == 0 and cache.total_size() == 0
+    assert (alloc.full_available_size(), alloc.swa_available_size()) == (64, 64)
+    cache._check_invariants()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c, v: c.insert(RadixKey([1, 2]), v, swa_evicted_seqlen=2**64),
+        lambda c, v: c.insert(RadixKey([1, 2]), v, prev_prefix_len=2**64),
+        lambda c, v: c.dec_lock_ref(c.match_prefix(RadixKey([9])).last_node, 2**64),
+    ],
+    ids=["swa_evicted_seqlen", "prev_prefix_len", "swa_boundary_id"],
+)
+def test_ints_past_2_63_are_invalid_values_and_change_nothing(call) -> None:
+    alloc = SWATokenToKVPoolAllocator(64, 64)
+    cache = RadixCache(sliding_window_size=4, token_to_kv_pool_allocator=alloc)
+    node = cache.insert(RadixKey([9]), alloc.alloc(1)).last_node
+    cache.inc_lock_ref(node)
+    value = alloc.alloc(2)  # the caller's, before and after the failed call
+    before = (cache.total_size(), cache.protected_size(), alloc.available_size())
+    with pytest.raises(InvalidValueError, match=r"2\*\*63"):  # OverflowError before
+        call(cache, value)
+    assert (cache.total_size(), cache.protected_size(), alloc.available_size()) == before
+    assert alloc.is_allocated(value).all() and node.lock_ref == 1
+    cache._check_invariants()
+
+
+@pytest.mark.parametrize("cls", [RadixCache, MambaRadixCache])
+@pytest.mark.parametrize("attr", ["swa_tombstone", "swa_lock_ref"])
+def test_evicted_handles_raise_for_the_window_attributes_too(cls, attr: str) -> None:
+    cache = cls()
+    node = cache.insert(RadixKey([1, 2]), np.array([1, 2], dtype=np.int32)).last_node
+    cache.evict(2)
+    assert node.evicted
+    with pytest.raises(StaleNodeError):
+        getattr(node, attr)
