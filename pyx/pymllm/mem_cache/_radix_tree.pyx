@@ -1572,9 +1572,10 @@ cdef class RadixTreeCore:
         ``value[aligned:]``. Returns ``InsertResult(prefix_len, last_node)`` with
         ``last_node`` ending at ``aligned``. Bad input raises and changes nothing.
         ``prev_prefix_len`` and ``swa_evicted_seqlen`` only matter with a sliding window.
-        ``priority`` only matters with ``eviction_policy="priority"``: every node on the
-        path from the root to ``last_node`` is raised to at least ``priority`` (lower
-        priorities are evicted first; a node's priority never drops).
+        ``priority`` only matters with ``eviction_policy="priority"``: the nodes this insert
+        makes start at ``priority`` (a negative one too) and every node on the path from the
+        root to ``last_node`` is raised to at least it (lower priorities are evicted first;
+        a node's priority never drops).
 
         With a sliding window the tree settles every index of ``value[prev_prefix_len:
         aligned]`` itself, so the caller frees none of them: ``value[:prev_prefix_len]`` is
