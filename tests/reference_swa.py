@@ -113,6 +113,8 @@ class RefSWARadixCache(RefRadixCache):
         self._swa_evictable = 0
         self._swa_protected = 0
         self._swa_freed = 0  # SWA tokens freed by the running evict
+        # (locked node's id, boundary) -> inc_lock_refs held: an unlock must name one
+        self._swa_locks: dict[tuple[int, int], int] = {}
 
     def _split_node(self, child: TreeNode, split_len: int) -> TreeNode:
         assert isinstance(child, SWATreeNode)
@@ -329,12 +331,16 @@ class RefSWARadixCache(RefRadixCache):
         :meth:`dec_lock_ref`: the prefix position where the SWA lock stopped, or None."""
         node = self._check_node(node)
         super().inc_lock_ref(node)
+        if node is self.root_node:
+            return None
         path = self._path(node)
         end = sum(len(n.tokens) for n in path)
         acc = 0
+        boundary = None
         for n in reversed(path):
             if n.swa_tombstone:
-                return end
+                boundary = end
+                break
             if n.swa_lock_ref == 0:
                 self._swa_evictable -= len(n.tokens)
                 self._swa_protected += len(n.tokens)
@@ -342,8 +348,11 @@ class RefSWARadixCache(RefRadixCache):
             acc += len(n.tokens)
             end -= len(n.tokens)
             if acc >= self.sliding_window_size:
-                return end
-        return None
+                boundary = end
+                break
+        key = (node.id, 0 if boundary is None else boundary)
+        self._swa_locks[key] = self._swa_locks.get(key, 0) + 1
+        return boundary
 
     def dec_lock_ref(self, node: Any, swa_boundary_id: Any = None, **kwargs: Any) -> None:
         """Undo one :meth:`inc_lock_ref` that returned *swa_boundary_id*: SWA locks of the
@@ -363,12 +372,19 @@ class RefSWARadixCache(RefRadixCache):
         for n in reversed(path):
             if end <= boundary:
                 break
-            if n.swa_lock_ref <= 0:
-                raise LockStateError(
-                    f"swa_boundary_id: {swa_boundary_id!r} does not match the SWA lock of {node!r}"
-                )
             held.append(n)
             end -= len(n.tokens)
+        count = self._swa_locks.get((node.id, boundary), 0)
+        if count <= 0 or any(n.swa_lock_ref <= 0 for n in held):
+            raise LockStateError(
+                f"swa_boundary_id: {swa_boundary_id!r} matches no SWA lock of {node!r}"
+            )
+        if any(n.lock_ref == 0 for n in path):  # as the base's check, before any change
+            raise LockStateError(f"{node!r}: an ancestor holds no lock")
+        if count == 1:
+            del self._swa_locks[(node.id, boundary)]
+        else:
+            self._swa_locks[(node.id, boundary)] = count - 1
         for n in held:
             n.swa_lock_ref -= 1
             if n.swa_lock_ref == 0:

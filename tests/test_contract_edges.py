@@ -18,7 +18,7 @@ from pymllm.mem_cache import (
     SWATokenToKVPoolAllocator,
     TokenToKVPoolAllocator,
 )
-from pymllm.mem_cache.errors import InvalidValueError, StaleNodeError
+from pymllm.mem_cache.errors import InvalidValueError, LockStateError, StaleNodeError
 
 
 def test_a_negative_priority_is_evicted_before_priority_zero() -> None:
@@ -108,3 +108,29 @@ def test_evicted_handles_raise_for_the_window_attributes_too(cls, attr: str) -> 
     assert node.evicted
     with pytest.raises(StaleNodeError):
         getattr(node, attr)
+
+
+def test_an_unlock_cannot_take_another_requests_sliding_window_lock() -> None:
+    """dec_lock_ref checked only that the nodes past the boundary held some SWA lock, so a
+    wrong boundary (here None for A's lock, which covers [5, 6] only) released C's lock
+    on [1..4], and the next SWA evict tombstoned a node C still held."""
+    alloc = SWATokenToKVPoolAllocator(64, 64)
+    cache = RadixCache(sliding_window_size=2, token_to_kv_pool_allocator=alloc)
+    cache.insert(RadixKey([1, 2, 3, 4]), alloc.alloc(4))
+    head = cache.match_prefix(RadixKey([1, 2, 3, 4]))
+    cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), np.concatenate([head.indices, alloc.alloc(2)]))
+    upper = cache.match_prefix(RadixKey([1, 2, 3, 4])).last_node
+    deep = cache.match_prefix(RadixKey([1, 2, 3, 4, 5, 6])).last_node
+    lock_c = cache.inc_lock_ref(upper)  # C: SWA lock on [1..4]
+    lock_a = cache.inc_lock_ref(deep)  # A: a window of 2 locks [5, 6] only
+    assert (lock_c, lock_a) == (0, 4)
+    for wrong in (None, 0, 2):
+        with pytest.raises(LockStateError, match="does not match an SWA lock"):
+            cache.dec_lock_ref(deep, wrong)
+    assert upper.swa_lock_ref == 1 and deep.swa_lock_ref == 1
+    cache.evict(0, 100)
+    assert not upper.swa_tombstone  # C's lock held
+    cache.dec_lock_ref(deep, lock_a)
+    cache.dec_lock_ref(upper, lock_c)
+    assert cache.swa_protected_size() == 0 and cache.protected_size() == 0
+    cache._check_invariants()

@@ -861,6 +861,7 @@ cdef class RadixTreeCore:
     cdef dict _ns_ids               # (extra_key, arity) -> namespace id
     cdef list _ns_keys              # namespace id -> (extra_key, arity) or None when free
     cdef set _ns_stuck              # ids whose extra_key could not be found again to free them
+    cdef dict _swa_locks            # SWA: (locked node's id, boundary) -> held inc_lock_refs
     cdef list _ns_free
     cdef dict _hash_cache           # slot -> list of page hashes (compute_node_hash)
     cdef readonly object token_to_kv_pool_allocator
@@ -1014,6 +1015,7 @@ cdef class RadixTreeCore:
             self._ns_ids = {(None, 0): 0}
             self._ns_keys = [(None, 0)]
             self._ns_stuck = set()
+            self._swa_locks = {}
             self._ns_free = []
             self._hash_cache = {}
             # no slot is initialized until _take_slot hands it out (hwm); the root: slot 0,
@@ -2022,25 +2024,40 @@ cdef class RadixTreeCore:
 
     cdef object _inc_lock_ref_locked(self, node):
         cdef nid_t n = self._slot_of(node)
+        cdef nid_t m
         cdef Node* x
         cdef int64_t acc = 0
-        self._lock(n)
-        if not self.swa:
+        if not self.swa or n == ROOT:
+            self._lock(n)
             return None
-        while n != ROOT:
-            x = &self.nodes[n]
+        # the lock's record first (the one step here that allocates): a failure locks nothing
+        boundary = None
+        m = n
+        while m != ROOT:
+            x = &self.nodes[m]
             if x.aux_value < 0:
-                return x.end_pos
+                boundary = x.end_pos
+                break
+            acc += x.len
+            if acc >= self.window:
+                boundary = x.end_pos - x.len
+                break
+            m = x.parent
+        key = (self.nodes[n].uid, 0 if boundary is None else boundary)
+        self._swa_locks[key] = self._swa_locks.get(key, 0) + 1
+        self._lock(n)
+        m = n
+        while m != ROOT:
+            x = &self.nodes[m]
+            if x.end_pos <= (0 if boundary is None else <int64_t>boundary):
+                break
             if x.aux_lock_ref == 0:
                 self._aux_evictable -= x.len
                 self._aux_protected += x.len
-                _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
+                _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, m)
             x.aux_lock_ref += 1
-            acc += x.len
-            if acc >= self.window:
-                return x.end_pos - x.len
-            n = x.parent
-        return None
+            m = x.parent
+        return boundary
 
     cdef int _lock(self, nid_t n) except -1:
         cdef Node* x
@@ -2078,15 +2095,25 @@ cdef class RadixTreeCore:
                 raise LockStateError(f"node: node {self.nodes[n].uid} is not locked")
             boundary = 0 if swa_boundary_id is None else _nonneg_int("swa_boundary_id",
                                                                        swa_boundary_id)
+            # exactly a lock this node holds: other requests' SWA locks on the same nodes
+            # must not be taken for it (each inc_lock_ref is recorded with its boundary)
+            key = (self.nodes[n].uid, boundary)
+            held = self._swa_locks.get(key, 0)
             m = n
             while m != ROOT and self.nodes[m].end_pos > boundary:
                 if self.nodes[m].aux_lock_ref <= 0:
-                    raise LockStateError(
-                        f"swa_boundary_id: {swa_boundary_id!r} does not match the SWA lock "
-                        f"of node {self.nodes[n].uid}"
-                    )
+                    held = 0
                 m = self.nodes[m].parent
+            if held <= 0:
+                raise LockStateError(
+                    f"swa_boundary_id: {swa_boundary_id!r} does not match an SWA lock of node "
+                    f"{self.nodes[n].uid} (pass what its inc_lock_ref returned)"
+                )
             self._check_unlockable(n)
+            if held == 1:
+                del self._swa_locks[key]
+            else:
+                self._swa_locks[key] = held - 1
             m = n
             while m != ROOT and self.nodes[m].end_pos > boundary:
                 x = &self.nodes[m]
