@@ -861,7 +861,7 @@ cdef class RadixTreeCore:
     cdef dict _ns_ids               # (extra_key, arity) -> namespace id
     cdef list _ns_keys              # namespace id -> (extra_key, arity) or None when free
     cdef set _ns_stuck              # ids whose extra_key could not be found again to free them
-    cdef dict _swa_locks            # SWA: (locked node's id, boundary) -> held inc_lock_refs
+    cdef dict _swa_locks            # SWA: _lock_key(locked node's id, boundary) -> inc_lock_refs
     cdef list _ns_free
     cdef dict _hash_cache           # slot -> list of page hashes (compute_node_hash)
     cdef readonly object token_to_kv_pool_allocator
@@ -2043,7 +2043,7 @@ cdef class RadixTreeCore:
                 boundary = x.end_pos - x.len
                 break
             m = x.parent
-        key = (self.nodes[n].uid, 0 if boundary is None else boundary)
+        key = _lock_key(self.nodes[n].uid, 0 if boundary is None else <int64_t>boundary)
         self._swa_locks[key] = self._swa_locks.get(key, 0) + 1
         self._lock(n)
         m = n
@@ -2097,7 +2097,7 @@ cdef class RadixTreeCore:
                                                                        swa_boundary_id)
             # exactly a lock this node holds: other requests' SWA locks on the same nodes
             # must not be taken for it (each inc_lock_ref is recorded with its boundary)
-            key = (self.nodes[n].uid, boundary)
+            key = _lock_key(self.nodes[n].uid, boundary)
             held = self._swa_locks.get(key, 0)
             m = n
             while m != ROOT and self.nodes[m].end_pos > boundary:
@@ -2875,6 +2875,14 @@ cdef int64_t _int64(str name, object v) except? -1:
     if not -(1 << 63) <= v < (1 << 63):
         raise InvalidValueError(f"{name}: expected a 64-bit int, got {v}")
     return v
+
+
+cdef inline object _lock_key(int64_t uid, int64_t boundary):
+    """The key of an SWA lock in _swa_locks: one int (no tuple) for every realistic node id
+    and boundary, a tuple beyond."""
+    if uid < (<int64_t>1 << 31) and boundary < (<int64_t>1 << 32):
+        return (uid << 32) | boundary
+    return (uid, boundary)
 
 
 cdef int64_t _nonneg_int(str name, object v) except -1:
