@@ -1161,6 +1161,7 @@ cdef class RadixTreeCore:
             except Exception:
                 self._ns_stuck.add(ns)
                 return 0
+            self._ns_stuck.discard(ns)
             self._ns_keys[ns] = None
             self._ns_free.append(ns)
         return 0
@@ -2376,6 +2377,31 @@ cdef class RadixTreeCore:
         finally:
             self._owner = 0
 
+    cdef int _check_swa_lock_records(self) except -1:
+        """Every node's SWA lock count is what the recorded inc_lock_refs add up to: each
+        record (node, boundary, count) SWA-locks the node and its ancestors that end past
+        the boundary, and holds full locks on them."""
+        cdef int64_t i
+        cdef nid_t m
+        slot_of = {self.nodes[i].uid: i for i in range(1, self.hwm) if self.nodes[i].uid >= 0}
+        expected = {}
+        for key, count in self._swa_locks.items():
+            uid, boundary = key if isinstance(key, tuple) else (key >> 32, key & 0xFFFFFFFF)
+            assert count > 0, f"SWA lock record {uid}/{boundary} with count {count}"
+            assert uid in slot_of, f"SWA lock record of a removed node {uid}"
+            m = slot_of[uid]
+            assert self.nodes[m].lock_ref >= count, f"SWA lock record of node {uid}: no full lock"
+            while m != ROOT and self.nodes[m].end_pos > boundary:
+                expected[m] = expected.get(m, 0) + count
+                m = self.nodes[m].parent
+        for i in range(1, self.hwm):
+            if self.nodes[i].uid >= 0:
+                assert self.nodes[i].aux_lock_ref == expected.get(i, 0), (
+                    f"node {self.nodes[i].uid}: SWA lock {self.nodes[i].aux_lock_ref} != "
+                    f"{expected.get(i, 0)} from the lock records"
+                )
+        return 0
+
     cdef object _check_invariants_locked(self):
         cdef int64_t i, evictable = 0, protected = 0, live = 0, in_heap = 0, child_sum
         cdef int64_t aux_ev = 0, aux_pr = 0, in_aux = 0
@@ -2479,6 +2505,8 @@ cdef class RadixTreeCore:
             f = self.nodes[f].next_free
         assert free_count == self.hwm - live, f"free list {free_count} != {self.hwm - live}"
         assert self.hwm <= self.cap <= min(self.heap.cap, self.aux_heap.cap)
+        if self.swa:
+            self._check_swa_lock_records()
 
 # Not @cython.no_gc: a handle refers to its cache, and a cache's owner (a scheduler whose
 # on_node_evict callback the cache holds) often keeps handles; the collector must see that
