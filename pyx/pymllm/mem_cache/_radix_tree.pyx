@@ -2386,7 +2386,7 @@ cdef class RadixTreeCore:
         slot_of = {self.nodes[i].uid: i for i in range(1, self.hwm) if self.nodes[i].uid >= 0}
         expected = {}
         for key, count in self._swa_locks.items():
-            uid, boundary = key if isinstance(key, tuple) else (key >> 32, key & 0xFFFFFFFF)
+            uid, boundary = _lock_key_parts(key)
             assert count > 0, f"SWA lock record {uid}/{boundary} with count {count}"
             assert uid in slot_of, f"SWA lock record of a removed node {uid}"
             m = slot_of[uid]
@@ -2911,6 +2911,11 @@ cdef inline object _lock_key(int64_t uid, int64_t boundary):
     if uid < (<int64_t>1 << 31) and boundary < (<int64_t>1 << 32):
         return (uid << 32) | boundary
     return (uid, boundary)
+
+
+cdef tuple _lock_key_parts(object key):
+    """(node id, boundary) of a _lock_key."""
+    return key if isinstance(key, tuple) else (key >> 32, key & 0xFFFFFFFF)
 
 
 cdef int64_t _nonneg_int(str name, object v) except -1:
