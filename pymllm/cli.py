@@ -23,6 +23,48 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 #: hybrid model); ``chunk`` is ChunkCache, the no-reuse baseline.
 CACHES = ("radix", "chunk")
 
+#: Slot counts and token ids are int32 on the host and on the device.
+_INT32_LIMIT = 1 << 31
+
+
+def _int_option(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high)``; argparse names the option in
+    its error (exit status 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if val < low or (high is not None and val >= high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high:,})"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text}")
+        return val
+
+    parse.__name__ = "integer"  # argparse's fallback message names the type
+    return parse
+
+
+def _float_option(low: float, high: float) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in ``[low, high]``."""
+
+    def parse(text: str) -> float:
+        try:
+            val = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= val <= high:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"expected a number in [{low}, {high}], got {text}")
+        return val
+
+    parse.__name__ = "number"
+    return parse
+
+
+_positive = _int_option(1)
+_slots = _int_option(1, _INT32_LIMIT)
+_seed = _int_option(0)
+
 
 # -- demo ---------------------------------------------------------------------------------
 
@@ -56,14 +98,14 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pool-size",
-        type=int,
+        type=_slots,
         default=16384,
         metavar="N",
         help="KV slots in the pool; smaller than the workload forces eviction (default: 16384)",
     )
     p.add_argument(
         "--swa-pool-size",
-        type=int,
+        type=_slots,
         metavar="N",
         help="slots of the sliding-window layers' KV pool (swa model; default: --pool-size)",
     )
@@ -87,10 +129,10 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="pad every prefill step to --prefill-batch rows (fewer compilations)",
     )
-    p.add_argument("--max-requests", type=int, metavar="N", help="replay only the first N")
+    p.add_argument("--max-requests", type=_positive, metavar="N", help="replay only the first N")
     p.add_argument(
         "--time-scale",
-        type=float,
+        type=_float_option(0.0, 1e6),
         default=0.0,
         metavar="X",
         help="trace arrivals at timestamp * X (default 0: all at once, in order)",
@@ -102,7 +144,7 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="JAX persistent compilation cache, so later runs skip compiling "
         "(default: %(default)s; '' turns it off)",
     )
-    p.add_argument("--seed", type=int, default=0, help="workload and weight seed")
+    p.add_argument("--seed", type=_seed, default=0, help="workload and weight seed")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -189,9 +231,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         err.write(f"pymllm-cache: error: {exc}\n")
         return 2
-    if args.pool_size < 1:
-        err.write("pymllm-cache: error: --pool-size must be >= 1\n")
-        return 2
     if args.state_slots <= args.max_running:
         err.write("pymllm-cache: error: --state-slots must exceed --max-running\n")
         return 2
@@ -226,8 +265,20 @@ def _run_demo(args: argparse.Namespace) -> int:
     params = init_params(cfg)
     runs = {}
     for kind in kinds:
-        swa = (args.swa_pool_size or args.pool_size) if cfg.variant == "swa" else None
-        memory = EngineMemory(cfg, args.pool_size, state_size=args.state_slots, swa_size=swa)
+        swa_size = args.pool_size if args.swa_pool_size is None else args.swa_pool_size
+        try:
+            memory = EngineMemory(
+                cfg,
+                args.pool_size,
+                state_size=args.state_slots,
+                swa_size=swa_size if cfg.variant == "swa" else None,
+            )
+        except (MemoryError, jax.errors.JaxRuntimeError) as exc:
+            err.write(
+                f"pymllm-cache: error: the KV pools ({args.pool_size:,} slots) do not fit "
+                f"in memory: {str(exc).splitlines()[0]}\n"
+            )
+            return 1
         cache = _make_cache(kind, cfg, memory)
         engine = Engine(cfg, memory, cache, params=params, sched=sched)
         name = type(cache).__name__
@@ -356,26 +407,35 @@ def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--page-size",
-        type=int,
+        type=_positive,
         default=1,
         metavar="P",
         help="the tree's page size in trace units: keys are matched and cached in whole "
         "pages of P blocks (Mooncake) or P tokens (plain); a block in the hit rates is one "
         "page (default: 1)",
     )
-    p.add_argument("--format", choices=FORMATS, default="auto", help="trace format")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="trace format (the built-in trace is Mooncake's)",
+    )
     p.add_argument(
         "--block-tokens",
-        type=int,
+        type=_slots,
         default=MOONCAKE_BLOCK_TOKENS,
         metavar="N",
-        help="tokens per Mooncake hash id, for the token hit rate (default: %(default)s)",
+        help="tokens per Mooncake hash id, for the token hit rate; also the built-in "
+        "trace's block size (default: %(default)s)",
     )
-    p.add_argument("--max-requests", type=int, metavar="N", help="replay only the first N")
+    p.add_argument("--max-requests", type=_positive, metavar="N", help="replay only the first N")
     builtin = TraceSpec()
-    for flag, val in (("--requests", builtin.requests), ("--seed", builtin.seed)):
+    for flag, val, kind in (
+        ("--requests", builtin.requests, _positive),
+        ("--seed", builtin.seed, _seed),
+    ):
         p.add_argument(
-            flag, type=int, default=val, metavar="N", help=f"of the built-in trace (default {val})"
+            flag, type=kind, default=val, metavar="N", help=f"of the built-in trace (default {val})"
         )
     p.add_argument(
         "--plot", metavar="FILE.png", help="save hit rate vs capacity (needs matplotlib)"
@@ -392,7 +452,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     err = sys.stderr
     try:
         if args.plot:
-            plot.require_matplotlib()
+            plot.check_plot_path(args.plot)
         if args.trace:
             trace = read_trace(
                 args.trace,
@@ -401,10 +461,16 @@ def _run_replay(args: argparse.Namespace) -> int:
                 max_requests=args.max_requests,
             )
         else:
-            spec = generate.TraceSpec(requests=args.requests, seed=args.seed)
+            if args.format not in ("auto", "mooncake"):
+                raise ValueError(f"--format {args.format}: the built-in trace is Mooncake's")
+            spec = generate.TraceSpec(
+                requests=args.requests, seed=args.seed, block_tokens=args.block_tokens
+            )
             records = generate.generate_trace(spec)[: args.max_requests]
             name = f"synthetic(requests={spec.requests}, seed={spec.seed})"
-            trace = trace_from_records(records, name, format="mooncake")
+            trace = trace_from_records(
+                records, name, format="mooncake", block_tokens=spec.block_tokens
+            )
         caps = (
             [simulator.parse_capacity(c) for c in args.capacity]
             if args.capacity
@@ -439,17 +505,25 @@ def _run_replay(args: argparse.Namespace) -> int:
         "runs": [r.summary() for r in results],
         "plot": args.plot,
     }
+    plot_error = None
     if args.plot:
-        plot.plot_hit_rates(
-            results,
-            args.plot,
-            title=f"{trace.name}: {len(trace):,} requests, {trace.total_units:,} {trace.unit}s",
-            ideal=ideal,
-        )
+        try:
+            plot.plot_hit_rates(
+                results,
+                args.plot,
+                title=f"{trace.name}: {len(trace):,} requests, {trace.total_units:,} {trace.unit}s",
+                ideal=ideal,
+            )
+        except (OSError, ValueError) as exc:  # checked up front; the file system may differ now
+            plot_error = exc
+            report["plot"] = None
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(_render_replay(report))
+    if plot_error is not None:
+        err.write(f"pymllm-cache: error: --plot {args.plot}: {plot_error}\n")
+        return 2
     return 0 if all(r.leak_free for r in results) else 1
 
 
@@ -499,14 +573,15 @@ def _render_replay(report: dict[str, Any]) -> str:
 
 
 #: gen-trace's options: flag, type, metavar, help; each sets the TraceSpec field of its name.
+#: TraceSpec checks the values' ranges (a ValueError naming the field, exit status 2).
 _GEN_TRACE_OPTIONS = (
-    ("--requests", int, "N", "lines to write"),
-    ("--seed", int, "S", "the same seed, the same file"),
-    ("--groups", int, "G", "shared system prompts"),
+    ("--requests", _positive, "N", "lines to write"),
+    ("--seed", _seed, "S", "the same seed, the same file"),
+    ("--groups", _positive, "G", "shared system prompts"),
     ("--mean-turns", float, "T", "mean turns per conversation; a turn extends the last one"),
     ("--no-prefix", float, "F", "fraction of conversations without a shared system prompt"),
     ("--regenerate", float, "F", "fraction of turns sent twice (a regenerated answer)"),
-    ("--block-tokens", int, "N", "tokens per block"),
+    ("--block-tokens", _positive, "N", "tokens per block"),
 )
 
 

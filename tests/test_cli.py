@@ -101,10 +101,52 @@ def test_demo_bad_trace_names_line_and_field(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_settings(capsys):
-    assert main(["demo", "--pool-size", "0"]) == 2
-    assert "--pool-size must be >= 1" in capsys.readouterr().err
     assert main(["demo", "--max-running", "0"]) == 2
     assert "max_running must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--pool-size", "0"], "argument --pool-size: expected an integer in [1, "),
+        (["demo", "--pool-size", "3000000000"], "argument --pool-size: expected an integer in"),
+        (["demo", "--swa-pool-size", "-5"], "argument --swa-pool-size: expected an integer"),
+        (["demo", "--swa-pool-size", "0"], "argument --swa-pool-size: expected an integer"),
+        (["demo", "--max-requests", "0"], "argument --max-requests: expected an integer >= 1"),
+        (["demo", "--time-scale", "inf"], "argument --time-scale: expected a number in"),
+        (["demo", "--time-scale", "nan"], "argument --time-scale: expected a number in"),
+        (["demo", "--time-scale", "-1"], "argument --time-scale: expected a number in"),
+        (["demo", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+        (["replay", "--max-requests", "-1"], "argument --max-requests: expected an integer >= 1"),
+        (["replay", "--seed", "-1"], "argument --seed: expected an integer >= 0"),
+        (["replay", "--requests", "0"], "argument --requests: expected an integer >= 1"),
+        (["replay", "--block-tokens", str(10**20)], "argument --block-tokens: expected an int"),
+        (["replay", "--block-tokens", str(2**31)], "argument --block-tokens: expected an int"),
+        (["replay", "--page-size", "x"], "argument --page-size: expected an integer, got 'x'"),
+        (["gen-trace", "o.jsonl", "--seed", "-1"], "argument --seed: expected an integer >= 0"),
+        (["gen-trace", "o.jsonl", "--requests", "0"], "argument --requests: expected an int"),
+    ],
+)
+def test_options_are_checked_and_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_pools_that_do_not_fit_are_an_error_not_a_traceback(monkeypatch, capsys):
+    import jax
+
+    from pymllm.engine import memory
+
+    def no_room(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory\ndetails")
+
+    monkeypatch.setattr(memory, "EngineMemory", no_room)
+    assert main(["demo", *SMALL, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "error: the KV pools (512 slots) do not fit in memory: RESOURCE_EXHAUSTED" in err
+    assert "details" not in err
 
 
 # -- replay and gen-trace -----------------------------------------------------------------
@@ -209,8 +251,53 @@ def test_gen_trace_then_replay(tmp_path, capsys):
     built_in = json.loads(capsys.readouterr().out)
     assert from_file["runs"][0]["hit_blocks"] == built_in["runs"][0]["hit_blocks"] > 0
     assert from_file["ideal"] == built_in["ideal"]
-    assert main(["gen-trace", str(a), "--requests", "0"]) == 2
-    assert "requests: expected a positive integer, got 0" in capsys.readouterr().err
+    for bad in ("inf", "1e9"):  # a chat that never ends: refused, not generated forever
+        assert main(["gen-trace", str(a), "--mean-turns", bad]) == 2
+        assert "mean_turns: expected a number in [1, 100]" in capsys.readouterr().err
+
+
+def test_replay_checks_the_plot_path_before_replaying(replay_trace, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    for path, message in (
+        (tmp_path / "no" / "dir" / "x.png", "no folder"),
+        (tmp_path / "x.foo", "the suffix must name a format matplotlib writes"),
+    ):
+        assert main(["replay", str(replay_trace), "--quiet", "--plot", str(path)]) == 2
+        out = capsys.readouterr()
+        assert message in out.err and out.out == ""  # before the replay: no table
+
+
+def test_replay_reports_a_failed_plot_after_its_results(
+    replay_trace, tmp_path, monkeypatch, capsys
+):
+    pytest.importorskip("matplotlib")
+    from pymllm.replay import plot
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plot, "plot_hit_rates", fail)
+    rc = main(["replay", str(replay_trace), "--quiet", "--capacity", "inf", "--plot", "x.png"])
+    out = capsys.readouterr()
+    assert rc == 2
+    assert "block hit" in out.out and "plot saved" not in out.out  # the results still print
+    assert "error: --plot x.png: disk full" in out.err
+
+
+def test_replay_huge_capacity_allocates_only_the_trace(replay_trace, capsys):
+    rc = main(["replay", str(replay_trace), "--capacity", "1e12", "--policy", "lru", "--json"])
+    run = json.loads(capsys.readouterr().out)["runs"][0]
+    assert rc == 0
+    assert (run["capacity"], run["pool_slots"]) == (10**12, 8 * 5)
+
+
+def test_replay_built_in_trace_takes_block_tokens_and_refuses_other_formats(capsys):
+    args = ["replay", "--requests", "50", "--capacity", "inf", "--policy", "lru", "--json"]
+    assert main([*args, "--block-tokens", "256"]) == 0
+    trace = json.loads(capsys.readouterr().out)["trace"]
+    assert (trace["unit_tokens"], trace["tokens"]) == (256, 256 * trace["units"])
+    assert main([*args, "--format", "tokens"]) == 2
+    assert "--format tokens: the built-in trace is Mooncake's" in capsys.readouterr().err
 
 
 def test_replay_plain_trace_with_page_size(tmp_path, capsys):

@@ -125,10 +125,14 @@ def test_format_can_be_forced(tmp_path):
         (json.dumps(mc([2**31])), r":3: field 'hash_ids': id 2147483648 is outside"),
         (json.dumps(mc([2**70])), r":3: field 'hash_ids': id 1180591620717411303424 is outside"),
         (json.dumps(mc([1, 2], n_in=100)), r":3: field 'hash_ids' has 2 ids but input_length"),
-        (json.dumps(mc([1], n_in=0)), r":3: field 'input_length' must be a positive integer"),
+        (json.dumps(mc([1], n_in=0)), r":3: field 'input_length' must be an integer in \[1, "),
+        (json.dumps(mc([1] * 2, n_in=2**31)), r":3: field 'input_length' must be an integer in"),
         (json.dumps(mc([1], ts=-1)), r":3: field 'timestamp' must be >= 0"),
-        (json.dumps(mc([1], priority=1.5)), r":3: field 'priority' must be an integer"),
+        (json.dumps(mc([1], priority=1.5)), r":3: field 'priority' must be a 64-bit integer"),
+        (json.dumps(mc([1], priority=2**63)), r":3: field 'priority' must be a 64-bit integer"),
         ("[1, 2]", r":3: expected a JSON object, got list"),
+        ("[" + "1" * 5000 + "]", r":3: not a line this reader takes \(Exceeds the limit"),
+        ("[" * 100_000 + "]" * 100_000, r":3: not a line this reader takes"),
     ],
 )
 def test_bad_mooncake_lines_name_the_line(tmp_path, line, message):
@@ -152,6 +156,17 @@ def test_bad_plain_lines_name_the_line(tmp_path, line, message):
     path = write_lines(tmp_path, [[1, 2, 3], line])
     with pytest.raises(TraceError, match=message):
         read_trace(path)
+
+
+def test_lines_end_at_newlines_only_and_a_bom_is_skipped(tmp_path):
+    # U+2028, form feed and the like are line breaks to str.splitlines(), not to JSON Lines
+    rec = {"tokens": [1, 2], "extra_key": "a\u2028b\x0cc\x1cd"}
+    path = tmp_path / "sep.jsonl"
+    path.write_text("\ufeff" + json.dumps(rec, ensure_ascii=False) + "\r\n[3]\n", "utf-8")
+    t = read_trace(path)
+    assert t.extra_keys == ["a\u2028b\x0cc\x1cd", None]
+    assert [k.tolist() for k in t.keys] == [[1, 2], [3]]
+    assert t.lines == [1, 2]
 
 
 def test_unreadable_empty_or_unknown_trace(tmp_path):
@@ -218,9 +233,26 @@ class FreeList:
         self.free_slots.extend(np.asarray(idx).tolist())
 
 
+class TokenCountingFreeList(FreeList):
+    """A FreeList that knows each slot's tokens (set when allocated) and sums the tokens of
+    the slots freed while `counting` is on."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.tokens = {}
+        self.counting = False
+        self.counted = 0
+
+    def free(self, idx):
+        if self.counting:
+            self.counted += sum(self.tokens[s] for s in np.asarray(idx).tolist())
+        super().free(idx)
+
+
 def reference_replay(trace, capacity, page_size, policy):
-    """The replay's request sequence on RefRadixCache + FreeList; per-request hits."""
-    alloc = FreeList(capacity)
+    """The replay's request sequence on RefRadixCache + a free list; per-request hits, the
+    units evicted and their tokens (each slot's tokens recorded when it is allocated)."""
+    alloc = TokenCountingFreeList(capacity)
     kwargs = {"eviction_policy": policy} if len(POLICIES) > 1 else {}
     cache = RefRadixCache(page_size=page_size, token_to_kv_pool_allocator=alloc, **kwargs)
     hits, evicted = [], 0
@@ -231,8 +263,15 @@ def reference_replay(trace, capacity, page_size, policy):
         cache.inc_lock_ref(m.last_node)
         short = len(toks) - m.prefix_len - alloc.available_size()
         if short > 0:
+            alloc.counting = True
             evicted += cache.evict(short).full_evicted
-        value = np.concatenate([m.indices, alloc.alloc(len(toks) - m.prefix_len)])
+            alloc.counting = False
+        new = alloc.alloc(len(toks) - m.prefix_len)
+        for j, slot in enumerate(new.tolist(), m.prefix_len):  # unit j of the request
+            alloc.tokens[slot] = min(
+                trace.unit_tokens, int(trace.tokens[i]) - j * trace.unit_tokens
+            )
+        value = np.concatenate([m.indices, new])
         prio = (
             {"priority": trace.priorities[i]} if policy == "priority" and trace.priorities else {}
         )
@@ -243,7 +282,7 @@ def reference_replay(trace, capacity, page_size, policy):
         cache.dec_lock_ref(m.last_node)
         hits.append(m.prefix_len)
     assert alloc.available_size() + cache.total_size() == capacity
-    return hits, evicted
+    return hits, evicted, alloc.counted
 
 
 @pytest.mark.parametrize("page_size", [1, 2, 3])
@@ -273,12 +312,50 @@ def test_finite_replay_matches_the_reference_tree(seed, page_size, policy):
     t = random_trace(seed, n=80, namespaces=seed == 11)
     longest = max(k.size for k in t.keys)
     for capacity in (longest, longest + 7, 3 * longest):
-        want, evicted = reference_replay(t, capacity, page_size, policy)
+        want, evicted, evicted_tokens = reference_replay(t, capacity, page_size, policy)
         res = replay(t, capacity, policy=policy, page_size=page_size)
         assert res.prefix_units.tolist() == want, capacity
-        assert res.evicted_units == evicted
+        assert (res.evicted_units, res.evicted_tokens) == (evicted, evicted_tokens)
         assert res.leak_free and res.pool_slots == capacity
     assert evicted > 0  # the small capacities did evict
+
+
+def random_mooncake_trace(seed, block_tokens=4):
+    """random_trace's keys as hash ids of `block_tokens`-token blocks, most requests' last
+    block partial (input_length 1-3 tokens short of whole blocks, or whole)."""
+    rng = np.random.default_rng(seed + 100)
+    recs = [
+        mc(k.tolist(), n_in=k.size * block_tokens - int(rng.integers(0, block_tokens)))
+        for k in random_trace(seed, n=80).keys
+    ]
+    return trace_from_records(recs, block_tokens=block_tokens)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(("seed", "page_size"), [(20, 1), (21, 1), (22, 2)])
+def test_evicted_tokens_count_partial_blocks(seed, page_size, policy):
+    """Each evicted block counts its own tokens: the reference frees slot by slot, knowing
+    every slot's tokens from when it was allocated."""
+    t = random_mooncake_trace(seed)
+    assert (t.tokens < np.array([k.size for k in t.keys]) * 4).any()
+    longest = max(k.size for k in t.keys)
+    for capacity in (longest, longest + 5, 2 * longest):
+        _, evicted, evicted_tokens = reference_replay(t, capacity, page_size, policy)
+        res = replay(t, capacity, policy=policy, page_size=page_size)
+        assert (res.evicted_units, res.evicted_tokens) == (evicted, evicted_tokens), capacity
+        assert evicted_tokens < 4 * evicted  # partial blocks were among the evicted
+    assert replay(t, None).evicted_tokens == 0
+
+
+def test_evicted_tokens_hand_cases():
+    # capacity 1 block: [1] (10 tokens) is evicted by [2] (512), which [3] evicts; the slot
+    # that held the partial block holds [2], a whole block, when it goes
+    t = trace_from_records([mc([1], n_in=10), mc([2]), mc([3])])
+    res = replay(t, 1)
+    assert (res.evicted_units, res.evicted_tokens) == (2, 10 + 512)
+    # a partial block cached by the warmup and evicted by the timed replay
+    res = replay(trace_from_records([mc([2])]), 1, warmup=trace_from_records([mc([1], n_in=7)]))
+    assert (res.evicted_units, res.evicted_tokens) == (1, 7)
 
 
 def test_hand_computed_lru_case():
@@ -450,6 +527,34 @@ def test_generator_knobs_change_the_sharing():
         TraceSpec(no_prefix=2)
     with pytest.raises(ValueError, match=r"regenerate: expected a fraction in \[0, 1\]"):
         TraceSpec(regenerate=-0.1)
+
+
+def test_generator_bounds_keep_it_finite():
+    for bad in (math.inf, math.nan, 101, 1e9):
+        with pytest.raises(ValueError, match=r"mean_turns: expected a number in \[1, 100\]"):
+            TraceSpec(mean_turns=bad)
+    for name in ("rate", "think_s", "zipf"):
+        with pytest.raises(ValueError, match=f"{name}: expected a positive finite number"):
+            TraceSpec(**{name: math.inf})
+    with pytest.raises(ValueError, match="groups: expected an integer below 1,000,000"):
+        TraceSpec(groups=10**6)
+    with pytest.raises(ValueError, match="block_tokens: expected an integer below"):
+        TraceSpec(block_tokens=2**31)
+    recs = generate_trace(TraceSpec(requests=50, mean_turns=100))  # the bound itself runs
+    assert len(recs) == 50
+
+
+def test_a_capacity_beyond_the_trace_allocates_only_the_trace():
+    t = trace_from_records([[1, 2, 3], [1, 2, 4], [5]])
+    for cap in (7, 10**12):
+        res = replay(t, cap)
+        assert res.pool_slots == 7 and res.capacity == cap
+        assert res.prefix_units.tolist() == replay(t, None).prefix_units.tolist()
+    assert replay(t, 5).pool_slots == 5
+    warm = trace_from_records([[9, 9]])
+    assert replay(t, 10**12, warmup=warm).pool_slots == 9
+    with pytest.raises(ValueError, match="capacity: 1 tokens cannot hold the warmup's longest"):
+        replay(trace_from_records([[1]]), 1, warmup=warm)
 
 
 def test_warmup_fills_the_cache_untimed_and_uncounted():

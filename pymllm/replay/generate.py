@@ -22,6 +22,7 @@ references (the scale of the issue's benchmark).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ from typing import Any
 import numpy as np
 
 from pymllm.replay.traces import MOONCAKE_BLOCK_TOKENS
+
+#: Bounds on :class:`TraceSpec` that keep a generation finite and in memory.
+MAX_MEAN_TURNS = 100
+MAX_GROUPS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -50,24 +55,31 @@ class TraceSpec:
     output_tokens: tuple[int, int] = (16, 512)
 
     def __post_init__(self) -> None:
-        for name in ("requests", "groups", "block_tokens"):
+        for name, high in (("requests", None), ("groups", MAX_GROUPS), ("block_tokens", 1 << 31)):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {val!r}")
+            if high is not None and val >= high:
+                raise ValueError(f"{name}: expected an integer below {high:,}, got {val!r}")
         for name in ("system_blocks", "user_blocks", "output_tokens"):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name}: expected 1 <= low <= high, got {(lo, hi)!r}")
-        if not self.mean_turns >= 1:
-            raise ValueError(f"mean_turns: expected a number >= 1, got {self.mean_turns!r}")
+        # a chat resends its whole history every turn, so its requests grow with its turns
+        # and their ids with the square: a mean of thousands of turns would not finish
+        if not 1 <= self.mean_turns <= MAX_MEAN_TURNS:
+            raise ValueError(
+                f"mean_turns: expected a number in [1, {MAX_MEAN_TURNS}], got {self.mean_turns!r}"
+            )
         for name in ("no_prefix", "regenerate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(
                     f"{name}: expected a fraction in [0, 1], got {getattr(self, name)!r}"
                 )
         for name in ("zipf", "rate", "think_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+            val = getattr(self, name)
+            if not (val > 0 and math.isfinite(val)):
+                raise ValueError(f"{name}: expected a positive finite number, got {val!r}")
 
 
 def generate_trace(spec: TraceSpec | None = None) -> list[dict[str, Any]]:

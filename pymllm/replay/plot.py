@@ -18,6 +18,26 @@ def require_matplotlib() -> None:
         raise ImportError(f"plotting needs matplotlib: {INSTALL_HINT}")
 
 
+def check_plot_path(path: str | Path) -> None:
+    """Raise before a long replay what saving a plot to *path* would raise after it:
+    ``ImportError`` without matplotlib, ``ValueError`` for a format matplotlib cannot
+    write (from the suffix) or a folder that does not exist."""
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix[1:].lower()
+    if suffix not in formats:
+        raise ValueError(
+            f"plot: cannot save {str(path)!r}: the suffix must name a format matplotlib "
+            f"writes ({', '.join(sorted(formats))})"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"plot: cannot save {str(path)!r}: no folder {str(parent)!r}")
+
+
 def plot_hit_rates(
     results: Sequence[ReplayResult],
     path: str | Path,
@@ -65,4 +85,4 @@ def plot_hit_rates(
     fig.savefig(path, dpi=120)
 
 
-__all__ = ["INSTALL_HINT", "plot_hit_rates", "require_matplotlib"]
+__all__ = ["INSTALL_HINT", "check_plot_path", "plot_hit_rates", "require_matplotlib"]

@@ -85,12 +85,14 @@ def parse_capacity(text: str | int | float | None) -> int | None:
 class ReplayResult:
     """What one replay (one capacity, one policy) measured.
 
-    ``capacity`` is ``None`` for an unbounded cache (then ``pool_slots`` is the trace's
-    total units, which never runs short). ``blocks``/``hit_blocks`` count pages of
+    ``capacity`` is ``None`` for an unbounded cache. ``pool_slots`` is the allocator's
+    size: the capacity, or the trace's total units (with any warmup's) when fewer, which
+    never runs short (see :func:`pool_slots`). ``blocks``/``hit_blocks`` count pages of
     ``page_size`` units (a request of n units is ``ceil(n / page_size)`` blocks);
     ``tokens``/``hit_tokens`` count prompt tokens (a hit of k units is
-    ``min(k * unit_tokens, prompt tokens)``). ``seconds`` is the replay loop alone: trace
-    parsing, key conversion and cache construction are excluded.
+    ``min(k * unit_tokens, prompt tokens)``); ``evicted_tokens`` counts each evicted unit's
+    own tokens (a Mooncake request's last block may be partial). ``seconds`` is the replay
+    loop alone: trace parsing, key conversion and cache construction are excluded.
     """
 
     policy: str
@@ -143,21 +145,27 @@ class ReplayResult:
         return out
 
 
-def pool_slots(trace: Trace, capacity: int | None) -> int:
-    """The allocator size a replay of *trace* at *capacity* uses: *capacity* itself, or
-    for ``None`` (unbounded) the trace's total units. Raises ``ValueError`` naming
+def pool_slots(trace: Trace, capacity: int | None, warmup: Trace | None = None) -> int:
+    """The allocator size a replay of *trace* (after *warmup*) at *capacity* uses:
+    *capacity*, or the total units of both traces when that is less, which is also the
+    size for ``None`` (unbounded). No replay ever holds more slots than its traces' units
+    at once (the tree holds units of earlier requests, the running request its own), so a
+    larger pool would change no result, only cost memory. Raises ``ValueError`` naming
     ``capacity`` when it is not a positive integer or cannot hold the longest request."""
+    traces = (trace,) if warmup is None else (trace, warmup)
+    units = max(sum(t.total_units for t in traces), 1)
     if capacity is None:
-        return max(trace.total_units, 1)
+        return units
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity: expected a positive integer or None, got {capacity!r}")
-    longest = max(int(k.size) for k in trace.keys)
-    if capacity < longest:
-        raise ValueError(
-            f"capacity: {capacity} {trace.unit}s cannot hold the trace's longest request "
-            f"({longest} {trace.unit}s)"
-        )
-    return capacity
+    for t, what in zip(traces, ("the trace", "the warmup"), strict=False):
+        longest = max(int(k.size) for k in t.keys)
+        if capacity < longest:
+            raise ValueError(
+                f"capacity: {capacity} {t.unit}s cannot hold {what}'s longest request "
+                f"({longest} {t.unit}s)"
+            )
+    return min(capacity, units)
 
 
 def _check_page_size(page_size: int) -> int:
@@ -212,19 +220,22 @@ class Replay:
         warmup: Trace | None = None,
     ) -> None:
         page_size = _check_page_size(page_size)
-        pool = pool_slots(trace, capacity)
-        if warmup is not None:
-            if warmup.unit != trace.unit:
-                raise ValueError(f"warmup: expected a trace of {trace.unit}s, got {warmup.unit}s")
-            pool = pool_slots(warmup, capacity) + pool if capacity is None else pool
-            pool_slots(warmup, pool)
+        if warmup is not None and warmup.unit != trace.unit:
+            raise ValueError(f"warmup: expected a trace of {trace.unit}s, got {warmup.unit}s")
+        pool = pool_slots(trace, capacity, warmup)
         self.trace, self.capacity, self.policy, self.page_size = trace, capacity, policy, page_size
         self.pool = pool
         self.allocator = TokenToKVPoolAllocator(pool)
         self.cache = make_cache(policy, page_size, self.allocator)
+        # A Mooncake request's last block may hold fewer than unit_tokens tokens. To count
+        # evicted tokens exactly, each tree-owned slot holding such a block records how many
+        # tokens short it is (0 for a full block: written whenever the tree takes a slot).
+        partial = any(_shortfall(t) is not None for t in (trace, warmup) if t is not None)
+        self._short = np.zeros(pool + 1, dtype=np.int64) if partial else None
         if warmup is not None:
             self._serve(self._requests(warmup), None)
         self.warm_units = self.cache.total_size()
+        self._short_at_start = self._short_in_tree()
         self._todo: tuple[Any, ...] | None = self._requests(trace)
 
     def _requests(self, trace: Trace) -> tuple[Any, ...]:
@@ -235,15 +246,26 @@ class Replay:
             for k, e in zip(trace.keys, trace.extra_keys or [None] * len(trace.keys), strict=True)
         ]
         aligned = [n - n % self.page_size for n in sizes]
-        return keys, sizes, aligned, trace.priorities if self.policy == "priority" else None
+        prios = trace.priorities if self.policy == "priority" else None
+        return keys, sizes, aligned, prios, _shortfall(trace)
+
+    def _short_in_tree(self) -> int:
+        """Tokens the tree's partial blocks lack (0 without any): between requests every
+        allocated slot is the tree's."""
+        if self._short is None:
+            return 0
+        owned = self.allocator.is_allocated(np.arange(1, self.pool + 1, dtype=np.int32))
+        return int(self._short[1:][owned].sum())
 
     def run(self, progress: Progress | None = None) -> ReplayResult:
         """Serve the trace; ``progress(done, total, seconds)`` every few thousand requests."""
         if self._todo is None:
             raise RuntimeError("Replay.run: this replay has run; set up a new one")
         todo, self._todo = self._todo, None
-        prefix, evicted, seconds = self._serve(todo, progress)
+        prefix, evicted, seconds, short_taken = self._serve(todo, progress)
         trace, cache, pool = self.trace, self.cache, self.pool
+        # tokens evicted: whole units, less what the evicted partial blocks lacked
+        short_evicted = self._short_at_start + short_taken - self._short_in_tree()
         blocks, hit_blocks, hit_tokens, with_hit = _hits(trace, prefix, self.page_size)
         return ReplayResult(
             policy=self.policy,
@@ -258,7 +280,7 @@ class Replay:
             hit_tokens=hit_tokens,
             requests_with_hit=with_hit,
             evicted_units=evicted,
-            evicted_tokens=evicted * trace.unit_tokens,
+            evicted_tokens=evicted * trace.unit_tokens - short_evicted,
             seconds=seconds,
             leak_free=cache.total_size() + self.allocator.available_size() == pool,
             warm_units=self.warm_units,
@@ -267,11 +289,13 @@ class Replay:
 
     def _serve(
         self, todo: tuple[Any, ...], progress: Progress | None
-    ) -> tuple[np.ndarray, int, float]:
+    ) -> tuple[np.ndarray, int, float, int]:
         """The request loop (see the module docstring). Returns each request's hit units,
-        the units evicted and the loop's seconds."""
-        keys, sizes, aligned, prios = todo
+        the units evicted, the loop's seconds and the tokens lacked by the partial blocks
+        the tree took."""
+        keys, sizes, aligned, prios, shortfall = todo
         cache, alloc = self.cache, self.allocator
+        lack, short_taken = self._short, 0
         prefix = np.zeros(len(keys), dtype=np.int64)
         # One scratch row for every request's value (prefix slots + new slots): the tree
         # copies what it takes, so the row is free again once insert returns.
@@ -303,6 +327,11 @@ class Replay:
                 give(value[p : r.prefix_len])
             if aligned[i] < n:  # the unaligned tail is never cached
                 give(value[aligned[i] : n])
+            if lack is not None and r.prefix_len < aligned[i]:  # slots the tree took
+                lack[value[r.prefix_len : aligned[i]]] = 0
+                if aligned[i] == n and shortfall is not None and shortfall[i]:
+                    lack[value[n - 1]] = shortfall[i]
+                    short_taken += shortfall[i]
             unlock(node)
             prefix[i] = p
             if progress is not None and (i + 1) % PROGRESS_EVERY == 0:
@@ -310,7 +339,15 @@ class Replay:
         seconds = time.perf_counter() - t0
         if progress is not None:
             progress(total, total, seconds)
-        return prefix, evicted, seconds
+        return prefix, evicted, seconds, short_taken
+
+
+def _shortfall(trace: Trace) -> list[int] | None:
+    """Per request, the tokens its last unit lacks (units times unit_tokens minus its
+    prompt tokens), or ``None`` when every request fills its units."""
+    sizes = np.fromiter((k.size for k in trace.keys), dtype=np.int64, count=len(trace.keys))
+    short = sizes * trace.unit_tokens - trace.tokens
+    return short.tolist() if short.any() else None
 
 
 def ideal_prefix_units(trace: Trace, page_size: int = 1) -> np.ndarray:

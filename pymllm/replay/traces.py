@@ -12,9 +12,10 @@ so the demo and the replay tool accept and reject the same lines.
 ``hash_ids`` holds one id per ``block_tokens``-token block of the prompt (512 in Mooncake's
 traces); equal ids mean equal blocks, and since a block's id depends on everything before it,
 a shared id prefix is a shared prompt prefix. ``timestamp`` (ms, a number >= 0),
-``input_length`` and ``output_length`` (positive integers) are checked when present; when
-``input_length`` is present it must need exactly ``len(hash_ids)`` blocks. An optional
-``priority`` (an integer) is passed to ``insert`` under the ``priority`` eviction policy.
+``input_length`` and ``output_length`` (integers in ``[1, 2**31)``) are checked when
+present; when ``input_length`` is present it must need exactly ``len(hash_ids)`` blocks. An
+optional ``priority`` (a 64-bit integer) is passed to ``insert`` under the ``priority``
+eviction policy.
 
 **Plain** (one request per line)::
 
@@ -46,6 +47,7 @@ FORMATS = ("auto", "mooncake", "tokens")
 MOONCAKE_BLOCK_TOKENS = 512
 
 _ID_LIMIT = 1 << 31
+_I64 = 1 << 63
 
 #: The Mooncake fields and how each is checked (see :func:`trace_field`).
 MOONCAKE_FIELDS = {
@@ -62,8 +64,8 @@ class TraceError(ValueError):
 
 def trace_field(rec: dict[str, Any], name: str, where: str, *, kind: str) -> Any:
     """``rec[name]`` checked as *kind*: ``number`` (finite, >= 0), ``posint`` (an integer
-    >= 1), ``int`` (any integer) or ``ids`` (a list of integers). Raises :class:`TraceError`
-    naming *where* (``file:line``) and the field."""
+    in ``[1, 2**31)``), ``int`` (a 64-bit integer) or ``ids`` (a list of integers). Raises
+    :class:`TraceError` naming *where* (``file:line``) and the field."""
     if name not in rec:
         raise TraceError(f"{where}: missing field {name!r}")
     val = rec[name]
@@ -73,11 +75,13 @@ def trace_field(rec: dict[str, Any], name: str, where: str, *, kind: str) -> Any
         if val < 0:
             raise TraceError(f"{where}: field {name!r} must be >= 0, got {val!r}")
     elif kind == "posint":
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise TraceError(f"{where}: field {name!r} must be a positive integer, got {val!r}")
+        if isinstance(val, bool) or not isinstance(val, int) or not 1 <= val < _ID_LIMIT:
+            raise TraceError(
+                f"{where}: field {name!r} must be an integer in [1, 2**31), got {val!r:.80}"
+            )
     elif kind == "int":
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise TraceError(f"{where}: field {name!r} must be an integer, got {val!r}")
+        if isinstance(val, bool) or not isinstance(val, int) or not -_I64 <= val < _I64:
+            raise TraceError(f"{where}: field {name!r} must be a 64-bit integer, got {val!r:.80}")
     elif kind == "ids":
         if not isinstance(val, list) or not all(
             isinstance(h, int) and not isinstance(h, bool) for h in val
@@ -94,11 +98,13 @@ def trace_records(path: str | Path) -> Iterator[tuple[int, str, Any]]:
     unreadable file or a line that is not JSON (the value's shape is the caller's to check)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is no token
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise TraceError(f"{path}: cannot read trace file: {reason}") from exc
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSON Lines ends a line at "\n" only: str.splitlines() would also split inside a
+    # string at U+2028, form feeds and other separators that JSON allows unescaped
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -106,6 +112,8 @@ def trace_records(path: str | Path) -> Iterator[tuple[int, str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise TraceError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # a huge integer literal; deep nesting
+            raise TraceError(f"{where}: not a line this reader takes ({exc})") from None
         yield lineno, where, rec
 
 
@@ -270,8 +278,12 @@ def _build(
 ) -> Trace:
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
-    if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
-        raise ValueError(f"block_tokens: expected a positive integer, got {block_tokens!r}")
+    if (
+        isinstance(block_tokens, bool)
+        or not isinstance(block_tokens, int)
+        or not 1 <= block_tokens < _ID_LIMIT
+    ):
+        raise ValueError(f"block_tokens: expected an integer in [1, 2**31), got {block_tokens!r}")
     if max_requests is not None and max_requests < 1:
         raise ValueError(f"max_requests: expected a positive integer, got {max_requests!r}")
     keys: list[np.ndarray] = []
