@@ -746,16 +746,15 @@ cdef inline void _shrink(void** block, size_t nbytes) noexcept:
 
 
 cdef int _alloc_node_arrays(int64_t n, int32_t w, tok_t** key, idx_t** value) except -1:
-    """malloc a node's key (n positions of w tokens) and value (n slots) arrays, exactly
-    sized. MemoryError, with nothing allocated, if either fails."""
-    key[0] = <tok_t*>malloc(n * w * sizeof(tok_t))
-    value[0] = <idx_t*>malloc(n * sizeof(idx_t))
-    if key[0] == NULL or value[0] == NULL:
-        free(key[0])
-        free(value[0])
-        key[0] = NULL
+    """malloc a node's key (n positions of w tokens) and value (n slots) as one block,
+    exactly sized: the key, then the value right after it. `key` owns the block (free(key)
+    frees both); a match reads the two in one stream, and a node costs one malloc and one
+    free. MemoryError, with nothing allocated, if it fails."""
+    key[0] = <tok_t*>malloc(n * (w + 1) * sizeof(tok_t))
+    if key[0] == NULL:
         value[0] = NULL
         raise MemoryError(f"could not allocate a tree node of {n} positions")
+    value[0] = <idx_t*>(key[0] + n * w)
     return 0
 
 
@@ -771,8 +770,7 @@ cdef int _alloc_swa_suffix(int64_t matched, int64_t aligned, int64_t es, int32_t
     try:
         _alloc_node_arrays(aligned - (es if es > matched else matched), w, k2, v2)
     except BaseException:
-        free(k1[0])
-        free(v1[0])
+        free(k1[0])     # the value lives in the key's block
         k1[0] = NULL
         v1[0] = NULL
         raise
@@ -1038,8 +1036,7 @@ cdef class RadixTreeCore:
         if self.nodes != NULL:
             for i in range(self.hwm):
                 if self.nodes[i].uid >= 0:
-                    free(self.nodes[i].key)
-                    free(self.nodes[i].value)
+                    free(self.nodes[i].key)     # and the value, in the same block
             _big_free(self.nodes, self.cap * sizeof(Node))
             self.nodes = NULL
             self.cap = 0
@@ -1113,8 +1110,7 @@ cdef class RadixTreeCore:
 
     cdef void _drop_slot(self, nid_t n) noexcept:
         cdef Node* x = &self.nodes[n]
-        free(x.key)
-        free(x.value)
+        free(x.key)     # and the value, in the same block
         x.key = NULL
         x.value = NULL
         x.uid = -1
@@ -1394,12 +1390,13 @@ cdef class RadixTreeCore:
         U.value = uvalue
         copy32(U.key, X.key, m * w)
         copy32(U.value, X.value, m)
+        # the lower half keeps its block, laid out again for `rest` positions (key, then
+        # value: both move down), and gives back what it no longer holds (a split near the
+        # end of a long node would otherwise leave a short node with a long block)
         move32_down(X.key, X.key + m * w, rest * w)
-        move32_down(X.value, X.value + m, rest)
-        # the lower half keeps its block: give back what it no longer holds (a split near
-        # the end of a long node would otherwise leave a short node with long arrays)
-        _shrink(<void**>&X.key, rest * w * sizeof(tok_t))
-        _shrink(<void**>&X.value, rest * sizeof(idx_t))
+        move32_down(<tok_t*>(X.key + rest * w), <const tok_t*>(X.value + m), rest)
+        _shrink(<void**>&X.key, rest * (w + 1) * sizeof(tok_t))
+        X.value = <idx_t*>(X.key + rest * w)
         X.len = rest
         U.last_access = X.last_access
         U.prio = X.prio             # same hits, insertion time, priority and segment
@@ -1681,7 +1678,7 @@ cdef class RadixTreeCore:
             try:
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
-                free(k1); free(k2); free(v1); free(v2)
+                free(k1); free(k2)  # the values live in the keys' blocks
                 raise
         self.clock += 1
         if ppl > 0:     # nodes never straddle the caller's protected prefix
@@ -1719,7 +1716,7 @@ cdef class RadixTreeCore:
             try:
                 self.token_to_kv_pool_allocator.free(_copy_idx(dup, n_free))
             except BaseException:
-                free(k1); free(k2); free(v1); free(v2)
+                free(k1); free(k2)
                 raise
         # Then take the rest: nothing below raises.
         for i in range(n_path):
@@ -1745,7 +1742,7 @@ cdef class RadixTreeCore:
             last = self._link_leaf(last, ns, w, k2, v2, aligned - matched_live, True)
             k2 = NULL
             v2 = NULL
-        free(k1); free(k2); free(v1); free(v2)
+        free(k1); free(k2)
         out_last[0] = last
         return matched
 
@@ -1773,8 +1770,7 @@ cdef class RadixTreeCore:
             try:
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
-                free(new_key)
-                free(new_val)
+                free(new_key)   # and new_val, in the same block
                 raise
         self.clock += 1
         matched = self._walk(kv, ns, aligned, False, &last, &n_path)
