@@ -215,7 +215,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from pymllm.engine.memory import EngineMemory
     from pymllm.engine.model import init_params
     from pymllm.engine.scheduler import Engine, EngineError, SchedulerConfig, ideal_cached_tokens
-    from pymllm.engine.workloads import TraceError, load_mooncake_trace, make_workload
+    from pymllm.engine.workloads import load_mooncake_trace, make_workload
 
     t_start = time.perf_counter()
     err = sys.stderr
@@ -245,7 +245,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             )
         else:
             workload = make_workload(args.workload, vocab_size=cfg.vocab_size, seed=args.seed)
-    except TraceError as exc:
+    except ValueError as exc:  # TraceError is one: a bad line, named with its number
         err.write(f"pymllm-cache: error: {exc}\n")
         return 2
 
@@ -447,7 +447,7 @@ def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
 def _run_replay(args: argparse.Namespace) -> int:
     from pymllm.mem_cache import EVICTION_POLICIES
     from pymllm.replay import generate, plot, simulator
-    from pymllm.replay.traces import TraceError, read_trace, trace_from_records
+    from pymllm.replay.traces import read_trace, trace_from_records
 
     err = sys.stderr
     try:
@@ -482,7 +482,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         results = simulator.sweep(
             trace, caps, policies, page_size=args.page_size, progress=progress
         )
-    except (TraceError, ValueError, ImportError) as exc:
+    except (ValueError, ImportError) as exc:  # TraceError is a ValueError
         err.write(f"pymllm-cache: error: {exc}\n")
         return 2
     report: dict[str, Any] = {

@@ -97,9 +97,18 @@ def test_trace_timestamps_and_limits(tmp_path):
         ("{not json", r"trace.jsonl:2: not valid JSON"),
         ("[1, 2]", r"trace.jsonl:2: expected a JSON object, got list"),
         (json.dumps({"input_length": 5, "output_length": 1, "hash_ids": [1]}), "'timestamp'"),
-        (json.dumps({**rec(), "input_length": "600"}), r":2: field 'input_length' must be a pos"),
-        (json.dumps({**rec(), "input_length": 0}), r"field 'input_length' must be a positive"),
-        (json.dumps({**rec(), "output_length": 1.5}), r"field 'output_length' must be a pos"),
+        (
+            json.dumps({**rec(), "input_length": "600"}),
+            r":2: field 'input_length' must be an integer in \[1, 2\*\*31\)",
+        ),
+        (
+            json.dumps({**rec(), "input_length": 0}),
+            r"field 'input_length' must be an integer in \[1, 2\*\*31\), got 0",
+        ),
+        (
+            json.dumps({**rec(), "output_length": 1.5}),
+            r"field 'output_length' must be an integer in \[1",
+        ),
         (json.dumps({**rec(), "timestamp": -1}), r"field 'timestamp' must be >= 0"),
         (json.dumps({**rec(), "timestamp": True}), r"field 'timestamp' must be a number"),
         (json.dumps({**rec(), "hash_ids": [1, "x"]}), r"field 'hash_ids' must be a list of int"),
@@ -125,3 +134,64 @@ def test_request_spec_validates():
         RequestSpec("x", np.zeros(0, np.int32), 1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         RequestSpec("x", np.ones(3, np.int32), 0)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error", "match"),
+    [
+        (np.array([2**32 + 5], np.int64), ValueError, r"token 4294967301 at position 0"),
+        (np.array([3, 2**31], np.uint64), ValueError, r"token 2147483648 at position 1"),
+        ([1, -3, 4], ValueError, r"token -3 at position 1 .*\[0, 2\*\*31\)"),
+        (np.array([1.9]), TypeError, "integer token ids, got float64"),
+        ([1.0, 2.0], TypeError, "integer token ids, got float64"),
+        (np.array([True, False]), TypeError, "integer token ids, got bool"),
+        ([1, 2**70], TypeError, "integer token ids, got object"),
+        (np.ones((2, 2), np.int32), ValueError, "non-empty 1-D"),
+    ],
+)
+def test_request_spec_rejects_bad_token_ids_without_casting(prompt, error, match):
+    with pytest.raises(
+        error, match=rf"request x: prompt .*{match}" if error is TypeError else match
+    ):
+        RequestSpec("x", prompt, 1)
+
+
+def test_request_spec_keeps_valid_token_ids_exactly():
+    for prompt in ([0, 5, 2**31 - 1], np.array([0, 5, 2**31 - 1], np.uint64)):
+        spec = RequestSpec("x", prompt, 1)
+        assert spec.prompt.dtype == np.int32 and spec.prompt.flags.c_contiguous
+        assert spec.prompt.tolist() == [0, 5, 2**31 - 1]
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        RequestSpec("x", [1, 2], 2.5)
+
+
+def test_trace_arrivals_start_at_the_earliest_timestamp(tmp_path):
+    # Line 2 comes first in time; lines 3 and 4 arrive together (file order kept).
+    path = write_trace(tmp_path, [rec(3000), rec(1000), rec(5000), rec(5000, n_in=100, ids=[7])])
+    wl = load_mooncake_trace(path, vocab_size=100, time_scale=1.0)
+    assert [(r.rid, r.arrival) for r in wl.requests] == [
+        ("line2", 0.0),
+        ("line1", 2.0),
+        ("line3", 4.0),
+        ("line4", 4.0),
+    ]
+    # time_scale 0: all at once, in file order.
+    wl = load_mooncake_trace(path, vocab_size=100)
+    assert [r.rid for r in wl.requests] == ["line1", "line2", "line3", "line4"]
+    # max_requests takes the first lines of the file; their earliest timestamp is t0.
+    wl = load_mooncake_trace(path, vocab_size=100, time_scale=1.0, max_requests=1)
+    assert [(r.rid, r.arrival) for r in wl.requests] == [("line1", 0.0)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_requests": 0}, "max_requests must be >= 1, got 0"),
+        ({"max_output": 0}, "max_output must be >= 1, got 0"),
+        ({"time_scale": -1.0}, "time_scale must be >= 0, got -1.0"),
+    ],
+)
+def test_trace_limits_are_checked(tmp_path, kwargs, match):
+    path = write_trace(tmp_path, [rec(0), rec(10)])
+    with pytest.raises(ValueError, match=match):
+        load_mooncake_trace(path, vocab_size=100, **kwargs)

@@ -7,7 +7,9 @@ configs share one compilation.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 #: Layer kinds. ``attn``: full causal attention over the paged KV. ``swa``: the same, limited
 #: to the last ``sliding_window`` positions. ``rec``: a gated linear recurrence whose
@@ -20,6 +22,21 @@ VARIANTS = {
     "swa": ("swa", "attn"),
     "hybrid": ("rec", "attn"),
 }
+
+
+#: Weight, activation and KV dtypes the model runs in (names JAX understands without x64).
+DTYPES = ("float32", "bfloat16", "float16")
+
+#: Size fields that must be positive integers.
+_POSITIVE_INTS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "ffn_dim",
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,18 @@ class ModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and float(value) > 0):  # NaN fails too
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
         if self.n_heads % self.n_kv_heads:
@@ -90,7 +119,7 @@ class ModelConfig:
         """Layers that keep a recurrent state in the state pool."""
         return tuple(i for i, k in enumerate(self.layer_kinds) if k == "rec")
 
-    def replace(self, **changes: object) -> ModelConfig:
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
@@ -176,4 +205,4 @@ def get_config(name: str, variant: str = "full", **overrides: object) -> ModelCo
     return base.replace(variant=variant, **overrides)
 
 
-__all__ = ["LAYER_KINDS", "PRESETS", "VARIANTS", "ModelConfig", "get_config"]
+__all__ = ["DTYPES", "LAYER_KINDS", "PRESETS", "VARIANTS", "ModelConfig", "get_config"]

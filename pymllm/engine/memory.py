@@ -52,10 +52,10 @@ class EngineMemory:
         if swa_size is not None:
             if not n_swa:
                 raise ValueError(f"swa_size given but the {cfg.variant!r} model has no SWA layers")
-            pool_args = {"dtype": jnp.dtype(cfg.dtype)}
+            dtype = jnp.dtype(cfg.dtype)
             heads = (cfg.n_kv_heads, cfg.head_dim)
-            self.kv_pool = KVPool(kv_size, len(cfg.kv_layer_ids) - n_swa, *heads, **pool_args)
-            self.swa_pool = KVPool(swa_size, n_swa, *heads, **pool_args)
+            self.kv_pool = KVPool(kv_size, len(cfg.kv_layer_ids) - n_swa, *heads, dtype=dtype)
+            self.swa_pool = KVPool(swa_size, n_swa, *heads, dtype=dtype)
             self.token_to_kv_pool_allocator = SWATokenToKVPoolAllocator(kv_size, swa_size)
         else:
             self.kv_pool, self.token_to_kv_pool_allocator = make_full_attention_net_mem_pool(

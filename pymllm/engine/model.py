@@ -24,8 +24,10 @@ returned by the step:
 
 The layers run as a ``lax.scan`` over groups of the variant's pattern (one group is one
 layer for ``full``, a pair for ``swa``/``hybrid``), so compilation cost does not grow with
-depth. Padding everywhere uses slot 0: padded tokens write their KV/state to the trash row
-0 and padded slot-table entries read it (masked out of the softmax).
+depth. Padding everywhere uses slot 0 in the batch: padded slot-table entries read the
+trash row 0 (masked out of the softmax). Padded tokens and rows write nothing: the step
+routes their writes past the buffers' end, where the scatter drops them (see
+:func:`_write_rows`).
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def _rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, ...]:
+def _rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     half = head_dim // 2
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     ang = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, half]
@@ -135,6 +137,18 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., :half], x32[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _write_rows(slots: jax.Array, valid: jax.Array, rows: int) -> jax.Array:
+    """Scatter rows for ``slots`` (1-D): ``slots`` where ``valid``, else distinct rows past
+    the buffer's ``rows``, which a ``mode="drop"`` scatter skips.
+
+    Every index is then unique, as ``unique_indices=True`` promises (JAX leaves repeated
+    indices undefined, and padding would repeat the trash row 0 once per padded token),
+    and the trash row is never written: it keeps its zeros, finite for the masked reads.
+    The real slots are unique because the scheduler gives each position a slot of its own.
+    """
+    return jnp.where(valid, slots, rows + jnp.arange(slots.shape[0], dtype=slots.dtype))
 
 
 def _attention(
@@ -154,11 +168,16 @@ def _attention(
     v = (x @ p["wv"]).reshape(bsz, t, kvh, hd)
 
     # Write first, then gather: the chunk's own keys come back through the pool, exactly as
-    # a later request that hits this prefix will read them. Padding tokens all write row 0.
-    loc = b["new_slots"].reshape(-1)
+    # a later request that hits this prefix will read them. Padding tokens write nothing.
+    valid = jnp.arange(t)[None, :] < b["chunk_lens"][:, None]
+    loc = _write_rows(b["new_slots"].reshape(-1), valid.reshape(-1), kv.k.shape[1])
     kv = KVBuffers(
-        kv.k.at[layer, loc].set(k.reshape(-1, kvh, hd).astype(kv.k.dtype), unique_indices=True),
-        kv.v.at[layer, loc].set(v.reshape(-1, kvh, hd).astype(kv.v.dtype), unique_indices=True),
+        kv.k.at[layer, loc].set(
+            k.reshape(-1, kvh, hd).astype(kv.k.dtype), mode="drop", unique_indices=True
+        ),
+        kv.v.at[layer, loc].set(
+            v.reshape(-1, kvh, hd).astype(kv.v.dtype), mode="drop", unique_indices=True
+        ),
     )
     keys = kv.k[layer, b["kv_slots"]]  # [B, S, kvh, hd]: paged attention by gather
     vals = kv.v[layer, b["kv_slots"]]
@@ -192,7 +211,7 @@ def _recurrence(
     Each request's conv window and recurrent state are read from slot ``state_read`` (zero
     where ``state_fresh``) and written to slot ``state_slots``; padded tokens
     (``t >= chunk_lens``) leave both unchanged, so a prompt split into chunks ends in the
-    same state as one pass.
+    same state as one pass, and padded rows (``chunk_lens == 0``) write nothing.
     """
     bsz, t, _ = x.shape
     h, hd, c = cfg.n_heads, cfg.head_dim, cfg.n_heads * cfg.head_dim
@@ -204,7 +223,9 @@ def _recurrence(
     u = (x @ p["w_u"]).astype(jnp.float32)  # [B, T, C]
     ext = jnp.concatenate([conv0, u], axis=1)  # [B, W-1+T, C]
     w = p["conv"].astype(jnp.float32)
-    u = sum(ext[:, j : j + t] * w[j] for j in range(width))
+    u = ext[:, :t] * w[0]
+    for j in range(1, width):
+        u = u + ext[:, j : j + t] * w[j]
     # The new conv window: the last W-1 inputs up to the row's last valid token.
     idx = b["chunk_lens"][:, None] + jnp.arange(width - 1)[None, :]
     conv_new = jnp.take_along_axis(ext, idx[:, :, None], axis=1)
@@ -222,9 +243,13 @@ def _recurrence(
     seq = seq.swapaxes(0, 1).reshape(bsz, t, c)
     gate = jax.nn.silu((x @ p["w_g"]).astype(jnp.float32))
     y = (seq * gate).astype(x.dtype) @ p["w_o"]
+    # Padded rows (no token) write nothing.
+    rows = _write_rows(slots, b["chunk_lens"] > 0, state.conv.shape[1])
     state = MambaBuffers(
-        state.conv.at[layer, slots].set(conv_new.astype(state.conv.dtype), unique_indices=True),
-        state.temporal.at[layer, slots].set(s_last, unique_indices=True),
+        state.conv.at[layer, rows].set(
+            conv_new.astype(state.conv.dtype), mode="drop", unique_indices=True
+        ),
+        state.temporal.at[layer, rows].set(s_last, mode="drop", unique_indices=True),
     )
     return y, state
 
@@ -308,7 +333,8 @@ def extend_step(
 
     * ``tokens``, ``positions``, ``new_slots``: ``[B, T]``; the new tokens, their absolute
       positions and the KV slot each one is written to (padding: token 0, position 0,
-      slot 0).
+      slot 0; a padded token, past its row's ``chunk_lens``, writes nothing). The real
+      slots must be distinct: the scatter promises XLA unique indices.
     * ``kv_slots``: ``[B, S]``; the KV slot of every position ``0..S-1`` of the request,
       the new tokens included (padding: slot 0). Position ``j`` is visible to a query at
       position ``p`` iff ``j <= p`` (and, in ``swa`` layers, ``j > p - sliding_window``).
@@ -332,7 +358,8 @@ def extend_step(
 
 def compile_count() -> int:
     """How many shapes :func:`extend_step` has compiled in this process (all configs)."""
-    return int(_extend_jit._cache_size())
+    # A private method of jit's wrapper (missing from its type stubs); the tests pin it.
+    return int(_extend_jit._cache_size())  # type: ignore[attr-defined]
 
 
 __all__ = ["Params", "compile_count", "extend_step", "init_params", "state_shapes"]

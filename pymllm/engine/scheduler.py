@@ -18,6 +18,10 @@ The life of a request, and who owns its KV slots at each point (the rule of
 4. **Finish**: ``insert`` prompt + output (the last token has no KV) and, for a recurrent
    model with a state-tracking cache, our state slot; free the duplicates and whatever the
    tree did not take, unlock.
+5. **Error** (anything raised during a run: a refused follow-up, a callback, the cache):
+   every running request frees the slots it owns (``slots[cached_len:]``) and its state
+   slot and drops its lock, a request being admitted gives back what it took so far; then
+   the error propagates. The tree keeps what it owns, so every slot is free or the tree's.
 
 What the tree took from an ``insert`` is measured as the growth of ``total_size()``, so the
 same code serves ``RadixCache`` (takes ``value[prefix_len:]``) and ``ChunkCache`` (takes
@@ -42,7 +46,7 @@ import numpy as np
 from pymllm.engine import model as M
 from pymllm.engine.config import ModelConfig
 from pymllm.engine.memory import EngineMemory
-from pymllm.engine.workloads import RequestSpec, Workload
+from pymllm.engine.workloads import RequestSpec, Workload, _token_ids
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache, RadixKey
 from pymllm.mem_cache.chunk_cache import ChunkCache
 from pymllm.mem_cache.memory_pool import bucket_size
@@ -82,7 +86,15 @@ class SchedulerConfig:
     record_logits: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_prefill_batch", "chunk_tokens", "min_token_bucket"):
+        names = (
+            "max_running",
+            "max_prefill_batch",
+            "chunk_tokens",
+            "min_token_bucket",
+            "min_seq_bucket",
+            "share_min_tokens",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -94,14 +106,14 @@ def _bucket(n: int, minimum: int) -> int:
 def ideal_cached_tokens(results: list[RequestResult]) -> int:
     """Prompt tokens an unbounded cache could reuse serving ``results`` one at a time in
     order: each prompt's longest prefix (at most ``len - 1``) among the earlier sequences
-    (prompt + output). The yardstick for a run's hit rate."""
+    (prompt + output) of the same ``extra_key``. The yardstick for a run's hit rate."""
     from pymllm.mem_cache.radix_cache import RadixCache
 
     tree = RadixCache(page_size=1)
     hit = 0
     for r in results:
-        hit += min(tree.match_prefix(RadixKey(r.prompt)).prefix_len, r.prompt_len - 1)
-        tree.insert(RadixKey(np.concatenate([r.prompt, r.output[:-1]])))
+        hit += min(tree.match_prefix(RadixKey(r.prompt, r.extra_key)).prefix_len, r.prompt_len - 1)
+        tree.insert(RadixKey(np.concatenate([r.prompt, r.output[:-1]]), r.extra_key))
     return hit
 
 
@@ -115,12 +127,19 @@ def _common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
 class _Req:
     spec: RequestSpec
     seq: int
+    # (generation, index of the initial request it descends from): where its result goes,
+    # whatever the order requests finish in.
+    order: tuple[int, int]
     arrival: float
     prompt: np.ndarray
+    # What the request owns, kept exact between any two calls into the cache, so a failed
+    # run can give everything back (Engine._release): slots[cached_len:], state_slot when
+    # non-zero, and a lock on `node` while `locked`.
     slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     cached_len: int = 0  # slots[:cached_len] belong to the tree (locked through `node`)
     node: Any = None
     lock_token: Any = None
+    locked: bool = False
     prefilled: int = 0  # positions whose KV is in the pool
     computed: int = 0  # prompt tokens this request computed itself
     state_slot: int = 0
@@ -148,6 +167,9 @@ class _Req:
 
 @dataclass
 class RequestResult:
+    """One served request. ``extra_key`` is its cache namespace (``RequestSpec.extra_key``):
+    prefixes are shared only between requests of equal keys."""
+
     rid: str
     prompt: np.ndarray = field(repr=False)
     prompt_len: int
@@ -157,6 +179,7 @@ class RequestResult:
     ttft: float
     latency: float
     first_logits: np.ndarray | None = None
+    extra_key: Any = None
 
 
 @dataclass
@@ -231,10 +254,16 @@ ProgressFn = Callable[[int, int, float], None]
 class Engine:
     """Serves workloads with one model, one memory and one prefix cache.
 
-    The cache must free through ``memory.token_to_kv_pool_allocator``. The engine is not
-    thread-safe; one :meth:`run` at a time. After a run every KV slot is free or owned by
-    the cache (:meth:`check_slots` verifies this; the cache keeps its contents, so a second
-    run starts warm).
+    The cache must free through ``memory.token_to_kv_pool_allocator`` (a ``ChunkCache``,
+    which frees nothing, may have none), and a state-tracking cache through
+    ``memory.state_pool``; windowed and state-tracking caches must have ``page_size`` 1.
+    Anything else raises ``ValueError`` here, before a run could lose or double-own slots.
+    The engine is not thread-safe; one :meth:`run` at a time.
+
+    After a run every KV slot is free or owned by the cache (:meth:`check_slots` verifies
+    this; the cache keeps its contents, so a second run starts warm). After a run that
+    raised, the same holds: every unfinished request gave back its slots, its state slot
+    and its lock before the error propagated; what finished stays cached.
     """
 
     def __init__(
@@ -259,7 +288,41 @@ class Engine:
                 f"the cache's window ({self._window}) is shorter than the model's "
                 f"({cfg.sliding_window}): it would free KV the model still reads"
             )
-        self._state_cache = bool(cfg.rec_layer_ids) and hasattr(cache, "mamba_evictable_size")
+        alloc = memory.token_to_kv_pool_allocator
+        cache_alloc = getattr(cache, "token_to_kv_pool_allocator", None)
+        # A ChunkCache frees nothing, so it may go without an allocator.
+        if cache_alloc is not alloc and not (isinstance(cache, ChunkCache) and cache_alloc is None):
+            got = "None" if cache_alloc is None else f"another {type(cache_alloc).__name__}"
+            raise ValueError(
+                "cache.token_to_kv_pool_allocator must be memory.token_to_kv_pool_allocator "
+                f"(the cache frees the slots the engine allocates), got {got}"
+            )
+        page_size = getattr(cache, "page_size", 1)
+        if self._window is not None and page_size != 1:
+            raise ValueError(
+                f"a windowed cache with page_size {page_size} is not supported: the engine "
+                "hands it every token up to the end of a prompt, a paged tree takes only whole "
+                "pages; use page_size=1"
+            )
+        self._state_cache = hasattr(cache, "mamba_evictable_size")
+        if self._state_cache:
+            name = type(cache).__name__
+            if not cfg.rec_layer_ids:
+                raise ValueError(
+                    f"{name} tracks recurrent states but the {cfg.variant!r} model has no "
+                    "recurrent layers; serve it with RadixCache or ChunkCache"
+                )
+            if getattr(cache, "mamba_pool", None) is not memory.state_pool:
+                raise ValueError(
+                    f"{name}.mamba_pool must be memory.state_pool (the cache frees the state "
+                    "slots the engine allocates)"
+                )
+            if page_size != 1:
+                raise ValueError(
+                    f"{name} with page_size {page_size} is not supported: the state saved at "
+                    "the end of a prompt would be attached at the page boundary before it; "
+                    "use page_size=1"
+                )
         if cfg.rec_layer_ids and not (isinstance(cache, ChunkCache) or self._state_cache):
             raise ValueError(
                 f"the {cfg.variant!r} model keeps recurrent state that {type(cache).__name__} "
@@ -272,7 +335,12 @@ class Engine:
         self.sched = sched or SchedulerConfig()
         wait = self.sched.wait_for_shared_prefix
         self._wait_shared = not isinstance(cache, ChunkCache) if wait is None else wait
-        self._alloc = memory.token_to_kv_pool_allocator
+        self._alloc = alloc
+        # The requests of the current (or last) run, by stage.
+        self._pending: list[tuple[float, int, _Req]] = []
+        self._waiting: list[_Req] = []
+        self._running: list[_Req] = []
+        self._done: list[_Req] = []
 
     # -- clock ------------------------------------------------------------------------------
 
@@ -302,7 +370,9 @@ class Engine:
         pool = self.memory.state_pool
         assert pool is not None
         if pool.available_size() < 1 and self._state_cache:
-            self.cache.evict(0, mamba_num=1)
+            # Dropping a state can drop the leaf it sat on, KV included.
+            evict = self.cache.evict  # a MambaRadixCache's: it takes mamba_num
+            self._evicted += evict(0, mamba_num=1).full_evicted  # type: ignore[call-arg]
         got = pool.alloc(1)
         return None if got is None else int(got[0])
 
@@ -360,28 +430,39 @@ class Engine:
         if self._wait_shared and self._shares_pending_prefill(r, cached):
             return "wait"
         token = self._lock(m.last_node)
-        new = self._alloc_kv(r.kv_len - cached)
-        state_slot = 0
-        if new is not None and self.memory.state_pool is not None:
-            got = self._alloc_state()
-            if got is None:
+        new = None
+        try:
+            new = self._alloc_kv(r.kv_len - cached)
+            state_slot = 0
+            if new is not None and self.memory.state_pool is not None:
+                got = self._alloc_state()
+                if got is None:
+                    self._alloc.free(new)
+                    new = None
+                else:
+                    state_slot = got
+        except BaseException:  # an evict that raised: give back what this admission took
+            if new is not None:
                 self._alloc.free(new)
-                new = None
-            else:
-                state_slot = got
+            self._unlock(m.last_node, token)
+            raise
         if new is None:
             self._unlock(m.last_node, token)
             return "nomem"
         r.slots = np.concatenate([m.indices[:cached].astype(np.int32), new])
         r.cached_len = r.prefilled = cached
-        r.node, r.lock_token = m.last_node, token
+        r.node, r.lock_token, r.locked = m.last_node, token, True
         r.state_slot = state_slot
-        # The first step starts from the state saved at the end of the cached prefix.
-        r.state_src = int(m.last_node.mamba_value[0]) if self._state_cache and cached else 0
-        # A state-tracking cache may hold the KV further than its last saved state (the
-        # point where requests branch): prefill stops there once to save a state for them.
-        branch = m.mamba_branching_seqlen
-        r.branch = branch if self._state_cache and branch is not None and branch > cached else 0
+        try:
+            # The first step starts from the state saved at the end of the cached prefix.
+            r.state_src = int(m.last_node.mamba_value[0]) if self._state_cache and cached else 0
+            # A state-tracking cache may hold the KV further than its last saved state (the
+            # point where requests branch): prefill stops there once to save a state for them.
+            branch = m.mamba_branching_seqlen
+            r.branch = branch if self._state_cache and branch is not None and branch > cached else 0
+        except BaseException:
+            self._release(r)
+            raise
         r.t_admit = self._now()
         return "ok"
 
@@ -399,13 +480,26 @@ class Engine:
                 return
             pool = self.memory.state_pool
             assert pool is not None
-            pool.copy_states(np.array([r.state_slot], np.int32), np.array([snap], np.int32))
-        dups, covered, state_exists = self._insert(r, tokens, snap)
-        if snap is not None and state_exists:
-            self.memory.state_pool.free(np.array([snap], np.int32))  # type: ignore[union-attr]
+            try:  # the snapshot is ours until the insert succeeds
+                pool.copy_states(np.array([r.state_slot], np.int32), np.array([snap], np.int32))
+                dups, covered, state_exists = self._insert(r, tokens, snap)
+            except BaseException:
+                pool.free(np.array([snap], np.int32))
+                raise
+            if state_exists:
+                pool.free(np.array([snap], np.int32))
+        else:
+            dups, covered, _ = self._insert(r, tokens)
         dups = dups.copy()
         m = self.cache.match_prefix(key)
         if len(m.indices) < covered:
+            # The tree now holds slots[:covered] but will not lock them for us: keep our
+            # claim to nothing but our state slot (the tree's slots stay the tree's).
+            ours = np.concatenate([dups, r.slots[covered:]])
+            self._unlock_req(r)
+            r.slots, r.cached_len = r.slots[:0], 0
+            if ours.size:
+                self._alloc.free(ours)
             raise EngineError(
                 f"re-matching the cached prompt of {r.spec.rid} found {len(m.indices)} tokens, "
                 f"fewer than the {covered} the cache holds"
@@ -425,15 +519,42 @@ class Engine:
         ours = np.concatenate([dups, r.slots[covered : len(seq)]])
         if state is not None and not state_exists:
             r.state_slot = 0  # the tree owns it now
-        self._unlock(r.node, r.lock_token)
+        r.slots, r.cached_len = r.slots[:0], 0  # ours is all we own now
+        self._unlock_req(r)
         if ours.size:
             self._alloc.free(ours)
-        if r.state_slot:
-            assert self.memory.state_pool is not None
-            self.memory.state_pool.free(np.array([r.state_slot], np.int32))
-        r.node = r.lock_token = None
-        r.slots = r.slots[:0]
+        self._free_state(r)
         r.t_finish = self._now()
+
+    def _unlock_req(self, r: _Req) -> None:
+        if r.locked:
+            r.locked = False
+            self._unlock(r.node, r.lock_token)
+        r.node = r.lock_token = None
+
+    def _free_state(self, r: _Req) -> None:
+        if r.state_slot:
+            slot, r.state_slot = r.state_slot, 0
+            assert self.memory.state_pool is not None
+            self.memory.state_pool.free(np.array([slot], np.int32))
+
+    def _release(self, r: _Req) -> None:
+        """Give back everything an unfinished request owns: its slots past the tree's, its
+        state slot and its lock. Its tree slots stay the tree's."""
+        ours = r.slots[r.cached_len :]
+        r.slots, r.cached_len = r.slots[:0], 0
+        self._unlock_req(r)
+        if ours.size:
+            self._alloc.free(ours)
+        self._free_state(r)
+
+    def _release_all(self) -> None:
+        """After an error: release every running request and drop the queues, so every
+        slot is free or the tree's again and the engine can run again."""
+        running, self._running = self._running, []
+        self._waiting, self._pending = [], []
+        for r in running:
+            self._release(r)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -469,7 +590,7 @@ class Engine:
             state_read[i] = r.state_src or r.state_slot
             r.state_src = 0
             fresh[i] = a == 0
-        batch = {
+        batch: dict[str, np.ndarray] = {
             "tokens": tokens,
             "positions": positions,
             "new_slots": new_slots,
@@ -484,11 +605,16 @@ class Engine:
             to_swa = self._alloc.translate_loc_from_full_to_swa  # type: ignore[union-attr]
             batch["swa_new_slots"] = to_swa(new_slots.reshape(-1)).reshape(new_slots.shape)
             batch["swa_kv_slots"] = to_swa(kv_slots.reshape(-1)).reshape(kv_slots.shape)
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
         n_compiled = M.compile_count()
         t_start = time.perf_counter()
         next_tokens, logits, kv, swa_kv, state = M.extend_step(
-            self.params, self.memory.kv, self.memory.swa_kv, self.memory.state, batch, self.cfg
+            self.params,
+            self.memory.kv,
+            self.memory.swa_kv,
+            self.memory.state,
+            device_batch,
+            self.cfg,
         )
         self.memory.rebind(kv, swa_kv, state)
         out = np.asarray(next_tokens)
@@ -549,40 +675,84 @@ class Engine:
         if wl is not None and wl.follow_up is not None:
             nxt = wl.follow_up(r.spec, np.asarray(r.output, dtype=np.int32))
             if nxt is not None:
-                self._push(nxt, r.t_finish + nxt.arrival)
+                if not isinstance(nxt, RequestSpec):
+                    raise TypeError(
+                        f"follow_up must return a RequestSpec or None, got "
+                        f"{type(nxt).__name__} (after request {r.spec.rid})"
+                    )
+                self._push(nxt, r.t_finish, (r.order[0] + 1, r.order[1]))
         if self._progress is not None:
             self._progress(len(self._done), self._total, self._now())
 
-    def _push(self, spec: RequestSpec, arrival: float) -> None:
-        self._seq += 1
-        r = _Req(spec=spec, seq=self._seq, arrival=arrival, prompt=spec.prompt)
-        if r.kv_len > self.memory.kv_size:
-            raise EngineError(
-                f"request {spec.rid} needs {r.kv_len} KV slots; the pool has {self.memory.kv_size}"
+    def _push(self, spec: RequestSpec, start: float, order: tuple[int, int]) -> None:
+        """Queue a request arriving ``spec.arrival`` after ``start``, checked first: nothing
+        is allocated for a request refused here (``TypeError``/``ValueError`` for a bad one,
+        ``EngineError`` for one larger than a pool)."""
+        if not isinstance(spec, RequestSpec):
+            raise TypeError(f"workload requests must be RequestSpec, got {type(spec).__name__}")
+        # Checked again here (RequestSpec's fields can be reassigned), and against the
+        # vocabulary: the embedding gather would clamp an id past it without a word.
+        prompt = _token_ids(spec.rid, spec.prompt)
+        bad = np.flatnonzero(prompt >= self.cfg.vocab_size)
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"request {spec.rid}: prompt token {int(prompt[i])} at position {i} is outside "
+                f"the model's vocabulary [0, vocab_size={self.cfg.vocab_size})"
             )
-        heapq.heappush(self._pending, (arrival, self._seq, r))
+        self._seq += 1
+        r = _Req(spec=spec, seq=self._seq, order=order, arrival=start + spec.arrival, prompt=prompt)
+        # Admission allocates every slot at once, a full and (with an SWA pool) an SWA slot
+        # per position: a request must fit the smaller pool.
+        limit, pool = self.memory.kv_size, "the pool"
+        swa_size = self.memory.swa_size
+        if self.memory.swa_pool is not None and swa_size is not None and swa_size < limit:
+            limit, pool = swa_size, "the SWA pool"
+        if r.kv_len > limit:
+            raise EngineError(f"request {spec.rid} needs {r.kv_len} KV slots; {pool} has {limit}")
+        heapq.heappush(self._pending, (r.arrival, self._seq, r))
 
     # -- driver -----------------------------------------------------------------------------
 
     def run(
         self, workload: Workload, *, name: str | None = None, progress: ProgressFn | None = None
     ) -> RunStats:
-        """Serve every request of ``workload`` (and its follow-ups); return the figures."""
+        """Serve every request of ``workload`` (and its follow-ups); return the figures.
+
+        Results come in an order that depends on the workload alone: generation by
+        generation (the initial requests, then their first follow-ups, ...), each in the
+        order of the initial requests. On any exception (a request refused, a callback or
+        the cache raising, an interrupt) every unfinished request gives back what it owns
+        before the exception propagates: its KV slots past the tree's, its state slot and
+        its lock; what finished stays cached. :meth:`check_slots` then holds and the engine
+        can run again.
+        """
         self._t0 = time.perf_counter()
         self._compile_s = 0.0
         self._compiles = self._steps = self._prefill_steps = self._decode_steps = 0
         self._evicted = 0
         self._seq = 0
-        self._pending: list[tuple[float, int, _Req]] = []
-        self._waiting: list[_Req] = []
-        self._running: list[_Req] = []
-        self._done: list[_Req] = []
+        self._pending = []
+        self._waiting = []
+        self._running = []
+        self._done = []
         self._workload = workload
         self._progress = progress
         self._total = workload.total_requests
-        for spec in workload.requests:
-            self._push(spec, spec.arrival)
+        try:
+            self._serve(workload)
+        except BaseException as exc:
+            try:
+                self._release_all()
+            except Exception as cleanup:  # the original error is the one to report
+                if hasattr(exc, "add_note"):  # Python >= 3.11
+                    exc.add_note(f"releasing the unfinished requests failed too: {cleanup!r}")
+            raise
+        return self._stats(name or type(self.cache).__name__, workload)
 
+    def _serve(self, workload: Workload) -> None:
+        for i, spec in enumerate(workload.requests):
+            self._push(spec, 0.0, (0, i))
         while self._pending or self._waiting or self._running:
             now = self._now()
             while self._pending and self._pending[0][0] <= now:
@@ -604,7 +774,6 @@ class Engine:
                 )
             elif self._pending:
                 time.sleep(max(0.0, self._pending[0][0] - self._now()))
-        return self._stats(name or type(self.cache).__name__, workload)
 
     def _admit(self) -> None:
         # Requests held back for a shared prefix are passed over, but only so many per step:
@@ -629,7 +798,7 @@ class Engine:
         alloc, cache, split = self._alloc, self.cache, self.memory.swa_pool is not None
         free = alloc.full_available_size() if split else alloc.available_size()  # type: ignore[union-attr]
         in_cache = cache.total_size()
-        held = sum(len(r.slots) - r.cached_len for r in getattr(self, "_running", []))
+        held = sum(len(r.slots) - r.cached_len for r in self._running)
         ok = free + in_cache + held == self.memory.kv_size
         if split:  # the SWA side: free, live in the tree (windowed caches drop old ones), ours
             swa_in_cache = in_cache
@@ -637,7 +806,7 @@ class Engine:
                 swa_in_cache = cache.swa_evictable_size() + cache.swa_protected_size()
             swa_free = alloc.swa_available_size()  # type: ignore[union-attr]
             ok = ok and swa_free + swa_in_cache + held == self.memory.swa_size
-        if not getattr(self, "_running", []):
+        if not self._running:
             ok = ok and cache.protected_size() == 0 and cache.swa_protected_size() == 0
             if self.memory.state_pool is not None:
                 in_tree = 0
@@ -649,7 +818,7 @@ class Engine:
         return free, in_cache, ok
 
     def _stats(self, name: str, workload: Workload) -> RunStats:
-        done = sorted(self._done, key=lambda r: r.seq)
+        done = sorted(self._done, key=lambda r: r.order)
         ttft = np.array([r.t_first - r.arrival for r in done]) if done else np.zeros(1)
         free, in_cache, ok = self.check_slots()
         prompt_tokens = sum(r.prompt_len for r in done)
@@ -686,6 +855,7 @@ class Engine:
                     ttft=r.t_first - r.arrival,
                     latency=r.t_finish - r.arrival,
                     first_logits=r.first_logits,
+                    extra_key=r.spec.extra_key,
                 )
                 for r in done
             ],

@@ -34,11 +34,33 @@ class RequestSpec:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.prompt = np.ascontiguousarray(self.prompt, dtype=np.int32)
-        if self.prompt.ndim != 1 or self.prompt.size == 0:
-            raise ValueError(f"request {self.rid}: prompt must be a non-empty 1-D token array")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"request {self.rid}: max_new_tokens must be >= 1")
+        self.prompt = _token_ids(self.rid, self.prompt)
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int | np.integer):
+            raise TypeError(f"request {self.rid}: max_new_tokens must be an integer, got {n!r}")
+        if n < 1:
+            raise ValueError(f"request {self.rid}: max_new_tokens must be >= 1, got {n}")
+
+
+#: Token ids are int32 on the device: ids at or past this bound cannot be represented.
+MAX_TOKEN_ID = 2**31
+
+
+def _token_ids(rid: str, prompt: Any) -> np.ndarray:
+    """``prompt`` as a contiguous int32 array, checked before the cast (no id wraps or
+    truncates): integer dtype, 1-D, non-empty, every id in ``[0, 2**31)``."""
+    arr = np.asarray(prompt)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"request {rid}: prompt must be a non-empty 1-D token array")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"request {rid}: prompt must hold integer token ids, got {arr.dtype}")
+    bad = np.flatnonzero((arr < 0) | (arr >= MAX_TOKEN_ID))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"request {rid}: prompt token {int(arr[i])} at position {i} is outside [0, 2**31)"
+        )
+    return np.ascontiguousarray(arr, dtype=np.int32)
 
 
 @dataclass
@@ -182,10 +204,19 @@ def load_mooncake_trace(
     ``hash_ids``: one id per ``block_size``-token block of the prompt, equal ids meaning
     equal blocks (the trace's prefix sharing). Every id expands to a deterministic block of
     tokens (seeded by ``seed`` and the id); the prompt is the blocks joined and cut to
-    ``input_length``. Arrivals are ``timestamp * time_scale`` (0: all at once, in file
-    order). Blank lines are skipped. Raises :class:`TraceError` naming the file, the line
-    and the field for anything else that is malformed.
+    ``input_length``. Arrivals are ``(timestamp - t0) * time_scale`` with ``t0`` the
+    earliest timestamp of the lines read (0: all at once); the requests are ordered by
+    arrival, in file order among equal arrivals. ``max_requests`` reads only the first
+    lines of the file; ``max_output`` caps every request's output. Blank lines are skipped.
+    Raises ``ValueError`` for a limit below 1 or a negative ``time_scale``, and
+    :class:`TraceError` naming the file, the line and the field for anything else that is
+    malformed.
     """
+    for name, limit in (("max_requests", max_requests), ("max_output", max_output)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"{name} must be >= 1, got {limit}")
+    if time_scale < 0:
+        raise ValueError(f"time_scale must be >= 0, got {time_scale}")
     path = Path(path)
     blocks: dict[int, np.ndarray] = {}
 
@@ -195,27 +226,32 @@ def load_mooncake_trace(
             blocks[h] = _tokens(rng, block_size, vocab_size)
         return blocks[h]
 
-    reqs: list[RequestSpec] = []
-    t0: float | None = None
+    lines: list[tuple[int, dict[str, Any]]] = []
     for lineno, where, rec in trace_records(path):
-        r = mooncake_record(rec, where, block_size=block_size)
-        ts, n_in, n_out, ids = r["timestamp"], r["input_length"], r["output_length"], r["hash_ids"]
-        t0 = ts if t0 is None else t0
+        lines.append((lineno, mooncake_record(rec, where, block_size=block_size)))
+        if max_requests is not None and len(lines) >= max_requests:
+            break
+    if not lines:
+        raise TraceError(f"{path}: the trace holds no requests")
+    # Timestamps need not be sorted: the earliest one is the start, so every arrival keeps
+    # its distance from the others (none is clamped to the start).
+    t0 = min(r["timestamp"] for _, r in lines)
+    reqs: list[RequestSpec] = []
+    for lineno, r in lines:
+        n_in, n_out, ids = r["input_length"], r["output_length"], r["hash_ids"]
         prompt = np.concatenate([block(h) for h in ids])[:n_in]
         reqs.append(
             RequestSpec(
                 rid=f"line{lineno}",
                 prompt=prompt,
-                max_new_tokens=min(n_out, max_output) if max_output else n_out,
-                arrival=max(0.0, (ts - t0) / 1000.0 * time_scale),
+                max_new_tokens=n_out if max_output is None else min(n_out, max_output),
+                arrival=(r["timestamp"] - t0) / 1000.0 * time_scale,
                 meta={"line": lineno, "hash_ids": ids},
             )
         )
-        if max_requests is not None and len(reqs) >= max_requests:
-            break
-    if not reqs:
-        raise TraceError(f"{path}: the trace holds no requests")
-    reqs.sort(key=lambda r: r.arrival)  # stable: file order among equal arrivals
+    # The engine serves by arrival whatever the order; sorted, the workload's order (and so
+    # the order of the results) is the order of arrival. Stable: file order among ties.
+    reqs.sort(key=lambda r: r.arrival)
     return Workload(
         name=f"trace:{path.name}",
         description=f"{len(reqs)} requests replayed from {path} ({block_size}-token blocks)",

@@ -1,0 +1,406 @@
+"""The engine's error paths: bad configurations refused up front, bad requests refused before
+anything is allocated, and a run that fails midway gives every slot back.
+
+The runs reuse ``test_engine``'s pool sizes and scheduler, so they compile no new step shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from test_engine import (
+    POOL,
+    SCHED,
+    STATE_SLOTS,
+    SWA_POOL,
+    assert_slots_accounted,
+    cfg_of,
+    params_of,
+    serve,
+    small_shared,
+    step_batch,
+)
+
+from pymllm.engine import model as M
+from pymllm.engine.config import ModelConfig, get_config
+from pymllm.engine.memory import EngineMemory
+from pymllm.engine.scheduler import (
+    Engine,
+    EngineError,
+    RequestResult,
+    SchedulerConfig,
+    ideal_cached_tokens,
+)
+from pymllm.engine.workloads import RequestSpec, Workload
+from pymllm.mem_cache import ChunkCache, RadixCache
+from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache
+from pymllm.mem_cache.memory_pool import MambaPool, TokenToKVPoolAllocator
+
+
+def make_engine(variant: str, cache_cls: type = RadixCache, **cache_args: Any) -> Engine:
+    cfg = cfg_of(variant)
+    swa = SWA_POOL if variant == "swa" else None
+    mem = EngineMemory(cfg, POOL, state_size=STATE_SLOTS, swa_size=swa)
+    alloc = mem.token_to_kv_pool_allocator
+    if cache_cls is ChunkCache:
+        cache = ChunkCache(alloc)
+    elif cache_cls is MambaRadixCache or issubclass(cache_cls, MambaRadixCache):
+        cache = cache_cls(token_to_kv_pool_allocator=alloc, mamba_pool=mem.state_pool)
+    else:
+        cache = cache_cls(token_to_kv_pool_allocator=alloc, **cache_args)
+    return Engine(cfg, mem, cache, params=params_of(variant), sched=SCHED)
+
+
+def ramp(start: int, n: int) -> np.ndarray:
+    return (np.arange(start, start + n) % 250 + 1).astype(np.int32)
+
+
+def run_after_error(engine: Engine) -> None:
+    """The engine accounts for every slot and serves the next run as if nothing happened."""
+    assert_slots_accounted(engine)
+    wl = Workload("again", "again", [RequestSpec("x", ramp(3, 40), 3)])
+    stats = engine.run(wl)
+    assert stats.leak_free and stats.requests == 1
+    assert_slots_accounted(engine)
+
+
+# -- a run that fails midway releases every running request -------------------------------
+
+
+def decoding_with_follow_up(follow: Any) -> Workload:
+    """r0 finishes first (its follow-up is created) while r1 and r2 still decode."""
+    specs = [
+        RequestSpec("r0", ramp(0, 19), 3),
+        RequestSpec("r1", ramp(30, 30), 20),
+        RequestSpec("r2", ramp(70, 30), 20),
+    ]
+    return Workload("w", "w", specs, follow_up=lambda s, out: follow(s) if s.rid == "r0" else None)
+
+
+@pytest.mark.parametrize(
+    ("follow", "error", "match"),
+    [
+        (lambda s: RequestSpec("big", ramp(0, 600), 4), EngineError, "needs 603 KV slots"),
+        (lambda s: RequestSpec("oov", np.r_[ramp(0, 9), 256], 2), ValueError, "vocab_size"),
+        (lambda s: "not a spec", TypeError, "follow_up"),
+        (lambda s: 1 / 0, ZeroDivisionError, None),
+    ],
+    ids=["too-large", "out-of-vocab", "not-a-spec", "raises"],
+)
+def test_a_bad_follow_up_releases_the_running_requests(follow, error, match):
+    engine = make_engine("full")
+    with pytest.raises(error, match=match):
+        engine.run(decoding_with_follow_up(follow))
+    run_after_error(engine)
+
+
+def test_a_failing_progress_callback_releases_the_running_requests():
+    engine = make_engine("full")
+
+    def progress(done: int, total: int, now: float) -> None:
+        raise KeyboardInterrupt  # not even an Exception: the slots still come back
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(decoding_with_follow_up(lambda s: None), progress=progress)
+    run_after_error(engine)
+
+
+class FailingRadix(RadixCache):
+    """Raises from ``match_prefix`` (on a prompt starting with token 250) or ``evict`` once
+    told to (``fail`` is ``"match"`` or ``"evict"``)."""
+
+    fail: str | None = None
+
+    def match_prefix(self, key: Any) -> Any:
+        if self.fail == "match" and len(key) and int(key.token_ids[0]) == 250:
+            raise RuntimeError("match failed")
+        return super().match_prefix(key)
+
+    def evict(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fail == "evict":
+            raise RuntimeError("evict failed")
+        return super().evict(*args, **kwargs)
+
+
+def test_a_failing_match_while_others_run_releases_them():
+    engine = make_engine("full", FailingRadix)
+    engine.cache.fail = "match"
+    specs = [
+        RequestSpec("good", ramp(0, 40), 8),
+        RequestSpec("bad", np.r_[250, ramp(0, 40)], 2),  # admitted right after "good"
+    ]
+    with pytest.raises(RuntimeError, match="match failed"):
+        engine.run(Workload("w", "w", specs))
+    engine.cache.fail = None
+    run_after_error(engine)
+
+
+def test_a_failing_evict_during_admission_releases_the_locked_prefix():
+    engine = make_engine("full", FailingRadix)
+    engine.run(small_shared(n_groups=4, per_group=1))  # fills the tree: the next run evicts
+    engine.cache.fail = "evict"
+    with pytest.raises(RuntimeError, match="evict failed"):
+        engine.run(small_shared(n_groups=4, per_group=4))
+    engine.cache.fail = None
+    run_after_error(engine)
+
+
+def test_a_mutated_spec_with_a_negative_token_is_refused_before_allocation():
+    engine = make_engine("full")
+    bad = RequestSpec("bad", ramp(0, 10), 2)
+    bad.prompt[3] = -3  # RequestSpec checked it at construction; the engine checks again
+    with pytest.raises(ValueError, match="request bad: prompt token -3 at position 3"):
+        engine.run(Workload("w", "w", [RequestSpec("ok", ramp(0, 20), 2), bad]))
+    assert engine.memory.kv_available() == POOL
+    run_after_error(engine)
+
+
+def test_a_workload_request_that_is_not_a_spec_is_refused():
+    engine = make_engine("full")
+    wl = Workload("w", "w", [RequestSpec("ok", ramp(0, 20), 2), ("x", [1, 2], 2)])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="workload requests must be RequestSpec, got tuple"):
+        engine.run(wl)
+    assert engine.memory.kv_available() == POOL
+
+
+def test_out_of_vocab_tokens_are_refused_before_allocation():
+    engine = make_engine("full")  # a tree would keep a served request's tokens
+    wl = Workload("w", "w", [RequestSpec("oov", np.r_[ramp(0, 29), 256], 3)])
+    with pytest.raises(ValueError, match=r"request oov: prompt token 256 at position 29 .*256"):
+        engine.run(wl)
+    assert engine.memory.kv_available() == POOL
+
+
+# -- configurations that cannot work are refused at construction -----------------------------
+
+
+def engine_with(variant: str, make_cache: Any, swa: int | None = None) -> Engine:
+    cfg = get_config("micro", variant)
+    mem = EngineMemory(cfg, 64, state_size=4, swa_size=swa)
+    return Engine(cfg, mem, make_cache(mem), params=params_of(variant))
+
+
+@pytest.mark.parametrize(
+    ("variant", "swa", "make_cache", "match"),
+    [
+        (
+            "full",
+            None,
+            lambda m: MambaRadixCache(token_to_kv_pool_allocator=m.token_to_kv_pool_allocator),
+            "no recurrent layers",
+        ),
+        (
+            "swa",
+            48,
+            lambda m: RadixCache(
+                token_to_kv_pool_allocator=m.token_to_kv_pool_allocator,
+                sliding_window_size=32,
+                page_size=4,
+            ),
+            "page_size 4",
+        ),
+        (
+            "hybrid",
+            None,
+            lambda m: MambaRadixCache(
+                token_to_kv_pool_allocator=m.token_to_kv_pool_allocator,
+                mamba_pool=m.state_pool,
+                page_size=4,
+            ),
+            "page_size 4",
+        ),
+        ("full", None, lambda m: RadixCache(), "token_to_kv_pool_allocator"),
+        (
+            "full",
+            None,
+            lambda m: RadixCache(token_to_kv_pool_allocator=TokenToKVPoolAllocator(64)),
+            "token_to_kv_pool_allocator",
+        ),
+        (
+            "full",
+            None,
+            lambda m: ChunkCache(TokenToKVPoolAllocator(64)),
+            "token_to_kv_pool_allocator",
+        ),
+        (
+            "hybrid",
+            None,
+            lambda m: MambaRadixCache(token_to_kv_pool_allocator=m.token_to_kv_pool_allocator),
+            "mamba_pool",
+        ),
+        (
+            "hybrid",
+            None,
+            lambda m: MambaRadixCache(
+                token_to_kv_pool_allocator=m.token_to_kv_pool_allocator,
+                mamba_pool=MambaPool(4, 1, (3, 64), (4, 16)),
+            ),
+            "mamba_pool",
+        ),
+    ],
+    ids=[
+        "mamba-on-full",
+        "windowed-paged",
+        "mamba-paged",
+        "no-allocator",
+        "other-allocator",
+        "chunk-other-allocator",
+        "no-state-pool",
+        "other-state-pool",
+    ],
+)
+def test_caches_that_cannot_serve_this_memory_are_refused(variant, swa, make_cache, match):
+    with pytest.raises(ValueError, match=match):
+        engine_with(variant, make_cache, swa)
+
+
+def test_caches_that_can_serve_are_accepted():
+    engine_with("full", lambda m: ChunkCache())  # frees nothing: it needs no allocator
+    engine_with("full", lambda m: ChunkCache(m.token_to_kv_pool_allocator))
+    engine_with(
+        "full", lambda m: RadixCache(token_to_kv_pool_allocator=m.token_to_kv_pool_allocator)
+    )
+    engine_with(  # a tree without a window keeps every token: any page size works
+        "full",
+        lambda m: RadixCache(token_to_kv_pool_allocator=m.token_to_kv_pool_allocator, page_size=4),
+    )
+
+
+# -- capacity and accounting ----------------------------------------------------------------
+
+
+def test_a_request_larger_than_the_swa_pool_is_refused_up_front():
+    wl = Workload(
+        "w",
+        "w",
+        [RequestSpec("small", ramp(0, 30), 4), RequestSpec("big", ramp(0, 490), 4)],
+    )
+    engine = make_engine("swa", RadixCache, sliding_window_size=cfg_of("swa").sliding_window)
+    with pytest.raises(EngineError, match=r"request big needs 493 KV slots; the SWA pool has 480"):
+        engine.run(wl)
+    alloc = engine.memory.token_to_kv_pool_allocator  # "small" was not served either
+    assert alloc.full_available_size() == POOL and alloc.swa_available_size() == SWA_POOL
+
+
+class CountingMamba(MambaRadixCache):
+    """Counts the KV tokens every ``evict`` call frees, whoever asked."""
+
+    evicted = 0
+
+    def evict(self, *args: Any, **kwargs: Any) -> Any:
+        res = super().evict(*args, **kwargs)
+        CountingMamba.evicted += res.full_evicted
+        return res
+
+
+def test_evicted_tokens_include_the_kv_that_state_evictions_drop():
+    CountingMamba.evicted = 0
+    engine = make_engine("hybrid", CountingMamba)
+    stats = engine.run(small_shared(n_groups=4, per_group=4))
+    assert CountingMamba.evicted > 0
+    assert stats.evicted_tokens == CountingMamba.evicted
+    assert_slots_accounted(engine)
+
+
+# -- the ideal hit rate and the order of results ------------------------------------------------
+
+
+def result(prompt: np.ndarray, extra_key: Any) -> RequestResult:
+    out = np.array([7, 8], np.int32)
+    return RequestResult("r", prompt, len(prompt), 0, out, 0.0, 0.0, 0.0, extra_key=extra_key)
+
+
+def test_ideal_cached_tokens_keeps_extra_keys_apart():
+    p = ramp(0, 40)
+    assert ideal_cached_tokens([result(p, "lora-1"), result(p, "lora-2")]) == 0
+    assert ideal_cached_tokens([result(p, "lora-1"), result(p, "lora-1")]) == 39
+    specs = [RequestSpec("a", p, 2, extra_key="lora-1"), RequestSpec("b", p, 2, extra_key="lora-2")]
+    stats, engine = serve("full", "radix", Workload("w", "w", specs), pool=POOL)
+    assert [r.extra_key for r in stats.results] == ["lora-1", "lora-2"]
+    assert stats.cached_tokens == ideal_cached_tokens(stats.results) == 0
+    assert_slots_accounted(engine)
+
+
+def test_results_come_in_workload_order_whatever_the_cache():
+    """Follow-ups finish in a cache-dependent order (a cache hit prefills faster); results
+    are ordered by generation, then by the initial request they descend from."""
+    rng = np.random.default_rng(0)
+    shared = rng.integers(1, 256, 64).astype(np.int32)
+    specs = [
+        RequestSpec("A", np.r_[shared, 1, 2], 4),
+        RequestSpec("B", np.r_[shared, 3, 4], 4),
+        RequestSpec("C", rng.integers(1, 256, 66).astype(np.int32), 4),
+    ]
+
+    def follow(spec: RequestSpec, out: np.ndarray) -> RequestSpec | None:
+        if spec.rid.endswith("next"):
+            return None
+        return RequestSpec(spec.rid + "-next", np.r_[spec.prompt, out], 2)
+
+    def wl() -> Workload:
+        return Workload("w", "w", specs, follow_up=follow)
+
+    radix, _ = serve("full", "radix", wl(), pool=POOL)
+    chunk, _ = serve("full", "chunk", wl(), pool=POOL)
+    want = ["A", "B", "C", "A-next", "B-next", "C-next"]
+    assert [r.rid for r in radix.results] == [r.rid for r in chunk.results] == want
+    for x, y in zip(radix.results, chunk.results, strict=True):
+        np.testing.assert_array_equal(x.output, y.output, err_msg=x.rid)
+
+
+# -- configuration checks --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("n_kv_heads", 0, ValueError),
+        ("n_layers", 0, ValueError),
+        ("vocab_size", 0, ValueError),
+        ("d_model", -4, ValueError),
+        ("n_heads", 0, ValueError),
+        ("head_dim", 0, ValueError),
+        ("ffn_dim", 0, ValueError),
+        ("norm_eps", 0.0, ValueError),
+        ("rope_theta", -1.0, ValueError),
+        ("dtype", "float33", ValueError),
+        ("d_model", 64.0, TypeError),
+    ],
+)
+def test_model_config_names_the_bad_field(field, value, error):
+    with pytest.raises(error, match=field):
+        get_config("micro", **{field: value})
+
+
+def test_model_config_accepts_the_presets_dtypes():
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert ModelConfig(dtype=dtype).dtype == dtype
+
+
+@pytest.mark.parametrize("field", ["share_min_tokens", "min_seq_bucket"])
+def test_scheduler_config_names_the_bad_field(field):
+    with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
+        SchedulerConfig(**{field: 0})
+
+
+# -- the step: padding writes nothing -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["full", "hybrid"])
+def test_padding_tokens_leave_the_trash_row_alone(variant):
+    """Padded tokens and rows are routed past the buffers' end and dropped, so every scatter
+    index is unique (the promise ``unique_indices=True`` makes) and row 0 stays zero."""
+    cfg = cfg_of(variant)
+    mem = EngineMemory(cfg, POOL, state_size=STATE_SLOTS)
+    batch = step_batch(np.array([5, 6, 7]), np.arange(3), np.array([4, 9, 2]), [4, 9, 2], 3, True)
+    _, _, kv, swa_kv, state = M.extend_step(params_of(variant), mem.kv, None, mem.state, batch, cfg)
+    mem.rebind(kv, swa_kv, state)
+    k = np.asarray(mem.kv.k)
+    assert not k[:, 0].any() and not np.asarray(mem.kv.v)[:, 0].any()
+    assert k[:, [4, 9, 2]].any(axis=(2, 3)).all()  # the real tokens were written
+    if variant == "hybrid":
+        assert not np.asarray(mem.state.conv)[:, 0].any()
+        assert not np.asarray(mem.state.temporal)[:, 0].any()
+        assert np.asarray(mem.state.temporal)[:, 3].any()
