@@ -198,7 +198,7 @@ def _fmt_s(x: float) -> str:
     return f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.1f} s"
 
 
-def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     out = []
     for r in [header, *rows]:
@@ -313,6 +313,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         diff = max(
             float(np.max(np.abs(x.first_logits - y.first_logits)))
             for x, y in zip(a.results, b.results, strict=True)
+            if x.first_logits is not None and y.first_logits is not None  # record_logits=True
         )
         report["speedup"] = round(b.wall_s / a.wall_s, 3) if a.wall_s else None
         report["exact"] = {

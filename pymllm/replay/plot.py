@@ -65,8 +65,8 @@ def plot_hit_rates(
         )
         if pts:
             curves.setdefault(tuple(pts), []).append(pol)
-    for k, (pts, names) in enumerate(curves.items()):
-        xs, ys = zip(*pts, strict=True)
+    for k, (curve, names) in enumerate(curves.items()):
+        xs, ys = zip(*curve, strict=True)
         ax.plot(xs, ys, marker="osD^v<>"[k % 7], markersize=4, label=" = ".join(names))
     if ideal is not None:
         ax.axhline(
