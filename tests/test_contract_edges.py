@@ -18,7 +18,12 @@ from pymllm.mem_cache import (
     SWATokenToKVPoolAllocator,
     TokenToKVPoolAllocator,
 )
-from pymllm.mem_cache.errors import InvalidValueError, LockStateError, StaleNodeError
+from pymllm.mem_cache.errors import (
+    InvalidFreeError,
+    InvalidValueError,
+    LockStateError,
+    StaleNodeError,
+)
 
 
 def test_a_negative_priority_is_evicted_before_priority_zero() -> None:
@@ -134,3 +139,34 @@ def test_an_unlock_cannot_take_another_requests_sliding_window_lock() -> None:
     cache.dec_lock_ref(upper, lock_c)
     assert cache.swa_protected_size() == 0 and cache.protected_size() == 0
     cache._check_invariants()
+
+
+def _unaligned_int32(values: object) -> np.ndarray:
+    """An int32 array whose data starts 1 byte past an aligned address (numpy allows it;
+    C may not read int32 there)."""
+    values = np.asarray(values, dtype=np.int32)
+    raw = np.zeros(values.nbytes + 1, dtype=np.uint8)
+    arr = raw[1:].view(np.int32)
+    arr[:] = values
+    assert not arr.flags.aligned and arr.flags.c_contiguous
+    return arr
+
+
+def test_unaligned_int32_keys_values_and_frees_are_read_right() -> None:
+    # the zero-copy paths take aligned arrays only; an unaligned one is copied first
+    alloc = TokenToKVPoolAllocator(64, need_sort=False)
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    slots = alloc.alloc(6)
+    key = _unaligned_int32([5, 6, 7, 8, 9, 10])
+    assert cache.insert(RadixKey(key), _unaligned_int32(slots)).prefix_len == 0
+    m = cache.match_prefix(RadixKey(_unaligned_int32([5, 6, 7, 1])))
+    assert (m.prefix_len, m.indices.tolist()) == (3, slots[:3].tolist())
+    more = alloc.alloc(2)
+    alloc.free(_unaligned_int32(more))
+    assert not alloc.is_allocated(more).any()
+    with pytest.raises(InvalidFreeError, match="not allocated"):
+        alloc.free(_unaligned_int32(more[:1]))
+    cache.evict(6)
+    assert alloc.available_size() == 64
+    cache._check_invariants()
+    alloc._check_invariants()

@@ -228,6 +228,7 @@ cdef cnp.ndarray _as_int32_slots(object indices):
         and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>indices)   # '>i4' is int32 too
         and cnp.PyArray_NDIM(<cnp.ndarray>indices) == 1
         and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>indices)
+        and cnp.PyArray_ISALIGNED(<cnp.ndarray>indices)   # read as int32 in C
     ):
         return <cnp.ndarray>indices
     arr = np.asarray(indices)  # a jax array is copied to the host here (a device sync)
@@ -244,7 +245,7 @@ cdef cnp.ndarray _as_int32_slots(object indices):
         if bad.size:
             raise InvalidFreeError(f"indices: slot {arr[bad[0]]} is out of range [0, 2**31)")
         arr = arr.astype(np.int32)
-    return np.ascontiguousarray(arr)
+    return np.require(arr, np.int32, ["C", "A"])  # a copy if unaligned
 
 
 cdef inline bint _mark_run(PageCore self, const int32_t* got, int32_t k) noexcept:

@@ -1248,7 +1248,8 @@ cdef class RadixTreeCore:
             kv.tok = <tok_t*>self._tok_scratch.reserve(1)
             return None
         if ((typenum == cnp.NPY_INT32 or typenum == cnp.NPY_UINT32)
-                and cnp.PyArray_ISNOTSWAPPED(arr) and cnp.PyArray_IS_C_CONTIGUOUS(arr)):
+                and cnp.PyArray_ISNOTSWAPPED(arr) and cnp.PyArray_IS_C_CONTIGUOUS(arr)
+                and cnp.PyArray_ISALIGNED(arr)):    # C reads int32 only at aligned addresses
             if typenum == cnp.NPY_INT32:
                 p32 = <const int32_t*>cnp.PyArray_DATA(arr)
                 i = _first_negative(p32, n)
@@ -1326,7 +1327,7 @@ cdef class RadixTreeCore:
             out[0] = <idx_t*>self._val_scratch.reserve(1)
             return None
         if (typenum == cnp.NPY_INT32 and cnp.PyArray_ISNOTSWAPPED(arr)
-                and cnp.PyArray_IS_C_CONTIGUOUS(arr)):
+                and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)):
             p32 = <const int32_t*>cnp.PyArray_DATA(arr)
             i = _first_negative(p32, n)
             if i < n:
