@@ -165,8 +165,8 @@ class RefMambaRadixCache(RefRadixCache):
         **kwargs: Any,
     ) -> InsertResult:
         """Insert KV as :meth:`RefRadixCache.insert` and attach *mamba_value* (an int or a
-        length-1 int array) to the node ending at the aligned key end, unless one is there
-        (``mamba_exist=True``; the slot stays the caller's)."""
+        length-1 int array) to the node ending at the key's end (a key of whole pages), unless
+        another is there (``mamba_exist=True``; the slot stays the caller's)."""
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
         prio = _int64_arg("priority", priority)
@@ -176,16 +176,18 @@ class RefMambaRadixCache(RefRadixCache):
         state = None
         if mamba_value is not None:
             state = _parse_state_slot(mamba_value)
-            if len(tokens) < self.page_size:
+            if not tokens or len(tokens) % self.page_size:
                 raise InvalidValueError(
-                    f"mamba_value: a state needs a key of at least one page ({self.page_size} "
-                    f"tokens), got {len(tokens)}"
+                    f"mamba_value: a state is the one after the key's last token, so the key "
+                    f"must end on a page boundary (page_size {self.page_size}), got "
+                    f"{len(tokens)} tokens"
                 )
         prefix_len, node = self._insert_kv(tokens, arr, (extra_key, width))
         exist = False
         if state is not None:
             if node.mamba_value is not None:
-                exist = True
+                # the node's own state handed back is no second one
+                exist = int(node.mamba_value[0]) != state
             else:
                 node.mamba_value = np.array([state], dtype=np.int32)
                 node.mamba_value.flags.writeable = False
@@ -275,6 +277,11 @@ class RefMambaRadixCache(RefRadixCache):
                     f"swa_boundary_id: got {swa_boundary_id!r} (a state lock), but {node!r} "
                     "holds no state lock"
                 )
+        if not release_state and node.lock_ref <= node.mamba_lock_ref:
+            raise LockStateError(
+                f"swa_boundary_id: got {swa_boundary_id!r} (no state lock), but each of "
+                f"{node!r}'s locks holds its state"
+            )
         if release_state:
             node.mamba_lock_ref -= 1
             if node.mamba_lock_ref == 0:

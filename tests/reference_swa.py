@@ -202,7 +202,11 @@ class RefSWARadixCache(RefRadixCache):
         if aligned == 0:
             return InsertResult(prefix_len=0, last_node=self.root_node)
         if ppl > 0:  # no node straddles the caller's protected prefix
-            self._walk(tokens, ppl, ns, count_hit=False)
+            _, held, _ = self._walk(tokens, ppl, ns, count_hit=False)
+            if held < ppl:
+                raise InvalidValueError(
+                    f"prev_prefix_len: {ppl}, but the tree holds only {held} tokens of this key"
+                )
         node, matched, _ = self._walk(tokens, aligned, ns, count_hit=False)
         to_free: list[int] = []
         start = 0

@@ -234,8 +234,8 @@ def test_branching_seqlen_is_page_aligned(make_cache):
     assert (m.prefix_len, m.mamba_branching_seqlen) == (0, None)
     m = cache.match_prefix(K([1, 2, 3, 4, 5, 6, 7]))
     assert (m.prefix_len, m.mamba_branching_seqlen) == (6, None)
-    # The state sits on the node ending at the aligned end of the inserted key.
-    r = cache.insert(K([1, 2, 3, 4, 8]), i32([21, 22, 23, 24, 25]), mamba_value=9)
+    # The state sits on the node ending at the end of the inserted key (split there).
+    r = cache.insert(K([1, 2, 3, 4]), i32([21, 22, 23, 24]), mamba_value=9)
     assert (r.prefix_len, toks(r.last_node), r.mamba_exist) == (4, [1, 2, 3, 4], False)
     assert state(r.last_node) == 9
     m = cache.match_prefix(K([1, 2, 3, 4, 5]))
@@ -579,10 +579,47 @@ def test_state_needs_a_whole_page(make_cache):
         cache.insert(K([]), i32([]), mamba_value=3)
     r = cache.insert(K([1]), i32([11]))  # no state: fine, nothing stored
     assert (r.prefix_len, r.last_node.id, r.mamba_exist) == (0, 0, False)
-    # A key with a partial last page stores its whole pages and the state at their end.
-    r = cache.insert(K([1, 2, 3]), i32([11, 12, 13]), mamba_value=3)
-    assert toks(r.last_node) == [1, 2] and state(r.last_node) == 3
+    # The state after token 3 must not sit on the node ending at token 2: a later prompt
+    # [1, 2, 9] would resume from it. A key with a partial last page takes no state.
+    with pytest.raises(InvalidValueError, match="must end on a page boundary"):
+        cache.insert(K([1, 2, 3]), i32([11, 12, 13]), mamba_value=3)
+    assert sizes(cache) == (0, 0, 0, 0, 0)
+    r = cache.insert(K([1, 2, 3]), i32([11, 12, 13]))  # without a state: the whole pages
+    assert toks(r.last_node) == [1, 2] and state(r.last_node) is None
+    r = cache.insert(K([1, 2, 3, 4]), i32([11, 12, 13, 14]), mamba_value=3)
+    assert toks(r.last_node) == [3, 4] and state(r.last_node) == 3
+    assert sizes(cache) == (4, 0, 4, 1, 0)
+    cache._check_invariants()
+
+
+def test_the_nodes_own_state_handed_back_is_not_a_second_state(make_cache, state_pool):
+    cache = make_cache()
+    cache.insert(K([1, 2]), i32([11, 12]), mamba_value=5)
+    r = cache.insert(K([1, 2]), i32([11, 12]), mamba_value=5)
+    assert (r.prefix_len, r.mamba_exist, state(r.last_node)) == (2, False, 5)  # keep it
+    r = cache.insert(K([1, 2]), i32([11, 12]), mamba_value=6)
+    assert (r.mamba_exist, state(r.last_node)) == (True, 5)  # 6 stays the caller's
     assert sizes(cache) == (2, 0, 2, 1, 0)
+    cache._check_invariants()
+
+
+def test_an_unlock_without_the_state_token_cannot_strand_a_state_lock(make_cache, state_pool):
+    """full_lock_ref >= mamba_lock_ref always: the node's only lock holds its state, so an
+    unlock that names no state lock (False) is refused, changing nothing."""
+    cache = make_cache()
+    node = cache.insert(K([1, 2, 3, 4]), i32([1, 2, 3, 4]), mamba_value=7).last_node
+    token = cache.inc_lock_ref(node)
+    assert token is True
+    before = sizes(cache)
+    with pytest.raises(LockStateError, match="holds its state"):
+        cache.dec_lock_ref(node, swa_boundary_id=False)
+    assert (node.full_lock_ref, node.mamba_lock_ref) == (1, 1) and sizes(cache) == before
+    cache._check_invariants()
+    assert cache.evict(100, mamba_num=5) == EvictResult()  # still locked: nothing goes
+    cache.dec_lock_ref(node, swa_boundary_id=token)
+    assert cache.evict(100, mamba_num=5).full_evicted == 4
+    assert state_pool.freed_sequence == [[7]] and sizes(cache) == (0, 0, 0, 0, 0)
+    cache._check_invariants()
 
 
 def test_bad_key_or_value_wins_over_bad_state(make_cache):

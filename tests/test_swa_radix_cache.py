@@ -320,6 +320,22 @@ def test_prev_prefix_len_is_left_alone_and_splits_the_node_it_ends_in(make_cache
     cache._check_invariants()
 
 
+def test_prev_prefix_len_must_be_cached(make_cache, pool):
+    """value[:prev_prefix_len] is the caller's matched prefix: if the tree does not hold
+    those tokens, the call is refused before any index changes hands."""
+    cache = make_cache()
+    with pytest.raises(InvalidValueError, match="holds only 0 tokens of this key"):
+        cache.insert(K(range(1, 9)), slots(range(101, 109)), prev_prefix_len=4)
+    cache.insert(K([1, 2]), [101, 102])
+    with pytest.raises(InvalidValueError, match="holds only 2 tokens of this key"):
+        cache.insert(K(range(1, 9)), slots(range(101, 109)), prev_prefix_len=4)
+    with pytest.raises(InvalidValueError, match="prev_prefix_len: 2, but the tree holds"):
+        cache.insert(K(range(1, 9), "x"), slots(range(101, 109)), prev_prefix_len=2)
+    assert pool.calls == []
+    assert sizes(cache)[:1] == (2,)
+    cache._check_invariants()
+
+
 def test_insert_of_less_than_a_page_ticks_the_clock_and_frees_nothing(make_cache, pool):
     cache = make_cache(page_size=2)
     r = cache.insert(K([1]), [101], swa_evicted_seqlen=7)

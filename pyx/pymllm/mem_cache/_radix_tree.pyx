@@ -1656,6 +1656,12 @@ cdef class RadixTreeCore:
         # past the key's end it is all the same (and rounding 2**63 - 1 up would overflow)
         es = (min(es, kv.n) + P - 1) // P * P
         ns = self._find_ns(extra_key, kv.arity)
+        if ns < 0 and ppl > 0:
+            self.clock += 1
+            raise InvalidValueError(
+                f"prev_prefix_len: {ppl}, but the tree holds no prefix of this key (a new "
+                "namespace): value[:prev_prefix_len] would be taken as new"
+            )
         if aligned == 0:
             self.clock += 1
             out_last[0] = ROOT
@@ -1683,7 +1689,13 @@ cdef class RadixTreeCore:
                 raise
         self.clock += 1
         if ppl > 0:     # nodes never straddle the caller's protected prefix
-            self._walk(kv, ns, ppl, False, &last, &n_path)
+            matched = self._walk(kv, ns, ppl, False, &last, &n_path)
+            if matched < ppl:
+                # before any index changes hands (the walk's recency updates and split stand)
+                raise InvalidValueError(
+                    f"prev_prefix_len: {ppl}, but the tree holds only {matched} tokens of "
+                    "this key: value[:prev_prefix_len] would be taken as new"
+                )
         matched = self._walk(kv, ns, aligned, False, &last, &n_path)
         if not allocated:
             # before any index changes hands; out of memory here, only the walks' recency
@@ -2687,13 +2699,15 @@ cdef class MambaTreeCore(RadixTreeCore):
 
     def insert(self, key, value=None, mamba_value=None, priority=0, **kwargs):
         """Insert KV as :meth:`RadixCache.insert` does and attach *mamba_value* (one state
-        slot: an int or a length-1 array) to the node ending at the page-aligned key end,
-        splitting there if needed.
+        slot: an int or a length-1 array, the state after the key's last token) to the node
+        ending at the key's end, splitting there if needed.
 
         Returns ``InsertResult(prefix_len, last_node, mamba_exist)``. Ownership: KV as in
-        RadixCache; the state slot passes to the tree unless ``mamba_exist`` is True (a
+        RadixCache; the state slot passes to the tree unless ``mamba_exist`` is True (another
         state was already stored at that point), in which case it stays the caller's to
-        free. A state needs a key of at least one page. Bad input changes nothing.
+        free; the node's own slot handed back is not another state (``mamba_exist`` False,
+        the tree keeps it). A state needs a non-empty key of whole pages. Bad input changes
+        nothing.
         ``priority`` as in :meth:`RadixCache.insert` (``eviction_policy="priority"``).
         """
         if kwargs:
@@ -2715,10 +2729,11 @@ cdef class MambaTreeCore(RadixTreeCore):
         vowner = self._load_value(value, &kv, &vals)
         if mamba_value is not None:
             state = _parse_state_slot(mamba_value)
-            if kv.n < self.page_size:
+            if kv.n == 0 or kv.n % self.page_size:
                 raise InvalidValueError(
-                    f"mamba_value: a state needs a key of at least one page ({self.page_size} "
-                    f"tokens), got {kv.n}"
+                    f"mamba_value: a state is the one after the key's last token, so the key "
+                    f"must end on a page boundary (page_size {self.page_size}), got {kv.n} "
+                    "tokens"
                 )
         self.new_prio = prio
         matched = self._insert_kv(&kv, vals, _extra_key(key), &last)
@@ -2726,7 +2741,8 @@ cdef class MambaTreeCore(RadixTreeCore):
         if state >= 0:
             x = &self.nodes[last]
             if x.aux_value >= 0:
-                exist = True
+                # the node's own state handed back is no second one: the caller must not free it
+                exist = x.aux_value != state
             else:
                 x.aux_value = <int32_t>state
                 x.aux_lock_ref = 0
@@ -2833,6 +2849,13 @@ cdef class MambaTreeCore(RadixTreeCore):
         else:
             raise TypeError(
                 f"swa_boundary_id: expected the bool token of inc_lock_ref, got {swa_boundary_id!r}"
+            )
+        if n != ROOT and not release_state and x.lock_ref <= x.aux_lock_ref:
+            # every lock on the node holds its state: one without would leave a state lock
+            # no full lock covers (evict would then free a state counted as locked)
+            raise LockStateError(
+                f"swa_boundary_id: got {swa_boundary_id!r} (no state lock), but each of node "
+                f"{x.uid}'s {x.lock_ref} lock(s) holds its state: pass inc_lock_ref's token"
             )
         self._check_unlockable(n)
         if n != ROOT and release_state:
