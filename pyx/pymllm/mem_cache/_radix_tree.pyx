@@ -1571,7 +1571,8 @@ cdef class RadixTreeCore:
         still owns, and must free, the duplicates ``value[:prefix_len]`` (those tokens were
         already cached, under the tree's own indices) and the unaligned tail
         ``value[aligned:]``. Returns ``InsertResult(prefix_len, last_node)`` with
-        ``last_node`` ending at ``aligned``. Bad input raises and changes nothing.
+        ``last_node`` ending at ``aligned`` (with a window, see below). Bad input raises and
+        changes nothing.
         ``prev_prefix_len`` and ``swa_evicted_seqlen`` only matter with a sliding window.
         ``priority`` only matters with ``eviction_policy="priority"``: the nodes this insert
         makes start at ``priority`` (a negative one too) and every node on the path from the
@@ -1581,15 +1582,17 @@ cdef class RadixTreeCore:
         With a sliding window the tree settles every index of ``value[prev_prefix_len:
         aligned]`` itself, so the caller frees none of them: ``value[:prev_prefix_len]`` is
         the caller's protected prefix (the tree's own indices, from ``match_prefix``) and is
-        left alone; beyond it, a duplicate of a live node is freed (``allocator.free``); a
-        tombstoned node whose range starts at or beyond ``swa_evicted_seqlen`` is revived
-        with the incoming indices (its old ones are freed) unless it is locked (a request
-        still reads its full KV), otherwise the incoming
+        left alone (it must be cached: a ``prev_prefix_len`` beyond what the tree holds of
+        the key raises ``InvalidValueError``); beyond it, a duplicate of a live node is
+        freed (``allocator.free``); a tombstoned node whose range starts at or beyond
+        ``swa_evicted_seqlen`` is revived with the incoming indices (its old ones are freed)
+        unless it is locked (a request still reads its full KV), otherwise the incoming
         duplicate is freed; the new suffix is stored, as a tombstone up to
         ``swa_evicted_seqlen`` (rounded up to a page) and live after it; a suffix lying
-        wholly below ``swa_evicted_seqlen`` is not cached and its indices are freed. Those
-        frees come first, in one ``allocator.free`` call: if it raises, the tree has taken
-        none of ``value`` and the caller still owns all of it.
+        wholly below ``swa_evicted_seqlen`` is not cached and its indices are freed (then
+        ``last_node`` ends where the cached prefix does, at ``prefix_len``). Those frees
+        come first, in one ``allocator.free`` call: if it raises, the tree has taken none
+        of ``value`` and the caller still owns all of it.
         """
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
