@@ -8,6 +8,7 @@ in the message)``. Value errors come from ``pymllm.mem_cache.errors`` (each a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -531,7 +532,10 @@ def test_bad_call_names_argument_and_value(
     with pytest.raises(exc) as info:
         call()
     msg = str(info.value)
-    assert arg in msg, f"{type(info.value).__name__}({msg!r}) does not name {arg!r}"
+    # the argument as a word (a one-letter name like n must not match inside "cannot")
+    assert re.search(rf"\b{re.escape(arg)}\b", msg), (
+        f"{type(info.value).__name__}({msg!r}) does not name {arg!r}"
+    )
     assert bad in msg, f"{type(info.value).__name__}({msg!r}) does not show {bad!r}"
     if issubclass(exc, ValueError) and exc is not IndexError:
         assert isinstance(info.value, CacheError), "value errors come from errors.py"

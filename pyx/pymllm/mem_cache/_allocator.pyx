@@ -686,7 +686,10 @@ cdef int32_t _check_alloc_size(object n, int32_t ps) except -1:
             return <int32_t>(x // ps)
     if isinstance(n, bool):  # free(True) is refused too: a bool is not a slot count
         raise TypeError("n: expected an int, got bool")
-    n = operator.index(n)
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n: expected an int, got {type(n).__name__} {n!r:.60}") from None
     if n < 0:
         raise InvalidValueError(f"n: cannot allocate {n} slots")
     if n % ps:
