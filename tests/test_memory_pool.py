@@ -18,14 +18,19 @@ from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
 from pymllm.mem_cache.memory_pool import (
     KVBuffers,
     KVPool,
+    MambaBuffers,
     MambaPool,
     ReqToTokenPool,
     bucket_size,
+    copy_kv,
+    copy_states,
     make_full_attention_net_mem_pool,
     make_req_to_token_pool,
     pad_slots,
     read_kv,
+    reset_states,
     write_kv,
+    write_kv_all,
 )
 
 BF16 = jnp.bfloat16
@@ -211,6 +216,73 @@ def test_bucket_sized_device_inputs_do_not_compile_again(compiles: list[str]) ->
     assert compiles == []
 
 
+def test_mamba_updates_and_module_helpers_donate() -> None:
+    pool = MambaPool(6, 2, (3,), (2,), conv_dtype=jnp.float32)
+    for update in (
+        lambda: pool.set_states(
+            [1, 2], np.ones((2, 2, 3), np.float32), np.ones((2, 2, 2), np.float32)
+        ),
+        lambda: pool.copy_states([1], [3]),
+        lambda: pool.reset_states([1]),
+    ):
+        old = pool.buffers
+        update()
+        assert old.conv.is_deleted() and old.temporal.is_deleted()
+    states = pool.buffers
+    states = copy_states(old := states, pad_slots([1]), pad_slots([3]))
+    assert old.conv.is_deleted() and old.temporal.is_deleted()
+    states = reset_states(old := states, pad_slots([1]))
+    assert old.conv.is_deleted() and old.temporal.is_deleted()
+    kv = KVPool(32, 2, 1, 2, dtype=jnp.float32).buffers
+    ones = jnp.ones((2, 16, 1, 2), jnp.float32)
+    kv = write_kv_all(old_kv := kv, pad_slots([1]), ones, ones)
+    assert old_kv.k.is_deleted() and old_kv.v.is_deleted()
+    kv = copy_kv(old_kv := kv, pad_slots([1]), pad_slots([2]))
+    assert old_kv.k.is_deleted() and old_kv.v.is_deleted()
+    assert host(kv.k)[:, 2].tolist() == [[[1.0, 1.0]]] * 2
+
+
+def test_reads_and_copies_compile_once_per_bucket() -> None:
+    """The gathers and copies run at the bucket size, so a serving loop compiles each a
+    bounded number of times (trimming a read to ``n`` rows is a separate small slice).
+    Counted as new entries of each jitted function's cache (shared by every pool): the
+    shapes here are used by no other test, so the new entries are this test's."""
+    pool = KVPool(100, 2, 3, 7, dtype=jnp.float32)
+    mamba = MambaPool(70, 1, (3, 5), (7,), conv_dtype=jnp.float32)
+    fns = (pool._read, pool._read_all, pool._copy, mamba._read, mamba._copy, mamba._reset)
+    before = [f._cache_size() for f in fns]
+    sizes = [1, 5, 16, 17, 20, 23, 24, 25, 29, 32]  # 10 sizes, 3 buckets: 16, 24, 32
+    for n in sizes:
+        loc = np.arange(1, n + 1)
+        pool.get_kv(n % 2, loc)
+        pool.get_kv_all(loc)
+        pool.copy(loc, loc + 50)
+        mamba.get_states(loc)
+        mamba.copy_states(loc, loc + 35)
+        mamba.reset_states(loc)
+    grown = [f._cache_size() - b for f, b in zip(fns, before, strict=True)]
+    assert grown == [3] * len(fns), grown
+
+
+def test_to_device_sends_a_batch_in_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = ReqToTokenPool(8, 64)
+    slots = pool.alloc(5)
+    assert slots is not None
+    for i, slot in enumerate(slots.tolist()):
+        pool.write((slot, slice(0, 20)), np.arange(20) + 100 * i)
+    shapes: list[tuple[int, ...]] = []
+    device_put = jax.device_put
+
+    def counting(x: Any, *args: Any, **kwargs: Any) -> Any:
+        shapes.append(np.shape(x))
+        return device_put(x, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "device_put", counting)
+    dev = pool.to_device(slots, max_len=20)
+    assert shapes == [(16, 24)]  # the whole padded batch, once
+    assert host(dev)[4, :20].tolist() == (np.arange(20) + 400).tolist()
+
+
 # -- bad input: clear errors, nothing written -------------------------------------------
 
 
@@ -245,6 +317,71 @@ def test_bad_input_raises_before_writing(call: Any) -> None:
         call(pool, k)
     assert pool.buffers is before and not before.k.is_deleted()
     assert host(before.k)[0, 1:3].all() and not host(before.k)[:, 3:].any()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda p, k: p.set_kv_buffer(0, [3, 4, 3], k, k), id="set_kv_buffer"),
+        pytest.param(lambda p, k: p.set_kv_buffer(0, [4, 3, 3], k, k), id="set_kv_buffer-end"),
+        pytest.param(lambda p, k: p.set_kv_all([5, 5, 6], k[None], k[None]), id="set_kv_all"),
+        pytest.param(lambda p, k: p.copy([1, 2, 3], [6, 7, 6]), id="copy-dst"),
+    ],
+)
+def test_duplicate_slots_are_refused_before_writing(call: Any) -> None:
+    """The scatters promise XLA distinct indices (undefined on GPU otherwise): a slot
+    listed twice in a write was accepted and one of its values landed."""
+    pool = KVPool(8, 1, 1, 2, dtype=jnp.float32)
+    k = np.arange(1, 7, dtype=np.float32).reshape(3, 1, 2)
+    before = pool.buffers
+    with pytest.raises(InvalidValueError, match="more than once"):
+        call(pool, k)
+    assert pool.buffers is before and not before.k.is_deleted()
+
+
+def test_padding_slot_may_repeat_and_copy_sources_may_repeat() -> None:
+    pool = KVPool(8, 1, 1, 2, dtype=jnp.float32)
+    k = np.arange(1, 9, dtype=np.float32).reshape(4, 1, 2)
+    pool.set_kv_buffer(0, [0, 3, 0, 4], k, k)
+    pool.copy([3, 3], [5, 6])  # one row forked into two
+    got = host(pool.buffers.k)[0, :, 0, 0]
+    assert got[[3, 4, 5, 6]].tolist() == [3.0, 7.0, 3.0, 3.0]
+    mamba = MambaPool(4, 1, (2,), (2,), conv_dtype=jnp.float32)
+    for call in (
+        lambda: mamba.set_states(
+            [1, 1], np.ones((1, 2, 2), np.float32), np.ones((1, 2, 2), np.float32)
+        ),
+        lambda: mamba.copy_states([1, 2], [3, 3]),
+        lambda: mamba.reset_states([2, 2]),
+    ):
+        before = mamba.buffers
+        with pytest.raises(InvalidValueError, match="more than once"):
+            call()
+        assert mamba.buffers is before and not before.conv.is_deleted()
+
+
+def test_setters_refuse_host_arrays_and_one_array_twice() -> None:
+    """Numpy buffers were accepted (the next write then copied them to the device), and K
+    and V as the same array failed the next write ('donate the same buffer twice')."""
+    pool = KVPool(8, 1, 2, 2, dtype=jnp.float32)
+    mamba = MambaPool(4, 1, (2,), (2,), conv_dtype=jnp.float32)
+    kv, states = pool.buffers, mamba.buffers
+    for target, new in (
+        (pool, KVBuffers(np.zeros(pool.k_shape, np.float32), np.zeros(pool.v_shape, np.float32))),
+        (pool, KVBuffers(kv.k, np.zeros(pool.v_shape, np.float32))),
+        (pool, KVBuffers(kv.k, kv.k)),
+        (mamba, MambaBuffers(np.asarray(states.conv), states.temporal)),
+        (mamba, MambaBuffers(states.conv, states.conv)),
+    ):
+        with pytest.raises(InvalidValueError, match=r"jax\.Array|same array"):
+            target.buffers = new
+    assert pool.buffers is kv and mamba.buffers is states
+    pool.buffers = KVBuffers(kv.k + 1, kv.v + 2)  # fresh arrays of the same device: taken
+    pool.set_kv_buffer(0, [1], np.full((1, 2, 2), 5, np.float32), np.zeros((1, 2, 2), np.float32))
+    assert host(pool.buffers.k)[0, 1:3, 0, 0].tolist() == [5.0, 1.0]
+    mamba.buffers = MambaBuffers(states.conv + 1, states.temporal)
+    mamba.reset_states([1])
+    assert host(mamba.buffers.conv)[0, 1:3, 0].tolist() == [0.0, 1.0]
 
 
 def test_constructor_validation_and_sizes() -> None:
@@ -360,38 +497,157 @@ SHARDED = textwrap.dedent(
 )
 
 
+# The setters refuse buffers that the next donated update could not use in place: before,
+# a mesh pool took single-device or uncommitted buffers and then failed in jit (bare
+# ValueError, the pool stuck) or resharded them by a whole-cache copy (donation silently
+# gone), and a pool on device 2 took buffers on device 0.
+SETTERS = textwrap.dedent(
+    """
+    import warnings
+    warnings.simplefilter("error")
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from pymllm.mem_cache.errors import InvalidValueError
+    from pymllm.mem_cache.memory_pool import KVBuffers, KVPool, MambaBuffers, MambaPool
+    devs = jax.devices()
+    assert len(devs) == 4, devs
+
+    def refused(pool, new, why):
+        before = pool.buffers
+        try:
+            pool.buffers = new
+        except InvalidValueError as exc:
+            assert "buffers." in str(exc), exc
+        else:
+            raise AssertionError("accepted buffers " + why)
+        assert pool.buffers is before and not before[0].is_deleted(), why
+
+    def still_donates(pool):
+        old = pool.buffers
+        if isinstance(pool, KVPool):
+            k = np.ones((1, pool.head_num, pool.head_dim), np.float32)
+            pool.set_kv_buffer(0, [1], k, k)
+        else:
+            pool.reset_states([1])
+        assert old[0].is_deleted() and old[1].is_deleted()
+
+    mesh = Mesh(np.array(devs), ("tp",))
+    for heads in (8, 1):  # 8: head-sharded; 1: replicated
+        pool = KVPool(64, 2, heads, 16, mesh=mesh, dtype=jnp.float32)
+        shapes = (pool.k_shape, pool.v_shape)
+        on = lambda d: KVBuffers(*(jax.device_put(np.zeros(s, np.float32), d) for s in shapes))
+        refused(pool, on(devs[1]), "on one device of the mesh")
+        refused(pool, KVBuffers(jnp.zeros(pool.k_shape), jnp.zeros(pool.v_shape)), "uncommitted")
+        refused(pool, on(NamedSharding(mesh, P(None, None, None, "tp"))), "sharded otherwise")
+        flipped = Mesh(np.array(devs[::-1]), ("tp",))
+        refused(pool, on(NamedSharding(flipped, pool.shardings.k.spec)), "on a reordered mesh")
+        still_donates(pool)
+        # what a model step returns (no out_shardings: jit keeps the input's sharding) is taken
+        pool.buffers = jax.jit(lambda b: KVBuffers(b.k + 1, b.v + 1))(pool.buffers)
+        still_donates(pool)
+
+    single = KVPool(64, 1, 2, 4, dtype=jnp.float32, device=devs[2])
+    b = single.buffers
+    refused(single, KVBuffers(*(jax.device_put(np.asarray(x), devs[0]) for x in b)), "of device 0")
+    refused(single, KVBuffers(jnp.zeros(single.k_shape), jnp.zeros(single.v_shape)), "uncommitted")
+    single.buffers = KVBuffers(*(jax.device_put(np.asarray(x), devs[2]) for x in b))
+    still_donates(single)
+
+    mamba = MambaPool(4, 1, (2,), (3,), conv_dtype=jnp.float32, device=devs[1])
+    m = mamba.buffers
+    refused(mamba, MambaBuffers(*(jax.device_put(np.asarray(x), devs[0]) for x in m)), "dev 0")
+    mamba.buffers = MambaBuffers(*(jax.device_put(np.asarray(x), devs[1]) for x in m))
+    still_donates(mamba)
+    print("SETTERS-OK")
+    """
+)
+
+# mem_bytes on a mesh: bytes held on every device, and on the most loaded one.
+MEM_BYTES = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    from pymllm.mem_cache.memory_pool import KVPool
+    devs = jax.devices()
+    meshes = [Mesh(np.array(devs), ("tp",)), Mesh(np.array(devs).reshape(2, 2), ("dp", "tp"))]
+    for mesh in meshes:
+        for hk, hv in [(8, 8), (1, 4), (6, 2)]:
+            pool = KVPool(
+                100, 3, hk, 8, v_head_num=hv, v_head_dim=4, dtype=jnp.float32,
+                mesh=mesh, head_axis="tp",
+            )
+            per_dev = {d: 0 for d in devs}
+            for buf in pool.buffers:
+                for shard in buf.addressable_shards:
+                    per_dev[shard.device] += shard.data.nbytes
+            got = (pool.mem_bytes(), pool.mem_bytes_per_device())
+            want = (sum(per_dev.values()), max(per_dev.values()))
+            assert got == want, (mesh, hk, hv, got, want)
+    one = KVPool(100, 3, 1, 8, v_head_num=4, v_head_dim=4, dtype=jnp.float32)
+    assert one.mem_bytes() == one.mem_bytes_per_device() == 3 * 101 * (8 + 16) * 4
+    print("MEM-BYTES-OK")
+    """
+)
+
+SCRIPTS = {
+    "test_sharded_over_four_devices_matches_one_device": (SHARDED, "SHARDED-OK"),
+    "test_setters_refuse_buffers_of_another_sharding_or_device": (SETTERS, "SETTERS-OK"),
+    "test_mem_bytes_counts_what_every_device_holds": (MEM_BYTES, "MEM-BYTES-OK"),
+}
+
+
 @pytest.fixture(scope="module", autouse=True)
-def sharded_run(request: pytest.FixtureRequest) -> Iterator[subprocess.Popen[str] | None]:
-    """Starts the 4-device check in a subprocess as this module begins, so that it runs
+def four_device_runs(
+    request: pytest.FixtureRequest,
+) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """Starts the 4-device checks in subprocesses as this module begins, so that they run
     beside the other tests (XLA_FLAGS must be set before jax initializes: a fresh process)."""
-    name = "test_sharded_over_four_devices_matches_one_device"
-    if not any(item.name == name for item in request.session.items):
-        yield None
-        return
+    wanted = {item.name for item in request.session.items} & set(SCRIPTS)
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SHARDED],
-        env=env,
-        # not the repo root: `python -c` puts the cwd first on sys.path, and the source
-        # tree's pymllm (without compiled modules) would shadow the installed one
-        cwd=os.path.dirname(os.path.abspath(__file__)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", SCRIPTS[name][0]],
+            env=env,
+            # not the repo root: `python -c` puts the cwd first on sys.path, and the source
+            # tree's pymllm (without compiled modules) would shadow the installed one
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in sorted(wanted)
+    }
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _four_device_check(runs: dict[str, subprocess.Popen[str]], name: str) -> None:
+    out, err = runs[name].communicate(timeout=180)
+    assert runs[name].returncode == 0 and SCRIPTS[name][1] in out, err[-4000:]
 
 
 def test_sharded_over_four_devices_matches_one_device(
-    sharded_run: subprocess.Popen[str] | None,
+    four_device_runs: dict[str, subprocess.Popen[str]],
 ) -> None:
-    assert sharded_run is not None
-    out, err = sharded_run.communicate(timeout=180)
-    assert sharded_run.returncode == 0 and "SHARDED-OK" in out, err[-4000:]
+    _four_device_check(four_device_runs, "test_sharded_over_four_devices_matches_one_device")
+
+
+def test_setters_refuse_buffers_of_another_sharding_or_device(
+    four_device_runs: dict[str, subprocess.Popen[str]],
+) -> None:
+    _four_device_check(
+        four_device_runs, "test_setters_refuse_buffers_of_another_sharding_or_device"
+    )
+
+
+def test_mem_bytes_counts_what_every_device_holds(
+    four_device_runs: dict[str, subprocess.Popen[str]],
+) -> None:
+    _four_device_check(four_device_runs, "test_mem_bytes_counts_what_every_device_holds")

@@ -7,6 +7,8 @@ conversions, writes to the padding row, and error types other than the documente
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -250,3 +252,73 @@ def test_setting_donated_buffers_is_refused_and_the_pool_keeps_its_own() -> None
     mamba.reset_states(np.array([1], dtype=np.int32))
     with pytest.raises(InvalidValueError, match="deleted"):
         mamba.buffers = old
+
+
+# -- found by the review of the pools (session 10) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"dtype": np.float64}, "dtype"),
+        ({"dtype": np.int64}, "dtype"),
+        ({"dtype": "foo"}, "dtype"),  # numpy's TypeError before
+        ({"dtype": object}, "dtype"),  # a TypeError from jnp.zeros before
+        ({"dtype": np.str_}, "dtype"),
+        ({"mesh": "tp"}, "mesh"),  # AttributeError before
+        ({"head_axis": "tp"}, "head_axis"),  # ignored without a mesh before
+        ({"device": "cpu:0"}, "device"),
+    ],
+    ids=["float64", "int64", "foo", "object", "str", "mesh-str", "axis-no-mesh", "device-str"],
+)
+def test_kv_pool_constructor_names_the_bad_argument(kwargs, name) -> None:
+    """With x64 off, dtype=float64 made a pool whose dtype said float64 while its buffers
+    were float32 (JAX only warned): mem_bytes() doubled, its own buffers refused by the
+    setter, float64 K/V truncated, float32 K/V refused."""
+    from pymllm.mem_cache.memory_pool import KVPool
+
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(InvalidValueError, match=name):
+        KVPool(8, 1, 1, 2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"conv_dtype": np.int64}, "conv_dtype"),
+        ({"temporal_dtype": np.float64}, "temporal_dtype"),
+        ({"conv_dtype": "foo"}, "conv_dtype"),
+        ({"device": 0}, "device"),
+    ],
+    ids=["int64", "float64", "foo", "device-int"],
+)
+def test_mamba_pool_constructor_names_the_bad_argument(kwargs, name) -> None:
+    from pymllm.mem_cache.memory_pool import MambaPool
+
+    with pytest.raises(InvalidValueError, match=name):
+        MambaPool(4, 1, (2,), (2,), **kwargs)
+
+
+def test_pool_dtype_is_the_dtype_its_buffers_hold() -> None:
+    from pymllm.mem_cache.memory_pool import KVPool, MambaPool
+
+    kv = KVPool(8, 1, 1, 2, dtype=np.float32)
+    assert kv.buffers.k.dtype == kv.dtype == np.float32
+    assert kv.mem_bytes() == kv.buffers.k.nbytes + kv.buffers.v.nbytes
+    kv.buffers = kv.buffers  # its own buffers are always taken back
+    mamba = MambaPool(4, 1, (2,), (2,), conv_dtype=np.int32, temporal_dtype=jnp.bfloat16)
+    assert (mamba.buffers.conv.dtype, mamba.buffers.temporal.dtype) == (
+        mamba.conv_dtype,
+        mamba.temporal_dtype,
+    )
+    mamba.buffers = mamba.buffers
+
+
+@pytest.mark.parametrize("max_len", [2.5, -7, 0, True, "8"])
+def test_to_device_refuses_a_max_len_that_is_not_a_positive_int(max_len) -> None:
+    """2.5 raised a TypeError naming `n`; -7 and 0 were taken (one bucket of 16 columns)."""
+    pool = ReqToTokenPool(4, 64)
+    slots = pool.alloc(2)
+    with pytest.raises(InvalidValueError, match="max_len"):
+        pool.to_device(slots, max_len=max_len)
+    assert pool.to_device(slots, max_len=1).shape == (16, 16)
