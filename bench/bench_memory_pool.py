@@ -151,6 +151,33 @@ def test_kv_write_all_layers(benchmark, kv_pool: KVPool, n: int) -> None:
 
 
 @pytest.mark.parametrize("n", KV_BATCHES)
+@pytest.mark.parametrize("path", ["jitted call", "set_kv_all"])
+def test_kv_write_public_method_overhead(benchmark, kv_pool: KVPool, n: int, path: str) -> None:
+    """The public write (slot checks, the duplicate check, the host copy of the slot list,
+    device_put) against its jitted call alone, with device-resident K/V at a bucket size:
+    what the checks cost a caller who uses the method instead of the module function."""
+    loc, k = _rows(n)
+    loc = loc[:n]  # the caller's own slots, unpadded (n is a bucket size: no padding)
+
+    def run() -> None:
+        if path == "set_kv_all":
+            kv_pool.set_kv_all(loc, k, k)
+        else:
+            kv_pool._buffers = kv_pool._write_all(kv_pool._buffers, pad_slots(loc), k, k)
+        kv_pool._buffers.k.block_until_ready()
+
+    run()
+    benchmark.group = f"kv write public method, {n} tokens (CPU)"
+    benchmark.pedantic(run, rounds=20, warmup_rounds=2)
+    record(
+        benchmark,
+        f"KVPool write, {n} tokens x {LAYERS} layers (CPU): the method's own cost",
+        path,
+        baseline=path == "set_kv_all",
+    )
+
+
+@pytest.mark.parametrize("n", KV_BATCHES)
 def test_kv_read_all_layers(benchmark, kv_pool: KVPool, n: int) -> None:
     loc, _ = _rows(n)
 
