@@ -228,10 +228,11 @@ class Replay:
         self.allocator = TokenToKVPoolAllocator(pool)
         self.cache = make_cache(policy, page_size, self.allocator)
         # A Mooncake request's last block may hold fewer than unit_tokens tokens. To count
-        # evicted tokens exactly, each tree-owned slot holding such a block records how many
-        # tokens short it is (0 for a full block: written whenever the tree takes a slot).
-        partial = any(_shortfall(t) is not None for t in (trace, warmup) if t is not None)
-        self._short = np.zeros(pool + 1, dtype=np.int64) if partial else None
+        # evicted tokens exactly, every such block the tree takes is recorded with the node
+        # that ends with it and the tokens it lacks: while that node is not evicted, the
+        # block is in the tree (a node keeps its last slot through splits, and a block
+        # inserted again after an eviction gets a new node).
+        self._partials: list[tuple[Any, int]] = []
         if warmup is not None:
             self._serve(self._requests(warmup), None)
         self.warm_units = self.cache.total_size()
@@ -250,12 +251,9 @@ class Replay:
         return keys, sizes, aligned, prios, _shortfall(trace)
 
     def _short_in_tree(self) -> int:
-        """Tokens the tree's partial blocks lack (0 without any): between requests every
-        allocated slot is the tree's."""
-        if self._short is None:
-            return 0
-        owned = self.allocator.is_allocated(np.arange(1, self.pool + 1, dtype=np.int32))
-        return int(self._short[1:][owned].sum())
+        """Tokens the partial blocks now in the tree lack (reading a handle's ``evicted``
+        changes nothing in the cache)."""
+        return sum(lacks for node, lacks in self._partials if not node.evicted)
 
     def run(self, progress: Progress | None = None) -> ReplayResult:
         """Serve the trace; ``progress(done, total, seconds)`` every few thousand requests."""
@@ -295,7 +293,7 @@ class Replay:
         the tree took."""
         keys, sizes, aligned, prios, shortfall = todo
         cache, alloc = self.cache, self.allocator
-        lack, short_taken = self._short, 0
+        partials, short_taken = self._partials, 0
         prefix = np.zeros(len(keys), dtype=np.int64)
         # One scratch row for every request's value (prefix slots + new slots): the tree
         # copies what it takes, so the row is free again once insert returns.
@@ -327,11 +325,10 @@ class Replay:
                 give(value[p : r.prefix_len])
             if aligned[i] < n:  # the unaligned tail is never cached
                 give(value[aligned[i] : n])
-            if lack is not None and r.prefix_len < aligned[i]:  # slots the tree took
-                lack[value[r.prefix_len : aligned[i]]] = 0
-                if aligned[i] == n and shortfall is not None and shortfall[i]:
-                    lack[value[n - 1]] = shortfall[i]
-                    short_taken += shortfall[i]
+            elif shortfall is not None and shortfall[i] and r.prefix_len < n:
+                # the tree took the partial last block: r.last_node ends with it
+                partials.append((r.last_node, shortfall[i]))
+                short_taken += shortfall[i]
             unlock(node)
             prefix[i] = p
             if progress is not None and (i + 1) % PROGRESS_EVERY == 0:
