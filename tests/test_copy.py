@@ -1,8 +1,10 @@
 """The int32 copy routine of the compiled modules (pyx/pymllm/mem_cache/_copy.pxd).
 
 It copies with memcpy except when the destination starts 1-63 bytes past the source modulo
-4 KiB, where it copies forward in 128-byte steps (glibc's memcpy is ~30x slower there on
-AMD Zen). Both paths, and the step loop's tail, must copy exactly the source.
+4 KiB on an AMD x86-64 processor, where it copies forward in 128-byte steps (glibc's memcpy
+is ~30x slower there on AMD Zen). Every test here runs with the stepped loop forced on and
+forced off in both compiled modules, so both paths, and the step loop's tail, are checked to
+copy exactly the source on any machine.
 """
 
 from __future__ import annotations
@@ -10,8 +12,49 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import platform
+from pathlib import Path
+
+from pymllm.mem_cache import _allocator, _radix_tree
 from pymllm.mem_cache._allocator import _copy_int32
 from pymllm.mem_cache.errors import InvalidValueError
+
+
+@pytest.fixture(autouse=True, params=[1, 0], ids=["stepped", "memcpy"])
+def copy_mode(request):
+    """Force the aliasing window's copy in both modules; restore the vendor default after."""
+    _allocator._copy_set_mode(request.param)
+    _radix_tree._copy_set_mode(request.param)
+    yield request.param
+    _allocator._copy_set_mode(-1)
+    _radix_tree._copy_set_mode(-1)
+
+
+def _cpu_vendor() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def test_default_mode_follows_the_cpu_vendor(copy_mode):
+    """The stepped loop is the default on AMD x86-64 only (on Intel glibc's copy has no
+    such cliff and the loop was the slower one); set_mode reports the mode it replaces."""
+    vendor = _cpu_vendor()
+    if platform.machine() not in ("x86_64", "AMD64") or vendor is None:
+        expect = None  # no vendor to compare with: only check the modes round-trip
+    else:
+        expect = 1 if vendor == "AuthenticAMD" else 0
+    for mod in (_allocator, _radix_tree):
+        assert mod._copy_set_mode(-1) == copy_mode  # what the fixture forced
+        default = mod._copy_set_mode(-1)
+        if expect is not None:
+            assert default == expect, f"{mod.__name__}: vendor {vendor}"
+        assert mod._copy_set_mode(1 - default) == default
+        assert mod._copy_set_mode(copy_mode) == 1 - default
 
 
 def _page_aligned(n_int32: int) -> tuple[np.ndarray, int]:

@@ -25,7 +25,7 @@ from libc.string cimport memset
 
 cimport numpy as cnp
 
-from pymllm.mem_cache._copy cimport copy32, move32_down
+from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
 
 import operator
 
@@ -1014,6 +1014,14 @@ cdef class SWATokenToKVPoolAllocator:
             f"SWATokenToKVPoolAllocator(size={self.size}, swa_size={self.swa_size}, "
             f"page_size={self.page_size}, available={self.available_size()})"
         )
+
+
+def _copy_set_mode(int mode):
+    """Which copy this module's slot and token copies take where glibc's is slow (dst 1-63
+    bytes past src modulo 4 KiB, ``_copy.pxd``): 1 the stepped loop, 0 memcpy, -1 by CPU
+    vendor (the default: the loop on AMD x86-64 only). Returns the mode in force before.
+    For tests and benchmarks; the radix tree module has its own (``_radix_tree``)."""
+    return copy32_set_mode(mode)
 
 
 def _copy_int32(cnp.ndarray dst not None, cnp.ndarray src not None):

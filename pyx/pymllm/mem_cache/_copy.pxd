@@ -2,21 +2,25 @@
 # Copying int32 arrays (KV slot indices, token ids) without glibc's 4 KiB-aliasing cliff.
 #
 # From a few KB up, glibc's memcpy and memmove (2.36 on the development machine) copy with
-# `rep movsb`. On AMD Zen 3 (this machine's EPYC) that instruction runs about 30x slower when
-# the destination starts 1-31 bytes past the source modulo 4 KiB (a 4 KB copy: 57-87 ns, and
-# 2.1-2.5 us at those offsets; bench/bench_radix_cache.py::test_copy_at_4k_alias). Which
-# offsets two buffers get is up to malloc, and a serving loop that keeps reusing the same few
-# blocks can land on a bad one on every request (a steady-state match_prefix of a 1,280-token
-# prefix: 2.2-3.9 us a call instead of 1.2).
+# `rep movsb`. On AMD Zen 3 (the development machine's EPYC) that instruction runs about 30x
+# slower when the destination starts 1-31 bytes past the source modulo 4 KiB (a 4 KB copy:
+# 57-87 ns, and 2.1-2.5 us at those offsets; bench/bench_radix_cache.py::
+# test_copy_at_4k_alias). Which offsets two buffers get is up to malloc, and a serving loop
+# that keeps reusing the same few blocks can land on a bad one on every request (a
+# steady-state match_prefix of a 1,280-token prefix: 2.2-3.9 us a call instead of 1.2).
 #
-# In that window copy32 (distinct arrays) and move32_down (a move to a lower address within
-# one array: a split node keeping its tail, the allocator compacting its free list, where the
-# cliff shows when the shift is 1-31 bytes short of a multiple of 4 KiB; 16 KB: 5.6-7.0 us
-# instead of 0.24) copy forward in 128-byte steps, each step's four loads before its four
-# stores (4 KB: 61-95 ns; 64 KB: 1.5 us against memcpy's 22 us). Everywhere else they are
-# memcpy and memmove. The loop is compiled with GCC's loop-to-memcpy rewrite off (or it
+# In that window, on AMD x86-64 processors, copy32 (distinct arrays) and move32_down (a move
+# to a lower address within one array: a split node keeping its tail, the allocator
+# compacting its free list, where the cliff shows when the shift is 1-31 bytes short of a
+# multiple of 4 KiB; 16 KB: 5.6-7.0 us instead of 0.24) copy forward in 128-byte steps,
+# each step's four loads before its four stores (4 KB: 61-95 ns; 64 KB: 1.5 us against
+# memcpy's 22 us). Everywhere else they are memcpy and memmove: on an Intel Sapphire Rapids
+# host glibc's copy has no such cliff and the stepped loop was the slower one (64 KB at
+# 16 bytes: 5.2 us against 2.9), and other architectures have no `rep movsb`. The vendor is
+# read once (cpuid, through GCC's __builtin_cpu_is); tests force either path with
+# pymllm_copy32_set_mode. The loop is compiled with GCC's loop-to-memcpy rewrite off (or it
 # would call memcpy again), for AVX2 and the baseline. Header-only: each module that
-# cimports it compiles its own copy.
+# cimports it compiles its own copy (and has its own mode).
 
 cdef extern from *:
     """
@@ -52,10 +56,35 @@ cdef extern from *:
             __builtin_memcpy(d + i, s + i, 4);
     }
 
+    /* Whether the stepped loop replaces memcpy in the aliasing window: -1 not decided yet,
+       then 1 on AMD x86-64 and 0 elsewhere (pymllm_copy32_set_mode overrides it). */
+    static int pymllm_copy_steps = -1;
+
+    static int pymllm_copy_steps_default(void) {
+    #if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 5)
+        __builtin_cpu_init();
+        return __builtin_cpu_is("amd") ? 1 : 0;
+    #else
+        return 0;
+    #endif
+    }
+
+    /* mode: 1 the stepped loop in the window, 0 always memcpy, -1 by vendor (the default).
+       Returns the mode in force before the call. */
+    static int pymllm_copy32_set_mode(int mode) {
+        int before = pymllm_copy_steps < 0 ? pymllm_copy_steps_default() : pymllm_copy_steps;
+        pymllm_copy_steps = mode < 0 ? pymllm_copy_steps_default() : (mode != 0);
+        return before;
+    }
+
     /* rep movsb is slow when dst is 1-31 bytes past src modulo 4 KiB; the window is taken
        as 1-63 bytes for a margin, and under 2 KiB glibc does not use rep movsb. */
     static inline int pymllm_4k_alias(const void* dst, const void* src, Py_ssize_t n) {
-        return n >= 512 && ((((uintptr_t)dst - (uintptr_t)src) & 4095u) - 1u) < 63u;
+        if (n < 512 || ((((uintptr_t)dst - (uintptr_t)src) & 4095u) - 1u) >= 63u)
+            return 0;
+        if (__builtin_expect(pymllm_copy_steps < 0, 0))
+            pymllm_copy_steps = pymllm_copy_steps_default();
+        return pymllm_copy_steps;
     }
 
     static inline void pymllm_copy32(void* dst, const void* src, Py_ssize_t n) {
@@ -72,6 +101,10 @@ cdef extern from *:
             memmove(dst, src, (size_t)n * sizeof(int32_t));
     }
     #else
+    static int pymllm_copy32_set_mode(int mode) {
+        (void)mode;
+        return 0;
+    }
     static inline void pymllm_copy32(void* dst, const void* src, Py_ssize_t n) {
         memcpy(dst, src, (size_t)n * sizeof(int32_t));
     }
@@ -84,3 +117,6 @@ cdef extern from *:
     void copy32 "pymllm_copy32" (void* dst, const void* src, Py_ssize_t n) noexcept nogil
     # memmove of n 4-byte elements to a lower address (dst <= src; they may overlap).
     void move32_down "pymllm_move32_down" (void* dst, const void* src, Py_ssize_t n) noexcept nogil
+    # Which copy the aliasing window takes (1 stepped loop, 0 memcpy, -1 by CPU vendor, the
+    # default); returns the mode in force before. For tests and benchmarks.
+    int copy32_set_mode "pymllm_copy32_set_mode" (int mode) noexcept nogil

@@ -32,7 +32,7 @@ cimport numpy as cnp
 import numpy as np
 
 from pymllm.mem_cache._allocator cimport TokenToKVPoolAllocator
-from pymllm.mem_cache._copy cimport copy32, move32_down
+from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
 
 from pymllm.mem_cache.base_prefix_cache import (
     EvictResult,
@@ -2975,3 +2975,10 @@ cdef int64_t _parse_state_slot(object mamba_value) except -1:
     if mamba_value < 0 or mamba_value > INT32_MAX:
         raise InvalidValueError(f"mamba_value: state slot {mamba_value} is outside [0, 2**31)")
     return mamba_value
+
+
+def _copy_set_mode(int mode):
+    """This module's copy routine, as ``_allocator._copy_set_mode`` sets its own: 1 the
+    stepped loop in the 4 KiB-aliasing window, 0 memcpy, -1 by CPU vendor (the default).
+    Returns the mode in force before. For tests and benchmarks."""
+    return copy32_set_mode(mode)
