@@ -9,11 +9,11 @@ copy exactly the source on any machine.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import platform
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 from pymllm.mem_cache import _allocator, _radix_tree
 from pymllm.mem_cache._allocator import _copy_int32
