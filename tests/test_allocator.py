@@ -380,6 +380,99 @@ def test_bad_inputs_are_value_errors(make: Any) -> None:
     assert a.available_size() == 2
 
 
+BOOL_FREES = [
+    pytest.param(lambda x: [True, int(x[1])], id="list-bool-then-slot"),
+    pytest.param(lambda x: (int(x[0]), np.True_), id="tuple-numpy-bool"),
+    pytest.param(lambda x: [True], id="list-bool"),
+    pytest.param(lambda x: True, id="bool"),
+]
+
+
+@pytest.mark.parametrize("cls", [TokenToKVPoolAllocator, SWATokenToKVPoolAllocator])
+@pytest.mark.parametrize("bad", BOOL_FREES)
+def test_bool_is_not_a_slot(cls: Any, bad: Any) -> None:
+    """numpy reads [True, 2] as [1, 2]: a bool inside a list freed slot 1. Refused wherever
+    it stands, nothing freed (the tree refuses bool tokens and indices the same way)."""
+    a = cls(8) if cls is TokenToKVPoolAllocator else cls(8, 8)
+    x = a.alloc(3)
+    before = _state(a)
+    with pytest.raises(InvalidValueError, match="integer slot ids"):
+        a.free(bad(x))
+    with pytest.raises(InvalidValueError, match="integer slot ids"):
+        a.is_allocated(bad(x))
+    assert _state(a) == before
+    a._check_invariants()
+
+
+@pytest.mark.parametrize("cls", [TokenToKVPoolAllocator, SWATokenToKVPoolAllocator])
+def test_slots_beyond_64_bits_are_out_of_range(cls: Any) -> None:
+    """A Python int beyond 64 bits is just another slot outside the pool: free raises
+    InvalidFreeError (as for 2**63) and frees nothing; is_allocated answers False."""
+    a = cls(8) if cls is TokenToKVPoolAllocator else cls(8, 8)
+    x = a.alloc(3)
+    before = _state(a)
+    for bad in ([2**64], [int(x[0]), 2**64], [-(2**63) - 1], [2**63]):
+        with pytest.raises(InvalidFreeError, match="out of range"):
+            a.free(bad)
+        assert _state(a) == before
+    assert a.is_allocated(2**64).tolist() == [False]
+    assert a.is_allocated([2**64, int(x[0]), -(2**70)]).tolist() == [False, True, False]
+    with pytest.raises(InvalidValueError, match="integer slot ids"):
+        a.is_allocated([2**64, "3"])
+    a._check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"size": True}, "size: expected an int"),
+        ({"size": 8, "page_size": np.True_}, "page_size: expected an int"),
+        ({"size": 8, "need_sort": "no"}, "need_sort: expected True or False"),
+        ({"size": 8, "need_sort": 1}, "need_sort: expected True or False"),
+    ],
+)
+@pytest.mark.parametrize("cls", [TokenToKVPoolAllocator, SWATokenToKVPoolAllocator])
+def test_constructor_flags_and_sizes_are_checked(cls: Any, kwargs: dict, match: str) -> None:
+    """A bool is not a size (True built a 1-slot pool), and need_sort takes a bool only
+    ("no" read as on)."""
+    if cls is SWATokenToKVPoolAllocator:
+        kwargs = {"swa_size": 8, **kwargs}
+    with pytest.raises(InvalidValueError, match=match):
+        cls(**kwargs)
+    if cls is TokenToKVPoolAllocator:  # numpy's bools are bools
+        assert cls(8, need_sort=np.False_).need_sort is False
+    else:
+        cls(8, 8, need_sort=np.False_)._check_invariants()
+
+
+def test_swa_mapping_view_cannot_be_made_writeable() -> None:
+    """full_to_swa_index_mapping is read-only for good: flipping the flag back on (numpy
+    allowed it over a writeable base) let a caller re-map slots, and free then handed
+    another request's SWA slots back (out twice after the next alloc)."""
+    a = SWATokenToKVPoolAllocator(8, 8)
+    r1, r2 = a.alloc(2), a.alloc(2)
+    m = a.full_to_swa_index_mapping
+    with pytest.raises(ValueError, match="WRITEABLE"):
+        m.flags.writeable = True
+    with pytest.raises(ValueError, match="read-only"):
+        m[r1] = 3
+    r3 = a.alloc(2)  # the view follows the allocator (no copy)
+    assert (m[r3] == a.translate_loc_from_full_to_swa(r3)).all()
+    assert not set(m[r2].tolist()) & set(m[r1].tolist())
+    a._check_invariants()
+
+
+def test_swa_invariants_catch_an_swa_page_mapped_twice() -> None:
+    """_check_invariants counted mapped pages only: two full slots mapped to one SWA slot
+    (and another SWA slot leaked) kept the count and passed."""
+    a = SWATokenToKVPoolAllocator(8, 4)
+    r1, r2 = a.alloc(2), a.alloc(2)
+    internal = a.full_to_swa_index_mapping.base.obj  # the allocator's own array, by force
+    internal[r1] = internal[r2]
+    with pytest.raises(AssertionError, match="mapped twice"):
+        a._check_invariants()
+
+
 # -- stateful: compiled vs reference, invariants after every step -----------------------
 
 

@@ -231,21 +231,44 @@ cdef cnp.ndarray _as_int32_slots(object indices):
         and cnp.PyArray_ISALIGNED(<cnp.ndarray>indices)   # read as int32 in C
     ):
         return <cnp.ndarray>indices
-    arr = np.asarray(indices)  # a jax array is copied to the host here (a device sync)
+    arr = _integer_array(indices)  # a jax array is copied to the host here (a device sync)
     if arr.ndim == 0:
         arr = arr.reshape(1)
     elif arr.ndim != 1:
         raise InvalidValueError(f"indices: expected a 1-D array of slot ids, got shape {arr.shape}")
     if arr.size == 0:
         return _empty_int32(0)
-    if arr.dtype.kind not in "iu":
-        raise InvalidValueError(f"indices: expected integer slot ids, got dtype {arr.dtype}")
+    if arr.dtype == object:  # Python ints beyond 64 bits: out of range of every pool
+        for v in arr:
+            if not 0 <= v <= 0x7FFFFFFF:
+                raise InvalidFreeError(f"indices: slot {v} is out of range [0, 2**31)")
     if arr.dtype != np.int32:
         bad = np.flatnonzero((arr < 0) | (arr > 0x7FFFFFFF))
         if bad.size:
             raise InvalidFreeError(f"indices: slot {arr[bad[0]]} is out of range [0, 2**31)")
         arr = arr.astype(np.int32)
     return np.require(arr, np.int32, ["C", "A"])  # a copy if unaligned
+
+
+cdef object _integer_array(object indices):
+    """*indices* as a numpy array of integers (any integer dtype), for the general paths
+    of ``free`` and ``is_allocated``: a bool is not a slot id (``InvalidValueError``, also
+    as an item of a list or tuple, which numpy would silently read as 0 or 1), and Python
+    ints beyond 64 bits come back as an object array of exact ints."""
+    if type(indices) is list or type(indices) is tuple:
+        for v in indices:
+            if isinstance(v, (bool, np.bool_)):
+                raise InvalidValueError(f"indices: expected integer slot ids, got {v!r}")
+    arr = np.asarray(indices)
+    if arr.dtype == object:
+        for v in arr.flat:
+            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+                raise InvalidValueError(
+                    f"indices: expected integer slot ids, got {type(v).__name__} {v!r:.60}"
+                )
+    elif arr.size and arr.dtype.kind not in "iu":
+        raise InvalidValueError(f"indices: expected integer slot ids, got dtype {arr.dtype}")
+    return arr
 
 
 cdef inline bint _mark_run(PageCore self, const int32_t* got, int32_t k) noexcept:
@@ -653,9 +676,9 @@ cdef object _allocated_mask(PageCore core, int32_t page_size, object indices):
     """is_allocated of both allocators: a flat boolean mask, True where the slot lies in an
     allocated page (any integer is a fair question; slots outside the pool are False).
     ``InvalidValueError`` for anything but integers (a float is never rounded to a slot)."""
-    arr = np.asarray(indices).reshape(-1)
-    if arr.size and arr.dtype.kind not in "iu":
-        raise InvalidValueError(f"indices: expected integer slot ids, got dtype {arr.dtype}")
+    arr = _integer_array(indices).reshape(-1)
+    if arr.dtype == object:  # ints beyond 64 bits: outside the pool (-1 stands for them)
+        arr = np.array([v if -(1 << 63) <= v < (1 << 63) else -1 for v in arr], dtype=np.int64)
     arr = arr.astype(np.int64)  # uint64 from 2**63 wraps negative: outside the pool too
     pages = arr // page_size
     ok = (arr >= page_size) & (pages <= core.num_pages)
@@ -664,8 +687,10 @@ cdef object _allocated_mask(PageCore core, int32_t page_size, object indices):
 
 
 cdef object _size_arg(str name, object value, int minimum):
-    """A constructor's size argument: an int (not a float) in [minimum, 2**31), else
-    ``InvalidValueError``."""
+    """A constructor's size argument: an int (not a float, not a bool) in [minimum, 2**31),
+    else ``InvalidValueError``."""
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidValueError(f"{name}: expected an int >= {minimum}, got bool {value!r}")
     try:
         value = operator.index(value)
     except TypeError:
@@ -675,6 +700,14 @@ cdef object _size_arg(str name, object value, int minimum):
     if not minimum <= value <= 0x7FFFFFFF:
         raise InvalidValueError(f"{name}: expected an int in [{minimum}, 2**31), got {value}")
     return value
+
+
+cdef bint _flag_arg(str name, object value) except -1:
+    """A constructor's on/off argument: True or False (numpy's too), else
+    ``InvalidValueError`` (``need_sort="no"`` would otherwise read as on)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidValueError(f"{name}: expected True or False, got {type(value).__name__} {value!r:.60}")
+    return bool(value)
 
 
 cdef int32_t _check_alloc_size(object n, int32_t ps) except -1:
@@ -700,6 +733,11 @@ cdef int32_t _check_alloc_size(object n, int32_t ps) except -1:
 cdef class TokenToKVPoolAllocator:
     """Hands out KV slots ``1..size`` (slot 0 is the padding slot, never handed out).
 
+    With ``page_size`` P > 1 the unit is the page: ``size`` is cut to whole pages, page 0
+    (slots ``0..P-1``) is the padding page, and the slots handed out are ``P..size+P-1``
+    (pages ``1..size // P``), so a KV buffer needs ``size + P`` rows (``KVPool`` sizes
+    itself so).
+
     ``alloc(n)`` returns ``n`` slots as a fresh 1-D ``np.int32`` array that the caller then
     owns, or ``None`` when fewer than ``n`` slots are available (nothing changes then). With
     ``page_size > 1`` it hands out whole pages: ``n`` must be a multiple of ``page_size``
@@ -716,6 +754,7 @@ cdef class TokenToKVPoolAllocator:
         _check_fresh(self, self.core)
         page_size = _size_arg("page_size", page_size, 1)
         size = _size_arg("size", size, 0)
+        need_sort = _flag_arg("need_sort", need_sort)
         self.core = PageCore(size // page_size, page_size, need_sort)
         self.size = self.core.num_pages * page_size
         self.page_size = page_size
@@ -790,8 +829,8 @@ cdef class TokenToKVPoolAllocator:
         _live_core(self).merge()
 
     def clear(self):
-        """Every slot ``1..size`` free again: slots callers held are the allocator's now
-        (an open free group is dropped)."""
+        """Every slot free again (``1..size``; with pages, ``P..size+P-1``): slots callers
+        held are the allocator's now (an open free group is dropped)."""
         _live_core(self).reset()
 
     def is_allocated(self, indices):
@@ -841,6 +880,7 @@ cdef class SWATokenToKVPoolAllocator:
         page_size = _size_arg("page_size", page_size, 1)
         size = _size_arg("size", size, 0)
         swa_size = _size_arg("swa_size", swa_size, 0)
+        need_sort = _flag_arg("need_sort", need_sort)
         # everything that can fail first: an __init__ that raises leaves no half allocator
         full = PageCore(size // page_size, page_size, need_sort)
         swa = PageCore(swa_size // page_size, page_size, need_sort)
@@ -861,11 +901,14 @@ cdef class SWATokenToKVPoolAllocator:
 
     @property
     def full_to_swa_index_mapping(self):
-        """Read-only view: ``mapping[full_slot]`` is its SWA slot, 0 where none."""
+        """Read-only view: ``mapping[full_slot]`` is its SWA slot, 0 where none.
+
+        It follows the allocator (no copy) and cannot be made writeable: numpy refuses
+        ``flags.writeable = True`` on an array over a read-only buffer (a writeable base
+        would let a caller re-map slots, and ``free`` would then hand back another
+        request's SWA slots)."""
         self._live()
-        view = self._mapping.view()
-        view.flags.writeable = False
-        return view
+        return np.frombuffer(memoryview(self._mapping).toreadonly(), dtype=self._mapping.dtype)
 
     def available_size(self):
         return min(self.full_available_size(), self.swa_available_size())
@@ -996,6 +1039,7 @@ cdef class SWATokenToKVPoolAllocator:
         self.full._check("full")
         self.swa._check("swa")
         mapped = 0
+        swa_pages = set()
         for p in range(self.full.num_pages + 1):
             s = self.mapping[p * ps]
             for j in range(ps):
@@ -1004,6 +1048,8 @@ cdef class SWATokenToKVPoolAllocator:
             if s:
                 assert self.full.state[p] == PAGE_ALLOCATED, f"freed full page {p} mapped"
                 assert self.swa.state[s // ps] == PAGE_ALLOCATED, f"swa page {s // ps} free"
+                assert s // ps not in swa_pages, f"swa page {s // ps} mapped twice"
+                swa_pages.add(s // ps)
                 mapped += 1
         assert mapped == self.swa.n_allocated, "swa pages allocated != full pages mapped"
 
