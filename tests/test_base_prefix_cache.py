@@ -64,6 +64,40 @@ def test_hash_token_ids_rejects_tokens_outside_uint32(bad):
         hash_token_ids(bad)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [True, False],  # a page: packed by struct, which took True as 1
+        [True, False] * 200,  # longer than a page: numpy refused it
+        [3, True],  # numpy reads it as int64 [3, 1]
+        [np.True_, 2],
+        (4, True),
+        [(True, 1)],  # numpy reads it as int64
+        [(1, 2), (3, np.False_)],
+        np.array([True, False]),
+    ],
+)
+def test_hash_token_ids_refuses_bools_whatever_the_length(bad):
+    """A bool is not a token (the compiled caches refuse it); short lists took it as 1 and
+    longer ones refused it."""
+    with pytest.raises(InvalidKeyError, match="integers"):
+        hash_token_ids(bad)
+
+
+@pytest.mark.parametrize("prior", ["", "ab cd", "abc", "zz", " ab", b"ab", 7])
+def test_hash_token_ids_refuses_a_prior_hash_that_is_no_hex_digest(prior):
+    """bytes.fromhex took "" (as no prior hash at all) and skipped whitespace."""
+    with pytest.raises(InvalidKeyError, match="prior_hash"):
+        hash_token_ids([1], prior)
+
+
+def test_hash_token_ids_tuple_subclass_tokens_are_tuples():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "a b")
+    assert hash_token_ids([Pair(1, 2), Pair(3, 4)]) == hash_token_ids([(1, 2), (3, 4)])
+
+
 def test_hash_token_ids_rejects_ragged_tuples():
     with pytest.raises(InvalidKeyError):
         hash_token_ids([(1, 2), (3,)])
@@ -87,7 +121,7 @@ def test_hash_bytes_is_first_8_digest_bytes_big_endian():
 
 def test_radix_key_slots_len_iter():
     k = RadixKey([1, 2, 3], extra_key="lora")
-    assert RadixKey.__slots__ == ("extra_key", "token_ids")
+    assert RadixKey.__slots__ == ("token_ids", "extra_key")  # the seed's order
     assert len(k) == 3 and list(k) == [1, 2, 3]
     with pytest.raises(AttributeError):
         k.other = 1  # type: ignore[attr-defined]

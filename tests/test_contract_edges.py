@@ -1,4 +1,4 @@
-"""Edges of the tree's contract found by a review (session 9), each reproduced first.
+"""Edges of the tree's contract found by reviews (sessions 9 and 11), each reproduced first.
 
 A negative insert priority was raised to 0; an extra_key whose hash changed after insert
 made evict raise midway (slots leaked, the tree half changed); a huge swa_evicted_seqlen
@@ -170,3 +170,31 @@ def test_unaligned_int32_keys_values_and_frees_are_read_right() -> None:
     assert alloc.available_size() == 64
     cache._check_invariants()
     alloc._check_invariants()
+
+
+# -- found by the review of session 11 ---------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [RadixCache, MambaRadixCache])
+def test_page_size_takes_any_integer_but_a_bool(cls) -> None:
+    """np.int64(4) was refused (every other integer argument goes through __index__)."""
+    assert cls(page_size=np.int64(4)).page_size == 4
+    for bad in (True, np.True_, 0, 2**31, 4.0, "4"):
+        with pytest.raises(InvalidValueError, match="page_size"):
+            cls(page_size=bad)
+
+
+def test_tuple_subclass_tokens_are_tuple_tokens() -> None:
+    """A namedtuple token was refused ("tokens must be integers"); it is a tuple, hashed
+    and matched as one."""
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "a b")
+    cache = RadixCache(page_size=2)
+    r = cache.insert(RadixKey([Pair(1, 2), Pair(3, 4), Pair(5, 6)]), [7, 8, 9])
+    assert r.prefix_len == 0
+    m = cache.match_prefix(RadixKey([(1, 2), (3, 4), (5, 6)]))
+    assert (m.prefix_len, m.indices.tolist()) == (2, [7, 8])
+    with pytest.raises(ValueError, match="tuple"):
+        cache.insert(RadixKey([Pair(1, 2), 3]), [1, 2])
+    cache._check_invariants()

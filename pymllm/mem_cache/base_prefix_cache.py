@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import itertools
 import operator
 import struct
 from collections.abc import Iterator, Sequence
@@ -25,16 +26,35 @@ import numpy as np
 from pymllm.mem_cache.errors import InvalidKeyError
 
 _U32_LIMIT = 1 << 32
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 _HASH_CHUNK = 1 << 16  # tokens converted per step: the buffer stays in L2 cache
 _SMALL_PAGE = 256  # up to this many list tokens are packed by struct, not numpy
 
 
+def _refuse_bools(token_ids: Any) -> None:
+    """A bool is not a token (the compiled caches refuse it too), but numpy reads
+    ``[True, 2]`` as ``[1, 2]`` and struct packs True as 1: look for bools in a list or
+    tuple key, tuple tokens included, by their types alone (a C loop, no per-token Python
+    code)."""
+    if type(token_ids) is not list and type(token_ids) is not tuple:
+        return
+    types = set(map(type, token_ids))
+    if any(issubclass(t, tuple) for t in types):
+        try:
+            types = set(map(type, itertools.chain.from_iterable(token_ids)))
+        except TypeError:  # tuples mixed with ints: numpy's error says which
+            types.discard(tuple)
+    if bool in types or np.bool_ in types:
+        raise InvalidKeyError(f"token_ids: tokens must be integers, not bools: {token_ids!r:.80}")
+
+
 def _token_array(token_ids: Any) -> np.ndarray:
     """Tokens (ints, equal-length tuples or an integer array) as one flat integer array."""
     if isinstance(token_ids, RadixKey):
         token_ids = token_ids.token_ids
+    _refuse_bools(token_ids)
     try:
         arr = np.asarray(token_ids)
     except ValueError as exc:  # ragged tuples
@@ -68,7 +88,11 @@ def _check_token_range(arr: np.ndarray) -> None:
 def _feed_tokens(h: Any, token_ids: Any) -> None:
     """Feed the tokens to hasher *h* as little-endian uint32, without building the packed
     bytes of a long key: 32-bit arrays go in as they are, others in L2-sized chunks."""
-    if type(token_ids) is list and len(token_ids) <= _SMALL_PAGE:
+    if (
+        type(token_ids) is list
+        and len(token_ids) <= _SMALL_PAGE
+        and not {bool, np.bool_} & set(map(type, token_ids))  # struct packs True as 1
+    ):
         # a page of plain ints: one struct.pack (a C loop) beats numpy's fixed costs
         try:
             h.update(struct.pack(f"<{len(token_ids)}I", *token_ids))
@@ -102,17 +126,17 @@ def hash_token_ids(token_ids: Any, prior_hash: str | None = None) -> str:
     """
     h = hashlib.sha256()
     if prior_hash is not None:
-        try:
-            h.update(bytes.fromhex(prior_hash))
-        except (ValueError, TypeError) as exc:
-            raise InvalidKeyError(
-                f"prior_hash: expected a hex digest, got {prior_hash!r:.80}"
-            ) from exc
+        # bytes.fromhex alone would take "" (no prior hash at all) and skip whitespace
+        if (
+            not isinstance(prior_hash, str)
+            or not prior_hash
+            or len(prior_hash) % 2
+            or not _HEX_DIGITS.issuperset(prior_hash)
+        ):
+            raise InvalidKeyError(f"prior_hash: expected a hex digest, got {prior_hash!r:.80}")
+        h.update(bytes.fromhex(prior_hash))
     _feed_tokens(h, token_ids)
     return h.hexdigest()
-
-
-_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 def hash_to_int64(hex_str: str) -> int:
@@ -156,7 +180,7 @@ class RadixKey:
     different adapters / LoRA ids / multimodal context hashes never share prefix nodes.
     """
 
-    __slots__ = ("extra_key", "token_ids")
+    __slots__ = ("token_ids", "extra_key")  # noqa: RUF023 (the seed's order)
 
     def __init__(self, token_ids: Any, extra_key: Any = None) -> None:
         self.token_ids = token_ids

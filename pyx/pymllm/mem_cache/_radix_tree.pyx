@@ -21,6 +21,7 @@
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.object cimport PyObject, PyTypeObject
+from cpython.tuple cimport PyTuple_Check
 from cpython.pythread cimport PyThread_get_thread_ident
 from posix.unistd cimport usleep
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
@@ -915,8 +916,12 @@ cdef class RadixTreeCore:
 
     cdef int _setup(self, object page_size, object allocator, object on_node_evict,
                     object eviction_policy) except -1:
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        # any integer (numpy's too) but a bool, as every other integer argument
+        if isinstance(page_size, (bool, np.bool_)) or not hasattr(page_size, "__index__"):
             raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
+        page_size = page_size.__index__()
+        if not 1 <= page_size <= INT32_MAX:
+            raise InvalidValueError(f"page_size: expected an int in [1, 2**31), got {page_size}")
         if not isinstance(eviction_policy, str) or eviction_policy not in EVICTION_POLICIES:
             raise InvalidValueError(
                 f"eviction_policy: expected one of {', '.join(EVICTION_POLICIES)}, "
@@ -1184,14 +1189,14 @@ cdef class RadixTreeCore:
                 kv.tok = <tok_t*>self._tok_scratch.reserve(1)
                 return None
             t = token_ids[0]
-            if type(t) is tuple:
+            if PyTuple_Check(t):    # a tuple subclass (a namedtuple) too: read as a tuple
                 width = len(<tuple>t)
                 if width == 0:
                     raise InvalidKeyError("token_ids: tuple tokens must not be empty, got ()")
                 buf = <tok_t*>self._tok_scratch.reserve(n * width)
                 for i in range(n):
                     t = token_ids[i]
-                    if type(t) is not tuple or len(<tuple>t) != width:
+                    if not PyTuple_Check(t) or len(<tuple>t) != width:
                         raise InvalidKeyError(
                             f"token_ids: token {i} is {t!r}, but tuple tokens must all have "
                             f"{width} elements"
@@ -1208,7 +1213,7 @@ cdef class RadixTreeCore:
                 i = _read_ints(_seq_items(token_ids), 0, n, buf, TOKEN_LIMIT)
                 while i < n:
                     t = <object>_seq_items(token_ids)[i]
-                    if type(t) is tuple:
+                    if PyTuple_Check(t):
                         raise InvalidKeyError(
                             f"token_ids: token {i} is a tuple but token 0 is not; "
                             "tuple and int tokens cannot mix"
