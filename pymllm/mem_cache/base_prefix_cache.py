@@ -243,8 +243,13 @@ class MatchResult:
 class InsertResult:
     """Returned by :meth:`BasePrefixCache.insert`.
 
-    ``prefix_len`` tokens of the key were already cached: the caller still owns (and must
-    free) the duplicate indices ``value[:prefix_len]`` it passed in.
+    ``prefix_len`` tokens of the key were already cached. Without a sliding window the
+    caller still owns (and must free) the duplicate indices ``value[:prefix_len]`` it
+    passed in. With a sliding window (``RadixCache(sliding_window_size=W)``) the tree
+    settles every index of ``value[prev_prefix_len:]`` itself, freeing the duplicates, so
+    the caller frees none of them (see ``RadixCache.insert``). ``mamba_exist``
+    (``MambaRadixCache``): the node already held a state, so the caller keeps, and frees,
+    the ``mamba_value`` it passed.
     """
 
     prefix_len: int = 0

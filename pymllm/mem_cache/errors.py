@@ -43,8 +43,10 @@ class NotInitializedError(CacheError, RuntimeError):
 
 
 class ReentrantCallError(CacheError, RuntimeError):
-    """A cache method was called from one of that cache's own callbacks (``on_node_evict``,
-    the allocator's ``free``) while the outer call is still running."""
+    """A cache method was called from code that cache runs inside one of its own calls
+    (``on_node_evict``, the allocator's ``free``, an ``extra_key``'s ``__hash__`` or
+    ``__eq__``) while the outer call is still running. (The garbage collector does not run
+    inside a cache call, so finalizers are not among them.)"""
 
 
 __all__ = [

@@ -42,7 +42,9 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     Python code that can hand the GIL to another thread midway), so each call also holds
     the cache's own guard: another thread's call waits until it returns, and so do its size
     queries and node-handle reads. A callback that calls back into the same cache gets
-    ``ReentrantCallError`` (size queries and handle reads are allowed there). Sequences of
+    ``ReentrantCallError`` (size queries and handle reads are allowed there). The garbage
+    collector is held off while a call runs, so a finalizer that calls the cache (a
+    request's ``__del__`` unlocking its node) runs after it, not inside. Sequences of
     calls (match, then lock) are not atomic: threads sharing one cache serialise them with a
     lock of their own.
     """

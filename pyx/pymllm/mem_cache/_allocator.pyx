@@ -678,12 +678,19 @@ cdef object _allocated_mask(PageCore core, int32_t page_size, object indices):
     ``InvalidValueError`` for anything but integers (a float is never rounded to a slot)."""
     arr = _integer_array(indices).reshape(-1)
     if arr.dtype == object:  # ints beyond 64 bits: outside the pool (-1 stands for them)
-        arr = np.array([v if -(1 << 63) <= v < (1 << 63) else -1 for v in arr], dtype=np.int64)
-    arr = arr.astype(np.int64)  # uint64 from 2**63 wraps negative: outside the pool too
-    pages = arr // page_size
-    ok = (arr >= page_size) & (pages <= core.num_pages)
-    states = np.frombuffer(<uint8_t[:core.num_pages + 1]>core.state, dtype=np.uint8)
-    return ok & (states[np.where(ok, pages, 0)] == PAGE_ALLOCATED)
+        arr = np.array([x if -(1 << 63) <= x < (1 << 63) else -1 for x in arr], dtype=np.int64)
+    # uint64 from 2**63 wraps negative: outside the pool too
+    cdef cnp.ndarray a64 = np.ascontiguousarray(arr, dtype=np.int64)
+    cdef cnp.ndarray out = np.empty(cnp.PyArray_SIZE(a64), dtype=np.bool_)
+    cdef const int64_t* v = <const int64_t*>cnp.PyArray_DATA(a64)
+    cdef uint8_t* o = <uint8_t*>cnp.PyArray_DATA(out)
+    cdef Py_ssize_t i
+    cdef int64_t ps = page_size, last = core.num_pages
+    # read the page states in C, holding the GIL: numpy's gather releases it on large
+    # arrays, and another thread's alloc or free would then show in half the answer
+    for i in range(cnp.PyArray_SIZE(a64)):
+        o[i] = v[i] >= ps and v[i] // ps <= last and core.state[v[i] // ps] == PAGE_ALLOCATED
+    return out
 
 
 cdef object _size_arg(str name, object value, int minimum):
@@ -998,7 +1005,16 @@ cdef class SWATokenToKVPoolAllocator:
         if idx.size == 0:
             return np.zeros(idx.shape, dtype=np.int32)
         _check_ints("full_indices", idx, 0, len(self._mapping))
-        return self._mapping[idx]
+        cdef cnp.ndarray i64 = np.ascontiguousarray(idx, dtype=np.int64)
+        cdef cnp.ndarray out = np.empty(idx.shape, dtype=np.int32)
+        cdef const int64_t* src = <const int64_t*>cnp.PyArray_DATA(i64)
+        cdef int32_t* dst = <int32_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i
+        # a C gather holding the GIL (numpy's releases it on large arrays: a free in
+        # another thread would then show in part of the answer)
+        for i in range(cnp.PyArray_SIZE(i64)):
+            dst[i] = self.mapping[src[i]]
+        return out
 
     def free_group_begin(self):
         self._live()

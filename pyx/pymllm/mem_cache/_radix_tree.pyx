@@ -177,6 +177,34 @@ cdef inline uint64_t _mix64(uint64_t x) noexcept nogil:
     return x
 
 
+# The garbage collector is held off while any cache call runs (a count over every cache of
+# the interpreter, under the GIL): a collection there would run finalizers inside the call,
+# and a finalizer that unlocks a request's node (dec_lock_ref) would be refused as
+# re-entrant, its unlock lost. Collection resumes when the outermost call returns, if the
+# collector was on when the first began (PyGC_Disable / PyGC_Enable, Python 3.10+).
+cdef extern from "Python.h":
+    int PyGC_Disable()
+    int PyGC_Enable()
+    int PyErr_CheckSignals()
+
+cdef int _gc_holds = 0
+cdef int _gc_was_enabled = 0
+
+
+cdef inline void _hold_gc() noexcept:
+    global _gc_holds, _gc_was_enabled
+    if _gc_holds == 0:
+        _gc_was_enabled = PyGC_Disable()
+    _gc_holds += 1
+
+
+cdef inline void _release_gc() noexcept:
+    global _gc_holds
+    _gc_holds -= 1
+    if _gc_holds == 0 and _gc_was_enabled:
+        PyGC_Enable()
+
+
 # A hint to start loading p's cache line; PYMLLM_LIKELY marks the branch the hot loops take.
 cdef extern from *:
     """
@@ -611,6 +639,23 @@ cdef cnp.ndarray _copy_idx(const idx_t* src, int64_t n):
     return out
 
 
+cdef int _hand_over(object free_fn, const idx_t* src, int64_t n) except -1:
+    """``free_fn(int32 array of src[0:n])``: one call, or, out of memory for one array of
+    them all (an evict that ran out of memory midway hands over what it removed), calls
+    on pieces of 4,096, so that the slots still reach their owner."""
+    cdef int64_t i = 0, k
+    try:
+        arr = _copy_idx(src, n)
+    except MemoryError:
+        while i < n:
+            k = min(<int64_t>4096, n - i)
+            free_fn(_copy_idx(src + i, k))
+            i += k
+        return 0
+    free_fn(arr)
+    return 0
+
+
 # The three result dataclasses are built without their __init__ (a Python-level call) and
 # without setattr (a name lookup per field): a fresh instance from the type's allocator,
 # each field stored straight into its slot. The slot offsets are read once, here, from the
@@ -793,8 +838,31 @@ cdef class _Scratch:
         free(self.data)
 
     cdef inline void* reserve(self, int64_t n) except NULL:
+        if n > self.cap and _scratch_fuse >= 0:  # test hook, checked on growth only
+            _burn_scratch_fuse()
         _grow(&self.data, &self.cap, n if n > 0 else 1, self.elsize)
         return self.data
+
+
+# Test hook: after this many more growths of any scratch buffer, the next one raises
+# MemoryError (as a full machine would, midway through a call); -1: off.
+cdef int _scratch_fuse = -1
+
+
+def _fail_scratch_growth_after(int count):
+    """Test hook: the scratch buffers grow `count` more times, then one growth raises
+    MemoryError (once); -1 turns it off."""
+    global _scratch_fuse
+    _scratch_fuse = count
+
+
+cdef int _burn_scratch_fuse() except -1:
+    global _scratch_fuse
+    if _scratch_fuse == 0:
+        _scratch_fuse = -1
+        raise MemoryError("out of memory (injected by _fail_scratch_growth_after)")
+    _scratch_fuse -= 1
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -838,6 +906,9 @@ cdef class RadixTreeCore:
     cdef int64_t _aux_evictable     # Mamba: unlocked states; SWA: live SWA tokens, unlocked
     cdef int64_t _aux_protected     # Mamba: locked states; SWA: live SWA tokens, SWA-locked
     cdef int64_t n_states_out       # states collected in _state_out by the current evict
+    cdef int64_t ev_done            # KV indices collected in _idx_out by the current evict
+    cdef int64_t ev_nodes           # nodes removed by the current evict (ids in _uid_out)
+    cdef object _pending_exc        # a BaseException a node's removal caught, raised after
     cdef int64_t aux_freed          # SWA tokens freed by the current evict
     cdef int64_t n_swa_out          # indices tombstoned by the current evict (_swa_out)
     cdef int64_t* ns_ref            # root children per namespace
@@ -886,6 +957,11 @@ cdef class RadixTreeCore:
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None, eviction_policy="lru"):
         self._check_fresh()
+        if isinstance(self, MambaTreeCore):  # reached through a subclass's MRO
+            raise TypeError(
+                f"{type(self).__name__} is a Mamba cache: MambaRadixCache.__init__ sets it up, "
+                "not RadixCache.__init__"
+            )
         self.swa = False  # not left over from an __init__ that raised
         self.window = 0
         if sliding_window_size is not None:
@@ -930,6 +1006,12 @@ cdef class RadixTreeCore:
         self.policy = EVICTION_POLICIES.index(eviction_policy)
         if on_node_evict is not None and not callable(on_node_evict):
             raise TypeError(f"on_node_evict: expected a callable, got {on_node_evict!r}")
+        if allocator is not None and not callable(getattr(allocator, "free", None)):
+            # found here, not by the first evict (its nodes gone, their slots with no one)
+            raise TypeError(
+                "token_to_kv_pool_allocator: expected an allocator with free(int32 array), "
+                f"got {allocator!r:.80}"
+            )
         self.page_size = page_size
         self.token_to_kv_pool_allocator = allocator
         self.on_node_evict = on_node_evict
@@ -954,14 +1036,21 @@ cdef class RadixTreeCore:
     cdef inline int _enter(self) except -1:
         """Start a public call: wait while another thread is inside one (it can only be
         parked in a Python callback, holding no GIL), refuse a re-entrant call from one of
-        our own callbacks. The caller clears _owner in a finally clause."""
+        our own callbacks, and hold the garbage collector off until the call returns. The
+        caller calls _leave in a finally clause."""
         cdef unsigned long me = PyThread_get_thread_ident()
         if self.nodes == NULL:
             self._not_initialized()
         if self._owner != 0:
             self._wait_turn(me)
         self._owner = me
+        _hold_gc()
         return 0
+
+    cdef inline void _leave(self) noexcept:
+        """End a public call (the finally clause of every one that _enter started)."""
+        self._owner = 0
+        _release_gc()
 
     cdef inline int _await_idle(self) except -1:
         """Readers (size queries, node handles) wait while another thread is inside a
@@ -973,6 +1062,8 @@ cdef class RadixTreeCore:
             while self._owner != 0:
                 with nogil:
                     usleep(20)
+                if PyErr_CheckSignals() < 0:
+                    return -1
         return 0
 
     cdef int _not_initialized(self) except -1:
@@ -985,12 +1076,16 @@ cdef class RadixTreeCore:
     cdef int _wait_turn(self, unsigned long me) except -1:
         if self._owner == me:
             raise ReentrantCallError(
-                "a cache method was called from inside one of its own callbacks "
-                "(on_node_evict or the allocator's free); defer the call until it returns"
+                "a cache method was called from a callback the cache runs inside one of its "
+                "own calls (on_node_evict, the allocator's free, an extra_key's __hash__ or "
+                "__eq__); defer the call until it returns"
             )
         while self._owner != 0:
             with nogil:
                 usleep(20)
+            # a signal (Ctrl-C) is handled here, not once the other thread's call ends
+            if PyErr_CheckSignals() < 0:
+                return -1
         return 0
 
     # -- storage lifecycle ------------------------------------------------------------
@@ -1135,18 +1230,30 @@ cdef class RadixTreeCore:
             raise TypeError(f"extra_key: must be hashable, got {extra_key!r:.60} ({type(extra_key).__name__})") from None
 
     cdef int32_t _intern_ns(self, object extra_key, int32_t arity) except -1:
+        """The namespace id of (extra_key, arity), registered if new. Everything that can
+        raise (the extra_key's __hash__ and __eq__, Python code; out of memory) runs before
+        the registry changes, so an error leaves it as it was."""
         cdef int32_t ns = self._find_ns(extra_key, arity)
         if ns >= 0:
             return ns
-        if self._ns_free:
-            ns = self._ns_free.pop()
-            self._ns_keys[ns] = (extra_key, arity)
+        ns_key = (extra_key, arity)
+        cdef bint reused = bool(self._ns_free)
+        if reused:
+            ns = self._ns_free[len(self._ns_free) - 1]   # no [-1]: wraparound is off
         else:
             ns = len(self._ns_keys)
             _grow(<void**>&self.ns_ref, &self.ns_cap, ns + 1, sizeof(int64_t))
-            self._ns_keys.append((extra_key, arity))
+            self._ns_keys.append(None)  # the id's slot, empty until it is taken below
+        try:
+            self._ns_ids[ns_key] = ns   # hashes the extra_key: may raise
+        except BaseException:
+            if not reused:
+                self._ns_keys.pop()
+            raise
+        if reused:
+            self._ns_free.pop()
+        self._ns_keys[ns] = ns_key
         self.ns_ref[ns] = 0
-        self._ns_ids[(extra_key, arity)] = ns
         return ns
 
     cdef int _ns_release_one(self, int32_t ns) except -1:
@@ -1154,13 +1261,17 @@ cdef class RadixTreeCore:
         the middle of a node's removal, so nothing here may raise: the dict lookup hashes
         the caller's extra_key again, and an extra_key whose hash or equality changed since
         (or raises) cannot be found. Then ns stays registered, empty, and is never reused
-        (no other extra_key can land in its nodes)."""
+        (no other extra_key can land in its nodes). An interrupt there (KeyboardInterrupt,
+        SystemExit: not an Exception) is held back and raised once the evict has handed
+        everything over."""
         self.ns_ref[ns] -= 1
         if self.ns_ref[ns] == 0 and ns != 0:
             try:
                 del self._ns_ids[self._ns_keys[ns]]
-            except Exception:
+            except BaseException as exc:
                 self._ns_stuck.add(ns)
+                if not isinstance(exc, Exception) and self._pending_exc is None:
+                    self._pending_exc = exc
                 return 0
             self._ns_stuck.discard(ns)
             self._ns_keys[ns] = None
@@ -1516,7 +1627,7 @@ cdef class RadixTreeCore:
         try:
             return self._match_prefix_locked(key)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _match_prefix_locked(self, key):
         cdef KeyView kv
@@ -1605,7 +1716,7 @@ cdef class RadixTreeCore:
         try:
             return self._insert_locked(key, value, prev_prefix_len, swa_evicted_seqlen, priority)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _insert_locked(self, key, value=None, prev_prefix_len=0, swa_evicted_seqlen=0,
                                priority=0):
@@ -1854,80 +1965,106 @@ cdef class RadixTreeCore:
         the allocator (and the state pool) in that call. If a callback raises, the others
         still run (every slot and state is handed over, every node reported) and the first
         exception is raised afterwards: the nodes are gone either way, and what a raising
-        allocator did with the slots it was handed is up to it.
+        allocator did with the slots it was handed is up to it. Out of host memory midway
+        (or interrupted), the evict stops: the nodes removed so far are handed over and
+        reported the same way, then the error is raised; the tree is consistent and no
+        slot is lost.
         """
         self._enter()
         try:
             return self._evict_locked(num_tokens, swa_num_tokens)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _evict_locked(self, num_tokens, swa_num_tokens=0):
-        cdef int64_t n_ev = 0, swa_done
+        cdef int64_t done, swa_done
         cdef int64_t want = _count("num_tokens", num_tokens)
         cdef int64_t swa_want = _count("swa_num_tokens", swa_num_tokens)
-        cdef int64_t done = self._evict_full(want, &n_ev)
         cdef nid_t n
         cdef Node* x
         cdef idx_t* out
-        if not self.swa:
-            self._after_evict(done, n_ev)
-            return _evict_result(done)
-        # SWA phase: tombstone SWA-unlocked nodes in policy order (an unlocked leaf goes
-        # whole); each step takes one node off the SWA heap, so the loop ends
-        while self.aux_freed < swa_want and self.aux_heap.size > 0:
-            n = self.aux_heap.data[0]
-            x = &self.nodes[n]
-            if x.num_children == 0 and x.lock_ref == 0:
-                done = self._collect_and_remove(n, done, &n_ev)
-            else:
-                out = <idx_t*>self._swa_out.reserve(self.n_swa_out + x.len)
-                copy32(out + self.n_swa_out, x.value, x.len)
-                self.n_swa_out += x.len
-                _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
-                self._aux_evictable -= x.len
-                self.aux_freed += x.len
-                x.aux_value = -1
-        swa_done = self.aux_freed
-        self._after_evict(done, n_ev)
-        return _evict_result(done, swa_done)
+        self._start_evict()
+        try:
+            self._evict_full(want)
+            # SWA phase: tombstone SWA-unlocked nodes in policy order (an unlocked leaf goes
+            # whole); each step takes one node off the SWA heap, so the loop ends
+            while self.swa and self.aux_freed < swa_want and self.aux_heap.size > 0:
+                n = self.aux_heap.data[0]
+                x = &self.nodes[n]
+                if x.num_children == 0 and x.lock_ref == 0:
+                    self._collect_and_remove(n)
+                else:
+                    out = <idx_t*>self._swa_out.reserve(self.n_swa_out + x.len)
+                    copy32(out + self.n_swa_out, x.value, x.len)
+                    self.n_swa_out += x.len
+                    _heap_remove(&self.aux_heap, self.nodes, HEAP_AUX, n)
+                    self._aux_evictable -= x.len
+                    self.aux_freed += x.len
+                    x.aux_value = -1
+        except BaseException:
+            self._hand_over_partial()
+            raise
+        done, swa_done = self.ev_done, self.aux_freed
+        self._after_evict(self.ev_done, self.ev_nodes)
+        return _evict_result(done, swa_done) if self.swa else _evict_result(done)
 
-    cdef int64_t _evict_full(self, int64_t want, int64_t* n_ev) except -1:
-        """Pop leaves in policy order until `want` tokens are collected in _idx_out."""
-        cdef int64_t done = 0
-        cdef nid_t n
+    cdef int _start_evict(self) except -1:
+        """Zero the current evict's progress (what _after_evict hands over)."""
+        self.ev_done = 0
+        self.ev_nodes = 0
         self.n_states_out = 0
         self.aux_freed = 0
         self.n_swa_out = 0
-        n_ev[0] = 0
-        while done < want and self.heap.size > 0:
-            n = self.heap.data[0]
-            done = self._collect_and_remove(n, done, n_ev)
-        return done
+        self._pending_exc = None
+        return 0
 
-    cdef int64_t _collect_and_remove(self, nid_t n, int64_t done, int64_t* n_ev) except -1:
-        """Copy leaf n's KV into _idx_out at `done`, record its id, remove it; then the same
-        for every parent this leaves a childless, unlocked tombstone (SWA: no leaf stays a
+    cdef int _hand_over_partial(self) noexcept:
+        """An evict stopped midway (out of memory growing a scratch buffer, or an
+        interrupt): the nodes already removed are gone, so what they held still goes to
+        the allocator, the state pool and on_node_evict, as after a whole evict, and the
+        error in flight is the one the caller gets (an error of these hand-overs is
+        dropped: every stage runs regardless, see _after_evict)."""
+        try:
+            self._after_evict(self.ev_done, self.ev_nodes)
+        except BaseException:
+            pass
+        return 0
+
+    cdef int _evict_full(self, int64_t want) except -1:
+        """Pop leaves in policy order until `want` tokens are collected in _idx_out."""
+        cdef nid_t n
+        while self.ev_done < want and self.heap.size > 0:
+            n = self.heap.data[0]
+            self._collect_and_remove(n)
+        return 0
+
+    cdef int _collect_and_remove(self, nid_t n) except -1:
+        """Copy leaf n's KV into _idx_out, record its id, remove it; then the same for
+        every parent this leaves a childless, unlocked tombstone (SWA: no leaf stays a
         tombstone, its full KV alone serves no match). A loop, not recursion: such a chain
-        is as long as the tree is deep."""
+        is as long as the tree is deep. Every buffer a removal writes to is grown before the
+        node changes, so a MemoryError leaves the node in the tree and the progress
+        (ev_done, ev_nodes, the states collected) exact."""
         cdef Node* x
         cdef idx_t* out
         cdef int64_t* uids
         cdef nid_t parent
         while True:
-            out = <idx_t*>self._idx_out.reserve(done + self.nodes[n].len)
-            uids = <int64_t*>self._uid_out.reserve(n_ev[0] + 1)
+            out = <idx_t*>self._idx_out.reserve(self.ev_done + self.nodes[n].len)
+            uids = <int64_t*>self._uid_out.reserve(self.ev_nodes + 1)
+            if self.mamba:  # _remove_leaf may move the node's state to _state_out
+                self._state_out.reserve(self.n_states_out + 1)
             x = &self.nodes[n]
             parent = x.parent
-            copy32(out + done, x.value, x.len)
-            uids[n_ev[0]] = x.uid
-            n_ev[0] += 1
-            done += x.len
+            copy32(out + self.ev_done, x.value, x.len)
+            uids[self.ev_nodes] = x.uid
+            self.ev_nodes += 1
+            self.ev_done += x.len
             self._remove_leaf(n)
             x = &self.nodes[parent]
             if not (self.swa and parent != ROOT and x.aux_value < 0 and x.num_children == 0
                     and x.lock_ref == 0):
-                return done
+                return 0
             n = parent
 
     cdef int _after_evict(self, int64_t n_idx, int64_t n_nodes) except -1:
@@ -1937,13 +2074,14 @@ cdef class RadixTreeCore:
         hands over); the first exception is raised once all have run."""
         cdef int64_t i
         cdef int64_t* uids = <int64_t*>self._uid_out.data
-        first = None
+        first = self._pending_exc   # an interrupt a node's removal held back
+        self._pending_exc = None
         # SWA-only frees first: a node tombstoned and then removed in one call is in both
         # lists, and free_swa needs its full slots still allocated
         if self.n_swa_out > 0 and self.token_to_kv_pool_allocator is not None:
             try:
-                self.token_to_kv_pool_allocator.free_swa(
-                    _copy_idx(<idx_t*>self._swa_out.data, self.n_swa_out))
+                _hand_over(self.token_to_kv_pool_allocator.free_swa,
+                           <idx_t*>self._swa_out.data, self.n_swa_out)
             except BaseException as exc:
                 first = exc
         self.n_swa_out = 0
@@ -1954,8 +2092,8 @@ cdef class RadixTreeCore:
                     (<TokenToKVPoolAllocator>self.token_to_kv_pool_allocator).free_c(
                         <idx_t*>self._idx_out.data, n_idx)
                 else:
-                    self.token_to_kv_pool_allocator.free(
-                        _copy_idx(<idx_t*>self._idx_out.data, n_idx))
+                    _hand_over(self.token_to_kv_pool_allocator.free,
+                               <idx_t*>self._idx_out.data, n_idx)
             except BaseException as exc:
                 if first is None:
                     first = exc
@@ -1963,7 +2101,7 @@ cdef class RadixTreeCore:
         self.n_states_out = 0
         if n_states > 0 and self.mamba_pool is not None:
             try:
-                self.mamba_pool.free(_copy_idx(<idx_t*>self._state_out.data, n_states))
+                _hand_over(self.mamba_pool.free, <idx_t*>self._state_out.data, n_states)
             except BaseException as exc:
                 if first is None:
                     first = exc
@@ -2038,7 +2176,7 @@ cdef class RadixTreeCore:
         try:
             return self._inc_lock_ref_locked(node)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _inc_lock_ref_locked(self, node):
         cdef nid_t n = self._slot_of(node)
@@ -2101,7 +2239,7 @@ cdef class RadixTreeCore:
         try:
             return self._dec_lock_ref_locked(node, swa_boundary_id)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _dec_lock_ref_locked(self, node, swa_boundary_id=None):
         cdef nid_t n = self._slot_of(node)
@@ -2211,7 +2349,7 @@ cdef class RadixTreeCore:
         try:
             return self._reset_locked()
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _reset_locked(self):
         cdef int64_t i, total = 0, n_states = 0
@@ -2254,7 +2392,7 @@ cdef class RadixTreeCore:
         try:
             return self._compute_node_hash_locked(node)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _compute_node_hash_locked(self, node):
         cdef nid_t n = self._slot_of(node)
@@ -2324,7 +2462,7 @@ cdef class RadixTreeCore:
         try:
             return self._nodes_locked()
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _nodes_locked(self):
         cdef int64_t i
@@ -2336,7 +2474,7 @@ cdef class RadixTreeCore:
         try:
             return self._children_locked(node)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _children_locked(self, node):
         cdef nid_t n = self._slot_of(node)
@@ -2348,7 +2486,7 @@ cdef class RadixTreeCore:
         try:
             return self._pretty_print_locked()
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _pretty_print_locked(self):
         kids = self._children_slots()
@@ -2392,7 +2530,7 @@ cdef class RadixTreeCore:
         try:
             return self._check_invariants_locked()
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef int _check_swa_lock_records(self) except -1:
         """Every node's SWA lock count is what the recorded inc_lock_refs add up to: each
@@ -2681,7 +2819,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         try:
             return self._match_prefix_mamba(key)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _match_prefix_mamba(self, key):
         cdef KeyView kv
@@ -2724,7 +2862,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         try:
             return self._insert_mamba(key, value, mamba_value, priority)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _insert_mamba(self, key, value=None, mamba_value=None, priority=0):
         cdef KeyView kv
@@ -2776,10 +2914,10 @@ cdef class MambaTreeCore(RadixTreeCore):
         try:
             return self._evict_mamba(num_tokens, swa_num_tokens, mamba_num)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _evict_mamba(self, num_tokens, swa_num_tokens=0, mamba_num=None):
-        cdef int64_t n_ev = 0, done, want_states, states
+        cdef int64_t want, want_states, done, states
         cdef nid_t n
         cdef Node* x
         if mamba_num is None:
@@ -2790,17 +2928,22 @@ cdef class MambaTreeCore(RadixTreeCore):
                 f"got swa_num_tokens={swa_num_tokens!r} and mamba_num={mamba_num!r}"
             )
         want_states = _count("mamba_num", mamba_num)
-        done = _count("num_tokens", num_tokens)
-        done = self._evict_full(done, &n_ev)
-        while self.n_states_out < want_states and self.aux_heap.size > 0:
-            n = self.aux_heap.data[0]
-            x = &self.nodes[n]
-            if x.num_children == 0 and x.lock_ref == 0:
-                done = self._collect_and_remove(n, done, &n_ev)
-            else:
-                self._drop_state(n)
-        states = self.n_states_out
-        self._after_evict(done, n_ev)
+        want = _count("num_tokens", num_tokens)
+        self._start_evict()
+        try:
+            self._evict_full(want)
+            while self.n_states_out < want_states and self.aux_heap.size > 0:
+                n = self.aux_heap.data[0]
+                x = &self.nodes[n]
+                if x.num_children == 0 and x.lock_ref == 0:
+                    self._collect_and_remove(n)
+                else:
+                    self._drop_state(n)
+        except BaseException:
+            self._hand_over_partial()
+            raise
+        done, states = self.ev_done, self.n_states_out
+        self._after_evict(self.ev_done, self.ev_nodes)
         return _evict_result(done, 0, states)
 
     def inc_lock_ref(self, node):
@@ -2811,7 +2954,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         try:
             return self._inc_lock_ref_mamba(node)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _inc_lock_ref_mamba(self, node):
         cdef nid_t n = self._slot_of(node)
@@ -2837,7 +2980,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         try:
             return self._dec_lock_ref_mamba(node, swa_boundary_id)
         finally:
-            self._owner = 0
+            self._leave()
 
     cdef object _dec_lock_ref_mamba(self, node, swa_boundary_id=None):
         cdef nid_t n = self._slot_of(node)
