@@ -380,9 +380,15 @@ def test_bad_inputs_are_value_errors(make: Any) -> None:
     assert a.available_size() == 2
 
 
+class _SlotList(list):
+    pass
+
+
 BOOL_FREES = [
     pytest.param(lambda x: [True, int(x[1])], id="list-bool-then-slot"),
     pytest.param(lambda x: (int(x[0]), np.True_), id="tuple-numpy-bool"),
+    pytest.param(lambda x: _SlotList([True, int(x[1])]), id="list-subclass"),
+    pytest.param(lambda x: __import__("collections").deque([int(x[0]), True]), id="deque"),
     pytest.param(lambda x: [True], id="list-bool"),
     pytest.param(lambda x: True, id="bool"),
 ]
@@ -400,6 +406,9 @@ def test_bool_is_not_a_slot(cls: Any, bad: Any) -> None:
         a.free(bad(x))
     with pytest.raises(InvalidValueError, match="integer slot ids"):
         a.is_allocated(bad(x))
+    if cls is SWATokenToKVPoolAllocator:
+        with pytest.raises(InvalidValueError, match="integer slot ids"):
+            a.translate_loc_from_full_to_swa(bad(x))
     assert _state(a) == before
     a._check_invariants()
 
@@ -465,9 +474,14 @@ def test_swa_mapping_view_cannot_be_made_writeable() -> None:
 def test_swa_invariants_catch_an_swa_page_mapped_twice() -> None:
     """_check_invariants counted mapped pages only: two full slots mapped to one SWA slot
     (and another SWA slot leaked) kept the count and passed."""
+    import ctypes
+
     a = SWATokenToKVPoolAllocator(8, 4)
     r1, r2 = a.alloc(2), a.alloc(2)
-    internal = a.full_to_swa_index_mapping.base.obj  # the allocator's own array, by force
+    view = a.full_to_swa_index_mapping
+    assert view.base is a  # no writeable array behind it to reach
+    ptr = ctypes.cast(view.ctypes.data, ctypes.POINTER(ctypes.c_int32))
+    internal = np.ctypeslib.as_array(ptr, shape=view.shape)  # its memory, by force
     internal[r1] = internal[r2]
     with pytest.raises(AssertionError, match="mapped twice"):
         a._check_invariants()

@@ -75,6 +75,8 @@ def test_hash_token_ids_rejects_tokens_outside_uint32(bad):
         [(True, 1)],  # numpy reads it as int64
         [(1, 2), (3, np.False_)],
         np.array([True, False]),
+        type("Tokens", (list,), {})([3, True]),  # a list subclass
+        __import__("collections").deque([True, 2]),
     ],
 )
 def test_hash_token_ids_refuses_bools_whatever_the_length(bad):

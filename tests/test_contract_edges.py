@@ -178,10 +178,27 @@ def test_unaligned_int32_keys_values_and_frees_are_read_right() -> None:
 @pytest.mark.parametrize("cls", [RadixCache, MambaRadixCache])
 def test_page_size_takes_any_integer_but_a_bool(cls) -> None:
     """np.int64(4) was refused (every other integer argument goes through __index__)."""
+
+    class BadIndex:
+        def __init__(self, v) -> None:
+            self.v = v
+
+        def __index__(self):
+            return self.v
+
     assert cls(page_size=np.int64(4)).page_size == 4
-    for bad in (True, np.True_, 0, 2**31, 4.0, "4"):
+    for bad in (True, np.True_, 0, 2**31, 4.0, "4", BadIndex(2.5)):
         with pytest.raises(InvalidValueError, match="page_size"):
             cls(page_size=bad)
+
+
+def test_sliding_window_size_takes_any_integer_but_a_bool() -> None:
+    alloc = SWATokenToKVPoolAllocator(16, 16)
+    cache = RadixCache(sliding_window_size=np.int64(4), token_to_kv_pool_allocator=alloc)
+    assert cache.sliding_window_size == 4 and type(cache.sliding_window_size) is int
+    for bad in (True, 0, 4.0):
+        with pytest.raises(InvalidValueError, match="sliding_window_size"):
+            RadixCache(sliding_window_size=bad)
 
 
 def test_tuple_subclass_tokens_are_tuple_tokens() -> None:

@@ -13,6 +13,7 @@ of each method says which indices change hands.
 from __future__ import annotations
 
 import abc
+import collections
 import hashlib
 import itertools
 import operator
@@ -27,6 +28,7 @@ from pymllm.mem_cache.errors import InvalidKeyError
 
 _U32_LIMIT = 1 << 32
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_BOOL_TYPES = frozenset((bool, np.bool_))
 
 
 _HASH_CHUNK = 1 << 16  # tokens converted per step: the buffer stays in L2 cache
@@ -38,7 +40,7 @@ def _refuse_bools(token_ids: Any) -> None:
     ``[True, 2]`` as ``[1, 2]`` and struct packs True as 1: look for bools in a list or
     tuple key, tuple tokens included, by their types alone (a C loop, no per-token Python
     code)."""
-    if type(token_ids) is not list and type(token_ids) is not tuple:
+    if not isinstance(token_ids, (list, tuple, collections.deque)):  # subclasses too
         return
     types = set(map(type, token_ids))
     if any(issubclass(t, tuple) for t in types):
@@ -46,7 +48,7 @@ def _refuse_bools(token_ids: Any) -> None:
             types = set(map(type, itertools.chain.from_iterable(token_ids)))
         except TypeError:  # tuples mixed with ints: numpy's error says which
             types.discard(tuple)
-    if bool in types or np.bool_ in types:
+    if not _BOOL_TYPES.isdisjoint(types):
         raise InvalidKeyError(f"token_ids: tokens must be integers, not bools: {token_ids!r:.80}")
 
 
@@ -91,7 +93,7 @@ def _feed_tokens(h: Any, token_ids: Any) -> None:
     if (
         type(token_ids) is list
         and len(token_ids) <= _SMALL_PAGE
-        and not {bool, np.bool_} & set(map(type, token_ids))  # struct packs True as 1
+        and _BOOL_TYPES.isdisjoint(map(type, token_ids))  # struct packs True as 1
     ):
         # a page of plain ints: one struct.pack (a C loop) beats numpy's fixed costs
         try:
@@ -126,15 +128,14 @@ def hash_token_ids(token_ids: Any, prior_hash: str | None = None) -> str:
     """
     h = hashlib.sha256()
     if prior_hash is not None:
-        # bytes.fromhex alone would take "" (no prior hash at all) and skip whitespace
-        if (
-            not isinstance(prior_hash, str)
-            or not prior_hash
-            or len(prior_hash) % 2
-            or not _HEX_DIGITS.issuperset(prior_hash)
-        ):
+        try:
+            raw = bytes.fromhex(prior_hash)
+        except (ValueError, TypeError):
+            raw = b""
+        # fromhex alone takes "" (no prior hash at all) and skips whitespace: both refused
+        if not raw or 2 * len(raw) != len(prior_hash):
             raise InvalidKeyError(f"prior_hash: expected a hex digest, got {prior_hash!r:.80}")
-        h.update(bytes.fromhex(prior_hash))
+        h.update(raw)
     _feed_tokens(h, token_ids)
     return h.hexdigest()
 

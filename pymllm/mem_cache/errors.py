@@ -45,8 +45,10 @@ class NotInitializedError(CacheError, RuntimeError):
 class ReentrantCallError(CacheError, RuntimeError):
     """A cache method was called from code that cache runs inside one of its own calls
     (``on_node_evict``, the allocator's ``free``, an ``extra_key``'s ``__hash__`` or
-    ``__eq__``) while the outer call is still running. (The garbage collector does not run
-    inside a cache call, so finalizers are not among them.)"""
+    ``__eq__``) while the outer call is still running, including a finalizer such code
+    triggers (a callback that drops the last reference to a request whose ``__del__``
+    unlocks). The garbage collector does not run inside a cache call, so the finalizers of
+    cyclic garbage run after it returns."""
 
 
 __all__ = [

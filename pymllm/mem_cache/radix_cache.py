@@ -42,9 +42,12 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     Python code that can hand the GIL to another thread midway), so each call also holds
     the cache's own guard: another thread's call waits until it returns, and so do its size
     queries and node-handle reads. A callback that calls back into the same cache gets
-    ``ReentrantCallError`` (size queries and handle reads are allowed there). The garbage
-    collector is held off while a call runs, so a finalizer that calls the cache (a
-    request's ``__del__`` unlocking its node) runs after it, not inside. Sequences of
+    ``ReentrantCallError`` (size queries and handle reads are allowed there), and so does a
+    finalizer that a callback's own code runs. The garbage collector is held off while a
+    call runs, so the finalizer of cyclic garbage that calls the cache (a request's
+    ``__del__`` unlocking its node) runs after it, not inside; a ``gc.disable()`` or
+    ``gc.enable()`` made while a call runs (in a callback, or in another thread while one
+    waits in a callback) is undone when the outermost call returns. Sequences of
     calls (match, then lock) are not atomic: threads sharing one cache serialise them with a
     lock of their own.
     """

@@ -28,6 +28,7 @@ cimport numpy as cnp
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
 
 import operator
+from collections import deque
 
 import numpy as np
 
@@ -250,15 +251,18 @@ cdef cnp.ndarray _as_int32_slots(object indices):
     return np.require(arr, np.int32, ["C", "A"])  # a copy if unaligned
 
 
+_BOOL_TYPES = frozenset((bool, np.bool_))
+
+
 cdef object _integer_array(object indices):
     """*indices* as a numpy array of integers (any integer dtype), for the general paths
     of ``free`` and ``is_allocated``: a bool is not a slot id (``InvalidValueError``, also
     as an item of a list or tuple, which numpy would silently read as 0 or 1), and Python
     ints beyond 64 bits come back as an object array of exact ints."""
-    if type(indices) is list or type(indices) is tuple:
-        for v in indices:
-            if isinstance(v, (bool, np.bool_)):
-                raise InvalidValueError(f"indices: expected integer slot ids, got {v!r}")
+    if isinstance(indices, (list, tuple, deque)):  # their subclasses too
+        # the items' types in one C loop (set(map(type, ...))), no Python code per item
+        if _BOOL_TYPES & set(map(type, indices)):
+            raise InvalidValueError(f"indices: expected integer slot ids, got a bool in {indices!r:.60}")
     arr = np.asarray(indices)
     if arr.dtype == object:
         for v in arr.flat:
@@ -910,12 +914,16 @@ cdef class SWATokenToKVPoolAllocator:
     def full_to_swa_index_mapping(self):
         """Read-only view: ``mapping[full_slot]`` is its SWA slot, 0 where none.
 
-        It follows the allocator (no copy) and cannot be made writeable: numpy refuses
-        ``flags.writeable = True`` on an array over a read-only buffer (a writeable base
-        would let a caller re-map slots, and ``free`` would then hand back another
-        request's SWA slots)."""
+        It follows the allocator (no copy) and cannot be made writeable: its base is the
+        allocator itself, no array, and numpy refuses ``flags.writeable = True`` over a
+        base that is not writeable (a writeable base would let a caller re-map slots, and
+        ``free`` would then hand back another request's SWA slots)."""
         self._live()
-        return np.frombuffer(memoryview(self._mapping).toreadonly(), dtype=self._mapping.dtype)
+        cdef cnp.npy_intp n = cnp.PyArray_DIM(self._mapping, 0)
+        cdef cnp.ndarray view = cnp.PyArray_SimpleNewFromData(1, &n, cnp.NPY_INT32, self.mapping)
+        cnp.PyArray_CLEARFLAGS(view, cnp.NPY_ARRAY_WRITEABLE)
+        cnp.set_array_base(view, self)  # keeps the allocator, and so its array, alive
+        return view
 
     def available_size(self):
         return min(self.full_available_size(), self.swa_available_size())
@@ -1001,7 +1009,7 @@ cdef class SWATokenToKVPoolAllocator:
         freed). ``InvalidValueError`` for non-integer slots or slots outside the pool (a
         negative slot would otherwise index from the end)."""
         self._live()
-        idx = np.asarray(full_indices)
+        idx = _integer_array(full_indices)
         if idx.size == 0:
             return np.zeros(idx.shape, dtype=np.int32)
         _check_ints("full_indices", idx, 0, len(self._mapping))

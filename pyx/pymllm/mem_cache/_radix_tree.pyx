@@ -31,6 +31,9 @@ from libc.string cimport memcmp, memset
 cimport cython
 cimport numpy as cnp
 import numpy as np
+import operator
+import sys
+from hashlib import sha256 as _sha256
 
 from pymllm.mem_cache._allocator cimport TokenToKVPoolAllocator
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
@@ -40,7 +43,6 @@ from pymllm.mem_cache.base_prefix_cache import (
     InsertResult,
     MatchResult,
     RadixKey,
-    hash_token_ids,
 )
 from pymllm.mem_cache.errors import (
     InvalidKeyError,
@@ -181,7 +183,10 @@ cdef inline uint64_t _mix64(uint64_t x) noexcept nogil:
 # the interpreter, under the GIL): a collection there would run finalizers inside the call,
 # and a finalizer that unlocks a request's node (dec_lock_ref) would be refused as
 # re-entrant, its unlock lost. Collection resumes when the outermost call returns, if the
-# collector was on when the first began (PyGC_Disable / PyGC_Enable, Python 3.10+).
+# collector was on when the first began (PyGC_Disable / PyGC_Enable, Python 3.10+); a
+# gc.disable() or gc.enable() made in between (by a callback, or by another thread while a
+# call waits in one) cannot be told from ours and is undone then. Finalizers that reference
+# counting runs (a callback dropping the last reference) still run where that happens.
 cdef extern from "Python.h":
     int PyGC_Disable()
     int PyGC_Enable()
@@ -203,6 +208,9 @@ cdef inline void _release_gc() noexcept:
     _gc_holds -= 1
     if _gc_holds == 0 and _gc_was_enabled:
         PyGC_Enable()
+
+
+cdef bint _BIG_ENDIAN = sys.byteorder == "big"
 
 
 # A hint to start loading p's cache line; PYMLLM_LIKELY marks the branch the hot loops take.
@@ -639,18 +647,40 @@ cdef cnp.ndarray _copy_idx(const idx_t* src, int64_t n):
     return out
 
 
+cdef object _size_option(str name, object value):
+    """A constructor's size (page_size, sliding_window_size): any integer, numpy's too
+    (``operator.index``), but a bool, in [1, 2**31); else ``InvalidValueError``."""
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidValueError(f"{name}: expected an int >= 1, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise InvalidValueError(f"{name}: expected an int >= 1, got {value!r:.60}") from None
+    if not 1 <= value <= INT32_MAX:
+        raise InvalidValueError(f"{name}: expected an int in [1, 2**31), got {value}")
+    return value
+
+
 cdef int _hand_over(object free_fn, const idx_t* src, int64_t n) except -1:
     """``free_fn(int32 array of src[0:n])``: one call, or, out of memory for one array of
     them all (an evict that ran out of memory midway hands over what it removed), calls
-    on pieces of 4,096, so that the slots still reach their owner."""
+    on pieces of 4,096, so that the slots still reach their owner. As with one call, a
+    piece whose call raises does not stop the others: the first error is raised after."""
     cdef int64_t i = 0, k
     try:
         arr = _copy_idx(src, n)
     except MemoryError:
+        first = None
         while i < n:
             k = min(<int64_t>4096, n - i)
-            free_fn(_copy_idx(src + i, k))
+            try:
+                free_fn(_copy_idx(src + i, k))
+            except BaseException as exc:
+                if first is None:
+                    first = exc
             i += k
+        if first is not None:
+            raise first
         return 0
     free_fn(arr)
     return 0
@@ -965,11 +995,7 @@ cdef class RadixTreeCore:
         self.swa = False  # not left over from an __init__ that raised
         self.window = 0
         if sliding_window_size is not None:
-            if (isinstance(sliding_window_size, bool) or not isinstance(sliding_window_size, int)
-                    or sliding_window_size < 1):
-                raise InvalidValueError(
-                    f"sliding_window_size: expected an int >= 1 or None, got {sliding_window_size!r}"
-                )
+            sliding_window_size = _size_option("sliding_window_size", sliding_window_size)
             if (token_to_kv_pool_allocator is not None
                     and not callable(getattr(token_to_kv_pool_allocator, "free_swa", None))):
                 raise TypeError(
@@ -992,12 +1018,7 @@ cdef class RadixTreeCore:
 
     cdef int _setup(self, object page_size, object allocator, object on_node_evict,
                     object eviction_policy) except -1:
-        # any integer (numpy's too) but a bool, as every other integer argument
-        if isinstance(page_size, (bool, np.bool_)) or not hasattr(page_size, "__index__"):
-            raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
-        page_size = page_size.__index__()
-        if not 1 <= page_size <= INT32_MAX:
-            raise InvalidValueError(f"page_size: expected an int in [1, 2**31), got {page_size}")
+        page_size = _size_option("page_size", page_size)
         if not isinstance(eviction_policy, str) or eviction_policy not in EVICTION_POLICIES:
             raise InvalidValueError(
                 f"eviction_policy: expected one of {', '.join(EVICTION_POLICIES)}, "
@@ -2083,7 +2104,8 @@ cdef class RadixTreeCore:
                 _hand_over(self.token_to_kv_pool_allocator.free_swa,
                            <idx_t*>self._swa_out.data, self.n_swa_out)
             except BaseException as exc:
-                first = exc
+                if first is None:
+                    first = exc
         self.n_swa_out = 0
         if n_idx > 0 and self.token_to_kv_pool_allocator is not None:
             try:
@@ -2411,13 +2433,28 @@ cdef class RadixTreeCore:
                 break
             todo.append(m)
             m = self.nodes[m].parent
-        P = self.page_size
+        cdef Py_ssize_t start, step
+        cdef Node* x
+        cdef cnp.ndarray arr
         for m in reversed(todo):
             prior = hashes[len(hashes) - 1] if hashes else None
-            tokens = self._node_tokens(m)
+            # hash_token_ids's bytes (each token, each tuple element, as a little-endian
+            # uint32; the prior digest's raw bytes first), hashed from a copy of the key:
+            # no list of ints, and none of hash_token_ids's input checks (tree tokens are
+            # valid, the prior is our own digest)
+            x = &self.nodes[m]
+            arr = cnp.PyArray_EMPTY(1, [x.len * x.width], cnp.NPY_UINT32, 0)
+            copy32(cnp.PyArray_DATA(arr), x.key, x.len * x.width)
+            if _BIG_ENDIAN:
+                arr = arr.byteswap()
+            step = self.page_size * x.width
             hashes = []
-            for start in range(0, len(tokens), P):
-                prior = hash_token_ids(tokens[start:start + P], prior)
+            for start in range(0, x.len * x.width, step):
+                h = _sha256()
+                if prior is not None:
+                    h.update(bytes.fromhex(prior))
+                h.update(arr[start:start + step])
+                prior = h.hexdigest()
                 hashes.append(prior)
             self._hash_cache[m] = hashes
         return hashes
