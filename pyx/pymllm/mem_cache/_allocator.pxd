@@ -76,3 +76,8 @@ cdef class TokenToKVPoolAllocator:
     # Frees data[0:n] (validated: InvalidFreeError, nothing freed). The C entry point of
     # free(), which the compiled radix tree calls directly when it evicts.
     cdef int free_c(self, const int32_t* data, Py_ssize_t n) except -1
+
+
+# A constructor's size argument: any integer (numpy's too, through operator.index) but a
+# bool, in [minimum, 2**31); else InvalidValueError. Shared with the radix tree's options.
+cdef object _size_arg(str name, object value, int minimum)

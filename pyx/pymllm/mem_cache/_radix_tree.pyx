@@ -31,11 +31,10 @@ from libc.string cimport memcmp, memset
 cimport cython
 cimport numpy as cnp
 import numpy as np
-import operator
 import sys
 from hashlib import sha256 as _sha256
 
-from pymllm.mem_cache._allocator cimport TokenToKVPoolAllocator
+from pymllm.mem_cache._allocator cimport TokenToKVPoolAllocator, _size_arg
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
 
 from pymllm.mem_cache.base_prefix_cache import (
@@ -647,20 +646,6 @@ cdef cnp.ndarray _copy_idx(const idx_t* src, int64_t n):
     return out
 
 
-cdef object _size_option(str name, object value):
-    """A constructor's size (page_size, sliding_window_size): any integer, numpy's too
-    (``operator.index``), but a bool, in [1, 2**31); else ``InvalidValueError``."""
-    if isinstance(value, (bool, np.bool_)):
-        raise InvalidValueError(f"{name}: expected an int >= 1, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise InvalidValueError(f"{name}: expected an int >= 1, got {value!r:.60}") from None
-    if not 1 <= value <= INT32_MAX:
-        raise InvalidValueError(f"{name}: expected an int in [1, 2**31), got {value}")
-    return value
-
-
 cdef int _hand_over(object free_fn, const idx_t* src, int64_t n) except -1:
     """``free_fn(int32 array of src[0:n])``: one call, or, out of memory for one array of
     them all (an evict that ran out of memory midway hands over what it removed), calls
@@ -995,7 +980,7 @@ cdef class RadixTreeCore:
         self.swa = False  # not left over from an __init__ that raised
         self.window = 0
         if sliding_window_size is not None:
-            sliding_window_size = _size_option("sliding_window_size", sliding_window_size)
+            sliding_window_size = _size_arg("sliding_window_size", sliding_window_size, 1)
             if (token_to_kv_pool_allocator is not None
                     and not callable(getattr(token_to_kv_pool_allocator, "free_swa", None))):
                 raise TypeError(
@@ -1018,7 +1003,7 @@ cdef class RadixTreeCore:
 
     cdef int _setup(self, object page_size, object allocator, object on_node_evict,
                     object eviction_policy) except -1:
-        page_size = _size_option("page_size", page_size)
+        page_size = _size_arg("page_size", page_size, 1)
         if not isinstance(eviction_policy, str) or eviction_policy not in EVICTION_POLICIES:
             raise InvalidValueError(
                 f"eviction_policy: expected one of {', '.join(EVICTION_POLICIES)}, "
