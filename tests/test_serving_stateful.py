@@ -539,6 +539,8 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             kinds.append("double free state")
         if self.tree:
             kinds += ["unlock unheld", "stale handle", "value length"]
+        if self.KIND in ("radix", "mamba"):  # over a TokenToKVPoolAllocator
+            kinds.append("free cached slot")
         if self.KIND in ("swa", "mamba"):
             kinds.append("lock token")
         kind = kinds[data.draw(st.integers(0, len(kinds) - 1), label="bad call")]
@@ -560,6 +562,19 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         arr = np.array(slots, dtype=np.int32)
         assert outcome(lambda: self.kv.free(arr)) == ("raised", InvalidFreeError)
         assert outcome(lambda: self.books.free(arr)) == ("raised", InvalidFreeError)
+        return InvalidFreeError
+
+    def _bad_free_cached_slot(self, data: st.DataObject) -> Any:
+        """A caller's free of a slot the tree holds (alone, or beside one it holds)."""
+        tree_kv = [s for n in self.c._nodes() for s in np.asarray(n.value).tolist()]
+        if not tree_kv:
+            return None
+        slots = [tree_kv[data.draw(st.integers(0, len(tree_kv) - 1), label="tree slot")]]
+        owned = [s for r in self.reqs for s in r.slots[r.cached :].tolist()]
+        if owned and data.draw(st.booleans(), label="with a held slot"):
+            slots.insert(data.draw(st.integers(0, 1)), owned[0])
+        arr = np.array(slots, dtype=np.int32)
+        assert outcome(lambda: self.kv.free(arr)) == ("raised", InvalidFreeError)
         return InvalidFreeError
 
     def _bad_double_free_request_slot(self, data: st.DataObject) -> Any:
@@ -666,6 +681,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         everything = np.arange(0, KV_SIZE + 2)
         out: list[Any] = [
             self.kv.is_allocated(everything).tolist(),
+            self.kv.is_cached(everything).tolist() if self.KIND in ("radix", "mamba") else None,
             sorted(self.books.free_set),
             self.req_pool.available_size(),
             self.req_pool._slots.is_allocated(np.arange(0, MAX_REQS + 2)).tolist(),
@@ -723,6 +739,10 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             assert row.tolist() == r.slots.tolist()
             assert len(r.slots) == len(r.tokens)
         assert_slot_ledger("KV", range(1, KV_SIZE + 1), places)
+        if self.KIND in ("radix", "mamba"):
+            # the allocator books as the cache's exactly the slots the tree holds
+            cached = self.kv.is_cached(np.arange(1, KV_SIZE + 1))
+            assert set((np.flatnonzero(cached) + 1).tolist()) == set(tree_kv)
         if self.tree:
             self._check_locks()
         rslots = self.req_pool._slots

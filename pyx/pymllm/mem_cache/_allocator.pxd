@@ -21,6 +21,7 @@ cdef enum PageState:
     PAGE_HELD = 2       # freed inside an open free group: not allocatable until it closes
     PAGE_PENDING = 3    # transient, inside one free() call, between validation and commit
     PAGE_RESERVED = 4   # the padding page 0
+    PAGE_CACHED = 5     # owned by a prefix cache: a radix tree took it in insert (adopt)
 
 
 cdef class PageCore:
@@ -39,7 +40,7 @@ cdef class PageCore:
     cdef int32_t tail         # one past the last live entry of `pages`
     cdef int32_t n_release    # entries of `release`
     cdef int32_t n_held       # entries of `held`
-    cdef int32_t n_allocated  # pages in state PAGE_ALLOCATED
+    cdef int32_t n_allocated  # pages in state PAGE_ALLOCATED or PAGE_CACHED
     cdef int group_depth      # nesting depth of free_group_begin(); > 0 holds frees back
     cdef int64_t merges[3]    # test hook: merges by already-sorted, radix-sort, bitmap scan
 
@@ -49,10 +50,11 @@ cdef class PageCore:
     # their ids, valid until this core's next call. NULL (nothing changed) when fewer than
     # `need` are allocatable.
     cdef int32_t* take_pages(self, int32_t need) noexcept
-    # Validates slots[0:n] and collects the unique pages they touch into `scratch`
-    # (marked PAGE_PENDING). Returns their count; raises InvalidFreeError with every state
-    # as it was before the call.
-    cdef int32_t collect(self, const int32_t* slots, Py_ssize_t n) except -1
+    # Validates slots[0:n] (each in a page in state `owner`: PAGE_ALLOCATED for a caller's
+    # free, PAGE_CACHED for a prefix cache's) and collects the unique pages they touch into
+    # `scratch` (marked PAGE_PENDING). Returns their count; raises InvalidFreeError with
+    # every state as it was before the call.
+    cdef int32_t collect(self, const int32_t* slots, Py_ssize_t n, uint8_t owner) except -1
     # Moves pages[0:count] (PENDING or ALLOCATED) to the free side: held while a group is
     # open, else onto `release` (need_sort) or the tail of `pages`.
     cdef void commit(self, const int32_t* pages, int32_t count) noexcept
@@ -62,7 +64,12 @@ cdef class PageCore:
     cdef void placed(self, int32_t* dst, int32_t count, bint bits_done) noexcept
     # page_size == 1 fast path of collect + commit: one pass, rolled back on error
     # (InvalidFreeError, every state as before). Returns n.
-    cdef int32_t free_slots(self, const int32_t* slots, Py_ssize_t n) except -1
+    cdef int32_t free_slots(self, const int32_t* slots, Py_ssize_t n, uint8_t owner) except -1
+    # The pages of slots[0:n], each PAGE_ALLOCATED, become PAGE_CACHED (a prefix cache
+    # takes them from their caller); InvalidValueError with every state as it was.
+    cdef int adopt(self, const int32_t* slots, Py_ssize_t n) except -1
+    # Undoes adopt(slots, n): the pages go back to PAGE_ALLOCATED.
+    cdef void disown(self, const int32_t* slots, Py_ssize_t n) noexcept
     # Rebuilds `pages` as every PAGE_FREE page, ascending; empties `release`.
     cdef void merge(self) noexcept
     cdef void end_group(self) noexcept
@@ -73,9 +80,14 @@ cdef class TokenToKVPoolAllocator:
     cdef PageCore core
     cdef readonly int32_t size
     cdef readonly int32_t page_size
-    # Frees data[0:n] (validated: InvalidFreeError, nothing freed). The C entry point of
-    # free(), which the compiled radix tree calls directly when it evicts.
-    cdef int free_c(self, const int32_t* data, Py_ssize_t n) except -1
+    # Frees data[0:n], each in a page in state `owner` (validated: InvalidFreeError, nothing
+    # freed). The C entry point of free() (owner PAGE_ALLOCATED), which the compiled radix
+    # tree calls directly, with PAGE_CACHED, when it evicts.
+    cdef int free_c(self, const int32_t* data, Py_ssize_t n, uint8_t owner) except -1
+    # The radix tree's insert: the caller's slots data[0:n] become the cache's
+    # (PageCore.adopt), and back (disown) when the insert cannot finish.
+    cdef int adopt_c(self, const int32_t* data, Py_ssize_t n) except -1
+    cdef void disown_c(self, const int32_t* data, Py_ssize_t n) noexcept
 
 
 # A constructor's size argument: any integer (numpy's too, through operator.index) but a

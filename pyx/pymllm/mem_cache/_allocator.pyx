@@ -10,6 +10,14 @@ out of range or (with ``page_size`` 1) a slot listed twice raises ``InvalidFreeE
 frees nothing of the call. With pages, a call frees each page once, however many of its
 slots it lists (the same slot twice included).
 
+The state byte also says who owns an allocated slot: the caller that allocated it, or a
+prefix cache. A ``RadixCache`` or ``MambaRadixCache`` over a ``TokenToKVPoolAllocator``
+takes the slots it stores in ``insert`` (``value[prefix_len:]``: they must be allocated and
+owned by no cache, else the insert raises ``InvalidValueError`` and takes nothing) and
+frees them when it evicts them; until then a caller's ``free`` of one of them raises
+``InvalidFreeError``. So every slot is free, a caller's, or a cache's, and the allocator
+knows which (``is_allocated``, ``is_cached``).
+
 Thread safety: every public call is atomic with respect to other Python threads. A call
 first converts its arguments (which may run Python code, e.g. copying a jax array to the
 host) and makes its result array, then changes the allocator's state in one stretch of C
@@ -286,20 +294,35 @@ cdef inline bint _mark_run(PageCore self, const int32_t* got, int32_t k) noexcep
 
 
 cdef inline bint _free_run(PageCore self, const int32_t* slots, Py_ssize_t i, int32_t k,
-                           int32_t* dst, uint8_t st) noexcept:
-    """slots[i:i+k] as one range, if they are a run of allocated slots: state set to st
-    (and free bits set when st is PAGE_FREE), copied to dst[i:i+k]; False (nothing
+                           int32_t* dst, uint8_t st, uint8_t owner) noexcept:
+    """slots[i:i+k] as one range, if they are a run of slots in state `owner`: state set
+    to st (and free bits set when st is PAGE_FREE), copied to dst[i:i+k]; False (nothing
     changed) otherwise."""
     cdef int32_t s0 = slots[i]
     if (i + k <= self.n_allocated and 1 <= s0 and s0 - 1 + k <= self.num_pages
             and _consecutive(slots + i, k)
-            and _all_in_state(self.state, s0, k, PAGE_ALLOCATED)):
+            and _all_in_state(self.state, s0, k, owner)):
         memset(self.state + s0, st, k)
         if st == PAGE_FREE:
             _fill_bit_range(self.freebits, s0, k, True)
         _fill_sequence(dst + i, s0, k)
         return True
     return False
+
+
+cdef str _not_owned(int32_t s, uint8_t st, uint8_t owner, int32_t ps):
+    """Why a free of slot s (its page in state st) was refused, the page's owner being
+    expected to be `owner`."""
+    if st == PAGE_CACHED:
+        return (
+            f"indices: slot {s} is owned by a prefix cache (a radix tree took it in insert); "
+            "it goes back to the pool when the cache evicts it"
+        )
+    if st == PAGE_ALLOCATED:  # and owner is PAGE_CACHED: the cache's own free
+        return f"indices: slot {s} is not owned by a prefix cache (a caller holds it)"
+    return f"indices: slot {s} is not allocated (double free?)" + (
+        f"; its page {s // ps} is free" if ps > 1 else ""
+    )
 
 
 cdef class PageCore:
@@ -388,7 +411,7 @@ cdef class PageCore:
         self.n_allocated += need
         return got
 
-    cdef int32_t collect(self, const int32_t* slots, Py_ssize_t n) except -1:
+    cdef int32_t collect(self, const int32_t* slots, Py_ssize_t n, uint8_t owner) except -1:
         cdef Py_ssize_t i, j
         cdef int32_t s, p, count = 0
         cdef int32_t ps = self.page_size
@@ -398,7 +421,7 @@ cdef class PageCore:
             s = slots[i]
             if s < ps or s >= hi:
                 for j in range(count):
-                    self.state[self.scratch[j]] = PAGE_ALLOCATED
+                    self.state[self.scratch[j]] = owner
                 if 0 <= s < ps:
                     raise InvalidFreeError(
                         f"indices: slot {s} is the reserved padding slot (page 0); it is never "
@@ -407,7 +430,7 @@ cdef class PageCore:
                 raise InvalidFreeError(f"indices: slot {s} is out of range [{ps}, {hi})")
             p = s if ps == 1 else s // ps
             st = self.state[p]
-            if st == PAGE_ALLOCATED:
+            if st == owner:
                 self.state[p] = PAGE_PENDING
                 self.scratch[count] = p
                 count += 1
@@ -415,14 +438,94 @@ cdef class PageCore:
                 pass  # another slot of a page this call already frees
             else:
                 for j in range(count):
-                    self.state[self.scratch[j]] = PAGE_ALLOCATED
+                    self.state[self.scratch[j]] = owner
                 if st == PAGE_PENDING:
                     raise InvalidFreeError(f"indices: slot {s} is listed twice in one free()")
-                raise InvalidFreeError(
-                    f"indices: slot {s} is not allocated (double free?)"
-                    + (f"; its page {p} is free" if ps > 1 else "")
-                )
+                raise InvalidFreeError(_not_owned(s, st, owner, ps))
         return count
+
+    cdef int adopt(self, const int32_t* slots, Py_ssize_t n) except -1:
+        """Every page of slots[0:n] goes from PAGE_ALLOCATED (a caller's) to PAGE_CACHED
+        (a prefix cache's), or InvalidValueError with every state as it was. With page_size
+        1: a run of consecutive slots in one range update, else one pass that flips each
+        slot as it checks it (a slot listed twice finds itself flipped). With pages, each
+        page is marked PAGE_PENDING while validating, so that a page several slots share is
+        taken once."""
+        cdef Py_ssize_t i, j
+        cdef int32_t s, p
+        cdef int32_t ps = self.page_size
+        cdef int32_t hi = (self.num_pages + 1) * ps
+        cdef uint8_t st = PAGE_ALLOCATED
+        if n == 0:
+            return 0
+        if ps == 1:
+            s = slots[0]
+            if (n <= self.num_pages and 1 <= s and s - 1 + n <= self.num_pages
+                    and _consecutive(slots, <int32_t>n)
+                    and _all_in_state(self.state, s, <int32_t>n, PAGE_ALLOCATED)):
+                memset(self.state + s, PAGE_CACHED, n)
+                return 0
+            for i in range(n):
+                s = slots[i]
+                if s < 1 or s >= hi:
+                    st = PAGE_RESERVED
+                    break
+                st = self.state[s]
+                if st != PAGE_ALLOCATED:
+                    break
+                self.state[s] = PAGE_CACHED
+            else:
+                return 0
+            for j in range(i):  # roll back: the slots flipped so far are the caller's again
+                self.state[slots[j]] = PAGE_ALLOCATED
+            if st == PAGE_CACHED:
+                for j in range(i):
+                    if slots[j] == s:
+                        st = PAGE_PENDING
+        else:
+            for i in range(n):
+                s = slots[i]
+                if s < ps or s >= hi:
+                    st = PAGE_RESERVED
+                    break
+                p = s // ps
+                st = self.state[p]
+                if st == PAGE_ALLOCATED:
+                    self.state[p] = PAGE_PENDING
+                elif st != PAGE_PENDING:
+                    break
+            else:
+                for i in range(n):
+                    self.state[slots[i] // ps] = PAGE_CACHED
+                return 0
+            for j in range(i):  # roll back: the pages marked so far are the caller's again
+                self.state[slots[j] // ps] = PAGE_ALLOCATED
+        if st == PAGE_PENDING:
+            raise InvalidValueError(f"value: slot {s} is listed twice")
+        if st == PAGE_CACHED:
+            raise InvalidValueError(
+                f"value: slot {s} is already owned by a prefix cache (the tree takes "
+                "value[prefix_len:], which must be slots a caller holds)"
+            )
+        if st == PAGE_RESERVED:
+            raise InvalidValueError(
+                f"value: slot {s} is not a slot the allocator hands out "
+                f"(its pool is [{ps}, {hi}))"
+            )
+        raise InvalidValueError(
+            f"value: slot {s} is not allocated (freed?): the tree takes only slots a "
+            "caller holds"
+        )
+
+    cdef void disown(self, const int32_t* slots, Py_ssize_t n) noexcept:
+        cdef Py_ssize_t i
+        cdef int32_t ps = self.page_size
+        if ps == 1:
+            for i in range(n):
+                self.state[slots[i]] = PAGE_ALLOCATED
+        else:
+            for i in range(n):
+                self.state[slots[i] // ps] = PAGE_ALLOCATED
 
     cdef int32_t* free_dst(self, int32_t count) noexcept:
         """Where the next `count` freed pages go (held / release / tail of the free list)."""
@@ -459,7 +562,7 @@ cdef class PageCore:
                 self.tail += count
         self.n_allocated -= count
 
-    cdef int32_t free_slots(self, const int32_t* slots, Py_ssize_t n) except -1:
+    cdef int32_t free_slots(self, const int32_t* slots, Py_ssize_t n, uint8_t owner) except -1:
         """page_size == 1: validate and free slots[0:n] in one pass (rolled back on error).
         Blocks, then sub-blocks, that are runs are booked as ranges; other slots one by one."""
         cdef Py_ssize_t i, j, end, bad = -1
@@ -471,16 +574,16 @@ cdef class PageCore:
         i = 0
         while i < n and bad < 0:
             k = <int32_t>min(<Py_ssize_t>BLOCK, n - i)
-            if _free_run(self, slots, i, k, dst, st):
+            if _free_run(self, slots, i, k, dst, st, owner):
                 i += k
                 continue
             end = i + k
             while i < end and bad < 0:
                 k = <int32_t>min(<Py_ssize_t>SUB, end - i)
-                if not _free_run(self, slots, i, k, dst, st):
+                if not _free_run(self, slots, i, k, dst, st, owner):
                     for j in range(i, i + k):
                         s = slots[j]
-                        if (s < 1 or s > hi or self.state[s] != PAGE_ALLOCATED
+                        if (s < 1 or s > hi or self.state[s] != owner
                                 or j >= self.n_allocated):
                             bad = j
                             break
@@ -492,7 +595,7 @@ cdef class PageCore:
         if bad >= 0:
             # roll back: every slot booked so far is allocated again
             for j in range(bad):
-                self.state[dst[j]] = PAGE_ALLOCATED
+                self.state[dst[j]] = owner
             if st == PAGE_FREE:
                 _clear_bits(self.freebits, dst, <int32_t>bad)
             s = slots[bad]
@@ -506,7 +609,7 @@ cdef class PageCore:
             for j in range(bad):
                 if dst[j] == s:
                     raise InvalidFreeError(f"indices: slot {s} is listed twice in one free()")
-            raise InvalidFreeError(f"indices: slot {s} is not allocated (double free?)")
+            raise InvalidFreeError(_not_owned(s, self.state[s], owner, 1))
         self.placed(dst, <int32_t>n, True)
         return <int32_t>n
 
@@ -588,14 +691,16 @@ cdef class PageCore:
     def _check(self, str name):
         """Recompute every counter from the arrays; AssertionError on any disagreement."""
         cdef int32_t i, p
-        counts = [0, 0, 0, 0, 0]
+        counts = [0, 0, 0, 0, 0, 0]
         for i in range(self.num_pages + 1):
-            assert self.state[i] <= PAGE_RESERVED, f"{name}: bad state byte at page {i}"
+            assert self.state[i] <= PAGE_CACHED, f"{name}: bad state byte at page {i}"
             counts[self.state[i]] += 1
         assert self.state[0] == PAGE_RESERVED, f"{name}: page 0 not reserved"
         assert counts[PAGE_RESERVED] == 1, f"{name}: reserved pages {counts[PAGE_RESERVED]}"
         assert counts[PAGE_PENDING] == 0, f"{name}: pending pages outside free()"
-        assert counts[PAGE_ALLOCATED] == self.n_allocated, f"{name}: n_allocated drifted"
+        assert (
+            counts[PAGE_ALLOCATED] + counts[PAGE_CACHED] == self.n_allocated
+        ), f"{name}: n_allocated drifted"
         assert counts[PAGE_HELD] == self.n_held, f"{name}: n_held drifted"
         assert counts[PAGE_FREE] == self.free_pages_count(), f"{name}: free count drifted"
         assert 0 <= self.head <= self.tail <= 2 * self.num_pages, f"{name}: head/tail"
@@ -621,7 +726,16 @@ cdef class PageCore:
     def _allocated_pages(self):
         cdef int32_t i
         return np.asarray(
-            [i for i in range(self.num_pages + 1) if self.state[i] == PAGE_ALLOCATED],
+            [i for i in range(self.num_pages + 1)
+             if self.state[i] == PAGE_ALLOCATED or self.state[i] == PAGE_CACHED],
+            dtype=np.int32,
+        )
+
+    def _cached_pages(self):
+        """Test hook: the pages a prefix cache owns, ascending."""
+        cdef int32_t i
+        return np.asarray(
+            [i for i in range(self.num_pages + 1) if self.state[i] == PAGE_CACHED],
             dtype=np.int32,
         )
 
@@ -676,9 +790,11 @@ cdef inline PageCore _live_core(TokenToKVPoolAllocator a):
     return a.core
 
 
-cdef object _allocated_mask(PageCore core, int32_t page_size, object indices):
+cdef object _allocated_mask(PageCore core, int32_t page_size, object indices,
+                            bint cached_only=False):
     """is_allocated of both allocators: a flat boolean mask, True where the slot lies in an
-    allocated page (any integer is a fair question; slots outside the pool are False).
+    allocated page (a caller's or a prefix cache's; with `cached_only`, a prefix cache's);
+    any integer is a fair question; slots outside the pool are False.
     ``InvalidValueError`` for anything but integers (a float is never rounded to a slot)."""
     arr = _integer_array(indices).reshape(-1)
     if arr.dtype == object:  # ints beyond 64 bits: outside the pool (-1 stands for them)
@@ -690,10 +806,12 @@ cdef object _allocated_mask(PageCore core, int32_t page_size, object indices):
     cdef uint8_t* o = <uint8_t*>cnp.PyArray_DATA(out)
     cdef Py_ssize_t i
     cdef int64_t ps = page_size, last = core.num_pages
+    cdef uint8_t st
     # read the page states in C, holding the GIL: numpy's gather releases it on large
     # arrays, and another thread's alloc or free would then show in half the answer
     for i in range(cnp.PyArray_SIZE(a64)):
-        o[i] = v[i] >= ps and v[i] // ps <= last and core.state[v[i] // ps] == PAGE_ALLOCATED
+        st = core.state[v[i] // ps] if v[i] >= ps and v[i] // ps <= last else PAGE_FREE
+        o[i] = st == PAGE_CACHED or (st == PAGE_ALLOCATED and not cached_only)
     return out
 
 
@@ -754,9 +872,10 @@ cdef class TokenToKVPoolAllocator:
     ``page_size > 1`` it hands out whole pages: ``n`` must be a multiple of ``page_size``
     and each run of ``page_size`` slots is one page, contiguous. ``free(indices)`` gives
     slots back (numpy array of any integer dtype, list, int or jax array; int32 numpy is
-    the fast path): they are the allocator's again. With pages, a freed slot frees its
-    whole page. Bad frees raise ``InvalidFreeError`` (a ``ValueError``) and free nothing of
-    that call. With ``need_sort`` (default) freed slots are handed out again lowest first,
+    the fast path): they are the allocator's again. Slots a prefix cache took in
+    ``insert`` are not the caller's to free (``InvalidFreeError``): the cache frees them.
+    With pages, a freed slot frees its whole page. Bad frees raise ``InvalidFreeError`` (a
+    ``ValueError``) and free nothing of that call. With ``need_sort`` (default) freed slots are handed out again lowest first,
     once the current free list runs out. Each call is atomic with respect to Python
     threads (see the module docstring).
     """
@@ -805,15 +924,22 @@ cdef class TokenToKVPoolAllocator:
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         if n == 0:
             return
-        self.free_c(<const int32_t*>cnp.PyArray_DATA(arr), n)
+        self.free_c(<const int32_t*>cnp.PyArray_DATA(arr), n, PAGE_ALLOCATED)
 
-    cdef int free_c(self, const int32_t* data, Py_ssize_t n) except -1:
+    cdef int free_c(self, const int32_t* data, Py_ssize_t n, uint8_t owner) except -1:
         cdef PageCore core = _live_core(self)
         if self.page_size == 1:
-            core.free_slots(data, n)
+            core.free_slots(data, n, owner)
         else:
-            core.commit(core.scratch, core.collect(data, n))
+            core.commit(core.scratch, core.collect(data, n, owner))
         return 0
+
+    cdef int adopt_c(self, const int32_t* data, Py_ssize_t n) except -1:
+        return _live_core(self).adopt(data, n)
+
+    cdef void disown_c(self, const int32_t* data, Py_ssize_t n) noexcept:
+        if self.core is not None:
+            self.core.disown(data, n)
 
     def free_group_begin(self):
         """Hold back frees until the matching ``free_group_end()`` (groups nest).
@@ -845,8 +971,15 @@ cdef class TokenToKVPoolAllocator:
         _live_core(self).reset()
 
     def is_allocated(self, indices):
-        """Boolean mask: which of *indices* are slots currently owned by a caller."""
+        """Boolean mask: which of *indices* are allocated slots (owned by a caller, or by a
+        prefix cache that took them in insert)."""
         return _allocated_mask(_live_core(self), self.page_size, indices)
+
+    def is_cached(self, indices):
+        """Boolean mask: which of *indices* a prefix cache owns (a ``RadixCache`` or
+        ``MambaRadixCache`` over this allocator took them in ``insert``; they come back when
+        it evicts them, and ``free`` refuses them meanwhile)."""
+        return _allocated_mask(_live_core(self), self.page_size, indices, True)
 
     def _check_invariants(self):
         _live_core(self)._check("allocator")
@@ -980,7 +1113,8 @@ cdef class SWATokenToKVPoolAllocator:
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         if n == 0:
             return
-        cdef int32_t count = self.full.collect(<const int32_t*>cnp.PyArray_DATA(arr), n)
+        cdef int32_t count = self.full.collect(<const int32_t*>cnp.PyArray_DATA(arr), n,
+                                               PAGE_ALLOCATED)
         cdef int32_t k = self._swa_pages_of(count)
         self.full.commit(self.full.scratch, count)
         self.swa.commit(self.swa.scratch, k)
@@ -996,7 +1130,8 @@ cdef class SWATokenToKVPoolAllocator:
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         if n == 0:
             return
-        cdef int32_t count = self.full.collect(<const int32_t*>cnp.PyArray_DATA(arr), n)
+        cdef int32_t count = self.full.collect(<const int32_t*>cnp.PyArray_DATA(arr), n,
+                                               PAGE_ALLOCATED)
         cdef int32_t i
         cdef int32_t k = self._swa_pages_of(count)
         # Validation only: the full pages stay allocated.

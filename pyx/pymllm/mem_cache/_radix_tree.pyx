@@ -34,7 +34,7 @@ import numpy as np
 import sys
 from hashlib import sha256 as _sha256
 
-from pymllm.mem_cache._allocator cimport TokenToKVPoolAllocator, _size_arg
+from pymllm.mem_cache._allocator cimport PAGE_CACHED, TokenToKVPoolAllocator, _size_arg
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
 
 from pymllm.mem_cache.base_prefix_cache import (
@@ -1695,6 +1695,15 @@ cdef class RadixTreeCore:
         ``value[aligned:]``. Returns ``InsertResult(prefix_len, last_node)`` with
         ``last_node`` ending at ``aligned`` (with a window, see below). Bad input raises and
         changes nothing.
+
+        Over a ``TokenToKVPoolAllocator`` the allocator books the slots the tree takes as
+        the cache's (``allocator.is_cached``): a caller's ``free`` of one raises until the
+        tree evicts it. The slots taken must be allocated and held by a caller: a free slot,
+        one a cache already owns (say, a matched prefix passed again past ``prefix_len``) or,
+        with ``page_size`` 1, a slot listed twice raises ``InvalidValueError`` and takes
+        nothing (every slot keeps its owner and the cached content is as before; as when
+        memory runs out, the walk's recency updates and a split at the match end, which
+        changes no content, stand).
         ``prev_prefix_len`` and ``swa_evicted_seqlen`` only matter with a sliding window.
         ``priority`` only matters with ``eviction_policy="priority"``: the nodes this insert
         makes start at ``priority`` (a negative one too) and every node on the path from the
@@ -1903,12 +1912,18 @@ cdef class RadixTreeCore:
         self._nid_scratch.reserve(aligned // self.page_size + 1)   # the walk's path
         if ns < 0:
             # a new namespace matches nothing: the leaf takes the whole key, and its arrays
-            # are allocated before the namespace is taken (all or nothing)
+            # and slots are taken before the namespace is (all or nothing)
             _alloc_node_arrays(aligned, w, &new_key, &new_val)
+            try:
+                self._adopt(vals, aligned)
+            except BaseException:
+                free(new_key)   # and new_val, in the same block
+                raise
             try:
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
-                free(new_key)   # and new_val, in the same block
+                self._disown(vals, aligned)
+                free(new_key)
                 raise
         self.clock += 1
         matched = self._walk(kv, ns, aligned, False, &last, &n_path)
@@ -1917,14 +1932,34 @@ cdef class RadixTreeCore:
             return matched
         if new_key == NULL:
             # sized to the leaf, not the key: a short leaf under a long cached prefix must not
-            # hold arrays as long as the whole key. Out of memory here, the walk's recency
-            # updates (and a split, which leaves the cached content as it was) stand
+            # hold arrays as long as the whole key. Out of memory here, or slots the
+            # allocator says are not the caller's, the walk's recency updates (and a split,
+            # which leaves the cached content as it was) stand
             _alloc_node_arrays(aligned - matched, w, &new_key, &new_val)
+            try:
+                self._adopt(vals + matched, aligned - matched)
+            except BaseException:
+                free(new_key)
+                raise
         # a new leaf for the rest under `last`
         copy32(new_key, kv.tok + matched * w, (aligned - matched) * w)
         copy32(new_val, vals + matched, aligned - matched)
         out_last[0] = self._link_leaf(last, ns, w, new_key, new_val, aligned - matched, True)
         return matched
+
+    cdef int _adopt(self, const idx_t* vals, int64_t n) except -1:
+        """The slots vals[0:n] become the tree's: with our own allocator, it checks that a
+        caller holds each (allocated, owned by no cache) and records the cache as their
+        owner (InvalidValueError, nothing taken, otherwise). Other allocators track no
+        owners."""
+        if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator:
+            (<TokenToKVPoolAllocator>self.token_to_kv_pool_allocator).adopt_c(vals, n)
+        return 0
+
+    cdef void _disown(self, const idx_t* vals, int64_t n) noexcept:
+        """Undo _adopt(vals, n) (an insert that could not finish)."""
+        if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator:
+            (<TokenToKVPoolAllocator>self.token_to_kv_pool_allocator).disown_c(vals, n)
 
     cdef nid_t _link_leaf(self, nid_t parent, int32_t ns, int32_t w, tok_t* key, idx_t* value,
                           int64_t n, bint live) noexcept:
@@ -2097,7 +2132,7 @@ cdef class RadixTreeCore:
                 if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator:
                     # our own allocator: straight to its C entry point, no array, no Python
                     (<TokenToKVPoolAllocator>self.token_to_kv_pool_allocator).free_c(
-                        <idx_t*>self._idx_out.data, n_idx)
+                        <idx_t*>self._idx_out.data, n_idx, PAGE_CACHED)
                 else:
                     _hand_over(self.token_to_kv_pool_allocator.free,
                                <idx_t*>self._idx_out.data, n_idx)
@@ -2684,6 +2719,12 @@ cdef class RadixTreeCore:
         assert self.hwm <= self.cap <= min(self.heap.cap, self.aux_heap.cap)
         if self.swa:
             self._check_swa_lock_records()
+        if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator and self.hwm > 1:
+            # every slot the tree holds is one the allocator books as a cache's
+            held = np.concatenate([self._node_value(i) for i in range(1, self.hwm)
+                                   if self.nodes[i].uid >= 0] or [_new_idx(0)])
+            cached = self.token_to_kv_pool_allocator.is_cached(held)
+            assert cached.all(), f"slot {held[~cached][0]} held by the tree, not booked as cached"
 
 # Not @cython.no_gc: a handle refers to its cache, and a cache's owner (a scheduler whose
 # on_node_evict callback the cache holds) often keeps handles; the collector must see that

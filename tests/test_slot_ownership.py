@@ -1,0 +1,247 @@
+"""Who owns a KV slot, as the allocator books it: free, a caller's, or a prefix cache's.
+
+A radix tree over a ``TokenToKVPoolAllocator`` has the allocator book the slots it takes
+in ``insert`` as the cache's, and frees them as the cache's when it evicts. So a caller
+that frees a slot the tree still serves (which would let the allocator hand it to another
+request while the tree hands it out as cached KV) gets ``InvalidFreeError``, and an insert
+that would make the tree own a slot it already owns, or a free one (the tree would later
+free it twice, or free another request's slot), gets ``InvalidValueError``. Either way
+nothing changes hands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey, TokenToKVPoolAllocator
+from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
+
+
+def _stack(page_size: int = 1, size: int = 64, mamba: bool = False) -> tuple[Any, Any]:
+    alloc = TokenToKVPoolAllocator(size, page_size=page_size, need_sort=False)
+    cls = MambaRadixCache if mamba else RadixCache
+    return cls(page_size=page_size, token_to_kv_pool_allocator=alloc), alloc
+
+
+def _books(alloc: TokenToKVPoolAllocator) -> tuple[list[bool], list[bool], int]:
+    every = np.arange(0, alloc.size + 2 * alloc.page_size)
+    held, cached = alloc.is_allocated(every).tolist(), alloc.is_cached(every).tolist()
+    return held, cached, alloc.available_size()
+
+
+def _content(cache: Any) -> list[tuple[list[int], list[int]]]:
+    """The cached content: every root-to-leaf path's tokens and slots (splits do not show)."""
+    out = []
+    nodes = list(cache._nodes())
+    parents = {n.parent.id for n in nodes if n.parent is not None}
+    for node in nodes:
+        if node.id != 0 and node.id not in parents:
+            toks: list[int] = []
+            vals: list[int] = []
+            n = node
+            while n.parent is not None:
+                toks[:0] = list(n.key.token_ids)
+                vals[:0] = np.asarray(n.value).tolist()
+                n = n.parent
+            out.append((toks, vals))
+    return sorted(out)
+
+
+def _sizes(cache: Any) -> tuple[int, int, int]:
+    return cache.evictable_size(), cache.protected_size(), cache.total_size()
+
+
+@pytest.mark.parametrize("mamba", [False, True])
+def test_the_tree_owns_what_it_takes_and_gives_it_back_on_evict(mamba: bool) -> None:
+    cache, alloc = _stack(mamba=mamba)
+    a = alloc.alloc(4)
+    assert cache.insert(RadixKey([1, 2, 3, 4]), a).prefix_len == 0
+    assert alloc.is_cached(a).all() and alloc.is_allocated(a).all()
+    # a second request computed the first two tokens again: its copies stay its own
+    b = alloc.alloc(3)
+    assert cache.insert(RadixKey([1, 2, 9]), b).prefix_len == 2
+    assert alloc.is_cached(b).tolist() == [False, False, True]
+    alloc.free(b[:2])  # the duplicates are the caller's to free
+    cache._check_invariants()
+    alloc._check_invariants()
+    cache.evict(100)
+    assert not alloc.is_allocated(np.concatenate([a, b])).any()
+    assert alloc.available_size() == alloc.size
+    alloc._check_invariants()
+
+
+def test_reset_gives_every_cached_slot_back() -> None:
+    cache, alloc = _stack()
+    cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3))
+    cache.insert(RadixKey([4, 5]), alloc.alloc(2))
+    cache.reset()
+    assert alloc.available_size() == alloc.size and not alloc.is_cached(np.arange(70)).any()
+    alloc._check_invariants()
+
+
+@pytest.mark.parametrize("with_good_slot", [False, True])
+def test_a_caller_cannot_free_a_slot_the_tree_serves(with_good_slot: bool) -> None:
+    cache, alloc = _stack()
+    a = alloc.alloc(4)
+    cache.insert(RadixKey([1, 2, 3, 4]), a)
+    mine = alloc.alloc(2)
+    before = _books(alloc)
+    bad = np.concatenate([mine, a[2:3]]) if with_good_slot else a[2:3]
+    with pytest.raises(InvalidFreeError, match=f"slot {a[2]} is owned by a prefix cache"):
+        alloc.free(bad)
+    assert _books(alloc) == before  # nothing of the call freed, the good slot included
+    # the matched prefix still names the tree's slots, which no one else can be handed
+    m = cache.match_prefix(RadixKey([1, 2, 3, 4]))
+    assert m.indices.tolist() == a.tolist()
+    alloc.free(mine)
+    assert not set(alloc.alloc(alloc.available_size()).tolist()) & set(a.tolist())
+
+
+def test_page_granularity() -> None:
+    cache, alloc = _stack(page_size=2)
+    a = alloc.alloc(4)  # two pages
+    cache.insert(RadixKey([1, 2, 3, 4]), a)
+    assert alloc.is_cached(a).all()
+    with pytest.raises(InvalidFreeError, match="owned by a prefix cache"):
+        alloc.free(a[3:])  # one slot of a cached page
+    before = _books(alloc)
+    content = _content(cache)
+    # a page the tree already owns, passed as new under another key
+    with pytest.raises(InvalidValueError, match="already owned by a prefix cache"):
+        cache.insert(RadixKey([7, 8]), a[2:])
+    assert _books(alloc) == before and _content(cache) == content
+    cache.evict(100)
+    assert alloc.available_size() == alloc.size
+    alloc._check_invariants()
+
+
+def _bad_values(alloc: TokenToKVPoolAllocator, cached: np.ndarray) -> dict[str, Any]:
+    mine = alloc.alloc(2)
+    freed = alloc.alloc(1)
+    alloc.free(freed)
+    return {
+        "a slot the tree owns": (np.array([mine[0], cached[0]], dtype=np.int32), "already owned"),
+        "a free slot": (np.array([mine[0], freed[0]], dtype=np.int32), "not allocated"),
+        "a slot twice": (np.array([mine[0], mine[0]], dtype=np.int32), "listed twice"),
+        "the padding slot": (np.array([mine[0], 0], dtype=np.int32), "not a slot the allocator"),
+        "past the pool": (np.array([mine[0], alloc.size + 1], dtype=np.int32), "not a slot the"),
+    }
+
+
+@pytest.mark.parametrize("mamba", [False, True])
+@pytest.mark.parametrize("namespace", [None, "new namespace"])
+@pytest.mark.parametrize(
+    "case",
+    ["a slot the tree owns", "a free slot", "a slot twice", "the padding slot", "past the pool"],
+)
+def test_an_insert_of_slots_no_caller_holds_takes_nothing(
+    mamba: bool, namespace: Any, case: str
+) -> None:
+    cache, alloc = _stack(mamba=mamba)
+    cached = alloc.alloc(4)
+    cache.insert(RadixKey([1, 2, 3, 4]), cached)
+    value, message = _bad_values(alloc, cached)[case]
+    # In the tree's namespace [1, 2] is cached and the prefix passed is the tree's own
+    # slots (a match's indices); in a new namespace nothing is cached and the prefix is
+    # the caller's. Either way the new part holds one slot no caller holds.
+    prefix = cached[:2] if namespace is None else alloc.alloc(2)
+    before = _books(alloc)
+    content, sizes = _content(cache), _sizes(cache)
+    key = RadixKey([1, 2, 5, 6], namespace)
+    with pytest.raises(InvalidValueError, match=message):
+        cache.insert(key, np.concatenate([prefix, value]))
+    assert _books(alloc) == before
+    assert _content(cache) == content and _sizes(cache) == sizes
+    cache._check_invariants()
+    alloc._check_invariants()
+    # the same insert with slots the caller holds goes through
+    good = alloc.alloc(2)
+    r = cache.insert(key, np.concatenate([prefix, good]))
+    assert r.prefix_len == (2 if namespace is None else 0)
+    assert alloc.is_cached(good).all() and alloc.is_cached(prefix).all()
+    cache._check_invariants()
+
+
+def test_a_matched_prefix_passed_again_as_new_is_refused() -> None:
+    """A new namespace caches nothing, so a prefix matched in another namespace would be
+    taken a second time."""
+    cache, alloc = _stack()
+    cached = alloc.alloc(2)
+    cache.insert(RadixKey([1, 2]), cached)
+    m = cache.match_prefix(RadixKey([1, 2, 3]))
+    value = np.concatenate([m.indices, alloc.alloc(1)])
+    with pytest.raises(InvalidValueError, match=f"slot {cached[0]} is already owned"):
+        cache.insert(RadixKey([1, 2, 3], "other"), value)
+    assert cache.total_size() == 2
+
+
+def test_a_failed_new_namespace_gives_the_slots_back() -> None:
+    """The slots are taken before the namespace is: an extra_key whose hash raises after
+    that hands them back."""
+
+    class Flaky:
+        calls = 0
+
+        def __hash__(self) -> int:
+            Flaky.calls += 1
+            if Flaky.calls > 1:
+                raise RuntimeError("hash failed")
+            return 1
+
+        def __eq__(self, other: object) -> bool:
+            return self is other
+
+    cache, alloc = _stack()
+    key_ns = Flaky()
+    value = alloc.alloc(2)
+    before = _books(alloc)
+    hash(key_ns)  # the first call succeeds; the insert's raises
+    with pytest.raises(RuntimeError, match="hash failed"):
+        cache.insert(RadixKey([1, 2], key_ns), value)
+    assert _books(alloc) == before and cache.total_size() == 0
+    alloc.free(value)  # still the caller's
+    cache._check_invariants()
+    alloc._check_invariants()
+
+
+def test_value_none_takes_the_token_ids_as_slots() -> None:
+    cache, alloc = _stack()
+    a = alloc.alloc(3)
+    cache.insert(RadixKey(a.tolist()))  # the tokens are the slots
+    assert alloc.is_cached(a).all()
+    with pytest.raises(InvalidValueError, match="not allocated"):
+        cache.insert(RadixKey([50, 51]))  # never allocated
+
+
+def test_two_caches_over_one_allocator_cannot_both_own_a_slot() -> None:
+    alloc = TokenToKVPoolAllocator(32, need_sort=False)
+    one = RadixCache(token_to_kv_pool_allocator=alloc)
+    two = RadixCache(token_to_kv_pool_allocator=alloc)
+    a = alloc.alloc(2)
+    one.insert(RadixKey([1, 2]), a)
+    with pytest.raises(InvalidValueError, match="already owned"):
+        two.insert(RadixKey([1, 2]), a)
+    assert two.total_size() == 0
+    one.evict(10)
+    assert alloc.available_size() == alloc.size
+
+
+def test_ownership_is_only_booked_by_our_allocator() -> None:
+    """Another allocator (any object with free()) tracks no owners: inserts of any slots
+    are taken as before, and evict hands them to its free()."""
+
+    class Recording:
+        def __init__(self) -> None:
+            self.freed: list[int] = []
+
+        def free(self, idx: Any) -> None:
+            self.freed += np.asarray(idx).tolist()
+
+    rec = Recording()
+    cache = RadixCache(token_to_kv_pool_allocator=rec)
+    cache.insert(RadixKey([1, 2]), np.array([40, 41], dtype=np.int32))
+    cache.evict(10)
+    assert sorted(rec.freed) == [40, 41]
