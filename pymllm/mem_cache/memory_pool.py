@@ -1,7 +1,8 @@
 """Device pools: the KV cache the tree's slot indices name, the request table, Mamba states.
 
 Ownership: a KV slot is either free in a :class:`TokenToKVPoolAllocator` or owned by one
-caller (the scheduler, a request, or the radix tree once inserted). :class:`KVPool` never
+caller (the scheduler, a request) or by the radix tree once inserted; the allocator books
+which (``is_cached``) and refuses a caller's free of the tree's slots. :class:`KVPool` never
 checks ownership; it stores whatever is written at a slot. Slot 0 (page 0 with pages) is the
 padding slot: never handed out, an in-bounds trash row that every padded index list points
 at, so a padded write or copy can only ever change row 0.

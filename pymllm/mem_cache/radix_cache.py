@@ -35,7 +35,11 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     KV slot ownership: ``match_prefix`` hands out *views* (the tree keeps owning them; lock
     ``last_node`` to keep them); ``insert`` takes ``value[prefix_len:aligned_len]`` and
     leaves the duplicates ``value[:prefix_len]`` to the caller to free; ``evict`` and
-    ``reset`` give tree-owned slots back to the allocator.
+    ``reset`` give tree-owned slots back to the allocator. Over a
+    ``TokenToKVPoolAllocator`` the allocator books the tree's slots as the cache's
+    (``is_cached``): a caller's ``free`` of one raises ``InvalidFreeError``, and an insert
+    handing the tree a slot no caller holds (free, or already the cache's) raises
+    ``InvalidValueError`` and takes nothing.
 
     Thread safety: every call is atomic with respect to other Python threads. The GIL alone
     would not make it so (``evict`` runs the allocator's ``free`` and ``on_node_evict``,
