@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey, TokenToKVPoolAllocator
-from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
+from pymllm.mem_cache.errors import AllocatorStateError, InvalidFreeError, InvalidValueError
 
 
 def _stack(page_size: int = 1, size: int = 64, mamba: bool = False) -> tuple[Any, Any]:
@@ -178,31 +178,80 @@ def test_a_matched_prefix_passed_again_as_new_is_refused() -> None:
     assert cache.total_size() == 2
 
 
-def test_a_failed_new_namespace_gives_the_slots_back() -> None:
-    """The slots are taken before the namespace is: an extra_key whose hash raises after
-    that hands them back."""
+class _CountingKey:
+    """An extra_key that counts its __hash__ calls and, from call `fail_at` on, raises (or,
+    with `swap`, first overwrites the caller's value array with `swap`)."""
 
-    class Flaky:
+    def __init__(self, fail_at: int = 0, value: Any = None, swap: Any = None) -> None:
+        self.calls = 0
+        self.fail_at = fail_at
+        self.value, self.swap = value, swap
+
+    def __hash__(self) -> int:
+        self.calls += 1
+        if self.fail_at and self.calls >= self.fail_at:
+            if self.swap is not None:
+                self.value[:] = self.swap
+            if self.swap is None or self.fail_at > 0:
+                raise RuntimeError("hash failed")
+        return 1
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def _hash_calls_of_a_new_namespace_insert() -> int:
+    cache, alloc = _stack()
+    key_ns = _CountingKey()
+    cache.insert(RadixKey([1, 2], key_ns), alloc.alloc(2))
+    return key_ns.calls
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_a_failed_new_namespace_gives_the_slots_back(swap: bool) -> None:
+    """The slots are taken before the namespace is: an extra_key whose hash raises at any
+    of its calls (before or after the slots were taken) leaves every slot with its owner,
+    also when its code first overwrites the caller's value array."""
+    n_calls = _hash_calls_of_a_new_namespace_insert()
+    assert n_calls >= 2  # the lookup, then the interning: the failure points tried below
+    for fail_at in range(1, n_calls + 1):
+        cache, alloc = _stack()
+        value = alloc.alloc(2)
+        other = alloc.alloc(2)
+        alloc.free(other)  # free slots: what the array holds when the hash raises
+        before = _books(alloc)
+        key_ns = _CountingKey(fail_at, value, other.copy() if swap else None)
+        with pytest.raises(RuntimeError, match="hash failed"):
+            cache.insert(RadixKey([1, 2], key_ns), value)
+        assert _books(alloc) == before and cache.total_size() == 0, f"failing at call {fail_at}"
+        cache._check_invariants()
+        alloc._check_invariants()
+
+
+def test_a_value_changed_by_the_extra_keys_code_is_taken_as_it_was() -> None:
+    """The tree takes the slots it copied, not what the caller's array holds after the
+    extra_key's code ran (a zero-copy int32 value is the caller's memory)."""
+    cache, alloc = _stack()
+    value = alloc.alloc(4)
+    original = value.copy()
+    other = alloc.alloc(4)
+
+    class Swapping:
         calls = 0
 
         def __hash__(self) -> int:
-            Flaky.calls += 1
-            if Flaky.calls > 1:
-                raise RuntimeError("hash failed")
+            Swapping.calls += 1
+            if Swapping.calls > 1:  # the interning's call, after the slots were copied
+                value[:] = other
             return 1
 
-        def __eq__(self, other: object) -> bool:
-            return self is other
+        def __eq__(self, o: object) -> bool:
+            return self is o
 
-    cache, alloc = _stack()
-    key_ns = Flaky()
-    value = alloc.alloc(2)
-    before = _books(alloc)
-    hash(key_ns)  # the first call succeeds; the insert's raises
-    with pytest.raises(RuntimeError, match="hash failed"):
-        cache.insert(RadixKey([1, 2], key_ns), value)
-    assert _books(alloc) == before and cache.total_size() == 0
-    alloc.free(value)  # still the caller's
+    r = cache.insert(RadixKey([1, 2, 3, 4], Swapping()), value)
+    assert Swapping.calls >= 2 and value.tolist() == other.tolist()
+    assert np.asarray(r.last_node.value).tolist() == original.tolist()
+    assert alloc.is_cached(original).all() and not alloc.is_cached(other).any()
     cache._check_invariants()
     alloc._check_invariants()
 
@@ -245,3 +294,65 @@ def test_ownership_is_only_booked_by_our_allocator() -> None:
     cache.insert(RadixKey([1, 2]), np.array([40, 41], dtype=np.int32))
     cache.evict(10)
     assert sorted(rec.freed) == [40, 41]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[2, 3, 4, 2], [3, 2, 4, 5], [3, 4, 5, 6], [2, 3, 2, 3]],
+    ids=["a page split over two runs", "out of order", "runs across pages", "a page twice"],
+)
+def test_with_pages_each_run_must_be_one_page(value: list[int]) -> None:
+    """A page split over two page-aligned runs could end up in two nodes (after a split),
+    and evicting one would free the other's slots: every run must be one page, in order."""
+    cache, alloc = _stack(page_size=2, size=16)
+    a = alloc.alloc(4)
+    assert a.tolist() == [2, 3, 4, 5]
+    before = _books(alloc)
+    with pytest.raises(InvalidValueError, match=r"not the slots of one page|listed twice"):
+        cache.insert(RadixKey([1, 2, 3, 4]), np.array(value, dtype=np.int32))
+    assert _books(alloc) == before and cache.total_size() == 0
+    cache.insert(RadixKey([1, 2, 3, 4]), a)  # pages as alloc handed them out
+    cache._check_invariants()
+
+
+@pytest.mark.parametrize("cycle", [False, True])
+def test_a_dropped_cache_gives_its_slots_back(cycle: bool) -> None:
+    """Only the cache can free the slots the allocator books as its own, so dropping it
+    hands them back (as reset() does), also when it dies in a reference cycle."""
+    import gc
+
+    alloc = TokenToKVPoolAllocator(16, need_sort=False)
+
+    class Scheduler:
+        def __init__(self) -> None:
+            self.cache = RadixCache(
+                token_to_kv_pool_allocator=alloc, on_node_evict=self.on_evict if cycle else None
+            )
+
+        def on_evict(self, node_id: int) -> None:
+            pass
+
+    sched = Scheduler()
+    a = alloc.alloc(4)
+    sched.cache.insert(RadixKey([1, 2, 3, 4]), a)
+    b = alloc.alloc(2)
+    sched.cache.insert(RadixKey([7, 8]), b)
+    assert alloc.available_size() == 10
+    del sched
+    gc.collect()
+    assert alloc.available_size() == 16 and not alloc.is_allocated(np.arange(18)).any()
+    alloc._check_invariants()
+
+
+def test_clear_is_refused_while_a_cache_holds_slots() -> None:
+    cache, alloc = _stack(size=16)
+    a = alloc.alloc(3)
+    cache.insert(RadixKey([1, 2, 3]), a)
+    mine = alloc.alloc(2)
+    before = _books(alloc)
+    with pytest.raises(AllocatorStateError, match="a prefix cache holds 3 slots"):
+        alloc.clear()
+    assert _books(alloc) == before
+    cache.reset()
+    alloc.clear()  # only callers' slots (`mine`) are left: clear takes them back
+    assert alloc.available_size() == 16 and not alloc.is_allocated(mine).any()

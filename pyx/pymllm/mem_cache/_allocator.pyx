@@ -12,11 +12,12 @@ slots it lists (the same slot twice included).
 
 The state byte also says who owns an allocated slot: the caller that allocated it, or a
 prefix cache. A ``RadixCache`` or ``MambaRadixCache`` over a ``TokenToKVPoolAllocator``
-takes the slots it stores in ``insert`` (``value[prefix_len:]``: they must be allocated and
-owned by no cache, else the insert raises ``InvalidValueError`` and takes nothing) and
-frees them when it evicts them; until then a caller's ``free`` of one of them raises
-``InvalidFreeError``. So every slot is free, a caller's, or a cache's, and the allocator
-knows which (``is_allocated``, ``is_cached``).
+takes the slots it stores in ``insert`` (``value[prefix_len:aligned]``: they must be held by
+a caller, and with pages each page-aligned run must be one page, else the insert raises
+``InvalidValueError`` and takes nothing) and frees them when it evicts them, resets, or is
+dropped; until then a caller's ``free`` of one of them raises ``InvalidFreeError`` and
+``clear()`` raises ``AllocatorStateError``. So every slot is free, a caller's, or a cache's,
+and the allocator knows which (``is_allocated``, ``is_cached``).
 
 Thread safety: every public call is atomic with respect to other Python threads. A call
 first converts its arguments (which may run Python code, e.g. copying a jax array to the
@@ -448,9 +449,11 @@ cdef class PageCore:
         """Every page of slots[0:n] goes from PAGE_ALLOCATED (a caller's) to PAGE_CACHED
         (a prefix cache's), or InvalidValueError with every state as it was. With page_size
         1: a run of consecutive slots in one range update, else one pass that flips each
-        slot as it checks it (a slot listed twice finds itself flipped). With pages, each
-        page is marked PAGE_PENDING while validating, so that a page several slots share is
-        taken once."""
+        slot as it checks it (a slot listed twice finds itself flipped). With pages, the
+        slots go a page at a time: each page-aligned run of page_size slots must be the
+        slots of one page in order, as alloc hands them out (a page split over two runs
+        could end up in two nodes, and the first evicted would free the other's slots),
+        and a page listed twice is caught by its PAGE_PENDING mark."""
         cdef Py_ssize_t i, j
         cdef int32_t s, p
         cdef int32_t ps = self.page_size
@@ -483,29 +486,49 @@ cdef class PageCore:
                     if slots[j] == s:
                         st = PAGE_PENDING
         else:
-            for i in range(n):
+            if n % ps:
+                raise InvalidValueError(
+                    f"value: {n} slots are not a whole number of pages (page_size {ps})"
+                )
+            i = 0
+            while i < n:
                 s = slots[i]
                 if s < ps or s >= hi:
                     st = PAGE_RESERVED
                     break
-                p = s // ps
-                st = self.state[p]
-                if st == PAGE_ALLOCATED:
-                    self.state[p] = PAGE_PENDING
-                elif st != PAGE_PENDING:
+                if s % ps or not _consecutive(slots + i, ps):
+                    st = PAGE_HELD  # stands for "not one page"
                     break
-            else:
-                for i in range(n):
-                    self.state[slots[i] // ps] = PAGE_CACHED
+                st = self.state[s // ps]
+                if st != PAGE_ALLOCATED:
+                    break
+                self.state[s // ps] = PAGE_PENDING
+                i += ps
+            if i >= n:
+                j = 0
+                while j < n:
+                    self.state[slots[j] // ps] = PAGE_CACHED
+                    j += ps
                 return 0
-            for j in range(i):  # roll back: the pages marked so far are the caller's again
+            j = 0
+            while j < i:  # roll back: the pages marked so far are the caller's again
                 self.state[slots[j] // ps] = PAGE_ALLOCATED
+                j += ps
+            if st == PAGE_HELD and (s % ps or not _consecutive(slots + i, ps)):
+                raise InvalidValueError(
+                    f"value: slots {[slots[j] for j in range(i, i + ps)]} at {i} are not the "
+                    f"slots of one page in order (page_size {ps}: each page-aligned run of "
+                    f"{ps} must be one page, as alloc hands them out)"
+                )
         if st == PAGE_PENDING:
-            raise InvalidValueError(f"value: slot {s} is listed twice")
+            raise InvalidValueError(
+                f"value: slot {s} is listed twice" if ps == 1
+                else f"value: page {s // ps} is listed twice"
+            )
         if st == PAGE_CACHED:
             raise InvalidValueError(
                 f"value: slot {s} is already owned by a prefix cache (the tree takes "
-                "value[prefix_len:], which must be slots a caller holds)"
+                "value[prefix_len:aligned], which must be slots a caller holds)"
             )
         if st == PAGE_RESERVED:
             raise InvalidValueError(
@@ -967,8 +990,21 @@ cdef class TokenToKVPoolAllocator:
 
     def clear(self):
         """Every slot free again (``1..size``; with pages, ``P..size+P-1``): slots callers
-        held are the allocator's now (an open free group is dropped)."""
-        _live_core(self).reset()
+        held are the allocator's now (an open free group is dropped).
+
+        Refused (``AllocatorStateError``, nothing changes) while a prefix cache holds slots
+        of this pool: it would keep handing them out as cached KV after they were handed
+        out again. ``reset()`` the cache (or drop it) first."""
+        cdef PageCore core = _live_core(self)
+        cdef int32_t i, held = 0
+        for i in range(core.num_pages + 1):
+            held += core.state[i] == PAGE_CACHED
+        if held:
+            raise AllocatorStateError(
+                f"clear(): a prefix cache holds {held * self.page_size} slots of this pool; "
+                "reset() the cache (or drop it) first"
+            )
+        core.reset()
 
     def is_allocated(self, indices):
         """Boolean mask: which of *indices* are allocated slots (owned by a caller, or by a

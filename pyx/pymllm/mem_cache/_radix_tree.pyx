@@ -23,6 +23,7 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.tuple cimport PyTuple_Check
 from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from posix.unistd cimport usleep
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -953,6 +954,10 @@ cdef class RadixTreeCore:
     cdef readonly object on_node_evict
     cdef readonly object sliding_window_size
     cdef readonly object mamba_pool
+    # The allocator again when it is our own TokenToKVPoolAllocator (it books the tree's
+    # slots as the cache's), as a strong reference the collector does not clear: dropping
+    # the tree hands its slots back through it, even when the tree dies in a cycle.
+    cdef PyObject* _booking_allocator
 
     def __cinit__(self, *args, **kwargs):
         self.nodes = NULL
@@ -968,6 +973,7 @@ cdef class RadixTreeCore:
         self.aux_heap.size = 0
         self.ns_ref = NULL
         self.ns_cap = 0
+        self._booking_allocator = NULL
 
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None, eviction_policy="lru"):
@@ -1020,6 +1026,11 @@ cdef class RadixTreeCore:
             )
         self.page_size = page_size
         self.token_to_kv_pool_allocator = allocator
+        Py_XDECREF(self._booking_allocator)   # an __init__ after a failed reset's
+        self._booking_allocator = NULL
+        if type(allocator) is TokenToKVPoolAllocator:
+            Py_XINCREF(<PyObject*>allocator)
+            self._booking_allocator = <PyObject*>allocator
         self.on_node_evict = on_node_evict
         self._tok_scratch = _Scratch(sizeof(tok_t))
         self._val_scratch = _Scratch(sizeof(idx_t))
@@ -1035,6 +1046,27 @@ cdef class RadixTreeCore:
         return 0
 
     def __dealloc__(self):
+        cdef int64_t i
+        cdef Node* x
+        cdef TokenToKVPoolAllocator alloc
+        if self._booking_allocator != NULL:
+            # The tree's slots are booked as the cache's: only it can give them back, so a
+            # dropped tree does, as reset() would (without on_node_evict; a Mamba tree's
+            # states, held by a Python pool, are not handed over). Node by node, so that
+            # no memory is needed; a node whose slots the allocator refuses (it was
+            # cleared meanwhile) is skipped.
+            alloc = <TokenToKVPoolAllocator>self._booking_allocator
+            if self.nodes != NULL:
+                for i in range(1, self.hwm):
+                    x = &self.nodes[i]
+                    if x.uid >= 0 and x.len > 0:
+                        try:
+                            alloc.free_c(x.value, x.len, PAGE_CACHED)
+                        except BaseException:
+                            pass
+            alloc = None
+            Py_XDECREF(self._booking_allocator)
+            self._booking_allocator = NULL
         self._release_storage()
 
     # -- thread guard -------------------------------------------------------------------
@@ -1912,17 +1944,20 @@ cdef class RadixTreeCore:
         self._nid_scratch.reserve(aligned // self.page_size + 1)   # the walk's path
         if ns < 0:
             # a new namespace matches nothing: the leaf takes the whole key, and its arrays
-            # and slots are taken before the namespace is (all or nothing)
+            # and slots are taken before the namespace is (all or nothing). The slots are
+            # copied first and taken from the copy: interning runs the extra_key's Python
+            # code, which could change the caller's array (or let a thread change it)
             _alloc_node_arrays(aligned, w, &new_key, &new_val)
+            copy32(new_val, vals, aligned)
             try:
-                self._adopt(vals, aligned)
+                self._adopt(new_val, aligned)
             except BaseException:
                 free(new_key)   # and new_val, in the same block
                 raise
             try:
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
-                self._disown(vals, aligned)
+                self._disown(new_val, aligned)
                 free(new_key)
                 raise
         self.clock += 1
@@ -1936,14 +1971,15 @@ cdef class RadixTreeCore:
             # allocator says are not the caller's, the walk's recency updates (and a split,
             # which leaves the cached content as it was) stand
             _alloc_node_arrays(aligned - matched, w, &new_key, &new_val)
+            copy32(new_val, vals + matched, aligned - matched)
             try:
-                self._adopt(vals + matched, aligned - matched)
+                self._adopt(new_val, aligned - matched)
             except BaseException:
                 free(new_key)
                 raise
-        # a new leaf for the rest under `last`
+        # a new leaf for the rest under `last` (a new namespace's walk matched nothing: its
+        # leaf's slots were copied and taken above)
         copy32(new_key, kv.tok + matched * w, (aligned - matched) * w)
-        copy32(new_val, vals + matched, aligned - matched)
         out_last[0] = self._link_leaf(last, ns, w, new_key, new_val, aligned - matched, True)
         return matched
 
