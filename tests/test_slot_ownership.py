@@ -356,3 +356,37 @@ def test_clear_is_refused_while_a_cache_holds_slots() -> None:
     cache.reset()
     alloc.clear()  # only callers' slots (`mine`) are left: clear takes them back
     assert alloc.available_size() == 16 and not alloc.is_allocated(mine).any()
+
+
+@pytest.mark.parametrize(("tree_page", "alloc_page"), [(1, 4), (2, 4), (6, 4), (4, 8)])
+@pytest.mark.parametrize("swa", [False, True])
+def test_the_tree_page_must_be_a_multiple_of_the_allocators(
+    tree_page: int, alloc_page: int, swa: bool
+) -> None:
+    """A tree page smaller than (or not a multiple of) the allocator's lets the tree's own
+    splits put one allocator page in two nodes: the first one evicted frees the other's
+    slots. Refused at construction."""
+    if swa:
+        from pymllm.mem_cache import SWATokenToKVPoolAllocator
+
+        alloc: Any = SWATokenToKVPoolAllocator(64, 64, page_size=alloc_page)
+    else:
+        alloc = TokenToKVPoolAllocator(64, page_size=alloc_page)
+    with pytest.raises(InvalidValueError, match="not a multiple of the allocator's page_size"):
+        RadixCache(page_size=tree_page, token_to_kv_pool_allocator=alloc)
+    with pytest.raises(InvalidValueError, match="not a multiple of the allocator's page_size"):
+        MambaRadixCache(page_size=tree_page, token_to_kv_pool_allocator=alloc)
+
+
+def test_a_tree_page_of_whole_allocator_pages_is_taken() -> None:
+    alloc = TokenToKVPoolAllocator(64, page_size=2, need_sort=False)
+    cache = RadixCache(page_size=4, token_to_kv_pool_allocator=alloc)
+    a = alloc.alloc(8)
+    cache.insert(RadixKey(list(range(1, 9))), a)
+    b = alloc.alloc(8)
+    r = cache.insert(RadixKey([1, 2, 3, 4, 9, 9, 9, 9]), b)  # splits at 4
+    assert r.prefix_len == 4 and alloc.is_cached(b).tolist() == [False] * 4 + [True] * 4
+    alloc.free(b[:4])  # the duplicates: ours
+    cache.evict(100)
+    assert alloc.available_size() == 64
+    alloc._check_invariants()

@@ -37,9 +37,13 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     leaves the duplicates ``value[:prefix_len]`` to the caller to free; ``evict`` and
     ``reset`` give tree-owned slots back to the allocator. Over a
     ``TokenToKVPoolAllocator`` the allocator books the tree's slots as the cache's
-    (``is_cached``): a caller's ``free`` of one raises ``InvalidFreeError``, and an insert
-    handing the tree a slot no caller holds (free, or already the cache's) raises
-    ``InvalidValueError`` and takes nothing.
+    (``is_cached``): a caller's ``free`` of one raises ``InvalidFreeError`` and ``clear()``
+    raises ``AllocatorStateError``; an insert handing the tree a slot no caller holds (free,
+    or already the cache's) or, with pages, a page-aligned run that is not one whole page
+    in order raises ``InvalidValueError`` and takes nothing; and a cache that is dropped
+    hands its slots back (other allocators get nothing back from a dropped cache, and a
+    ``MambaRadixCache``'s states are not handed back). ``page_size`` must be a multiple of
+    the allocator's.
 
     Thread safety: every call is atomic with respect to other Python threads. The GIL alone
     would not make it so (``evict`` runs the allocator's ``free`` and ``on_node_evict``,

@@ -516,9 +516,9 @@ cdef class PageCore:
                 j += ps
             if st == PAGE_HELD and (s % ps or not _consecutive(slots + i, ps)):
                 raise InvalidValueError(
-                    f"value: slots {[slots[j] for j in range(i, i + ps)]} at {i} are not the "
-                    f"slots of one page in order (page_size {ps}: each page-aligned run of "
-                    f"{ps} must be one page, as alloc hands them out)"
+                    f"value: slots {[slots[j] for j in range(i, i + ps)]} are not the slots "
+                    f"of one page in order (page_size {ps}: each page-aligned run of {ps} "
+                    "must be one page, as alloc hands them out)"
                 )
         if st == PAGE_PENDING:
             raise InvalidValueError(

@@ -38,6 +38,7 @@ from hashlib import sha256 as _sha256
 from pymllm.mem_cache._allocator cimport PAGE_CACHED, TokenToKVPoolAllocator, _size_arg
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
 
+from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator
 from pymllm.mem_cache.base_prefix_cache import (
     EvictResult,
     InsertResult,
@@ -1024,6 +1025,14 @@ cdef class RadixTreeCore:
                 "token_to_kv_pool_allocator: expected an allocator with free(int32 array), "
                 f"got {allocator!r:.80}"
             )
+        if (isinstance(allocator, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator))
+                and page_size % allocator.page_size):
+            # the tree splits nodes at its own page boundaries: an allocator page would
+            # end up in two nodes, and the first one evicted would free the other's slots
+            raise InvalidValueError(
+                f"page_size: {page_size} is not a multiple of the allocator's page_size "
+                f"{allocator.page_size}"
+            )
         self.page_size = page_size
         self.token_to_kv_pool_allocator = allocator
         Py_XDECREF(self._booking_allocator)   # an __init__ after a failed reset's
@@ -1730,10 +1739,11 @@ cdef class RadixTreeCore:
 
         Over a ``TokenToKVPoolAllocator`` the allocator books the slots the tree takes as
         the cache's (``allocator.is_cached``): a caller's ``free`` of one raises until the
-        tree evicts it. The slots taken must be allocated and held by a caller: a free slot,
-        one a cache already owns (say, a matched prefix passed again past ``prefix_len``) or,
-        with ``page_size`` 1, a slot listed twice raises ``InvalidValueError`` and takes
-        nothing (every slot keeps its owner and the cached content is as before; as when
+        tree evicts it (or is reset, or dropped). The slots taken must be allocated and held
+        by a caller: a free slot, one a cache already owns (say, a matched prefix passed
+        again past ``prefix_len``), with ``page_size`` 1 a slot listed twice, or with pages
+        a page-aligned run that is not the slots of one page in order (as ``alloc`` hands
+        them out) raises ``InvalidValueError`` and takes nothing (every slot keeps its owner and the cached content is as before; as when
         memory runs out, the walk's recency updates and a split at the match end, which
         changes no content, stand).
         ``prev_prefix_len`` and ``swa_evicted_seqlen`` only matter with a sliding window.
