@@ -390,3 +390,32 @@ def test_a_tree_page_of_whole_allocator_pages_is_taken() -> None:
     cache.evict(100)
     assert alloc.available_size() == 64
     alloc._check_invariants()
+
+
+@pytest.mark.parametrize("n", [63, 64, 65, 130])
+@pytest.mark.parametrize("bad", [0, 1, 63, 64, -1])
+@pytest.mark.parametrize("kind", ["free", "twice", "cached"])
+def test_a_bad_slot_anywhere_in_a_long_value_takes_nothing(n: int, bad: int, kind: str) -> None:
+    """The slots are taken in blocks of 64 (a block that is a run in one range update):
+    a bad slot in any block, at its edges, after runs already taken, rolls all back."""
+    if bad >= n:
+        pytest.skip("no such position")
+    bad %= n
+    cache, alloc = _stack(size=1000)
+    held = alloc.alloc(3)
+    cache.insert(RadixKey([999_999, 1, 2]), held)
+    value = alloc.alloc(n).copy()
+    if kind == "free":
+        freed = alloc.alloc(1)
+        alloc.free(freed)
+        value[bad] = freed[0]
+    elif kind == "twice":
+        value[bad] = value[0] if bad else value[1]
+    else:
+        value[bad] = held[1]
+    before = _books(alloc)
+    with pytest.raises(InvalidValueError):
+        cache.insert(RadixKey(list(range(5, 5 + n))), value)
+    assert _books(alloc) == before
+    alloc._check_invariants()
+    cache._check_invariants()

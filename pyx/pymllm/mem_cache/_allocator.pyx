@@ -448,36 +448,46 @@ cdef class PageCore:
     cdef int adopt(self, const int32_t* slots, Py_ssize_t n) except -1:
         """Every page of slots[0:n] goes from PAGE_ALLOCATED (a caller's) to PAGE_CACHED
         (a prefix cache's), or InvalidValueError with every state as it was. With page_size
-        1: a run of consecutive slots in one range update, else one pass that flips each
-        slot as it checks it (a slot listed twice finds itself flipped). With pages, the
+        1, in blocks of BLOCK: a block that is a run of allocated slots in one range
+        update, else slot by slot, each flipped as it is checked (a slot listed twice finds
+        itself flipped). With pages, the
         slots go a page at a time: each page-aligned run of page_size slots must be the
         slots of one page in order, as alloc hands them out (a page split over two runs
         could end up in two nodes, and the first evicted would free the other's slots),
         and a page listed twice is caught by its PAGE_PENDING mark."""
-        cdef Py_ssize_t i, j
-        cdef int32_t s, p
+        cdef Py_ssize_t i, j, end
+        cdef int32_t s, k
         cdef int32_t ps = self.page_size
         cdef int32_t hi = (self.num_pages + 1) * ps
         cdef uint8_t st = PAGE_ALLOCATED
         if n == 0:
             return 0
         if ps == 1:
-            s = slots[0]
-            if (n <= self.num_pages and 1 <= s and s - 1 + n <= self.num_pages
-                    and _consecutive(slots, <int32_t>n)
-                    and _all_in_state(self.state, s, <int32_t>n, PAGE_ALLOCATED)):
-                memset(self.state + s, PAGE_CACHED, n)
-                return 0
-            for i in range(n):
+            # blocks of BLOCK: a run of allocated slots in one range update, else slot by
+            # slot; i ends at the first bad slot, or at n
+            i = 0
+            while i < n:
+                k = <int32_t>min(<Py_ssize_t>BLOCK, n - i)
                 s = slots[i]
-                if s < 1 or s >= hi:
-                    st = PAGE_RESERVED
+                if (1 <= s and s - 1 + k <= self.num_pages and _consecutive(slots + i, k)
+                        and _all_in_state(self.state, s, k, PAGE_ALLOCATED)):
+                    memset(self.state + s, PAGE_CACHED, k)
+                    i += k
+                    continue
+                end = i + k
+                while i < end:
+                    s = slots[i]
+                    if s < 1 or s >= hi:
+                        st = PAGE_RESERVED
+                        break
+                    st = self.state[s]
+                    if st != PAGE_ALLOCATED:
+                        break
+                    self.state[s] = PAGE_CACHED
+                    i += 1
+                if i < end:
                     break
-                st = self.state[s]
-                if st != PAGE_ALLOCATED:
-                    break
-                self.state[s] = PAGE_CACHED
-            else:
+            if i >= n:
                 return 0
             for j in range(i):  # roll back: the slots flipped so far are the caller's again
                 self.state[slots[j]] = PAGE_ALLOCATED
