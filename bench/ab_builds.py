@@ -17,6 +17,11 @@ Usage (from the repository root)::
 ``--match-tree TOKENS`` times ``match_prefix`` instead (the benchmark's 128-token probes on
 a tree of TOKENS cached tokens, one tree per build; ``--requests`` probes a round), where
 a change shows in how a large tree's memory is reached rather than in the serving loop.
+``--evict-tree TOKENS`` times 200 ``evict(1)`` on a fresh tree of TOKENS cached tokens per
+build and round (the benchmark's per-node eviction cost).
+
+Only ``_radix_tree`` is swapped: builds whose ``_allocator`` differs (its C interface is
+cimported by the tree) are compared as whole checkouts with ``bench/ab_checkouts.py``.
 
 A build may also be named ``seed-style`` or ``reference``: the pure-Python caches the
 benchmark compares against (``bench/seed_style.py``, ``tests/reference_model.py``). Paired
@@ -70,13 +75,26 @@ def compare(
     rounds: int = 20,
     requests: int = 4000,
     match_tree: int | None = None,
+    evict_tree: int | None = None,
 ) -> list[dict[str, float]]:
-    """Per build: median us per request (per match with `match_tree`) and the median /
-    quartiles of its paired ratio to the first build (< 1: faster)."""
+    """Per build: median us per request (per match with `match_tree`, per evicted node with
+    `evict_tree`) and the median / quartiles of its paired ratio to the first build (< 1:
+    faster)."""
     classes = [load_build(p, i) for i, p in enumerate(builds)]
-    if match_tree is not None and any(str(p) in PURE_PYTHON for p in builds):
-        raise ValueError("--match-tree compares compiled builds only")
-    if match_tree is None:
+    if (match_tree or evict_tree) is not None and any(str(p) in PURE_PYTHON for p in builds):
+        raise ValueError("--match-tree and --evict-tree compare compiled builds only")
+    if evict_tree is not None:
+        hits = {0}
+
+        def one_round(i: int) -> float:
+            cache = _grown_tree(evict_tree, cache_cls=classes[i])[0]  # its keys freed here
+            gc.collect()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                cache.evict(1)
+            return (time.perf_counter() - t0) / 200 * 1e6
+
+    elif match_tree is None:
         wl = SystemPromptWorkload(n_requests=requests)
         data = wl.lists if keys == "list" else wl.arrays
         hits: set[int] = set()
@@ -130,14 +148,27 @@ def main(argv: list[str] | None = None) -> int:
         metavar="TOKENS",
         help="time match_prefix on a tree of TOKENS cached tokens instead of the workload",
     )
+    ap.add_argument(
+        "--evict-tree",
+        type=int,
+        metavar="TOKENS",
+        help="time 200 evict(1) on a fresh tree of TOKENS cached tokens instead",
+    )
     args = ap.parse_args(argv)
     if not keep_freed_memory():
         print(
             "glibc's default malloc thresholds (PYMLLM_BENCH_MALLOC=default or not glibc)",
             file=sys.stderr,
         )
-    rows = compare(args.builds, args.keys, args.rounds, args.requests, args.match_tree)
-    if args.match_tree is None:
+    rows = compare(
+        args.builds, args.keys, args.rounds, args.requests, args.match_tree, args.evict_tree
+    )
+    if args.evict_tree is not None:
+        unit = "node"
+        print(
+            f"200 evict(1) on a fresh {args.evict_tree:,}-token tree, {args.rounds} paired rounds"
+        )
+    elif args.match_tree is None:
         unit = "request"
         print(f"{args.keys} keys, {args.requests} requests a round, {args.rounds} paired rounds")
     else:

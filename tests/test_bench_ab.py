@@ -41,8 +41,13 @@ def _copies(tmp_path: Path, *names: str) -> list[str]:
             "match_prefix on a 2,000-token tree, 50 probes a round, 3 paired rounds",
             "us/match",
         ),
+        (
+            ("--evict-tree", "20000", "--rounds", "3"),
+            "200 evict(1) on a fresh 20,000-token tree, 3 paired rounds",
+            "us/node",
+        ),
     ],
-    ids=["workload", "match-tree"],
+    ids=["workload", "match-tree", "evict-tree"],
 )
 def test_two_copies_of_one_build_are_paired_round_by_round(
     tmp_path: Path, args: tuple[str, ...], header: str, unit: str
@@ -80,4 +85,37 @@ def test_match_tree_refuses_a_pure_python_cache(tmp_path: Path) -> None:
     (compiled,) = _copies(tmp_path, "compiled.so")
     out = _run(compiled, "seed-style", "--match-tree", "2000", "--rounds", "1")
     assert out.returncode != 0
-    assert "--match-tree compares compiled builds only" in out.stderr
+    assert "--match-tree and --evict-tree compare compiled builds only" in out.stderr
+
+
+def test_two_checkouts_are_compared_in_alternating_children(tmp_path: Path) -> None:
+    """bench/ab_checkouts.py: each checkout's own package is the one timed (two copies of
+    the installed package here, one of them marked to tell them apart)."""
+    import pymllm
+
+    installed = Path(pymllm.__file__).resolve().parent
+    roots = []
+    for name in ("a", "b"):
+        shutil.copytree(installed, tmp_path / name / "pymllm")
+        roots.append(str(tmp_path / name))
+    script = SCRIPT.parent / "ab_checkouts.py"
+    out = subprocess.run(
+        [sys.executable, str(script), *roots, "--rounds", "2", "--serves", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "numpy keys, 2 paired rounds of 1 serves"
+    assert lines[1].startswith(f"A {roots[0]}: ") and lines[2].startswith(f"B {roots[1]}: ")
+    assert lines[3].startswith("B / A: ")
+    # a checkout without the package: the child's import comes from elsewhere, refused
+    (tmp_path / "empty").mkdir()
+    out = subprocess.run(
+        [sys.executable, str(script), roots[0], str(tmp_path / "empty"), "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0 and "the child imported pymllm from" in out.stderr
