@@ -550,31 +550,31 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             event(f"bad call: {kind}")
         assert self._snapshot() == before, f"bad call {kind!r} changed the stack"
 
+    def _bad_kv_free(self, data: st.DataObject, pool: list[int], label: str) -> np.ndarray:
+        """A KV free of one slot drawn from `pool` (alone, or beside a slot a request holds:
+        the call must still free nothing) that the allocator must refuse. Returns it."""
+        slots = [pool[data.draw(st.integers(0, len(pool) - 1), label=label)]]
+        owned = [s for r in self.reqs for s in r.slots[r.cached :].tolist()]
+        if owned and data.draw(st.booleans(), label="with a held slot"):
+            slots.insert(data.draw(st.integers(0, 1)), owned[0])
+        arr = np.array(slots, dtype=np.int32)
+        assert outcome(lambda: self.kv.free(arr)) == ("raised", InvalidFreeError)
+        return arr
+
     def _bad_double_free(self, data: st.DataObject) -> Any:
         free = sorted(self.books.free_set)
         if not free:
             return None
-        slots = [free[data.draw(st.integers(0, len(free) - 1), label="free slot")]]
-        owned = [s for r in self.reqs for s in r.slots[r.cached :].tolist()]
-        if owned and data.draw(st.booleans(), label="with a held slot"):
-            # one good slot in the call: the call must still free nothing
-            slots.insert(data.draw(st.integers(0, 1)), owned[0])
-        arr = np.array(slots, dtype=np.int32)
-        assert outcome(lambda: self.kv.free(arr)) == ("raised", InvalidFreeError)
+        arr = self._bad_kv_free(data, free, "free slot")
         assert outcome(lambda: self.books.free(arr)) == ("raised", InvalidFreeError)
         return InvalidFreeError
 
     def _bad_free_cached_slot(self, data: st.DataObject) -> Any:
-        """A caller's free of a slot the tree holds (alone, or beside one it holds)."""
+        """A caller's free of a slot the tree holds."""
         tree_kv = [s for n in self.c._nodes() for s in np.asarray(n.value).tolist()]
         if not tree_kv:
             return None
-        slots = [tree_kv[data.draw(st.integers(0, len(tree_kv) - 1), label="tree slot")]]
-        owned = [s for r in self.reqs for s in r.slots[r.cached :].tolist()]
-        if owned and data.draw(st.booleans(), label="with a held slot"):
-            slots.insert(data.draw(st.integers(0, 1)), owned[0])
-        arr = np.array(slots, dtype=np.int32)
-        assert outcome(lambda: self.kv.free(arr)) == ("raised", InvalidFreeError)
+        self._bad_kv_free(data, tree_kv, "tree slot")
         return InvalidFreeError
 
     def _bad_double_free_request_slot(self, data: st.DataObject) -> Any:
