@@ -90,7 +90,7 @@ def test_match_tree_refuses_a_pure_python_cache(tmp_path: Path) -> None:
 
 def test_two_checkouts_are_compared_in_alternating_children(tmp_path: Path) -> None:
     """bench/ab_checkouts.py: each checkout's own package is the one timed (two copies of
-    the installed package here, one of them marked to tell them apart)."""
+    the installed package here; the script checks where each child imported it from)."""
     import pymllm
 
     installed = Path(pymllm.__file__).resolve().parent

@@ -418,3 +418,37 @@ def test_a_bad_slot_anywhere_in_a_long_value_takes_nothing(n: int, where: str, k
     assert _books(alloc) == before
     alloc._check_invariants()
     cache._check_invariants()
+
+
+@pytest.mark.parametrize("key_len", [6, 4], ids=["longer key", "same key"])
+def test_a_namespace_found_only_at_interning_takes_only_the_new_part(key_len: int) -> None:
+    """An extra_key whose hash changes between the insert's two namespace lookups: the
+    first misses (the slots are taken for a new namespace), interning finds the existing
+    one, and the walk then matches its cached prefix. Those slots are the caller's again
+    (duplicates); the leaf takes only the rest."""
+
+    class Shifty:
+        def __init__(self, hashes: list[int]) -> None:
+            self.hashes = hashes
+
+        def __hash__(self) -> int:
+            return self.hashes.pop(0) if len(self.hashes) > 1 else self.hashes[0]
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Shifty)
+
+    cache, alloc = _stack()
+    cached = alloc.alloc(4)
+    cache.insert(RadixKey([1, 2, 3, 4], Shifty([1])), cached)
+    value = alloc.alloc(key_len)
+    r = cache.insert(RadixKey([1, 2, 3, 4, 5, 6][:key_len], Shifty([2, 1])), value)
+    assert r.prefix_len == 4
+    expect = value[4:] if key_len > 4 else cached  # the same key ends at the cached node
+    assert np.asarray(r.last_node.value).tolist() == expect.tolist()
+    held = sorted(s for n in cache._nodes() for s in np.asarray(n.value).tolist())
+    every = np.arange(alloc.size + 2)
+    assert np.flatnonzero(alloc.is_cached(every)).tolist() == held
+    alloc.free(value[:4])  # the duplicates: the caller's
+    cache.reset()
+    assert alloc.available_size() == alloc.size
+    alloc._check_invariants()

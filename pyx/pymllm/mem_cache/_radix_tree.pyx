@@ -1946,6 +1946,7 @@ cdef class RadixTreeCore:
         cdef int32_t ns = self._find_ns(extra_key, kv.arity)
         cdef tok_t* new_key = NULL
         cdef idx_t* new_val = NULL
+        cdef bint fresh = False
         if aligned == 0:
             self.clock += 1
             out_last[0] = ROOT
@@ -1970,9 +1971,24 @@ cdef class RadixTreeCore:
                 self._disown(new_val, aligned)
                 free(new_key)
                 raise
+            fresh = True
         self.clock += 1
-        matched = self._walk(kv, ns, aligned, False, &last, &n_path)
+        try:
+            matched = self._walk(kv, ns, aligned, False, &last, &n_path)
+        except BaseException:
+            if fresh:
+                self._disown(new_val, aligned)
+                free(new_key)
+            raise
+        if fresh and matched > 0:
+            # _intern_ns found an existing namespace after all (an extra_key whose hash or
+            # equality changed between its two lookups): that prefix is cached, so its
+            # slots stay the caller's (duplicates), and the leaf takes the rest
+            self._disown(new_val, matched)
+            if matched < aligned:
+                move32_down(new_val, new_val + matched, aligned - matched)
         if matched == aligned:
+            free(new_key)   # NULL, or a fresh namespace's arrays, unused
             out_last[0] = last
             return matched
         if new_key == NULL:
@@ -1987,8 +2003,8 @@ cdef class RadixTreeCore:
             except BaseException:
                 free(new_key)
                 raise
-        # a new leaf for the rest under `last` (a new namespace's walk matched nothing: its
-        # leaf's slots were copied and taken above)
+        # a new leaf for the rest under `last` (a fresh namespace's leaf's slots were copied
+        # and taken above)
         copy32(new_key, kv.tok + matched * w, (aligned - matched) * w)
         out_last[0] = self._link_leaf(last, ns, w, new_key, new_val, aligned - matched, True)
         return matched
