@@ -539,7 +539,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             kinds.append("double free state")
         if self.tree:
             kinds += ["unlock unheld", "stale handle", "value length"]
-        if self.KIND in ("radix", "mamba"):  # over a TokenToKVPoolAllocator
+        if self.tree:  # over our allocators, which book the tree's slots
             kinds.append("free cached slot")
         if self.KIND in ("swa", "mamba"):
             kinds.append("lock token")
@@ -550,15 +550,18 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             event(f"bad call: {kind}")
         assert self._snapshot() == before, f"bad call {kind!r} changed the stack"
 
-    def _bad_kv_free(self, data: st.DataObject, pool: list[int], label: str) -> np.ndarray:
-        """A KV free of one slot drawn from `pool` (alone, or beside a slot a request holds:
-        the call must still free nothing) that the allocator must refuse. Returns it."""
+    def _bad_kv_free(
+        self, data: st.DataObject, pool: list[int], label: str, method: str = "free"
+    ) -> np.ndarray:
+        """A KV free (`method`: free or free_swa) of one slot drawn from `pool` (alone, or
+        beside a slot a request holds: the call must still free nothing) that the allocator
+        must refuse. Returns it."""
         slots = [pool[data.draw(st.integers(0, len(pool) - 1), label=label)]]
         owned = [s for r in self.reqs for s in r.slots[r.cached :].tolist()]
         if owned and data.draw(st.booleans(), label="with a held slot"):
             slots.insert(data.draw(st.integers(0, 1)), owned[0])
         arr = np.array(slots, dtype=np.int32)
-        assert outcome(lambda: self.kv.free(arr)) == ("raised", InvalidFreeError)
+        assert outcome(lambda: getattr(self.kv, method)(arr)) == ("raised", InvalidFreeError)
         return arr
 
     def _bad_double_free(self, data: st.DataObject) -> Any:
@@ -570,11 +573,12 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         return InvalidFreeError
 
     def _bad_free_cached_slot(self, data: st.DataObject) -> Any:
-        """A caller's free of a slot the tree holds."""
+        """A caller's free of a slot the tree holds (with a window, of its SWA side too)."""
         tree_kv = [s for n in self.c._nodes() for s in np.asarray(n.value).tolist()]
         if not tree_kv:
             return None
-        self._bad_kv_free(data, tree_kv, "tree slot")
+        methods = ["free", "free_swa"] if self.KIND == "swa" else ["free"]
+        self._bad_kv_free(data, tree_kv, "tree slot", data.draw(st.sampled_from(methods)))
         return InvalidFreeError
 
     def _bad_double_free_request_slot(self, data: st.DataObject) -> Any:
@@ -681,7 +685,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         everything = np.arange(0, KV_SIZE + 2)
         out: list[Any] = [
             self.kv.is_allocated(everything).tolist(),
-            self.kv.is_cached(everything).tolist() if self.KIND in ("radix", "mamba") else None,
+            self.kv.is_cached(everything).tolist() if self.tree else None,
             sorted(self.books.free_set),
             self.req_pool.available_size(),
             self.req_pool._slots.is_allocated(np.arange(0, MAX_REQS + 2)).tolist(),
@@ -739,7 +743,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             assert row.tolist() == r.slots.tolist()
             assert len(r.slots) == len(r.tokens)
         assert_slot_ledger("KV", range(1, KV_SIZE + 1), places)
-        if self.KIND in ("radix", "mamba"):
+        if self.tree:
             # the allocator books as the cache's exactly the slots the tree holds
             cached = self.kv.is_cached(np.arange(1, KV_SIZE + 1))
             assert set((np.flatnonzero(cached) + 1).tolist()) == set(tree_kv)

@@ -452,3 +452,104 @@ def test_a_namespace_found_only_at_interning_takes_only_the_new_part(key_len: in
     cache.reset()
     assert alloc.available_size() == alloc.size
     alloc._check_invariants()
+
+
+# -- with a sliding window: SWATokenToKVPoolAllocator books the full side the same way ------
+
+
+def _swa_stack(window: int = 4, size: int = 64) -> tuple[Any, Any]:
+    from pymllm.mem_cache import SWATokenToKVPoolAllocator
+
+    alloc = SWATokenToKVPoolAllocator(size, size, need_sort=False)
+    return RadixCache(sliding_window_size=window, token_to_kv_pool_allocator=alloc), alloc
+
+
+def _swa_books(alloc: Any) -> tuple[Any, ...]:
+    every = np.arange(0, alloc.size + 2)
+    return (
+        alloc.is_allocated(every).tolist(),
+        alloc.is_cached(every).tolist(),
+        alloc.full_to_swa_index_mapping.tolist(),
+        alloc.full_available_size(),
+        alloc.swa_available_size(),
+    )
+
+
+@pytest.mark.parametrize("method", ["free", "free_swa"])
+def test_swa_a_caller_cannot_free_either_side_of_a_tree_slot(method: str) -> None:
+    cache, alloc = _swa_stack()
+    a = alloc.alloc(6)
+    cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), a)
+    assert alloc.is_cached(a).all()
+    before = _swa_books(alloc)
+    with pytest.raises(InvalidFreeError, match="owned by a prefix cache"):
+        getattr(alloc, method)(a[1:2])
+    assert _swa_books(alloc) == before
+    with pytest.raises(AllocatorStateError, match="a prefix cache holds 6 slots"):
+        alloc.clear()
+    cache.evict(6)
+    assert alloc.full_available_size() == 64 and not alloc.is_allocated(a).any()
+    alloc._check_invariants()
+
+
+@pytest.mark.parametrize("case", ["a slot the tree owns", "a free slot", "a slot twice"])
+def test_swa_an_insert_of_slots_no_caller_holds_takes_nothing(case: str) -> None:
+    cache, alloc = _swa_stack()
+    cached = alloc.alloc(4)
+    cache.insert(RadixKey([1, 2, 3, 4]), cached)
+    mine = alloc.alloc(2)
+    if case == "a slot the tree owns":
+        bad = cached[3]
+    elif case == "a free slot":
+        freed = alloc.alloc(1)
+        alloc.free(freed)
+        bad = freed[0]
+    else:
+        bad = mine[0]
+    value = np.concatenate([cached[:2], mine[:1], [bad]]).astype(np.int32)
+    before = _swa_books(alloc)
+    sizes = _sizes(cache)
+    with pytest.raises((InvalidValueError, InvalidFreeError)):
+        cache.insert(RadixKey([1, 2, 7, 8]), value, prev_prefix_len=2)
+    assert _swa_books(alloc) == before and _sizes(cache) == sizes
+    cache._check_invariants()
+    alloc._check_invariants()
+
+
+def test_swa_a_revived_tombstone_books_the_new_slots_and_frees_its_old_ones() -> None:
+    cache, alloc = _swa_stack(window=2)
+    old = alloc.alloc(6)
+    alloc.free_swa(old[:4])  # the request's window moved past them (its own slots)
+    cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), old, swa_evicted_seqlen=4)
+    # [1..4] is a tombstone: its SWA side is gone, its full side is the cache's
+    assert alloc.is_cached(old).all()
+    assert alloc.translate_loc_from_full_to_swa(old[:4]).tolist() == [0] * 4
+    new = alloc.alloc(4)
+    before = _swa_books(alloc)
+    with pytest.raises(InvalidValueError, match="already owned"):  # nothing changes
+        cache.insert(RadixKey([1, 2, 3, 4]), np.concatenate([new[:3], old[5:]]))
+    assert _swa_books(alloc) == before
+    r = cache.insert(RadixKey([1, 2, 3, 4]), new)  # revived with the incoming slots
+    assert r.prefix_len == 4
+    held = sorted(s for n in cache._nodes() for s in np.asarray(n.value).tolist())
+    assert held == sorted([*new.tolist(), *old[4:].tolist()])
+    every = np.arange(alloc.size + 2)
+    assert np.flatnonzero(alloc.is_cached(every)).tolist() == held
+    assert not alloc.is_allocated(old[:4]).any()  # the tombstone's old slots: freed
+    cache._check_invariants()
+    alloc._check_invariants()
+    cache.reset()
+    assert alloc.full_available_size() == 64 and alloc.swa_available_size() == 64
+    alloc._check_invariants()
+
+
+def test_swa_a_dropped_cache_gives_both_sides_back() -> None:
+    import gc
+
+    cache, alloc = _swa_stack()
+    cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), alloc.alloc(6))
+    cache.evict(0, swa_num_tokens=2)
+    del cache
+    gc.collect()
+    assert alloc.full_available_size() == 64 and alloc.swa_available_size() == 64
+    alloc._check_invariants()

@@ -36,8 +36,9 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     ``last_node`` to keep them); ``insert`` takes ``value[prefix_len:aligned_len]`` and
     leaves the duplicates ``value[:prefix_len]`` to the caller to free; ``evict`` and
     ``reset`` give tree-owned slots back to the allocator. Over a
-    ``TokenToKVPoolAllocator`` the allocator books the tree's slots as the cache's
-    (``is_cached``): a caller's ``free`` of one raises ``InvalidFreeError`` and ``clear()``
+    ``TokenToKVPoolAllocator`` or ``SWATokenToKVPoolAllocator`` the allocator books the
+    tree's slots as the cache's (``is_cached``): a caller's ``free`` (or ``free_swa``) of
+    one raises ``InvalidFreeError`` and ``clear()``
     raises ``AllocatorStateError``; an insert handing the tree a slot no caller holds (free,
     or already the cache's) or, with pages, a page-aligned run that is not one whole page
     in order raises ``InvalidValueError`` and takes nothing; and a cache that is dropped

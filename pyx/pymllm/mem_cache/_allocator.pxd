@@ -70,6 +70,8 @@ cdef class PageCore:
     cdef int adopt(self, const int32_t* slots, Py_ssize_t n) except -1
     # Undoes adopt(slots, n): the pages go back to PAGE_ALLOCATED.
     cdef void disown(self, const int32_t* slots, Py_ssize_t n) noexcept
+    # The pages of slots[0:n] set to `st` unchecked (PAGE_CACHED: undoes a disown).
+    cdef void set_owner(self, const int32_t* slots, Py_ssize_t n, uint8_t st) noexcept
     # Rebuilds `pages` as every PAGE_FREE page, ascending; empties `release`.
     cdef void merge(self) noexcept
     cdef void end_group(self) noexcept
@@ -88,6 +90,28 @@ cdef class TokenToKVPoolAllocator:
     # (PageCore.adopt), and back (disown) when the insert cannot finish.
     cdef int adopt_c(self, const int32_t* data, Py_ssize_t n) except -1
     cdef void disown_c(self, const int32_t* data, Py_ssize_t n) noexcept
+
+
+cdef class SWATokenToKVPoolAllocator:
+    """A full-attention slot and a sliding-window slot per token (see the .pyx)."""
+    cdef PageCore full
+    cdef PageCore swa
+    cdef object _mapping      # int32 numpy array [(full_pages + 1) * page_size]: full -> swa
+    cdef int32_t* mapping
+    cdef readonly int32_t size
+    cdef readonly int32_t swa_size
+    cdef readonly int32_t page_size
+    cdef int _live(self) except -1
+    cdef int32_t _swa_pages_of(self, int32_t count) noexcept
+    # Free full slots data[0:n] (pages in state `owner`) and their SWA slots; validated,
+    # InvalidFreeError with nothing freed. The radix tree's entry point (PAGE_CACHED).
+    cdef int free_c(self, const int32_t* data, Py_ssize_t n, uint8_t owner) except -1
+    # Free only the SWA side of full slots data[0:n] (pages in state `owner`, kept).
+    cdef int free_swa_c(self, const int32_t* data, Py_ssize_t n, uint8_t owner) except -1
+    # As TokenToKVPoolAllocator's, on the full side.
+    cdef int adopt_c(self, const int32_t* data, Py_ssize_t n) except -1
+    cdef void disown_c(self, const int32_t* data, Py_ssize_t n) noexcept
+    cdef void readopt_c(self, const int32_t* data, Py_ssize_t n) noexcept
 
 
 # A constructor's size argument: any integer (numpy's too, through operator.index) but a

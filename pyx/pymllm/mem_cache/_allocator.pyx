@@ -11,11 +11,13 @@ frees nothing of the call. With pages, a call frees each page once, however many
 slots it lists (the same slot twice included).
 
 The state byte also says who owns an allocated slot: the caller that allocated it, or a
-prefix cache. A ``RadixCache`` or ``MambaRadixCache`` over a ``TokenToKVPoolAllocator``
-takes the slots it stores in ``insert`` (``value[prefix_len:aligned]``: they must be held by
+prefix cache. A ``RadixCache`` or ``MambaRadixCache`` over a ``TokenToKVPoolAllocator`` (or
+a windowed ``RadixCache`` over a ``SWATokenToKVPoolAllocator``, on its full side) takes the
+slots it stores in ``insert`` (``value[prefix_len:aligned]``: they must be held by
 a caller, and with pages each page-aligned run must be one page, else the insert raises
 ``InvalidValueError`` and takes nothing) and frees them when it evicts them, resets, or is
-dropped; until then a caller's ``free`` of one of them raises ``InvalidFreeError`` and
+dropped; until then a caller's ``free`` (or ``free_swa``) of one of them raises
+``InvalidFreeError`` and
 ``clear()`` raises ``AllocatorStateError``. So every slot is free, a caller's, or a cache's,
 and the allocator knows which (``is_allocated``, ``is_cached``).
 
@@ -551,14 +553,17 @@ cdef class PageCore:
         )
 
     cdef void disown(self, const int32_t* slots, Py_ssize_t n) noexcept:
+        self.set_owner(slots, n, PAGE_ALLOCATED)
+
+    cdef void set_owner(self, const int32_t* slots, Py_ssize_t n, uint8_t st) noexcept:
         cdef Py_ssize_t i
         cdef int32_t ps = self.page_size
         if ps == 1:
             for i in range(n):
-                self.state[slots[i]] = PAGE_ALLOCATED
+                self.state[slots[i]] = st
         else:
             for i in range(n):
-                self.state[slots[i] // ps] = PAGE_ALLOCATED
+                self.state[slots[i] // ps] = st
 
     cdef int32_t* free_dst(self, int32_t count) noexcept:
         """Where the next `count` freed pages go (held / release / tail of the free list)."""
@@ -848,6 +853,20 @@ cdef object _allocated_mask(PageCore core, int32_t page_size, object indices,
     return out
 
 
+cdef int _refuse_clear_while_cached(PageCore core, int32_t page_size) except -1:
+    """clear() of either allocator: AllocatorStateError while a prefix cache holds slots (it
+    would keep handing them out as cached KV after they were handed out again)."""
+    cdef int32_t i, held = 0
+    for i in range(core.num_pages + 1):
+        held += core.state[i] == PAGE_CACHED
+    if held:
+        raise AllocatorStateError(
+            f"clear(): a prefix cache holds {held * page_size} slots of this pool; "
+            "reset() the cache (or drop it) first"
+        )
+    return 0
+
+
 cdef object _size_arg(str name, object value, int minimum):
     """A constructor's size argument: an int (not a float, not a bool) in [minimum, 2**31),
     else ``InvalidValueError``."""
@@ -1006,14 +1025,7 @@ cdef class TokenToKVPoolAllocator:
         of this pool: it would keep handing them out as cached KV after they were handed
         out again. ``reset()`` the cache (or drop it) first."""
         cdef PageCore core = _live_core(self)
-        cdef int32_t i, held = 0
-        for i in range(core.num_pages + 1):
-            held += core.state[i] == PAGE_CACHED
-        if held:
-            raise AllocatorStateError(
-                f"clear(): a prefix cache holds {held * self.page_size} slots of this pool; "
-                "reset() the cache (or drop it) first"
-            )
+        _refuse_clear_while_cached(core, self.page_size)
         core.reset()
 
     def is_allocated(self, indices):
@@ -1057,14 +1069,6 @@ cdef class SWATokenToKVPoolAllocator:
     threads (see the module docstring).
     """
 
-    cdef PageCore full
-    cdef PageCore swa
-    cdef cnp.ndarray _mapping  # int32[(full_pages + 1) * page_size]: full slot -> swa slot
-    cdef int32_t* mapping
-    cdef readonly int32_t size
-    cdef readonly int32_t swa_size
-    cdef readonly int32_t page_size
-
     def __init__(self, size, swa_size, page_size=1, need_sort=True):
         _check_fresh(self, self.full)
         page_size = _size_arg("page_size", page_size, 1)
@@ -1083,7 +1087,7 @@ cdef class SWATokenToKVPoolAllocator:
         self._mapping = mapping
         self.mapping = <int32_t*>cnp.PyArray_DATA(mapping)
 
-    cdef inline int _live(self) except -1:
+    cdef int _live(self) except -1:
         """NotInitializedError unless __init__ completed: the check every public call makes."""
         if self.full is None:
             _not_initialized(self)
@@ -1098,7 +1102,7 @@ cdef class SWATokenToKVPoolAllocator:
         base that is not writeable (a writeable base would let a caller re-map slots, and
         ``free`` would then hand back another request's SWA slots)."""
         self._live()
-        cdef cnp.npy_intp n = cnp.PyArray_DIM(self._mapping, 0)
+        cdef cnp.npy_intp n = cnp.PyArray_DIM(<cnp.ndarray>self._mapping, 0)
         cdef cnp.ndarray view = cnp.PyArray_SimpleNewFromData(1, &n, cnp.NPY_INT32, self.mapping)
         cnp.PyArray_CLEARFLAGS(view, cnp.NPY_ARRAY_WRITEABLE)
         cnp.set_array_base(view, self)  # keeps the allocator, and so its array, alive
@@ -1153,37 +1157,59 @@ cdef class SWATokenToKVPoolAllocator:
         return k
 
     def free(self, indices):
-        """Free full slots and their SWA slots; ``InvalidFreeError``: nothing freed."""
+        """Free full slots and their SWA slots; ``InvalidFreeError``: nothing freed. Slots a
+        prefix cache took in ``insert`` are refused: the cache frees them."""
         self._live()
         cdef cnp.ndarray arr = _as_int32_slots(indices)
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         if n == 0:
             return
-        cdef int32_t count = self.full.collect(<const int32_t*>cnp.PyArray_DATA(arr), n,
-                                               PAGE_ALLOCATED)
+        self.free_c(<const int32_t*>cnp.PyArray_DATA(arr), n, PAGE_ALLOCATED)
+
+    cdef int free_c(self, const int32_t* data, Py_ssize_t n, uint8_t owner) except -1:
+        self._live()
+        cdef int32_t count = self.full.collect(data, n, owner)
         cdef int32_t k = self._swa_pages_of(count)
         self.full.commit(self.full.scratch, count)
         self.swa.commit(self.swa.scratch, k)
+        return 0
 
     def free_swa(self, indices):
         """Free only the SWA side of allocated full slots; the full slots stay the caller's.
 
         Full slots whose SWA side was already freed are skipped. A full slot that is not
-        allocated raises ``InvalidFreeError`` and nothing is freed.
+        allocated, or that a prefix cache took (it frees their SWA side itself), raises
+        ``InvalidFreeError`` and nothing is freed.
         """
         self._live()
         cdef cnp.ndarray arr = _as_int32_slots(indices)
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         if n == 0:
             return
-        cdef int32_t count = self.full.collect(<const int32_t*>cnp.PyArray_DATA(arr), n,
-                                               PAGE_ALLOCATED)
+        self.free_swa_c(<const int32_t*>cnp.PyArray_DATA(arr), n, PAGE_ALLOCATED)
+
+    cdef int free_swa_c(self, const int32_t* data, Py_ssize_t n, uint8_t owner) except -1:
+        self._live()
+        cdef int32_t count = self.full.collect(data, n, owner)
         cdef int32_t i
         cdef int32_t k = self._swa_pages_of(count)
-        # Validation only: the full pages stay allocated.
+        # Validation only: the full pages stay their owner's.
         for i in range(count):
-            self.full.state[self.full.scratch[i]] = PAGE_ALLOCATED
+            self.full.state[self.full.scratch[i]] = owner
         self.swa.commit(self.swa.scratch, k)
+        return 0
+
+    cdef int adopt_c(self, const int32_t* data, Py_ssize_t n) except -1:
+        self._live()
+        return self.full.adopt(data, n)
+
+    cdef void disown_c(self, const int32_t* data, Py_ssize_t n) noexcept:
+        if self.full is not None:
+            self.full.set_owner(data, n, PAGE_ALLOCATED)
+
+    cdef void readopt_c(self, const int32_t* data, Py_ssize_t n) noexcept:
+        if self.full is not None:
+            self.full.set_owner(data, n, PAGE_CACHED)
 
     def translate_loc_from_full_to_swa(self, full_indices):
         """SWA slots of *full_indices* (``np.int32``, same shape; 0 where the SWA side is
@@ -1227,15 +1253,24 @@ cdef class SWATokenToKVPoolAllocator:
         self.swa.merge()
 
     def clear(self):
+        """Every slot of both sides free again; refused (``AllocatorStateError``) while a
+        prefix cache holds slots, as ``TokenToKVPoolAllocator.clear``."""
         self._live()
+        _refuse_clear_while_cached(self.full, self.page_size)
         self.full.reset()
         self.swa.reset()
         self._mapping[:] = 0
 
     def is_allocated(self, indices):
-        """Boolean mask: which of *indices* are full slots currently owned by a caller."""
+        """Boolean mask: which of *indices* are allocated full slots (a caller's or a prefix
+        cache's)."""
         self._live()
         return _allocated_mask(self.full, self.page_size, indices)
+
+    def is_cached(self, indices):
+        """Boolean mask: which of *indices* are full slots a prefix cache owns."""
+        self._live()
+        return _allocated_mask(self.full, self.page_size, indices, True)
 
     def _check_invariants(self):
         cdef int32_t p, s
@@ -1251,7 +1286,9 @@ cdef class SWATokenToKVPoolAllocator:
                 expect = (s + j) if s else 0
                 assert self.mapping[p * ps + j] == expect, f"mapping of page {p} not a page"
             if s:
-                assert self.full.state[p] == PAGE_ALLOCATED, f"freed full page {p} mapped"
+                assert self.full.state[p] in (PAGE_ALLOCATED, PAGE_CACHED), (
+                    f"freed full page {p} mapped"
+                )
                 assert self.swa.state[s // ps] == PAGE_ALLOCATED, f"swa page {s // ps} free"
                 assert s // ps not in swa_pages, f"swa page {s // ps} mapped twice"
                 swa_pages.add(s // ps)

@@ -35,10 +35,15 @@ import numpy as np
 import sys
 from hashlib import sha256 as _sha256
 
-from pymllm.mem_cache._allocator cimport PAGE_CACHED, TokenToKVPoolAllocator, _size_arg
+from pymllm.mem_cache._allocator cimport (
+    PAGE_ALLOCATED,
+    PAGE_CACHED,
+    SWATokenToKVPoolAllocator,
+    TokenToKVPoolAllocator,
+    _size_arg,
+)
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
 
-from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator
 from pymllm.mem_cache.base_prefix_cache import (
     EvictResult,
     InsertResult,
@@ -55,6 +60,12 @@ from pymllm.mem_cache.errors import (
 )
 
 cnp.import_array()
+
+# Which of our allocators books the tree's slots as the cache's (RadixTreeCore._booking_kind).
+cdef enum:
+    BOOK_PLAIN = 1      # TokenToKVPoolAllocator
+    BOOK_SWA = 2        # SWATokenToKVPoolAllocator
+
 
 #: Valid ``eviction_policy`` names, in the order of the POLICY_* enum.
 EVICTION_POLICIES = ("lru", "lfu", "fifo", "priority", "slru")
@@ -959,6 +970,7 @@ cdef class RadixTreeCore:
     # slots as the cache's), as a strong reference the collector does not clear: dropping
     # the tree hands its slots back through it, even when the tree dies in a cycle.
     cdef PyObject* _booking_allocator
+    cdef int _booking_kind          # 0: none; BOOK_PLAIN or BOOK_SWA: its type
 
     def __cinit__(self, *args, **kwargs):
         self.nodes = NULL
@@ -975,6 +987,7 @@ cdef class RadixTreeCore:
         self.ns_ref = NULL
         self.ns_cap = 0
         self._booking_allocator = NULL
+        self._booking_kind = 0
 
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None, eviction_policy="lru"):
@@ -1037,9 +1050,11 @@ cdef class RadixTreeCore:
         self.token_to_kv_pool_allocator = allocator
         Py_XDECREF(self._booking_allocator)   # an __init__ after a failed reset's
         self._booking_allocator = NULL
-        if type(allocator) is TokenToKVPoolAllocator:
+        self._booking_kind = 0
+        if type(allocator) is TokenToKVPoolAllocator or type(allocator) is SWATokenToKVPoolAllocator:
             Py_XINCREF(<PyObject*>allocator)
             self._booking_allocator = <PyObject*>allocator
+            self._booking_kind = BOOK_PLAIN if type(allocator) is TokenToKVPoolAllocator else BOOK_SWA
         self.on_node_evict = on_node_evict
         self._tok_scratch = _Scratch(sizeof(tok_t))
         self._val_scratch = _Scratch(sizeof(idx_t))
@@ -1057,23 +1072,20 @@ cdef class RadixTreeCore:
     def __dealloc__(self):
         cdef int64_t i
         cdef Node* x
-        cdef TokenToKVPoolAllocator alloc
         if self._booking_allocator != NULL:
             # The tree's slots are booked as the cache's: only it can give them back, so a
             # dropped tree does, as reset() would (without on_node_evict; a Mamba tree's
             # states, held by a Python pool, are not handed over). Node by node, so that
             # no memory is needed; a node whose slots the allocator refuses (it was
             # cleared meanwhile) is skipped.
-            alloc = <TokenToKVPoolAllocator>self._booking_allocator
             if self.nodes != NULL:
                 for i in range(1, self.hwm):
                     x = &self.nodes[i]
                     if x.uid >= 0 and x.len > 0:
                         try:
-                            alloc.free_c(x.value, x.len, PAGE_CACHED)
+                            self._free_booked(x.value, x.len)
                         except BaseException:
                             pass
-            alloc = None
             Py_XDECREF(self._booking_allocator)
             self._booking_allocator = NULL
         self._release_storage()
@@ -1737,8 +1749,9 @@ cdef class RadixTreeCore:
         ``last_node`` ending at ``aligned`` (with a window, see below). Bad input raises and
         changes nothing.
 
-        Over a ``TokenToKVPoolAllocator`` the allocator books the slots the tree takes as
-        the cache's (``allocator.is_cached``): a caller's ``free`` of one raises until the
+        Over a ``TokenToKVPoolAllocator`` or ``SWATokenToKVPoolAllocator`` the allocator
+        books the slots the tree takes (with a window: keeps) as the cache's
+        (``allocator.is_cached``): a caller's ``free`` of one raises until the
         tree evicts it (or is reset, or dropped). The slots taken must be allocated and held
         by a caller: a free slot, one a cache already owns (say, a matched prefix passed
         again past ``prefix_len``), with ``page_size`` 1 a slot listed twice, or with pages
@@ -1823,6 +1836,9 @@ cdef class RadixTreeCore:
         cdef idx_t* v2 = NULL
         cdef bint allocated
         cdef int64_t* revive
+        cdef idx_t* tree_old        # booking: the revived tombstones' own slots, to free
+        cdef idx_t* kept            # booking: the incoming slots the tree keeps
+        cdef int64_t n_old = 0, n_kept = 0
         ppl = _nonneg_int("prev_prefix_len", prev_prefix_len)
         es = _nonneg_int("swa_evicted_seqlen", swa_evicted_seqlen)
         if ppl > kv.n or ppl % P:
@@ -1850,7 +1866,11 @@ cdef class RadixTreeCore:
                 self.token_to_kv_pool_allocator.free(_copy_idx(vals, aligned))
             return 0
         self._reserve_nodes(4)      # a split at prev_prefix_len, one at the match end, 2 new
-        dup = <idx_t*>self._idx_out.reserve(2 * aligned)
+        # duplicates in [0, 2 * aligned); booked, the revived tombstones' own slots and the
+        # kept ones after them
+        dup = <idx_t*>self._idx_out.reserve((4 if self._booking_kind else 2) * aligned)
+        tree_old = dup + 2 * aligned
+        kept = dup + 3 * aligned
         self._nid_scratch.reserve(aligned // P + 1)   # the walks' path
         revive = <int64_t*>self._uid_out.reserve(aligned // P + 1)   # a flag per path node
         allocated = ns < 0
@@ -1895,13 +1915,41 @@ cdef class RadixTreeCore:
                 copy32(dup + n_free, x.value, x.len)
                 n_free += x.len
                 revive[i] = 1
+                if self._booking_kind:
+                    copy32(tree_old + n_old, x.value, x.len)
+                    n_old += x.len
+                    copy32(kept + n_kept, vals + s0, x.len)
+                    n_kept += x.len
             elif same < x.len:
                 n_free += _copy_differing(dup + n_free, x.value, vals + s0, x.len)
         if matched < aligned and es >= aligned:
             # the whole new suffix lost its SWA KV: not worth caching
             copy32(dup + n_free, vals + matched, aligned - matched)
             n_free += aligned - matched
-        if n_free > 0 and self.token_to_kv_pool_allocator is not None:
+        elif matched < aligned and self._booking_kind:
+            copy32(kept + n_kept, vals + matched, aligned - matched)
+            n_kept += aligned - matched
+        if self._booking_kind:
+            # Booked: the slots the tree keeps must be a caller's (taken first, checked);
+            # the revived tombstones' own slots are the caller's for the one free call
+            # below, which must then find every duplicate a caller's too
+            try:
+                self._adopt(kept, n_kept)
+            except BaseException:
+                free(k1); free(k2)
+                raise
+            (<SWATokenToKVPoolAllocator>self._booking_allocator).disown_c(tree_old, n_old)
+            if n_free > 0:
+                try:
+                    (<SWATokenToKVPoolAllocator>self._booking_allocator).free_c(
+                        dup, n_free, PAGE_ALLOCATED)
+                except BaseException:
+                    (<SWATokenToKVPoolAllocator>self._booking_allocator).readopt_c(
+                        tree_old, n_old)
+                    self._disown(kept, n_kept)
+                    free(k1); free(k2)
+                    raise
+        elif n_free > 0 and self.token_to_kv_pool_allocator is not None:
             try:
                 self.token_to_kv_pool_allocator.free(_copy_idx(dup, n_free))
             except BaseException:
@@ -2010,18 +2058,31 @@ cdef class RadixTreeCore:
         return matched
 
     cdef int _adopt(self, const idx_t* vals, int64_t n) except -1:
-        """The slots vals[0:n] become the tree's: with our own allocator, it checks that a
+        """The slots vals[0:n] become the tree's: with our own allocators, it checks that a
         caller holds each (allocated, owned by no cache) and records the cache as their
         owner (InvalidValueError, nothing taken, otherwise). Other allocators track no
         owners."""
-        if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator:
-            (<TokenToKVPoolAllocator>self.token_to_kv_pool_allocator).adopt_c(vals, n)
+        if self._booking_kind == BOOK_PLAIN:
+            (<TokenToKVPoolAllocator>self._booking_allocator).adopt_c(vals, n)
+        elif self._booking_kind == BOOK_SWA:
+            (<SWATokenToKVPoolAllocator>self._booking_allocator).adopt_c(vals, n)
         return 0
 
     cdef void _disown(self, const idx_t* vals, int64_t n) noexcept:
-        """Undo _adopt(vals, n) (an insert that could not finish)."""
-        if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator:
-            (<TokenToKVPoolAllocator>self.token_to_kv_pool_allocator).disown_c(vals, n)
+        """Undo _adopt(vals, n) (an insert that could not finish): the caller's again."""
+        if self._booking_kind == BOOK_PLAIN:
+            (<TokenToKVPoolAllocator>self._booking_allocator).disown_c(vals, n)
+        elif self._booking_kind == BOOK_SWA:
+            (<SWATokenToKVPoolAllocator>self._booking_allocator).disown_c(vals, n)
+
+    cdef int _free_booked(self, const idx_t* vals, int64_t n) except -1:
+        """Free slots the tree owns (booked as the cache's) through the allocator's C entry
+        point (both sides with a window)."""
+        if self._booking_kind == BOOK_PLAIN:
+            (<TokenToKVPoolAllocator>self._booking_allocator).free_c(vals, n, PAGE_CACHED)
+        else:
+            (<SWATokenToKVPoolAllocator>self._booking_allocator).free_c(vals, n, PAGE_CACHED)
+        return 0
 
     cdef nid_t _link_leaf(self, nid_t parent, int32_t ns, int32_t w, tok_t* key, idx_t* value,
                           int64_t n, bint live) noexcept:
@@ -2183,18 +2244,21 @@ cdef class RadixTreeCore:
         # lists, and free_swa needs its full slots still allocated
         if self.n_swa_out > 0 and self.token_to_kv_pool_allocator is not None:
             try:
-                _hand_over(self.token_to_kv_pool_allocator.free_swa,
-                           <idx_t*>self._swa_out.data, self.n_swa_out)
+                if self._booking_kind == BOOK_SWA:
+                    (<SWATokenToKVPoolAllocator>self._booking_allocator).free_swa_c(
+                        <idx_t*>self._swa_out.data, self.n_swa_out, PAGE_CACHED)
+                else:
+                    _hand_over(self.token_to_kv_pool_allocator.free_swa,
+                               <idx_t*>self._swa_out.data, self.n_swa_out)
             except BaseException as exc:
                 if first is None:
                     first = exc
         self.n_swa_out = 0
         if n_idx > 0 and self.token_to_kv_pool_allocator is not None:
             try:
-                if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator:
+                if self._booking_kind:
                     # our own allocator: straight to its C entry point, no array, no Python
-                    (<TokenToKVPoolAllocator>self.token_to_kv_pool_allocator).free_c(
-                        <idx_t*>self._idx_out.data, n_idx, PAGE_CACHED)
+                    self._free_booked(<idx_t*>self._idx_out.data, n_idx)
                 else:
                     _hand_over(self.token_to_kv_pool_allocator.free,
                                <idx_t*>self._idx_out.data, n_idx)
@@ -2781,7 +2845,7 @@ cdef class RadixTreeCore:
         assert self.hwm <= self.cap <= min(self.heap.cap, self.aux_heap.cap)
         if self.swa:
             self._check_swa_lock_records()
-        if type(self.token_to_kv_pool_allocator) is TokenToKVPoolAllocator and self.hwm > 1:
+        if self._booking_kind and self.hwm > 1:
             # every slot the tree holds is one the allocator books as a cache's
             held = np.concatenate([self._node_value(i) for i in range(1, self.hwm)
                                    if self.nodes[i].uid >= 0] or [_new_idx(0)])
