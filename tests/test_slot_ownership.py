@@ -553,3 +553,18 @@ def test_swa_a_dropped_cache_gives_both_sides_back() -> None:
     gc.collect()
     assert alloc.full_available_size() == 64 and alloc.swa_available_size() == 64
     alloc._check_invariants()
+
+
+def test_swa_a_refused_insert_in_a_new_namespace_leaves_no_namespace() -> None:
+    cache, alloc = _swa_stack()
+    a = alloc.alloc(4)
+    cache.insert(RadixKey([1, 2, 3, 4]), a)
+    b = alloc.alloc(3)
+    before = _swa_books(alloc)
+    with pytest.raises(InvalidValueError, match="already owned"):
+        cache.insert(RadixKey([5, 6, 7, 8], "new-ns"), np.concatenate([b, a[:1]]))
+    assert _swa_books(alloc) == before
+    cache._check_invariants()  # an interned namespace with no node would fail here
+    r = cache.insert(RadixKey([5, 6, 7, 8], "new-ns"), np.concatenate([b, alloc.alloc(1)]))
+    assert r.prefix_len == 0
+    cache._check_invariants()

@@ -1878,11 +1878,21 @@ cdef class RadixTreeCore:
             # a new namespace matches nothing: the new nodes' arrays are allocated before
             # the namespace is taken (all or nothing)
             _alloc_swa_suffix(0, aligned, es, w, &k1, &v1, &k2, &v2)
+            if self._booking_kind:
+                # booked: the slots are checked before the namespace is taken (a refused
+                # insert leaves no namespace behind), and taken for good below
+                try:
+                    self._adopt(vals, aligned)
+                except BaseException:
+                    free(k1); free(k2)
+                    raise
             try:
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
+                self._disown(vals, aligned)
                 free(k1); free(k2)  # the values live in the keys' blocks
                 raise
+            self._disown(vals, aligned)
         self.clock += 1
         if ppl > 0:     # nodes never straddle the caller's protected prefix
             matched = self._walk(kv, ns, ppl, False, &last, &n_path)
