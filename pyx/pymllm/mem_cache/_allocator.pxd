@@ -68,9 +68,8 @@ cdef class PageCore:
     # The pages of slots[0:n], each PAGE_ALLOCATED, become PAGE_CACHED (a prefix cache
     # takes them from their caller); InvalidValueError with every state as it was.
     cdef int adopt(self, const int32_t* slots, Py_ssize_t n) except -1
-    # Undoes adopt(slots, n): the pages go back to PAGE_ALLOCATED.
-    cdef void disown(self, const int32_t* slots, Py_ssize_t n) noexcept
-    # The pages of slots[0:n] set to `st` unchecked (PAGE_CACHED: undoes a disown).
+    # The pages of slots[0:n] set to `st` unchecked: PAGE_ALLOCATED undoes adopt(slots, n)
+    # (the allocators' disown_c), PAGE_CACHED undoes that (readopt_c).
     cdef void set_owner(self, const int32_t* slots, Py_ssize_t n, uint8_t st) noexcept
     # Rebuilds `pages` as every PAGE_FREE page, ascending; empties `release`.
     cdef void merge(self) noexcept

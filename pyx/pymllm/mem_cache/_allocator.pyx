@@ -552,9 +552,6 @@ cdef class PageCore:
             "caller holds"
         )
 
-    cdef void disown(self, const int32_t* slots, Py_ssize_t n) noexcept:
-        self.set_owner(slots, n, PAGE_ALLOCATED)
-
     cdef void set_owner(self, const int32_t* slots, Py_ssize_t n, uint8_t st) noexcept:
         cdef Py_ssize_t i
         cdef int32_t ps = self.page_size
@@ -769,13 +766,6 @@ cdef class PageCore:
             dtype=np.int32,
         )
 
-    def _cached_pages(self):
-        """Test hook: the pages a prefix cache owns, ascending."""
-        cdef int32_t i
-        return np.asarray(
-            [i for i in range(self.num_pages + 1) if self.state[i] == PAGE_CACHED],
-            dtype=np.int32,
-        )
 
 
 cdef void _pages_to_slots(int32_t* o, const int32_t* pages, int32_t n_pages,
@@ -927,8 +917,8 @@ cdef class TokenToKVPoolAllocator:
     the fast path): they are the allocator's again. Slots a prefix cache took in
     ``insert`` are not the caller's to free (``InvalidFreeError``): the cache frees them.
     With pages, a freed slot frees its whole page. Bad frees raise ``InvalidFreeError`` (a
-    ``ValueError``) and free nothing of that call. With ``need_sort`` (default) freed slots are handed out again lowest first,
-    once the current free list runs out. Each call is atomic with respect to Python
+    ``ValueError``) and free nothing of that call. With ``need_sort`` (default) freed slots
+    are handed out again lowest first, once the current free list runs out. Each call is atomic with respect to Python
     threads (see the module docstring).
     """
 
@@ -991,7 +981,7 @@ cdef class TokenToKVPoolAllocator:
 
     cdef void disown_c(self, const int32_t* data, Py_ssize_t n) noexcept:
         if self.core is not None:
-            self.core.disown(data, n)
+            self.core.set_owner(data, n, PAGE_ALLOCATED)
 
     def free_group_begin(self):
         """Hold back frees until the matching ``free_group_end()`` (groups nest).

@@ -1948,7 +1948,7 @@ cdef class RadixTreeCore:
             except BaseException:
                 free(k1); free(k2)
                 raise
-            (<SWATokenToKVPoolAllocator>self._booking_allocator).disown_c(tree_old, n_old)
+            self._disown(tree_old, n_old)
             if n_free > 0:
                 try:
                     (<SWATokenToKVPoolAllocator>self._booking_allocator).free_c(
