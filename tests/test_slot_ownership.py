@@ -568,3 +568,67 @@ def test_swa_a_refused_insert_in_a_new_namespace_leaves_no_namespace() -> None:
     r = cache.insert(RadixKey([5, 6, 7, 8], "new-ns"), np.concatenate([b, alloc.alloc(1)]))
     assert r.prefix_len == 0
     cache._check_invariants()
+
+
+@pytest.mark.parametrize("cycle", [False, True])
+@pytest.mark.parametrize("locked", [False, True])
+def test_mamba_a_dropped_cache_gives_its_states_back(cycle: bool, locked: bool) -> None:
+    """The states a Mamba tree holds belong to a Python pool; a dropped tree hands them
+    back (with its KV slots), also from a reference cycle and with a request's lock on."""
+    import gc
+
+    from pymllm.mem_cache.memory_pool import MambaPool
+
+    alloc = TokenToKVPoolAllocator(16, need_sort=False)
+    pool = MambaPool(4, 1, (1,), (1,))
+
+    class Scheduler:
+        def __init__(self) -> None:
+            self.cache = MambaRadixCache(
+                token_to_kv_pool_allocator=alloc,
+                mamba_pool=pool,
+                on_node_evict=self.on_evict if cycle else None,
+            )
+
+        def on_evict(self, node_id: int) -> None:
+            pass
+
+    sched = Scheduler()
+    for toks in ([1, 2, 3, 4], [1, 2, 7], [9]):
+        state = pool.alloc(1)
+        assert state is not None
+        value = alloc.alloc(len(toks))
+        r = sched.cache.insert(RadixKey(toks), value, mamba_value=state)
+        assert not r.mamba_exist
+        alloc.free(value[: r.prefix_len])  # duplicates stay the caller's
+    del r  # its node handle keeps the tree alive
+    if locked:
+        sched.cache.inc_lock_ref(sched.cache.match_prefix(RadixKey([1, 2, 7])).last_node)
+    assert pool.available_size() == 1 and alloc.available_size() == 10
+    del sched
+    gc.collect()
+    assert pool.available_size() == 4
+    assert alloc.available_size() == 16 and not alloc.is_allocated(np.arange(18)).any()
+    alloc._check_invariants()
+
+
+def test_mamba_a_dropped_cache_whose_pool_refuses_still_frees_its_kv() -> None:
+    """A pool that raises while the dropped tree hands its states back (it may be shutting
+    down) costs those states only: nothing is raised, and the KV slots come back."""
+    import gc
+
+    class Refusing:
+        calls = 0
+
+        def free(self, slots: Any) -> None:
+            Refusing.calls += 1
+            raise RuntimeError("pool is gone")
+
+    alloc = TokenToKVPoolAllocator(8, need_sort=False)
+    cache = MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=Refusing())
+    cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3), mamba_value=0)
+    del cache
+    gc.collect()
+    assert Refusing.calls == 1
+    assert alloc.available_size() == 8
+    alloc._check_invariants()

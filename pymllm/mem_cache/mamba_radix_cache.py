@@ -24,7 +24,8 @@ class MambaRadixCache(MambaTreeCore, BasePrefixCache):  # type: ignore[misc]
 
     Ownership: KV slots as in :class:`~pymllm.mem_cache.radix_cache.RadixCache`. A state
     slot passed to ``insert`` becomes the tree's unless ``InsertResult.mamba_exist`` is True;
-    states leave the tree only through ``evict``/``reset``, back to ``mamba_pool.free``.
+    states leave the tree only through ``evict``/``reset``, back to ``mamba_pool.free``,
+    or when the cache is dropped (its finalizer resets it).
     ``match_prefix`` results end at a node holding a state; copy that state
     (``last_node.mamba_value``) into the request's own slot before extending it.
 

@@ -43,6 +43,8 @@ from collections import deque
 
 import numpy as np
 
+# a bool is not a slot id, nor a token: one definition for both modules
+from pymllm.mem_cache.base_prefix_cache import _BOOL_TYPES
 from pymllm.mem_cache.errors import (
     AllocatorStateError,
     InvalidFreeError,
@@ -260,9 +262,6 @@ cdef cnp.ndarray _as_int32_slots(object indices):
             raise InvalidFreeError(f"indices: slot {arr[bad[0]]} is out of range [0, 2**31)")
         arr = arr.astype(np.int32)
     return np.require(arr, np.int32, ["C", "A"])  # a copy if unaligned
-
-
-_BOOL_TYPES = frozenset((bool, np.bool_))
 
 
 cdef object _integer_array(object indices):

@@ -1075,7 +1075,8 @@ cdef class RadixTreeCore:
         if self._booking_allocator != NULL:
             # The tree's slots are booked as the cache's: only it can give them back, so a
             # dropped tree does, as reset() would (without on_node_evict; a Mamba tree's
-            # states, held by a Python pool, are not handed over). Node by node, so that
+            # states go back to their Python pool earlier, in MambaTreeCore.__del__, which
+            # empties the tree). Node by node, so that
             # no memory is needed; a node whose slots the allocator refuses (it was
             # cleared meanwhile) is skipped.
             if self.nodes != NULL:
@@ -3004,6 +3005,25 @@ cdef class MambaTreeCore(RadixTreeCore):
         self.mamba_pool = mamba_pool
         self.sliding_window_size = None
         self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
+
+    def __del__(self):
+        """A dropped cache empties itself as ``reset()`` does: its states go back to
+        ``mamba_pool`` (a Python object, so this cannot wait for the deallocation, which
+        hands the KV slots back) and its KV slots to the allocator. A finalizer runs before
+        the collector clears anything in a reference cycle, so the pool is still there.
+        Errors are swallowed, as the interpreter may be shutting down."""
+        if self.nodes == NULL or self.mamba_pool is None:
+            return
+        if self._aux_evictable + self._aux_protected == 0:
+            return  # no states; the deallocation gives the KV slots back without Python
+        try:
+            self._enter()
+            try:
+                self._reset_locked()
+            finally:
+                self._leave()
+        except BaseException:
+            pass
 
     def match_prefix(self, key):
         """Longest cached prefix of *key* that ends at a node holding a Mamba state.
