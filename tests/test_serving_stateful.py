@@ -536,7 +536,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         """One call that must raise its typed error in both and change nothing."""
         kinds = ["double free", "double free request slot"]
         if self.states is not None:
-            kinds.append("double free state")
+            kinds += ["double free state", "free cached state"]
         if self.tree:
             kinds += ["unlock unheld", "stale handle", "value length"]
         if self.tree:  # over our allocators, which book the tree's slots
@@ -596,6 +596,16 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         if not free:
             return None
         arr = np.array([free[data.draw(st.integers(0, len(free) - 1))]], dtype=np.int32)
+        assert outcome(lambda: self.states.free(arr)) == ("raised", InvalidFreeError)
+        return InvalidFreeError
+
+    def _bad_free_cached_state(self, data: st.DataObject) -> Any:
+        """A caller's free of a state the tree holds: the pool books it as the cache's."""
+        assert self.states is not None
+        tree = [int(n.mamba_value[0]) for n in self.c._nodes() if n.mamba_value is not None]
+        if not tree:
+            return None
+        arr = np.array([tree[data.draw(st.integers(0, len(tree) - 1), label="state")]])
         assert outcome(lambda: self.states.free(arr)) == ("raised", InvalidFreeError)
         return InvalidFreeError
 
@@ -694,7 +704,8 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             out += [self.kv.full_to_swa_index_mapping.tolist(), self.kv.swa_available_size()]
             out.append(sorted(self.books.swa_held or ()))
         if self.states is not None:
-            out += [self.states.available_size(), sorted(self.state_books.free_set)]
+            cached = self.states.slot_allocator.is_cached(np.arange(0, STATES + 2)).tolist()
+            out += [self.states.available_size(), sorted(self.state_books.free_set), cached]
         return tuple(out)
 
     # ------------------------------------------------------------------ invariants
@@ -774,6 +785,9 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
                     **{f"request {r.rid}": [r.state] for r in self.reqs if r.state},
                 },
             )
+            # the pool books as the cache's exactly the states the tree holds
+            cached = self.states.slot_allocator.is_cached(np.arange(1, STATES + 1))
+            assert set((np.flatnonzero(cached) + 1).tolist()) == set(tree_states)
 
     def _check_locks(self) -> None:
         """Every lock in the tree is a live request's: a node's lock_ref counts the requests

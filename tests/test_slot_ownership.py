@@ -570,11 +570,26 @@ def test_swa_a_refused_insert_in_a_new_namespace_leaves_no_namespace() -> None:
     cache._check_invariants()
 
 
+class _PlainPool:
+    """A state pool that books nothing (no ``slot_allocator``): states come back to it
+    through ``free`` alone, Python code."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def free(self, slots: Any) -> None:
+        self._pool.free(slots)
+
+
+@pytest.mark.parametrize("booked", [True, False])
 @pytest.mark.parametrize("cycle", [False, True])
 @pytest.mark.parametrize("locked", [False, True])
-def test_mamba_a_dropped_cache_gives_its_states_back(cycle: bool, locked: bool) -> None:
-    """The states a Mamba tree holds belong to a Python pool; a dropped tree hands them
-    back (with its KV slots), also from a reference cycle and with a request's lock on."""
+def test_mamba_a_dropped_cache_gives_its_states_back(
+    cycle: bool, locked: bool, booked: bool
+) -> None:
+    """A dropped tree hands its states back (with its KV slots), also from a reference
+    cycle and with a request's lock on: booked ones in C as it is deallocated, a plain
+    pool's through its ``free`` from the tree's finalizer."""
     import gc
 
     from pymllm.mem_cache.memory_pool import MambaPool
@@ -586,7 +601,7 @@ def test_mamba_a_dropped_cache_gives_its_states_back(cycle: bool, locked: bool) 
         def __init__(self) -> None:
             self.cache = MambaRadixCache(
                 token_to_kv_pool_allocator=alloc,
-                mamba_pool=pool,
+                mamba_pool=pool if booked else _PlainPool(pool),
                 on_node_evict=self.on_evict if cycle else None,
             )
 
@@ -631,4 +646,123 @@ def test_mamba_a_dropped_cache_whose_pool_refuses_still_frees_its_kv() -> None:
     gc.collect()
     assert Refusing.calls == 1
     assert alloc.available_size() == 8
+    alloc._check_invariants()
+
+
+# --- Mamba states: a MambaPool books the states its cache holds --------------------------
+
+
+def _mamba_stack(states: int = 4) -> tuple[Any, TokenToKVPoolAllocator, Any]:
+    from pymllm.mem_cache.memory_pool import MambaPool
+
+    alloc = TokenToKVPoolAllocator(32, need_sort=False)
+    pool = MambaPool(states, 1, (1,), (1,))
+    cache = MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=pool)
+    return cache, alloc, pool
+
+
+def _state_books(pool: Any) -> tuple[list[bool], list[bool], int]:
+    every = np.arange(0, pool.size + 2)
+    books = pool.slot_allocator
+    return (
+        books.is_allocated(every).tolist(),
+        books.is_cached(every).tolist(),
+        books.available_size(),
+    )
+
+
+def _mamba_state(cache: Any, alloc: TokenToKVPoolAllocator, pool: Any) -> tuple[Any, ...]:
+    nodes = sorted(
+        (n.id, list(n.key.token_ids), np.asarray(n.value).tolist(), n.mamba_value is not None)
+        for n in cache._nodes()
+    )
+    sizes = (*_sizes(cache), cache.mamba_evictable_size(), cache.mamba_protected_size())
+    return nodes, sizes, _books(alloc), _state_books(pool)
+
+
+def test_mamba_the_pool_books_the_states_the_tree_holds() -> None:
+    cache, alloc, pool = _mamba_stack()
+    state = pool.alloc(1)
+    cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3), mamba_value=state)
+    assert pool.slot_allocator.is_cached(state).all()
+    before = _mamba_state(cache, alloc, pool)
+    with pytest.raises(InvalidFreeError):
+        pool.free(state)
+    with pytest.raises(AllocatorStateError):
+        pool.clear()
+    assert _mamba_state(cache, alloc, pool) == before
+    r = cache.evict(0, mamba_num=1)
+    assert r.mamba_evicted == 1 and pool.available_size() == 4
+    assert not pool.slot_allocator.is_allocated(state).any()
+    cache._check_invariants()
+    pool.slot_allocator._check_invariants()
+
+
+@pytest.mark.parametrize("bad", ["free", "out of range", "another node's"])
+def test_mamba_an_insert_refuses_a_state_it_cannot_take(bad: str) -> None:
+    """A free state (the tree would free it later, maybe while another request holds it) or
+    one another node already holds (the tree would free it twice) is refused before the
+    insert changes anything."""
+    cache, alloc, pool = _mamba_stack()
+    held = pool.alloc(1)
+    cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3), mamba_value=held)
+    state = {"free": 3, "out of range": 9, "another node's": int(held[0])}[bad]
+    value = alloc.alloc(4)
+    before = _mamba_state(cache, alloc, pool)
+    with pytest.raises(InvalidValueError, match="mamba_value: state slot"):
+        cache.insert(RadixKey([1, 2, 3, 4]), value, mamba_value=state)
+    assert _mamba_state(cache, alloc, pool) == before
+    cache._check_invariants()
+
+
+def test_mamba_the_nodes_own_state_handed_back_changes_nothing() -> None:
+    cache, alloc, pool = _mamba_stack()
+    state = pool.alloc(1)
+    value = alloc.alloc(3)
+    cache.insert(RadixKey([1, 2, 3]), value, mamba_value=state)
+    before = _mamba_state(cache, alloc, pool)
+    dup = alloc.alloc(3)
+    r = cache.insert(RadixKey([1, 2, 3]), dup, mamba_value=state)
+    assert r.prefix_len == 3 and not r.mamba_exist
+    alloc.free(dup)
+    assert _mamba_state(cache, alloc, pool) == before
+
+
+def test_mamba_a_second_state_stays_the_callers() -> None:
+    cache, alloc, pool = _mamba_stack()
+    cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3), mamba_value=pool.alloc(1))
+    mine = pool.alloc(1)
+    dup = alloc.alloc(3)
+    r = cache.insert(RadixKey([1, 2, 3]), dup, mamba_value=mine)
+    assert r.mamba_exist
+    assert not pool.slot_allocator.is_cached(mine).any()
+    pool.free(mine)  # the caller's, as mamba_exist says
+    alloc.free(dup)
+    cache._check_invariants()
+
+
+def test_mamba_a_failed_insert_leaves_the_state_the_callers() -> None:
+    cache, alloc, pool = _mamba_stack()
+    a = alloc.alloc(3)
+    cache.insert(RadixKey([1, 2, 3]), a)
+    state = pool.alloc(1)
+    before = _mamba_state(cache, alloc, pool)
+    with pytest.raises(InvalidValueError, match="already owned"):  # a KV slot the tree holds
+        cache.insert(RadixKey([5, 6]), np.array([a[0], a[1]], dtype=np.int32), mamba_value=state)
+    assert _mamba_state(cache, alloc, pool) == before
+    pool.free(state)
+
+
+def test_mamba_reset_and_drop_hand_booked_states_back() -> None:
+    import gc
+
+    cache, alloc, pool = _mamba_stack()
+    cache.insert(RadixKey([1, 2]), alloc.alloc(2), mamba_value=pool.alloc(1))
+    cache.reset()
+    assert pool.available_size() == 4 and not pool.slot_allocator.is_allocated(np.arange(6)).any()
+    cache.insert(RadixKey([3, 4]), alloc.alloc(2), mamba_value=pool.alloc(1))
+    del cache
+    gc.collect()
+    assert pool.available_size() == 4 and alloc.available_size() == 32
+    pool.slot_allocator._check_invariants()
     alloc._check_invariants()

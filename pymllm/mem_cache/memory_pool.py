@@ -897,6 +897,15 @@ class MambaPool(_SlotOwner):
     def available_size(self) -> int:
         return self._allocator.available_size()
 
+    @property
+    def slot_allocator(self) -> TokenToKVPoolAllocator:
+        """The allocator behind :meth:`alloc` and :meth:`free`. A ``MambaRadixCache`` over
+        this pool books the states it holds through it, as the cache's: :meth:`free` of
+        such a state raises ``InvalidFreeError`` and :meth:`clear` ``AllocatorStateError``
+        until the cache evicts it, and an insert refuses a state that is free or already
+        the cache's (``InvalidValueError``). The cache frees its states straight into it."""
+        return self._allocator
+
     def alloc(self, n: int = 1) -> np.ndarray | None:
         """*n* state slots (``np.int32``, caller-owned) or ``None`` (nothing changes)."""
         return self._allocator.alloc(n)

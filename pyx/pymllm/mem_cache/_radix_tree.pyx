@@ -25,7 +25,7 @@ from cpython.tuple cimport PyTuple_Check
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from posix.unistd cimport usleep
-from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memset
 
@@ -38,6 +38,7 @@ from hashlib import sha256 as _sha256
 from pymllm.mem_cache._allocator cimport (
     PAGE_ALLOCATED,
     PAGE_CACHED,
+    PAGE_FREE,
     SWATokenToKVPoolAllocator,
     TokenToKVPoolAllocator,
     _size_arg,
@@ -966,6 +967,10 @@ cdef class RadixTreeCore:
     cdef readonly object on_node_evict
     cdef readonly object sliding_window_size
     cdef readonly object mamba_pool
+    # mamba_pool.slot_allocator when it is our own TokenToKVPoolAllocator (page size 1): it
+    # books the states the tree holds as the cache's, as the KV allocator books KV slots
+    # (a strong reference the collector does not clear, as _booking_allocator)
+    cdef PyObject* _state_booking
     # The allocator again when it is our own TokenToKVPoolAllocator (it books the tree's
     # slots as the cache's), as a strong reference the collector does not clear: dropping
     # the tree hands its slots back through it, even when the tree dies in a cycle.
@@ -988,6 +993,7 @@ cdef class RadixTreeCore:
         self.ns_cap = 0
         self._booking_allocator = NULL
         self._booking_kind = 0
+        self._state_booking = NULL
 
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None, eviction_policy="lru"):
@@ -1089,6 +1095,20 @@ cdef class RadixTreeCore:
                             pass
             Py_XDECREF(self._booking_allocator)
             self._booking_allocator = NULL
+        if self._state_booking != NULL:
+            # booked states (MambaTreeCore.__del__ leaves them here): back to their pool's
+            # allocator, node by node, as the KV slots above
+            if self.nodes != NULL:
+                for i in range(1, self.hwm):
+                    x = &self.nodes[i]
+                    if x.uid >= 0 and x.aux_value >= 0:
+                        try:
+                            (<TokenToKVPoolAllocator>self._state_booking).free_c(
+                                &x.aux_value, 1, PAGE_CACHED)
+                        except BaseException:
+                            pass
+            Py_XDECREF(self._state_booking)
+            self._state_booking = NULL
         self._release_storage()
 
     # -- thread guard -------------------------------------------------------------------
@@ -2280,7 +2300,11 @@ cdef class RadixTreeCore:
         self.n_states_out = 0
         if n_states > 0 and self.mamba_pool is not None:
             try:
-                _hand_over(self.mamba_pool.free, <idx_t*>self._state_out.data, n_states)
+                if self._state_booking != NULL:  # booked: as the cache's, straight in C
+                    (<TokenToKVPoolAllocator>self._state_booking).free_c(
+                        <idx_t*>self._state_out.data, n_states, PAGE_CACHED)
+                else:
+                    _hand_over(self.mamba_pool.free, <idx_t*>self._state_out.data, n_states)
             except BaseException as exc:
                 if first is None:
                     first = exc
@@ -2862,6 +2886,12 @@ cdef class RadixTreeCore:
                                    if self.nodes[i].uid >= 0] or [_new_idx(0)])
             cached = self.token_to_kv_pool_allocator.is_cached(held)
             assert cached.all(), f"slot {held[~cached][0]} held by the tree, not booked as cached"
+        if self._state_booking != NULL:
+            states = np.array([self.nodes[i].aux_value for i in range(1, self.hwm)
+                               if self.nodes[i].uid >= 0 and self.nodes[i].aux_value >= 0],
+                              dtype=np.int32)
+            cached = (<TokenToKVPoolAllocator>self._state_booking).is_cached(states)
+            assert cached.all(), f"state {states[~cached][0]} held by the tree, not booked"
 
 # Not @cython.no_gc: a handle refers to its cache, and a cache's owner (a scheduler whose
 # on_node_evict callback the cache holds) often keeps handles; the collector must see that
@@ -3005,15 +3035,22 @@ cdef class MambaTreeCore(RadixTreeCore):
         self.mamba_pool = mamba_pool
         self.sliding_window_size = None
         self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
+        Py_XDECREF(self._state_booking)   # an __init__ after a failed reset's
+        self._state_booking = NULL
+        books = getattr(mamba_pool, "slot_allocator", None) if mamba_pool is not None else None
+        if type(books) is TokenToKVPoolAllocator and books.page_size == 1:
+            Py_XINCREF(<PyObject*>books)
+            self._state_booking = <PyObject*>books
 
     def __del__(self):
-        """A dropped cache empties itself as ``reset()`` does: its states go back to
-        ``mamba_pool`` (a Python object, so this cannot wait for the deallocation, which
-        hands the KV slots back) and its KV slots to the allocator. A finalizer runs before
+        """A dropped cache whose pool does not book its states (no ``slot_allocator``)
+        empties itself as ``reset()`` does: its states go back through ``mamba_pool.free``
+        (Python code, so this cannot wait for the deallocation, which hands back KV slots
+        and booked states in C) and its KV slots to the allocator. A finalizer runs before
         the collector clears anything in a reference cycle, so the pool is still there.
         Errors are swallowed, as the interpreter may be shutting down."""
-        if self.nodes == NULL or self.mamba_pool is None:
-            return
+        if self.nodes == NULL or self.mamba_pool is None or self._state_booking != NULL:
+            return  # booked states go back in the deallocation, in C, as the KV slots
         if self._aux_evictable + self._aux_protected == 0:
             return  # no states; the deallocation gives the KV slots back without Python
         try:
@@ -3071,8 +3108,9 @@ cdef class MambaTreeCore(RadixTreeCore):
         RadixCache; the state slot passes to the tree unless ``mamba_exist`` is True (another
         state was already stored at that point), in which case it stays the caller's to
         free; the node's own slot handed back is not another state (``mamba_exist`` False,
-        the tree keeps it). A state needs a non-empty key of whole pages. Bad input changes
-        nothing.
+        the tree keeps it). A state needs a non-empty key of whole pages. Over a pool that
+        books states (``MambaPool``), a state slot that is free, out of range or another
+        node's raises ``InvalidValueError``. Bad input changes nothing.
         ``priority`` as in :meth:`RadixCache.insert` (``eviction_policy="priority"``).
         """
         if kwargs:
@@ -3100,14 +3138,29 @@ cdef class MambaTreeCore(RadixTreeCore):
                     f"must end on a page boundary (page_size {self.page_size}), got {kv.n} "
                     "tokens"
                 )
+        cdef bint adopted = False
+        cdef idx_t slot = <idx_t>state   # parsed into [0, 2**31), or -1 when none
+        if state >= 0 and self._state_booking != NULL:
+            adopted = self._book_state(&kv, _extra_key(key), slot)
         self.new_prio = prio
-        matched = self._insert_kv(&kv, vals, _extra_key(key), &last)
+        try:
+            matched = self._insert_kv(&kv, vals, _extra_key(key), &last)
+        except BaseException:
+            if adopted:  # the state stays the caller's
+                (<TokenToKVPoolAllocator>self._state_booking).disown_c(&slot, 1)
+            raise
         exist = False
         if state >= 0:
             x = &self.nodes[last]
             if x.aux_value >= 0:
                 # the node's own state handed back is no second one: the caller must not free it
                 exist = x.aux_value != state
+                if adopted and exist:
+                    (<TokenToKVPoolAllocator>self._state_booking).disown_c(&slot, 1)
+            elif self._state_booking != NULL and not adopted:
+                # booked as another node's (the key changed under the extra_key's Python code
+                # after _book_state found it at this key's end): the tree keeps it there once
+                exist = True
             else:
                 x.aux_value = <int32_t>state
                 x.aux_lock_ref = 0
@@ -3116,6 +3169,56 @@ cdef class MambaTreeCore(RadixTreeCore):
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
         return _insert_result(matched, self._handle(last), exist)
+
+    cdef bint _book_state(self, const KeyView* kv, object extra_key, idx_t state) except -1:
+        """Check *state* against the pool's books before the insert changes anything, and
+        take it as the cache's when it is a caller's (True: the insert gives it back with
+        disown if the node turns out to hold a state, or the insert fails). A state the
+        cache already holds passes only as the node's own, handed back at that node's key
+        (False); a free or out-of-range slot raises InvalidValueError."""
+        cdef TokenToKVPoolAllocator books = <TokenToKVPoolAllocator>self._state_booking
+        cdef uint8_t st = PAGE_FREE
+        cdef nid_t end
+        if 1 <= state <= books.core.num_pages:
+            st = books.core.state[state]
+        if st == PAGE_ALLOCATED:
+            books.adopt_c(&state, 1)
+            return True
+        if st == PAGE_CACHED:
+            end = self._find_end(kv, self._find_ns(extra_key, kv.arity))
+            if end != NIL and self.nodes[end].aux_value == state:
+                return False
+            raise InvalidValueError(
+                f"mamba_value: state slot {state} already belongs to the cache (another node's "
+                "state); pass a state slot allocated from the pool"
+            )
+        raise InvalidValueError(
+            f"mamba_value: state slot {state} is not allocated in the pool (free, or out of "
+            f"range [1, {books.size}])"
+        )
+
+    cdef nid_t _find_end(self, const KeyView* kv, int32_t ns) noexcept:
+        """The node ending exactly at kv's page-aligned end, or NIL: a read-only walk (no
+        clock, no split, no heap change)."""
+        cdef int64_t P = self.page_size
+        cdef int64_t aligned = kv.n - kv.n % P
+        cdef int64_t pos = 0
+        cdef int32_t w = kv.width
+        cdef nid_t cur = ROOT, child
+        cdef Node* c
+        if ns < 0 or aligned == 0:
+            return NIL
+        while pos < aligned:
+            child = _map_find(&self.cmap, self.nodes, cur, ns, kv.tok + pos * w, P * w,
+                              _page_hash(cur, ns, kv.tok + pos * w, P * w))
+            if child == NIL:
+                return NIL
+            c = &self.nodes[child]
+            if c.len > aligned - pos or _common_positions(c.key, kv.tok + pos * w, c.len, w) < c.len:
+                return NIL
+            pos += c.len
+            cur = child
+        return cur
 
     def evict(self, num_tokens, swa_num_tokens=0, mamba_num=None):
         """Full eviction of unlocked leaves, in the eviction policy's order, until
