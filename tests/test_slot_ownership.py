@@ -652,18 +652,33 @@ def test_mamba_a_dropped_cache_whose_pool_refuses_still_frees_its_kv() -> None:
 # --- Mamba states: a MambaPool books the states its cache holds --------------------------
 
 
-def _mamba_stack(states: int = 4) -> tuple[Any, TokenToKVPoolAllocator, Any]:
+def _books_of(pool: Any) -> TokenToKVPoolAllocator:
+    """The allocator that books a state pool's slots: the pool's own, or the pool itself."""
+    return pool if isinstance(pool, TokenToKVPoolAllocator) else pool.slot_allocator
+
+
+def _mamba_stack(kind: str) -> tuple[Any, TokenToKVPoolAllocator, Any]:
+    """A MambaRadixCache over 32 KV slots and 4 state slots: in a ``MambaPool``, or in a
+    bare ``TokenToKVPoolAllocator`` as the pool (both book the tree's states)."""
     from pymllm.mem_cache.memory_pool import MambaPool
 
     alloc = TokenToKVPoolAllocator(32, need_sort=False)
-    pool = MambaPool(states, 1, (1,), (1,))
+    if kind == "MambaPool":
+        pool: Any = MambaPool(4, 1, (1,), (1,))
+    else:
+        pool = TokenToKVPoolAllocator(4, need_sort=False)
     cache = MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=pool)
     return cache, alloc, pool
 
 
+@pytest.fixture(params=["MambaPool", "allocator"])
+def mamba_stack(request: pytest.FixtureRequest) -> tuple[Any, TokenToKVPoolAllocator, Any]:
+    return _mamba_stack(request.param)
+
+
 def _state_books(pool: Any) -> tuple[list[bool], list[bool], int]:
-    every = np.arange(0, pool.size + 2)
-    books = pool.slot_allocator
+    every = np.arange(0, _books_of(pool).size + 2)
+    books = _books_of(pool)
     return (
         books.is_allocated(every).tolist(),
         books.is_cached(every).tolist(),
@@ -680,11 +695,11 @@ def _mamba_state(cache: Any, alloc: TokenToKVPoolAllocator, pool: Any) -> tuple[
     return nodes, sizes, _books(alloc), _state_books(pool)
 
 
-def test_mamba_the_pool_books_the_states_the_tree_holds() -> None:
-    cache, alloc, pool = _mamba_stack()
+def test_mamba_the_pool_books_the_states_the_tree_holds(mamba_stack: Any) -> None:
+    cache, alloc, pool = mamba_stack
     state = pool.alloc(1)
     cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3), mamba_value=state)
-    assert pool.slot_allocator.is_cached(state).all()
+    assert _books_of(pool).is_cached(state).all()
     before = _mamba_state(cache, alloc, pool)
     with pytest.raises(InvalidFreeError):
         pool.free(state)
@@ -693,17 +708,17 @@ def test_mamba_the_pool_books_the_states_the_tree_holds() -> None:
     assert _mamba_state(cache, alloc, pool) == before
     r = cache.evict(0, mamba_num=1)
     assert r.mamba_evicted == 1 and pool.available_size() == 4
-    assert not pool.slot_allocator.is_allocated(state).any()
+    assert not _books_of(pool).is_allocated(state).any()
     cache._check_invariants()
-    pool.slot_allocator._check_invariants()
+    _books_of(pool)._check_invariants()
 
 
 @pytest.mark.parametrize("bad", ["free", "out of range", "another node's"])
-def test_mamba_an_insert_refuses_a_state_it_cannot_take(bad: str) -> None:
+def test_mamba_an_insert_refuses_a_state_it_cannot_take(bad: str, mamba_stack: Any) -> None:
     """A free state (the tree would free it later, maybe while another request holds it) or
     one another node already holds (the tree would free it twice) is refused before the
     insert changes anything."""
-    cache, alloc, pool = _mamba_stack()
+    cache, alloc, pool = mamba_stack
     held = pool.alloc(1)
     cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3), mamba_value=held)
     state = {"free": 3, "out of range": 9, "another node's": int(held[0])}[bad]
@@ -715,8 +730,8 @@ def test_mamba_an_insert_refuses_a_state_it_cannot_take(bad: str) -> None:
     cache._check_invariants()
 
 
-def test_mamba_the_nodes_own_state_handed_back_changes_nothing() -> None:
-    cache, alloc, pool = _mamba_stack()
+def test_mamba_the_nodes_own_state_handed_back_changes_nothing(mamba_stack: Any) -> None:
+    cache, alloc, pool = mamba_stack
     state = pool.alloc(1)
     value = alloc.alloc(3)
     cache.insert(RadixKey([1, 2, 3]), value, mamba_value=state)
@@ -728,21 +743,21 @@ def test_mamba_the_nodes_own_state_handed_back_changes_nothing() -> None:
     assert _mamba_state(cache, alloc, pool) == before
 
 
-def test_mamba_a_second_state_stays_the_callers() -> None:
-    cache, alloc, pool = _mamba_stack()
+def test_mamba_a_second_state_stays_the_callers(mamba_stack: Any) -> None:
+    cache, alloc, pool = mamba_stack
     cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3), mamba_value=pool.alloc(1))
     mine = pool.alloc(1)
     dup = alloc.alloc(3)
     r = cache.insert(RadixKey([1, 2, 3]), dup, mamba_value=mine)
     assert r.mamba_exist
-    assert not pool.slot_allocator.is_cached(mine).any()
+    assert not _books_of(pool).is_cached(mine).any()
     pool.free(mine)  # the caller's, as mamba_exist says
     alloc.free(dup)
     cache._check_invariants()
 
 
-def test_mamba_a_failed_insert_leaves_the_state_the_callers() -> None:
-    cache, alloc, pool = _mamba_stack()
+def test_mamba_a_failed_insert_leaves_the_state_the_callers(mamba_stack: Any) -> None:
+    cache, alloc, pool = mamba_stack
     a = alloc.alloc(3)
     cache.insert(RadixKey([1, 2, 3]), a)
     state = pool.alloc(1)
@@ -753,16 +768,17 @@ def test_mamba_a_failed_insert_leaves_the_state_the_callers() -> None:
     pool.free(state)
 
 
-def test_mamba_reset_and_drop_hand_booked_states_back() -> None:
+@pytest.mark.parametrize("kind", ["MambaPool", "allocator"])
+def test_mamba_reset_and_drop_hand_booked_states_back(kind: str) -> None:
     import gc
 
-    cache, alloc, pool = _mamba_stack()
+    cache, alloc, pool = _mamba_stack(kind)  # not the fixture: it would keep the cache
     cache.insert(RadixKey([1, 2]), alloc.alloc(2), mamba_value=pool.alloc(1))
     cache.reset()
-    assert pool.available_size() == 4 and not pool.slot_allocator.is_allocated(np.arange(6)).any()
+    assert pool.available_size() == 4 and not _books_of(pool).is_allocated(np.arange(6)).any()
     cache.insert(RadixKey([3, 4]), alloc.alloc(2), mamba_value=pool.alloc(1))
     del cache
     gc.collect()
     assert pool.available_size() == 4 and alloc.available_size() == 32
-    pool.slot_allocator._check_invariants()
+    _books_of(pool)._check_invariants()
     alloc._check_invariants()

@@ -3037,7 +3037,9 @@ cdef class MambaTreeCore(RadixTreeCore):
         self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
         Py_XDECREF(self._state_booking)   # an __init__ after a failed reset's
         self._state_booking = NULL
-        books = getattr(mamba_pool, "slot_allocator", None) if mamba_pool is not None else None
+        # our allocator as the pool itself, or behind one (MambaPool.slot_allocator)
+        books = (mamba_pool if type(mamba_pool) is TokenToKVPoolAllocator
+                 else getattr(mamba_pool, "slot_allocator", None))
         if type(books) is TokenToKVPoolAllocator and books.page_size == 1:
             Py_XINCREF(<PyObject*>books)
             self._state_booking = <PyObject*>books
