@@ -782,3 +782,109 @@ def test_mamba_reset_and_drop_hand_booked_states_back(kind: str) -> None:
     assert pool.available_size() == 4 and alloc.available_size() == 32
     _books_of(pool)._check_invariants()
     alloc._check_invariants()
+
+
+class _PythonAllocator:
+    """A KV allocator the tree cannot book (not this package's): slots go back to it only
+    through ``free``, Python code."""
+
+    def __init__(self, size: int) -> None:
+        self.books = TokenToKVPoolAllocator(size, need_sort=False)
+
+    def alloc(self, n: int) -> Any:
+        return self.books.alloc(n)
+
+    def free(self, slots: Any) -> None:
+        self.books.free(slots)
+
+
+@pytest.mark.parametrize("cache_kind", ["radix", "mamba booked", "mamba plain"])
+def test_a_dropped_cache_gives_slots_back_to_a_python_allocator(cache_kind: str) -> None:
+    """Slots only Python code can take back go back from the tree's finalizer, whatever
+    else the tree books."""
+    import gc
+
+    from pymllm.mem_cache.memory_pool import MambaPool
+
+    kv = _PythonAllocator(16)
+    pool = MambaPool(4, 1, (1,), (1,))
+    state = None
+    if cache_kind == "radix":
+        cache: Any = RadixCache(token_to_kv_pool_allocator=kv)
+    else:
+        state = pool.alloc(1)
+        states = pool if cache_kind == "mamba booked" else _PlainPool(pool)
+        cache = MambaRadixCache(token_to_kv_pool_allocator=kv, mamba_pool=states)
+    states_kw = {} if state is None else {"mamba_value": state}
+    cache.insert(RadixKey([1, 2, 3]), kv.alloc(3), **states_kw)
+    del cache
+    gc.collect()
+    assert kv.books.available_size() == 16 and pool.available_size() == 4
+
+
+def test_mamba_a_key_changed_by_its_extra_key_keeps_the_state_the_trees() -> None:
+    """A node's own state handed back, while the extra_key's __hash__ rewrites the key
+    array between the state's check and the insert: the insert ends elsewhere, and the
+    state stays the tree's at its node (mamba_exist False: the caller must not free it)."""
+    from pymllm.mem_cache.memory_pool import MambaPool
+
+    class Shifty:
+        arr: Any = None
+        calls = 0
+
+        def __hash__(self) -> int:
+            Shifty.calls += 1
+            if Shifty.arr is not None and Shifty.calls == 2:  # the insert's own look-up
+                Shifty.arr[:] = [3, 4]
+            return 7
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Shifty)
+
+    alloc = TokenToKVPoolAllocator(16, need_sort=False)
+    pool = MambaPool(4, 1, (1,), (1,))
+    cache = MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=pool)
+    extra = Shifty()
+    state = pool.alloc(1)
+    cache.insert(RadixKey([1, 2], extra), alloc.alloc(2), mamba_value=state)
+    arr = np.array([1, 2], dtype=np.int32)
+    Shifty.arr, Shifty.calls = arr, 0
+    r = cache.insert(RadixKey(arr, extra), alloc.alloc(2), mamba_value=state)
+    assert arr.tolist() == [3, 4] and r.prefix_len == 0  # the rewrite happened
+    assert not r.mamba_exist
+    assert r.last_node.mamba_value is None  # the new leaf did not take it
+    assert pool.slot_allocator.is_cached(state).all()
+    with pytest.raises(InvalidFreeError):
+        pool.free(state)
+    cache._check_invariants()
+
+
+def test_mamba_init_reads_the_pools_books_before_building_the_tree() -> None:
+    """A pool whose slot_allocator raises makes __init__ raise with no tree built, so a
+    second __init__ (the pool ready now) builds one that books the states."""
+    from pymllm.mem_cache.memory_pool import MambaPool
+
+    class Pool:
+        def __init__(self) -> None:
+            self.pool = MambaPool(4, 1, (1,), (1,))
+            self.ready = False
+
+        def free(self, slots: Any) -> None:
+            self.pool.free(slots)
+
+        @property
+        def slot_allocator(self) -> Any:
+            if not self.ready:
+                raise RuntimeError("not ready")
+            return self.pool.slot_allocator
+
+    pool = Pool()
+    alloc = TokenToKVPoolAllocator(8, need_sort=False)
+    cache = MambaRadixCache.__new__(MambaRadixCache)
+    with pytest.raises(RuntimeError, match="not ready"):
+        cache.__init__(token_to_kv_pool_allocator=alloc, mamba_pool=pool)
+    pool.ready = True
+    cache.__init__(token_to_kv_pool_allocator=alloc, mamba_pool=pool)
+    state = pool.pool.alloc(1)
+    cache.insert(RadixKey([1, 2]), alloc.alloc(2), mamba_value=state)
+    assert pool.slot_allocator.is_cached(state).all()

@@ -912,11 +912,13 @@ class MambaPool(_SlotOwner):
 
     def free(self, slots: Any) -> None:
         """Give state slots back (numpy, list, int or jax array); contents untouched.
-        ``InvalidFreeError`` (nothing freed) for a slot that is not allocated."""
+        ``InvalidFreeError`` (nothing freed) for a slot that is not allocated, or that a
+        ``MambaRadixCache`` holds (it frees its states itself, see :attr:`slot_allocator`)."""
         _free_named(self._allocator, slots)
 
     def clear(self) -> None:
-        """Every slot free (device contents untouched)."""
+        """Every slot free (device contents untouched). ``AllocatorStateError`` (nothing
+        changed) while a ``MambaRadixCache`` holds states: reset or drop it first."""
         self._allocator.clear()
 
     def copy_states(self, src: Any, dst: Any) -> None:

@@ -41,10 +41,10 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     one raises ``InvalidFreeError`` and ``clear()``
     raises ``AllocatorStateError``; an insert handing the tree a slot no caller holds (free,
     or already the cache's) or, with pages, a page-aligned run that is not one whole page
-    in order raises ``InvalidValueError`` and takes nothing; and a cache that is dropped
-    hands its slots back (other allocators get nothing back from a dropped cache, and a
-    ``MambaRadixCache``'s states are not handed back). ``page_size`` must be a multiple of
-    the allocator's.
+    in order raises ``InvalidValueError`` and takes nothing. ``page_size`` must be a
+    multiple of the allocator's. A cache that is dropped hands its slots back, to any
+    allocator (through its ``free`` when it is not one of these two, from the cache's
+    finalizer: without ``on_node_evict``, as ``reset``).
 
     Thread safety: every call is atomic with respect to other Python threads. The GIL alone
     would not make it so (``evict`` runs the allocator's ``free`` and ``on_node_evict``,

@@ -1075,13 +1075,36 @@ cdef class RadixTreeCore:
         self._init_storage()
         return 0
 
+    def __del__(self):
+        """A dropped cache that holds slots or states only Python code can hand back (an
+        allocator or a state pool other than this package's, which book what the tree
+        holds) empties itself as ``reset()`` does. A finalizer runs before the collector
+        clears anything in a reference cycle, so the allocator and the pool are still
+        there. Booked slots and states need no Python: the deallocation frees them, in C.
+        Errors are swallowed, as the interpreter may be shutting down."""
+        if self.nodes == NULL:
+            return
+        if not ((self.token_to_kv_pool_allocator is not None and not self._booking_kind
+                 and self._evictable + self._protected > 0)
+                or (self.mamba and self.mamba_pool is not None and self._state_booking == NULL
+                    and self._aux_evictable + self._aux_protected > 0)):
+            return
+        try:
+            self._enter()
+            try:
+                self._reset_locked()
+            finally:
+                self._leave()
+        except BaseException:
+            pass
+
     def __dealloc__(self):
         cdef int64_t i
         cdef Node* x
         if self._booking_allocator != NULL:
             # The tree's slots are booked as the cache's: only it can give them back, so a
             # dropped tree does, as reset() would (without on_node_evict; a Mamba tree's
-            # states go back to their Python pool earlier, in MambaTreeCore.__del__, which
+            # states in a pool that does not book them went back earlier, in __del__, which
             # empties the tree). Node by node, so that
             # no memory is needed; a node whose slots the allocator refuses (it was
             # cleared meanwhile) is skipped.
@@ -1096,8 +1119,8 @@ cdef class RadixTreeCore:
             Py_XDECREF(self._booking_allocator)
             self._booking_allocator = NULL
         if self._state_booking != NULL:
-            # booked states (MambaTreeCore.__del__ leaves them here): back to their pool's
-            # allocator, node by node, as the KV slots above
+            # booked states (__del__ leaves them here): back to their pool's allocator,
+            # node by node, as the KV slots above
             if self.nodes != NULL:
                 for i in range(1, self.hwm):
                     x = &self.nodes[i]
@@ -2541,7 +2564,8 @@ cdef class RadixTreeCore:
 
     def reset(self):
         """Free every tree-owned KV slot (one ``allocator.free`` call) and every stored
-        Mamba state (one ``mamba_pool.free`` call), and empty the tree.
+        Mamba state (one ``mamba_pool.free`` call, or straight into the allocator of a pool
+        that books them), and empty the tree.
 
         Handles held by callers become stale; ``on_node_evict`` is not called. Node ids are
         not reused afterwards. If memory runs out while the empty tree is rebuilt, the
@@ -3031,38 +3055,19 @@ cdef class MambaTreeCore(RadixTreeCore):
         self._check_fresh()
         if mamba_pool is not None and not callable(getattr(mamba_pool, "free", None)):
             raise TypeError(f"mamba_pool: expected an object with free(slots), got {mamba_pool!r}")
+        # our allocator as the pool itself, or behind one (MambaPool.slot_allocator); read
+        # first, as the pool's Python code may raise: then no tree is built
+        books = (mamba_pool if type(mamba_pool) is TokenToKVPoolAllocator
+                 else getattr(mamba_pool, "slot_allocator", None))
         self.mamba = True
         self.mamba_pool = mamba_pool
         self.sliding_window_size = None
         self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
         Py_XDECREF(self._state_booking)   # an __init__ after a failed reset's
         self._state_booking = NULL
-        # our allocator as the pool itself, or behind one (MambaPool.slot_allocator)
-        books = (mamba_pool if type(mamba_pool) is TokenToKVPoolAllocator
-                 else getattr(mamba_pool, "slot_allocator", None))
         if type(books) is TokenToKVPoolAllocator and books.page_size == 1:
             Py_XINCREF(<PyObject*>books)
             self._state_booking = <PyObject*>books
-
-    def __del__(self):
-        """A dropped cache whose pool does not book its states (no ``slot_allocator``)
-        empties itself as ``reset()`` does: its states go back through ``mamba_pool.free``
-        (Python code, so this cannot wait for the deallocation, which hands back KV slots
-        and booked states in C) and its KV slots to the allocator. A finalizer runs before
-        the collector clears anything in a reference cycle, so the pool is still there.
-        Errors are swallowed, as the interpreter may be shutting down."""
-        if self.nodes == NULL or self.mamba_pool is None or self._state_booking != NULL:
-            return  # booked states go back in the deallocation, in C, as the KV slots
-        if self._aux_evictable + self._aux_protected == 0:
-            return  # no states; the deallocation gives the KV slots back without Python
-        try:
-            self._enter()
-            try:
-                self._reset_locked()
-            finally:
-                self._leave()
-        except BaseException:
-            pass
 
     def match_prefix(self, key):
         """Longest cached prefix of *key* that ends at a node holding a Mamba state.
@@ -3154,15 +3159,17 @@ cdef class MambaTreeCore(RadixTreeCore):
         exist = False
         if state >= 0:
             x = &self.nodes[last]
-            if x.aux_value >= 0:
+            if self._state_booking != NULL and not adopted:
+                # already the cache's: handed back at its own node (nothing to do) or, if the
+                # key changed under the extra_key's Python code after _book_state found it at
+                # this key's end, another node's. Either way the tree keeps it where it is,
+                # once, and the caller must not free it (mamba_exist False)
+                pass
+            elif x.aux_value >= 0:
                 # the node's own state handed back is no second one: the caller must not free it
                 exist = x.aux_value != state
                 if adopted and exist:
                     (<TokenToKVPoolAllocator>self._state_booking).disown_c(&slot, 1)
-            elif self._state_booking != NULL and not adopted:
-                # booked as another node's (the key changed under the extra_key's Python code
-                # after _book_state found it at this key's end): the tree keeps it there once
-                exist = True
             else:
                 x.aux_value = <int32_t>state
                 x.aux_lock_ref = 0
@@ -3230,7 +3237,8 @@ cdef class MambaTreeCore(RadixTreeCore):
         (least recently used by default) is dropped; a leaf losing its state is removed.
 
         KV slots go back in one ``allocator.free`` call, states in one ``mamba_pool.free``
-        call. Returns ``EvictResult(full_evicted, mamba_evicted=...)``. Each step removes a
+        call (a pool that books states, ``MambaPool`` or a ``TokenToKVPoolAllocator``, gets
+        them straight into its allocator: an override of its ``free`` is not called). Returns ``EvictResult(full_evicted, mamba_evicted=...)``. Each step removes a
         heap entry, so the loop ends; cost is proportional to what is evicted. A raising
         callback does not stop the others (as in :meth:`RadixCache.evict`).
         """
