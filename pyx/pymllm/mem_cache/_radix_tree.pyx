@@ -967,9 +967,10 @@ cdef class RadixTreeCore:
     cdef readonly object on_node_evict
     cdef readonly object sliding_window_size
     cdef readonly object mamba_pool
-    # mamba_pool.slot_allocator when it is our own TokenToKVPoolAllocator (page size 1): it
-    # books the states the tree holds as the cache's, as the KV allocator books KV slots
-    # (a strong reference the collector does not clear, as _booking_allocator)
+    # The state pool when it is our own TokenToKVPoolAllocator (page size 1), or its
+    # slot_allocator when that is one (MambaPool): it books the states the tree holds as the
+    # cache's, as the KV allocator books KV slots (a strong reference the collector does
+    # not clear, as _booking_allocator)
     cdef PyObject* _state_booking
     # The allocator again when it is our own TokenToKVPoolAllocator (it books the tree's
     # slots as the cache's), as a strong reference the collector does not clear: dropping
@@ -1103,11 +1104,10 @@ cdef class RadixTreeCore:
         cdef Node* x
         if self._booking_allocator != NULL:
             # The tree's slots are booked as the cache's: only it can give them back, so a
-            # dropped tree does, as reset() would (without on_node_evict; a Mamba tree's
-            # states in a pool that does not book them went back earlier, in __del__, which
-            # empties the tree). Node by node, so that
-            # no memory is needed; a node whose slots the allocator refuses (it was
-            # cleared meanwhile) is skipped.
+            # dropped tree does, as reset() would (without on_node_evict; what only Python
+            # can take back went earlier, in __del__, which then emptied the tree). Node by
+            # node, so that no memory is needed; a node whose slots the allocator refuses
+            # (it was cleared meanwhile) is skipped.
             if self.nodes != NULL:
                 for i in range(1, self.hwm):
                     x = &self.nodes[i]
@@ -3238,9 +3238,10 @@ cdef class MambaTreeCore(RadixTreeCore):
 
         KV slots go back in one ``allocator.free`` call, states in one ``mamba_pool.free``
         call (a pool that books states, ``MambaPool`` or a ``TokenToKVPoolAllocator``, gets
-        them straight into its allocator: an override of its ``free`` is not called). Returns ``EvictResult(full_evicted, mamba_evicted=...)``. Each step removes a
-        heap entry, so the loop ends; cost is proportional to what is evicted. A raising
-        callback does not stop the others (as in :meth:`RadixCache.evict`).
+        them straight into its allocator: an override of its ``free`` is not called).
+        Returns ``EvictResult(full_evicted, mamba_evicted=...)``. Each step removes a heap
+        entry, so the loop ends; cost is proportional to what is evicted. A raising callback
+        does not stop the others (as in :meth:`RadixCache.evict`).
         """
         self._enter()
         try:
