@@ -888,3 +888,94 @@ def test_mamba_init_reads_the_pools_books_before_building_the_tree() -> None:
     state = pool.pool.alloc(1)
     cache.insert(RadixKey([1, 2]), alloc.alloc(2), mamba_value=state)
     assert pool.slot_allocator.is_cached(state).all()
+
+
+def test_requests_that_unlock_in_their_del_after_the_cache_is_finalized() -> None:
+    """A scheduler, its cache (over a Python allocator) and requests whose ``__del__``
+    unlocks their node, collected together: the cache's finalizer may run first and hand
+    everything back; the requests' unlocks after it are then no-ops, not errors."""
+    import gc
+    import sys
+
+    kv = _PythonAllocator(64)
+    unraisable: list[Any] = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+
+    class Request:
+        def __init__(self, sched: Any, node: Any) -> None:
+            self.sched, self.node = sched, node
+            sched.cache.inc_lock_ref(node)
+
+        def __del__(self) -> None:
+            self.sched.cache.dec_lock_ref(self.node)
+
+    class Scheduler:
+        def __init__(self) -> None:
+            self.cache = RadixCache(token_to_kv_pool_allocator=kv, on_node_evict=self.on_evict)
+            self.requests: list[Request] = []
+
+        def on_evict(self, node_id: int) -> None:
+            pass
+
+    try:
+        sched = Scheduler()
+        for toks in ([1, 2, 3], [4, 5]):
+            r = sched.cache.insert(RadixKey(toks), kv.alloc(len(toks)))
+            sched.requests.append(Request(sched, r.last_node))
+        del sched, r
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert not unraisable, [u.exc_value for u in unraisable]
+    assert kv.books.available_size() == 64
+
+
+def test_a_cache_whose_finalizer_runs_out_of_memory_still_hands_its_slots_back() -> None:
+    import gc
+
+    from pymllm.mem_cache import _radix_tree
+
+    kv = _PythonAllocator(128)
+    cache = RadixCache(token_to_kv_pool_allocator=kv)
+    cache.insert(RadixKey(list(range(1, 101))), kv.alloc(100))
+    _radix_tree._fail_scratch_growth_after(0)  # the finalizer's reset cannot copy them out
+    try:
+        del cache
+        gc.collect()
+    finally:
+        _radix_tree._fail_scratch_growth_after(-1)
+    assert kv.books.available_size() == 128
+
+
+def test_a_cache_brought_back_by_its_finalizer_and_dropped_again_hands_back_the_rest() -> None:
+    """A finalizer runs once: a cache resurrected by its allocator's free (which keeps a
+    reference), used again and dropped, gives back the slots it took since."""
+    import gc
+
+    saved: list[Any] = []
+
+    class Resurrecting(_PythonAllocator):
+        owner: Any = None
+
+        def free(self, slots: Any) -> None:
+            super().free(slots)
+            if self.owner is not None:
+                saved.append(self.owner)
+                self.owner = None
+
+    kv = Resurrecting(16)
+    cache = RadixCache(token_to_kv_pool_allocator=kv)
+    cache.insert(RadixKey([1, 2, 3]), kv.alloc(3))
+    kv.owner = cache  # a cycle: cache <-> allocator, nothing else holds either
+    books = kv.books
+    del cache, kv
+    gc.collect()
+    assert books.available_size() == 16 and len(saved) == 1
+    cache = saved.pop()
+    cache._check_invariants()
+    assert cache.total_size() == 0
+    cache.insert(RadixKey([4, 5]), books.alloc(2))
+    del cache  # by reference count now; its finalizer has run already
+    gc.collect()
+    assert books.available_size() == 16

@@ -972,6 +972,9 @@ cdef class RadixTreeCore:
     # cache's, as the KV allocator books KV slots (a strong reference the collector does
     # not clear, as _booking_allocator)
     cdef PyObject* _state_booking
+    # Set by __del__ when it empties a dropped tree: node ids below it were handed back
+    # then, and unlocking a handle to one of them is a no-op (see dec_lock_ref)
+    cdef int64_t _finalized_below
     # The allocator again when it is our own TokenToKVPoolAllocator (it books the tree's
     # slots as the cache's), as a strong reference the collector does not clear: dropping
     # the tree hands its slots back through it, even when the tree dies in a cycle.
@@ -995,6 +998,7 @@ cdef class RadixTreeCore:
         self._booking_allocator = NULL
         self._booking_kind = 0
         self._state_booking = NULL
+        self._finalized_below = 0
 
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None, eviction_policy="lru"):
@@ -1093,6 +1097,7 @@ cdef class RadixTreeCore:
         try:
             self._enter()
             try:
+                self._finalized_below = self.next_uid
                 self._reset_locked()
             finally:
                 self._leave()
@@ -1102,36 +1107,49 @@ cdef class RadixTreeCore:
     def __dealloc__(self):
         cdef int64_t i
         cdef Node* x
-        if self._booking_allocator != NULL:
-            # The tree's slots are booked as the cache's: only it can give them back, so a
-            # dropped tree does, as reset() would (without on_node_evict; what only Python
-            # can take back went earlier, in __del__, which then emptied the tree). Node by
-            # node, so that no memory is needed; a node whose slots the allocator refuses
-            # (it was cleared meanwhile) is skipped.
-            if self.nodes != NULL:
-                for i in range(1, self.hwm):
-                    x = &self.nodes[i]
-                    if x.uid >= 0 and x.len > 0:
-                        try:
+        cdef bint booked_kv = self._booking_allocator != NULL
+        cdef bint booked_states = self._state_booking != NULL
+        # What the tree still holds goes back, as reset() would (without on_node_evict),
+        # node by node so that no memory is needed; what an owner refuses (an allocator
+        # cleared meanwhile, a free that raises) is skipped. Booked slots and states go in
+        # C. The rest went in __del__, which empties the tree, unless it could not: memory
+        # ran out there, or the cache was brought back to life after it and dropped again (a
+        # finalizer runs once). Then the owners' free is called here, unless the collector
+        # has cleared the references to them (a cycle).
+        kv_free = state_free = None
+        if self.nodes != NULL and self.hwm > 1:
+            try:
+                if not booked_kv and self.token_to_kv_pool_allocator is not None:
+                    kv_free = self.token_to_kv_pool_allocator.free
+                if self.mamba and not booked_states and self.mamba_pool is not None:
+                    state_free = self.mamba_pool.free
+            except BaseException:
+                pass
+            for i in range(1, self.hwm):
+                x = &self.nodes[i]
+                if x.uid < 0:
+                    continue
+                if x.len > 0 and (booked_kv or kv_free is not None):
+                    try:
+                        if booked_kv:
                             self._free_booked(x.value, x.len)
-                        except BaseException:
-                            pass
-            Py_XDECREF(self._booking_allocator)
-            self._booking_allocator = NULL
-        if self._state_booking != NULL:
-            # booked states (__del__ leaves them here): back to their pool's allocator,
-            # node by node, as the KV slots above
-            if self.nodes != NULL:
-                for i in range(1, self.hwm):
-                    x = &self.nodes[i]
-                    if x.uid >= 0 and x.aux_value >= 0:
-                        try:
+                        else:
+                            _hand_over(kv_free, x.value, x.len)
+                    except BaseException:
+                        pass
+                if self.mamba and x.aux_value >= 0 and (booked_states or state_free is not None):
+                    try:
+                        if booked_states:
                             (<TokenToKVPoolAllocator>self._state_booking).free_c(
                                 &x.aux_value, 1, PAGE_CACHED)
-                        except BaseException:
-                            pass
-            Py_XDECREF(self._state_booking)
-            self._state_booking = NULL
+                        else:
+                            _hand_over(state_free, <idx_t*>&x.aux_value, 1)
+                    except BaseException:
+                        pass
+        Py_XDECREF(self._booking_allocator)
+        self._booking_allocator = NULL
+        Py_XDECREF(self._state_booking)
+        self._state_booking = NULL
         self._release_storage()
 
     # -- thread guard -------------------------------------------------------------------
@@ -1576,6 +1594,17 @@ cdef class RadixTreeCore:
         if h._slot >= self.hwm or self.nodes[h._slot].uid != h._uid:
             raise StaleNodeError(f"node: node {h._uid} was evicted; match the key again")
         return h._slot
+
+    cdef bint _finalized_handle(self, object node) noexcept:
+        """Whether *node* is a handle to one of the nodes this cache's finalizer handed back
+        (the cache was dropped, and is being used again: by a request's ``__del__`` that
+        unlocks its node, run after the cache's own finalizer in the same garbage)."""
+        cdef TreeNode h
+        if not isinstance(node, TreeNode):
+            return False
+        h = <TreeNode>node
+        return (h._tree is self and h._uid < self._finalized_below
+                and (h._slot >= self.hwm or self.nodes[h._slot].uid != h._uid))
 
     cdef inline TreeNode _handle(self, nid_t n):
         cdef TreeNode h
@@ -2459,10 +2488,14 @@ cdef class RadixTreeCore:
 
         Raises ``LockStateError`` (and changes nothing) when the node holds no lock, or
         (with a sliding window) when ``swa_boundary_id`` does not match a held SWA lock.
-        Unlocking the root is a no-op.
+        Unlocking the root is a no-op, and so is unlocking a node that a dropped cache
+        handed back in its finalizer (a request's ``__del__`` may run after the cache's,
+        when both are collected together).
         """
         self._enter()
         try:
+            if self._finalized_below and self._finalized_handle(node):
+                return None
             return self._dec_lock_ref_locked(node, swa_boundary_id)
         finally:
             self._leave()
@@ -3311,6 +3344,8 @@ cdef class MambaTreeCore(RadixTreeCore):
         when the node, or (token True) its state, holds no lock."""
         self._enter()
         try:
+            if self._finalized_below and self._finalized_handle(node):
+                return None
             return self._dec_lock_ref_mamba(node, swa_boundary_id)
         finally:
             self._leave()
