@@ -77,6 +77,7 @@ from pymllm.mem_cache import (
     TokenToKVPoolAllocator,
 )
 from pymllm.mem_cache.errors import (
+    AllocatorStateError,
     InvalidFreeError,
     InvalidValueError,
     LockStateError,
@@ -199,7 +200,10 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             if "pool" not in self._mamba_pools:
                 self._mamba_pools["pool"] = MambaPool(STATES, 1, (1,), (1,))
             self.states = self._mamba_pools["pool"]
-            self.states.clear()
+            try:
+                self.states.clear()
+            except AllocatorStateError:  # an earlier run failed with its tree's states booked
+                self.states = self._mamba_pools["pool"] = MambaPool(STATES, 1, (1,), (1,))
             self.state_books = SlotBooks(STATES)
             self.ref = RefMambaRadixCache(
                 1, token_to_kv_pool_allocator=self.books, mamba_pool=self.state_books, **hooks_r
