@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 
 from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey, TokenToKVPoolAllocator
-from pymllm.mem_cache.errors import AllocatorStateError, InvalidFreeError, InvalidValueError
+from pymllm.mem_cache.errors import (
+    AllocatorStateError,
+    InvalidFreeError,
+    InvalidValueError,
+    StaleNodeError,
+)
 
 
 def _stack(page_size: int = 1, size: int = 64, mamba: bool = False) -> tuple[Any, Any]:
@@ -979,3 +984,146 @@ def test_a_cache_brought_back_by_its_finalizer_and_dropped_again_hands_back_the_
     del cache  # by reference count now; its finalizer has run already
     gc.collect()
     assert books.available_size() == 16
+
+
+def test_unlocks_after_a_finalizer_that_could_not_rebuild_the_tree() -> None:
+    """The finalizer hands everything back but runs out of memory rebuilding the empty
+    tree: the requests' unlocks after it are still no-ops (no tree is needed for them)."""
+    import gc
+    import sys
+
+    from pymllm.mem_cache import _radix_tree
+
+    kv = _PythonAllocator(16)
+    unraisable: list[Any] = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+
+    class Request:
+        def __init__(self, cache: Any, node: Any) -> None:
+            self.cache, self.node = cache, node
+            cache.inc_lock_ref(node)
+
+        def __del__(self) -> None:
+            self.cache.dec_lock_ref(self.node)
+
+    class Scheduler:
+        def __init__(self) -> None:
+            self.cache = RadixCache(token_to_kv_pool_allocator=kv, on_node_evict=self.on_evict)
+            self.requests: list[Request] = []
+
+        def on_evict(self, node_id: int) -> None:
+            pass
+
+    try:
+        sched = Scheduler()
+        for toks in ([1, 2, 3], [4, 5]):
+            r = sched.cache.insert(RadixKey(toks), kv.alloc(len(toks)))
+            sched.requests.append(Request(sched.cache, r.last_node))
+        del sched, r
+        _radix_tree._fail_next_storage_inits(1)
+        gc.collect()
+    finally:
+        _radix_tree._fail_next_storage_inits(0)
+        sys.unraisablehook = old_hook
+    assert not unraisable, [u.exc_value for u in unraisable]
+    assert kv.books.available_size() == 16
+
+
+def test_after_the_finalizer_only_the_locks_it_found_unlock_silently() -> None:
+    """On a cache brought back to life after its finalizer, each lock held at finalization
+    can be undone once, silently; a second unlock, or one of a node evicted earlier, still
+    raises as on any cache."""
+    import gc
+
+    saved: list[Any] = []
+
+    class Resurrecting(_PythonAllocator):
+        owner: Any = None
+        handles: Any = None
+
+        def free(self, slots: Any) -> None:
+            super().free(slots)
+            if self.owner is not None:
+                saved.append(self.owner)
+                self.owner = None
+
+    kv = Resurrecting(16)
+    cache = RadixCache(token_to_kv_pool_allocator=kv)
+    cache.insert(RadixKey([1, 2, 3]), kv.alloc(3))
+    cache.insert(RadixKey([7, 8]), kv.alloc(2))
+    locked = cache.match_prefix(RadixKey([1, 2, 3])).last_node
+    cache.inc_lock_ref(locked)
+    cache.inc_lock_ref(locked)
+    gone = cache.match_prefix(RadixKey([7, 8])).last_node
+    cache.evict(2)  # [7, 8]: evicted before the finalizer
+    assert gone.evicted
+    kv.owner = cache
+    kv.handles = (locked, gone)  # in the garbage too: a handle keeps its cache alive
+    del cache, kv, locked, gone
+    gc.collect()
+    cache = saved.pop()
+    locked, gone = cache.token_to_kv_pool_allocator.handles
+    with pytest.raises(StaleNodeError):
+        cache.dec_lock_ref(gone)
+    assert cache.dec_lock_ref(locked) is None
+    assert cache.dec_lock_ref(locked) is None  # it held two locks
+    with pytest.raises(StaleNodeError):
+        cache.dec_lock_ref(locked)
+    cache._check_invariants()
+
+
+def test_a_cache_the_collector_cleared_refuses_calls_from_code_run_meanwhile() -> None:
+    """While the collector destroys a reference cycle it clears a cache that code still
+    reaches: here another dying cache's allocator, which runs from that cache's
+    deallocation (its finalizer could not reset it). The call raises instead of crashing
+    the interpreter (a child process, so that a crash fails this test only)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import gc
+        import numpy as np
+        from pymllm.mem_cache import RadixCache, RadixKey, TokenToKVPoolAllocator
+        from pymllm.mem_cache import _radix_tree
+
+        books = TokenToKVPoolAllocator(16, need_sort=False)
+        outcomes = []
+
+        class Alloc:
+            __slots__ = ("peer", "holder")  # they survive the collector's clear of this
+
+            def alloc(self, n):
+                return books.alloc(n)
+
+            def free(self, slots):
+                books.free(slots)
+                try:
+                    self.peer.match_prefix(RadixKey([1, 2]))
+                    outcomes.append("returned")
+                except Exception as exc:
+                    outcomes.append(type(exc).__name__)
+
+        def scenario():
+            peer = RadixCache()  # tracked first: cleared first
+            peer.insert(RadixKey([1, 2, 3]), np.arange(1, 4, dtype=np.int32))
+            kv = Alloc()
+            kv.peer = peer
+            holder = []
+            cache = RadixCache(token_to_kv_pool_allocator=kv)
+            cache.insert(RadixKey([1, 2, 3]), kv.alloc(3))
+            holder.append(cache)
+            kv.holder = holder  # cache -> kv -> holder -> cache; kv -> peer
+
+        scenario()
+        _radix_tree._fail_scratch_growth_after(0)  # the cache's finalizer cannot reset it
+        gc.collect()
+        _radix_tree._fail_scratch_growth_after(-1)
+        print(outcomes, books.available_size())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["['NotInitializedError']", "16"]

@@ -972,9 +972,9 @@ cdef class RadixTreeCore:
     # cache's, as the KV allocator books KV slots (a strong reference the collector does
     # not clear, as _booking_allocator)
     cdef PyObject* _state_booking
-    # Set by __del__ when it empties a dropped tree: node ids below it were handed back
-    # then, and unlocking a handle to one of them is a no-op (see dec_lock_ref)
-    cdef int64_t _finalized_below
+    # Set by __del__ when it empties a dropped tree: {node id: lock count} of the nodes
+    # locked then; unlocking one of those locks later is a no-op (see dec_lock_ref)
+    cdef object _finalized_locks
     # The allocator again when it is our own TokenToKVPoolAllocator (it books the tree's
     # slots as the cache's), as a strong reference the collector does not clear: dropping
     # the tree hands its slots back through it, even when the tree dies in a cycle.
@@ -998,7 +998,6 @@ cdef class RadixTreeCore:
         self._booking_allocator = NULL
         self._booking_kind = 0
         self._state_booking = NULL
-        self._finalized_below = 0
 
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None, eviction_policy="lru"):
@@ -1097,7 +1096,9 @@ cdef class RadixTreeCore:
         try:
             self._enter()
             try:
-                self._finalized_below = self.next_uid
+                self._finalized_locks = {self.nodes[i].uid: self.nodes[i].lock_ref
+                                         for i in range(1, self.hwm)
+                                         if self.nodes[i].uid >= 0 and self.nodes[i].lock_ref > 0}
                 self._reset_locked()
             finally:
                 self._leave()
@@ -1160,7 +1161,7 @@ cdef class RadixTreeCore:
         our own callbacks, and hold the garbage collector off until the call returns. The
         caller calls _leave in a finally clause."""
         cdef unsigned long me = PyThread_get_thread_ident()
-        if self.nodes == NULL:
+        if self.nodes == NULL or self._idx_out is None:
             self._not_initialized()
         if self._owner != 0:
             self._wait_turn(me)
@@ -1189,7 +1190,15 @@ cdef class RadixTreeCore:
 
     cdef int _not_initialized(self) except -1:
         """Every public call starts here when there is no tree (nodes NULL): __init__ never
-        ran (``__new__``, a subclass that skipped ``super().__init__()``) or it raised."""
+        ran (``__new__``, a subclass that skipped ``super().__init__()``) or it raised; or
+        when the garbage collector has cleared the cache's references (it is destroying the
+        cache, caught in a reference cycle, and code that runs meanwhile, such as another
+        cache's allocator, still reaches it)."""
+        if self.nodes != NULL:
+            raise NotInitializedError(
+                f"{type(self).__name__} is being destroyed: the garbage collector cleared it "
+                "as part of a reference cycle"
+            )
         raise NotInitializedError(
             f"{type(self).__name__} has no tree: its __init__ did not run to completion"
         )
@@ -1595,16 +1604,22 @@ cdef class RadixTreeCore:
             raise StaleNodeError(f"node: node {h._uid} was evicted; match the key again")
         return h._slot
 
-    cdef bint _finalized_handle(self, object node) noexcept:
-        """Whether *node* is a handle to one of the nodes this cache's finalizer handed back
-        (the cache was dropped, and is being used again: by a request's ``__del__`` that
-        unlocks its node, run after the cache's own finalizer in the same garbage)."""
+    cdef bint _finalized_unlock(self, object node) except -1:
+        """Whether unlocking *node* undoes a lock its node held when this cache's finalizer
+        emptied the tree (the cache was dropped, and a request's ``__del__`` that unlocks
+        its node runs after the cache's own, in the same garbage): then that lock is
+        counted off and the unlock is a no-op. Each such lock is undone once."""
         cdef TreeNode h
         if not isinstance(node, TreeNode):
             return False
         h = <TreeNode>node
-        return (h._tree is self and h._uid < self._finalized_below
-                and (h._slot >= self.hwm or self.nodes[h._slot].uid != h._uid))
+        if h._tree is not self:
+            return False
+        held = self._finalized_locks.get(h._uid, 0)
+        if held <= 0:
+            return False
+        self._finalized_locks[h._uid] = held - 1
+        return True
 
     cdef inline TreeNode _handle(self, nid_t n):
         cdef TreeNode h
@@ -2488,14 +2503,15 @@ cdef class RadixTreeCore:
 
         Raises ``LockStateError`` (and changes nothing) when the node holds no lock, or
         (with a sliding window) when ``swa_boundary_id`` does not match a held SWA lock.
-        Unlocking the root is a no-op, and so is unlocking a node that a dropped cache
-        handed back in its finalizer (a request's ``__del__`` may run after the cache's,
-        when both are collected together).
+        Unlocking the root is a no-op, and so is undoing a lock that a dropped cache's
+        finalizer found held when it handed everything back (a request's ``__del__`` may
+        run after the cache's, when both are collected together).
         """
+        # before _enter: after the finalizer, the tree may be gone (rebuilding it failed)
+        if self._finalized_locks is not None and self._finalized_unlock(node):
+            return None
         self._enter()
         try:
-            if self._finalized_below and self._finalized_handle(node):
-                return None
             return self._dec_lock_ref_locked(node, swa_boundary_id)
         finally:
             self._leave()
@@ -3342,10 +3358,10 @@ cdef class MambaTreeCore(RadixTreeCore):
         without the token (None) a state lock is released only if the node holds one, which
         can release another request's: keep the token. ``LockStateError`` (nothing changed)
         when the node, or (token True) its state, holds no lock."""
+        if self._finalized_locks is not None and self._finalized_unlock(node):
+            return None  # before _enter, as in RadixTreeCore.dec_lock_ref
         self._enter()
         try:
-            if self._finalized_below and self._finalized_handle(node):
-                return None
             return self._dec_lock_ref_mamba(node, swa_boundary_id)
         finally:
             self._leave()
