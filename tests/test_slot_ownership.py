@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey, TokenToKVPoolAllocator
 from pymllm.mem_cache.errors import (
@@ -1078,8 +1079,6 @@ def test_a_cache_the_collector_cleared_refuses_calls_from_code_run_meanwhile() -
     reaches: here another dying cache's allocator, which runs from that cache's
     deallocation (its finalizer could not reset it). The call raises instead of crashing
     the interpreter (a child process, so that a crash fails this test only)."""
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent(
@@ -1124,6 +1123,4 @@ def test_a_cache_the_collector_cleared_refuses_calls_from_code_run_meanwhile() -
         print(outcomes, books.available_size())
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["['NotInitializedError']", "16"]
+    assert run_child(code, timeout=120).split() == ["['NotInitializedError']", "16"]
