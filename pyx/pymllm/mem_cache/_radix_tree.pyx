@@ -1969,11 +1969,7 @@ cdef class RadixTreeCore:
             if self._booking_kind:
                 # booked: the slots are checked before the namespace is taken (a refused
                 # insert leaves no namespace behind), and taken for good below
-                try:
-                    self._adopt(vals, aligned)
-                except BaseException:
-                    free(k1); free(k2)
-                    raise
+                self._adopt_or_free(vals, aligned, k1, k2)
             try:
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
@@ -2031,11 +2027,7 @@ cdef class RadixTreeCore:
             # Booked: the slots the tree keeps must be a caller's (taken first, checked);
             # the revived tombstones' own slots are the caller's for the one free call
             # below, which must then find every duplicate a caller's too
-            try:
-                self._adopt(kept, n_kept)
-            except BaseException:
-                free(k1); free(k2)
-                raise
+            self._adopt_or_free(kept, n_kept, k1, k2)
             self._disown(tree_old, n_old)
             if n_free > 0:
                 try:
@@ -2106,11 +2098,7 @@ cdef class RadixTreeCore:
             # code, which could change the caller's array (or let a thread change it)
             _alloc_node_arrays(aligned, w, &new_key, &new_val)
             copy32(new_val, vals, aligned)
-            try:
-                self._adopt(new_val, aligned)
-            except BaseException:
-                free(new_key)   # and new_val, in the same block
-                raise
+            self._adopt_or_free(new_val, aligned, new_key)  # new_val is in new_key's block
             try:
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
@@ -2144,11 +2132,7 @@ cdef class RadixTreeCore:
             # which leaves the cached content as it was) stand
             _alloc_node_arrays(aligned - matched, w, &new_key, &new_val)
             copy32(new_val, vals + matched, aligned - matched)
-            try:
-                self._adopt(new_val, aligned - matched)
-            except BaseException:
-                free(new_key)
-                raise
+            self._adopt_or_free(new_val, aligned - matched, new_key)
         # a new leaf for the rest under `last` (a fresh namespace's leaf's slots were copied
         # and taken above)
         copy32(new_key, kv.tok + matched * w, (aligned - matched) * w)
@@ -2164,6 +2148,18 @@ cdef class RadixTreeCore:
             (<TokenToKVPoolAllocator>self._booking_allocator).adopt_c(vals, n)
         elif self._booking_kind == BOOK_SWA:
             (<SWATokenToKVPoolAllocator>self._booking_allocator).adopt_c(vals, n)
+        return 0
+
+    cdef int _adopt_or_free(self, const idx_t* vals, int64_t n, void* block,
+                            void* block2=NULL) except -1:
+        """_adopt(vals, n) for an insert whose new node arrays are allocated: when the
+        slots are refused, those blocks (free()able, NULL for none) go before the error
+        propagates."""
+        try:
+            self._adopt(vals, n)
+        except BaseException:
+            free(block); free(block2)
+            raise
         return 0
 
     cdef void _disown(self, const idx_t* vals, int64_t n) noexcept:
