@@ -896,25 +896,27 @@ def test_mamba_init_reads_the_pools_books_before_building_the_tree() -> None:
     assert pool.slot_allocator.is_cached(state).all()
 
 
-def test_requests_that_unlock_in_their_del_after_the_cache_is_finalized() -> None:
-    """A scheduler, its cache (over a Python allocator) and requests whose ``__del__``
-    unlocks their node, collected together: the cache's finalizer may run first and hand
-    everything back; the requests' unlocks after it are then no-ops, not errors."""
+def _collect_scheduler_with_requests(kv: Any, fail_rebuild: bool = False) -> list[Any]:
+    """A scheduler, its cache over *kv* and two requests whose ``__del__`` unlocks their
+    node, left as garbage and collected together (the cache's finalizer may run first);
+    with *fail_rebuild* the finalizer's reset cannot rebuild the empty tree. Returns what
+    the collection raised where nobody could catch it (``sys.unraisablehook``)."""
     import gc
     import sys
 
-    kv = _PythonAllocator(64)
+    from pymllm.mem_cache import _radix_tree
+
     unraisable: list[Any] = []
     old_hook = sys.unraisablehook
     sys.unraisablehook = unraisable.append
 
     class Request:
-        def __init__(self, sched: Any, node: Any) -> None:
-            self.sched, self.node = sched, node
-            sched.cache.inc_lock_ref(node)
+        def __init__(self, cache: Any, node: Any) -> None:
+            self.cache, self.node = cache, node
+            cache.inc_lock_ref(node)
 
         def __del__(self) -> None:
-            self.sched.cache.dec_lock_ref(self.node)
+            self.cache.dec_lock_ref(self.node)
 
     class Scheduler:
         def __init__(self) -> None:
@@ -928,11 +930,23 @@ def test_requests_that_unlock_in_their_del_after_the_cache_is_finalized() -> Non
         sched = Scheduler()
         for toks in ([1, 2, 3], [4, 5]):
             r = sched.cache.insert(RadixKey(toks), kv.alloc(len(toks)))
-            sched.requests.append(Request(sched, r.last_node))
+            sched.requests.append(Request(sched.cache, r.last_node))
         del sched, r
+        if fail_rebuild:
+            _radix_tree._fail_next_storage_inits(1)
         gc.collect()
     finally:
+        _radix_tree._fail_next_storage_inits(0)
         sys.unraisablehook = old_hook
+    return unraisable
+
+
+def test_requests_that_unlock_in_their_del_after_the_cache_is_finalized() -> None:
+    """A scheduler, its cache (over a Python allocator) and requests whose ``__del__``
+    unlocks their node, collected together: the cache's finalizer may run first and hand
+    everything back; the requests' unlocks after it are then no-ops, not errors."""
+    kv = _PythonAllocator(64)
+    unraisable = _collect_scheduler_with_requests(kv)
     assert not unraisable, [u.exc_value for u in unraisable]
     assert kv.books.available_size() == 64
 
@@ -990,43 +1004,8 @@ def test_a_cache_brought_back_by_its_finalizer_and_dropped_again_hands_back_the_
 def test_unlocks_after_a_finalizer_that_could_not_rebuild_the_tree() -> None:
     """The finalizer hands everything back but runs out of memory rebuilding the empty
     tree: the requests' unlocks after it are still no-ops (no tree is needed for them)."""
-    import gc
-    import sys
-
-    from pymllm.mem_cache import _radix_tree
-
     kv = _PythonAllocator(16)
-    unraisable: list[Any] = []
-    old_hook = sys.unraisablehook
-    sys.unraisablehook = unraisable.append
-
-    class Request:
-        def __init__(self, cache: Any, node: Any) -> None:
-            self.cache, self.node = cache, node
-            cache.inc_lock_ref(node)
-
-        def __del__(self) -> None:
-            self.cache.dec_lock_ref(self.node)
-
-    class Scheduler:
-        def __init__(self) -> None:
-            self.cache = RadixCache(token_to_kv_pool_allocator=kv, on_node_evict=self.on_evict)
-            self.requests: list[Request] = []
-
-        def on_evict(self, node_id: int) -> None:
-            pass
-
-    try:
-        sched = Scheduler()
-        for toks in ([1, 2, 3], [4, 5]):
-            r = sched.cache.insert(RadixKey(toks), kv.alloc(len(toks)))
-            sched.requests.append(Request(sched.cache, r.last_node))
-        del sched, r
-        _radix_tree._fail_next_storage_inits(1)
-        gc.collect()
-    finally:
-        _radix_tree._fail_next_storage_inits(0)
-        sys.unraisablehook = old_hook
+    unraisable = _collect_scheduler_with_requests(kv, fail_rebuild=True)
     assert not unraisable, [u.exc_value for u in unraisable]
     assert kv.books.available_size() == 16
 
