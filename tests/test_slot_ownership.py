@@ -968,23 +968,30 @@ def test_a_cache_whose_finalizer_runs_out_of_memory_still_hands_its_slots_back()
     assert kv.books.available_size() == 128
 
 
+class _Resurrecting(_PythonAllocator):
+    """Brings its cache back to life: the first ``free`` after ``owner`` is set (a
+    finalizer's) stores the cache in *saved*. ``handles`` rides along in the garbage."""
+
+    def __init__(self, size: int, saved: list[Any]) -> None:
+        super().__init__(size)
+        self.saved = saved
+        self.owner: Any = None
+        self.handles: Any = None
+
+    def free(self, slots: Any) -> None:
+        super().free(slots)
+        if self.owner is not None:
+            self.saved.append(self.owner)
+            self.owner = None
+
+
 def test_a_cache_brought_back_by_its_finalizer_and_dropped_again_hands_back_the_rest() -> None:
     """A finalizer runs once: a cache resurrected by its allocator's free (which keeps a
     reference), used again and dropped, gives back the slots it took since."""
     import gc
 
     saved: list[Any] = []
-
-    class Resurrecting(_PythonAllocator):
-        owner: Any = None
-
-        def free(self, slots: Any) -> None:
-            super().free(slots)
-            if self.owner is not None:
-                saved.append(self.owner)
-                self.owner = None
-
-    kv = Resurrecting(16)
+    kv = _Resurrecting(16, saved)
     cache = RadixCache(token_to_kv_pool_allocator=kv)
     cache.insert(RadixKey([1, 2, 3]), kv.alloc(3))
     kv.owner = cache  # a cycle: cache <-> allocator, nothing else holds either
@@ -1017,18 +1024,7 @@ def test_after_the_finalizer_only_the_locks_it_found_unlock_silently() -> None:
     import gc
 
     saved: list[Any] = []
-
-    class Resurrecting(_PythonAllocator):
-        owner: Any = None
-        handles: Any = None
-
-        def free(self, slots: Any) -> None:
-            super().free(slots)
-            if self.owner is not None:
-                saved.append(self.owner)
-                self.owner = None
-
-    kv = Resurrecting(16)
+    kv = _Resurrecting(16, saved)
     cache = RadixCache(token_to_kv_pool_allocator=kv)
     cache.insert(RadixKey([1, 2, 3]), kv.alloc(3))
     cache.insert(RadixKey([7, 8]), kv.alloc(2))
