@@ -13,11 +13,12 @@
 #   any object allocation may run a finalizer, and either can hand the GIL to another
 #   thread in the middle of a call.
 #
-# Bad input is rejected before anything is mutated; the capacity a mutation needs (nodes,
-# map entries, heap slots) is reserved before it starts. A node's arrays are allocated once
-# its size is known, after the walk: a MemoryError there leaves the tree consistent, with
-# the walk's recency updates and splits (which keep the cached content), and before any KV
-# index changes hands.
+# A call that raises changes nothing. Bad input is rejected before anything is mutated;
+# the capacity a mutation needs (nodes, map entries, heap slots) is reserved before it
+# starts. The walk that match and insert share is read-only (_scan): what can still fail
+# after it (a node's arrays, sized once the walk knows the match; the allocator's check of
+# the slots an insert hands over) runs before the split at the match end, the recency
+# updates and the new nodes, which cannot fail.
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.object cimport PyObject, PyTypeObject
@@ -820,11 +821,36 @@ cdef inline void _shrink(void** block, size_t nbytes) noexcept:
         block[0] = p
 
 
+# Test hook: after this many more node blocks (a new leaf's, a split's upper half's), the
+# next one raises MemoryError (once); -1: off.
+cdef int _node_fuse = -1
+
+
+def _fail_node_arrays_after(int count):
+    """Test hook: `count` more node blocks are allocated, then one allocation raises
+    MemoryError (once); -1 turns it off."""
+    global _node_fuse
+    _node_fuse = count
+
+
+cdef int _burn_node_fuse(tok_t** key, idx_t** value) except -1:
+    global _node_fuse
+    if _node_fuse == 0:
+        _node_fuse = -1
+        key[0] = NULL
+        value[0] = NULL
+        raise MemoryError("out of memory (injected by _fail_node_arrays_after)")
+    _node_fuse -= 1
+    return 0
+
+
 cdef int _alloc_node_arrays(int64_t n, int32_t w, tok_t** key, idx_t** value) except -1:
     """malloc a node's key (n positions of w tokens) and value (n slots) as one block,
     exactly sized: the key, then the value right after it. `key` owns the block (free(key)
     frees both); a match reads the two in one stream, and a node costs one malloc and one
     free. MemoryError, with nothing allocated, if it fails."""
+    if _node_fuse >= 0:
+        _burn_node_fuse(key, value)
     key[0] = <tok_t*>malloc(n * (w + 1) * sizeof(tok_t))
     if key[0] == NULL:
         value[0] = NULL
@@ -1640,6 +1666,12 @@ cdef class RadixTreeCore:
         cdef tok_t* ukey
         cdef idx_t* uvalue
         _alloc_node_arrays(m, self.nodes[x].width, &ukey, &uvalue)
+        return self._split_into(x, m, ukey)
+
+    cdef nid_t _split_into(self, nid_t x, int64_t m, tok_t* ukey) noexcept:
+        """_split with the upper node's block already allocated (by _alloc_node_arrays, for
+        m positions of x's width): it cannot fail. The upper node takes the block."""
+        cdef idx_t* uvalue = <idx_t*>(ukey + m * self.nodes[x].width)
         cdef nid_t u = self._take_slot()
         cdef Node* X = &self.nodes[x]
         cdef Node* U = &self.nodes[u]
@@ -1689,25 +1721,22 @@ cdef class RadixTreeCore:
             self._hash_cache[u] = hashes[:k]
             self._hash_cache[x] = hashes[k:]
 
-    cdef int64_t _walk(self, const KeyView* kv, int32_t ns, int64_t limit, bint count_hit,
-                       nid_t* last, int64_t* path_len, bint do_split=True,
-                       int64_t* partial=NULL) except -1:
-        """Follow kv from the root over at most `limit` positions, splitting a node where the
-        match ends inside it. Touches matched nodes with the clock; records them in the nid
-        scratch. Returns the matched length; *last is the deepest matched node.
-
-        With do_split False a match ending inside a node stops before it (untouched) and
-        *partial receives the page-aligned length matched inside it."""
+    cdef int64_t _scan(self, const KeyView* kv, int32_t ns, int64_t limit, nid_t* last,
+                       int64_t* path_len, nid_t* part_node, int64_t* part_m) except -1:
+        """Follow kv from the root over at most `limit` positions, changing nothing: records
+        the wholly matched nodes in the nid scratch and returns their length; *last is the
+        deepest of them. When the match goes on inside the next node, *part_node is that
+        node and *part_m the page-aligned length matched in it (else NIL and 0). Only
+        reserving the scratch can raise (MemoryError)."""
         cdef int64_t P = self.page_size
         cdef int32_t w = kv.width
         cdef int64_t pos = 0, m, avail
         cdef nid_t cur = ROOT, child
         cdef nid_t* path = <nid_t*>self._nid_scratch.reserve(limit // P + 1)
         cdef Node* c
-        cdef bint split
         path_len[0] = 0
-        if partial != NULL:
-            partial[0] = 0
+        part_node[0] = NIL
+        part_m[0] = 0
         cdef uint64_t h = 0, h_next
         if limit >= P:
             h = _page_hash(ROOT, ns, kv.tok, P * w)
@@ -1728,13 +1757,28 @@ cdef class RadixTreeCore:
             avail = limit - pos
             m = _common_positions(c.key, kv.tok + pos * w, c.len if c.len < avail else avail, w)
             m -= m % P
-            split = m < c.len
-            if split:
-                if not do_split:
-                    partial[0] = m
-                    break
-                child = self._split(child, m)
-                c = &self.nodes[child]
+            if m < c.len:   # the key diverges (or ends) inside the node: nothing below
+                part_node[0] = child
+                part_m[0] = m
+                break
+            path[path_len[0]] = child
+            path_len[0] += 1
+            pos += m
+            cur = child
+            h = h_next
+        last[0] = cur
+        return pos
+
+    cdef void _touch_path(self, int64_t n_path, bint count_hit) noexcept:
+        """Refresh the first n_path nodes of the nid scratch (a walk's path): recency, and
+        with count_hit the hit count (and the LFU/SLRU priority that follows it)."""
+        cdef nid_t* path = <nid_t*>self._nid_scratch.data
+        cdef int64_t i
+        cdef nid_t n
+        cdef Node* c
+        for i in range(n_path):
+            n = path[i]
+            c = &self.nodes[n]
             c.last_access = self.clock
             if count_hit:
                 c.hit_count += 1
@@ -1742,16 +1786,41 @@ cdef class RadixTreeCore:
                     c.prio = c.hit_count
                 elif self.policy == POLICY_SLRU:
                     c.prio = 1      # promoted to the protected segment
-            _heap_touched(&self.heap, self.nodes, HEAP_FULL, child)
-            _heap_touched(&self.aux_heap, self.nodes, HEAP_AUX, child)
-            path[path_len[0]] = child
-            path_len[0] += 1
-            pos += m
-            cur = child
-            if split:   # the key diverges (or ends) inside the old node: nothing below
-                break
-            h = h_next
-        last[0] = cur
+            _heap_touched(&self.heap, self.nodes, HEAP_FULL, n)
+            _heap_touched(&self.aux_heap, self.nodes, HEAP_AUX, n)
+
+    cdef nid_t _split_end(self, nid_t part_node, int64_t part_m, nid_t* last,
+                          int64_t* path_len) except NIL:
+        """After _scan: split part_node where the match ends inside it (part_m > 0) and
+        append the upper half to the path as the new *last. Capacity reserved; out of
+        memory, MemoryError and nothing changed."""
+        cdef nid_t u
+        if part_m == 0:
+            return last[0]
+        u = self._split(part_node, part_m)
+        (<nid_t*>self._nid_scratch.data)[path_len[0]] = u
+        path_len[0] += 1
+        last[0] = u
+        return u
+
+    cdef int64_t _walk(self, const KeyView* kv, int32_t ns, int64_t limit, bint count_hit,
+                       nid_t* last, int64_t* path_len, bint do_split=True,
+                       int64_t* partial=NULL) except -1:
+        """_scan, then split the node where the match ends inside it, then touch the path
+        (see _touch_path). Returns the matched length; *last is the deepest matched node.
+        Out of memory, nothing has changed.
+
+        With do_split False a match ending inside a node stops before it (untouched) and
+        *partial receives the page-aligned length matched inside it."""
+        cdef nid_t part_node
+        cdef int64_t part_m
+        cdef int64_t pos = self._scan(kv, ns, limit, last, path_len, &part_node, &part_m)
+        if do_split:
+            self._split_end(part_node, part_m, last, path_len)
+            pos += part_m
+        elif partial != NULL:
+            partial[0] = part_m
+        self._touch_path(path_len[0], count_hit)
         return pos
 
     # -- public API ---------------------------------------------------------------------
@@ -1844,9 +1913,9 @@ cdef class RadixTreeCore:
         by a caller: a free slot, one a cache already owns (say, a matched prefix passed
         again past ``prefix_len``), with ``page_size`` 1 a slot listed twice, or with pages
         a page-aligned run that is not the slots of one page in order (as ``alloc`` hands
-        them out) raises ``InvalidValueError`` and takes nothing (every slot keeps its owner and the cached content is as before; as when
-        memory runs out, the walk's recency updates and a split at the match end, which
-        changes no content, stand).
+        them out) raises ``InvalidValueError`` and changes nothing: every slot keeps its owner,
+        and the tree is as it was (no split, no recency or hit count refreshed), as when
+        memory runs out or the allocator's ``free`` raises.
         ``prev_prefix_len`` and ``swa_evicted_seqlen`` only matter with a sliding window.
         ``priority`` only matters with ``eviction_policy="priority"``: the nodes this insert
         makes start at ``priority`` (a negative one too) and every node on the path from the
@@ -1909,12 +1978,18 @@ cdef class RadixTreeCore:
     cdef int64_t _insert_swa(self, const KeyView* kv, const idx_t* vals, object extra_key,
                              object prev_prefix_len, object swa_evicted_seqlen,
                              nid_t* out_last) except -1:
+        """The windowed insert (see insert). Everything that can fail (bad arguments,
+        memory, the allocator's checks and its free) runs before the tree changes: the walk
+        is read-only and works on the path as it will be once the splits at
+        prev_prefix_len and at the match end are made; those splits (their blocks allocated
+        up front), the recency updates, the revivals and the new nodes come last."""
         cdef int64_t P = self.page_size
         cdef int64_t aligned = kv.n - kv.n % P
-        cdef int64_t ppl, es, n_path, matched, i, s0, n_free = 0, tomb_len, matched_live, same
+        cdef int64_t ppl, es, n_path, matched, part_m, i, s0, e, off, seg, n_free = 0
+        cdef int64_t tomb_len, matched_live, same, n_seg, n_full
         cdef int32_t w = kv.width
         cdef int32_t ns
-        cdef nid_t last, tomb
+        cdef nid_t last, part_node, x_ppl = NIL, u
         cdef nid_t* path
         cdef Node* x
         cdef idx_t* dup
@@ -1922,6 +1997,10 @@ cdef class RadixTreeCore:
         cdef tok_t* k2 = NULL
         cdef idx_t* v1 = NULL
         cdef idx_t* v2 = NULL
+        cdef tok_t* b_ppl = NULL    # the upper block of the split at prev_prefix_len
+        cdef tok_t* b_end = NULL    # the upper block of the split at the match end
+        cdef idx_t* unused
+        cdef int64_t m_ppl = 0, m_end = 0
         cdef bint allocated
         cdef int64_t* revive
         cdef idx_t* tree_old        # booking: the revived tombstones' own slots, to free
@@ -1959,8 +2038,8 @@ cdef class RadixTreeCore:
         dup = <idx_t*>self._idx_out.reserve((4 if self._booking_kind else 2) * aligned)
         tree_old = dup + 2 * aligned
         kept = dup + 3 * aligned
-        self._nid_scratch.reserve(aligned // P + 1)   # the walks' path
-        revive = <int64_t*>self._uid_out.reserve(aligned // P + 1)   # a flag per path node
+        self._nid_scratch.reserve(aligned // P + 3)   # the path, and the two splits' halves
+        revive = <int64_t*>self._uid_out.reserve(aligned // P + 1)   # a flag per segment
         allocated = ns < 0
         if allocated:
             # a new namespace matches nothing: the new nodes' arrays are allocated before
@@ -1978,44 +2057,67 @@ cdef class RadixTreeCore:
                 raise
             self._disown(vals, aligned)
         self.clock += 1
-        if ppl > 0:     # nodes never straddle the caller's protected prefix
-            matched = self._walk(kv, ns, ppl, False, &last, &n_path)
-            if matched < ppl:
-                # before any index changes hands (the walk's recency updates and split stand)
+        try:
+            matched = self._scan(kv, ns, aligned, &last, &n_path, &part_node, &part_m)
+            path = <nid_t*>self._nid_scratch.data
+            if matched + part_m < ppl:
                 raise InvalidValueError(
-                    f"prev_prefix_len: {ppl}, but the tree holds only {matched} tokens of "
-                    "this key: value[:prev_prefix_len] would be taken as new"
+                    f"prev_prefix_len: {ppl}, but the tree holds only {matched + part_m} tokens "
+                    "of this key: value[:prev_prefix_len] would be taken as new"
                 )
-        matched = self._walk(kv, ns, aligned, False, &last, &n_path)
-        if not allocated:
-            # before any index changes hands; out of memory here, only the walks' recency
-            # updates and splits (the cached content unchanged) stand
-            _alloc_swa_suffix(matched, aligned, es, w, &k1, &v1, &k2, &v2)
-        path = <nid_t*>self._nid_scratch.data
+            # Nodes never straddle the caller's protected prefix: the node holding position
+            # ppl inside it is split there (the partial node counts up to the match end).
+            n_seg = n_path + (1 if part_m > 0 else 0)
+            for i in range(n_seg):
+                x = &self.nodes[path[i] if i < n_path else part_node]
+                s0 = x.end_pos - x.len
+                e = x.end_pos if i < n_path else matched + part_m
+                if s0 < ppl < e:
+                    x_ppl = path[i] if i < n_path else part_node
+                    m_ppl = ppl - s0
+                    break
+            # both splits in the partial node: the one at ppl first, then its lower half's
+            m_end = part_m - m_ppl if m_ppl > 0 and x_ppl == part_node else part_m
+            matched += part_m
+            if not allocated:
+                _alloc_swa_suffix(matched, aligned, es, w, &k1, &v1, &k2, &v2)
+            if m_ppl > 0:
+                _alloc_node_arrays(m_ppl, w, &b_ppl, &unused)
+            if m_end > 0:
+                _alloc_node_arrays(m_end, w, &b_end, &unused)
+        except BaseException:
+            free(k1); free(k2); free(b_ppl)
+            raise
         # First decide, changing nothing, which indices are duplicates and free them: should
-        # the allocator raise, the tree has taken none of the caller's indices.
-        for i in range(n_path):
+        # the allocator raise, the tree has taken none of the caller's indices. Each node of
+        # the path counts from ppl on (the lower half of its split there), the partial node
+        # up to the match end (the upper half of its split there).
+        for i in range(n_seg):
             revive[i] = 0
-            x = &self.nodes[path[i]]
+            x = &self.nodes[path[i] if i < n_path else part_node]
             s0 = x.end_pos - x.len
-            if s0 < ppl:
+            e = x.end_pos if i < n_path else matched
+            seg = e - (s0 if s0 > ppl else ppl)
+            if seg <= 0:
                 continue
+            off = e - seg - s0
+            s0 += off
             # an incoming index equal to the node's own at that position is the tree's own
             # slot handed back (prev_prefix_len too short), never a duplicate to free
-            same = _count_equal(x.value, vals + s0, x.len)
+            same = _count_equal(x.value + off, vals + s0, seg)
             if x.aux_value < 0 and s0 >= es and same == 0 and x.lock_ref == 0:
                 # the tombstone is revived with the incoming indices; its old ones are freed
                 # (only when unlocked: a request holding it still reads its full KV)
-                copy32(dup + n_free, x.value, x.len)
-                n_free += x.len
+                copy32(dup + n_free, x.value + off, seg)
+                n_free += seg
                 revive[i] = 1
                 if self._booking_kind:
-                    copy32(tree_old + n_old, x.value, x.len)
-                    n_old += x.len
-                    copy32(kept + n_kept, vals + s0, x.len)
-                    n_kept += x.len
-            elif same < x.len:
-                n_free += _copy_differing(dup + n_free, x.value, vals + s0, x.len)
+                    copy32(tree_old + n_old, x.value + off, seg)
+                    n_old += seg
+                    copy32(kept + n_kept, vals + s0, seg)
+                    n_kept += seg
+            elif same < seg:
+                n_free += _copy_differing(dup + n_free, x.value + off, vals + s0, seg)
         if matched < aligned and es >= aligned:
             # the whole new suffix lost its SWA KV: not worth caching
             copy32(dup + n_free, vals + matched, aligned - matched)
@@ -2023,36 +2125,50 @@ cdef class RadixTreeCore:
         elif matched < aligned and self._booking_kind:
             copy32(kept + n_kept, vals + matched, aligned - matched)
             n_kept += aligned - matched
-        if self._booking_kind:
-            # Booked: the slots the tree keeps must be a caller's (taken first, checked);
-            # the revived tombstones' own slots are the caller's for the one free call
-            # below, which must then find every duplicate a caller's too
-            self._adopt_or_free(kept, n_kept, k1, k2)
-            self._disown(tree_old, n_old)
-            if n_free > 0:
-                try:
-                    (<SWATokenToKVPoolAllocator>self._booking_allocator).free_c(
-                        dup, n_free, PAGE_ALLOCATED)
-                except BaseException:
-                    (<SWATokenToKVPoolAllocator>self._booking_allocator).readopt_c(
-                        tree_old, n_old)
-                    self._disown(kept, n_kept)
-                    free(k1); free(k2)
-                    raise
-        elif n_free > 0 and self.token_to_kv_pool_allocator is not None:
-            try:
+        try:
+            if self._booking_kind:
+                # Booked: the slots the tree keeps must be a caller's (taken first,
+                # checked); the revived tombstones' own slots are the caller's for the one
+                # free call below, which must then find every duplicate a caller's too
+                self._adopt(kept, n_kept)
+                self._disown(tree_old, n_old)
+                if n_free > 0:
+                    try:
+                        (<SWATokenToKVPoolAllocator>self._booking_allocator).free_c(
+                            dup, n_free, PAGE_ALLOCATED)
+                    except BaseException:
+                        (<SWATokenToKVPoolAllocator>self._booking_allocator).readopt_c(
+                            tree_old, n_old)
+                        self._disown(kept, n_kept)
+                        raise
+            elif n_free > 0 and self.token_to_kv_pool_allocator is not None:
                 self.token_to_kv_pool_allocator.free(_copy_idx(dup, n_free))
-            except BaseException:
-                free(k1); free(k2)
-                raise
-        # Then take the rest: nothing below raises.
-        for i in range(n_path):
+        except BaseException:
+            free(k1); free(k2); free(b_ppl); free(b_end)
+            raise
+        # Then change the tree: nothing below raises. The splits' upper halves join the
+        # path; a segment's node is then its path node (the lower half of the split at
+        # ppl), or for the partial node's segment, the deepest matched node
+        n_full = n_path
+        if m_ppl > 0:
+            u = self._split_into(x_ppl, m_ppl, b_ppl)   # x_ppl keeps the part from ppl on
+            path[n_path] = u
+            n_path += 1
+            if x_ppl == part_node and m_end == 0:
+                last = u    # the match ended at ppl, inside the partial node
+        if m_end > 0:
+            last = self._split_into(part_node, m_end, b_end)
+            path[n_path] = last
+            n_path += 1
+        self._touch_path(n_path, False)
+        for i in range(n_seg):
             if revive[i]:
-                x = &self.nodes[path[i]]
+                u = path[i] if i < n_full else last
+                x = &self.nodes[u]
                 copy32(x.value, vals + (x.end_pos - x.len), x.len)
                 x.aux_value = 0
                 self._aux_evictable += x.len
-                _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, path[i])
+                _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, u)
         if matched < aligned and es < aligned:
             if es > matched:
                 tomb_len = es - matched
@@ -2076,15 +2192,18 @@ cdef class RadixTreeCore:
     cdef int64_t _insert_kv(self, const KeyView* kv, const idx_t* vals, object extra_key,
                             nid_t* out_last) except -1:
         """Store validated key/values; returns the prefix length that was already cached
-        and sets *out_last to the node ending at the page-aligned key end."""
-        cdef nid_t last
-        cdef int64_t n_path, matched
+        and sets *out_last to the node ending at the page-aligned key end. Everything that
+        can fail (memory, the allocator's check of the slots) comes before the tree
+        changes: the walk is read-only, and the split at the match end, the recency
+        updates and the new leaf come after."""
+        cdef nid_t last, part_node
+        cdef int64_t n_path, matched, part_m
         cdef int64_t aligned = kv.n - kv.n % self.page_size
         cdef int32_t w = kv.width
         cdef int32_t ns = self._find_ns(extra_key, kv.arity)
         cdef tok_t* new_key = NULL
         cdef idx_t* new_val = NULL
-        cdef bint fresh = False
+        cdef int64_t taken = 0      # slots of new_val adopted so far
         if aligned == 0:
             self.clock += 1
             out_last[0] = ROOT
@@ -2099,42 +2218,43 @@ cdef class RadixTreeCore:
             _alloc_node_arrays(aligned, w, &new_key, &new_val)
             copy32(new_val, vals, aligned)
             self._adopt_or_free(new_val, aligned, new_key)  # new_val is in new_key's block
+            taken = aligned
             try:
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
                 self._disown(new_val, aligned)
                 free(new_key)
                 raise
-            fresh = True
         self.clock += 1
         try:
-            matched = self._walk(kv, ns, aligned, False, &last, &n_path)
+            matched = self._scan(kv, ns, aligned, &last, &n_path, &part_node, &part_m)
+            matched += part_m
+            if taken and matched > 0:
+                # _intern_ns found an existing namespace after all (an extra_key whose hash
+                # or equality changed between its two lookups): that prefix is cached, so
+                # its slots stay the caller's (duplicates), and the leaf takes the rest
+                self._disown(new_val, matched)
+                taken -= matched
+                if taken:
+                    move32_down(new_val, new_val + matched, taken)
+            if matched < aligned and new_key == NULL:
+                # sized to the leaf, not the key: a short leaf under a long cached prefix
+                # must not hold arrays as long as the whole key
+                _alloc_node_arrays(aligned - matched, w, &new_key, &new_val)
+                copy32(new_val, vals + matched, aligned - matched)
+                self._adopt(new_val, aligned - matched)
+                taken = aligned - matched
+            self._split_end(part_node, part_m, &last, &n_path)
         except BaseException:
-            if fresh:
-                self._disown(new_val, aligned)
-                free(new_key)
+            self._disown(new_val, taken)
+            free(new_key)   # NULL when none
             raise
-        if fresh and matched > 0:
-            # _intern_ns found an existing namespace after all (an extra_key whose hash or
-            # equality changed between its two lookups): that prefix is cached, so its
-            # slots stay the caller's (duplicates), and the leaf takes the rest
-            self._disown(new_val, matched)
-            if matched < aligned:
-                move32_down(new_val, new_val + matched, aligned - matched)
+        self._touch_path(n_path, False)
         if matched == aligned:
             free(new_key)   # NULL, or a fresh namespace's arrays, unused
             out_last[0] = last
             return matched
-        if new_key == NULL:
-            # sized to the leaf, not the key: a short leaf under a long cached prefix must not
-            # hold arrays as long as the whole key. Out of memory here, or slots the
-            # allocator says are not the caller's, the walk's recency updates (and a split,
-            # which leaves the cached content as it was) stand
-            _alloc_node_arrays(aligned - matched, w, &new_key, &new_val)
-            copy32(new_val, vals + matched, aligned - matched)
-            self._adopt_or_free(new_val, aligned - matched, new_key)
-        # a new leaf for the rest under `last` (a fresh namespace's leaf's slots were copied
-        # and taken above)
+        # a new leaf for the rest under `last` (its slots were copied and taken above)
         copy32(new_key, kv.tok + matched * w, (aligned - matched) * w)
         out_last[0] = self._link_leaf(last, ns, w, new_key, new_val, aligned - matched, True)
         return matched
