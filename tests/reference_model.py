@@ -381,6 +381,21 @@ class RefRadixCache(BasePrefixCache):
             node = child
         return node, pos, values
 
+    def _held(self, tokens: list[Any], end: int, ns: Any) -> int:
+        """How much of tokens[:end] the tree holds (whole pages), changing nothing."""
+        node = self.root_node
+        pos = 0
+        while end - pos >= self.page_size:
+            child = node.children.get(self._child_key(node, tokens, pos, ns))
+            if child is None:
+                break
+            c = self._key_match(child.tokens, tokens, pos, end)
+            pos += c
+            if c < len(child.tokens):
+                break
+            node = child
+        return pos
+
     def _iter_nodes(self) -> list[TreeNode]:
         """Every node except the root, parents before children."""
         out = []

@@ -197,16 +197,17 @@ class RefSWARadixCache(RefRadixCache):
             )
         es = -(-es // page) * page
         ns = (extra_key, width)
+        held = self._held(tokens, ppl, ns)
+        if held < ppl:  # refused before anything changes
+            raise InvalidValueError(
+                f"prev_prefix_len: {ppl}, but the tree holds only {held} tokens of this key"
+            )
         self.clock += 1
         aligned = len(tokens) // page * page
         if aligned == 0:
             return InsertResult(prefix_len=0, last_node=self.root_node)
         if ppl > 0:  # no node straddles the caller's protected prefix
-            _, held, _ = self._walk(tokens, ppl, ns, count_hit=False)
-            if held < ppl:
-                raise InvalidValueError(
-                    f"prev_prefix_len: {ppl}, but the tree holds only {held} tokens of this key"
-                )
+            self._walk(tokens, ppl, ns, count_hit=False)
         node, matched, _ = self._walk(tokens, aligned, ns, count_hit=False)
         to_free: list[int] = []
         start = 0

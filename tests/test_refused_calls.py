@@ -177,6 +177,10 @@ def _assert_refused_call_changes_nothing(
     assert hit.snapshot() == before
     hit.cache._check_invariants()
     hit.alloc._check_invariants()
+    # the clock did not move either: the next call stamps the same time on both
+    for s in (hit, twin):
+        s.cache.match_prefix(RadixKey([*PROMPT, 5]))
+    assert hit.snapshot() == twin.snapshot()
     assert hit.drain() == twin.drain()
     assert hit.snapshot()[1:] == twin.snapshot()[1:]
 
@@ -261,6 +265,7 @@ SWA_CASES = [
     for es in SWA_BLOCKS
     for case, expected in [
         ("prev_prefix_len past the cached prefix", InvalidValueError),
+        ("prev_prefix_len in a new namespace", InvalidValueError),
         ("a slot the tree owns", InvalidValueError),
         ("the allocator's free raises", RuntimeError),
     ]
@@ -277,9 +282,12 @@ def test_a_refused_windowed_insert_changes_nothing(
     def prepare(s: _Stack, ctx: dict[str, Any]) -> Callable[[], object]:
         ppl = 2
         value = _swa_value(s, ctx, bad=case == "a slot the tree owns")
-        if case.startswith("prev_prefix_len"):
+        key = SWA_KEY
+        if case == "prev_prefix_len past the cached prefix":
             ppl = 8  # 6 are cached
             value[:6] = ctx["prompt"][:6]
+        elif case == "prev_prefix_len in a new namespace":
+            key = RadixKey(SWA_KEY.token_ids, "new namespace")  # holds nothing
         blocks = int(case[-1]) if case.startswith("no memory") else -1
 
         def call() -> object:
@@ -288,9 +296,7 @@ def test_a_refused_windowed_insert_changes_nothing(
             try:
                 return _out_of_memory_after(
                     blocks,
-                    lambda: s.cache.insert(
-                        SWA_KEY, value, prev_prefix_len=ppl, swa_evicted_seqlen=es
-                    ),
+                    lambda: s.cache.insert(key, value, prev_prefix_len=ppl, swa_evicted_seqlen=es),
                 )
             finally:
                 if isinstance(s.alloc, _FailingFreeSWA):

@@ -1806,9 +1806,9 @@ cdef class RadixTreeCore:
     cdef int64_t _walk(self, const KeyView* kv, int32_t ns, int64_t limit, bint count_hit,
                        nid_t* last, int64_t* path_len, bint do_split=True,
                        int64_t* partial=NULL) except -1:
-        """_scan, then split the node where the match ends inside it, then touch the path
-        (see _touch_path). Returns the matched length; *last is the deepest matched node.
-        Out of memory, nothing has changed.
+        """_scan, then split the node where the match ends inside it, then tick the clock
+        and touch the path (see _touch_path). Returns the matched length; *last is the
+        deepest matched node. Out of memory, nothing has changed (the clock included).
 
         With do_split False a match ending inside a node stops before it (untouched) and
         *partial receives the page-aligned length matched inside it."""
@@ -1820,6 +1820,7 @@ cdef class RadixTreeCore:
             pos += part_m
         elif partial != NULL:
             partial[0] = part_m
+        self.clock += 1
         self._touch_path(path_len[0], count_hit)
         return pos
 
@@ -1853,8 +1854,8 @@ cdef class RadixTreeCore:
         owner = self._load_key(key, &kv)
         ns = self._find_ns(_extra_key(key), kv.arity)
         self._reserve_nodes(1)
-        self.clock += 1
         if ns < 0 or kv.n < self.page_size:
+            self.clock += 1
             return _match_result(_new_idx(0), self._handle(ROOT), 0)
         matched = self._walk(&kv, ns, kv.n, True, &last, &n_path)
         if self.swa:
@@ -2016,7 +2017,6 @@ cdef class RadixTreeCore:
         es = (min(es, kv.n) + P - 1) // P * P
         ns = self._find_ns(extra_key, kv.arity)
         if ns < 0 and ppl > 0:
-            self.clock += 1
             raise InvalidValueError(
                 f"prev_prefix_len: {ppl}, but the tree holds no prefix of this key (a new "
                 "namespace): value[:prev_prefix_len] would be taken as new"
@@ -2056,7 +2056,6 @@ cdef class RadixTreeCore:
                 free(k1); free(k2)  # the values live in the keys' blocks
                 raise
             self._disown(vals, aligned)
-        self.clock += 1
         try:
             matched = self._scan(kv, ns, aligned, &last, &n_path, &part_node, &part_m)
             path = <nid_t*>self._nid_scratch.data
@@ -2160,6 +2159,7 @@ cdef class RadixTreeCore:
             last = self._split_into(part_node, m_end, b_end)
             path[n_path] = last
             n_path += 1
+        self.clock += 1
         self._touch_path(n_path, False)
         for i in range(n_seg):
             if revive[i]:
@@ -2225,7 +2225,6 @@ cdef class RadixTreeCore:
                 self._disown(new_val, aligned)
                 free(new_key)
                 raise
-        self.clock += 1
         try:
             matched = self._scan(kv, ns, aligned, &last, &n_path, &part_node, &part_m)
             matched += part_m
@@ -2249,6 +2248,7 @@ cdef class RadixTreeCore:
             self._disown(new_val, taken)
             free(new_key)   # NULL when none
             raise
+        self.clock += 1
         self._touch_path(n_path, False)
         if matched == aligned:
             free(new_key)   # NULL, or a fresh namespace's arrays, unused
@@ -3257,8 +3257,8 @@ cdef class MambaTreeCore(RadixTreeCore):
         cdef nid_t* path
         owner = self._load_key(key, &kv)
         ns = self._find_ns(_extra_key(key), kv.arity)
-        self.clock += 1
         if ns < 0 or kv.n < self.page_size:
+            self.clock += 1
             return _match_result(_new_idx(0), self._handle(ROOT), 0)
         kv_len = self._walk(&kv, ns, kv.n, True, &last, &n_path, False, &partial)
         kv_len += partial
