@@ -8,6 +8,9 @@ handles of a cache without a sliding window answered swa_tombstone and swa_lock_
 
 from __future__ import annotations
 
+import collections
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -17,6 +20,8 @@ from pymllm.mem_cache import (
     RadixKey,
     SWATokenToKVPoolAllocator,
     TokenToKVPoolAllocator,
+    hash_bytes,
+    hash_token_ids,
 )
 from pymllm.mem_cache.errors import (
     InvalidFreeError,
@@ -215,3 +220,173 @@ def test_tuple_subclass_tokens_are_tuple_tokens() -> None:
     with pytest.raises(ValueError, match="tuple"):
         cache.insert(RadixKey([Pair(1, 2), 3]), [1, 2])
     cache._check_invariants()
+
+
+# -- session 14's review -----------------------------------------------------------------
+
+
+class _Tok(int):
+    """An int subclass whose own __index__ says something else: operator.index, numpy and
+    hash_token_ids read its value, so must the caches."""
+
+    def __index__(self) -> int:
+        return 99
+
+
+@pytest.mark.parametrize("cls", [RadixCache, MambaRadixCache])
+def test_an_int_subclass_is_read_by_its_value(cls) -> None:
+    alloc = TokenToKVPoolAllocator(16, need_sort=False)
+    cache = cls(token_to_kv_pool_allocator=alloc)
+    slots = alloc.alloc(2)
+    state = {"mamba_value": 1} if cls is MambaRadixCache else {}
+    cache.insert(RadixKey([_Tok(5), 6]), [_Tok(int(slots[0])), int(slots[1])], **state)
+    m = cache.match_prefix(RadixKey([5, 6]))
+    assert m.prefix_len == 2 and m.indices.tolist() == slots.tolist()
+    assert cache.match_prefix(RadixKey([99, 6])).prefix_len == 0
+    assert alloc.is_cached(slots).all()
+    first = hash_token_ids([5])
+    assert cache.compute_node_hash(m.last_node) == [first, hash_token_ids([6], first)]
+    # the window, evict and lock arguments read it the same way
+    cache.evict(_Tok(0))
+    assert not m.last_node.evicted
+    cache._check_invariants()
+
+
+class _TokenList(list):
+    """A list subclass: its stored items are the tokens (as for a plain list)."""
+
+    def __len__(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("field", ["token_ids", "value"])
+def test_a_list_subclass_is_read_as_a_list(field: str) -> None:
+    cache = RadixCache(page_size=1)
+    with pytest.raises(ValueError, match="bool"):  # as a plain list: a bool is no token
+        if field == "token_ids":
+            cache.insert(RadixKey(_TokenList([True, 2])), [1, 2])
+        else:
+            cache.insert(RadixKey([1, 2]), _TokenList([True, 2]))
+    assert cache.total_size() == 0
+    # tuple tokens in a list subclass are tuple tokens, not a 2-D array
+    r = cache.insert(RadixKey(_TokenList([(1, 2), (3, 4)])), _TokenList([7, 8]))
+    assert r.prefix_len == 0
+    m = cache.match_prefix(RadixKey([(1, 2), (3, 4)]))
+    assert m.prefix_len == 2 and m.indices.tolist() == [7, 8]
+    cache._check_invariants()
+
+
+def test_an_extra_key_that_rewrites_the_value_cannot_slip_in_a_bad_slot() -> None:
+    """The namespace is looked up before the value is read: an extra_key whose __hash__
+    writes a negative slot into the caller's array is refused like that array."""
+
+    class Rewriter:
+        arr: Any = None
+
+        def __hash__(self) -> int:
+            if Rewriter.arr is not None:
+                Rewriter.arr[1] = -5
+            return 3
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Rewriter)
+
+    freed: list[list[int]] = []
+
+    class Recorder:
+        def free(self, idx: Any) -> None:
+            freed.append(np.asarray(idx).tolist())
+
+    cache = RadixCache(token_to_kv_pool_allocator=Recorder())
+    extra = Rewriter()
+    cache.insert(RadixKey([1, 2], extra), np.array([1, 2], dtype=np.int32))  # its namespace
+    value = np.array([10, 11, 12], dtype=np.int32)
+    Rewriter.arr = value
+    with pytest.raises(InvalidValueError, match="-5"):
+        cache.insert(RadixKey([1, 2, 3], extra), value)
+    assert cache.total_size() == 2
+    cache.evict(100)
+    assert freed == [[1, 2]]
+
+
+def test_a_windowed_new_namespace_reads_its_copy_of_the_value() -> None:
+    """Taking a new namespace runs the extra_key's __hash__ after the slots were checked
+    and booked: rewriting the caller's array then changes neither what the tree keeps nor
+    the allocator's books."""
+
+    class Rewriter:
+        arr: Any = None
+        calls = 0
+
+        def __hash__(self) -> int:
+            Rewriter.calls += 1
+            if Rewriter.arr is not None and Rewriter.calls >= 2:  # while interning
+                Rewriter.arr[:] = [60, 61, 62, 63]
+            return 3
+
+        def __eq__(self, other: object) -> bool:
+            return self is other
+
+    alloc = SWATokenToKVPoolAllocator(64, 64, need_sort=False)
+    cache = RadixCache(sliding_window_size=2, token_to_kv_pool_allocator=alloc)
+    value = alloc.alloc(4)
+    kept = value.copy()
+    Rewriter.arr = value
+    cache.insert(RadixKey([1, 2, 3, 4], Rewriter()), value)
+    assert value.tolist() == [60, 61, 62, 63] != kept.tolist()  # the rewrite happened
+    (node,) = [n for n in cache._nodes() if n.parent is not None]
+    assert np.asarray(node.value).tolist() == kept.tolist()
+    assert alloc.is_cached(kept).all()
+    cache._check_invariants()
+    alloc._check_invariants()
+    cache.reset()
+    assert alloc.full_available_size() == 64
+    alloc._check_invariants()
+
+
+def test_hash_token_ids_reads_tokens_as_the_caches_do() -> None:
+    """Whatever the length or form (plain list, tuple tokens), numpy ints of both signs and
+    objects with __index__ hash as their ints, and bools and malformed keys are refused."""
+
+    class Idx:
+        def __init__(self, v: int) -> None:
+            self.v = v
+
+        def __index__(self) -> int:
+            return self.v
+
+    for n in (2, 300):
+        mixed = [np.uint64(5), np.int64(6)] * (n // 2)
+        assert hash_token_ids(mixed) == hash_token_ids([5, 6] * (n // 2))
+        assert hash_token_ids([Idx(5)] * n) == hash_token_ids([5] * n)
+        assert hash_token_ids([_Tok(5)] * n) == hash_token_ids([5] * n)
+    assert hash_token_ids([(np.uint64(1), np.int64(2))]) == hash_token_ids([(1, 2)])
+    for bad in (
+        np.array([True, 2], dtype=object),
+        np.array(5),
+        5,
+        [()],
+        np.zeros((2, 2, 2), dtype=np.int32),
+        [1.5, 2],
+    ):
+        with pytest.raises(ValueError):
+            hash_token_ids(bad)
+
+
+def test_hash_bytes_refuses_an_array_of_python_objects() -> None:
+    """Its buffer holds pointers: equal arrays would hash apart, and differently per run."""
+    with pytest.raises(TypeError):
+        hash_bytes(np.array([1, "image-0001"], dtype=object))
+    assert hash_bytes(np.array([1, 2], dtype=np.int64)) == hash_bytes(
+        np.array([1, 2], dtype=np.int64).tobytes()
+    )
+
+
+def test_a_key_over_a_deque_prints_and_slices() -> None:
+    key = RadixKey(collections.deque(range(12)), "a")
+    assert repr(key) == "RadixKey(extra_key='a', token_ids=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]...)"
+    assert list(key[3].token_ids) == [3] and key[3].extra_key == "a"
+    assert list(key[2:4].token_ids) == [2, 3]
+    cache = RadixCache()
+    cache.insert(key, list(range(12)))
+    assert cache.match_prefix(key[:5]).prefix_len == 5

@@ -828,19 +828,18 @@ def test_a_dropped_cache_gives_slots_back_to_a_python_allocator(cache_kind: str)
     assert kv.books.available_size() == 16 and pool.available_size() == 4
 
 
-def test_mamba_a_key_changed_by_its_extra_key_keeps_the_state_the_trees() -> None:
-    """A node's own state handed back, while the extra_key's __hash__ rewrites the key
-    array between the state's check and the insert: the insert ends elsewhere, and the
-    state stays the tree's at its node (mamba_exist False: the caller must not free it)."""
+def test_mamba_a_key_changed_by_its_extra_key_is_checked_as_changed() -> None:
+    """A node's own state handed back, while the extra_key's __hash__ (the insert's one
+    namespace look-up, before the state is checked) rewrites the key array: the check
+    reads the key as rewritten, where no node holds that state, and refuses it as
+    another node's; nothing changes, and the state stays the tree's at its node."""
     from pymllm.mem_cache.memory_pool import MambaPool
 
     class Shifty:
         arr: Any = None
-        calls = 0
 
         def __hash__(self) -> int:
-            Shifty.calls += 1
-            if Shifty.arr is not None and Shifty.calls == 2:  # the insert's own look-up
+            if Shifty.arr is not None:
                 Shifty.arr[:] = [3, 4]
             return 7
 
@@ -852,16 +851,18 @@ def test_mamba_a_key_changed_by_its_extra_key_keeps_the_state_the_trees() -> Non
     cache = MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=pool)
     extra = Shifty()
     state = pool.alloc(1)
-    cache.insert(RadixKey([1, 2], extra), alloc.alloc(2), mamba_value=state)
+    first = cache.insert(RadixKey([1, 2], extra), alloc.alloc(2), mamba_value=state)
     arr = np.array([1, 2], dtype=np.int32)
-    Shifty.arr, Shifty.calls = arr, 0
-    r = cache.insert(RadixKey(arr, extra), alloc.alloc(2), mamba_value=state)
-    assert arr.tolist() == [3, 4] and r.prefix_len == 0  # the rewrite happened
-    assert not r.mamba_exist
-    assert r.last_node.mamba_value is None  # the new leaf did not take it
+    value = alloc.alloc(2)
+    content, sizes = _content(cache), _sizes(cache)
+    Shifty.arr = arr
+    with pytest.raises(InvalidValueError, match="another node's state"):
+        cache.insert(RadixKey(arr, extra), value, mamba_value=state)
+    assert arr.tolist() == [3, 4]  # the rewrite happened
+    assert _content(cache) == content and _sizes(cache) == sizes
+    assert first.last_node.mamba_value == int(state[0])
     assert pool.slot_allocator.is_cached(state).all()
-    with pytest.raises(InvalidFreeError):
-        pool.free(state)
+    assert not alloc.is_cached(value).any()  # the KV slots stay the caller's
     cache._check_invariants()
 
 

@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import operator
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,19 +63,39 @@ def _token_array(token_ids: Any) -> np.ndarray:
         raise InvalidKeyError(
             f"token_ids: tuple tokens must all have one length, got {token_ids!r:.80}"
         ) from exc
+    if arr.ndim == 0 or arr.ndim > 2 or (arr.ndim == 2 and arr.size == 0 and len(arr)):
+        raise InvalidKeyError(
+            "token_ids: expected a sequence of ints or of equal-length, non-empty tuples, "
+            f"got {token_ids!r:.80}"
+        )
     if arr.dtype.kind not in "iu" and arr.size:
+        if arr.dtype != object and not isinstance(token_ids, np.ndarray):
+            # numpy found no integer dtype for a sequence (numpy ints of both signs make
+            # float64): read its tokens one by one, as the caches do
+            arr = np.asarray(token_ids, dtype=object)
         if arr.dtype != object:
             raise InvalidKeyError(
                 f"token_ids: tokens must be integers, got dtype {arr.dtype}: {token_ids!r:.80}"
             )
-        # Python ints beyond int64 land here; check them one by one (rare path).
-        flat = arr.ravel()
-        if not all(isinstance(t, int) and 0 <= t < _U32_LIMIT for t in flat):
-            raise InvalidKeyError(
-                f"token_ids: every token must be an int in [0, 2**32), got {token_ids!r:.80}"
-            )
-        arr = flat.astype(np.uint32)
+        # Python ints beyond int64, objects with __index__ and numpy ints of both signs
+        # land here; they are read one by one (rare path), as operator.index reads them
+        arr = np.array([_token_int(t, token_ids) for t in arr.ravel()], dtype=np.uint32)
     return arr.reshape(-1)
+
+
+def _token_int(t: Any, token_ids: Any) -> int:
+    """One token of an object array: an int as operator.index reads it, in [0, 2**32)."""
+    try:
+        if type(t) in _BOOL_TYPES:
+            raise TypeError
+        v = operator.index(t)
+    except TypeError:
+        raise InvalidKeyError(
+            f"token_ids: tokens must be integers, got {t!r:.40} in {token_ids!r:.80}"
+        ) from None
+    if not 0 <= v < _U32_LIMIT:
+        raise InvalidKeyError(f"token_ids: token {v} is outside [0, 2**32)")
+    return v
 
 
 def _check_token_range(arr: np.ndarray) -> None:
@@ -161,10 +181,15 @@ def hash_bytes(data: bytes) -> int:
     """SHA-256 -> unsigned 64-bit int (first 8 digest bytes, big-endian).
 
     Useful for multimodal embedding keys (``extra_key``). ``TypeError`` unless *data*
-    supports the buffer protocol (bytes, bytearray, memoryview, a contiguous array).
+    supports the buffer protocol (bytes, bytearray, memoryview, a contiguous array) with
+    bytes of its own: an array of Python objects holds pointers, which differ between
+    equal arrays and between runs, so it is refused.
     """
     try:
-        digest = hashlib.sha256(data).digest()
+        view = memoryview(data)
+        if "O" in view.format:
+            raise TypeError
+        digest = hashlib.sha256(view).digest()
     except (TypeError, ValueError, BufferError):  # not bytes-like, or not contiguous
         raise TypeError(
             f"data: expected bytes-like, got {type(data).__name__} {data!r:.80}"
@@ -194,9 +219,10 @@ class RadixKey:
         return iter(self.token_ids)
 
     def __getitem__(self, idx: int | slice) -> RadixKey:
+        tokens = _sliceable(self.token_ids)
         if isinstance(idx, slice):
-            return RadixKey(self.token_ids[idx], self.extra_key)
-        n = len(self.token_ids)
+            return RadixKey(tokens[idx], self.extra_key)
+        n = len(tokens)
         try:
             i = operator.index(idx)
         except TypeError:
@@ -204,7 +230,7 @@ class RadixKey:
         if i < -n or i >= n:
             raise IndexError(f"idx: RadixKey index {idx} out of range for length {n}")
         i %= n
-        return RadixKey(self.token_ids[i : i + 1], self.extra_key)
+        return RadixKey(tokens[i : i + 1], self.extra_key)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RadixKey):
@@ -216,13 +242,21 @@ class RadixKey:
     __hash__ = None  # type: ignore[assignment]  # mutable, like list
 
     def __repr__(self) -> str:
-        head = _as_list(self.token_ids[:10])
+        head = _as_list(itertools.islice(self.token_ids, 10))
         more = "..." if len(self.token_ids) > 10 else ""
         return f"RadixKey(extra_key={self.extra_key!r}, token_ids={head}{more})"
 
 
-def _as_list(tokens: Sequence[Any] | np.ndarray) -> list[Any]:
+def _as_list(tokens: Iterable[Any] | np.ndarray) -> list[Any]:
     return tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
+
+
+def _sliceable(tokens: Any) -> Any:
+    """The tokens as they are when they can be sliced (list, tuple, array), else as a list
+    (a deque, any other sequence the caches read)."""
+    if isinstance(tokens, (list, tuple, np.ndarray)):
+        return tokens
+    return list(tokens)
 
 
 @dataclass(slots=True)
@@ -245,10 +279,13 @@ class InsertResult:
     """Returned by :meth:`BasePrefixCache.insert`.
 
     ``prefix_len`` tokens of the key were already cached. Without a sliding window the
-    caller still owns (and must free) the duplicate indices ``value[:prefix_len]`` it
-    passed in. With a sliding window (``RadixCache(sliding_window_size=W)``) the tree
-    settles every index of ``value[prev_prefix_len:]`` itself, freeing the duplicates, so
-    the caller frees none of them (see ``RadixCache.insert``). ``mamba_exist``
+    caller still owns the indices of ``value[:prefix_len]`` that it allocated itself (the
+    duplicates, usually ``value[match.prefix_len:prefix_len]``, to free; the tree's own
+    indices from a match stay the tree's) and the partial page ``value[aligned:]``. With
+    a sliding window (``RadixCache(sliding_window_size=W)``) the tree settles every index
+    of ``value[prev_prefix_len:aligned]`` itself, freeing the duplicates, so the caller
+    frees none of them; the partial page past ``aligned`` stays the caller's (see
+    ``RadixCache.insert``). ``mamba_exist``
     (``MambaRadixCache``): the node already held a state, so the caller keeps, and frees,
     the ``mamba_value`` it passed.
     """

@@ -20,8 +20,10 @@
 # the slots an insert hands over) runs before the split at the match end, the recency
 # updates and the new nodes, which cannot fail.
 
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check, PyLong_CheckExact
+from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject, PyTypeObject
+from cpython.list cimport PyList_Check
 from cpython.tuple cimport PyTuple_Check
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
@@ -47,6 +49,7 @@ from pymllm.mem_cache._allocator cimport (
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
 
 from pymllm.mem_cache.base_prefix_cache import (
+    _BOOL_TYPES,
     EvictResult,
     InsertResult,
     MatchResult,
@@ -552,6 +555,7 @@ ctypedef struct KeyView:
 cdef extern from "Python.h":
     # borrowed-pointer forms of the C API, so a loop over a list's items does no refcounting
     PyObject** _seq_items "PySequence_Fast_ITEMS" (object)
+    Py_ssize_t _seq_size "PySequence_Fast_GET_SIZE" (object)
     bint _is_exact_int "PyLong_CheckExact" (PyObject*)
     long long _as_long_long "PyLong_AsLongLongAndOverflow" (PyObject*, int*) except? -1
 
@@ -623,13 +627,23 @@ cdef extern from *:
     Py_ssize_t _first_negative "pymllm_first_negative" (const int32_t* p, Py_ssize_t n) noexcept nogil
 
 
+cdef object _as_index(object v, object error, str message):
+    """v as an int, read the way ``operator.index`` reads it: an int subclass by its value
+    (its own ``__index__`` is not asked), any other object through ``__index__``. A bool
+    (Python's or numpy's) or an object without ``__index__`` raises ``error`` with
+    *message* and what v is."""
+    if PyLong_Check(v) and not isinstance(v, bool):
+        return v
+    if type(v) in _BOOL_TYPES or not hasattr(v, "__index__"):
+        raise error(f"{message}, got {v!r:.60} ({type(v).__name__})")
+    return PyNumber_Index(v)
+
+
 cdef inline tok_t _to_tok(object v) except? 0:
     cdef long long x
     cdef int overflow = 0
     if not PyLong_CheckExact(v):
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise InvalidKeyError(f"token_ids: tokens must be integers, got {v!r:.60} ({type(v).__name__})")
-        v = v.__index__()
+        v = _as_index(v, InvalidKeyError, "token_ids: tokens must be integers")
     x = PyLong_AsLongLongAndOverflow(v, &overflow)
     if overflow or x < 0 or x >= TOKEN_LIMIT:
         raise InvalidKeyError(f"token_ids: token {v} is outside [0, 2**32)")
@@ -640,9 +654,7 @@ cdef inline idx_t _to_idx(object v) except? -1:
     cdef long long x
     cdef int overflow = 0
     if not PyLong_CheckExact(v):
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise InvalidValueError(f"value: KV indices must be integers, got {v!r:.60} ({type(v).__name__})")
-        v = v.__index__()
+        v = _as_index(v, InvalidValueError, "value: KV indices must be integers")
     x = PyLong_AsLongLongAndOverflow(v, &overflow)
     if overflow or x < 0 or x > INT32_MAX:
         raise InvalidValueError(f"value: KV index {v} is outside [0, 2**31)")
@@ -809,8 +821,8 @@ cdef inline Py_ssize_t _read_ints(PyObject** items, Py_ssize_t i, Py_ssize_t n,
 cdef int _same_length(object seq, Py_ssize_t n, object error, str name) except -1:
     """After an element's ``__index__`` (Python code) ran mid-conversion: the list must still
     hold n items (its item array is re-read after this), else ``error``."""
-    if len(seq) != n:
-        raise error(f"{name}: the sequence changed length while it was read ({n} -> {len(seq)})")
+    if _seq_size(seq) != n:
+        raise error(f"{name}: the sequence changed length while it was read ({n} -> {_seq_size(seq)})")
     return 0
 
 
@@ -1449,21 +1461,23 @@ cdef class RadixTreeCore:
         cdef PyObject** elems
         kv.arity = 0
         kv.width = 1
-        if type(token_ids) is list or type(token_ids) is tuple:
-            n = len(token_ids)
+        # a list or tuple, a subclass too: read from its items as stored (its own __len__
+        # and __getitem__ are not asked, as for the values and in hash_token_ids)
+        if PyList_Check(token_ids) or PyTuple_Check(token_ids):
+            n = _seq_size(token_ids)
             kv.n = n
             if n == 0:
                 kv.tok = <tok_t*>self._tok_scratch.reserve(1)
                 return None
-            t = token_ids[0]
+            t = <object>_seq_items(token_ids)[0]
             if PyTuple_Check(t):    # a tuple subclass (a namedtuple) too: read as a tuple
-                width = len(<tuple>t)
+                width = _seq_size(t)
                 if width == 0:
                     raise InvalidKeyError("token_ids: tuple tokens must not be empty, got ()")
                 buf = <tok_t*>self._tok_scratch.reserve(n * width)
                 for i in range(n):
-                    t = token_ids[i]
-                    if not PyTuple_Check(t) or len(<tuple>t) != width:
+                    t = <object>_seq_items(token_ids)[i]
+                    if not PyTuple_Check(t) or _seq_size(t) != width:
                         raise InvalidKeyError(
                             f"token_ids: token {i} is {t!r}, but tuple tokens must all have "
                             f"{width} elements"
@@ -1562,10 +1576,10 @@ cdef class RadixTreeCore:
                 buf[i] = <idx_t>kv.tok[i]
             out[0] = buf
             return None
-        if type(value) is list or type(value) is tuple:
-            if len(value) != n:
+        if PyList_Check(value) or PyTuple_Check(value):     # a subclass too, as the keys
+            if _seq_size(value) != n:
                 raise InvalidValueError(
-                    f"value: expected {n} KV indices (one per token), got {len(value)}"
+                    f"value: expected {n} KV indices (one per token), got {_seq_size(value)}"
                 )
             buf = <idx_t*>self._val_scratch.reserve(n)
             i = _read_ints(_seq_items(value), 0, n, <uint32_t*>buf, <int64_t>INT32_MAX + 1)
@@ -1901,9 +1915,11 @@ cdef class RadixTreeCore:
         (``aligned = len(key) // page_size * page_size``).
 
         Ownership after the call: the tree owns ``value[prefix_len:aligned]``; the caller
-        still owns, and must free, the duplicates ``value[:prefix_len]`` (those tokens were
-        already cached, under the tree's own indices) and the unaligned tail
-        ``value[aligned:]``. Returns ``InsertResult(prefix_len, last_node)`` with
+        still owns the unaligned tail ``value[aligned:]`` and the indices of
+        ``value[:prefix_len]`` it allocated itself: those tokens were already cached under
+        the tree's own indices, so the caller frees its duplicates (usually
+        ``value[match.prefix_len:prefix_len]``), while the tree's own indices it passed back
+        (a match's) stay the tree's. Returns ``InsertResult(prefix_len, last_node)`` with
         ``last_node`` ending at ``aligned`` (with a window, see below). Bad input raises and
         changes nothing.
 
@@ -1953,13 +1969,16 @@ cdef class RadixTreeCore:
         cdef nid_t last
         cdef int64_t prio = _int64("priority", priority)
         owner = self._load_key(key, &kv)
+        # the namespace before the value: looking it up runs the extra_key's __hash__ and
+        # __eq__ (Python code, which could rewrite a value array already checked)
+        cdef int32_t ns = self._find_ns(_extra_key(key), kv.arity)
         vowner = self._load_value(value, &kv, &vals)
         self.new_prio = prio
         if self.swa:
-            matched = self._insert_swa(&kv, vals, _extra_key(key), prev_prefix_len,
+            matched = self._insert_swa(&kv, vals, _extra_key(key), ns, prev_prefix_len,
                                        swa_evicted_seqlen, &last)
         else:
-            matched = self._insert_kv(&kv, vals, _extra_key(key), &last)
+            matched = self._insert_kv(&kv, vals, _extra_key(key), ns, &last)
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
         return _insert_result(matched, self._handle(last))
@@ -1977,7 +1996,7 @@ cdef class RadixTreeCore:
             n = x.parent
 
     cdef int64_t _insert_swa(self, const KeyView* kv, const idx_t* vals, object extra_key,
-                             object prev_prefix_len, object swa_evicted_seqlen,
+                             int32_t ns, object prev_prefix_len, object swa_evicted_seqlen,
                              nid_t* out_last) except -1:
         """The windowed insert (see insert). Everything that can fail (bad arguments,
         memory, the allocator's checks and its free) runs before the tree changes: the walk
@@ -1989,7 +2008,6 @@ cdef class RadixTreeCore:
         cdef int64_t ppl, es, n_path, matched, part_m, i, s0, e, off, seg, n_free = 0
         cdef int64_t tomb_len, matched_live, same, n_seg, n_full
         cdef int32_t w = kv.width
-        cdef int32_t ns
         cdef nid_t last, part_node, x_ppl = NIL, u
         cdef nid_t* path
         cdef Node* x
@@ -2015,7 +2033,6 @@ cdef class RadixTreeCore:
             )
         # past the key's end it is all the same (and rounding 2**63 - 1 up would overflow)
         es = (min(es, kv.n) + P - 1) // P * P
-        ns = self._find_ns(extra_key, kv.arity)
         if ns < 0 and ppl > 0:
             raise InvalidValueError(
                 f"prev_prefix_len: {ppl}, but the tree holds no prefix of this key (a new "
@@ -2034,14 +2051,19 @@ cdef class RadixTreeCore:
             return 0
         self._reserve_nodes(4)      # a split at prev_prefix_len, one at the match end, 2 new
         # duplicates in [0, 2 * aligned); booked, the revived tombstones' own slots and the
-        # kept ones after them
-        dup = <idx_t*>self._idx_out.reserve((4 if self._booking_kind else 2) * aligned)
+        # kept ones after them; for a new namespace, a copy of the value after those
+        cdef int64_t n_dup = (4 if self._booking_kind else 2) * aligned
+        dup = <idx_t*>self._idx_out.reserve(n_dup + (aligned if ns < 0 else 0))
         tree_old = dup + 2 * aligned
         kept = dup + 3 * aligned
         self._nid_scratch.reserve(aligned // P + 3)   # the path, and the two splits' halves
         revive = <int64_t*>self._uid_out.reserve(aligned // P + 1)   # a flag per segment
         allocated = ns < 0
         if allocated:
+            # the insert reads its copy of the slots from here on: taking the namespace runs
+            # the extra_key's Python code, which could rewrite the caller's array
+            copy32(dup + n_dup, vals, aligned)
+            vals = dup + n_dup
             # a new namespace matches nothing: the new nodes' arrays are allocated before
             # the namespace is taken (all or nothing)
             _alloc_swa_suffix(0, aligned, es, w, &k1, &v1, &k2, &v2)
@@ -2190,9 +2212,10 @@ cdef class RadixTreeCore:
         return matched
 
     cdef int64_t _insert_kv(self, const KeyView* kv, const idx_t* vals, object extra_key,
-                            nid_t* out_last) except -1:
+                            int32_t ns, nid_t* out_last) except -1:
         """Store validated key/values; returns the prefix length that was already cached
-        and sets *out_last to the node ending at the page-aligned key end. Everything that
+        and sets *out_last to the node ending at the page-aligned key end. `ns` is the
+        namespace _find_ns gave, before the value was read (-1: new). Everything that
         can fail (memory, the allocator's check of the slots) comes before the tree
         changes: the walk is read-only, and the split at the match end, the recency
         updates and the new leaf come after."""
@@ -2200,7 +2223,6 @@ cdef class RadixTreeCore:
         cdef int64_t n_path, matched, part_m
         cdef int64_t aligned = kv.n - kv.n % self.page_size
         cdef int32_t w = kv.width
-        cdef int32_t ns = self._find_ns(extra_key, kv.arity)
         cdef tok_t* new_key = NULL
         cdef idx_t* new_val = NULL
         cdef int64_t taken = 0      # slots of new_val adopted so far
@@ -3301,6 +3323,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         cdef int64_t prio = _int64("priority", priority)
         cdef Node* x
         owner = self._load_key(key, &kv)
+        cdef int32_t ns = self._find_ns(_extra_key(key), kv.arity)   # before the value is read
         vowner = self._load_value(value, &kv, &vals)
         if mamba_value is not None:
             state = _parse_state_slot(mamba_value)
@@ -3313,10 +3336,10 @@ cdef class MambaTreeCore(RadixTreeCore):
         cdef bint adopted = False
         cdef idx_t slot = <idx_t>state   # parsed into [0, 2**31), or -1 when none
         if state >= 0 and self._state_booking != NULL:
-            adopted = self._book_state(&kv, _extra_key(key), slot)
+            adopted = self._book_state(&kv, ns, slot)
         self.new_prio = prio
         try:
-            matched = self._insert_kv(&kv, vals, _extra_key(key), &last)
+            matched = self._insert_kv(&kv, vals, _extra_key(key), ns, &last)
         except BaseException:
             if adopted:  # the state stays the caller's
                 (<TokenToKVPoolAllocator>self._state_booking).disown_c(&slot, 1)
@@ -3325,10 +3348,9 @@ cdef class MambaTreeCore(RadixTreeCore):
         if state >= 0:
             x = &self.nodes[last]
             if self._state_booking != NULL and not adopted:
-                # already the cache's: handed back at its own node (nothing to do) or, if the
-                # key changed under the extra_key's Python code after _book_state found it at
-                # this key's end, another node's. Either way the tree keeps it where it is,
-                # once, and the caller must not free it (mamba_exist False)
+                # already the cache's: the node's own state handed back (_book_state found
+                # it at this key's end, and no Python code has run since): the tree keeps
+                # it where it is, and the caller must not free it (mamba_exist False)
                 pass
             elif x.aux_value >= 0:
                 # the node's own state handed back is no second one: the caller must not free it
@@ -3344,7 +3366,7 @@ cdef class MambaTreeCore(RadixTreeCore):
             self._raise_priority(last, prio)
         return _insert_result(matched, self._handle(last), exist)
 
-    cdef bint _book_state(self, const KeyView* kv, object extra_key, idx_t state) except -1:
+    cdef bint _book_state(self, const KeyView* kv, int32_t ns, idx_t state) except -1:
         """Check *state* against the pool's books before the insert changes anything, and
         take it as the cache's when it is a caller's (True: the insert gives it back with
         disown if the node turns out to hold a state, or the insert fails). A state the
@@ -3359,7 +3381,7 @@ cdef class MambaTreeCore(RadixTreeCore):
             books.adopt_c(&state, 1)
             return True
         if st == PAGE_CACHED:
-            end = self._find_end(kv, self._find_ns(extra_key, kv.arity))
+            end = self._find_end(kv, ns)
             if end != NIL and self.nodes[end].aux_value == state:
                 return False
             raise InvalidValueError(
@@ -3554,9 +3576,7 @@ cdef int64_t _count(str name, object v) except? -1:
         x = PyLong_AsLongLongAndOverflow(v, &overflow)
         if not overflow:
             return max(-1, min(x, (<int64_t>1) << 62))
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise TypeError(f"{name}: expected an int, got {v!r:.60} ({type(v).__name__})")
-    v = v.__index__()
+    v = _as_index(v, TypeError, f"{name}: expected an int")
     return max(-1, min(v, (<int64_t>1) << 62))
 
 
@@ -3568,9 +3588,7 @@ cdef int64_t _int64(str name, object v) except? -1:
         x = PyLong_AsLongLongAndOverflow(v, &overflow)
         if not overflow:
             return x
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise TypeError(f"{name}: expected an int, got {v!r} ({type(v).__name__})")
-    v = v.__index__()
+    v = _as_index(v, TypeError, f"{name}: expected an int")
     if not -(1 << 63) <= v < (1 << 63):
         raise InvalidValueError(f"{name}: expected a 64-bit int, got {v}")
     return v
@@ -3596,9 +3614,7 @@ cdef int64_t _nonneg_int(str name, object v) except -1:
         x = PyLong_AsLongLongAndOverflow(v, &overflow)
         if not overflow and x >= 0:
             return x
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise TypeError(f"{name}: expected an int, got {v!r:.60} ({type(v).__name__})")
-    v = v.__index__()
+    v = _as_index(v, TypeError, f"{name}: expected an int")
     if not 0 <= v < (1 << 63):
         raise InvalidValueError(f"{name}: expected an int in [0, 2**63), got {v}")
     return v
