@@ -3142,7 +3142,9 @@ cdef class TreeNode:
 
     @property
     def key(self):
-        """The node's own tokens (not the whole prefix) as a RadixKey."""
+        """The node's own tokens (not the whole prefix) as a RadixKey. Its ``extra_key``
+        is its namespace's: the first of the equal extra_keys (``==`` and same hash, say
+        ``1`` and ``True``) that the tree took, which all share that namespace."""
         self._node()
         if self._slot == ROOT:
             return RadixKey([], None)
