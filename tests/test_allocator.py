@@ -19,6 +19,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from pymllm.mem_cache._allocator import _radix_pass_count
 from pymllm.mem_cache.errors import AllocatorStateError, InvalidFreeError, InvalidValueError
 from pymllm.mem_cache.memory_pool import SWATokenToKVPoolAllocator, TokenToKVPoolAllocator
 
@@ -319,6 +320,27 @@ def test_merge_paths_agree_with_sorted(
         ]
 
 
+def test_radix_digits_stop_before_the_width_of_a_page_id() -> None:
+    """From 2**22 pages the digit loops shifted an int32 page id by 33 bits, undefined in C
+    (UBSan: 'shift exponent 33 is too large for 32-bit type'); three 11-bit digits cover
+    every int32 id."""
+    maxima = [0, 2047, 2048, 2**22 - 1, 2**22, 5_000_000, 2**31 - 1]
+    assert [_radix_pass_count(m) for m in maxima] == [1, 1, 2, 2, 3, 3, 3]
+
+
+def test_radix_merge_sorts_ids_past_2_22_pages() -> None:
+    n = (1 << 22) + 1000  # three digits: the loops ran into the shift by 33 bits
+    a = TokenToKVPoolAllocator(n)
+    x = a.alloc(n)
+    rng = np.random.default_rng(22)
+    gone = rng.permutation(np.append(rng.choice(x[:-1], 299, replace=False), n))
+    a.free(gone)  # out of order, the largest id among them
+    before = a._merge_counts()
+    assert a.alloc(300).tolist() == sorted(gone.tolist())
+    assert [y - b for b, y in zip(before, a._merge_counts(), strict=True)] == [0, 1, 0]
+    a._check_invariants()
+
+
 def test_free_group_holds_slots_until_end(make: Any) -> None:
     a = make(4)
     x = a.alloc(4)
@@ -390,6 +412,7 @@ BOOL_FREES = [
     pytest.param(lambda x: _SlotList([True, int(x[1])]), id="list-subclass"),
     pytest.param(lambda x: __import__("collections").deque([int(x[0]), True]), id="deque"),
     pytest.param(lambda x: [True], id="list-bool"),
+    pytest.param(lambda x: [[int(x[0]), True]], id="nested-list"),
     pytest.param(lambda x: True, id="bool"),
 ]
 

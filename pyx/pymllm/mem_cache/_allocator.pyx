@@ -62,6 +62,22 @@ cdef extern from *:
 cdef enum:
     RADIX_BITS = 11
     RADIX = 1 << RADIX_BITS
+    ID_BITS = 32  # width of a page id (int32_t): no shift of one may reach it
+
+
+cdef inline int _radix_passes(int32_t max_value) noexcept nogil:
+    """Digits (passes) that values in [0, max_value] need, at least one. The shift is
+    tested before it is used: an int32 shifted by 32 bits or more (the fourth digit, once
+    max_value >= 2**22) is undefined in C."""
+    cdef int passes = 1
+    while RADIX_BITS * passes < ID_BITS and (max_value >> (RADIX_BITS * passes)) > 0:
+        passes += 1
+    return passes
+
+
+def _radix_pass_count(int32_t max_value):
+    """Test hook: the passes of the radix sort of page ids up to *max_value*."""
+    return _radix_passes(max_value)
 
 
 cdef int32_t* _radix_sort(int32_t* a, int32_t* tmp, int32_t n, int32_t max_value) noexcept:
@@ -70,10 +86,11 @@ cdef int32_t* _radix_sort(int32_t* a, int32_t* tmp, int32_t n, int32_t max_value
     cdef int32_t counts[RADIX]
     cdef int32_t i, c, total
     cdef int shift = 0
+    cdef int end = RADIX_BITS * _radix_passes(max_value)
     cdef int32_t* src = a
     cdef int32_t* dst = tmp
     cdef int32_t* swap
-    while shift == 0 or (max_value >> shift) > 0:
+    while shift < end:
         memset(counts, 0, sizeof(counts))
         for i in range(n):
             counts[(src[i] >> shift) & (RADIX - 1)] += 1
@@ -264,15 +281,37 @@ cdef cnp.ndarray _as_int32_slots(object indices):
     return np.require(arr, np.int32, ["C", "A"])  # a copy if unaligned
 
 
+cdef bint _holds_bool(object seq) except -1:
+    """Whether the list, tuple or deque *seq* (their subclasses too) holds a bool, in its
+    nested lists too: the items' types in one C loop (``set(map(type, ...))``), Python code
+    only per nested list, not per item."""
+    types = set(map(type, seq))
+    if _BOOL_TYPES & types:
+        return True
+    for t in types:
+        if issubclass(t, (list, tuple, deque)):
+            for x in seq:
+                if isinstance(x, (list, tuple, deque)) and _holds_bool(x):
+                    return True
+            return False
+    return False
+
+
+def _refuse_bool_slots(str name, object indices):
+    """``InvalidValueError`` when *indices* is a list, tuple or deque holding a bool (nested
+    ones too): numpy would read ``[True, 5]`` as slots 1 and 5, and a bool is not a slot id.
+    A numpy bool array needs no check (its dtype says so). Shared with memory_pool's slot
+    checks."""
+    if isinstance(indices, (list, tuple, deque)) and _holds_bool(indices):
+        raise InvalidValueError(f"{name}: expected integer slot ids, got a bool in {indices!r:.60}")
+
+
 cdef object _integer_array(object indices):
     """*indices* as a numpy array of integers (any integer dtype), for the general paths
     of ``free`` and ``is_allocated``: a bool is not a slot id (``InvalidValueError``, also
     as an item of a list or tuple, which numpy would silently read as 0 or 1), and Python
     ints beyond 64 bits come back as an object array of exact ints."""
-    if isinstance(indices, (list, tuple, deque)):  # their subclasses too
-        # the items' types in one C loop (set(map(type, ...))), no Python code per item
-        if _BOOL_TYPES & set(map(type, indices)):
-            raise InvalidValueError(f"indices: expected integer slot ids, got a bool in {indices!r:.60}")
+    _refuse_bool_slots("indices", indices)
     arr = np.asarray(indices)
     if arr.dtype == object:
         for v in arr.flat:
@@ -660,9 +699,7 @@ cdef class PageCore:
             return
         # Radix-sort the releases and merge them with the sorted live run, or rebuild the
         # whole list from the state bytes, whichever touches less memory.
-        passes = 1
-        while (self.num_pages >> (RADIX_BITS * passes)) > 0:
-            passes += 1
+        passes = _radix_passes(self.num_pages)
         sort_cost = passes * (2 * <int64_t>n_rel + RADIX)
         scan_cost = self.n_words + 2 * (<int64_t>n_live + n_rel)
         # Releases are often already ascending (a freed run that was allocated together).
