@@ -384,6 +384,68 @@ def test_setters_refuse_host_arrays_and_one_array_twice() -> None:
     assert host(mamba.buffers.conv)[0, 1:3, 0].tolist() == [0.0, 1.0]
 
 
+def test_setters_refuse_two_arrays_over_one_device_buffer() -> None:
+    """`k is v` was refused, but two Array objects over one device buffer (each a
+    jax.device_put of one uncommitted array) were taken: every later write then failed
+    ('donate the same buffer twice')."""
+    pool = KVPool(8, 1, 2, 2, dtype=jnp.float32)  # K and V of one shape and dtype
+    mamba = MambaPool(4, 1, (2,), (2,), conv_dtype=jnp.float32)
+    kv, states = pool.buffers, mamba.buffers
+    z = jnp.zeros(pool.k_shape, jnp.float32)
+    k, v = jax.device_put(z, pool.shardings.k), jax.device_put(z, pool.shardings.v)
+    assert k is not v and k.unsafe_buffer_pointer() == v.unsafe_buffer_pointer()
+    with pytest.raises(InvalidValueError, match="same array"):
+        pool.buffers = KVBuffers(k, v)
+    z = jnp.zeros(states.conv.shape, jnp.float32)
+    conv, temporal = (jax.device_put(z, states.conv.sharding) for _ in range(2))
+    assert conv is not temporal
+    with pytest.raises(InvalidValueError, match="same array"):
+        mamba.buffers = MambaBuffers(conv, temporal)
+    assert pool.buffers is kv and mamba.buffers is states
+    pool.set_kv_buffer(0, [1], np.full((1, 2, 2), 5, np.float32), np.zeros((1, 2, 2), np.float32))
+    assert host(pool.buffers.k)[0, 1, 0, 0] == 5.0 and not host(pool.buffers.v).any()
+    mamba.reset_states([1])
+
+
+# Updates of a KVPool(32, 1, 1, 4) and a MambaPool(8, 1, (2,), (2,)), given x: ones of
+# shape (1, 1, 4), a host array or a tracer.
+KV_UPDATES = {
+    "copy": lambda p, x: p.copy((x[0, 0, :1] + 2).astype(np.int32), [5]),  # 3 -> 5
+    "set_kv_buffer": lambda p, x: p.set_kv_buffer(0, [5], x, x),
+    "set_kv_all": lambda p, x: p.set_kv_all([5], x[None], x[None]),
+}
+MAMBA_UPDATES = {
+    "copy_states": lambda m, x: m.copy_states([1], x[0, 0, :1].astype(np.int32) + 1),
+    "reset_states": lambda m, x: m.reset_states(x[0, 0, :1].astype(np.int32)),
+    "set_states": lambda m, x: m.set_states([2], x[..., :2], x[..., :2]),
+}
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["host-args", "tracer-args"])
+@pytest.mark.parametrize("name", [*KV_UPDATES, *MAMBA_UPDATES])
+def test_pool_updates_inside_jit_are_refused_and_change_nothing(name: str, traced: bool) -> None:
+    """Called inside a jitted function with host arguments, an update was traced, not run,
+    and the pool kept the tracers as its buffers: no error, every later call failed."""
+    pool: KVPool | MambaPool
+    if name in KV_UPDATES:
+        pool, call = KVPool(32, 1, 1, 4, dtype=jnp.float32), KV_UPDATES[name]
+    else:
+        pool, call = MambaPool(8, 1, (2,), (2,), conv_dtype=jnp.float32), MAMBA_UPDATES[name]
+    before = pool.buffers
+    ones = np.ones((1, 1, 4), np.float32)
+
+    @jax.jit
+    def step(x: jax.Array) -> jax.Array:
+        call(pool, x if traced else ones)
+        return x + 1
+
+    with pytest.raises(InvalidValueError, match="trace"):
+        step(jnp.asarray(ones))
+    assert pool.buffers is before and not any(b.is_deleted() for b in before)
+    call(pool, ones)  # the pool still works: the update runs and donates its buffers
+    assert all(b.is_deleted() for b in before)
+
+
 def test_constructor_validation_and_sizes() -> None:
     with pytest.raises(InvalidValueError):
         KVPool(8, 0, 2, 4)

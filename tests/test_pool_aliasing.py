@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pymllm.mem_cache.errors import InvalidValueError
 from pymllm.mem_cache.memory_pool import (
     KVBuffers,
     KVPool,
@@ -233,3 +234,30 @@ def test_to_device_holds_the_rows_at_call_time() -> None:
     dev = pool.to_device(np.array([1], np.int32))
     pool.write((1, slice(0, 16)), np.arange(17, 33))
     assert host(dev)[0].tolist() == list(range(1, 17))
+
+
+def test_the_pools_own_buffers_as_input_are_refused_and_change_nothing() -> None:
+    """set_kv_all(slots, pool.buffers.k, pool.buffers.v) (their shapes match the input's
+    when the pool's rows are a bucket size) failed inside XLA ('a buffer that was
+    previously donated') instead of raising InvalidValueError; set_states the same."""
+    pool = KVPool(15, 2, 1, 4, dtype=jnp.float32)  # 16 rows, a bucket size
+    slots = np.arange(16)
+    own = pool.buffers
+    fresh = jnp.ones(pool.k_shape, jnp.float32)
+    twin = jax.device_put(own.k, jax.devices()[0])
+    assert twin is not own.k and twin.unsafe_buffer_pointer() == own.k.unsafe_buffer_pointer()
+    for k, v in ((own.k, own.v), (fresh, own.v), (own.v, fresh), (twin, fresh)):
+        with pytest.raises(InvalidValueError, match="own buffers"):
+            pool.set_kv_all(slots, k, v)
+        assert pool.buffers is own and not any(b.is_deleted() for b in own)
+    pool.set_kv_all(slots, own.k + 1, fresh)  # copies are taken
+    assert (host(pool.buffers.k) == 1.0).all() and (host(pool.buffers.v) == 1.0).all()
+
+    mamba = MambaPool(15, 1, (2,), (2,), conv_dtype=jnp.float32)
+    states = mamba.buffers
+    for conv, temporal in ((states.conv, states.temporal), (states.temporal + 1, states.conv)):
+        with pytest.raises(InvalidValueError, match="own buffers"):
+            mamba.set_states(slots, conv, temporal)
+        assert mamba.buffers is states and not any(b.is_deleted() for b in states)
+    mamba.set_states(slots, states.conv + 2, states.temporal + 3)
+    assert (host(mamba.buffers.conv) == 2.0).all() and (host(mamba.buffers.temporal) == 3.0).all()

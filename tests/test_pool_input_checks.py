@@ -17,9 +17,10 @@ from pymllm.mem_cache import (
     TokenToKVPoolAllocator,
     hash_bytes,
     hash_to_int64,
+    memory_pool,
 )
 from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError
-from pymllm.mem_cache.memory_pool import ReqToTokenPool, pad_slots
+from pymllm.mem_cache.memory_pool import KVPool, MambaPool, ReqToTokenPool, pad_slots
 
 
 @pytest.mark.parametrize("swa", [False, True], ids=["full", "swa"])
@@ -323,3 +324,76 @@ def test_to_device_refuses_a_max_len_that_is_not_a_positive_int(max_len) -> None
     with pytest.raises(InvalidValueError, match="max_len"):
         pool.to_device(slots, max_len=max_len)
     assert pool.to_device(slots, max_len=1).shape == (16, 16)
+
+
+# -- found by the review of the pools (session 11) ---------------------------------------
+
+KV4 = np.ones((2, 1, 4), np.float32)
+STATES = np.ones((1, 2, 2), np.float32)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda kv, m, r: pad_slots([True, 5]), id="pad_slots"),
+        pytest.param(lambda kv, m, r: pad_slots([[5, np.True_]]), id="pad_slots-nested"),
+        pytest.param(lambda kv, m, r: kv.set_kv_buffer(0, [True, 5], KV4, KV4), id="set_kv"),
+        pytest.param(lambda kv, m, r: kv.set_kv_all((5, True), KV4[None], KV4[None]), id="all"),
+        pytest.param(lambda kv, m, r: kv.copy([2, 3], [True, 5]), id="copy"),
+        pytest.param(lambda kv, m, r: kv.get_kv(0, [True]), id="get_kv"),
+        pytest.param(lambda kv, m, r: m.reset_states([True, 3]), id="reset_states"),
+        pytest.param(lambda kv, m, r: m.set_states([3, True], STATES, STATES), id="set_states"),
+        pytest.param(lambda kv, m, r: m.copy_states([True, 2], [3, 4]), id="copy_states"),
+        pytest.param(lambda kv, m, r: r.write((1, slice(0, 2)), [True, 7]), id="write-values"),
+        pytest.param(
+            lambda kv, m, r: r.write(slice(1, 3), [[6] * 4, [7, 8, True, 9]]), id="write-2d"
+        ),
+        pytest.param(
+            lambda kv, m, r: r.write((slice(1, 3), slice(0, 1)), [[6], [False]]), id="write-col"
+        ),
+        pytest.param(lambda kv, m, r: r.write(([2, True], 0), [6, 7]), id="write-rows"),
+        pytest.param(lambda kv, m, r: r.to_device([True]), id="to_device"),
+    ],
+)
+def test_a_bool_in_a_slot_list_is_refused_and_changes_nothing(call) -> None:
+    """numpy reads [True, 5] as [1, 5]: a bool inside a list was slot 1 (row 1 of the
+    request table), where the allocator refuses free([True, 5])."""
+    kv = KVPool(32, 1, 1, 4, dtype=jnp.float32)
+    mamba = MambaPool(8, 1, (2,), (2,), conv_dtype=jnp.float32)
+    req = ReqToTokenPool(4, 4)
+    kv_buffers, states = kv.buffers, mamba.buffers
+    with pytest.raises(InvalidValueError, match="integer slot ids"):
+        call(kv, mamba, req)
+    assert kv.buffers is kv_buffers and mamba.buffers is states and not req.req_to_token.any()
+
+
+class _Allocating(Exception):
+    """Raised by the test in place of a pool's first allocation."""
+
+
+def _allocating(*args, **kwargs):
+    raise _Allocating
+
+
+@pytest.mark.parametrize(
+    ("make", "size", "refused"),
+    [
+        pytest.param(lambda n: KVPool(n, 1, 1, 1), 2**31, True, id="kv-2**31"),
+        pytest.param(lambda n: KVPool(n, 1, 1, 1), 2**31 - 1, True, id="kv-rows-2**31"),
+        pytest.param(lambda n: KVPool(n, 1, 1, 1), 2**31 - 2, False, id="kv-rows-2**31-1"),
+        pytest.param(lambda n: KVPool(n, 1, 1, 1, page_size=4), 2**31 - 4, True, id="kv-pages"),
+        pytest.param(lambda n: KVPool(n, 1, 1, 1, page_size=4), 2**31 - 5, False, id="kv-pages-ok"),
+        pytest.param(lambda n: MambaPool(n, 1, (1,), (1,)), 2**31 - 1, True, id="mamba-2**31"),
+        pytest.param(lambda n: MambaPool(n, 1, (1,), (1,)), 2**31 - 2, False, id="mamba-ok"),
+    ],
+)
+def test_pools_refuse_rows_beyond_int32_before_allocating(
+    monkeypatch: pytest.MonkeyPatch, make, size: int, refused: bool
+) -> None:
+    """KVPool(2**31, ...) allocated its buffers (2**31 + 1 rows, past int32, which the
+    allocator refuses) and every write then failed with a bare OverflowError. The pool's
+    first allocation raises _Allocating here, so no buffer is ever made."""
+    monkeypatch.setattr(memory_pool, "_zeros", _allocating)
+    monkeypatch.setattr(memory_pool, "TokenToKVPoolAllocator", _allocating)
+    with pytest.raises(InvalidValueError if refused else _Allocating):
+        make(size)

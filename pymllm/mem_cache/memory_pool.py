@@ -12,8 +12,9 @@ function ``(buffers, ...) -> buffers`` jitted with the buffers donated, so XLA u
 in place (no copy of the cache). The module-level ``write_kv``/``read_kv``/... are meant to
 be called inside a model's own jitted step; the classes keep the current buffers, call
 per-pool jitted copies built once with the pool's shardings in and out, and rebind after
-every call. Never keep a reference to a pool's buffers across one of its calls: it is
-deleted (donated).
+every call, so their methods run outside traced code (inside ``jax.jit`` or given a tracer
+they raise ``InvalidValueError`` and change nothing). Never keep a reference to a pool's
+buffers across one of its calls: it is deleted (donated).
 
 Inputs: the pools' methods hold what they were passed at call time. Host (numpy) K/V,
 states and slot lists are copied before a call returns (XLA:CPU would otherwise map an aligned
@@ -48,11 +49,15 @@ from jax.sharding import PartitionSpec as P
 
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
-from pymllm.mem_cache._allocator import _check_ints
+from pymllm.mem_cache._allocator import _check_ints, _refuse_bool_slots
 from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
 
 PAD_SLOT = 0
 """The padding slot: row 0 of every buffer, never allocated."""
+
+_MAX_ROWS = (1 << 31) - 1
+"""Most rows a device buffer may have: slots are int32, and so is the row count that JAX
+adds to an index inside every scatter and gather (a buffer of 2**31 rows fails them all)."""
 
 MIN_BUCKET = 16
 
@@ -75,7 +80,8 @@ def pad_slots(loc: Any, size: int | None = None) -> np.ndarray:
     (default ``bucket_size(len)``); the caller owns both.
 
     ``InvalidValueError`` for slots that are not integers or lie outside ``[0, 2**31)``
-    (never wrapped or truncated into another slot)."""
+    (never wrapped or truncated into another slot), a bool among them included."""
+    _refuse_bool_slots("loc", loc)
     slots = _slots("loc", np.asarray(loc).reshape(-1), 1 << 31)
     if size is not None and _positive("size", size, 0) < len(slots):
         raise InvalidValueError(f"size: {size} is shorter than loc ({len(slots)} slots)")
@@ -229,8 +235,21 @@ def _positive(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
+def _not_traced(name: str, x: Any) -> None:
+    """``InvalidValueError`` for a tracer: the pools hold concrete buffers and run outside
+    ``jax.jit``/``vmap``/...; a traced step calls :func:`write_kv` and the other module-level
+    functions on ``pool.buffers`` and hands the result back with ``pool.buffers = ...``."""
+    if isinstance(x, jax.core.Tracer):
+        raise InvalidValueError(
+            f"{name} is a tracer: call the pool outside jax.jit/vmap (inside a traced step, "
+            "use write_kv/read_kv/... on pool.buffers)"
+        )
+
+
 def _slots(name: str, loc: Any, rows: int) -> np.ndarray:
     """*loc* as a 1-D host int32 array of slots in ``[0, rows)``; a jax array syncs here."""
+    _not_traced(name, loc)
+    _refuse_bool_slots(name, loc)
     arr = np.asarray(loc)
     if arr.ndim != 1:
         raise InvalidValueError(f"{name} must be 1-D, got shape {arr.shape}")
@@ -259,6 +278,7 @@ def _check_distinct(name: str, loc: np.ndarray) -> None:
 
 
 def _check_array(name: str, x: Any, shape: tuple[int, ...], dtype: Any) -> None:
+    _not_traced(name, x)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise InvalidValueError(f"{name} must be an array, got {type(x).__name__}")
     if isinstance(x, jax.Array) and x.is_deleted():
@@ -356,6 +376,16 @@ def _shape(name: str, dims: Any) -> tuple[int, ...]:
     return tuple(_positive(f"{name}[{i}]", d) for i, d in enumerate(items))
 
 
+def _rows(size: Any, rows: int) -> int:
+    """*rows*, the buffer rows a pool of *size* slots needs, unless they exceed
+    ``_MAX_ROWS`` (``InvalidValueError``, raised before anything is allocated)."""
+    if rows > _MAX_ROWS:
+        raise InvalidValueError(
+            f"size: {size} slots need {rows} buffer rows, more than 2**31 - 1 (slots are int32)"
+        )
+    return rows
+
+
 _Buffers = TypeVar("_Buffers", "KVBuffers", "MambaBuffers")
 
 
@@ -369,6 +399,40 @@ def _as_buffers(cls: type[_Buffers], new: Any) -> _Buffers:
         raise InvalidValueError(
             f"buffers must be a {cls.__name__} ({', '.join(cls._fields)}), got {new!r:.60}"
         ) from None
+
+
+def _concrete(new: _Buffers) -> _Buffers:
+    """*new*, the buffers an update returned, unless the pool was called from a traced
+    function (host arguments, no tracer among them): the update was then traced, not run,
+    and its result is tracers the pool must not keep (every later call would fail).
+    ``InvalidValueError`` then; nothing ran, so the pool still holds its buffers."""
+    if isinstance(new[0], jax.core.Tracer):
+        raise InvalidValueError(
+            "the pool was called inside a traced function: call it outside jax.jit/vmap "
+            "(inside a traced step, use write_kv/read_kv/... on pool.buffers)"
+        )
+    return new
+
+
+def _device_buffers(x: jax.Array) -> set[tuple[int, int]]:
+    """``(device id, address)`` of each device buffer behind *x*: two ``jax.Array`` objects
+    can stand for one buffer (``jax.device_put`` of an array already placed so)."""
+    return {(s.device.id, s.data.unsafe_buffer_pointer()) for s in x.addressable_shards}
+
+
+def _one_buffer(x: jax.Array, y: jax.Array) -> bool:
+    """Whether *x* and *y* share device memory. JAX has no views, so arrays of different
+    shapes never do: that case costs a shape comparison."""
+    return x is y or (x.shape == y.shape and not _device_buffers(x).isdisjoint(_device_buffers(y)))
+
+
+def _refuse_own_buffers(name: str, x: Any, buffers: tuple[jax.Array, ...]) -> None:
+    """``InvalidValueError`` when the input *x* is one of the pool's own *buffers*: the
+    update donates them, so it cannot also read them (XLA refuses the call)."""
+    if isinstance(x, jax.Array) and any(_one_buffer(x, b) for b in buffers):
+        raise InvalidValueError(
+            f"{name} is one of the pool's own buffers, which the update donates (pass a copy)"
+        )
 
 
 def _free_named(allocator: TokenToKVPoolAllocator, slots: Any) -> None:
@@ -404,7 +468,9 @@ class KVPool(_SlotOwner):
     *head_axis* without a mesh, or a mesh and a device together, is an ``InvalidValueError``
     (never silently ignored). *dtype* is any numeric dtype JAX stores as such: a 64-bit one
     needs ``jax_enable_x64`` and is refused without it (JAX would make 32-bit buffers), so
-    :attr:`dtype` is always the dtype the buffers hold.
+    :attr:`dtype` is always the dtype the buffers hold. The buffers have at most
+    ``2**31 - 1`` rows (slots are int32): a larger *size* is an ``InvalidValueError``,
+    raised before anything is allocated.
 
     The pool owns its buffers and donates them on every write; :attr:`buffers` is only
     valid until the pool's next update. A model step that takes :attr:`buffers`, donates
@@ -454,7 +520,7 @@ class KVPool(_SlotOwner):
         self.v_head_num = _positive("v_head_num", k_head_num if v_head_num is None else v_head_num)
         self.v_head_dim = _positive("v_head_dim", k_head_dim if v_head_dim is None else v_head_dim)
         self.dtype = _dtype("dtype", dtype)
-        self.rows = self.size + self.page_size
+        self.rows = _rows(size, self.size + self.page_size)
         self.mesh = mesh
 
         rep: Sharding
@@ -559,13 +625,13 @@ class KVPool(_SlotOwner):
         """Hand the pool the buffers a donated step returned; the pool owns them from now on.
 
         ``InvalidValueError`` (the pool keeps its buffers) unless ``k`` and ``v`` are two
-        distinct live ``jax.Array`` of the pool's shapes, dtype and shardings
-        (:attr:`shardings`; on one device: that device)."""
+        live ``jax.Array`` over distinct device buffers, of the pool's shapes, dtype and
+        shardings (:attr:`shardings`; on one device: that device)."""
         new = _as_buffers(KVBuffers, new)
         _check_buffer("buffers.k", new.k, self.k_shape, self.dtype, self.shardings.k)
         _check_buffer("buffers.v", new.v, self.v_shape, self.dtype, self.shardings.v)
-        if new.k is new.v:
-            raise InvalidValueError("buffers.k and buffers.v are the same array")
+        if _one_buffer(new.k, new.v):
+            raise InvalidValueError("buffers.k and buffers.v are the same array (device buffer)")
         self._buffers = new
 
     # -- stateful conveniences -------------------------------------------------------
@@ -594,7 +660,7 @@ class KVPool(_SlotOwner):
             return
         k = _placed(k, self._row_shardings[0])
         v = _placed(v, self._row_shardings[1])
-        self._buffers = self._write(self._buffers, layer, loc, k, v)
+        self._buffers = _concrete(self._write(self._buffers, layer, loc, k, v))
 
     def set_kv_all(self, loc: Any, k: Any, v: Any) -> None:
         """Write every layer at once: ``k`` ``[L, n, Hk, Dk]``, ``v`` ``[L, n, Hv, Dv]``.
@@ -605,7 +671,9 @@ class KVPool(_SlotOwner):
             return
         k = _placed(k, self.shardings.k)
         v = _placed(v, self.shardings.v)
-        self._buffers = self._write_all(self._buffers, loc, k, v)
+        _refuse_own_buffers("k", k, self._buffers)
+        _refuse_own_buffers("v", v, self._buffers)
+        self._buffers = _concrete(self._write_all(self._buffers, loc, k, v))
 
     def get_kv(self, layer_id: int, loc: Any) -> tuple[jax.Array, jax.Array]:
         """``(k [n, Hk, Dk], v [n, Hv, Dv])`` at slots ``loc`` of one layer (fresh arrays).
@@ -657,7 +725,7 @@ class KVPool(_SlotOwner):
         if len(src) == 0:
             return
         m = bucket_size(len(src))
-        self._buffers = self._copy(self._buffers, _pad(src, m), _pad(dst, m))
+        self._buffers = _concrete(self._copy(self._buffers, _pad(src, m), _pad(dst, m)))
 
     def __repr__(self) -> str:
         return (
@@ -709,6 +777,8 @@ class ReqToTokenPool(_SlotOwner):
         ``[0, 2**31)`` (never wrapped into another slot), or when they do not fit the index.
         """
         row = index[0] if isinstance(index, tuple) and index else index
+        _refuse_bool_slots("index", row)
+        _refuse_bool_slots("values", values)
         try:
             rows = np.arange(self.size + 1)[row] if isinstance(row, slice) else np.asarray(row)
         except (ValueError, TypeError) as exc:  # a zero slice step, a bad slice bound
@@ -813,6 +883,7 @@ class MambaPool(_SlotOwner):
     a method returns. Slots written (``dst``, ``slots``) must be distinct except the
     padding slot 0; every error is raised before anything changes. *conv_dtype* and
     *temporal_dtype* are checked as :class:`KVPool`'s *dtype* (64-bit only with x64 on).
+    *size* is at most ``2**31 - 2`` (``size + 1`` rows, as :class:`KVPool`'s limit).
     """
 
     def __init__(
@@ -835,7 +906,7 @@ class MambaPool(_SlotOwner):
         self.temporal_dtype = _dtype("temporal_dtype", temporal_dtype)
         if device is not None and not isinstance(device, jax.Device):
             raise InvalidValueError(f"device must be a jax.Device, got {device!r:.60}")
-        self.rows = self.size + 1
+        self.rows = _rows(size, self.size + 1)
         sh = SingleDeviceSharding(device if device is not None else jax.devices()[0])
         self._sharding = sh
         shardings = cast(Any, MambaBuffers)(sh, sh)  # a Sharding per buffer
@@ -874,7 +945,8 @@ class MambaPool(_SlotOwner):
         """Hand the pool the buffers a donated step returned; the pool owns them from now on.
 
         ``InvalidValueError`` (the pool keeps its buffers) unless ``conv`` and ``temporal``
-        are two distinct live ``jax.Array`` of the pool's shapes and dtypes on its device."""
+        are two live ``jax.Array`` over distinct device buffers, of the pool's shapes and
+        dtypes on its device."""
         new = _as_buffers(MambaBuffers, new)
         _check_buffer(
             "buffers.conv", new.conv, self._buffers.conv.shape, self.conv_dtype, self._sharding
@@ -886,8 +958,10 @@ class MambaPool(_SlotOwner):
             self.temporal_dtype,
             self._sharding,
         )
-        if new.conv is new.temporal:
-            raise InvalidValueError("buffers.conv and buffers.temporal are the same array")
+        if _one_buffer(new.conv, new.temporal):
+            raise InvalidValueError(
+                "buffers.conv and buffers.temporal are the same array (device buffer)"
+            )
         self._buffers = new
 
     def mem_bytes(self) -> int:
@@ -933,14 +1007,14 @@ class MambaPool(_SlotOwner):
         _check_distinct("dst", d)
         if len(s):
             m = bucket_size(len(s))
-            self._buffers = self._copy(self._buffers, _pad(s, m), _pad(d, m))
+            self._buffers = _concrete(self._copy(self._buffers, _pad(s, m), _pad(d, m)))
 
     def reset_states(self, slots: Any) -> None:
         """Zero the states of *slots* (distinct) in every layer."""
         s = _slots("slots", slots, self.rows)
         _check_distinct("slots", s)
         if len(s):
-            self._buffers = self._reset(self._buffers, _pad(s))
+            self._buffers = _concrete(self._reset(self._buffers, _pad(s)))
 
     def set_states(self, slots: Any, conv: Any, temporal: Any) -> None:
         """Write ``conv`` ``[L, n, *conv_shape]`` and ``temporal`` ``[L, n, *temporal_shape]``
@@ -959,7 +1033,9 @@ class MambaPool(_SlotOwner):
             m = bucket_size(n)
             conv = _placed(_pad_to(conv, m, 1), self._sharding)
             temporal = _placed(_pad_to(temporal, m, 1), self._sharding)
-            self._buffers = self._write(self._buffers, _pad(s, m), conv, temporal)
+            _refuse_own_buffers("conv", conv, self._buffers)
+            _refuse_own_buffers("temporal", temporal, self._buffers)
+            self._buffers = _concrete(self._write(self._buffers, _pad(s, m), conv, temporal))
 
     def get_states(self, slots: Any) -> MambaBuffers:
         """``MambaBuffers(conv [L, n, ...], temporal [L, n, ...])`` of *slots* (fresh).
