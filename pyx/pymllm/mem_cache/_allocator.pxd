@@ -36,8 +36,8 @@ cdef class PageCore:
     cdef readonly int32_t num_pages  # pages 1..num_pages are allocatable
     cdef readonly int32_t page_size  # slots per page (>= 1)
     cdef readonly bint need_sort     # frees wait in `release`, merged sorted on demand
-    cdef int32_t head         # first live entry of `pages`
-    cdef int32_t tail         # one past the last live entry of `pages`
+    cdef int64_t head         # first live entry of `pages` (64-bit: `pages` holds 2 * num_pages)
+    cdef int64_t tail         # one past the last live entry of `pages`
     cdef int32_t n_release    # entries of `release`
     cdef int32_t n_held       # entries of `held`
     cdef int32_t n_allocated  # pages in state PAGE_ALLOCATED or PAGE_CACHED

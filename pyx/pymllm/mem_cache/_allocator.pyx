@@ -606,7 +606,7 @@ cdef class PageCore:
             return self.held + self.n_held
         if self.need_sort:
             return self.release + self.n_release
-        if self.tail + count > 2 * self.num_pages:
+        if self.tail + count > 2 * <int64_t>self.num_pages:
             move32_down(self.pages, self.pages + self.head, self.tail - self.head)
             self.tail -= self.head
             self.head = 0
@@ -774,7 +774,7 @@ cdef class PageCore:
         ), f"{name}: n_allocated drifted"
         assert counts[PAGE_HELD] == self.n_held, f"{name}: n_held drifted"
         assert counts[PAGE_FREE] == self.free_pages_count(), f"{name}: free count drifted"
-        assert 0 <= self.head <= self.tail <= 2 * self.num_pages, f"{name}: head/tail"
+        assert 0 <= self.head <= self.tail <= 2 * <int64_t>self.num_pages, f"{name}: head/tail"
         for i in range(self.num_pages + 1):
             assert (
                 (self.freebits[i >> 6] >> (i & 63)) & 1) == (self.state[i] == PAGE_FREE
