@@ -390,3 +390,84 @@ def test_a_key_over_a_deque_prints_and_slices() -> None:
     cache = RadixCache()
     cache.insert(key, list(range(12)))
     assert cache.match_prefix(key[:5]).prefix_len == 5
+
+
+class _Liar(int):
+    """An int subclass whose comparisons always say "in range"."""
+
+    def __lt__(self, other: object) -> bool:
+        return True
+
+    def __le__(self, other: object) -> bool:
+        return True
+
+    def __gt__(self, other: object) -> bool:
+        return True
+
+    def __ge__(self, other: object) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("arg", ["prev_prefix_len", "swa_evicted_seqlen", "swa_boundary_id"])
+def test_an_int_subclass_argument_is_range_checked_by_its_value(arg: str) -> None:
+    """Read as an exact int: its own comparisons never decide (a negative one crashed)."""
+    cache = RadixCache(sliding_window_size=2)
+    r = cache.insert(RadixKey([1, 2, 3, 4]), [1, 2, 3, 4])
+    with pytest.raises(InvalidValueError, match="-1"):
+        if arg == "swa_boundary_id":
+            cache.inc_lock_ref(r.last_node)
+            cache.dec_lock_ref(r.last_node, _Liar(-1))
+        else:
+            cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), [1, 2, 3, 4, 5, 6], **{arg: _Liar(-1)})
+    assert cache.total_size() == 4
+    cache._check_invariants()
+
+
+def test_arguments_that_run_python_code_are_read_before_the_value() -> None:
+    """An __index__ (the window's arguments) or an __array__ (a state slot) that rewrites
+    the caller's value array runs before the array is checked, so the rewrite is checked."""
+    value = np.array([10, 11, 12, 13], dtype=np.int32)
+
+    class Sneaky:
+        def __index__(self) -> int:
+            value[2] = -5
+            return 0
+
+    windowed = RadixCache(sliding_window_size=2)
+    with pytest.raises(InvalidValueError, match="-5"):
+        windowed.insert(RadixKey([1, 2, 3, 4]), value, swa_evicted_seqlen=Sneaky())
+    assert windowed.total_size() == 0
+
+    value2 = np.array([20, 21, 22, 23], dtype=np.int32)
+
+    class SneakyState:
+        def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+            value2[1] = -9
+            return np.array([3])
+
+    mamba = MambaRadixCache()
+    with pytest.raises(InvalidValueError, match="-9"):
+        mamba.insert(RadixKey([1, 2, 3, 4]), value2, mamba_value=SneakyState())
+    assert mamba.total_size() == 0
+
+
+def test_a_windowed_insert_reads_no_caller_array_after_the_allocators_free() -> None:
+    """The duplicates go to a Python allocator's free before the tree takes the rest: the
+    new nodes and the revived parts hold what was checked, whatever the free does."""
+    value: Any = None
+
+    class Rewriting(SWATokenToKVPoolAllocator):  # a subclass: its Python free is called
+        def free(self, free_index: Any) -> None:
+            super().free(free_index)
+            if value is not None:
+                value[4] = -3
+
+    alloc = Rewriting(64, 64, need_sort=False)
+    cache = RadixCache(sliding_window_size=2, token_to_kv_pool_allocator=alloc)
+    cache.insert(RadixKey([1, 2, 3, 4]), alloc.alloc(4))
+    value = alloc.alloc(5)
+    checked = value.copy()
+    r = cache.insert(RadixKey([1, 2, 3, 4, 5]), value)  # value[:4] duplicates: freed first
+    assert r.prefix_len == 4 and value[4] == -3  # the free rewrote the caller's array
+    assert np.asarray(r.last_node.value).tolist() == [checked[4]]
+    cache._check_invariants()

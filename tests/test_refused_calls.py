@@ -332,3 +332,24 @@ def test_the_windowed_insert_goes_through_with_one_block_more(es: int) -> None:
     else:
         assert by_key[(70,)].swa_tombstone and not by_key[(71,)].swa_tombstone
     assert not s.alloc.is_allocated(value[4:6]).any()  # duplicates of the live [5, 6]
+
+
+def test_a_windowed_new_namespace_below_the_window_refused_by_free_keeps_the_clock() -> None:
+    """A new namespace's key lying wholly below swa_evicted_seqlen caches nothing and frees
+    the whole value; when that free raises, the clock has not moved either."""
+
+    def prepare(s: _Stack, ctx: dict[str, Any]) -> Callable[[], object]:
+        value = s.alloc.alloc(4)
+
+        def call() -> object:
+            s.alloc.fail = True
+            try:
+                return s.cache.insert(RadixKey([9, 9, 9, 9], "new"), value, swa_evicted_seqlen=4)
+            finally:
+                s.alloc.fail = False
+
+        return call
+
+    _assert_refused_call_changes_nothing(
+        lambda: _Stack("swa-python-free"), _swa_setup, prepare, RuntimeError
+    )

@@ -628,13 +628,11 @@ cdef extern from *:
 
 
 cdef object _as_index(object v, object error, str message):
-    """v as an int, read the way ``operator.index`` reads it: an int subclass by its value
-    (its own ``__index__`` is not asked), any other object through ``__index__``. A bool
-    (Python's or numpy's) or an object without ``__index__`` raises ``error`` with
-    *message* and what v is."""
-    if PyLong_Check(v) and not isinstance(v, bool):
-        return v
-    if type(v) in _BOOL_TYPES or not hasattr(v, "__index__"):
+    """v as an exact int, read the way ``operator.index`` reads it: an int subclass by its
+    value (a copy: neither its own ``__index__`` nor its comparisons run later), any other
+    object through ``__index__``. A bool (Python's or numpy's) or an object without
+    ``__index__`` raises ``error`` with *message* and what v is."""
+    if type(v) in _BOOL_TYPES or not (PyLong_Check(v) or hasattr(v, "__index__")):
         raise error(f"{message}, got {v!r:.60} ({type(v).__name__})")
     return PyNumber_Index(v)
 
@@ -1968,15 +1966,26 @@ cdef class RadixTreeCore:
         cdef const idx_t* vals
         cdef nid_t last
         cdef int64_t prio = _int64("priority", priority)
+        cdef int64_t ppl = 0, es = 0
+        # Every argument that can run Python code is read before the value, whose array
+        # the insert then reads in place: the scalars (an __index__), then the namespace
+        # (the extra_key's __hash__ and __eq__). Such code could rewrite a checked array.
+        # A bad scalar is still reported after a bad key or value, as documented.
+        late = None
+        if self.swa:
+            try:
+                ppl = _nonneg_int("prev_prefix_len", prev_prefix_len)
+                es = _nonneg_int("swa_evicted_seqlen", swa_evicted_seqlen)
+            except Exception as exc:
+                late = exc
         owner = self._load_key(key, &kv)
-        # the namespace before the value: looking it up runs the extra_key's __hash__ and
-        # __eq__ (Python code, which could rewrite a value array already checked)
         cdef int32_t ns = self._find_ns(_extra_key(key), kv.arity)
         vowner = self._load_value(value, &kv, &vals)
+        if late is not None:
+            raise late
         self.new_prio = prio
         if self.swa:
-            matched = self._insert_swa(&kv, vals, _extra_key(key), ns, prev_prefix_len,
-                                       swa_evicted_seqlen, &last)
+            matched = self._insert_swa(&kv, vals, _extra_key(key), ns, ppl, es, &last)
         else:
             matched = self._insert_kv(&kv, vals, _extra_key(key), ns, &last)
         if self.policy == POLICY_PRIORITY:
@@ -1996,8 +2005,7 @@ cdef class RadixTreeCore:
             n = x.parent
 
     cdef int64_t _insert_swa(self, const KeyView* kv, const idx_t* vals, object extra_key,
-                             int32_t ns, object prev_prefix_len, object swa_evicted_seqlen,
-                             nid_t* out_last) except -1:
+                             int32_t ns, int64_t ppl, int64_t es, nid_t* out_last) except -1:
         """The windowed insert (see insert). Everything that can fail (bad arguments,
         memory, the allocator's checks and its free) runs before the tree changes: the walk
         is read-only and works on the path as it will be once the splits at
@@ -2005,7 +2013,7 @@ cdef class RadixTreeCore:
         up front), the recency updates, the revivals and the new nodes come last."""
         cdef int64_t P = self.page_size
         cdef int64_t aligned = kv.n - kv.n % P
-        cdef int64_t ppl, es, n_path, matched, part_m, i, s0, e, off, seg, n_free = 0
+        cdef int64_t n_path, matched, part_m, i, s0, e, off, seg, n_free = 0
         cdef int64_t tomb_len, matched_live, same, n_seg, n_full
         cdef int32_t w = kv.width
         cdef nid_t last, part_node, x_ppl = NIL, u
@@ -2025,8 +2033,6 @@ cdef class RadixTreeCore:
         cdef idx_t* tree_old        # booking: the revived tombstones' own slots, to free
         cdef idx_t* kept            # booking: the incoming slots the tree keeps
         cdef int64_t n_old = 0, n_kept = 0
-        ppl = _nonneg_int("prev_prefix_len", prev_prefix_len)
-        es = _nonneg_int("swa_evicted_seqlen", swa_evicted_seqlen)
         if ppl > kv.n or ppl % P:
             raise InvalidValueError(
                 f"prev_prefix_len: expected a multiple of page_size {P} in [0, {kv.n}], got {ppl}"
@@ -2044,15 +2050,16 @@ cdef class RadixTreeCore:
             return 0
         if ns < 0 and es >= aligned:
             # nothing of a new namespace gets cached: no namespace id is taken
-            self.clock += 1
-            out_last[0] = ROOT
             if self.token_to_kv_pool_allocator is not None:
                 self.token_to_kv_pool_allocator.free(_copy_idx(vals, aligned))
+            self.clock += 1
+            out_last[0] = ROOT
             return 0
         self._reserve_nodes(4)      # a split at prev_prefix_len, one at the match end, 2 new
         # duplicates in [0, 2 * aligned); booked, the revived tombstones' own slots and the
-        # kept ones after them; for a new namespace, a copy of the value after those
-        cdef int64_t n_dup = (4 if self._booking_kind else 2) * aligned
+        # kept ones (unbooked too: the revived parts' slots) after them; for a new
+        # namespace, a copy of the value after those
+        cdef int64_t n_dup = 4 * aligned
         dup = <idx_t*>self._idx_out.reserve(n_dup + (aligned if ns < 0 else 0))
         tree_old = dup + 2 * aligned
         kept = dup + 3 * aligned
@@ -2132,20 +2139,32 @@ cdef class RadixTreeCore:
                 copy32(dup + n_free, x.value + off, seg)
                 n_free += seg
                 revive[i] = 1
+                copy32(kept + n_kept, vals + s0, seg)   # what the revived part will hold
+                n_kept += seg
                 if self._booking_kind:
                     copy32(tree_old + n_old, x.value + off, seg)
                     n_old += seg
-                    copy32(kept + n_kept, vals + s0, seg)
-                    n_kept += seg
             elif same < seg:
                 n_free += _copy_differing(dup + n_free, x.value + off, vals + s0, seg)
         if matched < aligned and es >= aligned:
             # the whole new suffix lost its SWA KV: not worth caching
             copy32(dup + n_free, vals + matched, aligned - matched)
             n_free += aligned - matched
-        elif matched < aligned and self._booking_kind:
-            copy32(kept + n_kept, vals + matched, aligned - matched)
-            n_kept += aligned - matched
+        elif matched < aligned:
+            # the new nodes' tokens and slots go into their blocks now: the allocator's free
+            # below may run Python code, and the tree reads none of the caller's arrays
+            # after it (the revived parts read their copy in `kept`)
+            matched_live = matched
+            if es > matched:
+                tomb_len = es - matched
+                copy32(k1, kv.tok + matched * w, tomb_len * w)
+                copy32(v1, vals + matched, tomb_len)
+                matched_live = es
+            copy32(k2, kv.tok + matched_live * w, (aligned - matched_live) * w)
+            copy32(v2, vals + matched_live, aligned - matched_live)
+            if self._booking_kind:
+                copy32(kept + n_kept, vals + matched, aligned - matched)
+                n_kept += aligned - matched
         try:
             if self._booking_kind:
                 # Booked: the slots the tree keeps must be a caller's (taken first,
@@ -2183,27 +2202,21 @@ cdef class RadixTreeCore:
             n_path += 1
         self.clock += 1
         self._touch_path(n_path, False)
+        off = 0
         for i in range(n_seg):
             if revive[i]:
                 u = path[i] if i < n_full else last
                 x = &self.nodes[u]
-                copy32(x.value, vals + (x.end_pos - x.len), x.len)
+                copy32(x.value, kept + off, x.len)
+                off += x.len
                 x.aux_value = 0
                 self._aux_evictable += x.len
                 _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, u)
-        if matched < aligned and es < aligned:
+        if matched < aligned and es < aligned:     # the blocks were filled above
             if es > matched:
-                tomb_len = es - matched
-                copy32(k1, kv.tok + matched * w, tomb_len * w)
-                copy32(v1, vals + matched, tomb_len)
-                last = self._link_leaf(last, ns, w, k1, v1, tomb_len, False)
+                last = self._link_leaf(last, ns, w, k1, v1, es - matched, False)
                 k1 = NULL
                 v1 = NULL
-                matched_live = es
-            else:
-                matched_live = matched
-            copy32(k2, kv.tok + matched_live * w, (aligned - matched_live) * w)
-            copy32(v2, vals + matched_live, aligned - matched_live)
             last = self._link_leaf(last, ns, w, k2, v2, aligned - matched_live, True)
             k2 = NULL
             v2 = NULL
@@ -3324,11 +3337,20 @@ cdef class MambaTreeCore(RadixTreeCore):
         cdef int64_t state = -1
         cdef int64_t prio = _int64("priority", priority)
         cdef Node* x
+        late = None
+        if mamba_value is not None:
+            # Python code (an __array__, an __index__) runs before the value is read, and a
+            # bad state is reported after a bad key or value, as documented
+            try:
+                state = _parse_state_slot(mamba_value)
+            except Exception as exc:
+                late = exc
         owner = self._load_key(key, &kv)
         cdef int32_t ns = self._find_ns(_extra_key(key), kv.arity)   # before the value is read
         vowner = self._load_value(value, &kv, &vals)
+        if late is not None:
+            raise late
         if mamba_value is not None:
-            state = _parse_state_slot(mamba_value)
             if kv.n == 0 or kv.n % self.page_size:
                 raise InvalidValueError(
                     f"mamba_value: a state is the one after the key's last token, so the key "
