@@ -2031,7 +2031,8 @@ cdef class RadixTreeCore:
         cdef bint allocated
         cdef int64_t* revive
         cdef idx_t* tree_old        # booking: the revived tombstones' own slots, to free
-        cdef idx_t* kept            # booking: the incoming slots the tree keeps
+        cdef idx_t* kept            # the revived parts' incoming slots; booking: then the
+                                    # new suffix's (every incoming slot the tree keeps)
         cdef int64_t n_old = 0, n_kept = 0
         if ppl > kv.n or ppl % P:
             raise InvalidValueError(
