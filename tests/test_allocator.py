@@ -413,6 +413,8 @@ BOOL_FREES = [
     pytest.param(lambda x: __import__("collections").deque([int(x[0]), True]), id="deque"),
     pytest.param(lambda x: [True], id="list-bool"),
     pytest.param(lambda x: [[int(x[0]), True]], id="nested-list"),
+    pytest.param(lambda x: [np.array(True), int(x[1])], id="0-d-numpy-bool-array"),
+    pytest.param(lambda x: [[np.array(True)], [int(x[1])]], id="nested-0-d-numpy-bool-array"),
     pytest.param(lambda x: True, id="bool"),
 ]
 
@@ -720,3 +722,20 @@ def test_swa_random_ops_keep_invariants(ops: list[tuple[str, int]]) -> None:
     for x in live:
         a.free(x)
     assert a.full_available_size() == 24 and a.swa_available_size() == 10
+
+
+def test_a_list_that_holds_itself_is_refused_without_a_crash() -> None:
+    """The bool check looks one nested list down, no deeper (it used to recurse without
+    bound: a list holding itself, or nested 200,000 deep, overflowed the C stack)."""
+    alloc = TokenToKVPoolAllocator(16, need_sort=False)
+    a = alloc.alloc(2)
+    loop: list[Any] = [int(a[0])]
+    loop.append(loop)
+    deep: list[Any] = [int(a[1])]
+    for _ in range(200_000):
+        deep = [deep]
+    for bad in (loop, deep):
+        with pytest.raises((ValueError, TypeError)):
+            alloc.free(bad)
+    assert alloc.is_allocated(a).all()
+    alloc._check_invariants()

@@ -471,3 +471,35 @@ def test_a_windowed_insert_reads_no_caller_array_after_the_allocators_free() -> 
     assert r.prefix_len == 4 and value[4] == -3  # the free rewrote the caller's array
     assert np.asarray(r.last_node.value).tolist() == [checked[4]]
     cache._check_invariants()
+
+
+def test_an_int_subclass_state_slot_is_range_checked_by_its_value() -> None:
+    cache = MambaRadixCache()
+    for bad in (-1, 2**32 + 7, 2**31 + 5):
+        with pytest.raises(InvalidValueError, match="state slot"):
+            cache.insert(RadixKey([1, 2]), [1, 2], mamba_value=_Liar(bad))
+    assert cache.total_size() == 0
+    r = cache.insert(RadixKey([1, 2]), [1, 2], mamba_value=_Liar(3))
+    assert np.asarray(r.last_node.mamba_value).tolist() == [3]
+    cache._check_invariants()
+
+
+@pytest.mark.parametrize("cls", [RadixCache, MambaRadixCache, "windowed"])
+def test_a_bad_value_is_reported_before_a_bad_extra_key(cls: Any) -> None:
+    """The namespace is looked up before the value is read, but its error waits: a bad
+    value is reported first, as before, and the extra_key's error once the value is good."""
+    cache = RadixCache(sliding_window_size=2) if cls == "windowed" else cls()
+    with pytest.raises(InvalidValueError, match="-3"):
+        cache.insert(RadixKey([1, 2, 3, 4], []), [1, 2, -3, 4])
+    with pytest.raises(TypeError, match="hashable"):
+        cache.insert(RadixKey([1, 2, 3, 4], []), [1, 2, 3, 4])
+    assert cache.total_size() == 0
+    r = cache.insert(RadixKey([1, 2, 3, 4], "ok"), [1, 2, 3, 4])
+    assert r.prefix_len == 0 and cache.total_size() == 4
+
+
+def test_hash_bytes_takes_a_structured_array() -> None:
+    """Only an array of Python objects is refused: a field named "Offset" puts an "O" in
+    the buffer's format string, not an object."""
+    a = np.zeros(3, dtype=[("Offset", "<i4")])
+    assert hash_bytes(a) == hash_bytes(a.tobytes())

@@ -446,6 +446,19 @@ def test_pool_updates_inside_jit_are_refused_and_change_nothing(name: str, trace
     assert all(b.is_deleted() for b in before)
 
 
+def test_req_to_token_write_inside_jit_is_refused() -> None:
+    pool = ReqToTokenPool(4, 8)
+
+    @jax.jit
+    def step(x: jax.Array) -> jax.Array:
+        pool.write((1, slice(0, 2)), x)
+        return x + 1
+
+    with pytest.raises(InvalidValueError, match="trace"):
+        step(jnp.asarray([1, 2], dtype=jnp.int32))
+    pool.write((1, slice(0, 2)), np.array([1, 2], dtype=np.int32))
+
+
 def test_constructor_validation_and_sizes() -> None:
     with pytest.raises(InvalidValueError):
         KVPool(8, 0, 2, 4)

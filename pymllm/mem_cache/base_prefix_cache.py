@@ -187,7 +187,7 @@ def hash_bytes(data: bytes) -> int:
     """
     try:
         view = memoryview(data)
-        if "O" in view.format:
+        if view.format == "O" or (isinstance(data, np.ndarray) and data.dtype.hasobject):
             raise TypeError
         digest = hashlib.sha256(view).digest()
     except (TypeError, ValueError, BufferError):  # not bytes-like, or not contiguous

@@ -282,18 +282,29 @@ cdef cnp.ndarray _as_int32_slots(object indices):
 
 
 cdef bint _holds_bool(object seq) except -1:
-    """Whether the list, tuple or deque *seq* (their subclasses too) holds a bool, in its
-    nested lists too: the items' types in one C loop (``set(map(type, ...))``), Python code
-    only per nested list, not per item."""
+    """Whether the list, tuple or deque *seq* (their subclasses too) holds a bool: Python's
+    or numpy's, or a numpy bool array (a 0-d one reads as 0 or 1), among its items or the
+    items of a nested list one level down. The items' types in one C loop (``set(map(type,
+    ...))``); Python code per item only when some item is a list or an array. Deeper
+    nesting is no slot list (numpy refuses it, or makes it more than 1-D, which the callers
+    refuse), and it is not followed: no recursion, so a list that holds itself is safe."""
     types = set(map(type, seq))
     if _BOOL_TYPES & types:
         return True
-    for t in types:
-        if issubclass(t, (list, tuple, deque)):
-            for x in seq:
-                if isinstance(x, (list, tuple, deque)) and _holds_bool(x):
-                    return True
-            return False
+    if not any(issubclass(t, (list, tuple, deque, np.ndarray)) for t in types):
+        return False
+    for x in seq:
+        if isinstance(x, np.ndarray):
+            if x.dtype == np.bool_:
+                return True
+        elif isinstance(x, (list, tuple, deque)):
+            inner = set(map(type, x))
+            if _BOOL_TYPES & inner:
+                return True
+            if np.ndarray in inner and any(
+                isinstance(y, np.ndarray) and y.dtype == np.bool_ for y in x
+            ):
+                return True
     return False
 
 

@@ -973,6 +973,7 @@ cdef class RadixTreeCore:
     cdef int64_t n_states_out       # states collected in _state_out by the current evict
     cdef int64_t ev_done            # KV indices collected in _idx_out by the current evict
     cdef int64_t ev_nodes           # nodes removed by the current evict (ids in _uid_out)
+    cdef object _late_exc           # an insert's argument error, raised after its value's
     cdef object _pending_exc        # a BaseException a node's removal caught, raised after
     cdef int64_t aux_freed          # SWA tokens freed by the current evict
     cdef int64_t n_swa_out          # indices tombstoned by the current evict (_swa_out)
@@ -1207,6 +1208,8 @@ cdef class RadixTreeCore:
 
     cdef inline void _leave(self) noexcept:
         """End a public call (the finally clause of every one that _enter started)."""
+        if self._late_exc is not None:  # an insert that failed before raising it
+            self._late_exc = None
         self._owner = 0
         _release_gc()
 
@@ -1394,6 +1397,26 @@ cdef class RadixTreeCore:
             return self._ns_ids.get((extra_key, arity), -1)
         except TypeError:
             raise TypeError(f"extra_key: must be hashable, got {extra_key!r:.60} ({type(extra_key).__name__})") from None
+
+    cdef int32_t _find_ns_late(self, object extra_key, int32_t arity) except -2:
+        """_find_ns for an insert, run before its value is read (the look-up runs the
+        extra_key's Python code, which could rewrite a value array already checked). An
+        error is kept in _late_exc (unless an earlier one is there) and -1 returned: the
+        insert raises it once the value is checked, so a bad value is reported first, as
+        the caches always did."""
+        try:
+            return self._find_ns(extra_key, arity)
+        except Exception as exc:
+            if self._late_exc is None:
+                self._late_exc = exc
+            return -1
+
+    cdef int _raise_late(self) except -1:
+        """Raise the error an insert kept for after its key and value checks, if any."""
+        if self._late_exc is not None:
+            exc, self._late_exc = self._late_exc, None
+            raise exc
+        return 0
 
     cdef int32_t _intern_ns(self, object extra_key, int32_t arity) except -1:
         """The namespace id of (extra_key, arity), registered if new. Everything that can
@@ -1971,18 +1994,17 @@ cdef class RadixTreeCore:
         # the insert then reads in place: the scalars (an __index__), then the namespace
         # (the extra_key's __hash__ and __eq__). Such code could rewrite a checked array.
         # A bad scalar is still reported after a bad key or value, as documented.
-        late = None
+        self._late_exc = None
         if self.swa:
             try:
                 ppl = _nonneg_int("prev_prefix_len", prev_prefix_len)
                 es = _nonneg_int("swa_evicted_seqlen", swa_evicted_seqlen)
             except Exception as exc:
-                late = exc
+                self._late_exc = exc
         owner = self._load_key(key, &kv)
-        cdef int32_t ns = self._find_ns(_extra_key(key), kv.arity)
+        cdef int32_t ns = self._find_ns_late(_extra_key(key), kv.arity)
         vowner = self._load_value(value, &kv, &vals)
-        if late is not None:
-            raise late
+        self._raise_late()
         self.new_prio = prio
         if self.swa:
             matched = self._insert_swa(&kv, vals, _extra_key(key), ns, ppl, es, &last)
@@ -3338,19 +3360,18 @@ cdef class MambaTreeCore(RadixTreeCore):
         cdef int64_t state = -1
         cdef int64_t prio = _int64("priority", priority)
         cdef Node* x
-        late = None
+        self._late_exc = None
         if mamba_value is not None:
             # Python code (an __array__, an __index__) runs before the value is read, and a
             # bad state is reported after a bad key or value, as documented
             try:
                 state = _parse_state_slot(mamba_value)
             except Exception as exc:
-                late = exc
+                self._late_exc = exc
         owner = self._load_key(key, &kv)
-        cdef int32_t ns = self._find_ns(_extra_key(key), kv.arity)   # before the value is read
+        cdef int32_t ns = self._find_ns_late(_extra_key(key), kv.arity)
         vowner = self._load_value(value, &kv, &vals)
-        if late is not None:
-            raise late
+        self._raise_late()
         if mamba_value is not None:
             if kv.n == 0 or kv.n % self.page_size:
                 raise InvalidValueError(
@@ -3651,7 +3672,9 @@ cdef int64_t _parse_state_slot(object mamba_value) except -1:
         raise TypeError(
             f"mamba_value: expected an int slot or a length-1 int array, got {mamba_value!r}"
         )
-    if not isinstance(mamba_value, int):
+    if isinstance(mamba_value, int):
+        mamba_value = PyNumber_Index(mamba_value)   # an exact int (a subclass's value)
+    else:
         try:
             arr = np.asarray(mamba_value)
         except (TypeError, ValueError) as exc:
