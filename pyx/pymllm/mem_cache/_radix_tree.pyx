@@ -769,6 +769,15 @@ cdef inline void _put_int(object obj, Py_ssize_t offset, PyObject* v) noexcept:
     (<PyObject**>((<char*><PyObject*>obj) + offset))[0] = v
 
 
+cdef inline void _replace(object obj, Py_ssize_t offset, object v) noexcept:
+    """Store a new reference to v in a filled slot of obj, releasing the old one."""
+    cdef PyObject** slot = <PyObject**>((<char*><PyObject*>obj) + offset)
+    cdef PyObject* old = slot[0]
+    Py_INCREF(v)
+    slot[0] = <PyObject*>v
+    Py_XDECREF(old)
+
+
 cdef inline object _match_result(object indices, object last_node, int64_t prefix_len,
                                  object branching=None):
     r = _generic_alloc(_MR_TYPE, 0)
@@ -974,6 +983,7 @@ cdef class RadixTreeCore:
     cdef int64_t ev_done            # KV indices collected in _idx_out by the current evict
     cdef int64_t ev_nodes           # nodes removed by the current evict (ids in _uid_out)
     cdef object _late_exc           # an insert's argument error, raised after its value's
+    cdef object _result             # an insert's result, built before the tree changes
     cdef object _pending_exc        # a BaseException a node's removal caught, raised after
     cdef int64_t aux_freed          # SWA tokens freed by the current evict
     cdef int64_t n_swa_out          # indices tombstoned by the current evict (_swa_out)
@@ -1210,6 +1220,8 @@ cdef class RadixTreeCore:
         """End a public call (the finally clause of every one that _enter started)."""
         if self._late_exc is not None:  # an insert that failed before raising it
             self._late_exc = None
+        if self._result is not None:    # an insert that failed after building it
+            self._result = None
         self._owner = 0
         _release_gc()
 
@@ -1683,11 +1695,16 @@ cdef class RadixTreeCore:
         return True
 
     cdef inline TreeNode _handle(self, nid_t n):
-        cdef TreeNode h
+        return self._aim(self._blank_handle(), n)
+
+    cdef inline TreeNode _blank_handle(self):
+        """A handle not yet pointing at a node: match and insert allocate theirs before the
+        tree changes (out of memory then, nothing has), and aim it at the node after."""
         if self.mamba:
-            h = MambaTreeNode.__new__(MambaTreeNode)
-        else:
-            h = TreeNode.__new__(TreeNode)
+            return MambaTreeNode.__new__(MambaTreeNode)
+        return TreeNode.__new__(TreeNode)
+
+    cdef inline TreeNode _aim(self, TreeNode h, nid_t n) noexcept:
         h._tree = self
         h._slot = n
         h._uid = self.nodes[n].uid
@@ -1825,39 +1842,20 @@ cdef class RadixTreeCore:
             _heap_touched(&self.aux_heap, self.nodes, HEAP_AUX, n)
 
     cdef nid_t _split_end(self, nid_t part_node, int64_t part_m, nid_t* last,
-                          int64_t* path_len) except NIL:
+                          int64_t* path_len, tok_t* block=NULL) except NIL:
         """After _scan: split part_node where the match ends inside it (part_m > 0) and
-        append the upper half to the path as the new *last. Capacity reserved; out of
-        memory, MemoryError and nothing changed."""
+        append the upper half to the path as the new *last. Capacity reserved; `block`, the
+        upper half's (from _alloc_node_arrays), or NULL to allocate it here: out of memory,
+        MemoryError and nothing changed."""
         cdef nid_t u
         if part_m == 0:
             return last[0]
-        u = self._split(part_node, part_m)
+        u = self._split(part_node, part_m) if block == NULL else self._split_into(
+            part_node, part_m, block)
         (<nid_t*>self._nid_scratch.data)[path_len[0]] = u
         path_len[0] += 1
         last[0] = u
         return u
-
-    cdef int64_t _walk(self, const KeyView* kv, int32_t ns, int64_t limit, bint count_hit,
-                       nid_t* last, int64_t* path_len, bint do_split=True,
-                       int64_t* partial=NULL) except -1:
-        """_scan, then split the node where the match ends inside it, then tick the clock
-        and touch the path (see _touch_path). Returns the matched length; *last is the
-        deepest matched node. Out of memory, nothing has changed (the clock included).
-
-        With do_split False a match ending inside a node stops before it (untouched) and
-        *partial receives the page-aligned length matched inside it."""
-        cdef nid_t part_node
-        cdef int64_t part_m
-        cdef int64_t pos = self._scan(kv, ns, limit, last, path_len, &part_node, &part_m)
-        if do_split:
-            self._split_end(part_node, part_m, last, path_len)
-            pos += part_m
-        elif partial != NULL:
-            partial[0] = part_m
-        self.clock += 1
-        self._touch_path(path_len[0], count_hit)
-        return pos
 
     # -- public API ---------------------------------------------------------------------
 
@@ -1883,46 +1881,70 @@ cdef class RadixTreeCore:
 
     cdef object _match_prefix_locked(self, key):
         cdef KeyView kv
-        cdef nid_t last
-        cdef int64_t n_path, matched
+        cdef nid_t last, part_node
+        cdef int64_t n_path, matched, part_m, n_use, total
         cdef int32_t ns
+        cdef tok_t* block = NULL
+        cdef idx_t* unused
+        cdef cnp.ndarray out
         owner = self._load_key(key, &kv)
         ns = self._find_ns(_extra_key(key), kv.arity)
         self._reserve_nodes(1)
+        h = self._blank_handle()
         if ns < 0 or kv.n < self.page_size:
+            r = _match_result(_new_idx(0), h, 0)
             self.clock += 1
-            return _match_result(_new_idx(0), self._handle(ROOT), 0)
-        matched = self._walk(&kv, ns, kv.n, True, &last, &n_path)
+            self._aim(h, ROOT)
+            return r
+        matched = self._scan(&kv, ns, kv.n, &last, &n_path, &part_node, &part_m)
+        # the result covers the path's first n_use segments: the wholly matched nodes, then
+        # the partial node's matched part (the upper half of its split)
+        n_use = n_path + (1 if part_m > 0 else 0)
         if self.swa:
-            n_path = self._swa_usable(n_path)
-            last = (<nid_t*>self._nid_scratch.data)[n_path - 1] if n_path > 0 else ROOT
-            matched = self.nodes[last].end_pos
-        return _match_result(self._path_indices(n_path, matched), self._handle(last), matched)
+            n_use = self._swa_usable(n_path, part_node, part_m)
+        if n_use == 0:
+            total = 0
+        elif n_use > n_path:
+            total = matched + part_m
+        else:
+            total = self.nodes[(<nid_t*>self._nid_scratch.data)[n_use - 1]].end_pos
+        # everything that can fail first (the result, the split's block): then the tree
+        # changes (split, clock, recency, hits) and the result is filled in
+        out = _new_idx(total)
+        r = _match_result(out, h, total)
+        if part_m > 0:
+            _alloc_node_arrays(part_m, kv.width, &block, &unused)
+            self._split_end(part_node, part_m, &last, &n_path, block)
+        self.clock += 1
+        self._touch_path(n_path, True)
+        self._fill_path_indices(out, n_use)
+        self._aim(h, (<nid_t*>self._nid_scratch.data)[n_use - 1] if n_use > 0 else ROOT)
+        return r
 
-    cdef cnp.ndarray _path_indices(self, int64_t n_path, int64_t total):
-        """The KV indices of the first n_path nodes recorded by _walk, as one int32 array."""
-        cdef cnp.ndarray out = _new_idx(total)
+    cdef void _fill_path_indices(self, cnp.ndarray out, int64_t n_path) noexcept:
+        """Copy the KV indices of the first n_path nodes of the path (the nid scratch) into
+        out, one after the other."""
         cdef idx_t* dst = <idx_t*>cnp.PyArray_DATA(out)
         cdef nid_t* path = <nid_t*>self._nid_scratch.data
         cdef int64_t i, off = 0
         for i in range(n_path):
             copy32(dst + off, self.nodes[path[i]].value, self.nodes[path[i]].len)
             off += self.nodes[path[i]].len
-        return out
 
-    cdef int64_t _swa_usable(self, int64_t n_path) noexcept:
-        """How many leading nodes of the walked path form the longest usable SWA prefix: no
+    cdef int64_t _swa_usable(self, int64_t n_path, nid_t part_node, int64_t part_m) noexcept:
+        """How many leading segments of a scanned path (its n_path nodes, then part_m
+        positions of part_node when part_m > 0) form the longest usable SWA prefix: no
         tombstone on it, or at least `window` live tokens since the last tombstone (the
         count restarts at every tombstone)."""
         cdef nid_t* path = <nid_t*>self._nid_scratch.data
         cdef int64_t i, best = 0, live_since = -1   # -1: no tombstone seen yet
         cdef Node* x
-        for i in range(n_path):
-            x = &self.nodes[path[i]]
+        for i in range(n_path + (1 if part_m > 0 else 0)):
+            x = &self.nodes[path[i] if i < n_path else part_node]
             if x.aux_value < 0:
                 live_since = 0
             elif live_since >= 0:
-                live_since += x.len
+                live_since += x.len if i < n_path else part_m
             if live_since < 0 or live_since >= self.window:
                 best = i + 1
         return best
@@ -1990,6 +2012,7 @@ cdef class RadixTreeCore:
         cdef nid_t last
         cdef int64_t prio = _int64("priority", priority)
         cdef int64_t ppl = 0, es = 0
+        h = self._blank_handle()    # the result's, allocated before the tree changes
         # Every argument that can run Python code is read before the value, whose array
         # the insert then reads in place: the scalars (an __index__), then the namespace
         # (the extra_key's __hash__ and __eq__). Such code could rewrite a checked array.
@@ -2007,12 +2030,19 @@ cdef class RadixTreeCore:
         self._raise_late()
         self.new_prio = prio
         if self.swa:
-            matched = self._insert_swa(&kv, vals, _extra_key(key), ns, ppl, es, &last)
+            self._insert_swa(&kv, vals, _extra_key(key), ns, ppl, es, h, &last)
         else:
-            matched = self._insert_kv(&kv, vals, _extra_key(key), ns, &last)
+            self._insert_kv(&kv, vals, _extra_key(key), ns, h, &last)
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
-        return _insert_result(matched, self._handle(last))
+        return self._take_result(h, last)
+
+    cdef object _take_result(self, TreeNode h, nid_t last):
+        """The result the insert built before the tree changed, its handle aimed at last."""
+        r = self._result
+        self._result = None
+        self._aim(h, last)
+        return r
 
     cdef void _raise_priority(self, nid_t n, int64_t p) noexcept:
         """Raise n and its ancestors to priority >= p (it only grows: heaps sift down). The
@@ -2027,7 +2057,8 @@ cdef class RadixTreeCore:
             n = x.parent
 
     cdef int64_t _insert_swa(self, const KeyView* kv, const idx_t* vals, object extra_key,
-                             int32_t ns, int64_t ppl, int64_t es, nid_t* out_last) except -1:
+                             int32_t ns, int64_t ppl, int64_t es, TreeNode h,
+                             nid_t* out_last) except -1:
         """The windowed insert (see insert). Everything that can fail (bad arguments,
         memory, the allocator's checks and its free) runs before the tree changes: the walk
         is read-only and works on the path as it will be once the splits at
@@ -2068,11 +2099,13 @@ cdef class RadixTreeCore:
                 "namespace): value[:prev_prefix_len] would be taken as new"
             )
         if aligned == 0:
+            self._result = _insert_result(0, h)
             self.clock += 1
             out_last[0] = ROOT
             return 0
         if ns < 0 and es >= aligned:
             # nothing of a new namespace gets cached: no namespace id is taken
+            self._result = _insert_result(0, h)
             if self.token_to_kv_pool_allocator is not None:
                 self.token_to_kv_pool_allocator.free(_copy_idx(vals, aligned))
             self.clock += 1
@@ -2136,8 +2169,9 @@ cdef class RadixTreeCore:
                 _alloc_node_arrays(m_ppl, w, &b_ppl, &unused)
             if m_end > 0:
                 _alloc_node_arrays(m_end, w, &b_end, &unused)
+            self._result = _insert_result(matched, h)
         except BaseException:
-            free(k1); free(k2); free(b_ppl)
+            free(k1); free(k2); free(b_ppl); free(b_end)
             raise
         # First decide, changing nothing, which indices are duplicates and free them: should
         # the allocator raise, the tree has taken none of the caller's indices. Each node of
@@ -2248,7 +2282,7 @@ cdef class RadixTreeCore:
         return matched
 
     cdef int64_t _insert_kv(self, const KeyView* kv, const idx_t* vals, object extra_key,
-                            int32_t ns, nid_t* out_last) except -1:
+                            int32_t ns, TreeNode h, nid_t* out_last) except -1:
         """Store validated key/values; returns the prefix length that was already cached
         and sets *out_last to the node ending at the page-aligned key end. `ns` is the
         namespace _find_ns gave, before the value was read (-1: new). Everything that
@@ -2263,6 +2297,7 @@ cdef class RadixTreeCore:
         cdef idx_t* new_val = NULL
         cdef int64_t taken = 0      # slots of new_val adopted so far
         if aligned == 0:
+            self._result = _insert_result(0, h)
             self.clock += 1
             out_last[0] = ROOT
             return 0
@@ -2301,6 +2336,7 @@ cdef class RadixTreeCore:
                 copy32(new_val, vals + matched, aligned - matched)
                 self._adopt(new_val, aligned - matched)
                 taken = aligned - matched
+            self._result = _insert_result(matched, h)
             self._split_end(part_node, part_m, &last, &n_path)
         except BaseException:
             self._disown(new_val, taken)
@@ -3311,25 +3347,36 @@ cdef class MambaTreeCore(RadixTreeCore):
 
     cdef object _match_prefix_mamba(self, key):
         cdef KeyView kv
-        cdef nid_t last = ROOT
-        cdef int64_t n_path, kv_len, partial, k, state_len
+        cdef nid_t last = ROOT, part_node
+        cdef int64_t n_path, kv_len, part_m, k, state_len
         cdef int32_t ns
         cdef nid_t* path
+        cdef cnp.ndarray out
         owner = self._load_key(key, &kv)
         ns = self._find_ns(_extra_key(key), kv.arity)
+        h = self._blank_handle()
         if ns < 0 or kv.n < self.page_size:
+            r = _match_result(_new_idx(0), h, 0)
             self.clock += 1
-            return _match_result(_new_idx(0), self._handle(ROOT), 0)
-        kv_len = self._walk(&kv, ns, kv.n, True, &last, &n_path, False, &partial)
-        kv_len += partial
+            self._aim(h, ROOT)
+            return r
+        kv_len = self._scan(&kv, ns, kv.n, &last, &n_path, &part_node, &part_m)
+        kv_len += part_m
         path = <nid_t*>self._nid_scratch.data
         k = n_path - 1
         while k >= 0 and self.nodes[path[k]].aux_value < 0:
             k -= 1
         last = path[k] if k >= 0 else ROOT
         state_len = self.nodes[last].end_pos
-        return _match_result(self._path_indices(k + 1, state_len), self._handle(last), state_len,
-                             kv_len if kv_len > state_len else None)
+        # the result first (out of memory, nothing has changed), then the clock and the
+        # wholly matched nodes' recency and hits (no split: it could not carry a state)
+        out = _new_idx(state_len)
+        r = _match_result(out, h, state_len, kv_len if kv_len > state_len else None)
+        self.clock += 1
+        self._touch_path(n_path, True)
+        self._fill_path_indices(out, k + 1)
+        self._aim(h, last)
+        return r
 
     def insert(self, key, value=None, mamba_value=None, priority=0, **kwargs):
         """Insert KV as :meth:`RadixCache.insert` does and attach *mamba_value* (one state
@@ -3359,6 +3406,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         cdef nid_t last
         cdef int64_t state = -1
         cdef int64_t prio = _int64("priority", priority)
+        h = self._blank_handle()    # the result's, allocated before the tree changes
         cdef Node* x
         self._late_exc = None
         if mamba_value is not None:
@@ -3385,7 +3433,7 @@ cdef class MambaTreeCore(RadixTreeCore):
             adopted = self._book_state(&kv, ns, slot)
         self.new_prio = prio
         try:
-            matched = self._insert_kv(&kv, vals, _extra_key(key), ns, &last)
+            matched = self._insert_kv(&kv, vals, _extra_key(key), ns, h, &last)
         except BaseException:
             if adopted:  # the state stays the caller's
                 (<TokenToKVPoolAllocator>self._state_booking).disown_c(&slot, 1)
@@ -3410,7 +3458,10 @@ cdef class MambaTreeCore(RadixTreeCore):
                 _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, last)
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
-        return _insert_result(matched, self._handle(last), exist)
+        r = self._take_result(h, last)
+        if exist:
+            _replace(r, _IR_MAMBA_EXIST, True)
+        return r
 
     cdef bint _book_state(self, const KeyView* kv, int32_t ns, idx_t state) except -1:
         """Check *state* against the pool's books before the insert changes anything, and
