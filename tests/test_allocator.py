@@ -406,6 +406,13 @@ class _SlotList(list):
     pass
 
 
+class _BoolArray(np.ndarray):
+    """A numpy array subclass (a bool one is still a bool)."""
+
+    def __new__(cls, value: bool) -> _BoolArray:
+        return np.asarray(value).view(cls)
+
+
 BOOL_FREES = [
     pytest.param(lambda x: [True, int(x[1])], id="list-bool-then-slot"),
     pytest.param(lambda x: (int(x[0]), np.True_), id="tuple-numpy-bool"),
@@ -415,6 +422,8 @@ BOOL_FREES = [
     pytest.param(lambda x: [[int(x[0]), True]], id="nested-list"),
     pytest.param(lambda x: [np.array(True), int(x[1])], id="0-d-numpy-bool-array"),
     pytest.param(lambda x: [[np.array(True)], [int(x[1])]], id="nested-0-d-numpy-bool-array"),
+    pytest.param(lambda x: [[[True, int(x[1])]]], id="two-levels-down"),
+    pytest.param(lambda x: [[_BoolArray(True), int(x[1])]], id="bool-ndarray-subclass-nested"),
     pytest.param(lambda x: True, id="bool"),
 ]
 

@@ -498,6 +498,16 @@ def test_a_bad_value_is_reported_before_a_bad_extra_key(cls: Any) -> None:
     assert r.prefix_len == 0 and cache.total_size() == 4
 
 
+@pytest.mark.parametrize(
+    "dtype", [[("a", "O")], [("a", "O"), ("b", "<i4")], [("a", "O", (2,))]], ids=str
+)
+def test_hash_bytes_refuses_a_buffer_of_records_with_objects(dtype: Any) -> None:
+    records = np.zeros(2, dtype=dtype)
+    for data in (records, memoryview(records)):
+        with pytest.raises(TypeError):
+            hash_bytes(data)
+
+
 def test_hash_bytes_takes_a_structured_array() -> None:
     """Only an array of Python objects is refused: a field named "Offset" puts an "O" in
     the buffer's format string, not an object."""

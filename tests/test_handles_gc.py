@@ -53,3 +53,64 @@ def test_a_scheduler_holding_handles_is_collected(make) -> None:
     del scheduler
     gc.collect()
     assert gone() is None
+
+
+_FIND_HANDLES = """
+import gc
+from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey, TreeNode
+
+
+def poke():
+    for o in gc.get_objects():
+        if isinstance(o, TreeNode):
+            print(o.id, o.evicted, flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "during",
+    [
+        """
+class K:
+    armed = False
+    def __hash__(self):
+        if K.armed:
+            poke()
+        return 1
+    def __eq__(self, other):
+        return isinstance(other, K)
+cache, k = RadixCache(), K()
+cache.insert(RadixKey([1, 2, 3], k), [10, 11, 12])
+K.armed = True
+cache.insert(RadixKey([1, 2, 3, 4], k), [10, 11, 12, 13])
+""",
+        """
+import numpy as np
+class S:
+    def __array__(self, dtype=None, copy=None):
+        poke()
+        return np.array([3])
+MambaRadixCache().insert(RadixKey([1, 2]), [10, 11], mamba_value=S())
+""",
+        """
+from pymllm.mem_cache import SWATokenToKVPoolAllocator
+class A(SWATokenToKVPoolAllocator):
+    def free(self, free_index):
+        poke()
+        super().free(free_index)
+alloc = A(64, 64, need_sort=False)
+cache = RadixCache(sliding_window_size=2, token_to_kv_pool_allocator=alloc)
+cache.insert(RadixKey([1, 2, 3, 4]), alloc.alloc(4), swa_evicted_seqlen=4)
+""",
+    ],
+    ids=["extra_key-hash", "mamba_value-array", "allocator-free"],
+)
+def test_a_handle_found_while_an_insert_runs_python_code_is_valid(during: str) -> None:
+    """An insert allocates its result's handle before the tree changes and runs Python
+    code after that (an extra_key's __hash__, a state's __array__, a Python allocator's
+    free): the collector can hand the handle to that code, and reading it crashed while it
+    named no tree. It names the root until the insert aims it."""
+    from conftest import run_child
+
+    out = run_child(_FIND_HANDLES + during + "\nprint('done')")
+    assert out.rstrip().endswith("done")

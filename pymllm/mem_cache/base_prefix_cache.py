@@ -187,7 +187,7 @@ def hash_bytes(data: bytes) -> int:
     """
     try:
         view = memoryview(data)
-        if view.format == "O" or (isinstance(data, np.ndarray) and data.dtype.hasobject):
+        if _holds_objects(data, view):
             raise TypeError
         digest = hashlib.sha256(view).digest()
     except (TypeError, ValueError, BufferError):  # not bytes-like, or not contiguous
@@ -195,6 +195,18 @@ def hash_bytes(data: bytes) -> int:
             f"data: expected bytes-like, got {type(data).__name__} {data!r:.80}"
         ) from None
     return int.from_bytes(digest[:8], "big")
+
+
+def _holds_objects(data: Any, view: memoryview) -> bool:
+    """Whether a buffer holds Python objects (pointers), in a field of a record too: read
+    from the array's dtype, or from the buffer's format as numpy reads it; a format numpy
+    cannot read is taken to hold them if it names the object type code at all."""
+    if isinstance(data, np.ndarray):
+        return bool(data.dtype.hasobject)
+    try:
+        return bool(np.asarray(view).dtype.hasobject)
+    except (TypeError, ValueError, RuntimeError):  # numpy's errors for formats it cannot map
+        return "O" in view.format
 
 
 class RadixKey:

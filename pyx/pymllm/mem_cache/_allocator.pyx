@@ -283,28 +283,28 @@ cdef cnp.ndarray _as_int32_slots(object indices):
 
 cdef bint _holds_bool(object seq) except -1:
     """Whether the list, tuple or deque *seq* (their subclasses too) holds a bool: Python's
-    or numpy's, or a numpy bool array (a 0-d one reads as 0 or 1), among its items or the
-    items of a nested list one level down. The items' types in one C loop (``set(map(type,
-    ...))``); Python code per item only when some item is a list or an array. Deeper
-    nesting is no slot list (numpy refuses it, or makes it more than 1-D, which the callers
-    refuse), and it is not followed: no recursion, so a list that holds itself is safe."""
+    or numpy's, or a numpy bool array (a 0-d one reads as 0 or 1), among its items or in
+    nested lists at any depth. The items' types in one C loop (``set(map(type, ...))``);
+    Python code per item only when some item is a list or an array, and then a loop over a
+    stack, not recursion, that visits each list once (a list that holds itself, or one
+    nested 200,000 deep, is safe)."""
     types = set(map(type, seq))
     if _BOOL_TYPES & types:
         return True
     if not any(issubclass(t, (list, tuple, deque, np.ndarray)) for t in types):
         return False
-    for x in seq:
-        if isinstance(x, np.ndarray):
-            if x.dtype == np.bool_:
+    stack = [seq]
+    seen = {id(seq)}
+    while stack:
+        for x in stack.pop():
+            if type(x) in _BOOL_TYPES:
                 return True
-        elif isinstance(x, (list, tuple, deque)):
-            inner = set(map(type, x))
-            if _BOOL_TYPES & inner:
-                return True
-            if np.ndarray in inner and any(
-                isinstance(y, np.ndarray) and y.dtype == np.bool_ for y in x
-            ):
-                return True
+            if isinstance(x, np.ndarray):
+                if x.dtype == np.bool_:
+                    return True
+            elif isinstance(x, (list, tuple, deque)) and id(x) not in seen:
+                seen.add(id(x))
+                stack.append(x)
     return False
 
 

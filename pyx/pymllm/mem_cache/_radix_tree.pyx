@@ -1695,14 +1695,19 @@ cdef class RadixTreeCore:
         return True
 
     cdef inline TreeNode _handle(self, nid_t n):
-        return self._aim(self._blank_handle(), n)
+        return self._aim(self._blank_handle(), n)   # aimed twice: two stores, no call
 
     cdef inline TreeNode _blank_handle(self):
-        """A handle not yet pointing at a node: match and insert allocate theirs before the
-        tree changes (out of memory then, nothing has), and aim it at the node after."""
+        """A handle for a call's result, allocated before the tree changes (out of memory
+        then, nothing has) and aimed at its node after. Until then it names the root, so
+        that Python code running in between (a callback, the collector's get_objects)
+        only ever finds a valid handle."""
+        cdef TreeNode h
         if self.mamba:
-            return MambaTreeNode.__new__(MambaTreeNode)
-        return TreeNode.__new__(TreeNode)
+            h = MambaTreeNode.__new__(MambaTreeNode)
+        else:
+            h = TreeNode.__new__(TreeNode)
+        return self._aim(h, ROOT)
 
     cdef inline TreeNode _aim(self, TreeNode h, nid_t n) noexcept:
         h._tree = self
