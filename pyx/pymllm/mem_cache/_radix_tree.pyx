@@ -983,7 +983,6 @@ cdef class RadixTreeCore:
     cdef int64_t ev_done            # KV indices collected in _idx_out by the current evict
     cdef int64_t ev_nodes           # nodes removed by the current evict (ids in _uid_out)
     cdef object _late_exc           # an insert's argument error, raised after its value's
-    cdef object _result             # an insert's result, built before the tree changes
     cdef object _pending_exc        # a BaseException a node's removal caught, raised after
     cdef int64_t aux_freed          # SWA tokens freed by the current evict
     cdef int64_t n_swa_out          # indices tombstoned by the current evict (_swa_out)
@@ -1220,8 +1219,6 @@ cdef class RadixTreeCore:
         """End a public call (the finally clause of every one that _enter started)."""
         if self._late_exc is not None:  # an insert that failed before raising it
             self._late_exc = None
-        if self._result is not None:    # an insert that failed after building it
-            self._result = None
         self._owner = 0
         _release_gc()
 
@@ -1709,7 +1706,7 @@ cdef class RadixTreeCore:
             h = TreeNode.__new__(TreeNode)
         return self._aim(h, ROOT)
 
-    cdef inline TreeNode _aim(self, TreeNode h, nid_t n) noexcept:
+    cdef inline TreeNode _aim(self, TreeNode h, nid_t n):
         h._tree = self
         h._slot = n
         h._uid = self.nodes[n].uid
@@ -1847,16 +1844,14 @@ cdef class RadixTreeCore:
             _heap_touched(&self.aux_heap, self.nodes, HEAP_AUX, n)
 
     cdef nid_t _split_end(self, nid_t part_node, int64_t part_m, nid_t* last,
-                          int64_t* path_len, tok_t* block=NULL) except NIL:
+                          int64_t* path_len) except NIL:
         """After _scan: split part_node where the match ends inside it (part_m > 0) and
-        append the upper half to the path as the new *last. Capacity reserved; `block`, the
-        upper half's (from _alloc_node_arrays), or NULL to allocate it here: out of memory,
-        MemoryError and nothing changed."""
+        append the upper half to the path as the new *last. Capacity reserved; out of
+        memory, MemoryError and nothing changed."""
         cdef nid_t u
         if part_m == 0:
             return last[0]
-        u = self._split(part_node, part_m) if block == NULL else self._split_into(
-            part_node, part_m, block)
+        u = self._split(part_node, part_m)
         (<nid_t*>self._nid_scratch.data)[path_len[0]] = u
         path_len[0] += 1
         last[0] = u
@@ -1889,18 +1884,13 @@ cdef class RadixTreeCore:
         cdef nid_t last, part_node
         cdef int64_t n_path, matched, part_m, n_use, total
         cdef int32_t ns
-        cdef tok_t* block = NULL
-        cdef idx_t* unused
         cdef cnp.ndarray out
         owner = self._load_key(key, &kv)
         ns = self._find_ns(_extra_key(key), kv.arity)
         self._reserve_nodes(1)
         h = self._blank_handle()
         if ns < 0 or kv.n < self.page_size:
-            r = _match_result(_new_idx(0), h, 0)
-            self.clock += 1
-            self._aim(h, ROOT)
-            return r
+            return self._miss(h)
         matched = self._scan(&kv, ns, kv.n, &last, &n_path, &part_node, &part_m)
         # the result covers the path's first n_use segments: the wholly matched nodes, then
         # the partial node's matched part (the upper half of its split)
@@ -1913,17 +1903,23 @@ cdef class RadixTreeCore:
             total = matched + part_m
         else:
             total = self.nodes[(<nid_t*>self._nid_scratch.data)[n_use - 1]].end_pos
-        # everything that can fail first (the result, the split's block): then the tree
-        # changes (split, clock, recency, hits) and the result is filled in
+        # everything that can fail first (the result; the split allocates before it changes
+        # the tree): then the tree changes (split, clock, recency, hits) and the result is
+        # filled in
         out = _new_idx(total)
         r = _match_result(out, h, total)
-        if part_m > 0:
-            _alloc_node_arrays(part_m, kv.width, &block, &unused)
-            self._split_end(part_node, part_m, &last, &n_path, block)
+        self._split_end(part_node, part_m, &last, &n_path)
         self.clock += 1
         self._touch_path(n_path, True)
         self._fill_path_indices(out, n_use)
         self._aim(h, (<nid_t*>self._nid_scratch.data)[n_use - 1] if n_use > 0 else ROOT)
+        return r
+
+    cdef object _miss(self, TreeNode h):
+        """A match of nothing (a namespace the tree lacks, a key shorter than a page): an
+        empty result at the root (h already names it), built before the clock ticks."""
+        r = _match_result(_new_idx(0), h, 0)
+        self.clock += 1
         return r
 
     cdef void _fill_path_indices(self, cnp.ndarray out, int64_t n_path) noexcept:
@@ -2035,17 +2031,11 @@ cdef class RadixTreeCore:
         self._raise_late()
         self.new_prio = prio
         if self.swa:
-            self._insert_swa(&kv, vals, _extra_key(key), ns, ppl, es, h, &last)
+            r = self._insert_swa(&kv, vals, _extra_key(key), ns, ppl, es, h, &last)
         else:
-            self._insert_kv(&kv, vals, _extra_key(key), ns, h, &last)
+            r = self._insert_kv(&kv, vals, _extra_key(key), ns, h, &last)
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
-        return self._take_result(h, last)
-
-    cdef object _take_result(self, TreeNode h, nid_t last):
-        """The result the insert built before the tree changed, its handle aimed at last."""
-        r = self._result
-        self._result = None
         self._aim(h, last)
         return r
 
@@ -2061,10 +2051,10 @@ cdef class RadixTreeCore:
                 _heap_touched(&self.aux_heap, self.nodes, HEAP_AUX, n)
             n = x.parent
 
-    cdef int64_t _insert_swa(self, const KeyView* kv, const idx_t* vals, object extra_key,
-                             int32_t ns, int64_t ppl, int64_t es, TreeNode h,
-                             nid_t* out_last) except -1:
-        """The windowed insert (see insert). Everything that can fail (bad arguments,
+    cdef object _insert_swa(self, const KeyView* kv, const idx_t* vals, object extra_key,
+                            int32_t ns, int64_t ppl, int64_t es, TreeNode h, nid_t* out_last):
+        """The windowed insert (see insert); returns its InsertResult, with the handle h
+        (the caller aims it at *out_last). Everything that can fail (bad arguments,
         memory, the allocator's checks and its free) runs before the tree changes: the walk
         is read-only and works on the path as it will be once the splits at
         prev_prefix_len and at the match end are made; those splits (their blocks allocated
@@ -2072,7 +2062,7 @@ cdef class RadixTreeCore:
         cdef int64_t P = self.page_size
         cdef int64_t aligned = kv.n - kv.n % P
         cdef int64_t n_path, matched, part_m, i, s0, e, off, seg, n_free = 0
-        cdef int64_t tomb_len, matched_live, same, n_seg, n_full
+        cdef int64_t tomb_len, matched_live = 0, same, n_seg, n_full
         cdef int32_t w = kv.width
         cdef nid_t last, part_node, x_ppl = NIL, u
         cdef nid_t* path
@@ -2104,18 +2094,18 @@ cdef class RadixTreeCore:
                 "namespace): value[:prev_prefix_len] would be taken as new"
             )
         if aligned == 0:
-            self._result = _insert_result(0, h)
+            r = _insert_result(0, h)
             self.clock += 1
             out_last[0] = ROOT
-            return 0
+            return r
         if ns < 0 and es >= aligned:
             # nothing of a new namespace gets cached: no namespace id is taken
-            self._result = _insert_result(0, h)
+            r = _insert_result(0, h)
             if self.token_to_kv_pool_allocator is not None:
                 self.token_to_kv_pool_allocator.free(_copy_idx(vals, aligned))
             self.clock += 1
             out_last[0] = ROOT
-            return 0
+            return r
         self._reserve_nodes(4)      # a split at prev_prefix_len, one at the match end, 2 new
         # duplicates in [0, 2 * aligned); booked, the revived tombstones' own slots and the
         # kept ones (unbooked too: the revived parts' slots) after them; for a new
@@ -2174,7 +2164,7 @@ cdef class RadixTreeCore:
                 _alloc_node_arrays(m_ppl, w, &b_ppl, &unused)
             if m_end > 0:
                 _alloc_node_arrays(m_end, w, &b_end, &unused)
-            self._result = _insert_result(matched, h)
+            r = _insert_result(matched, h)
         except BaseException:
             free(k1); free(k2); free(b_ppl); free(b_end)
             raise
@@ -2284,12 +2274,13 @@ cdef class RadixTreeCore:
             v2 = NULL
         free(k1); free(k2)
         out_last[0] = last
-        return matched
+        return r
 
-    cdef int64_t _insert_kv(self, const KeyView* kv, const idx_t* vals, object extra_key,
-                            int32_t ns, TreeNode h, nid_t* out_last) except -1:
-        """Store validated key/values; returns the prefix length that was already cached
-        and sets *out_last to the node ending at the page-aligned key end. `ns` is the
+    cdef object _insert_kv(self, const KeyView* kv, const idx_t* vals, object extra_key,
+                           int32_t ns, TreeNode h, nid_t* out_last):
+        """Store validated key/values; returns the InsertResult (its prefix_len the length
+        that was already cached, its handle h, which the caller aims at *out_last) and sets
+        *out_last to the node ending at the page-aligned key end. `ns` is the
         namespace _find_ns gave, before the value was read (-1: new). Everything that
         can fail (memory, the allocator's check of the slots) comes before the tree
         changes: the walk is read-only, and the split at the match end, the recency
@@ -2302,10 +2293,10 @@ cdef class RadixTreeCore:
         cdef idx_t* new_val = NULL
         cdef int64_t taken = 0      # slots of new_val adopted so far
         if aligned == 0:
-            self._result = _insert_result(0, h)
+            r = _insert_result(0, h)
             self.clock += 1
             out_last[0] = ROOT
-            return 0
+            return r
         self._reserve_nodes(2)
         self._nid_scratch.reserve(aligned // self.page_size + 1)   # the walk's path
         if ns < 0:
@@ -2341,7 +2332,7 @@ cdef class RadixTreeCore:
                 copy32(new_val, vals + matched, aligned - matched)
                 self._adopt(new_val, aligned - matched)
                 taken = aligned - matched
-            self._result = _insert_result(matched, h)
+            r = _insert_result(matched, h)
             self._split_end(part_node, part_m, &last, &n_path)
         except BaseException:
             self._disown(new_val, taken)
@@ -2352,11 +2343,11 @@ cdef class RadixTreeCore:
         if matched == aligned:
             free(new_key)   # NULL, or a fresh namespace's arrays, unused
             out_last[0] = last
-            return matched
+            return r
         # a new leaf for the rest under `last` (its slots were copied and taken above)
         copy32(new_key, kv.tok + matched * w, (aligned - matched) * w)
         out_last[0] = self._link_leaf(last, ns, w, new_key, new_val, aligned - matched, True)
-        return matched
+        return r
 
     cdef int _adopt(self, const idx_t* vals, int64_t n) except -1:
         """The slots vals[0:n] become the tree's: with our own allocators, it checks that a
@@ -3361,10 +3352,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         ns = self._find_ns(_extra_key(key), kv.arity)
         h = self._blank_handle()
         if ns < 0 or kv.n < self.page_size:
-            r = _match_result(_new_idx(0), h, 0)
-            self.clock += 1
-            self._aim(h, ROOT)
-            return r
+            return self._miss(h)
         kv_len = self._scan(&kv, ns, kv.n, &last, &n_path, &part_node, &part_m)
         kv_len += part_m
         path = <nid_t*>self._nid_scratch.data
@@ -3438,7 +3426,7 @@ cdef class MambaTreeCore(RadixTreeCore):
             adopted = self._book_state(&kv, ns, slot)
         self.new_prio = prio
         try:
-            matched = self._insert_kv(&kv, vals, _extra_key(key), ns, h, &last)
+            r = self._insert_kv(&kv, vals, _extra_key(key), ns, h, &last)
         except BaseException:
             if adopted:  # the state stays the caller's
                 (<TokenToKVPoolAllocator>self._state_booking).disown_c(&slot, 1)
@@ -3463,7 +3451,7 @@ cdef class MambaTreeCore(RadixTreeCore):
                 _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, last)
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
-        r = self._take_result(h, last)
+        self._aim(h, last)
         if exist:
             _replace(r, _IR_MAMBA_EXIST, True)
         return r
