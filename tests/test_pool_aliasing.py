@@ -261,3 +261,23 @@ def test_the_pools_own_buffers_as_input_are_refused_and_change_nothing() -> None
         assert mamba.buffers is states and not any(b.is_deleted() for b in states)
     mamba.set_states(slots, states.conv + 2, states.temporal + 3)
     assert (host(mamba.buffers.conv) == 2.0).all() and (host(mamba.buffers.temporal) == 3.0).all()
+
+
+def test_the_buffer_setters_do_not_wait_for_the_step_that_made_the_buffers() -> None:
+    """A serving loop hands the pool a donated step's outputs and goes on with host work
+    while the device computes. The setters check that the two buffers are distinct device
+    buffers, which for buffers of one shape reads their device addresses: that read must
+    not wait for the step (it does not on CPU here, nor on an H200:
+    ``bench/gpu_setter_overlap.py``, in ``bench/RESULTS.md``)."""
+    pool = kv_pool()
+    assert pool.k_shape == pool.v_shape  # the setter compares addresses
+    stall(pool)  # the setter, on the outputs of ~0.1 s of queued work
+    queued(pool.buffers.k)
+    queued(pool.buffers.v)
+    mamba = MambaPool(15, 2, (8, 4), (8, 4), conv_dtype=jnp.float32)
+    stall(mamba)  # compile
+    jax.block_until_ready(mamba.buffers)
+    stall(mamba)
+    queued(mamba.buffers.conv)
+    queued(mamba.buffers.temporal)
+    jax.block_until_ready((pool.buffers, mamba.buffers))
