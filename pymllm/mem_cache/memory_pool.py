@@ -626,7 +626,9 @@ class KVPool(_SlotOwner):
 
         ``InvalidValueError`` (the pool keeps its buffers) unless ``k`` and ``v`` are two
         live ``jax.Array`` over distinct device buffers, of the pool's shapes, dtype and
-        shardings (:attr:`shardings`; on one device: that device)."""
+        shardings (:attr:`shardings`; on one device: that device). The checks read the
+        arrays' metadata and device addresses only: the setter does not wait for the step
+        that computes them."""
         new = _as_buffers(KVBuffers, new)
         _check_buffer("buffers.k", new.k, self.k_shape, self.dtype, self.shardings.k)
         _check_buffer("buffers.v", new.v, self.v_shape, self.dtype, self.shardings.v)
@@ -947,7 +949,8 @@ class MambaPool(_SlotOwner):
 
         ``InvalidValueError`` (the pool keeps its buffers) unless ``conv`` and ``temporal``
         are two live ``jax.Array`` over distinct device buffers, of the pool's shapes and
-        dtypes on its device."""
+        dtypes on its device. The checks read the arrays' metadata and device addresses
+        only: the setter does not wait for the step that computes them."""
         new = _as_buffers(MambaBuffers, new)
         _check_buffer(
             "buffers.conv", new.conv, self._buffers.conv.shape, self.conv_dtype, self._sharding
