@@ -549,6 +549,42 @@ def test_swa_a_revived_tombstone_books_the_new_slots_and_frees_its_old_ones() ->
     alloc._check_invariants()
 
 
+@pytest.mark.parametrize("page_size", [1, 2])
+def test_swa_a_duplicate_that_is_a_revived_tombstones_old_slot_is_refused(page_size: int) -> None:
+    """One insert revives a tombstone (its old slots go back to the pool) and hands back, as
+    a duplicate of a live node's slots, the tombstone's old slots: the caller never held
+    them. With page size 1 this was refused (the slot was listed twice in the one free);
+    with pages it was accepted, since a free frees each page once however often it is
+    listed. Now the duplicates are freed while the tombstone's slots are still the tree's,
+    and the insert is refused and changes nothing at every page size."""
+    from pymllm.mem_cache import SWATokenToKVPoolAllocator
+
+    alloc = SWATokenToKVPoolAllocator(64, 64, page_size=page_size, need_sort=False)
+    cache = RadixCache(page_size=page_size, sliding_window_size=2, token_to_kv_pool_allocator=alloc)
+    old = alloc.alloc(6)
+    alloc.free_swa(old[:4])
+    cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), old, swa_evicted_seqlen=4)  # [1..4]: tombstone
+    new = alloc.alloc(4)
+    before = _swa_books(alloc)
+    sizes = _sizes(cache)
+    nodes = [(n.key.token_ids, np.asarray(n.value).tolist()) for n in cache._nodes()]
+    bad = np.concatenate([new, old[:2]]).astype(np.int32)  # [5, 6] "duplicates": old's
+    with pytest.raises(InvalidFreeError, match="owned by a prefix cache"):
+        cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), bad)
+    assert _swa_books(alloc) == before and _sizes(cache) == sizes
+    assert [(n.key.token_ids, np.asarray(n.value).tolist()) for n in cache._nodes()] == nodes
+    cache._check_invariants()
+    alloc._check_invariants()
+    # the same insert with the live node's own slots passed back: the tombstone is revived
+    r = cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), np.concatenate([new, old[4:]]))
+    assert r.prefix_len == 6
+    assert not alloc.is_allocated(old[:4]).any() and alloc.is_cached(new).all()
+    cache._check_invariants()
+    alloc._check_invariants()
+    cache.reset()
+    assert alloc.full_available_size() == 64 and alloc.swa_available_size() == 64
+
+
 def test_swa_a_dropped_cache_gives_both_sides_back() -> None:
     import gc
 

@@ -69,7 +69,7 @@ cdef class PageCore:
     # takes them from their caller); InvalidValueError with every state as it was.
     cdef int adopt(self, const int32_t* slots, Py_ssize_t n) except -1
     # The pages of slots[0:n] set to `st` unchecked: PAGE_ALLOCATED undoes adopt(slots, n)
-    # (the allocators' disown_c), PAGE_CACHED undoes that (readopt_c).
+    # (the allocators' disown_c).
     cdef void set_owner(self, const int32_t* slots, Py_ssize_t n, uint8_t st) noexcept
     # Rebuilds `pages` as every PAGE_FREE page, ascending; empties `release`.
     cdef void merge(self) noexcept
@@ -110,7 +110,6 @@ cdef class SWATokenToKVPoolAllocator:
     # As TokenToKVPoolAllocator's, on the full side.
     cdef int adopt_c(self, const int32_t* data, Py_ssize_t n) except -1
     cdef void disown_c(self, const int32_t* data, Py_ssize_t n) noexcept
-    cdef void readopt_c(self, const int32_t* data, Py_ssize_t n) noexcept
 
 
 # A constructor's size argument: any integer (numpy's too, through operator.index) but a

@@ -1244,10 +1244,6 @@ cdef class SWATokenToKVPoolAllocator:
         if self.full is not None:
             self.full.set_owner(data, n, PAGE_ALLOCATED)
 
-    cdef void readopt_c(self, const int32_t* data, Py_ssize_t n) noexcept:
-        if self.full is not None:
-            self.full.set_owner(data, n, PAGE_CACHED)
-
     def translate_loc_from_full_to_swa(self, full_indices):
         """SWA slots of *full_indices* (``np.int32``, same shape; 0 where the SWA side is
         freed). ``InvalidValueError`` for non-integer slots or slots outside the pool (a

@@ -2187,15 +2187,17 @@ cdef class RadixTreeCore:
             same = _count_equal(x.value + off, vals + s0, seg)
             if x.aux_value < 0 and s0 >= es and same == 0 and x.lock_ref == 0:
                 # the tombstone is revived with the incoming indices; its old ones are freed
-                # (only when unlocked: a request holding it still reads its full KV)
-                copy32(dup + n_free, x.value + off, seg)
-                n_free += seg
-                revive[i] = 1
-                copy32(kept + n_kept, vals + s0, seg)   # what the revived part will hold
-                n_kept += seg
+                # (only when unlocked: a request holding it still reads its full KV): with
+                # the caller's duplicates, or booked, on their own after them
                 if self._booking_kind:
                     copy32(tree_old + n_old, x.value + off, seg)
                     n_old += seg
+                else:
+                    copy32(dup + n_free, x.value + off, seg)
+                    n_free += seg
+                revive[i] = 1
+                copy32(kept + n_kept, vals + s0, seg)   # what the revived part will hold
+                n_kept += seg
             elif same < seg:
                 n_free += _copy_differing(dup + n_free, x.value + off, vals + s0, seg)
         if matched < aligned and es >= aligned:
@@ -2220,19 +2222,24 @@ cdef class RadixTreeCore:
         try:
             if self._booking_kind:
                 # Booked: the slots the tree keeps must be a caller's (taken first,
-                # checked); the revived tombstones' own slots are the caller's for the one
-                # free call below, which must then find every duplicate a caller's too
+                # checked), and so must every duplicate the caller hands back: freed while
+                # the revived tombstones' own slots are still the tree's, so that one of
+                # those among the duplicates is refused (with pages a free frees each page
+                # once, so the same page twice in one call would pass). Then the
+                # tombstones' slots are freed as the caller's: just disowned, distinct, in
+                # range, that free cannot be refused.
                 self._adopt(kept, n_kept)
-                self._disown(tree_old, n_old)
                 if n_free > 0:
                     try:
                         (<SWATokenToKVPoolAllocator>self._booking_allocator).free_c(
                             dup, n_free, PAGE_ALLOCATED)
                     except BaseException:
-                        (<SWATokenToKVPoolAllocator>self._booking_allocator).readopt_c(
-                            tree_old, n_old)
                         self._disown(kept, n_kept)
                         raise
+                if n_old > 0:
+                    self._disown(tree_old, n_old)
+                    (<SWATokenToKVPoolAllocator>self._booking_allocator).free_c(
+                        tree_old, n_old, PAGE_ALLOCATED)
             elif n_free > 0 and self.token_to_kv_pool_allocator is not None:
                 self.token_to_kv_pool_allocator.free(_copy_idx(dup, n_free))
         except BaseException:
