@@ -353,3 +353,75 @@ def test_a_windowed_new_namespace_below_the_window_refused_by_free_keeps_the_clo
     _assert_refused_call_changes_nothing(
         lambda: _Stack("swa-python-free"), _swa_setup, prepare, RuntimeError
     )
+
+
+# -- out of memory for a call's result ---------------------------------------------------
+
+# A match allocates its result's node handle, index array and result object; an insert its
+# node handle and result object. The hook fails the n-th of them.
+RESULT_CALLS = {
+    "match that splits": 3,
+    "match of a namespace the tree lacks": 3,
+    "insert that splits": 2,
+    "insert into a new namespace": 2,
+    "insert of an empty key": 2,
+}
+
+
+def _result_call(s: _Stack, ctx: dict[str, Any], call: str) -> Callable[[], object]:
+    """The call (its slots allocated now, on both twins), without the hook."""
+    c = s.cache
+    if call == "match that splits":
+        key = RadixKey([*PROMPT[:6], 77])
+        return lambda: c.match_prefix(key)
+    if call == "match of a namespace the tree lacks":
+        key = RadixKey(PROMPT, "elsewhere")
+        return lambda: c.match_prefix(key)
+    kw: dict[str, Any] = {"mamba_value": 3} if s.kind == "mamba" else {}
+    if call == "insert of an empty key":
+        return lambda: c.insert(RadixKey([]), np.zeros(0, np.int32))
+    if call == "insert that splits":
+        key = RadixKey([*PROMPT[:4], 50, 51, 52, 53])
+        value = np.concatenate([ctx["prompt"][:4], s.alloc.alloc(4)]).astype(np.int32)
+    else:
+        key = RadixKey(PROMPT, "a new namespace")
+        value = s.alloc.alloc(8)
+    return lambda: c.insert(key, value, **kw)
+
+
+def _results_fail_after(n: int, call: Callable[[], object]) -> object:
+    """call() with the n-th result allocation out of memory (-1: none)."""
+    _radix_tree._fail_results_after(n)
+    try:
+        return call()
+    finally:
+        _radix_tree._fail_results_after(-1)
+
+
+@pytest.mark.parametrize(
+    "call,n", [(call, n) for call, points in RESULT_CALLS.items() for n in range(points)]
+)
+@pytest.mark.parametrize("kind,page_size", [("plain", 1), ("plain", 2), ("mamba", 1), ("swa", 1)])
+def test_a_call_out_of_memory_for_its_result_changes_nothing(
+    kind: str, page_size: int, call: str, n: int
+) -> None:
+    """Each of the result's allocations in turn: the call raises MemoryError, and neither
+    the tree (no split, no recency, no clock tick, no new node) nor any slot's owner has
+    changed; the slots an insert was handed stay the caller's."""
+    _assert_refused_call_changes_nothing(
+        lambda: _Stack(kind, page_size),
+        _swa_setup if kind == "swa" else _plain_setup,
+        lambda s, ctx: (lambda f: lambda: _results_fail_after(n, f))(_result_call(s, ctx, call)),
+        MemoryError,
+    )
+
+
+@pytest.mark.parametrize("call", list(RESULT_CALLS))
+def test_the_calls_go_through_with_one_result_allocation_more(call: str) -> None:
+    """The hook counts each call's result allocations: armed past the last, nothing fails."""
+    s = _Stack("plain")
+    ctx = _plain_setup(s)
+    r: Any = _results_fail_after(RESULT_CALLS[call], _result_call(s, ctx, call))
+    assert r.last_node is not None
+    s.cache._check_invariants()
+    s.alloc._check_invariants()

@@ -780,6 +780,7 @@ cdef inline void _replace(object obj, Py_ssize_t offset, object v) noexcept:
 
 cdef inline object _match_result(object indices, object last_node, int64_t prefix_len,
                                  object branching=None):
+    _result_point()
     r = _generic_alloc(_MR_TYPE, 0)
     _put_int(r, _MR_PREFIX_LEN, PyLong_FromLongLong(prefix_len))
     _put(r, _MR_INDICES, indices)
@@ -797,6 +798,7 @@ cdef inline object _evict_result(int64_t full, int64_t swa=0, int64_t mamba=0):
 
 
 cdef inline object _insert_result(int64_t prefix_len, object last_node, bint mamba_exist=False):
+    _result_point()
     r = _generic_alloc(_IR_TYPE, 0)
     _put_int(r, _IR_PREFIX_LEN, PyLong_FromLongLong(prefix_len))
     _put(r, _IR_LAST_NODE, last_node)
@@ -840,9 +842,11 @@ cdef inline void _shrink(void** block, size_t nbytes) noexcept:
         block[0] = p
 
 
-# Test hook: after this many more node blocks (a new leaf's, a split's upper half's), the
-# next one raises MemoryError (once); -1: off.
+# Test hooks: after this many more allocations of a kind, the next one raises MemoryError
+# (once); -1: off. Node blocks (a new leaf's, a split's upper half's); a call's result (its
+# node handle, its index array, the result object).
 cdef int _node_fuse = -1
+cdef int _result_fuse = -1
 
 
 def _fail_node_arrays_after(int count):
@@ -852,15 +856,34 @@ def _fail_node_arrays_after(int count):
     _node_fuse = count
 
 
-cdef int _burn_node_fuse(tok_t** key, idx_t** value) except -1:
-    global _node_fuse
-    if _node_fuse == 0:
-        _node_fuse = -1
-        key[0] = NULL
-        value[0] = NULL
-        raise MemoryError("out of memory (injected by _fail_node_arrays_after)")
-    _node_fuse -= 1
+def _fail_results_after(int count):
+    """Test hook: `count` more allocations of a match's or insert's result (the node
+    handle, the index array, the result object) succeed, then one raises MemoryError
+    (once); -1 turns it off."""
+    global _result_fuse
+    _result_fuse = count
+
+
+cdef int _burn(int* fuse, str hook) except -1:
+    """Count an armed fuse down; at zero, disarm it and raise MemoryError."""
+    if fuse[0] == 0:
+        fuse[0] = -1
+        raise MemoryError(f"out of memory (injected by {hook})")
+    fuse[0] -= 1
     return 0
+
+
+cdef inline int _result_point() except -1:
+    """Where a result allocation happens: the _fail_results_after hook."""
+    if _result_fuse >= 0:
+        _burn(&_result_fuse, "_fail_results_after")
+    return 0
+
+
+cdef inline cnp.ndarray _result_idx(int64_t n):
+    """_new_idx for a match's result array (the _fail_results_after hook counts it)."""
+    _result_point()
+    return _new_idx(n)
 
 
 cdef int _alloc_node_arrays(int64_t n, int32_t w, tok_t** key, idx_t** value) except -1:
@@ -869,7 +892,9 @@ cdef int _alloc_node_arrays(int64_t n, int32_t w, tok_t** key, idx_t** value) ex
     frees both); a match reads the two in one stream, and a node costs one malloc and one
     free. MemoryError, with nothing allocated, if it fails."""
     if _node_fuse >= 0:
-        _burn_node_fuse(key, value)
+        key[0] = NULL
+        value[0] = NULL
+        _burn(&_node_fuse, "_fail_node_arrays_after")
     key[0] = <tok_t*>malloc(n * (w + 1) * sizeof(tok_t))
     if key[0] == NULL:
         value[0] = NULL
@@ -1700,6 +1725,7 @@ cdef class RadixTreeCore:
         that Python code running in between (a callback, the collector's get_objects)
         only ever finds a valid handle."""
         cdef TreeNode h
+        _result_point()
         if self.mamba:
             h = MambaTreeNode.__new__(MambaTreeNode)
         else:
@@ -1906,7 +1932,7 @@ cdef class RadixTreeCore:
         # everything that can fail first (the result; the split allocates before it changes
         # the tree): then the tree changes (split, clock, recency, hits) and the result is
         # filled in
-        out = _new_idx(total)
+        out = _result_idx(total)
         r = _match_result(out, h, total)
         self._split_end(part_node, part_m, &last, &n_path)
         self.clock += 1
@@ -1918,7 +1944,7 @@ cdef class RadixTreeCore:
     cdef object _miss(self, TreeNode h):
         """A match of nothing (a namespace the tree lacks, a key shorter than a page): an
         empty result at the root (h already names it), built before the clock ticks."""
-        r = _match_result(_new_idx(0), h, 0)
+        r = _match_result(_result_idx(0), h, 0)
         self.clock += 1
         return r
 
@@ -2130,6 +2156,9 @@ cdef class RadixTreeCore:
                 # insert leaves no namespace behind), and taken for good below
                 self._adopt_or_free(vals, aligned, k1, k2)
             try:
+                # the result (it matches nothing) before the namespace is taken: out of
+                # memory for it, no empty namespace is left registered
+                r = _insert_result(0, h)
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
                 self._disown(vals, aligned)
@@ -2164,7 +2193,8 @@ cdef class RadixTreeCore:
                 _alloc_node_arrays(m_ppl, w, &b_ppl, &unused)
             if m_end > 0:
                 _alloc_node_arrays(m_end, w, &b_end, &unused)
-            r = _insert_result(matched, h)
+            if not allocated or matched > 0:    # not built above, or the namespace was there
+                r = _insert_result(matched, h)
         except BaseException:
             free(k1); free(k2); free(b_ppl); free(b_end)
             raise
@@ -2306,6 +2336,7 @@ cdef class RadixTreeCore:
             return r
         self._reserve_nodes(2)
         self._nid_scratch.reserve(aligned // self.page_size + 1)   # the walk's path
+        r = None
         if ns < 0:
             # a new namespace matches nothing: the leaf takes the whole key, and its arrays
             # and slots are taken before the namespace is (all or nothing). The slots are
@@ -2316,6 +2347,9 @@ cdef class RadixTreeCore:
             self._adopt_or_free(new_val, aligned, new_key)  # new_val is in new_key's block
             taken = aligned
             try:
+                # the result (it matches nothing) before the namespace is taken: out of
+                # memory for it, no empty namespace is left registered
+                r = _insert_result(0, h)
                 ns = self._intern_ns(extra_key, kv.arity)
             except BaseException:
                 self._disown(new_val, aligned)
@@ -2339,7 +2373,8 @@ cdef class RadixTreeCore:
                 copy32(new_val, vals + matched, aligned - matched)
                 self._adopt(new_val, aligned - matched)
                 taken = aligned - matched
-            r = _insert_result(matched, h)
+            if r is None or matched > 0:    # not built above, or the namespace was there
+                r = _insert_result(matched, h)
             self._split_end(part_node, part_m, &last, &n_path)
         except BaseException:
             self._disown(new_val, taken)
@@ -3370,7 +3405,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         state_len = self.nodes[last].end_pos
         # the result first (out of memory, nothing has changed), then the clock and the
         # wholly matched nodes' recency and hits (no split: it could not carry a state)
-        out = _new_idx(state_len)
+        out = _result_idx(state_len)
         r = _match_result(out, h, state_len, kv_len if kv_len > state_len else None)
         self.clock += 1
         self._touch_path(n_path, True)
