@@ -2021,8 +2021,12 @@ cdef class RadixTreeCore:
         ``swa_evicted_seqlen`` (rounded up to a page) and live after it; a suffix lying
         wholly below ``swa_evicted_seqlen`` is not cached and its indices are freed (then
         ``last_node`` ends where the cached prefix does, at ``prefix_len``). Those frees
-        come first, in one ``allocator.free`` call: if it raises, the tree has taken none
-        of ``value`` and the caller still owns all of it.
+        come before the tree changes, in one ``allocator.free`` call: if it raises, the
+        tree has taken none of ``value`` and the caller still owns all of it. Over this
+        package's ``SWATokenToKVPoolAllocator`` they are two calls in C: the caller's
+        duplicates first (a refused one, say a slot of a tombstone this insert revives,
+        raises ``InvalidFreeError`` with nothing changed), then the revived tombstones'
+        old slots, which cannot be refused.
         """
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
