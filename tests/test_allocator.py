@@ -50,9 +50,21 @@ class RefAllocator:
         self.pages = sorted(self.pages + self.release)
         self.release = []
 
-    def alloc(self, n: int) -> np.ndarray | None:
+    def alloc(self, n: int, prefix: Any = None) -> np.ndarray | None:
         if n < 0 or n % self.page_size:
             raise InvalidValueError(n)
+        pre: list[int] = []
+        if prefix is not None:
+            arr = np.asarray(prefix)
+            if (
+                arr.ndim > 1
+                or (arr.size and arr.dtype.kind not in "iu")
+                or (isinstance(prefix, list) and any(isinstance(s, bool) for s in prefix))
+            ):
+                raise InvalidValueError(prefix)
+            pre = arr.reshape(-1).tolist()
+            if any(not self.page_size <= s < self.size + self.page_size for s in pre):
+                raise InvalidValueError(prefix)
         need = n // self.page_size
         if need > len(self.pages) + len(self.release):
             return None
@@ -61,7 +73,7 @@ class RefAllocator:
         got, self.pages = self.pages[:need], self.pages[need:]
         self.allocated.update(got)
         ps = self.page_size
-        return np.array([p * ps + j for p in got for j in range(ps)], dtype=np.int32)
+        return np.array([*pre, *(p * ps + j for p in got for j in range(ps))], dtype=np.int32)
 
     def free(self, indices: Any) -> None:
         slots = np.asarray(indices).reshape(-1).tolist()
@@ -137,6 +149,97 @@ def test_alloc_too_many_returns_none_and_changes_nothing(make: Any) -> None:
     before = _state(a)
     assert a.alloc(7) is None
     assert _state(a) == before
+
+
+def test_alloc_with_a_prefix_returns_prefix_then_new_slots(make: Any) -> None:
+    a = make(16)
+    held = a.alloc(5)
+    out = a.alloc(3, prefix=held[1:4])
+    assert out.dtype == np.int32 and out.ndim == 1
+    assert out[:3].tolist() == held[1:4].tolist()
+    new = out[3:]
+    assert not set(new.tolist()) & set(held.tolist())
+    assert a.available_size() == 8  # only the new slots left the pool
+    a.free(new)  # the new slots are the caller's, apart from the prefix
+    a.free(held)
+    assert a.available_size() == 16
+    assert a.alloc(0, prefix=[2]).tolist() == [2]
+    assert a.alloc(2, prefix=[]).shape == (2,)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param([0], id="padding-slot"),
+        pytest.param([17], id="past-end"),
+        pytest.param([3, -1], id="negative"),
+        pytest.param(np.array([2**40], dtype=np.int64), id="beyond-int32"),
+        pytest.param(np.array([[1, 2]], dtype=np.int32), id="2-d"),
+        pytest.param(np.array([1.0]), id="float"),
+        pytest.param([1, True], id="bool"),
+    ],
+)
+@pytest.mark.parametrize("short", [False, True], ids=["room", "pool-short"])
+def test_a_bad_prefix_is_refused_and_changes_nothing(make: Any, bad: Any, short: bool) -> None:
+    """Slots outside the pool, or no slots at all, are refused whether or not the pool could
+    serve n; nothing is allocated."""
+    a = make(16)
+    a.alloc(4)
+    before = _state(a)
+    with pytest.raises(InvalidValueError):
+        a.alloc(40 if short else 2, prefix=bad)
+    assert _state(a) == before
+    if make is TokenToKVPoolAllocator:
+        a._check_invariants()
+
+
+def test_a_prefix_is_copied_as_given() -> None:
+    """The prefix's owner is not checked (the caller locks its match): the prefix's slots
+    keep whatever owner they had, a cache's included, and a too-short pool returns None."""
+    from pymllm.mem_cache import RadixCache, RadixKey
+
+    a = TokenToKVPoolAllocator(16)
+    cache = RadixCache(token_to_kv_pool_allocator=a)
+    cache.insert(RadixKey([5, 6, 7]), a.alloc(3))
+    m = cache.match_prefix(RadixKey([5, 6, 7, 8]))
+    out = a.alloc(1, prefix=m.indices)
+    assert out[:3].tolist() == m.indices.tolist()
+    assert a.is_cached(out).tolist() == [True, True, True, False]
+    assert a.is_allocated(out[3:]).tolist() == [True]
+    assert a.alloc(13, prefix=m.indices) is None
+    r = cache.insert(RadixKey([5, 6, 7, 8]), out)
+    assert r.prefix_len == 3 and a.is_cached(out).all()
+    a._check_invariants()
+
+
+def test_a_prefix_with_pages_and_other_types() -> None:
+    a = TokenToKVPoolAllocator(32, page_size=4)
+    held = a.alloc(8)
+    for prefix in (held, held.tolist(), held.astype(np.int64), jnp.asarray(held)):
+        out = a.alloc(4, prefix=prefix)
+        assert out[:8].tolist() == held.tolist()
+        assert out[8] % 4 == 0 and out[8:].tolist() == list(range(out[8], out[8] + 4))
+        a.free(out[8:])
+    assert a.available_size() == 24
+    with pytest.raises(InvalidValueError, match=r"prefix: slot 3 is outside .* \[4, 36\)"):
+        a.alloc(4, prefix=[4, 3])
+
+
+def test_swa_alloc_with_a_prefix_maps_only_the_new_slots() -> None:
+    a = SWATokenToKVPoolAllocator(16, 8)
+    held = a.alloc(3)
+    swa_before = a.translate_loc_from_full_to_swa(held)
+    out = a.alloc(2, prefix=held)
+    assert out[:3].tolist() == held.tolist()
+    assert a.translate_loc_from_full_to_swa(held).tolist() == swa_before.tolist()
+    swa_new = a.translate_loc_from_full_to_swa(out[3:])
+    assert swa_new.min() >= 1 and not set(swa_new.tolist()) & set(swa_before.tolist())
+    assert a.full_available_size() == 11 and a.swa_available_size() == 3
+    before = (a.full_available_size(), a.swa_available_size())
+    with pytest.raises(InvalidValueError, match="prefix"):
+        a.alloc(1, prefix=[17])
+    assert (a.full_available_size(), a.swa_available_size()) == before
+    a._check_invariants()
 
 
 @pytest.mark.parametrize(
@@ -550,11 +653,27 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(target=owned, data=st.data())
     def alloc(self, data: st.DataObject) -> Any:
         pages = data.draw(st.integers(0, self.MAX_ALLOC), label="alloc pages")
-        got, want = (a.alloc(pages * self.ps) for a in self.pair)
-        if want is None:
-            assert got is None
+        # a prefix of held slots, as a match's indices (sometimes with a slot off the pool)
+        prefix = data.draw(
+            st.none() | st.lists(st.sampled_from(sorted(self.live) or [-1]), max_size=8),
+            label="prefix",
+        )
+        if prefix is not None and data.draw(st.booleans(), label="bad prefix"):
+            prefix.append(data.draw(st.sampled_from([-1, 0, self.pair[1].size + self.ps])))
+        before = [_state(a) for a in self.pair]
+        outcome = []
+        for a in self.pair:
+            try:
+                outcome.append(a.alloc(pages * self.ps, prefix=prefix))
+            except InvalidValueError:
+                outcome.append("refused")
+        got, want = outcome
+        if isinstance(want, str) or want is None:
+            assert isinstance(got, str) if isinstance(want, str) else got is None
+            assert [_state(a) for a in self.pair] == before
             return None
-        assert got.tolist() == want.tolist()
+        assert got.dtype == np.int32 and got.tolist() == want.tolist()
+        got = got[len(prefix or []) :]  # the fresh slots, ours now
         assert not self.live & set(got.tolist()), "slot handed out twice"
         self.live |= set(got.tolist())
         return got

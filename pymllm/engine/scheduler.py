@@ -349,7 +349,8 @@ class Engine:
 
     # -- slots ------------------------------------------------------------------------------
 
-    def _alloc_kv(self, n: int) -> np.ndarray | None:
+    def _alloc_kv(self, n: int, prefix: np.ndarray) -> np.ndarray | None:
+        """``prefix`` then ``n`` new slots (ours), evicting first when the pool is short."""
         alloc = self._alloc
         if self.memory.swa_pool is None:
             short = n - alloc.available_size()
@@ -364,7 +365,7 @@ class Engine:
                 else:  # freeing a token frees both of its slots
                     res = self.cache.evict(max(full_short, swa_short))
                 self._evicted += res.full_evicted
-        return alloc.alloc(n)
+        return alloc.alloc(n, prefix=prefix)
 
     def _alloc_state(self) -> int | None:
         pool = self.memory.state_pool
@@ -430,26 +431,26 @@ class Engine:
         if self._wait_shared and self._shares_pending_prefill(r, cached):
             return "wait"
         token = self._lock(m.last_node)
-        new = None
+        slots = None  # the matched prefix's slots (the tree's), then the new ones (ours)
         try:
-            new = self._alloc_kv(r.kv_len - cached)
+            slots = self._alloc_kv(r.kv_len - cached, m.indices)
             state_slot = 0
-            if new is not None and self.memory.state_pool is not None:
+            if slots is not None and self.memory.state_pool is not None:
                 got = self._alloc_state()
                 if got is None:
-                    self._alloc.free(new)
-                    new = None
+                    self._alloc.free(slots[cached:])
+                    slots = None
                 else:
                     state_slot = got
         except BaseException:  # an evict that raised: give back what this admission took
-            if new is not None:
-                self._alloc.free(new)
+            if slots is not None:
+                self._alloc.free(slots[cached:])
             self._unlock(m.last_node, token)
             raise
-        if new is None:
+        if slots is None:
             self._unlock(m.last_node, token)
             return "nomem"
-        r.slots = np.concatenate([m.indices[:cached].astype(np.int32), new])
+        r.slots = slots
         r.cached_len = r.prefilled = cached
         r.node, r.lock_token, r.locked = m.last_node, token, True
         r.state_slot = state_slot

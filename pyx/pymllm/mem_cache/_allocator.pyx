@@ -36,7 +36,7 @@ from libc.string cimport memset
 
 cimport numpy as cnp
 
-from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
+from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, first_outside, move32_down
 
 import operator
 from collections import deque
@@ -248,10 +248,12 @@ cdef cnp.ndarray _empty_int32(Py_ssize_t n):
     return cnp.PyArray_EMPTY(1, &dims, cnp.NPY_INT32, 0)
 
 
-cdef cnp.ndarray _as_int32_slots(object indices):
+cdef cnp.ndarray _as_int32_slots(object indices, object error=InvalidFreeError,
+                                 str name="indices"):
     """A 1-D C-contiguous int32 view/copy of *indices* (numpy, list, jax array, int).
 
-    Values that do not fit int32 are out of range of every pool; they raise here.
+    Values that do not fit int32 are out of range of every pool; they raise `error` here.
+    *name* is the argument the messages name.
     """
     if (
         cnp.PyArray_Check(indices)
@@ -262,21 +264,21 @@ cdef cnp.ndarray _as_int32_slots(object indices):
         and cnp.PyArray_ISALIGNED(<cnp.ndarray>indices)   # read as int32 in C
     ):
         return <cnp.ndarray>indices
-    arr = _integer_array(indices)  # a jax array is copied to the host here (a device sync)
+    arr = _integer_array(indices, name)  # a jax array is copied to the host here (a device sync)
     if arr.ndim == 0:
         arr = arr.reshape(1)
     elif arr.ndim != 1:
-        raise InvalidValueError(f"indices: expected a 1-D array of slot ids, got shape {arr.shape}")
+        raise InvalidValueError(f"{name}: expected a 1-D array of slot ids, got shape {arr.shape}")
     if arr.size == 0:
         return _empty_int32(0)
     if arr.dtype == object:  # Python ints beyond 64 bits: out of range of every pool
         for v in arr:
             if not 0 <= v <= 0x7FFFFFFF:
-                raise InvalidFreeError(f"indices: slot {v} is out of range [0, 2**31)")
+                raise error(f"{name}: slot {v} is out of range [0, 2**31)")
     if arr.dtype != np.int32:
         bad = np.flatnonzero((arr < 0) | (arr > 0x7FFFFFFF))
         if bad.size:
-            raise InvalidFreeError(f"indices: slot {arr[bad[0]]} is out of range [0, 2**31)")
+            raise error(f"{name}: slot {arr[bad[0]]} is out of range [0, 2**31)")
         arr = arr.astype(np.int32)
     return np.require(arr, np.int32, ["C", "A"])  # a copy if unaligned
 
@@ -317,21 +319,21 @@ def _refuse_bool_slots(str name, object indices):
         raise InvalidValueError(f"{name}: expected integer slot ids, got a bool in {indices!r:.60}")
 
 
-cdef object _integer_array(object indices):
+cdef object _integer_array(object indices, str name="indices"):
     """*indices* as a numpy array of integers (any integer dtype), for the general paths
     of ``free`` and ``is_allocated``: a bool is not a slot id (``InvalidValueError``, also
     as an item of a list or tuple, which numpy would silently read as 0 or 1), and Python
     ints beyond 64 bits come back as an object array of exact ints."""
-    _refuse_bool_slots("indices", indices)
+    _refuse_bool_slots(name, indices)
     arr = np.asarray(indices)
     if arr.dtype == object:
         for v in arr.flat:
             if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
                 raise InvalidValueError(
-                    f"indices: expected integer slot ids, got {type(v).__name__} {v!r:.60}"
+                    f"{name}: expected integer slot ids, got {type(v).__name__} {v!r:.60}"
                 )
     elif arr.size and arr.dtype.kind not in "iu":
-        raise InvalidValueError(f"indices: expected integer slot ids, got dtype {arr.dtype}")
+        raise InvalidValueError(f"{name}: expected integer slot ids, got dtype {arr.dtype}")
     return arr
 
 
@@ -828,6 +830,37 @@ cdef void _pages_to_slots(int32_t* o, const int32_t* pages, int32_t n_pages,
                 o[i * ps + j] = base + j
 
 
+cdef cnp.ndarray _prefix_slots(PageCore core, object prefix):
+    """``alloc``'s *prefix* as a 1-D C-contiguous int32 array (a view when it is one), each
+    slot inside the pool (``[page_size, size + page_size)``: not the padding page), else
+    ``InvalidValueError``. One vectorised pass over the prefix for its bounds. It does not
+    check who owns the slots: reading each one's state byte, scattered over the pool, cost
+    1.4 us a request on the issue-2 workload, more than the copy it saves."""
+    cdef cnp.ndarray arr = _as_int32_slots(prefix, InvalidValueError, "prefix")
+    cdef const int32_t* p = <const int32_t*>cnp.PyArray_DATA(arr)
+    cdef Py_ssize_t i, n = cnp.PyArray_DIM(arr, 0)
+    cdef int32_t lo = core.page_size
+    cdef uint32_t span = <uint32_t>(core.num_pages * core.page_size)   # slots lo..lo+span-1
+    i = first_outside(p, n, lo, span)
+    if i < n:
+        raise InvalidValueError(
+            f"prefix: slot {p[i]} is outside the pool's slots [{lo}, {lo + span})"
+        )
+    return arr
+
+
+cdef cnp.ndarray _alloc_result(PageCore core, cnp.ndarray prefix, int32_t need, Py_ssize_t* k):
+    """The result array of ``alloc(n, prefix)`` (*prefix* checked by ``_prefix_slots``, or
+    None): the prefix copied to its head (its length in k[0]), room for ``need`` pages
+    after it. Made before any slot changes hands, so that a failure here changes nothing."""
+    cdef cnp.ndarray out
+    k[0] = 0 if prefix is None else cnp.PyArray_DIM(prefix, 0)
+    out = _empty_int32(k[0] + <Py_ssize_t>need * core.page_size)
+    if k[0]:
+        copy32(<int32_t*>cnp.PyArray_DATA(out), <const int32_t*>cnp.PyArray_DATA(prefix), k[0])
+    return out
+
+
 def _check_ints(str name, object arr, lo, hi):
     """``InvalidValueError`` unless the numpy array *arr* (any shape; empty passes) holds
     integers in ``[lo, hi)``. Shared with memory_pool's slot checks."""
@@ -990,20 +1023,32 @@ cdef class TokenToKVPoolAllocator:
         """Slots that ``alloc`` can hand out now (slots freed inside an open group wait)."""
         return _live_core(self).free_pages_count() * self.page_size
 
-    def alloc(self, n):
-        """``n`` fresh slots (1-D ``np.int32``, caller-owned) or ``None`` if unavailable."""
+    def alloc(self, n, prefix=None):
+        """``n`` fresh slots (1-D ``np.int32``, caller-owned) or ``None`` if unavailable.
+
+        With *prefix* (slots, e.g. a match's ``MatchResult.indices``) the one array returned
+        is ``prefix`` followed by the ``n`` fresh slots: the value a request's ``insert``
+        takes, with no ``np.concatenate``. Only the ``n`` fresh slots change hands (they
+        are the caller's); the prefix's keep their owner, the cache or the caller. The
+        prefix is copied as given: that its slots are still allocated is the caller's to
+        ensure, as with ``np.concatenate`` (lock the match's node before any ``evict``,
+        else the evict may free them and this very call hand them out again). A prefix
+        slot outside the pool's slots raises ``InvalidValueError`` and nothing changes,
+        whether or not ``n`` slots are free."""
         cdef PageCore core = _live_core(self)
         cdef int32_t need = _check_alloc_size(n, self.page_size)
+        cdef cnp.ndarray pre = None if prefix is None else _prefix_slots(core, prefix)
         cdef cnp.ndarray out
         cdef int32_t* pages
+        cdef Py_ssize_t k
         if need > core.free_pages_count():
             return None
         # the result array first: if it cannot be made, no slot has changed hands
-        out = _empty_int32(<Py_ssize_t>need * self.page_size)
+        out = _alloc_result(core, pre, need, &k)
         pages = core.take_pages(need)
         if pages == NULL:  # defensive: only Python code run by making the array could
             return None    # have taken the slots (numpy arrays do not start the collector)
-        _pages_to_slots(<int32_t*>cnp.PyArray_DATA(out), pages, need, self.page_size)
+        _pages_to_slots(<int32_t*>cnp.PyArray_DATA(out) + k, pages, need, self.page_size)
         return out
 
     def free(self, indices):
@@ -1156,22 +1201,26 @@ cdef class SWATokenToKVPoolAllocator:
         self._live()
         return self.swa.free_pages_count() * self.page_size
 
-    def alloc(self, n):
+    def alloc(self, n, prefix=None):
         """``n`` fresh full slots (``np.int32``, caller-owned, each with an SWA slot) or
-        ``None`` when either side cannot serve ``n`` (nothing changes)."""
+        ``None`` when either side cannot serve ``n`` (nothing changes). *prefix* (full
+        slots) as in ``TokenToKVPoolAllocator.alloc``: the result is ``prefix`` then the
+        fresh slots, copied as given (full slots inside the pool)."""
         self._live()
         cdef int32_t ps = self.page_size
         cdef int32_t need = _check_alloc_size(n, ps)
         cdef int32_t i, j, fb, sb
+        cdef Py_ssize_t k
+        cdef cnp.ndarray pre = None if prefix is None else _prefix_slots(self.full, prefix)
         if need > self.full.free_pages_count() or need > self.swa.free_pages_count():
             return None
         # the result array first: if it cannot be made, no slot has changed hands
-        cdef cnp.ndarray out = _empty_int32(<Py_ssize_t>need * ps)
+        cdef cnp.ndarray out = _alloc_result(self.full, pre, need, &k)
         if need > self.full.free_pages_count() or need > self.swa.free_pages_count():
             return None  # defensive, as in TokenToKVPoolAllocator.alloc
         cdef int32_t* full_pages = self.full.take_pages(need)
         cdef int32_t* swa_pages = self.swa.take_pages(need)
-        _pages_to_slots(<int32_t*>cnp.PyArray_DATA(out), full_pages, need, ps)
+        _pages_to_slots(<int32_t*>cnp.PyArray_DATA(out) + k, full_pages, need, ps)
         for i in range(need):
             fb = full_pages[i] * ps
             sb = swa_pages[i] * ps

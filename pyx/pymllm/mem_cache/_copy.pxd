@@ -1,5 +1,6 @@
 # cython: language_level=3
-# Copying int32 arrays (KV slot indices, token ids) without glibc's 4 KiB-aliasing cliff.
+# Copying int32 arrays (KV slot indices, token ids) without glibc's 4 KiB-aliasing cliff,
+# and checking their range (at the end).
 #
 # From a few KB up, glibc's memcpy and memmove (2.36 on the development machine) copy with
 # `rep movsb`. On AMD Zen 3 (the development machine's EPYC) that instruction runs about 30x
@@ -21,6 +22,9 @@
 # pymllm_copy32_set_mode. The loop is compiled with GCC's loop-to-memcpy rewrite off (or it
 # would call memcpy again), for AVX2 and the baseline. Header-only: each module that
 # cimports it compiles its own copy (and has its own mode).
+
+from libc.stdint cimport int32_t, uint32_t
+
 
 cdef extern from *:
     """
@@ -120,3 +124,33 @@ cdef extern from *:
     # Which copy the aliasing window takes (1 stepped loop, 0 memcpy, -1 by CPU vendor, the
     # default); returns the mode in force before. For tests and benchmarks.
     int copy32_set_mode "pymllm_copy32_set_mode" (int mode) noexcept nogil
+
+
+# Index of the first entry of p[0:n] outside [lo, lo + span), n if none: one unsigned
+# compare per entry (a negative entry wraps above any span under 2**31) OR-reduced without
+# a branch, which the compiler vectorises; the search for the index runs only on bad input.
+# It reads every token of every key and value the radix tree takes (span 2**31: "not
+# negative") and every prefix the allocators copy, so on x86-64 Linux GCC builds it is
+# compiled twice, for AVX2 and for the baseline, and the loader picks one for the CPU it
+# runs on (an ifunc).
+cdef extern from *:
+    """
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    __attribute__((target_clones("avx2", "default")))
+    #endif
+    static Py_ssize_t pymllm_first_outside(const int32_t* p, Py_ssize_t n, int32_t lo,
+                                           uint32_t span) {
+        uint32_t bad = 0;
+        Py_ssize_t i;
+        for (i = 0; i < n; i++)
+            bad |= (uint32_t)p[i] - (uint32_t)lo >= span;
+        if (!bad)
+            return n;
+        for (i = 0; i < n; i++)
+            if ((uint32_t)p[i] - (uint32_t)lo >= span)
+                return i;
+        return n;
+    }
+    """
+    Py_ssize_t first_outside "pymllm_first_outside" (
+        const int32_t* p, Py_ssize_t n, int32_t lo, uint32_t span) noexcept nogil

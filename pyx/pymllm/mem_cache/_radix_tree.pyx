@@ -46,7 +46,7 @@ from pymllm.mem_cache._allocator cimport (
     TokenToKVPoolAllocator,
     _size_arg,
 )
-from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, move32_down
+from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, first_outside, move32_down
 
 from pymllm.mem_cache.base_prefix_cache import (
     _BOOL_TYPES,
@@ -255,7 +255,7 @@ cdef inline uint64_t _page_hash(nid_t parent, int32_t ns, const tok_t* t, int64_
 
 # Index of the first token where a and b differ (n if none): 64-token blocks are compared
 # by a branch-free XOR/OR reduction the compiler vectorizes (AVX2 and baseline clones, as
-# pymllm_first_negative), the block that differs is then searched token by token.
+# _copy.pxd's pymllm_first_outside), the block that differs is then searched token by token.
 cdef extern from *:
     """
     #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -602,29 +602,10 @@ cdef extern from *:
     bint _small_nonneg "pymllm_small_nonneg" (PyObject* p, uint32_t* out) noexcept
 
 
-# Index of the first negative entry of p[0:n], n if none: an OR reduction the compiler
-# vectorizes (the slow search runs only on bad input). It reads every token of every key
-# and value, so on x86-64 Linux GCC builds it is compiled twice, for AVX2 and for the
-# baseline, and the loader picks one for the CPU it runs on (an ifunc).
-cdef extern from *:
-    """
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-    __attribute__((target_clones("avx2", "default")))
-    #endif
-    static Py_ssize_t pymllm_first_negative(const int32_t* p, Py_ssize_t n) {
-        int32_t acc = 0;
-        Py_ssize_t i;
-        for (i = 0; i < n; i++)
-            acc |= p[i];
-        if (acc >= 0)
-            return n;
-        for (i = 0; i < n; i++)
-            if (p[i] < 0)
-                return i;
-        return n;
-    }
-    """
-    Py_ssize_t _first_negative "pymllm_first_negative" (const int32_t* p, Py_ssize_t n) noexcept nogil
+# Index of the first negative entry of p[0:n], n if none (every token of every key and
+# value is read through it): _copy.pxd's vectorised range check.
+cdef inline Py_ssize_t _first_negative(const int32_t* p, Py_ssize_t n) noexcept nogil:
+    return first_outside(p, n, 0, 0x80000000u)
 
 
 cdef object _as_index(object v, object error, str message):
