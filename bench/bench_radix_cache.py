@@ -130,6 +130,43 @@ def test_system_prompt_workload_paired(benchmark, system_prompt_workload, keys):
     )
 
 
+@pytest.mark.parametrize("keys", ["list", "numpy"])
+def test_value_by_prefix_vs_concatenate(benchmark, system_prompt_workload, keys):
+    """The compiled cache's workload with each request's value made by
+    ``alloc(need, prefix=m.indices)`` (one array, made in C) against the same loop with
+    ``np.concatenate([m.indices, alloc(need)])``, paired round by round as above (the
+    concatenating round runs in setup, timed there)."""
+    wl = system_prompt_workload
+    data = wl.lists if keys == "list" else wl.arrays
+    by_concatenate: list[float] = []
+
+    def setup():
+        cache, alloc = fresh_cache(RadixCache)
+        t0 = time.perf_counter()
+        serve(cache, alloc, data, concatenate=True)
+        by_concatenate.append(time.perf_counter() - t0)
+        del cache
+        return fresh_cache(RadixCache), {}
+
+    benchmark.group = f"workload-{keys}-value"
+    benchmark.pedantic(
+        lambda cache, alloc: serve(cache, alloc, data),
+        setup=setup,
+        rounds=PAIRED_ROUNDS,
+        iterations=1,
+    )
+    stats = benchmark.stats
+    if stats is None:  # --benchmark-disable
+        return
+    ratio, q1, q3 = paired_ratio(stats.stats.data, by_concatenate)
+    note(
+        f"system-prompt workload, {keys} keys (per request)",
+        f"the value by alloc(need, prefix=m.indices) / by np.concatenate, paired "
+        f"({PAIRED_ROUNDS} rounds): {ratio:.3f} (quartiles {q1:.3f}-{q3:.3f}), "
+        f"{np.median(by_concatenate) / len(data) * 1e6:.2f} us a request by np.concatenate",
+    )
+
+
 def _serve_without_cache(allocator, keys, prompt_len: int = 1024) -> None:
     """The serving loop's own work with every cache call left out: the key object, the
     allocation of the fresh part behind the matched prefix's slots (a stand-in int32 array

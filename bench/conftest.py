@@ -197,12 +197,13 @@ class SystemPromptWorkload:
         self.ideal_hit_tokens = (n_requests - first_use) * prompt_len
 
 
-def serve(cache, allocator, keys, extra_key=None) -> int:
+def serve(cache, allocator, keys, extra_key=None, concatenate=False) -> int:
     """Run every key as one request: match -> lock -> allocate (evicting when short) ->
-    insert -> free duplicates -> unlock. Returns the number of cached (hit) tokens."""
+    insert -> free duplicates -> unlock. Returns the number of cached (hit) tokens.
+    ``concatenate``: see ``admit``."""
     hits = 0
     for tokens in keys:
-        key, m, lock, value = admit(cache, allocator, tokens, extra_key)
+        key, m, lock, value = admit(cache, allocator, tokens, extra_key, concatenate)
         r = cache.insert(key, value)
         if r.prefix_len > m.prefix_len:
             allocator.free(value[m.prefix_len : r.prefix_len])
@@ -211,9 +212,12 @@ def serve(cache, allocator, keys, extra_key=None) -> int:
     return hits
 
 
-def admit(cache, allocator, tokens, extra_key=None):
+def admit(cache, allocator, tokens, extra_key=None, concatenate=False):
     """The start of every request: match -> lock -> allocate the uncached part (evicting
-    when the pool is short). Returns (key, match, lock token, prefix slots + new slots)."""
+    when the pool is short). Returns (key, match, lock token, prefix slots + new slots).
+    The value is made by ``alloc(need, prefix=m.indices)``; with ``concatenate``, by
+    ``np.concatenate([m.indices, alloc(need)])`` instead (the way before ``prefix``
+    existed, which bench_radix_cache times against it)."""
     key = RadixKey(tokens, extra_key)
     m = cache.match_prefix(key)
     lock = cache.inc_lock_ref(m.last_node)
@@ -221,8 +225,11 @@ def admit(cache, allocator, tokens, extra_key=None):
     short = need - allocator.available_size()
     if short > 0:
         cache.evict(short)
-    # the matched slots then the new ones, in one array made in C (no np.concatenate)
-    value = allocator.alloc(need, prefix=m.indices)
+    if concatenate:
+        new = allocator.alloc(need)
+        value = None if new is None else np.concatenate([m.indices, new])
+    else:  # the matched slots then the new ones, in one array made in C
+        value = allocator.alloc(need, prefix=m.indices)
     assert value is not None, "pool too small for one request"
     return key, m, lock, value
 

@@ -67,3 +67,18 @@ def test_seed_style_baseline_matches_radix_cache(as_list: bool) -> None:
         assert got.protected_size() == want.protected_size() == 0
         evictions += ev > 0
     assert evictions > 10  # the pool is small enough that eviction order matters
+
+
+def test_the_two_ways_of_making_a_value_serve_alike() -> None:
+    """The benchmarks time the value made by alloc(prefix=) against np.concatenate: the two
+    loops must do the same job, hit for hit, slot for slot."""
+    runs = []
+    for concatenate in (False, True):
+        alloc = TokenToKVPoolAllocator(300, need_sort=False)
+        cache = RadixCache(token_to_kv_pool_allocator=alloc)
+        hits = _bench_serve(cache, alloc, _requests(False), concatenate=concatenate)
+        slots = np.arange(alloc.size + 1)
+        runs.append((hits, alloc.is_allocated(slots).tolist(), alloc.is_cached(slots).tolist()))
+        cache._check_invariants()
+    assert runs[0] == runs[1]
+    assert runs[0][0] > 0
