@@ -8,7 +8,8 @@ process that puts one checkout first on ``sys.path``, builds the workload and se
 ``--serves`` times with a fresh cache each (median time per request); the two checkouts
 alternate (A B, then B A, ...) and the summary is the median and quartiles of the rounds'
 ratios B / A. The workload and serving loop are this file's own (``bench/conftest.py``),
-whichever checkout is timed.
+whichever checkout is timed (for a checkout whose allocator predates ``alloc(n,
+prefix=)``, with each value made by ``np.concatenate``, as that checkout's own loop did).
 
 Usage (from the repository root; both checkouts built with ``python setup.py build_ext
 --inplace``)::
@@ -20,6 +21,7 @@ Usage (from the repository root; both checkouts built with ``python setup.py bui
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -44,11 +46,16 @@ def _child(keys: str, serves: int) -> None:
     gc.collect()
     gc.freeze()
     data = wl.lists if keys == "list" else wl.arrays
+    # a checkout from before alloc(n, prefix=) makes each value with np.concatenate, as
+    # its serving loop did
+    from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
+
+    concatenate = "prefix" not in inspect.signature(TokenToKVPoolAllocator.alloc).parameters
     times = []
     for _ in range(serves):
         cache, alloc = fresh_cache(RadixCache)
         t0 = time.perf_counter()
-        serve(cache, alloc, data)
+        serve(cache, alloc, data, concatenate=concatenate)
         times.append((time.perf_counter() - t0) / len(data) * 1e6)
     import pymllm
 

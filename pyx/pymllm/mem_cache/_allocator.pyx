@@ -321,7 +321,8 @@ def _refuse_bool_slots(str name, object indices):
 
 cdef object _integer_array(object indices, str name="indices"):
     """*indices* as a numpy array of integers (any integer dtype), for the general paths
-    of ``free`` and ``is_allocated``: a bool is not a slot id (``InvalidValueError``, also
+    of ``free``, ``is_allocated`` and ``alloc``'s prefix (*name* is the argument the
+    messages name): a bool is not a slot id (``InvalidValueError``, also
     as an item of a list or tuple, which numpy would silently read as 0 or 1), and Python
     ints beyond 64 bits come back as an object array of exact ints."""
     _refuse_bool_slots(name, indices)
@@ -990,7 +991,9 @@ cdef class TokenToKVPoolAllocator:
     itself so).
 
     ``alloc(n)`` returns ``n`` slots as a fresh 1-D ``np.int32`` array that the caller then
-    owns, or ``None`` when fewer than ``n`` slots are available (nothing changes then). With
+    owns, or ``None`` when fewer than ``n`` slots are available (nothing changes then);
+    ``alloc(n, prefix=m.indices)`` returns the prefix's slots (copied, owners unchanged)
+    followed by the ``n`` new ones, the value of a request's insert in one array. With
     ``page_size > 1`` it hands out whole pages: ``n`` must be a multiple of ``page_size``
     and each run of ``page_size`` slots is one page, contiguous. ``free(indices)`` gives
     slots back (numpy array of any integer dtype, list, int or jax array; int32 numpy is
@@ -1143,7 +1146,8 @@ cdef class SWATokenToKVPoolAllocator:
 
     ``alloc(n)`` returns ``n`` full slots (``np.int32``, caller-owned) and records, for each,
     the SWA slot allocated with it (``translate_loc_from_full_to_swa``); ``None`` when
-    either side cannot serve ``n`` (nothing changes). ``free(full)`` frees both sides;
+    either side cannot serve ``n`` (nothing changes). ``alloc(n, prefix=...)``: the
+    prefix's full slots, copied, then the ``n`` new ones. ``free(full)`` frees both sides;
     ``free_swa(full)`` frees only the SWA side of still-allocated full slots (slots whose
     SWA side is already gone are skipped, so a tombstoned node can later be freed whole).
     Full slots that are not allocated raise ``InvalidFreeError`` in both, nothing freed.

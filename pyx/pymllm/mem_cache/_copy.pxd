@@ -126,13 +126,13 @@ cdef extern from *:
     int copy32_set_mode "pymllm_copy32_set_mode" (int mode) noexcept nogil
 
 
-# Index of the first entry of p[0:n] outside [lo, lo + span), n if none: one unsigned
-# compare per entry (a negative entry wraps above any span under 2**31) OR-reduced without
-# a branch, which the compiler vectorises; the search for the index runs only on bad input.
-# It reads every token of every key and value the radix tree takes (span 2**31: "not
-# negative") and every prefix the allocators copy, so on x86-64 Linux GCC builds it is
-# compiled twice, for AVX2 and for the baseline, and the loader picks one for the CPU it
-# runs on (an ifunc).
+# Index of the first entry of p[0:n] outside [lo, lo + span), n if none (lo >= 0 and
+# lo + span <= 2**31): one unsigned compare per entry (p[i] - lo of a negative entry wraps
+# to 2**31 - lo or more) OR-reduced without a branch, which the compiler vectorises; the
+# search for the index runs only on bad input. It reads every token of every key and value
+# the radix tree takes (span 2**31: "not negative") and every prefix the allocators copy,
+# so on x86-64 Linux GCC builds it is compiled twice, for AVX2 and for the baseline, and
+# the loader picks one for the CPU it runs on (an ifunc).
 cdef extern from *:
     """
     #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
