@@ -72,6 +72,21 @@ def test_system_prompt_workload(benchmark, system_prompt_workload, impl, keys):
 PAIRED_ROUNDS = 12
 
 
+def _time_compiled_rounds(benchmark, group: str, data, setup) -> list[float] | None:
+    """PAIRED_ROUNDS rounds of the compiled cache serving `data`, each after `setup` (which
+    times the round it is paired with and returns the fresh cache and allocator); the
+    rounds' times, or None under --benchmark-disable."""
+    benchmark.group = group
+    benchmark.pedantic(
+        lambda cache, alloc: serve(cache, alloc, data),
+        setup=setup,
+        rounds=PAIRED_ROUNDS,
+        iterations=1,
+    )
+    stats = benchmark.stats
+    return None if stats is None else list(stats.stats.data)
+
+
 @pytest.mark.parametrize("keys", ["list", "numpy"])
 def test_system_prompt_workload_paired(benchmark, system_prompt_workload, keys):
     """The ratio with the drift divided out: each round of the compiled cache runs right
@@ -99,17 +114,9 @@ def test_system_prompt_workload_paired(benchmark, system_prompt_workload, keys):
         floor.append(time.perf_counter() - t0)
         return fresh_cache(RadixCache), {}
 
-    benchmark.group = f"workload-{keys}-paired"
-    benchmark.pedantic(
-        lambda cache, alloc: serve(cache, alloc, data),
-        setup=setup,
-        rounds=PAIRED_ROUNDS,
-        iterations=1,
-    )
-    stats = benchmark.stats
-    if stats is None:  # --benchmark-disable
+    compiled = _time_compiled_rounds(benchmark, f"workload-{keys}-paired", data, setup)
+    if compiled is None:
         return
-    compiled = stats.stats.data
     assert len(compiled) == len(baseline) == len(floor) == PAIRED_ROUNDS
     group = f"system-prompt workload, {keys} keys (per request)"
     ratio, q1, q3 = paired_ratio(baseline, compiled)
@@ -148,17 +155,10 @@ def test_value_by_prefix_vs_concatenate(benchmark, system_prompt_workload, keys)
         del cache
         return fresh_cache(RadixCache), {}
 
-    benchmark.group = f"workload-{keys}-value"
-    benchmark.pedantic(
-        lambda cache, alloc: serve(cache, alloc, data),
-        setup=setup,
-        rounds=PAIRED_ROUNDS,
-        iterations=1,
-    )
-    stats = benchmark.stats
-    if stats is None:  # --benchmark-disable
+    compiled = _time_compiled_rounds(benchmark, f"workload-{keys}-value", data, setup)
+    if compiled is None:
         return
-    ratio, q1, q3 = paired_ratio(stats.stats.data, by_concatenate)
+    ratio, q1, q3 = paired_ratio(compiled, by_concatenate)
     note(
         f"system-prompt workload, {keys} keys (per request)",
         f"the value by alloc(need, prefix=m.indices) / by np.concatenate, paired "
