@@ -1874,7 +1874,9 @@ cdef class RadixTreeCore:
         owned by the tree: call :meth:`inc_lock_ref` on ``last_node`` before the next
         :meth:`evict` if you read them later. A match ending inside a node splits it, so
         ``last_node`` always ends exactly at ``prefix_len``. Recency and hit counts of the
-        matched nodes are refreshed. Bad keys raise and change nothing.
+        matched nodes are refreshed. Bad keys raise and change nothing. Over this package's
+        allocators, ``allocator.alloc(need, prefix=indices)`` returns these slots followed
+        by ``need`` new ones (the caller's), the value for :meth:`insert`, in one array.
 
         With a sliding window W, a prefix is usable only if its path has no tombstone or
         its last W tokens all hold SWA KV; the result is cut back to the longest usable
