@@ -100,8 +100,9 @@ class Stack:
 
     # -- slots ----------------------------------------------------------------------------
 
-    def alloc_kv(self, n: int) -> np.ndarray | None:
-        if n == 0:
+    def alloc_kv(self, n: int, prefix: np.ndarray | None = None) -> np.ndarray | None:
+        """``n`` new slots, after ``prefix``'s (copied) when given, evicting when short."""
+        if n == 0 and prefix is None:
             return np.zeros(0, dtype=np.int32)
         if self.kind == "swa":
             full_short = n - self.kv.full_available_size()
@@ -110,7 +111,7 @@ class Stack:
                 self.cache.evict(max(full_short, 0), max(swa_short, 0))
         elif n > self.kv.available_size():
             self.cache.evict(n - self.kv.available_size())
-        return self.kv.alloc(n)
+        return self.kv.alloc(n, prefix=prefix)
 
     def alloc_state(self) -> int:
         assert self.states is not None
@@ -153,17 +154,16 @@ class Stack:
     def admit(self, extra_key: Any, tokens: np.ndarray) -> bool:
         m, token = self.match_and_lock(RadixKey(tokens, extra_key))
         cached = len(m.indices)
-        new = self.alloc_kv(len(tokens) - cached)
+        slots = self.alloc_kv(len(tokens) - cached, m.indices)  # the tree's, then ours
         state = 0
-        if new is not None and self.states is not None:
+        if slots is not None and self.states is not None:
             state = self.alloc_state()
             if not state:
-                self.free_kv(new)
-                new = None
-        if new is None:
+                self.free_kv(slots[cached:])
+                slots = None
+        if slots is None:
             self.unlock(m.last_node, token)
             return False
-        slots = np.concatenate([m.indices, new]).astype(np.int32)
         self.reqs.append(Request(extra_key, tokens, slots, cached, m.last_node, token, state))
         return True
 
@@ -200,12 +200,12 @@ class Stack:
         refill = covered - len(m.indices)
         r.node, r.token, r.cached = m.last_node, token, len(m.indices)
         self.free_kv(dups)
-        new = self.alloc_kv(refill) if refill > 0 else r.slots[:0]
-        if new is None:
+        head = self.alloc_kv(max(refill, 0), m.indices)  # the tree's slots, then ours
+        if head is None:
             self.unlock(r.node, r.token)
             self.end(r, ours)
             return
-        r.slots = np.concatenate([m.indices, new, ours]).astype(np.int32)
+        r.slots = np.concatenate([head, ours])
 
     def decode(self, r: Request, new_tokens: np.ndarray) -> bool:
         new = self.alloc_kv(len(new_tokens))
