@@ -231,9 +231,10 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         assert self.evicted_ref == self.evicted_c
         return rr
 
-    def _alloc_kv(self, n: int) -> np.ndarray | None:
-        """n KV slots, evicting first when short (as the scheduler does); None: no memory."""
-        if n == 0:
+    def _alloc_kv(self, n: int, prefix: np.ndarray | None = None) -> np.ndarray | None:
+        """n KV slots, evicting first when short (as the scheduler does), after the prefix's
+        (copied: ``alloc(n, prefix=)``) when given; None: no memory."""
+        if n == 0 and prefix is None:
             return np.zeros(0, dtype=np.int32)
         if self.KIND == "swa":
             full_short = n - self.kv.full_available_size()
@@ -242,9 +243,9 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
                 self._evict(max(full_short, 0), max(swa_short, 0))
         elif n > self.kv.available_size():
             self._evict(n - self.kv.available_size())
-        got = self.kv.alloc(n)
+        got = self.kv.alloc(n, prefix=prefix)
         if got is not None:
-            self.books.take(got)
+            self.books.take(got[0 if prefix is None else len(prefix) :])
         return got
 
     def _alloc_state(self) -> int:
@@ -374,14 +375,19 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             return
         indices, node_id, branch = self._match(data, ns, tokens)
         token = self._lock(node_id)
-        new = self._alloc_kv(len(tokens) - len(indices))
+        # the value in one array from the allocator, or the new slots concatenated to it
+        if data.draw(st.booleans(), label="alloc(prefix=)"):
+            slots = self._alloc_kv(len(tokens) - len(indices), indices)
+        else:
+            new = self._alloc_kv(len(tokens) - len(indices))
+            slots = None if new is None else np.concatenate([indices, new]).astype(np.int32)
         state = 0
-        if new is not None and self.states is not None:
+        if slots is not None and self.states is not None:
             state = self._alloc_state()
             if not state:
-                self._free_kv(new)
-                new = None
-        if new is None:
+                self._free_kv(slots[len(indices) :])
+                slots = None
+        if slots is None:
             event("admit: no memory")
             self._unlock(node_id, token)
             self.req_pool.free(got)
@@ -392,7 +398,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             ns,
             tokens,
             int(got[0]),
-            np.concatenate([indices, new]).astype(np.int32),
+            slots,
             len(indices),
             node_id,
             token,
