@@ -17,7 +17,10 @@ What the Mamba model adds (the compiled ``MambaTreeCore`` implements the same):
 * ``insert(key, value, mamba_value)`` attaches the state to the node ending at the aligned key
   end unless one is already there (``mamba_exist=True``: the slot stays the caller's).
 * ``inc_lock_ref`` also locks the node's own state (``mamba_lock_ref``); ``dec_lock_ref``
-  releases a state lock when the node holds one, then the KV locks.
+  releases a state lock when the node holds one, then the KV locks. A node counts the locks
+  taken on it (``own_lock``, beside ``lock_ref``, which also counts its descendants'): only
+  a node that was locked itself can be unlocked, and a token False needs one of its locks
+  that holds no state.
 * ``evict(num_tokens, swa_num_tokens=0, mamba_num=None)``: phase 1 is RadixCache's LRU leaf
   eviction (a removed node's state goes too); phase 2 takes unlocked states by smallest
   ``(last_access_time, id)`` until ``mamba_num`` states are gone in this call: an unlocked
@@ -38,8 +41,8 @@ from reference_model import (
     _I32_MAX,
     RefRadixCache,
     TreeNode,
+    _counts,
     _int64_arg,
-    _is_int,
 )
 
 from pymllm.mem_cache.base_prefix_cache import EvictResult, InsertResult, MatchResult, RadixKey
@@ -49,12 +52,13 @@ from pymllm.mem_cache.errors import InvalidValueError, LockStateError
 class MambaTreeNode(TreeNode):
     """A reference tree node with an optional Mamba state slot."""
 
-    __slots__ = ("mamba_lock_ref", "mamba_value")
+    __slots__ = ("mamba_lock_ref", "mamba_value", "own_lock")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.mamba_value: np.ndarray | None = None
         self.mamba_lock_ref = 0
+        self.own_lock = 0  # inc_lock_ref calls on this node itself not yet undone
 
     @property
     def full_lock_ref(self) -> int:
@@ -206,8 +210,7 @@ class RefMambaRadixCache(RefRadixCache):
             mamba_num = swa_num_tokens
         elif swa_num_tokens:
             raise TypeError("evict(): give the Mamba state count once (mamba_num or the 2nd arg)")
-        if not _is_int(num_tokens) or not _is_int(mamba_num):
-            raise TypeError("num_tokens and mamba_num must be ints")
+        num_tokens, mamba_num = _counts(num_tokens, mamba_num)
         freed: list[np.ndarray] = []
         self._states_out = []
         evicted = self._evict_leaves(num_tokens, freed) if num_tokens > 0 else 0
@@ -249,7 +252,10 @@ class RefMambaRadixCache(RefRadixCache):
         Returns the token for :meth:`dec_lock_ref`: whether a state lock was taken."""
         node = self._check_node(node)
         super().inc_lock_ref(node)
-        if node is self.root_node or node.mamba_value is None:
+        if node is self.root_node:
+            return False
+        node.own_lock += 1
+        if node.mamba_value is None:
             return False
         if node.mamba_lock_ref == 0:
             self._mamba_evictable -= 1
@@ -260,34 +266,40 @@ class RefMambaRadixCache(RefRadixCache):
     def dec_lock_ref(self, node: Any, swa_boundary_id: Any = None) -> None:  # type: ignore[override]
         """Undo one :meth:`inc_lock_ref` given its token (True: release the state lock too;
         None: release one if the node holds one). ``LockStateError`` (nothing changed) when
-        the node, or with token True its state, holds no lock."""
+        the node, or with token True its state, holds no lock, when the token is False and
+        every lock taken on the node holds its state, and when the node's locks are all its
+        descendants'. The root: a no-op, except that True raises (its token is False)."""
         node = self._check_node(node)
-        if swa_boundary_id is not None and not isinstance(swa_boundary_id, bool):
-            raise TypeError(f"swa_boundary_id: expected a bool token, got {swa_boundary_id!r}")
-        if node is self.root_node:
-            return
-        if node.lock_ref == 0:
+        root = node is self.root_node
+        if not root and node.lock_ref == 0:
             raise LockStateError(f"{node!r} holds no lock")
         if swa_boundary_id is None:
             release_state = node.mamba_lock_ref > 0
-        else:
+        elif isinstance(swa_boundary_id, bool):
             release_state = swa_boundary_id
             if release_state and node.mamba_lock_ref == 0:
                 raise LockStateError(
                     f"swa_boundary_id: got {swa_boundary_id!r} (a state lock), but {node!r} "
                     "holds no state lock"
                 )
-        if not release_state and node.lock_ref <= node.mamba_lock_ref:
+        else:
+            raise TypeError(f"swa_boundary_id: expected a bool token, got {swa_boundary_id!r}")
+        if root:
+            return
+        if node.own_lock == 0:
+            raise LockStateError(f"{node!r} holds only its descendants' locks")
+        if not release_state and node.own_lock <= node.mamba_lock_ref:
             raise LockStateError(
                 f"swa_boundary_id: got {swa_boundary_id!r} (no state lock), but each of "
                 f"{node!r}'s locks holds its state"
             )
+        super().dec_lock_ref(node)  # all or nothing: a refusal changes no count
+        node.own_lock -= 1
         if release_state:
             node.mamba_lock_ref -= 1
             if node.mamba_lock_ref == 0:
                 self._mamba_protected -= 1
                 self._mamba_evictable += 1
-        super().dec_lock_ref(node)
 
     def mamba_evictable_size(self) -> int:
         """Stored states that are not locked."""
@@ -321,6 +333,9 @@ class RefMambaRadixCache(RefRadixCache):
         for node in self._iter_nodes():
             assert isinstance(node, MambaTreeNode), f"{node!r} is not a MambaTreeNode"
             assert node.lock_ref >= node.mamba_lock_ref >= 0, f"{node!r}: mamba lock"
+            assert node.own_lock >= node.mamba_lock_ref, f"{node!r}: state lock without a lock"
+            below = sum(c.lock_ref for c in node.children.values())
+            assert node.lock_ref == node.own_lock + below, f"{node!r}: lock count"
             if node.mamba_value is None:
                 assert node.mamba_lock_ref == 0, f"{node!r}: locks a state it does not hold"
                 continue

@@ -155,12 +155,17 @@ def test_a_failed_mamba_unlock_keeps_the_state_lock() -> None:
     cache.insert(RadixKey([1, 2, 3, 4, 5, 6, 7, 8]), [1, 2, 3, 4, 5, 6, 7, 8], mamba_value=9)
     node = cache.match_prefix(RadixKey([1, 2, 3, 4, 5, 6, 7, 8])).last_node
     token = cache.inc_lock_ref(node)
-    cache.dec_lock_ref(node.parent, False)  # misuse: the ancestor unlocked on its own
-    with pytest.raises(LockStateError, match="ancestor"):
-        cache.dec_lock_ref(node, token)
+    # misuse: the ancestor unlocked on its own. It used to pass, leaving the node's own
+    # unlock to fail on the unlocked ancestor; since session 17 it fails itself
+    with pytest.raises(LockStateError, match="descendants"):
+        cache.dec_lock_ref(node.parent, False)
     assert (node.mamba_lock_ref, cache.mamba_protected_size(), node.lock_ref) == (1, 1, 1)
+    assert node.parent.lock_ref == 1
     assert cache.evict(0, mamba_num=1).mamba_evicted == 0  # the state is still locked
     assert node.mamba_value.tolist() == [9]
+    cache.dec_lock_ref(node, token)
+    assert (node.mamba_lock_ref, cache.mamba_protected_size(), node.lock_ref) == (0, 0, 0)
+    cache._check_invariants()
 
 
 def test_a_failed_sliding_window_unlock_keeps_the_swa_lock() -> None:

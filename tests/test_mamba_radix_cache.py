@@ -491,6 +491,9 @@ def test_root_lock_is_a_no_op(make_cache):
     assert cache.inc_lock_ref(root) is False  # no state lock taken
     cache.dec_lock_ref(root)
     cache.dec_lock_ref(root)
+    cache.dec_lock_ref(root, swa_boundary_id=False)  # the token inc_lock_ref gave
+    with pytest.raises(LockStateError, match="no state lock"):
+        cache.dec_lock_ref(root, swa_boundary_id=True)  # never handed out for the root
     assert root.lock_ref == 0 and root.mamba_lock_ref == 0
     assert sizes(cache) == (0, 0, 0, 0, 0)
 
@@ -619,6 +622,57 @@ def test_an_unlock_without_the_state_token_cannot_strand_a_state_lock(make_cache
     cache.dec_lock_ref(node, swa_boundary_id=token)
     assert cache.evict(100, mamba_num=5).full_evicted == 4
     assert state_pool.freed_sequence == [[7]] and sizes(cache) == (0, 0, 0, 0, 0)
+    cache._check_invariants()
+
+
+def _parent_and_child_with_states(cache: Any) -> tuple[Any, Any]:
+    parent = cache.insert(K([1, 2]), i32([1, 2]), mamba_value=7).last_node
+    child = cache.insert(K([1, 2, 3]), i32([1, 2, 3]), mamba_value=8).last_node
+    assert child.parent == parent
+    return parent, child
+
+
+def test_a_false_token_cannot_take_a_descendants_lock_from_a_state_locked_node(
+    make_cache, state_pool
+):
+    """The parent's only own lock holds its state; the child's lock also counts in the
+    parent's full lock. A False unlock of the parent used to pass (2 full locks > 1 state
+    lock): then the child's unlock left the parent's state locked under no full lock, and
+    evict freed that locked state. Refused now, changing nothing."""
+    cache = make_cache()
+    parent, child = _parent_and_child_with_states(cache)
+    t_parent, t_child = cache.inc_lock_ref(parent), cache.inc_lock_ref(child)
+    assert (t_parent, t_child) == (True, True) and parent.full_lock_ref == 2
+    before = sizes(cache)
+    with pytest.raises(LockStateError, match="holds its state"):
+        cache.dec_lock_ref(parent, swa_boundary_id=False)
+    assert sizes(cache) == before and (parent.full_lock_ref, parent.mamba_lock_ref) == (2, 1)
+    cache._check_invariants()
+    cache.dec_lock_ref(child, swa_boundary_id=t_child)
+    assert cache.evict(100, mamba_num=5) == EvictResult(full_evicted=1, mamba_evicted=1)
+    assert not parent.evicted and state(parent) == 7 and state_pool.freed_sequence == [[8]]
+    cache.dec_lock_ref(parent, swa_boundary_id=t_parent)
+    assert sizes(cache) == (2, 0, 2, 1, 0)
+    cache._check_invariants()
+
+
+@pytest.mark.parametrize("token", [None, False])
+def test_a_node_locked_only_through_its_descendants_cannot_be_unlocked(make_cache, token):
+    """Undoing the child's lock through its parent would let a state lock taken on the
+    parent afterwards lose its cover when the child's holder unlocks: refused."""
+    cache = make_cache()
+    parent, child = _parent_and_child_with_states(cache)
+    t_child = cache.inc_lock_ref(child)
+    before = sizes(cache)
+    with pytest.raises(LockStateError, match="descendants"):
+        cache.dec_lock_ref(parent, swa_boundary_id=token)
+    assert sizes(cache) == before and (parent.full_lock_ref, parent.mamba_lock_ref) == (1, 0)
+    t_parent = cache.inc_lock_ref(parent)  # now the parent holds a lock of its own
+    cache.dec_lock_ref(child, swa_boundary_id=t_child)
+    assert (parent.full_lock_ref, parent.mamba_lock_ref) == (1, 1)
+    assert cache.evict(100, mamba_num=5).mamba_evicted == 1  # the child's; the parent's stays
+    assert state(parent) == 7
+    cache.dec_lock_ref(parent, swa_boundary_id=t_parent)
     cache._check_invariants()
 
 

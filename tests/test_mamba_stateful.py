@@ -329,6 +329,32 @@ class MambaCacheComparison(PairedCaches, RuleBasedStateMachine):
         self.ref.dec_lock_ref(h_r, swa_boundary_id=token)
         self.c.dec_lock_ref(h_c, swa_boundary_id=token)
 
+    @rule(data=st.data())
+    def unlock_any(self, data: st.DataObject) -> None:
+        """An unlock of any handle with any token, as a buggy caller might make it: both
+        caches accept or refuse it alike. An accepted one undoes one of the node's own
+        locks whose token it named (True: one holding the state; False: one without;
+        None: a state lock if the node holds one), as the per-step comparison then checks."""
+        h_r, h_c = self._pick_handle(data, list(self.handles))
+        token = data.draw(st.sampled_from([None, True, False]), label="token")
+        live = h_r.id != 0 and not h_r.evicted
+        release = token if token is not None else live and h_r.mamba_lock_ref > 0
+        out_r = outcome(lambda: self.ref.dec_lock_ref(h_r, swa_boundary_id=token))
+        out_c = outcome(lambda: self.c.dec_lock_ref(h_c, swa_boundary_id=token))
+        assert out_r == out_c, f"dec_lock_ref({h_r.id}, {token}): ref {out_r} != compiled {out_c}"
+        if out_r[0] == "ok" and h_r.id != 0:
+            event("unlock_any: accepted")
+            held = [
+                i
+                for i, (n, t) in enumerate(zip(self.locks, self.lock_tokens, strict=True))
+                if n == h_r.id and t == release
+            ]
+            assert held, f"node {h_r.id} unlocked ({token}) with no such lock held"
+            self.locks.pop(held[0])
+            self.lock_tokens.pop(held[0])
+        elif out_r[0] == "raised":
+            event("unlock_any: refused")
+
     @rule(
         # mostly small: evictions that leave most of the tree, and Mamba-only ones (0 tokens)
         num_tokens=st.sampled_from([0, 0, 0, 0, -1, 1, 2, 3, 5, 8, 30]),

@@ -45,6 +45,8 @@ ctypedef struct Node:
     int32_t lock_ref        # full-KV lock count (node and all its ancestors are locked)
     int32_t heap_pos[2]     # position in each eviction heap, -1 when absent
     int32_t aux_lock_ref    # lock count of the second resource (SWA KV / Mamba state)
+    int32_t own_lock        # Mamba: inc_lock_ref calls on this node itself not yet undone
+                            # (lock_ref also counts those through its descendants)
     int32_t aux_value       # Mamba: state slot or -1; SWA: 0 = live SWA KV, -1 = tombstone
     nid_t next_free         # free-list link while the slot is free
 

@@ -1377,6 +1377,7 @@ cdef class RadixTreeCore:
         x.heap_pos[0] = -1
         x.heap_pos[1] = -1
         x.aux_lock_ref = 0
+        x.own_lock = 0
         x.aux_value = -1
         x.end_pos = 0
         x.next_free = NIL
@@ -3119,6 +3120,10 @@ cdef class RadixTreeCore:
             assert (x.heap_pos[HEAP_FULL] >= 0) == should, f"node {x.uid}: heap membership"
             if self.mamba:
                 assert x.lock_ref >= x.aux_lock_ref >= 0, f"node {x.uid}: mamba lock"
+                # no unlock passes through a node that was not locked itself, so its count
+                # is exactly its own locks plus its children's
+                assert x.own_lock >= x.aux_lock_ref, f"node {x.uid}: state lock without a lock"
+                assert x.lock_ref == x.own_lock + child_sum, f"node {x.uid}: lock count"
                 if x.aux_value >= 0:
                     if x.aux_lock_ref > 0:
                         aux_pr += 1
@@ -3599,7 +3604,10 @@ cdef class MambaTreeCore(RadixTreeCore):
         cdef nid_t n = self._slot_of(node)
         cdef Node* x = &self.nodes[n]
         self._lock(n)
-        if n == ROOT or x.aux_value < 0:
+        if n == ROOT:
+            return False
+        x.own_lock += 1
+        if x.aux_value < 0:
             return False
         if x.aux_lock_ref == 0:
             self._aux_evictable -= 1
@@ -3614,7 +3622,11 @@ cdef class MambaTreeCore(RadixTreeCore):
         state saved on the node after it was locked belongs to whichever lock took it, so
         without the token (None) a state lock is released only if the node holds one, which
         can release another request's: keep the token. ``LockStateError`` (nothing changed)
-        when the node, or (token True) its state, holds no lock."""
+        when the node, or (token True) its state, holds no lock, when every lock taken on
+        the node holds its state and the token is False, and when the node's locks are all
+        its descendants' (unlock the node that was locked: undoing a descendant's lock
+        through an ancestor could leave a state lock no KV lock covers). Unlocking the root
+        is a no-op (``inc_lock_ref`` gave False for it; True raises)."""
         if self._finalized_locks is not None and self._finalized_unlock(node):
             return None  # before _enter, as in RadixTreeCore.dec_lock_ref
         self._enter()
@@ -3642,14 +3654,24 @@ cdef class MambaTreeCore(RadixTreeCore):
             raise TypeError(
                 f"swa_boundary_id: expected the bool token of inc_lock_ref, got {swa_boundary_id!r}"
             )
-        if n != ROOT and not release_state and x.lock_ref <= x.aux_lock_ref:
-            # every lock on the node holds its state: one without would leave a state lock
-            # no full lock covers (evict would then free a state counted as locked)
+        if n != ROOT and x.own_lock <= 0:
+            # its locks are its descendants': undoing one here would leave the descendant
+            # holding a lock the node no longer counts, and a state lock taken on the node
+            # later could then lose its cover when the descendant unlocks
+            raise LockStateError(
+                f"node: node {x.uid} holds only its descendants' locks ({x.lock_ref}); "
+                "unlock the node inc_lock_ref locked"
+            )
+        if n != ROOT and not release_state and x.own_lock <= x.aux_lock_ref:
+            # every lock taken on the node holds its state: one without would leave a state
+            # lock no full lock covers (evict would then free a state counted as locked)
             raise LockStateError(
                 f"swa_boundary_id: got {swa_boundary_id!r} (no state lock), but each of node "
-                f"{x.uid}'s {x.lock_ref} lock(s) holds its state: pass inc_lock_ref's token"
+                f"{x.uid}'s {x.own_lock} lock(s) holds its state: pass inc_lock_ref's token"
             )
         self._check_unlockable(n)
+        if n != ROOT:
+            x.own_lock -= 1
         if n != ROOT and release_state:
             x.aux_lock_ref -= 1
             if x.aux_lock_ref == 0:
