@@ -446,6 +446,58 @@ def test_pool_updates_inside_jit_are_refused_and_change_nothing(name: str, trace
     assert all(b.is_deleted() for b in before)
 
 
+# Reads of a KVPool(32, 1, 1, 4), a MambaPool(8, 1, (2,), (2,)) and a ReqToTokenPool(4, 8)
+# at slot/row 1, given x: ones of shape (1, 1, 4), a host array or a tracer.
+READS = {
+    "get_kv": lambda p, x: p.get_kv(0, (x[0, 0, :1] * 0 + 1).astype(np.int32))[0],
+    "get_kv_all": lambda p, x: p.get_kv_all((x[0, 0, :1] * 0 + 1).astype(np.int32))[0],
+    "get_kv_buffer": lambda p, x: p.get_kv_buffer(0)[0][1],
+    "get_key_buffer": lambda p, x: p.get_key_buffer(0)[1],
+    "get_value_buffer": lambda p, x: p.get_value_buffer(0)[1],
+    "get_states": lambda m, x: m.get_states((x[0, 0, :1] * 0 + 1).astype(np.int32)).conv,
+    "to_device": lambda r, x: r.to_device((x[0, 0, :1] * 0 + 1).astype(np.int32))[0],
+}
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["host-args", "tracer-args"])
+@pytest.mark.parametrize("name", READS)
+def test_pool_reads_inside_jit_are_refused(name: str, traced: bool) -> None:
+    """Called inside a jitted function with host arguments, a read was traced, not run: the
+    pool's contents at trace time became constants of the compiled function, which then
+    returned them on every later call, however the pool changed (no error)."""
+    pool: Any
+    if name == "get_states":
+        pool = MambaPool(8, 1, (2,), (2,), conv_dtype=jnp.float32)
+
+        def write(value: float) -> None:
+            pool.set_states(
+                [1], np.full((1, 1, 2), value, np.float32), np.zeros((1, 1, 2), np.float32)
+            )
+    elif name == "to_device":
+        pool = ReqToTokenPool(4, 8)
+
+        def write(value: float) -> None:
+            pool.write((1, slice(0, 8)), np.full(8, value, np.int32))
+    else:
+        pool = KVPool(32, 1, 1, 4, dtype=jnp.float32)
+
+        def write(value: float) -> None:
+            rows = np.full((1, 1, 4), value, np.float32)
+            pool.set_kv_buffer(0, [1], rows, rows)
+
+    ones = np.ones((1, 1, 4), np.float32)
+    write(2)
+
+    @jax.jit
+    def step(x: jax.Array) -> jax.Array:
+        return jnp.sum(READS[name](pool, x if traced else ones)) * 0 + x
+
+    with pytest.raises(InvalidValueError, match="trace"):
+        step(jnp.asarray(ones))
+    write(5)  # outside a trace the read runs and sees the pool as it is now
+    assert np.all(np.asarray(READS[name](pool, ones)) == 5)
+
+
 def test_req_to_token_write_inside_jit_is_refused() -> None:
     pool = ReqToTokenPool(4, 8)
 

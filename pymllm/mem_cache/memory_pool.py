@@ -401,11 +401,17 @@ def _as_buffers(cls: type[_Buffers], new: Any) -> _Buffers:
         ) from None
 
 
-def _concrete(new: _Buffers) -> _Buffers:
-    """*new*, the buffers an update returned, unless the pool was called from a traced
-    function (host arguments, no tracer among them): the update was then traced, not run,
-    and its result is tracers the pool must not keep (every later call would fail).
-    ``InvalidValueError`` then; nothing ran, so the pool still holds its buffers."""
+_T = TypeVar("_T", bound=tuple[Any, ...])
+
+
+def _concrete(new: _T) -> _T:
+    """*new*, the arrays an update or a read returned, unless the pool was called from a
+    traced function (host arguments, no tracer among them): the call was then traced, not
+    run, and its result is tracers. An update's the pool must not keep (every later call
+    would fail); a read's would hold the pool's contents at trace time, baked into the
+    compiled function as constants (every later call of it would return those, however
+    the pool changed since). ``InvalidValueError`` then; nothing ran, so the pool still
+    holds its buffers."""
     if isinstance(new[0], jax.core.Tracer):
         raise InvalidValueError(
             "the pool was called inside a traced function: call it outside jax.jit/vmap "
@@ -688,7 +694,7 @@ class KVPool(_SlotOwner):
         layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
-        k, v = self._read(self._buffers, layer, _pad(loc))
+        k, v = _concrete(self._read(self._buffers, layer, _pad(loc)))
         return (k, v) if n == k.shape[0] else (k[:n], v[:n])
 
     def get_kv_all(self, loc: Any) -> tuple[jax.Array, jax.Array]:
@@ -696,12 +702,13 @@ class KVPool(_SlotOwner):
         :meth:`get_kv`)."""
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
-        k, v = self._read_all(self._buffers, _pad(loc))
+        k, v = _concrete(self._read_all(self._buffers, _pad(loc)))
         return (k, v) if n == k.shape[1] else (k[:, :n], v[:, :n])
 
     def get_kv_buffer(self, layer_id: int) -> tuple[jax.Array, jax.Array]:
         """A copy of one layer's whole K and V buffers, ``[rows, H, D]`` each."""
-        return self._get_layer(self._buffers, self._layer_ids[_layer_id(layer_id, self.layer_num)])
+        layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
+        return _concrete(self._get_layer(self._buffers, layer))
 
     def get_key_buffer(self, layer_id: int) -> jax.Array:
         return self.get_kv_buffer(layer_id)[0]
@@ -820,7 +827,8 @@ class ReqToTokenPool(_SlotOwner):
             else min(bucket_size(_positive("max_len", max_len)), self.max_context_len)
         )
         host = self.req_to_token[rows, :cols]
-        return jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+        out = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+        return _concrete((out,))[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -1047,7 +1055,7 @@ class MambaPool(_SlotOwner):
         The gather runs at the bucket size; trimming to ``n`` compiles one slice per distinct
         ``n`` (as :meth:`KVPool.get_kv`)."""
         s = _slots("slots", slots, self.rows)
-        out = self._read(self._buffers, _pad(s))
+        out = _concrete(self._read(self._buffers, _pad(s)))
         return MambaBuffers(*(b[:, : len(s)] for b in out))
 
 
