@@ -38,8 +38,9 @@ Not thread-safe: callers serialise access (see :class:`BasePrefixCache`).
 from __future__ import annotations
 
 import heapq
+import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -75,9 +76,27 @@ def _int64_arg(name: str, v: Any) -> int:
     return v
 
 
+def _index(v: Any) -> int | None:
+    """*v* as an int, read as the compiled cache reads every integer argument, token and
+    index (``operator.index``: ints, numpy integers, anything with ``__index__``), or None
+    for a bool (Python's or numpy's: a key of booleans is a bug, not tokens;
+    hash_token_ids agrees) and for anything else."""
+    if isinstance(v, (bool, np.bool_)) or not hasattr(v, "__index__"):
+        return None
+    return operator.index(v)
+
+
 def _is_int(t: Any) -> bool:
-    # bool is an int subclass, but a key of booleans is a bug, not tokens (hash_token_ids agrees).
-    return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+    return _index(t) is not None
+
+
+def _counts(*counts: Any) -> tuple[int, ...]:
+    """Eviction counts as ints, read as the compiled cache reads them (``TypeError`` for a
+    bool or a non-integer)."""
+    out = [_index(c) for c in counts]
+    if None in out:
+        raise TypeError(f"eviction counts must be ints, got {counts!r}")
+    return tuple(cast(list[int], out))
 
 
 class TreeNode:
@@ -177,7 +196,8 @@ class RefRadixCache(BasePrefixCache):
         on_node_evict: Callable[[int], Any] | None = None,
         eviction_policy: str = "lru",
     ) -> None:
-        if not _is_int(page_size) or page_size < 1:
+        p = _index(page_size)
+        if p is None or p < 1:
             raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
         if not isinstance(eviction_policy, str) or eviction_policy not in EVICTION_POLICIES:
             raise InvalidValueError(
@@ -189,7 +209,7 @@ class RefRadixCache(BasePrefixCache):
             raise NotImplementedError(
                 "RefRadixCache: sliding_window_size (SWA) is not supported yet"
             )
-        self.page_size = int(page_size)
+        self.page_size = p
         self.sliding_window_size: int | None = sliding_window_size
         self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
         self.on_node_evict = on_node_evict
@@ -240,20 +260,22 @@ class RefRadixCache(BasePrefixCache):
                     raise InvalidKeyError(
                         f"token_ids: tuple tokens must all have length {width}, got {t!r}"
                     )
-                for e in t:
-                    if not _is_int(e):
+                elems = [_index(e) for e in t]
+                for e, i in zip(t, elems, strict=True):
+                    if i is None:
                         raise InvalidKeyError(f"token_ids: non-integer token element {e!r}")
-                    if not 0 <= e < _U32_LIMIT:
-                        raise InvalidKeyError(f"token_ids: token {e} is outside [0, 2**32)")
-                tokens.append(tuple(int(e) for e in t))
+                    if not 0 <= i < _U32_LIMIT:
+                        raise InvalidKeyError(f"token_ids: token {i} is outside [0, 2**32)")
+                tokens.append(tuple(cast(list[int], elems)))
             return tokens, key.extra_key, width
         tokens = []
         for t in ids:
-            if not _is_int(t):
+            i = _index(t)
+            if i is None:
                 raise InvalidKeyError(f"token_ids: non-integer token {t!r}")
-            if not 0 <= t < _U32_LIMIT:
-                raise InvalidKeyError(f"token_ids: token {t} is outside [0, 2**32)")
-            tokens.append(int(t))
+            if not 0 <= i < _U32_LIMIT:
+                raise InvalidKeyError(f"token_ids: token {i} is outside [0, 2**32)")
+            tokens.append(i)
         return tokens, key.extra_key, 0
 
     def _parse_value(self, value: Any, tokens: list[Any], width: int) -> np.ndarray:
@@ -262,6 +284,13 @@ class RefRadixCache(BasePrefixCache):
             if width:
                 raise InvalidValueError("value=None (indices = token ids) needs plain int tokens")
             arr = np.array(tokens, dtype=np.int64)
+        elif isinstance(value, (list, tuple)):  # read item by item, as the compiled cache does
+            idx = [_index(v) for v in value]
+            if None in idx:
+                raise InvalidValueError("value: indices must be integers")
+            if any(not 0 <= i <= _I32_MAX for i in cast(list[int], idx)):
+                raise InvalidValueError("value: an index is outside [0, 2**31)")
+            arr = np.array(idx, dtype=np.int64)
         else:
             try:
                 arr = np.asarray(value)
@@ -474,8 +503,7 @@ class RefRadixCache(BasePrefixCache):
         """Evict unlocked leaves, least recently used first (ties: smaller id), until at least
         *num_tokens* tokens are freed or nothing is evictable. Whole nodes, so it may free
         more than asked. One ``allocator.free`` call; ``on_node_evict(id)`` per node."""
-        if not _is_int(num_tokens) or not _is_int(swa_num_tokens):
-            raise TypeError("num_tokens and swa_num_tokens must be ints")
+        num_tokens, swa_num_tokens = _counts(num_tokens, swa_num_tokens)
         if num_tokens <= 0:
             return EvictResult()
         freed: list[np.ndarray] = []

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from reference_model import _EMPTY_I32, RefRadixCache, TreeNode, _int64_arg, _is_int
+from reference_model import _EMPTY_I32, RefRadixCache, TreeNode, _counts, _index, _int64_arg
 
 from pymllm.mem_cache.base_prefix_cache import EvictResult, InsertResult, MatchResult, RadixKey
 from pymllm.mem_cache.errors import InvalidValueError, LockStateError
@@ -96,9 +96,11 @@ class RefSWARadixCache(RefRadixCache):
         on_node_evict: Callable[[int], Any] | None = None,
         eviction_policy: str = "lru",
     ) -> None:
-        w = sliding_window_size
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise InvalidValueError(f"sliding_window_size: expected an int >= 1, got {w!r}")
+        w = _index(sliding_window_size)
+        if w is None or w < 1:
+            raise InvalidValueError(
+                f"sliding_window_size: expected an int >= 1, got {sliding_window_size!r}"
+            )
         alloc = token_to_kv_pool_allocator
         if alloc is not None and not callable(getattr(alloc, "free_swa", None)):
             raise TypeError(
@@ -268,8 +270,7 @@ class RefSWARadixCache(RefRadixCache):
         parent left childless and unlocked goes at once). Phase 2: LRU live nodes without an
         SWA lock until *swa_num_tokens* SWA tokens are freed in this call (an unlocked leaf
         is removed, others tombstoned). One ``free_swa`` call, then one ``free`` call."""
-        if not _is_int(num_tokens) or not _is_int(swa_num_tokens):
-            raise TypeError("num_tokens and swa_num_tokens must be ints")
+        num_tokens, swa_num_tokens = _counts(num_tokens, swa_num_tokens)
         removed: list[np.ndarray] = []
         tombstoned: list[np.ndarray] = []
         self._swa_freed = 0

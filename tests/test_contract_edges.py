@@ -513,3 +513,58 @@ def test_hash_bytes_takes_a_structured_array() -> None:
     the buffer's format string, not an object."""
     a = np.zeros(3, dtype=[("Offset", "<i4")])
     assert hash_bytes(a) == hash_bytes(a.tobytes())
+
+
+# -- session 17's review: the reference models read integers as the compiled caches do ---
+
+
+class _Index:
+    """Not an int, but an integer through __index__ (as a 0-d numpy array is)."""
+
+    def __init__(self, v: int) -> None:
+        self.v = v
+
+    def __index__(self) -> int:
+        return self.v
+
+
+def _index_calls(cls: Any, **kwargs: Any) -> list[Any]:
+    """Integer-like page size, window, key tokens, list values and eviction counts, given to
+    a cache of `cls`: each call's outcome, and the cache's state after each."""
+    from conftest import outcome  # tests/ is on sys.path (rootdir conftest)
+
+    cache = cls(page_size=_Index(1), **kwargs)
+    out: list[Any] = []
+    for call in (
+        lambda: cache.insert(RadixKey([_Index(1), np.array(2), 3]), [_Index(5), 6, 7]).prefix_len,
+        lambda: cache.match_prefix(RadixKey([_Index(1), _Index(2), 9])).prefix_len,
+        lambda: cache.insert(RadixKey([(_Index(1), 2)]), [_Index(8)]).prefix_len,
+        lambda: cache.insert(RadixKey([1, 2]), [_Index(5), 2.0]),  # a float: refused
+        lambda: cache.evict(_Index(1), np.array(0)).full_evicted,
+        lambda: cache.evict(True),  # a bool: refused
+    ):
+        out.append(outcome(call))
+        out.append((cache.evictable_size(), cache.total_size()))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["plain", "swa", "mamba"])
+def test_reference_models_read_integer_like_arguments_as_the_caches(kind: str) -> None:
+    """The reference models refused what the compiled caches accept through __index__
+    (tokens, list values, eviction counts, page and window sizes), so the comparison tests
+    could not draw such arguments."""
+    from reference_mamba import RefMambaRadixCache
+    from reference_model import RefRadixCache
+    from reference_swa import RefSWARadixCache
+
+    if kind == "plain":
+        pair = (RadixCache, RefRadixCache, {})
+    elif kind == "swa":
+        pair = (RadixCache, RefSWARadixCache, {"sliding_window_size": _Index(2)})
+    else:
+        pair = (MambaRadixCache, RefMambaRadixCache, {})
+    compiled, ref, kwargs = pair
+    got = _index_calls(compiled, **kwargs)
+    assert got == _index_calls(ref, **kwargs)
+    assert got[0] == ("ok", 0) and got[8][0] == "ok"  # accepted: inserted, then evicted
+    assert got[6][0] == "raised" and got[10] == ("raised", TypeError)
