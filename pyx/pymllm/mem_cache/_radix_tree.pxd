@@ -23,6 +23,9 @@ cdef enum:
     POLICY_SLRU = 4         # never-hit (probationary) before hit (protected), LRU within
 
 cdef enum:
+    IN_RUN = -2             # heap_pos[HEAP_FULL] of a leaf kept in the run, not the heap
+
+cdef enum:
     HEAP_FULL = 0           # evictable leaves: non-root, no children, lock_ref == 0
     HEAP_AUX = 1            # second eviction class (SWA tombstoning / Mamba states)
 
@@ -43,11 +46,14 @@ ctypedef struct Node:
     int64_t last_access     # logical clock of the last match/insert that touched it
     int64_t hit_count       # match_prefix calls that matched this node
     int32_t lock_ref        # full-KV lock count (node and all its ancestors are locked)
-    int32_t heap_pos[2]     # position in each eviction heap, -1 when absent
+    int32_t heap_pos[2]     # position in each eviction heap, -1 when absent; for HEAP_FULL
+                            # IN_RUN (-2) when the node is in the run instead (see Run)
     int32_t aux_lock_ref    # lock count of the second resource (SWA KV / Mamba state)
     int32_t own_lock        # Mamba: inc_lock_ref calls on this node itself not yet undone
                             # (lock_ref also counts those through its descendants)
     int32_t aux_value       # Mamba: state slot or -1; SWA: 0 = live SWA KV, -1 = tombstone
+    nid_t run_prev          # neighbours in the run of evictable leaves (IN_RUN), NIL at
+    nid_t run_next          # its ends
     nid_t next_free         # free-list link while the slot is free
 
 
@@ -74,6 +80,19 @@ ctypedef struct ChildMap:
     MapEntry* old           # the table being drained into `entries`, NULL when none
     uint64_t old_mask
     uint64_t old_next       # buckets old[0:old_next] were drained (deleted or moved)
+
+
+# The evictable leaves are kept in two ordered structures, both by (prio, last_access, uid):
+# a run, a doubly linked list in ascending order that takes a leaf only at its end (a leaf
+# ordered after the run's last: a new leaf, a touched one under LRU), and the heap for every
+# other (a parent left childless, a leaf touched while another ordered after it). The next
+# victim is the smaller of the run's head and the heap's top. Under LRU nearly every leaf
+# lives in the run, so the common evict, insert and touch are O(1) list operations with no
+# sift through a large heap (whose every level reads two node structs).
+ctypedef struct Run:
+    nid_t head              # first (smallest) leaf of the run, NIL when empty
+    nid_t tail              # last (largest) leaf
+    int64_t size
 
 
 ctypedef struct Heap:

@@ -978,7 +978,8 @@ cdef class RadixTreeCore:
     cdef nid_t free_head            # first freed slot, NIL if none (then hwm is next)
     cdef int64_t live               # live nodes, root included
     cdef ChildMap cmap
-    cdef Heap heap                  # HEAP_FULL: evictable leaves
+    cdef Run run                    # evictable leaves, with `heap` (see _full_push)
+    cdef Heap heap                  # HEAP_FULL: the evictable leaves not in the run
     cdef Heap aux_heap              # HEAP_AUX: droppable Mamba states (Mamba mode)
     cdef bint mamba                 # nodes may carry a Mamba state slot (aux_value)
     cdef bint swa                   # sliding window: aux_value 0 = live SWA KV, -1 = tombstone
@@ -1042,6 +1043,9 @@ cdef class RadixTreeCore:
         self.heap.data = NULL
         self.heap.cap = 0
         self.heap.size = 0
+        self.run.head = NIL
+        self.run.tail = NIL
+        self.run.size = 0
         self.aux_heap.data = NULL
         self.aux_heap.cap = 0
         self.aux_heap.size = 0
@@ -1286,6 +1290,9 @@ cdef class RadixTreeCore:
             self.heap.cap = 0
             _big_regrow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
             self.heap.size = 0
+            self.run.head = NIL
+            self.run.tail = NIL
+            self.run.size = 0
             self.aux_heap.cap = 0
             _big_regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
             self.aux_heap.size = 0
@@ -1376,6 +1383,8 @@ cdef class RadixTreeCore:
         x.lock_ref = 0
         x.heap_pos[0] = -1
         x.heap_pos[1] = -1
+        x.run_prev = NIL
+        x.run_next = NIL
         x.aux_lock_ref = 0
         x.own_lock = 0
         x.aux_value = -1
@@ -1831,6 +1840,73 @@ cdef class RadixTreeCore:
         last[0] = cur
         return pos
 
+    # -- the evictable leaves: the run and the heap (see the .pxd) ------------------------
+
+    cdef inline void _full_push(self, nid_t n) noexcept:
+        """n becomes an evictable leaf: at the run's end if it orders after the run's last
+        leaf (or the run is empty), else into the heap. Never fails (capacity reserved)."""
+        cdef Node* x = &self.nodes[n]
+        cdef nid_t t = self.run.tail
+        if t != NIL and not _before(self.nodes, t, n):
+            _heap_push(&self.heap, self.nodes, HEAP_FULL, n)
+            return
+        x.run_prev = t
+        x.run_next = NIL
+        if t == NIL:
+            self.run.head = n
+        else:
+            self.nodes[t].run_next = n
+        self.run.tail = n
+        x.heap_pos[HEAP_FULL] = IN_RUN
+        self.run.size += 1
+
+    cdef inline void _full_remove(self, nid_t n) noexcept:
+        """n is no longer an evictable leaf (nothing when it was not one)."""
+        cdef Node* x = &self.nodes[n]
+        if x.heap_pos[HEAP_FULL] >= 0:
+            _heap_remove(&self.heap, self.nodes, HEAP_FULL, n)
+        elif x.heap_pos[HEAP_FULL] == IN_RUN:
+            if x.run_prev == NIL:
+                self.run.head = x.run_next
+            else:
+                self.nodes[x.run_prev].run_next = x.run_next
+            if x.run_next == NIL:
+                self.run.tail = x.run_prev
+            else:
+                self.nodes[x.run_next].run_prev = x.run_prev
+            x.run_prev = NIL
+            x.run_next = NIL
+            x.heap_pos[HEAP_FULL] = -1
+            self.run.size -= 1
+
+    cdef inline void _full_touched(self, nid_t n) noexcept:
+        """Restore the order after n's (prio, last_access) grew. A leaf in the run stays
+        where it is while it still orders before the next one (FIFO's: a touch changes
+        last_access only, below the prio); else it moves to the run's end if it now orders
+        after the run's last leaf (under LRU, every touched leaf), to the heap if not. A
+        leaf in the heap moves to the run's end likewise, or sifts down in the heap."""
+        cdef Node* x = &self.nodes[n]
+        cdef int32_t pos = x.heap_pos[HEAP_FULL]
+        cdef nid_t t = self.run.tail
+        if pos == -1:
+            return
+        if pos == IN_RUN and (x.run_next == NIL or _before(self.nodes, n, x.run_next)):
+            return
+        if pos >= 0 and t != NIL and not _before(self.nodes, t, n):
+            _sift_down(&self.heap, self.nodes, HEAP_FULL, pos)
+            return
+        self._full_remove(n)
+        self._full_push(n)
+
+    cdef inline nid_t _full_first(self) noexcept:
+        """The next leaf to evict (the policy's first), NIL when none."""
+        cdef nid_t h = self.run.head
+        if self.heap.size == 0:
+            return h
+        if h == NIL or _before(self.nodes, self.heap.data[0], h):
+            return self.heap.data[0]
+        return h
+
     cdef void _touch_path(self, int64_t n_path, bint count_hit) noexcept:
         """Refresh the first n_path nodes of the nid scratch (a walk's path): recency, and
         with count_hit the hit count (and the LFU/SLRU priority that follows it)."""
@@ -1848,7 +1924,7 @@ cdef class RadixTreeCore:
                     c.prio = c.hit_count
                 elif self.policy == POLICY_SLRU:
                     c.prio = 1      # promoted to the protected segment
-            _heap_touched(&self.heap, self.nodes, HEAP_FULL, n)
+            self._full_touched(n)
             _heap_touched(&self.aux_heap, self.nodes, HEAP_AUX, n)
 
     cdef nid_t _split_end(self, nid_t part_node, int64_t part_m, nid_t* last,
@@ -2061,7 +2137,7 @@ cdef class RadixTreeCore:
             x = &self.nodes[n]
             if x.prio < p:
                 x.prio = p
-                _heap_touched(&self.heap, self.nodes, HEAP_FULL, n)
+                self._full_touched(n)
                 _heap_touched(&self.aux_heap, self.nodes, HEAP_AUX, n)
             n = x.parent
 
@@ -2433,13 +2509,12 @@ cdef class RadixTreeCore:
         L.value = value
         par = &self.nodes[parent]
         L.end_pos = par.end_pos + n
-        if par.heap_pos[HEAP_FULL] >= 0:
-            _heap_remove(&self.heap, self.nodes, HEAP_FULL, parent)
+        self._full_remove(parent)
         par.num_children += 1
         if parent == ROOT:
             self.ns_ref[ns] += 1
         _map_put(&self.cmap, parent, leaf, _page_hash(parent, ns, key, self.page_size * w))
-        _heap_push(&self.heap, self.nodes, HEAP_FULL, leaf)
+        self._full_push(leaf)
         self._evictable += n
         if self.swa and live:
             L.aux_value = 0
@@ -2531,8 +2606,10 @@ cdef class RadixTreeCore:
     cdef int _evict_full(self, int64_t want) except -1:
         """Pop leaves in policy order until `want` tokens are collected in _idx_out."""
         cdef nid_t n
-        while self.ev_done < want and self.heap.size > 0:
-            n = self.heap.data[0]
+        while self.ev_done < want:
+            n = self._full_first()
+            if n == NIL:
+                break
             self._collect_and_remove(n)
         return 0
 
@@ -2643,8 +2720,7 @@ cdef class RadixTreeCore:
             &self.cmap, n, _page_hash(parent, x.ns, x.key, self.page_size * x.width))
         e.child = MAP_DELETED
         self.cmap.used -= 1
-        if x.heap_pos[HEAP_FULL] >= 0:
-            _heap_remove(&self.heap, self.nodes, HEAP_FULL, n)
+        self._full_remove(n)
         if x.aux_value >= 0:
             if self.mamba:
                 self._drop_state(n)
@@ -2662,7 +2738,7 @@ cdef class RadixTreeCore:
         self._drop_slot(n)
         x = &self.nodes[parent]
         if parent != ROOT and x.num_children == 0 and x.lock_ref == 0:
-            _heap_push(&self.heap, self.nodes, HEAP_FULL, parent)
+            self._full_push(parent)
         return 0
 
     def inc_lock_ref(self, node):
@@ -2728,8 +2804,7 @@ cdef class RadixTreeCore:
             if x.lock_ref == 0:
                 self._evictable -= x.len
                 self._protected += x.len
-                if x.heap_pos[HEAP_FULL] >= 0:
-                    _heap_remove(&self.heap, self.nodes, HEAP_FULL, n)
+                self._full_remove(n)
             x.lock_ref += 1
             n = x.parent
         return 0
@@ -2804,7 +2879,7 @@ cdef class RadixTreeCore:
                 self._protected -= x.len
                 self._evictable += x.len
                 if x.num_children == 0:
-                    _heap_push(&self.heap, self.nodes, HEAP_FULL, n)
+                    self._full_push(n)
             n = x.parent
 
     cdef int _check_unlockable(self, nid_t n) except -1:
@@ -3051,6 +3126,12 @@ cdef class RadixTreeCore:
         assert live == self.cmap.used, f"map live entries {live} != {self.cmap.used}"
         return 0
 
+    def _evictable_layout(self):
+        """(leaves in the run, leaves in the heap): where the evictable leaves are kept
+        (for tests)."""
+        self._await_idle()
+        return self.run.size, self.heap.size
+
     def _check_invariants(self):
         """Walk the whole structure and recompute every counter (O(tree); for tests)."""
         self._enter()
@@ -3084,9 +3165,28 @@ cdef class RadixTreeCore:
                 )
         return 0
 
+    cdef int _check_run(self, int64_t in_run) except -1:
+        """The run: linked both ways from head to tail, in ascending policy order, holding
+        exactly the in_run leaves whose heap_pos says IN_RUN."""
+        cdef nid_t n = self.run.head, prev = NIL
+        cdef int64_t count = 0
+        while n != NIL:
+            assert self.nodes[n].uid >= 0, f"run: slot {n} is free"
+            assert self.nodes[n].heap_pos[HEAP_FULL] == IN_RUN, f"run: node {self.nodes[n].uid}"
+            assert self.nodes[n].run_prev == prev, f"run: node {self.nodes[n].uid}'s back link"
+            if prev != NIL:
+                assert _before(self.nodes, prev, n), f"run: node {self.nodes[n].uid} out of order"
+            prev = n
+            n = self.nodes[n].run_next
+            count += 1
+            assert count <= self.run.size, "run: longer than its size (a cycle?)"
+        assert prev == self.run.tail, "run: tail"
+        assert count == self.run.size == in_run, f"run: {count} linked, size {self.run.size}, {in_run} marked"
+        return 0
+
     cdef object _check_invariants_locked(self):
         cdef int64_t i, evictable = 0, protected = 0, live = 0, in_heap = 0, child_sum
-        cdef int64_t aux_ev = 0, aux_pr = 0, in_aux = 0
+        cdef int64_t aux_ev = 0, aux_pr = 0, in_aux = 0, in_run = 0
         cdef Node* x
         cdef Node* p
         cdef nid_t found
@@ -3117,7 +3217,7 @@ cdef class RadixTreeCore:
             else:
                 evictable += x.len
             should = x.num_children == 0 and x.lock_ref == 0
-            assert (x.heap_pos[HEAP_FULL] >= 0) == should, f"node {x.uid}: heap membership"
+            assert (x.heap_pos[HEAP_FULL] != -1) == should, f"node {x.uid}: heap membership"
             if self.mamba:
                 assert x.lock_ref >= x.aux_lock_ref >= 0, f"node {x.uid}: mamba lock"
                 # no unlock passes through a node that was not locked itself, so its count
@@ -3146,7 +3246,7 @@ cdef class RadixTreeCore:
                         aux_ev += x.len
                 else:
                     assert x.aux_lock_ref == 0, f"node {x.uid}: SWA-locked tombstone"
-                    assert x.num_children > 0 or x.lock_ref > 0 or x.heap_pos[HEAP_FULL] >= 0
+                    assert x.num_children > 0 or x.lock_ref > 0 or x.heap_pos[HEAP_FULL] != -1
                 aux_should = x.aux_value >= 0 and x.aux_lock_ref == 0
                 assert (x.heap_pos[HEAP_AUX] >= 0) == aux_should, f"node {x.uid}: swa heap"
                 if aux_should:
@@ -3154,9 +3254,13 @@ cdef class RadixTreeCore:
                     assert self.aux_heap.data[x.heap_pos[HEAP_AUX]] == i
             else:
                 assert x.aux_value == -1 and x.heap_pos[HEAP_AUX] == -1
-            if should:
+            if should and x.heap_pos[HEAP_FULL] >= 0:
                 in_heap += 1
                 assert self.heap.data[x.heap_pos[HEAP_FULL]] == i
+            elif should:
+                in_run += 1
+            else:
+                assert x.run_prev == NIL and x.run_next == NIL, f"node {x.uid}: run links"
             found = _map_find(&self.cmap, self.nodes, x.parent, x.ns, x.key,
                               self.page_size * x.width,
                               _page_hash(x.parent, x.ns, x.key, self.page_size * x.width))
@@ -3168,6 +3272,7 @@ cdef class RadixTreeCore:
         assert evictable == self._evictable, f"evictable {evictable} != {self._evictable}"
         assert protected == self._protected, f"protected {protected} != {self._protected}"
         assert in_heap == self.heap.size, f"heap size {self.heap.size} != {in_heap}"
+        self._check_run(in_run)
         assert self.cmap.used == live - 1, f"map entries {self.cmap.used} != {live - 1}"
         self._check_map()
         for i in range(1, self.heap.size):
