@@ -114,3 +114,43 @@ def test_a_handle_found_while_an_insert_runs_python_code_is_valid(during: str) -
 
     out = run_child(_FIND_HANDLES + during + "\nprint('done')")
     assert out.rstrip().endswith("done")
+
+
+@pytest.mark.parametrize("finalizer", ["evicts", "evicts and inserts"])
+def test_parent_read_while_the_collector_changes_the_tree(finalizer: str) -> None:
+    """``handle.parent`` makes a new handle, and that allocation can run the collector,
+    whose finalizers may evict the parent (and reuse its slot). It read the parent's slot
+    first and aimed the handle at it after: a handle to a free slot (id -1, not evicted,
+    lockable, counters driven negative, a segfault on .key), or to an unrelated node that
+    took the slot. Now the node is read after the allocation."""
+    from pymllm.mem_cache import TokenToKVPoolAllocator
+    from pymllm.mem_cache.errors import StaleNodeError
+
+    alloc = TokenToKVPoolAllocator(64)
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    cache.insert(RadixKey([1, 2]), alloc.alloc(2))
+    leaf = cache.insert(RadixKey([1, 2, 3, 4]), alloc.alloc(4)).last_node
+
+    class Request:
+        def __init__(self) -> None:
+            self.me = self  # a cycle: only the collector frees it
+
+        def __del__(self) -> None:
+            cache.evict(100)
+            if finalizer == "evicts and inserts":
+                cache.insert(RadixKey([9, 9]), alloc.alloc(2))
+
+    gc.collect()
+    Request()
+    old = gc.get_threshold()
+    stale = False
+    gc.set_threshold(1)  # the next tracked allocation (the new handle's) collects
+    try:
+        _ = leaf.parent  # nothing else may allocate between the threshold and this
+    except StaleNodeError:
+        stale = True
+    finally:
+        gc.set_threshold(*old)
+    assert stale and leaf.evicted
+    cache._check_invariants()
+    assert cache.evictable_size() == cache.total_size() == (2 if "inserts" in finalizer else 0)

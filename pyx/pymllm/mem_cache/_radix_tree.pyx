@@ -1686,7 +1686,7 @@ cdef class RadixTreeCore:
         h = <TreeNode>node
         if h._tree is not self:
             raise StaleNodeError(f"node: {node!r} belongs to another cache")
-        if h._slot >= self.hwm or self.nodes[h._slot].uid != h._uid:
+        if h._uid < 0 or h._slot >= self.hwm or self.nodes[h._slot].uid != h._uid:
             raise StaleNodeError(f"node: node {h._uid} was evicted; match the key again")
         return h._slot
 
@@ -1724,6 +1724,8 @@ cdef class RadixTreeCore:
         return self._aim(h, ROOT)
 
     cdef inline TreeNode _aim(self, TreeNode h, nid_t n):
+        """Point h at the live node in slot n (never a free slot: its uid -1 would make a
+        handle every check takes for live; they refuse a negative uid too)."""
         h._tree = self
         h._slot = n
         h._uid = self.nodes[n].uid
@@ -2053,10 +2055,11 @@ cdef class RadixTreeCore:
         ``last_node`` ending at ``aligned`` (with a window, see below). Bad input raises and
         changes nothing.
 
-        Over a ``TokenToKVPoolAllocator`` or ``SWATokenToKVPoolAllocator`` the allocator
-        books the slots the tree takes (with a window: keeps) as the cache's
-        (``allocator.is_cached``): a caller's ``free`` of one raises until the
-        tree evicts it (or is reset, or dropped). The slots taken must be allocated and held
+        Over a ``TokenToKVPoolAllocator`` or ``SWATokenToKVPoolAllocator`` (of exactly
+        that type: a subclass is used like any other allocator, through its own Python
+        ``free``, with no booking) the allocator books the slots the tree takes (with a
+        window: keeps) as the cache's (``allocator.is_cached``): a caller's ``free`` of one
+        raises until the tree evicts it (or is reset, or dropped). The slots taken must be allocated and held
         by a caller: a free slot, one a cache already owns (say, a matched prefix passed
         again past ``prefix_len``), with ``page_size`` 1 a slot listed twice, or with pages
         a page-aligned run that is not the slots of one page in order (as ``alloc`` hands
@@ -3333,7 +3336,8 @@ cdef class TreeNode:
 
     cdef inline Node* _node(self) except NULL:
         self._tree._await_idle()
-        if self._slot >= self._tree.hwm or self._tree.nodes[self._slot].uid != self._uid:
+        if (self._uid < 0 or self._slot >= self._tree.hwm
+                or self._tree.nodes[self._slot].uid != self._uid):
             raise StaleNodeError(f"node {self._uid} was evicted")
         return &self._tree.nodes[self._slot]
 
@@ -3345,7 +3349,8 @@ cdef class TreeNode:
     @property
     def evicted(self):
         self._tree._await_idle()
-        return self._slot >= self._tree.hwm or self._tree.nodes[self._slot].uid != self._uid
+        return (self._uid < 0 or self._slot >= self._tree.hwm
+                or self._tree.nodes[self._slot].uid != self._uid)
 
     @property
     def key(self):
@@ -3367,10 +3372,16 @@ cdef class TreeNode:
 
     @property
     def parent(self):
+        cdef RadixTreeCore t = self._tree
+        self._node()
+        # the new handle first: allocating it can run the collector, and a finalizer can
+        # change the tree (evict this node's parent, reuse its slot); so the node and its
+        # parent are read after it
+        h = t._blank_handle()
         cdef Node* x = self._node()
         if x.parent == NIL:
             return None
-        return self._tree._handle(x.parent)
+        return t._aim(h, x.parent)
 
     @property
     def lock_ref(self):
