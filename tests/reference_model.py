@@ -245,7 +245,7 @@ class RefRadixCache(BasePrefixCache):
         if isinstance(ids, np.ndarray):
             if ids.ndim != 1:
                 raise InvalidKeyError(f"token_ids: expected a 1-D array, got shape {ids.shape}")
-            if ids.dtype.kind not in "iu" and ids.size:
+            if ids.dtype.kind not in "iu":  # an empty float array too, as the compiled cache
                 raise InvalidKeyError(f"token_ids: tokens must be integers, got {ids.dtype}")
             if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= _U32_LIMIT):
                 raise InvalidKeyError("token_ids: a token is outside [0, 2**32)")
@@ -298,9 +298,7 @@ class RefRadixCache(BasePrefixCache):
                 raise InvalidValueError(f"value: not an array of indices ({exc})") from exc
             if arr.ndim != 1:
                 raise InvalidValueError(f"value: expected a 1-D array, got shape {arr.shape}")
-            if arr.size == 0:
-                arr = np.zeros(0, dtype=np.int64)
-            elif arr.dtype.kind not in "iu":
+            if arr.dtype.kind not in "iu":  # an empty float array too, as the compiled cache
                 raise InvalidValueError(f"value: indices must be integers, got {arr.dtype}")
         if len(arr) != len(tokens):
             raise InvalidValueError(f"value: {len(arr)} indices for a key of {len(tokens)} tokens")
@@ -334,6 +332,15 @@ class RefRadixCache(BasePrefixCache):
     def _new_node(
         self, tokens: list[Any], value: np.ndarray, parent: TreeNode, ns: Any
     ) -> TreeNode:
+        # a namespace keeps the extra_key object it was made with: of equal extra_keys
+        # (1 and True, 7 and 7.0) the first the tree took, until its last node goes
+        if parent is not self.root_node:
+            ns = (parent.extra_key, ns[1])
+        else:
+            for child in parent.children.values():
+                if (child.extra_key, child.width) == ns:
+                    ns = (child.extra_key, ns[1])
+                    break
         node = self.NODE_CLASS(self._next_id, self._owner, tokens, value, ns[0], ns[1], parent)
         node.created = self.clock
         node.priority = self._new_priority  # a split's upper half then takes its child's
@@ -466,13 +473,21 @@ class RefRadixCache(BasePrefixCache):
         return MatchResult(indices=indices, last_node=node, prefix_len=pos)
 
     def insert(
-        self, key: RadixKey, value: Any = None, priority: int = 0, **kwargs: Any
+        self,
+        key: RadixKey,
+        value: Any = None,
+        prev_prefix_len: Any = 0,
+        swa_evicted_seqlen: Any = 0,
+        priority: int = 0,
+        **kwargs: Any,
     ) -> InsertResult:
         """Insert the whole pages of *key* with KV indices *value* (``None``: the token ids).
 
         The tree takes ``value[prefix_len:aligned_len]``; ``value[:prefix_len]`` (already
         cached) and ``value[aligned_len:]`` (partial page) stay the caller's to free.
-        ``priority``: see :meth:`_raise_priority`.
+        ``priority``: see :meth:`_raise_priority`. ``prev_prefix_len`` and
+        ``swa_evicted_seqlen`` only matter with a sliding window (the compiled cache's
+        argument order; without a window it ignores them, unread).
         """
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")

@@ -568,3 +568,54 @@ def test_reference_models_read_integer_like_arguments_as_the_caches(kind: str) -
     assert got == _index_calls(ref, **kwargs)
     assert got[0] == ("ok", 0) and got[8][0] == "ok"  # accepted: inserted, then evicted
     assert got[6][0] == "raised" and got[10] == ("raised", TypeError)
+
+
+def test_reference_model_agrees_on_argument_order_namespaces_and_empty_float_arrays() -> None:
+    """Three disagreements a review found between RefRadixCache and RadixCache: insert's
+    third positional argument (prev_prefix_len in the compiled cache; the reference read
+    it as the priority), the extra_key object a namespace keeps (its first, for equal
+    extra_keys), and empty float arrays (refused as keys and values by the compiled
+    cache, accepted by the reference)."""
+    from conftest import outcome
+    from reference_model import RefRadixCache
+
+    def run(cls: Any) -> list[Any]:
+        order: list[int] = []
+        cache = cls(eviction_policy="priority", on_node_evict=order.append)
+        cache.insert(RadixKey([1]), [1], 5)  # prev_prefix_len 5: ignored without a window
+        cache.insert(RadixKey([2]), [2], prev_prefix_len=0, priority=1)
+        cache.evict(1)
+        cache.insert(RadixKey([3], 7), [3])
+        node = cache.insert(RadixKey([3, 4], 7.0), [3, 4]).last_node
+        kinds = (type(node.key.extra_key), type(node.parent.key.extra_key))
+        return [
+            order,
+            kinds,
+            outcome(lambda: cache.insert(RadixKey(np.array([])), [])),
+            outcome(lambda: cache.insert(RadixKey([]), np.array([]))),
+            outcome(lambda: cache.match_prefix(RadixKey(np.array([]))).prefix_len),
+        ]
+
+    got = run(RadixCache)
+    assert got == run(RefRadixCache)
+    assert got[:2] == [[1], (int, int)]
+    assert got[2][0] == got[3][0] == got[4][0] == "raised"
+
+
+def test_an_allocator_subclass_is_served_through_its_free_unbooked() -> None:
+    """Booking is for the package's allocator types exactly (documented): a subclass's own
+    Python free is what a cache calls, so the cache books nothing there."""
+    freed: list[list[int]] = []
+
+    class Counting(TokenToKVPoolAllocator):
+        def free(self, indices: Any) -> None:
+            freed.append(np.asarray(indices).tolist())
+            super().free(indices)
+
+    alloc = Counting(16)
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    slots = alloc.alloc(4)
+    cache.insert(RadixKey([1, 2, 3, 4]), slots)
+    assert not alloc.is_cached(slots).any() and alloc.is_allocated(slots).all()
+    cache.evict(4)
+    assert freed == [slots.tolist()] and alloc.available_size() == 16

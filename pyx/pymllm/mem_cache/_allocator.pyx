@@ -1121,7 +1121,8 @@ cdef class TokenToKVPoolAllocator:
     def is_cached(self, indices):
         """Boolean mask: which of *indices* a prefix cache owns (a ``RadixCache`` or
         ``MambaRadixCache`` over this allocator took them in ``insert``; they come back when
-        it evicts them, and ``free`` refuses them meanwhile)."""
+        it evicts them, and ``free`` refuses them meanwhile). Over an instance of a subclass
+        a cache books nothing (it calls the subclass's own ``free``): all False."""
         return _allocated_mask(_live_core(self), self.page_size, indices, True)
 
     def _check_invariants(self):
