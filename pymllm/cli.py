@@ -129,7 +129,15 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="pad every prefill step to --prefill-batch rows (fewer compilations)",
     )
-    p.add_argument("--max-requests", type=_positive, metavar="N", help="replay only the first N")
+    p.add_argument(
+        "--max-requests", type=_positive, metavar="N", help="with --trace: replay only the first N"
+    )
+    p.add_argument(
+        "--block-tokens",
+        type=_positive,
+        metavar="N",
+        help="with --trace: prompt tokens per hash id (default: 512, Mooncake's)",
+    )
     p.add_argument(
         "--time-scale",
         type=_float_option(0.0, 1e6),
@@ -231,9 +239,19 @@ def _run_demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         err.write(f"pymllm-cache: error: {exc}\n")
         return 2
-    if args.state_slots <= args.max_running:
+    if cfg.rec_layer_ids and args.state_slots <= args.max_running:
         err.write("pymllm-cache: error: --state-slots must exceed --max-running\n")
         return 2
+    # options that would otherwise be ignored without a word
+    for flag, given, applies in (
+        ("--max-requests", args.max_requests, args.trace),
+        ("--block-tokens", args.block_tokens, args.trace),
+        ("--swa-pool-size", args.swa_pool_size, cfg.variant == "swa"),
+    ):
+        if given is not None and not applies:
+            why = "--trace" if flag != "--swa-pool-size" else "--variant swa"
+            err.write(f"pymllm-cache: error: {flag} only applies with {why}\n")
+            return 2
     try:
         if args.trace:
             workload = load_mooncake_trace(
@@ -241,6 +259,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                 vocab_size=cfg.vocab_size,
                 time_scale=args.time_scale,
                 max_requests=args.max_requests,
+                block_size=args.block_tokens or 512,
                 seed=args.seed,
             )
         else:

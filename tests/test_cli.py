@@ -108,6 +108,42 @@ def test_demo_rejects_bad_settings(capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        # a model without recurrent layers needs no state slots: the run goes on (and stops
+        # at the missing trace, checked next)
+        (["--max-running", "64", "--trace", "/nonexistent.jsonl"], "nonexistent.jsonl"),
+        (["--variant", "hybrid", "--max-running", "64"], "--state-slots must exceed"),
+        (["--max-requests", "5"], "--max-requests only applies with --trace"),
+        (["--block-tokens", "64"], "--block-tokens only applies with --trace"),
+        (["--swa-pool-size", "100"], "--swa-pool-size only applies with --variant swa"),
+    ],
+)
+def test_demo_options_that_do_not_apply_are_refused_and_only_those(argv, message, capsys):
+    """--state-slots was checked for every model, refusing --max-running 64 on a model that
+    keeps no state; --max-requests, and --swa-pool-size on other models, were ignored."""
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if "--state-slots" not in message:
+        assert "--state-slots" not in err
+
+
+def test_demo_trace_with_other_block_tokens(tmp_path, capsys):
+    """A trace of 64-token blocks (gen-trace --block-tokens 64) was refused by the demo
+    ("is the block size 512?"), which had no way to say otherwise."""
+    path = tmp_path / "t.jsonl"
+    lines = [rec(100 + 4 * i, [i % 2, 10 + i]) for i in range(4)]  # 2 blocks of 64 each
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert main(["demo", "--trace", str(path), *SMALL, "--quiet"]) == 2
+    assert "is the block size 512?" in capsys.readouterr().err
+    argv = ["demo", "--trace", str(path), "--block-tokens", "64", "--json", "--quiet", *SMALL]
+    assert main([*argv, "--cache", "radix"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runs"][0]["requests"] == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
         (["demo", "--pool-size", "0"], "argument --pool-size: expected an integer in [1, "),
         (["demo", "--pool-size", "3000000000"], "argument --pool-size: expected an integer in"),
         (["demo", "--swa-pool-size", "-5"], "argument --swa-pool-size: expected an integer"),

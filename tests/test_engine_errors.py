@@ -157,6 +157,18 @@ def test_a_mutated_spec_with_a_negative_token_is_refused_before_allocation():
     run_after_error(engine)
 
 
+@pytest.mark.parametrize(("n", "error"), [(0, ValueError), (-3, ValueError), (41.5, TypeError)])
+def test_a_mutated_spec_with_a_bad_output_length_is_refused_before_allocation(n, error):
+    """max_new_tokens was not checked again: 0 failed mid-run with a broadcast error."""
+    engine = make_engine("full")
+    bad = RequestSpec("bad", ramp(0, 10), 2)
+    bad.max_new_tokens = n
+    with pytest.raises(error, match="request bad: max_new_tokens must be"):
+        engine.run(Workload("w", "w", [RequestSpec("ok", ramp(0, 20), 2), bad]))
+    assert engine.memory.kv_available() == POOL
+    run_after_error(engine)
+
+
 def test_a_workload_request_that_is_not_a_spec_is_refused():
     engine = make_engine("full")
     wl = Workload("w", "w", [RequestSpec("ok", ramp(0, 20), 2), ("x", [1, 2], 2)])  # type: ignore[list-item]
@@ -404,3 +416,65 @@ def test_padding_tokens_leave_the_trash_row_alone(variant):
         assert not np.asarray(mem.state.conv)[:, 0].any()
         assert not np.asarray(mem.state.temporal)[:, 0].any()
         assert np.asarray(mem.state.temporal)[:, 3].any()
+
+
+# -- an interrupt at any cache call leaves every slot accounted for (session 17's review) --
+
+
+class _Interrupted(Exception):
+    """Stands for a KeyboardInterrupt (which pytest would take as the user's)."""
+
+
+def _flaky(base: type) -> type:
+    class Flaky(base):  # type: ignore[misc, valid-type]
+        __slots__ = ()
+        plan: dict[str, int] = {}  # method -> the call that raises (1-based)
+        seen: dict[str, int] = {}
+
+        def _tick(self, name: str) -> None:
+            n = Flaky.seen[name] = Flaky.seen.get(name, 0) + 1
+            if Flaky.plan.get(name) == n:
+                raise _Interrupted(f"{name} call {n}")
+
+        def match_prefix(self, *a: Any, **k: Any) -> Any:
+            self._tick("match_prefix")
+            return super().match_prefix(*a, **k)
+
+        def insert(self, *a: Any, **k: Any) -> Any:
+            self._tick("insert")
+            return super().insert(*a, **k)
+
+        def inc_lock_ref(self, *a: Any, **k: Any) -> Any:
+            self._tick("inc_lock_ref")
+            return super().inc_lock_ref(*a, **k)
+
+        def dec_lock_ref(self, *a: Any, **k: Any) -> Any:
+            self._tick("dec_lock_ref")
+            return super().dec_lock_ref(*a, **k)
+
+    return Flaky
+
+
+@pytest.mark.parametrize("variant", ["full", "hybrid"])
+@pytest.mark.parametrize("method", ["match_prefix", "insert", "inc_lock_ref", "dec_lock_ref"])
+def test_an_interrupt_at_any_cache_call_releases_everything(variant: str, method: str) -> None:
+    """A cache call that raises anywhere in a run (an interrupt, say) must leave every slot
+    free or the tree's and no lock held. It did not after the insert that caches a prefilled
+    prompt: the request's records still claimed the slots the tree had just taken, so the
+    release after a failing re-match, lock or unlock tried to free the tree's slots, failed,
+    and stopped there, leaving every other running request's slots and locks; and a finish
+    whose unlock failed lost the request's unshared slots."""
+    flaky = _flaky(MambaRadixCache if variant == "hybrid" else RadixCache)
+    engine = make_engine(variant, flaky)
+    wl = small_shared(n_groups=2, per_group=3)
+    flaky.plan, flaky.seen = {}, {}
+    engine.run(wl)  # a clean run from an empty tree counts the calls
+    total = flaky.seen[method]
+    for at in sorted({1, 2, 3, 5, total // 2, total}):
+        engine.cache.reset()  # the same run again, failing at call `at` of `method`
+        flaky.plan, flaky.seen = {method: at}, {}
+        with pytest.raises(_Interrupted):
+            engine.run(wl)
+        flaky.plan = {}
+        assert_slots_accounted(engine)
+    run_after_error(engine)

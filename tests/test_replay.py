@@ -434,7 +434,9 @@ def test_parse_capacity(text, value):
     assert parse_capacity(text) == value
 
 
-@pytest.mark.parametrize("text", ["0", "-5", "1.5", "lots", "nan", "", True, -math.inf])
+@pytest.mark.parametrize(
+    "text", ["0", "-5", "1.5", "lots", "nan", "", True, -math.inf, "1e400", "infk", "-inf"]
+)
 def test_parse_capacity_rejects(text):
     with pytest.raises(ValueError, match=r"capacity: expected a positive whole number"):
         parse_capacity(text)

@@ -34,9 +34,10 @@ figures describe a warmed-up server (the compile time is reported on its own).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ import numpy as np
 from pymllm.engine import model as M
 from pymllm.engine.config import ModelConfig
 from pymllm.engine.memory import EngineMemory
-from pymllm.engine.workloads import RequestSpec, Workload, _token_ids
+from pymllm.engine.workloads import RequestSpec, Workload, _max_new_tokens, _token_ids
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache, RadixKey
 from pymllm.mem_cache.chunk_cache import ChunkCache
 from pymllm.mem_cache.memory_pool import bucket_size
@@ -115,6 +116,20 @@ def ideal_cached_tokens(results: list[RequestResult]) -> int:
         hit += min(tree.match_prefix(RadixKey(r.prompt, r.extra_key)).prefix_len, r.prompt_len - 1)
         tree.insert(RadixKey(np.concatenate([r.prompt, r.output[:-1]]), r.extra_key))
     return hit
+
+
+def _run_all(steps: Iterable[Callable[[], Any]]) -> None:
+    """Run every step even after one raises (cleanup that must not stop halfway: an
+    interrupt included), then raise the first error."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as exc:
+            if first is None:
+                first = exc
+    if first is not None:
+        raise first
 
 
 def _common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
@@ -491,27 +506,30 @@ class Engine:
                 pool.free(np.array([snap], np.int32))
         else:
             dups, covered, _ = self._insert(r, tokens)
+        # From here the records say who owns what before any call that can raise (a cache
+        # call, an interrupt), so that _release gives back exactly ours: slots[:covered]
+        # are the tree's but for our duplicates among them, which go back below whatever
+        # happens; slots[covered:] stay ours.
         dups = dups.copy()
-        m = self.cache.match_prefix(key)
-        if len(m.indices) < covered:
-            # The tree now holds slots[:covered] but will not lock them for us: keep our
-            # claim to nothing but our state slot (the tree's slots stay the tree's).
-            ours = np.concatenate([dups, r.slots[covered:]])
+        r.cached_len = covered
+        try:
+            m = self.cache.match_prefix(key)
+            if len(m.indices) < covered:
+                # The tree holds slots[:covered] but will not lock them for us: _release
+                # (after this error) gives back ours, slots[covered:]
+                raise EngineError(
+                    f"re-matching the cached prompt of {r.spec.rid} found {len(m.indices)} "
+                    f"tokens, fewer than the {covered} the cache holds"
+                )
+            # the old lock first: should the new one then fail, no lock is ours and the
+            # tree's slots are merely evictable (the request is released after the error)
             self._unlock_req(r)
-            r.slots, r.cached_len = r.slots[:0], 0
-            if ours.size:
-                self._alloc.free(ours)
-            raise EngineError(
-                f"re-matching the cached prompt of {r.spec.rid} found {len(m.indices)} tokens, "
-                f"fewer than the {covered} the cache holds"
-            )
-        token = self._lock(m.last_node)
-        self._unlock(r.node, r.lock_token)
-        r.node, r.lock_token = m.last_node, token
-        r.slots[: len(m.indices)] = m.indices
-        r.cached_len = len(m.indices)
-        if dups.size:
-            self._alloc.free(dups)
+            r.node, r.lock_token = m.last_node, self._lock(m.last_node)
+            r.locked = True
+            r.slots[: len(m.indices)] = m.indices
+        finally:
+            if dups.size:
+                self._alloc.free(dups)
 
     def _finish(self, r: _Req) -> None:
         seq = np.concatenate([r.prompt, np.asarray(r.output[:-1], dtype=np.int32)])
@@ -520,42 +538,46 @@ class Engine:
         ours = np.concatenate([dups, r.slots[covered : len(seq)]])
         if state is not None and not state_exists:
             r.state_slot = 0  # the tree owns it now
-        r.slots, r.cached_len = r.slots[:0], 0  # ours is all we own now
-        self._unlock_req(r)
+        r.slots, r.cached_len = ours, 0  # all we own now: _release frees it after an error
         if ours.size:
             self._alloc.free(ours)
+        r.slots = r.slots[:0]
+        self._unlock_req(r)
         self._free_state(r)
         r.t_finish = self._now()
 
     def _unlock_req(self, r: _Req) -> None:
-        if r.locked:
-            r.locked = False
+        if r.locked:  # still ours if the unlock raises: _release tries again
             self._unlock(r.node, r.lock_token)
+            r.locked = False
         r.node = r.lock_token = None
 
     def _free_state(self, r: _Req) -> None:
-        if r.state_slot:
-            slot, r.state_slot = r.state_slot, 0
+        if r.state_slot:  # still ours if the free raises: _release tries again
             assert self.memory.state_pool is not None
-            self.memory.state_pool.free(np.array([slot], np.int32))
+            self.memory.state_pool.free(np.array([r.state_slot], np.int32))
+            r.state_slot = 0
 
     def _release(self, r: _Req) -> None:
         """Give back everything an unfinished request owns: its slots past the tree's, its
-        state slot and its lock. Its tree slots stay the tree's."""
+        state slot and its lock (each tried even if another fails; the first error is
+        raised). Its tree slots stay the tree's."""
         ours = r.slots[r.cached_len :]
         r.slots, r.cached_len = r.slots[:0], 0
-        self._unlock_req(r)
-        if ours.size:
-            self._alloc.free(ours)
-        self._free_state(r)
+        steps = (
+            lambda: self._alloc.free(ours) if ours.size else None,
+            lambda: self._unlock_req(r),
+            lambda: self._free_state(r),
+        )
+        _run_all(steps)
 
     def _release_all(self) -> None:
         """After an error: release every running request and drop the queues, so every
-        slot is free or the tree's again and the engine can run again."""
+        slot is free or the tree's again and the engine can run again. Every request is
+        released even if one's release fails (the first error is raised after)."""
         running, self._running = self._running, []
         self._waiting, self._pending = [], []
-        for r in running:
-            self._release(r)
+        _run_all([functools.partial(self._release, r) for r in running])
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -694,6 +716,7 @@ class Engine:
         # Checked again here (RequestSpec's fields can be reassigned), and against the
         # vocabulary: the embedding gather would clamp an id past it without a word.
         prompt = _token_ids(spec.rid, spec.prompt)
+        _max_new_tokens(spec.rid, spec.max_new_tokens)
         bad = np.flatnonzero(prompt >= self.cfg.vocab_size)
         if bad.size:
             i = int(bad[0])

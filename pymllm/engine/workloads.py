@@ -35,11 +35,16 @@ class RequestSpec:
 
     def __post_init__(self) -> None:
         self.prompt = _token_ids(self.rid, self.prompt)
-        n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int | np.integer):
-            raise TypeError(f"request {self.rid}: max_new_tokens must be an integer, got {n!r}")
-        if n < 1:
-            raise ValueError(f"request {self.rid}: max_new_tokens must be >= 1, got {n}")
+        self.max_new_tokens = _max_new_tokens(self.rid, self.max_new_tokens)
+
+
+def _max_new_tokens(rid: str, n: Any) -> int:
+    """``n`` as a request's output length (an int >= 1), else ``TypeError``/``ValueError``."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer):
+        raise TypeError(f"request {rid}: max_new_tokens must be an integer, got {n!r}")
+    if n < 1:
+        raise ValueError(f"request {rid}: max_new_tokens must be >= 1, got {n}")
+    return int(n)
 
 
 #: Token ids are int32 on the device: ids at or past this bound cannot be represented.

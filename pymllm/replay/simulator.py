@@ -56,7 +56,8 @@ def make_cache(policy: str, page_size: int, allocator: Any) -> RadixCache:
 
 def parse_capacity(text: str | int | float | None) -> int | None:
     """A capacity in trace units: a positive integer (``1000``, ``1e6``, ``64k``, ``2M``),
-    or ``inf``/``None`` for an unbounded cache. Raises ``ValueError`` naming the value."""
+    or ``inf``/``None``/``math.inf`` for an unbounded cache (a string that overflows,
+    ``1e400`` or ``infk``, is refused). Raises ``ValueError`` naming the value."""
     if text is None:
         return None
     if isinstance(text, str):
@@ -72,8 +73,8 @@ def parse_capacity(text: str | int | float | None) -> int | None:
         val = math.nan
     else:
         val = float(text)
-    if math.isinf(val) and val > 0:
-        return None
+        if math.isinf(val) and val > 0:  # math.inf itself; a string's overflow is refused
+            return None
     if not math.isfinite(val) or val < 1 or val != int(val):
         raise ValueError(
             f"capacity: expected a positive whole number of units or 'inf', got {text!r}"

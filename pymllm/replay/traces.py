@@ -3,7 +3,9 @@
 Both formats are JSON Lines; blank lines are skipped, and anything malformed raises
 :class:`TraceError` naming the file, the line number and the field. The line-level checks
 here are also what the engine's :func:`pymllm.engine.workloads.load_mooncake_trace` uses,
-so the demo and the replay tool accept and reject the same lines.
+so a line is read the same way by both, except that the demo needs every Mooncake field
+(it replays arrivals and outputs), where the replay tool can do without ``timestamp``,
+``input_length`` and ``output_length``, and that only the replay tool reads plain traces.
 
 **Mooncake** (one object per line, as published with the Mooncake paper)::
 
