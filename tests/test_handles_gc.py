@@ -154,3 +154,48 @@ def test_parent_read_while_the_collector_changes_the_tree(finalizer: str) -> Non
     assert stale and leaf.evicted
     cache._check_invariants()
     assert cache.evictable_size() == cache.total_size() == (2 if "inserts" in finalizer else 0)
+
+
+def test_tuple_key_read_while_the_collector_changes_the_tree() -> None:
+    """``handle.key`` of a tuple-token node read the node's length after building the list
+    of tuples, an allocation that can run the collector, whose finalizers may evict the
+    node and reuse its slot: "cannot reshape array of size 8 into shape (7,2)", or a length
+    read from freed memory. Every field is now read, and the tokens copied, first: the key
+    comes back as it was when the read began."""
+    from pymllm.mem_cache import TokenToKVPoolAllocator
+
+    alloc = TokenToKVPoolAllocator(4096)
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    pairs = [(1, 1), (2, 2), (3, 3), (4, 4)]
+    leaf = cache.insert(RadixKey(pairs), alloc.alloc(4)).last_node
+
+    class Request:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            cache.evict(10**6)
+            for i in range(300):  # reuses the slot and moves the node array
+                cache.insert(RadixKey([(9, i)] * 7), alloc.alloc(7))
+
+    gc.collect()
+    Request()
+    old = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        key = leaf.key
+    finally:
+        gc.set_threshold(*old)
+    assert key.token_ids == pairs and leaf.evicted
+    cache._check_invariants()
+
+
+def test_the_unguarded_children_map_is_not_reachable_from_python() -> None:
+    """``_children_slots`` walked the node array with no call guard, allocating as it went:
+    a collection whose finalizer reset the cache shrank the array under the loop (a
+    segfault). It is now C-only, used under the guard by children(), pretty_print() and
+    _check_invariants()."""
+    cache = RadixCache()
+    assert not hasattr(cache, "_children_slots")
+    node = cache.insert(RadixKey([1, 2, 3]), [1, 2, 3]).last_node
+    assert cache.children(cache.root_node) == [node]

@@ -3028,20 +3028,25 @@ cdef class RadixTreeCore:
         return hashes
 
     cdef object _node_tokens(self, nid_t n):
-        """The node's own key as a list of ints or of tuples."""
+        """The node's own key as a list of ints or of tuples. Every field is read, and the
+        tokens copied, before any object the collector tracks is made: a collection can
+        run finalizers that change the tree (reuse the slot, move the node array)."""
         cdef Node* x = &self.nodes[n]
-        cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [x.len * x.width], cnp.NPY_UINT32, 0)
-        copy32(cnp.PyArray_DATA(arr), x.key, x.len * x.width)
+        cdef int64_t length = x.len
+        cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [length * x.width], cnp.NPY_UINT32, 0)
+        copy32(cnp.PyArray_DATA(arr), x.key, length * x.width)   # a numpy array is untracked
         extra_key, arity = self._ns_keys[x.ns]
         if arity == 0:
             return arr.tolist()
-        return [tuple(row) for row in arr.reshape(x.len, arity).tolist()]
+        return [tuple(row) for row in arr.reshape(length, arity).tolist()]
 
     cdef object _node_value(self, nid_t n):
         return _copy_idx(self.nodes[n].value, self.nodes[n].len)
 
-    def _children_slots(self):
-        """Map parent slot -> list of child slots (an O(tree) debugging aid)."""
+    cdef dict _children_slots(self):
+        """Map parent slot -> list of child slots (an O(tree) debugging aid). Only under
+        the call guard (_enter), which holds the collector off: the loop allocates, and a
+        finalizer's reset() would shrink the node array under it."""
         kids = {}
         cdef int64_t i
         for i in range(1, self.hwm):
