@@ -67,6 +67,10 @@ def _extensions() -> list[Extension]:
                 extra_link_args=link_args,
             )
         )
+    if not exts and not ext_filter:
+        # an sdist without pyx/ would otherwise build a pure-Python wheel that fails on
+        # its first import (pymllm.mem_cache._allocator missing)
+        raise SystemExit(f"setup.py: no Cython sources under {ROOT / PYX_ROOT}: nothing to compile")
     return exts
 
 
