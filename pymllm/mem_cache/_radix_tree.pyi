@@ -3,10 +3,13 @@
 from collections.abc import Callable
 from typing import Any
 
+from typing_extensions import disjoint_base
+
 from pymllm.mem_cache.base_prefix_cache import EvictResult, InsertResult, MatchResult, RadixKey
 
 EVICTION_POLICIES: tuple[str, ...]
 
+@disjoint_base
 class TreeNode:
     @property
     def id(self) -> int: ...
@@ -31,12 +34,18 @@ class TreeNode:
     def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
+@disjoint_base
 class RadixTreeCore:
-    page_size: int
-    sliding_window_size: int | None
-    token_to_kv_pool_allocator: Any
-    on_node_evict: Callable[[int], object] | None
-    mamba_pool: Any  # None except in MambaTreeCore
+    @property
+    def page_size(self) -> int: ...
+    @property
+    def sliding_window_size(self) -> int | None: ...
+    @property
+    def token_to_kv_pool_allocator(self) -> Any: ...
+    @property
+    def on_node_evict(self) -> Callable[[int], object] | None: ...
+    @property
+    def mamba_pool(self) -> Any: ...  # None except in MambaTreeCore
     def __init__(
         self,
         page_size: int = 1,
@@ -83,7 +92,6 @@ class MambaTreeNode(TreeNode):
     def full_lock_ref(self) -> int: ...
 
 class MambaTreeCore(RadixTreeCore):
-    mamba_pool: Any
     def __init__(
         self,
         page_size: int = 1,
