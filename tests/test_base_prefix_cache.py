@@ -215,3 +215,13 @@ def test_base_prefix_cache_is_abstract():
 
 def test_errors_are_one_family_and_builtin_compatible():
     assert issubclass(InvalidKeyError, CacheError) and issubclass(InvalidKeyError, ValueError)
+
+
+def test_radix_key_is_hashable_by_identity_as_the_seeds() -> None:
+    """The seed's RadixKey defines no __eq__, so keys are hashable by identity: a serving
+    loop can map a request's key object to its state. This one compared by value and was
+    unhashable (TypeError on a dict key)."""
+    a, b = RadixKey([1, 2, 3], "x"), RadixKey([1, 2, 3], "x")
+    requests = {a: "first", b: "second"}
+    assert requests[a] == "first" and requests[b] == "second"
+    assert a != b and a == a

@@ -244,15 +244,6 @@ class RadixKey:
         i %= n
         return RadixKey(tokens[i : i + 1], self.extra_key)
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, RadixKey):
-            return NotImplemented
-        return self.extra_key == other.extra_key and _as_list(self.token_ids) == _as_list(
-            other.token_ids
-        )
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, like list
-
     def __repr__(self) -> str:
         head = _as_list(itertools.islice(self.token_ids, 10))
         more = "..." if len(self.token_ids) > 10 else ""
