@@ -113,7 +113,6 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state-slots",
         type=int,
-        default=64,
         metavar="N",
         help="recurrent-state slots (hybrid model): running requests plus the states "
         "MambaRadixCache saves (default: 64)",
@@ -239,7 +238,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         err.write(f"pymllm-cache: error: {exc}\n")
         return 2
-    if cfg.rec_layer_ids and args.state_slots <= args.max_running:
+    state_slots = 64 if args.state_slots is None else args.state_slots
+    if cfg.rec_layer_ids and state_slots <= args.max_running:
         err.write("pymllm-cache: error: --state-slots must exceed --max-running\n")
         return 2
     # options that would otherwise be ignored without a word
@@ -247,9 +247,12 @@ def _run_demo(args: argparse.Namespace) -> int:
         ("--max-requests", args.max_requests, args.trace),
         ("--block-tokens", args.block_tokens, args.trace),
         ("--swa-pool-size", args.swa_pool_size, cfg.variant == "swa"),
+        ("--state-slots", args.state_slots, bool(cfg.rec_layer_ids)),
     ):
         if given is not None and not applies:
-            why = "--trace" if flag != "--swa-pool-size" else "--variant swa"
+            why = {"--swa-pool-size": "--variant swa", "--state-slots": "--variant hybrid"}.get(
+                flag, "--trace"
+            )
             err.write(f"pymllm-cache: error: {flag} only applies with {why}\n")
             return 2
     try:
@@ -289,7 +292,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             memory = EngineMemory(
                 cfg,
                 args.pool_size,
-                state_size=args.state_slots,
+                state_size=state_slots,
                 swa_size=swa_size if cfg.variant == "swa" else None,
             )
         except (MemoryError, jax.errors.JaxRuntimeError) as exc:
