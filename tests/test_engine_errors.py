@@ -478,3 +478,44 @@ def test_an_interrupt_at_any_cache_call_releases_everything(variant: str, method
         flaky.plan = {}
         assert_slots_accounted(engine)
     run_after_error(engine)
+
+
+class _FailFirstFree:
+    """Wraps a pool: its first free raises before freeing anything, as an interrupt at the
+    call would; everything else goes to the pool."""
+
+    def __init__(self, inner: Any) -> None:
+        self.__dict__.update(inner=inner, armed=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # a step rebinds pool.buffers
+        setattr(self.__dict__["inner"], name, value)
+
+    def free(self, slots: Any) -> None:
+        if self.__dict__["armed"]:
+            self.__dict__["armed"] = False
+            raise _Interrupted("free")
+        self.__dict__["inner"].free(slots)
+
+
+@pytest.mark.parametrize(("variant", "pool"), [("full", "kv"), ("hybrid", "state")])
+def test_a_free_that_fails_in_caching_a_prompt_loses_nothing(variant: str, pool: str) -> None:
+    """Caching a prefilled prompt frees the request's duplicates (and, over a Mamba cache,
+    the state snapshot the tree already had). Those frees went to the pools with no record
+    kept, so one that failed lost its slots for good; they are now the request's until
+    freed, and the release after the error frees them."""
+    engine = make_engine(variant, MambaRadixCache if variant == "hybrid" else RadixCache)
+    if pool == "kv":
+        engine._alloc = _FailFirstFree(engine._alloc)
+    else:
+        engine.memory.state_pool = _FailFirstFree(engine.memory.state_pool)
+    same = [RequestSpec(rid, ramp(0, 30), 4) for rid in "abc"]  # duplicates to free
+    with pytest.raises(_Interrupted):
+        engine.run(Workload("w", "w", same))
+    if pool == "kv":
+        engine._alloc = engine._alloc.inner
+    else:
+        engine.memory.state_pool = engine.memory.state_pool.inner
+    run_after_error(engine)

@@ -427,7 +427,7 @@ def test_bad_arguments_name_the_argument():
     ("text", "value"),
     [
         *[("1000", 1000), ("1e6", 1_000_000), ("64k", 64_000), ("2M", 2_000_000), (7, 7)],
-        *[("inf", None), ("INF", None), (None, None), (math.inf, None)],
+        *[("inf", None), ("INF", None), ("Infinity", None), (None, None), (math.inf, None)],
     ],
 )
 def test_parse_capacity(text, value):

@@ -149,9 +149,12 @@ class _Req:
     prompt: np.ndarray
     # What the request owns, kept exact between any two calls into the cache, so a failed
     # run can give everything back (Engine._release): slots[cached_len:], state_slot when
-    # non-zero, and a lock on `node` while `locked`.
+    # non-zero, a lock on `node` while `locked`, and what is on its way back to the pools
+    # (loose, loose_state).
     slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     cached_len: int = 0  # slots[:cached_len] belong to the tree (locked through `node`)
+    loose: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # KV to free
+    loose_state: int = 0  # a state slot to free (0: none)
     node: Any = None
     lock_token: Any = None
     locked: bool = False
@@ -496,21 +499,18 @@ class Engine:
                 return
             pool = self.memory.state_pool
             assert pool is not None
-            try:  # the snapshot is ours until the insert succeeds
-                pool.copy_states(np.array([r.state_slot], np.int32), np.array([snap], np.int32))
-                dups, covered, state_exists = self._insert(r, tokens, snap)
-            except BaseException:
-                pool.free(np.array([snap], np.int32))
-                raise
-            if state_exists:
-                pool.free(np.array([snap], np.int32))
+            r.loose_state = snap  # ours until the insert takes it (else freed below)
+            pool.copy_states(np.array([r.state_slot], np.int32), np.array([snap], np.int32))
+            dups, covered, state_exists = self._insert(r, tokens, snap)
+            if not state_exists:
+                r.loose_state = 0  # the tree's now
         else:
             dups, covered, _ = self._insert(r, tokens)
         # From here the records say who owns what before any call that can raise (a cache
         # call, an interrupt), so that _release gives back exactly ours: slots[:covered]
-        # are the tree's but for our duplicates among them, which go back below whatever
-        # happens; slots[covered:] stay ours.
-        dups = dups.copy()
+        # are the tree's but for our duplicates among them (loose: freed below, or by
+        # _release should that fail); slots[covered:] stay ours.
+        r.loose = dups.copy()
         r.cached_len = covered
         try:
             m = self.cache.match_prefix(key)
@@ -528,8 +528,18 @@ class Engine:
             r.locked = True
             r.slots[: len(m.indices)] = m.indices
         finally:
-            if dups.size:
-                self._alloc.free(dups)
+            self._free_loose(r)
+
+    def _free_loose(self, r: _Req) -> None:
+        """Free what the request holds on its way back to the pools; each record is
+        cleared once its free succeeded (else _release tries again)."""
+        if r.loose.size:
+            self._alloc.free(r.loose)
+            r.loose = r.loose[:0]
+        if r.loose_state:
+            assert self.memory.state_pool is not None
+            self.memory.state_pool.free(np.array([r.loose_state], np.int32))
+            r.loose_state = 0
 
     def _finish(self, r: _Req) -> None:
         seq = np.concatenate([r.prompt, np.asarray(r.output[:-1], dtype=np.int32)])
@@ -566,6 +576,7 @@ class Engine:
         r.slots, r.cached_len = r.slots[:0], 0
         steps = (
             lambda: self._alloc.free(ours) if ours.size else None,
+            lambda: self._free_loose(r),
             lambda: self._unlock_req(r),
             lambda: self._free_state(r),
         )

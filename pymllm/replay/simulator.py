@@ -62,7 +62,7 @@ def parse_capacity(text: str | int | float | None) -> int | None:
         return None
     if isinstance(text, str):
         s = text.strip().lower()
-        if s in ("inf", "infinite", "unbounded"):
+        if s in ("inf", "infinity", "infinite", "unbounded"):
             return None
         scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(s[-1:], 1)
         try:
