@@ -1686,9 +1686,14 @@ cdef class RadixTreeCore:
         h = <TreeNode>node
         if h._tree is not self:
             raise StaleNodeError(f"node: {node!r} belongs to another cache")
-        if h._uid < 0 or h._slot >= self.hwm or self.nodes[h._slot].uid != h._uid:
+        if self._stale(h._slot, h._uid):
             raise StaleNodeError(f"node: node {h._uid} was evicted; match the key again")
         return h._slot
+
+    cdef inline bint _stale(self, nid_t slot, int64_t uid) noexcept:
+        """Whether a handle (slot, uid) no longer names a live node: its slot was freed or
+        reused, or it never named one (a negative uid is a free slot's)."""
+        return uid < 0 or slot >= self.hwm or self.nodes[slot].uid != uid
 
     cdef bint _finalized_unlock(self, object node) except -1:
         """Whether unlocking *node* undoes a lock its node held when this cache's finalizer
@@ -3341,8 +3346,7 @@ cdef class TreeNode:
 
     cdef inline Node* _node(self) except NULL:
         self._tree._await_idle()
-        if (self._uid < 0 or self._slot >= self._tree.hwm
-                or self._tree.nodes[self._slot].uid != self._uid):
+        if self._tree._stale(self._slot, self._uid):
             raise StaleNodeError(f"node {self._uid} was evicted")
         return &self._tree.nodes[self._slot]
 
@@ -3354,8 +3358,7 @@ cdef class TreeNode:
     @property
     def evicted(self):
         self._tree._await_idle()
-        return (self._uid < 0 or self._slot >= self._tree.hwm
-                or self._tree.nodes[self._slot].uid != self._uid)
+        return self._tree._stale(self._slot, self._uid)
 
     @property
     def key(self):
