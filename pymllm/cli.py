@@ -243,17 +243,14 @@ def _run_demo(args: argparse.Namespace) -> int:
         err.write("pymllm-cache: error: --state-slots must exceed --max-running\n")
         return 2
     # options that would otherwise be ignored without a word
-    for flag, given, applies in (
-        ("--max-requests", args.max_requests, args.trace),
-        ("--block-tokens", args.block_tokens, args.trace),
-        ("--swa-pool-size", args.swa_pool_size, cfg.variant == "swa"),
-        ("--state-slots", args.state_slots, bool(cfg.rec_layer_ids)),
+    for flag, given, applies, needs in (
+        ("--max-requests", args.max_requests, args.trace, "--trace"),
+        ("--block-tokens", args.block_tokens, args.trace, "--trace"),
+        ("--swa-pool-size", args.swa_pool_size, cfg.variant == "swa", "--variant swa"),
+        ("--state-slots", args.state_slots, cfg.rec_layer_ids, "--variant hybrid"),
     ):
         if given is not None and not applies:
-            why = {"--swa-pool-size": "--variant swa", "--state-slots": "--variant hybrid"}.get(
-                flag, "--trace"
-            )
-            err.write(f"pymllm-cache: error: {flag} only applies with {why}\n")
+            err.write(f"pymllm-cache: error: {flag} only applies with {needs}\n")
             return 2
     try:
         if args.trace:

@@ -86,10 +86,6 @@ def _index(v: Any) -> int | None:
     return operator.index(v)
 
 
-def _is_int(t: Any) -> bool:
-    return _index(t) is not None
-
-
 def _counts(*counts: Any) -> tuple[int, ...]:
     """Eviction counts as ints, read as the compiled cache reads them (``TypeError`` for a
     bool or a non-integer)."""
