@@ -22,7 +22,6 @@ Run: ``pytest bench/bench_swa_radix_cache.py --benchmark-only`` (ratios printed 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from conftest import POOL, fresh_cache, note, record, serve
 from reference_swa import RefSWARadixCache
@@ -53,9 +52,9 @@ def serve_swa(cache, allocator, keys) -> tuple[int, int]:
         swa_short = need - allocator.swa_available_size()
         if swa_short > 0:
             swa_freed += cache.evict(0, swa_short).swa_evicted
-        new = allocator.alloc(need)
-        assert new is not None, "pool too small for one request"
-        cache.insert(key, np.concatenate([m.indices, new]), prev_prefix_len=m.prefix_len)
+        value = allocator.alloc(need, prefix=m.indices)  # the matched slots, then new ones
+        assert value is not None, "pool too small for one request"
+        cache.insert(key, value, prev_prefix_len=m.prefix_len)
         cache.dec_lock_ref(m.last_node, boundary)
         hits += m.prefix_len
     return hits, swa_freed
