@@ -480,6 +480,13 @@ cdef inline bint _before(const Node* nodes, nid_t a, nid_t b) noexcept nogil:
     return nodes[a].uid < nodes[b].uid
 
 
+cdef inline void _run_clear(Run* r) noexcept nogil:
+    """The run with no leaf in it."""
+    r.head = NIL
+    r.tail = NIL
+    r.size = 0
+
+
 cdef inline void _heap_set(Heap* hp, Node* nodes, int kind, int64_t pos, nid_t n) noexcept nogil:
     hp.data[pos] = n
     nodes[n].heap_pos[kind] = <int32_t>pos
@@ -1043,9 +1050,7 @@ cdef class RadixTreeCore:
         self.heap.data = NULL
         self.heap.cap = 0
         self.heap.size = 0
-        self.run.head = NIL
-        self.run.tail = NIL
-        self.run.size = 0
+        _run_clear(&self.run)
         self.aux_heap.data = NULL
         self.aux_heap.cap = 0
         self.aux_heap.size = 0
@@ -1290,9 +1295,7 @@ cdef class RadixTreeCore:
             self.heap.cap = 0
             _big_regrow(<void**>&self.heap.data, &self.heap.cap, self.cap, sizeof(nid_t))
             self.heap.size = 0
-            self.run.head = NIL
-            self.run.tail = NIL
-            self.run.size = 0
+            _run_clear(&self.run)
             self.aux_heap.cap = 0
             _big_regrow(<void**>&self.aux_heap.data, &self.aux_heap.cap, self.cap, sizeof(nid_t))
             self.aux_heap.size = 0
