@@ -223,6 +223,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from pymllm.engine.model import init_params
     from pymllm.engine.scheduler import Engine, EngineError, SchedulerConfig, ideal_cached_tokens
     from pymllm.engine.workloads import load_mooncake_trace, make_workload
+    from pymllm.replay.traces import MOONCAKE_BLOCK_TOKENS
 
     t_start = time.perf_counter()
     err = sys.stderr
@@ -259,7 +260,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                 vocab_size=cfg.vocab_size,
                 time_scale=args.time_scale,
                 max_requests=args.max_requests,
-                block_size=args.block_tokens or 512,
+                block_size=args.block_tokens or MOONCAKE_BLOCK_TOKENS,
                 seed=args.seed,
             )
         else:

@@ -15,7 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from pymllm.replay.traces import TraceError, mooncake_record, trace_records
+from pymllm.replay.traces import (
+    MOONCAKE_BLOCK_TOKENS,
+    TraceError,
+    mooncake_record,
+    trace_records,
+)
 
 
 @dataclass
@@ -197,7 +202,7 @@ def load_mooncake_trace(
     path: str | Path,
     *,
     vocab_size: int,
-    block_size: int = 512,
+    block_size: int = MOONCAKE_BLOCK_TOKENS,
     time_scale: float = 0.0,
     max_requests: int | None = None,
     max_output: int | None = None,
