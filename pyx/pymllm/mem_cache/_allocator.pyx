@@ -999,8 +999,10 @@ cdef class TokenToKVPoolAllocator:
     slots back (numpy array of any integer dtype, list, int or jax array; int32 numpy is
     the fast path): they are the allocator's again. Slots a prefix cache took in
     ``insert`` are not the caller's to free (``InvalidFreeError``): the cache frees them.
-    With pages, a freed slot frees its whole page. Bad frees raise ``InvalidFreeError`` (a
-    ``ValueError``) and free nothing of that call. With ``need_sort`` (default) freed slots
+    With pages, a freed slot frees its whole page. A slot that is not the caller's to free
+    (free already, a cache's, padding, out of range, listed twice) raises
+    ``InvalidFreeError``; indices that are not slot ids at all (floats, bools, a 2-D array)
+    raise ``InvalidValueError``. Both are ``ValueError`` and free nothing of that call. With ``need_sort`` (default) freed slots
     are handed out again lowest first, once the current free list runs out. Each call is atomic with respect to Python
     threads (see the module docstring).
     """
@@ -1055,7 +1057,9 @@ cdef class TokenToKVPoolAllocator:
         return out
 
     def free(self, indices):
-        """Return *indices* to the pool; raises ``InvalidFreeError`` with nothing freed."""
+        """Return *indices* to the pool. A slot not the caller's to free raises
+        ``InvalidFreeError``, indices that are not slot ids ``InvalidValueError``; either
+        way nothing is freed."""
         _live_core(self)
         cdef cnp.ndarray arr = _as_int32_slots(indices)
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
@@ -1151,7 +1155,8 @@ cdef class SWATokenToKVPoolAllocator:
     prefix's full slots, copied, then the ``n`` new ones. ``free(full)`` frees both sides;
     ``free_swa(full)`` frees only the SWA side of still-allocated full slots (slots whose
     SWA side is already gone are skipped, so a tombstoned node can later be freed whole).
-    Full slots that are not allocated raise ``InvalidFreeError`` in both, nothing freed.
+    Full slots that are not allocated raise ``InvalidFreeError`` in both, indices that are
+    not slot ids ``InvalidValueError``; either way nothing is freed.
     ``available_size()`` is the smaller side. Each call is atomic with respect to Python
     threads (see the module docstring).
     """
