@@ -21,7 +21,11 @@ class ChunkCache(BasePrefixCache):
     ``match_prefix`` always misses, ``insert`` takes ownership of nothing (every index the
     caller passes stays the caller's to free: ``prefix_len`` is 0), ``evict`` frees nothing
     and locks are no-ops. Use it to serve without prefix reuse through the same scheduler
-    code path as :class:`~pymllm.mem_cache.radix_cache.RadixCache`.
+    code path as :class:`~pymllm.mem_cache.radix_cache.RadixCache`, provided that path
+    frees what the cache did not take: a loop that frees only the duplicates a radix
+    insert reports would leak every slot here. ``pymllm.engine`` measures what an insert
+    took as the growth of ``total_size()`` (always 0 here) and frees the rest when the
+    request ends.
     """
 
     def __init__(self, token_to_kv_pool_allocator: Any = None) -> None:
