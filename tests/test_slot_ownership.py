@@ -933,6 +933,32 @@ def test_mamba_init_reads_the_pools_books_before_building_the_tree() -> None:
     assert pool.slot_allocator.is_cached(state).all()
 
 
+class _PagedStatePool:
+    """A state pool whose slot allocator hands out pages of 2 slots."""
+
+    def __init__(self) -> None:
+        self.slot_allocator = TokenToKVPoolAllocator(4, page_size=2, need_sort=False)
+
+    def free(self, slots: Any) -> None:
+        self.slot_allocator.free(slots)
+
+
+@pytest.mark.parametrize("kind", ["allocator", "behind a pool"])
+def test_mamba_refuses_a_paged_state_allocator(kind: str) -> None:
+    """A paged allocator frees whole pages, so the tree's free of one state freed its page's
+    other slot: another request's (and it went unbooked: the pool's free of a state the
+    tree held passed). Refused when the cache is made, nothing built."""
+    pool: Any = (
+        TokenToKVPoolAllocator(4, page_size=2, need_sort=False)
+        if kind == "allocator"
+        else _PagedStatePool()
+    )
+    alloc = TokenToKVPoolAllocator(8, need_sort=False)
+    with pytest.raises(InvalidValueError, match="page_size 1"):
+        MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=pool)
+    assert alloc.available_size() == 8
+
+
 def _collect_scheduler_with_requests(kv: Any, fail_rebuild: bool = False) -> list[Any]:
     """A scheduler, its cache over *kv* and two requests whose ``__del__`` unlocks their
     node, left as garbage and collected together (the cache's finalizer may run first);

@@ -26,7 +26,9 @@ class MambaRadixCache(MambaTreeCore, BasePrefixCache):  # type: ignore[misc]
     slot passed to ``insert`` becomes the tree's unless ``InsertResult.mamba_exist`` is True;
     states leave the tree only through ``evict``/``reset`` or when the cache is dropped.
     A pool that is a ``TokenToKVPoolAllocator``, or has one as ``slot_allocator``
-    (``MambaPool``), books the states the tree holds as the cache's: the pool's ``free``
+    (``MambaPool``), must have ``page_size`` 1 (``InvalidValueError`` otherwise: a paged
+    free would free a state's neighbours too), and books the states the tree holds as the
+    cache's: the pool's ``free``
     refuses them (``InvalidFreeError``), ``insert`` refuses a state that is free or another
     node's (``InvalidValueError``, nothing changed), and the tree frees them straight into
     that allocator. Any other pool gets them back through ``mamba_pool.free``.

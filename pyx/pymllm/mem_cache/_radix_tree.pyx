@@ -3475,15 +3475,22 @@ cdef class MambaTreeCore(RadixTreeCore):
             raise TypeError(f"mamba_pool: expected an object with free(slots), got {mamba_pool!r}")
         # our allocator as the pool itself, or behind one (MambaPool.slot_allocator); read
         # first, as the pool's Python code may raise: then no tree is built
-        books = (mamba_pool if type(mamba_pool) is TokenToKVPoolAllocator
+        books = (mamba_pool if isinstance(mamba_pool, TokenToKVPoolAllocator)
                  else getattr(mamba_pool, "slot_allocator", None))
+        if isinstance(books, TokenToKVPoolAllocator) and books.page_size != 1:
+            # a state is one slot, and a paged pool frees whole pages: freeing one state
+            # would free its page's other slots, another request's or another node's
+            raise InvalidValueError(
+                "mamba_pool: a TokenToKVPoolAllocator that holds states must have "
+                f"page_size 1 (a state is one slot), got page_size {books.page_size}"
+            )
         self.mamba = True
         self.mamba_pool = mamba_pool
         self.sliding_window_size = None
         self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
         Py_XDECREF(self._state_booking)   # an __init__ after a failed reset's
         self._state_booking = NULL
-        if type(books) is TokenToKVPoolAllocator and books.page_size == 1:
+        if type(books) is TokenToKVPoolAllocator:
             Py_XINCREF(<PyObject*>books)
             self._state_booking = <PyObject*>books
 
