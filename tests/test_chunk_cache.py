@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pymllm.mem_cache import BasePrefixCache, ChunkCache, EvictResult, RadixKey
 
@@ -26,3 +27,35 @@ def test_chunk_cache_never_hits_and_never_takes_ownership():
     c.reset()
     assert c.total_size() == c.evictable_size() == c.protected_size() == 0
     assert c.swa_evictable_size() == c.swa_protected_size() == 0
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda c: c.match_prefix([1, 2]), id="match-a-list"),
+        pytest.param(lambda c: c.insert("abc"), id="insert-a-str"),
+        pytest.param(lambda c: c.insert(RadixKey([1]), [1], prev_prefix=0), id="insert-typo"),
+        pytest.param(lambda c: c.evict(1.5), id="evict-a-float"),
+        pytest.param(lambda c: c.evict(True), id="evict-a-bool"),
+        pytest.param(lambda c: c.evict(1, "2"), id="evict-swa-a-str"),
+        pytest.param(lambda c: c.evict(1, mamba_num=0.5), id="evict-mamba-a-float"),
+        pytest.param(lambda c: c.evict(1, mamba=1), id="evict-typo"),
+        pytest.param(lambda c: c.inc_lock_ref(42), id="lock-not-its-node"),
+        pytest.param(lambda c: c.dec_lock_ref(None, swa_boundary=1), id="unlock-typo"),
+    ],
+)
+def test_chunk_cache_refuses_what_the_radix_caches_refuse(call):
+    """A scheduler's wrong argument raised on the radix caches and passed on ChunkCache, so
+    it showed only once caching was turned on."""
+    with pytest.raises(TypeError):
+        call(ChunkCache(token_to_kv_pool_allocator=_NoFree()))
+
+
+def test_chunk_cache_takes_the_radix_caches_keywords():
+    c = ChunkCache()
+    key = RadixKey([1, 2])
+    kwargs = {"prev_prefix_len": 0, "swa_evicted_seqlen": 0, "priority": 3, "mamba_value": 1}
+    assert c.insert(key, [1, 2], **kwargs).prefix_len == 0
+    assert c.evict(np.int64(4), 0, mamba_num=1) == EvictResult()
+    assert c.evict(0, mamba_num=None) == EvictResult()
+    c.dec_lock_ref(c.inc_lock_ref(None), swa_boundary_id=None)

@@ -14,6 +14,34 @@ from pymllm.mem_cache.base_prefix_cache import (
     RadixKey,
 )
 
+# The keyword arguments the radix caches take, which a scheduler may pass to any cache.
+_INSERT_KWARGS = frozenset({"prev_prefix_len", "swa_evicted_seqlen", "priority", "mamba_value"})
+_EVICT_KWARGS = frozenset({"mamba_num"})
+_UNLOCK_KWARGS = frozenset({"swa_boundary_id"})
+
+
+def _check_kwargs(method: str, kwargs: dict[str, Any], known: frozenset[str]) -> None:
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{method}() got unexpected keyword arguments {unknown}")
+
+
+def _check_key(key: Any) -> None:
+    if not isinstance(key, RadixKey):
+        raise TypeError(f"key: expected a RadixKey, got {key!r} ({type(key).__name__})")
+
+
+def _check_count(name: str, v: Any) -> None:
+    if isinstance(v, (bool, np.bool_)) or not hasattr(type(v), "__index__"):
+        raise TypeError(f"{name}: expected an int, got {v!r} ({type(v).__name__})")
+
+
+def _check_node(node: Any) -> None:
+    if node is not None:
+        raise TypeError(
+            f"node: expected None (ChunkCache's match_prefix hands out no node), got {node!r}"
+        )
+
 
 class ChunkCache(BasePrefixCache):
     """A cache that caches nothing.
@@ -26,6 +54,11 @@ class ChunkCache(BasePrefixCache):
     insert reports would leak every slot here. ``pymllm.engine`` measures what an insert
     took as the growth of ``total_size()`` (always 0 here) and frees the rest when the
     request ends.
+
+    It reads no tokens, but refuses what the radix caches refuse before they read any
+    (``TypeError``): a key that is not a ``RadixKey``, a count that is not an int, a node
+    other than the ``None`` its ``match_prefix`` hands out, and keyword arguments no radix
+    cache takes. So a scheduler's mistake shows here too, not only once caching is on.
     """
 
     def __init__(self, token_to_kv_pool_allocator: Any = None) -> None:
@@ -36,22 +69,35 @@ class ChunkCache(BasePrefixCache):
 
     def match_prefix(self, key: RadixKey) -> MatchResult:
         """Always a miss: empty int32 ``indices``, ``prefix_len`` 0, ``last_node`` None."""
+        _check_key(key)
         return MatchResult(indices=np.zeros(0, dtype=np.int32), last_node=None, prefix_len=0)
 
     def insert(self, key: RadixKey, value: Any = None, **kwargs: Any) -> InsertResult:
-        """Stores nothing: the caller keeps ownership of every index in *value*."""
+        """Stores nothing: the caller keeps ownership of every index in *value*. Takes the
+        radix caches' keyword arguments (``prev_prefix_len``, ``swa_evicted_seqlen``,
+        ``priority``, ``mamba_value``) and ignores them."""
+        _check_key(key)
+        _check_kwargs("insert", kwargs, _INSERT_KWARGS)
         return InsertResult(prefix_len=0, last_node=None)
 
     def evict(self, num_tokens: int, swa_num_tokens: int = 0, **kwargs: Any) -> EvictResult:
-        """Nothing to evict."""
+        """Nothing to evict (``mamba_num``, a MambaRadixCache's argument, is taken too)."""
+        _check_count("num_tokens", num_tokens)
+        _check_count("swa_num_tokens", swa_num_tokens)
+        _check_kwargs("evict", kwargs, _EVICT_KWARGS)
+        if kwargs.get("mamba_num") is not None:
+            _check_count("mamba_num", kwargs["mamba_num"])
         return EvictResult()
 
     def inc_lock_ref(self, node: Any) -> None:
         """No-op; returns None (the token to hand back to :meth:`dec_lock_ref`)."""
+        _check_node(node)
         return None
 
     def dec_lock_ref(self, node: Any, **kwargs: Any) -> None:
-        """No-op."""
+        """No-op (``swa_boundary_id`` is taken and ignored)."""
+        _check_node(node)
+        _check_kwargs("dec_lock_ref", kwargs, _UNLOCK_KWARGS)
 
     def pretty_print(self) -> None:
         print("ChunkCache (caches nothing)")
