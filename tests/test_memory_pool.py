@@ -29,6 +29,7 @@ from pymllm.mem_cache.memory_pool import (
     pad_slots,
     read_kv,
     reset_states,
+    scatter_rows,
     write_kv,
     write_kv_all,
 )
@@ -135,7 +136,7 @@ def test_jax_inputs_round_trip_and_module_functions_compose_in_a_step() -> None:
     np.testing.assert_array_equal(host(pool.get_kv(0, loc[:10])[0]), host(k)[:10])
 
 
-def test_padding_writes_land_only_in_row_zero() -> None:
+def test_padding_writes_nothing_and_row_zero_stays_zero() -> None:
     pool = KVPool(40, 2, 2, 4)
     rows = np.arange(1, 41)
     rng = np.random.default_rng(2)
@@ -147,13 +148,54 @@ def test_padding_writes_land_only_in_row_zero() -> None:
     want_k = np.concatenate([np.zeros((2, 1, 2, 4), BF16), base_k], axis=1)
     want_k[1, loc] = k
     got_k = host(pool.buffers.k)
-    np.testing.assert_array_equal(got_k[:, 1:], want_k[:, 1:])
-    assert not got_k[:, 0].any()  # row 0 got only the zero padding
+    np.testing.assert_array_equal(got_k, want_k)  # row 0 included: still zeros
     # copy() pads with 0 -> 0 as well.
     pool.copy([30], [31])
     got_k2 = host(pool.buffers.k)
     np.testing.assert_array_equal(got_k2[:, 31], got_k[:, 30])
     np.testing.assert_array_equal(np.delete(got_k2, 31, axis=1), np.delete(got_k, 31, axis=1))
+
+
+def _nan_padded(n: int, m: int, *shape: int) -> jax.Array:
+    """``[*lead, m, ...]`` device rows: ``n`` of ones, then NaN padding (what padded tokens
+    that went through a masked softmax hold)."""
+    x = np.full((*shape[:-1], m, shape[-1]), np.nan, np.float32)
+    x[..., :n, :] = 1.0
+    return jnp.asarray(x)
+
+
+def test_bucket_sized_device_rows_leave_row_zero_alone() -> None:
+    """K/V made at the bucket size in a model step (as the module docstring advises) carry
+    the padded tokens' rows; the pools scattered them into row 0, where a NaN then turned
+    every masked read of a padded slot-table entry into NaN logits. Padding writes nothing
+    now, in the pools and the module functions alike."""
+    pool = KVPool(32, 2, 1, 4, dtype=jnp.float32)
+    loc = pad_slots([5, 6, 7])  # 16 entries, 13 padding
+    k = jnp.moveaxis(_nan_padded(3, 16, 2, 1, 4), -2, 1)  # [L, 16, H, D]
+    pool.set_kv_all(loc, k, k)
+    pool.set_kv_buffer(1, loc, k[1], k[1])
+    got = host(pool.buffers.k)
+    assert not got[:, 0].any() and np.isfinite(got).all()
+    assert (got[:, 5:8] == 1).all() and not got[:, 8:].any()
+    bufs = write_kv(pool.buffers, 0, jnp.asarray(loc), k[0], k[0])
+    assert not host(bufs.k)[:, 0].any() and np.isfinite(host(bufs.v)).all()
+    mamba = MambaPool(8, 2, (3,), (2, 2), conv_dtype=jnp.float32)
+    s = pad_slots([2, 3])
+    conv = _nan_padded(2, 16, 2, 3)
+    temporal = jnp.broadcast_to(conv[..., None], (2, 16, 3, 1))[..., :2, :].repeat(2, -1)
+    mamba.set_states(s, conv, temporal)
+    states = mamba.buffers
+    assert not host(states.conv)[:, 0].any() and np.isfinite(host(states.temporal)).all()
+    assert (host(states.conv)[:, 2:4] == 1).all()
+
+
+def test_scatter_rows_routes_padding_past_the_end_distinct() -> None:
+    loc = jnp.asarray([4, 0, 9, 0], jnp.int32)
+    assert scatter_rows(loc, 10).tolist() == [4, 11, 9, 13]
+    valid = jnp.asarray([True, True, False, True])
+    assert scatter_rows(loc, 10, valid).tolist() == [4, 0, 12, 0]
+    with pytest.raises(InvalidValueError, match="do not fit int32"):
+        jax.jit(lambda x: scatter_rows(x, 2**31 - 3))(loc)
 
 
 def test_copy_reads_sources_before_writing() -> None:
@@ -345,7 +387,7 @@ def test_padding_slot_may_repeat_and_copy_sources_may_repeat() -> None:
     pool.set_kv_buffer(0, [0, 3, 0, 4], k, k)
     pool.copy([3, 3], [5, 6])  # one row forked into two
     got = host(pool.buffers.k)[0, :, 0, 0]
-    assert got[[3, 4, 5, 6]].tolist() == [3.0, 7.0, 3.0, 3.0]
+    assert got[[0, 3, 4, 5, 6]].tolist() == [0.0, 3.0, 7.0, 3.0, 3.0]  # padding writes nothing
     mamba = MambaPool(4, 1, (2,), (2,), conv_dtype=jnp.float32)
     for call in (
         lambda: mamba.set_states(

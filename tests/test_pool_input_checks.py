@@ -379,12 +379,12 @@ def _allocating(*args, **kwargs):
     ("make", "size", "refused"),
     [
         pytest.param(lambda n: KVPool(n, 1, 1, 1), 2**31, True, id="kv-2**31"),
-        pytest.param(lambda n: KVPool(n, 1, 1, 1), 2**31 - 1, True, id="kv-rows-2**31"),
-        pytest.param(lambda n: KVPool(n, 1, 1, 1), 2**31 - 2, False, id="kv-rows-2**31-1"),
-        pytest.param(lambda n: KVPool(n, 1, 1, 1, page_size=4), 2**31 - 4, True, id="kv-pages"),
-        pytest.param(lambda n: KVPool(n, 1, 1, 1, page_size=4), 2**31 - 5, False, id="kv-pages-ok"),
-        pytest.param(lambda n: MambaPool(n, 1, (1,), (1,)), 2**31 - 1, True, id="mamba-2**31"),
-        pytest.param(lambda n: MambaPool(n, 1, (1,), (1,)), 2**31 - 2, False, id="mamba-ok"),
+        pytest.param(lambda n: KVPool(n, 1, 1, 1), 2**30, True, id="kv-rows-2**30+1"),
+        pytest.param(lambda n: KVPool(n, 1, 1, 1), 2**30 - 1, False, id="kv-rows-2**30"),
+        pytest.param(lambda n: KVPool(n, 1, 1, 1, page_size=4), 2**30, True, id="kv-pages"),
+        pytest.param(lambda n: KVPool(n, 1, 1, 1, page_size=4), 2**30 - 4, False, id="kv-pages-ok"),
+        pytest.param(lambda n: MambaPool(n, 1, (1,), (1,)), 2**30, True, id="mamba-2**30+1"),
+        pytest.param(lambda n: MambaPool(n, 1, (1,), (1,)), 2**30 - 1, False, id="mamba-ok"),
     ],
 )
 def test_pools_refuse_rows_beyond_int32_before_allocating(

@@ -24,10 +24,10 @@ returned by the step:
 
 The layers run as a ``lax.scan`` over groups of the variant's pattern (one group is one
 layer for ``full``, a pair for ``swa``/``hybrid``), so compilation cost does not grow with
-depth. Padding everywhere uses slot 0 in the batch: padded slot-table entries read the
-trash row 0 (masked out of the softmax). Padded tokens and rows write nothing: the step
-routes their writes past the buffers' end, where the scatter drops them (see
-:func:`_write_rows`).
+depth. Padding everywhere uses slot 0 in the batch: padded slot-table entries read row 0
+(masked out of the softmax), which stays all zeros. Padded tokens and rows write nothing:
+the step routes their writes past the buffers' end, where the scatter drops them (see
+:func:`pymllm.mem_cache.memory_pool.scatter_rows`), as the pools' own writes do.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pymllm.engine.config import ModelConfig
-from pymllm.mem_cache.memory_pool import KVBuffers, MambaBuffers
+from pymllm.mem_cache.memory_pool import KVBuffers, MambaBuffers, scatter_rows
 
 Params = dict[str, Any]
 
@@ -139,18 +139,6 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _write_rows(slots: jax.Array, valid: jax.Array, rows: int) -> jax.Array:
-    """Scatter rows for ``slots`` (1-D): ``slots`` where ``valid``, else distinct rows past
-    the buffer's ``rows``, which a ``mode="drop"`` scatter skips.
-
-    Every index is then unique, as ``unique_indices=True`` promises (JAX leaves repeated
-    indices undefined, and padding would repeat the trash row 0 once per padded token),
-    and the trash row is never written: it keeps its zeros, finite for the masked reads.
-    The real slots are unique because the scheduler gives each position a slot of its own.
-    """
-    return jnp.where(valid, slots, rows + jnp.arange(slots.shape[0], dtype=slots.dtype))
-
-
 def _attention(
     cfg: ModelConfig,
     p: dict[str, jax.Array],
@@ -170,7 +158,7 @@ def _attention(
     # Write first, then gather: the chunk's own keys come back through the pool, exactly as
     # a later request that hits this prefix will read them. Padding tokens write nothing.
     valid = jnp.arange(t)[None, :] < b["chunk_lens"][:, None]
-    loc = _write_rows(b["new_slots"].reshape(-1), valid.reshape(-1), kv.k.shape[1])
+    loc = scatter_rows(b["new_slots"].reshape(-1), kv.k.shape[1], valid.reshape(-1))
     kv = KVBuffers(
         kv.k.at[layer, loc].set(
             k.reshape(-1, kvh, hd).astype(kv.k.dtype), mode="drop", unique_indices=True
@@ -244,7 +232,7 @@ def _recurrence(
     gate = jax.nn.silu((x @ p["w_g"]).astype(jnp.float32))
     y = (seq * gate).astype(x.dtype) @ p["w_o"]
     # Padded rows (no token) write nothing.
-    rows = _write_rows(slots, b["chunk_lens"] > 0, state.conv.shape[1])
+    rows = scatter_rows(slots, state.conv.shape[1], b["chunk_lens"] > 0)
     state = MambaBuffers(
         state.conv.at[layer, rows].set(
             conv_new.astype(state.conv.dtype), mode="drop", unique_indices=True

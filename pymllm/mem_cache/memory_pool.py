@@ -4,8 +4,10 @@ Ownership: a KV slot is either free in a :class:`TokenToKVPoolAllocator` or owne
 caller (the scheduler, a request) or by the radix tree once inserted; the allocator books
 which (``is_cached``) and refuses a caller's free of the tree's slots. :class:`KVPool` never
 checks ownership; it stores whatever is written at a slot. Slot 0 (page 0 with pages) is the
-padding slot: never handed out, an in-bounds trash row that every padded index list points
-at, so a padded write or copy can only ever change row 0.
+padding slot: never handed out, the row every padded index list points at. Reads of it
+return row 0, which stays all zeros: a write or copy routes each padding entry to a distinct
+row past the buffer's end, which the scatter drops (:func:`scatter_rows`), so every index a
+scatter sees is distinct, as its ``unique_indices=True`` promises.
 
 Device side: each buffer set is a ``NamedTuple`` of ``jax.Array`` and every update is a pure
 function ``(buffers, ...) -> buffers`` jitted with the buffers donated, so XLA updates them
@@ -55,9 +57,12 @@ from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
 PAD_SLOT = 0
 """The padding slot: row 0 of every buffer, never allocated."""
 
-_MAX_ROWS = (1 << 31) - 1
-"""Most rows a device buffer may have: slots are int32, and so is the row count that JAX
-adds to an index inside every scatter and gather (a buffer of 2**31 rows fails them all)."""
+_INT32_MAX = (1 << 31) - 1
+
+_MAX_ROWS = 1 << 30
+"""Most rows a device buffer may have: slots are int32, and a write's padding entries are
+routed to rows past the last one (``rows + i``), which must be int32 too; 2**30 rows leave
+room for any write of up to 2**30 entries."""
 
 MIN_BUCKET = 16
 
@@ -111,17 +116,42 @@ class KVBuffers(NamedTuple):
     v: jax.Array
 
 
+def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
+    """Scatter indices for the 1-D int32 *loc* into a buffer of *rows* rows: *loc* where
+    *valid* (default: where it is not the padding slot 0), and a distinct row past the
+    buffer's end elsewhere, which a ``mode="drop"`` scatter skips.
+
+    Every index is then distinct, as ``unique_indices=True`` promises (JAX leaves the
+    result of a repeated index undefined, and padding repeats slot 0), and padding writes
+    nothing: row 0 keeps its zeros, so masked reads of it stay finite. For use inside a
+    jitted function (the pools' updates and a model step). ``rows + len(loc)`` must fit
+    int32 (``InvalidValueError`` when traced; both are static)."""
+    n = loc.shape[0]
+    if rows + n > _INT32_MAX:
+        raise InvalidValueError(f"loc: {n} entries past {rows} rows do not fit int32")
+    if valid is None:
+        valid = loc != PAD_SLOT
+    return jnp.where(valid, loc, rows + jnp.arange(n, dtype=jnp.int32))
+
+
+def _set_rows(buf: jax.Array, index: Any, rows: Any) -> jax.Array:
+    """``buf.at[index].set(rows)`` of scatter_rows indices (dropped past the end)."""
+    return buf.at[index].set(rows, mode="drop", unique_indices=True)
+
+
 def _write_kv(buffers: KVBuffers, layer_id: Any, loc: Any, k: Any, v: Any) -> KVBuffers:
+    loc = scatter_rows(loc, buffers.k.shape[1])
     return KVBuffers(
-        buffers.k.at[layer_id, loc].set(k.astype(buffers.k.dtype), unique_indices=True),
-        buffers.v.at[layer_id, loc].set(v.astype(buffers.v.dtype), unique_indices=True),
+        _set_rows(buffers.k, (layer_id, loc), k.astype(buffers.k.dtype)),
+        _set_rows(buffers.v, (layer_id, loc), v.astype(buffers.v.dtype)),
     )
 
 
 def _write_kv_all(buffers: KVBuffers, loc: Any, k: Any, v: Any) -> KVBuffers:
+    loc = scatter_rows(loc, buffers.k.shape[1])
     return KVBuffers(
-        buffers.k.at[:, loc].set(k.astype(buffers.k.dtype), unique_indices=True),
-        buffers.v.at[:, loc].set(v.astype(buffers.v.dtype), unique_indices=True),
+        _set_rows(buffers.k, (slice(None), loc), k.astype(buffers.k.dtype)),
+        _set_rows(buffers.v, (slice(None), loc), v.astype(buffers.v.dtype)),
     )
 
 
@@ -134,9 +164,10 @@ def _read_kv_all(buffers: KVBuffers, loc: Any) -> tuple[jax.Array, jax.Array]:
 
 
 def _copy_kv(buffers: KVBuffers, src_loc: Any, dst_loc: Any) -> KVBuffers:
+    dst = (slice(None), scatter_rows(dst_loc, buffers.k.shape[1]))
     return KVBuffers(
-        buffers.k.at[:, dst_loc].set(buffers.k[:, src_loc], unique_indices=True),
-        buffers.v.at[:, dst_loc].set(buffers.v[:, src_loc], unique_indices=True),
+        _set_rows(buffers.k, dst, buffers.k[:, src_loc]),
+        _set_rows(buffers.v, dst, buffers.v[:, src_loc]),
     )
 
 
@@ -151,8 +182,9 @@ Args: ``buffers`` (:class:`KVBuffers`, **donated**: deleted by the call, use the
 ``layer_id`` int32 scalar (traced: one compilation serves every layer); ``loc`` int32
 ``[n]`` slots, distinct except for padding entries 0; ``k`` ``[n, Hk, Dk]``, ``v``
 ``[n, Hv, Dv]`` (cast to the buffer dtype). Returns the updated :class:`KVBuffers`, same
-shapes, dtypes and shardings. Padding entries (slot 0) write only row 0. Not checked:
-out-of-range ``loc`` is dropped by the scatter, a negative one wraps (so pad with 0).
+shapes, dtypes and shardings. Padding entries (slot 0) write nothing (row 0 stays zeros,
+see :func:`scatter_rows`). Not checked: out-of-range ``loc`` is dropped by the scatter, a
+negative one wraps (so pad with 0).
 """
 
 write_kv_all = jax.jit(_write_kv_all, donate_argnames=("buffers",))
@@ -381,7 +413,8 @@ def _rows(size: Any, rows: int) -> int:
     ``_MAX_ROWS`` (``InvalidValueError``, raised before anything is allocated)."""
     if rows > _MAX_ROWS:
         raise InvalidValueError(
-            f"size: {size} slots need {rows} buffer rows, more than 2**31 - 1 (slots are int32)"
+            f"size: {size} slots need {rows} buffer rows, more than 2**30 (slots are int32, "
+            "and a write routes its padding past the last row)"
         )
     return rows
 
@@ -845,11 +878,13 @@ class MambaBuffers(NamedTuple):
 
 
 def _copy_states(buffers: MambaBuffers, src: Any, dst: Any) -> MambaBuffers:
-    return MambaBuffers(*(b.at[:, dst].set(b[:, src], unique_indices=True) for b in buffers))
+    at = (slice(None), scatter_rows(dst, buffers.conv.shape[1]))
+    return MambaBuffers(*(_set_rows(b, at, b[:, src]) for b in buffers))
 
 
 def _reset_states(buffers: MambaBuffers, slots: Any) -> MambaBuffers:
-    return MambaBuffers(*(b.at[:, slots].set(0, unique_indices=True) for b in buffers))
+    at = (slice(None), scatter_rows(slots, buffers.conv.shape[1]))
+    return MambaBuffers(*(_set_rows(b, at, jnp.zeros((), b.dtype)) for b in buffers))
 
 
 def _read_states(buffers: MambaBuffers, slots: Any) -> MambaBuffers:
@@ -857,11 +892,10 @@ def _read_states(buffers: MambaBuffers, slots: Any) -> MambaBuffers:
 
 
 def _write_states(buffers: MambaBuffers, slots: Any, conv: Any, temporal: Any) -> MambaBuffers:
+    at = (slice(None), scatter_rows(slots, buffers.conv.shape[1]))
     return MambaBuffers(
-        buffers.conv.at[:, slots].set(conv.astype(buffers.conv.dtype), unique_indices=True),
-        buffers.temporal.at[:, slots].set(
-            temporal.astype(buffers.temporal.dtype), unique_indices=True
-        ),
+        _set_rows(buffers.conv, at, conv.astype(buffers.conv.dtype)),
+        _set_rows(buffers.temporal, at, temporal.astype(buffers.temporal.dtype)),
     )
 
 
@@ -1117,6 +1151,7 @@ __all__ = [
     "read_kv",
     "read_kv_all",
     "reset_states",
+    "scatter_rows",
     "write_kv",
     "write_kv_all",
 ]
