@@ -201,13 +201,17 @@ read_kv.__doc__ = """Gather one layer's K/V rows: ``(buffers.k[layer_id, loc], b
 
 Args: ``buffers`` (not donated); ``layer_id`` int32 scalar; ``loc`` int32 ``[n]``.
 Returns ``k`` ``[n, Hk, Dk]`` and ``v`` ``[n, Hv, Dv]``, fresh arrays in the pool dtype.
+Not checked (traced values cannot be): as in every JAX gather, a ``loc`` or ``layer_id``
+past the end is clamped to the last row or layer and a negative one wraps, so it reads
+another slot's K/V. :meth:`KVPool.get_kv` checks both before reading.
 """
 
 read_kv_all = jax.jit(_read_kv_all)
 read_kv_all.__doc__ = """Gather every layer's rows at ``loc``.
 
 Args: ``buffers`` (not donated); ``loc`` int32 ``[n]``. Returns ``k`` ``[L, n, Hk, Dk]``
-and ``v`` ``[L, n, Hv, Dv]``.
+and ``v`` ``[L, n, Hv, Dv]``. Not checked: out-of-range ``loc`` is clamped or wrapped, as
+in :func:`read_kv` (:meth:`KVPool.get_kv_all` checks it).
 """
 
 copy_kv = jax.jit(_copy_kv, donate_argnames=("buffers",))
