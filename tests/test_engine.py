@@ -8,10 +8,12 @@ module: compiling dominates the module's run time.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.engine import model as M
 from pymllm.engine.config import get_config
@@ -293,6 +295,44 @@ def test_no_recompilation_across_request_sizes():
     stats, _ = serve("full", "radix", small_shared(seed=7), pool=POOL)
     assert M.compile_count() == before
     assert stats.compiles == 0
+
+
+def test_every_compilation_of_a_run_is_inside_the_timed_step():
+    """Only extend_step's compilations are taken off the clock, so any other one lands in
+    the requests' latencies: the batch's jnp.asarray compiled a staging kernel per new shape
+    (8 in a fresh process), and the hybrid model's state snapshot copy one more. A fresh
+    process, so that no earlier test has compiled them already."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import jax
+from pymllm.engine import model as M
+from pymllm.engine.scheduler import Engine
+import test_engine as T
+inside, outside = [False], []
+def listener(name, *args, **kwargs):
+    if name == "/jax/core/compile/backend_compile_duration" and not inside[0]:
+        outside.append(1)
+jax.monitoring.register_event_duration_secs_listener(listener)
+step = M.extend_step
+def timed(*args, **kwargs):
+    inside[0] = True
+    try:
+        return step(*args, **kwargs)
+    finally:
+        inside[0] = False
+M.extend_step = timed
+run = Engine.run
+def counted(self, *args, **kwargs):
+    outside.clear()
+    return run(self, *args, **kwargs)
+Engine.run = counted
+for variant in ("full", "hybrid"):
+    stats, _ = T.serve(variant, "radix", T.small_shared(seed=3), pool=T.POOL)
+    assert stats.compiles > 0, variant
+    print(variant, len(outside))
+"""
+    assert run_child(code).split() == ["full", "0", "hybrid", "0"]
 
 
 def test_hybrid_reuses_saved_states():
