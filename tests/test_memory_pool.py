@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
 from pymllm.mem_cache.memory_pool import (
@@ -194,8 +195,56 @@ def test_scatter_rows_routes_padding_past_the_end_distinct() -> None:
     assert scatter_rows(loc, 10).tolist() == [4, 11, 9, 13]
     valid = jnp.asarray([True, True, False, True])
     assert scatter_rows(loc, 10, valid).tolist() == [4, 0, 12, 0]
+    # any shape (a padded [B, T] step), lists, narrow integers (as int32)
+    assert scatter_rows([[1, 0], [0, 2]], 5).tolist() == [[1, 6], [7, 2]]
+    assert scatter_rows(np.array([3, 0], np.uint8), 300).dtype == jnp.int32
+    assert scatter_rows(np.array([3, 0], np.uint8), 300).tolist() == [3, 301]
+    # the last routed row may be 2**31 - 1, not past it
+    top = jax.jit(lambda x: scatter_rows(x, 2**31 - 4))(loc)
+    assert top.tolist() == [4, 2**31 - 3, 9, 2**31 - 1]
     with pytest.raises(InvalidValueError, match="do not fit int32"):
         jax.jit(lambda x: scatter_rows(x, 2**31 - 3))(loc)
+    with pytest.raises(InvalidValueError, match="integer slot ids"):
+        scatter_rows(jnp.asarray([1.0, 0.0]), 10)
+
+
+def test_module_writes_take_the_slot_shapes_they_took_before() -> None:
+    """scatter_rows read loc.shape[0]: a list, a scalar or a [B, T] loc (a padded step's
+    K of [B, T, H, D]) crashed in write_kv / copy_kv / reset_states."""
+    bufs = KVBuffers(jnp.zeros((2, 8, 1, 2)), jnp.zeros((2, 8, 1, 2)))
+    k = jnp.arange(1.0, 13.0).reshape(2, 3, 1, 2)  # [B=2, T=3, H, D]
+    loc = jnp.asarray([[1, 2, 0], [3, 0, 0]], jnp.int32)
+    out = write_kv(bufs, 1, loc, k, k)
+    got = host(out.k)[1, :, 0, 0]
+    assert got.tolist() == [0.0, 1.0, 3.0, 7.0, 0.0, 0.0, 0.0, 0.0]
+    out = write_kv(out, 0, 5, k[0, 0], k[0, 0])  # one slot as a scalar
+    assert host(out.k)[0, 5, 0, 0] == 1.0
+    out = copy_kv(out, [5], [6])
+    assert host(out.k)[0, 6, 0, 0] == 1.0
+    states = MambaBuffers(jnp.ones((1, 4, 2)), jnp.ones((1, 4, 2)))
+    states = reset_states(states, [2, 0])
+    assert host(states.conv)[0, :, 0].tolist() == [1.0, 1.0, 0.0, 1.0]  # row 0 untouched
+
+
+def test_module_writes_take_64_bit_slots_with_x64() -> None:
+    """With jax_enable_x64, uint64 slots promoted with the routed int32 rows to float64,
+    and every module write raised inside JAX."""
+    out = run_child(
+        """
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, numpy as np
+from pymllm.mem_cache.memory_pool import KVBuffers, write_kv, copy_kv
+for dt in (np.uint64, np.int64, np.uint32):
+    bufs = KVBuffers(jnp.zeros((1, 8, 1, 1)), jnp.zeros((1, 8, 1, 1)))  # donated below
+    loc = np.array([3, 0, 5], dt)
+    k = jnp.arange(1.0, 4.0).reshape(3, 1, 1)
+    b = write_kv(bufs, 0, loc, k, k)
+    b = copy_kv(b, np.array([3], dt), np.array([6], dt))
+    print(np.asarray(b.k)[0, :, 0, 0].tolist())
+"""
+    )
+    assert out.split("\n")[:3] == ["[0.0, 0.0, 0.0, 1.0, 0.0, 3.0, 1.0, 0.0]"] * 3
 
 
 def test_copy_reads_sources_before_writing() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,13 @@ def _check_key(key: Any) -> None:
 
 
 def _check_count(name: str, v: Any) -> None:
-    if isinstance(v, (bool, np.bool_)) or not hasattr(type(v), "__index__"):
-        raise TypeError(f"{name}: expected an int, got {v!r} ({type(v).__name__})")
+    """An int as the radix caches read one (``operator.index``; a bool refused)."""
+    try:
+        if isinstance(v, (bool, np.bool_)):
+            raise TypeError
+        operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {v!r} ({type(v).__name__})") from None
 
 
 def _check_node(node: Any) -> None:

@@ -117,21 +117,29 @@ class KVBuffers(NamedTuple):
 
 
 def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
-    """Scatter indices for the 1-D int32 *loc* into a buffer of *rows* rows: *loc* where
-    *valid* (default: where it is not the padding slot 0), and a distinct row past the
-    buffer's end elsewhere, which a ``mode="drop"`` scatter skips.
+    """Scatter indices for the integer slots *loc* (any shape; a list, a numpy or a jax
+    array) into a buffer of *rows* rows: *loc* where *valid* (default: where it is not the
+    padding slot 0), and a distinct row past the buffer's end elsewhere, which a
+    ``mode="drop"`` scatter skips.
 
     Every index is then distinct, as ``unique_indices=True`` promises (JAX leaves the
     result of a repeated index undefined, and padding repeats slot 0), and padding writes
     nothing: row 0 keeps its zeros, so masked reads of it stay finite. For use inside a
-    jitted function (the pools' updates and a model step). ``rows + len(loc)`` must fit
-    int32 (``InvalidValueError`` when traced; both are static)."""
-    n = loc.shape[0]
-    if rows + n > _INT32_MAX:
-        raise InvalidValueError(f"loc: {n} entries past {rows} rows do not fit int32")
+    jitted function (the pools' updates and a model step). The result has *loc*'s shape
+    and dtype (int32 for narrower integers); the rows past the end,
+    ``rows .. rows + loc.size - 1``, must fit int32 (``InvalidValueError`` when traced:
+    both are static), as must a non-integer *loc* (``InvalidValueError``)."""
+    loc = jnp.asarray(loc)
+    if not jnp.issubdtype(loc.dtype, jnp.integer):
+        raise InvalidValueError(f"loc: expected integer slot ids, got dtype {loc.dtype}")
+    if loc.dtype.itemsize < 4:  # value-preserving; the routed rows need 32 bits
+        loc = loc.astype(jnp.int32)
+    if rows + loc.size - 1 > _INT32_MAX:
+        raise InvalidValueError(f"loc: {loc.size} entries past {rows} rows do not fit int32")
+    past = jnp.arange(loc.size, dtype=loc.dtype).reshape(loc.shape) + jnp.asarray(rows, loc.dtype)
     if valid is None:
         valid = loc != PAD_SLOT
-    return jnp.where(valid, loc, rows + jnp.arange(n, dtype=jnp.int32))
+    return jnp.where(valid, loc, past)
 
 
 def _set_rows(buf: jax.Array, index: Any, rows: Any) -> jax.Array:
@@ -512,7 +520,8 @@ class KVPool(_SlotOwner):
     (never silently ignored). *dtype* is any numeric dtype JAX stores as such: a 64-bit one
     needs ``jax_enable_x64`` and is refused without it (JAX would make 32-bit buffers), so
     :attr:`dtype` is always the dtype the buffers hold. The buffers have at most
-    ``2**31 - 1`` rows (slots are int32): a larger *size* is an ``InvalidValueError``,
+    ``2**30`` rows (slots are int32, and a write routes its padding entries to rows past
+    the last one, :func:`scatter_rows`): a larger *size* is an ``InvalidValueError``,
     raised before anything is allocated.
 
     The pool owns its buffers and donates them on every write; :attr:`buffers` is only
@@ -932,7 +941,7 @@ class MambaPool(_SlotOwner):
     a method returns. Slots written (``dst``, ``slots``) must be distinct except the
     padding slot 0; every error is raised before anything changes. *conv_dtype* and
     *temporal_dtype* are checked as :class:`KVPool`'s *dtype* (64-bit only with x64 on).
-    *size* is at most ``2**31 - 2`` (``size + 1`` rows, as :class:`KVPool`'s limit).
+    *size* is at most ``2**30 - 1`` (``size + 1`` rows, as :class:`KVPool`'s limit).
     """
 
     def __init__(
