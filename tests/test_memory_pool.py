@@ -206,6 +206,12 @@ def test_scatter_rows_routes_padding_past_the_end_distinct() -> None:
         jax.jit(lambda x: scatter_rows(x, 2**31 - 3))(loc)
     with pytest.raises(InvalidValueError, match="integer slot ids"):
         scatter_rows(jnp.asarray([1.0, 0.0]), 10)
+    with pytest.raises(InvalidValueError, match="does not fit"):
+        scatter_rows([2**40, 0], 10)
+    # a mask of another shape broadcast into a bigger index array of repeated rows
+    for bad in (jnp.ones((4, 4), bool), jnp.ones(3, bool), jnp.ones(4, jnp.int32)):
+        with pytest.raises(InvalidValueError, match="bool mask of loc's shape"):
+            scatter_rows(loc, 10, bad)
 
 
 def test_module_writes_take_the_slot_shapes_they_took_before() -> None:
@@ -235,15 +241,16 @@ import jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp, numpy as np
 from pymllm.mem_cache.memory_pool import KVBuffers, write_kv, copy_kv
-for dt in (np.uint64, np.int64, np.uint32):
+for dt, big in ((np.uint64, 2**32), (np.int64, 2**32), (np.uint32, 2**31)):
     bufs = KVBuffers(jnp.zeros((1, 8, 1, 1)), jnp.zeros((1, 8, 1, 1)))  # donated below
-    loc = np.array([3, 0, 5], dt)
-    k = jnp.arange(1.0, 4.0).reshape(3, 1, 1)
+    loc = np.array([3, 0, 5, big + 4], dt)  # the last one far past the end
+    k = jnp.arange(1.0, 5.0).reshape(4, 1, 1)
     b = write_kv(bufs, 0, loc, k, k)
-    b = copy_kv(b, np.array([3], dt), np.array([6], dt))
+    b = copy_kv(b, np.array([3, 3], dt), np.array([6, big + 1], dt))
     print(np.asarray(b.k)[0, :, 0, 0].tolist())
 """
     )
+    # 2**32 + 4 landed on row 4 (JAX narrows 64-bit scatter indices to 32 bits): dropped now
     assert out.split("\n")[:3] == ["[0.0, 0.0, 0.0, 1.0, 0.0, 3.0, 1.0, 0.0]"] * 3
 
 

@@ -117,28 +117,44 @@ class KVBuffers(NamedTuple):
 
 
 def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
-    """Scatter indices for the integer slots *loc* (any shape; a list, a numpy or a jax
-    array) into a buffer of *rows* rows: *loc* where *valid* (default: where it is not the
-    padding slot 0), and a distinct row past the buffer's end elsewhere, which a
-    ``mode="drop"`` scatter skips.
+    """int32 scatter indices for the integer slots *loc* (any shape; a list, a numpy or a
+    jax array) into a buffer of *rows* rows: *loc* where *valid* (a bool mask of *loc*'s
+    shape; default: where it is not the padding slot 0), and a distinct row past the
+    buffer's end elsewhere, which a ``mode="drop"`` scatter skips.
 
     Every index is then distinct, as ``unique_indices=True`` promises (JAX leaves the
     result of a repeated index undefined, and padding repeats slot 0), and padding writes
     nothing: row 0 keeps its zeros, so masked reads of it stay finite. For use inside a
-    jitted function (the pools' updates and a model step). The result has *loc*'s shape
-    and dtype (int32 for narrower integers); the rows past the end,
-    ``rows .. rows + loc.size - 1``, must fit int32 (``InvalidValueError`` when traced:
-    both are static), as must a non-integer *loc* (``InvalidValueError``)."""
-    loc = jnp.asarray(loc)
+    jitted function (the pools' updates and a model step). As in any JAX scatter, a slot
+    past the end is dropped and a negative one from ``-rows`` wraps; a slot wider than
+    int32 (64-bit ints under ``jax_enable_x64``, which JAX's scatter would narrow onto
+    another row) outside ``[-rows, rows)`` is routed past the end too. Raises
+    ``InvalidValueError`` (when traced: shapes and *rows* are static) for a non-integer
+    *loc*, a *valid* that is not a bool mask of its shape, or rows past the end
+    (``rows .. rows + loc.size - 1``) beyond int32."""
+    try:
+        loc = jnp.asarray(loc)
+    except OverflowError:
+        raise InvalidValueError("loc: a slot id does not fit an integer dtype") from None
     if not jnp.issubdtype(loc.dtype, jnp.integer):
         raise InvalidValueError(f"loc: expected integer slot ids, got dtype {loc.dtype}")
-    if loc.dtype.itemsize < 4:  # value-preserving; the routed rows need 32 bits
-        loc = loc.astype(jnp.int32)
     if rows + loc.size - 1 > _INT32_MAX:
         raise InvalidValueError(f"loc: {loc.size} entries past {rows} rows do not fit int32")
-    past = jnp.arange(loc.size, dtype=loc.dtype).reshape(loc.shape) + jnp.asarray(rows, loc.dtype)
     if valid is None:
         valid = loc != PAD_SLOT
+    else:
+        valid = jnp.asarray(valid)
+        if valid.dtype != jnp.bool_ or valid.shape != loc.shape:
+            raise InvalidValueError(
+                f"valid: expected a bool mask of loc's shape {loc.shape}, got "
+                f"{valid.dtype} {valid.shape}"
+            )
+    if loc.dtype != jnp.int32:
+        if loc.dtype.itemsize >= 4:  # 32-bit unsigned or 64-bit: only [-rows, rows) as is
+            lo = -rows if jnp.issubdtype(loc.dtype, jnp.signedinteger) else 0
+            valid = valid & (loc >= lo) & (loc < rows)
+        loc = jnp.where(valid, loc, 0).astype(jnp.int32)  # every kept value fits int32
+    past = jnp.arange(loc.size, dtype=jnp.int32).reshape(loc.shape) + jnp.int32(rows)
     return jnp.where(valid, loc, past)
 
 
