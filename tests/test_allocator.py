@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -867,3 +868,35 @@ def test_a_list_that_holds_itself_is_refused_without_a_crash() -> None:
             alloc.free(bad)
     assert alloc.is_allocated(a).all()
     alloc._check_invariants()
+
+
+def test_slots_across_int32s_end_are_refused_not_read_as_a_run() -> None:
+    """free([2**31 - 1, -2**31]): the run check summed 2**31 - 1 + 1 in 32 bits, which wrapped
+    below the pool's size, and read the state bytes 2 GiB past the array (a segfault, or a
+    write there if they matched). A child process, so that the old code's crash fails the
+    test instead of the run. The insert's adopt had the same sum (undefined behaviour
+    without -fwrapv)."""
+    out = run_child(
+        """
+import numpy as np
+from pymllm.mem_cache import RadixCache, RadixKey, TokenToKVPoolAllocator
+from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
+a = TokenToKVPoolAllocator(100, need_sort=False)
+held = a.alloc(64)
+for bad in ([2**31 - 1, -2**31], [2**31 - 2, 2**31 - 1, -2**31, -2**31 + 1]):
+    try:
+        a.free(np.array(bad, np.int32))
+    except InvalidFreeError:
+        print("refused")
+cache = RadixCache(token_to_kv_pool_allocator=a)
+try:
+    cache.insert(RadixKey([1, 2]), np.array([2**31 - 1, int(held[0])], np.int32))
+except InvalidValueError:
+    print("refused")
+assert a.available_size() == 36 and a.is_allocated(held).all() and not a.is_cached(held).any()
+a._check_invariants()
+cache._check_invariants()
+print("ok")
+"""
+    )
+    assert out.split() == ["refused", "refused", "refused", "ok"]

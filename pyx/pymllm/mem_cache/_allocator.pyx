@@ -173,9 +173,11 @@ cdef enum:
 
 
 cdef inline bint _consecutive(const int32_t* p, int32_t n) noexcept:
-    """p[0:n] == p[0], p[0] + 1, ..., p[0] + n - 1 (n >= 1). No early exit and unsigned
-    arithmetic (the build has -fwrapv), so it vectorizes; a whole block has a constant trip
-    count, so no scalar prologue or epilogue."""
+    """p[0:n] == p[0], p[0] + 1, ..., p[0] + n - 1 (n >= 1), in 32-bit unsigned arithmetic
+    (2**31 - 1 then -2**31 count as consecutive: callers bound p[0] + n - 1 first, in 64
+    bits).
+    No early exit, so it vectorizes; a whole block has a constant trip count, so no scalar
+    prologue or epilogue."""
     cdef uint32_t diff = 0
     cdef uint32_t p0 = <uint32_t>p[0]
     cdef const uint32_t* q = <const uint32_t*>p
@@ -354,7 +356,8 @@ cdef inline bint _free_run(PageCore self, const int32_t* slots, Py_ssize_t i, in
     to st (and free bits set when st is PAGE_FREE), copied to dst[i:i+k]; False (nothing
     changed) otherwise."""
     cdef int32_t s0 = slots[i]
-    if (i + k <= self.n_allocated and 1 <= s0 and s0 - 1 + k <= self.num_pages
+    # in 64 bits: s0 near 2**31 - 1 (a bad slot) must not wrap below num_pages
+    if (i + k <= self.n_allocated and 1 <= s0 and <int64_t>s0 - 1 + k <= self.num_pages
             and _consecutive(slots + i, k)
             and _all_in_state(self.state, s0, k, owner)):
         memset(self.state + s0, st, k)
@@ -523,7 +526,8 @@ cdef class PageCore:
             while i < n:
                 k = <int32_t>min(<Py_ssize_t>BLOCK, n - i)
                 s = slots[i]
-                if (1 <= s and s - 1 + k <= self.num_pages and _consecutive(slots + i, k)
+                if (1 <= s and <int64_t>s - 1 + k <= self.num_pages
+                        and _consecutive(slots + i, k)
                         and _all_in_state(self.state, s, k, PAGE_ALLOCATED)):
                     memset(self.state + s, PAGE_CACHED, k)
                     i += k
@@ -909,7 +913,7 @@ cdef object _allocated_mask(PageCore core, int32_t page_size, object indices,
     if arr.dtype == object:  # ints beyond 64 bits: outside the pool (-1 stands for them)
         arr = np.array([x if -(1 << 63) <= x < (1 << 63) else -1 for x in arr], dtype=np.int64)
     # uint64 from 2**63 wraps negative: outside the pool too
-    cdef cnp.ndarray a64 = np.ascontiguousarray(arr, dtype=np.int64)
+    cdef cnp.ndarray a64 = np.require(arr, np.int64, ["C", "A"])  # read as int64_t: aligned
     cdef cnp.ndarray out = np.empty(cnp.PyArray_SIZE(a64), dtype=np.bool_)
     cdef const int64_t* v = <const int64_t*>cnp.PyArray_DATA(a64)
     cdef uint8_t* o = <uint8_t*>cnp.PyArray_DATA(out)
@@ -1312,7 +1316,7 @@ cdef class SWATokenToKVPoolAllocator:
         if idx.size == 0:
             return np.zeros(idx.shape, dtype=np.int32)
         _check_ints("full_indices", idx, 0, len(self._mapping))
-        cdef cnp.ndarray i64 = np.ascontiguousarray(idx, dtype=np.int64)
+        cdef cnp.ndarray i64 = np.require(idx, np.int64, ["C", "A"])  # read as int64_t: aligned
         cdef cnp.ndarray out = np.empty(idx.shape, dtype=np.int32)
         cdef const int64_t* src = <const int64_t*>cnp.PyArray_DATA(i64)
         cdef int32_t* dst = <int32_t*>cnp.PyArray_DATA(out)

@@ -1595,7 +1595,7 @@ cdef class RadixTreeCore:
         if typenum == cnp.NPY_UINT64 or typenum == cnp.NPY_ULONGLONG:
             if n and arr.max() >= TOKEN_LIMIT:
                 raise InvalidKeyError(f"token_ids: token {int(arr.max())} is outside [0, 2**32)")
-        a64 = np.ascontiguousarray(arr, dtype=np.int64)
+        a64 = np.require(arr, np.int64, ["C", "A"])  # read as int64_t: aligned
         p64 = <const int64_t*>cnp.PyArray_DATA(a64)
         buf = <tok_t*>self._tok_scratch.reserve(n)
         for i in range(n):
@@ -1671,7 +1671,7 @@ cdef class RadixTreeCore:
             return arr
         if (typenum == cnp.NPY_UINT64 or typenum == cnp.NPY_ULONGLONG) and arr.max() > INT32_MAX:
             raise InvalidValueError(f"value: KV index {int(arr.max())} is outside [0, 2**31)")
-        a64 = np.ascontiguousarray(arr, dtype=np.int64)
+        a64 = np.require(arr, np.int64, ["C", "A"])  # read as int64_t: aligned
         p64 = <const int64_t*>cnp.PyArray_DATA(a64)
         buf = <idx_t*>self._val_scratch.reserve(n)
         for i in range(n):
