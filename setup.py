@@ -7,6 +7,9 @@ dotted name and one module can ``cimport`` another (see ``include_path``).
 Environment switches:
   PYMLLM_LINETRACE=1  compile with line tracing (coverage of the Cython code)
   PYMLLM_SANITIZE=1   compile with AddressSanitizer (run under LD_PRELOAD=libasan)
+  PYMLLM_SANITIZE=undefined  compile with UndefinedBehaviorSanitizer, without -fwrapv so
+                      that signed overflow is reported (run under LD_PRELOAD=libubsan;
+                      .ci/ubsan does it all)
   PYMLLM_DEBUG=1      compile with -O0 -g and bounds checks on
   PYMLLM_EXT_FILTER=a,b  build only the extensions whose name contains one of a, b
                          (development: rebuild one module in place while others are edited)
@@ -23,7 +26,7 @@ ROOT = Path(__file__).parent
 PYX_ROOT = "pyx"
 
 linetrace = os.environ.get("PYMLLM_LINETRACE") == "1"
-sanitize = os.environ.get("PYMLLM_SANITIZE") == "1"
+sanitize = os.environ.get("PYMLLM_SANITIZE", "")
 debug = os.environ.get("PYMLLM_DEBUG") == "1"
 ext_filter = [f for f in os.environ.get("PYMLLM_EXT_FILTER", "").split(",") if f]
 
@@ -49,9 +52,15 @@ link_args: list[str] = []
 macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 if linetrace:
     macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
-if sanitize:
+if sanitize == "1":
     compile_args = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
     link_args = ["-fsanitize=address"]
+elif sanitize == "undefined":
+    compile_args = ["-O1", "-g", "-fno-wrapv", "-fsanitize=undefined", "-fno-sanitize-recover=all"]
+    compile_args += ["-fno-omit-frame-pointer"]
+    link_args = ["-fsanitize=undefined"]
+elif sanitize:
+    raise SystemExit(f"PYMLLM_SANITIZE: expected 1 or undefined, got {sanitize!r}")
 
 
 def _extensions() -> list[Extension]:
