@@ -6,6 +6,7 @@ The runs reuse ``test_engine``'s pool sizes and scheduler, so they compile no ne
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import numpy as np
@@ -519,3 +520,109 @@ def test_a_free_that_fails_in_caching_a_prompt_loses_nothing(variant: str, pool:
     else:
         engine.memory.state_pool = engine.memory.state_pool.inner
     run_after_error(engine)
+
+
+def _ctrl_c_after(cache_cls: type) -> type:
+    """A cache class whose planned call sends the process a real SIGINT as it returns,
+    its work done: a Ctrl-C landing right after the call."""
+
+    class CtrlC(cache_cls):  # type: ignore[misc, valid-type]
+        __slots__ = ()
+        plan: dict[str, int] = {}
+        seen: dict[str, int] = {}
+
+        def _after(self, name: str, out: Any) -> Any:
+            n = CtrlC.seen[name] = CtrlC.seen.get(name, 0) + 1
+            if CtrlC.plan.get(name) == n:
+                signal.raise_signal(signal.SIGINT)
+            return out
+
+        def match_prefix(self, *a: Any, **k: Any) -> Any:
+            return self._after("match_prefix", super().match_prefix(*a, **k))
+
+        def insert(self, *a: Any, **k: Any) -> Any:
+            return self._after("insert", super().insert(*a, **k))
+
+        def inc_lock_ref(self, *a: Any, **k: Any) -> Any:
+            return self._after("inc_lock_ref", super().inc_lock_ref(*a, **k))
+
+    return CtrlC
+
+
+@pytest.mark.parametrize("variant", ["full", "hybrid"])
+@pytest.mark.parametrize("where", ["extend_step", "match_prefix", "insert", "inc_lock_ref"])
+def test_a_ctrl_c_as_a_call_returns_is_raised_where_nothing_is_lost(
+    monkeypatch: pytest.MonkeyPatch, variant: str, where: str
+) -> None:
+    """A real SIGINT right after a call did its work. Raised there, it lost what the call
+    did: after the donated step, the step's new buffers (the pools kept the deleted ones,
+    check_slots still said ok, and every later run failed inside JAX); after an insert or a
+    lock, the slots or the lock it recorded nowhere. The run now holds it and raises
+    KeyboardInterrupt at the top of the serving loop: the run's release gives everything
+    back and the engine serves again."""
+    ctrl_c = _ctrl_c_after(MambaRadixCache if variant == "hybrid" else RadixCache)
+    engine = make_engine(variant, ctrl_c)
+    steps = {"n": 0, "at": 0}
+    step = M.extend_step
+
+    def step_then_ctrl_c(*a: Any, **k: Any) -> Any:
+        out = step(*a, **k)
+        steps["n"] += 1
+        if steps["n"] == steps["at"]:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(M, "extend_step", step_then_ctrl_c)
+    wl = small_shared(n_groups=2, per_group=3)
+    ctrl_c.plan, ctrl_c.seen = {}, {}
+    engine.run(wl)  # a clean run from an empty tree counts the calls
+    total = steps["n"] if where == "extend_step" else ctrl_c.seen[where]
+    for at in sorted({1, 3, total // 2, total}):
+        engine.cache.reset()
+        steps["n"], ctrl_c.seen = 0, {}
+        if where == "extend_step":
+            steps["at"] = at
+        else:
+            ctrl_c.plan = {where: at}
+        with pytest.raises(KeyboardInterrupt):
+            engine.run(wl)
+        steps["at"], ctrl_c.plan = 0, {}
+        assert engine.memory.buffers_alive()
+        assert_slots_accounted(engine)
+    run_after_error(engine)
+
+
+def test_lost_pool_buffers_are_reported_not_served_through() -> None:
+    """Buffers donated to an update whose result was never stored (an interrupt outside a
+    run) left check_slots ok and made the next run fail deep inside JAX."""
+    engine = make_engine("full")
+    engine.run(small_shared(n_groups=1, per_group=2))
+    for b in engine.memory.kv:
+        b.delete()  # what a donation whose result is dropped leaves
+    assert not engine.check_slots()[2]
+    with pytest.raises(EngineError, match="make a new EngineMemory"):
+        engine.run(small_shared(n_groups=1, per_group=2))
+
+
+def test_a_held_sigint_reaches_the_handler_that_was_in_place() -> None:
+    """The run's own handler only defers: the handler in place before the run (here a
+    counting one, then SIG_IGN) gets the signal at the safe point, or when the run ends."""
+    from pymllm.engine.scheduler import _HeldSigint
+
+    seen: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with _HeldSigint() as held:
+            signal.raise_signal(signal.SIGINT)
+            assert seen == []
+            held.deliver()
+            assert seen == [signal.SIGINT]
+            signal.raise_signal(signal.SIGINT)
+        assert seen == [signal.SIGINT] * 2  # still held at the end: delivered on the way out
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with _HeldSigint() as held:
+            signal.raise_signal(signal.SIGINT)
+            held.deliver()  # ignored, as it would have been
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -104,6 +104,12 @@ class EngineMemory:
             assert state is not None
             self.state_pool.buffers = state
 
+    def buffers_alive(self) -> bool:
+        """Whether every pool still holds live device buffers (an update donates the old
+        ones; an interrupt between its return and the rebind would leave deleted ones)."""
+        pools = (self.kv_pool, self.swa_pool, self.state_pool)
+        return not any(b.is_deleted() for p in pools if p is not None for b in p.buffers)
+
     def kv_available(self) -> int:
         return self.token_to_kv_pool_allocator.available_size()
 

@@ -28,6 +28,13 @@ same code serves ``RadixCache`` (takes ``value[prefix_len:]``) and ``ChunkCache`
 nothing) without asking which one it has. A cache tracks recurrent states when it has
 ``mamba_evictable_size`` (``MambaRadixCache``): it then receives ``mamba_value`` on insert.
 
+Interrupts: a Ctrl-C (SIGINT) during a run is held while the records and the pools change
+and raised at the top of the serving loop, where every request's records are whole: a
+KeyboardInterrupt raised the moment a donated step returned lost the step's new buffers
+(the pools kept the deleted ones, and no later run could start), and one between a call and
+the record of what it did left slots or locks with no owner. (In the main thread only, where
+Python runs signal handlers; a KeyboardInterrupt raised by a callback is an ordinary error.)
+
 Timing: steps that trigger a JIT compilation are timed and taken off the clock, so the
 figures describe a warmed-up server (the compile time is reported on its own).
 """
@@ -36,6 +43,8 @@ from __future__ import annotations
 
 import functools
 import heapq
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -269,6 +278,62 @@ class RunStats:
 ProgressFn = Callable[[int, int, float], None]
 
 
+#: Longest wait for an arrival before a held Ctrl-C is looked at.
+_SIGINT_POLL_S = 0.05
+
+
+class _HeldSigint:
+    """While active (``with``), a SIGINT is recorded instead of raised, and delivered by
+    :meth:`deliver` at a point the caller knows to be safe: the handler that was in place
+    runs there (Python's default raises ``KeyboardInterrupt``). On exit the old handler is
+    back, and a signal still held is delivered then, unless an exception is already on its
+    way out. Outside the main thread (no signal handlers there), or over a handler set
+    outside Python, it does nothing."""
+
+    def __init__(self) -> None:
+        self._old: Any = None
+        self._held: tuple[int, Any] | None = None
+        self._active = False
+
+    def __enter__(self) -> _HeldSigint:
+        self._held = None
+        # a handler set outside Python (getsignal gives None) could not be put back
+        self._active = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not None
+        )
+        if self._active:
+            self._old = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self._held = (signum, frame)
+
+    def deliver(self) -> None:
+        if self._held is not None:
+            signum, frame = self._held
+            self._held = None
+            _run_handler(self._old, signum, frame)
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if self._active:
+            signal.signal(signal.SIGINT, self._old)
+            self._active = False
+            if exc_type is None:
+                self.deliver()
+
+
+def _run_handler(handler: Any, signum: int, frame: Any) -> None:
+    """What the process would have done on the signal: a Python handler is called (the
+    default one raises KeyboardInterrupt), SIG_DFL is re-raised with it in place, SIG_IGN is
+    ignored."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
 class Engine:
     """Serves workloads with one model, one memory and one prefix cache.
 
@@ -359,6 +424,7 @@ class Engine:
         self._waiting: list[_Req] = []
         self._running: list[_Req] = []
         self._done: list[_Req] = []
+        self._sigint = _HeldSigint()
         self._warm_up_state_copy()
 
     # -- clock ------------------------------------------------------------------------------
@@ -777,15 +843,21 @@ class Engine:
         self._workload = workload
         self._progress = progress
         self._total = workload.total_requests
-        try:
-            self._serve(workload)
-        except BaseException as exc:
+        if not self.memory.buffers_alive():
+            raise EngineError(
+                "the pools' device buffers are gone (donated to an update whose result was "
+                "never stored: an interrupt outside a run?); make a new EngineMemory"
+            )
+        with self._sigint:
             try:
-                self._release_all()
-            except Exception as cleanup:  # the original error is the one to report
-                if hasattr(exc, "add_note"):  # Python >= 3.11
-                    exc.add_note(f"releasing the unfinished requests failed too: {cleanup!r}")
-            raise
+                self._serve(workload)
+            except BaseException as exc:
+                try:
+                    self._release_all()
+                except Exception as cleanup:  # the original error is the one to report
+                    if hasattr(exc, "add_note"):  # Python >= 3.11
+                        exc.add_note(f"releasing the unfinished requests failed too: {cleanup!r}")
+                raise
         return self._stats(name or type(self.cache).__name__, workload)
 
     def _warm_up_state_copy(self) -> None:
@@ -802,6 +874,7 @@ class Engine:
         for i, spec in enumerate(workload.requests):
             self._push(spec, 0.0, (0, i))
         while self._pending or self._waiting or self._running:
+            self._sigint.deliver()  # every request's records are whole here
             now = self._now()
             while self._pending and self._pending[0][0] <= now:
                 self._waiting.append(heapq.heappop(self._pending)[2])
@@ -820,8 +893,8 @@ class Engine:
                     f"with nothing running: {self._alloc.available_size()} free after evicting, "
                     f"{self.cache.protected_size()} locked in the cache{states}"
                 )
-            elif self._pending:
-                time.sleep(max(0.0, self._pending[0][0] - self._now()))
+            elif self._pending:  # nothing to do until the next arrival: a safe wait
+                time.sleep(min(max(0.0, self._pending[0][0] - self._now()), _SIGINT_POLL_S))
 
     def _admit(self) -> None:
         # Requests held back for a shared prefix are passed over, but only so many per step:
@@ -842,12 +915,13 @@ class Engine:
 
     def check_slots(self) -> tuple[int, int, bool]:
         """``(free, in_cache, ok)``: every KV slot is free, in the cache or held by a running
-        request, the counts add up to the pool size, and no cache node is left locked."""
+        request, the counts add up to the pool size, no cache node is left locked, and the
+        pools still hold live device buffers."""
         alloc, cache, split = self._alloc, self.cache, self.memory.swa_pool is not None
         free = alloc.full_available_size() if split else alloc.available_size()  # type: ignore[union-attr]
         in_cache = cache.total_size()
         held = sum(len(r.slots) - r.cached_len for r in self._running)
-        ok = free + in_cache + held == self.memory.kv_size
+        ok = free + in_cache + held == self.memory.kv_size and self.memory.buffers_alive()
         if split:  # the SWA side: free, live in the tree (windowed caches drop old ones), ours
             swa_in_cache = in_cache
             if self._window:
