@@ -26,7 +26,7 @@ ROOT = Path(__file__).parent
 PYX_ROOT = "pyx"
 
 linetrace = os.environ.get("PYMLLM_LINETRACE") == "1"
-sanitize = os.environ.get("PYMLLM_SANITIZE", "")
+sanitize = os.environ.get("PYMLLM_SANITIZE", "0")
 debug = os.environ.get("PYMLLM_DEBUG") == "1"
 ext_filter = [f for f in os.environ.get("PYMLLM_EXT_FILTER", "").split(",") if f]
 
@@ -53,14 +53,14 @@ macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 if linetrace:
     macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
 if sanitize == "1":
-    compile_args = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    compile_args = ["-O1", "-g", "-fwrapv", "-fsanitize=address", "-fno-omit-frame-pointer"]
     link_args = ["-fsanitize=address"]
 elif sanitize == "undefined":
     compile_args = ["-O1", "-g", "-fno-wrapv", "-fsanitize=undefined", "-fno-sanitize-recover=all"]
     compile_args += ["-fno-omit-frame-pointer"]
     link_args = ["-fsanitize=undefined"]
-elif sanitize:
-    raise SystemExit(f"PYMLLM_SANITIZE: expected 1 or undefined, got {sanitize!r}")
+elif sanitize not in ("", "0"):
+    raise SystemExit(f"PYMLLM_SANITIZE: expected 0, 1 or undefined, got {sanitize!r}")
 
 
 def _extensions() -> list[Extension]:

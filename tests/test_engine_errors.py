@@ -626,3 +626,48 @@ def test_a_held_sigint_reaches_the_handler_that_was_in_place() -> None:
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+def test_a_ctrl_c_in_a_callback_goes_through_at_once() -> None:
+    """Callbacks are the user's code, which may block: a SIGINT there is raised there (held
+    to the loop's next turn, a progress callback that slept went on sleeping), and the run
+    releases everything as for any error a callback raises."""
+    engine = make_engine("full")
+    after: list[int] = []
+
+    def progress(done: int, total: int, now: float) -> None:
+        signal.raise_signal(signal.SIGINT)
+        after.append(done)  # not reached: the KeyboardInterrupt comes out of raise_signal
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(small_shared(n_groups=1, per_group=3), progress=progress)
+    assert after == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    run_after_error(engine)
+
+
+def test_runs_inside_runs_put_back_the_handler_they_found() -> None:
+    """A run started from another run's callback: a SIGINT in the inner run reaches the
+    outer one's callback and both release; a run of the same engine from its own callback
+    (refused, as before) no longer left the run's handler in place, swallowing every later
+    Ctrl-C of the process."""
+    outer, inner = make_engine("full"), make_engine("full")
+
+    def run_inner(done: int, total: int, now: float) -> None:
+        def ctrl_c(done: int, total: int, now: float) -> None:
+            signal.raise_signal(signal.SIGINT)
+
+        inner.run(small_shared(n_groups=1, per_group=2), progress=ctrl_c)
+
+    with pytest.raises(KeyboardInterrupt):
+        outer.run(small_shared(n_groups=1, per_group=2), progress=run_inner)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    run_after_error(inner)
+    run_after_error(outer)
+
+    def run_again(done: int, total: int, now: float) -> None:
+        outer.run(small_shared(n_groups=1, per_group=2))
+
+    with pytest.raises(Exception):  # noqa: B017 - whatever the re-entered engine raises
+        outer.run(small_shared(n_groups=1, per_group=2), progress=run_again)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -41,12 +41,13 @@ figures describe a warmed-up server (the compile time is reported on its own).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,19 +285,21 @@ _SIGINT_POLL_S = 0.05
 
 class _HeldSigint:
     """While active (``with``), a SIGINT is recorded instead of raised, and delivered by
-    :meth:`deliver` at a point the caller knows to be safe: the handler that was in place
-    runs there (Python's default raises ``KeyboardInterrupt``). On exit the old handler is
-    back, and a signal still held is delivered then, unless an exception is already on its
-    way out. Outside the main thread (no signal handlers there), or over a handler set
-    outside Python, it does nothing."""
+    :meth:`deliver` at a point the caller knows to be safe, or at once while the caller runs
+    code of its user (:meth:`opened`: a callback, which may block or run for long): the
+    handler that was in place runs there (Python's default raises ``KeyboardInterrupt``).
+    On exit the old handler is back, and a signal still held is delivered then, unless an
+    exception is already on its way out. One instance a run, so that a run started inside
+    another (from a callback) puts back the handler it found. Outside the main thread (no
+    signal handlers there), or over a handler set outside Python, it does nothing."""
 
     def __init__(self) -> None:
         self._old: Any = None
         self._held: tuple[int, Any] | None = None
         self._active = False
+        self._open = False
 
     def __enter__(self) -> _HeldSigint:
-        self._held = None
         # a handler set outside Python (getsignal gives None) could not be put back
         self._active = (
             threading.current_thread() is threading.main_thread()
@@ -307,13 +310,26 @@ class _HeldSigint:
         return self
 
     def _hold(self, signum: int, frame: Any) -> None:
-        self._held = (signum, frame)
+        if self._open:
+            _run_handler(self._old, signum, frame)
+        else:
+            self._held = (signum, frame)
 
     def deliver(self) -> None:
         if self._held is not None:
             signum, frame = self._held
             self._held = None
             _run_handler(self._old, signum, frame)
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[None]:
+        """A SIGINT held so far, and any during the block, goes through at once."""
+        self.deliver()
+        self._open = True
+        try:
+            yield
+        finally:
+            self._open = False
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if self._active:
@@ -776,7 +792,8 @@ class Engine:
         self._done.append(r)
         wl = self._workload
         if wl is not None and wl.follow_up is not None:
-            nxt = wl.follow_up(r.spec, np.asarray(r.output, dtype=np.int32))
+            with self._sigint.opened():  # the user's code: a Ctrl-C goes through there
+                nxt = wl.follow_up(r.spec, np.asarray(r.output, dtype=np.int32))
             if nxt is not None:
                 if not isinstance(nxt, RequestSpec):
                     raise TypeError(
@@ -785,7 +802,8 @@ class Engine:
                     )
                 self._push(nxt, r.t_finish, (r.order[0] + 1, r.order[1]))
         if self._progress is not None:
-            self._progress(len(self._done), self._total, self._now())
+            with self._sigint.opened():
+                self._progress(len(self._done), self._total, self._now())
 
     def _push(self, spec: RequestSpec, start: float, order: tuple[int, int]) -> None:
         """Queue a request arriving ``spec.arrival`` after ``start``, checked first: nothing
@@ -848,16 +866,22 @@ class Engine:
                 "the pools' device buffers are gone (donated to an update whose result was "
                 "never stored: an interrupt outside a run?); make a new EngineMemory"
             )
-        with self._sigint:
-            try:
-                self._serve(workload)
-            except BaseException as exc:
+        outer, self._sigint = self._sigint, _HeldSigint()
+        try:
+            with self._sigint:
                 try:
-                    self._release_all()
-                except Exception as cleanup:  # the original error is the one to report
-                    if hasattr(exc, "add_note"):  # Python >= 3.11
-                        exc.add_note(f"releasing the unfinished requests failed too: {cleanup!r}")
-                raise
+                    self._serve(workload)
+                except BaseException as exc:
+                    try:
+                        self._release_all()
+                    except Exception as cleanup:  # the original error is the one to report
+                        if hasattr(exc, "add_note"):  # Python >= 3.11
+                            exc.add_note(
+                                f"releasing the unfinished requests failed too: {cleanup!r}"
+                            )
+                    raise
+        finally:
+            self._sigint = outer
         return self._stats(name or type(self.cache).__name__, workload)
 
     def _warm_up_state_copy(self) -> None:
