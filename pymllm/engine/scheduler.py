@@ -32,8 +32,10 @@ Interrupts: a Ctrl-C (SIGINT) during a run is held while the records and the poo
 and raised at the top of the serving loop, where every request's records are whole: a
 KeyboardInterrupt raised the moment a donated step returned lost the step's new buffers
 (the pools kept the deleted ones, and no later run could start), and one between a call and
-the record of what it did left slots or locks with no owner. (In the main thread only, where
-Python runs signal handlers; a KeyboardInterrupt raised by a callback is an ordinary error.)
+the record of what it did left slots or locks with no owner. In a callback (``progress``,
+a workload's ``follow_up``: the user's code, which may block) a Ctrl-C goes through at once,
+and the run releases as for any error a callback raises. Main thread only, where Python runs
+signal handlers.
 
 Timing: steps that trigger a JIT compilation are timed and taken off the clock, so the
 figures describe a warmed-up server (the compile time is reported on its own).
