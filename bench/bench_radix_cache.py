@@ -196,9 +196,11 @@ def test_system_prompt_loop_floor(benchmark, system_prompt_workload, keys):
     record(benchmark, group, "loop without any cache (floor)", floor=True, per=len(data))
 
 
-def _n_keys(total_tokens: int, leaf_len: int = 64) -> int:
-    """Keys (= leaves) of `_grown_tree(total_tokens)`: each is a 64-token stem + 64 own."""
-    return total_tokens // (2 * leaf_len) or 1
+def _n_keys(total_tokens: int, leaf_len: int = 64, fanout: int = 16) -> int:
+    """Keys (= leaves) of `_grown_tree(total_tokens)`: each is its group's shared
+    `leaf_len`-token stem plus `leaf_len` own tokens, so a group of `fanout` keys caches
+    `(fanout + 1) * leaf_len` tokens."""
+    return max(1, round(total_tokens * fanout / (leaf_len * (fanout + 1))))
 
 
 def _grown_tree(
@@ -207,26 +209,40 @@ def _grown_tree(
     fanout: int = 16,
     policy: str = "lru",
     cache_cls: type = RadixCache,
+    with_allocator: bool = False,
 ):
-    """A tree of `total_tokens` tokens: keys share 64-token stems in groups of `fanout`."""
+    """A tree caching about `total_tokens` tokens (within one key's; a few fewer where two
+    random suffixes of a group happen to start alike): keys share 64-token stems in groups
+    of `fanout`. `with_allocator`: its slots come from a
+    `TokenToKVPoolAllocator` of exactly that size, so that an evict hands them back to it,
+    as in serving; else they are plain numbers and an evict only drops them."""
     rng = np.random.default_rng(1)
-    n_keys = _n_keys(total_tokens, leaf_len)
-    stems = rng.integers(0, 50_000, size=(n_keys // fanout + 1, leaf_len), dtype=np.int32)
+    n_keys = _n_keys(total_tokens, leaf_len, fanout)
+    stems = rng.integers(0, 50_000, size=((n_keys - 1) // fanout + 1, leaf_len), dtype=np.int32)
     keys = [
         np.concatenate([stems[i // fanout], rng.integers(0, 50_000, leaf_len, dtype=np.int32)])
         for i in range(n_keys)
     ]
-    cache = cache_cls(eviction_policy=policy)
-    nxt = 1
-    for k in keys:
-        cache.insert(RadixKey(k), np.arange(nxt, nxt + len(k), dtype=np.int32))
-        nxt += len(k)
+    n_tokens = (n_keys + len(stems)) * leaf_len
+    if with_allocator:
+        alloc = TokenToKVPoolAllocator(n_tokens, need_sort=False)
+        cache = cache_cls(eviction_policy=policy, token_to_kv_pool_allocator=alloc)
+        for k in keys:
+            rk = RadixKey(k)
+            m = cache.match_prefix(rk)
+            cache.insert(rk, alloc.alloc(len(k) - m.prefix_len, prefix=m.indices))
+    else:
+        cache = cache_cls(eviction_policy=policy)
+        nxt = 1
+        for k in keys:
+            cache.insert(RadixKey(k), np.arange(nxt, nxt + len(k), dtype=np.int32))
+            nxt += len(k)
     return cache, keys
 
 
-def _probes(keys: list, n: int) -> list:
-    """`n` match keys drawn at random from a grown tree's keys (seeded)."""
-    rng = np.random.default_rng(2)
+def _probes(keys: list, n: int, rng: np.random.Generator | None = None) -> list:
+    """`n` match keys drawn at random from a grown tree's keys (seeded unless `rng`)."""
+    rng = np.random.default_rng(2) if rng is None else rng
     return [RadixKey(keys[i]) for i in rng.integers(0, len(keys), n)]
 
 
@@ -235,15 +251,17 @@ SIZES = [1_000, 10_000, 100_000, 1_000_000]
 
 @pytest.mark.parametrize("size", SIZES)
 def test_match_cost_vs_tree_size(benchmark, size):
+    """1,000 matches of keys drawn at random, new ones every round: at 1e6 tokens a round
+    reaches about 1,000 of the tree's 14,706 leaves, so each round's are mostly cold."""
     cache, keys = _grown_tree(size)
-    probes = _probes(keys, 1000)
+    rng = np.random.default_rng(2)
 
-    def run():
+    def run(probes):
         for k in probes:
             cache.match_prefix(k)
 
     benchmark.group = "match-vs-size"
-    benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(run, setup=lambda: ((_probes(keys, 1000, rng),), {}), rounds=7)
     record(benchmark, "match_prefix of a 128-token key, per call", f"{size:>9,} tokens", per=1000)
 
 
@@ -264,8 +282,8 @@ def _time_evictions(benchmark, make_cache, group: str, case: str, n_evict: int =
 def test_evict_cost_vs_tree_size(benchmark, size):
     _time_evictions(
         benchmark,
-        lambda: _grown_tree(size)[0],
-        "evict of one leaf (64 tokens), per node",
+        lambda: _grown_tree(size, with_allocator=True)[0],
+        "evict of one leaf (64 tokens, handed back to the allocator), per node",
         f"{size:>9,} tokens",
         n_evict=min(200, _n_keys(size)),
     )
@@ -277,7 +295,7 @@ def test_evict_cost_per_policy(benchmark, policy, size):
     """Every policy keeps evict proportional to what it frees: one heap pop per node."""
 
     def make():
-        cache, keys = _grown_tree(size, policy=policy)
+        cache, keys = _grown_tree(size, policy=policy, with_allocator=True)
         rng = np.random.default_rng(4)
         for i in rng.integers(0, len(keys), len(keys) // 2):  # uneven hits and recency
             cache.match_prefix(RadixKey(keys[i]))
