@@ -249,20 +249,32 @@ def _probes(keys: list, n: int, rng: np.random.Generator | None = None) -> list:
 SIZES = [1_000, 10_000, 100_000, 1_000_000]
 
 
+@pytest.mark.parametrize("probes", ["new", "same"])
 @pytest.mark.parametrize("size", SIZES)
-def test_match_cost_vs_tree_size(benchmark, size):
-    """1,000 matches of keys drawn at random, new ones every round: at 1e6 tokens a round
-    reaches about 1,000 of the tree's 14,706 leaves, so each round's are mostly cold."""
+def test_match_cost_vs_tree_size(benchmark, size, probes):
+    """1,000 matches of keys drawn at random a round. ``new``: new keys every round, so at
+    1e6 tokens a round reaches about 1,000 of the tree's 14,706 leaves, mostly cold (what a
+    server's fresh requests meet); ``same``: the same 1,000 every round after a warm-up
+    round (a working set that stays in cache): the walk's own cost."""
     cache, keys = _grown_tree(size)
     rng = np.random.default_rng(2)
+    fixed = _probes(keys, 1000)
 
-    def run(probes):
-        for k in probes:
+    def run(batch):
+        for k in batch:
             cache.match_prefix(k)
 
+    def setup():
+        return ((_probes(keys, 1000, rng) if probes == "new" else fixed),), {}
+
     benchmark.group = "match-vs-size"
-    benchmark.pedantic(run, setup=lambda: ((_probes(keys, 1000, rng),), {}), rounds=7)
-    record(benchmark, "match_prefix of a 128-token key, per call", f"{size:>9,} tokens", per=1000)
+    benchmark.pedantic(run, setup=setup, rounds=7, warmup_rounds=1 if probes == "same" else 0)
+    record(
+        benchmark,
+        "match_prefix of a 128-token key, per call",
+        f"{size:>9,} tokens, {probes} keys",
+        per=1000,
+    )
 
 
 def _time_evictions(benchmark, make_cache, group: str, case: str, n_evict: int = 200) -> None:
