@@ -7,6 +7,7 @@ The runs reuse ``test_engine``'s pool sizes and scheduler, so they compile no ne
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -426,34 +427,48 @@ class _Interrupted(Exception):
     """Stands for a KeyboardInterrupt (which pytest would take as the user's)."""
 
 
-def _flaky(base: type) -> type:
-    class Flaky(base):  # type: ignore[misc, valid-type]
+def _planned_calls(base: type, act: Callable[[str, int], None], after: bool = False) -> type:
+    """A cache class that counts its calls of match_prefix, insert, inc_lock_ref and
+    dec_lock_ref (``seen``) and, at the planned call of a method (``plan[name] == n``),
+    runs ``act(name, n)``: before the call does its work or, with ``after``, once it has."""
+
+    class Planned(base):  # type: ignore[misc, valid-type]
         __slots__ = ()
-        plan: dict[str, int] = {}  # method -> the call that raises (1-based)
+        plan: dict[str, int] = {}  # method -> the call that acts (1-based)
         seen: dict[str, int] = {}
 
-        def _tick(self, name: str) -> None:
-            n = Flaky.seen[name] = Flaky.seen.get(name, 0) + 1
-            if Flaky.plan.get(name) == n:
-                raise _Interrupted(f"{name} call {n}")
+        def _call(self, name: str, method: Callable[..., Any], a: Any, k: Any) -> Any:
+            n = Planned.seen[name] = Planned.seen.get(name, 0) + 1
+            planned = Planned.plan.get(name) == n
+            if planned and not after:
+                act(name, n)
+            out = method(*a, **k)
+            if planned and after:
+                act(name, n)
+            return out
 
         def match_prefix(self, *a: Any, **k: Any) -> Any:
-            self._tick("match_prefix")
-            return super().match_prefix(*a, **k)
+            return self._call("match_prefix", super().match_prefix, a, k)
 
         def insert(self, *a: Any, **k: Any) -> Any:
-            self._tick("insert")
-            return super().insert(*a, **k)
+            return self._call("insert", super().insert, a, k)
 
         def inc_lock_ref(self, *a: Any, **k: Any) -> Any:
-            self._tick("inc_lock_ref")
-            return super().inc_lock_ref(*a, **k)
+            return self._call("inc_lock_ref", super().inc_lock_ref, a, k)
 
         def dec_lock_ref(self, *a: Any, **k: Any) -> Any:
-            self._tick("dec_lock_ref")
-            return super().dec_lock_ref(*a, **k)
+            return self._call("dec_lock_ref", super().dec_lock_ref, a, k)
 
-    return Flaky
+    return Planned
+
+
+def _interrupt(name: str, n: int) -> None:
+    raise _Interrupted(f"{name} call {n}")
+
+
+def _ctrl_c(name: str, n: int) -> None:
+    """A real SIGINT: a Ctrl-C landing there."""
+    signal.raise_signal(signal.SIGINT)
 
 
 @pytest.mark.parametrize("variant", ["full", "hybrid"])
@@ -465,7 +480,7 @@ def test_an_interrupt_at_any_cache_call_releases_everything(variant: str, method
     release after a failing re-match, lock or unlock tried to free the tree's slots, failed,
     and stopped there, leaving every other running request's slots and locks; and a finish
     whose unlock failed lost the request's unshared slots."""
-    flaky = _flaky(MambaRadixCache if variant == "hybrid" else RadixCache)
+    flaky = _planned_calls(MambaRadixCache if variant == "hybrid" else RadixCache, _interrupt)
     engine = make_engine(variant, flaky)
     wl = small_shared(n_groups=2, per_group=3)
     flaky.plan, flaky.seen = {}, {}
@@ -522,33 +537,6 @@ def test_a_free_that_fails_in_caching_a_prompt_loses_nothing(variant: str, pool:
     run_after_error(engine)
 
 
-def _ctrl_c_after(cache_cls: type) -> type:
-    """A cache class whose planned call sends the process a real SIGINT as it returns,
-    its work done: a Ctrl-C landing right after the call."""
-
-    class CtrlC(cache_cls):  # type: ignore[misc, valid-type]
-        __slots__ = ()
-        plan: dict[str, int] = {}
-        seen: dict[str, int] = {}
-
-        def _after(self, name: str, out: Any) -> Any:
-            n = CtrlC.seen[name] = CtrlC.seen.get(name, 0) + 1
-            if CtrlC.plan.get(name) == n:
-                signal.raise_signal(signal.SIGINT)
-            return out
-
-        def match_prefix(self, *a: Any, **k: Any) -> Any:
-            return self._after("match_prefix", super().match_prefix(*a, **k))
-
-        def insert(self, *a: Any, **k: Any) -> Any:
-            return self._after("insert", super().insert(*a, **k))
-
-        def inc_lock_ref(self, *a: Any, **k: Any) -> Any:
-            return self._after("inc_lock_ref", super().inc_lock_ref(*a, **k))
-
-    return CtrlC
-
-
 @pytest.mark.parametrize("variant", ["full", "hybrid"])
 @pytest.mark.parametrize("where", ["extend_step", "match_prefix", "insert", "inc_lock_ref"])
 def test_a_ctrl_c_as_a_call_returns_is_raised_where_nothing_is_lost(
@@ -560,7 +548,8 @@ def test_a_ctrl_c_as_a_call_returns_is_raised_where_nothing_is_lost(
     lock, the slots or the lock it recorded nowhere. The run now holds it and raises
     KeyboardInterrupt at the top of the serving loop: the run's release gives everything
     back and the engine serves again."""
-    ctrl_c = _ctrl_c_after(MambaRadixCache if variant == "hybrid" else RadixCache)
+    cache_cls = MambaRadixCache if variant == "hybrid" else RadixCache
+    ctrl_c = _planned_calls(cache_cls, _ctrl_c, after=True)  # as the call returns
     engine = make_engine(variant, ctrl_c)
     steps = {"n": 0, "at": 0}
     step = M.extend_step
@@ -569,7 +558,7 @@ def test_a_ctrl_c_as_a_call_returns_is_raised_where_nothing_is_lost(
         out = step(*a, **k)
         steps["n"] += 1
         if steps["n"] == steps["at"]:
-            signal.raise_signal(signal.SIGINT)
+            _ctrl_c("extend_step", steps["n"])
         return out
 
     monkeypatch.setattr(M, "extend_step", step_then_ctrl_c)
