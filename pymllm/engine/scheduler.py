@@ -633,10 +633,9 @@ class Engine:
         ours = np.concatenate([dups, r.slots[covered : len(seq)]])
         if state is not None and not state_exists:
             r.state_slot = 0  # the tree owns it now
-        r.slots, r.cached_len = ours, 0  # all we own now: _release frees it after an error
-        if ours.size:
-            self._alloc.free(ours)
-        r.slots = r.slots[:0]
+        # all we own now, on its way back to the pool (_release frees it after an error)
+        r.loose, r.slots, r.cached_len = ours, r.slots[:0], 0
+        self._free_loose(r)
         self._unlock_req(r)
         self._free_state(r)
         r.t_finish = self._now()
