@@ -156,6 +156,13 @@ def test_radix_key_repr_shows_extra_key_and_first_ten_tokens():
     assert "..." not in repr(RadixKey([1, 2]))
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32])
+@pytest.mark.parametrize("n", [3, 12])
+def test_radix_key_repr_of_an_array_key_reads_as_the_list_key(dtype, n):
+    tokens = list(range(n))
+    assert repr(RadixKey(np.array(tokens, dtype=dtype), "a")) == repr(RadixKey(tokens, "a"))
+
+
 def test_result_dataclass_defaults():
     m = MatchResult(indices=np.zeros(0, dtype=np.int32))
     assert (m.last_node, m.prefix_len, m.mamba_branching_seqlen) == (None, 0, None)

@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import operator
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,13 +245,15 @@ class RadixKey:
         return RadixKey(tokens[i : i + 1], self.extra_key)
 
     def __repr__(self) -> str:
-        head = _as_list(itertools.islice(self.token_ids, 10))
+        tokens = self.token_ids
+        # an array's first ten as Python ints, so that it prints as the same list key would
+        head = (
+            tokens[:10].tolist()
+            if isinstance(tokens, np.ndarray) and tokens.ndim == 1
+            else list(itertools.islice(tokens, 10))
+        )
         more = "..." if len(self.token_ids) > 10 else ""
         return f"RadixKey(extra_key={self.extra_key!r}, token_ids={head}{more})"
-
-
-def _as_list(tokens: Iterable[Any] | np.ndarray) -> list[Any]:
-    return tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
 
 
 def _sliceable(tokens: Any) -> Any:
