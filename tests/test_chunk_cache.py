@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pymllm.mem_cache import BasePrefixCache, ChunkCache, EvictResult, RadixKey
+from pymllm.mem_cache import (
+    BasePrefixCache,
+    ChunkCache,
+    EvictResult,
+    MambaRadixCache,
+    RadixCache,
+    RadixKey,
+)
 
 
 class _NoFree:
@@ -46,6 +53,10 @@ def test_chunk_cache_never_hits_and_never_takes_ownership():
         pytest.param(lambda c: c.evict(1, mamba_num=np.array(0.5)), id="evict-mamba-float-array"),
         pytest.param(lambda c: c.inc_lock_ref(42), id="lock-not-its-node"),
         pytest.param(lambda c: c.dec_lock_ref(None, swa_boundary=1), id="unlock-typo"),
+        pytest.param(lambda c: c.insert(RadixKey([1]), [1], priority=1.5), id="priority-float"),
+        pytest.param(lambda c: c.insert(RadixKey([1]), [1], priority=True), id="priority-bool"),
+        pytest.param(lambda c: c.insert(RadixKey([1]), [1], priority=None), id="priority-none"),
+        pytest.param(lambda c: c.evict(1, 2, mamba_num=1), id="mamba-count-twice"),
     ],
 )
 def test_chunk_cache_refuses_what_the_radix_caches_refuse(call):
@@ -53,6 +64,20 @@ def test_chunk_cache_refuses_what_the_radix_caches_refuse(call):
     it showed only once caching was turned on."""
     with pytest.raises(TypeError):
         call(ChunkCache(token_to_kv_pool_allocator=_NoFree()))
+
+
+@pytest.mark.parametrize("priority", [1.5, True, None])
+@pytest.mark.parametrize("cache_cls", [RadixCache, MambaRadixCache])
+def test_the_radix_caches_refuse_a_priority_before_reading_tokens(cache_cls, priority):
+    """The radix side of the priority cases above: a key they would refuse is not read."""
+    with pytest.raises(TypeError, match="priority"):
+        cache_cls().insert(RadixKey([-5, 1]), [1, 2], priority=priority)
+
+
+def test_mamba_refuses_a_state_count_given_twice():
+    """The radix side of ``mamba-count-twice`` above."""
+    with pytest.raises(TypeError, match="once"):
+        MambaRadixCache().evict(1, 2, mamba_num=1)
 
 
 def test_chunk_cache_takes_the_radix_caches_keywords():

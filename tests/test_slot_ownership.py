@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
-from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey, TokenToKVPoolAllocator
+from pymllm.mem_cache import (
+    MambaRadixCache,
+    RadixCache,
+    RadixKey,
+    SWATokenToKVPoolAllocator,
+    TokenToKVPoolAllocator,
+)
 from pymllm.mem_cache.errors import (
     AllocatorStateError,
     InvalidFreeError,
@@ -943,16 +949,17 @@ class _PagedStatePool:
         self.slot_allocator.free(slots)
 
 
-@pytest.mark.parametrize("kind", ["allocator", "behind a pool"])
+@pytest.mark.parametrize("kind", ["allocator", "behind a pool", "SWA allocator"])
 def test_mamba_refuses_a_paged_state_allocator(kind: str) -> None:
     """A paged allocator frees whole pages, so the tree's free of one state freed its page's
     other slot: another request's (and it went unbooked: the pool's free of a state the
-    tree held passed). Refused when the cache is made, nothing built."""
-    pool: Any = (
-        TokenToKVPoolAllocator(4, page_size=2, need_sort=False)
-        if kind == "allocator"
-        else _PagedStatePool()
-    )
+    tree held passed). Refused when the cache is made, nothing built; a paged
+    SWATokenToKVPoolAllocator too (its evict freed a state the tree still held)."""
+    pool: Any = {
+        "allocator": lambda: TokenToKVPoolAllocator(4, page_size=2, need_sort=False),
+        "behind a pool": _PagedStatePool,
+        "SWA allocator": lambda: SWATokenToKVPoolAllocator(4, 4, page_size=2, need_sort=False),
+    }[kind]()
     alloc = TokenToKVPoolAllocator(8, need_sort=False)
     with pytest.raises(InvalidValueError, match="page_size 1"):
         MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=pool)

@@ -62,9 +62,11 @@ class ChunkCache(BasePrefixCache):
     request ends.
 
     It reads no tokens, but refuses what the radix caches refuse before they read any
-    (``TypeError``): a key that is not a ``RadixKey``, a count that is not an int, a node
-    other than the ``None`` its ``match_prefix`` hands out, and keyword arguments no radix
-    cache takes. So a scheduler's mistake shows here too, not only once caching is on.
+    (``TypeError``): a key that is not a ``RadixKey``, a count or ``priority`` that is not
+    an int, a Mamba state count given twice (``mamba_num`` and the 2nd argument of
+    ``evict``), a node other than the ``None`` its ``match_prefix`` hands out, and keyword
+    arguments no radix cache takes. So a scheduler's mistake shows here too, not only once
+    caching is on.
     """
 
     def __init__(self, token_to_kv_pool_allocator: Any = None) -> None:
@@ -84,6 +86,8 @@ class ChunkCache(BasePrefixCache):
         ``priority``, ``mamba_value``) and ignores them."""
         _check_key(key)
         _check_kwargs("insert", kwargs, _INSERT_KWARGS)
+        if "priority" in kwargs:  # the one the radix caches check before reading tokens
+            _check_count("priority", kwargs["priority"])
         return InsertResult(prefix_len=0, last_node=None)
 
     def evict(self, num_tokens: int, swa_num_tokens: int = 0, **kwargs: Any) -> EvictResult:
@@ -93,6 +97,11 @@ class ChunkCache(BasePrefixCache):
         _check_kwargs("evict", kwargs, _EVICT_KWARGS)
         if kwargs.get("mamba_num") is not None:
             _check_count("mamba_num", kwargs["mamba_num"])
+            if swa_num_tokens:  # MambaRadixCache reads its 2nd argument as the state count
+                raise TypeError(
+                    "mamba_num: give the Mamba state count once (mamba_num or the 2nd "
+                    f"argument), got {swa_num_tokens!r} and {kwargs['mamba_num']!r}"
+                )
         return EvictResult()
 
     def inc_lock_ref(self, node: Any) -> None:

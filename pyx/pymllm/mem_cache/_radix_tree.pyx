@@ -3475,13 +3475,15 @@ cdef class MambaTreeCore(RadixTreeCore):
             raise TypeError(f"mamba_pool: expected an object with free(slots), got {mamba_pool!r}")
         # our allocator as the pool itself, or behind one (MambaPool.slot_allocator); read
         # first, as the pool's Python code may raise: then no tree is built
-        books = (mamba_pool if isinstance(mamba_pool, TokenToKVPoolAllocator)
+        books = (mamba_pool
+                 if isinstance(mamba_pool, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator))
                  else getattr(mamba_pool, "slot_allocator", None))
-        if isinstance(books, TokenToKVPoolAllocator) and books.page_size != 1:
+        if isinstance(books, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator)) and (
+                books.page_size != 1):
             # a state is one slot, and a paged pool frees whole pages: freeing one state
             # would free its page's other slots, another request's or another node's
             raise InvalidValueError(
-                "mamba_pool: a TokenToKVPoolAllocator that holds states must have "
+                f"mamba_pool: a {type(books).__name__} that holds states must have "
                 f"page_size 1 (a state is one slot), got page_size {books.page_size}"
             )
         self.mamba = True
