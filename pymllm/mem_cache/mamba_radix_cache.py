@@ -25,13 +25,14 @@ class MambaRadixCache(MambaTreeCore, BasePrefixCache):  # type: ignore[misc]
     Ownership: KV slots as in :class:`~pymllm.mem_cache.radix_cache.RadixCache`. A state
     slot passed to ``insert`` becomes the tree's unless ``InsertResult.mamba_exist`` is True;
     states leave the tree only through ``evict``/``reset`` or when the cache is dropped.
-    A pool that is a ``TokenToKVPoolAllocator``, or has one as ``slot_allocator``
-    (``MambaPool``), must have ``page_size`` 1 (``InvalidValueError`` otherwise: a paged
-    free would free a state's neighbours too), and books the states the tree holds as the
-    cache's: the pool's ``free``
-    refuses them (``InvalidFreeError``), ``insert`` refuses a state that is free or another
-    node's (``InvalidValueError``, nothing changed), and the tree frees them straight into
-    that allocator. Any other pool gets them back through ``mamba_pool.free``.
+    A pool that is a ``TokenToKVPoolAllocator`` or a ``SWATokenToKVPoolAllocator``, or has
+    one as ``slot_allocator`` (``MambaPool``), must have ``page_size`` 1
+    (``InvalidValueError`` otherwise: a paged free would free a state's neighbours too).
+    A ``TokenToKVPoolAllocator`` books the states the tree holds as the cache's: the
+    pool's ``free`` refuses them (``InvalidFreeError``), ``insert`` refuses a state that
+    is free or another node's (``InvalidValueError``, nothing changed), and the tree frees
+    them straight into that allocator. Any other pool gets them back through
+    ``mamba_pool.free``.
     ``match_prefix`` results end at a node holding a state; copy that state
     (``last_node.mamba_value``) into the request's own slot before extending it.
 
