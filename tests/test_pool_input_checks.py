@@ -20,7 +20,13 @@ from pymllm.mem_cache import (
     memory_pool,
 )
 from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError
-from pymllm.mem_cache.memory_pool import KVPool, MambaPool, ReqToTokenPool, pad_slots
+from pymllm.mem_cache.memory_pool import (
+    KVPool,
+    MambaPool,
+    ReqToTokenPool,
+    pad_slots,
+    scatter_rows,
+)
 
 
 @pytest.mark.parametrize("swa", [False, True], ids=["full", "swa"])
@@ -397,3 +403,68 @@ def test_pools_refuse_rows_beyond_int32_before_allocating(
     monkeypatch.setattr(memory_pool, "TokenToKVPoolAllocator", _allocating)
     with pytest.raises(InvalidValueError if refused else _Allocating):
         make(size)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_scatter_rows_routes_a_wide_numpy_slot_past_the_end_without_x64(dtype) -> None:
+    """With x64 off, jnp.asarray kept the low 32 bits of a numpy int64 slot: 2**32 + 5 went
+    to row 5 instead of past the end, which the scatter drops."""
+    assert not jax.config.jax_enable_x64
+    loc = np.array([10, 2**32 + 5, 0, 3], dtype=dtype)
+    assert scatter_rows(loc, 11).tolist() == [10, 12, 13, 3]
+    valid = np.array([True, True, True, False])
+    assert scatter_rows(loc, 11, valid).tolist() == [10, 12, 0, 14]
+    assert scatter_rows(np.int64(2**32 + 5), 11).tolist() == 11
+    if dtype is np.int64:  # a negative one from -rows still wraps, as JAX's scatter does
+        assert scatter_rows(np.array([-1, -(2**40)], dtype), 11).tolist() == [-1, 12]
+
+
+def _deleted(x: jax.Array) -> jax.Array:
+    x.delete()
+    return x
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(
+            lambda p, m, s: p.set_kv_all(s, p.buffers.k[:, :1], p.buffers.v[:, :1]), id="set"
+        ),
+        pytest.param(lambda p, m, s: p.get_kv_all(s), id="get"),
+        pytest.param(lambda p, m, s: p.copy(s, [2]), id="copy"),
+        pytest.param(lambda p, m, s: m.get_states(s), id="mamba-get"),
+        pytest.param(lambda p, m, s: m.free(s), id="mamba-free"),
+        pytest.param(lambda p, m, s: TokenToKVPoolAllocator(4).free(s), id="allocator-free"),
+        pytest.param(lambda p, m, s: TokenToKVPoolAllocator(4).alloc(1, prefix=s), id="prefix"),
+        pytest.param(lambda p, m, s: pad_slots(s), id="pad_slots"),
+        pytest.param(lambda p, m, s: scatter_rows(s, 8), id="scatter_rows"),
+        pytest.param(lambda p, m, s: ReqToTokenPool(2, 4).write((1, slice(0, 1)), s), id="req"),
+    ],
+)
+def test_a_deleted_slot_array_is_a_typed_error(call) -> None:
+    """A donated (deleted) jax array of slots raised a bare RuntimeError from numpy's
+    conversion; the K/V arrays already had a typed error for it."""
+    pool = KVPool(8, 1, 1, 2, dtype=jnp.float32)
+    mamba = MambaPool(4, 1, (2,), (2,))
+    before = np.asarray(pool.buffers.k).copy()
+    with pytest.raises(InvalidValueError, match="deleted"):
+        call(pool, mamba, _deleted(jnp.asarray([1], jnp.int32)))
+    assert (np.asarray(pool.buffers.k) == before).all()
+
+
+def test_writes_refuse_the_padding_page_but_its_slot_0() -> None:
+    """With pages, slots 1..P-1 are the padding page's rows too (never handed out, zeros),
+    but a write or a copy to them went through."""
+    pool = KVPool(16, 1, 1, 1, dtype=jnp.float32, page_size=4)
+    ones = jnp.ones((1, 2, 1, 1))
+    for loc in ([1, 4], [4, 3]):
+        with pytest.raises(InvalidValueError, match="padding page 0"):
+            pool.set_kv_all(loc, ones, ones)
+        with pytest.raises(InvalidValueError, match="padding page 0"):
+            pool.set_kv_buffer(0, loc, ones[0], ones[0])
+        with pytest.raises(InvalidValueError, match="padding page 0"):
+            pool.copy([4, 5], loc)
+    assert not np.asarray(pool.buffers.k).any()
+    pool.set_kv_all([0, 4], ones, ones)  # slot 0 is a padding entry: it writes nothing
+    assert np.asarray(pool.buffers.k)[0, :, 0, 0].tolist() == [0, 0, 0, 0, 1] + [0] * 15
+    assert pool.get_kv_all([1, 2])[0].shape == (1, 2, 1, 1)  # reads of the page are zeros

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 
@@ -153,3 +154,39 @@ def test_eight_threads_share_one_allocator(swa: bool, fast_switching: None) -> N
     alloc._check_invariants()
     assert not out
     assert alloc.available_size() == size
+
+
+def test_swa_clear_holds_the_gil_throughout() -> None:
+    """Every call changes the allocator in one stretch of C holding the GIL. The SWA
+    allocator's clear zeroed its full -> SWA mapping with a numpy fill, which lets other
+    threads run on a large array: an alloc in between lost its mapping (its SWA slot leaked
+    and translated to 0). A thread counting while the main thread calls clear() must not
+    count at all (the switch interval is long, so only a released GIL lets it run)."""
+    a = SWATokenToKVPoolAllocator(1 << 22, 64)
+    count = [0]
+    stop = threading.Event()
+
+    def counter() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    old = sys.getswitchinterval()
+    t = threading.Thread(target=counter)
+    t.start()
+    try:
+        while count[0] == 0:
+            pass
+        sys.setswitchinterval(1.0)
+        # each thread reads the interval as it starts waiting for the GIL: a sleep hands
+        # the GIL over, so that from here on both wait with the long one
+        time.sleep(0.01)
+        moved = 0
+        for _ in range(3):
+            c0 = count[0]
+            a.clear()
+            moved += count[0] - c0
+    finally:
+        sys.setswitchinterval(old)
+        stop.set()
+        t.join()
+    assert moved == 0

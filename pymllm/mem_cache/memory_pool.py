@@ -94,6 +94,7 @@ def pad_slots(loc: Any, size: int | None = None) -> np.ndarray:
     ``InvalidValueError`` for slots that are not integers or lie outside ``[0, 2**31)``
     (never wrapped or truncated into another slot), a bool among them included."""
     _refuse_bool_slots("loc", loc)
+    _refuse_deleted("loc", loc)
     slots = _slots("loc", np.asarray(loc).reshape(-1), 1 << 31)
     if size is not None and _positive("size", size, 0) < len(slots):
         raise InvalidValueError(f"size: {size} is shorter than loc ({len(slots)} slots)")
@@ -134,11 +135,25 @@ def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
     nothing: row 0 keeps its zeros, so masked reads of it stay finite. For use inside a
     jitted function (the pools' updates and a model step). As in any JAX scatter, a slot
     past the end is dropped and a negative one from ``-rows`` wraps; a slot wider than
-    int32 (64-bit ints under ``jax_enable_x64``, which JAX's scatter would narrow onto
-    another row) outside ``[-rows, rows)`` is routed past the end too. Raises
+    int32 (64-bit ints, which JAX's scatter, or without ``jax_enable_x64`` the conversion
+    of a numpy array, would narrow onto another row) outside ``[-rows, rows)`` is routed
+    past the end too. Raises
     ``InvalidValueError`` (when traced: shapes and *rows* are static) for a non-integer
     *loc*, a *valid* that is not a bool mask of its shape, or rows past the end
     (``rows .. rows + loc.size - 1``) beyond int32."""
+    _refuse_deleted("loc", loc)
+    fits = None
+    if (
+        isinstance(loc, (np.ndarray, np.integer))
+        and loc.dtype.kind in "iu"
+        and loc.dtype.itemsize == 8
+        and not jax.config.jax_enable_x64
+    ):
+        # jnp.asarray would keep the low 32 bits of each slot, onto another row: the range
+        # routing is done here, on the host, before the narrowing
+        host = np.asarray(loc)
+        fits = (host >= (-rows if host.dtype.kind == "i" else 0)) & (host < rows)
+        loc = np.where(fits, host, 0).astype(np.int32)
     try:
         loc = jnp.asarray(loc)
     except OverflowError:
@@ -156,6 +171,8 @@ def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
                 f"valid: expected a bool mask of loc's shape {loc.shape}, got "
                 f"{valid.dtype} {valid.shape}"
             )
+    if fits is not None:
+        valid = valid & jnp.asarray(fits)
     if loc.dtype != jnp.int32:
         if loc.dtype.itemsize >= 4:  # 32-bit unsigned or 64-bit: only [-rows, rows) as is
             lo = -rows if jnp.issubdtype(loc.dtype, jnp.signedinteger) else 0
@@ -215,7 +232,9 @@ Args: ``buffers`` (:class:`KVBuffers`, **donated**: deleted by the call, use the
 ``[n, Hv, Dv]`` (cast to the buffer dtype). Returns the updated :class:`KVBuffers`, same
 shapes, dtypes and shardings. Padding entries (slot 0) write nothing (row 0 stays zeros,
 see :func:`scatter_rows`). Not checked: out-of-range ``loc`` is dropped by the scatter, a
-negative one wraps (so pad with 0).
+negative one wraps (so pad with 0). Pass ``loc`` as int32: with ``jax_enable_x64`` off, JAX
+narrows a 64-bit numpy ``loc`` to its low 32 bits as the call starts, so a slot past int32
+lands on another row (the pools' methods check slots on the host first).
 """
 
 write_kv_all = jax.jit(_write_kv_all, donate_argnames=("buffers",))
@@ -313,10 +332,18 @@ def _not_traced(name: str, x: Any) -> None:
         )
 
 
+def _refuse_deleted(name: str, x: Any) -> None:
+    """``InvalidValueError`` for a deleted ``jax.Array`` (an update donated it), which
+    numpy's and JAX's conversions refuse with a bare ``RuntimeError``."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted():
+        raise InvalidValueError(f"{name} was deleted: an update donated it")
+
+
 def _slots(name: str, loc: Any, rows: int) -> np.ndarray:
     """*loc* as a 1-D host int32 array of slots in ``[0, rows)``; a jax array syncs here."""
     _not_traced(name, loc)
     _refuse_bool_slots(name, loc)
+    _refuse_deleted(name, loc)
     arr = np.asarray(loc)
     if arr.ndim != 1:
         raise InvalidValueError(f"{name} must be 1-D, got shape {arr.shape}")
@@ -348,10 +375,7 @@ def _check_array(name: str, x: Any, shape: tuple[int, ...], dtype: Any) -> None:
     _not_traced(name, x)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise InvalidValueError(f"{name} must be an array, got {type(x).__name__}")
-    if isinstance(x, jax.Array) and x.is_deleted():
-        raise InvalidValueError(
-            f"{name} was deleted: an update donated it (take the pool's current buffers)"
-        )
+    _refuse_deleted(name, x)
     if tuple(x.shape) != shape:
         raise InvalidValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
     if jnp.dtype(x.dtype) != jnp.dtype(dtype):
@@ -713,10 +737,23 @@ class KVPool(_SlotOwner):
 
     # -- stateful conveniences -------------------------------------------------------
 
+    def _refuse_padding_page(self, name: str, loc: np.ndarray) -> None:
+        """``InvalidValueError`` for a slot written in page 0 other than the padding slot 0
+        itself (``1 .. page_size - 1``): those rows are padding too, never handed out, and
+        stay zeros."""
+        if self.page_size > 1 and len(loc):
+            inside = loc[(loc > PAD_SLOT) & (loc < self.page_size)]
+            if inside.size:
+                raise InvalidValueError(
+                    f"{name}: slot {inside[0]} is in the padding page 0 (slots 0..."
+                    f"{self.page_size - 1}); pad with slot 0"
+                )
+
     def _prep_rows(
         self, loc: Any, k: Any, v: Any, lead: tuple[int, ...]
     ) -> tuple[np.ndarray, Any, Any, int]:
         loc = _slots("loc", loc, self.rows)
+        self._refuse_padding_page("loc", loc)
         _check_distinct("loc", loc)
         n = len(loc)
         axis = len(lead)
@@ -728,7 +765,8 @@ class KVPool(_SlotOwner):
     def set_kv_buffer(self, layer_id: int, loc: Any, k: Any, v: Any) -> None:
         """Write ``k`` ``[n, Hk, Dk]`` and ``v`` ``[n, Hv, Dv]`` at slots ``loc`` ``[n]`` of
         one layer. Everything is checked first (layer range, slot range, distinct slots
-        except the padding slot 0, shapes, dtype); an error writes nothing. Slots stay owned
+        except the padding slot 0, no other slot of the padding page 0, shapes, dtype); an
+        error writes nothing. Slots stay owned
         by whoever owned them; the pool holds the K/V passed at call time, and the caller
         may reuse ``loc``, ``k`` and ``v`` as soon as this returns."""
         layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
@@ -788,10 +826,10 @@ class KVPool(_SlotOwner):
     def copy(self, src_loc: Any, dst_loc: Any) -> None:
         """Copy the K/V rows at ``src_loc`` to ``dst_loc`` in every layer (jitted, donated).
 
-        Both 1-D, same length, in range, ``dst_loc`` distinct except the padding slot 0
-        (``src_loc`` may repeat: one row forked into several); an error copies nothing. The
-        caller owns ``dst_loc`` and keeps owning both, and may reuse both arrays as soon as
-        this returns.
+        Both 1-D, same length, in range, ``dst_loc`` distinct except the padding slot 0 and
+        outside the rest of the padding page 0 (``src_loc`` may repeat: one row forked into
+        several); an error copies nothing. The caller owns ``dst_loc`` and keeps owning both,
+        and may reuse both arrays as soon as this returns.
         """
         src = _slots("src_loc", src_loc, self.rows)
         dst = _slots("dst_loc", dst_loc, self.rows)
@@ -799,6 +837,7 @@ class KVPool(_SlotOwner):
             raise InvalidValueError(
                 f"src_loc/dst_loc: lengths differ, src_loc has {len(src)} slots, dst_loc {len(dst)}"
             )
+        self._refuse_padding_page("dst_loc", dst)
         _check_distinct("dst_loc", dst)
         if len(src) == 0:
             return
@@ -858,6 +897,8 @@ class ReqToTokenPool(_SlotOwner):
         _not_traced("values", values)
         _refuse_bool_slots("index", row)
         _refuse_bool_slots("values", values)
+        _refuse_deleted("index", row)
+        _refuse_deleted("values", values)
         try:
             rows = np.arange(self.size + 1)[row] if isinstance(row, slice) else np.asarray(row)
         except (ValueError, TypeError) as exc:  # a zero slice step, a bad slice bound

@@ -328,7 +328,13 @@ cdef object _integer_array(object indices, str name="indices"):
     as an item of a list or tuple, which numpy would silently read as 0 or 1), and Python
     ints beyond 64 bits come back as an object array of exact ints."""
     _refuse_bool_slots(name, indices)
-    arr = np.asarray(indices)
+    try:
+        arr = np.asarray(indices)
+    except RuntimeError:
+        # a jax array an update donated: its conversion raises a bare RuntimeError
+        if getattr(indices, "is_deleted", lambda: False)():
+            raise InvalidValueError(f"{name}: the array was deleted (an update donated it)")
+        raise
     if arr.dtype == object:
         for v in arr.flat:
             if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
@@ -1355,7 +1361,9 @@ cdef class SWATokenToKVPoolAllocator:
         _refuse_clear_while_cached(self.full, self.page_size)
         self.full.reset()
         self.swa.reset()
-        self._mapping[:] = 0
+        # in C, with the GIL held: numpy's fill of a large array lets other threads run,
+        # and an alloc between the resets and the fill would lose its SWA mapping
+        memset(self.mapping, 0, <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>self._mapping))
 
     def is_allocated(self, indices):
         """Boolean mask: which of *indices* are allocated full slots (a caller's or a prefix
