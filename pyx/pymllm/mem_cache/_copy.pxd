@@ -127,8 +127,9 @@ cdef extern from *:
 
 
 # Index of the first entry of p[0:n] outside [lo, lo + span), n if none (lo >= 0 and
-# lo + span <= 2**31): one unsigned compare per entry (p[i] - lo of a negative entry wraps
-# to 2**31 - lo or more) OR-reduced without a branch, which the compiler vectorises; the
+# lo + span <= 2**31): the entries' sign bits OR-ed together (lo 0, span 2**31: "not
+# negative"), or else the largest p[i] - lo taken unsigned (a negative entry wraps to
+# 2**31 - lo or more), without a branch, which the compiler vectorises and unrolls; the
 # search for the index runs only on bad input. It reads every token of every key and value
 # the radix tree takes (span 2**31: "not negative") and every prefix the allocators copy,
 # so on x86-64 Linux GCC builds it is compiled twice, for AVX2 and for the baseline, and
@@ -142,8 +143,26 @@ cdef extern from *:
                                            uint32_t span) {
         uint32_t bad = 0;
         Py_ssize_t i;
-        for (i = 0; i < n; i++)
-            bad |= (uint32_t)p[i] - (uint32_t)lo >= span;
+        if (lo == 0 && span == 0x80000000u) {
+            /* "not negative": the sign bit of the entries OR-ed together, one vector OR
+               per vector of entries, unrolled so that the loop's own count and branch
+               do not cost as much as the ORs */
+            int32_t acc = 0;
+            #pragma GCC unroll 4
+            for (i = 0; i < n; i++)
+                acc |= p[i];
+            bad = acc < 0;
+        } else {
+            /* the largest p[i] - lo, unsigned (a negative entry wraps to 2**31 - lo or
+               more): one vector subtract and max per vector of entries */
+            uint32_t top = 0;
+            #pragma GCC unroll 4
+            for (i = 0; i < n; i++) {
+                uint32_t d = (uint32_t)p[i] - (uint32_t)lo;
+                top = d > top ? d : top;
+            }
+            bad = top >= span;
+        }
         if (!bad)
             return n;
         for (i = 0; i < n; i++)
