@@ -177,20 +177,21 @@ cdef inline bint _consecutive(const int32_t* p, int32_t n) noexcept:
     (2**31 - 1 then -2**31 count as consecutive: callers bound p[0] + n - 1 first, in 64
     bits).
     No early exit, so it vectorizes; a whole block has a constant trip count, so no scalar
-    prologue or epilogue."""
+    prologue or epilogue. The counters are 32-bit, as the entries: with a 64-bit one the
+    compiler built each vector of p0 + i from 64-bit lanes."""
     cdef uint32_t diff = 0
     cdef uint32_t p0 = <uint32_t>p[0]
     cdef const uint32_t* q = <const uint32_t*>p
-    cdef size_t i
+    cdef uint32_t i
     if n == BLOCK:
-        for i in range(<size_t>BLOCK):
-            diff |= q[i] ^ (p0 + <uint32_t>i)
+        for i in range(<uint32_t>BLOCK):
+            diff |= q[i] ^ (p0 + i)
     elif n == SUB:
-        for i in range(<size_t>SUB):
-            diff |= q[i] ^ (p0 + <uint32_t>i)
+        for i in range(<uint32_t>SUB):
+            diff |= q[i] ^ (p0 + i)
     else:
-        for i in range(<size_t>n):
-            diff |= q[i] ^ (p0 + <uint32_t>i)
+        for i in range(<uint32_t>n):
+            diff |= q[i] ^ (p0 + i)
     return diff == 0
 
 
@@ -198,25 +199,26 @@ cdef inline bint _all_in_state(const uint8_t* state, int32_t lo, int32_t n, uint
     """state[lo:lo+n] are all st (branch-free; indexed from a pointer so that it vectorizes)."""
     cdef uint8_t acc = 0
     cdef const uint8_t* q = state + lo
-    cdef size_t i
+    cdef uint32_t i
     if n == BLOCK:
-        for i in range(<size_t>BLOCK):
+        for i in range(<uint32_t>BLOCK):
             acc |= q[i] ^ st
     elif n == SUB:
-        for i in range(<size_t>SUB):
+        for i in range(<uint32_t>SUB):
             acc |= q[i] ^ st
     else:
-        for i in range(<size_t>n):
+        for i in range(<uint32_t>n):
             acc |= q[i] ^ st
     return acc == 0
 
 
 cdef inline void _fill_sequence(int32_t* dst, int32_t s0, int32_t n) noexcept:
-    """dst[0:n] = s0, s0 + 1, ..., s0 + n - 1 (vectorizes, as _consecutive)."""
+    """dst[0:n] = s0, s0 + 1, ..., s0 + n - 1 (vectorizes, as _consecutive; a 32-bit
+    counter for the same reason)."""
     cdef uint32_t* q = <uint32_t*>dst
-    cdef size_t i
-    for i in range(<size_t>n):
-        q[i] = <uint32_t>s0 + <uint32_t>i
+    cdef uint32_t i
+    for i in range(<uint32_t>n):
+        q[i] = <uint32_t>s0 + i
 
 
 cdef inline void _set_free_bits(uint64_t* bits, const int32_t* pages, int32_t n) noexcept:
