@@ -257,3 +257,21 @@ print("ok")
 
 def test_an_init_that_runs_out_of_memory_leaves_no_half_tree() -> None:
     assert run_child(PRELUDE + INIT_OUT_OF_MEMORY).strip() == "ok"
+
+
+def test_a_reset_whose_python_free_raises_still_empties_the_tree() -> None:
+    """As documented (``reset``, README): the pool's own ``free`` decides what happens to
+    the slots it was handed; the tree is empty either way and the exception propagates."""
+
+    class Busy(TokenToKVPoolAllocator):
+        def free(self, indices):  # type: ignore[no-untyped-def]
+            raise RuntimeError("pool busy")
+
+    alloc = Busy(64)
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    node = cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3)).last_node
+    with pytest.raises(RuntimeError, match="pool busy"):
+        cache.reset()
+    assert cache.total_size() == 0 and node.evicted
+    cache._check_invariants()
+    assert cache.insert(RadixKey([1, 2]), alloc.alloc(2)).prefix_len == 0

@@ -53,7 +53,10 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     Python code that can hand the GIL to another thread midway), so each call also holds
     the cache's own guard: another thread's call waits until it returns, and so do its size
     queries and node-handle reads. A callback that calls back into the same cache gets
-    ``ReentrantCallError`` (size queries and handle reads are allowed there), and so does a
+    ``ReentrantCallError`` (size queries and handle reads are allowed there, and see the
+    call's state as it stands: an ``extra_key``'s ``__hash__`` run while ``evict`` drops a
+    namespace's last node sees the sizes without that node and the node not yet marked
+    evicted; ``on_node_evict`` sees each node gone), and so does a
     finalizer that a callback's own code runs. The garbage collector is held off while a
     call runs, so the finalizer of cyclic garbage that calls the cache (a request's
     ``__del__`` unlocking its node) runs after it, not inside; a ``gc.disable()`` or

@@ -1240,7 +1240,8 @@ cdef class RadixTreeCore:
     cdef inline int _await_idle(self) except -1:
         """Readers (size queries, node handles) wait while another thread is inside a
         public call, so they never see a half-done mutation; the thread inside (its own
-        callbacks) reads freely."""
+        callbacks) reads freely, and may see its own call's mutation half done (an
+        ``extra_key``'s ``__hash__`` during a node's removal)."""
         if self.nodes == NULL:
             self._not_initialized()
         if self._owner != 0 and self._owner != PyThread_get_thread_ident():
@@ -2941,7 +2942,10 @@ cdef class RadixTreeCore:
         Handles held by callers become stale; ``on_node_evict`` is not called. Node ids are
         not reused afterwards. If memory runs out while the empty tree is rebuilt, the
         slots and states are handed over all the same and ``MemoryError`` propagates; the
-        cache then raises ``NotInitializedError`` until ``__init__`` is called again.
+        cache then raises ``NotInitializedError`` until ``__init__`` is called again. As
+        with ``evict``, the tree is empty whatever the pools' ``free`` does: when a Python
+        ``free`` (of an allocator subclass or a state pool) raises, the slots it was handed
+        are its to keep or lose, and its exception propagates.
         """
         self._enter()
         try:
