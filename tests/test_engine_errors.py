@@ -171,6 +171,36 @@ def test_a_mutated_spec_with_a_bad_output_length_is_refused_before_allocation(n,
     run_after_error(engine)
 
 
+@pytest.mark.parametrize(
+    ("arrival", "error"),
+    [(float("nan"), ValueError), (float("inf"), ValueError), (-1.0, ValueError), ("1", TypeError)],
+)
+def test_an_arrival_that_never_comes_is_refused(arrival, error):
+    """A NaN arrival made the run's wait a busy spin forever (nan - now is never <= 0), an
+    infinite one a 50 ms poll forever; both are refused, at construction and (a spec's
+    fields can be reassigned) again before anything is allocated."""
+    with pytest.raises(error, match="request late: arrival must be"):
+        RequestSpec("late", ramp(0, 10), 2, arrival=arrival)
+    engine = make_engine("full")
+    bad = RequestSpec("late", ramp(0, 10), 2)
+    bad.arrival = arrival
+    with pytest.raises(error, match="request late: arrival must be"):
+        engine.run(Workload("w", "w", [RequestSpec("ok", ramp(0, 20), 2), bad]))
+    assert engine.memory.kv_available() == POOL
+    run_after_error(engine)
+
+
+def test_a_request_id_used_twice_in_a_run_is_refused():
+    """RunStats.outputs() is keyed by request id: the first of two requests named alike
+    was dropped from it without a word."""
+    engine = make_engine("full")
+    wl = Workload("w", "w", [RequestSpec("dup", ramp(0, 20), 2), RequestSpec("dup", ramp(5, 9), 2)])
+    with pytest.raises(ValueError, match="request id 'dup' is used twice"):
+        engine.run(wl)
+    assert engine.memory.kv_available() == POOL
+    run_after_error(engine)  # a later run may use the ids again
+
+
 def test_a_workload_request_that_is_not_a_spec_is_refused():
     engine = make_engine("full")
     wl = Workload("w", "w", [RequestSpec("ok", ramp(0, 20), 2), ("x", [1, 2], 2)])  # type: ignore[list-item]

@@ -59,7 +59,13 @@ import numpy as np
 from pymllm.engine import model as M
 from pymllm.engine.config import ModelConfig
 from pymllm.engine.memory import EngineMemory
-from pymllm.engine.workloads import RequestSpec, Workload, _max_new_tokens, _token_ids
+from pymllm.engine.workloads import (
+    RequestSpec,
+    Workload,
+    _arrival,
+    _max_new_tokens,
+    _token_ids,
+)
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache, RadixKey
 from pymllm.mem_cache.chunk_cache import ChunkCache
 from pymllm.mem_cache.memory_pool import bucket_size
@@ -439,6 +445,7 @@ class Engine:
         self._alloc = alloc
         # The requests of the current (or last) run, by stage.
         self._pending: list[tuple[float, int, _Req]] = []
+        self._rids: set[str] = set()  # the request ids of a run, each used once
         self._waiting: list[_Req] = []
         self._running: list[_Req] = []
         self._done: list[_Req] = []
@@ -816,6 +823,9 @@ class Engine:
         # vocabulary: the embedding gather would clamp an id past it without a word.
         prompt = _token_ids(spec.rid, spec.prompt)
         _max_new_tokens(spec.rid, spec.max_new_tokens)
+        _arrival(spec.rid, spec.arrival)
+        if spec.rid in self._rids:  # RunStats.outputs() is keyed by it
+            raise ValueError(f"request id {spec.rid!r} is used twice in one run")
         bad = np.flatnonzero(prompt >= self.cfg.vocab_size)
         if bad.size:
             i = int(bad[0])
@@ -833,6 +843,7 @@ class Engine:
             limit, pool = swa_size, "the SWA pool"
         if r.kv_len > limit:
             raise EngineError(f"request {spec.rid} needs {r.kv_len} KV slots; {pool} has {limit}")
+        self._rids.add(spec.rid)
         heapq.heappush(self._pending, (r.arrival, self._seq, r))
 
     # -- driver -----------------------------------------------------------------------------
@@ -855,6 +866,7 @@ class Engine:
         self._compiles = self._steps = self._prefill_steps = self._decode_steps = 0
         self._evicted = 0
         self._seq = 0
+        self._rids = set()
         self._pending = []
         self._waiting = []
         self._running = []

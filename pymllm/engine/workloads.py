@@ -8,6 +8,7 @@ seeded generators, so a workload is the same on every run and machine.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,18 @@ class RequestSpec:
     def __post_init__(self) -> None:
         self.prompt = _token_ids(self.rid, self.prompt)
         self.max_new_tokens = _max_new_tokens(self.rid, self.max_new_tokens)
+        self.arrival = _arrival(self.rid, self.arrival)
+
+
+def _arrival(rid: str, a: Any) -> float:
+    """``a`` as an arrival time (a finite real number of seconds, >= 0), else
+    ``TypeError``/``ValueError``: a NaN or infinite one never comes, and a run waiting for
+    it would never end."""
+    if isinstance(a, bool) or not isinstance(a, int | float | np.integer | np.floating):
+        raise TypeError(f"request {rid}: arrival must be a number of seconds, got {a!r}")
+    if not math.isfinite(a) or a < 0:
+        raise ValueError(f"request {rid}: arrival must be finite and >= 0, got {a!r}")
+    return float(a)
 
 
 def _max_new_tokens(rid: str, n: Any) -> int:

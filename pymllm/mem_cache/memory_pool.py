@@ -147,7 +147,7 @@ def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
         isinstance(loc, (np.ndarray, np.integer))
         and loc.dtype.kind in "iu"
         and loc.dtype.itemsize == 8
-        and not jax.config.jax_enable_x64
+        and jax.dtypes.canonicalize_dtype(np.int64) != np.int64  # x64 off
     ):
         # jnp.asarray would keep the low 32 bits of each slot, onto another row: the range
         # routing is done here, on the host, before the narrowing
