@@ -140,9 +140,8 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--time-scale",
         type=_float_option(0.0, 1e6),
-        default=0.0,
         metavar="X",
-        help="trace arrivals at timestamp * X (default 0: all at once, in order)",
+        help="with --trace: arrivals at timestamp * X (default 0: all at once, in order)",
     )
     p.add_argument(
         "--jit-cache",
@@ -247,6 +246,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     for flag, given, applies, needs in (
         ("--max-requests", args.max_requests, args.trace, "--trace"),
         ("--block-tokens", args.block_tokens, args.trace, "--trace"),
+        ("--time-scale", args.time_scale, args.trace, "--trace"),
         ("--swa-pool-size", args.swa_pool_size, cfg.variant == "swa", "--variant swa"),
         ("--state-slots", args.state_slots, cfg.rec_layer_ids, "--variant hybrid"),
     ):
@@ -258,7 +258,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             workload = load_mooncake_trace(
                 args.trace,
                 vocab_size=cfg.vocab_size,
-                time_scale=args.time_scale,
+                time_scale=args.time_scale or 0.0,
                 max_requests=args.max_requests,
                 block_size=args.block_tokens or MOONCAKE_BLOCK_TOKENS,
                 seed=args.seed,
@@ -456,7 +456,10 @@ def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
         ("--seed", builtin.seed, _seed),
     ):
         p.add_argument(
-            flag, type=kind, default=val, metavar="N", help=f"of the built-in trace (default {val})"
+            flag,
+            type=kind,
+            metavar="N",
+            help=f"of the built-in trace, without TRACE (default {val})",
         )
     p.add_argument(
         "--plot", metavar="FILE.png", help="save hit rate vs capacity (needs matplotlib)"
@@ -475,6 +478,9 @@ def _run_replay(args: argparse.Namespace) -> int:
         if args.plot:
             plot.check_plot_path(args.plot)
         if args.trace:
+            for flag, given in (("--requests", args.requests), ("--seed", args.seed)):
+                if given is not None:  # would be ignored without a word
+                    raise ValueError(f"{flag} only applies to the built-in trace (no TRACE)")
             trace = read_trace(
                 args.trace,
                 format=args.format,
@@ -484,8 +490,11 @@ def _run_replay(args: argparse.Namespace) -> int:
         else:
             if args.format not in ("auto", "mooncake"):
                 raise ValueError(f"--format {args.format}: the built-in trace is Mooncake's")
+            builtin = generate.TraceSpec()
             spec = generate.TraceSpec(
-                requests=args.requests, seed=args.seed, block_tokens=args.block_tokens
+                requests=builtin.requests if args.requests is None else args.requests,
+                seed=builtin.seed if args.seed is None else args.seed,
+                block_tokens=args.block_tokens,
             )
             records = generate.generate_trace(spec)[: args.max_requests]
             name = f"synthetic(requests={spec.requests}, seed={spec.seed})"

@@ -114,6 +114,7 @@ def test_demo_rejects_bad_settings(capsys):
         (["--variant", "hybrid", "--max-running", "64"], "--state-slots must exceed"),
         (["--max-requests", "5"], "--max-requests only applies with --trace"),
         (["--block-tokens", "64"], "--block-tokens only applies with --trace"),
+        (["--time-scale", "5"], "--time-scale only applies with --trace"),
         (["--swa-pool-size", "100"], "--swa-pool-size only applies with --variant swa"),
         (["--state-slots", "100"], "--state-slots only applies with --variant hybrid"),
     ],
@@ -349,3 +350,41 @@ def test_replay_plain_trace_with_page_size(tmp_path, capsys):
     run = report["runs"][0]
     # the second request reuses 2 whole pages (4 tokens); the namespace "x" shares nothing
     assert (run["hit_blocks"], run["blocks"], run["hit_tokens"], run["tokens"]) == (2, 8, 4, 13)
+
+
+def test_replay_refuses_built_in_trace_options_with_a_trace(tmp_path, capsys):
+    """--requests and --seed shape the built-in trace only: with a TRACE they were
+    accepted and ignored."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(rec(10, [1])) + "\n")
+    for flag in ("--requests", "--seed"):
+        assert main(["replay", str(path), flag, "3", "--capacity", "inf", "--quiet"]) == 2
+        assert f"{flag} only applies to the built-in trace" in capsys.readouterr().err
+    assert main(["replay", str(path), "--capacity", "inf", "--quiet", "--json"]) == 0
+
+
+def test_gen_trace_refuses_a_block_size_whose_prompts_no_reader_takes(tmp_path, capsys):
+    """gen-trace wrote input_length = blocks * block_tokens past 2**31 - 1, which replay
+    and the demo then refused line by line (the built-in trace too)."""
+    out = tmp_path / "big.jsonl"
+    assert main(["gen-trace", str(out), "--requests", "5", "--block-tokens", "1000000000"]) == 2
+    assert "past 2**31 - 1" in capsys.readouterr().err and not out.exists()
+    args = ["replay", "--requests", "5", "--block-tokens", "1000000000", "--quiet"]
+    assert main(args) == 2
+    assert "past 2**31 - 1" in capsys.readouterr().err
+
+
+def test_a_trace_block_is_drawn_only_as_far_as_prompts_read_it(tmp_path):
+    """A 10-token prompt with a block size of 10**12 drew 10**12 tokens for its one id (an
+    uncaught MemoryError); each id now draws what the trace reads of it, the same tokens."""
+    from pymllm.engine.workloads import load_mooncake_trace
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(rec(10, [1])) + "\n" + json.dumps(rec(700, [1, 2])) + "\n")
+    small = load_mooncake_trace(path, vocab_size=1000, block_size=512)
+    prompts = [r.prompt for r in small.requests]
+    assert [len(p) for p in prompts] == [10, 700]
+    assert (prompts[0] == prompts[1][:10]).all()  # id 1's block, read to 10 and to 512
+    path.write_text(json.dumps(rec(10, [1])) + "\n")
+    huge = load_mooncake_trace(path, vocab_size=1000, block_size=10**12)
+    assert (huge.requests[0].prompt == prompts[0]).all()

@@ -246,7 +246,7 @@ def load_mooncake_trace(
     def block(h: int) -> np.ndarray:
         if h not in blocks:
             rng = np.random.default_rng([seed, h & 0xFFFFFFFFFFFFFFFF])
-            blocks[h] = _tokens(rng, block_size, vocab_size)
+            blocks[h] = _tokens(rng, need[h], vocab_size)
         return blocks[h]
 
     lines: list[tuple[int, dict[str, Any]]] = []
@@ -256,6 +256,14 @@ def load_mooncake_trace(
             break
     if not lines:
         raise TraceError(f"{path}: the trace holds no requests")
+    # How many of its block's tokens each id is read for: the whole block, except where it
+    # only ever ends a prompt (a draw of n tokens is the first n of a whole block's draw).
+    # Drawing whole blocks made a huge block size allocate its tokens for a 10-token prompt.
+    need: dict[int, int] = {}
+    for _, r in lines:
+        for k, h in enumerate(r["hash_ids"]):
+            n = min(block_size, r["input_length"] - k * block_size)
+            need[h] = max(need.get(h, 0), n)
     # Timestamps need not be sorted: the earliest one is the start, so every arrival keeps
     # its distance from the others (none is clamped to the start).
     t0 = min(r["timestamp"] for _, r in lines)

@@ -129,6 +129,12 @@ def generate_trace(spec: TraceSpec | None = None) -> list[dict[str, Any]]:
             cutoff = float(np.partition(times, spec.requests - 1)[spec.requests - 1])
             next_check = len(events) + max(spec.requests // 16, 1)
     events.sort()
+    longest = max((len(ids) for _, _, ids in events[: spec.requests]), default=0)
+    if longest * spec.block_tokens >= 1 << 31:  # a Mooncake reader refuses such a line
+        raise ValueError(
+            f"block_tokens: {spec.block_tokens:,} tokens a block make a {longest}-block "
+            f"prompt {longest * spec.block_tokens:,} tokens long, past 2**31 - 1"
+        )
     out_lo, out_hi = spec.output_tokens
     outs = rng.integers(out_lo, out_hi + 1, size=spec.requests)
     return [

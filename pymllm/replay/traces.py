@@ -9,7 +9,7 @@ so a line is read the same way by both, except that the demo needs every Mooncak
 
 **Mooncake** (one object per line, as published with the Mooncake paper)::
 
-    {"timestamp": 27482, "input_length": 6955, "output_length": 52, "hash_ids": [46, 47, 2]}
+    {"timestamp": 27482, "input_length": 1264, "output_length": 52, "hash_ids": [46, 47, 2]}
 
 ``hash_ids`` holds one id per ``block_tokens``-token block of the prompt (512 in Mooncake's
 traces); equal ids mean equal blocks, and since a block's id depends on everything before it,
