@@ -88,3 +88,13 @@ def test_chunk_cache_takes_the_radix_caches_keywords():
     assert c.evict(np.int64(4), 0, mamba_num=1) == EvictResult()
     assert c.evict(0, mamba_num=None) == EvictResult()
     c.dec_lock_ref(c.inc_lock_ref(None), swa_boundary_id=None)
+
+
+@pytest.mark.parametrize("priority", [2**63, -(2**63) - 1, 2**70])
+@pytest.mark.parametrize("cache_cls", [ChunkCache, RadixCache, MambaRadixCache])
+def test_every_cache_refuses_a_priority_past_64_bits(cache_cls, priority):
+    """ChunkCache took one; the radix caches refuse it before reading the key."""
+    from pymllm.mem_cache.errors import InvalidValueError
+
+    with pytest.raises(InvalidValueError, match="priority: expected a 64-bit int"):
+        cache_cls().insert(RadixKey([-5, 1]), [1, 2], priority=priority)

@@ -149,31 +149,46 @@ def test_a_failing_evict_during_admission_releases_the_locked_prefix():
     run_after_error(engine)
 
 
-def test_a_mutated_spec_with_a_negative_token_is_refused_before_allocation():
+def refused_after_mutation(rid: str, mutate: Any, error: type, match: str) -> None:
+    """A spec changed after RequestSpec checked it at construction is checked again by the
+    engine before anything is allocated, and the engine runs on."""
     engine = make_engine("full")
-    bad = RequestSpec("bad", ramp(0, 10), 2)
-    bad.prompt[3] = -3  # RequestSpec checked it at construction; the engine checks again
-    with pytest.raises(ValueError, match="request bad: prompt token -3 at position 3"):
+    bad = RequestSpec(rid, ramp(0, 10), 2)
+    mutate(bad)
+    with pytest.raises(error, match=match):
         engine.run(Workload("w", "w", [RequestSpec("ok", ramp(0, 20), 2), bad]))
     assert engine.memory.kv_available() == POOL
     run_after_error(engine)
+
+
+def test_a_mutated_spec_with_a_negative_token_is_refused_before_allocation():
+    def mutate(spec: RequestSpec) -> None:
+        spec.prompt[3] = -3
+
+    refused_after_mutation("bad", mutate, ValueError, "request bad: prompt token -3 at position 3")
 
 
 @pytest.mark.parametrize(("n", "error"), [(0, ValueError), (-3, ValueError), (41.5, TypeError)])
 def test_a_mutated_spec_with_a_bad_output_length_is_refused_before_allocation(n, error):
     """max_new_tokens was not checked again: 0 failed mid-run with a broadcast error."""
-    engine = make_engine("full")
-    bad = RequestSpec("bad", ramp(0, 10), 2)
-    bad.max_new_tokens = n
-    with pytest.raises(error, match="request bad: max_new_tokens must be"):
-        engine.run(Workload("w", "w", [RequestSpec("ok", ramp(0, 20), 2), bad]))
-    assert engine.memory.kv_available() == POOL
-    run_after_error(engine)
+    refused_after_mutation(
+        "bad",
+        lambda spec: setattr(spec, "max_new_tokens", n),
+        error,
+        "request bad: max_new_tokens must be",
+    )
 
 
 @pytest.mark.parametrize(
     ("arrival", "error"),
-    [(float("nan"), ValueError), (float("inf"), ValueError), (-1.0, ValueError), ("1", TypeError)],
+    [
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (10**400, ValueError),
+        (-1.0, ValueError),
+        ("1", TypeError),
+    ],
+    ids=["nan", "inf", "int-past-float", "negative", "str"],
 )
 def test_an_arrival_that_never_comes_is_refused(arrival, error):
     """A NaN arrival made the run's wait a busy spin forever (nan - now is never <= 0), an
@@ -181,13 +196,12 @@ def test_an_arrival_that_never_comes_is_refused(arrival, error):
     fields can be reassigned) again before anything is allocated."""
     with pytest.raises(error, match="request late: arrival must be"):
         RequestSpec("late", ramp(0, 10), 2, arrival=arrival)
-    engine = make_engine("full")
-    bad = RequestSpec("late", ramp(0, 10), 2)
-    bad.arrival = arrival
-    with pytest.raises(error, match="request late: arrival must be"):
-        engine.run(Workload("w", "w", [RequestSpec("ok", ramp(0, 20), 2), bad]))
-    assert engine.memory.kv_available() == POOL
-    run_after_error(engine)
+    refused_after_mutation(
+        "late",
+        lambda spec: setattr(spec, "arrival", arrival),
+        error,
+        "request late: arrival must be",
+    )
 
 
 def test_a_request_id_used_twice_in_a_run_is_refused():

@@ -417,6 +417,10 @@ def test_scatter_rows_routes_a_wide_numpy_slot_past_the_end_without_x64(dtype) -
     assert scatter_rows(np.int64(2**32 + 5), 11).tolist() == 11
     if dtype is np.int64:  # a negative one from -rows still wraps, as JAX's scatter does
         assert scatter_rows(np.array([-1, -(2**40)], dtype), 11).tolist() == [-1, 12]
+    # a list of such numpy scalars is refused, as a list of Python ints past int32 is
+    with pytest.raises(InvalidValueError, match="does not fit"):
+        scatter_rows([dtype(3), dtype(2**32 + 5)], 11)
+    assert scatter_rows([dtype(3), dtype(0)], 11).tolist() == [3, 12]
 
 
 def _deleted(x: jax.Array) -> jax.Array:
@@ -450,6 +454,26 @@ def test_a_deleted_slot_array_is_a_typed_error(call) -> None:
     with pytest.raises(InvalidValueError, match="deleted"):
         call(pool, mamba, _deleted(jnp.asarray([1], jnp.int32)))
     assert (np.asarray(pool.buffers.k) == before).all()
+
+
+@pytest.mark.parametrize("where", ["key", "value", "key-of-mamba", "mamba_value"])
+def test_the_caches_refuse_a_deleted_array_with_a_typed_error(where: str) -> None:
+    """A donated (deleted) jax array as a key's tokens, an insert's value or a Mamba state
+    raised numpy's bare RuntimeError from the radix caches too."""
+    from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
+    from pymllm.mem_cache.errors import CacheError
+
+    gone = _deleted(jnp.asarray([1, 2], jnp.int32))
+    ok = np.array([1, 2], np.int32)
+    cache = MambaRadixCache() if "mamba" in where else RadixCache()
+    with pytest.raises(CacheError, match="deleted"):
+        if where.startswith("key"):
+            cache.match_prefix(RadixKey(gone))
+        elif where == "value":
+            cache.insert(RadixKey(ok), gone)
+        else:
+            cache.insert(RadixKey(ok), ok, mamba_value=_deleted(jnp.asarray([3], jnp.int32)))
+    assert cache.total_size() == 0
 
 
 def test_writes_refuse_the_padding_page_but_its_slot_0() -> None:

@@ -29,7 +29,9 @@ class RequestSpec:
     """One request: prompt token ids, how many tokens to generate, when it arrives.
 
     ``arrival`` is in seconds from the start of the run (for a follow-up: from the moment
-    the request it follows finished). ``meta`` is free for the workload's own bookkeeping.
+    the request it follows finished), finite and >= 0. ``rid`` names the request in the
+    run's results: a run refuses a second request with the same one. ``meta`` is free for
+    the workload's own bookkeeping.
     """
 
     rid: str
@@ -51,9 +53,13 @@ def _arrival(rid: str, a: Any) -> float:
     it would never end."""
     if isinstance(a, bool) or not isinstance(a, int | float | np.integer | np.floating):
         raise TypeError(f"request {rid}: arrival must be a number of seconds, got {a!r}")
-    if not math.isfinite(a) or a < 0:
-        raise ValueError(f"request {rid}: arrival must be finite and >= 0, got {a!r}")
-    return float(a)
+    try:
+        t = float(a)
+    except OverflowError:  # an int past float's range
+        t = math.inf
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"request {rid}: arrival must be finite and >= 0, got {a!r:.40}")
+    return t
 
 
 def _max_new_tokens(rid: str, n: Any) -> int:

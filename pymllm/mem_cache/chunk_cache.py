@@ -14,6 +14,7 @@ from pymllm.mem_cache.base_prefix_cache import (
     MatchResult,
     RadixKey,
 )
+from pymllm.mem_cache.errors import InvalidValueError
 
 # The keyword arguments the radix caches take, which a scheduler may pass to any cache.
 _INSERT_KWARGS = frozenset({"prev_prefix_len", "swa_evicted_seqlen", "priority", "mamba_value"})
@@ -88,6 +89,9 @@ class ChunkCache(BasePrefixCache):
         _check_kwargs("insert", kwargs, _INSERT_KWARGS)
         if "priority" in kwargs:  # the one the radix caches check before reading tokens
             _check_count("priority", kwargs["priority"])
+            p = operator.index(kwargs["priority"])
+            if not -(2**63) <= p < 2**63:
+                raise InvalidValueError(f"priority: expected a 64-bit int, got {p}")
         return InsertResult(prefix_len=0, last_node=None)
 
     def evict(self, num_tokens: int, swa_num_tokens: int = 0, **kwargs: Any) -> EvictResult:

@@ -58,7 +58,7 @@ from jax.sharding import PartitionSpec as P
 
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
-from pymllm.mem_cache._allocator import _check_ints, _refuse_bool_slots
+from pymllm.mem_cache._allocator import _check_ints, _deleted_array, _refuse_bool_slots
 from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
 
 PAD_SLOT = 0
@@ -124,6 +124,11 @@ class KVBuffers(NamedTuple):
     v: jax.Array
 
 
+def _x64_off() -> bool:
+    """Whether JAX holds 64-bit integers as 32-bit ones (``jax_enable_x64`` off)."""
+    return bool(jax.dtypes.canonicalize_dtype(np.int64) != np.int64)
+
+
 def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
     """int32 scatter indices for the integer slots *loc* (any shape; a list, a numpy or a
     jax array) into a buffer of *rows* rows: *loc* where *valid* (a bool mask of *loc*'s
@@ -140,20 +145,38 @@ def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
     past the end too. Raises
     ``InvalidValueError`` (when traced: shapes and *rows* are static) for a non-integer
     *loc*, a *valid* that is not a bool mask of its shape, or rows past the end
-    (``rows .. rows + loc.size - 1``) beyond int32."""
+    (``rows .. rows + loc.size - 1``) beyond int32; also for a list of slots with one past
+    int32 when x64 is off (JAX cannot hold it). Inside ``jax.jit``, pass int32 slots: with
+    x64 off, JAX narrows a 64-bit numpy argument to its low 32 bits at the jit boundary,
+    before this function sees it."""
     _refuse_deleted("loc", loc)
     fits = None
     if (
         isinstance(loc, (np.ndarray, np.integer))
         and loc.dtype.kind in "iu"
         and loc.dtype.itemsize == 8
-        and jax.dtypes.canonicalize_dtype(np.int64) != np.int64  # x64 off
+        and _x64_off()
     ):
         # jnp.asarray would keep the low 32 bits of each slot, onto another row: the range
         # routing is done here, on the host, before the narrowing
         host = np.asarray(loc)
         fits = (host >= (-rows if host.dtype.kind == "i" else 0)) & (host < rows)
         loc = np.where(fits, host, 0).astype(np.int32)
+    elif isinstance(loc, (list, tuple)) and _x64_off():
+        # a list of numpy 64-bit scalars would be narrowed too; one past int32 is refused,
+        # as a list of Python ints is (JAX cannot convert it)
+        try:
+            host = np.asarray(loc)
+        except Exception:  # tracers, ragged nesting: jnp.asarray below decides
+            host = np.zeros(0, np.int32)
+        if (
+            host.dtype.kind in "iu"
+            and host.size
+            and (
+                host.max() > _INT32_MAX or (host.dtype.kind == "i" and host.min() < -_INT32_MAX - 1)
+            )
+        ):
+            raise InvalidValueError("loc: a slot id does not fit an integer dtype")
     try:
         loc = jnp.asarray(loc)
     except OverflowError:
@@ -241,7 +264,8 @@ write_kv_all = jax.jit(_write_kv_all, donate_argnames=("buffers",))
 write_kv_all.__doc__ = """Write every layer's K/V rows in one call: ``buffers.k[:, loc] = k``.
 
 Args: ``buffers`` (**donated**); ``loc`` int32 ``[n]``, distinct except for padding entries
-0; ``k`` ``[L, n, Hk, Dk]``, ``v`` ``[L, n, Hv, Dv]``. Returns the updated
+0 (a 64-bit numpy ``loc`` is narrowed at the call with x64 off, as in :func:`write_kv`);
+``k`` ``[L, n, Hk, Dk]``, ``v`` ``[L, n, Hv, Dv]``. Returns the updated
 :class:`KVBuffers`. One call for all layers pays the dispatch cost once (about 40 us a call
 on an H200), not once per layer.
 """
@@ -335,7 +359,7 @@ def _not_traced(name: str, x: Any) -> None:
 def _refuse_deleted(name: str, x: Any) -> None:
     """``InvalidValueError`` for a deleted ``jax.Array`` (an update donated it), which
     numpy's and JAX's conversions refuse with a bare ``RuntimeError``."""
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted():
+    if not isinstance(x, jax.core.Tracer) and _deleted_array(x):
         raise InvalidValueError(f"{name} was deleted: an update donated it")
 
 

@@ -323,6 +323,17 @@ def _refuse_bool_slots(str name, object indices):
         raise InvalidValueError(f"{name}: expected integer slot ids, got a bool in {indices!r:.60}")
 
 
+def _deleted_array(object x):
+    """Whether *x* is a jax array that an update donated (deleted): numpy's conversion of
+    one raises a bare ``RuntimeError``, which the callers turn into their typed error.
+    Shared with the radix tree's key and value reads."""
+    is_deleted = getattr(x, "is_deleted", None)
+    try:
+        return callable(is_deleted) and bool(is_deleted())
+    except Exception:
+        return False
+
+
 cdef object _integer_array(object indices, str name="indices"):
     """*indices* as a numpy array of integers (any integer dtype), for the general paths
     of ``free``, ``is_allocated`` and ``alloc``'s prefix (*name* is the argument the
@@ -333,8 +344,7 @@ cdef object _integer_array(object indices, str name="indices"):
     try:
         arr = np.asarray(indices)
     except RuntimeError:
-        # a jax array an update donated: its conversion raises a bare RuntimeError
-        if getattr(indices, "is_deleted", lambda: False)():
+        if _deleted_array(indices):
             raise InvalidValueError(f"{name}: the array was deleted (an update donated it)")
         raise
     if arr.dtype == object:

@@ -48,6 +48,7 @@ from pymllm.mem_cache._allocator cimport (
 )
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, first_outside, move32_down
 
+from pymllm.mem_cache._allocator import _deleted_array
 from pymllm.mem_cache.base_prefix_cache import (
     _BOOL_TYPES,
     EvictResult,
@@ -1561,6 +1562,10 @@ cdef class RadixTreeCore:
             arr = np.asarray(token_ids)
         except ValueError as exc:
             raise InvalidKeyError(f"token_ids: cannot read {type(token_ids).__name__}: {exc}")
+        except RuntimeError:
+            if _deleted_array(token_ids):
+                raise InvalidKeyError("token_ids: the array was deleted (an update donated it)")
+            raise
         return self._load_token_array(arr, kv)
 
     cdef object _load_token_array(self, cnp.ndarray arr, KeyView* kv):
@@ -1650,6 +1655,10 @@ cdef class RadixTreeCore:
                 arr = np.asarray(value)
             except (TypeError, ValueError) as exc:
                 raise InvalidValueError(f"value: cannot read {type(value).__name__}: {exc}")
+            except RuntimeError:
+                if _deleted_array(value):
+                    raise InvalidValueError("value: the array was deleted (an update donated it)")
+                raise
         cdef int typenum = cnp.PyArray_TYPE(arr)
         if arr.ndim != 1:
             raise InvalidValueError(f"value: expected a 1-D array, got shape {tuple((<object>arr).shape)}")
@@ -3914,6 +3923,10 @@ cdef int64_t _parse_state_slot(object mamba_value) except -1:
             arr = np.asarray(mamba_value)
         except (TypeError, ValueError) as exc:
             raise InvalidValueError(f"mamba_value: cannot read {mamba_value!r}: {exc}")
+        except RuntimeError:
+            if _deleted_array(mamba_value):
+                raise InvalidValueError("mamba_value: the array was deleted (an update donated it)")
+            raise
         if arr.dtype.kind not in "iu" or arr.size != 1 or arr.ndim > 1:
             raise InvalidValueError(
                 f"mamba_value: expected one integer state slot, got {mamba_value!r}"
