@@ -20,7 +20,12 @@ def main(sdist: str) -> int:
         for pattern in ("pyx/**/*.pyx", "pyx/**/*.pxd", "tests/*.py", "bench/*.py")
         for p in root.glob(pattern)
     }
-    need |= {"pymllm/mem_cache/py.typed", "pymllm/mem_cache/_radix_tree.pyi"}
+    need |= {
+        "pymllm/py.typed",
+        "pymllm/mem_cache/py.typed",
+        "pymllm/mem_cache/_radix_tree.pyi",
+        "pymllm/mem_cache/_allocator.pyi",
+    }
     missing = sorted(need - shipped)
     generated = sorted(n for n in shipped if n.endswith((".c", ".so")))
     for name in missing:

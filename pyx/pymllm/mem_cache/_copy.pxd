@@ -33,7 +33,7 @@ cdef extern from *:
     #if defined(__GNUC__)  /* GCC and clang: vector types */
     #if !defined(__clang__)
     __attribute__((optimize("no-tree-loop-distribute-patterns")))
-    #if defined(__x86_64__) && defined(__linux__)
+    #if defined(__x86_64__) && defined(__GLIBC__)
     __attribute__((target_clones("avx2", "default")))
     #endif
     #endif
@@ -132,11 +132,11 @@ cdef extern from *:
 # 2**31 - lo or more), without a branch, which the compiler vectorises and unrolls; the
 # search for the index runs only on bad input. It reads every token of every key and value
 # the radix tree takes (span 2**31: "not negative") and every prefix the allocators copy,
-# so on x86-64 Linux GCC builds it is compiled twice, for AVX2 and for the baseline, and
-# the loader picks one for the CPU it runs on (an ifunc).
+# so on x86-64 GCC builds against glibc it is compiled twice, for AVX2 and for the
+# baseline, and the loader picks one for the CPU it runs on (an ifunc; musl has none).
 cdef extern from *:
     """
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
     __attribute__((target_clones("avx2", "default")))
     #endif
     static Py_ssize_t pymllm_first_outside(const int32_t* p, Py_ssize_t n, int32_t lo,

@@ -259,7 +259,7 @@ cdef inline uint64_t _page_hash(nid_t parent, int32_t ns, const tok_t* t, int64_
 # _copy.pxd's pymllm_first_outside), the block that differs is then searched token by token.
 cdef extern from *:
     """
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
     __attribute__((target_clones("avx2", "default")))
     #endif
     static int64_t pymllm_first_diff(const uint32_t* a, const uint32_t* b, int64_t n) {
