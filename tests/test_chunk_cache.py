@@ -52,6 +52,7 @@ def test_chunk_cache_never_hits_and_never_takes_ownership():
         pytest.param(lambda c: c.evict(np.array(True)), id="evict-a-bool-array"),
         pytest.param(lambda c: c.evict(1, mamba_num=np.array(0.5)), id="evict-mamba-float-array"),
         pytest.param(lambda c: c.inc_lock_ref(42), id="lock-not-its-node"),
+        pytest.param(lambda c: c.dec_lock_ref(42), id="unlock-not-its-node"),
         pytest.param(lambda c: c.dec_lock_ref(None, swa_boundary=1), id="unlock-typo"),
         pytest.param(lambda c: c.insert(RadixKey([1]), [1], priority=1.5), id="priority-float"),
         pytest.param(lambda c: c.insert(RadixKey([1]), [1], priority=True), id="priority-bool"),
@@ -98,3 +99,9 @@ def test_every_cache_refuses_a_priority_past_64_bits(cache_cls, priority):
 
     with pytest.raises(InvalidValueError, match="priority: expected a 64-bit int"):
         cache_cls().insert(RadixKey([-5, 1]), [1, 2], priority=priority)
+
+
+@pytest.mark.parametrize("priority", [2**63 - 1, -(2**63)])
+@pytest.mark.parametrize("cache_cls", [ChunkCache, RadixCache, MambaRadixCache])
+def test_every_cache_takes_a_priority_at_the_64_bit_ends(cache_cls, priority):
+    assert cache_cls().insert(RadixKey([1, 2]), [1, 2], priority=priority).prefix_len == 0

@@ -388,3 +388,65 @@ def test_a_trace_block_is_drawn_only_as_far_as_prompts_read_it(tmp_path):
     path.write_text(json.dumps(rec(10, [1])) + "\n")
     huge = load_mooncake_trace(path, vocab_size=1000, block_size=10**12)
     assert (huge.requests[0].prompt == prompts[0]).all()
+
+
+# -- the exit code is the verdict: a run that differs or leaks must not exit 0 ------------
+
+
+def _wrap_engine_run(monkeypatch, change) -> None:
+    """Engine.run, with *change(stats)* applied to what the ChunkCache run returns."""
+    from pymllm.engine import scheduler
+
+    run = scheduler.Engine.run
+
+    def wrapped(self, workload, *, name=None, progress=None):
+        stats = run(self, workload, name=name, progress=progress)
+        if name == "ChunkCache":
+            change(stats)
+        return stats
+
+    monkeypatch.setattr(scheduler.Engine, "run", wrapped)
+
+
+def test_demo_exits_1_when_the_outputs_differ(trace, monkeypatch, capsys):
+    def differ(stats):
+        stats.results[0].output = stats.results[0].output + 1
+
+    _wrap_engine_run(monkeypatch, differ)
+    assert main(["demo", "--trace", str(trace), "--json", *SMALL, "--quiet"]) == 1
+    assert json.loads(capsys.readouterr().out)["exact"]["identical_outputs"] == 5
+
+
+def test_demo_exits_1_on_a_leak(trace, monkeypatch, capsys):
+    _wrap_engine_run(monkeypatch, lambda stats: setattr(stats, "leak_free", False))
+    assert main(["demo", "--trace", str(trace), *SMALL, "--quiet"]) == 1
+    assert "NO" in capsys.readouterr().out  # the "no slot leaks" row
+
+
+def test_replay_reports_a_leak_and_exits_1(replay_trace, monkeypatch, capsys):
+    """A slot held outside the tree while the replay runs is a leak its own check sees, and
+    the command's exit code says so."""
+    from pymllm.replay import simulator
+
+    init = simulator.Replay.__init__
+
+    def leaky(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.allocator.alloc(1)  # never freed
+
+    monkeypatch.setattr(simulator.Replay, "__init__", leaky)
+    rc = main(["replay", str(replay_trace), "--capacity", "inf", "--policy", "lru", "--json"])
+    run = json.loads(capsys.readouterr().out)["runs"][0]
+    assert rc == 1 and run["leak_free"] is False
+
+
+def test_replay_max_requests_cuts_the_built_in_trace(capsys):
+    args = ["replay", "--requests", "50", "--capacity", "inf", "--policy", "lru", "--json"]
+    assert main([*args, "--max-requests", "7", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["trace"]["requests"] == 7
+
+
+def test_replay_a_policy_named_twice_runs_once(replay_trace, capsys):
+    argv = ["replay", str(replay_trace), "--capacity", "inf", "--policy", "lru", "lru", "--json"]
+    assert main(argv) == 0
+    assert [r["policy"] for r in json.loads(capsys.readouterr().out)["runs"]] == ["lru"]

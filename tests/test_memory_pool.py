@@ -77,6 +77,11 @@ def test_bucket_size_is_small_set_and_bounded_padding() -> None:
         b = bucket_size(n)
         assert b >= n and (n <= 16 or b <= 1.5 * n)
     assert pad_slots([5, 6]).tolist() == [5, 6] + [0] * 14
+    # the smallest bucket >= n, as documented: a bucket itself maps to itself
+    ladder = sorted({16} | {3 << k for k in range(3, 16)} | {1 << k for k in range(4, 17)})
+    assert ladder[:6] == [16, 24, 32, 48, 64, 96]
+    for n in range(1, 65537):
+        assert bucket_size(n) == next(b for b in ladder if b >= n)
 
 
 # -- round trips ------------------------------------------------------------------------
