@@ -444,10 +444,9 @@ def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--block-tokens",
         type=_slots,
-        default=MOONCAKE_BLOCK_TOKENS,
         metavar="N",
         help="tokens per Mooncake hash id, for the token hit rate; also the built-in "
-        "trace's block size (default: %(default)s)",
+        f"trace's block size (default: {MOONCAKE_BLOCK_TOKENS})",
     )
     p.add_argument("--max-requests", type=_positive, metavar="N", help="replay only the first N")
     builtin = TraceSpec()
@@ -471,7 +470,7 @@ def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
 def _run_replay(args: argparse.Namespace) -> int:
     from pymllm.mem_cache import EVICTION_POLICIES
     from pymllm.replay import generate, plot, simulator
-    from pymllm.replay.traces import read_trace, trace_from_records
+    from pymllm.replay.traces import MOONCAKE_BLOCK_TOKENS, read_trace, trace_from_records
 
     err = sys.stderr
     try:
@@ -484,9 +483,14 @@ def _run_replay(args: argparse.Namespace) -> int:
             trace = read_trace(
                 args.trace,
                 format=args.format,
-                block_tokens=args.block_tokens,
+                block_tokens=args.block_tokens or MOONCAKE_BLOCK_TOKENS,
                 max_requests=args.max_requests,
             )
+            if args.block_tokens is not None and trace.format != "mooncake":
+                raise ValueError(  # a plain trace counts tokens: it would be ignored
+                    f"--block-tokens only applies to a Mooncake trace; {args.trace} is "
+                    f"{trace.format!r}"
+                )
         else:
             if args.format not in ("auto", "mooncake"):
                 raise ValueError(f"--format {args.format}: the built-in trace is Mooncake's")
@@ -494,7 +498,7 @@ def _run_replay(args: argparse.Namespace) -> int:
             spec = generate.TraceSpec(
                 requests=builtin.requests if args.requests is None else args.requests,
                 seed=builtin.seed if args.seed is None else args.seed,
-                block_tokens=args.block_tokens,
+                block_tokens=args.block_tokens or MOONCAKE_BLOCK_TOKENS,
             )
             records = generate.generate_trace(spec)[: args.max_requests]
             name = f"synthetic(requests={spec.requests}, seed={spec.seed})"

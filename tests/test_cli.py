@@ -450,3 +450,13 @@ def test_replay_a_policy_named_twice_runs_once(replay_trace, capsys):
     argv = ["replay", str(replay_trace), "--capacity", "inf", "--policy", "lru", "lru", "--json"]
     assert main(argv) == 0
     assert [r["policy"] for r in json.loads(capsys.readouterr().out)["runs"]] == ["lru"]
+
+
+def test_replay_refuses_block_tokens_for_a_plain_trace(tmp_path, capsys):
+    """A plain trace counts tokens, not blocks: --block-tokens was accepted and ignored."""
+    path = tmp_path / "plain.jsonl"
+    path.write_text("[1, 2, 3]\n[1, 2, 4]\n")
+    argv = ["replay", str(path), "--capacity", "inf", "--quiet"]
+    assert main([*argv, "--block-tokens", "64"]) == 2
+    assert "--block-tokens only applies to a Mooncake trace" in capsys.readouterr().err
+    assert main([*argv, "--json"]) == 0
