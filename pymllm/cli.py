@@ -473,6 +473,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     from pymllm.replay.traces import MOONCAKE_BLOCK_TOKENS, read_trace, trace_from_records
 
     err = sys.stderr
+    block_tokens = args.block_tokens or MOONCAKE_BLOCK_TOKENS
     try:
         if args.plot:
             plot.check_plot_path(args.plot)
@@ -483,7 +484,7 @@ def _run_replay(args: argparse.Namespace) -> int:
             trace = read_trace(
                 args.trace,
                 format=args.format,
-                block_tokens=args.block_tokens or MOONCAKE_BLOCK_TOKENS,
+                block_tokens=block_tokens,
                 max_requests=args.max_requests,
             )
             if args.block_tokens is not None and trace.format != "mooncake":
@@ -498,7 +499,7 @@ def _run_replay(args: argparse.Namespace) -> int:
             spec = generate.TraceSpec(
                 requests=builtin.requests if args.requests is None else args.requests,
                 seed=builtin.seed if args.seed is None else args.seed,
-                block_tokens=args.block_tokens or MOONCAKE_BLOCK_TOKENS,
+                block_tokens=block_tokens,
             )
             records = generate.generate_trace(spec)[: args.max_requests]
             name = f"synthetic(requests={spec.requests}, seed={spec.seed})"

@@ -33,12 +33,12 @@ def _check_key(key: Any) -> None:
         raise TypeError(f"key: expected a RadixKey, got {key!r} ({type(key).__name__})")
 
 
-def _check_count(name: str, v: Any) -> None:
-    """An int as the radix caches read one (``operator.index``; a bool refused)."""
+def _check_count(name: str, v: Any) -> int:
+    """*v* as an int, as the radix caches read one (``operator.index``; a bool refused)."""
     try:
         if isinstance(v, (bool, np.bool_)):
             raise TypeError
-        operator.index(v)
+        return operator.index(v)
     except TypeError:
         raise TypeError(f"{name}: expected an int, got {v!r} ({type(v).__name__})") from None
 
@@ -88,8 +88,7 @@ class ChunkCache(BasePrefixCache):
         _check_key(key)
         _check_kwargs("insert", kwargs, _INSERT_KWARGS)
         if "priority" in kwargs:  # the one the radix caches check before reading tokens
-            _check_count("priority", kwargs["priority"])
-            p = operator.index(kwargs["priority"])
+            p = _check_count("priority", kwargs["priority"])
             if not -(2**63) <= p < 2**63:
                 raise InvalidValueError(f"priority: expected a 64-bit int, got {p}")
         return InsertResult(prefix_len=0, last_node=None)

@@ -58,7 +58,7 @@ from jax.sharding import PartitionSpec as P
 
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
-from pymllm.mem_cache._allocator import _check_ints, _deleted_array, _refuse_bool_slots
+from pymllm.mem_cache._allocator import _check_ints, _refuse_bool_slots, _refuse_deleted_array
 from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
 
 PAD_SLOT = 0
@@ -359,8 +359,8 @@ def _not_traced(name: str, x: Any) -> None:
 def _refuse_deleted(name: str, x: Any) -> None:
     """``InvalidValueError`` for a deleted ``jax.Array`` (an update donated it), which
     numpy's and JAX's conversions refuse with a bare ``RuntimeError``."""
-    if not isinstance(x, jax.core.Tracer) and _deleted_array(x):
-        raise InvalidValueError(f"{name} was deleted: an update donated it")
+    if not isinstance(x, jax.core.Tracer):
+        _refuse_deleted_array(name, x)
 
 
 def _slots(name: str, loc: Any, rows: int) -> np.ndarray:

@@ -323,15 +323,17 @@ def _refuse_bool_slots(str name, object indices):
         raise InvalidValueError(f"{name}: expected integer slot ids, got a bool in {indices!r:.60}")
 
 
-def _deleted_array(object x):
-    """Whether *x* is a jax array that an update donated (deleted): numpy's conversion of
-    one raises a bare ``RuntimeError``, which the callers turn into their typed error.
-    Shared with the radix tree's key and value reads."""
+def _refuse_deleted_array(str name, object x, object error=InvalidValueError):
+    """``error`` naming *name* when *x* is a jax array that an update donated (deleted),
+    else nothing: numpy's conversion of one raises a bare ``RuntimeError``. The one refusal
+    the allocators, the radix tree's key, value and state reads and the pools share."""
     is_deleted = getattr(x, "is_deleted", None)
     try:
-        return callable(is_deleted) and bool(is_deleted())
+        deleted = callable(is_deleted) and bool(is_deleted())
     except Exception:
-        return False
+        deleted = False
+    if deleted:
+        raise error(f"{name}: the array was deleted (an update donated it)")
 
 
 cdef object _integer_array(object indices, str name="indices"):
@@ -344,8 +346,7 @@ cdef object _integer_array(object indices, str name="indices"):
     try:
         arr = np.asarray(indices)
     except RuntimeError:
-        if _deleted_array(indices):
-            raise InvalidValueError(f"{name}: the array was deleted (an update donated it)")
+        _refuse_deleted_array(name, indices)
         raise
     if arr.dtype == object:
         for v in arr.flat:

@@ -48,7 +48,7 @@ from pymllm.mem_cache._allocator cimport (
 )
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, first_outside, move32_down
 
-from pymllm.mem_cache._allocator import _deleted_array
+from pymllm.mem_cache._allocator import _refuse_deleted_array
 from pymllm.mem_cache.base_prefix_cache import (
     _BOOL_TYPES,
     EvictResult,
@@ -1563,8 +1563,7 @@ cdef class RadixTreeCore:
         except ValueError as exc:
             raise InvalidKeyError(f"token_ids: cannot read {type(token_ids).__name__}: {exc}")
         except RuntimeError:
-            if _deleted_array(token_ids):
-                raise InvalidKeyError("token_ids: the array was deleted (an update donated it)")
+            _refuse_deleted_array("token_ids", token_ids, InvalidKeyError)
             raise
         return self._load_token_array(arr, kv)
 
@@ -1656,8 +1655,7 @@ cdef class RadixTreeCore:
             except (TypeError, ValueError) as exc:
                 raise InvalidValueError(f"value: cannot read {type(value).__name__}: {exc}")
             except RuntimeError:
-                if _deleted_array(value):
-                    raise InvalidValueError("value: the array was deleted (an update donated it)")
+                _refuse_deleted_array("value", value)
                 raise
         cdef int typenum = cnp.PyArray_TYPE(arr)
         if arr.ndim != 1:
@@ -3924,8 +3922,7 @@ cdef int64_t _parse_state_slot(object mamba_value) except -1:
         except (TypeError, ValueError) as exc:
             raise InvalidValueError(f"mamba_value: cannot read {mamba_value!r}: {exc}")
         except RuntimeError:
-            if _deleted_array(mamba_value):
-                raise InvalidValueError("mamba_value: the array was deleted (an update donated it)")
+            _refuse_deleted_array("mamba_value", mamba_value)
             raise
         if arr.dtype.kind not in "iu" or arr.size != 1 or arr.ndim > 1:
             raise InvalidValueError(
