@@ -1,7 +1,10 @@
 """The vectorised range scan every int32 key, value and allocation prefix goes through
 (``first_outside`` in ``pyx/pymllm/mem_cache/_copy.pxd``): an unrolled vector loop, its
 vector remainder and a scalar tail. One bad entry at every position of arrays of every
-length around those boundaries must be found, and named, and a clean array passed."""
+length around those boundaries must be found, and named, and a clean array passed. A list
+key is read four ints at a time (``pymllm_small_nonneg_run`` in ``_radix_tree.pyx``), a group
+that holds anything else one item at a time: every kind of item at every position of lists
+of every length around a group must read as its value, or be refused."""
 
 from __future__ import annotations
 
@@ -64,3 +67,49 @@ def test_a_prefix_slot_outside_the_pool_anywhere_is_found(n: int) -> None:
     p[-1] = size  # the last slot is inside
     out = alloc.alloc(1, prefix=p)
     assert out is not None and out[:n].tolist() == p.tolist()
+
+
+class _Int(int):
+    """An int subclass: read through its value, never the fast path's digit."""
+
+
+# (item, the token it reads as); None: refused with that error
+_LIST_ITEMS = [
+    (0, 0),  # an int with no digit (size 0 on 3.11)
+    (7, 7),
+    (2**30 - 1, 2**30 - 1),  # the largest one-digit int
+    (2**30, 2**30),  # two digits: the general path
+    (2**32 - 1, 2**32 - 1),
+    (_Int(9), 9),
+    (np.int64(11), 11),
+    (-1, InvalidKeyError),
+    (2**32, InvalidKeyError),
+    (-(2**40), InvalidKeyError),
+    (1.0, InvalidKeyError),
+    (True, InvalidKeyError),
+    (None, InvalidKeyError),
+    (object(), InvalidKeyError),
+]
+
+
+@pytest.mark.parametrize("n", [*range(1, 14), 64, 65, 66, 67])
+def test_every_item_at_every_position_of_a_list_key(n: int) -> None:
+    cache = RadixCache()
+    base = list(range(100, 100 + n))
+    for item, want in _LIST_ITEMS:
+        for j in range(n):
+            tokens = base.copy()
+            tokens[j] = item
+            if isinstance(want, type):
+                with pytest.raises(want, match=f"token {j}|token {item}|tokens must be"):
+                    cache.insert(RadixKey(tokens), np.arange(1, n + 1, dtype=np.int32))
+                assert cache.total_size() == 0
+                continue
+            expect = np.array(base, dtype=np.int64)
+            expect[j] = want
+            # the list key reads as the same tokens as the array of its values
+            cache.insert(RadixKey(tokens), np.arange(1, n + 1, dtype=np.int32))
+            m = cache.match_prefix(RadixKey(expect.astype(np.uint32)))
+            assert m.prefix_len == n, (item, j)
+            assert cache.match_prefix(RadixKey(tokens)).prefix_len == n
+            cache.reset()

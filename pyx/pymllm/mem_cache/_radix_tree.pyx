@@ -577,6 +577,19 @@ cdef extern from *:
     #if PY_VERSION_HEX < 0x030B0000
     #include "longintrepr.h"
     #endif
+    /* The grouped read below loads bytes 12-28 of a 3.11 int: its layout, 30-bit digits. */
+    #if PY_VERSION_HEX < 0x030C0000 && defined(__SSE2__) && PyLong_SHIFT == 30
+    #define PYMLLM_SSE_INTS 1
+    #include <emmintrin.h>
+    #include <stddef.h>
+    _Static_assert(offsetof(PyVarObject, ob_size) == 16 && sizeof(Py_ssize_t) == 8
+                   && offsetof(PyLongObject, ob_digit) == 24 && sizeof(digit) == 4,
+                   "the PyLongObject layout the grouped read assumes");
+    /* (x & mask) == 0 in SSE2 (ptest is SSE4.1) */
+    static inline int pymllm_testz_sse2(__m128i x, __m128i mask) {
+        return _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_and_si128(x, mask), _mm_setzero_si128())) == 0xFFFF;
+    }
+    #endif
     static inline int pymllm_small_nonneg(PyObject* p, uint32_t* out) {
         if (!PYMLLM_LIKELY(PyLong_CheckExact(p)))
             return 0;
@@ -606,8 +619,78 @@ cdef extern from *:
         }
     #endif
     }
+
+    /* items[i:n] read four at a time while a whole group of four is small non-negative
+       ints (pymllm_small_nonneg's test, one branch a group): returns where it stopped, a
+       group with another item or the last n % 4 items, for the one-at-a-time loop. */
+    static inline Py_ssize_t pymllm_small_nonneg_run(PyObject** items, Py_ssize_t i,
+                                                     Py_ssize_t n, uint32_t* out) {
+        for (; i + 4 <= n; i += 4) {
+            PyObject* a = items[i];
+            PyObject* b = items[i + 1];
+            PyObject* c = items[i + 2];
+            PyObject* d = items[i + 3];
+            const uintptr_t t = (uintptr_t)&PyLong_Type;
+            if (!PYMLLM_LIKELY((((uintptr_t)Py_TYPE(a) ^ t) | ((uintptr_t)Py_TYPE(b) ^ t)
+                                | ((uintptr_t)Py_TYPE(c) ^ t) | ((uintptr_t)Py_TYPE(d) ^ t)) == 0))
+                break;
+    #ifdef PYMLLM_SSE_INTS
+            {
+                /* Four exact ints, each at least 28 bytes (one digit is always allocated):
+                   bytes 12-28 of each hold ob_type's upper half (lane 0), ob_size (lanes
+                   1-2) and ob_digit[0] (lane 3). One load an int reads its size and its
+                   digit; the four digits are stored with one store. */
+                const __m128i one = _mm_set_epi32(0, 0, 1, 0);
+                const __m128i lanes12 = _mm_set_epi32(0, -1, -1, 0);
+                __m128i va = _mm_loadu_si128((const __m128i*)((const char*)a + 12));
+                __m128i vb = _mm_loadu_si128((const __m128i*)((const char*)b + 12));
+                __m128i vc = _mm_loadu_si128((const __m128i*)((const char*)c + 12));
+                __m128i vd = _mm_loadu_si128((const __m128i*)((const char*)d + 12));
+                __m128i ne = _mm_or_si128(_mm_or_si128(_mm_xor_si128(va, one), _mm_xor_si128(vb, one)),
+                                          _mm_or_si128(_mm_xor_si128(vc, one), _mm_xor_si128(vd, one)));
+                if (!PYMLLM_LIKELY(pymllm_testz_sse2(ne, lanes12)))
+                    break;
+                _mm_storeu_si128((__m128i*)(out + i),
+                                 _mm_unpackhi_epi64(_mm_unpackhi_epi32(va, vb), _mm_unpackhi_epi32(vc, vd)));
+                continue;
+            }
+    #endif
+    #if PY_VERSION_HEX >= 0x030C0000
+            {
+                PyLongObject* la = (PyLongObject*)a;
+                PyLongObject* lb = (PyLongObject*)b;
+                PyLongObject* lc = (PyLongObject*)c;
+                PyLongObject* ld = (PyLongObject*)d;
+                Py_ssize_t va, vb, vc, vd;
+                if (!PYMLLM_LIKELY(PyUnstable_Long_IsCompact(la) & PyUnstable_Long_IsCompact(lb)
+                                   & PyUnstable_Long_IsCompact(lc) & PyUnstable_Long_IsCompact(ld)))
+                    break;
+                va = PyUnstable_Long_CompactValue(la);
+                vb = PyUnstable_Long_CompactValue(lb);
+                vc = PyUnstable_Long_CompactValue(lc);
+                vd = PyUnstable_Long_CompactValue(ld);
+                if (!PYMLLM_LIKELY((va | vb | vc | vd) >= 0))
+                    break;
+                out[i] = (uint32_t)va;
+                out[i + 1] = (uint32_t)vb;
+                out[i + 2] = (uint32_t)vc;
+                out[i + 3] = (uint32_t)vd;
+            }
+    #else
+            if (!PYMLLM_LIKELY((Py_SIZE(a) == 1) & (Py_SIZE(b) == 1) & (Py_SIZE(c) == 1)
+                               & (Py_SIZE(d) == 1)))
+                break;
+            out[i] = (uint32_t)((PyLongObject*)a)->ob_digit[0];
+            out[i + 1] = (uint32_t)((PyLongObject*)b)->ob_digit[0];
+            out[i + 2] = (uint32_t)((PyLongObject*)c)->ob_digit[0];
+            out[i + 3] = (uint32_t)((PyLongObject*)d)->ob_digit[0];
+    #endif
+        }
+        return i;
+    }
     """
     bint _small_nonneg "pymllm_small_nonneg" (PyObject* p, uint32_t* out) noexcept
+    Py_ssize_t _small_nonneg_run "pymllm_small_nonneg_run" (PyObject** items, Py_ssize_t i, Py_ssize_t n, uint32_t* out) noexcept
 
 
 # Index of the first negative entry of p[0:n], n if none (every token of every key and
@@ -803,16 +886,20 @@ cdef inline Py_ssize_t _read_ints(PyObject** items, Py_ssize_t i, Py_ssize_t n,
     cdef PyObject* p
     cdef long long x
     cdef int overflow = 0
+    cdef Py_ssize_t end
     while i < n:
-        p = items[i]
-        if not _small_nonneg(p, &out[i]):
-            if not _is_exact_int(p):
-                return i
-            x = _as_long_long(p, &overflow)
-            if overflow or x < 0 or x >= limit:
-                return i
-            out[i] = <uint32_t>x
-        i += 1
+        i = _small_nonneg_run(items, i, n, out)
+        end = min(i + 4, n)  # the group that stopped the run, or the last items
+        while i < end:
+            p = items[i]
+            if not _small_nonneg(p, &out[i]):
+                if not _is_exact_int(p):
+                    return i
+                x = _as_long_long(p, &overflow)
+                if overflow or x < 0 or x >= limit:
+                    return i
+                out[i] = <uint32_t>x
+            i += 1
     return n
 
 
