@@ -619,3 +619,24 @@ def test_an_allocator_subclass_is_served_through_its_free_unbooked() -> None:
     assert not alloc.is_cached(slots).any() and alloc.is_allocated(slots).all()
     cache.evict(4)
     assert freed == [slots.tolist()] and alloc.available_size() == 16
+
+
+def test_pretty_print_of_a_deep_chain_is_linear_in_its_nodes(capsys) -> None:
+    """Indentation stops at 32 levels; deeper lines name their depth (a 1e4-deep chain
+    printed 100 MB when every level indented two more spaces)."""
+    cache = RadixCache()
+    depth = 300
+    for n in range(1, depth + 1):  # each key one token longer: a chain of one-token nodes
+        cache.insert(RadixKey(list(range(n))), np.arange(1, n + 1, dtype=np.int32))
+    cache.pretty_print()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == depth + 1  # the nodes, then the totals
+    assert lines[-1].startswith(f"#tokens: {depth}")
+    nodes = lines[:-1]
+    assert not nodes[0].startswith(" ")
+    assert nodes[31].startswith("  " * 31) and not nodes[31].startswith("  " * 32)
+    assert nodes[32].startswith("  " * 32) and "(depth" not in nodes[32]
+    for d in (34, 100, depth):
+        line = nodes[d - 1]
+        assert line.startswith("  " * 32 + f"(depth {d}) ")
+        assert not line.startswith("  " * 33)

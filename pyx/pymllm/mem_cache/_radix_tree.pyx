@@ -37,6 +37,7 @@ cimport numpy as cnp
 import numpy as np
 import sys
 from hashlib import sha256 as _sha256
+from os import urandom as _urandom
 
 from pymllm.mem_cache._allocator cimport (
     PAGE_ALLOCATED,
@@ -188,15 +189,6 @@ cdef inline int _big_regrow(void** ptr, int64_t* cap, int64_t need, size_t elsiz
 # Hashing and comparison of token pages
 # ---------------------------------------------------------------------------------------
 
-cdef inline uint64_t _mix64(uint64_t x) noexcept nogil:
-    x ^= x >> 33
-    x *= <uint64_t>0xff51afd7ed558ccd
-    x ^= x >> 33
-    x *= <uint64_t>0xc4ceb9fe1a85ec53
-    x ^= x >> 33
-    return x
-
-
 # The garbage collector is held off while any cache call runs (a count over every cache of
 # the interpreter, under the GIL): a collection there would run finalizers inside the call,
 # and a finalizer that unlocks a request's node (dec_lock_ref) would be refused as
@@ -245,13 +237,80 @@ cdef extern from *:
     void _prefetch "pymllm_prefetch" (const void* p) noexcept nogil
 
 
-cdef inline uint64_t _page_hash(nid_t parent, int32_t ns, const tok_t* t, int64_t ntok) noexcept nogil:
-    cdef uint64_t h = (<uint64_t>(<uint32_t>parent) << 32) ^ <uint32_t>ns
-    cdef int64_t i
-    h = _mix64(h + <uint64_t>0x9E3779B97F4A7C15)
-    for i in range(ntok):
-        h = (h ^ t[i]) * <uint64_t>0x100000001B3
-    return _mix64(h)
+# The child map's hash: SipHash-1-3 (the rounds Python's own str hash uses) keyed with 128
+# random bits drawn for each tree. With an unkeyed hash anyone could compute offline which
+# bucket a prompt's first page lands in, and crafted prompts that all land together would
+# make every lookup, insert and removal near them walk the whole cluster (a review measured
+# 150 us an insert at 1e5 such children, and one evict of them 3.7 s). The message is the
+# bytes of (parent, namespace, the page's tokens), each 4 bytes little-endian.
+cdef extern from *:
+    """
+    #define PYMLLM_ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+    #define PYMLLM_SIPROUND                                                        \
+        do {                                                                        \
+            v0 += v1; v1 = PYMLLM_ROTL(v1, 13); v1 ^= v0; v0 = PYMLLM_ROTL(v0, 32); \
+            v2 += v3; v3 = PYMLLM_ROTL(v3, 16); v3 ^= v2;                           \
+            v0 += v3; v3 = PYMLLM_ROTL(v3, 21); v3 ^= v0;                           \
+            v2 += v1; v1 = PYMLLM_ROTL(v1, 17); v1 ^= v2; v2 = PYMLLM_ROTL(v2, 32); \
+        } while (0)
+
+    /* SipHash-c-d of the 8 + 4 * ntok bytes (first, t[0], ..., t[ntok - 1]), each word
+       little-endian: `first` is the message's first 8 bytes. */
+    static inline uint64_t pymllm_siphash(uint64_t k0, uint64_t k1, uint64_t first,
+                                          const uint32_t* t, int64_t ntok, int c, int d) {
+        uint64_t v0 = k0 ^ 0x736f6d6570736575ULL;
+        uint64_t v1 = k1 ^ 0x646f72616e646f6dULL;
+        uint64_t v2 = k0 ^ 0x6c7967656e657261ULL;
+        uint64_t v3 = k1 ^ 0x7465646279746573ULL;
+        uint64_t m, b = ((uint64_t)(8 + 4 * ntok)) << 56;
+        int64_t i;
+        int r;
+        m = first;
+        v3 ^= m;
+        for (r = 0; r < c; r++) PYMLLM_SIPROUND;
+        v0 ^= m;
+        for (i = 0; i + 2 <= ntok; i += 2) {
+            m = (uint64_t)t[i] | ((uint64_t)t[i + 1] << 32);
+            v3 ^= m;
+            for (r = 0; r < c; r++) PYMLLM_SIPROUND;
+            v0 ^= m;
+        }
+        if (i < ntok)
+            b |= (uint64_t)t[i];
+        v3 ^= b;
+        for (r = 0; r < c; r++) PYMLLM_SIPROUND;
+        v0 ^= b;
+        v2 ^= 0xff;
+        for (r = 0; r < d; r++) PYMLLM_SIPROUND;
+        return v0 ^ v1 ^ v2 ^ v3;
+    }
+    """
+    uint64_t _siphash "pymllm_siphash" (uint64_t k0, uint64_t k1, uint64_t first,
+                                        const uint32_t* t, int64_t ntok, int c, int d) noexcept nogil
+
+
+cdef inline uint64_t _page_hash(const uint64_t* key, nid_t parent, int32_t ns, const tok_t* t,
+                                int64_t ntok) noexcept nogil:
+    """The child map's hash of a page under (parent, ns), keyed by the tree's `key`."""
+    return _siphash(key[0], key[1], <uint64_t>(<uint32_t>parent) | (<uint64_t>(<uint32_t>ns) << 32),
+                    t, ntok, 1, 3)
+
+
+def _siphash_for_test(uint64_t k0, uint64_t k1, uint64_t first, tokens, int c=1, int d=3):
+    """Test hook: SipHash-c-d of the bytes (first, tokens...) as _page_hash computes it; for
+    a 2-D `tokens`, of each row (a uint64 array)."""
+    cdef cnp.ndarray arr = np.ascontiguousarray(tokens, dtype=np.uint32)
+    cdef const uint32_t* p = <const uint32_t*>cnp.PyArray_DATA(arr)
+    cdef int64_t i, rows, width
+    cdef uint64_t[::1] out
+    if arr.ndim == 1:
+        return _siphash(k0, k1, first, p, arr.shape[0], c, d)
+    rows, width = arr.shape[0], arr.shape[1]
+    result = np.empty(rows, dtype=np.uint64)
+    out = result
+    for i in range(rows):
+        out[i] = _siphash(k0, k1, first, p + i * width, width, c, d)
+    return result
 
 
 # Index of the first token where a and b differ (n if none): 64-token blocks are compared
@@ -415,6 +474,37 @@ cdef void _map_drain(ChildMap* m, uint64_t buckets) noexcept:
 cdef uint64_t _DRAIN_PER_ENTRY = 8
 cdef uint64_t _DRAIN_MIN = 64
 cdef uint64_t _MAP_INITIAL = 128
+
+
+def _set_hash_key(RadixTreeCore tree, uint64_t k0, uint64_t k1):
+    """Test hook: key the child map's hash of a tree that holds no node with (k0, k1)."""
+    if tree.nodes == NULL or tree.cmap.used != 0:
+        raise ValueError("_set_hash_key: only an initialized tree with no node")
+    tree.hash_key[0] = k0
+    tree.hash_key[1] = k1
+
+
+cdef void _probe_stats(const MapEntry* t, uint64_t mask, int64_t* out) noexcept:
+    cdef uint64_t i, d
+    if t == NULL:
+        return
+    for i in range(mask + 1):
+        if t[i].child > 0:
+            d = (i - t[i].h) & mask
+            out[0] += 1
+            out[1] += <int64_t>d
+            if <int64_t>d > out[2]:
+                out[2] = <int64_t>d
+
+
+def _map_probe_stats(RadixTreeCore tree):
+    """Test hook: (entries, summed distance, longest distance) of the child map's live
+    entries from their home buckets (both tables while one drains): what a lookup walks."""
+    cdef int64_t out[3]
+    out[0] = out[1] = out[2] = 0
+    _probe_stats(tree.cmap.entries, tree.cmap.mask, out)
+    _probe_stats(tree.cmap.old, tree.cmap.old_mask, out)
+    return out[0], out[1], out[2]
 
 
 def _set_map_tuning(per_entry, minimum, initial_capacity):
@@ -1061,6 +1151,10 @@ cdef int _count_down_storage_failure() except -1:
     raise MemoryError("out of memory (injected by _fail_next_storage_inits)")
 
 
+# pretty_print's deepest indentation, in levels
+cdef int _PRINT_INDENT = 32
+
+
 cdef class RadixTreeCore:
     """Compiled radix tree: node storage, child map, eviction heap, locking.
 
@@ -1073,6 +1167,7 @@ cdef class RadixTreeCore:
     cdef nid_t free_head            # first freed slot, NIL if none (then hwm is next)
     cdef int64_t live               # live nodes, root included
     cdef ChildMap cmap
+    cdef uint64_t hash_key[2]       # the child map's SipHash key, random for each tree
     cdef Run run                    # evictable leaves, with `heap` (see _full_push)
     cdef Heap heap                  # HEAP_FULL: the evictable leaves not in the run
     cdef Heap aux_heap              # HEAP_AUX: droppable Mamba states (Mamba mode)
@@ -1130,6 +1225,8 @@ cdef class RadixTreeCore:
     cdef int _booking_kind          # 0: none; BOOK_PLAIN or BOOK_SWA: its type
 
     def __cinit__(self, *args, **kwargs):
+        self.hash_key[0] = int.from_bytes(_urandom(8), "little")
+        self.hash_key[1] = int.from_bytes(_urandom(8), "little")
         self.nodes = NULL
         self.cap = 0
         self.hwm = 0
@@ -1854,7 +1951,7 @@ cdef class RadixTreeCore:
         cdef int32_t w = X.width
         cdef int64_t rest = X.len - m
         cdef MapEntry* e
-        cdef uint64_t h_old = _page_hash(X.parent, X.ns, X.key, self.page_size * w)
+        cdef uint64_t h_old = _page_hash(self.hash_key, X.parent, X.ns, X.key, self.page_size * w)
         self._init_node(u, self.next_uid, X.parent, X.ns, w)
         self.next_uid += 1
         U.len = m
@@ -1885,7 +1982,7 @@ cdef class RadixTreeCore:
         e = _map_entry_of(&self.cmap, x, h_old)
         e.child = u
         X.parent = u
-        _map_put(&self.cmap, u, x, _page_hash(u, X.ns, X.key, self.page_size * w))
+        _map_put(&self.cmap, u, x, _page_hash(self.hash_key, u, X.ns, X.key, self.page_size * w))
         if self._hash_cache:
             self._split_hash_cache(x, u, m)
         return u
@@ -1915,7 +2012,7 @@ cdef class RadixTreeCore:
         part_m[0] = 0
         cdef uint64_t h = 0, h_next
         if limit >= P:
-            h = _page_hash(ROOT, ns, kv.tok, P * w)
+            h = _page_hash(self.hash_key, ROOT, ns, kv.tok, P * w)
         while limit - pos >= P:
             child = _map_find(&self.cmap, self.nodes, cur, ns, kv.tok + pos * w, P * w, h)
             if child == NIL:
@@ -1926,7 +2023,7 @@ cdef class RadixTreeCore:
             # next lookup. Both overlap cache misses that would otherwise come one by one.
             _prefetch(c.value)
             if limit - pos - c.len >= P:
-                h_next = _page_hash(child, ns, kv.tok + (pos + c.len) * w, P * w)
+                h_next = _page_hash(self.hash_key, child, ns, kv.tok + (pos + c.len) * w, P * w)
                 _prefetch(&self.cmap.entries[h_next & self.cmap.mask])
             else:
                 h_next = 0
@@ -2619,7 +2716,7 @@ cdef class RadixTreeCore:
         par.num_children += 1
         if parent == ROOT:
             self.ns_ref[ns] += 1
-        _map_put(&self.cmap, parent, leaf, _page_hash(parent, ns, key, self.page_size * w))
+        _map_put(&self.cmap, parent, leaf, _page_hash(self.hash_key, parent, ns, key, self.page_size * w))
         self._full_push(leaf)
         self._evictable += n
         if self.swa and live:
@@ -2823,7 +2920,7 @@ cdef class RadixTreeCore:
         cdef Node* x = &self.nodes[n]
         cdef nid_t parent = x.parent
         cdef MapEntry* e = _map_entry_of(
-            &self.cmap, n, _page_hash(parent, x.ns, x.key, self.page_size * x.width))
+            &self.cmap, n, _page_hash(self.hash_key, parent, x.ns, x.key, self.page_size * x.width))
         e.child = MAP_DELETED
         self.cmap.used -= 1
         self._full_remove(n)
@@ -3197,7 +3294,9 @@ cdef class RadixTreeCore:
         return [self._handle(c) for c in self._children_slots().get(n, [])]
 
     def pretty_print(self):
-        """Print the tree, one node per line, indented by depth."""
+        """Print the tree, one node per line, indented by depth: two spaces a level up to
+        _PRINT_INDENT levels, then the depth itself (so that a deep chain prints in space
+        linear in its nodes)."""
         self._enter()
         try:
             return self._pretty_print_locked()
@@ -3212,7 +3311,10 @@ cdef class RadixTreeCore:
             n, depth = stack.pop()
             if n != ROOT:
                 x = self._handle(n)
-                lines.append(f"{'  ' * (depth - 1)}{x!r}")
+                if depth - 1 <= _PRINT_INDENT:
+                    lines.append(f"{'  ' * (depth - 1)}{x!r}")
+                else:
+                    lines.append(f"{'  ' * _PRINT_INDENT}(depth {depth}) {x!r}")
             for c in reversed(kids.get(n, [])):
                 stack.append((c, depth + 1))
         lines.append(
@@ -3377,7 +3479,7 @@ cdef class RadixTreeCore:
                 assert x.run_prev == NIL and x.run_next == NIL, f"node {x.uid}: run links"
             found = _map_find(&self.cmap, self.nodes, x.parent, x.ns, x.key,
                               self.page_size * x.width,
-                              _page_hash(x.parent, x.ns, x.key, self.page_size * x.width))
+                              _page_hash(self.hash_key, x.parent, x.ns, x.key, self.page_size * x.width))
             assert found == i, f"node {x.uid}: not found through the child map"
             if x.parent == ROOT:
                 ns_count[x.ns] = ns_count.get(x.ns, 0) + 1
@@ -3764,7 +3866,7 @@ cdef class MambaTreeCore(RadixTreeCore):
             return NIL
         while pos < aligned:
             child = _map_find(&self.cmap, self.nodes, cur, ns, kv.tok + pos * w, P * w,
-                              _page_hash(cur, ns, kv.tok + pos * w, P * w))
+                              _page_hash(self.hash_key, cur, ns, kv.tok + pos * w, P * w))
             if child == NIL:
                 return NIL
             c = &self.nodes[child]

@@ -1,0 +1,145 @@
+"""The child map's hash is SipHash-1-3 keyed with random bits for each tree.
+
+With an unkeyed hash anyone can compute which bucket a prompt's first token (or first
+page) lands in, and crafted prompts that land together make every lookup, insert and
+removal near them walk the whole cluster. These tests check the hash against the SipHash
+reference vectors, build such a cluster against a key they set, and show that the same
+prompts spread out in a tree keyed at random. The probe distances come from the map itself
+(``_map_probe_stats``): what a lookup walks, not a timing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pymllm.mem_cache import RadixCache, RadixKey
+from pymllm.mem_cache._radix_tree import _map_probe_stats, _set_hash_key, _siphash_for_test
+
+# SipHash-2-4 of the bytes 00 01 ... (n-1) under the key 00 01 ... 0f, from the reference
+# implementation's table (vectors_sip64), for the lengths a page's message can have
+# (8 bytes of parent and namespace, then 4 bytes a token): eight bytes, least significant
+# first.
+REFERENCE_2_4 = {
+    8: "6224939a79f5f593",
+    12: "fbe50e86bc8f1e75",
+    16: "db9bc2577fcc2a3f",
+    20: "98eea21af25cd6be",
+    24: "94af49f6c650adb8",
+    28: "a5c91da7acaa4dde",
+    32: "ce7cf2722f512771",
+    36: "b4a31508beff4d31",
+    40: "d0a704536ba93e0e",
+    44: "f21df2e41d4535f9",
+    48: "51a9cb9ecba312e6",
+    52: "b274cb8ebf87870a",
+    56: "bd838d3aafbf8db7",
+    60: "e1915f5cb1eca46c",
+}
+K0 = int.from_bytes(bytes(range(8)), "little")
+K1 = int.from_bytes(bytes(range(8, 16)), "little")
+
+
+@pytest.mark.parametrize("n", sorted(REFERENCE_2_4))
+def test_siphash_matches_the_reference_vectors(n: int) -> None:
+    msg = bytes(range(n))
+    first = int.from_bytes(msg[:8], "little")
+    tokens = np.frombuffer(msg[8:], dtype="<u4")
+    want = int.from_bytes(bytes.fromhex(REFERENCE_2_4[n]), "little")
+    assert _siphash_for_test(K0, K1, first, tokens, 2, 4) == want
+    # the rows of a 2-D call are hashed one by one, as the 1-D call does
+    rows = np.stack([tokens, tokens])
+    assert _siphash_for_test(K0, K1, first, rows, 2, 4).tolist() == [want, want]
+
+
+def test_one_bit_of_key_or_message_changes_the_hash() -> None:
+    tokens = np.array([5, 6, 7], dtype=np.uint32)
+    h = _siphash_for_test(K0, K1, 0, tokens)
+    assert _siphash_for_test(K0 ^ 1, K1, 0, tokens) != h
+    assert _siphash_for_test(K0, K1 ^ (1 << 63), 0, tokens) != h
+    assert _siphash_for_test(K0, K1, 1 << 32, tokens) != h  # the namespace half
+    assert _siphash_for_test(K0, K1, 0, tokens[:2]) != h  # the length is hashed
+    tokens[2] ^= 1 << 31
+    assert _siphash_for_test(K0, K1, 0, tokens) != h
+
+
+def _crafted_first_tokens(k0: int, k1: int, count: int, low_bits: int = 16) -> np.ndarray:
+    """`count` distinct token ids whose hash as a root child of the default namespace
+    (parent 0, namespace 0) under the key (k0, k1) has its low `low_bits` bits below 4:
+    one small run of buckets in every table of up to 2**low_bits buckets."""
+    found: list[np.ndarray] = []
+    start = 0
+    while sum(len(f) for f in found) < count:
+        cand = np.arange(start, start + (1 << 21), dtype=np.uint32)
+        h = _siphash_for_test(k0, k1, 0, cand.reshape(-1, 1))
+        found.append(cand[(h & np.uint64((1 << low_bits) - 1)) < 4])
+        start += 1 << 21
+    return np.concatenate(found)[:count]
+
+
+def test_prompts_crafted_against_a_known_key_cluster_and_spread_under_a_random_one() -> None:
+    n = 300
+    tokens = _crafted_first_tokens(K0, K1, n)
+
+    def fill(cache: RadixCache) -> tuple[int, int, int]:
+        for i, t in enumerate(tokens.tolist()):
+            cache.insert(RadixKey([t, 7, 8]), np.array([3 * i + 1, 3 * i + 2, 3 * i + 3]))
+        # every prompt is still found, whatever the map's layout
+        for t in tokens.tolist():
+            assert cache.match_prefix(RadixKey([t, 7, 8])).prefix_len == 3
+        return _map_probe_stats(cache)
+
+    known = RadixCache()
+    _set_hash_key(known, K0, K1)
+    entries, total, longest = fill(known)
+    assert entries == n
+    # the attack, had the key been known: each entry walks past the ones before it
+    assert longest >= n - 8
+    assert total >= n * (n - 8) // 2
+
+    keyed = RadixCache()  # the key every tree draws for itself
+    entries, total, longest = fill(keyed)
+    assert entries == n
+    # a table at most half full with a good hash: short runs (expected total ~ n / 2)
+    assert longest < 40
+    assert total < 4 * n
+
+
+def test_every_tree_draws_its_own_key() -> None:
+    tokens = _crafted_first_tokens(K0, K1, 64)
+    stats = set()
+    for _ in range(3):
+        cache = RadixCache()
+        for i, t in enumerate(tokens.tolist()):
+            cache.insert(RadixKey([t]), np.array([i + 1]))
+        stats.add(_map_probe_stats(cache))
+        assert _map_probe_stats(cache)[2] < 32
+    # three trees lay the same 64 entries out differently (one layout thrice: a fixed key)
+    assert len(stats) > 1
+
+
+def test_the_key_can_be_set_only_on_a_tree_without_nodes() -> None:
+    cache = RadixCache()
+    cache.insert(RadixKey([1, 2]), np.array([1, 2]))
+    with pytest.raises(ValueError, match="no node"):
+        _set_hash_key(cache, 1, 2)
+    cache.reset()
+    _set_hash_key(cache, 1, 2)  # empty again
+    cache.insert(RadixKey([1, 2]), np.array([1, 2]))
+    assert cache.match_prefix(RadixKey([1, 2])).prefix_len == 2
+
+
+@pytest.mark.parametrize("page_size", [2, 16])
+def test_paged_and_namespaced_trees_find_every_page_under_a_random_key(page_size: int) -> None:
+    rng = np.random.default_rng(0)
+    cache = RadixCache(page_size=page_size)
+    keys = []
+    for i in range(200):
+        k = rng.integers(0, 2**32, size=page_size * 3, dtype=np.uint64).astype(np.uint32)
+        extra = None if i % 3 == 0 else f"ns{i % 7}"
+        cache.insert(RadixKey(k, extra), np.arange(1, k.size + 1, dtype=np.int32) + i * k.size)
+        keys.append((k, extra))
+    for k, extra in keys:
+        assert cache.match_prefix(RadixKey(k, extra)).prefix_len == k.size
+    entries, _, longest = _map_probe_stats(cache)
+    assert entries == 200 and longest < 40
