@@ -216,6 +216,10 @@ class RadixKey:
     a 1-D integer numpy array (taken without a copy by the compiled caches). ``extra_key``
     isolates independent namespaces so that sequences with identical leading tokens but
     different adapters / LoRA ids / multimodal context hashes never share prefix nodes.
+    The caches look namespaces up in a Python dict, so an ``extra_key`` taken from untrusted
+    input should be a ``str`` or ``bytes`` (hashed with the interpreter's random key): ints
+    hash to themselves, and ints chosen to share one hash make each namespace lookup walk
+    all of them.
     """
 
     __slots__ = ("token_ids", "extra_key")  # noqa: RUF023 (the seed's order)
