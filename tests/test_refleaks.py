@@ -1245,33 +1245,6 @@ def _insert_swa_nothing() -> Case:
     return step, (key, tag, value)
 
 
-@case("extra_key_hash_raises_on_intern[p1]")
-def _intern_hash_raises() -> Case:
-    """The extra_key's __hash__ passes the first lookup and raises when it is registered."""
-    cache, _alloc, slots, _k, _v = _err_cache()
-    tag = Tag("fresh")
-    calls = [0]
-
-    def hook() -> None:
-        calls[0] += 1
-        tag.hash_fail = calls[0] % 2 == 0  # the 2nd, 4th, ... hash raises
-
-    tag.hook = hook
-    key = RadixKey(list(range(100, 108)), tag)
-    value = slots.get(8)
-
-    def step() -> None:
-        calls[0] = 0
-        tag.hash_fail = False
-        try:
-            cache.insert(key, value)
-        except Boom:
-            return
-        raise AssertionError("no Boom")
-
-    return step, (key, tag, value, hook)
-
-
 def _intern_fails(config: str, failing_hash: int, reuse: bool) -> Case:
     """A new namespace whose extra_key's `failing_hash`-th hash raises (2: the registry's
     look-up, 3: its store), with a free namespace id to reuse or not."""
@@ -2142,6 +2115,22 @@ def _mamba_radix_init() -> Case:
     return _raises(TypeError, RadixCache.__init__, blank), (blank,)
 
 
+def _state_stays_the_callers(cache, pool, hook, count, key, value, state) -> Callable[[], None]:
+    """A step: an insert of `state` that the armed hook makes raise MemoryError, after which
+    the state is not the cache's."""
+
+    def step() -> None:
+        with _fuse(hook, count):
+            try:
+                cache.insert(key, value, mamba_value=state)
+            except MemoryError:
+                assert not pool.is_cached(state).any()
+                return
+        raise AssertionError("no MemoryError")
+
+    return step
+
+
 @case("mamba_fail_results_after[insert-state-booked]")
 def _mamba_results_insert() -> Case:
     """The state is taken, then the result cannot be made: the state is the caller's."""
@@ -2149,16 +2138,7 @@ def _mamba_results_insert() -> Case:
     other = RadixKey([50, 51, 52, 53])
     value = slots.get(4)
     state = pool.alloc(1)
-
-    def step() -> None:
-        with _fuse(rt._fail_results_after, 1):
-            try:
-                cache.insert(other, value, mamba_value=state)
-            except MemoryError:
-                assert not pool.is_cached(state).any()
-                return
-        raise AssertionError("no MemoryError")
-
+    step = _state_stays_the_callers(cache, pool, rt._fail_results_after, 1, other, value, state)
     return step, (other, value, state)
 
 
@@ -2173,16 +2153,7 @@ def _mamba_node_arrays() -> Case:
     cache, _a, pool, _slots, key = _mamba_err()
     half = RadixKey(key.token_ids[:4])
     state = pool.alloc(1)
-
-    def step() -> None:
-        with _fuse(rt._fail_node_arrays_after, 0):
-            try:
-                cache.insert(half, None, mamba_value=state)
-            except MemoryError:
-                assert not pool.is_cached(state).any()
-                return
-        raise AssertionError("no MemoryError")
-
+    step = _state_stays_the_callers(cache, pool, rt._fail_node_arrays_after, 0, half, None, state)
     return step, (half, state)
 
 
