@@ -113,3 +113,50 @@ def test_every_item_at_every_position_of_a_list_key(n: int) -> None:
             assert m.prefix_len == n, (item, j)
             assert cache.match_prefix(RadixKey(tokens)).prefix_len == n
             cache.reset()
+
+
+class _Pair(tuple):
+    """A tuple subclass: read as a tuple by the general path, never the exact-tuple one."""
+
+
+@pytest.mark.parametrize("width", [2, 3])
+@pytest.mark.parametrize("n", [*range(1, 10), 33, 34])
+def test_every_item_at_every_position_of_a_tuple_key(n: int, width: int) -> None:
+    """Bigram keys are read two tuples (four ints) a step, other widths a tuple a step: an
+    odd item anywhere goes through the general path, which reads or refuses it."""
+    cache = RadixCache()
+    base = [tuple(range(100 + width * i, 100 + width * (i + 1))) for i in range(n)]
+    for item, want in _LIST_ITEMS:
+        for slot in range(width):
+            for j in range(n):
+                tokens = base.copy()
+                tup = list(base[j])
+                tup[slot] = item
+                tokens[j] = tuple(tup)
+                value = np.arange(1, n + 1, dtype=np.int32)
+                if isinstance(want, type):
+                    with pytest.raises(want, match=f"token {item}|tokens must be"):
+                        cache.insert(RadixKey(tokens), value)
+                    assert cache.total_size() == 0
+                    continue
+                cache.insert(RadixKey(tokens), value)
+                same = base.copy()
+                same[j] = tuple(int(x) for x in tokens[j])
+                assert cache.match_prefix(RadixKey(same)).prefix_len == n, (item, j, slot)
+                assert cache.match_prefix(RadixKey(tokens)).prefix_len == n
+                cache.reset()
+    # a tuple subclass anywhere reads as its tuple; a list, or another width, is refused
+    for j in range(n):
+        tokens = base.copy()
+        tokens[j] = _Pair(base[j])
+        cache.insert(RadixKey(tokens), np.arange(1, n + 1, dtype=np.int32))
+        assert cache.match_prefix(RadixKey(base)).prefix_len == n
+        cache.reset()
+        widths = [(*base[j], 1), base[j][:-1]] if n > 1 else []  # one token: any width
+        for bad in [list(base[j]), *widths]:
+            tokens = base.copy()
+            tokens[j] = bad  # type: ignore[call-overload]
+            # (at token 0 a list makes it a key of ints, another width the key's width)
+            with pytest.raises(InvalidKeyError, match=r"token \d+ is|tokens must be"):
+                cache.insert(RadixKey(tokens), np.arange(1, n + 1, dtype=np.int32))
+            assert cache.total_size() == 0

@@ -710,76 +710,116 @@ cdef extern from *:
     #endif
     }
 
+    /* Whether a, b, c and d are all small non-negative ints (pymllm_small_nonneg's test,
+       one branch for the four); if so their values are in out[0:4]. */
+    static inline int pymllm_small_nonneg4(PyObject* a, PyObject* b, PyObject* c, PyObject* d,
+                                           uint32_t* out) {
+        const uintptr_t t = (uintptr_t)&PyLong_Type;
+        if (!PYMLLM_LIKELY((((uintptr_t)Py_TYPE(a) ^ t) | ((uintptr_t)Py_TYPE(b) ^ t)
+                            | ((uintptr_t)Py_TYPE(c) ^ t) | ((uintptr_t)Py_TYPE(d) ^ t)) == 0))
+            return 0;
+    #if defined(PYMLLM_SSE_INTS)
+        {
+            /* Four exact ints, each at least 28 bytes (one digit is always allocated):
+               bytes 12-28 of each hold ob_type's upper half (lane 0), ob_size (lanes 1-2)
+               and ob_digit[0] (lane 3). One load an int reads its size and its digit; the
+               four digits are stored with one store. */
+            const __m128i one = _mm_set_epi32(0, 0, 1, 0);
+            const __m128i lanes12 = _mm_set_epi32(0, -1, -1, 0);
+            __m128i va = _mm_loadu_si128((const __m128i*)((const char*)a + 12));
+            __m128i vb = _mm_loadu_si128((const __m128i*)((const char*)b + 12));
+            __m128i vc = _mm_loadu_si128((const __m128i*)((const char*)c + 12));
+            __m128i vd = _mm_loadu_si128((const __m128i*)((const char*)d + 12));
+            __m128i ne = _mm_or_si128(_mm_or_si128(_mm_xor_si128(va, one), _mm_xor_si128(vb, one)),
+                                      _mm_or_si128(_mm_xor_si128(vc, one), _mm_xor_si128(vd, one)));
+            if (!PYMLLM_LIKELY(pymllm_testz_sse2(ne, lanes12)))
+                return 0;
+            _mm_storeu_si128((__m128i*)out,
+                             _mm_unpackhi_epi64(_mm_unpackhi_epi32(va, vb), _mm_unpackhi_epi32(vc, vd)));
+            return 1;
+        }
+    #elif PY_VERSION_HEX >= 0x030C0000
+        {
+            PyLongObject* la = (PyLongObject*)a;
+            PyLongObject* lb = (PyLongObject*)b;
+            PyLongObject* lc = (PyLongObject*)c;
+            PyLongObject* ld = (PyLongObject*)d;
+            Py_ssize_t va, vb, vc, vd;
+            if (!PYMLLM_LIKELY(PyUnstable_Long_IsCompact(la) & PyUnstable_Long_IsCompact(lb)
+                               & PyUnstable_Long_IsCompact(lc) & PyUnstable_Long_IsCompact(ld)))
+                return 0;
+            va = PyUnstable_Long_CompactValue(la);
+            vb = PyUnstable_Long_CompactValue(lb);
+            vc = PyUnstable_Long_CompactValue(lc);
+            vd = PyUnstable_Long_CompactValue(ld);
+            if (!PYMLLM_LIKELY((va | vb | vc | vd) >= 0))
+                return 0;
+            out[0] = (uint32_t)va;
+            out[1] = (uint32_t)vb;
+            out[2] = (uint32_t)vc;
+            out[3] = (uint32_t)vd;
+            return 1;
+        }
+    #else
+        if (!PYMLLM_LIKELY((Py_SIZE(a) == 1) & (Py_SIZE(b) == 1) & (Py_SIZE(c) == 1)
+                           & (Py_SIZE(d) == 1)))
+            return 0;
+        out[0] = (uint32_t)((PyLongObject*)a)->ob_digit[0];
+        out[1] = (uint32_t)((PyLongObject*)b)->ob_digit[0];
+        out[2] = (uint32_t)((PyLongObject*)c)->ob_digit[0];
+        out[3] = (uint32_t)((PyLongObject*)d)->ob_digit[0];
+        return 1;
+    #endif
+    }
+
     /* items[i:n] read four at a time while a whole group of four is small non-negative
-       ints (pymllm_small_nonneg's test, one branch a group): returns where it stopped, a
-       group with another item or the last n % 4 items, for the one-at-a-time loop. */
+       ints: returns where it stopped, a group with another item or the last n % 4 items,
+       for the one-at-a-time loop. */
     static inline Py_ssize_t pymllm_small_nonneg_run(PyObject** items, Py_ssize_t i,
                                                      Py_ssize_t n, uint32_t* out) {
-        for (; i + 4 <= n; i += 4) {
-            PyObject* a = items[i];
-            PyObject* b = items[i + 1];
-            PyObject* c = items[i + 2];
-            PyObject* d = items[i + 3];
-            const uintptr_t t = (uintptr_t)&PyLong_Type;
-            if (!PYMLLM_LIKELY((((uintptr_t)Py_TYPE(a) ^ t) | ((uintptr_t)Py_TYPE(b) ^ t)
-                                | ((uintptr_t)Py_TYPE(c) ^ t) | ((uintptr_t)Py_TYPE(d) ^ t)) == 0))
+        for (; i + 4 <= n; i += 4)
+            if (!pymllm_small_nonneg4(items[i], items[i + 1], items[i + 2], items[i + 3], out + i))
                 break;
-    #ifdef PYMLLM_SSE_INTS
-            {
-                /* Four exact ints, each at least 28 bytes (one digit is always allocated):
-                   bytes 12-28 of each hold ob_type's upper half (lane 0), ob_size (lanes
-                   1-2) and ob_digit[0] (lane 3). One load an int reads its size and its
-                   digit; the four digits are stored with one store. */
-                const __m128i one = _mm_set_epi32(0, 0, 1, 0);
-                const __m128i lanes12 = _mm_set_epi32(0, -1, -1, 0);
-                __m128i va = _mm_loadu_si128((const __m128i*)((const char*)a + 12));
-                __m128i vb = _mm_loadu_si128((const __m128i*)((const char*)b + 12));
-                __m128i vc = _mm_loadu_si128((const __m128i*)((const char*)c + 12));
-                __m128i vd = _mm_loadu_si128((const __m128i*)((const char*)d + 12));
-                __m128i ne = _mm_or_si128(_mm_or_si128(_mm_xor_si128(va, one), _mm_xor_si128(vb, one)),
-                                          _mm_or_si128(_mm_xor_si128(vc, one), _mm_xor_si128(vd, one)));
-                if (!PYMLLM_LIKELY(pymllm_testz_sse2(ne, lanes12)))
-                    break;
-                _mm_storeu_si128((__m128i*)(out + i),
-                                 _mm_unpackhi_epi64(_mm_unpackhi_epi32(va, vb), _mm_unpackhi_epi32(vc, vd)));
-                continue;
-            }
-    #endif
-    #if PY_VERSION_HEX >= 0x030C0000
-            {
-                PyLongObject* la = (PyLongObject*)a;
-                PyLongObject* lb = (PyLongObject*)b;
-                PyLongObject* lc = (PyLongObject*)c;
-                PyLongObject* ld = (PyLongObject*)d;
-                Py_ssize_t va, vb, vc, vd;
-                if (!PYMLLM_LIKELY(PyUnstable_Long_IsCompact(la) & PyUnstable_Long_IsCompact(lb)
-                                   & PyUnstable_Long_IsCompact(lc) & PyUnstable_Long_IsCompact(ld)))
-                    break;
-                va = PyUnstable_Long_CompactValue(la);
-                vb = PyUnstable_Long_CompactValue(lb);
-                vc = PyUnstable_Long_CompactValue(lc);
-                vd = PyUnstable_Long_CompactValue(ld);
-                if (!PYMLLM_LIKELY((va | vb | vc | vd) >= 0))
-                    break;
-                out[i] = (uint32_t)va;
-                out[i + 1] = (uint32_t)vb;
-                out[i + 2] = (uint32_t)vc;
-                out[i + 3] = (uint32_t)vd;
-            }
-    #else
-            if (!PYMLLM_LIKELY((Py_SIZE(a) == 1) & (Py_SIZE(b) == 1) & (Py_SIZE(c) == 1)
-                               & (Py_SIZE(d) == 1)))
-                break;
-            out[i] = (uint32_t)((PyLongObject*)a)->ob_digit[0];
-            out[i + 1] = (uint32_t)((PyLongObject*)b)->ob_digit[0];
-            out[i + 2] = (uint32_t)((PyLongObject*)c)->ob_digit[0];
-            out[i + 3] = (uint32_t)((PyLongObject*)d)->ob_digit[0];
-    #endif
-        }
         return i;
+    }
+
+    /* items[i:n] read while each is an exact tuple of `width` small non-negative ints into
+       out[i * width:] (pairs of bigrams four ints at a time): returns the index of the first
+       item that is not, for the general path (n if none). Nothing runs Python code. */
+    static inline Py_ssize_t pymllm_small_nonneg_tuples(PyObject** items, Py_ssize_t i,
+                                                        Py_ssize_t n, Py_ssize_t width,
+                                                        uint32_t* out) {
+        if (width == 2) {  /* bigram (EAGLE) keys: two tuples a step */
+            for (; i + 2 <= n; i += 2) {
+                PyObject* t0 = items[i];
+                PyObject* t1 = items[i + 1];
+                PyObject** e0;
+                PyObject** e1;
+                if (!PYMLLM_LIKELY(Py_IS_TYPE(t0, &PyTuple_Type) & Py_IS_TYPE(t1, &PyTuple_Type)
+                                   & (Py_SIZE(t0) == 2) & (Py_SIZE(t1) == 2)))
+                    break;
+                e0 = ((PyTupleObject*)t0)->ob_item;
+                e1 = ((PyTupleObject*)t1)->ob_item;
+                if (!pymllm_small_nonneg4(e0[0], e0[1], e1[0], e1[1], out + 2 * i))
+                    break;
+            }
+        }
+        for (; i < n; i++) {
+            PyObject* t = items[i];
+            PyObject** e;
+            Py_ssize_t j;
+            if (!PYMLLM_LIKELY(Py_IS_TYPE(t, &PyTuple_Type) && Py_SIZE(t) == width))
+                return i;
+            e = ((PyTupleObject*)t)->ob_item;
+            for (j = 0; j < width; j++)
+                if (!PYMLLM_LIKELY(pymllm_small_nonneg(e[j], out + i * width + j)))
+                    return i;
+        }
+        return n;
     }
     """
     bint _small_nonneg "pymllm_small_nonneg" (PyObject* p, uint32_t* out) noexcept
+    Py_ssize_t _small_nonneg_tuples "pymllm_small_nonneg_tuples" (PyObject** items, Py_ssize_t i, Py_ssize_t n, Py_ssize_t width, uint32_t* out) noexcept
     Py_ssize_t _small_nonneg_run "pymllm_small_nonneg_run" (PyObject** items, Py_ssize_t i, Py_ssize_t n, uint32_t* out) noexcept
 
 
@@ -1710,7 +1750,8 @@ cdef class RadixTreeCore:
                 if width == 0:
                     raise InvalidKeyError("token_ids: tuple tokens must not be empty, got ()")
                 buf = <tok_t*>self._tok_scratch.reserve(n * width)
-                for i in range(n):
+                i = _small_nonneg_tuples(_seq_items(token_ids), 0, n, width, buf)
+                while i < n:  # token i is not an exact tuple of small ints: read it here
                     t = <object>_seq_items(token_ids)[i]
                     if not PyTuple_Check(t) or _seq_size(t) != width:
                         raise InvalidKeyError(
@@ -1722,6 +1763,7 @@ cdef class RadixTreeCore:
                         if not _small_nonneg(elems[j], &buf[i * width + j]):
                             buf[i * width + j] = _to_tok(<object>elems[j])  # t holds the tuple
                             _same_length(token_ids, n, InvalidKeyError, "token_ids")
+                    i = _small_nonneg_tuples(_seq_items(token_ids), i + 1, n, width, buf)
                 kv.width = <int32_t>width
                 kv.arity = <int32_t>width
             else:
