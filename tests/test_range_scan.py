@@ -160,3 +160,33 @@ def test_every_item_at_every_position_of_a_tuple_key(n: int, width: int) -> None
             with pytest.raises(InvalidKeyError, match=r"token \d+ is|tokens must be"):
                 cache.insert(RadixKey(tokens), np.arange(1, n + 1, dtype=np.int32))
             assert cache.total_size() == 0
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 127, 128, 129, 200])
+def test_a_64_bit_key_or_value_is_checked_and_narrowed_at_every_position(n, dtype) -> None:
+    """int64 (numpy's default) and uint64 arrays are narrowed to 32 bits in 64-entry blocks:
+    an entry out of range at any position is named, and the tree is left as it was."""
+    cache = RadixCache()
+    tokens = np.arange(2**32 - n, 2**32, dtype=np.uint64).astype(dtype)  # the top of the range
+    value = np.arange(2**31 - n, 2**31, dtype=dtype)
+    bad_tokens = [2**32, 2**63 - 1] + ([-1, -(2**63)] if dtype == np.int64 else [2**64 - 1])
+    for j in _positions(n):
+        for bad in bad_tokens:
+            key = tokens.copy()
+            key[j] = bad
+            with pytest.raises(InvalidKeyError, match=f"token {bad} is outside"):
+                cache.insert(RadixKey(key), value)
+        for bad in [2**31, 2**32 + 1] + ([-5] if dtype == np.int64 else []):
+            v = value.copy()
+            v[j] = bad
+            with pytest.raises(InvalidValueError, match=f"KV index {bad} is outside"):
+                cache.insert(RadixKey(tokens), v)
+        assert cache.total_size() == 0
+    r = cache.insert(RadixKey(tokens), value)
+    assert r.prefix_len == 0 and cache.total_size() == n
+    m = cache.match_prefix(RadixKey(tokens.astype(np.uint32)))
+    assert m.prefix_len == n
+    assert m.indices.tolist() == value.tolist()
+    # read back through a 32-bit key as well: the same node
+    assert cache.match_prefix(RadixKey(tokens.tolist())).last_node.id == m.last_node.id

@@ -342,6 +342,47 @@ cdef extern from *:
     int64_t _first_diff "pymllm_first_diff" (const tok_t* a, const tok_t* b, int64_t n) noexcept nogil
 
 
+# 64-bit tokens or indices narrowed to 32 bits while checked against a power-of-two limit:
+# 64-entry blocks whose values are ORed, the OR then shifted (branch-free, so the compiler
+# vectorizes both the check and the narrowing store), the bad block then searched entry by
+# entry. Returns the index of the first entry with p[i] >> shift != 0 (as unsigned: a
+# negative int64 is out of range too), n if none; out[0:that index] holds the entries.
+cdef extern from *:
+    """
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+    __attribute__((target_clones("avx2", "default")))
+    #endif
+    static int64_t pymllm_narrow64(const uint64_t* p, int64_t n, int shift, uint32_t* out) {
+        int64_t i = 0;
+        size_t j;
+        for (; i + 64 <= n; i += 64) {
+            const uint64_t* q = p + i;
+            uint32_t* o = out + i;
+            uint64_t acc = 0;
+            for (j = 0; j < 64; j++) {
+                acc |= q[j];
+                o[j] = (uint32_t)q[j];
+            }
+            if (acc >> shift)
+                break;
+        }
+        for (; i < n; i++) {
+            if (p[i] >> shift)
+                return i;
+            out[i] = (uint32_t)p[i];
+        }
+        return n;
+    }
+    """
+    int64_t _narrow64 "pymllm_narrow64" (const uint64_t* p, int64_t n, int shift, uint32_t* out) noexcept nogil
+
+
+cdef inline bint _native_words(cnp.ndarray arr) noexcept:
+    """A C-contiguous, aligned, native-order array of 8-byte integers (read as uint64_t)."""
+    return (cnp.PyArray_ITEMSIZE(arr) == 8 and cnp.PyArray_ISNOTSWAPPED(arr)
+            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr))
+
+
 cdef inline int64_t _common_positions(const tok_t* a, const tok_t* b, int64_t npos,
                                       int32_t width) noexcept nogil:
     """Number of leading positions on which a and b agree (npos at most)."""
@@ -1823,12 +1864,18 @@ cdef class RadixTreeCore:
                     raise InvalidKeyError(f"token_ids: token {p32[i]} is outside [0, 2**32)")
             kv.tok = <const tok_t*>cnp.PyArray_DATA(arr)   # zero-copy path
             return arr
+        buf = <tok_t*>self._tok_scratch.reserve(n)
+        if _native_words(arr):  # int64 (numpy's default) or uint64: checked and narrowed in C
+            i = _narrow64(<const uint64_t*>cnp.PyArray_DATA(arr), n, 32, buf)
+            if i < n:
+                raise InvalidKeyError(f"token_ids: token {arr[i]} is outside [0, 2**32)")
+            kv.tok = buf
+            return None
         if typenum == cnp.NPY_UINT64 or typenum == cnp.NPY_ULONGLONG:
             if n and arr.max() >= TOKEN_LIMIT:
                 raise InvalidKeyError(f"token_ids: token {int(arr.max())} is outside [0, 2**32)")
         a64 = np.require(arr, np.int64, ["C", "A"])  # read as int64_t: aligned
         p64 = <const int64_t*>cnp.PyArray_DATA(a64)
-        buf = <tok_t*>self._tok_scratch.reserve(n)
         for i in range(n):
             if p64[i] < 0 or p64[i] >= TOKEN_LIMIT:
                 raise InvalidKeyError(f"token_ids: token {p64[i]} is outside [0, 2**32)")
@@ -1903,11 +1950,17 @@ cdef class RadixTreeCore:
                 raise InvalidValueError(f"value: KV index {p32[i]} is outside [0, 2**31)")
             out[0] = <const idx_t*>p32
             return arr
+        buf = <idx_t*>self._val_scratch.reserve(n)
+        if _native_words(arr):  # int64 or uint64: checked and narrowed in C
+            i = _narrow64(<const uint64_t*>cnp.PyArray_DATA(arr), n, 31, <uint32_t*>buf)
+            if i < n:
+                raise InvalidValueError(f"value: KV index {arr[i]} is outside [0, 2**31)")
+            out[0] = buf
+            return None
         if (typenum == cnp.NPY_UINT64 or typenum == cnp.NPY_ULONGLONG) and arr.max() > INT32_MAX:
             raise InvalidValueError(f"value: KV index {int(arr.max())} is outside [0, 2**31)")
         a64 = np.require(arr, np.int64, ["C", "A"])  # read as int64_t: aligned
         p64 = <const int64_t*>cnp.PyArray_DATA(a64)
-        buf = <idx_t*>self._val_scratch.reserve(n)
         for i in range(n):
             if p64[i] < 0 or p64[i] > INT32_MAX:
                 raise InvalidValueError(f"value: KV index {p64[i]} is outside [0, 2**31)")
