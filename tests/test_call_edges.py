@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -380,3 +381,88 @@ def test_a_reentrant_call_from_an_extra_key_hash_is_named_as_such() -> None:
     with pytest.raises(ReentrantCallError, match="__hash__"):
         cache.insert(RadixKey([1, 2], Nosy()), [3, 4])
     cache._check_invariants()
+
+
+def _mamba_with_states(kv: TokenToKVPoolAllocator, pool: _StatePool) -> MambaRadixCache:
+    cache = MambaRadixCache(token_to_kv_pool_allocator=kv, mamba_pool=pool)
+    for i in range(20):
+        cache.insert(RadixKey([i, 100 + i]), kv.alloc(2), mamba_value=1000 + i)
+    return cache
+
+
+def test_init_from_a_failed_resets_own_free_is_refused() -> None:
+    """__init__ is the way back after a reset that ran out of memory, but not from inside
+    it: the reset's allocator free calling it was run under the reset (it rebuilt the
+    cache, whose reset then read its states from the new, empty buffer: a crash)."""
+
+    class KV(TokenToKVPoolAllocator):
+        reinit = False
+
+        def free(self, idx) -> None:
+            super().free(idx)
+            if self.reinit:
+                self.reinit = False
+                cache.__init__(token_to_kv_pool_allocator=kv, mamba_pool=pool)
+
+    kv, pool = KV(256), _StatePool()
+    cache = _mamba_with_states(kv, pool)
+    kv.reinit = True
+    _radix_tree._fail_next_storage_inits(1)
+    with pytest.raises(ReentrantCallError):
+        cache.reset()
+    assert sorted(pool.freed) == list(range(1000, 1020))  # every state handed back once
+    assert kv.available_size() == 256
+    cache.__init__(token_to_kv_pool_allocator=kv, mamba_pool=pool)  # now it may
+    assert cache.total_size() == 0
+
+
+def test_init_in_another_thread_waits_for_a_running_reset() -> None:
+    """Thread B's __init__ while thread A's failed reset is parked in its allocator's free
+    waits for the reset to return (it ran at once, under the reset)."""
+    in_free, b_started = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    class KV(TokenToKVPoolAllocator):
+        hold = False
+
+        def free(self, idx) -> None:
+            super().free(idx)
+            if self.hold:
+                self.hold = False
+                in_free.set()
+                b_started.wait(5)
+                time.sleep(0.05)  # B would run __init__ here, were it not held off
+                order.append("reset's free returns")
+
+    kv, pool = KV(256), _StatePool()
+    cache = _mamba_with_states(kv, pool)
+    errors: list[BaseException] = []
+
+    def a() -> None:
+        kv.hold = True
+        _radix_tree._fail_next_storage_inits(1)
+        try:
+            cache.reset()
+        except MemoryError:
+            order.append("reset raised")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def b() -> None:
+        in_free.wait(5)
+        b_started.set()
+        try:
+            cache.__init__(token_to_kv_pool_allocator=kv, mamba_pool=pool)
+            order.append("init done")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert order == ["reset's free returns", "reset raised", "init done"]
+    assert sorted(pool.freed) == list(range(1000, 1020))
+    assert cache.total_size() == 0 and kv.available_size() == 256

@@ -1328,26 +1328,41 @@ cdef class RadixTreeCore:
 
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None, eviction_policy="lru"):
-        self._check_fresh()
-        if isinstance(self, MambaTreeCore):  # reached through a subclass's MRO
-            raise TypeError(
-                f"{type(self).__name__} is a Mamba cache: MambaRadixCache.__init__ sets it up, "
-                "not RadixCache.__init__"
-            )
-        self.swa = False  # not left over from an __init__ that raised
-        self.window = 0
-        if sliding_window_size is not None:
-            sliding_window_size = _size_arg("sliding_window_size", sliding_window_size, 1)
-            if (token_to_kv_pool_allocator is not None
-                    and not callable(getattr(token_to_kv_pool_allocator, "free_swa", None))):
+        self._enter_init()
+        try:
+            if isinstance(self, MambaTreeCore):  # reached through a subclass's MRO
                 raise TypeError(
-                    "token_to_kv_pool_allocator: a sliding window needs an allocator with "
-                    f"free_swa() (SWATokenToKVPoolAllocator), got {token_to_kv_pool_allocator!r:.80}"
+                    f"{type(self).__name__} is a Mamba cache: MambaRadixCache.__init__ sets it up, "
+                    "not RadixCache.__init__"
                 )
-            self.swa = True
-            self.window = sliding_window_size
-        self.sliding_window_size = sliding_window_size
-        self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
+            self.swa = False  # not left over from an __init__ that raised
+            self.window = 0
+            if sliding_window_size is not None:
+                sliding_window_size = _size_arg("sliding_window_size", sliding_window_size, 1)
+                if (token_to_kv_pool_allocator is not None
+                        and not callable(getattr(token_to_kv_pool_allocator, "free_swa", None))):
+                    raise TypeError(
+                        "token_to_kv_pool_allocator: a sliding window needs an allocator with "
+                        f"free_swa() (SWATokenToKVPoolAllocator), got {token_to_kv_pool_allocator!r:.80}"
+                    )
+                self.swa = True
+                self.window = sliding_window_size
+            self.sliding_window_size = sliding_window_size
+            self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
+        finally:
+            self._leave()
+
+    cdef int _enter_init(self) except -1:
+        """__init__ holds the guard as a public call does: another thread's call waits for
+        it (and it for theirs), and one made from a callback of this cache's own running
+        call (a failed reset's allocator free) is refused, not run under it."""
+        cdef unsigned long me = PyThread_get_thread_ident()
+        if self._owner != 0:
+            self._wait_turn(me)
+        self._check_fresh()
+        self._owner = me
+        _hold_gc()
+        return 0
 
     cdef int _check_fresh(self) except -1:
         """__init__ runs once: calling it again on a live cache would drop the tree without
@@ -1488,10 +1503,10 @@ cdef class RadixTreeCore:
         our own callbacks, and hold the garbage collector off until the call returns. The
         caller calls _leave in a finally clause."""
         cdef unsigned long me = PyThread_get_thread_ident()
+        if self._owner != 0:  # first: an __init__ in another thread builds the tree
+            self._wait_turn(me)
         if self.nodes == NULL or self._idx_out is None:
             self._not_initialized()
-        if self._owner != 0:
-            self._wait_turn(me)
         self._owner = me
         _hold_gc()
         return 0
@@ -1508,14 +1523,14 @@ cdef class RadixTreeCore:
         public call, so they never see a half-done mutation; the thread inside (its own
         callbacks) reads freely, and may see its own call's mutation half done (an
         ``extra_key``'s ``__hash__`` during a node's removal)."""
-        if self.nodes == NULL:
-            self._not_initialized()
         if self._owner != 0 and self._owner != PyThread_get_thread_ident():
             while self._owner != 0:
                 with nogil:
                     usleep(20)
                 if PyErr_CheckSignals() < 0:
                     return -1
+        if self.nodes == NULL:
+            self._not_initialized()
         return 0
 
     cdef int _not_initialized(self) except -1:
@@ -3765,31 +3780,34 @@ cdef class MambaTreeCore(RadixTreeCore):
 
     def __init__(self, page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,
                  on_node_evict=None, eviction_policy="lru"):
-        self._check_fresh()
-        if mamba_pool is not None and not callable(getattr(mamba_pool, "free", None)):
-            raise TypeError(f"mamba_pool: expected an object with free(slots), got {mamba_pool!r}")
-        # our allocator as the pool itself, or behind one (MambaPool.slot_allocator); read
-        # first, as the pool's Python code may raise: then no tree is built
-        books = (mamba_pool
-                 if isinstance(mamba_pool, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator))
-                 else getattr(mamba_pool, "slot_allocator", None))
-        if isinstance(books, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator)) and (
-                books.page_size != 1):
-            # a state is one slot, and a paged pool frees whole pages: freeing one state
-            # would free its page's other slots, another request's or another node's
-            raise InvalidValueError(
-                f"mamba_pool: a {type(books).__name__} that holds states must have "
-                f"page_size 1 (a state is one slot), got page_size {books.page_size}"
-            )
-        self.mamba = True
-        self.mamba_pool = mamba_pool
-        self.sliding_window_size = None
-        self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
-        Py_XDECREF(self._state_booking)   # an __init__ after a failed reset's
-        self._state_booking = NULL
-        if type(books) is TokenToKVPoolAllocator:
-            Py_XINCREF(<PyObject*>books)
-            self._state_booking = <PyObject*>books
+        self._enter_init()
+        try:
+            if mamba_pool is not None and not callable(getattr(mamba_pool, "free", None)):
+                raise TypeError(f"mamba_pool: expected an object with free(slots), got {mamba_pool!r}")
+            # our allocator as the pool itself, or behind one (MambaPool.slot_allocator); read
+            # first, as the pool's Python code may raise: then no tree is built
+            books = (mamba_pool
+                     if isinstance(mamba_pool, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator))
+                     else getattr(mamba_pool, "slot_allocator", None))
+            if isinstance(books, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator)) and (
+                    books.page_size != 1):
+                # a state is one slot, and a paged pool frees whole pages: freeing one state
+                # would free its page's other slots, another request's or another node's
+                raise InvalidValueError(
+                    f"mamba_pool: a {type(books).__name__} that holds states must have "
+                    f"page_size 1 (a state is one slot), got page_size {books.page_size}"
+                )
+            self.mamba = True
+            self.mamba_pool = mamba_pool
+            self.sliding_window_size = None
+            self._setup(page_size, token_to_kv_pool_allocator, on_node_evict, eviction_policy)
+            Py_XDECREF(self._state_booking)   # an __init__ after a failed reset's
+            self._state_booking = NULL
+            if type(books) is TokenToKVPoolAllocator:
+                Py_XINCREF(<PyObject*>books)
+                self._state_booking = <PyObject*>books
+        finally:
+            self._leave()
 
     def match_prefix(self, key):
         """Longest cached prefix of *key* that ends at a node holding a Mamba state.
