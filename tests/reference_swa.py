@@ -23,7 +23,8 @@ What a window W adds (the compiled ``RadixTreeCore`` with ``swa`` on implements 
 * ``insert(key, value, prev_prefix_len, swa_evicted_seqlen)`` settles every index of
   ``value[prev_prefix_len:aligned]``: duplicates go to ``allocator.free`` (one call), a
   tombstone starting at or after ``swa_evicted_seqlen`` (rounded up to a page) with no index
-  in common is revived with the incoming indices (its old ones are freed); a new suffix is a
+  in common is revived with the incoming indices (its old ones are freed, in a second call
+  after the duplicates'); a new suffix is a
   tombstone up to ``swa_evicted_seqlen`` and live after it, or, lying wholly below it, is
   freed and not cached.
 * ``evict(num_tokens, swa_num_tokens)``: phase 1 removes LRU leaves (tombstones included),
@@ -211,7 +212,8 @@ class RefSWARadixCache(RefRadixCache):
         if ppl > 0:  # no node straddles the caller's protected prefix
             self._walk(tokens, ppl, ns, count_hit=False)
         node, matched, _ = self._walk(tokens, aligned, ns, count_hit=False)
-        to_free: list[int] = []
+        to_free: list[int] = []  # the caller's duplicates
+        old: list[int] = []  # the revived tombstones' own slots, freed after them
         start = 0
         for n in self._path(node):
             length = len(n.tokens)
@@ -222,7 +224,7 @@ class RefSWARadixCache(RefRadixCache):
                 # a locked tombstone's slots are still read by the request holding it:
                 # never revived (its old slots freed) under that request
                 if n.swa_tombstone and start >= es and same == 0 and n.lock_ref == 0:
-                    to_free.extend(n.value.tolist())
+                    old.extend(n.value.tolist())
                     n.value = incoming.astype(np.int32)
                     n.value.flags.writeable = False
                     n.swa_tombstone = False
@@ -239,8 +241,9 @@ class RefSWARadixCache(RefRadixCache):
                     node = self._add_leaf(node, tokens, arr, matched, es, ns, live=False)
                     live_from = es
                 node = self._add_leaf(node, tokens, arr, live_from, aligned, ns, live=True)
-        if to_free and self.token_to_kv_pool_allocator is not None:
-            self.token_to_kv_pool_allocator.free(np.array(to_free, dtype=np.int32))
+        for slots in (to_free, old):
+            if slots and self.token_to_kv_pool_allocator is not None:
+                self.token_to_kv_pool_allocator.free(np.array(slots, dtype=np.int32))
         self._raise_priority(node, prio)
         return InsertResult(prefix_len=matched, last_node=node)
 

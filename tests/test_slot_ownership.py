@@ -1169,3 +1169,56 @@ def test_a_cache_the_collector_cleared_refuses_calls_from_code_run_meanwhile() -
         """
     )
     assert run_child(code, timeout=120).split() == ["['NotInitializedError']", "16"]
+
+
+class _InterruptedFree(SWATokenToKVPoolAllocator):
+    """A Python allocator (the tree does not book it) whose free call number
+    `interrupt_at` is interrupted once its slots are back: where an asynchronous
+    KeyboardInterrupt can land."""
+
+    interrupt_at = 0
+    calls: list[list[int]]
+
+    def free(self, indices) -> None:
+        self.calls.append(np.asarray(indices).tolist())
+        super().free(indices)
+        if len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("with_duplicates", [False, True])
+def test_a_revived_tombstones_old_slots_leave_the_tree_before_they_are_freed(
+    with_duplicates: bool,
+) -> None:
+    """A windowed insert over a Python allocator frees the revived tombstone's old slots in
+    a call of their own once the tree holds the new ones: interrupted after freeing them, no
+    slot is left both in the tree and free (they went with the caller's duplicates, before
+    the tree changed, and stayed in it: the next alloc handed them to a second owner)."""
+    alloc = _InterruptedFree(64, 64)
+    alloc.calls = []
+    cache = RadixCache(sliding_window_size=2, token_to_kv_pool_allocator=alloc)
+    old = alloc.alloc(6)
+    alloc.free_swa(old[:4])
+    cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), old, swa_evicted_seqlen=4)  # [1..4] tombstone
+    new = alloc.alloc(6)
+    key = [1, 2, 3, 4, 5, 6] if with_duplicates else [1, 2, 3, 4]
+    dups = new[4:6].tolist() if with_duplicates else []
+    alloc.calls = []
+    alloc.interrupt_at = 2 if dups else 1  # the old slots' free
+    with pytest.raises(KeyboardInterrupt):
+        cache.insert(RadixKey(key), new[: len(key)])
+    # the duplicates first (before the tree changed), then the old slots: the one interrupted
+    assert alloc.calls == [*([dups] if dups else []), old[:4].tolist()]
+    held = sorted(s for n in cache._nodes() for s in n.value.tolist())
+    assert held == sorted(new[:4].tolist() + old[4:6].tolist())  # revived with the new slots
+    assert alloc.is_allocated(np.array(held, dtype=np.int32)).all()
+    assert not alloc.is_allocated(old[:4]).any()
+    cache._check_invariants()
+    alloc.merge_and_sort_free()
+    other = alloc.alloc(alloc.available_size())
+    assert not set(other.tolist()) & set(held)
+    cache.evict(100)  # the tree frees only its own slots
+    alloc.free(other)
+    if len(key) < 6:
+        alloc.free(new[len(key) :])  # never inserted: still the caller's
+    assert alloc.available_size() == 64

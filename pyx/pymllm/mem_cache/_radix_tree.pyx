@@ -2393,13 +2393,16 @@ cdef class RadixTreeCore:
         duplicate is freed; the new suffix is stored, as a tombstone up to
         ``swa_evicted_seqlen`` (rounded up to a page) and live after it; a suffix lying
         wholly below ``swa_evicted_seqlen`` is not cached and its indices are freed (then
-        ``last_node`` ends where the cached prefix does, at ``prefix_len``). Those frees
-        come before the tree changes, in one ``allocator.free`` call: if it raises, the
-        tree has taken none of ``value`` and the caller still owns all of it. Over this
-        package's ``SWATokenToKVPoolAllocator`` they are two calls in C: the caller's
-        duplicates first (a refused one, say a slot of a tombstone this insert revives,
-        raises ``InvalidFreeError`` with nothing changed), then the revived tombstones'
-        old slots, which cannot be refused.
+        ``last_node`` ends where the cached prefix does, at ``prefix_len``). The caller's
+        duplicates are freed before the tree changes, in one ``allocator.free`` call: if
+        it raises, the tree has taken none of ``value`` and the caller still owns all of
+        it. The revived tombstones' old slots are freed in a second call once the tree
+        holds the incoming ones (the tree never keeps a slot it has handed over): should
+        that one raise, the insert is done, the slots it was handed are the allocator's to
+        keep or lose (as with ``evict``) and its exception propagates. Over this package's
+        ``SWATokenToKVPoolAllocator`` both calls are in C: the duplicates first (a refused
+        one, say a slot of a tombstone this insert revives, raises ``InvalidFreeError``
+        with nothing changed), then the old slots, which cannot be refused.
         """
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
@@ -2440,6 +2443,9 @@ cdef class RadixTreeCore:
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
         self._aim(h, last)
+        if self._pending_exc is not None:   # the windowed insert's late free raised
+            exc, self._pending_exc = self._pending_exc, None
+            raise exc
         return r
 
     cdef void _raise_priority(self, nid_t n, int64_t p) noexcept:
@@ -2481,7 +2487,7 @@ cdef class RadixTreeCore:
         cdef int64_t m_ppl = 0, m_end = 0
         cdef bint allocated
         cdef int64_t* revive
-        cdef idx_t* tree_old        # booking: the revived tombstones' own slots, to free
+        cdef idx_t* tree_old        # the revived tombstones' own slots, to free
         cdef idx_t* kept            # the revived parts' incoming slots; booking: then the
                                     # new suffix's (every incoming slot the tree keeps)
         cdef int64_t n_old = 0, n_kept = 0
@@ -2594,14 +2600,10 @@ cdef class RadixTreeCore:
             same = _count_equal(x.value + off, vals + s0, seg)
             if x.aux_value < 0 and s0 >= es and same == 0 and x.lock_ref == 0:
                 # the tombstone is revived with the incoming indices; its old ones are freed
-                # (only when unlocked: a request holding it still reads its full KV): with
-                # the caller's duplicates, or booked, on their own after them
-                if self._booking_kind:
-                    copy32(tree_old + n_old, x.value + off, seg)
-                    n_old += seg
-                else:
-                    copy32(dup + n_free, x.value + off, seg)
-                    n_free += seg
+                # (only when unlocked: a request holding it still reads its full KV) on
+                # their own, after the caller's duplicates
+                copy32(tree_old + n_old, x.value + off, seg)
+                n_old += seg
                 revive[i] = 1
                 copy32(kept + n_kept, vals + s0, seg)   # what the revived part will hold
                 n_kept += seg
@@ -2688,6 +2690,16 @@ cdef class RadixTreeCore:
             v2 = NULL
         free(k1); free(k2)
         out_last[0] = last
+        if n_old > 0 and not self._booking_kind and self.token_to_kv_pool_allocator is not None:
+            # A Python allocator: the revived tombstones' old slots go only now that the
+            # tree holds the incoming ones. Were they freed with the duplicates, a free
+            # that raised (an interrupt once the slots were freed) left them in the
+            # unchanged tree as well: two owners. Its exception is raised once the insert's
+            # handle is aimed (_insert_locked).
+            try:
+                _hand_over(self.token_to_kv_pool_allocator.free, tree_old, n_old)
+            except BaseException as exc:
+                self._pending_exc = exc
         return r
 
     cdef object _insert_kv(self, const KeyView* kv, const idx_t* vals, object extra_key,
