@@ -466,3 +466,50 @@ def test_init_in_another_thread_waits_for_a_running_reset() -> None:
     assert order == ["reset's free returns", "reset raised", "init done"]
     assert sorted(pool.freed) == list(range(1000, 1020))
     assert cache.total_size() == 0 and kv.available_size() == 256
+
+
+@pytest.mark.parametrize("call", ["size query", "match"])
+def test_callbacks_of_two_caches_calling_each_other_from_two_threads_do_not_deadlock(
+    call: str,
+) -> None:
+    """Thread A evicts in cache 1, thread B in cache 2, and each on_node_evict calls the
+    other cache: each waited for the other's call forever. The second thread to wait sees
+    the cycle and gets ReentrantCallError (its evict still hands everything over); the
+    other's wait then ends."""
+    alloc = TokenToKVPoolAllocator(64)
+    both = threading.Barrier(2)
+    caches: dict[int, RadixCache] = {}
+    raised: list[BaseException] = []
+
+    def on_evict_calling(other: int):
+        def on_evict(uid: int) -> None:
+            both.wait(5)  # both threads inside their evict's callback
+            if call == "size query":
+                caches[other].total_size()
+            else:
+                caches[other].match_prefix(RadixKey([1]))
+
+        return on_evict
+
+    for i, other in ((1, 2), (2, 1)):
+        caches[i] = RadixCache(
+            token_to_kv_pool_allocator=alloc, on_node_evict=on_evict_calling(other)
+        )
+        caches[i].insert(RadixKey([1, 2]), alloc.alloc(2))
+
+    def evict(i: int) -> None:
+        try:
+            caches[i].evict(2)
+        except BaseException as exc:
+            raised.append(exc)
+
+    threads = [threading.Thread(target=evict, args=(i,), daemon=True) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert len(raised) == 1 and isinstance(raised[0], ReentrantCallError), raised
+    assert "never return" in str(raised[0])
+    assert alloc.available_size() == 64  # both evicts handed their slots back
+    assert caches[1].total_size() == caches[2].total_size() == 0

@@ -48,7 +48,9 @@ class ReentrantCallError(CacheError, RuntimeError):
     ``__eq__``) while the outer call is still running, including a finalizer such code
     triggers (a callback that drops the last reference to a request whose ``__del__``
     unlocks). The garbage collector does not run inside a cache call, so the finalizers of
-    cyclic garbage run after it returns."""
+    cyclic garbage run after it returns. Also raised instead of a wait that would never
+    end: such code of one cache calling another whose running call, in another thread,
+    waits (itself or through others) for the first cache."""
 
 
 __all__ = [

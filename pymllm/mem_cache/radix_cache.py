@@ -57,9 +57,11 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     call's state as it stands: an ``extra_key``'s ``__hash__`` run while ``evict`` drops a
     namespace's last node sees the sizes without that node and the node not yet marked
     evicted; ``on_node_evict`` sees each node gone), and so does a
-    finalizer that a callback's own code runs. The garbage collector is held off while a
-    call runs, so the finalizer of cyclic garbage that calls the cache (a request's
-    ``__del__`` unlocking its node) runs after it, not inside; a ``gc.disable()`` or
+    finalizer that a callback's own code runs, and a callback's call into another cache
+    whose running call, in another thread, waits for this one (it would wait forever).
+    The garbage collector is held off while a call runs, so the finalizer of cyclic
+    garbage that calls the cache (a request's ``__del__`` unlocking its node) runs after
+    it, not inside; a ``gc.disable()`` or
     ``gc.enable()`` made while a call runs (in a callback, or in another thread while one
     waits in a callback) is undone when the outermost call returns. Sequences of
     calls (match, then lock) are not atomic: threads sharing one cache serialise them with a

@@ -1232,6 +1232,10 @@ cdef int _count_down_storage_failure() except -1:
     raise MemoryError("out of memory (injected by _fail_next_storage_inits)")
 
 
+# The cache each thread waits for (a call of it running in another thread): _wait_idle
+# follows these to refuse a wait that would never end.
+cdef dict _WAITING = {}
+
 # pretty_print's deepest indentation, in levels
 cdef int _PRINT_INDENT = 32
 
@@ -1523,12 +1527,11 @@ cdef class RadixTreeCore:
         public call, so they never see a half-done mutation; the thread inside (its own
         callbacks) reads freely, and may see its own call's mutation half done (an
         ``extra_key``'s ``__hash__`` during a node's removal)."""
-        if self._owner != 0 and self._owner != PyThread_get_thread_ident():
-            while self._owner != 0:
-                with nogil:
-                    usleep(20)
-                if PyErr_CheckSignals() < 0:
-                    return -1
+        cdef unsigned long me
+        if self._owner != 0:
+            me = PyThread_get_thread_ident()
+            if self._owner != me:
+                self._wait_idle(me)
         if self.nodes == NULL:
             self._not_initialized()
         return 0
@@ -1555,12 +1558,39 @@ cdef class RadixTreeCore:
                 "own calls (on_node_evict, the allocator's free, an extra_key's __hash__ or "
                 "__eq__); defer the call until it returns"
             )
-        while self._owner != 0:
-            with nogil:
-                usleep(20)
-            # a signal (Ctrl-C) is handled here, not once the other thread's call ends
-            if PyErr_CheckSignals() < 0:
-                return -1
+        return self._wait_idle(me)
+
+    cdef int _wait_idle(self, unsigned long me) except -1:
+        """Wait until no thread is inside a call of this cache. Unless that would never
+        end: the thread inside waits, itself or through others, for a cache whose call
+        this thread is inside (callbacks of two caches calling each other's cache from two
+        threads). Under the GIL the wait is checked and recorded at once, so of the
+        threads closing such a cycle the last one finds it and raises."""
+        cdef unsigned long t = self._owner
+        cdef Py_ssize_t hops = 0
+        while t != 0 and hops <= len(_WAITING):
+            if t == me:
+                raise ReentrantCallError(
+                    f"a {type(self).__name__} call would wait for a thread that waits for a "
+                    "cache this thread is inside a call of (callbacks of two caches calling "
+                    "each other's cache from two threads): it would never return; defer the "
+                    "call until the outer one returns"
+                )
+            other = _WAITING.get(t)
+            if other is None:
+                break
+            t = (<RadixTreeCore>other)._owner
+            hops += 1
+        _WAITING[me] = self
+        try:
+            while self._owner != 0:
+                with nogil:
+                    usleep(20)
+                # a signal (Ctrl-C) is handled here, not once the other thread's call ends
+                if PyErr_CheckSignals() < 0:
+                    return -1
+        finally:
+            del _WAITING[me]
         return 0
 
     # -- storage lifecycle ------------------------------------------------------------
