@@ -513,3 +513,31 @@ def test_callbacks_of_two_caches_calling_each_other_from_two_threads_do_not_dead
     assert "never return" in str(raised[0])
     assert alloc.available_size() == 64  # both evicts handed their slots back
     assert caches[1].total_size() == caches[2].total_size() == 0
+
+
+def test_an_extra_keys_finalizer_run_by_reset_sees_the_new_tree() -> None:
+    """reset drops the old tree's namespaces only once the new tree is whole: an extra_key
+    whose __del__ reads the cache saw the old sizes and an uninitialized root."""
+    seen: list[tuple[int, int, int]] = []
+
+    class Tag:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __hash__(self) -> int:
+            return hash(self.name)
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Tag) and other.name == self.name
+
+        def __del__(self) -> None:
+            seen.append((cache.total_size(), cache.evictable_size(), cache.root_node.id))
+
+    cache = RadixCache()
+    cache.insert(RadixKey([1, 2, 3], Tag("a")), np.array([1, 2, 3]))
+    cache.insert(RadixKey([4, 5]), np.array([4, 5]))
+    assert seen == []  # the cache holds the tag
+    cache.reset()
+    assert seen == [(0, 0, 0)]
+    cache.insert(RadixKey([1, 2, 3], Tag("a")), np.array([1, 2, 3]))
+    assert cache.match_prefix(RadixKey([1, 2, 3], Tag("a"))).prefix_len == 3

@@ -1616,6 +1616,10 @@ cdef class RadixTreeCore:
             _map_init(&self.cmap, _MAP_INITIAL)
             self.ns_cap = 0
             _grow(<void**>&self.ns_ref, &self.ns_cap, 8, sizeof(int64_t))
+            # the old tree's namespaces and lock records are dropped only once the new tree
+            # is whole (below): an extra_key's __del__ that reads the cache sees it so
+            dropped = (self._ns_ids, self._ns_keys, self._ns_stuck, self._swa_locks,
+                       self._ns_free, self._hash_cache)
             self._ns_ids = {(None, 0): 0}
             self._ns_keys = [(None, 0)]
             self._ns_stuck = set()
@@ -1635,6 +1639,7 @@ cdef class RadixTreeCore:
         except BaseException:
             self._release_storage()
             raise
+        dropped = None
         return 0
 
     cdef void _release_storage(self) noexcept:
