@@ -13,6 +13,16 @@ import numpy as np
 import pytest
 
 from pymllm.mem_cache import RadixCache, RadixKey
+from pymllm.mem_cache._radix_tree import _set_hash_key
+
+
+def _cache() -> RadixCache:
+    """A cache whose child map hashes with a fixed key: where the evicted leaves' deleted
+    buckets fall, and so when the map grows and how long it drains, depends on the key
+    each tree draws (the counts of lookups mid-drain below, with it)."""
+    cache = RadixCache()
+    _set_hash_key(cache, 0x0706050403020100, 0x0F0E0D0C0B0A0908)
+    return cache
 
 
 def _keys(n: int, seed: int = 0) -> np.ndarray:
@@ -27,7 +37,7 @@ def test_map_drains_while_lookups_evictions_and_splits_go_on():
     n = 6000
     keys = _keys(n)
     vals = np.arange(1, 3 * n + 1, dtype=np.int32).reshape(n, 3)
-    cache = RadixCache()
+    cache = _cache()
     cached: set[int] = set()
     rng = np.random.default_rng(1)
     draining_lookups = draining_inserts = 0
@@ -105,7 +115,7 @@ def test_lookups_and_changes_mid_drain_with_a_slow_drain(drain):
         n = 700
         keys = _keys(n, seed=4)
         vals = np.arange(1, 3 * n + 1, dtype=np.int32).reshape(n, 3)
-        cache = RadixCache()
+        cache = _cache()
         cached: set[int] = set()
         mid_drain = 0
         for i in range(n):

@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 
 from pymllm.mem_cache import RadixCache, RadixKey
-from pymllm.mem_cache._radix_tree import _map_probe_stats, _set_hash_key, _siphash_for_test
+from pymllm.mem_cache._radix_tree import (
+    _map_probe_stats,
+    _page_hash_for_test,
+    _set_hash_key,
+    _siphash_for_test,
+)
 
 # SipHash-2-4 of the bytes 00 01 ... (n-1) under the key 00 01 ... 0f, from the reference
 # implementation's table (vectors_sip64), for the lengths a page's message can have
@@ -106,16 +111,21 @@ def test_prompts_crafted_against_a_known_key_cluster_and_spread_under_a_random_o
 
 
 def test_every_tree_draws_its_own_key() -> None:
+    page = np.array([7, 8, 9], dtype=np.uint32)
+    hashes = {_page_hash_for_test(RadixCache(), page) for _ in range(3)}
+    assert len(hashes) == 3  # equal by chance with probability 2**-64
+    # the tree's hash is SipHash-1-3 of (parent, namespace, tokens) under its key
+    keyed = RadixCache()
+    _set_hash_key(keyed, K0, K1)
+    assert _page_hash_for_test(keyed, page) == _siphash_for_test(K0, K1, 0, page)
+    first = 5 | (3 << 32)  # parent 5, namespace 3
+    assert _page_hash_for_test(keyed, page, 5, 3) == _siphash_for_test(K0, K1, first, page)
+    # and the prompts crafted against one key do not cluster in a fresh tree
     tokens = _crafted_first_tokens(K0, K1, 64)
-    stats = set()
-    for _ in range(3):
-        cache = RadixCache()
-        for i, t in enumerate(tokens.tolist()):
-            cache.insert(RadixKey([t]), np.array([i + 1]))
-        stats.add(_map_probe_stats(cache))
-        assert _map_probe_stats(cache)[2] < 32
-    # three trees lay the same 64 entries out differently (one layout thrice: a fixed key)
-    assert len(stats) > 1
+    cache = RadixCache()
+    for i, t in enumerate(tokens.tolist()):
+        cache.insert(RadixKey([t]), np.array([i + 1]))
+    assert _map_probe_stats(cache)[2] < 32
 
 
 def test_the_key_can_be_set_only_on_a_tree_without_nodes() -> None:

@@ -525,6 +525,13 @@ def _set_hash_key(RadixTreeCore tree, uint64_t k0, uint64_t k1):
     tree.hash_key[1] = k1
 
 
+def _page_hash_for_test(RadixTreeCore tree, tokens, int parent=0, int ns=0):
+    """Test hook: the tree's child-map hash of the page `tokens` under (parent, ns)."""
+    cdef cnp.ndarray arr = np.ascontiguousarray(tokens, dtype=np.uint32)
+    return _page_hash(tree.hash_key, parent, ns, <const tok_t*>cnp.PyArray_DATA(arr),
+                      arr.shape[0])
+
+
 cdef void _probe_stats(const MapEntry* t, uint64_t mask, int64_t* out) noexcept:
     cdef uint64_t i, d
     if t == NULL:
