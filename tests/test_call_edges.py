@@ -541,3 +541,87 @@ def test_an_extra_keys_finalizer_run_by_reset_sees_the_new_tree() -> None:
     assert seen == [(0, 0, 0)]
     cache.insert(RadixKey([1, 2, 3], Tag("a")), np.array([1, 2, 3]))
     assert cache.match_prefix(RadixKey([1, 2, 3], Tag("a"))).prefix_len == 3
+
+
+def test_a_signal_handler_waiting_inside_a_wait_keeps_the_outer_waits_record() -> None:
+    """A signal handler run while the main thread waits for a busy cache can wait for one
+    again: the inner wait deleted the thread's record, and the outer one's cleanup then
+    raised KeyError instead of returning."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(uid: int) -> None:
+        entered.set()
+        release.wait(5)
+
+    busy = RadixCache(on_node_evict=slow)
+    busy.insert(RadixKey([1, 2, 3]), np.array([4, 5, 6]))
+    worker = threading.Thread(target=busy.evict, args=(3,))
+    worker.start()
+    assert entered.wait(5)
+    in_handler: list[int] = []
+
+    def handler(signum, frame) -> None:
+        in_handler.append(busy.total_size())  # a nested wait for the same cache
+        in_handler.append(len(_radix_tree._WAITING_for_test()))
+
+    threading.Timer(0.3, release.set).start()
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        assert busy.total_size() == 0  # waits; the alarm comes meanwhile
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    worker.join(5)
+    assert in_handler == [0, 1]  # the outer wait's record was back in place
+    assert _radix_tree._WAITING_for_test() == {}
+
+
+def test_calls_made_while_init_runs_in_another_thread_wait_for_it() -> None:
+    """__init__ holds the guard: another thread's call waits for the tree it builds rather
+    than finding none (NotInitializedError)."""
+    cache = RadixCache.__new__(RadixCache)
+    started, out = threading.Event(), []
+
+    class Slow:
+        def __index__(self) -> int:
+            started.set()
+            time.sleep(0.2)
+            return 1
+
+    def other() -> None:
+        started.wait(5)
+        try:
+            out.append(cache.total_size())
+            out.append(cache.match_prefix(RadixKey([1])).prefix_len)
+        except Exception as exc:  # pragma: no cover - reported below
+            out.append(type(exc).__name__)
+
+    t = threading.Thread(target=other)
+    t.start()
+    cache.__init__(page_size=Slow())  # type: ignore[misc]
+    t.join(5)
+    assert out == [0, 0]
+
+
+def test_a_late_free_error_is_raised_once() -> None:
+    """The windowed insert's late free error is raised by that insert alone."""
+
+    class Raising(SWATokenToKVPoolAllocator):
+        raise_next = False
+
+        def free(self, indices) -> None:
+            super().free(indices)
+            if self.raise_next:
+                self.raise_next = False
+                raise ValueError("late free")
+
+    alloc = Raising(64, 64)
+    cache = RadixCache(sliding_window_size=2, token_to_kv_pool_allocator=alloc)
+    old = alloc.alloc(6)
+    alloc.free_swa(old[:4])
+    cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), old, swa_evicted_seqlen=4)
+    alloc.raise_next = True
+    with pytest.raises(ValueError, match="late free"):
+        cache.insert(RadixKey([1, 2, 3, 4]), alloc.alloc(4))
+    assert cache.insert(RadixKey([9, 9]), alloc.alloc(2)).prefix_len == 0  # its own
+    assert cache.match_prefix(RadixKey([1, 2, 3, 4])).prefix_len == 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import RadixCache, RadixKey, TokenToKVPoolAllocator
 from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError
@@ -190,3 +191,34 @@ def test_a_64_bit_key_or_value_is_checked_and_narrowed_at_every_position(n, dtyp
     assert m.indices.tolist() == value.tolist()
     # read back through a 32-bit key as well: the same node
     assert cache.match_prefix(RadixKey(tokens.tolist())).last_node.id == m.last_node.id
+
+
+def test_a_small_object_beside_a_bigram_is_read_only_within_itself() -> None:
+    """A pair of bigrams is checked for tuple types before their sizes: ob_size lies past
+    the end of a 16-byte object (an object() or None), so an object ending a page that is
+    followed by an unmapped one crashed the insert. Here such an object is laid there, in a
+    child process."""
+    code = """
+import ctypes, mmap, sys
+from pymllm.mem_cache import RadixCache, RadixKey
+from pymllm.mem_cache.errors import InvalidKeyError
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+base = libc.mmap(None, 2 * PAGE, 3, 0x22, -1, 0)  # read/write, private anonymous
+assert libc.mprotect(base + PAGE, PAGE, 0) == 0  # the second page: no access
+addr = base + PAGE - 16  # a 16-byte object ending the first page
+ctypes.c_ssize_t.from_address(addr).value = 1 << 40  # a refcount it never loses
+ctypes.c_void_p.from_address(addr + 8).value = id(object)
+obj = ctypes.cast(addr, ctypes.py_object).value
+assert type(obj) is object and sys.getsizeof(obj) == 16
+for key in ([(1, 2), (3, 4), obj, (5, 6)], [(1, 2), obj, (3, 4), (5, 6)]):
+    try:
+        RadixCache().insert(RadixKey(key), [1, 2, 3, 4])
+    except InvalidKeyError:
+        print("refused")
+"""
+    assert run_child(code).split() == ["refused", "refused"]

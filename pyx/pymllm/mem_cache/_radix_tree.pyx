@@ -525,6 +525,11 @@ def _set_hash_key(RadixTreeCore tree, uint64_t k0, uint64_t k1):
     tree.hash_key[1] = k1
 
 
+def _WAITING_for_test():
+    """Test hook: a copy of the waiting threads' records (thread id -> cache)."""
+    return dict(_WAITING)
+
+
 def _page_hash_for_test(RadixTreeCore tree, tokens, int parent=0, int ns=0):
     """Test hook: the tree's child-map hash of the page `tokens` under (parent, ns)."""
     cdef cnp.ndarray arr = np.ascontiguousarray(tokens, dtype=np.uint32)
@@ -716,7 +721,8 @@ cdef extern from *:
     #include "longintrepr.h"
     #endif
     /* The grouped read below loads bytes 12-28 of a 3.11 int: its layout, 30-bit digits. */
-    #if PY_VERSION_HEX < 0x030C0000 && defined(__SSE2__) && PyLong_SHIFT == 30
+    #if PY_VERSION_HEX < 0x030C0000 && defined(__SSE2__) && PyLong_SHIFT == 30 \
+        && SIZEOF_VOID_P == 8 && !defined(Py_TRACE_REFS)
     #define PYMLLM_SSE_INTS 1
     #include <emmintrin.h>
     #include <stddef.h>
@@ -843,8 +849,10 @@ cdef extern from *:
                 PyObject* t1 = items[i + 1];
                 PyObject** e0;
                 PyObject** e1;
-                if (!PYMLLM_LIKELY(Py_IS_TYPE(t0, &PyTuple_Type) & Py_IS_TYPE(t1, &PyTuple_Type)
-                                   & (Py_SIZE(t0) == 2) & (Py_SIZE(t1) == 2)))
+                /* the types first: ob_size lies past the end of a 16-byte object */
+                if (!PYMLLM_LIKELY(Py_IS_TYPE(t0, &PyTuple_Type) & Py_IS_TYPE(t1, &PyTuple_Type)))
+                    break;
+                if (!PYMLLM_LIKELY((Py_SIZE(t0) == 2) & (Py_SIZE(t1) == 2)))
                     break;
                 e0 = ((PyTupleObject*)t0)->ob_item;
                 e1 = ((PyTupleObject*)t1)->ob_item;
@@ -1588,6 +1596,9 @@ cdef class RadixTreeCore:
                 break
             t = (<RadixTreeCore>other)._owner
             hops += 1
+        # a signal handler run while this thread waits can make it wait again (nested):
+        # the inner wait restores the outer one's record
+        outer = _WAITING.get(me)
         _WAITING[me] = self
         try:
             while self._owner != 0:
@@ -1597,7 +1608,10 @@ cdef class RadixTreeCore:
                 if PyErr_CheckSignals() < 0:
                     return -1
         finally:
-            del _WAITING[me]
+            if outer is None:
+                del _WAITING[me]
+            else:
+                _WAITING[me] = outer
         return 0
 
     # -- storage lifecycle ------------------------------------------------------------
