@@ -92,6 +92,8 @@ cdef extern from *:
     }
 
     static inline void pymllm_copy32(void* dst, const void* src, Py_ssize_t n) {
+        if (n <= 0)  /* a node with no slots (the root) has none to point at: NULL */
+            return;
         if (pymllm_4k_alias(dst, src, n))
             pymllm_copy32_steps(dst, src, n);
         else
@@ -99,6 +101,8 @@ cdef extern from *:
     }
 
     static inline void pymllm_move32_down(void* dst, const void* src, Py_ssize_t n) {
+        if (n <= 0)
+            return;
         if (pymllm_4k_alias(dst, src, n))
             pymllm_copy32_steps(dst, src, n);
         else
@@ -110,10 +114,12 @@ cdef extern from *:
         return 0;
     }
     static inline void pymllm_copy32(void* dst, const void* src, Py_ssize_t n) {
-        memcpy(dst, src, (size_t)n * sizeof(int32_t));
+        if (n > 0)
+            memcpy(dst, src, (size_t)n * sizeof(int32_t));
     }
     static inline void pymllm_move32_down(void* dst, const void* src, Py_ssize_t n) {
-        memmove(dst, src, (size_t)n * sizeof(int32_t));
+        if (n > 0)
+            memmove(dst, src, (size_t)n * sizeof(int32_t));
     }
     #endif
     """
