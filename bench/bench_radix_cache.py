@@ -15,6 +15,7 @@ Run: ``pytest bench --benchmark-only`` (ratios printed at the end).
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 
 import numpy as np
@@ -316,6 +317,38 @@ def test_evict_cost_per_policy(benchmark, policy, size):
     _time_evictions(
         benchmark, make, "evict of one leaf, per node, by policy", f"{policy:<8} {size:>9,} tokens"
     )
+
+
+def _key_of_type(kind: str, a: np.ndarray):
+    """1,280 tokens of a (1,281 random ids) as a key of `kind`."""
+    if kind == "bigram tuples":
+        return [(int(x), int(y)) for x, y in itertools.pairwise(a.tolist())]
+    if kind == "list of ints":
+        return a[:1280].tolist()
+    return a[:1280].astype(kind.split()[1])
+
+
+KEY_TYPES = ["numpy int32", "numpy int64", "numpy uint64", "list of ints", "bigram tuples"]
+
+
+@pytest.mark.parametrize("kind", KEY_TYPES)
+def test_match_by_key_type(benchmark, kind):
+    """match_prefix of a 1,280-token key by its type, 50 cached keys matched in turn: an
+    int32 array is read in place, the others converted (int64/uint64 arrays narrowed in C,
+    lists read four ints a group, bigram tuples from their items)."""
+    rng = np.random.default_rng(0)
+    keys = [RadixKey(_key_of_type(kind, rng.integers(0, 50_000, 1281))) for _ in range(50)]
+    cache = RadixCache()
+    for k in keys:
+        cache.insert(k, np.arange(1, 1281, dtype=np.int32))
+
+    def run():
+        for k in keys:
+            cache.match_prefix(k)
+
+    benchmark.group = "match-by-key-type"
+    benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=2)
+    record(benchmark, "match_prefix of a 1,280-token key, by key type", kind, per=len(keys))
 
 
 def test_hash_token_ids_throughput(benchmark):
