@@ -1347,7 +1347,7 @@ cdef class RadixTreeCore:
 
     def __init__(self, page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
                  on_node_evict=None, eviction_policy="lru"):
-        self._enter_init()
+        self._enter(True)
         try:
             if isinstance(self, MambaTreeCore):  # reached through a subclass's MRO
                 raise TypeError(
@@ -1371,17 +1371,9 @@ cdef class RadixTreeCore:
         finally:
             self._leave()
 
-    cdef int _enter_init(self) except -1:
-        """__init__ holds the guard as a public call does: another thread's call waits for
-        it (and it for theirs), and one made from a callback of this cache's own running
-        call (a failed reset's allocator free) is refused, not run under it."""
-        cdef unsigned long me = PyThread_get_thread_ident()
-        if self._owner != 0:
-            self._wait_turn(me)
-        self._check_fresh()
-        self._owner = me
-        _hold_gc()
-        return 0
+    cdef inline uint64_t _node_hash(self, nid_t parent, const Node* x) noexcept nogil:
+        """The child map's hash of node x's first page as a child of `parent`."""
+        return _page_hash(self.hash_key, parent, x.ns, x.key, self.page_size * x.width)
 
     cdef int _check_fresh(self) except -1:
         """__init__ runs once: calling it again on a live cache would drop the tree without
@@ -1516,15 +1508,19 @@ cdef class RadixTreeCore:
 
     # -- thread guard -------------------------------------------------------------------
 
-    cdef inline int _enter(self) except -1:
+    cdef inline int _enter(self, bint init=False) except -1:
         """Start a public call: wait while another thread is inside one (it can only be
         parked in a Python callback, holding no GIL), refuse a re-entrant call from one of
         our own callbacks, and hold the garbage collector off until the call returns. The
-        caller calls _leave in a finally clause."""
+        caller calls _leave in a finally clause. ``init``: __init__'s, which holds the guard
+        the same way (a callback of this cache's own running call, a failed reset's
+        allocator free, cannot run it under that call) and needs no tree but a fresh one."""
         cdef unsigned long me = PyThread_get_thread_ident()
         if self._owner != 0:  # first: an __init__ in another thread builds the tree
             self._wait_turn(me)
-        if self.nodes == NULL or self._idx_out is None:
+        if init:
+            self._check_fresh()
+        elif self.nodes == NULL or self._idx_out is None:
             self._not_initialized()
         self._owner = me
         _hold_gc()
@@ -2117,7 +2113,7 @@ cdef class RadixTreeCore:
         cdef int32_t w = X.width
         cdef int64_t rest = X.len - m
         cdef MapEntry* e
-        cdef uint64_t h_old = _page_hash(self.hash_key, X.parent, X.ns, X.key, self.page_size * w)
+        cdef uint64_t h_old = self._node_hash(X.parent, X)
         self._init_node(u, self.next_uid, X.parent, X.ns, w)
         self.next_uid += 1
         U.len = m
@@ -2148,7 +2144,7 @@ cdef class RadixTreeCore:
         e = _map_entry_of(&self.cmap, x, h_old)
         e.child = u
         X.parent = u
-        _map_put(&self.cmap, u, x, _page_hash(self.hash_key, u, X.ns, X.key, self.page_size * w))
+        _map_put(&self.cmap, u, x, self._node_hash(u, X))
         if self._hash_cache:
             self._split_hash_cache(x, u, m)
         return u
@@ -2894,7 +2890,7 @@ cdef class RadixTreeCore:
         par.num_children += 1
         if parent == ROOT:
             self.ns_ref[ns] += 1
-        _map_put(&self.cmap, parent, leaf, _page_hash(self.hash_key, parent, ns, key, self.page_size * w))
+        _map_put(&self.cmap, parent, leaf, self._node_hash(parent, L))
         self._full_push(leaf)
         self._evictable += n
         if self.swa and live:
@@ -3098,7 +3094,7 @@ cdef class RadixTreeCore:
         cdef Node* x = &self.nodes[n]
         cdef nid_t parent = x.parent
         cdef MapEntry* e = _map_entry_of(
-            &self.cmap, n, _page_hash(self.hash_key, parent, x.ns, x.key, self.page_size * x.width))
+            &self.cmap, n, self._node_hash(parent, x))
         e.child = MAP_DELETED
         self.cmap.used -= 1
         self._full_remove(n)
@@ -3657,7 +3653,7 @@ cdef class RadixTreeCore:
                 assert x.run_prev == NIL and x.run_next == NIL, f"node {x.uid}: run links"
             found = _map_find(&self.cmap, self.nodes, x.parent, x.ns, x.key,
                               self.page_size * x.width,
-                              _page_hash(self.hash_key, x.parent, x.ns, x.key, self.page_size * x.width))
+                              self._node_hash(x.parent, x))
             assert found == i, f"node {x.uid}: not found through the child map"
             if x.parent == ROOT:
                 ns_count[x.ns] = ns_count.get(x.ns, 0) + 1
@@ -3848,7 +3844,7 @@ cdef class MambaTreeCore(RadixTreeCore):
 
     def __init__(self, page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,
                  on_node_evict=None, eviction_policy="lru"):
-        self._enter_init()
+        self._enter(True)
         try:
             if mamba_pool is not None and not callable(getattr(mamba_pool, "free", None)):
                 raise TypeError(f"mamba_pool: expected an object with free(slots), got {mamba_pool!r}")
