@@ -569,6 +569,47 @@ def test_slots_beyond_64_bits_are_out_of_range(cls: Any) -> None:
     a._check_invariants()
 
 
+@pytest.mark.parametrize("cls", [TokenToKVPoolAllocator, SWATokenToKVPoolAllocator])
+def test_ints_of_both_signs_past_int64_are_out_of_range(cls: Any) -> None:
+    """numpy reads [2**63, -1] as float64 (no integer dtype holds both): they are still
+    integers, outside the pool, so free raises InvalidFreeError and is_allocated answers
+    False, as for each alone; a real float among such ints is still refused."""
+    a = cls(8) if cls is TokenToKVPoolAllocator else cls(8, 8)
+    x = a.alloc(3)
+    before = _state(a)
+    for bad in ([2**63, -1], [int(x[0]), 2**63, -1], (-1, 2**64 - 1)):
+        with pytest.raises(InvalidFreeError, match="out of range"):
+            a.free(bad)
+        assert _state(a) == before
+        assert a.is_allocated(bad).tolist() == [int(v) == int(x[0]) for v in bad]
+    with pytest.raises(InvalidValueError, match="integer slot ids"):
+        a.free([2**63, -1, 1.5])
+    with pytest.raises(InvalidValueError, match="prefix"):
+        a.alloc(1, prefix=[2**63, -1])
+    assert _state(a) == before
+    a._check_invariants()
+
+
+@pytest.mark.parametrize("cls", [TokenToKVPoolAllocator, SWATokenToKVPoolAllocator])
+def test_ragged_slot_lists_are_invalid_values(cls: Any) -> None:
+    """Lists of unequal lengths are no slot array: InvalidValueError (a CacheError) naming
+    the argument, not numpy's bare ValueError, and nothing changes."""
+    a = cls(8) if cls is TokenToKVPoolAllocator else cls(8, 8)
+    x = a.alloc(3)
+    ragged = [[int(x[0])], [int(x[1]), int(x[2])]]
+    before = _state(a)
+    calls = {"indices": [a.free, a.is_allocated], "prefix": [lambda v: a.alloc(1, prefix=v)]}
+    if cls is SWATokenToKVPoolAllocator:
+        calls["indices"] += [a.free_swa]
+        calls["full_indices"] = [a.translate_loc_from_full_to_swa]
+    for name, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(InvalidValueError, match=f"^{name}: .*form no array .ragged"):
+                fn(ragged)
+            assert _state(a) == before
+    a._check_invariants()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -864,7 +905,7 @@ def test_a_list_that_holds_itself_is_refused_without_a_crash() -> None:
     for _ in range(200_000):
         deep = [deep]
     for bad in (loop, deep):
-        with pytest.raises((ValueError, TypeError)):
+        with pytest.raises(InvalidValueError, match="form no array"):
             alloc.free(bad)
     assert alloc.is_allocated(a).all()
     alloc._check_invariants()

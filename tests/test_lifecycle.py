@@ -113,6 +113,27 @@ def test_objects_whose_init_never_ran_raise_not_initialized() -> None:
     assert run_child(UNINITIALIZED).strip() == "ok"
 
 
+class _AllocSkipsInit(TokenToKVPoolAllocator):
+    def __init__(self, size: int) -> None:
+        self.wanted = size
+
+
+@pytest.mark.parametrize(
+    "cls", [TokenToKVPoolAllocator, _AllocSkipsInit, SWATokenToKVPoolAllocator]
+)
+def test_a_cache_refuses_an_allocator_whose_init_never_ran(cls: type) -> None:
+    """Such an allocator has no slots (its page_size is still 0): the cache's constructor
+    says so with NotInitializedError instead of dividing by that page_size
+    (ZeroDivisionError before)."""
+    alloc = cls(8) if cls is _AllocSkipsInit else cls.__new__(cls)
+    kwargs: dict = {"sliding_window_size": 4} if cls is SWATokenToKVPoolAllocator else {}
+    for make in (RadixCache, MambaRadixCache):
+        if make is MambaRadixCache and kwargs:
+            continue
+        with pytest.raises(NotInitializedError, match=r"token_to_kv_pool_allocator: .*__init__"):
+            make(token_to_kv_pool_allocator=alloc, **kwargs)
+
+
 def test_not_initialized_error_is_a_cache_error_and_a_runtime_error() -> None:
     assert issubclass(NotInitializedError, CacheError)
     assert issubclass(NotInitializedError, RuntimeError)

@@ -591,6 +591,37 @@ def test_swa_a_duplicate_that_is_a_revived_tombstones_old_slot_is_refused(page_s
     assert alloc.full_available_size() == 64 and alloc.swa_available_size() == 64
 
 
+@pytest.mark.parametrize("namespace", [None, "new"])
+@pytest.mark.parametrize("freed", [2, 0])
+def test_swa_a_new_tombstone_keeps_no_swa_kv(namespace: Any, freed: int) -> None:
+    """A tree page of 4 over an allocator page of 2: a request that freed the SWA side of
+    its first allocator page only (swa_evicted_seqlen 2, rounded up to 4 by the tree), or
+    none of it, hands over tokens 0-3 as a tombstone whose slots still hold SWA KV. The
+    tree frees that SWA side itself (it was left allocated, counted by no size and freed
+    by no evict): every SWA slot in use is the live node's, and a SWA evict frees it."""
+    from pymllm.mem_cache import SWATokenToKVPoolAllocator
+
+    alloc = SWATokenToKVPoolAllocator(32, 32, page_size=2)
+    cache = RadixCache(4, sliding_window_size=4, token_to_kv_pool_allocator=alloc)
+    cache.insert(RadixKey([9, 9, 9, 9]), alloc.alloc(4))  # the None namespace exists
+    v = alloc.alloc(8)
+    alloc.free_swa(v[:freed])
+    key = RadixKey(list(range(8)), namespace)
+    assert cache.insert(key, v, swa_evicted_seqlen=2).prefix_len == 0
+    assert alloc.is_cached(v).all()
+    assert alloc.translate_loc_from_full_to_swa(v[:4]).tolist() == [0] * 4
+    assert (alloc.translate_loc_from_full_to_swa(v[4:]) > 0).all()
+    swa_in_use = alloc.swa_size - alloc.swa_available_size()
+    assert swa_in_use == cache.swa_evictable_size() + cache.swa_protected_size() == 8
+    cache.evict(0, 8)
+    assert alloc.swa_available_size() == alloc.swa_size
+    cache._check_invariants()
+    alloc._check_invariants()
+    cache.reset()
+    assert alloc.full_available_size() == alloc.size
+    alloc._check_invariants()
+
+
 def test_swa_a_dropped_cache_gives_both_sides_back() -> None:
     import gc
 

@@ -35,8 +35,10 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     KV slot ownership: ``match_prefix`` hands out *views* (the tree keeps owning them; lock
     ``last_node`` to keep them); ``insert`` takes ``value[prefix_len:aligned_len]``; of
     ``value[:prefix_len]``, tokens the tree already held, the slots the caller allocated
-    itself are duplicates for it to free (usually ``value[match.prefix_len:prefix_len]``),
-    and the tree's own slots it passed back (the match's) stay the tree's; ``evict`` and
+    itself are duplicates for it to free (usually ``value[match.prefix_len:prefix_len]``;
+    with a sliding window the tree settles all of ``value[prev_prefix_len:]`` itself and
+    the caller frees none: see ``insert``), and the tree's own slots it passed back (the
+    match's) stay the tree's; ``evict`` and
     ``reset`` give tree-owned slots back to the allocator. Over a
     ``TokenToKVPoolAllocator`` or ``SWATokenToKVPoolAllocator`` the allocator books the
     tree's slots as the cache's (``is_cached``): a caller's ``free`` (or ``free_swa``) of

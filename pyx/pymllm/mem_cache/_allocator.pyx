@@ -341,13 +341,25 @@ cdef object _integer_array(object indices, str name="indices"):
     of ``free``, ``is_allocated`` and ``alloc``'s prefix (*name* is the argument the
     messages name): a bool is not a slot id (``InvalidValueError``, also
     as an item of a list or tuple, which numpy would silently read as 0 or 1), and Python
-    ints beyond 64 bits come back as an object array of exact ints."""
+    ints beyond 64 bits, or of both signs past int64 (which numpy reads as float64),
+    come back as an object array of exact ints. Nesting that forms no array (ragged, or
+    deeper than numpy's 64 dimensions) is ``InvalidValueError``."""
     _refuse_bool_slots(name, indices)
     try:
         arr = np.asarray(indices)
     except RuntimeError:
         _refuse_deleted_array(name, indices)
         raise
+    except ValueError:  # lists of unequal lengths, or nested past numpy's 64 dimensions
+        # (no repr of the input: one nested 200,000 deep would overflow the repr)
+        raise InvalidValueError(
+            f"{name}: expected a flat sequence of integer slot ids, got nested sequences "
+            "that form no array (ragged, or nested too deep)"
+        ) from None
+    if arr.dtype.kind == "f" and arr.size and not isinstance(indices, np.ndarray):
+        # a sequence that numpy found no integer dtype for ([2**63, -1]); its floats, if
+        # any, are refused below one by one
+        arr = np.asarray(indices, dtype=object)
     if arr.dtype == object:
         for v in arr.flat:
             if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
@@ -1331,7 +1343,7 @@ cdef class SWATokenToKVPoolAllocator:
         freed). ``InvalidValueError`` for non-integer slots or slots outside the pool (a
         negative slot would otherwise index from the end)."""
         self._live()
-        idx = _integer_array(full_indices)
+        idx = _integer_array(full_indices, "full_indices")
         if idx.size == 0:
             return np.zeros(idx.shape, dtype=np.int32)
         _check_ints("full_indices", idx, 0, len(self._mapping))

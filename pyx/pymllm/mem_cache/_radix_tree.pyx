@@ -1402,6 +1402,13 @@ cdef class RadixTreeCore:
                 f"got {allocator!r:.80}"
             )
         if (isinstance(allocator, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator))
+                and allocator.page_size < 1):
+            # made with __new__ (or its __init__ raised): its page_size is still 0
+            raise NotInitializedError(
+                f"token_to_kv_pool_allocator: the {type(allocator).__name__} has no slots: "
+                "its __init__ did not run to completion"
+            )
+        if (isinstance(allocator, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator))
                 and page_size % allocator.page_size):
             # the tree splits nodes at its own page boundaries: an allocator page would
             # end up in two nodes, and the first one evicted would free the other's slots
@@ -2443,7 +2450,12 @@ cdef class RadixTreeCore:
         ``swa_evicted_seqlen`` is revived with the incoming indices (its old ones are freed)
         unless it is locked (a request still reads its full KV), otherwise the incoming
         duplicate is freed; the new suffix is stored, as a tombstone up to
-        ``swa_evicted_seqlen`` (rounded up to a page) and live after it; a suffix lying
+        ``swa_evicted_seqlen`` rounded up to a page (over this package's
+        ``SWATokenToKVPoolAllocator`` the tree frees whatever SWA KV the tombstone's tokens
+        still hold, such as the rest of a tree page larger than the allocator's; over
+        another allocator the caller frees the SWA side up to that rounded position, or
+        those SWA slots stay allocated until the node is evicted whole) and live after
+        it; a suffix lying
         wholly below ``swa_evicted_seqlen`` is not cached and its indices are freed (then
         ``last_node`` ends where the cached prefix does, at ``prefix_len``). The caller's
         duplicates are freed before the tree changes, in one ``allocator.free`` call: if
@@ -2543,6 +2555,8 @@ cdef class RadixTreeCore:
         cdef idx_t* kept            # the revived parts' incoming slots; booking: then the
                                     # new suffix's (every incoming slot the tree keeps)
         cdef int64_t n_old = 0, n_kept = 0
+        cdef idx_t* swa_live        # the new tombstone's slots still holding SWA KV (booked)
+        cdef int64_t n_swa_live = 0
         if ppl > kv.n or ppl % P:
             raise InvalidValueError(
                 f"prev_prefix_len: expected a multiple of page_size {P} in [0, {kv.n}], got {ppl}"
@@ -2569,20 +2583,22 @@ cdef class RadixTreeCore:
             return r
         self._reserve_nodes(4)      # a split at prev_prefix_len, one at the match end, 2 new
         # duplicates in [0, 2 * aligned); booked, the revived tombstones' own slots and the
-        # kept ones (unbooked too: the revived parts' slots) after them; for a new
-        # namespace, a copy of the value after those
+        # kept ones (unbooked too: the revived parts' slots) after them, then the new
+        # tombstone's slots that still hold SWA KV; for a new namespace, a copy of the
+        # value after those
         cdef int64_t n_dup = 4 * aligned
-        dup = <idx_t*>self._idx_out.reserve(n_dup + (aligned if ns < 0 else 0))
+        dup = <idx_t*>self._idx_out.reserve(n_dup + aligned + (aligned if ns < 0 else 0))
         tree_old = dup + 2 * aligned
         kept = dup + 3 * aligned
+        swa_live = dup + n_dup
         self._nid_scratch.reserve(aligned // P + 3)   # the path, and the two splits' halves
         revive = <int64_t*>self._uid_out.reserve(aligned // P + 1)   # a flag per segment
         allocated = ns < 0
         if allocated:
             # the insert reads its copy of the slots from here on: taking the namespace runs
             # the extra_key's Python code, which could rewrite the caller's array
-            copy32(dup + n_dup, vals, aligned)
-            vals = dup + n_dup
+            copy32(dup + n_dup + aligned, vals, aligned)
+            vals = dup + n_dup + aligned
             # a new namespace matches nothing: the new nodes' arrays are allocated before
             # the namespace is taken (all or nothing)
             _alloc_swa_suffix(0, aligned, es, w, &k1, &v1, &k2, &v2)
@@ -2680,6 +2696,7 @@ cdef class RadixTreeCore:
             if self._booking_kind:
                 copy32(kept + n_kept, vals + matched, aligned - matched)
                 n_kept += aligned - matched
+                n_swa_live = self._swa_still_live(vals, matched, matched_live, swa_live)
         try:
             if self._booking_kind:
                 # Booked: the slots the tree keeps must be a caller's (taken first,
@@ -2701,6 +2718,11 @@ cdef class RadixTreeCore:
                     self._disown(tree_old, n_old)
                     (<SWATokenToKVPoolAllocator>self._booking_allocator).free_c(
                         tree_old, n_old, PAGE_ALLOCATED)
+                if n_swa_live > 0:
+                    # the new tombstone keeps no SWA KV: what its tokens still hold (the
+                    # cache's slots now, just taken) is freed, which cannot be refused
+                    (<SWATokenToKVPoolAllocator>self._booking_allocator).free_swa_c(
+                        swa_live, n_swa_live, PAGE_CACHED)
             elif n_free > 0 and self.token_to_kv_pool_allocator is not None:
                 self.token_to_kv_pool_allocator.free(_copy_idx(dup, n_free))
         except BaseException:
@@ -2842,6 +2864,28 @@ cdef class RadixTreeCore:
         elif self._booking_kind == BOOK_SWA:
             (<SWATokenToKVPoolAllocator>self._booking_allocator).adopt_c(vals, n)
         return 0
+
+    cdef int64_t _swa_still_live(self, const idx_t* vals, int64_t lo, int64_t hi,
+                                 idx_t* out) noexcept:
+        """Over this package's SWATokenToKVPoolAllocator: copy to `out` the slots of
+        vals[lo:hi] (the tokens a windowed insert stores in a new tombstone) whose SWA side
+        is still allocated, and return how many; 0 over any other allocator. The caller
+        frees the SWA KV up to swa_evicted_seqlen, which the tree rounds up to its page: the
+        rest of that page (with a tree page larger than the allocator's), or tokens past
+        what the caller freed, would keep SWA slots that no size counts and no evict
+        frees. A slot past the pool is skipped (the allocator refuses it when taking it)."""
+        cdef int64_t i, n = 0, end
+        cdef const int32_t* to_swa
+        if self._booking_kind != BOOK_SWA or hi <= lo:
+            return 0
+        alloc = <SWATokenToKVPoolAllocator>self._booking_allocator
+        to_swa = alloc.mapping
+        end = cnp.PyArray_DIM(<cnp.ndarray>alloc._mapping, 0)
+        for i in range(lo, hi):
+            if vals[i] < end and to_swa[vals[i]] != 0:
+                out[n] = vals[i]
+                n += 1
+        return n
 
     cdef int _adopt_or_free(self, const idx_t* vals, int64_t n, void* block,
                             void* block2=NULL) except -1:
@@ -4058,7 +4102,9 @@ cdef class MambaTreeCore(RadixTreeCore):
         *num_tokens* KV tokens are freed (their states go too), then Mamba-only eviction
         until *mamba_num* states are freed in all (the seed's second argument
         ``swa_num_tokens`` means the same here): the unlocked state first in policy order
-        (least recently used by default) is dropped; a leaf losing its state is removed.
+        (least recently used by default) is dropped; an unlocked leaf losing its state is
+        removed whole; any other node only loses its state (an inner node, or a locked
+        leaf whose lock holds its KV alone: one taken before the state was saved).
 
         KV slots go back in one ``allocator.free`` call, states in one ``mamba_pool.free``
         call (a pool that books states, ``MambaPool`` or a ``TokenToKVPoolAllocator``, gets
