@@ -249,6 +249,65 @@ def test_radix_matches_chunk_under_eviction_and_chunked_prefill(variant):
         assert_slots_accounted(engine)
 
 
+def _tombstone_crossing_workload() -> Workload:
+    """R1 caches its prompt S+Z through [S], which SWA pressure (R4's admission) tombstoned
+    while R3, still decoding, holds it locked: the tree cannot revive it, frees R1's copies
+    there, and the windowed re-match of R1's prompt comes back short."""
+    rng = np.random.default_rng(0)
+
+    def tok(n: int) -> np.ndarray:
+        return rng.integers(1, 250, n).astype(np.int32)
+
+    s, q2, q3, p5, z = tok(24), tok(40), tok(40), tok(40), tok(8)
+    specs = {
+        "R2": RequestSpec("R2", np.concatenate([s, q2]), 2),
+        "R5": RequestSpec("R5", p5, 4),
+        "R3": RequestSpec("R3", np.concatenate([s, q3]), 60),
+        "R4": RequestSpec("R4", tok(60), 3),
+        "R1": RequestSpec("R1", np.concatenate([s, z]), 2),
+    }
+    nxt = {"R2": "R3", "R5": "R4", "R4": "R1"}
+    return Workload(
+        "tombstone-crossing",
+        "a prompt cached across a locked tombstone",
+        [specs["R2"], specs["R5"]],
+        follow_up=lambda spec, out: specs.get(nxt.get(spec.rid, "")),
+        total_requests=5,
+    )
+
+
+def test_swa_prompt_cached_across_a_locked_tombstone_is_recomputed(monkeypatch):
+    """The windowed re-match of a cached prompt stops short at a tombstone that another
+    running request holds locked: the request prefills those positions again in new slots
+    and generates what it does with no memory pressure (the engine raised EngineError)."""
+    refills = []
+    real = Engine._refill
+
+    def spy(self, r, matched, covered):
+        refills.append((r.spec.rid, len(matched), covered))
+        return real(self, r, matched, covered)
+
+    monkeypatch.setattr(Engine, "_refill", spy)
+    cfg = cfg_of("swa")
+    sched = SchedulerConfig(max_running=4, max_prefill_batch=2, chunk_tokens=32)
+    runs = {}
+    for swa in (215, SWA_POOL):
+        mem = EngineMemory(cfg, POOL, swa_size=swa)
+        alloc = mem.token_to_kv_pool_allocator
+        cache = RadixCache(token_to_kv_pool_allocator=alloc, sliding_window_size=cfg.sliding_window)
+        engine = Engine(cfg, mem, cache, params=params_of("swa"), sched=sched)
+        runs[swa] = engine.run(_tombstone_crossing_workload())
+        assert_slots_accounted(engine)
+        if swa == 215:
+            assert refills and refills[0][0] == "R1" and refills[0][1] < refills[0][2]
+            n_refills = len(refills)
+    assert len(refills) == n_refills  # none without the pressure
+    pressed, free = runs[215].outputs(), runs[SWA_POOL].outputs()
+    assert pressed.keys() == free.keys() == {"R1", "R2", "R3", "R4", "R5"}
+    for rid, out in free.items():
+        np.testing.assert_array_equal(pressed[rid], out, err_msg=rid)
+
+
 def test_radix_reaches_the_ideal_hit_rate():
     wl = small_shared()
     radix, engine = serve("full", "radix", wl, pool=POOL)
@@ -347,6 +406,44 @@ def test_hybrid_reuses_saved_states():
         assert hits[:2] == [0, 0] and min(hits[2:]) >= 96
     assert engine.cache.mamba_evictable_size() > 0
     assert_slots_accounted(engine)
+
+
+@pytest.mark.parametrize("state_slots", [1, 2])
+def test_hybrid_admits_with_the_fewest_state_slots(state_slots):
+    """One request at a time needs one state slot: with the pool full of the state the
+    cache saved, admission drops a saved state for the request's own before locking its
+    match (it locked the match, and with it the only state, then found no slot to take:
+    EngineError with nothing running). With one slot the hit is lost; with two it stays.
+    Either way the generation is the ChunkCache's."""
+    cfg = cfg_of("hybrid")
+    sched = SchedulerConfig(max_running=1, max_prefill_batch=1, chunk_tokens=32)
+    wl = functools.partial(
+        multi_turn,
+        vocab_size=256,
+        n_conversations=1,
+        turns=3,
+        system_len=40,
+        user_len=(3, 9),
+        output_len=5,
+        seed=1,
+    )
+    runs = {}
+    for kind in ("chunk", "radix"):
+        mem = EngineMemory(cfg, POOL, state_size=state_slots)
+        alloc = mem.token_to_kv_pool_allocator
+        cache = (
+            ChunkCache(alloc)
+            if kind == "chunk"
+            else MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=mem.state_pool)
+        )
+        engine = Engine(cfg, mem, cache, params=params_of("hybrid"), sched=sched)
+        runs[kind] = engine.run(wl())
+        assert_slots_accounted(engine)
+    assert runs["radix"].requests == runs["chunk"].requests == 3
+    for rid, out in runs["chunk"].outputs().items():
+        np.testing.assert_array_equal(runs["radix"].outputs()[rid], out, err_msg=rid)
+    hits = [r.cached_tokens for r in runs["radix"].results]
+    assert (sum(hits) > 0) == (state_slots > 1), hits
 
 
 def test_hybrid_refuses_a_cache_without_state_snapshots():

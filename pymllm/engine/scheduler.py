@@ -13,7 +13,9 @@ The life of a request, and who owns its KV slots at each point (the rule of
    it, free the duplicates (prompt tokens another request inserted meanwhile), re-match to
    adopt the tree's slots and move our lock to the new node. Requests arriving later reuse
    this prompt while we are still decoding. A state-tracking cache also gets a copy of the
-   recurrent state at the prompt's end.
+   recurrent state at the prompt's end. A windowed re-match can stop short, where the prompt
+   runs through a tombstone that another request holds locked (the tree cannot revive it,
+   and freed our copies there): we then prefill the positions past it again, in new slots.
 3. **Decode** greedily, all running requests per step.
 4. **Finish**: ``insert`` prompt + output (the last token has no KV) and, for a recurrent
    model with a state-tracking cache, our state slot; free the duplicates and whatever the
@@ -181,6 +183,9 @@ class _Req:
     state_slot: int = 0
     state_src: int = 0  # the tree's state slot the first step reads (0: our own slot)
     branch: int = 0  # a position to cache the prefix at with its state (0: none)
+    # Prefilling again past a windowed re-match that came back short (_cache_prompt): the
+    # first token is out already, and the prompt is cached at the finish only.
+    refill: bool = False
     output: list[int] = field(default_factory=list)
     t_admit: float = 0.0
     t_first: float = 0.0
@@ -536,29 +541,46 @@ class Engine:
 
     def _try_admit(self, r: _Req) -> str:
         """'ok', 'wait' (a shared prefix is being prefilled) or 'nomem'."""
-        m = self.cache.match_prefix(RadixKey(r.prompt[:-1], r.spec.extra_key))
+        key = RadixKey(r.prompt[:-1], r.spec.extra_key)
+        m = self.cache.match_prefix(key)
         cached = len(m.indices)
         if self._wait_shared and self._shares_pending_prefill(r, cached):
             return "wait"
-        token = self._lock(m.last_node)
+        pool = self.memory.state_pool
+        state_slot, short = 0, False
+        if pool is not None:
+            # The state slot before the lock: with every slot taken, the state to drop may
+            # be the one the match ends at (the match made it the most recent, so only when
+            # no other is left), which the lock would have kept: with a pool of one, no
+            # request after the first could ever be admitted. The match is then taken again.
+            short = pool.available_size() < 1
+            got = self._alloc_state()
+            if got is None:
+                return "nomem"
+            state_slot = got
         slots = None  # the matched prefix's slots (the tree's), then the new ones (ours)
+        token = locked = None
+
+        def give_back() -> None:  # what this admission took so far, each step tried
+            _run_all(
+                (
+                    lambda: self._alloc.free(slots[cached:]) if slots is not None else None,
+                    lambda: self._unlock(locked, token) if locked is not None else None,
+                    lambda: self._free_state_slot(state_slot),
+                )
+            )
+
         try:
+            if state_slot and short:
+                m = self.cache.match_prefix(key)
+                cached = len(m.indices)
+            token, locked = self._lock(m.last_node), m.last_node
             slots = self._alloc_kv(r.kv_len - cached, m.indices)
-            state_slot = 0
-            if slots is not None and self.memory.state_pool is not None:
-                got = self._alloc_state()
-                if got is None:
-                    self._alloc.free(slots[cached:])
-                    slots = None
-                else:
-                    state_slot = got
         except BaseException:  # an evict that raised: give back what this admission took
-            if slots is not None:
-                self._alloc.free(slots[cached:])
-            self._unlock(m.last_node, token)
+            give_back()
             raise
         if slots is None:
-            self._unlock(m.last_node, token)
+            give_back()
             return "nomem"
         r.slots = slots
         r.cached_len = r.prefilled = cached
@@ -606,11 +628,12 @@ class Engine:
         r.cached_len = covered
         try:
             m = self.cache.match_prefix(key)
-            if len(m.indices) < covered:
+            got = len(m.indices)
+            if got < covered and not self._window:
                 # The tree holds slots[:covered] but will not lock them for us: _release
                 # (after this error) gives back ours, slots[covered:]
                 raise EngineError(
-                    f"re-matching the cached prompt of {r.spec.rid} found {len(m.indices)} "
+                    f"re-matching the cached prompt of {r.spec.rid} found {got} "
                     f"tokens, fewer than the {covered} the cache holds"
                 )
             # the old lock first: should the new one then fail, no lock is ours and the
@@ -618,9 +641,30 @@ class Engine:
             self._unlock_req(r)
             r.node, r.lock_token = m.last_node, self._lock(m.last_node)
             r.locked = True
-            r.slots[: len(m.indices)] = m.indices
+            if got < covered:
+                self._refill(r, m.indices, covered)
+            else:
+                r.slots[:got] = m.indices
         finally:
             self._free_loose(r)
+
+    def _refill(self, r: _Req, matched: np.ndarray, covered: int) -> None:
+        """A windowed re-match stopped short of the ``covered`` positions the tree settled:
+        the prompt runs through a tombstone that another request holds locked, which the
+        tree cannot revive, so it freed our copies there and the window past it has too few
+        live tokens. Positions ``[len(matched), covered)`` are the tree's (or free) and have
+        no SWA KV of ours: the request prefills them again in new slots, then decodes on."""
+        got = len(matched)
+        slots = self._alloc_kv(covered - got, prefix=matched)
+        if slots is None:
+            raise EngineError(
+                f"no memory to recompute {covered - got} prompt tokens of {r.spec.rid} past "
+                "a tombstone another request holds locked"
+            )
+        # one step from the old records to the new: slots[got:] are ours
+        r.slots, r.cached_len = np.concatenate([slots, r.slots[covered:]]), got
+        r.prefilled = min(r.prefilled, got)
+        r.refill = True
 
     def _free_loose(self, r: _Req) -> None:
         """Free what the request holds on its way back to the pools; each record is
@@ -629,8 +673,7 @@ class Engine:
             self._alloc.free(r.loose)
             r.loose = r.loose[:0]
         if r.loose_state:
-            assert self.memory.state_pool is not None
-            self.memory.state_pool.free(np.array([r.loose_state], np.int32))
+            self._free_state_slot(r.loose_state)
             r.loose_state = 0
 
     def _finish(self, r: _Req) -> None:
@@ -655,9 +698,13 @@ class Engine:
 
     def _free_state(self, r: _Req) -> None:
         if r.state_slot:  # still ours if the free raises: _release tries again
-            assert self.memory.state_pool is not None
-            self.memory.state_pool.free(np.array([r.state_slot], np.int32))
+            self._free_state_slot(r.state_slot)
             r.state_slot = 0
+
+    def _free_state_slot(self, slot: int) -> None:
+        if slot:
+            assert self.memory.state_pool is not None
+            self.memory.state_pool.free(np.array([slot], np.int32))
 
     def _release(self, r: _Req) -> None:
         """Give back everything an unfinished request owns: its slots past the tree's, its
@@ -774,6 +821,11 @@ class Engine:
                 r.branch = 0
             if r.in_prefill:
                 continue
+            if r.refill:  # the prompt's KV is whole again; its first token was out before
+                r.refill = False
+                if len(r.output) == r.spec.max_new_tokens:
+                    self._retire(r)
+                continue
             r.output.append(int(next_tokens[i]))
             r.t_first = self._now()
             if self.sched.record_logits:
@@ -781,7 +833,7 @@ class Engine:
                     host_logits = np.asarray(logits)
                 r.first_logits = host_logits[i].copy()
             self._cache_prompt(r)
-            if len(r.output) == r.spec.max_new_tokens:
+            if len(r.output) == r.spec.max_new_tokens and not r.in_prefill:
                 self._retire(r)
 
     def _decode_step(self) -> None:
