@@ -191,6 +191,16 @@ def test_the_demo_loader_shares_the_checks_and_the_error_type(tmp_path):
     for load in (read_trace, lambda p: load_mooncake_trace(p, vocab_size=50)):
         with pytest.raises(TraceError, match=r"trace.jsonl:2: field 'hash_ids' has 2 ids"):
             load(path)
+    # ids past int32 and a bad priority: the demo took both lines, the replay refused them
+    for bad, match in (
+        (mc([-5, 7]), r"trace.jsonl:2: field 'hash_ids': id -5 is outside \[0, 2\*\*31\)"),
+        (mc([2**31]), r"trace.jsonl:2: field 'hash_ids': id 2147483648 is outside"),
+        (mc([3], priority="high"), r"trace.jsonl:2: field 'priority'"),
+    ):
+        path = write_lines(tmp_path, [mc([1]), bad])
+        for load in (read_trace, lambda p: load_mooncake_trace(p, vocab_size=50)):
+            with pytest.raises(TraceError, match=match):
+                load(path)
 
 
 # -- replay against independent computations ----------------------------------------------

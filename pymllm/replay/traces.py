@@ -125,8 +125,10 @@ def mooncake_record(
     """The checked :data:`MOONCAKE_FIELDS` of one Mooncake line.
 
     Every field is required except those named in *optional*, which are ``None`` in the
-    result when absent (and checked when present). When ``input_length`` is known it must
-    need exactly ``len(hash_ids)`` blocks of *block_size* tokens.
+    result when absent (and checked when present). Every hash id must lie in
+    ``[0, 2**31)`` and a ``priority``, when present, must be an integer. When
+    ``input_length`` is known it must need exactly ``len(hash_ids)`` blocks of
+    *block_size* tokens.
     """
     if not isinstance(rec, dict):
         raise TraceError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -137,6 +139,11 @@ def mooncake_record(
         for name, kind in MOONCAKE_FIELDS.items()
     }
     ids, n_in = out["hash_ids"], out["input_length"]
+    # the same ids and priority as the replay's keys take, whichever reader calls this
+    if ids is not None:
+        _ids_array(ids, "hash_ids", where)
+    if "priority" in rec:
+        trace_field(rec, "priority", where, kind="int")
     if ids is not None and n_in is not None:
         want = -(-n_in // block_size)
         if len(ids) != want:
@@ -304,7 +311,7 @@ def _build(
                 block_size=block_tokens,
                 optional=("timestamp", "input_length", "output_length"),
             )
-            key = _ids_array(r["hash_ids"], "hash_ids", where)
+            key = np.asarray(r["hash_ids"], dtype=np.int32)  # checked by mooncake_record
             tokens.append(r["input_length"] or key.size * block_tokens)
             extra.append(None)
         else:
