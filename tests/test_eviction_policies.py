@@ -100,6 +100,21 @@ def test_priority_order_and_raising(make_cache: Any, allocator: RecordingAllocat
     allocator.assert_all_free()
 
 
+def test_priority_raises_the_ancestors_too(make_cache: Any, allocator: RecordingAllocator) -> None:
+    """insert(priority=p) raises every node on the path to p, not only the new leaf: a
+    prefix that a priority-5 request extended outlives a priority-3 leaf once that
+    request's own suffix is gone (in the test above the order comes out the same whether
+    the inner node A is raised or not)."""
+    cache = make_cache(eviction_policy="priority")
+    prefix = _insert(cache, allocator, [1, 2, 3, 4])  # priority 0
+    v = np.concatenate([cache.match_prefix(RadixKey([1, 2, 3, 4])).indices, allocator.alloc(2)])
+    assert cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), v, priority=5).prefix_len == 4
+    assert cache.evict(2).full_evicted == 2  # the suffix, the only leaf
+    low = _insert(cache, allocator, [9, 9], priority=3)
+    assert _eviction_order(cache, make_cache.evicted_ids) == [low, prefix]
+    allocator.assert_all_free()
+
+
 def test_priority_ties_by_recency(make_cache: Any, allocator: RecordingAllocator) -> None:
     cache = make_cache(eviction_policy="priority")
     a = _insert(cache, allocator, [1], priority=2)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from pymllm.mem_cache import RadixCache, RadixKey
-from pymllm.mem_cache._radix_tree import _set_hash_key
+from pymllm.mem_cache._allocator import TokenToKVPoolAllocator
+from pymllm.mem_cache._radix_tree import _namespace_ids, _set_hash_key
 
 
 def _cache() -> RadixCache:
@@ -138,3 +139,21 @@ def test_lookups_and_changes_mid_drain_with_a_slow_drain(drain):
         cache._check_invariants()
     finally:
         _set_map_tuning(*previous)
+
+
+def test_namespace_ids_are_reused_after_their_last_node_goes():
+    """A server cycling through extra_keys (LoRA adapters, tenants) keeps a namespace table
+    as large as the namespaces cached at once: an id whose last node is evicted is handed
+    to the next new extra_key, not left behind (the table would grow with every key ever
+    seen)."""
+    alloc = TokenToKVPoolAllocator(64)
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    for i in range(1000):
+        cache.insert(RadixKey([1, 2], extra_key=f"lora-{i}"), alloc.alloc(2))
+        if i % 2:  # two namespaces cached at once at most
+            assert cache.evict(4).full_evicted == 4
+    ever, free, registered = _namespace_ids(cache)
+    # extra_key None's namespace (id 0) stays registered and is never freed
+    assert registered == 1 and free == ever - 1 <= 2
+    cache.insert(RadixKey([1, 2], extra_key="again"), alloc.alloc(2))
+    assert _namespace_ids(cache) == (ever, free - 1, 2)

@@ -686,3 +686,20 @@ def test_bad_key_or_value_wins_over_bad_state(make_cache):
     with pytest.raises(TypeError):
         cache.insert([1, 2], mamba_value=3)
     assert sizes(cache) == (0, 0, 0, 0, 0)
+
+
+def test_the_state_pools_last_slot_is_a_state_like_any_other() -> None:
+    """A pool that books states (slots 1..size): its last slot, size itself, is taken as a
+    mamba_value and booked as the cache's like the others (the range check's upper bound)."""
+    from pymllm.mem_cache import TokenToKVPoolAllocator
+
+    kv, states = TokenToKVPoolAllocator(64), TokenToKVPoolAllocator(4)
+    cache = MambaRadixCache(token_to_kv_pool_allocator=kv, mamba_pool=states)
+    last = int(states.alloc(4)[-1])
+    assert last == 4
+    r = cache.insert(RadixKey([1, 2, 3]), kv.alloc(3), mamba_value=last)
+    assert not r.mamba_exist and states.is_cached([last]).all()
+    m = cache.match_prefix(RadixKey([1, 2, 3]))
+    assert m.prefix_len == 3 and int(m.last_node.mamba_value[0]) == last
+    cache.evict(3)
+    assert not states.is_allocated([last]).any()

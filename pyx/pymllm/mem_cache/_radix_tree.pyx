@@ -560,6 +560,12 @@ def _map_probe_stats(RadixTreeCore tree):
     return out[0], out[1], out[2]
 
 
+def _namespace_ids(RadixTreeCore tree):
+    """Test hook: (ids ever handed out, ids free for reuse, namespaces registered now) of
+    the tree's namespace table, the root namespace included."""
+    return len(tree._ns_keys), len(tree._ns_free), len(tree._ns_ids)
+
+
 def _set_map_tuning(per_entry, minimum, initial_capacity):
     """Set the child map's drain rate (buckets per reserved entry, and at least) and the
     capacity new caches start with (a power of two >= 2); returns the previous triple.
