@@ -302,6 +302,14 @@ def test_swa_prompt_cached_across_a_locked_tombstone_is_recomputed(monkeypatch):
             assert refills and refills[0][0] == "R1" and refills[0][1] < refills[0][2]
             n_refills = len(refills)
     assert len(refills) == n_refills  # none without the pressure
+    # the recomputed tokens are work done, not tokens the cache missed twice
+    for stats in runs.values():
+        assert all(0 <= r.cached_tokens <= r.prompt_len for r in stats.results)
+        assert stats.cached_tokens == sum(r.cached_tokens for r in stats.results) >= 0
+    r1 = {r.rid: r for r in runs[215].results}["R1"]
+    redone = sum(covered - got for _, got, covered in refills)
+    assert runs[215].prefill_tokens == runs[215].prompt_tokens - runs[215].cached_tokens + redone
+    assert r1.cached_tokens == 0
     pressed, free = runs[215].outputs(), runs[SWA_POOL].outputs()
     assert pressed.keys() == free.keys() == {"R1", "R2", "R3", "R4", "R5"}
     for rid, out in free.items():

@@ -179,7 +179,8 @@ class _Req:
     lock_token: Any = None
     locked: bool = False
     prefilled: int = 0  # positions whose KV is in the pool
-    computed: int = 0  # prompt tokens this request computed itself
+    computed: int = 0  # prompt tokens this request computed itself (the cache's misses)
+    recomputed: int = 0  # and again, past a short windowed re-match (_refill)
     state_slot: int = 0
     state_src: int = 0  # the tree's state slot the first step reads (0: our own slot)
     branch: int = 0  # a position to cache the prefix at with its state (0: none)
@@ -231,8 +232,8 @@ class RunStats:
     workload: str
     requests: int
     prompt_tokens: int
-    cached_tokens: int
-    prefill_tokens: int
+    cached_tokens: int  # prompt tokens reused from the cache
+    prefill_tokens: int  # prompt tokens computed, those computed again included
     generated_tokens: int
     wall_s: float
     compile_s: float
@@ -815,7 +816,10 @@ class Engine:
         host_logits = None
         for i, (r, n) in enumerate(rows):
             r.prefilled += n
-            r.computed += n
+            if r.refill:
+                r.recomputed += n
+            else:
+                r.computed += n
             if r.prefilled == r.branch:
                 self._cache_prompt(r, upto=r.branch)
                 r.branch = 0
@@ -1033,14 +1037,14 @@ class Engine:
         ttft = np.array([r.t_first - r.arrival for r in done]) if done else np.zeros(1)
         free, in_cache, ok = self.check_slots()
         prompt_tokens = sum(r.prompt_len for r in done)
-        prefill = sum(r.computed for r in done)
+        missed = sum(r.computed for r in done)
         return RunStats(
             cache=name,
             workload=workload.name,
             requests=len(done),
             prompt_tokens=prompt_tokens,
-            cached_tokens=prompt_tokens - prefill,
-            prefill_tokens=prefill,
+            cached_tokens=prompt_tokens - missed,
+            prefill_tokens=missed + sum(r.recomputed for r in done),
             generated_tokens=sum(len(r.output) for r in done),
             wall_s=self._now(),
             compile_s=self._compile_s,
