@@ -1407,21 +1407,20 @@ cdef class RadixTreeCore:
                 "token_to_kv_pool_allocator: expected an allocator with free(int32 array), "
                 f"got {allocator!r:.80}"
             )
-        if (isinstance(allocator, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator))
-                and allocator.page_size < 1):
-            # made with __new__ (or its __init__ raised): its page_size is still 0
-            raise NotInitializedError(
-                f"token_to_kv_pool_allocator: the {type(allocator).__name__} has no slots: "
-                "its __init__ did not run to completion"
-            )
-        if (isinstance(allocator, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator))
-                and page_size % allocator.page_size):
-            # the tree splits nodes at its own page boundaries: an allocator page would
-            # end up in two nodes, and the first one evicted would free the other's slots
-            raise InvalidValueError(
-                f"page_size: {page_size} is not a multiple of the allocator's page_size "
-                f"{allocator.page_size}"
-            )
+        if isinstance(allocator, (TokenToKVPoolAllocator, SWATokenToKVPoolAllocator)):
+            if allocator.page_size < 1:
+                # made with __new__ (or its __init__ raised): its page_size is still 0
+                raise NotInitializedError(
+                    f"token_to_kv_pool_allocator: the {type(allocator).__name__} has no "
+                    "slots: its __init__ did not run to completion"
+                )
+            if page_size % allocator.page_size:
+                # the tree splits nodes at its own page boundaries: an allocator page would
+                # end up in two nodes, and the first one evicted would free the other's slots
+                raise InvalidValueError(
+                    f"page_size: {page_size} is not a multiple of the allocator's page_size "
+                    f"{allocator.page_size}"
+                )
         self.page_size = page_size
         self.token_to_kv_pool_allocator = allocator
         Py_XDECREF(self._booking_allocator)   # an __init__ after a failed reset's
