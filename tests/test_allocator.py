@@ -590,6 +590,20 @@ def test_ints_of_both_signs_past_int64_are_out_of_range(cls: Any) -> None:
     a._check_invariants()
 
 
+@pytest.mark.parametrize("bad", [[2**63, -1], [1, 2**64], [-(2**63) - 1, 1]])
+def test_translate_names_ints_past_int64_as_out_of_range(bad: list[int]) -> None:
+    """translate_loc_from_full_to_swa read these as ints (no float, no object) and then
+    refused them as "must hold integers, got dtype object"; like free, it names the slot
+    as outside the pool."""
+    a = SWATokenToKVPoolAllocator(8, 8)
+    x = a.alloc(2)
+    worst = max(bad, key=abs)
+    with pytest.raises(InvalidValueError, match=f"full_indices: slot {worst} is outside"):
+        a.translate_loc_from_full_to_swa(bad)
+    assert a.translate_loc_from_full_to_swa(x).tolist() != [0, 0]
+    a._check_invariants()
+
+
 @pytest.mark.parametrize("cls", [TokenToKVPoolAllocator, SWATokenToKVPoolAllocator])
 def test_ragged_slot_lists_are_invalid_values(cls: Any) -> None:
     """Lists of unequal lengths are no slot array: InvalidValueError (a CacheError) naming

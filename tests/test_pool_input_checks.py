@@ -373,6 +373,31 @@ def test_a_bool_in_a_slot_list_is_refused_and_changes_nothing(call) -> None:
     assert kv.buffers is kv_buffers and mamba.buffers is states and not req.req_to_token.any()
 
 
+@pytest.mark.parametrize("big", [[2**63, -1], [3, 2**64]], ids=["both-signs", "past-64-bits"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda kv, m, r, b: pad_slots(b), id="pad_slots"),
+        pytest.param(lambda kv, m, r, b: kv.set_kv_buffer(0, b, KV4[:2], KV4[:2]), id="set_kv"),
+        pytest.param(lambda kv, m, r, b: kv.copy([2, 3], b), id="copy"),
+        pytest.param(lambda kv, m, r, b: kv.get_kv(0, b), id="get_kv"),
+        pytest.param(lambda kv, m, r, b: m.reset_states(b), id="reset_states"),
+        pytest.param(lambda kv, m, r, b: r.write((1, slice(0, 2)), b), id="write-values"),
+    ],
+)
+def test_ints_past_int64_in_a_slot_list_are_out_of_range(call, big) -> None:
+    """numpy reads [2**63, -1] as float64 and [3, 2**64] as objects: both are integers
+    outside every pool, and the pools said "must hold integers, got dtype float64" (or
+    object) where the allocators name the slot as out of range. Nothing changes."""
+    kv = KVPool(32, 1, 1, 4, dtype=jnp.float32)
+    mamba = MambaPool(8, 1, (2,), (2,), conv_dtype=jnp.float32)
+    req = ReqToTokenPool(4, 4)
+    kv_buffers, states = kv.buffers, mamba.buffers
+    with pytest.raises(InvalidValueError, match=f"slot {max(big, key=abs)} is outside"):
+        call(kv, mamba, req, big)
+    assert kv.buffers is kv_buffers and mamba.buffers is states and not req.req_to_token.any()
+
+
 class _Allocating(Exception):
     """Raised by the test in place of a pool's first allocation."""
 

@@ -58,7 +58,12 @@ from jax.sharding import PartitionSpec as P
 
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
-from pymllm.mem_cache._allocator import _check_ints, _refuse_bool_slots, _refuse_deleted_array
+from pymllm.mem_cache._allocator import (
+    _check_ints,
+    _integer_slots,
+    _refuse_bool_slots,
+    _refuse_deleted_array,
+)
 from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
 
 PAD_SLOT = 0
@@ -93,9 +98,8 @@ def pad_slots(loc: Any, size: int | None = None) -> np.ndarray:
 
     ``InvalidValueError`` for slots that are not integers or lie outside ``[0, 2**31)``
     (never wrapped or truncated into another slot), a bool among them included."""
-    _refuse_bool_slots("loc", loc)
-    _refuse_deleted("loc", loc)
-    slots = _slots("loc", np.asarray(loc).reshape(-1), 1 << 31)
+    _not_traced("loc", loc)
+    slots = _slots("loc", _integer_slots("loc", loc).reshape(-1), 1 << 31)
     if size is not None and _positive("size", size, 0) < len(slots):
         raise InvalidValueError(f"size: {size} is shorter than loc ({len(slots)} slots)")
     return _pad(slots, size)
@@ -366,9 +370,7 @@ def _refuse_deleted(name: str, x: Any) -> None:
 def _slots(name: str, loc: Any, rows: int) -> np.ndarray:
     """*loc* as a 1-D host int32 array of slots in ``[0, rows)``; a jax array syncs here."""
     _not_traced(name, loc)
-    _refuse_bool_slots(name, loc)
-    _refuse_deleted(name, loc)
-    arr = np.asarray(loc)
+    arr = _integer_slots(name, loc)  # a bool or a deleted array refused, big ints exact
     if arr.ndim != 1:
         raise InvalidValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
@@ -930,7 +932,7 @@ class ReqToTokenPool(_SlotOwner):
         if rows.dtype.kind not in "iu":  # even when empty: numpy would take a bool mask
             raise InvalidValueError(f"index: expected request slot rows, got {row!r:.60}")
         _check_ints("index", rows, 1, self.size + 1)  # request slots; row 0 pads batches
-        vals = np.asarray(values)
+        vals = _integer_slots("values", values)
         _check_ints("values", vals, 0, 1 << 31)  # KV slots, never wrapped into int32
         try:
             self.req_to_token[index] = vals

@@ -336,6 +336,12 @@ def _refuse_deleted_array(str name, object x, object error=InvalidValueError):
         raise error(f"{name}: the array was deleted (an update donated it)")
 
 
+def _integer_slots(str name, object indices):
+    """*indices* as a numpy array of integers, by the allocators' own reading (see
+    ``_integer_array``): memory_pool's slot arguments are read the same way."""
+    return _integer_array(indices, name)
+
+
 cdef object _integer_array(object indices, str name="indices"):
     """*indices* as a numpy array of integers (any integer dtype), for the general paths
     of ``free``, ``is_allocated`` and ``alloc``'s prefix (*name* is the argument the
@@ -899,8 +905,16 @@ cdef cnp.ndarray _alloc_result(PageCore core, cnp.ndarray prefix, int32_t need, 
 
 def _check_ints(str name, object arr, lo, hi):
     """``InvalidValueError`` unless the numpy array *arr* (any shape; empty passes) holds
-    integers in ``[lo, hi)``. Shared with memory_pool's slot checks."""
+    integers in ``[lo, hi)``: an integer dtype, or the object array of exact ints that
+    ``_integer_array`` makes of ints past 64 bits. Shared with memory_pool's slot checks."""
     if arr.size == 0:
+        return
+    if arr.dtype == object and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in arr.flat
+    ):
+        for v in arr.flat:
+            if not lo <= v < hi:
+                raise InvalidValueError(f"{name}: slot {v} is outside [{lo}, {hi})")
         return
     if arr.dtype.kind not in "iu":
         raise InvalidValueError(f"{name} must hold integers, got dtype {arr.dtype}")
