@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
+from conftest import collects_inside_calls, run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import (
     MambaRadixCache,
@@ -234,6 +234,7 @@ def test_a_failing_extra_key_hash_registers_no_namespace(exc: BaseException, nth
     cache._check_invariants()
 
 
+@collects_inside_calls
 def test_a_finalizer_that_unlocks_runs_after_the_call_not_inside() -> None:
     """A request in a reference cycle whose __del__ unlocks its node, collected by a
     collection due inside a cache call: it was refused as re-entrant and its lock

@@ -12,7 +12,7 @@ import gc
 
 import numpy as np
 import pytest
-from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
+from conftest import collects_inside_calls, run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import (
     MambaRadixCache,
@@ -26,6 +26,7 @@ from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError, LockStat
 # -- Python code running in the middle of a call --------------------------------------
 
 
+@collects_inside_calls
 def test_repr_of_a_handle_while_the_collector_grows_the_tree() -> None:
     cache = RadixCache()
     cache.insert(RadixKey([1, 2, 3]), [1, 2, 3])

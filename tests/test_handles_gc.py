@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import collects_inside_calls  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
 
@@ -116,6 +117,7 @@ def test_a_handle_found_while_an_insert_runs_python_code_is_valid(during: str) -
     assert out.rstrip().endswith("done")
 
 
+@collects_inside_calls
 @pytest.mark.parametrize("finalizer", ["evicts", "evicts and inserts"])
 def test_parent_read_while_the_collector_changes_the_tree(finalizer: str) -> None:
     """``handle.parent`` makes a new handle, and that allocation can run the collector,
@@ -156,6 +158,7 @@ def test_parent_read_while_the_collector_changes_the_tree(finalizer: str) -> Non
     assert cache.evictable_size() == cache.total_size() == (2 if "inserts" in finalizer else 0)
 
 
+@collects_inside_calls
 def test_tuple_key_read_while_the_collector_changes_the_tree() -> None:
     """``handle.key`` of a tuple-token node read the node's length after building the list
     of tuples, an allocation that can run the collector, whose finalizers may evict the
