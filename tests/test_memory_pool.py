@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
-from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
+from pymllm.mem_cache.errors import BuffersDeletedError, InvalidFreeError, InvalidValueError
 from pymllm.mem_cache.memory_pool import (
     KVBuffers,
     KVPool,
@@ -292,6 +292,65 @@ def test_every_update_donates_the_old_buffers() -> None:
         buffers, 1, pad_slots(loc), jnp.zeros((16, 2, 4), BF16), jnp.zeros((16, 2, 4), BF16)
     )
     assert buffers.k.is_deleted() and not out.k.is_deleted()
+
+
+_F32_KV = np.ones((1, 1, 2), np.float32)
+_F32_STATE = np.ones((2, 1, 3), np.float32), np.ones((2, 1, 2), np.float32)
+_KV_CALLS = {
+    "set_kv_buffer": lambda p: p.set_kv_buffer(0, [1], _F32_KV, _F32_KV),
+    "set_kv_all": lambda p: p.set_kv_all([1], _F32_KV[None], _F32_KV[None]),
+    "get_kv": lambda p: p.get_kv(0, [1]),
+    "get_kv_all": lambda p: p.get_kv_all([1]),
+    "get_kv_buffer": lambda p: p.get_kv_buffer(0),
+    "copy": lambda p: p.copy([1], [2]),
+}
+_MAMBA_CALLS = {
+    "set_states": lambda p: p.set_states([1], *_F32_STATE),
+    "get_states": lambda p: p.get_states([1]),
+    "copy_states": lambda p: p.copy_states([1], [2]),
+    "reset_states": lambda p: p.reset_states([1]),
+}
+
+
+@pytest.mark.parametrize("call", [*_KV_CALLS, *_MAMBA_CALLS])
+def test_a_pool_whose_buffers_were_donated_elsewhere_says_so(call: str) -> None:
+    """A step that donates pool.buffers and does not hand its result back leaves the pool
+    with deleted buffers: every call raised JAX's bare "Array has been deleted"
+    RuntimeError. It is a BuffersDeletedError naming the fix, and handing the result back
+    makes the pool work again."""
+    if call in _KV_CALLS:
+        pool: Any = KVPool(8, 1, 1, 2, dtype=jnp.float32)
+        run = _KV_CALLS[call]
+    else:
+        pool = MambaPool(4, 2, (3,), (2,), conv_dtype=jnp.float32)
+        run = _MAMBA_CALLS[call]
+    step = jax.jit(lambda b: b, donate_argnums=0)
+    new = step(pool.buffers)
+    with pytest.raises(BuffersDeletedError, match=r"pool\.buffers = new"):
+        run(pool)
+    pool.buffers = new
+    run(pool)
+
+
+def test_an_update_interrupted_after_donating_leaves_a_pool_that_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C raised as a jitted update returns (after it donated the buffers, before the
+    pool stored the new ones): the next call raises BuffersDeletedError, not JAX's bare
+    RuntimeError."""
+    from pymllm.mem_cache import memory_pool
+
+    pool = KVPool(8, 1, 1, 2, dtype=jnp.float32)
+
+    def interrupted(new: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(memory_pool, "_concrete", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _KV_CALLS["set_kv_buffer"](pool)
+    monkeypatch.undo()
+    with pytest.raises(BuffersDeletedError, match="make a new pool"):
+        pool.get_kv(0, [1])
 
 
 def test_random_request_sizes_compile_once_per_bucket(compiles: list[str]) -> None:

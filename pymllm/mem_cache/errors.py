@@ -36,6 +36,12 @@ class AllocatorStateError(CacheError, RuntimeError):
     """An allocator call out of order, such as ``free_group_end()`` with no open group."""
 
 
+class BuffersDeletedError(CacheError, RuntimeError):
+    """A pool's device buffers are deleted: a step donated ``pool.buffers`` and its result
+    was not handed back with ``pool.buffers = new``, or an update was interrupted between
+    its dispatch and its return (then its result is lost and the pool must be rebuilt)."""
+
+
 class NotInitializedError(CacheError, RuntimeError):
     """A cache or allocator used before its ``__init__`` ran to completion (made with
     ``__new__``, a subclass that skipped ``super().__init__()``, or an ``__init__`` that
@@ -55,6 +61,7 @@ class ReentrantCallError(CacheError, RuntimeError):
 
 __all__ = [
     "AllocatorStateError",
+    "BuffersDeletedError",
     "CacheError",
     "InvalidFreeError",
     "InvalidKeyError",

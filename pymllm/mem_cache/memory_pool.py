@@ -33,8 +33,9 @@ in the model step (pad the batch); host (numpy) K/V of any length are padded on 
 
 Interrupts: an update donates the old buffers when it is dispatched, and the pool stores the
 new ones when it returns; a ``KeyboardInterrupt`` raised in between (Python raises a pending
-Ctrl-C as a call returns) leaves the pool holding deleted buffers, and its next call fails
-inside JAX. A loop that must survive Ctrl-C holds SIGINT around its updates and raises it
+Ctrl-C as a call returns) leaves the pool holding deleted buffers, and its next call raises
+``BuffersDeletedError`` (as after a step that donated ``pool.buffers`` and did not hand its
+result back). A loop that must survive Ctrl-C holds SIGINT around its updates and raises it
 where its records are whole, as ``pymllm.engine`` does in a run (holding it around every
 call here would cost two ``sigaction`` calls, 7 us on the development machine, a call).
 
@@ -64,7 +65,7 @@ from pymllm.mem_cache._allocator import (
     _refuse_bool_slots,
     _refuse_deleted_array,
 )
-from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
+from pymllm.mem_cache.errors import BuffersDeletedError, InvalidFreeError, InvalidValueError
 
 PAD_SLOT = 0
 """The padding slot: row 0 of every buffer, never allocated."""
@@ -329,6 +330,20 @@ class _SlotOwner:
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(f"cannot pickle '{type(self).__name__}' object: it owns slots")
+
+
+def _live_buffers(pool: Any) -> Any:
+    """*pool*'s buffers, or ``BuffersDeletedError`` when one of them is deleted (donated
+    outside the pool and never handed back, or an update interrupted between its dispatch
+    and its return), which JAX would report as a bare ``RuntimeError`` inside the call."""
+    buffers = pool._buffers
+    if any(b.is_deleted() for b in buffers):
+        raise BuffersDeletedError(
+            f"{type(pool).__name__}'s buffers are deleted: a step donated pool.buffers and "
+            "its result was not handed back (pool.buffers = new), or an update was "
+            "interrupted after donating them (its result is lost: make a new pool)"
+        )
+    return buffers
 
 
 def _int_arg(name: str, value: Any) -> int:
@@ -801,7 +816,7 @@ class KVPool(_SlotOwner):
             return
         k = _placed(k, self._row_shardings[0])
         v = _placed(v, self._row_shardings[1])
-        self._buffers = _concrete(self._write(self._buffers, layer, loc, k, v))
+        self._buffers = _concrete(self._write(_live_buffers(self), layer, loc, k, v))
 
     def set_kv_all(self, loc: Any, k: Any, v: Any) -> None:
         """Write every layer at once: ``k`` ``[L, n, Hk, Dk]``, ``v`` ``[L, n, Hv, Dv]``.
@@ -812,9 +827,10 @@ class KVPool(_SlotOwner):
             return
         k = _placed(k, self.shardings.k)
         v = _placed(v, self.shardings.v)
-        _refuse_own_buffers("k", k, self._buffers)
-        _refuse_own_buffers("v", v, self._buffers)
-        self._buffers = _concrete(self._write_all(self._buffers, loc, k, v))
+        buffers = _live_buffers(self)
+        _refuse_own_buffers("k", k, buffers)
+        _refuse_own_buffers("v", v, buffers)
+        self._buffers = _concrete(self._write_all(buffers, loc, k, v))
 
     def get_kv(self, layer_id: int, loc: Any) -> tuple[jax.Array, jax.Array]:
         """``(k [n, Hk, Dk], v [n, Hv, Dv])`` at slots ``loc`` of one layer (fresh arrays).
@@ -827,7 +843,7 @@ class KVPool(_SlotOwner):
         layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
-        k, v = _concrete(self._read(self._buffers, layer, _pad(loc)))
+        k, v = _concrete(self._read(_live_buffers(self), layer, _pad(loc)))
         return (k, v) if n == k.shape[0] else (k[:n], v[:n])
 
     def get_kv_all(self, loc: Any) -> tuple[jax.Array, jax.Array]:
@@ -835,13 +851,13 @@ class KVPool(_SlotOwner):
         :meth:`get_kv`)."""
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
-        k, v = _concrete(self._read_all(self._buffers, _pad(loc)))
+        k, v = _concrete(self._read_all(_live_buffers(self), _pad(loc)))
         return (k, v) if n == k.shape[1] else (k[:, :n], v[:, :n])
 
     def get_kv_buffer(self, layer_id: int) -> tuple[jax.Array, jax.Array]:
         """A copy of one layer's whole K and V buffers, ``[rows, H, D]`` each."""
         layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
-        return _concrete(self._get_layer(self._buffers, layer))
+        return _concrete(self._get_layer(_live_buffers(self), layer))
 
     def get_key_buffer(self, layer_id: int) -> jax.Array:
         return self.get_kv_buffer(layer_id)[0]
@@ -868,7 +884,7 @@ class KVPool(_SlotOwner):
         if len(src) == 0:
             return
         m = bucket_size(len(src))
-        self._buffers = _concrete(self._copy(self._buffers, _pad(src, m), _pad(dst, m)))
+        self._buffers = _concrete(self._copy(_live_buffers(self), _pad(src, m), _pad(dst, m)))
 
     def __repr__(self) -> str:
         return (
@@ -1156,14 +1172,14 @@ class MambaPool(_SlotOwner):
         _check_distinct("dst", d)
         if len(s):
             m = bucket_size(len(s))
-            self._buffers = _concrete(self._copy(self._buffers, _pad(s, m), _pad(d, m)))
+            self._buffers = _concrete(self._copy(_live_buffers(self), _pad(s, m), _pad(d, m)))
 
     def reset_states(self, slots: Any) -> None:
         """Zero the states of *slots* (distinct) in every layer."""
         s = _slots("slots", slots, self.rows)
         _check_distinct("slots", s)
         if len(s):
-            self._buffers = _concrete(self._reset(self._buffers, _pad(s)))
+            self._buffers = _concrete(self._reset(_live_buffers(self), _pad(s)))
 
     def set_states(self, slots: Any, conv: Any, temporal: Any) -> None:
         """Write ``conv`` ``[L, n, *conv_shape]`` and ``temporal`` ``[L, n, *temporal_shape]``
@@ -1182,9 +1198,10 @@ class MambaPool(_SlotOwner):
             m = bucket_size(n)
             conv = _placed(_pad_to(conv, m, 1), self._sharding)
             temporal = _placed(_pad_to(temporal, m, 1), self._sharding)
-            _refuse_own_buffers("conv", conv, self._buffers)
-            _refuse_own_buffers("temporal", temporal, self._buffers)
-            self._buffers = _concrete(self._write(self._buffers, _pad(s, m), conv, temporal))
+            buffers = _live_buffers(self)
+            _refuse_own_buffers("conv", conv, buffers)
+            _refuse_own_buffers("temporal", temporal, buffers)
+            self._buffers = _concrete(self._write(buffers, _pad(s, m), conv, temporal))
 
     def get_states(self, slots: Any) -> MambaBuffers:
         """``MambaBuffers(conv [L, n, ...], temporal [L, n, ...])`` of *slots* (fresh).
@@ -1192,7 +1209,7 @@ class MambaPool(_SlotOwner):
         The gather runs at the bucket size; trimming to ``n`` compiles one slice per distinct
         ``n`` (as :meth:`KVPool.get_kv`)."""
         s = _slots("slots", slots, self.rows)
-        out = _concrete(self._read(self._buffers, _pad(s)))
+        out = _concrete(self._read(_live_buffers(self), _pad(s)))
         return MambaBuffers(*(b[:, : len(s)] for b in out))
 
 
