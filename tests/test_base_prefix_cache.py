@@ -58,6 +58,17 @@ def test_hash_token_ids_accepts_lists_arrays_and_keys(tokens):
     assert hash_token_ids(tokens) == _sha(struct.pack("<3I", 5, 6, 7))
 
 
+@pytest.mark.parametrize("extra_key", ["lora-A", 0, ("img", 7)])
+def test_hash_token_ids_refuses_a_key_whose_namespace_it_would_drop(extra_key):
+    """A RadixKey was hashed by its tokens alone: two adapters' equal pages had one hash,
+    which a page store keyed by it would share between them. With an extra_key it is an
+    InvalidKeyError; its tokens hash as before."""
+    key = RadixKey([5, 6, 7], extra_key)
+    with pytest.raises(InvalidKeyError, match="extra_key"):
+        hash_token_ids(key)
+    assert hash_token_ids(key.token_ids) == _sha(struct.pack("<3I", 5, 6, 7))
+
+
 @pytest.mark.parametrize("bad", [[-1], [1 << 32], [1, 2**70], [1.5]])
 def test_hash_token_ids_rejects_tokens_outside_uint32(bad):
     with pytest.raises(ValueError):

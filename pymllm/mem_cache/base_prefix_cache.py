@@ -145,7 +145,16 @@ def hash_token_ids(token_ids: Any, prior_hash: str | None = None) -> str:
     digest is first fed the raw bytes of that hash, making the result position-aware.
     Tokens are packed with numpy, never one by one; a token outside [0, 2**32) or a
     *prior_hash* that is not a hex string raises ``InvalidKeyError`` (a ``ValueError``).
+    A :class:`RadixKey` is hashed by its tokens when its ``extra_key`` is None; with a
+    namespace it is ``InvalidKeyError``, since the hash would drop the namespace (two
+    adapters' equal pages would hash alike): hash ``key.token_ids`` and keep the
+    ``extra_key`` beside the hash.
     """
+    if isinstance(token_ids, RadixKey) and token_ids.extra_key is not None:
+        raise InvalidKeyError(
+            f"token_ids: a RadixKey with extra_key {token_ids.extra_key!r:.60}: the page hash "
+            "covers tokens only, so pass key.token_ids and key the hash by the extra_key too"
+        )
     h = hashlib.sha256()
     if prior_hash is not None:
         try:

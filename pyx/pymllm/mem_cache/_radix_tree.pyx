@@ -3402,7 +3402,9 @@ cdef class RadixTreeCore:
 
         The chain is seeded with the parent's last page hash (children of the root are
         unseeded), so equal pages at different positions hash differently. Cached on the
-        node and kept valid across splits.
+        node and kept valid across splits. The hashes cover tokens only, not the key's
+        ``extra_key``: equal tokens in two namespaces hash alike, so a store of pages keyed
+        by these hashes keys them by the namespace too.
         """
         self._enter()
         try:
