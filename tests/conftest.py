@@ -10,6 +10,7 @@ printed at the end of the session ("stateful steps").
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import tempfile
@@ -511,18 +512,33 @@ def load_bench(name: str) -> ModuleType:
     return module
 
 
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """*env* (default: this process's environment) with the directory that holds the
+    ``pymllm`` this process imported first on ``PYTHONPATH``: a child Python then tests
+    the same build as its parent (the installed package in CI; a worktree or copy built
+    in place, rather than whatever an editable install points at, when run from one)."""
+    import pymllm
+
+    env = dict(os.environ if env is None else env)
+    root = str(Path(pymllm.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 def run_child(code: str, timeout: float = 300) -> str:
     """Run *code* in a fresh Python process (for cases that crash or limit the process) and
     return its stdout; a non-zero exit fails the test with the child's stderr.
 
-    The child starts outside the checkout: ``python -c`` puts the working directory first on
-    sys.path, and the repository root holds the unbuilt sources."""
+    The child starts outside the checkout (``python -c`` puts the working directory first
+    on sys.path, and the repository root may hold unbuilt sources) and imports the
+    parent's ``pymllm`` (:func:`child_env`)."""
     run = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=tempfile.gettempdir(),
+        env=child_env(),
     )
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
     return run.stdout

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import child_env  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import _radix_tree
 
@@ -16,7 +17,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ab_builds.py"
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(),
     )
 
 

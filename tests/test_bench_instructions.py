@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import child_env  # tests/ is on sys.path (rootdir conftest)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "instructions.py"
 
@@ -33,6 +34,7 @@ def test_each_child_configuration_runs(config: str, keys: str) -> None:
         capture_output=True,
         text=True,
         timeout=300,
+        env=child_env(),
     )
     assert out.returncode == 0, out.stderr
 
@@ -62,7 +64,7 @@ def test_counts_are_turned_into_ratios(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=600,
-        env={"PATH": env_path},
+        env=child_env({"PATH": env_path}),
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()

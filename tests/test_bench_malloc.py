@@ -4,13 +4,13 @@ setting is process-wide)."""
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import child_env  # tests/ is on sys.path (rootdir conftest)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -40,7 +40,7 @@ libc.free(p)
 
 
 def _probe(malloc_env: str | None, cwd: Path) -> tuple[str, int]:
-    env = dict(os.environ)
+    env = child_env()
     env.pop("PYMLLM_BENCH_MALLOC", None)
     if malloc_env is not None:
         env["PYMLLM_BENCH_MALLOC"] = malloc_env

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
+from conftest import child_env, run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache.errors import BuffersDeletedError, InvalidFreeError, InvalidValueError
 from pymllm.mem_cache.memory_pool import (
@@ -892,7 +892,7 @@ def four_device_runs(
     """Starts the 4-device checks in subprocesses as this module begins, so that they run
     beside the other tests (XLA_FLAGS must be set before jax initializes: a fresh process)."""
     wanted = {item.name for item in request.session.items} & set(SCRIPTS)
-    env = dict(os.environ)
+    env = child_env()
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     ).strip()
