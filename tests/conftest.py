@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -525,20 +526,21 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_child(code: str, timeout: float = 300) -> str:
+def run_child(code: str, timeout: float = 300, **env: str) -> str:
     """Run *code* in a fresh Python process (for cases that crash or limit the process) and
     return its stdout; a non-zero exit fails the test with the child's stderr.
 
     The child starts outside the checkout (``python -c`` puts the working directory first
     on sys.path, and the repository root may hold unbuilt sources) and imports the
-    parent's ``pymllm`` (:func:`child_env`)."""
+    parent's ``pymllm`` (:func:`child_env`); *env* adds variables to its environment.
+    *code* is dedented first."""
     run = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=tempfile.gettempdir(),
-        env=child_env(),
+        env={**child_env(), **env},
     )
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
     return run.stdout

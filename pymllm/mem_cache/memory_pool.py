@@ -870,8 +870,10 @@ class KVPool(_SlotOwner):
 
         Both 1-D, same length, in range, ``dst_loc`` distinct except the padding slot 0 and
         outside the rest of the padding page 0 (``src_loc`` may repeat: one row forked into
-        several); an error copies nothing. The caller owns ``dst_loc`` and keeps owning both,
-        and may reuse both arrays as soon as this returns.
+        several); an error copies nothing. No slot changes owner: ``dst_loc`` should be the
+        caller's (its rows are overwritten), ``src_loc`` may be anyone's, the tree's too
+        (forking a cached prefix: lock its node so that no evict frees the rows before the
+        copy is dispatched). The caller may reuse both arrays as soon as this returns.
         """
         src = _slots("src_loc", src_loc, self.rows)
         dst = _slots("dst_loc", dst_loc, self.rows)
