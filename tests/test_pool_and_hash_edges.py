@@ -183,3 +183,20 @@ def test_hash_refuses_a_uint64_token_past_uint32() -> None:
     with pytest.raises(InvalidKeyError):
         hash_token_ids(np.array([1, 2**32], dtype=np.uint64))
     assert hash_token_ids(np.array([1, 2**32 - 1], np.uint64)) == hash_token_ids([1, 2**32 - 1])
+
+
+def test_a_traced_request_row_is_named_as_a_tracer() -> None:
+    """ReqToTokenPool.write inside jax.jit with a traced row: the same refusal as a traced
+    value (call the pool outside traced code), not a failed numpy conversion."""
+    import jax
+
+    pool = ReqToTokenPool(4, 8)
+
+    @jax.jit
+    def step(row: jax.Array) -> jax.Array:
+        pool.write((row, slice(0, 1)), [1])
+        return row
+
+    with pytest.raises(InvalidValueError, match="index is a tracer"):
+        step(jnp.int32(1))
+    assert not pool.req_to_token.any()

@@ -938,6 +938,7 @@ class ReqToTokenPool(_SlotOwner):
         ``[0, 2**31)`` (never wrapped into another slot), or when they do not fit the index.
         """
         row = index[0] if isinstance(index, tuple) and index else index
+        _not_traced("index", row)
         _not_traced("values", values)
         _refuse_bool_slots("index", row)
         _refuse_bool_slots("values", values)
