@@ -9,6 +9,7 @@ printed at the end of the session ("stateful steps").
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -511,6 +512,15 @@ def load_bench(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def sha256_hex(*chunks: bytes) -> str:
+    """The SHA-256 hex digest of *chunks* fed in order: what ``hash_token_ids`` must return
+    for the bytes it packs."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
 
 
 def child_env(env: dict[str, str] | None = None) -> dict[str, str]:

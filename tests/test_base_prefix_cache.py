@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import sha256_hex  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import (
     BasePrefixCache,
@@ -22,26 +23,19 @@ from pymllm.mem_cache import (
 from pymllm.mem_cache.errors import CacheError, InvalidKeyError
 
 
-def _sha(*chunks: bytes) -> str:
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(c)
-    return h.hexdigest()
-
-
 def test_hash_token_ids_packs_uint32_little_endian():
-    assert hash_token_ids([1, 2, 0xFFFFFFFF]) == _sha(struct.pack("<3I", 1, 2, 0xFFFFFFFF))
+    assert hash_token_ids([1, 2, 0xFFFFFFFF]) == sha256_hex(struct.pack("<3I", 1, 2, 0xFFFFFFFF))
 
 
 def test_hash_token_ids_tuple_tokens_hash_each_element_in_order():
-    expected = _sha(struct.pack("<4I", 1, 2, 3, 4))
+    expected = sha256_hex(struct.pack("<4I", 1, 2, 3, 4))
     assert hash_token_ids([(1, 2), (3, 4)]) == expected
     assert hash_token_ids([(1, 2), (3, 4)]) != hash_token_ids([(2, 1), (3, 4)])
 
 
 def test_hash_token_ids_chains_on_raw_bytes_of_prior_hash():
     prior = hash_token_ids([7])
-    assert hash_token_ids([8], prior) == _sha(bytes.fromhex(prior), struct.pack("<I", 8))
+    assert hash_token_ids([8], prior) == sha256_hex(bytes.fromhex(prior), struct.pack("<I", 8))
     assert hash_token_ids([8], prior) != hash_token_ids([8])
 
 
@@ -55,7 +49,7 @@ def test_hash_token_ids_chains_on_raw_bytes_of_prior_hash():
     ],
 )
 def test_hash_token_ids_accepts_lists_arrays_and_keys(tokens):
-    assert hash_token_ids(tokens) == _sha(struct.pack("<3I", 5, 6, 7))
+    assert hash_token_ids(tokens) == sha256_hex(struct.pack("<3I", 5, 6, 7))
 
 
 @pytest.mark.parametrize("extra_key", ["lora-A", 0, ("img", 7)])
@@ -66,7 +60,7 @@ def test_hash_token_ids_refuses_a_key_whose_namespace_it_would_drop(extra_key):
     key = RadixKey([5, 6, 7], extra_key)
     with pytest.raises(InvalidKeyError, match="extra_key"):
         hash_token_ids(key)
-    assert hash_token_ids(key.token_ids) == _sha(struct.pack("<3I", 5, 6, 7))
+    assert hash_token_ids(key.token_ids) == sha256_hex(struct.pack("<3I", 5, 6, 7))
 
 
 @pytest.mark.parametrize("bad", [[-1], [1 << 32], [1, 2**70], [1.5]])
@@ -117,7 +111,7 @@ def test_hash_token_ids_rejects_ragged_tuples():
 
 
 def test_hash_token_ids_empty_page():
-    assert hash_token_ids([]) == _sha(b"")
+    assert hash_token_ids([]) == sha256_hex(b"")
 
 
 def test_hash_to_int64_is_signed_first_16_hex_chars():

@@ -5,13 +5,12 @@ test here fails on one of the survivors and passes on the real code).
 
 from __future__ import annotations
 
-import hashlib
 import struct
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
+from conftest import run_child, sha256_hex  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache.base_prefix_cache import RadixKey, hash_token_ids
 from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError
@@ -23,14 +22,6 @@ from pymllm.mem_cache.memory_pool import (
     scatter_rows,
     write_kv,
 )
-
-
-def _sha(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()
-
 
 # --- reads: the first slot past the buffer is refused. A gather clamps an index past the
 # end onto the last row, so slot == rows, unchecked, would read the K/V (or state) of slot
@@ -78,7 +69,7 @@ def test_hash_of_a_big_endian_array_is_the_hash_of_its_values(dtype: str) -> Non
     """A big-endian 4-byte array hashes its values (fed as raw bytes, it would hash
     byte-swapped tokens and miss every prefix hit)."""
     tokens = np.array([1, 2, 0x01020304], dtype=dtype)
-    assert hash_token_ids(tokens) == _sha(struct.pack("<3I", 1, 2, 0x01020304))
+    assert hash_token_ids(tokens) == sha256_hex(struct.pack("<3I", 1, 2, 0x01020304))
     assert hash_token_ids(tokens) == hash_token_ids([1, 2, 0x01020304])
 
 
@@ -88,7 +79,7 @@ def test_hash_reads_every_chunk_of_a_long_key(dtype: type) -> None:
     first 65,536 tokens hash differently."""
     n = (1 << 16) + 3
     tokens = (np.arange(n) % 50_000).astype(dtype)
-    want = _sha(tokens.astype("<u4").tobytes())
+    want = sha256_hex(tokens.astype("<u4").tobytes())
     assert hash_token_ids(tokens) == want
     other = tokens.copy()
     other[-1] += 1
@@ -100,7 +91,7 @@ def test_hash_refuses_token_2_32_on_the_object_path() -> None:
     """numpy ints of both signs make an object array, read token by token; 2**32 is an
     InvalidKeyError there too (not numpy's OverflowError, nor a wrap to 0)."""
     ok = [np.int64(1), np.uint64(2**32 - 1)]
-    assert hash_token_ids(ok) == _sha(struct.pack("<2I", 1, 2**32 - 1))
+    assert hash_token_ids(ok) == sha256_hex(struct.pack("<2I", 1, 2**32 - 1))
     with pytest.raises(InvalidKeyError):
         hash_token_ids([np.int64(1), np.uint64(2**32)])
 
