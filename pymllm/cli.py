@@ -293,6 +293,9 @@ def _run_demo(args: argparse.Namespace) -> int:
                 state_size=state_slots,
                 swa_size=swa_size if cfg.variant == "swa" else None,
             )
+        except ValueError as exc:  # a size past what a pool's int32 slots can address
+            err.write(f"pymllm-cache: error: the pools refuse these sizes: {exc}\n")
+            return 2
         except (MemoryError, jax.errors.JaxRuntimeError) as exc:
             err.write(
                 f"pymllm-cache: error: the KV pools ({args.pool_size:,} slots) do not fit "

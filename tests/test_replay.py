@@ -128,6 +128,8 @@ def test_format_can_be_forced(tmp_path):
         (json.dumps(mc([1], n_in=0)), r":3: field 'input_length' must be an integer in \[1, "),
         (json.dumps(mc([1] * 2, n_in=2**31)), r":3: field 'input_length' must be an integer in"),
         (json.dumps(mc([1], ts=-1)), r":3: field 'timestamp' must be >= 0"),
+        # an int past float's range: math.isfinite raised OverflowError, not a TraceError
+        (json.dumps(mc([1], ts=10**400)), r":3: field 'timestamp' must be a finite number"),
         (json.dumps(mc([1], priority=1.5)), r":3: field 'priority' must be a 64-bit integer"),
         (json.dumps(mc([1], priority=2**63)), r":3: field 'priority' must be a 64-bit integer"),
         ("[1, 2]", r":3: expected a JSON object, got list"),
@@ -445,7 +447,8 @@ def test_parse_capacity(text, value):
 
 
 @pytest.mark.parametrize(
-    "text", ["0", "-5", "1.5", "lots", "nan", "", True, -math.inf, "1e400", "infk", "-inf"]
+    "text",
+    ["0", "-5", "1.5", "lots", "nan", "", True, -math.inf, "1e400", "infk", "-inf", 10**400],
 )
 def test_parse_capacity_rejects(text):
     with pytest.raises(ValueError, match=r"capacity: expected a positive whole number"):

@@ -22,14 +22,13 @@ references (the scale of the issue's benchmark).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pymllm.replay.traces import MOONCAKE_BLOCK_TOKENS
+from pymllm.replay.traces import MOONCAKE_BLOCK_TOKENS, is_finite
 
 #: Bounds on :class:`TraceSpec` that keep a generation finite and in memory.
 MAX_MEAN_TURNS = 100
@@ -78,7 +77,7 @@ class TraceSpec:
                 )
         for name in ("zipf", "rate", "think_s"):
             val = getattr(self, name)
-            if not (val > 0 and math.isfinite(val)):
+            if not (val > 0 and is_finite(val)):
                 raise ValueError(f"{name}: expected a positive finite number, got {val!r}")
 
 

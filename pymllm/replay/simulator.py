@@ -72,12 +72,15 @@ def parse_capacity(text: str | int | float | None) -> int | None:
     elif isinstance(text, bool):
         val = math.nan
     else:
-        val = float(text)
+        try:
+            val = float(text)
+        except OverflowError:  # an int past float's range, refused as a string's overflow
+            val = math.nan
         if math.isinf(val) and val > 0:  # math.inf itself; a string's overflow is refused
             return None
     if not math.isfinite(val) or val < 1 or val != int(val):
         raise ValueError(
-            f"capacity: expected a positive whole number of units or 'inf', got {text!r}"
+            f"capacity: expected a positive whole number of units or 'inf', got {text!r:.80}"
         )
     return int(val)
 

@@ -60,6 +60,16 @@ MOONCAKE_FIELDS = {
 }
 
 
+def is_finite(val: float) -> bool:
+    """``math.isfinite`` for any real number: an int past float's range (valid JSON, a
+    401-digit timestamp say) is not finite here, where ``math.isfinite`` raises
+    ``OverflowError``."""
+    try:
+        return math.isfinite(val)
+    except OverflowError:
+        return False
+
+
 class TraceError(ValueError):
     """A trace file that cannot be replayed; the message names the line and the field."""
 
@@ -72,8 +82,8 @@ def trace_field(rec: dict[str, Any], name: str, where: str, *, kind: str) -> Any
         raise TraceError(f"{where}: missing field {name!r}")
     val = rec[name]
     if kind == "number":
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
-            raise TraceError(f"{where}: field {name!r} must be a number, got {val!r}")
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not is_finite(val):
+            raise TraceError(f"{where}: field {name!r} must be a finite number, got {val!r:.80}")
         if val < 0:
             raise TraceError(f"{where}: field {name!r} must be >= 0, got {val!r}")
     elif kind == "posint":
