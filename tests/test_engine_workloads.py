@@ -110,7 +110,7 @@ def test_trace_timestamps_and_limits(tmp_path):
             r"field 'output_length' must be an integer in \[1",
         ),
         (json.dumps({**rec(), "timestamp": -1}), r"field 'timestamp' must be >= 0"),
-        (json.dumps({**rec(), "timestamp": True}), r"field 'timestamp' must be a number"),
+        (json.dumps({**rec(), "timestamp": True}), r"field 'timestamp' must be a finite number"),
         (json.dumps({**rec(), "hash_ids": [1, "x"]}), r"field 'hash_ids' must be a list of int"),
         (json.dumps({**rec(), "hash_ids": [1]}), r":2: field 'hash_ids' has 1 ids but input_len"),
     ],
