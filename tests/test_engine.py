@@ -276,6 +276,17 @@ def _tombstone_crossing_workload() -> Workload:
     )
 
 
+def swa_engine(swa_size: int) -> Engine:
+    """An engine of the swa model over split pools, the SWA one of *swa_size* slots, with
+    the windowed tree (the tombstone-crossing tests)."""
+    cfg = cfg_of("swa")
+    sched = SchedulerConfig(max_running=4, max_prefill_batch=2, chunk_tokens=32)
+    mem = EngineMemory(cfg, POOL, swa_size=swa_size)
+    alloc = mem.token_to_kv_pool_allocator
+    cache = RadixCache(token_to_kv_pool_allocator=alloc, sliding_window_size=cfg.sliding_window)
+    return Engine(cfg, mem, cache, params=params_of("swa"), sched=sched)
+
+
 def test_swa_prompt_cached_across_a_locked_tombstone_is_recomputed(monkeypatch):
     """The windowed re-match of a cached prompt stops short at a tombstone that another
     running request holds locked: the request prefills those positions again in new slots
@@ -288,14 +299,9 @@ def test_swa_prompt_cached_across_a_locked_tombstone_is_recomputed(monkeypatch):
         return real(self, r, matched, covered)
 
     monkeypatch.setattr(Engine, "_refill", spy)
-    cfg = cfg_of("swa")
-    sched = SchedulerConfig(max_running=4, max_prefill_batch=2, chunk_tokens=32)
     runs = {}
     for swa in (215, SWA_POOL):
-        mem = EngineMemory(cfg, POOL, swa_size=swa)
-        alloc = mem.token_to_kv_pool_allocator
-        cache = RadixCache(token_to_kv_pool_allocator=alloc, sliding_window_size=cfg.sliding_window)
-        engine = Engine(cfg, mem, cache, params=params_of("swa"), sched=sched)
+        engine = swa_engine(swa)
         runs[swa] = engine.run(_tombstone_crossing_workload())
         assert_slots_accounted(engine)
         if swa == 215:

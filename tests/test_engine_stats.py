@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import test_engine as TE
-from test_engine import POOL, SWA_POOL, assert_slots_accounted, cfg_of, params_of
+from test_engine import POOL, SWA_POOL, assert_slots_accounted, cfg_of
 from test_engine_errors import make_engine, ramp
 
 from pymllm.engine.memory import EngineMemory
-from pymllm.engine.scheduler import Engine, EngineError, SchedulerConfig
+from pymllm.engine.scheduler import Engine, EngineError
 from pymllm.engine.workloads import RequestSpec, Workload
 from pymllm.mem_cache import ChunkCache, RadixCache
 
@@ -49,8 +49,6 @@ def test_a_one_token_request_recomputed_past_a_locked_tombstone_finishes() -> No
             nxt = RequestSpec("R1", nxt.prompt, 1)
         return nxt
 
-    cfg = cfg_of("swa")
-    sched = SchedulerConfig(max_running=4, max_prefill_batch=2, chunk_tokens=32)
     refills = []
     real = Engine._refill
 
@@ -60,10 +58,7 @@ def test_a_one_token_request_recomputed_past_a_locked_tombstone_finishes() -> No
 
     outs = {}
     for swa in (215, SWA_POOL):
-        mem = EngineMemory(cfg, POOL, swa_size=swa)
-        alloc = mem.token_to_kv_pool_allocator
-        cache = RadixCache(token_to_kv_pool_allocator=alloc, sliding_window_size=cfg.sliding_window)
-        engine = Engine(cfg, mem, cache, params=params_of("swa"), sched=sched)
+        engine = TE.swa_engine(swa)
         engine._refill = spy.__get__(engine)
         wl = Workload(base.name, base.description, base.requests, one_token_r1, 5)
         stats = engine.run(wl)
