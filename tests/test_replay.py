@@ -549,8 +549,9 @@ def test_generator_bounds_keep_it_finite():
         with pytest.raises(ValueError, match=r"mean_turns: expected a number in \[1, 100\]"):
             TraceSpec(mean_turns=bad)
     for name in ("rate", "think_s", "zipf"):
-        with pytest.raises(ValueError, match=f"{name}: expected a positive finite number"):
-            TraceSpec(**{name: math.inf})
+        for bad in (math.inf, 10**400):  # an int past float's range: not OverflowError
+            with pytest.raises(ValueError, match=f"{name}: expected a positive finite number"):
+                TraceSpec(**{name: bad})
     with pytest.raises(ValueError, match="groups: expected an integer below 1,000,000"):
         TraceSpec(groups=10**6)
     with pytest.raises(ValueError, match="block_tokens: expected an integer below"):
