@@ -14,6 +14,7 @@ from pymllm.mem_cache import (
     RadixKey,
     SWATokenToKVPoolAllocator,
     TokenToKVPoolAllocator,
+    _radix_tree,
 )
 from pymllm.mem_cache.errors import InvalidValueError
 
@@ -159,6 +160,29 @@ def test_reinsert_with_higher_priority_protects_the_cached_state() -> None:
     cache._check_invariants()
 
 
+def test_reinsert_with_higher_priority_protects_the_swa_kv() -> None:
+    """The same for the SWA eviction order of a sliding-window cache."""
+
+    class SWASlots(_Slots):
+        def free_swa(self, idx: np.ndarray) -> None:
+            pass
+
+    kv, evicted = SWASlots(), []
+    cache = RadixCache(
+        1,
+        sliding_window_size=2,
+        token_to_kv_pool_allocator=kv,
+        on_node_evict=evicted.append,
+        eviction_policy="priority",
+    )
+    a = cache.insert(RadixKey([1, 2]), kv.alloc(2), priority=0).last_node
+    b = cache.insert(RadixKey([3, 4]), kv.alloc(2), priority=1).last_node
+    assert cache.insert(RadixKey([1, 2]), a.value, priority=5).prefix_len == 2
+    cache.evict(0, swa_num_tokens=2)
+    assert evicted == [b.id], "the SWA KV of the priority-5 prefix was dropped first"
+    cache._check_invariants()
+
+
 # -- MambaRadixCache: state slot 0 is a state like any other.
 #
 # Behaviour pinned: insert(mamba_value=0) is accepted (slots in [0, 2**31) are valid, and a
@@ -282,3 +306,48 @@ def test_tombstoning_an_inner_node_frees_its_swa_slots() -> None:
     assert (
         alloc.full_available_size() == alloc.size and alloc.swa_available_size() == alloc.swa_size
     )
+
+
+# -- A Mamba evict that runs out of memory at any of its buffer growths leaves the tree
+# whole and loses no slot or state.
+#
+# Behaviour pinned: every buffer a node's removal writes to (the evicted KV indices, the
+# evicted node ids, and for a Mamba cache the evicted states) is grown before the node is
+# touched, so a MemoryError midway through evict() leaves the node fully in the tree; the
+# nodes removed before it are handed over (KV slots, states, on_node_evict) and the error is
+# raised. The existing test injects the failure at one fixed growth (the KV index buffer's),
+# never at the state buffer's. If the state buffer grew only inside the removal, a failure
+# there would leave a node unlinked from the child map but still counted and held: later
+# matches miss it, its KV slots and its state are never freed (a leak the size of the node
+# per failure), and the tree's counters disagree with its contents. On a serving host under
+# memory pressure that turns one failed evict into a permanent loss of KV pool capacity.
+
+
+@pytest.mark.parametrize("count", range(8))
+def test_mamba_evict_out_of_memory_at_any_growth_keeps_the_tree_whole(count: int) -> None:
+    n_keys, key_len = 40, 8
+    alloc, pool, reported = TokenToKVPoolAllocator(n_keys * key_len), _Slots(), []
+    cache = MambaRadixCache(
+        token_to_kv_pool_allocator=alloc, mamba_pool=pool, on_node_evict=reported.append
+    )
+    for i in range(n_keys):
+        key = RadixKey(np.arange(i * key_len, (i + 1) * key_len, dtype=np.int32))
+        cache.insert(key, alloc.alloc(key_len), mamba_value=i + 1)
+    total = cache.total_size()
+    _radix_tree._fail_scratch_growth_after(count)
+    try:
+        try:
+            cache.evict(total)
+        except MemoryError:
+            pass
+    finally:
+        _radix_tree._fail_scratch_growth_after(-1)
+    cache._check_invariants()
+    removed = total - cache.total_size()
+    assert alloc.available_size() == removed
+    assert len(reported) == len(pool.freed) == removed // key_len
+    assert cache.mamba_evictable_size() == n_keys - removed // key_len
+    cache.evict(total)  # the rest, as usual
+    assert cache.total_size() == 0 and alloc.available_size() == total
+    assert sorted(pool.freed) == list(range(1, n_keys + 1))
+    cache._check_invariants()
