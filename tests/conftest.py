@@ -152,6 +152,17 @@ class RecordingSWAAllocator(RecordingAllocator):
         assert not self.swa_live, f"leaked SWA slots: {sorted(self.swa_live)[:20]}"
 
 
+class RecordingStates:
+    """Stands in for a Mamba state pool that the test hands states from itself: records
+    every state slot freed, in order (a list, so a state freed twice shows twice)."""
+
+    def __init__(self) -> None:
+        self.freed: list[int] = []
+
+    def free(self, slots: np.ndarray) -> None:
+        self.freed.extend(np.asarray(slots).tolist())
+
+
 @pytest.fixture
 def allocator() -> RecordingAllocator:
     return RecordingAllocator()

@@ -12,7 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RecordingAllocator, assert_same_trees, cache_classes, outcome
+from conftest import (
+    RecordingAllocator,
+    RecordingStates,
+    assert_same_trees,
+    cache_classes,
+    outcome,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,15 +202,8 @@ def test_mamba_states_follow_the_policy() -> None:
 
     from pymllm.mem_cache import MambaRadixCache
 
-    class States:
-        def __init__(self) -> None:
-            self.freed: list[int] = []
-
-        def free(self, slots: np.ndarray) -> None:
-            self.freed.extend(slots.tolist())
-
     for cls in (MambaRadixCache, RefMambaRadixCache):
-        alloc, states = RecordingAllocator(), States()
+        alloc, states = RecordingAllocator(), RecordingStates()
         cache = cls(token_to_kv_pool_allocator=alloc, mamba_pool=states, eviction_policy="fifo")
         for state, tokens in enumerate([[1, 2], [1, 2, 3, 4], [5, 6]]):
             m = cache.match_prefix(RadixKey(tokens))

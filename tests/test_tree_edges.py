@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import RecordingAllocator, RecordingStates  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import (
     MambaRadixCache,
@@ -17,23 +18,6 @@ from pymllm.mem_cache import (
     _radix_tree,
 )
 from pymllm.mem_cache.errors import InvalidValueError
-
-
-class _Slots:
-    """A KV allocator / state pool stand-in: fresh slots 1, 2, ...; records frees."""
-
-    def __init__(self) -> None:
-        self.next = 1
-        self.freed: list[int] = []
-
-    def alloc(self, n: int) -> np.ndarray:
-        out = np.arange(self.next, self.next + n, dtype=np.int32)
-        self.next += n
-        return out
-
-    def free(self, idx: np.ndarray) -> None:
-        self.freed.extend(np.asarray(idx).tolist())
-
 
 # -- A node split keeps its eviction class (prio) in its upper half, under every policy
 # where the class is not constant.
@@ -64,7 +48,7 @@ def _node_with_key(cache, tokens):
 
 @pytest.mark.parametrize("policy", ["lfu", "fifo", "priority", "slru"])
 def test_upper_half_of_a_split_keeps_the_nodes_eviction_class(policy: str) -> None:
-    alloc, evicted = _Slots(), []
+    alloc, evicted = RecordingAllocator(), []
     cache = RadixCache(
         1, token_to_kv_pool_allocator=alloc, on_node_evict=evicted.append, eviction_policy=policy
     )
@@ -135,7 +119,7 @@ def test_reinsert_with_higher_priority_protects_the_cached_prefix_kv() -> None:
             eviction_policy="priority",
         ),
     ):
-        kv, st, evicted = _Slots(), _Slots(), []
+        kv, st, evicted = RecordingAllocator(), RecordingStates(), []
         cache = make(kv, st, evicted.append)
         _, b = _scenario(cache, kv)
         cache.evict(2)
@@ -144,7 +128,7 @@ def test_reinsert_with_higher_priority_protects_the_cached_prefix_kv() -> None:
 
 
 def test_reinsert_with_higher_priority_protects_the_cached_state() -> None:
-    kv, st, evicted = _Slots(), _Slots(), []
+    kv, st, evicted = RecordingAllocator(), RecordingStates(), []
     cache = MambaRadixCache(
         1,
         token_to_kv_pool_allocator=kv,
@@ -163,11 +147,11 @@ def test_reinsert_with_higher_priority_protects_the_cached_state() -> None:
 def test_reinsert_with_higher_priority_protects_the_swa_kv() -> None:
     """The same for the SWA eviction order of a sliding-window cache."""
 
-    class SWASlots(_Slots):
+    class RecordingSWAAllocator(RecordingAllocator):
         def free_swa(self, idx: np.ndarray) -> None:
             pass
 
-    kv, evicted = SWASlots(), []
+    kv, evicted = RecordingSWAAllocator(), []
     cache = RadixCache(
         1,
         sliding_window_size=2,
@@ -194,7 +178,7 @@ def test_reinsert_with_higher_priority_protects_the_swa_kv() -> None:
 
 
 def test_a_node_holding_state_slot_zero_is_matched() -> None:
-    kv, states = _Slots(), _Slots()
+    kv, states = RecordingAllocator(), RecordingStates()
     cache = MambaRadixCache(1, token_to_kv_pool_allocator=kv, mamba_pool=states)
     v = kv.alloc(4)
     cache.insert(RadixKey([1, 2]), v[:2], mamba_value=5)
@@ -326,7 +310,7 @@ def test_tombstoning_an_inner_node_frees_its_swa_slots() -> None:
 @pytest.mark.parametrize("count", range(8))
 def test_mamba_evict_out_of_memory_at_any_growth_keeps_the_tree_whole(count: int) -> None:
     n_keys, key_len = 40, 8
-    alloc, pool, reported = TokenToKVPoolAllocator(n_keys * key_len), _Slots(), []
+    alloc, pool, reported = TokenToKVPoolAllocator(n_keys * key_len), RecordingStates(), []
     cache = MambaRadixCache(
         token_to_kv_pool_allocator=alloc, mamba_pool=pool, on_node_evict=reported.append
     )
