@@ -22,6 +22,7 @@ from pymllm.mem_cache.memory_pool import (
     MambaBuffers,
     MambaPool,
     ReqToTokenPool,
+    _trim_rows,
     bucket_size,
     copy_kv,
     copy_states,
@@ -406,13 +407,16 @@ def test_mamba_updates_and_module_helpers_donate() -> None:
 
 def test_reads_and_copies_compile_once_per_bucket() -> None:
     """The gathers and copies run at the bucket size, so a serving loop compiles each a
-    bounded number of times (trimming a read to ``n`` rows is a separate small slice).
-    Counted as new entries of each jitted function's cache (shared by every pool): the
-    shapes here are used by no other test, so the new entries are this test's."""
+    bounded number of times; trimming a read to ``n`` rows is one small jitted call for
+    both arrays (``_trim_rows``, one entry per read kind and distinct ``n`` off a bucket
+    size), not eager slices (0.1-0.8 ms of host time each). Counted as new entries of each
+    jitted function's cache (shared by every pool): the shapes here are used by no other
+    test, so the new entries are this test's."""
     pool = KVPool(100, 2, 3, 7, dtype=jnp.float32)
     mamba = MambaPool(70, 1, (3, 5), (7,), conv_dtype=jnp.float32)
     fns = (pool._read, pool._read_all, pool._copy, mamba._read, mamba._copy, mamba._reset)
     before = [f._cache_size() for f in fns]
+    trims_before = _trim_rows._cache_size()
     sizes = [1, 5, 16, 17, 20, 23, 24, 25, 29, 32]  # 10 sizes, 3 buckets: 16, 24, 32
     for n in sizes:
         loc = np.arange(1, n + 1)
@@ -424,6 +428,8 @@ def test_reads_and_copies_compile_once_per_bucket() -> None:
         mamba.reset_states(loc)
     grown = [f._cache_size() - b for f, b in zip(fns, before, strict=True)]
     assert grown == [3] * len(fns), grown
+    off_bucket = [n for n in sizes if bucket_size(n) != n]  # 7: every size but 16, 24, 32
+    assert _trim_rows._cache_size() - trims_before == 3 * len(off_bucket)  # 3 read kinds
 
 
 def test_to_device_sends_a_batch_in_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
