@@ -328,8 +328,8 @@ class BasePrefixCache(abc.ABC):
     Concrete implementations:
 
     * :class:`~pymllm.mem_cache.radix_cache.RadixCache` -- radix tree with SWA tombstones
-    * :class:`~pymllm.mem_cache.chunk_cache.ChunkCache` -- no-op fallback
-      (``disable_radix_cache=True``)
+    * :class:`~pymllm.mem_cache.chunk_cache.ChunkCache` -- no-op fallback (what a server
+      runs with prefix caching disabled)
     * :class:`~pymllm.mem_cache.mamba_radix_cache.MambaRadixCache` -- radix tree with
       independent Mamba/SSM state tracking
 

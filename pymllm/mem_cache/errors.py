@@ -1,8 +1,15 @@
 """The exceptions raised by :mod:`pymllm.mem_cache`.
 
-Every error subclasses :class:`CacheError` and one built-in exception, so callers can
-catch either our family or the usual ``ValueError``/``TypeError``. An error raised by a
-public call leaves the cache, its allocator and every KV slot exactly as they were.
+Every error below subclasses :class:`CacheError` and one built-in exception
+(``ValueError`` or ``RuntimeError``), so callers can catch either our family or the
+built-in one. An argument of the wrong type (a float where an int goes, a key that is not a
+``RadixKey``) raises a plain ``TypeError``, outside the family.
+
+An error raised by a public call leaves the cache, its allocator and every KV slot exactly
+as they were, except where the call's docstring says otherwise: an ``evict`` or ``reset``
+whose ``on_node_evict`` callback, or whose allocator's ``free`` (a Python subclass or
+stand-in), raises still finishes its work (every slot it took out is freed, or handed to
+that ``free``) and then raises the first such error.
 """
 
 from __future__ import annotations
@@ -48,6 +55,12 @@ class NotInitializedError(CacheError, RuntimeError):
     raised)."""
 
 
+class AlreadyInitializedError(CacheError, RuntimeError):
+    """``__init__`` called again on a live cache, allocator or pool: it would drop the slots,
+    nodes or buffers that their owners still point into (``reset()``/``clear()`` empty one,
+    or make a new one)."""
+
+
 class ReentrantCallError(CacheError, RuntimeError):
     """A cache method was called from code that cache runs inside one of its own calls
     (``on_node_evict``, the allocator's ``free``, an ``extra_key``'s ``__hash__`` or
@@ -61,6 +74,7 @@ class ReentrantCallError(CacheError, RuntimeError):
 
 __all__ = [
     "AllocatorStateError",
+    "AlreadyInitializedError",
     "BuffersDeletedError",
     "CacheError",
     "InvalidFreeError",

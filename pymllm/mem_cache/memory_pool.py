@@ -65,7 +65,12 @@ from pymllm.mem_cache._allocator import (
     _refuse_bool_slots,
     _refuse_deleted_array,
 )
-from pymllm.mem_cache.errors import BuffersDeletedError, InvalidFreeError, InvalidValueError
+from pymllm.mem_cache.errors import (
+    AlreadyInitializedError,
+    BuffersDeletedError,
+    InvalidFreeError,
+    InvalidValueError,
+)
 
 PAD_SLOT = 0
 """The padding slot: row 0 of every buffer, never allocated."""
@@ -81,7 +86,8 @@ MIN_BUCKET = 16
 
 
 def bucket_size(n: int) -> int:
-    """Smallest bucket >= *n*: 16, 24, 32, 48, 64, 96, 128, ... (padding at most 1.5x)."""
+    """Smallest bucket >= *n*: 16, 24, 32, 48, 64, 96, 128, ... (past 16, padding at most
+    1.5x: n=17 pads to 24; any n up to 16 pads to 16)."""
     try:
         n = operator.index(n)
     except TypeError:
@@ -343,7 +349,9 @@ class _SlotOwner:
         """Called first by __init__, which sets ``_initialized`` when it completes: run
         again, it would replace the buffers and free lists under their users."""
         if getattr(self, "_initialized", False):
-            raise RuntimeError(f"{type(self).__name__} is already initialized; create a new one")
+            raise AlreadyInitializedError(
+                f"{type(self).__name__} is already initialized; create a new one"
+            )
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(f"cannot pickle '{type(self).__name__}' object: it owns slots")

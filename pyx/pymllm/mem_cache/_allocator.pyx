@@ -47,6 +47,7 @@ import numpy as np
 from pymllm.mem_cache.base_prefix_cache import _BOOL_TYPES
 from pymllm.mem_cache.errors import (
     AllocatorStateError,
+    AlreadyInitializedError,
     InvalidFreeError,
     InvalidValueError,
     NotInitializedError,
@@ -927,7 +928,7 @@ cdef int _check_fresh(object allocator, object core) except -1:
     """__init__ runs once: calling it again would forget every allocated slot (their
     owners would then free slots the allocator hands out again); clear() frees them all."""
     if core is not None:
-        raise RuntimeError(
+        raise AlreadyInitializedError(
             f"{type(allocator).__name__} is already initialized; call clear() to free every slot"
         )
     return 0

@@ -58,6 +58,7 @@ from pymllm.mem_cache.base_prefix_cache import (
     RadixKey,
 )
 from pymllm.mem_cache.errors import (
+    AlreadyInitializedError,
     InvalidKeyError,
     InvalidValueError,
     LockStateError,
@@ -1385,7 +1386,7 @@ cdef class RadixTreeCore:
         """__init__ runs once: calling it again on a live cache would drop the tree without
         giving its KV slots back (reset() does that)."""
         if self.nodes != NULL:
-            raise RuntimeError(
+            raise AlreadyInitializedError(
                 f"{type(self).__name__} is already initialized; call reset() to empty it"
             )
         return 0
@@ -3755,14 +3756,16 @@ cdef class RadixTreeCore:
 # Not @cython.no_gc: a handle refers to its cache, and a cache's owner (a scheduler whose
 # on_node_evict callback the cache holds) often keeps handles; the collector must see that
 # reference to free such a cycle (tests/test_handles_gc.py). no_gc_clear: the collector
-# breaks the cycle elsewhere, so a handle's _tree is never None while the handle exists.
+# breaks the cycle elsewhere, so a handle the cache made never loses its _tree. One made
+# with TreeNode.__new__ (its __init__ refuses) has none: it names no node of any cache, so
+# it reads as evicted, and everything that reads its node raises StaleNodeError.
 @cython.no_gc_clear
 cdef class TreeNode:
     """A handle to a node of a compiled radix tree.
 
     Holding a handle does not keep the node alive: once the node is evicted, ``evicted`` is
-    True, locking it raises ``StaleNodeError`` and its other attributes raise too. Handles
-    compare equal when they name the same node.
+    True, locking it raises ``StaleNodeError`` and so do its other attributes, except ``id``
+    (and ``repr``, which says evicted). Handles compare equal when they name the same node.
     """
 
     cdef RadixTreeCore _tree
@@ -3773,6 +3776,8 @@ cdef class TreeNode:
         raise TypeError("TreeNode handles are returned by the cache; they cannot be created")
 
     cdef inline Node* _node(self) except NULL:
+        if self._tree is None:
+            raise StaleNodeError("node: a handle made with TreeNode.__new__ names no node")
         self._tree._await_idle()
         if self._tree._stale(self._slot, self._uid):
             raise StaleNodeError(f"node {self._uid} was evicted")
@@ -3785,6 +3790,8 @@ cdef class TreeNode:
 
     @property
     def evicted(self):
+        if self._tree is None:  # made with __new__: no node
+            return True
         self._tree._await_idle()
         return self._tree._stale(self._slot, self._uid)
 
