@@ -352,13 +352,23 @@ def _us(s: float | None) -> str:
     return f"{s * 1e3:,.2f} ms" if s >= 1e-3 else f"{s * 1e6:,.0f} us"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def pool_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line both GPU pool scripts share: the pool (issue 5's by default), a CPU
+    smoke run, the JSON to write and the JSON to render."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--slots", type=int, default=262_144)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny pool, float32")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--render", type=Path, help="print the tables of a saved --json and exit")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = pool_arguments(__doc__)
     ap.add_argument("--max-batch", type=int, default=65_536)
     ap.add_argument(
         "--batches",
@@ -367,10 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--copy-bytes", type=int, default=4 << 30)
-    ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny pool, float32")
-    ap.add_argument("--json", type=Path)
     ap.add_argument("--pallas", action="store_true", help="XLA vs Pallas row-scatter only")
-    ap.add_argument("--render", type=Path, help="print the tables of a saved --json and exit")
     args = ap.parse_args(argv)
     if args.render:
         print(markdown(json.loads(args.render.read_text())))

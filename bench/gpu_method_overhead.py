@@ -24,12 +24,12 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gpu_kv_bandwidth import pool_arguments  # bench/ is the script's directory
 
 from pymllm.mem_cache import memory_pool as mp
 
@@ -175,17 +175,9 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--slots", type=int, default=262_144)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap = pool_arguments(__doc__)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256, 4096, 32_768])
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny pool, float32")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--render", type=Path, help="print the table of a saved --json and exit")
     args = ap.parse_args(argv)
     if args.render:
         print(render(json.loads(args.render.read_text())))
