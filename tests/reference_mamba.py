@@ -52,13 +52,12 @@ from pymllm.mem_cache.errors import InvalidValueError, LockStateError
 class MambaTreeNode(TreeNode):
     """A reference tree node with an optional Mamba state slot."""
 
-    __slots__ = ("mamba_lock_ref", "mamba_value", "own_lock")
+    __slots__ = ("mamba_lock_ref", "mamba_value")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.mamba_value: np.ndarray | None = None
         self.mamba_lock_ref = 0
-        self.own_lock = 0  # inc_lock_ref calls on this node itself not yet undone
 
     @property
     def full_lock_ref(self) -> int:
@@ -251,10 +250,9 @@ class RefMambaRadixCache(RefRadixCache):
         """Lock *node*'s KV and its ancestors' (as RadixCache), and *node*'s own state.
         Returns the token for :meth:`dec_lock_ref`: whether a state lock was taken."""
         node = self._check_node(node)
-        super().inc_lock_ref(node)
+        super().inc_lock_ref(node)  # and node.own_lock
         if node is self.root_node:
             return False
-        node.own_lock += 1
         if node.mamba_value is None:
             return False
         if node.mamba_lock_ref == 0:
@@ -293,8 +291,7 @@ class RefMambaRadixCache(RefRadixCache):
                 f"swa_boundary_id: got {swa_boundary_id!r} (no state lock), but each of "
                 f"{node!r}'s locks holds its state"
             )
-        super().dec_lock_ref(node)  # all or nothing: a refusal changes no count
-        node.own_lock -= 1
+        super().dec_lock_ref(node)  # all or nothing: a refusal changes no count (own_lock too)
         if release_state:
             node.mamba_lock_ref -= 1
             if node.mamba_lock_ref == 0:
@@ -334,8 +331,6 @@ class RefMambaRadixCache(RefRadixCache):
             assert isinstance(node, MambaTreeNode), f"{node!r} is not a MambaTreeNode"
             assert node.lock_ref >= node.mamba_lock_ref >= 0, f"{node!r}: mamba lock"
             assert node.own_lock >= node.mamba_lock_ref, f"{node!r}: state lock without a lock"
-            below = sum(c.lock_ref for c in node.children.values())
-            assert node.lock_ref == node.own_lock + below, f"{node!r}: lock count"
             if node.mamba_value is None:
                 assert node.mamba_lock_ref == 0, f"{node!r}: locks a state it does not hold"
                 continue

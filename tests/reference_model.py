@@ -112,6 +112,7 @@ class TreeNode:
         "id",
         "last_access_time",
         "lock_ref",
+        "own_lock",
         "parent",
         "priority",
         "tokens",
@@ -138,6 +139,7 @@ class TreeNode:
         self.parent = parent
         self.children: dict[Any, TreeNode] = {}
         self.lock_ref = 0
+        self.own_lock = 0  # inc_lock_ref calls on this node itself not yet undone
         self.last_access_time = 0
         self.hit_count = 0
         self.created = 0  # clock when the node (or the node it was split from) was made
@@ -555,6 +557,8 @@ class RefRadixCache(BasePrefixCache):
     def inc_lock_ref(self, node: Any) -> Any:
         """Lock *node* and its ancestors against eviction; returns None."""
         node = self._check_node(node)
+        if node is not self.root_node:
+            node.own_lock += 1
         while node is not self.root_node:
             if node.lock_ref == 0:
                 self._evictable -= len(node.tokens)
@@ -564,15 +568,24 @@ class RefRadixCache(BasePrefixCache):
         return None
 
     def dec_lock_ref(self, node: Any, **kwargs: Any) -> None:
-        """Undo one :meth:`inc_lock_ref`; raises ``LockStateError`` if *node* (or an ancestor)
-        holds no lock, leaving every lock as it was."""
+        """Undo one :meth:`inc_lock_ref` of *node* itself; raises ``LockStateError`` if
+        *node* holds no lock, or only its descendants' (an unlock through an ancestor),
+        leaving every lock as it was."""
         node = self._check_node(node)
+        if node is not self.root_node and node.own_lock == 0:
+            raise LockStateError(
+                f"{node!r} holds no lock"
+                if node.lock_ref == 0
+                else f"{node!r} holds only its descendants' locks"
+            )
         path = []
         while node is not self.root_node:
             if node.lock_ref == 0:
                 raise LockStateError(f"{node!r} holds no lock")
             path.append(node)
             node = node.parent
+        if path:
+            path[0].own_lock -= 1
         for n in path:
             n.lock_ref -= 1
             if n.lock_ref == 0:
@@ -666,6 +679,10 @@ class RefRadixCache(BasePrefixCache):
                 assert all(type(t) is int for t in node.tokens)
             assert 0 < node.id < self._next_id
             assert node.lock_ref >= 0 and node.hit_count >= 0
+            # no unlock passes through a node not locked itself: its own locks plus its
+            # children's, exactly
+            child_locks = sum(c.lock_ref for c in node.children.values())
+            assert node.lock_ref == node.own_lock + child_locks, f"{node!r}: lock count"
             assert 0 <= node.last_access_time <= self.clock
             if node.lock_ref:
                 protected += n

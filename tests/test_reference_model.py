@@ -785,21 +785,27 @@ def test_pretty_print_runs(make_cache, capsys):
     assert capsys.readouterr().out
 
 
-def test_unlock_through_an_ancestor_keeps_locks_consistent(make_cache):
-    """Locks held on a leaf pin its ancestors; unlocking the parent directly is allowed
-    (its lock_ref is 1), but no later unlock may drive a lock_ref below zero."""
+def test_unlock_through_an_ancestor_is_refused(make_cache):
+    """Locks held on a leaf pin its ancestors, but an ancestor's lock_ref that is all its
+    descendants' cannot be undone there: that unlock would strand the leaf's lock (its own
+    unlock then failing on the unlocked ancestor, its slots protected until a reset). It
+    raises and changes nothing; the leaf's own unlock then releases everything."""
     cache = make_cache(token_to_kv_pool_allocator=None)
     cache.insert(K([1, 2, 3]), i32([1, 2, 3]))
     leaf = cache.insert(K([1, 2, 3, 4]), i32([1, 2, 3, 4])).last_node
     parent = leaf.parent
     cache.inc_lock_ref(leaf)
+    with pytest.raises(LockStateError, match="descendants"):
+        cache.dec_lock_ref(parent)
+    assert (parent.lock_ref, leaf.lock_ref) == (1, 1) and state(cache) == (0, 4, 4)
+    cache._check_invariants()
+    cache.inc_lock_ref(parent)  # a lock of the parent's own: undone there
     cache.dec_lock_ref(parent)
-    assert (parent.lock_ref, leaf.lock_ref) == (0, 1) and state(cache) == (3, 1, 4)
+    cache.dec_lock_ref(leaf)
+    assert (parent.lock_ref, leaf.lock_ref) == (0, 0) and state(cache) == (4, 0, 4)
     cache._check_invariants()
-    with pytest.raises(LockStateError):
-        cache.dec_lock_ref(leaf)  # the parent on its path holds no lock any more
-    assert (parent.lock_ref, leaf.lock_ref) == (0, 1) and state(cache) == (3, 1, 4)
-    cache._check_invariants()
+    with pytest.raises(LockStateError, match=r"no lock|not locked"):
+        cache.dec_lock_ref(leaf)
 
 
 def test_unhashable_extra_key_raises_and_changes_nothing(make_cache):

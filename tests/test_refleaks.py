@@ -1306,14 +1306,13 @@ def _dec_unlocked() -> Case:
 
 @case("dec_unlocked_ancestor[p1]")
 def _dec_unlocked_ancestor() -> Case:
-    """Locked node, unlocked ancestor (the caller unlocked through the ancestor)."""
+    """Locked node; the caller unlocks its ancestor, which holds only the node's lock."""
     cache, _a, slots, key, _v = _err_cache()
     _insert_request(cache, slots, RadixKey([*key.token_ids, 9, 10], key.extra_key))
     child = cache.match_prefix(RadixKey([*key.token_ids, 9, 10], key.extra_key)).last_node
     parent = child.parent
     cache.inc_lock_ref(child)
-    cache.dec_lock_ref(parent)
-    return _raises(LockStateError, cache.dec_lock_ref, child), (child, parent)
+    return _raises(LockStateError, cache.dec_lock_ref, parent), (child, parent)
 
 
 @case("dec_swa_bad_boundary[swa]")

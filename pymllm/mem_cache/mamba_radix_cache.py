@@ -37,10 +37,10 @@ class MambaRadixCache(MambaTreeCore, BasePrefixCache):  # type: ignore[misc]
     (``last_node.mamba_value``) into the request's own slot before extending it.
 
     Locks: ``inc_lock_ref(node)`` returns a token (True when it also locked the node's
-    state); pass it back to ``dec_lock_ref`` on the same node. Unlike RadixCache, a node
+    state); pass it back to ``dec_lock_ref`` on the same node. As in RadixCache, a node
     whose locks are all its descendants' cannot be unlocked (``LockStateError``): undoing a
-    descendant's lock through an ancestor could leave a locked state that no KV lock
-    covers, which ``evict`` would then free.
+    descendant's lock through an ancestor would strand that lock, and here could leave a
+    locked state that no KV lock covers, which ``evict`` would then free.
 
     Thread safety: as RadixCache (each call atomic, guarded against the threads its
     callbacks may let in; re-entry from a callback raises ``ReentrantCallError``).

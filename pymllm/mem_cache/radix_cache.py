@@ -38,9 +38,9 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     itself are duplicates for it to free (usually ``value[match.prefix_len:prefix_len]``;
     with a sliding window the tree settles all of ``value[prev_prefix_len:aligned_len]``
     itself and the caller frees none of it: see ``insert``; a partial last page
-    ``value[aligned_len:]`` stays the caller's in every case), and the tree's own slots it passed back (the
-    match's) stay the tree's; ``evict`` and
-    ``reset`` give tree-owned slots back to the allocator. Over a
+    ``value[aligned_len:]`` stays the caller's in every case), and the tree's own slots it
+    passed back (the match's) stay the tree's; ``evict`` and ``reset`` give tree-owned
+    slots back to the allocator. Over a
     ``TokenToKVPoolAllocator`` or ``SWATokenToKVPoolAllocator`` the allocator books the
     tree's slots as the cache's (``is_cached``): a caller's ``free`` (or ``free_swa``) of
     one raises ``InvalidFreeError`` and ``clear()``

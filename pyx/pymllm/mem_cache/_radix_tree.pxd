@@ -49,7 +49,7 @@ ctypedef struct Node:
     int32_t heap_pos[2]     # position in each eviction heap, -1 when absent; for HEAP_FULL
                             # IN_RUN (-2) when the node is in the run instead (see Run)
     int32_t aux_lock_ref    # lock count of the second resource (SWA KV / Mamba state)
-    int32_t own_lock        # Mamba: inc_lock_ref calls on this node itself not yet undone
+    int32_t own_lock        # inc_lock_ref calls on this node itself not yet undone
                             # (lock_ref also counts those through its descendants)
     int32_t aux_value       # Mamba: state slot or -1; SWA: 0 = live SWA KV, -1 = tombstone
     nid_t run_prev          # neighbours in the run of evictable leaves (IN_RUN), NIL at

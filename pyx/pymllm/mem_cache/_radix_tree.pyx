@@ -3225,7 +3225,10 @@ cdef class RadixTreeCore:
         return boundary
 
     cdef int _lock(self, nid_t n) except -1:
+        """One lock of n (an inc_lock_ref of n itself: own_lock) and of each ancestor."""
         cdef Node* x
+        if n != ROOT:
+            self.nodes[n].own_lock += 1
         while n != ROOT:
             x = &self.nodes[n]
             if x.lock_ref == 0:
@@ -3239,8 +3242,10 @@ cdef class RadixTreeCore:
     def dec_lock_ref(self, node, swa_boundary_id=None):
         """Undo one :meth:`inc_lock_ref` of *node*.
 
-        Raises ``LockStateError`` (and changes nothing) when the node holds no lock, or
-        (with a sliding window) when ``swa_boundary_id`` does not match a held SWA lock.
+        Raises ``LockStateError`` (and changes nothing) when the node holds no lock, when
+        its locks are all its descendants' (an unlock through an ancestor would strand the
+        descendant's lock: unlock the node that was locked), or (with a sliding window)
+        when ``swa_boundary_id`` does not match a held SWA lock.
         Unlocking the root is a no-op, and so is undoing a lock that a dropped cache's
         finalizer found held when it handed everything back (a request's ``__del__`` may
         run after the cache's, when both are collected together).
@@ -3299,6 +3304,8 @@ cdef class RadixTreeCore:
     cdef void _release_locks(self, nid_t n) noexcept:
         """Drop one lock of n and each ancestor; _check_unlockable(n) must have passed."""
         cdef Node* x
+        if n != ROOT:
+            self.nodes[n].own_lock -= 1
         while n != ROOT:
             x = &self.nodes[n]
             x.lock_ref -= 1
@@ -3310,19 +3317,20 @@ cdef class RadixTreeCore:
             n = x.parent
 
     cdef int _check_unlockable(self, nid_t n) except -1:
-        """LockStateError unless n and every ancestor hold a lock (checked before any
-        release, so that a failed unlock changes nothing)."""
-        cdef nid_t m = n
-        while m != ROOT:    # all or nothing: every node on the path must hold a lock
-            if self.nodes[m].lock_ref <= 0:
-                if m == n:
-                    raise LockStateError(f"node: node {self.nodes[n].uid} is not locked")
-                raise LockStateError(
-                    f"node: node {self.nodes[n].uid} is locked but its ancestor "
-                    f"{self.nodes[m].uid} is not (unlocked through an ancestor?)"
-                )
-            m = self.nodes[m].parent
-        return 0
+        """LockStateError unless an inc_lock_ref of n itself is still held (checked before
+        any release, so that a failed unlock changes nothing). Then every ancestor holds a
+        lock too: a node's lock_ref is its own locks plus its children's."""
+        cdef Node* x = &self.nodes[n]
+        if n == ROOT or x.own_lock > 0:
+            return 0
+        if x.lock_ref <= 0:
+            raise LockStateError(f"node: node {x.uid} is not locked")
+        # undoing a descendant's lock here would leave the descendant holding a lock its
+        # ancestors no longer count, and the descendant's own unlock would then fail
+        raise LockStateError(
+            f"node: node {x.uid} holds only its descendants' locks ({x.lock_ref}); "
+            "unlock the node inc_lock_ref locked"
+        )
 
     def evictable_size(self):
         """Tokens in unlocked nodes (O(1))."""
@@ -3653,7 +3661,9 @@ cdef class RadixTreeCore:
             for c in kids.get(i, []):
                 child_sum += self.nodes[<nid_t>c].lock_ref
                 assert self.nodes[<nid_t>c].ns == x.ns, f"node {x.uid}: child in another ns"
-            # (a caller may unlock an ancestor directly, so lock_ref >= child_sum can break)
+            # no unlock passes through a node that was not locked itself, so its count is
+            # exactly its own locks plus its children's
+            assert x.lock_ref == x.own_lock + child_sum, f"node {x.uid}: lock count"
             if x.lock_ref > 0:
                 protected += x.len
             else:
@@ -3662,10 +3672,7 @@ cdef class RadixTreeCore:
             assert (x.heap_pos[HEAP_FULL] != -1) == should, f"node {x.uid}: heap membership"
             if self.mamba:
                 assert x.lock_ref >= x.aux_lock_ref >= 0, f"node {x.uid}: mamba lock"
-                # no unlock passes through a node that was not locked itself, so its count
-                # is exactly its own locks plus its children's
                 assert x.own_lock >= x.aux_lock_ref, f"node {x.uid}: state lock without a lock"
-                assert x.lock_ref == x.own_lock + child_sum, f"node {x.uid}: lock count"
                 if x.aux_value >= 0:
                     if x.aux_lock_ref > 0:
                         aux_pr += 1
@@ -4179,7 +4186,6 @@ cdef class MambaTreeCore(RadixTreeCore):
         self._lock(n)
         if n == ROOT:
             return False
-        x.own_lock += 1
         if x.aux_value < 0:
             return False
         if x.aux_lock_ref == 0:
@@ -4243,8 +4249,6 @@ cdef class MambaTreeCore(RadixTreeCore):
                 f"{x.uid}'s {x.own_lock} lock(s) holds its state: pass inc_lock_ref's token"
             )
         self._check_unlockable(n)
-        if n != ROOT:
-            x.own_lock -= 1
         if n != ROOT and release_state:
             x.aux_lock_ref -= 1
             if x.aux_lock_ref == 0:
