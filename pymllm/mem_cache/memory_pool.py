@@ -161,6 +161,7 @@ def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
     x64 off, JAX narrows a 64-bit numpy argument to its low 32 bits at the jit boundary,
     before this function sees it."""
     _refuse_deleted("loc", loc)
+    _refuse_bool_slots("loc", loc)  # [True, 5] would read as rows 1 and 5
     fits = None
     if (
         isinstance(loc, (np.ndarray, np.integer))
@@ -496,12 +497,14 @@ def _placed(x: Any, sharding: Any) -> jax.Array:
 def _pad_pair(a: Any, b: Any, m: int, axis: int) -> tuple[Any, Any]:
     """*a* and *b* (a call's K and V, or conv and temporal states: the same length) with
     zero rows appended along *axis* up to length *m*, as arrays the caller cannot change
-    afterwards. Two ``jax.Array`` short of *m* are padded on device in one jitted call."""
+    afterwards. Two ``jax.Array`` short of *m* on the same devices are padded in one
+    jitted call (on different devices, each on its own, as JAX runs a call on one set)."""
     if (
         isinstance(a, jax.Array)
         and isinstance(b, jax.Array)
         and a.shape[axis] != m
         and b.shape[axis] != m
+        and a.sharding.device_set == b.sharding.device_set  # one jitted call: one set
     ):
         pa, pb = _pad_rows((a, b), m=m, axis=axis)
         return pa, pb
@@ -983,7 +986,8 @@ class ReqToTokenPool(_SlotOwner):
         _not_traced("values", values)
         _refuse_bool_slots("index", row)
         _refuse_bool_slots("values", values)
-        _refuse_deleted("index", row)
+        for part in index if isinstance(index, tuple) else (index,):  # the columns too
+            _refuse_deleted("index", part)
         _refuse_deleted("values", values)
         try:
             rows = np.arange(self.size + 1)[row] if isinstance(row, slice) else np.asarray(row)

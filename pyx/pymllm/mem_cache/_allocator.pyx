@@ -288,17 +288,23 @@ cdef cnp.ndarray _as_int32_slots(object indices, object error=InvalidFreeError,
     return np.require(arr, np.int32, ["C", "A"])  # a copy if unaligned
 
 
+cdef bint _array_like(type t):
+    """Whether items of type *t* are arrays (numpy's, JAX's, any type with a ``dtype``
+    that is not a numpy scalar): a bool one among slots reads as 0 or 1."""
+    return issubclass(t, np.ndarray) or (not issubclass(t, np.generic) and hasattr(t, "dtype"))
+
+
 cdef bint _holds_bool(object seq) except -1:
     """Whether the list, tuple or deque *seq* (their subclasses too) holds a bool: Python's
-    or numpy's, or a numpy bool array (a 0-d one reads as 0 or 1), among its items or in
-    nested lists at any depth. The items' types in one C loop (``set(map(type, ...))``);
-    Python code per item only when some item is a list or an array, and then a loop over a
-    stack, not recursion, that visits each list once (a list that holds itself, or one
-    nested 200,000 deep, is safe)."""
+    or numpy's, or a bool array (numpy's or JAX's; a 0-d one reads as 0 or 1), among its
+    items or in nested lists at any depth. The items' types in one C loop
+    (``set(map(type, ...))``); Python code per item only when some item is a list or an
+    array, and then a loop over a stack, not recursion, that visits each list once (a list
+    that holds itself, or one nested 200,000 deep, is safe)."""
     types = set(map(type, seq))
     if _BOOL_TYPES & types:
         return True
-    if not any(issubclass(t, (list, tuple, deque, np.ndarray)) for t in types):
+    if not any(issubclass(t, (list, tuple, deque)) or _array_like(t) for t in types):
         return False
     stack = [seq]
     seen = {id(seq)}
@@ -306,9 +312,12 @@ cdef bint _holds_bool(object seq) except -1:
         for x in stack.pop():
             if type(x) in _BOOL_TYPES:
                 return True
-            if isinstance(x, np.ndarray):
-                if x.dtype == np.bool_:
-                    return True
+            if _array_like(type(x)):
+                try:
+                    if np.dtype(x.dtype) == np.bool_:
+                        return True
+                except TypeError:  # a dtype numpy does not know: not numpy's bool
+                    pass
             elif isinstance(x, (list, tuple, deque)) and id(x) not in seen:
                 seen.add(id(x))
                 stack.append(x)
