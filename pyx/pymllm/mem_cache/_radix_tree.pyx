@@ -1844,8 +1844,27 @@ cdef class RadixTreeCore:
 
     # -- input conversion ---------------------------------------------------------------
 
+    cdef int _check_key_kept(self, object owner, const KeyView* kv) except -1:
+        """``InvalidKeyError`` when the array a key is read from in place (*owner*, from
+        _load_key) no longer holds kv.tok's tokens: Python code the call ran after reading
+        the key (an extra_key's ``__hash__``/``__eq__``, a value item's ``__index__``)
+        resized it, and kv.tok may point at freed memory. A few compares; called after each
+        such step, before the key is read again and before the tree changes."""
+        cdef cnp.ndarray arr
+        if owner is None:
+            return 0
+        arr = <cnp.ndarray>owner
+        if (<const void*>cnp.PyArray_DATA(arr) == <const void*>kv.tok
+                and <size_t>cnp.PyArray_NBYTES(arr) >= <size_t>kv.n * sizeof(tok_t)):
+            return 0
+        raise InvalidKeyError(
+            "token_ids: the key's array was resized while the call ran Python code (the "
+            "extra_key's __hash__ or __eq__, a value's __index__); nothing changed"
+        )
+
     cdef object _load_key(self, object key, KeyView* kv):
-        """Fill kv from a RadixKey; returns the object that owns kv.tok (keep it alive)."""
+        """Fill kv from a RadixKey; returns the object that owns kv.tok (keep it alive, and
+        pass it to _check_key_kept after any Python code the call runs)."""
         if not isinstance(key, RadixKey):
             raise TypeError(f"key: expected a RadixKey, got {key!r:.60} ({type(key).__name__})")
         return self._load_tokens(_token_ids(key), kv)
@@ -2350,6 +2369,7 @@ cdef class RadixTreeCore:
         cdef cnp.ndarray out
         owner = self._load_key(key, &kv)
         ns = self._find_ns(_extra_key(key), kv.arity)
+        self._check_key_kept(owner, &kv)
         self._reserve_nodes(1)
         h = self._blank_handle()
         if ns < 0 or kv.n < self.page_size:
@@ -2503,7 +2523,9 @@ cdef class RadixTreeCore:
                 self._late_exc = exc
         owner = self._load_key(key, &kv)
         cdef int32_t ns = self._find_ns_late(_extra_key(key), kv.arity)
+        self._check_key_kept(owner, &kv)
         vowner = self._load_value(value, &kv, &vals)
+        self._check_key_kept(owner, &kv)
         self._raise_late()
         self.new_prio = prio
         if self.swa:
@@ -3962,6 +3984,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         cdef cnp.ndarray out
         owner = self._load_key(key, &kv)
         ns = self._find_ns(_extra_key(key), kv.arity)
+        self._check_key_kept(owner, &kv)
         h = self._blank_handle()
         if ns < 0 or kv.n < self.page_size:
             return self._miss(h)
@@ -4023,7 +4046,9 @@ cdef class MambaTreeCore(RadixTreeCore):
                 self._late_exc = exc
         owner = self._load_key(key, &kv)
         cdef int32_t ns = self._find_ns_late(_extra_key(key), kv.arity)
+        self._check_key_kept(owner, &kv)
         vowner = self._load_value(value, &kv, &vals)
+        self._check_key_kept(owner, &kv)
         self._raise_late()
         if mamba_value is not None:
             if kv.n == 0 or kv.n % self.page_size:
