@@ -1462,9 +1462,11 @@ cdef class RadixTreeCore:
         try:
             self._enter()
             try:
-                self._finalized_locks = {self.nodes[i].uid: self.nodes[i].lock_ref
+                # each node's own locks (its inc_lock_ref calls), not its lock_ref, which
+                # also counts its descendants': an unlock through an ancestor stays refused
+                self._finalized_locks = {self.nodes[i].uid: self.nodes[i].own_lock
                                          for i in range(1, self.hwm)
-                                         if self.nodes[i].uid >= 0 and self.nodes[i].lock_ref > 0}
+                                         if self.nodes[i].uid >= 0 and self.nodes[i].own_lock > 0}
                 self._reset_locked()
             finally:
                 self._leave()
