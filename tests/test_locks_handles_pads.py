@@ -154,8 +154,16 @@ def test_a_handle_made_without_a_cache_reads_as_evicted(make: Any) -> None:
     h = make()
     assert h.evicted is True and h.id == 0 and "evicted" in repr(h)
     hash(h)
-    names = ["key", "value", "parent", "lock_ref", "last_access_time", "hit_count",
-             "swa_tombstone", "swa_lock_ref"]
+    names = [
+        "key",
+        "value",
+        "parent",
+        "lock_ref",
+        "last_access_time",
+        "hit_count",
+        "swa_tombstone",
+        "swa_lock_ref",
+    ]
     if isinstance(h, MambaTreeNode):
         names += ["mamba_value", "mamba_lock_ref", "full_lock_ref"]
     for name in names:
@@ -164,8 +172,13 @@ def test_a_handle_made_without_a_cache_reads_as_evicted(make: Any) -> None:
     for cache in (RadixCache(), RadixCache(sliding_window_size=2), MambaRadixCache()):
         cache.insert(RadixKey([1, 2]), [1, 2])
         before = (cache.evictable_size(), cache.protected_size())
-        for call, args in (("inc_lock_ref", ()), ("dec_lock_ref", ()), ("dec_lock_ref", (0,)),
-                           ("compute_node_hash", ()), ("children", ())):
+        for call, args in (
+            ("inc_lock_ref", ()),
+            ("dec_lock_ref", ()),
+            ("dec_lock_ref", (0,)),
+            ("compute_node_hash", ()),
+            ("children", ()),
+        ):
             with pytest.raises(StaleNodeError):
                 getattr(cache, call)(h, *args)
         assert (cache.evictable_size(), cache.protected_size()) == before
