@@ -6,7 +6,8 @@ dotted name and one module can ``cimport`` another (see ``include_path``).
 
 Environment switches:
   PYMLLM_LINETRACE=1  compile with line tracing (coverage of the Cython code)
-  PYMLLM_SANITIZE=1   compile with AddressSanitizer (run under LD_PRELOAD=libasan)
+  PYMLLM_SANITIZE=1   compile with AddressSanitizer, the tree's big blocks from malloc too
+                      (run under LD_PRELOAD=libasan; .ci/asan does it all)
   PYMLLM_SANITIZE=undefined  compile with UndefinedBehaviorSanitizer, without -fwrapv so
                       that signed overflow is reported (run under LD_PRELOAD=libubsan;
                       .ci/ubsan does it all)
@@ -55,6 +56,9 @@ if linetrace:
 if sanitize == "1":
     compile_args = ["-O1", "-g", "-fwrapv", "-fsanitize=address", "-fno-omit-frame-pointer"]
     link_args = ["-fsanitize=address"]
+    # the tree's blocks of 1 MiB and more (node array, heaps, child map) from malloc too,
+    # not mmap, so that ASan sees a big tree's memory as well as a small one's
+    macros += [("PYMLLM_BIG_BYTES", "SIZE_MAX")]
 elif sanitize == "undefined":
     compile_args = ["-O1", "-g", "-fno-wrapv", "-fsanitize=undefined", "-fno-sanitize-recover=all"]
     compile_args += ["-fno-omit-frame-pointer"]

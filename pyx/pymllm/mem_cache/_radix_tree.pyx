@@ -104,7 +104,10 @@ cdef int _grow(void** ptr, int64_t* cap, int64_t need, size_t elsize) except -1:
 cdef extern from *:
     """
     #include <sys/mman.h>
+    #include <stdint.h>
+    #ifndef PYMLLM_BIG_BYTES  /* a sanitizer build sets SIZE_MAX: every block from malloc */
     #define PYMLLM_BIG_BYTES ((size_t)1 << 20)
+    #endif
 
     static void* pymllm_map_pages(size_t nbytes) {
         void* q = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
