@@ -372,6 +372,13 @@ cdef object _integer_array(object indices, str name="indices"):
             f"{name}: expected a flat sequence of integer slot ids, got nested sequences "
             "that form no array (ragged, or nested too deep)"
         ) from None
+    except TypeError as exc:
+        if not isinstance(indices, (list, tuple, deque)):
+            raise
+        # an item numpy cannot read (an array-like whose __array__ has no dtype to give)
+        raise InvalidValueError(
+            f"{name}: expected integer slot ids, got an item numpy cannot read ({exc})"
+        ) from None
     if arr.dtype.kind == "f" and arr.size and not isinstance(indices, np.ndarray):
         # a sequence that numpy found no integer dtype for ([2**63, -1]); its floats, if
         # any, are refused below one by one
