@@ -129,3 +129,40 @@ def test_scatter_rows_refuses_a_bool_in_a_slot_list() -> None:
 
     with pytest.raises(InvalidValueError):
         scatter_rows([True, 5], 8)
+
+
+# --- A bool as a column of ReqToTokenPool.write (session 24): numpy reads ``True`` as a new
+# axis, so ``write((1, True), [5])`` wrote 5 into every column of row 1, and a bool mask
+# picked columns where positions were meant. Rows refused bools already.
+@pytest.mark.parametrize(
+    "index",
+    [
+        (1, True),
+        (1, np.bool_(False)),
+        (1, np.ones(8, dtype=bool)),
+        (1, jnp.array(True)),
+        (1, [True, 2]),
+        (1, slice(0, 2), True),
+    ],
+    ids=["true", "np-false", "mask", "jax-bool", "list-with-bool", "third-part"],
+)
+def test_req_to_token_write_refuses_a_bool_column(index):
+    req = ReqToTokenPool(4, 8)
+    req.write((1, slice(0, 3)), [4, 5, 6])
+    before = req.req_to_token.copy()
+    with pytest.raises(InvalidValueError, match="bool"):
+        req.write(index, [9])
+    np.testing.assert_array_equal(req.req_to_token, before)
+    req.write((1, np.array([3, 7])), [7, 8])  # integer columns still write
+    assert req.req_to_token[1].tolist() == [4, 5, 6, 7, 0, 0, 0, 8]
+
+
+# --- ReqToTokenPool.to_device with a bad sharding raised JAX's bare ValueError (session 24).
+@pytest.mark.parametrize("sharding", ["tp", 5, object()], ids=["str", "int", "object"])
+def test_req_to_token_to_device_refuses_a_bad_sharding(sharding):
+    req = ReqToTokenPool(4, 8)
+    req.write((1, slice(0, 2)), [4, 5])
+    with pytest.raises(InvalidValueError, match="sharding"):
+        req.to_device([1], sharding=sharding)
+    out = req.to_device([1], sharding=jax.devices()[0])
+    assert np.asarray(out)[0, :2].tolist() == [4, 5]

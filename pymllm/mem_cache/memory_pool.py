@@ -978,8 +978,10 @@ class ReqToTokenPool(_SlotOwner):
 
         ``InvalidValueError`` (nothing written) when the rows are not request slots
         ``1..max_reqs`` (row 0 is the padding row every batch is padded with; a negative
-        row would index from the end), when the values are not integer KV slots in
-        ``[0, 2**31)`` (never wrapped into another slot), or when they do not fit the index.
+        row would index from the end), when a column is a bool or a bool mask (numpy would
+        read ``True`` as a new axis, the whole row), when the values are not integer KV
+        slots in ``[0, 2**31)`` (never wrapped into another slot), or when they do not fit
+        the index.
         """
         row = index[0] if isinstance(index, tuple) and index else index
         _not_traced("index", row)
@@ -988,6 +990,9 @@ class ReqToTokenPool(_SlotOwner):
         _refuse_bool_slots("values", values)
         for part in index if isinstance(index, tuple) else (index,):  # the columns too
             _refuse_deleted("index", part)
+            _refuse_bool_slots("index", part)
+            if isinstance(part, (bool, np.bool_)) or getattr(part, "dtype", None) == np.bool_:
+                raise InvalidValueError(f"index: expected positions, got a bool in {index!r:.60}")
         _refuse_deleted("values", values)
         try:
             rows = np.arange(self.size + 1)[row] if isinstance(row, slice) else np.asarray(row)
@@ -1019,6 +1024,7 @@ class ReqToTokenPool(_SlotOwner):
         (``InvalidValueError`` unless *max_len* is an int >= 1). The rows are gathered into a
         new host array first: the device array holds the table as it was at call time, and
         later :meth:`write` calls do not reach it. The caller owns the result.
+        ``InvalidValueError`` when *sharding* is not a sharding or device the rows can take.
         """
         rows = _pad(_slots("slots", slots, self.size + 1))
         cols = (
@@ -1027,7 +1033,12 @@ class ReqToTokenPool(_SlotOwner):
             else min(bucket_size(_positive("max_len", max_len)), self.max_context_len)
         )
         host = self.req_to_token[rows, :cols]
-        out = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+        try:
+            out = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+        except (ValueError, TypeError) as exc:  # not a sharding, or one the rows cannot take
+            raise InvalidValueError(
+                f"sharding: cannot place the rows on {sharding!r:.80} ({exc})"
+            ) from exc
         return _concrete((out,))[0]
 
 
