@@ -687,9 +687,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status after the reader of stdout went away (``pymllm-cache ... | head``):
+#: 128 + SIGPIPE, as a shell reports a command that a closed pipe stopped.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    try:
+        return COMMANDS[args.command][2](args)
+    except BrokenPipeError:
+        # Stop quietly, as other command-line tools do. Python flushes stdout again at
+        # exit and would report the same error there: stdout is pointed at devnull first.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout replaced (tests): no fd
+            pass
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

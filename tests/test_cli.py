@@ -460,3 +460,52 @@ def test_replay_refuses_block_tokens_for_a_plain_trace(tmp_path, capsys):
     assert main([*argv, "--block-tokens", "64"]) == 2
     assert "--block-tokens only applies to a Mooncake trace" in capsys.readouterr().err
     assert main([*argv, "--json"]) == 0
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """``pymllm-cache replay t.jsonl --json | head -c 100``: the reader goes away before
+    the report is written. The command stops with status 141 (128 + SIGPIPE) and no
+    traceback; the build before printed BrokenPipeError's traceback and exited 1."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from conftest import child_env
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("[1, 2, 3]\n[1, 2, 3, 4]\n")
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pymllm.cli import main; sys.exit(main())",
+            "replay",
+            str(trace),
+            "--json",
+            "--quiet",
+        ],
+        cwd=tempfile.gettempdir(),
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # before the child has imported anything: its report finds no reader
+    with child.stderr:
+        err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+def test_a_broken_pipe_in_process_returns_141(replay_trace, monkeypatch):
+    """main() called in-process with a stdout that raises BrokenPipeError (and has no file
+    descriptor to point elsewhere) returns the status, without raising."""
+    import io
+    import sys
+
+    class Closed(io.StringIO):
+        def write(self, s: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(["replay", str(replay_trace), "--json", "--quiet"]) == 141
