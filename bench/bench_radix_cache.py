@@ -391,32 +391,64 @@ def test_copy_at_4k_alias(benchmark, impl, nbytes, offset):
     )
 
 
-@pytest.mark.parametrize("at", [1000, 1020])
-def test_split_at_4k_alias(benchmark, at):
-    """A match that splits a 4,000-token node at `at` tokens (the lower half's 2,980-2,990
-    tokens and slots move down in their arrays). At 1,020 the move's shift, 4,080 bytes,
-    sits in glibc memmove's 4 KiB-aliasing window (`_copy.pxd`): the two cases should cost
-    the same (the build before move32_down: 8.5 us and 20.5 us, an ad-hoc run)."""
+def _time_splits(benchmark, group: str, case: str, node: int, at: int, rounds: int) -> None:
+    """Time matches that each split a fresh `node`-token node after `at` tokens (the probe
+    differs from the node at token `at`): a batch of caches holding that one node is made
+    in each round's setup, and the round matches the probe once in each."""
     rng = np.random.default_rng(0)
-    key = RadixKey(rng.integers(0, 50_000, 4000, dtype=np.int32))
-    slots = np.arange(1, 4001, dtype=np.int32)
+    key = RadixKey(rng.integers(0, 50_000, node, dtype=np.int32))
+    slots = np.arange(1, node + 1, dtype=np.int32)
     probe = key.token_ids[: at + 1].copy()
     probe[at] += 1
     probe_key = RadixKey(probe)
+    batch = max(10, min(200, 20_000_000 // node))  # at most ~160 MB of nodes a round
 
     def setup():
-        caches = [RadixCache() for _ in range(200)]
+        caches = [RadixCache() for _ in range(batch)]
         for c in caches:
             c.insert(key, slots)
         return (caches,), {}
 
     def run(caches):
         for c in caches:
-            c.match_prefix(probe_key)
+            assert c.match_prefix(probe_key).prefix_len == at
 
-    benchmark.group = "split-4k-alias"
-    benchmark.pedantic(run, setup=setup, rounds=15, iterations=1)
-    record(benchmark, "match that splits a 4,000-token node, per split", f"at {at} tokens", per=200)
+    benchmark.group = group
+    benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
+    record(benchmark, group, case, per=batch)
+
+
+@pytest.mark.parametrize("at", [1000, 1020])
+def test_split_at_4k_alias(benchmark, at):
+    """A match that splits a 2,000-token node at `at` tokens: the lower half's 1,000 or 980
+    positions are fewer than those its block skips, so its tokens and slots move down in
+    the block. At 1,020 the tokens' shift, 4,080 bytes, and the slots', 8,160, sit in glibc
+    memmove's 4 KiB-aliasing window (`_copy.pxd`): the two cases should cost the same (a
+    4,000-token node split at 1,000 / 1,020 by the build before move32_down: 8.5 us and
+    20.5 us, an ad-hoc run)."""
+    _time_splits(
+        benchmark,
+        "match that splits a 2,000-token node, per split",
+        f"at {at} tokens",
+        node=2000,
+        at=at,
+        rounds=15,
+    )
+
+
+@pytest.mark.parametrize("node", [1_000, 10_000, 100_000, 1_000_000])
+def test_split_cost_vs_node_length(benchmark, node):
+    """A match of 129 tokens that splits a `node`-token node after 128: the split copies
+    the 128 positions above it, whatever the node's length (the lower half stays in its
+    block, which it starts 128 positions into). Should stay flat from 1e3 to 1e6."""
+    _time_splits(
+        benchmark,
+        "match that splits a node after 128 tokens, per split",
+        f"{node:>9,}-token node",
+        node=node,
+        at=128,
+        rounds=7,
+    )
 
 
 def test_insert_latency_while_growing(benchmark):

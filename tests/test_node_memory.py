@@ -92,6 +92,42 @@ def test_a_split_near_the_end_of_a_long_node_leaves_the_lower_half_short() -> No
     assert per_split < 16 * 1024, f"{per_split:.0f} bytes a split"
 
 
+def test_splits_near_the_start_of_a_long_node_keep_its_block_then_give_it_back() -> None:
+    """A split copies the positions above it and leaves the lower half in its block, past
+    the part it gave away (O(what was matched), not O(the node)). The block is laid out
+    again and shrunk once the skipped part outgrows the half: memory stays within twice
+    what the tree holds, and a last split near the end gives the long block back."""
+    cache = RadixCache()
+    base = np.arange(1, PREFIX + 1, dtype=np.int32)
+    cache.insert(RadixKey(base), base.copy())
+    probes = []
+    for i in range(1, LEAVES + 1):  # diverge at 16, 32, ...: each split is 16 tokens deeper
+        p = base[: i * SUFFIX + 1].copy()
+        p[-1] = 0
+        probes.append(RadixKey(p))
+    before = _bytes_in_use()
+    for i, p in enumerate(probes, 1):
+        assert cache.match_prefix(p).prefix_len == i * SUFFIX
+        cache._check_invariants()  # each node's block skips at most as much as it holds
+    # the upper halves' 16-token blocks and nodes: no copy of the 64K-token lower half
+    per_split = (_bytes_in_use() - before) / LEAVES
+    assert per_split < 16 * 1024, f"{per_split:.0f} bytes a split"
+    m = cache.match_prefix(RadixKey(base))
+    assert m.prefix_len == PREFIX and np.array_equal(m.indices, base)
+    # a split 16 tokens before the end: the lower half is laid out again and its block
+    # shrunk, giving back about what the new upper half takes
+    tail = base[: PREFIX - SUFFIX + 1].copy()
+    tail[-1] = 0
+    held = _bytes_in_use()
+    assert cache.match_prefix(RadixKey(tail)).prefix_len == PREFIX - SUFFIX
+    cache._check_invariants()
+    assert _bytes_in_use() - held < 16 * 1024, "the long block was kept"
+    m = cache.match_prefix(RadixKey(base))
+    assert m.prefix_len == PREFIX and np.array_equal(m.indices, base)
+    lengths = sorted(len(n.key) for n in cache._nodes() if len(n.key))
+    assert lengths == [SUFFIX] * (LEAVES + 1) + [PREFIX - SUFFIX * (LEAVES + 1)]
+
+
 # Run in a child process: an address-space limit makes the tree's next large malloc fail.
 OUT_OF_MEMORY = r"""
 import resource

@@ -466,6 +466,43 @@ def test_a_namespace_found_only_at_interning_takes_only_the_new_part(key_len: in
     alloc._check_invariants()
 
 
+@pytest.mark.parametrize("evicted", [0, 6], ids=["live", "tombstone-past-the-match"])
+def test_swa_a_namespace_found_only_at_interning_lays_out_the_new_nodes(evicted: int) -> None:
+    """The windowed insert's twin of the test above: the new nodes' blocks are made for
+    the whole key before the namespace is taken (a new namespace matches nothing), then the
+    nodes hold only the part past the cached prefix. Each block is laid out again for what
+    its node holds: a split's lower half finds its block from the node's key and value
+    (the build before freed a pointer 4 positions before the block in ``reset``)."""
+
+    class Shifty:
+        def __init__(self, hashes: list[int]) -> None:
+            self.hashes = hashes
+
+        def __hash__(self) -> int:
+            return self.hashes.pop(0) if len(self.hashes) > 1 else self.hashes[0]
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Shifty)
+
+    cache, alloc = _swa_stack()
+    cached = alloc.alloc(4)
+    cache.insert(RadixKey([1, 2, 3, 4], Shifty([1])), cached)
+    value = alloc.alloc(10)
+    kwargs = {"swa_evicted_seqlen": evicted} if evicted else {}
+    r = cache.insert(RadixKey(list(range(1, 11)), Shifty([2, 1])), value, **kwargs)
+    assert r.prefix_len == 4
+    cache._check_invariants()
+    held = sorted(np.asarray(n.value).tolist() for n in cache._nodes())
+    new = value[4:].tolist()
+    assert held == sorted([cached.tolist(), *([new] if not evicted else [new[:2], new[2:]])])
+    m = cache.match_prefix(RadixKey(list(range(1, 9)), Shifty([1])))  # splits the new leaf
+    assert m.indices.tolist() == (cached.tolist() + new[:4] if not evicted else cached.tolist())
+    cache._check_invariants()
+    cache.reset()
+    assert alloc.full_available_size() == alloc.size
+    alloc._check_invariants()
+
+
 # -- with a sliding window: SWATokenToKVPoolAllocator books the full side the same way ------
 
 

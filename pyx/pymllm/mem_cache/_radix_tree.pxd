@@ -38,7 +38,8 @@ ctypedef struct Node:
     int32_t width           # tok_t per position: 1 for int tokens, k for k-tuples
     int64_t len             # positions (tokens) in this node's key
     int64_t end_pos         # prefix length at the node's end (root: 0); splits keep it
-    tok_t* key              # len * width tokens, owned
+    tok_t* key              # len * width tokens, in the block the node owns (a split may
+                            # leave it past the block's start: see _node_lead)
     idx_t* value            # len KV indices, owned (tree-owned slots)
     int64_t prio            # eviction class, compared before last_access (policy-defined:
                             # 0 for LRU, hits for LFU, creation clock for FIFO, priority,

@@ -1158,11 +1158,26 @@ cdef inline cnp.ndarray _result_idx(int64_t n):
     return _new_idx(n)
 
 
+cdef inline int64_t _node_lead(const Node* x) noexcept nogil:
+    """Positions of x's block before its key: a split's lower half starts past the part it
+    gave the upper half (see _split_into). A block is laid out as lead + len positions of
+    key, then as many of value, and x.value = x.key + len * width + lead."""
+    return (<const tok_t*>x.value - x.key) - x.len * x.width
+
+
+cdef inline void _free_node_block(Node* x) noexcept nogil:
+    """free the block that holds x's key and value (NULL for the root: nothing)."""
+    free(<void*>(x.key - _node_lead(x) * x.width))
+    x.key = NULL
+    x.value = NULL
+
+
 cdef int _alloc_node_arrays(int64_t n, int32_t w, tok_t** key, idx_t** value) except -1:
     """malloc a node's key (n positions of w tokens) and value (n slots) as one block,
-    exactly sized: the key, then the value right after it. `key` owns the block (free(key)
-    frees both); a match reads the two in one stream, and a node costs one malloc and one
-    free. MemoryError, with nothing allocated, if it fails."""
+    exactly sized: the key, then the value right after it. `key` points at the block's start
+    until a split moves it on (_free_node_block frees the block); a match reads the two in
+    one stream, and a node costs one malloc and one free. MemoryError, with nothing
+    allocated, if it fails."""
     if _node_fuse >= 0:
         key[0] = NULL
         value[0] = NULL
@@ -1682,7 +1697,7 @@ cdef class RadixTreeCore:
         if self.nodes != NULL:
             for i in range(self.hwm):
                 if self.nodes[i].uid >= 0:
-                    free(self.nodes[i].key)     # and the value, in the same block
+                    _free_node_block(&self.nodes[i])
             _big_free(self.nodes, self.cap * sizeof(Node))
             self.nodes = NULL
             self.cap = 0
@@ -1759,9 +1774,7 @@ cdef class RadixTreeCore:
 
     cdef void _drop_slot(self, nid_t n) noexcept:
         cdef Node* x = &self.nodes[n]
-        free(x.key)     # and the value, in the same block
-        x.key = NULL
-        x.value = NULL
+        _free_node_block(x)
         x.uid = -1
         x.next_free = self.free_head
         self.free_head = n
@@ -2149,6 +2162,8 @@ cdef class RadixTreeCore:
         cdef Node* U = &self.nodes[u]
         cdef int32_t w = X.width
         cdef int64_t rest = X.len - m
+        cdef int64_t lead
+        cdef tok_t* block
         cdef MapEntry* e
         cdef uint64_t h_old = self._node_hash(X.parent, X)
         self._init_node(u, self.next_uid, X.parent, X.ns, w)
@@ -2158,14 +2173,24 @@ cdef class RadixTreeCore:
         U.value = uvalue
         copy32(U.key, X.key, m * w)
         copy32(U.value, X.value, m)
-        # the lower half keeps its block, laid out again for `rest` positions (key, then
-        # value: both move down), and gives back what it no longer holds (a split near the
-        # end of a long node would otherwise leave a short node with a long block)
-        move32_down(X.key, X.key + m * w, rest * w)
-        move32_down(<tok_t*>(X.key + rest * w), <const tok_t*>(X.value + m), rest)
-        _shrink(<void**>&X.key, rest * (w + 1) * sizeof(tok_t))
-        X.value = <idx_t*>(X.key + rest * w)
+        # The lower half keeps its block and starts m positions further into it: a split
+        # copies the m positions above it, not the node (a short match inside a long node
+        # costs what it matched). Once the positions its block skips outnumber those it
+        # holds, it is laid out again at the block's start (key, then value: both move
+        # down) and the block shrunk: that move is shorter than the splits that made the
+        # skipped part copied, and a block never holds more than twice its node's positions
+        # (a split near the end of a long node leaves a short node with a short block).
+        X.key = X.key + m * w
+        X.value = X.value + m
         X.len = rest
+        lead = _node_lead(X)
+        if lead > rest:
+            block = X.key - lead * w
+            move32_down(block, X.key, rest * w)
+            move32_down(block + rest * w, <const tok_t*>X.value, rest)
+            _shrink(<void**>&block, rest * (w + 1) * sizeof(tok_t))
+            X.key = block
+            X.value = <idx_t*>(block + rest * w)
         U.last_access = X.last_access
         U.prio = X.prio             # same hits, insertion time, priority and segment
         U.hit_count = X.hit_count
@@ -2951,10 +2976,18 @@ cdef class RadixTreeCore:
     cdef nid_t _link_leaf(self, nid_t parent, int32_t ns, int32_t w, tok_t* key, idx_t* value,
                           int64_t n, bint live) noexcept:
         """Hang a new leaf owning key/value (n positions) under parent. In SWA mode it holds
-        live SWA KV unless `live` is False (a tombstone). Capacity must be reserved."""
-        cdef nid_t leaf = self._take_slot()
+        live SWA KV unless `live` is False (a tombstone). Capacity must be reserved. `key`
+        is its block's start; a block made for more positions (an insert whose namespace
+        turned up only when it was taken matches part of its key after all) has its value
+        moved up to the key's end and is shrunk, as _node_lead reads every block."""
+        cdef nid_t leaf
         cdef Node* L
         cdef Node* par
+        if value != <idx_t*>(key + n * w):
+            move32_down(key + n * w, <const tok_t*>value, n)
+            _shrink(<void**>&key, n * (w + 1) * sizeof(tok_t))
+            value = <idx_t*>(key + n * w)
+        leaf = self._take_slot()
         self._init_node(leaf, self.next_uid, parent, ns, w)
         self.next_uid += 1
         L = &self.nodes[leaf]
@@ -3682,6 +3715,8 @@ cdef class RadixTreeCore:
             p = &self.nodes[x.parent]
             assert p.uid >= 0, f"node {x.uid}: parent slot {x.parent} is free"
             assert x.len > 0 and x.len % self.page_size == 0, f"node {x.uid}: len {x.len}"
+            # a split's lower half may start into its block, never by more than it holds
+            assert 0 <= _node_lead(x) <= x.len, f"node {x.uid}: block lead {_node_lead(x)}"
             assert x.uid < self.next_uid
             assert x.lock_ref >= 0
             child_sum = 0
