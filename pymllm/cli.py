@@ -109,7 +109,13 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="slots of the sliding-window layers' KV pool (swa model; default: --pool-size)",
     )
-    p.add_argument("--max-running", type=int, default=16, metavar="N", help="decode batch")
+    p.add_argument(
+        "--max-running",
+        type=int,
+        default=16,
+        metavar="N",
+        help="decode batch: requests running at once (default: %(default)s)",
+    )
     p.add_argument(
         "--state-slots",
         type=int,
@@ -118,10 +124,18 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "MambaRadixCache saves (default: 64)",
     )
     p.add_argument(
-        "--chunk-tokens", type=int, default=256, metavar="N", help="prefill tokens per step"
+        "--chunk-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="prefill tokens per step (default: %(default)s)",
     )
     p.add_argument(
-        "--prefill-batch", type=int, default=4, metavar="N", help="requests per prefill step"
+        "--prefill-batch",
+        type=int,
+        default=4,
+        metavar="N",
+        help="requests per prefill step (default: %(default)s)",
     )
     p.add_argument(
         "--pad-prefill-batch",
@@ -150,7 +164,9 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="JAX persistent compilation cache, so later runs skip compiling "
         "(default: %(default)s; '' turns it off)",
     )
-    p.add_argument("--seed", type=_seed, default=0, help="workload and weight seed")
+    p.add_argument(
+        "--seed", type=_seed, default=0, help="workload and weight seed (default: %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -442,7 +458,8 @@ def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
         "--format",
         choices=FORMATS,
         default="auto",
-        help="trace format (the built-in trace is Mooncake's)",
+        help="trace format (default: %(default)s, from the first non-blank line; the built-in "
+        "trace is Mooncake's)",
     )
     p.add_argument(
         "--block-tokens",

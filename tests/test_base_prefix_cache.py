@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import sha256_hex  # tests/ is on sys.path (rootdir conftest)
+from conftest import run_child, sha256_hex  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import (
     BasePrefixCache,
@@ -237,3 +237,21 @@ def test_radix_key_is_hashable_by_identity_as_the_seeds() -> None:
     requests = {a: "first", b: "second"}
     assert requests[a] == "first" and requests[b] == "second"
     assert a != b and a == a
+
+
+def test_the_package_lists_its_lazily_loaded_pools():
+    """dir() (tab completion, help) shows every public name, the device pools too, before
+    they are loaded; a host-only import still does not load JAX."""
+    out = run_child(
+        """
+        import sys
+        import pymllm.mem_cache as mc
+        names = dir(mc)
+        assert "jax" not in sys.modules, "dir() loaded JAX"
+        missing = sorted(set(mc.__all__) - set(names))
+        assert missing == [], missing
+        assert callable(mc.KVPool)
+        print("ok")
+        """
+    )
+    assert out.strip() == "ok"

@@ -141,3 +141,24 @@ def test_demo_refuses_pool_sizes_past_the_pools_limit_as_a_usage_error(args, cap
     err = capsys.readouterr().err
     assert rc == 2
     assert "pymllm-cache: error: the pools refuse these sizes" in err and "2**30" in err
+
+
+def test_every_option_with_a_default_names_it_in_its_help():
+    """``--help`` says each option's default (an error such as "--state-slots must exceed
+    --max-running" is otherwise hard to act on: --max-running's 16 was not shown)."""
+    import argparse
+
+    from pymllm.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {action.option_strings[0]}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if action.option_strings
+        and action.default not in (None, False, argparse.SUPPRESS)
+        and "default" not in (action.help or "")
+        and f"({action.default})" not in (action.help or "")  # gen-trace's "(12000)"
+    ]
+    assert missing == []

@@ -42,6 +42,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The module's names with the device pools, which load on first use (tab completion
+    and ``help`` list them before they are loaded)."""
+    return sorted(set(globals()) | _DEVICE_NAMES)
+
+
 __all__ = [
     "EVICTION_POLICIES",
     "BasePrefixCache",
