@@ -107,7 +107,11 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--swa-pool-size",
         type=_slots,
         metavar="N",
-        help="slots of the sliding-window layers' KV pool (swa model; default: --pool-size)",
+        help="slots of the sliding-window layers' KV pool (swa model; default: --pool-size). "
+        "The engine keeps a running request's window-layer KV for its whole sequence (it "
+        "does not free what left the window): a pool smaller than the running requests' "
+        "tokens makes the tree drop the window KV of every cached prefix, and hits fall "
+        "toward 0",
     )
     p.add_argument(
         "--max-running",
