@@ -331,6 +331,13 @@ def _run_demo(args: argparse.Namespace) -> int:
         except EngineError as exc:
             err.write(f"\npymllm-cache: error: {exc}\n")
             return 1
+        except MemoryError as exc:  # the step's host arrays are sized by the batch options
+            err.write(
+                f"\npymllm-cache: error: out of host memory while serving ({exc or 'no detail'}):"
+                f" --max-running {sched.max_running} and --prefill-batch "
+                f"{sched.max_prefill_batch} size every step's arrays\n"
+            )
+            return 1
 
     first = next(iter(runs.values()))
     ideal = ideal_cached_tokens(first.results) / max(first.prompt_tokens, 1)

@@ -93,10 +93,12 @@ class ModelConfig:
                 f"n_layers ({self.n_layers}) must be a multiple of the {self.variant!r} "
                 f"pattern length ({len(pattern)})"
             )
-        if self.conv_width < 2:
-            raise ValueError(f"conv_width must be >= 2, got {self.conv_width}")
-        if self.sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        for name, low in (("conv_width", 2), ("sliding_window", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if int(value) < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:

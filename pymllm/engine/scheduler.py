@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
+import numbers
 import signal
 import threading
 import time
@@ -116,8 +117,11 @@ class SchedulerConfig:
             "share_min_tokens",
         )
         for name in names:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _bucket(n: int, minimum: int) -> int:

@@ -60,10 +60,20 @@ class TraceSpec:
                 raise ValueError(f"{name}: expected a positive integer, got {val!r}")
             if high is not None and val >= high:
                 raise ValueError(f"{name}: expected an integer below {high:,}, got {val!r}")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         for name in ("system_blocks", "user_blocks", "output_tokens"):
             lo, hi = getattr(self, name)
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in (lo, hi)):
+                raise ValueError(f"{name}: expected two integers, got {(lo, hi)!r}")
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name}: expected 1 <= low <= high, got {(lo, hi)!r}")
+        # the readers take lengths below 2**31 (a trace this writes must read back)
+        if self.output_tokens[1] >= 1 << 31:
+            raise ValueError(
+                f"output_tokens: expected lengths below 2**31, got {self.output_tokens!r}"
+            )
         # a chat resends its whole history every turn, so its requests grow with its turns
         # and their ids with the square: a mean of thousands of turns would not finish
         if not 1 <= self.mean_turns <= MAX_MEAN_TURNS:

@@ -303,7 +303,9 @@ def _build(
         or not 1 <= block_tokens < _ID_LIMIT
     ):
         raise ValueError(f"block_tokens: expected an integer in [1, 2**31), got {block_tokens!r}")
-    if max_requests is not None and max_requests < 1:
+    if max_requests is not None and (
+        isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1
+    ):
         raise ValueError(f"max_requests: expected a positive integer, got {max_requests!r}")
     keys: list[np.ndarray] = []
     tokens: list[int] = []
