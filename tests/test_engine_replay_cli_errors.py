@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from conftest import child_env
@@ -182,7 +183,15 @@ def _demo_child(tmp_path, *args: str) -> subprocess.CompletedProcess:
     trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
     cmd = [sys.executable, "-c", _CAPPED_CLI, "demo", "--trace", str(trace), "--model", "micro"]
     cmd += ["--pool-size", "128", "--cache", "radix", "--quiet", "--jit-cache", "", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
+    # started outside the checkout, which may hold unbuilt sources (see conftest.run_child)
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+        cwd=tempfile.gettempdir(),
+    )
 
 
 @pytest.mark.parametrize(
