@@ -149,22 +149,6 @@ def test_the_default_jit_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
     assert build_parser().parse_args(["demo"]).jit_cache == want
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--max-requests", "3"], "--max-requests only applies with --trace"),
-        (["--block-tokens", "4"], "--block-tokens only applies with --trace"),
-        (["--time-scale", "1"], "--time-scale only applies with --trace"),
-        (["--swa-pool-size", "64"], "--swa-pool-size only applies with --variant swa"),
-        (["--state-slots", "64"], "--state-slots only applies with --variant hybrid"),
-    ],
-)
-def test_demo_options_that_would_be_ignored_are_refused(capsys, args, message):
-    assert main(["demo", "--model", "micro", "--jit-cache", "", *args]) == 2
-    err = capsys.readouterr().err
-    assert err == f"pymllm-cache: error: {message}\n"
-
-
 # The child caps its own address space (a failed allocation, never a machine short of
 # memory) before it runs the CLI: a preexec_fn would fork this process, which runs JAX.
 _CAPPED_CLI = """

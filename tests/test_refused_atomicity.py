@@ -847,17 +847,18 @@ def _a_free_page(s: Stack) -> np.ndarray:
     return f
 
 
-def _value_case_names() -> list[tuple[str, int, str]]:
+def _case_names(refusals: Callable[[Stack], dict[str, Any]]) -> list[tuple[str, int, str]]:
+    """(kind, page size, case) for every case `refusals` lists on each kind's history."""
     out = []
     for kind, ps in KINDS:
         s = Stack(kind, ps)
         s.history()
-        for name in _value_refusals(s):
+        for name in refusals(s):
             out.append((kind, ps, name))
     return out
 
 
-@pytest.mark.parametrize("kind,ps,case", _value_case_names())
+@pytest.mark.parametrize("kind,ps,case", _case_names(_value_refusals))
 @pytest.mark.parametrize("policy", POLICIES)
 def test_refused_insert_bad_value(kind: str, ps: int, case: str, policy: str) -> None:
     hit, twin = _twins(kind, ps, policy)
@@ -1013,17 +1014,7 @@ def _locked_without_state(s: Stack) -> Any:
     return s.ctx.setdefault("nostate", s.handles["D_locked"])
 
 
-def _lock_case_names() -> list[tuple[str, int, str]]:
-    out = []
-    for kind, ps in KINDS:
-        s = Stack(kind, ps)
-        s.history()
-        for name in _lock_refusals(s):
-            out.append((kind, ps, name))
-    return out
-
-
-@pytest.mark.parametrize("kind,ps,case", _lock_case_names())
+@pytest.mark.parametrize("kind,ps,case", _case_names(_lock_refusals))
 @pytest.mark.parametrize("policy", POLICIES)
 def test_refused_lock_and_handle_calls(kind: str, ps: int, case: str, policy: str) -> None:
     hit, twin = _twins(kind, ps, policy)

@@ -432,22 +432,26 @@ def test_a_bad_slot_anywhere_in_a_long_value_takes_nothing(n: int, where: str, k
     cache._check_invariants()
 
 
+class Shifty:
+    """An extra_key whose hashes are given in turn (the last one from then on): the insert's
+    look-up and its interning of the namespace can see two different hashes."""
+
+    def __init__(self, hashes: list[int]) -> None:
+        self.hashes = hashes
+
+    def __hash__(self) -> int:
+        return self.hashes.pop(0) if len(self.hashes) > 1 else self.hashes[0]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Shifty)
+
+
 @pytest.mark.parametrize("key_len", [6, 4], ids=["longer key", "same key"])
 def test_a_namespace_found_only_at_interning_takes_only_the_new_part(key_len: int) -> None:
     """An extra_key whose hash changes between the insert's two namespace lookups: the
     first misses (the slots are taken for a new namespace), interning finds the existing
     one, and the walk then matches its cached prefix. Those slots are the caller's again
     (duplicates); the leaf takes only the rest."""
-
-    class Shifty:
-        def __init__(self, hashes: list[int]) -> None:
-            self.hashes = hashes
-
-        def __hash__(self) -> int:
-            return self.hashes.pop(0) if len(self.hashes) > 1 else self.hashes[0]
-
-        def __eq__(self, other: object) -> bool:
-            return isinstance(other, Shifty)
 
     cache, alloc = _stack()
     cached = alloc.alloc(4)
@@ -473,16 +477,6 @@ def test_swa_a_namespace_found_only_at_interning_lays_out_the_new_nodes(evicted:
     nodes hold only the part past the cached prefix. Each block is laid out again for what
     its node holds: a split's lower half finds its block from the node's key and value
     (the build before freed a pointer 4 positions before the block in ``reset``)."""
-
-    class Shifty:
-        def __init__(self, hashes: list[int]) -> None:
-            self.hashes = hashes
-
-        def __hash__(self) -> int:
-            return self.hashes.pop(0) if len(self.hashes) > 1 else self.hashes[0]
-
-        def __eq__(self, other: object) -> bool:
-            return isinstance(other, Shifty)
 
     cache, alloc = _swa_stack()
     cached = alloc.alloc(4)
