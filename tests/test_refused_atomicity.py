@@ -39,40 +39,33 @@ from pymllm.mem_cache.errors import (
 # --------------------------------------------------------------------------- the stacks
 
 
-class _PyAlloc(TokenToKVPoolAllocator):
-    """A subclass: the tree books nothing and calls its Python free."""
+class _Failing:
+    """A mix-in for an allocator subclass: the tree books nothing for a subclass and calls
+    its Python frees, which raise while ``fail`` is set."""
 
     fail = False
 
     def free(self, indices: Any) -> None:
         if self.fail:
             raise RuntimeError("free refused (test)")
-        super().free(indices)
-
-
-class _PySWAAlloc(SWATokenToKVPoolAllocator):
-    fail = False
-
-    def free(self, indices: Any) -> None:
-        if self.fail:
-            raise RuntimeError("free refused (test)")
-        super().free(indices)
+        super().free(indices)  # type: ignore[misc]
 
     def free_swa(self, indices: Any) -> None:
         if self.fail:
             raise RuntimeError("free_swa refused (test)")
-        super().free_swa(indices)
+        super().free_swa(indices)  # type: ignore[misc]
 
 
-class _PyStates(TokenToKVPoolAllocator):
+class _PyAlloc(_Failing, TokenToKVPoolAllocator):
+    pass
+
+
+class _PySWAAlloc(_Failing, SWATokenToKVPoolAllocator):
+    pass
+
+
+class _PyStates(_Failing, TokenToKVPoolAllocator):
     """A state pool of another type: the tree books no states and calls its free."""
-
-    fail = False
-
-    def free(self, indices: Any) -> None:
-        if self.fail:
-            raise RuntimeError("state free refused (test)")
-        super().free(indices)
 
 
 KINDS = [
