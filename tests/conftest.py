@@ -9,6 +9,7 @@ printed at the end of the session ("stateful steps").
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -543,6 +544,39 @@ def _ctrl_c_raises() -> Iterator[None]:
     finally:
         if ignored:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+LIBC = ctypes.CDLL(None)
+HAS_MALLINFO2 = hasattr(LIBC, "mallinfo2")  # glibc's
+if HAS_MALLINFO2:
+    LIBC.mallinfo2.restype = _MallInfo2
+
+
+def heap_bytes_in_use() -> int:
+    """Bytes in use on the C heap: glibc malloc's arenas plus its mmap'ed blocks (0 where
+    there is no ``mallinfo2``; tests that measure skip there)."""
+    if not HAS_MALLINFO2:
+        return 0
+    info = LIBC.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 def sha256_hex(*chunks: bytes) -> str:

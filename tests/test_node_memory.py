@@ -8,13 +8,11 @@ and values are built before, so the difference is the tree's own allocations.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import platform
 
 import numpy as np
 import pytest
-from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
+from conftest import heap_bytes_in_use, run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import RadixCache, RadixKey
 
@@ -23,21 +21,6 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malli
 PREFIX = 1 << 16  # 64K tokens: the whole key's arrays would be 256 KB each
 SUFFIX = 16
 LEAVES = 40
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
-        "keepcost".split()
-    ]
-
-
-def _bytes_in_use() -> int:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
 
 
 @pytest.mark.parametrize(
@@ -60,10 +43,10 @@ def test_a_short_leaf_under_a_long_prefix_holds_only_its_own_tokens(window) -> N
     # the first insert of this shape grows the cache's scratch buffers (sized by the key,
     # reused by every later call): left out of the count
     cache.insert(RadixKey(keys[0]), values[0], **kwargs)
-    before = _bytes_in_use()
+    before = heap_bytes_in_use()
     for k, v in zip(keys[1:], values[1:], strict=True):
         assert cache.insert(RadixKey(k), v, **kwargs).prefix_len == PREFIX
-    per_leaf = (_bytes_in_use() - before) / LEAVES
+    per_leaf = (heap_bytes_in_use() - before) / LEAVES
     assert cache.total_size() == PREFIX + (LEAVES + 1) * SUFFIX
     # 16 tokens x (4-byte key + 4-byte slot), node and map growth: well under 16 KB a leaf;
     # arrays sized by the whole key would be over 512 KB
@@ -83,10 +66,10 @@ def test_a_split_near_the_end_of_a_long_node_leaves_the_lower_half_short() -> No
         cache.insert(RadixKey(b), b.copy())
     keys = [np.concatenate([b[:-SUFFIX], b[-SUFFIX:] + 1]) for b in bases]
     values = [k.copy() for k in keys]
-    before = _bytes_in_use()
+    before = heap_bytes_in_use()
     for k, v in zip(keys, values, strict=True):
         assert cache.insert(RadixKey(k), v).prefix_len == PREFIX // 4 - SUFFIX
-    per_split = (_bytes_in_use() - before) / LEAVES
+    per_split = (heap_bytes_in_use() - before) / LEAVES
     # the upper half's new arrays replace what the lower half gives back; a lower half
     # keeping the whole node's arrays would add 128 KB a split
     assert per_split < 16 * 1024, f"{per_split:.0f} bytes a split"
@@ -105,12 +88,12 @@ def test_splits_near_the_start_of_a_long_node_keep_its_block_then_give_it_back()
         p = base[: i * SUFFIX + 1].copy()
         p[-1] = 0
         probes.append(RadixKey(p))
-    before = _bytes_in_use()
+    before = heap_bytes_in_use()
     for i, p in enumerate(probes, 1):
         assert cache.match_prefix(p).prefix_len == i * SUFFIX
         cache._check_invariants()  # each node's block skips at most as much as it holds
     # the upper halves' 16-token blocks and nodes: no copy of the 64K-token lower half
-    per_split = (_bytes_in_use() - before) / LEAVES
+    per_split = (heap_bytes_in_use() - before) / LEAVES
     assert per_split < 16 * 1024, f"{per_split:.0f} bytes a split"
     m = cache.match_prefix(RadixKey(base))
     assert m.prefix_len == PREFIX and np.array_equal(m.indices, base)
@@ -118,10 +101,10 @@ def test_splits_near_the_start_of_a_long_node_keep_its_block_then_give_it_back()
     # shrunk, giving back about what the new upper half takes
     tail = base[: PREFIX - SUFFIX + 1].copy()
     tail[-1] = 0
-    held = _bytes_in_use()
+    held = heap_bytes_in_use()
     assert cache.match_prefix(RadixKey(tail)).prefix_len == PREFIX - SUFFIX
     cache._check_invariants()
-    assert _bytes_in_use() - held < 16 * 1024, "the long block was kept"
+    assert heap_bytes_in_use() - held < 16 * 1024, "the long block was kept"
     m = cache.match_prefix(RadixKey(base))
     assert m.prefix_len == PREFIX and np.array_equal(m.indices, base)
     lengths = sorted(len(n.key) for n in cache._nodes() if len(n.key))

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import HAS_MALLINFO2, heap_bytes_in_use  # tests/ is on sys.path
 
 from pymllm.mem_cache import (
     ChunkCache,
@@ -76,39 +77,10 @@ REF_LIMIT = N // 4  # references to an argument a clean round may gain
 # ---------------------------------------------------------------------------------------
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-_LIBC = ctypes.CDLL(None)
-_HAS_MALLINFO2 = hasattr(_LIBC, "mallinfo2")
-if _HAS_MALLINFO2:
-    _LIBC.mallinfo2.restype = _MallInfo2
+_LIBC = ctypes.CDLL(None)  # malloc and free, for the test that leaks on purpose
 _LIBC.malloc.restype = ctypes.c_void_p
 _LIBC.malloc.argtypes = [ctypes.c_size_t]
 _LIBC.free.argtypes = [ctypes.c_void_p]
-
-
-def _c_heap() -> int:
-    """Bytes in use on the C heap: malloc's arenas plus its mmap'ed blocks (0 off glibc)."""
-    if not _HAS_MALLINFO2:
-        return 0
-    info = _LIBC.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
 
 
 def _refcounts(objs: tuple[Any, ...]) -> list[int]:
@@ -146,13 +118,13 @@ def _measure(step: Callable[[], object], watch: tuple[Any, ...], rounds: int) ->
             gc.collect()
             refs0 = _refcounts(watch)
             blocks0 = sys.getallocatedblocks()
-            heap0 = _c_heap()
+            heap0 = heap_bytes_in_use()
             for _ in range(N):
                 step()
             gc.collect()
             r = Round(
                 sys.getallocatedblocks() - blocks0,
-                _c_heap() - heap0,
+                heap_bytes_in_use() - heap0,
                 [a - b for a, b in zip(_refcounts(watch), refs0, strict=True)],
             )
             out.append(r)
@@ -2532,7 +2504,7 @@ def _forget_leaked(how: str) -> None:
 def test_the_checks_catch_a_leak(how: str) -> None:
     """Every case, given a leak of its own (an object, a reference to its first argument or
     a C allocation a call), fails the check."""
-    if how == "c_heap" and not _HAS_MALLINFO2:
+    if how == "c_heap" and not HAS_MALLINFO2:
         pytest.skip("no mallinfo2 (not glibc)")
     missed = []
     try:

@@ -212,7 +212,7 @@ class SWACacheComparison(PairedCaches, RuleBasedStateMachine):
         ns, tokens, prefix_len, indices, node_id, boundary = self.requests.pop(i)
         if data.draw(st.integers(0, 4), label="insert?"):
             decoded = data.draw(st.lists(self._token(ns), max_size=6), label="decoded")
-            tokens = (tokens + decoded)[:MAX_KEY_LEN]
+            tokens = (tokens + decoded)[: self.MAX_KEY_LEN]
             fresh = self._alloc(len(tokens) - prefix_len)
             choice = data.draw(st.integers(0, 3), label="prev_prefix_len choice")
             ppl = prefix_len

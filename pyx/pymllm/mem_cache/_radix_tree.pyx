@@ -2155,7 +2155,9 @@ cdef class RadixTreeCore:
 
     cdef nid_t _split_into(self, nid_t x, int64_t m, tok_t* ukey) noexcept:
         """_split with the upper node's block already allocated (by _alloc_node_arrays, for
-        m positions of x's width): it cannot fail. The upper node takes the block."""
+        m positions of x's width): it cannot fail. The upper node takes the block. Needs
+        0 < m < x's length (every caller splits strictly inside the node: a lower half of
+        no positions would shrink its block to nothing)."""
         cdef idx_t* uvalue = <idx_t*>(ukey + m * self.nodes[x].width)
         cdef nid_t u = self._take_slot()
         cdef Node* X = &self.nodes[x]
