@@ -250,7 +250,9 @@ def test_the_package_lists_its_lazily_loaded_pools():
         assert "jax" not in sys.modules, "dir() loaded JAX"
         missing = sorted(set(mc.__all__) - set(names))
         assert missing == [], missing
-        assert callable(mc.KVPool)
+        import importlib.util
+        if importlib.util.find_spec("jax") is not None:  # the JAX-free CI job has none
+            assert callable(mc.KVPool)
         print("ok")
         """
     )
