@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 from conftest import child_env
 
@@ -193,3 +194,12 @@ def test_demo_batch_sizes_past_memory_fail_in_one_line(tmp_path, args):
     assert "Traceback" not in run.stderr, run.stderr[-1500:]
     assert run.returncode in (1, 2)
     assert run.stderr.strip().count("\n") == 0 and "pymllm-cache: error:" in run.stderr
+
+
+def test_numpy_integers_are_integers_to_the_trace_tools(tmp_path):
+    """numpy integers pass where Python ints do (the refusal said "expected a positive
+    integer, got np.int64(2)"), as the engine's configs take them."""
+    spec = TraceSpec(requests=np.int64(3), seed=np.int64(1), user_blocks=(np.int32(1), 4))
+    path = tmp_path / "g.jsonl"
+    write_trace(path, generate_trace(spec))
+    assert len(read_trace(path, max_requests=np.int64(2))) == 2

@@ -44,3 +44,16 @@ def test_readme_windowed_insert_rule():
     assert alloc.full_available_size() + cache.total_size() == 64
     cache._check_invariants()
     alloc._check_invariants()
+    # the README's loop with the windowed insert: each unlock names its lock's boundary
+    # (the third request's match ends past the window: a plain unlock would be refused)
+    for tokens in (list(range(1, 16)), list(range(1, 18))):
+        key = RadixKey(tokens)
+        m = cache.match_prefix(key)
+        lock = cache.inc_lock_ref(m.last_node)
+        slots = alloc.alloc(len(tokens) - m.prefix_len, prefix=m.indices)
+        cache.insert(key, slots, prev_prefix_len=m.prefix_len)
+        cache.dec_lock_ref(m.last_node, swa_boundary_id=lock)
+        assert cache.protected_size() == 0 and cache.swa_protected_size() == 0
+        assert alloc.full_available_size() + cache.total_size() == 64
+        cache._check_invariants()
+    assert lock is not None and "swa_boundary_id=lock" in README.read_text()

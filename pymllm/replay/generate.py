@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pymllm.replay.traces import MOONCAKE_BLOCK_TOKENS, is_finite
+from pymllm.replay.traces import MOONCAKE_BLOCK_TOKENS, is_finite, is_int
 
 #: Bounds on :class:`TraceSpec` that keep a generation finite and in memory.
 MAX_MEAN_TURNS = 100
@@ -56,16 +56,16 @@ class TraceSpec:
     def __post_init__(self) -> None:
         for name, high in (("requests", None), ("groups", MAX_GROUPS), ("block_tokens", 1 << 31)):
             val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            if not is_int(val) or val < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {val!r}")
             if high is not None and val >= high:
                 raise ValueError(f"{name}: expected an integer below {high:,}, got {val!r}")
         seed = self.seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         for name in ("system_blocks", "user_blocks", "output_tokens"):
             lo, hi = getattr(self, name)
-            if any(isinstance(v, bool) or not isinstance(v, int) for v in (lo, hi)):
+            if not (is_int(lo) and is_int(hi)):
                 raise ValueError(f"{name}: expected two integers, got {(lo, hi)!r}")
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name}: expected 1 <= low <= high, got {(lo, hi)!r}")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,11 @@ MOONCAKE_FIELDS = {
     "output_length": "posint",
     "hash_ids": "ids",
 }
+
+
+def is_int(val: Any) -> bool:
+    """Whether *val* is an integer (a Python int or a numpy integer; never a bool)."""
+    return isinstance(val, numbers.Integral) and not isinstance(val, (bool, np.bool_))
 
 
 def is_finite(val: float) -> bool:
@@ -303,9 +309,7 @@ def _build(
         or not 1 <= block_tokens < _ID_LIMIT
     ):
         raise ValueError(f"block_tokens: expected an integer in [1, 2**31), got {block_tokens!r}")
-    if max_requests is not None and (
-        isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1
-    ):
+    if max_requests is not None and (not is_int(max_requests) or max_requests < 1):
         raise ValueError(f"max_requests: expected a positive integer, got {max_requests!r}")
     keys: list[np.ndarray] = []
     tokens: list[int] = []

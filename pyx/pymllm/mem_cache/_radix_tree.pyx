@@ -2981,7 +2981,7 @@ cdef class RadixTreeCore:
         live SWA KV unless `live` is False (a tombstone). Capacity must be reserved. `key`
         is its block's start; a block made for more positions (an insert whose namespace
         turned up only when it was taken matches part of its key after all) has its value
-        moved up to the key's end and is shrunk, as _node_lead reads every block."""
+        moved down to the key's end and is shrunk, as _node_lead reads every block."""
         cdef nid_t leaf
         cdef Node* L
         cdef Node* par
