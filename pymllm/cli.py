@@ -333,7 +333,8 @@ def _run_demo(args: argparse.Namespace) -> int:
             return 1
         except MemoryError as exc:  # the step's host arrays are sized by the batch options
             err.write(
-                f"\npymllm-cache: error: out of host memory while serving ({exc or 'no detail'}):"
+                f"\npymllm-cache: error: out of host memory while serving "
+                f"({str(exc) or 'no detail'}):"
                 f" --max-running {sched.max_running} and --prefill-batch "
                 f"{sched.max_prefill_batch} size every step's arrays\n"
             )
@@ -723,13 +724,18 @@ EXIT_BROKEN_PIPE = 141
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command][2](args)
+        status = COMMANDS[args.command][2](args)
+        sys.stdout.flush()  # a buffered report meets a closed pipe here, not at exit
+        return status
     except BrokenPipeError:
         # Stop quietly, as other command-line tools do. Python flushes stdout again at
         # exit and would report the same error there: stdout is pointed at devnull first.
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)
         except (OSError, ValueError, AttributeError):  # stdout replaced (tests): no fd
             pass
         return EXIT_BROKEN_PIPE

@@ -467,7 +467,10 @@ def test_replay_refuses_block_tokens_for_a_plain_trace(tmp_path, capsys):
 def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
     """``pymllm-cache replay t.jsonl --json | head -c 100``: the reader goes away before
     the report is written. The command stops with status 141 (128 + SIGPIPE) and no
-    traceback; the build before printed BrokenPipeError's traceback and exited 1."""
+    traceback; the build before printed BrokenPipeError's traceback and exited 1. With
+    stdout buffered (no PYTHONUNBUFFERED, as a shell runs it) the report met the closed
+    pipe only at the interpreter's exit, after main() had returned (exit 120): main()
+    flushes stdout itself."""
     import subprocess
     import sys
     import tempfile
@@ -487,7 +490,7 @@ def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
             "--quiet",
         ],
         cwd=tempfile.gettempdir(),
-        env=child_env(),
+        env={k: v for k, v in child_env().items() if k != "PYTHONUNBUFFERED"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
