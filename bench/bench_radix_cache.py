@@ -423,9 +423,12 @@ def test_split_at_4k_alias(benchmark, at):
     """A match that splits a 2,000-token node at `at` tokens: the lower half's 1,000 or 980
     positions are fewer than those its block skips, so its tokens and slots move down in
     the block. At 1,020 the tokens' shift, 4,080 bytes, and the slots', 8,160, sit in glibc
-    memmove's 4 KiB-aliasing window (`_copy.pxd`): the two cases should cost the same (a
-    4,000-token node split at 1,000 / 1,020 by the build before move32_down: 8.5 us and
-    20.5 us, an ad-hoc run)."""
+    memmove's 4 KiB-aliasing window (`_copy.pxd`), where the moves take the stepped loop.
+    A 4,000-token node split at 1,000 / 1,020 by the build before move32_down: 8.5 us and
+    20.5 us (an ad-hoc run); this benchmark in session 24: 1.58 and 2.21-2.42 us. An ad-hoc
+    script there, the copy mode forced each way in turn: at 1,000, 1.07-1.36 us; at 1,020,
+    1.28 us with the stepped loop (this AMD machine's default) and 1.30-1.81 us with
+    memmove."""
     _time_splits(
         benchmark,
         "match that splits a 2,000-token node, per split",

@@ -1166,8 +1166,9 @@ cdef inline int64_t _node_lead(const Node* x) noexcept nogil:
 
 
 cdef inline void _free_node_block(Node* x) noexcept nogil:
-    """free the block that holds x's key and value (NULL for the root: nothing)."""
-    free(<void*>(x.key - _node_lead(x) * x.width))
+    """free the block that holds x's key and value (the root has none)."""
+    if x.key != NULL:   # no pointer arithmetic on the root's NULL
+        free(<void*>(x.key - _node_lead(x) * x.width))
     x.key = NULL
     x.value = NULL
 
