@@ -2888,8 +2888,7 @@ cdef class RadixTreeCore:
                 # its slots stay the caller's (duplicates), and the leaf takes the rest
                 self._disown(new_val, matched)
                 taken -= matched
-                if taken:
-                    move32_down(new_val, new_val + matched, taken)
+                new_val += matched  # the leaf's slots; _link_leaf lays its block out
             if matched < aligned and new_key == NULL:
                 # sized to the leaf, not the key: a short leaf under a long cached prefix
                 # must not hold arrays as long as the whole key
