@@ -27,16 +27,19 @@ VARIANTS = {
 #: Weight, activation and KV dtypes the model runs in (names JAX understands without x64).
 DTYPES = ("float32", "bfloat16", "float16")
 
-#: Size fields that must be positive integers.
-_POSITIVE_INTS = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "head_dim",
-    "ffn_dim",
-)
+#: Integer fields and the least value each takes.
+_INT_FIELDS = {
+    "vocab_size": 1,
+    "d_model": 1,
+    "n_layers": 1,
+    "n_heads": 1,
+    "n_kv_heads": 1,
+    "head_dim": 1,
+    "ffn_dim": 1,
+    "sliding_window": 1,
+    "conv_width": 2,
+    "seed": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,12 @@ class ModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in _POSITIVE_INTS:
+        for name, low in _INT_FIELDS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an integer, got {value!r}")
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            if int(value) < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
             if not (isinstance(value, numbers.Real) and float(value) > 0):  # NaN fails too
@@ -93,12 +96,6 @@ class ModelConfig:
                 f"n_layers ({self.n_layers}) must be a multiple of the {self.variant!r} "
                 f"pattern length ({len(pattern)})"
             )
-        for name, low in (("conv_width", 2), ("sliding_window", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an integer, got {value!r}")
-            if int(value) < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:

@@ -986,13 +986,11 @@ class ReqToTokenPool(_SlotOwner):
         row = index[0] if isinstance(index, tuple) and index else index
         _not_traced("index", row)
         _not_traced("values", values)
-        _refuse_bool_slots("index", row)
-        _refuse_bool_slots("values", values)
         for part in index if isinstance(index, tuple) else (index,):  # the columns too
             _refuse_deleted("index", part)
-            _refuse_bool_slots("index", part)
-            if isinstance(part, (bool, np.bool_)) or getattr(part, "dtype", None) == np.bool_:
-                raise InvalidValueError(f"index: expected positions, got a bool in {index!r:.60}")
+        # a bool anywhere in the rows or columns: a scalar, a bool array, one in a list
+        _refuse_bool_slots("index", index)
+        _refuse_bool_slots("values", values)
         _refuse_deleted("values", values)
         try:
             rows = np.arange(self.size + 1)[row] if isinstance(row, slice) else np.asarray(row)
