@@ -579,6 +579,25 @@ def heap_bytes_in_use() -> int:
     return int(info.uordblks + info.hblkhd)
 
 
+class FlakyExtraKey:
+    """An extra_key whose first `wrong` hashes miss (a lookup does not find its namespace),
+    then hash right: an insert's lookup and its interning of the namespace can see two
+    different hashes. Equal by name; `calls` counts its hashes."""
+
+    def __init__(self, name: str = "ns", wrong: int = 0) -> None:
+        self.name, self.wrong, self.calls = name, wrong, 0
+
+    def __hash__(self) -> int:
+        self.calls += 1
+        if self.wrong > 0:
+            self.wrong -= 1
+            return 12345
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FlakyExtraKey) and other.name == self.name
+
+
 def sha256_hex(*chunks: bytes) -> str:
     """The SHA-256 hex digest of *chunks* fed in order: what ``hash_token_ids`` must return
     for the bytes it packs."""

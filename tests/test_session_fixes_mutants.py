@@ -7,6 +7,7 @@ import sys
 
 import jax
 import pytest
+from conftest import FlakyExtraKey  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.cli import main
 from pymllm.mem_cache import ReqToTokenPool
@@ -121,24 +122,6 @@ def test_trace_spec_refuses_bool_block_counts(name, pair):
         TraceSpec(**{name: pair})
 
 
-class _FlakyKey:
-    """An extra_key whose first `wrong` hashes miss (the insert's lookup does not find the
-    namespace), then hashes right (the interning finds it): the insert allocated a block
-    for its whole key, then matches the long cached prefix after all."""
-
-    def __init__(self, name: str, wrong: int = 0) -> None:
-        self.name, self.wrong = name, wrong
-
-    def __hash__(self) -> int:
-        if self.wrong > 0:
-            self.wrong -= 1
-            return 12345
-        return hash(self.name)
-
-    def __eq__(self, o: object) -> bool:
-        return isinstance(o, _FlakyKey) and o.name == self.name
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="mallinfo2 is glibc's")
 def test_a_leaf_made_from_a_whole_key_block_gives_the_rest_back():
     """_link_leaf shrinks a block made for the whole key to the leaf's positions (mutant:
@@ -151,17 +134,17 @@ def test_a_leaf_made_from_a_whole_key_block_gives_the_rest_back():
     prefix, suffix, leaves = 1 << 16, 16, 20
     cache = RadixCache()
     base = np.arange(1, prefix + 1, dtype=np.int32)
-    cache.insert(RadixKey(base, _FlakyKey("k")), base.copy())
+    cache.insert(RadixKey(base, FlakyExtraKey("k")), base.copy())
     rng = np.random.default_rng(0)
     keys = [
         np.concatenate([base, rng.integers(prefix + 1, 1 << 30, suffix, dtype=np.int32)])
         for _ in range(leaves + 1)
     ]
     values = [k.copy() for k in keys]
-    cache.insert(RadixKey(keys[0], _FlakyKey("k", wrong=1)), values[0])  # scratch growth
+    cache.insert(RadixKey(keys[0], FlakyExtraKey("k", wrong=1)), values[0])  # scratch growth
     before = heap_bytes_in_use()
     for k, v in zip(keys[1:], values[1:], strict=True):
-        assert cache.insert(RadixKey(k, _FlakyKey("k", wrong=1)), v).prefix_len == prefix
+        assert cache.insert(RadixKey(k, FlakyExtraKey("k", wrong=1)), v).prefix_len == prefix
     per_leaf = (heap_bytes_in_use() - before) / leaves
     cache._check_invariants()
     assert cache.total_size() == prefix + (leaves + 1) * suffix

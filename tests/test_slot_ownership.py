@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
+from conftest import FlakyExtraKey, run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import (
     MambaRadixCache,
@@ -432,20 +432,6 @@ def test_a_bad_slot_anywhere_in_a_long_value_takes_nothing(n: int, where: str, k
     cache._check_invariants()
 
 
-class Shifty:
-    """An extra_key whose hashes are given in turn (the last one from then on): the insert's
-    look-up and its interning of the namespace can see two different hashes."""
-
-    def __init__(self, hashes: list[int]) -> None:
-        self.hashes = hashes
-
-    def __hash__(self) -> int:
-        return self.hashes.pop(0) if len(self.hashes) > 1 else self.hashes[0]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Shifty)
-
-
 @pytest.mark.parametrize("key_len", [6, 4], ids=["longer key", "same key"])
 def test_a_namespace_found_only_at_interning_takes_only_the_new_part(key_len: int) -> None:
     """An extra_key whose hash changes between the insert's two namespace lookups: the
@@ -455,9 +441,9 @@ def test_a_namespace_found_only_at_interning_takes_only_the_new_part(key_len: in
 
     cache, alloc = _stack()
     cached = alloc.alloc(4)
-    cache.insert(RadixKey([1, 2, 3, 4], Shifty([1])), cached)
+    cache.insert(RadixKey([1, 2, 3, 4], FlakyExtraKey()), cached)
     value = alloc.alloc(key_len)
-    r = cache.insert(RadixKey([1, 2, 3, 4, 5, 6][:key_len], Shifty([2, 1])), value)
+    r = cache.insert(RadixKey([1, 2, 3, 4, 5, 6][:key_len], FlakyExtraKey(wrong=1)), value)
     assert r.prefix_len == 4
     expect = value[4:] if key_len > 4 else cached  # the same key ends at the cached node
     assert np.asarray(r.last_node.value).tolist() == expect.tolist()
@@ -480,16 +466,16 @@ def test_swa_a_namespace_found_only_at_interning_lays_out_the_new_nodes(evicted:
 
     cache, alloc = _swa_stack()
     cached = alloc.alloc(4)
-    cache.insert(RadixKey([1, 2, 3, 4], Shifty([1])), cached)
+    cache.insert(RadixKey([1, 2, 3, 4], FlakyExtraKey()), cached)
     value = alloc.alloc(10)
     kwargs = {"swa_evicted_seqlen": evicted} if evicted else {}
-    r = cache.insert(RadixKey(list(range(1, 11)), Shifty([2, 1])), value, **kwargs)
+    r = cache.insert(RadixKey(list(range(1, 11)), FlakyExtraKey(wrong=1)), value, **kwargs)
     assert r.prefix_len == 4
     cache._check_invariants()
     held = sorted(np.asarray(n.value).tolist() for n in cache._nodes())
     new = value[4:].tolist()
     assert held == sorted([cached.tolist(), *([new] if not evicted else [new[:2], new[2:]])])
-    m = cache.match_prefix(RadixKey(list(range(1, 9)), Shifty([1])))  # splits the new leaf
+    m = cache.match_prefix(RadixKey(list(range(1, 9)), FlakyExtraKey()))  # splits the new leaf
     assert m.indices.tolist() == (cached.tolist() + new[:4] if not evicted else cached.tolist())
     cache._check_invariants()
     cache.reset()

@@ -11,11 +11,23 @@ import platform
 
 import numpy as np
 import pytest
-from conftest import RecordingAllocator, RecordingSWAAllocator, heap_bytes_in_use
+from conftest import (
+    FlakyExtraKey,
+    RecordingAllocator,
+    RecordingSWAAllocator,
+    heap_bytes_in_use,
+)
 
 from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey, _radix_tree
 
 GLIBC = platform.libc_ver()[0] == "glibc"
+
+
+def _snap(cache) -> list:
+    """Every node's id, tokens and slots, sorted: the tree as a value to compare."""
+    return sorted(
+        (n.id, tuple(n.key.token_ids), tuple(np.asarray(n.value).tolist())) for n in cache._nodes()
+    )
 
 
 def _toks(n: int, width: int, start: int = 1) -> list:
@@ -153,24 +165,6 @@ def test_swa_both_splits_in_a_lower_half_with_lead(window: int, width: int) -> N
         cache._check_invariants()
 
 
-class _FlakyKey:
-    """An extra_key whose first `wrong` hashes miss (the insert's lookup does not find the
-    namespace), then hashes right (the interning finds it)."""
-
-    def __init__(self, name: str, wrong: int = 0) -> None:
-        self.name, self.wrong, self.calls = name, wrong, 0
-
-    def __hash__(self) -> int:
-        self.calls += 1
-        if self.wrong > 0:
-            self.wrong -= 1
-            return 12345
-        return hash(self.name)
-
-    def __eq__(self, o: object) -> bool:
-        return isinstance(o, _FlakyKey) and o.name == self.name
-
-
 @pytest.mark.parametrize("width", [0, 2])
 @pytest.mark.parametrize("page", [1, 2, 4])
 @pytest.mark.parametrize("swa", [None, 3])
@@ -183,13 +177,13 @@ def test_a_namespace_found_only_when_taken_then_its_leaf_split(width, page, swa)
     n0 = 20 * page
     toks = _toks(n0, width)
     vals = alloc.alloc(n0)
-    cache.insert(_key(toks, _FlakyKey("k")), vals.copy())
+    cache.insert(_key(toks, FlakyExtraKey("k")), vals.copy())
     for es in [0] if not swa else [0, 10 * page, 22 * page, 25 * page + 1]:
         tail = _toks(40 * page, width, start=100_000 + es * 1000)
         cut = 12 * page
         k2 = list(toks[:cut]) + tail
         v2 = np.concatenate([vals[:cut], alloc.alloc(len(tail))]).astype(np.int32)
-        ek = _FlakyKey("k", wrong=1)
+        ek = FlakyExtraKey("k", wrong=1)
         kw = {"swa_evicted_seqlen": es} if swa else {}
         r = cache.insert(_key(k2, ek), v2, **kw)
         assert ek.calls >= 2
@@ -197,11 +191,11 @@ def test_a_namespace_found_only_when_taken_then_its_leaf_split(width, page, swa)
         cache._check_invariants()
         n2 = len(k2) - len(k2) % page
         for d in range(cut + page, n2, page):
-            m = cache.match_prefix(_key(_probe(k2, d, width), _FlakyKey("k")))
+            m = cache.match_prefix(_key(_probe(k2, d, width), FlakyExtraKey("k")))
             cache._check_invariants()
             if not swa:
                 assert m.prefix_len == d and m.indices.tolist() == v2[:d].tolist()
-        m = cache.match_prefix(_key(k2, _FlakyKey("k")))
+        m = cache.match_prefix(_key(k2, FlakyExtraKey("k")))
         if not swa:
             assert m.prefix_len == n2 and m.indices.tolist() == v2[:n2].tolist()
         else:
@@ -219,16 +213,16 @@ def test_a_new_namespace_insert_in_mamba_found_when_taken(width) -> None:
     cache = MambaRadixCache(2, token_to_kv_pool_allocator=kv, mamba_pool=st)
     toks = _toks(40, width)
     vals = kv.alloc(40)
-    cache.insert(_key(toks, _FlakyKey("m")), vals.copy(), mamba_value=int(st.alloc(1)[0]))
+    cache.insert(_key(toks, FlakyExtraKey("m")), vals.copy(), mamba_value=int(st.alloc(1)[0]))
     k2 = list(toks[:10]) + _toks(30, width, 7000)
     v2 = np.concatenate([vals[:10], kv.alloc(30)]).astype(np.int32)
-    r = cache.insert(_key(k2, _FlakyKey("m", 1)), v2, mamba_value=int(st.alloc(1)[0]))
+    r = cache.insert(_key(k2, FlakyExtraKey("m", 1)), v2, mamba_value=int(st.alloc(1)[0]))
     assert r.prefix_len == 10
     cache._check_invariants()
     for d in range(12, 40, 2):
-        cache.match_prefix(_key(_probe(k2, d, width), _FlakyKey("m")))
+        cache.match_prefix(_key(_probe(k2, d, width), FlakyExtraKey("m")))
         cache._check_invariants()
-    m = cache.match_prefix(_key(k2, _FlakyKey("m")))
+    m = cache.match_prefix(_key(k2, FlakyExtraKey("m")))
     assert m.indices.tolist() == v2.tolist()
     cache.evict(10**6, mamba_num=10**6)
     cache._check_invariants()
@@ -253,14 +247,8 @@ def test_out_of_memory_in_a_windowed_insert_with_two_splits_in_a_lead_node(fuse,
         v2 = np.concatenate([vals[:20], alloc.alloc(36)]).astype(np.int32)
         return cache, alloc, k2, v2
 
-    def snap(cache):
-        return sorted(
-            (n.id, tuple(n.key.token_ids), tuple(np.asarray(n.value).tolist()))
-            for n in cache._nodes()
-        )
-
     cache, _alloc, k2, v2 = build()
-    before = snap(cache)
+    before = _snap(cache)
     _radix_tree._fail_node_arrays_after(fuse)
     try:
         try:
@@ -272,12 +260,12 @@ def test_out_of_memory_in_a_windowed_insert_with_two_splits_in_a_lead_node(fuse,
         _radix_tree._fail_node_arrays_after(-1)
     cache._check_invariants()
     if failed:
-        assert snap(cache) == before
+        assert _snap(cache) == before
         cache.insert(_key(k2), v2, 20, es)
         cache._check_invariants()
     twin, _, k2t, v2t = build()
     twin.insert(_key(k2t), v2t, 20, es)
-    assert [x[1:] for x in snap(cache)] == [x[1:] for x in snap(twin)]
+    assert [x[1:] for x in _snap(cache)] == [x[1:] for x in _snap(twin)]
     cache.evict(10**6, 10**6)
     cache._check_invariants()
 
@@ -361,23 +349,23 @@ def test_compaction_and_leaf_layout_moves_in_the_4k_aliasing_window(mode, width)
         cache = RadixCache(token_to_kv_pool_allocator=alloc)
         toks = _toks(1623, width)
         vals = alloc.alloc(1623)
-        cache.insert(_key(toks, _FlakyKey("z")), vals.copy())
-        m = cache.match_prefix(_key(_probe(toks, 1023, width), _FlakyKey("z")))
+        cache.insert(_key(toks, FlakyExtraKey("z")), vals.copy())
+        m = cache.match_prefix(_key(_probe(toks, 1023, width), FlakyExtraKey("z")))
         assert m.prefix_len == 1023
         cache._check_invariants()
-        assert cache.match_prefix(_key(toks, _FlakyKey("z"))).indices.tolist() == vals.tolist()
+        assert cache.match_prefix(_key(toks, FlakyExtraKey("z"))).indices.tolist() == vals.tolist()
         # a namespace found only when taken, 1023 positions matched: the leaf's block was made
         # for 1023 more positions than the leaf's 700
         k2 = list(toks[:1023]) + _toks(700, width, 50_000)
         v2 = np.concatenate([vals[:1023], alloc.alloc(700)]).astype(np.int32)
-        ek = _FlakyKey("z", 1)
+        ek = FlakyExtraKey("z", 1)
         assert cache.insert(_key(k2, ek), v2).prefix_len == 1023 and ek.calls == 2
         cache._check_invariants()
-        assert cache.match_prefix(_key(k2, _FlakyKey("z"))).indices.tolist() == v2.tolist()
+        assert cache.match_prefix(_key(k2, FlakyExtraKey("z"))).indices.tolist() == v2.tolist()
         for d in (1023 + 1, 1023 + 200, 1023 + 650):
-            cache.match_prefix(_key(_probe(k2, d, width), _FlakyKey("z")))
+            cache.match_prefix(_key(_probe(k2, d, width), FlakyExtraKey("z")))
             cache._check_invariants()
-            assert cache.match_prefix(_key(k2, _FlakyKey("z"))).indices.tolist() == v2.tolist()
+            assert cache.match_prefix(_key(k2, FlakyExtraKey("z"))).indices.tolist() == v2.tolist()
         cache.evict(10**6)
         assert cache.total_size() == 0
     finally:
@@ -397,23 +385,17 @@ def test_out_of_memory_after_a_namespace_found_only_when_taken(fuse, swa, es) ->
     cache = RadixCache(2, sliding_window_size=swa, token_to_kv_pool_allocator=alloc)
     toks = _toks(40, 2)
     vals = alloc.alloc(40)
-    cache.insert(_key(toks, _FlakyKey("q")), vals.copy())
-    cache.match_prefix(_key(_probe(toks, 4, 2), _FlakyKey("q")))  # lead 4 in [4, 40)
+    cache.insert(_key(toks, FlakyExtraKey("q")), vals.copy())
+    cache.match_prefix(_key(_probe(toks, 4, 2), FlakyExtraKey("q")))  # lead 4 in [4, 40)
     k2 = list(toks[:20]) + _toks(30, 2, 70_000)
     v2 = np.concatenate([vals[:20], alloc.alloc(30)]).astype(np.int32)
     kw = {"swa_evicted_seqlen": es} if swa else {}
 
-    def snap():
-        return sorted(
-            (n.id, tuple(n.key.token_ids), tuple(np.asarray(n.value).tolist()))
-            for n in cache._nodes()
-        )
-
-    before = snap()
+    before = _snap(cache)
     _radix_tree._fail_node_arrays_after(fuse)
     try:
         try:
-            cache.insert(_key(k2, _FlakyKey("q", 1)), v2, **kw)
+            cache.insert(_key(k2, FlakyExtraKey("q", 1)), v2, **kw)
             failed = False
         except MemoryError:
             failed = True
@@ -421,13 +403,13 @@ def test_out_of_memory_after_a_namespace_found_only_when_taken(fuse, swa, es) ->
         _radix_tree._fail_node_arrays_after(-1)
     cache._check_invariants()
     if failed:
-        assert snap() == before
-        cache.insert(_key(k2, _FlakyKey("q", 1)), v2, **kw)
+        assert _snap(cache) == before
+        cache.insert(_key(k2, FlakyExtraKey("q", 1)), v2, **kw)
         cache._check_invariants()
     for d in range(22, 50, 2):
-        cache.match_prefix(_key(_probe(k2, d, 2), _FlakyKey("q")))
+        cache.match_prefix(_key(_probe(k2, d, 2), FlakyExtraKey("q")))
         cache._check_invariants()
-    m = cache.match_prefix(_key(k2, _FlakyKey("q")))
+    m = cache.match_prefix(_key(k2, FlakyExtraKey("q")))
     assert m.indices.tolist() == v2[: m.prefix_len].tolist()
     if not swa:
         assert m.prefix_len == 50
