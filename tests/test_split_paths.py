@@ -30,6 +30,27 @@ def _snap(cache) -> list:
     )
 
 
+def _insert_out_of_memory_then_again(cache, fuse: int, insert) -> None:
+    """Run `insert` with the tree's `fuse`-th next node-block allocation failing: it either
+    succeeds (fewer blocks than that) or raises MemoryError with the tree unchanged, and
+    then succeeds when run again. Invariants hold throughout."""
+    before = _snap(cache)
+    _radix_tree._fail_node_arrays_after(fuse)
+    try:
+        try:
+            insert()
+            failed = False
+        except MemoryError:
+            failed = True
+    finally:
+        _radix_tree._fail_node_arrays_after(-1)
+    cache._check_invariants()
+    if failed:
+        assert _snap(cache) == before
+        insert()
+        cache._check_invariants()
+
+
 def _toks(n: int, width: int, start: int = 1) -> list:
     if width == 0:
         return list(range(start, start + n))
@@ -248,21 +269,7 @@ def test_out_of_memory_in_a_windowed_insert_with_two_splits_in_a_lead_node(fuse,
         return cache, alloc, k2, v2
 
     cache, _alloc, k2, v2 = build()
-    before = _snap(cache)
-    _radix_tree._fail_node_arrays_after(fuse)
-    try:
-        try:
-            cache.insert(_key(k2), v2, 20, es)
-            failed = False
-        except MemoryError:
-            failed = True
-    finally:
-        _radix_tree._fail_node_arrays_after(-1)
-    cache._check_invariants()
-    if failed:
-        assert _snap(cache) == before
-        cache.insert(_key(k2), v2, 20, es)
-        cache._check_invariants()
+    _insert_out_of_memory_then_again(cache, fuse, lambda: cache.insert(_key(k2), v2, 20, es))
     twin, _, k2t, v2t = build()
     twin.insert(_key(k2t), v2t, 20, es)
     assert [x[1:] for x in _snap(cache)] == [x[1:] for x in _snap(twin)]
@@ -391,21 +398,9 @@ def test_out_of_memory_after_a_namespace_found_only_when_taken(fuse, swa, es) ->
     v2 = np.concatenate([vals[:20], alloc.alloc(30)]).astype(np.int32)
     kw = {"swa_evicted_seqlen": es} if swa else {}
 
-    before = _snap(cache)
-    _radix_tree._fail_node_arrays_after(fuse)
-    try:
-        try:
-            cache.insert(_key(k2, FlakyExtraKey("q", 1)), v2, **kw)
-            failed = False
-        except MemoryError:
-            failed = True
-    finally:
-        _radix_tree._fail_node_arrays_after(-1)
-    cache._check_invariants()
-    if failed:
-        assert _snap(cache) == before
-        cache.insert(_key(k2, FlakyExtraKey("q", 1)), v2, **kw)
-        cache._check_invariants()
+    _insert_out_of_memory_then_again(
+        cache, fuse, lambda: cache.insert(_key(k2, FlakyExtraKey("q", 1)), v2, **kw)
+    )
     for d in range(22, 50, 2):
         cache.match_prefix(_key(_probe(k2, d, 2), FlakyExtraKey("q")))
         cache._check_invariants()
