@@ -567,7 +567,7 @@ def _map_probe_stats(RadixTreeCore tree):
 def _namespace_ids(RadixTreeCore tree):
     """Test hook: (ids ever handed out, ids free for reuse, namespaces registered now) of
     the tree's namespace table, the root namespace included."""
-    return len(tree._ns_keys), len(tree._ns_free), len(tree._ns_ids)
+    return len(tree._ns_keys), len(tree._free_ns_ids()), len(tree._ns_ids)
 
 
 def _set_map_tuning(per_entry, minimum, initial_capacity):
@@ -705,6 +705,12 @@ cdef inline void _heap_touched(Heap* hp, Node* nodes, int kind, nid_t n) noexcep
 # ---------------------------------------------------------------------------------------
 # Input conversion: keys to contiguous tok_t, values to contiguous idx_t
 # ---------------------------------------------------------------------------------------
+
+ctypedef struct NsSlot:
+    int64_t ref             # root children in the namespace
+    int32_t next_free       # the next id free for reuse (a free id's), or -1
+    bint stuck              # its extra_key could not be found again to free the id
+
 
 ctypedef struct KeyView:
     const tok_t* tok        # n * width tokens
@@ -899,10 +905,15 @@ cdef object _as_index(object v, object error, str message):
     """v as an exact int, read the way ``operator.index`` reads it: an int subclass by its
     value (a copy: neither its own ``__index__`` nor its comparisons run later), any other
     object through ``__index__``. A bool (Python's or numpy's) or an object without
-    ``__index__`` raises ``error`` with *message* and what v is."""
+    ``__index__`` raises ``error`` with *message* and what v is; so does a deleted jax
+    array (its ``__index__`` raises a bare ``RuntimeError``)."""
     if type(v) in _BOOL_TYPES or not (PyLong_Check(v) or hasattr(v, "__index__")):
         raise error(f"{message}, got {v!r:.60} ({type(v).__name__})")
-    return PyNumber_Index(v)
+    try:
+        return PyNumber_Index(v)
+    except RuntimeError:
+        _refuse_deleted_array(message.partition(":")[0], v, error)
+        raise
 
 
 cdef inline tok_t _to_tok(object v) except? 0:
@@ -1304,13 +1315,22 @@ cdef class RadixTreeCore:
     cdef int64_t _aux_protected     # Mamba: locked states; SWA: live SWA tokens, SWA-locked
     cdef int64_t n_states_out       # states collected in _state_out by the current evict
     cdef int64_t ev_done            # KV indices collected in _idx_out by the current evict
-    cdef int64_t ev_nodes           # nodes removed by the current evict (ids in _uid_out)
+    cdef int64_t ev_nodes           # nodes removed by the current evict (ids in _ev_uids)
     cdef object _late_exc           # an insert's argument error, raised after its value's
+    # An evict's or a reset's hand-over, made before any node goes (each a Python object,
+    # so that running out of memory for it cannot strand what the removed nodes held):
+    cdef list _ev_uids              # the evicted nodes' ids, when on_node_evict is set
+    cdef object _ev_free            # the allocator's free, when it is Python code
+    cdef object _ev_free_swa        # its free_swa (windowed caches)
+    cdef object _ev_free_states     # the state pool's free, when it is Python code
     cdef object _pending_exc        # a BaseException a node's removal caught, raised after
     cdef int64_t aux_freed          # SWA tokens freed by the current evict
     cdef int64_t n_swa_out          # indices tombstoned by the current evict (_swa_out)
-    cdef int64_t* ns_ref            # root children per namespace
+    # Per namespace id: its root children, and the ids free for reuse linked through it,
+    # so that releasing an id (in the middle of a node's removal) allocates nothing
+    cdef NsSlot* ns_tab
     cdef int64_t ns_cap
+    cdef int32_t ns_free_head
     cdef int64_t next_uid
     cdef int64_t clock
     cdef int64_t new_prio           # priority policy: what a node made by this insert starts at
@@ -1323,14 +1343,12 @@ cdef class RadixTreeCore:
     cdef _Scratch _val_scratch
     cdef _Scratch _idx_out
     cdef _Scratch _nid_scratch
-    cdef _Scratch _uid_out
+    cdef _Scratch _flag_scratch     # the windowed insert: a flag per segment it revives
     cdef _Scratch _state_out
     cdef _Scratch _swa_out
     cdef dict _ns_ids               # (extra_key, arity) -> namespace id
     cdef list _ns_keys              # namespace id -> (extra_key, arity) or None when free
-    cdef set _ns_stuck              # ids whose extra_key could not be found again to free them
     cdef dict _swa_locks            # SWA: _lock_key(locked node's id, boundary) -> inc_lock_refs
-    cdef list _ns_free
     cdef dict _hash_cache           # slot -> list of page hashes (compute_node_hash)
     cdef readonly object token_to_kv_pool_allocator
     cdef readonly object on_node_evict
@@ -1365,8 +1383,9 @@ cdef class RadixTreeCore:
         self.aux_heap.data = NULL
         self.aux_heap.cap = 0
         self.aux_heap.size = 0
-        self.ns_ref = NULL
+        self.ns_tab = NULL
         self.ns_cap = 0
+        self.ns_free_head = -1
         self._booking_allocator = NULL
         self._booking_kind = 0
         self._state_booking = NULL
@@ -1455,7 +1474,7 @@ cdef class RadixTreeCore:
         self._val_scratch = _Scratch(sizeof(idx_t))
         self._idx_out = _Scratch(sizeof(idx_t))
         self._nid_scratch = _Scratch(sizeof(nid_t))
-        self._uid_out = _Scratch(sizeof(int64_t))
+        self._flag_scratch = _Scratch(sizeof(int64_t))
         self._state_out = _Scratch(sizeof(idx_t))
         self._swa_out = _Scratch(sizeof(idx_t))
         # node ids are never reused, not even by an __init__ after a failed reset(): a
@@ -1666,16 +1685,14 @@ cdef class RadixTreeCore:
             self._aux_protected = 0
             _map_init(&self.cmap, _MAP_INITIAL)
             self.ns_cap = 0
-            _grow(<void**>&self.ns_ref, &self.ns_cap, 8, sizeof(int64_t))
+            _grow(<void**>&self.ns_tab, &self.ns_cap, 8, sizeof(NsSlot))
+            self.ns_free_head = -1
             # the old tree's namespaces and lock records are dropped only once the new tree
             # is whole (below): an extra_key's __del__ that reads the cache sees it so
-            dropped = (self._ns_ids, self._ns_keys, self._ns_stuck, self._swa_locks,
-                       self._ns_free, self._hash_cache)
+            dropped = (self._ns_ids, self._ns_keys, self._swa_locks, self._hash_cache)
             self._ns_ids = {(None, 0): 0}
             self._ns_keys = [(None, 0)]
-            self._ns_stuck = set()
             self._swa_locks = {}
-            self._ns_free = []
             self._hash_cache = {}
             # no slot is initialized until _take_slot hands it out (hwm); the root: slot 0,
             # uid 0, permanently "locked" (never evictable)
@@ -1710,8 +1727,9 @@ cdef class RadixTreeCore:
         _big_free(self.aux_heap.data, self.aux_heap.cap * sizeof(nid_t))
         self.aux_heap.data = NULL
         self.aux_heap.cap = 0
-        free(self.ns_ref)
-        self.ns_ref = NULL
+        free(self.ns_tab)
+        self.ns_tab = NULL
+        self.ns_free_head = -1
 
     cdef int _reserve_nodes(self, int64_t extra) except -1:
         """Make sure `extra` new nodes (and their heap and map entries) can be created.
@@ -1815,51 +1833,77 @@ cdef class RadixTreeCore:
     cdef int32_t _intern_ns(self, object extra_key, int32_t arity) except -1:
         """The namespace id of (extra_key, arity), registered if new. Everything that can
         raise (the extra_key's __hash__ and __eq__, Python code; out of memory) runs before
-        the registry changes, so an error leaves it as it was."""
+        the registry changes, and nothing after its last step allocates, so an error
+        leaves it as it was."""
         cdef int32_t ns = self._find_ns(extra_key, arity)
         if ns >= 0:
             return ns
         ns_key = (extra_key, arity)
-        cdef bint reused = bool(self._ns_free)
+        cdef bint reused = self.ns_free_head >= 0
         if reused:
-            ns = self._ns_free[len(self._ns_free) - 1]   # no [-1]: wraparound is off
+            ns = self.ns_free_head
         else:
             ns = len(self._ns_keys)
-            _grow(<void**>&self.ns_ref, &self.ns_cap, ns + 1, sizeof(int64_t))
+            _grow(<void**>&self.ns_tab, &self.ns_cap, ns + 1, sizeof(NsSlot))
             self._ns_keys.append(None)  # the id's slot, empty until it is taken below
         try:
             self._ns_ids[ns_key] = ns   # hashes the extra_key: may raise
         except BaseException:
             if not reused:
-                self._ns_keys.pop()
+                self._ns_keys.pop()     # just appended: shrinks in place
             raise
         if reused:
-            self._ns_free.pop()
-        self._ns_keys[ns] = ns_key
-        self.ns_ref[ns] = 0
+            self.ns_free_head = self.ns_tab[ns].next_free
+        self._ns_keys[ns] = ns_key      # the slot held None: nothing allocated, nothing freed
+        self.ns_tab[ns].ref = 0
+        self.ns_tab[ns].next_free = -1
+        self.ns_tab[ns].stuck = False
         return ns
 
     cdef int _ns_release_one(self, int32_t ns) except -1:
         """Drop a reference to namespace ns; the last one frees its id for reuse. Runs in
-        the middle of a node's removal, so nothing here may raise: the dict lookup hashes
-        the caller's extra_key again, and an extra_key whose hash or equality changed since
-        (or raises) cannot be found. Then ns stays registered, empty, and is never reused
-        (no other extra_key can land in its nodes). An interrupt there (KeyboardInterrupt,
-        SystemExit: not an Exception) is held back and raised once the evict has handed
-        everything over."""
-        self.ns_ref[ns] -= 1
-        if self.ns_ref[ns] == 0 and ns != 0:
+        the middle of a node's removal, so nothing here may raise, and nothing but the
+        registry's update allocates (the free ids are linked through the C table). That
+        update hashes the caller's extra_key again: the entry it takes out must be ns's own
+        for ns to be freed. An extra_key whose hash or equality changed since (or raises),
+        or memory running out there, leaves ns registered, empty and never reused (no other
+        extra_key can land in its nodes); an entry of another namespace that the changed key
+        hit instead is put back (or, if even that fails, that namespace is never reused
+        either). An interrupt there (KeyboardInterrupt, SystemExit: not an Exception) is
+        held back and raised once the evict has handed everything over."""
+        cdef NsSlot* t = &self.ns_tab[ns]
+        cdef long got = -1
+        t.ref -= 1
+        if t.ref == 0 and ns != 0:
             try:
-                del self._ns_ids[self._ns_keys[ns]]
+                got = self._ns_ids.pop(self._ns_keys[ns])
+                if got != ns:   # another namespace's entry: it goes back
+                    self._ns_ids[self._ns_keys[got]] = got
             except BaseException as exc:
-                self._ns_stuck.add(ns)
+                if 0 < got < len(self._ns_keys) and got != ns:
+                    self.ns_tab[got].stuck = True   # its key is no longer registered
                 if not isinstance(exc, Exception) and self._pending_exc is None:
                     self._pending_exc = exc
+                got = -1
+            if got != ns:
+                self.ns_tab[ns].stuck = True
                 return 0
-            self._ns_stuck.discard(ns)
+            t = &self.ns_tab[ns]
+            t.stuck = False
+            t.next_free = self.ns_free_head
+            self.ns_free_head = ns
             self._ns_keys[ns] = None
-            self._ns_free.append(ns)
         return 0
+
+    cdef list _free_ns_ids(self):
+        """The namespace ids free for reuse, next to be reused first (for the checks)."""
+        cdef list ids = []
+        cdef int32_t ns = self.ns_free_head
+        while ns >= 0:
+            assert len(ids) < len(self._ns_keys), "namespace free list: a cycle"
+            ids.append(ns)
+            ns = self.ns_tab[ns].next_free
+        return ids
 
     # -- input conversion ---------------------------------------------------------------
 
@@ -2214,12 +2258,30 @@ cdef class RadixTreeCore:
             self._split_hash_cache(x, u, m)
         return u
 
-    cdef void _split_hash_cache(self, nid_t x, nid_t u, int64_t m):
-        hashes = self._hash_cache.pop(x, None)
-        if hashes is not None:
-            k = m // self.page_size
-            self._hash_cache[u] = hashes[:k]
-            self._hash_cache[x] = hashes[k:]
+    cdef void _split_hash_cache(self, nid_t x, nid_t u, int64_t m) noexcept:
+        """Hand the upper node u the first m // page_size of x's cached page hashes. Each
+        list is kept last page first (see _node_hashes), so u's pages are the list's tail:
+        u takes a copy of the tail and x drops it, O(pages given), not O(x's pages). Called
+        by a split that cannot fail: out of memory, every cached hash is dropped (they are
+        recomputed when asked for) rather than any list left wrong."""
+        cdef list rev
+        cdef Py_ssize_t cut
+        try:
+            rev = self._hash_cache.get(x)
+            if rev is not None:
+                cut = len(rev) - m // self.page_size
+                self._hash_cache[u] = rev[cut:]
+                del rev[cut:]
+        except BaseException:
+            self._hash_cache.clear()
+
+    cdef void _forget_hashes(self, nid_t n) noexcept:
+        """Drop node n's cached page hashes (n is leaving the tree). Cannot fail: out of
+        memory for the slot's key, the whole cache is dropped instead."""
+        try:
+            self._hash_cache.pop(n, None)
+        except BaseException:
+            self._hash_cache.clear()
 
     cdef int64_t _scan(self, const KeyView* kv, int32_t ns, int64_t limit, nid_t* last,
                        int64_t* path_len, nid_t* part_node, int64_t* part_m) except -1:
@@ -2653,7 +2715,7 @@ cdef class RadixTreeCore:
         kept = dup + 3 * aligned
         swa_live = dup + n_dup
         self._nid_scratch.reserve(aligned // P + 3)   # the path, and the two splits' halves
-        revive = <int64_t*>self._uid_out.reserve(aligned // P + 1)   # a flag per segment
+        revive = <int64_t*>self._flag_scratch.reserve(aligned // P + 1)   # a flag per segment
         allocated = ns < 0
         if allocated:
             # the insert reads its copy of the slots from here on: taking the namespace runs
@@ -2797,8 +2859,8 @@ cdef class RadixTreeCore:
             u = self._split_into(x_ppl, m_ppl, b_ppl)   # x_ppl keeps the part from ppl on
             path[n_path] = u
             n_path += 1
-            if x_ppl == part_node and m_end == 0:
-                last = u    # the match ended at ppl, inside the partial node
+        # (a split at ppl inside the partial node leaves m_end > 0, since ppl < the match's
+        # end there: the deepest node is then the second split's upper half)
         if m_end > 0:
             last = self._split_into(part_node, m_end, b_end)
             path[n_path] = last
@@ -3001,7 +3063,7 @@ cdef class RadixTreeCore:
         self._full_remove(parent)
         par.num_children += 1
         if parent == ROOT:
-            self.ns_ref[ns] += 1
+            self.ns_tab[ns].ref += 1
         _map_put(&self.cmap, parent, leaf, self._node_hash(parent, L))
         self._full_push(leaf)
         self._evictable += n
@@ -3070,8 +3132,38 @@ cdef class RadixTreeCore:
         self._after_evict(self.ev_done, self.ev_nodes)
         return _evict_result(done, swa_done) if self.swa else _evict_result(done)
 
+    cdef int _bind_hand_over(self) except -1:
+        """Look up, before any node is removed, what _after_evict will call: the owners'
+        Python ``free`` methods (a bound method is a new object) and an empty list for the
+        evicted ids. Booked owners are called in C and need none."""
+        a = self.token_to_kv_pool_allocator
+        try:
+            if a is not None and not self._booking_kind:
+                self._ev_free = a.free
+            if a is not None and self.swa and self._booking_kind != BOOK_SWA:
+                self._ev_free_swa = a.free_swa
+            if self.mamba and self.mamba_pool is not None and self._state_booking == NULL:
+                self._ev_free_states = self.mamba_pool.free
+            if self.on_node_evict is not None:
+                self._ev_uids = []
+        except BaseException:
+            self._unbind_hand_over()
+            raise
+        return 0
+
+    cdef void _unbind_hand_over(self) noexcept:
+        """Drop what _bind_hand_over made once it is used (or cannot be): a bound method is
+        a reference to its owner, which the collector would otherwise see the cache hold (a
+        dropped cache's cycle would outlive the collection), and the ids of a large evict
+        would stay in memory until the next one."""
+        self._ev_free = None
+        self._ev_free_swa = None
+        self._ev_free_states = None
+        self._ev_uids = None
+
     cdef int _start_evict(self) except -1:
         """Zero the current evict's progress (what _after_evict hands over)."""
+        self._bind_hand_over()
         self.ev_done = 0
         self.ev_nodes = 0
         self.n_states_out = 0
@@ -3103,25 +3195,24 @@ cdef class RadixTreeCore:
         return 0
 
     cdef int _collect_and_remove(self, nid_t n) except -1:
-        """Copy leaf n's KV into _idx_out, record its id, remove it; then the same for
-        every parent this leaves a childless, unlocked tombstone (SWA: no leaf stays a
-        tombstone, its full KV alone serves no match). A loop, not recursion: such a chain
+        """Copy leaf n's KV into _idx_out, note its id (for on_node_evict), remove it; then
+        the same for every parent this leaves a childless, unlocked tombstone (SWA: no leaf
+        stays a tombstone, its full KV alone serves no match). A loop, not recursion: such a chain
         is as long as the tree is deep. Every buffer a removal writes to is grown before the
         node changes, so a MemoryError leaves the node in the tree and the progress
         (ev_done, ev_nodes, the states collected) exact."""
         cdef Node* x
         cdef idx_t* out
-        cdef int64_t* uids
         cdef nid_t parent
         while True:
             out = <idx_t*>self._idx_out.reserve(self.ev_done + self.nodes[n].len)
-            uids = <int64_t*>self._uid_out.reserve(self.ev_nodes + 1)
             if self.mamba:  # _remove_leaf may move the node's state to _state_out
                 self._state_out.reserve(self.n_states_out + 1)
+            if self.on_node_evict is not None:  # the id as an int, made while n is there
+                self._ev_uids.append(self.nodes[n].uid)
             x = &self.nodes[n]
             parent = x.parent
             copy32(out + self.ev_done, x.value, x.len)
-            uids[self.ev_nodes] = x.uid
             self.ev_nodes += 1
             self.ev_done += x.len
             self._remove_leaf(n)
@@ -3137,7 +3228,6 @@ cdef class RadixTreeCore:
         every stage runs even when an earlier one raises (a skipped stage would leak what it
         hands over); the first exception is raised once all have run."""
         cdef int64_t i
-        cdef int64_t* uids = <int64_t*>self._uid_out.data
         first = self._pending_exc   # an interrupt a node's removal held back
         self._pending_exc = None
         # SWA-only frees first: a node tombstoned and then removed in one call is in both
@@ -3148,8 +3238,7 @@ cdef class RadixTreeCore:
                     (<SWATokenToKVPoolAllocator>self._booking_allocator).free_swa_c(
                         <idx_t*>self._swa_out.data, self.n_swa_out, PAGE_CACHED)
                 else:
-                    _hand_over(self.token_to_kv_pool_allocator.free_swa,
-                               <idx_t*>self._swa_out.data, self.n_swa_out)
+                    _hand_over(self._ev_free_swa, <idx_t*>self._swa_out.data, self.n_swa_out)
             except BaseException as exc:
                 if first is None:
                     first = exc
@@ -3160,8 +3249,7 @@ cdef class RadixTreeCore:
                     # our own allocator: straight to its C entry point, no array, no Python
                     self._free_booked(<idx_t*>self._idx_out.data, n_idx)
                 else:
-                    _hand_over(self.token_to_kv_pool_allocator.free,
-                               <idx_t*>self._idx_out.data, n_idx)
+                    _hand_over(self._ev_free, <idx_t*>self._idx_out.data, n_idx)
             except BaseException as exc:
                 if first is None:
                     first = exc
@@ -3173,18 +3261,19 @@ cdef class RadixTreeCore:
                     (<TokenToKVPoolAllocator>self._state_booking).free_c(
                         <idx_t*>self._state_out.data, n_states, PAGE_CACHED)
                 else:
-                    _hand_over(self.mamba_pool.free, <idx_t*>self._state_out.data, n_states)
+                    _hand_over(self._ev_free_states, <idx_t*>self._state_out.data, n_states)
             except BaseException as exc:
                 if first is None:
                     first = exc
-        if self.on_node_evict is not None:
-            ids = [uids[i] for i in range(n_nodes)]
-            for uid in ids:
+        if self.on_node_evict is not None and n_nodes > 0:
+            ids = self._ev_uids     # made as the nodes were removed: nothing to allocate
+            for i in range(n_nodes):
                 try:
-                    self.on_node_evict(uid)
+                    self.on_node_evict(ids[i])
                 except BaseException as exc:
                     if first is None:
                         first = exc
+        self._unbind_hand_over()
         if first is not None:
             raise first
         return 0
@@ -3223,7 +3312,7 @@ cdef class RadixTreeCore:
         if parent == ROOT:
             self._ns_release_one(x.ns)
         if self._hash_cache:
-            self._hash_cache.pop(n, None)
+            self._forget_hashes(n)
         self._drop_slot(n)
         x = &self.nodes[parent]
         if parent != ROOT and x.num_children == 0 and x.lock_ref == 0:
@@ -3443,8 +3532,13 @@ cdef class RadixTreeCore:
         cdef idx_t* out
         cdef idx_t* st
         cdef Node* x
-        out = <idx_t*>self._idx_out.reserve(self._evictable + self._protected + 1)
-        st = <idx_t*>self._state_out.reserve(self._aux_evictable + self._aux_protected + 1)
+        self._bind_hand_over()
+        try:
+            out = <idx_t*>self._idx_out.reserve(self._evictable + self._protected + 1)
+            st = <idx_t*>self._state_out.reserve(self._aux_evictable + self._aux_protected + 1)
+        except BaseException:
+            self._unbind_hand_over()
+            raise
         for i in range(1, self.hwm):
             x = &self.nodes[i]
             if x.uid >= 0:
@@ -3485,18 +3579,22 @@ cdef class RadixTreeCore:
 
     cdef object _compute_node_hash_locked(self, node):
         cdef nid_t n = self._slot_of(node)
-        return list(self._node_hashes(n))
+        return self._node_hashes(n)[::-1]
 
     cdef list _node_hashes(self, nid_t n):
-        """Page hashes of node n, computed (and cached) from the nearest ancestor whose hashes
-        are cached, top down. A loop, not recursion: the path is as long as the tree is deep."""
+        """Page hashes of node n, last page first (as cached: a split then cuts the upper
+        node's pages off the list's end), computed and cached from the nearest ancestor whose
+        hashes are cached, top down. A loop, not recursion: the path is as long as the tree
+        is deep."""
         cdef list hashes = []
         cdef list todo = []
         cdef nid_t m = n
+        cdef object prior = None
         while m != ROOT:
             cached = self._hash_cache.get(m)
             if cached is not None:
                 hashes = cached
+                prior = hashes[0] if hashes else None
                 break
             todo.append(m)
             m = self.nodes[m].parent
@@ -3504,7 +3602,6 @@ cdef class RadixTreeCore:
         cdef Node* x
         cdef cnp.ndarray arr
         for m in reversed(todo):
-            prior = hashes[len(hashes) - 1] if hashes else None
             # hash_token_ids's bytes (each token, each tuple element, as a little-endian
             # uint32; the prior digest's raw bytes first), hashed from a copy of the key:
             # no list of ints, and none of hash_token_ids's input checks (tree tokens are
@@ -3523,6 +3620,7 @@ cdef class RadixTreeCore:
                 h.update(arr[start:start + step])
                 prior = h.hexdigest()
                 hashes.append(prior)
+            hashes.reverse()
             self._hash_cache[m] = hashes
         return hashes
 
@@ -3782,6 +3880,10 @@ cdef class RadixTreeCore:
                 ns_count[x.ns] = ns_count.get(x.ns, 0) + 1
             assert self._ns_keys[x.ns] is not None
         assert live == self.live, f"live nodes {live} != {self.live}"
+        for i, rev in self._hash_cache.items():  # one hash per page, of live non-root nodes
+            x = &self.nodes[<nid_t>i]
+            assert 0 < i < self.hwm and x.uid >= 0, f"page hashes cached for free slot {i}"
+            assert len(rev) == x.len // self.page_size, f"node {x.uid}: {len(rev)} page hashes"
         assert evictable == self._evictable, f"evictable {evictable} != {self._evictable}"
         assert protected == self._protected, f"protected {protected} != {self._protected}"
         assert in_heap == self.heap.size, f"heap size {self.heap.size} != {in_heap}"
@@ -3797,9 +3899,12 @@ cdef class RadixTreeCore:
             assert not _before(self.nodes, self.aux_heap.data[i],
                                self.aux_heap.data[(i - 1) >> 1])
         for ns_id, cnt in ns_count.items():
-            assert self.ns_ref[ns_id] == cnt, f"namespace {ns_id}: {self.ns_ref[ns_id]} != {cnt}"
+            assert self.ns_tab[ns_id].ref == cnt, f"namespace {ns_id}: {self.ns_tab[ns_id].ref} != {cnt}"
+        free_ids = self._free_ns_ids()
+        assert len(free_ids) == len(set(free_ids)), f"namespace free list {free_ids}"
         for ns_id, ns_key in enumerate(self._ns_keys):
-            if ns_key is not None and ns_id != 0 and ns_id not in self._ns_stuck:
+            assert (ns_key is None) == (ns_id in free_ids), f"namespace {ns_id}: free list"
+            if ns_key is not None and ns_id != 0 and not self.ns_tab[ns_id].stuck:
                 assert ns_count.get(ns_id, 0) > 0, f"namespace {ns_id} has no root child"
         free_count = 0
         f = self.free_head
