@@ -75,6 +75,44 @@ def test_an_extra_key_whose_hash_changed_does_not_break_evict() -> None:
     cache._check_invariants()
 
 
+class IdentityKey:
+    """An extra_key equal only to itself, whose hash the caller changes."""
+
+    def __init__(self, h: int) -> None:
+        self.h = h
+
+    def __hash__(self) -> int:
+        return self.h
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def test_a_changed_hash_that_hits_another_namespace_frees_neither() -> None:
+    """One key object registered twice (its hash changed between inserts): releasing the
+    second namespace found the first one's entry under the key's hash of the moment and
+    deleted it, then freed the second id while the registry still mapped the key to it.
+    A new extra_key then got that id and matched the first key's KV."""
+    cache = RadixCache()
+    a = IdentityKey(1)
+    cache.insert(RadixKey([1, 2, 3], a), np.arange(0, 3, dtype=np.int32))  # ns 1, hash 1
+    a.h = 2
+    cache.insert(RadixKey([4, 5, 6], a), np.arange(10, 13, dtype=np.int32))  # ns 2, hash 2
+    a.h = 1
+    cache.match_prefix(RadixKey([1, 2, 3], a))  # ns 1's node is the most recent
+    cache.evict(3)  # ns 2's node goes; its release looks the key up under hash 1
+    cache._check_invariants()
+    a.h = 2
+    cache.insert(RadixKey([7, 8, 9], a), np.arange(20, 23, dtype=np.int32))
+    cache._check_invariants()
+    b = IdentityKey(3)
+    assert cache.insert(RadixKey([7, 8, 9], b), np.arange(30, 33, dtype=np.int32)).prefix_len == 0
+    assert cache.match_prefix(RadixKey([7, 8, 9], b)).indices.tolist() == [30, 31, 32]
+    a.h = 1  # the first namespace's entry was put back: its node is still found
+    assert cache.match_prefix(RadixKey([1, 2, 3], a)).indices.tolist() == [0, 1, 2]
+    cache._check_invariants()
+
+
 @pytest.mark.parametrize("es", [8, 10**6, 2**62, 2**63 - 1])
 def test_an_evicted_window_past_the_key_caches_nothing_and_frees_everything(es: int) -> None:
     alloc = SWATokenToKVPoolAllocator(64, 64, page_size=2)

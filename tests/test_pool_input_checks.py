@@ -468,27 +468,54 @@ def _deleted(x: jax.Array) -> jax.Array:
         pytest.param(lambda p, m, s: pad_slots(s), id="pad_slots"),
         pytest.param(lambda p, m, s: scatter_rows(s, 8), id="scatter_rows"),
         pytest.param(lambda p, m, s: ReqToTokenPool(2, 4).write((1, slice(0, 1)), s), id="req"),
+        pytest.param(
+            lambda p, m, s: SWATokenToKVPoolAllocator(4, 4).translate_loc_from_full_to_swa(s),
+            id="swa-translate",
+        ),
+        pytest.param(lambda p, m, s: TokenToKVPoolAllocator(4).is_allocated(s), id="is_allocated"),
     ],
 )
-def test_a_deleted_slot_array_is_a_typed_error(call) -> None:
+@pytest.mark.parametrize("form", ["array", "list item"])
+def test_a_deleted_slot_array_is_a_typed_error(call, form: str) -> None:
     """A donated (deleted) jax array of slots raised a bare RuntimeError from numpy's
-    conversion; the K/V arrays already had a typed error for it."""
+    conversion; the K/V arrays already had a typed error for it. As an item of a list of
+    slots it still did (only the argument itself was looked at)."""
     pool = KVPool(8, 1, 1, 2, dtype=jnp.float32)
     mamba = MambaPool(4, 1, (2,), (2,))
     before = np.asarray(pool.buffers.k).copy()
+    if form == "array":
+        slots = _deleted(jnp.asarray([1], jnp.int32))
+    else:
+        slots = [_deleted(jnp.asarray(1, jnp.int32))]
     with pytest.raises(InvalidValueError, match="deleted"):
-        call(pool, mamba, _deleted(jnp.asarray([1], jnp.int32)))
+        call(pool, mamba, slots)
     assert (np.asarray(pool.buffers.k) == before).all()
 
 
+def test_a_free_refused_for_a_deleted_item_frees_nothing() -> None:
+    alloc = TokenToKVPoolAllocator(8)
+    slots = alloc.alloc(3)
+    with pytest.raises(InvalidValueError, match="item 1 is a deleted array"):
+        alloc.free([int(slots[0]), _deleted(jnp.asarray(1, jnp.int32))])
+    assert alloc.available_size() == 5
+    assert alloc.is_allocated(slots).all()
+
+
 @pytest.mark.parametrize("where", ["key", "value", "key-of-mamba", "mamba_value"])
-def test_the_caches_refuse_a_deleted_array_with_a_typed_error(where: str) -> None:
+@pytest.mark.parametrize("form", ["array", "list item", "tuple token"])
+def test_the_caches_refuse_a_deleted_array_with_a_typed_error(where: str, form: str) -> None:
     """A donated (deleted) jax array as a key's tokens, an insert's value or a Mamba state
-    raised numpy's bare RuntimeError from the radix caches too."""
+    raised numpy's bare RuntimeError from the radix caches too; as one item of a list
+    (or of a tuple token), it still did."""
     from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
     from pymllm.mem_cache.errors import CacheError
 
-    gone = _deleted(jnp.asarray([1, 2], jnp.int32))
+    if form == "array":
+        gone = _deleted(jnp.asarray([1, 2], jnp.int32))
+    elif form == "list item" or where != "key":
+        gone = [1, _deleted(jnp.asarray(2, jnp.int32))]
+    else:
+        gone = [(1, _deleted(jnp.asarray(2, jnp.int32)))]
     ok = np.array([1, 2], np.int32)
     cache = MambaRadixCache() if "mamba" in where else RadixCache()
     with pytest.raises(CacheError, match="deleted"):
@@ -497,7 +524,8 @@ def test_the_caches_refuse_a_deleted_array_with_a_typed_error(where: str) -> Non
         elif where == "value":
             cache.insert(RadixKey(ok), gone)
         else:
-            cache.insert(RadixKey(ok), ok, mamba_value=_deleted(jnp.asarray([3], jnp.int32)))
+            state = _deleted(jnp.asarray([3] if form == "array" else 3, jnp.int32))
+            cache.insert(RadixKey(ok), ok, mamba_value=state if form == "array" else [state])
     assert cache.total_size() == 0
 
 

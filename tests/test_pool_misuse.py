@@ -131,6 +131,18 @@ def test_scatter_rows_refuses_a_bool_in_a_slot_list() -> None:
         scatter_rows([True, 5], 8)
 
 
+@pytest.mark.parametrize("empty", [[], ()])
+def test_scatter_rows_takes_an_empty_list_as_no_slots(empty) -> None:
+    """pad_slots and every pool method read [] as zero slots; scatter_rows refused it
+    (JAX reads an empty list as float32), outside and inside jax.jit."""
+    from pymllm.mem_cache.memory_pool import scatter_rows
+
+    assert pad_slots(empty).dtype == np.int32
+    for rows in (scatter_rows(empty, 8), jax.jit(lambda: scatter_rows(empty, 8))()):
+        assert rows.shape == (0,)
+        assert rows.dtype == jnp.int32
+
+
 # --- A bool as a column of ReqToTokenPool.write (session 24): numpy reads ``True`` as a new
 # axis, so ``write((1, True), [5])`` wrote 5 into every column of row 1, and a bool mask
 # picked columns where positions were meant. Rows refused bools already.

@@ -162,6 +162,8 @@ def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
     before this function sees it."""
     _refuse_deleted("loc", loc)
     _refuse_bool_slots("loc", loc)  # [True, 5] would read as rows 1 and 5
+    if isinstance(loc, (list, tuple)) and not loc:
+        loc = np.zeros(0, np.int32)  # no slots, as everywhere else (JAX reads [] as float)
     fits = None
     if (
         isinstance(loc, (np.ndarray, np.integer))

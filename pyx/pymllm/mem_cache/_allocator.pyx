@@ -333,17 +333,29 @@ def _refuse_bool_slots(str name, object indices):
         raise InvalidValueError(f"{name}: expected integer slot ids, got a bool in {indices!r:.60}")
 
 
-def _refuse_deleted_array(str name, object x, object error=InvalidValueError):
-    """``error`` naming *name* when *x* is a jax array that an update donated (deleted),
-    else nothing: numpy's conversion of one raises a bare ``RuntimeError``. The one refusal
-    the allocators, the radix tree's key, value and state reads and the pools share."""
+cdef bint _is_deleted(object x):
+    """Whether *x* is a jax array that an update donated (deleted)."""
     is_deleted = getattr(x, "is_deleted", None)
     try:
-        deleted = callable(is_deleted) and bool(is_deleted())
+        return callable(is_deleted) and bool(is_deleted())
     except Exception:
-        deleted = False
-    if deleted:
+        return False
+
+
+def _refuse_deleted_array(str name, object x, object error=InvalidValueError):
+    """``error`` naming *name* when *x* is a jax array that an update donated (deleted), or
+    a list, tuple or deque holding one, else nothing: numpy's conversion of one raises a
+    bare ``RuntimeError``. The one refusal the allocators, the radix tree's key, value and
+    state reads and the pools share. A sequence's items are read one by one only when one
+    of their types has ``is_deleted`` (a set of the item types, made in C, else)."""
+    if _is_deleted(x):
         raise error(f"{name}: the array was deleted (an update donated it)")
+    if isinstance(x, (list, tuple, deque)) and any(
+        hasattr(t, "is_deleted") for t in set(map(type, x))  # the items' types, in C
+    ):
+        for i, item in enumerate(x):
+            if _is_deleted(item):
+                raise error(f"{name}: item {i} is a deleted array (an update donated it)")
 
 
 def _integer_slots(str name, object indices):
