@@ -189,6 +189,17 @@ def test_trace_arrivals_start_at_the_earliest_timestamp(tmp_path):
         ({"max_requests": 0}, "max_requests must be >= 1, got 0"),
         ({"max_output": 0}, "max_output must be >= 1, got 0"),
         ({"time_scale": -1.0}, "time_scale must be >= 0, got -1.0"),
+        # a block size of 0 divided by zero; negative or fractional ones were blamed on
+        # the trace's hash_ids; 1.5 requests read 2; an infinite scale made NaN arrivals
+        ({"block_size": 0}, "block_size: expected an integer >= 1, got 0"),
+        ({"block_size": -4}, "block_size: expected an integer >= 1, got -4"),
+        ({"block_size": 2.5}, "block_size: expected an integer >= 1, got 2.5"),
+        ({"block_size": True}, "block_size: expected an integer >= 1, got True"),
+        ({"max_requests": 1.5}, "max_requests must be an integer, got 1.5"),
+        ({"max_output": "2"}, "max_output must be an integer, got '2'"),
+        ({"time_scale": float("inf")}, "time_scale must be finite, got inf"),
+        ({"time_scale": float("nan")}, "time_scale must be finite, got nan"),
+        ({"time_scale": "1"}, "time_scale must be a number, got '1'"),
     ],
 )
 def test_trace_limits_are_checked(tmp_path, kwargs, match):

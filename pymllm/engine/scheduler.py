@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
-import numbers
 import signal
 import threading
 import time
@@ -72,6 +71,7 @@ from pymllm.engine.workloads import (
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache, RadixKey
 from pymllm.mem_cache.chunk_cache import ChunkCache
 from pymllm.mem_cache.memory_pool import bucket_size
+from pymllm.replay.traces import is_int
 
 
 class EngineError(RuntimeError):
@@ -118,7 +118,7 @@ class SchedulerConfig:
         )
         for name in names:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if not is_int(value):
                 raise TypeError(f"{name} must be an integer, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -9,6 +9,7 @@ seeded generators, so a workload is the same on every run and machine.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ import numpy as np
 from pymllm.replay.traces import (
     MOONCAKE_BLOCK_TOKENS,
     TraceError,
+    check_block_tokens,
+    is_finite,
+    is_int,
     mooncake_record,
     trace_records,
 )
@@ -237,15 +241,23 @@ def load_mooncake_trace(
     earliest timestamp of the lines read (0: all at once); the requests are ordered by
     arrival, in file order among equal arrivals. ``max_requests`` reads only the first
     lines of the file; ``max_output`` caps every request's output. Blank lines are skipped.
-    Raises ``ValueError`` for a limit below 1 or a negative ``time_scale``, and
-    :class:`TraceError` naming the file, the line and the field for anything else that is
-    malformed.
+    Raises ``ValueError`` for a block size that is not an integer of at least 1, a limit
+    that is not an integer of at least 1, or a ``time_scale`` that is not a finite number
+    of at least 0, and :class:`TraceError` naming the file, the line and the field for anything
+    else that is malformed.
     """
+    check_block_tokens("block_size", block_size, bounded=False)  # draws only what is read
     for name, limit in (("max_requests", max_requests), ("max_output", max_output)):
+        if limit is not None and not is_int(limit):
+            raise ValueError(f"{name} must be an integer, got {limit!r}")
         if limit is not None and limit < 1:
             raise ValueError(f"{name} must be >= 1, got {limit}")
+    if not isinstance(time_scale, numbers.Real) or isinstance(time_scale, bool):
+        raise ValueError(f"time_scale must be a number, got {time_scale!r}")
     if time_scale < 0:
         raise ValueError(f"time_scale must be >= 0, got {time_scale}")
+    if not is_finite(time_scale):
+        raise ValueError(f"time_scale must be finite, got {time_scale}")
     path = Path(path)
     blocks: dict[int, np.ndarray] = {}
 

@@ -76,6 +76,15 @@ def is_finite(val: float) -> bool:
         return False
 
 
+def check_block_tokens(name: str, val: Any, bounded: bool = True) -> None:
+    """Refuse a block size (tokens per hash id) that is not an integer of at least 1, below
+    2**31 when *bounded* (the replay's token counts are int32): ``ValueError`` naming
+    *name*."""
+    if not is_int(val) or val < 1 or (bounded and val >= _ID_LIMIT):
+        want = "in [1, 2**31)" if bounded else ">= 1"
+        raise ValueError(f"{name}: expected an integer {want}, got {val!r}")
+
+
 class TraceError(ValueError):
     """A trace file that cannot be replayed; the message names the line and the field."""
 
@@ -303,12 +312,7 @@ def _build(
 ) -> Trace:
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
-    if (
-        isinstance(block_tokens, bool)
-        or not isinstance(block_tokens, int)
-        or not 1 <= block_tokens < _ID_LIMIT
-    ):
-        raise ValueError(f"block_tokens: expected an integer in [1, 2**31), got {block_tokens!r}")
+    check_block_tokens("block_tokens", block_tokens)
     if max_requests is not None and (not is_int(max_requests) or max_requests < 1):
         raise ValueError(f"max_requests: expected a positive integer, got {max_requests!r}")
     keys: list[np.ndarray] = []
