@@ -391,10 +391,21 @@ def test_copy_at_4k_alias(benchmark, impl, nbytes, offset):
     )
 
 
-def _time_splits(benchmark, group: str, case: str, node: int, at: int, rounds: int) -> None:
+def _time_splits(
+    benchmark,
+    group: str,
+    case: str,
+    node: int,
+    at: int,
+    rounds: int,
+    page_size: int = 1,
+    hashed: bool = False,
+) -> None:
     """Time matches that each split a fresh `node`-token node after `at` tokens (the probe
     differs from the node at token `at`): a batch of caches holding that one node is made
-    in each round's setup, and the round matches the probe once in each."""
+    in each round's setup, and the round matches the probe once in each. ``hashed``: setup
+    also asks for the node's page hashes (compute_node_hash), which the split then divides
+    between the two halves."""
     rng = np.random.default_rng(0)
     key = RadixKey(rng.integers(0, 50_000, node, dtype=np.int32))
     slots = np.arange(1, node + 1, dtype=np.int32)
@@ -404,9 +415,11 @@ def _time_splits(benchmark, group: str, case: str, node: int, at: int, rounds: i
     batch = max(10, min(200, 20_000_000 // node))  # at most ~160 MB of nodes a round
 
     def setup():
-        caches = [RadixCache() for _ in range(batch)]
+        caches = [RadixCache(page_size=page_size) for _ in range(batch)]
         for c in caches:
-            c.insert(key, slots)
+            leaf = c.insert(key, slots).last_node
+            if hashed:
+                c.compute_node_hash(leaf)
         return (caches,), {}
 
     def run(caches):
@@ -451,6 +464,23 @@ def test_split_cost_vs_node_length(benchmark, node):
         node=node,
         at=128,
         rounds=7,
+    )
+
+
+@pytest.mark.parametrize("node", [10_000, 100_000, 1_000_000])
+def test_split_cost_vs_node_length_hashed(benchmark, node):
+    """As test_split_cost_vs_node_length, with 64-token pages and the node's page hashes
+    cached (compute_node_hash): the upper half takes its 2 hashes and the lower half keeps
+    the rest where they are. Should stay flat from 1e4 to 1e6."""
+    _time_splits(
+        benchmark,
+        "match that splits a hashed node after 2 of its 64-token pages, per split",
+        f"{node:>9,}-token node",
+        node=node,
+        at=128,
+        rounds=7,
+        page_size=64,
+        hashed=True,
     )
 
 
