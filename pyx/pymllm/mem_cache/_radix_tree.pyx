@@ -56,6 +56,7 @@ from pymllm.mem_cache.base_prefix_cache import (
     InsertResult,
     MatchResult,
     RadixKey,
+    hash_token_ids,
 )
 from pymllm.mem_cache.errors import (
     AlreadyInitializedError,
@@ -3750,6 +3751,32 @@ cdef class RadixTreeCore:
         finally:
             self._leave()
 
+    cdef int _check_hash_values(self) except -1:
+        """Every cached page hash is the one ``hash_token_ids`` chains over the pages of the
+        node's path from the root (recomputed here through that public function, not the
+        cache's own byte packing): a split that kept the wrong half of a list shows."""
+        cdef dict chain = {ROOT: None}       # node -> its last page's hash (None: the root)
+        cdef list path
+        cdef nid_t m
+        for i in list(self._hash_cache):
+            path = []
+            m = <nid_t>i
+            while m not in chain:
+                path.append(m)
+                m = self.nodes[m].parent
+            for m in reversed(path):
+                prior = chain[self.nodes[m].parent]
+                tokens = self._node_tokens(m)
+                want = []
+                for start in range(0, len(tokens), self.page_size):
+                    prior = hash_token_ids(tokens[start:start + self.page_size], prior)
+                    want.append(prior)
+                chain[m] = prior
+                cached = self._hash_cache.get(m)  # i's, or an ancestor's met on i's path
+                if cached is not None:
+                    assert cached == want[::-1], f"node {self.nodes[m].uid}: stale page hashes"
+        return 0
+
     cdef int _check_swa_lock_records(self) except -1:
         """Every node's SWA lock count is what the recorded inc_lock_refs add up to: each
         record (node, boundary, count) SWA-locks the node and its ancestors that end past
@@ -3884,6 +3911,7 @@ cdef class RadixTreeCore:
             x = &self.nodes[<nid_t>i]
             assert 0 < i < self.hwm and x.uid >= 0, f"page hashes cached for free slot {i}"
             assert len(rev) == x.len // self.page_size, f"node {x.uid}: {len(rev)} page hashes"
+        self._check_hash_values()
         assert evictable == self._evictable, f"evictable {evictable} != {self._evictable}"
         assert protected == self._protected, f"protected {protected} != {self._protected}"
         assert in_heap == self.heap.size, f"heap size {self.heap.size} != {in_heap}"
