@@ -349,15 +349,37 @@ class _SlotOwner:
     __slots__ = ()
 
     def _refuse_second_init(self) -> None:
-        """Called first by __init__, which sets ``_initialized`` when it completes: run
-        again, it would replace the buffers and free lists under their users."""
-        if getattr(self, "_initialized", False):
+        """Called first by __init__ (through :func:`_init_once`): run again on a live pool,
+        or from inside its own first run (an argument's ``__index__`` is Python code), it
+        would replace the buffers and free lists under their users."""
+        if getattr(self, "_initialized", False) or getattr(self, "_initializing", False):
             raise AlreadyInitializedError(
                 f"{type(self).__name__} is already initialized; create a new one"
             )
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(f"cannot pickle '{type(self).__name__}' object: it owns slots")
+
+
+_Init = TypeVar("_Init", bound=Any)
+
+
+def _init_once(init: _Init) -> _Init:
+    """A pool's ``__init__``, run at most once to completion on an object: refused
+    (``AlreadyInitializedError``) on a live pool and while it is running (re-entered from
+    an argument's ``__index__``); one that raised may be run again."""
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        self._refuse_second_init()
+        self._initializing = True
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            self._initializing = False
+        self._initialized = True
+
+    return cast(_Init, wrapper)
 
 
 def _live_buffers(pool: Any) -> Any:
@@ -673,6 +695,7 @@ class KVPool(_SlotOwner):
     GPUs scatter bf16 natively (see ``bench/RESULTS.md`` for H200 figures).
     """
 
+    @_init_once
     def __init__(
         self,
         size: int,
@@ -688,7 +711,6 @@ class KVPool(_SlotOwner):
         head_axis: str | None = None,
         device: jax.Device | None = None,
     ) -> None:
-        self._refuse_second_init()
         if mesh is not None and not isinstance(mesh, Mesh):
             raise InvalidValueError(f"mesh must be a jax.sharding.Mesh, got {mesh!r:.60}")
         if mesh is None and head_axis is not None:
@@ -766,7 +788,6 @@ class KVPool(_SlotOwner):
         self._buffers = KVBuffers(
             _zeros(self.k_shape, self.dtype, k_buf), _zeros(self.v_shape, self.dtype, v_buf)
         )
-        self._initialized = True
 
     # -- shapes and sizes ------------------------------------------------------------
 
@@ -956,13 +977,12 @@ class ReqToTokenPool(_SlotOwner):
     slots the caller owns until ``free``; the table rows are not cleared on either.
     """
 
+    @_init_once
     def __init__(self, max_reqs: int, max_context_len: int) -> None:
-        self._refuse_second_init()
         self.size = _positive("max_reqs", max_reqs)
         self.max_context_len = _positive("max_context_len", max_context_len)
         self.req_to_token = np.zeros((self.size + 1, self.max_context_len), dtype=np.int32)
         self._slots = TokenToKVPoolAllocator(self.size, need_sort=False)
-        self._initialized = True
 
     def available_size(self) -> int:
         return self._slots.available_size()
@@ -1109,6 +1129,7 @@ class MambaPool(_SlotOwner):
     *size* is at most ``2**30 - 1`` (``size + 1`` rows, as :class:`KVPool`'s limit).
     """
 
+    @_init_once
     def __init__(
         self,
         size: int,
@@ -1120,7 +1141,6 @@ class MambaPool(_SlotOwner):
         temporal_dtype: Any = jnp.float32,
         device: jax.Device | None = None,
     ) -> None:
-        self._refuse_second_init()
         self.size = _positive("size", size)
         self.layer_num = _positive("layer_num", layer_num)
         self.conv_state_shape = _shape("conv_state_shape", conv_state_shape)
@@ -1156,7 +1176,6 @@ class MambaPool(_SlotOwner):
                 (self.layer_num, self.rows, *self.temporal_state_shape), self.temporal_dtype, sh
             ),
         )
-        self._initialized = True
 
     @property
     def buffers(self) -> MambaBuffers:

@@ -1090,7 +1090,10 @@ cdef class TokenToKVPoolAllocator:
         page_size = _size_arg("page_size", page_size, 1)
         size = _size_arg("size", size, 0)
         need_sort = _flag_arg("need_sort", need_sort)
-        self.core = PageCore(size // page_size, page_size, need_sort)
+        core = PageCore(size // page_size, page_size, need_sort)
+        # again: the arguments' __index__ (Python code) may have run __init__ to completion
+        _check_fresh(self, self.core)
+        self.core = core
         self.size = self.core.num_pages * page_size
         self.page_size = page_size
 
@@ -1249,6 +1252,8 @@ cdef class SWATokenToKVPoolAllocator:
         full = PageCore(size // page_size, page_size, need_sort)
         swa = PageCore(swa_size // page_size, page_size, need_sort)
         mapping = np.zeros((full.num_pages + 1) * page_size, dtype=np.int32)
+        # again: the arguments' __index__ (Python code) may have run __init__ to completion
+        _check_fresh(self, self.full)
         self.full = full
         self.swa = swa
         self.size = full.num_pages * page_size
