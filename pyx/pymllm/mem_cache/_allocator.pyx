@@ -29,7 +29,9 @@ code that holds the GIL throughout and calls nothing in Python. A sequence of ca
 serialise such sequences themselves.
 """
 
+from cpython.list cimport PyList_Check
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.tuple cimport PyTuple_Check
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -39,7 +41,6 @@ cimport numpy as cnp
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, first_outside, move32_down
 
 import operator
-from collections import deque
 
 import numpy as np
 
@@ -294,8 +295,39 @@ cdef bint _array_like(type t):
     return issubclass(t, np.ndarray) or (not issubclass(t, np.generic) and hasattr(t, "dtype"))
 
 
+cdef tuple _NOT_SEQUENCES = (list, tuple, str, bytes, bytearray, memoryview, dict, np.generic)
+
+
+cdef bint _other_sequence(type t):
+    """Whether numpy reads an object of type *t* item by item, as it reads a list, though
+    it is no list or tuple: a deque, a ``UserList``, a ``range``, an ``array.array``, any
+    class with ``__len__`` and ``__getitem__`` and no array interface. A bool among its
+    items would read as 0 or 1, as in a list."""
+    if issubclass(t, _NOT_SEQUENCES) or _array_like(t):
+        return False
+    return (
+        hasattr(t, "__len__") and hasattr(t, "__getitem__")
+        and not hasattr(t, "__array__") and not hasattr(t, "__array_interface__")
+        and not hasattr(t, "__array_struct__")
+    )
+
+
+def _sequence_as_list(str name, object x, object error=InvalidValueError):
+    """*x* itself, or a list of its items when numpy would read it item by item though it
+    is no list, tuple or array (see ``_other_sequence``): read once here, so that the
+    checks for bools and deleted arrays see the items that are then converted. A sequence
+    that cannot be read raises *error* naming *name*. Shared by the allocators' general
+    paths and the radix tree's key and value reads."""
+    if PyList_Check(x) or PyTuple_Check(x) or cnp.PyArray_Check(x) or not _other_sequence(type(x)):
+        return x
+    try:
+        return list(x)
+    except Exception as exc:
+        raise error(f"{name}: cannot read {type(x).__name__} ({exc!r:.80})") from exc
+
+
 cdef bint _holds_bool(object seq) except -1:
-    """Whether the list, tuple or deque *seq* (their subclasses too) holds a bool: Python's
+    """Whether the list or tuple *seq* (their subclasses too) holds a bool: Python's
     or numpy's, or a bool array (numpy's or JAX's; a 0-d one reads as 0 or 1), among its
     items or in nested lists at any depth. The items' types in one C loop
     (``set(map(type, ...))``); Python code per item only when some item is a list or an
@@ -304,7 +336,8 @@ cdef bint _holds_bool(object seq) except -1:
     types = set(map(type, seq))
     if _BOOL_TYPES & types:
         return True
-    if not any(issubclass(t, (list, tuple, deque)) or _array_like(t) for t in types):
+    if not any(issubclass(t, (list, tuple)) or _array_like(t) or _other_sequence(t)
+               for t in types):
         return False
     stack = [seq]
     seen = {id(seq)}
@@ -318,18 +351,19 @@ cdef bint _holds_bool(object seq) except -1:
                         return True
                 except TypeError:  # a dtype numpy does not know: not numpy's bool
                     pass
-            elif isinstance(x, (list, tuple, deque)) and id(x) not in seen:
+            elif (isinstance(x, (list, tuple)) or _other_sequence(type(x))) and id(x) not in seen:
                 seen.add(id(x))
                 stack.append(x)
     return False
 
 
 def _refuse_bool_slots(str name, object indices):
-    """``InvalidValueError`` when *indices* is a list, tuple or deque holding a bool (nested
-    ones too): numpy would read ``[True, 5]`` as slots 1 and 5, and a bool is not a slot id.
-    A numpy bool array needs no check (its dtype says so). Shared with memory_pool's slot
-    checks."""
-    if isinstance(indices, (list, tuple, deque)) and _holds_bool(indices):
+    """``InvalidValueError`` when *indices* is a list, tuple or other sequence numpy reads
+    item by item (a deque, a ``UserList``...) holding a bool (nested ones too): numpy would
+    read ``[True, 5]`` as slots 1 and 5, and a bool is not a slot id. A numpy bool array
+    needs no check (its dtype says so). Shared with memory_pool's slot checks."""
+    items = _sequence_as_list(name, indices)
+    if isinstance(items, (list, tuple)) and _holds_bool(items):
         raise InvalidValueError(f"{name}: expected integer slot ids, got a bool in {indices!r:.60}")
 
 
@@ -344,16 +378,17 @@ cdef bint _is_deleted(object x):
 
 def _refuse_deleted_array(str name, object x, object error=InvalidValueError):
     """``error`` naming *name* when *x* is a jax array that an update donated (deleted), or
-    a list, tuple or deque holding one, else nothing: numpy's conversion of one raises a
+    a list, tuple or other sequence (see ``_other_sequence``) holding one, else nothing: numpy's conversion of one raises a
     bare ``RuntimeError``. The one refusal the allocators, the radix tree's key, value and
     state reads and the pools share. A sequence's items are read one by one only when one
     of their types has ``is_deleted`` (a set of the item types, made in C, else)."""
     if _is_deleted(x):
         raise error(f"{name}: the array was deleted (an update donated it)")
-    if isinstance(x, (list, tuple, deque)) and any(
-        hasattr(t, "is_deleted") for t in set(map(type, x))  # the items' types, in C
+    items = _sequence_as_list(name, x, error)
+    if isinstance(items, (list, tuple)) and any(
+        hasattr(t, "is_deleted") for t in set(map(type, items))  # the items' types, in C
     ):
-        for i, item in enumerate(x):
+        for i, item in enumerate(items):
             if _is_deleted(item):
                 raise error(f"{name}: item {i} is a deleted array (an update donated it)")
 
@@ -371,7 +406,9 @@ cdef object _integer_array(object indices, str name="indices"):
     as an item of a list or tuple, which numpy would silently read as 0 or 1), and Python
     ints beyond 64 bits, or of both signs past int64 (which numpy reads as float64),
     come back as an object array of exact ints. Nesting that forms no array (ragged, or
-    deeper than numpy's 64 dimensions) is ``InvalidValueError``."""
+    deeper than numpy's 64 dimensions) is ``InvalidValueError``. A sequence numpy would
+    read item by item (a deque, a ``UserList``) is read once, as a list."""
+    indices = _sequence_as_list(name, indices)
     _refuse_bool_slots(name, indices)
     try:
         arr = np.asarray(indices)
@@ -385,7 +422,7 @@ cdef object _integer_array(object indices, str name="indices"):
             "that form no array (ragged, or nested too deep)"
         ) from None
     except TypeError as exc:
-        if not isinstance(indices, (list, tuple, deque)):
+        if not isinstance(indices, (list, tuple)):
             raise
         # an item numpy cannot read (an array-like whose __array__ has no dtype to give)
         raise InvalidValueError(
