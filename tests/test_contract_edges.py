@@ -184,6 +184,22 @@ def test_an_unlock_cannot_take_another_requests_sliding_window_lock() -> None:
     cache._check_invariants()
 
 
+@pytest.mark.parametrize("token", [0, 5, True, "x"])
+def test_an_unlock_without_a_window_refuses_a_token_it_never_gave(token: object) -> None:
+    """Without a window inc_lock_ref returns None; any other token passed back was ignored,
+    so a scheduler that mixed tokens up failed only once a window was turned on."""
+    cache = RadixCache()
+    node = cache.insert(RadixKey([1, 2]), [1, 2]).last_node
+    lock = cache.inc_lock_ref(node)
+    assert lock is None
+    with pytest.raises(LockStateError, match="no sliding window"):
+        cache.dec_lock_ref(node, token)
+    assert node.lock_ref == 1 and cache.protected_size() == 2  # nothing changed
+    cache.dec_lock_ref(node, lock)
+    assert cache.protected_size() == 0
+    cache._check_invariants()
+
+
 def _unaligned_int32(values: object) -> np.ndarray:
     """An int32 array whose data starts 1 byte past an aligned address (numpy allows it;
     C may not read int32 there)."""

@@ -3403,8 +3403,9 @@ cdef class RadixTreeCore:
 
         Raises ``LockStateError`` (and changes nothing) when the node holds no lock, when
         its locks are all its descendants' (an unlock through an ancestor would strand the
-        descendant's lock: unlock the node that was locked), or (with a sliding window)
-        when ``swa_boundary_id`` does not match a held SWA lock.
+        descendant's lock: unlock the node that was locked), or when ``swa_boundary_id`` is
+        not what ``inc_lock_ref`` returned: with a sliding window, when it matches no held
+        SWA lock; without one, when it is not None.
         Unlocking the root is a no-op, and so is undoing a lock that a dropped cache's
         finalizer found held when it handed everything back (a request's ``__del__`` may
         run after the cache's, when both are collected together).
@@ -3457,6 +3458,13 @@ cdef class RadixTreeCore:
                     _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, m)
                 m = x.parent
         else:
+            if swa_boundary_id is not None and not self.swa:
+                # inc_lock_ref gave None: a token from elsewhere is a scheduler's mistake
+                # that would pass here and fail only once a window is turned on
+                raise LockStateError(
+                    f"swa_boundary_id: got {swa_boundary_id!r}, but this cache has no "
+                    "sliding window: pass what inc_lock_ref returned (None)"
+                )
             self._check_unlockable(n)
         self._release_locks(n)
 
