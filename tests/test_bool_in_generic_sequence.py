@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pymllm.mem_cache import RadixCache, RadixKey
+from pymllm.mem_cache import RadixCache, RadixKey, hash_token_ids
 from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError
 from pymllm.mem_cache.memory_pool import (
     SWATokenToKVPoolAllocator,
@@ -140,3 +140,12 @@ def test_a_sequence_that_cannot_be_read_is_a_typed_error() -> None:
     with pytest.raises(InvalidKeyError):
         RadixCache().match_prefix(RadixKey(Broken([1])))
     assert _snapshot(alloc) == before
+
+
+@pytest.mark.parametrize("seq", SEQUENCES)
+def test_hash_token_ids_refuses_a_bool_in_any_sequence(seq: type) -> None:
+    """UserList([True, 3]) hashed as the page [1, 3]; a sequence of ints hashes as its list."""
+    with pytest.raises(InvalidKeyError):
+        hash_token_ids(seq([True, 3]))
+    assert hash_token_ids(seq([1, 3])) == hash_token_ids([1, 3])
+    assert hash_token_ids(seq([(1, 2), (3, 4)])) == hash_token_ids([(1, 2), (3, 4)])

@@ -13,7 +13,6 @@ of each method says which indices change hands.
 from __future__ import annotations
 
 import abc
-import collections
 import hashlib
 import itertools
 import operator
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pymllm.mem_cache.errors import InvalidKeyError
+from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError
 
 _U32_LIMIT = 1 << 32
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
@@ -35,12 +34,44 @@ _HASH_CHUNK = 1 << 16  # tokens converted per step: the buffer stays in L2 cache
 _SMALL_PAGE = 256  # up to this many list tokens are packed by struct, not numpy
 
 
+# read by numpy as one object, or through an array interface, never item by item as a list
+_NOT_ITEM_SEQUENCES = (list, tuple, str, bytes, bytearray, memoryview, dict, np.ndarray, np.generic)
+_ARRAY_ATTRS = ("dtype", "__array__", "__array_interface__", "__array_struct__")
+
+
+def _item_sequence(t: type) -> bool:
+    """Whether numpy reads an object of type *t* item by item, as it reads a list, though
+    it is no list or tuple: a deque, a ``UserList``, a ``range``, an ``array.array``, any
+    class with ``__len__`` and ``__getitem__`` and no array interface. A bool among its
+    items would read as 0 or 1, as in a list."""
+    return (
+        not issubclass(t, _NOT_ITEM_SEQUENCES)
+        and hasattr(t, "__len__")
+        and hasattr(t, "__getitem__")
+        and not any(hasattr(t, a) for a in _ARRAY_ATTRS)
+    )
+
+
+def _sequence_as_list(name: str, x: Any, error: type[Exception] = InvalidValueError) -> Any:
+    """*x* itself, or a list of its items when numpy would read it item by item though it
+    is no list, tuple or array (see :func:`_item_sequence`): read once here, so that the
+    checks for bools (and deleted arrays) see the items that are then converted. A sequence
+    that cannot be read raises *error* naming *name*. Shared by the token hash, the
+    allocators' general paths and the radix tree's key and value reads."""
+    if type(x) in (list, tuple, np.ndarray) or not _item_sequence(type(x)):
+        return x
+    try:
+        return list(x)
+    except Exception as exc:
+        raise error(f"{name}: cannot read {type(x).__name__} ({exc!r:.80})") from exc
+
+
 def _refuse_bools(token_ids: Any) -> None:
     """A bool is not a token (the compiled caches refuse it too), but numpy reads
     ``[True, 2]`` as ``[1, 2]`` and struct packs True as 1: look for bools in a list or
     tuple key, tuple tokens included, by their types alone (a C loop, no per-token Python
     code)."""
-    if not isinstance(token_ids, (list, tuple, collections.deque)):  # subclasses too
+    if not isinstance(token_ids, (list, tuple)):  # subclasses too (others came as a list)
         return
     types = set(map(type, token_ids))
     if any(issubclass(t, tuple) for t in types):
@@ -56,6 +87,7 @@ def _token_array(token_ids: Any) -> np.ndarray:
     """Tokens (ints, equal-length tuples or an integer array) as one flat integer array."""
     if isinstance(token_ids, RadixKey):
         token_ids = token_ids.token_ids
+    token_ids = _sequence_as_list("token_ids", token_ids, InvalidKeyError)
     _refuse_bools(token_ids)
     try:
         arr = np.asarray(token_ids)

@@ -29,9 +29,7 @@ code that holds the GIL throughout and calls nothing in Python. A sequence of ca
 serialise such sequences themselves.
 """
 
-from cpython.list cimport PyList_Check
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
-from cpython.tuple cimport PyTuple_Check
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -45,7 +43,7 @@ import operator
 import numpy as np
 
 # a bool is not a slot id, nor a token: one definition for both modules
-from pymllm.mem_cache.base_prefix_cache import _BOOL_TYPES
+from pymllm.mem_cache.base_prefix_cache import _BOOL_TYPES, _item_sequence, _sequence_as_list
 from pymllm.mem_cache.errors import (
     AllocatorStateError,
     AlreadyInitializedError,
@@ -295,37 +293,6 @@ cdef bint _array_like(type t):
     return issubclass(t, np.ndarray) or (not issubclass(t, np.generic) and hasattr(t, "dtype"))
 
 
-cdef tuple _NOT_SEQUENCES = (list, tuple, str, bytes, bytearray, memoryview, dict, np.generic)
-
-
-cdef bint _other_sequence(type t):
-    """Whether numpy reads an object of type *t* item by item, as it reads a list, though
-    it is no list or tuple: a deque, a ``UserList``, a ``range``, an ``array.array``, any
-    class with ``__len__`` and ``__getitem__`` and no array interface. A bool among its
-    items would read as 0 or 1, as in a list."""
-    if issubclass(t, _NOT_SEQUENCES) or _array_like(t):
-        return False
-    return (
-        hasattr(t, "__len__") and hasattr(t, "__getitem__")
-        and not hasattr(t, "__array__") and not hasattr(t, "__array_interface__")
-        and not hasattr(t, "__array_struct__")
-    )
-
-
-def _sequence_as_list(str name, object x, object error=InvalidValueError):
-    """*x* itself, or a list of its items when numpy would read it item by item though it
-    is no list, tuple or array (see ``_other_sequence``): read once here, so that the
-    checks for bools and deleted arrays see the items that are then converted. A sequence
-    that cannot be read raises *error* naming *name*. Shared by the allocators' general
-    paths and the radix tree's key and value reads."""
-    if PyList_Check(x) or PyTuple_Check(x) or cnp.PyArray_Check(x) or not _other_sequence(type(x)):
-        return x
-    try:
-        return list(x)
-    except Exception as exc:
-        raise error(f"{name}: cannot read {type(x).__name__} ({exc!r:.80})") from exc
-
-
 cdef bint _holds_bool(object seq) except -1:
     """Whether the list or tuple *seq* (their subclasses too) holds a bool: Python's
     or numpy's, or a bool array (numpy's or JAX's; a 0-d one reads as 0 or 1), among its
@@ -336,7 +303,7 @@ cdef bint _holds_bool(object seq) except -1:
     types = set(map(type, seq))
     if _BOOL_TYPES & types:
         return True
-    if not any(issubclass(t, (list, tuple)) or _array_like(t) or _other_sequence(t)
+    if not any(issubclass(t, (list, tuple)) or _array_like(t) or _item_sequence(t)
                for t in types):
         return False
     stack = [seq]
@@ -351,7 +318,7 @@ cdef bint _holds_bool(object seq) except -1:
                         return True
                 except TypeError:  # a dtype numpy does not know: not numpy's bool
                     pass
-            elif (isinstance(x, (list, tuple)) or _other_sequence(type(x))) and id(x) not in seen:
+            elif (isinstance(x, (list, tuple)) or _item_sequence(type(x))) and id(x) not in seen:
                 seen.add(id(x))
                 stack.append(x)
     return False
@@ -378,9 +345,9 @@ cdef bint _is_deleted(object x):
 
 def _refuse_deleted_array(str name, object x, object error=InvalidValueError):
     """``error`` naming *name* when *x* is a jax array that an update donated (deleted), or
-    a list, tuple or other sequence (see ``_other_sequence``) holding one, else nothing: numpy's conversion of one raises a
-    bare ``RuntimeError``. The one refusal the allocators, the radix tree's key, value and
-    state reads and the pools share. A sequence's items are read one by one only when one
+    a list, tuple or other sequence (see ``base_prefix_cache._item_sequence``) holding one,
+    else nothing: numpy's conversion of one raises a bare ``RuntimeError``. The one refusal
+    the allocators, the radix tree's key, value and state reads and the pools share. A sequence's items are read one by one only when one
     of their types has ``is_deleted`` (a set of the item types, made in C, else)."""
     if _is_deleted(x):
         raise error(f"{name}: the array was deleted (an update donated it)")

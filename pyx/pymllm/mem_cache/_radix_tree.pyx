@@ -49,13 +49,14 @@ from pymllm.mem_cache._allocator cimport (
 )
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, first_outside, move32_down
 
-from pymllm.mem_cache._allocator import _refuse_deleted_array, _sequence_as_list
+from pymllm.mem_cache._allocator import _refuse_deleted_array
 from pymllm.mem_cache.base_prefix_cache import (
     _BOOL_TYPES,
     EvictResult,
     InsertResult,
     MatchResult,
     RadixKey,
+    _sequence_as_list,
     hash_token_ids,
 )
 from pymllm.mem_cache.errors import (
