@@ -23,47 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from pymllm.mem_cache.errors import InvalidKeyError, InvalidValueError
+# the compiled allocators own the reading of slot and token sequences the caches share
+from pymllm.mem_cache._allocator import _BOOL_TYPES, _sequence_as_list
+from pymllm.mem_cache.errors import InvalidKeyError
 
 _U32_LIMIT = 1 << 32
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
-_BOOL_TYPES = frozenset((bool, np.bool_))
 
 
 _HASH_CHUNK = 1 << 16  # tokens converted per step: the buffer stays in L2 cache
 _SMALL_PAGE = 256  # up to this many list tokens are packed by struct, not numpy
-
-
-# read by numpy as one object, or through an array interface, never item by item as a list
-_NOT_ITEM_SEQUENCES = (list, tuple, str, bytes, bytearray, memoryview, dict, np.ndarray, np.generic)
-_ARRAY_ATTRS = ("dtype", "__array__", "__array_interface__", "__array_struct__")
-
-
-def _item_sequence(t: type) -> bool:
-    """Whether numpy reads an object of type *t* item by item, as it reads a list, though
-    it is no list or tuple: a deque, a ``UserList``, a ``range``, an ``array.array``, any
-    class with ``__len__`` and ``__getitem__`` and no array interface. A bool among its
-    items would read as 0 or 1, as in a list."""
-    return (
-        not issubclass(t, _NOT_ITEM_SEQUENCES)
-        and hasattr(t, "__len__")
-        and hasattr(t, "__getitem__")
-        and not any(hasattr(t, a) for a in _ARRAY_ATTRS)
-    )
-
-
-def _sequence_as_list(name: str, x: Any, error: type[Exception] = InvalidValueError) -> Any:
-    """*x* itself, or a list of its items when numpy would read it item by item though it
-    is no list, tuple or array (see :func:`_item_sequence`): read once here, so that the
-    checks for bools (and deleted arrays) see the items that are then converted. A sequence
-    that cannot be read raises *error* naming *name*. Shared by the token hash, the
-    allocators' general paths and the radix tree's key and value reads."""
-    if type(x) in (list, tuple, np.ndarray) or not _item_sequence(type(x)):
-        return x
-    try:
-        return list(x)
-    except Exception as exc:
-        raise error(f"{name}: cannot read {type(x).__name__} ({exc!r:.80})") from exc
 
 
 def _refuse_bools(token_ids: Any) -> None:

@@ -14,7 +14,7 @@ from pymllm.mem_cache.base_prefix_cache import (
     MatchResult,
     RadixKey,
 )
-from pymllm.mem_cache.errors import InvalidValueError
+from pymllm.mem_cache.errors import InvalidValueError, LockStateError
 
 # The keyword arguments the radix caches take, which a scheduler may pass to any cache.
 _INSERT_KWARGS = frozenset({"prev_prefix_len", "swa_evicted_seqlen", "priority", "mamba_value"})
@@ -113,9 +113,16 @@ class ChunkCache(BasePrefixCache):
         return None
 
     def dec_lock_ref(self, node: Any, **kwargs: Any) -> None:
-        """No-op (``swa_boundary_id`` is taken and ignored)."""
+        """No-op. ``swa_boundary_id`` is what :meth:`inc_lock_ref` returned, None; any
+        other token is ``LockStateError``, as :class:`RadixCache` without a window says."""
         _check_node(node)
         _check_kwargs("dec_lock_ref", kwargs, _UNLOCK_KWARGS)
+        token = kwargs.get("swa_boundary_id")
+        if token is not None:
+            raise LockStateError(
+                f"swa_boundary_id: got {token!r:.60}, but ChunkCache locks nothing: pass what "
+                "inc_lock_ref returned (None)"
+            )
 
     def pretty_print(self) -> None:
         print("ChunkCache (caches nothing)")

@@ -29,7 +29,11 @@ code that holds the GIL throughout and calls nothing in Python. A sequence of ca
 serialise such sequences themselves.
 """
 
+from cpython.list cimport PyList_Check
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.object cimport PyTypeObject
+from cpython.sequence cimport PySequence_Check
+from cpython.tuple cimport PyTuple_Check
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -42,10 +46,9 @@ import operator
 
 import numpy as np
 
-# a bool is not a slot id, nor a token: one definition for both modules
-from pymllm.mem_cache.base_prefix_cache import _BOOL_TYPES, _item_sequence, _sequence_as_list
 from pymllm.mem_cache.errors import (
     AllocatorStateError,
+    CacheError,
     AlreadyInitializedError,
     InvalidFreeError,
     InvalidValueError,
@@ -287,7 +290,53 @@ cdef cnp.ndarray _as_int32_slots(object indices, object error=InvalidFreeError,
     return np.require(arr, np.int32, ["C", "A"])  # a copy if unaligned
 
 
-cdef bint _array_like(type t):
+cdef extern from "Python.h":
+    void* PyType_GetSlot(PyTypeObject* tp, int slot)
+    enum: Py_sq_item
+
+
+_BOOL_TYPES = frozenset((bool, np.bool_))   # never a slot id or a token
+# numpy reads these as one object (a scalar, a string, a dict) or as an array, never item
+# by item as a list (and a list or tuple is read as itself)
+cdef tuple _NOT_ITEM_SEQUENCES = (list, tuple, str, bytes, bytearray, memoryview, dict, int,
+                                  float, complex, np.ndarray, np.generic)
+cdef tuple _ARRAY_ATTRS = ("dtype", "__array__", "__array_interface__", "__array_struct__")
+
+
+cdef bint _reads_as_items(object t) except -1:
+    """Whether numpy reads an object of type *t* item by item, as it reads a list, though
+    it is no list or tuple: a deque, a ``UserList``, a ``range``, an ``array.array``, any
+    class with ``__getitem__`` (the sequence slot ``PySequence_Check`` reads, not the
+    metaclass's: an ``IntEnum`` member is an int) and no array interface. A bool among its
+    items would read as 0 or 1, as in a list; a ``mappingproxy`` (no sequence slot) is
+    one object to numpy."""
+    return (
+        PyType_GetSlot(<PyTypeObject*>t, Py_sq_item) != NULL
+        and not issubclass(t, _NOT_ITEM_SEQUENCES)
+        and not any(hasattr(t, a) for a in _ARRAY_ATTRS)
+    )
+
+
+cpdef object _sequence_as_list(str name, object x, object error=InvalidValueError):
+    """*x* itself, or a list of its items when numpy would read it item by item though it
+    is no list, tuple or array (see ``_reads_as_items``): read once here, so that the
+    checks for bools and deleted arrays see the items that are then converted. A sequence
+    that cannot be read raises *error* naming *name* (out of memory, a recursion limit and
+    the caches' own errors, such as a re-entered call, keep their type). An int, a slice,
+    None, a list or an array costs one C check. Shared by the token hash, the allocators'
+    general paths and the radix tree's key and value reads."""
+    if (not PySequence_Check(x) or PyList_Check(x) or PyTuple_Check(x)
+            or cnp.PyArray_Check(x) or not _reads_as_items(type(x))):
+        return x
+    try:
+        return list(x)
+    except (MemoryError, RecursionError, CacheError):
+        raise
+    except Exception as exc:
+        raise error(f"{name}: cannot read {type(x).__name__} ({exc!r:.80})") from exc
+
+
+cdef bint _array_like(object t):
     """Whether items of type *t* are arrays (numpy's, JAX's, any type with a ``dtype``
     that is not a numpy scalar): a bool one among slots reads as 0 or 1."""
     return issubclass(t, np.ndarray) or (not issubclass(t, np.generic) and hasattr(t, "dtype"))
@@ -303,7 +352,7 @@ cdef bint _holds_bool(object seq) except -1:
     types = set(map(type, seq))
     if _BOOL_TYPES & types:
         return True
-    if not any(issubclass(t, (list, tuple)) or _array_like(t) or _item_sequence(t)
+    if not any(issubclass(t, (list, tuple)) or _array_like(t) or _reads_as_items(t)
                for t in types):
         return False
     stack = [seq]
@@ -318,7 +367,7 @@ cdef bint _holds_bool(object seq) except -1:
                         return True
                 except TypeError:  # a dtype numpy does not know: not numpy's bool
                     pass
-            elif (isinstance(x, (list, tuple)) or _item_sequence(type(x))) and id(x) not in seen:
+            elif (isinstance(x, (list, tuple)) or _reads_as_items(type(x))) and id(x) not in seen:
                 seen.add(id(x))
                 stack.append(x)
     return False
@@ -345,7 +394,7 @@ cdef bint _is_deleted(object x):
 
 def _refuse_deleted_array(str name, object x, object error=InvalidValueError):
     """``error`` naming *name* when *x* is a jax array that an update donated (deleted), or
-    a list, tuple or other sequence (see ``base_prefix_cache._item_sequence``) holding one,
+    a list, tuple or other sequence (see ``_reads_as_items``) holding one,
     else nothing: numpy's conversion of one raises a bare ``RuntimeError``. The one refusal
     the allocators, the radix tree's key, value and state reads and the pools share. A sequence's items are read one by one only when one
     of their types has ``is_deleted`` (a set of the item types, made in C, else)."""

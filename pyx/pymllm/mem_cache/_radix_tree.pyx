@@ -49,14 +49,13 @@ from pymllm.mem_cache._allocator cimport (
 )
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, first_outside, move32_down
 
-from pymllm.mem_cache._allocator import _refuse_deleted_array
+from pymllm.mem_cache._allocator import _refuse_deleted_array, _sequence_as_list
 from pymllm.mem_cache.base_prefix_cache import (
     _BOOL_TYPES,
     EvictResult,
     InsertResult,
     MatchResult,
     RadixKey,
-    _sequence_as_list,
     hash_token_ids,
 )
 from pymllm.mem_cache.errors import (
@@ -3463,7 +3462,7 @@ cdef class RadixTreeCore:
                 # inc_lock_ref gave None: a token from elsewhere is a scheduler's mistake
                 # that would pass here and fail only once a window is turned on
                 raise LockStateError(
-                    f"swa_boundary_id: got {swa_boundary_id!r}, but this cache has no "
+                    f"swa_boundary_id: got {swa_boundary_id!r:.60}, but this cache has no "
                     "sliding window: pass what inc_lock_ref returned (None)"
                 )
             self._check_unlockable(n)
