@@ -48,8 +48,8 @@ import numpy as np
 
 from pymllm.mem_cache.errors import (
     AllocatorStateError,
-    CacheError,
     AlreadyInitializedError,
+    CacheError,
     InvalidFreeError,
     InvalidValueError,
     NotInitializedError,
@@ -394,10 +394,11 @@ cdef bint _is_deleted(object x):
 
 def _refuse_deleted_array(str name, object x, object error=InvalidValueError):
     """``error`` naming *name* when *x* is a jax array that an update donated (deleted), or
-    a list, tuple or other sequence (see ``_reads_as_items``) holding one,
-    else nothing: numpy's conversion of one raises a bare ``RuntimeError``. The one refusal
-    the allocators, the radix tree's key, value and state reads and the pools share. A sequence's items are read one by one only when one
-    of their types has ``is_deleted`` (a set of the item types, made in C, else)."""
+    a list, tuple or other sequence (see ``_reads_as_items``) holding one, else nothing:
+    numpy's conversion of one raises a bare ``RuntimeError``. The one refusal the
+    allocators, the radix tree's key, value and state reads and the pools share. A
+    sequence's items are read one by one only when one of their types has ``is_deleted``
+    (a set of the item types, made in C, else)."""
     if _is_deleted(x):
         raise error(f"{name}: the array was deleted (an update donated it)")
     items = _sequence_as_list(name, x, error)
