@@ -56,6 +56,12 @@ def _token_array(token_ids: Any) -> np.ndarray:
     """Tokens (ints, equal-length tuples or an integer array) as one flat integer array."""
     if isinstance(token_ids, RadixKey):
         token_ids = token_ids.token_ids
+    # a list or tuple subclass by its items as stored, as the caches read keys (its own
+    # __iter__ may say otherwise); any other sequence numpy reads item by item, as a list
+    if type(token_ids) is not list and isinstance(token_ids, list):
+        token_ids = list.copy(token_ids)
+    elif type(token_ids) is not tuple and isinstance(token_ids, tuple):
+        token_ids = tuple.__getitem__(token_ids, slice(None))
     token_ids = _sequence_as_list("token_ids", token_ids, InvalidKeyError)
     _refuse_bools(token_ids)
     try:

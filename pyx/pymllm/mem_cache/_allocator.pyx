@@ -293,6 +293,7 @@ cdef cnp.ndarray _as_int32_slots(object indices, object error=InvalidFreeError,
 cdef extern from "Python.h":
     void* PyType_GetSlot(PyTypeObject* tp, int slot)
     enum: Py_sq_item
+    enum: Py_sq_length
 
 
 _BOOL_TYPES = frozenset((bool, np.bool_))   # never a slot id or a token
@@ -300,18 +301,21 @@ _BOOL_TYPES = frozenset((bool, np.bool_))   # never a slot id or a token
 # by item as a list (and a list or tuple is read as itself)
 cdef tuple _NOT_ITEM_SEQUENCES = (list, tuple, str, bytes, bytearray, memoryview, dict, int,
                                   float, complex, np.ndarray, np.generic)
-cdef tuple _ARRAY_ATTRS = ("dtype", "__array__", "__array_interface__", "__array_struct__")
+# (not ``dtype``: numpy reads a sequence that merely has one item by item)
+cdef tuple _ARRAY_ATTRS = ("__array__", "__array_interface__", "__array_struct__")
 
 
 cdef bint _reads_as_items(object t) except -1:
     """Whether numpy reads an object of type *t* item by item, as it reads a list, though
     it is no list or tuple: a deque, a ``UserList``, a ``range``, an ``array.array``, any
-    class with ``__getitem__`` (the sequence slot ``PySequence_Check`` reads, not the
-    metaclass's: an ``IntEnum`` member is an int) and no array interface. A bool among its
-    items would read as 0 or 1, as in a list; a ``mappingproxy`` (no sequence slot) is
-    one object to numpy."""
+    class with ``__getitem__`` and ``__len__`` (the sequence slots numpy's
+    ``PySequence_Check`` and ``PySequence_Size`` read, not the metaclass's: an ``IntEnum``
+    member is an int) and no array interface. A bool among its items would read as 0 or
+    1, as in a list; a ``mappingproxy`` (no sequence slot) or a class with ``__getitem__``
+    alone is one object to numpy."""
     return (
         PyType_GetSlot(<PyTypeObject*>t, Py_sq_item) != NULL
+        and PyType_GetSlot(<PyTypeObject*>t, Py_sq_length) != NULL
         and not issubclass(t, _NOT_ITEM_SEQUENCES)
         and not any(hasattr(t, a) for a in _ARRAY_ATTRS)
     )
@@ -328,6 +332,12 @@ cpdef object _sequence_as_list(str name, object x, object error=InvalidValueErro
     if (not PySequence_Check(x) or PyList_Check(x) or PyTuple_Check(x)
             or cnp.PyArray_Check(x) or not _reads_as_items(type(x))):
         return x
+    try:
+        len(x)
+    except (MemoryError, RecursionError, CacheError):
+        raise
+    except Exception:
+        return x    # no length: numpy reads it as one object (refused by the checks after)
     try:
         return list(x)
     except (MemoryError, RecursionError, CacheError):
