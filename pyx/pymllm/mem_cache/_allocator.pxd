@@ -115,3 +115,7 @@ cdef class SWATokenToKVPoolAllocator:
 # A constructor's size argument: any integer (numpy's too, through operator.index) but a
 # bool, in [minimum, 2**31); else InvalidValueError. Shared with the radix tree's options.
 cdef object _size_arg(str name, object value, int minimum)
+
+# A sequence numpy would read item by item (a deque, a UserList) as a list, else the object
+# itself: the radix tree's key and value reads call it in C.
+cpdef object _sequence_as_list(str name, object x, object error=*)

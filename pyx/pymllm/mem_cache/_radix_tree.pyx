@@ -45,11 +45,12 @@ from pymllm.mem_cache._allocator cimport (
     PAGE_FREE,
     SWATokenToKVPoolAllocator,
     TokenToKVPoolAllocator,
+    _sequence_as_list,
     _size_arg,
 )
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, first_outside, move32_down
 
-from pymllm.mem_cache._allocator import _refuse_deleted_array, _sequence_as_list
+from pymllm.mem_cache._allocator import _refuse_deleted_array
 from pymllm.mem_cache.base_prefix_cache import (
     _BOOL_TYPES,
     EvictResult,
@@ -1940,10 +1941,9 @@ cdef class RadixTreeCore:
         cdef PyObject** elems
         kv.arity = 0
         kv.width = 1
-        if not (PyList_Check(token_ids) or PyTuple_Check(token_ids)
-                or cnp.PyArray_Check(token_ids)):
-            # a deque, a UserList...: read once as a list (numpy would read a bool as 0 or 1)
-            token_ids = _sequence_as_list("token_ids", token_ids, InvalidKeyError)
+        # a deque, a UserList...: read once as a list (numpy would read a bool as 0 or 1);
+        # a list, tuple or array comes back as it is (a C call, a few type checks)
+        token_ids = _sequence_as_list("token_ids", token_ids, InvalidKeyError)
         # a list or tuple, a subclass too: read from its items as stored (its own __len__
         # and __getitem__ are not asked, as for the values and in hash_token_ids)
         if PyList_Check(token_ids) or PyTuple_Check(token_ids):
@@ -2070,9 +2070,7 @@ cdef class RadixTreeCore:
                 buf[i] = <idx_t>kv.tok[i]
             out[0] = buf
             return None
-        if not (PyList_Check(value) or PyTuple_Check(value) or cnp.PyArray_Check(value)):
-            # a deque, a UserList...: read once as a list (numpy would read a bool as 0 or 1)
-            value = _sequence_as_list("value", value)
+        value = _sequence_as_list("value", value)   # as the keys (_load_tokens)
         if PyList_Check(value) or PyTuple_Check(value):     # a subclass too, as the keys
             if _seq_size(value) != n:
                 raise InvalidValueError(
