@@ -371,6 +371,8 @@ class RefSWARadixCache(RefRadixCache):
             raise TypeError(f"dec_lock_ref() got unexpected keyword arguments {sorted(kwargs)}")
         node = self._check_node(node)
         if node is self.root_node:
+            if swa_boundary_id is not None:
+                raise LockStateError("swa_boundary_id: the root's lock token is None")
             return
         if node.lock_ref == 0:
             raise LockStateError(f"{node!r} holds no lock")

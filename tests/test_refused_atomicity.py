@@ -992,6 +992,10 @@ def _lock_refusals(s: Stack) -> dict[str, tuple[Callable[[], object], Any]]:
                     InvalidValueError,
                 ),
                 "swa dec: float boundary": (lambda: c.dec_lock_ref(h["D_locked"], 1.0), TypeError),
+                "swa dec: root with a boundary": (
+                    lambda: c.dec_lock_ref(c.root_node, s.ps),
+                    LockStateError,
+                ),
                 "swa dec: boundary of another node's lock": (
                     lambda: c.dec_lock_ref(h["D_anc"], s.ctx["D_token"]),
                     LockStateError,

@@ -135,6 +135,19 @@ def test_fresh_cache(make_cache, impl):
     cache._check_invariants()
 
 
+@pytest.mark.parametrize("token", [0, 3, "3"])
+def test_root_unlock_refuses_a_token_it_never_gave(make_cache, token):
+    # inc_lock_ref(root) gives None; another node's boundary passed for the root is a
+    # scheduler's mix-up, refused as it is without a window
+    cache = make_cache()
+    cache.insert(RadixKey([1, 2, 3, 4]))
+    before = sizes(cache)
+    with pytest.raises(LockStateError, match="root"):
+        cache.dec_lock_ref(cache.root_node, token)
+    assert sizes(cache) == before
+    cache._check_invariants()
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 4.0, "4"])
 def test_window_must_be_a_positive_int(impl, pool, bad):
     with pytest.raises(ValueError):

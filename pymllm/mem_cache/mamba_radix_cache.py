@@ -34,7 +34,10 @@ class MambaRadixCache(MambaTreeCore, BasePrefixCache):  # type: ignore[misc]
     them straight into that allocator. Any other pool gets them back through
     ``mamba_pool.free``.
     ``match_prefix`` results end at a node holding a state; copy that state
-    (``last_node.mamba_value``) into the request's own slot before extending it.
+    (``last_node.mamba_value``) into the request's own slot before extending it. So a
+    request that caches a chunk without a state and goes on cannot get the tree's slots
+    for that chunk back from a match: it keeps reading its own duplicates and frees them
+    when it ends (they hold the same KV as the tree's copies).
 
     Locks: ``inc_lock_ref(node)`` returns a token (True when it also locked the node's
     state); pass it back to ``dec_lock_ref`` on the same node. As in RadixCache, a node

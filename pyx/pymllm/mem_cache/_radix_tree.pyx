@@ -2594,6 +2594,15 @@ cdef class RadixTreeCore:
         ``SWATokenToKVPoolAllocator`` both calls are in C: the duplicates first (a refused
         one, say a slot of a tombstone this insert revives, raises ``InvalidFreeError``
         with nothing changed), then the old slots, which cannot be refused.
+
+        Chunked prefill with a window: a request that caches a chunk and goes on runs
+        ``again = match_prefix(chunk_key)`` after the insert, locks ``again.last_node`` (then
+        drops its older lock), and from then on reads ``again.indices`` for the first
+        ``again.prefix_len`` positions. Its slots past ``prev_prefix_len`` are the tree's to
+        settle, so any position the re-match does not cover must be computed again in newly
+        allocated slots: a duplicate over a tombstone that another request holds locked was
+        freed, and a live tail shorter than the window after a tombstone was cached but is
+        not matched. The unaligned tail ``value[aligned:]`` stays the caller's.
         """
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
@@ -3403,7 +3412,7 @@ cdef class RadixTreeCore:
         its locks are all its descendants' (an unlock through an ancestor would strand the
         descendant's lock: unlock the node that was locked), or when ``swa_boundary_id`` is
         not what ``inc_lock_ref`` returned: with a sliding window, when it matches no held
-        SWA lock; without one, when it is not None.
+        SWA lock; without one, and for the root, when it is not None.
         Unlocking the root is a no-op, and so is undoing a lock that a dropped cache's
         finalizer found held when it handed everything back (a request's ``__del__`` may
         run after the cache's, when both are collected together).
@@ -3456,12 +3465,15 @@ cdef class RadixTreeCore:
                     _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, m)
                 m = x.parent
         else:
-            if swa_boundary_id is not None and not self.swa:
-                # inc_lock_ref gave None: a token from elsewhere is a scheduler's mistake
-                # that would pass here and fail only once a window is turned on
+            if swa_boundary_id is not None:
+                # inc_lock_ref gave None (no window, or the root): a token from elsewhere is
+                # a scheduler's mistake that would pass here and fail only later, once a
+                # window is turned on or the lock is taken on a node
                 raise LockStateError(
-                    f"swa_boundary_id: got {swa_boundary_id!r:.60}, but this cache has no "
-                    "sliding window: pass what inc_lock_ref returned (None)"
+                    f"swa_boundary_id: got {swa_boundary_id!r:.60}, but "
+                    + ("this cache has no sliding window" if not self.swa
+                       else "the root's lock token is None")
+                    + ": pass what inc_lock_ref returned (None)"
                 )
             self._check_unlockable(n)
         self._release_locks(n)
