@@ -83,6 +83,13 @@ def test_bucket_size_is_small_set_and_bounded_padding() -> None:
     assert ladder[:6] == [16, 24, 32, 48, 64, 96]
     for n in range(1, 65537):
         assert bucket_size(n) == next(b for b in ladder if b >= n)
+    assert bucket_size(0) == 16
+
+
+@pytest.mark.parametrize(("n", "exc"), [(-1, InvalidValueError), (True, TypeError)])
+def test_bucket_size_refuses_what_is_not_a_count(n: object, exc: type) -> None:
+    with pytest.raises(exc, match="n: "):
+        bucket_size(n)  # type: ignore[arg-type]
 
 
 # -- round trips ------------------------------------------------------------------------

@@ -545,3 +545,17 @@ def test_writes_refuse_the_padding_page_but_its_slot_0() -> None:
     pool.set_kv_all([0, 4], ones, ones)  # slot 0 is a padding entry: it writes nothing
     assert np.asarray(pool.buffers.k)[0, :, 0, 0].tolist() == [0, 0, 0, 0, 1] + [0] * 15
     assert pool.get_kv_all([1, 2])[0].shape == (1, 2, 1, 1)  # reads of the page are zeros
+
+
+@pytest.mark.parametrize("bad", [[1.5], ["a"], [[1]], None, [True]])
+@pytest.mark.parametrize("pool_kind", ["mamba", "req_to_token"])
+def test_pool_free_errors_name_the_pools_argument(pool_kind: str, bad: object) -> None:
+    """``MambaPool.free`` and ``ReqToTokenPool.free`` take ``slots``: their refusals name
+    it, not the inner allocator's ``indices``, and keep their type."""
+    pool = (
+        MambaPool(4, 1, (2,), (2,), conv_dtype=jnp.float32)
+        if pool_kind == "mamba"
+        else ReqToTokenPool(4, 8)
+    )
+    with pytest.raises(InvalidValueError, match=r"^slots: "):
+        pool.free(bad)

@@ -87,11 +87,16 @@ MIN_BUCKET = 16
 
 def bucket_size(n: int) -> int:
     """Smallest bucket >= *n*: 16, 24, 32, 48, 64, 96, 128, ... (past 16, padding at most
-    1.5x: n=17 pads to 24; any n up to 16 pads to 16)."""
+    1.5x: n=17 pads to 24; any n up to 16 pads to 16). ``TypeError`` for a bool or a
+    non-int, ``InvalidValueError`` for a negative *n*."""
     try:
+        if isinstance(n, bool):
+            raise TypeError
         n = operator.index(n)
     except TypeError:
         raise TypeError(f"n: expected an int, got {type(n).__name__} {n!r:.80}") from None
+    if n < 0:
+        raise InvalidValueError(f"n: expected a count >= 0, got {n}")
     if n <= MIN_BUCKET:
         return MIN_BUCKET
     p = 1 << (n - 1).bit_length()
@@ -645,9 +650,11 @@ def _free_named(allocator: TokenToKVPoolAllocator, slots: Any) -> None:
     """``allocator.free(slots)``, its errors naming the argument as the pools call it."""
     try:
         allocator.free(slots)
-    except InvalidFreeError as exc:
+    except (InvalidFreeError, InvalidValueError, TypeError) as exc:
         msg = str(exc)
-        raise InvalidFreeError(
+        if type(exc) not in (InvalidFreeError, InvalidValueError, TypeError):
+            raise
+        raise type(exc)(
             "slots: " + (msg[len("indices: ") :] if msg.startswith("indices: ") else msg)
         ) from None
 
@@ -879,6 +886,7 @@ class KVPool(_SlotOwner):
         layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
         loc, k, v, n = self._prep_rows(loc, k, v, ())
         if n == 0:
+            _live_buffers(self)  # lost buffers are reported by any call, an empty one too
             return
         k = _placed(k, self._row_shardings[0])
         v = _placed(v, self._row_shardings[1])
@@ -890,6 +898,7 @@ class KVPool(_SlotOwner):
         Checks and ownership as :meth:`set_kv_buffer`."""
         loc, k, v, n = self._prep_rows(loc, k, v, (self.layer_num,))
         if n == 0:
+            _live_buffers(self)
             return
         k = _placed(k, self.shardings.k)
         v = _placed(v, self.shardings.v)
@@ -951,6 +960,7 @@ class KVPool(_SlotOwner):
         self._refuse_padding_page("dst_loc", dst)
         _check_distinct("dst_loc", dst)
         if len(src) == 0:
+            _live_buffers(self)
             return
         m = bucket_size(len(src))
         self._buffers = _concrete(self._copy(_live_buffers(self), _pad(src, m), _pad(dst, m)))
@@ -1248,16 +1258,18 @@ class MambaPool(_SlotOwner):
                 f"src/dst: lengths differ, src has {len(s)} slots, dst {len(d)}"
             )
         _check_distinct("dst", d)
+        buffers = _live_buffers(self)  # lost buffers are reported by an empty call too
         if len(s):
             m = bucket_size(len(s))
-            self._buffers = _concrete(self._copy(_live_buffers(self), _pad(s, m), _pad(d, m)))
+            self._buffers = _concrete(self._copy(buffers, _pad(s, m), _pad(d, m)))
 
     def reset_states(self, slots: Any) -> None:
         """Zero the states of *slots* (distinct) in every layer."""
         s = _slots("slots", slots, self.rows)
         _check_distinct("slots", s)
+        buffers = _live_buffers(self)
         if len(s):
-            self._buffers = _concrete(self._reset(_live_buffers(self), _pad(s)))
+            self._buffers = _concrete(self._reset(buffers, _pad(s)))
 
     def set_states(self, slots: Any, conv: Any, temporal: Any) -> None:
         """Write ``conv`` ``[L, n, *conv_shape]`` and ``temporal`` ``[L, n, *temporal_shape]``
@@ -1272,12 +1284,12 @@ class MambaPool(_SlotOwner):
             (self.layer_num, n, *self.temporal_state_shape),
             self.temporal_dtype,
         )
+        buffers = _live_buffers(self)
         if n:
             m = bucket_size(n)
             conv, temporal = _pad_pair(conv, temporal, m, 1)
             conv = _placed(conv, self._sharding)
             temporal = _placed(temporal, self._sharding)
-            buffers = _live_buffers(self)
             _refuse_own_buffers("conv", conv, buffers)
             _refuse_own_buffers("temporal", temporal, buffers)
             self._buffers = _concrete(self._write(buffers, _pad(s, m), conv, temporal))
