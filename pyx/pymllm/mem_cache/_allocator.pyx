@@ -1464,10 +1464,19 @@ cdef class SWATokenToKVPoolAllocator:
         cdef const int64_t* src = <const int64_t*>cnp.PyArray_DATA(i64)
         cdef int32_t* dst = <int32_t*>cnp.PyArray_DATA(out)
         cdef Py_ssize_t i
+        cdef int64_t v, size = cnp.PyArray_DIM(<cnp.ndarray>self._mapping, 0)
         # a C gather holding the GIL (numpy's releases it on large arrays: a free in
-        # another thread would then show in part of the answer)
+        # another thread would then show in part of the answer). Each slot is bounded
+        # again: np.require and np.empty above may run Python code (a collection's
+        # callbacks), which could change the caller's array after the check
         for i in range(cnp.PyArray_SIZE(i64)):
-            dst[i] = self.mapping[src[i]]
+            v = src[i]
+            if v < 0 or v >= size:
+                raise InvalidValueError(
+                    f"full_indices: slot {v} is outside [0, {size}): the array changed "
+                    "while the call ran"
+                )
+            dst[i] = self.mapping[v]
         return out
 
     def free_group_begin(self):

@@ -1346,6 +1346,7 @@ cdef class RadixTreeCore:
     cdef _Scratch _idx_out
     cdef _Scratch _nid_scratch
     cdef _Scratch _flag_scratch     # the windowed insert: a flag per segment it revives
+    cdef _Scratch _key_pin          # an insert's copy of a key read in place (_pin_key)
     cdef _Scratch _state_out
     cdef _Scratch _swa_out
     cdef dict _ns_ids               # (extra_key, arity) -> namespace id
@@ -1477,6 +1478,7 @@ cdef class RadixTreeCore:
         self._idx_out = _Scratch(sizeof(idx_t))
         self._nid_scratch = _Scratch(sizeof(nid_t))
         self._flag_scratch = _Scratch(sizeof(int64_t))
+        self._key_pin = _Scratch(sizeof(tok_t))
         self._state_out = _Scratch(sizeof(idx_t))
         self._swa_out = _Scratch(sizeof(idx_t))
         # node ids are never reused, not even by an __init__ after a failed reset(): a
@@ -1908,6 +1910,20 @@ cdef class RadixTreeCore:
         return ids
 
     # -- input conversion ---------------------------------------------------------------
+
+    cdef const KeyView* _pin_key(self, const KeyView* kv, KeyView* pinned) except NULL:
+        """*kv*, or *pinned* set to a copy of it when its tokens are the caller's memory (an
+        array read in place). An insert that takes a new namespace reads its key through
+        this from then on: _intern_ns runs the extra_key's ``__hash__``/``__eq__`` after the
+        key's last check, and that code could resize (free) or rewrite the caller's array."""
+        cdef tok_t* t
+        if kv.tok == <const tok_t*>self._tok_scratch.data:   # converted: already ours
+            return kv
+        t = <tok_t*>self._key_pin.reserve(kv.n * kv.width)
+        copy32(t, kv.tok, kv.n * kv.width)
+        pinned[0] = kv[0]
+        pinned.tok = t
+        return pinned
 
     cdef int _check_key_kept(self, object owner, const KeyView* kv) except -1:
         """``InvalidKeyError`` when the array a key is read from in place (*owner*, from
@@ -2632,16 +2648,18 @@ cdef class RadixTreeCore:
             except Exception as exc:
                 self._late_exc = exc
         owner = self._load_key(key, &kv)
-        cdef int32_t ns = self._find_ns_late(_extra_key(key), kv.arity)
+        # the extra_key read once (a subclass's property is Python code), before the value
+        extra_key = _extra_key(key)
+        cdef int32_t ns = self._find_ns_late(extra_key, kv.arity)
         self._check_key_kept(owner, &kv)
         vowner = self._load_value(value, &kv, &vals)
         self._check_key_kept(owner, &kv)
         self._raise_late()
         self.new_prio = prio
         if self.swa:
-            r = self._insert_swa(&kv, vals, _extra_key(key), ns, ppl, es, h, &last)
+            r = self._insert_swa(&kv, vals, extra_key, ns, ppl, es, h, &last)
         else:
-            r = self._insert_kv(&kv, vals, _extra_key(key), ns, h, &last)
+            r = self._insert_kv(&kv, vals, extra_key, ns, h, &last)
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
         self._aim(h, last)
@@ -2695,6 +2713,7 @@ cdef class RadixTreeCore:
         cdef int64_t n_old = 0, n_kept = 0
         cdef idx_t* swa_live        # the new tombstone's slots still holding SWA KV (booked)
         cdef int64_t n_swa_live = 0
+        cdef KeyView pinned
         if ppl > kv.n or ppl % P:
             raise InvalidValueError(
                 f"prev_prefix_len: expected a multiple of page_size {P} in [0, {kv.n}], got {ppl}"
@@ -2737,6 +2756,7 @@ cdef class RadixTreeCore:
             # the extra_key's Python code, which could rewrite the caller's array
             copy32(dup + n_dup + aligned, vals, aligned)
             vals = dup + n_dup + aligned
+            kv = self._pin_key(kv, &pinned)     # and of the key, as _insert_kv
             # a new namespace matches nothing: the new nodes' arrays are allocated before
             # the namespace is taken (all or nothing)
             _alloc_swa_suffix(0, aligned, es, w, &k1, &v1, &k2, &v2)
@@ -2930,6 +2950,7 @@ cdef class RadixTreeCore:
         cdef tok_t* new_key = NULL
         cdef idx_t* new_val = NULL
         cdef int64_t taken = 0      # slots of new_val adopted so far
+        cdef KeyView pinned
         if aligned == 0:
             r = _insert_result(0, h)
             self.clock += 1
@@ -2942,7 +2963,9 @@ cdef class RadixTreeCore:
             # a new namespace matches nothing: the leaf takes the whole key, and its arrays
             # and slots are taken before the namespace is (all or nothing). The slots are
             # copied first and taken from the copy: interning runs the extra_key's Python
-            # code, which could change the caller's array (or let a thread change it)
+            # code, which could change the caller's array (or let a thread change it); so
+            # could it the key's, which is read from a copy from here on
+            kv = self._pin_key(kv, &pinned)
             _alloc_node_arrays(aligned, w, &new_key, &new_val)
             copy32(new_val, vals, aligned)
             self._adopt_or_free(new_val, aligned, new_key)  # new_val is in new_key's block
@@ -3309,6 +3332,7 @@ cdef class RadixTreeCore:
         """Unlink an unlocked leaf and recycle its slot (its value was copied out)."""
         cdef Node* x = &self.nodes[n]
         cdef nid_t parent = x.parent
+        cdef int32_t ns = x.ns
         cdef MapEntry* e = _map_entry_of(
             &self.cmap, n, self._node_hash(parent, x))
         e.child = MAP_DELETED
@@ -3324,11 +3348,14 @@ cdef class RadixTreeCore:
                 self.aux_freed += x.len
         self._evictable -= x.len
         self.nodes[parent].num_children -= 1
-        if parent == ROOT:
-            self._ns_release_one(x.ns)
         if self._hash_cache:
             self._forget_hashes(n)
         self._drop_slot(n)
+        if parent == ROOT:
+            # after the slot is dropped: the namespace's last reference to its extra_key
+            # may go here, and the extra_key's __del__ (Python code) then sees the node gone
+            # (its handle stale), not a live node whose namespace is already empty
+            self._ns_release_one(ns)
         x = &self.nodes[parent]
         if parent != ROOT and x.num_children == 0 and x.lock_ref == 0:
             self._full_push(parent)
@@ -4245,7 +4272,8 @@ cdef class MambaTreeCore(RadixTreeCore):
             except Exception as exc:
                 self._late_exc = exc
         owner = self._load_key(key, &kv)
-        cdef int32_t ns = self._find_ns_late(_extra_key(key), kv.arity)
+        extra_key = _extra_key(key)     # read once, before the value (see _insert_locked)
+        cdef int32_t ns = self._find_ns_late(extra_key, kv.arity)
         self._check_key_kept(owner, &kv)
         vowner = self._load_value(value, &kv, &vals)
         self._check_key_kept(owner, &kv)
@@ -4263,7 +4291,7 @@ cdef class MambaTreeCore(RadixTreeCore):
             adopted = self._book_state(&kv, ns, slot)
         self.new_prio = prio
         try:
-            r = self._insert_kv(&kv, vals, _extra_key(key), ns, h, &last)
+            r = self._insert_kv(&kv, vals, extra_key, ns, h, &last)
         except BaseException:
             if adopted:  # the state stays the caller's
                 (<TokenToKVPoolAllocator>self._state_booking).disown_c(&slot, 1)
