@@ -149,21 +149,8 @@ def test_key_freed_by_an_extra_key_property(cls: str, n: int) -> None:
     assert out in (["refused", "True"], ["stored", "True"]), out
 
 
-_VALUE_REWRITTEN = r"""
-import numpy as np
-from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
-from pymllm.mem_cache.errors import CacheError
-
-
-class Pool:
-    def __init__(self):
-        self.freed = []
-
-    def free(self, slots):
-        self.freed.extend(np.asarray(slots).tolist())
-
-    def free_swa(self, slots):
-        pass
+_KEY_CLASS = r"""
+from pymllm.mem_cache import RadixKey
 
 
 class Key(RadixKey):
@@ -181,6 +168,29 @@ class Key(RadixKey):
         self._ek = v
         self.reads = 0
         self.victim = None
+"""
+
+_VALUE_REWRITTEN = (
+    r"""
+import numpy as np
+from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
+from pymllm.mem_cache.errors import CacheError
+
+
+class Pool:
+    def __init__(self):
+        self.freed = []
+
+    def free(self, slots):
+        self.freed.extend(np.asarray(slots).tolist())
+
+    def free_swa(self, slots):
+        pass
+
+
+"""
+    + _KEY_CLASS
+    + r"""
 
 
 pool = Pool()
@@ -213,6 +223,7 @@ print(all(0 <= s < 2**31 for s in held), held)
 cache.reset()
 print(all(s >= 0 for s in pool.freed))
 """
+)
 
 
 @pytest.mark.parametrize("cls", _CLASSES)
@@ -223,27 +234,16 @@ def test_value_rewritten_by_an_extra_key_property(cls: str) -> None:
     assert out[1] == "True", out
 
 
-_VALUE_REWRITTEN_BOOKED_WINDOW = r"""
+_VALUE_REWRITTEN_BOOKED_WINDOW = (
+    r"""
 import numpy as np
 from pymllm.mem_cache import RadixCache, RadixKey, SWATokenToKVPoolAllocator
 from pymllm.mem_cache.errors import CacheError
 
 
-class Key(RadixKey):
-    __slots__ = ("_ek", "reads", "victim")
-
-    @property
-    def extra_key(self):
-        self.reads += 1
-        if self.reads == 2 and self.victim is not None:  # after the value was checked
-            self.victim()
-        return self._ek
-
-    @extra_key.setter
-    def extra_key(self, v):
-        self._ek = v
-        self.reads = 0
-        self.victim = None
+"""
+    + _KEY_CLASS
+    + r"""
 
 
 alloc = SWATokenToKVPoolAllocator(64, 64)
@@ -266,6 +266,7 @@ cache._check_invariants()
 alloc._check_invariants()
 print("done")
 """
+)
 
 
 def test_value_rewritten_by_an_extra_key_property_over_a_booked_window() -> None:
