@@ -96,8 +96,13 @@ cache = make(CLS)
 report(cache, lambda: cache.insert(key, np.arange(1, N + 1, dtype=np.int32), **mamba_kw(CLS)))
 """
 
-_PROPERTY = r"""
+_KEY_CLASS = r"""
+from pymllm.mem_cache import RadixKey
+
+
 class Key(RadixKey):
+    # extra_key is a property: its read number at_read (by default the one after the
+    # value's) runs victim()
     __slots__ = ("_ek", "reads", "at_read", "victim")
 
     @property
@@ -111,9 +116,13 @@ class Key(RadixKey):
     def extra_key(self, v):
         self._ek = v
         self.reads = 0
-        self.at_read = 0
+        self.at_read = 2
         self.victim = None
+"""
 
+_PROPERTY = (
+    _KEY_CLASS
+    + r"""
 
 KEY_EK = "ns"
 cache = make(CLS)
@@ -123,6 +132,7 @@ key.at_read = 2  # the read after the value's
 key.victim = lambda: free_array_of(key)
 report(cache, lambda: cache.insert(key, np.arange(1, N + 1, dtype=np.int32), **mamba_kw(CLS)))
 """
+)
 
 _CLASSES = ["RadixCache", "windowed", "MambaRadixCache"]
 # 4,096 tokens: the freed block is reused (the tree stored another array's data); 2**22
@@ -148,27 +158,6 @@ def test_key_freed_by_an_extra_key_property(cls: str, n: int) -> None:
     out = run_child(_code(cls, n, _PROPERTY)).split()
     assert out in (["refused", "True"], ["stored", "True"]), out
 
-
-_KEY_CLASS = r"""
-from pymllm.mem_cache import RadixKey
-
-
-class Key(RadixKey):
-    __slots__ = ("_ek", "reads", "victim")
-
-    @property
-    def extra_key(self):
-        self.reads += 1
-        if self.reads == 2 and self.victim is not None:  # after the value was checked
-            self.victim()
-        return self._ek
-
-    @extra_key.setter
-    def extra_key(self, v):
-        self._ek = v
-        self.reads = 0
-        self.victim = None
-"""
 
 _VALUE_REWRITTEN = (
     r"""
