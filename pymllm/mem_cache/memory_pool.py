@@ -166,7 +166,8 @@ def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
     x64 off, JAX narrows a 64-bit numpy argument to its low 32 bits at the jit boundary,
     before this function sees it."""
     _refuse_deleted("loc", loc)
-    _refuse_bool_slots("loc", loc)  # [True, 5] would read as rows 1 and 5
+    # [True, 5] would read as rows 1 and 5; what the rest reads, as checked
+    loc = _refuse_bool_slots("loc", loc)
     if isinstance(loc, (list, tuple)) and not loc:
         loc = np.zeros(0, np.int32)  # no slots, as everywhere else (JAX reads [] as float)
     fits = None
@@ -435,6 +436,35 @@ def _refuse_deleted(name: str, x: Any) -> None:
     numpy's and JAX's conversions refuse with a bare ``RuntimeError``."""
     if not isinstance(x, jax.core.Tracer):
         _refuse_deleted_array(name, x)
+
+
+def _index_part(part: Any) -> Any:
+    """One part of ``ReqToTokenPool.write``'s index, read once: an int, a slice of ints
+    (each bound's ``__index__`` called once), ``None``/``...`` as they are, anything else
+    as our own integer array (``InvalidValueError`` for a bool, a bool array or a bool in
+    a list)."""
+    if part is None or part is Ellipsis:
+        return part
+    if isinstance(part, slice):
+        try:
+            bounds = (part.start, part.stop, part.step)
+            return slice(*(None if b is None else operator.index(b) for b in bounds))
+        except TypeError as exc:
+            raise InvalidValueError(f"index: bad slice {part!r:.60} ({exc})") from None
+    if isinstance(part, (bool, np.bool_)):
+        raise InvalidValueError(f"index: expected integer rows or columns, got a bool {part!r}")
+    if isinstance(part, (int, np.integer)):
+        return operator.index(part)
+    items = _refuse_bool_slots("index", part)
+    try:
+        arr = np.array(items)
+    except (ValueError, TypeError) as exc:
+        raise InvalidValueError(f"index: cannot read {part!r:.60} ({exc})") from None
+    if arr.dtype == np.bool_:
+        raise InvalidValueError(
+            f"index: expected integer rows or columns, got a bool mask {part!r:.60}"
+        )
+    return arr
 
 
 def _slots(name: str, loc: Any, rows: int) -> np.ndarray:
@@ -1020,9 +1050,15 @@ class ReqToTokenPool(_SlotOwner):
         _not_traced("values", values)
         for part in index if isinstance(index, tuple) else (index,):  # the columns too
             _refuse_deleted("index", part)
-        # a bool anywhere in the rows or columns: a scalar, a bool array, one in a list
-        _refuse_bool_slots("index", index)
-        _refuse_bool_slots("values", values)
+        # Each part read once, into ints, slices of ints and our own arrays: the checks
+        # and the write see the same index (numpy would read a sequence again, call a
+        # column's __index__ after the checks, and that code could change a row array).
+        # A bool anywhere in the rows or columns is refused: a scalar, a bool array, one
+        # in a list.
+        parts = tuple(
+            _index_part(part) for part in (index if isinstance(index, tuple) else (index,))
+        )
+        row = parts[0] if parts else index
         _refuse_deleted("values", values)
         try:
             rows = np.arange(self.size + 1)[row] if isinstance(row, slice) else np.asarray(row)
@@ -1031,10 +1067,10 @@ class ReqToTokenPool(_SlotOwner):
         if rows.dtype.kind not in "iu":  # even when empty: numpy would take a bool mask
             raise InvalidValueError(f"index: expected request slot rows, got {row!r:.60}")
         _check_ints("index", rows, 1, self.size + 1)  # request slots; row 0 pads batches
-        vals = _integer_slots("values", values)
+        vals = _integer_slots("values", values)  # our own copy, bools refused
         _check_ints("values", vals, 0, 1 << 31)  # KV slots, never wrapped into int32
         try:
-            self.req_to_token[index] = vals
+            self.req_to_token[parts if isinstance(index, tuple) else row] = vals
         except (IndexError, ValueError, TypeError, OverflowError) as exc:
             raise InvalidValueError(
                 f"index/values: cannot write {values!r:.60} at {index!r:.60} of a "

@@ -283,6 +283,9 @@ cdef cnp.ndarray _as_int32_slots(object indices, object error=InvalidFreeError,
             if not 0 <= v <= 0x7FFFFFFF:
                 raise error(f"{name}: slot {v} is out of range [0, 2**31)")
     if arr.dtype != np.int32:
+        # arr is our own copy (_integer_array): the check runs Python code (a
+        # collection's callbacks), and a caller's value rewritten past int32 meanwhile
+        # would wrap into another slot
         bad = np.flatnonzero((arr < 0) | (arr > 0x7FFFFFFF))
         if bad.size:
             raise error(f"{name}: slot {arr[bad[0]]} is out of range [0, 2**31)")
@@ -352,19 +355,22 @@ cdef bint _array_like(object t):
     return issubclass(t, np.ndarray) or (not issubclass(t, np.generic) and hasattr(t, "dtype"))
 
 
-cdef bint _holds_bool(object seq) except -1:
-    """Whether the list or tuple *seq* (their subclasses too) holds a bool: Python's
+cdef int _holds_bool(object seq) except -1:
+    """1 when the list or tuple *seq* (their subclasses too) holds a bool: Python's
     or numpy's, or a bool array (numpy's or JAX's; a 0-d one reads as 0 or 1), among its
-    items or in nested lists at any depth. The items' types in one C loop
-    (``set(map(type, ...))``); Python code per item only when some item is a list or an
-    array, and then a loop over a stack, not recursion, that visits each list once (a list
-    that holds itself, or one nested 200,000 deep, is safe)."""
+    items or in nested lists at any depth; else 2 when it holds a nested sequence that is
+    not a list or tuple (a deque, a ``UserList``: read here, and by numpy again, it could
+    give other items each time; see _refuse_bool_slots); else 0. The items' types in one
+    C loop (``set(map(type, ...))``); Python code per item only when some item is a list
+    or an array, and then a loop over a stack, not recursion, that visits each list once
+    (a list that holds itself, or one nested 200,000 deep, is safe)."""
+    cdef int generic = 0
     types = set(map(type, seq))
     if _BOOL_TYPES & types:
-        return True
+        return 1
     if not any(issubclass(t, (list, tuple)) or _array_like(t) or _reads_as_items(t)
                for t in types):
-        return False
+        return 0
     stack = [seq]
     seen = {id(seq)}
     while stack:
@@ -378,19 +384,55 @@ cdef bint _holds_bool(object seq) except -1:
                 except TypeError:  # a dtype numpy does not know: not numpy's bool
                     pass
             elif (isinstance(x, (list, tuple)) or _reads_as_items(type(x))) and id(x) not in seen:
+                if not isinstance(x, (list, tuple)):
+                    generic = 2
                 seen.add(id(x))
                 stack.append(x)
-    return False
+    return generic
 
 
 def _refuse_bool_slots(str name, object indices):
     """``InvalidValueError`` when *indices* is a list, tuple or other sequence numpy reads
     item by item (a deque, a ``UserList``...) holding a bool (nested ones too): numpy would
     read ``[True, 5]`` as slots 1 and 5, and a bool is not a slot id. A numpy bool array
-    needs no check (its dtype says so). Shared with memory_pool's slot checks."""
+    needs no check (its dtype says so). Shared with memory_pool's slot checks.
+
+    Returns what the caller reads from then on, as checked: *indices* itself, a sequence
+    read once as a list, or, when lists hold other sequences (which could give other
+    items when numpy reads them again), nested lists of the items read once."""
     items = _sequence_as_list(name, indices)
-    if isinstance(items, (list, tuple)) and _holds_bool(items):
+    if not isinstance(items, (list, tuple)):
+        return indices
+    found = _holds_bool(items)
+    if found == 2:
+        items = _read_nested_once(name, items)
+        found = _holds_bool(items)
+    if found == 1:
         raise InvalidValueError(f"{name}: expected integer slot ids, got a bool in {indices!r:.60}")
+    return items
+
+
+cdef list _read_nested_once(str name, object items):
+    """*items* (a list or tuple holding sequences that are not lists or tuples) as nested
+    lists of its scalars, each sequence read once (numpy's reading, as objects)."""
+    try:
+        obj = np.array(items, dtype=object)
+    except RuntimeError:
+        _refuse_deleted_array(name, items)
+        raise
+    except ValueError:
+        raise InvalidValueError(
+            f"{name}: expected a flat sequence of integer slot ids, got nested sequences "
+            "that form no array (ragged, or nested too deep)"
+        ) from None
+    for v in obj.flat:
+        t = type(v)
+        if issubclass(t, (list, tuple)) or _reads_as_items(t):   # ragged: a sequence left
+            raise InvalidValueError(
+                f"{name}: expected a flat sequence of integer slot ids, got nested "
+                "sequences that form no array (ragged)"
+            )
+    return obj.tolist()
 
 
 cdef bint _is_deleted(object x):
@@ -435,8 +477,7 @@ cdef object _integer_array(object indices, str name="indices"):
     come back as an object array of exact ints. Nesting that forms no array (ragged, or
     deeper than numpy's 64 dimensions) is ``InvalidValueError``. A sequence numpy would
     read item by item (a deque, a ``UserList``) is read once, as a list."""
-    indices = _sequence_as_list(name, indices)
-    _refuse_bool_slots(name, indices)
+    indices = _refuse_bool_slots(name, _sequence_as_list(name, indices))
     try:
         arr = np.asarray(indices)
     except RuntimeError:
@@ -467,6 +508,11 @@ cdef object _integer_array(object indices, str name="indices"):
                 )
     elif arr.size and arr.dtype.kind not in "iu":
         raise InvalidValueError(f"{name}: expected integer slot ids, got dtype {arr.dtype}")
+    if arr is indices or not arr.flags.owndata:
+        # the caller's array (or a view of its memory): the callers check the slots and
+        # then run Python code (numpy, a collection's callbacks) before they use them,
+        # which could rewrite the caller's array in between; they get their own copy
+        arr = arr.copy()
     return arr
 
 
@@ -1459,17 +1505,18 @@ cdef class SWATokenToKVPoolAllocator:
         if idx.size == 0:
             return np.zeros(idx.shape, dtype=np.int32)
         _check_ints("full_indices", idx, 0, len(self._mapping))
-        cdef cnp.ndarray i64 = np.require(idx, np.int64, ["C", "A"])  # read as int64_t: aligned
-        cdef cnp.ndarray out = np.empty(idx.shape, dtype=np.int32)
+        # idx is our own copy (_integer_array), read as int64 (a copy if it is not): Python
+        # code in the calls here (a collection's callbacks) cannot change it
+        cdef cnp.ndarray i64 = np.require(idx, np.int64, ["C", "A"])
+        cdef cnp.ndarray out = np.empty((<object>i64).shape, dtype=np.int32)
         cdef const int64_t* src = <const int64_t*>cnp.PyArray_DATA(i64)
         cdef int32_t* dst = <int32_t*>cnp.PyArray_DATA(out)
         cdef Py_ssize_t i
         cdef int64_t v, size = cnp.PyArray_DIM(<cnp.ndarray>self._mapping, 0)
         # a C gather holding the GIL (numpy's releases it on large arrays: a free in
         # another thread would then show in part of the answer). Each slot is bounded
-        # again: np.require and np.empty above may run Python code (a collection's
-        # callbacks), which could change the caller's array after the check
-        for i in range(cnp.PyArray_SIZE(i64)):
+        # again: the copy may have been taken after the caller's array changed
+        for i in range(cnp.PyArray_SIZE(out)):
             v = src[i]
             if v < 0 or v >= size:
                 raise InvalidValueError(
