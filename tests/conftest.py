@@ -9,7 +9,9 @@ printed at the end of the session ("stateful steps").
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import hashlib
 import importlib.util
 import os
@@ -596,6 +598,54 @@ class FlakyExtraKey:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FlakyExtraKey) and other.name == self.name
+
+
+class Flip:
+    """A sequence of *good* items that reads *bad* from the *at*-th read of item 0 on (for
+    code that reads its argument more than once)."""
+
+    def __init__(self, good: list[Any], bad: list[Any], at: int) -> None:
+        self.good, self.bad, self.at, self.reads = good, bad, at, 0
+
+    def __len__(self) -> int:
+        return len(self.good)
+
+    def __getitem__(self, i: int) -> Any:
+        if i >= len(self.good):
+            raise IndexError(i)
+        if i == 0:
+            self.reads += 1
+        return (self.bad if self.reads >= self.at else self.good)[i]
+
+
+@contextlib.contextmanager
+def collection_inside(func_name: str, action: Callable[[], None]) -> Iterator[list[bool]]:
+    """Run *action* once, from the first garbage collection that starts while a function
+    named *func_name* is on the stack (with a collection at nearly every allocation in
+    the block): Python code that runs in the middle of a call, between two of its steps.
+    Yields a list that holds True once *action* ran."""
+    fired: list[bool] = []
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase != "start" or fired:
+            return
+        f = sys._getframe(1)
+        while f is not None:
+            if f.f_code.co_name == func_name:
+                action()
+                fired.append(True)
+                return
+            f = f.f_back
+
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    try:
+        yield fired
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(callback)
 
 
 def sha256_hex(*chunks: bytes) -> str:

@@ -8,13 +8,12 @@ converts it on another: an item that reads as a bool the second time becomes slo
 
 from __future__ import annotations
 
-import gc
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import Flip, collection_inside  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import SWATokenToKVPoolAllocator, TokenToKVPoolAllocator
 from pymllm.mem_cache.errors import InvalidFreeError, InvalidValueError
@@ -24,29 +23,15 @@ WRAPS_TO_3 = (1 << 32) + 3
 
 def _rewritten_inside_the_range_check(call: Callable[[np.ndarray], Any]) -> Any:
     idx = np.array([1], np.int64)
-    fired: list[bool] = []
 
-    def rewrite(phase: str, info: dict[str, Any]) -> None:
-        if phase != "start" or fired:
-            return
-        f = sys._getframe(1)
-        while f is not None:
-            if f.f_code.co_name == "flatnonzero":
-                idx[0] = WRAPS_TO_3
-                fired.append(True)
-                return
-            f = f.f_back
+    def rewrite() -> None:
+        idx[0] = WRAPS_TO_3
 
-    gc.collect()
-    gc.callbacks.append(rewrite)
-    gc.set_threshold(1)
-    try:
-        return call(idx)
-    except (InvalidFreeError, InvalidValueError):
-        return "refused"
-    finally:
-        gc.set_threshold(700)
-        gc.callbacks.remove(rewrite)
+    with collection_inside("flatnonzero", rewrite):
+        try:
+            return call(idx)
+        except (InvalidFreeError, InvalidValueError):
+            return "refused"
 
 
 @pytest.mark.parametrize("swa", [False, True])
@@ -70,23 +55,6 @@ def test_alloc_prefix_is_the_prefix_checked() -> None:
     a.alloc(4)
     out = _rewritten_inside_the_range_check(lambda idx: a.alloc(2, prefix=idx))
     assert isinstance(out, str) or out[0] == 1, out
-
-
-class Flip:
-    """A sequence of *good* items that reads *bad* from the *at*-th read of item 0 on."""
-
-    def __init__(self, good: list[Any], bad: list[Any], at: int) -> None:
-        self.good, self.bad, self.at, self.reads = good, bad, at, 0
-
-    def __len__(self) -> int:
-        return len(self.good)
-
-    def __getitem__(self, i: int) -> Any:
-        if i >= len(self.good):
-            raise IndexError(i)
-        if i == 0:
-            self.reads += 1
-        return (self.bad if self.reads >= self.at else self.good)[i]
 
 
 def test_a_bool_read_on_the_conversion_is_refused_like_one_read_on_the_check() -> None:

@@ -6,12 +6,11 @@ unchecked: -1 wraps onto the pool's last row, another slot's KV or state."""
 
 from __future__ import annotations
 
-import gc
-import sys
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from conftest import Flip, collection_inside  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache.errors import InvalidValueError
 from pymllm.mem_cache.memory_pool import KVPool, MambaPool, pad_slots, scatter_rows
@@ -52,29 +51,15 @@ def test_kv_write_slots_changed_by_k_shape_are_not_written() -> None:
 def test_kv_copy_destination_changed_after_its_check_is_not_written() -> None:
     pool, last = _kv_pool()
     dst = np.array([2], np.int32)
-    fired: list[bool] = []
 
-    def rewrite_after_checks(phase: str, info: dict[str, Any]) -> None:
-        if phase != "start" or fired:
-            return
-        f = sys._getframe(1)
-        while f is not None:
-            if f.f_code.co_name == "_live_buffers":  # after _check_distinct
-                dst[0] = -1
-                fired.append(True)
-                return
-            f = f.f_back
+    def rewrite() -> None:
+        dst[0] = -1
 
-    gc.collect()
-    gc.callbacks.append(rewrite_after_checks)
-    gc.set_threshold(1)
-    try:
-        pool.copy(np.array([1], np.int32), dst)
-    except InvalidValueError:
-        pass
-    finally:
-        gc.set_threshold(700)
-        gc.callbacks.remove(rewrite_after_checks)
+    with collection_inside("_live_buffers", rewrite):  # after _check_distinct
+        try:
+            pool.copy(np.array([1], np.int32), dst)
+        except InvalidValueError:
+            pass
     k, _ = pool.get_kv(0, np.array([last], np.int32))
     assert np.asarray(k).tolist() == [[[9.0, 9.0]]]
 
@@ -116,23 +101,6 @@ def test_pad_slots_never_returns_a_slot_its_check_refuses() -> None:
     except InvalidValueError:
         return
     assert (out >= 0).all(), out
-
-
-class Flip:
-    """A sequence of *good* items that reads *bad* from the *at*-th read of item 0 on."""
-
-    def __init__(self, good: list[Any], bad: list[Any], at: int) -> None:
-        self.good, self.bad, self.at, self.reads = good, bad, at, 0
-
-    def __len__(self) -> int:
-        return len(self.good)
-
-    def __getitem__(self, i: int) -> Any:
-        if i >= len(self.good):
-            raise IndexError(i)
-        if i == 0:
-            self.reads += 1
-        return (self.bad if self.reads >= self.at else self.good)[i]
 
 
 def test_scatter_rows_refuses_a_bool_however_often_it_reads_the_slots() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import Flip  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache.errors import InvalidValueError
 from pymllm.mem_cache.memory_pool import ReqToTokenPool
@@ -19,23 +20,6 @@ def _pool() -> ReqToTokenPool:
     pool = ReqToTokenPool(4, 8)
     pool.alloc(2)  # request slots 1 and 2
     return pool
-
-
-class Flip:
-    """A sequence of *good* items that reads *bad* from the *at*-th read of item 0 on."""
-
-    def __init__(self, good: list[Any], bad: list[Any], at: int) -> None:
-        self.good, self.bad, self.at, self.reads = good, bad, at, 0
-
-    def __len__(self) -> int:
-        return len(self.good)
-
-    def __getitem__(self, i: int) -> Any:
-        if i >= len(self.good):
-            raise IndexError(i)
-        if i == 0:
-            self.reads += 1
-        return (self.bad if self.reads >= self.at else self.good)[i]
 
 
 def _write_or_refuse(pool: ReqToTokenPool, index: Any, values: Any) -> bool:
