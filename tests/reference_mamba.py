@@ -273,8 +273,8 @@ class RefMambaRadixCache(RefRadixCache):
             raise LockStateError(f"{node!r} holds no lock")
         if swa_boundary_id is None:
             release_state = node.mamba_lock_ref > 0
-        elif isinstance(swa_boundary_id, bool):
-            release_state = swa_boundary_id
+        elif isinstance(swa_boundary_id, (bool, np.bool_)):  # a token kept in numpy too
+            release_state = bool(swa_boundary_id)
             if release_state and node.mamba_lock_ref == 0:
                 raise LockStateError(
                     f"swa_boundary_id: got {swa_boundary_id!r} (a state lock), but {node!r} "

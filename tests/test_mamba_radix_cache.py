@@ -485,6 +485,21 @@ def test_split_of_a_locked_node(make_cache):
     cache._check_invariants()
 
 
+def test_a_lock_token_kept_as_a_numpy_bool_unlocks(make_cache):
+    # a scheduler that keeps its batch's lock tokens in a numpy array hands back np.bool_
+    cache = make_cache()
+    cache.insert(RadixKey([1, 2]), [3, 4], mamba_value=5)
+    node = cache.match_prefix(RadixKey([1, 2])).last_node
+    tokens = np.array([cache.inc_lock_ref(node), cache.inc_lock_ref(node)])
+    assert tokens.dtype == np.bool_ and tokens.all()
+    for token in tokens:
+        cache.dec_lock_ref(node, token)
+    assert node.lock_ref == 0 and node.mamba_lock_ref == 0
+    with pytest.raises(LockStateError):
+        cache.dec_lock_ref(node, np.False_)
+    cache._check_invariants()
+
+
 def test_root_lock_is_a_no_op(make_cache):
     cache = make_cache()
     root = cache.root_node

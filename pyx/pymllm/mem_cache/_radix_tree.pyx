@@ -4475,8 +4475,8 @@ cdef class MambaTreeCore(RadixTreeCore):
             raise LockStateError(f"node: node {x.uid} is not locked")
         if swa_boundary_id is None:
             release_state = x.aux_lock_ref > 0
-        elif isinstance(swa_boundary_id, bool):
-            release_state = swa_boundary_id
+        elif isinstance(swa_boundary_id, (bool, np.bool_)):  # a token kept in numpy too
+            release_state = bool(swa_boundary_id)
             if release_state and x.aux_lock_ref <= 0:
                 raise LockStateError(
                     f"swa_boundary_id: got {swa_boundary_id!r} (a state lock), but node {x.uid} "
