@@ -464,6 +464,13 @@ def _index_part(part: Any) -> Any:
         raise InvalidValueError(
             f"index: expected integer rows or columns, got a bool mask {part!r:.60}"
         )
+    if arr.ndim == 0 and arr.dtype == object:  # one object: an int-like (its __index__)
+        try:
+            return operator.index(part)
+        except TypeError as exc:
+            raise InvalidValueError(f"index: cannot read {part!r:.60} ({exc})") from None
+    if arr.size == 0 and arr.dtype.kind not in "iu":
+        return arr.astype(np.intp)  # [] or (): no rows or columns, as numpy reads them
     return arr
 
 

@@ -506,12 +506,18 @@ cdef object _integer_array(object indices, str name="indices"):
                 raise InvalidValueError(
                     f"{name}: expected integer slot ids, got {type(v).__name__} {v!r:.60}"
                 )
+        # exact ints of the values checked: an int subclass's own __int__ or __index__,
+        # which a later conversion would call, could give another value
+        exact = np.empty(arr.shape, dtype=object)
+        exact.flat[:] = [operator.index(v) for v in arr.flat]
+        return exact
     elif arr.size and arr.dtype.kind not in "iu":
         raise InvalidValueError(f"{name}: expected integer slot ids, got dtype {arr.dtype}")
-    if arr is indices or not arr.flags.owndata:
-        # the caller's array (or a view of its memory): the callers check the slots and
-        # then run Python code (numpy, a collection's callbacks) before they use them,
-        # which could rewrite the caller's array in between; they get their own copy
+    if not isinstance(indices, (list, tuple)) or not arr.flags.owndata:
+        # the caller's array, a view of its memory, or one an __array__ handed over and
+        # may keep: the callers check the slots and then run Python code (numpy, a
+        # collection's callbacks) before they use them, which could rewrite that array
+        # in between; they get their own copy (a list we read is ours already)
         arr = arr.copy()
     return arr
 
