@@ -469,7 +469,7 @@ def _index_part(part: Any) -> Any:
             return operator.index(part)
         except TypeError as exc:
             raise InvalidValueError(f"index: cannot read {part!r:.60} ({exc})") from None
-    if arr.size == 0 and arr.dtype.kind not in "iu":
+    if arr.size == 0 and arr.dtype.kind not in "iu" and not isinstance(items, np.ndarray):
         return arr.astype(np.intp)  # [] or (): no rows or columns, as numpy reads them
     return arr
 

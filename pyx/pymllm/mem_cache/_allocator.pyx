@@ -501,16 +501,20 @@ cdef object _integer_array(object indices, str name="indices"):
         # any, are refused below one by one
         arr = np.asarray(indices, dtype=object)
     if arr.dtype == object:
+        exact = True
         for v in arr.flat:
-            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
-                raise InvalidValueError(
-                    f"{name}: expected integer slot ids, got {type(v).__name__} {v!r:.60}"
-                )
-        # exact ints of the values checked: an int subclass's own __int__ or __index__,
-        # which a later conversion would call, could give another value
-        exact = np.empty(arr.shape, dtype=object)
-        exact.flat[:] = [operator.index(v) for v in arr.flat]
-        return exact
+            if type(v) is not int:
+                if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+                    raise InvalidValueError(
+                        f"{name}: expected integer slot ids, got {type(v).__name__} {v!r:.60}"
+                    )
+                exact = False
+        if not exact:
+            # exact ints of the values checked: an int subclass's own __int__ or
+            # __index__, which a later conversion would call, could give another value
+            return np.fromiter(
+                map(operator.index, arr.flat), dtype=object, count=arr.size
+            ).reshape(arr.shape)
     elif arr.size and arr.dtype.kind not in "iu":
         raise InvalidValueError(f"{name}: expected integer slot ids, got dtype {arr.dtype}")
     if not isinstance(indices, (list, tuple)) or not arr.flags.owndata:
