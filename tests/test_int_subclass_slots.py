@@ -5,12 +5,11 @@ used afterwards must be that value too, never what the subclass's ``__int__`` or
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache.errors import InvalidValueError
 from pymllm.mem_cache.memory_pool import ReqToTokenPool
@@ -78,11 +77,5 @@ else:
 @pytest.mark.parametrize("bad", [1 << 40, -(1 << 40)])
 def test_translate_never_reads_a_slot_other_than_the_one_checked(bad: int) -> None:
     # a child process: a slot read past the mapping may crash it
-    run = subprocess.run(
-        [sys.executable, "-c", f"BAD = {bad}\n" + textwrap.dedent(_TRANSLATE)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() in (["refused"], ["same"]), run.stdout
+    out = run_child(f"BAD = {bad}\n" + textwrap.dedent(_TRANSLATE), timeout=120)
+    assert out.split() in (["refused"], ["same"]), out
