@@ -683,14 +683,17 @@ def _refuse_own_buffers(name: str, x: Any, buffers: tuple[jax.Array, ...]) -> No
         )
 
 
+_RENAMED_ERRORS = (InvalidFreeError, InvalidValueError, TypeError)
+
+
 def _free_named(allocator: TokenToKVPoolAllocator, slots: Any) -> None:
     """``allocator.free(slots)``, its errors naming the argument as the pools call it."""
     try:
         allocator.free(slots)
-    except (InvalidFreeError, InvalidValueError, TypeError) as exc:
-        msg = str(exc)
-        if type(exc) not in (InvalidFreeError, InvalidValueError, TypeError):
+    except _RENAMED_ERRORS as exc:
+        if type(exc) not in _RENAMED_ERRORS:  # a subclass (another error): as it is
             raise
+        msg = str(exc)
         raise type(exc)(
             "slots: " + (msg[len("indices: ") :] if msg.startswith("indices: ") else msg)
         ) from None

@@ -376,11 +376,11 @@ cdef int _holds_bool(object seq) except -1:
     while stack:
         for x in stack.pop():
             if type(x) in _BOOL_TYPES:
-                return True
+                return 1
             if _array_like(type(x)):
                 try:
                     if np.dtype(x.dtype) == np.bool_:
-                        return True
+                        return 1
                 except TypeError:  # a dtype numpy does not know: not numpy's bool
                     pass
             elif (isinstance(x, (list, tuple)) or _reads_as_items(type(x))) and id(x) not in seen:
@@ -477,7 +477,7 @@ cdef object _integer_array(object indices, str name="indices"):
     come back as an object array of exact ints. Nesting that forms no array (ragged, or
     deeper than numpy's 64 dimensions) is ``InvalidValueError``. A sequence numpy would
     read item by item (a deque, a ``UserList``) is read once, as a list."""
-    indices = _refuse_bool_slots(name, _sequence_as_list(name, indices))
+    indices = _refuse_bool_slots(name, indices)   # a deque, a UserList...: read as a list
     try:
         arr = np.asarray(indices)
     except RuntimeError:
@@ -1525,7 +1525,7 @@ cdef class SWATokenToKVPoolAllocator:
         cdef int64_t v, size = cnp.PyArray_DIM(<cnp.ndarray>self._mapping, 0)
         # a C gather holding the GIL (numpy's releases it on large arrays: a free in
         # another thread would then show in part of the answer). Each slot is bounded
-        # again: the copy may have been taken after the caller's array changed
+        # again as the gather reads it: a guard in C beside the check above in numpy
         for i in range(cnp.PyArray_SIZE(out)):
             v = src[i]
             if v < 0 or v >= size:
