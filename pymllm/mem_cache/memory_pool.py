@@ -39,6 +39,14 @@ result back). A loop that must survive Ctrl-C holds SIGINT around its updates an
 where its records are whole, as ``pymllm.engine`` does in a run (holding it around every
 call here would cost two ``sigaction`` calls, 7 us on the development machine, a call).
 
+Transfer guards: moving a call's host slot lists (and host K/V or states) to the device
+is part of what a pool method or :func:`scatter_rows` does, so it counts as an explicit
+transfer. Under ``jax.transfer_guard("disallow")`` or ``"log"`` they run and log nothing;
+under ``"disallow_explicit"`` or ``"log_explicit"`` they are refused or logged as
+``jax.device_put`` would be (a refused call raises JAX's error and changes nothing). The
+guard's level is read once a call (0.3 us); the module-level jitted functions follow JAX's
+rules, as above.
+
 Threads: slot allocation (``alloc``/``free`` of every pool) goes through the compiled
 allocator and is atomic with respect to Python threads. The device buffers are not shared
 safely: a donated write deletes the buffers that another thread may be reading, so one
@@ -49,6 +57,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
@@ -145,6 +154,23 @@ def _x64_off() -> bool:
     return bool(jax.dtypes.canonicalize_dtype(np.int64) != np.int64)
 
 
+_IMPLICIT_ONLY_GUARDS = frozenset({"log", "disallow"})
+"""Transfer-guard levels that act on implicit transfers only: a pool call's own transfers,
+explicit by design, run under ``"allow"`` there."""
+
+_R = TypeVar("_R")
+
+
+def _explicitly(f: Callable[..., _R], *args: Any) -> _R:
+    """``f(*args)``, the host arrays among *args* moved to the device as an explicit
+    transfer: under a guard on implicit transfers only (``"disallow"``, ``"log"``) the call
+    runs with host-to-device transfers allowed; any other level applies as it stands."""
+    if jax.config.jax_transfer_guard_host_to_device in _IMPLICIT_ONLY_GUARDS:
+        with jax.transfer_guard_host_to_device("allow"):
+            return f(*args)
+    return f(*args)
+
+
 def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
     """int32 scatter indices for the integer slots *loc* (any shape; a list, a numpy or a
     jax array) into a buffer of *rows* rows: *loc* where *valid* (a bool mask of *loc*'s
@@ -164,7 +190,12 @@ def scatter_rows(loc: Any, rows: int, valid: Any = None) -> jax.Array:
     (``rows .. rows + loc.size - 1``) beyond int32; also for a list of slots with one past
     int32 when x64 is off (JAX cannot hold it). Inside ``jax.jit``, pass int32 slots: with
     x64 off, JAX narrows a 64-bit numpy argument to its low 32 bits at the jit boundary,
-    before this function sees it."""
+    before this function sees it. Outside one, a host *loc* is moved to the device as an
+    explicit transfer (see the module's note on transfer guards)."""
+    return _explicitly(_scatter_rows, loc, rows, valid)
+
+
+def _scatter_rows(loc: Any, rows: int, valid: Any) -> jax.Array:
     _refuse_deleted("loc", loc)
     # [True, 5] would read as rows 1 and 5; what the rest reads, as checked
     loc = _refuse_bool_slots("loc", loc)
@@ -930,7 +961,7 @@ class KVPool(_SlotOwner):
             return
         k = _placed(k, self._row_shardings[0])
         v = _placed(v, self._row_shardings[1])
-        self._buffers = _concrete(self._write(_live_buffers(self), layer, loc, k, v))
+        self._buffers = _concrete(_explicitly(self._write, _live_buffers(self), layer, loc, k, v))
 
     def set_kv_all(self, loc: Any, k: Any, v: Any) -> None:
         """Write every layer at once: ``k`` ``[L, n, Hk, Dk]``, ``v`` ``[L, n, Hv, Dv]``.
@@ -945,7 +976,7 @@ class KVPool(_SlotOwner):
         buffers = _live_buffers(self)
         _refuse_own_buffers("k", k, buffers)
         _refuse_own_buffers("v", v, buffers)
-        self._buffers = _concrete(self._write_all(buffers, loc, k, v))
+        self._buffers = _concrete(_explicitly(self._write_all, buffers, loc, k, v))
 
     def get_kv(self, layer_id: int, loc: Any) -> tuple[jax.Array, jax.Array]:
         """``(k [n, Hk, Dk], v [n, Hv, Dv])`` at slots ``loc`` of one layer (fresh arrays).
@@ -959,7 +990,7 @@ class KVPool(_SlotOwner):
         layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
-        k, v = _concrete(self._read(_live_buffers(self), layer, _pad(loc)))
+        k, v = _concrete(_explicitly(self._read, _live_buffers(self), layer, _pad(loc)))
         return (k, v) if n == k.shape[0] else _trim_rows((k, v), n=n, axis=0)
 
     def get_kv_all(self, loc: Any) -> tuple[jax.Array, jax.Array]:
@@ -967,7 +998,7 @@ class KVPool(_SlotOwner):
         :meth:`get_kv`)."""
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
-        k, v = _concrete(self._read_all(_live_buffers(self), _pad(loc)))
+        k, v = _concrete(_explicitly(self._read_all, _live_buffers(self), _pad(loc)))
         return (k, v) if n == k.shape[1] else _trim_rows((k, v), n=n, axis=1)
 
     def get_kv_buffer(self, layer_id: int) -> tuple[jax.Array, jax.Array]:
@@ -1003,7 +1034,9 @@ class KVPool(_SlotOwner):
             _live_buffers(self)
             return
         m = bucket_size(len(src))
-        self._buffers = _concrete(self._copy(_live_buffers(self), _pad(src, m), _pad(dst, m)))
+        self._buffers = _concrete(
+            _explicitly(self._copy, _live_buffers(self), _pad(src, m), _pad(dst, m))
+        )
 
     def __repr__(self) -> str:
         return (
@@ -1307,7 +1340,7 @@ class MambaPool(_SlotOwner):
         buffers = _live_buffers(self)  # lost buffers are reported by an empty call too
         if len(s):
             m = bucket_size(len(s))
-            self._buffers = _concrete(self._copy(buffers, _pad(s, m), _pad(d, m)))
+            self._buffers = _concrete(_explicitly(self._copy, buffers, _pad(s, m), _pad(d, m)))
 
     def reset_states(self, slots: Any) -> None:
         """Zero the states of *slots* (distinct) in every layer."""
@@ -1315,7 +1348,7 @@ class MambaPool(_SlotOwner):
         _check_distinct("slots", s)
         buffers = _live_buffers(self)
         if len(s):
-            self._buffers = _concrete(self._reset(buffers, _pad(s)))
+            self._buffers = _concrete(_explicitly(self._reset, buffers, _pad(s)))
 
     def set_states(self, slots: Any, conv: Any, temporal: Any) -> None:
         """Write ``conv`` ``[L, n, *conv_shape]`` and ``temporal`` ``[L, n, *temporal_shape]``
@@ -1338,7 +1371,7 @@ class MambaPool(_SlotOwner):
             temporal = _placed(temporal, self._sharding)
             _refuse_own_buffers("conv", conv, buffers)
             _refuse_own_buffers("temporal", temporal, buffers)
-            self._buffers = _concrete(self._write(buffers, _pad(s, m), conv, temporal))
+            self._buffers = _concrete(_explicitly(self._write, buffers, _pad(s, m), conv, temporal))
 
     def get_states(self, slots: Any) -> MambaBuffers:
         """``MambaBuffers(conv [L, n, ...], temporal [L, n, ...])`` of *slots* (fresh).
@@ -1346,7 +1379,7 @@ class MambaPool(_SlotOwner):
         The gather runs at the bucket size; trimming to ``n`` is one small jitted call, as
         in :meth:`KVPool.get_kv`."""
         s = _slots("slots", slots, self.rows)
-        out = _concrete(self._read(_live_buffers(self), _pad(s)))
+        out = _concrete(_explicitly(self._read, _live_buffers(self), _pad(s)))
         n = len(s)
         return out if n == out.conv.shape[1] else MambaBuffers(*_trim_rows(out, n=n, axis=1))
 
