@@ -6,7 +6,7 @@ refuses them with the pool unchanged. The caller's own transfers stay guarded.""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +86,7 @@ def test_the_callers_own_transfers_stay_guarded() -> None:
         kv.set_kv_buffer(0, [1], _K[:1], _K[:1])
         with pytest.raises(jax.errors.JaxRuntimeError, match="host-to-device"):
             jnp.add(np.ones(3, np.float32), 1.0)
-        assert jax.config.jax_transfer_guard_host_to_device == "disallow"
+        assert cast(Any, jax.config).jax_transfer_guard_host_to_device == "disallow"
 
 
 @pytest.mark.parametrize("call", [*_kv_calls(_pools()[0]), *_mamba_calls(_pools()[1])])

@@ -160,12 +160,16 @@ explicit by design, run under ``"allow"`` there."""
 
 _R = TypeVar("_R")
 
+# JAX's documented way to read a flag that has a context manager is this attribute, which
+# its type stubs do not declare
+_JAX_CONFIG: Any = jax.config
+
 
 def _explicitly(f: Callable[..., _R], *args: Any) -> _R:
     """``f(*args)``, the host arrays among *args* moved to the device as an explicit
     transfer: under a guard on implicit transfers only (``"disallow"``, ``"log"``) the call
     runs with host-to-device transfers allowed; any other level applies as it stands."""
-    if jax.config.jax_transfer_guard_host_to_device in _IMPLICIT_ONLY_GUARDS:
+    if _JAX_CONFIG.jax_transfer_guard_host_to_device in _IMPLICIT_ONLY_GUARDS:
         with jax.transfer_guard_host_to_device("allow"):
             return f(*args)
     return f(*args)
