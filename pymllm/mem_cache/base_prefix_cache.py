@@ -277,10 +277,14 @@ class RadixKey:
 
 
 def _sliceable(tokens: Any) -> Any:
-    """The tokens as they are when they can be sliced (list, tuple, array), else as a list
-    (a deque, any other sequence the caches read)."""
+    """The tokens as they are when they can be sliced (list, tuple, array); an array of
+    another kind (a ``jax.Array``, anything with ``__array__``) as numpy (slicing a jax
+    array would compile per length, and ``list`` of it makes a device scalar per token);
+    else as a list (a deque, any other sequence the caches read)."""
     if isinstance(tokens, (list, tuple, np.ndarray)):
         return tokens
+    if hasattr(tokens, "__array__"):
+        return np.asarray(tokens)
     return list(tokens)
 
 

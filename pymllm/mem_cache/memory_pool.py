@@ -205,6 +205,14 @@ def _scatter_rows(loc: Any, rows: int, valid: Any) -> jax.Array:
     loc = _refuse_bool_slots("loc", loc)
     if isinstance(loc, (list, tuple)) and not loc:
         loc = np.zeros(0, np.int32)  # no slots, as everywhere else (JAX reads [] as float)
+    elif not isinstance(loc, (list, tuple, jax.Array, jax.core.Tracer)):
+        # host data that is not numpy yet (a memoryview, an __array__ object): read as numpy
+        # first, so a 64-bit slot is routed below rather than narrowed by jnp.asarray
+        loc = np.asarray(loc)
+        if loc.dtype.kind not in "iu":  # JAX would raise a bare TypeError for most
+            raise InvalidValueError(f"loc: expected integer slot ids, got dtype {loc.dtype}")
+        if not loc.dtype.isnative:  # JAX takes native byte order only; the values count
+            loc = loc.astype(loc.dtype.newbyteorder("="))
     fits = None
     if (
         isinstance(loc, (np.ndarray, np.integer))
@@ -541,7 +549,7 @@ def _check_distinct(name: str, loc: np.ndarray) -> None:
 
 def _check_array(name: str, x: Any, shape: tuple[int, ...], dtype: Any) -> None:
     _not_traced(name, x)
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    if not isinstance(x, (np.ndarray, jax.Array)):  # not just a shape and a dtype
         raise InvalidValueError(f"{name} must be an array, got {type(x).__name__}")
     _refuse_deleted(name, x)
     if tuple(x.shape) != shape:

@@ -1,0 +1,25 @@
+"""RadixKey indexing of a key whose tokens are a jax array."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from pymllm.mem_cache import RadixCache, RadixKey
+
+
+def test_slicing_a_jax_array_key_slices_the_array_not_a_list_of_device_scalars() -> None:
+    """_sliceable turned a jax array into ``list(tokens)``: one device scalar per token of
+    the whole key (seconds for a 20,000-token prompt) for any slice, and a sliced key that
+    the cache then reads one device scalar at a time. A numpy key is sliced as an array."""
+    key = RadixKey(jnp.arange(8, dtype=jnp.int32), "a")
+    part = key[2:5]
+    assert not isinstance(part.token_ids, list)
+    assert np.asarray(part.token_ids).tolist() == [2, 3, 4]
+    assert part.extra_key == "a"
+    one = key[-1]
+    assert not isinstance(one.token_ids, list)
+    assert np.asarray(one.token_ids).tolist() == [7]
+    cache = RadixCache()
+    cache.insert(key)
+    assert cache.match_prefix(key[:6]).prefix_len == 6
