@@ -15,7 +15,8 @@ What the Mamba model adds (the compiled ``MambaTreeCore`` implements the same):
   ``mamba_branching_seqlen`` is the page-aligned KV match length (the part inside the
   partially matched node included) when it is longer than that, else None.
 * ``insert(key, value, mamba_value)`` attaches the state to the node ending at the aligned key
-  end unless one is already there (``mamba_exist=True``: the slot stays the caller's).
+  end unless one is already there (``mamba_exist=True``: the slot stays the caller's); without
+  a state, ``mamba_exist`` says whether one is stored at the key's end.
 * ``inc_lock_ref`` also locks the node's own state (``mamba_lock_ref``); ``dec_lock_ref``
   releases a state lock when the node holds one, then the KV locks. A node counts the locks
   taken on it (``own_lock``, beside ``lock_ref``, which also counts its descendants'): only
@@ -169,7 +170,8 @@ class RefMambaRadixCache(RefRadixCache):
     ) -> InsertResult:
         """Insert KV as :meth:`RefRadixCache.insert` and attach *mamba_value* (an int or a
         length-1 int array) to the node ending at the key's end (a key of whole pages), unless
-        another is there (``mamba_exist=True``; the slot stays the caller's)."""
+        another is there (``mamba_exist=True``; the slot stays the caller's). Without
+        *mamba_value*, ``mamba_exist`` says whether a state is stored at the key's end."""
         if kwargs:
             raise TypeError(f"insert() got unexpected keyword arguments {sorted(kwargs)}")
         prio = _int64_arg("priority", priority)
@@ -196,6 +198,8 @@ class RefMambaRadixCache(RefRadixCache):
                 node.mamba_value.flags.writeable = False
                 node.mamba_lock_ref = 0
                 self._mamba_evictable += 1
+        else:
+            exist = node is not self.root_node and node.mamba_value is not None
         self._raise_priority(node, prio)
         return InsertResult(prefix_len=prefix_len, last_node=node, mamba_exist=exist)
 

@@ -241,7 +241,8 @@ class MambaCacheComparison(PairedCaches, RuleBasedStateMachine):
             else:
                 assert int(rr.last_node.mamba_value[0]) == state
         else:
-            assert not rr.mamba_exist
+            # no state passed: the flag says whether one is stored at the key's end
+            assert rr.mamba_exist == (rr.last_node.mamba_value is not None)
         self.keys.append((ns, tokens))
 
     @precondition(lambda self: self.ref is not None and self.locks)

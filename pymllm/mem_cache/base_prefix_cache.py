@@ -315,8 +315,8 @@ class InsertResult:
     of ``value[prev_prefix_len:aligned]`` itself, freeing the duplicates, so the caller
     frees none of them; the partial page past ``aligned`` stays the caller's (see
     ``RadixCache.insert``). ``mamba_exist``
-    (``MambaRadixCache``): the node already held a state, so the caller keeps, and frees,
-    the ``mamba_value`` it passed.
+    (``MambaRadixCache``): a state was already stored at the key's end, so the caller
+    keeps, and frees, the ``mamba_value`` it passed, if it passed one.
     """
 
     prefix_len: int = 0

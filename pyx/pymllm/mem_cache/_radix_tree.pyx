@@ -952,6 +952,15 @@ cdef cnp.ndarray _copy_idx(const idx_t* src, int64_t n):
     return out
 
 
+cdef object _callable_method(object owner, str method, str name):
+    """``owner.<method>``, which the tree calls later: ``TypeError`` now when it is not
+    callable (``AttributeError`` when missing), before the caller changes anything."""
+    fn = getattr(owner, method)
+    if not callable(fn):
+        raise TypeError(f"{name}.{method} is not callable: got {fn!r:.60}")
+    return fn
+
+
 cdef int _hand_over(object free_fn, const idx_t* src, int64_t n) except -1:
     """``free_fn(int32 array of src[0:n])``: one call, or, out of memory for one array of
     them all (an evict that ran out of memory midway hands over what it removed), calls
@@ -2855,7 +2864,13 @@ cdef class RadixTreeCore:
                 copy32(kept + n_kept, vals + matched, aligned - matched)
                 n_kept += aligned - matched
                 n_swa_live = self._swa_still_live(vals, matched, matched_live, swa_live)
+        old_free = None
         try:
+            if n_old > 0 and not self._booking_kind and self.token_to_kv_pool_allocator is not None:
+                # the revived tombstones' old slots go once the tree has changed (below):
+                # their free is found, and checked, while nothing has
+                old_free = _callable_method(
+                    self.token_to_kv_pool_allocator, "free", "token_to_kv_pool_allocator")
             if self._booking_kind:
                 # Booked: the slots the tree keeps must be a caller's (taken first,
                 # checked), and so must every duplicate the caller hands back: freed while
@@ -2922,14 +2937,14 @@ cdef class RadixTreeCore:
             v2 = NULL
         free(k1); free(k2)
         out_last[0] = last
-        if n_old > 0 and not self._booking_kind and self.token_to_kv_pool_allocator is not None:
+        if old_free is not None:
             # A Python allocator: the revived tombstones' old slots go only now that the
             # tree holds the incoming ones. Were they freed with the duplicates, a free
             # that raised (an interrupt once the slots were freed) left them in the
             # unchanged tree as well: two owners. Its exception is raised once the insert's
             # handle is aimed (_insert_locked).
             try:
-                _hand_over(self.token_to_kv_pool_allocator.free, tree_old, n_old)
+                _hand_over(old_free, tree_old, n_old)
             except BaseException as exc:
                 self._pending_exc = exc
         return r
@@ -3176,12 +3191,14 @@ cdef class RadixTreeCore:
         evicted ids. Booked owners are called in C and need none."""
         a = self.token_to_kv_pool_allocator
         try:
+            # each checked callable too: replaced since the constructor checked it, it would
+            # fail only once its nodes are gone, their slots with no one
             if a is not None and not self._booking_kind:
-                self._ev_free = a.free
+                self._ev_free = _callable_method(a, "free", "token_to_kv_pool_allocator")
             if a is not None and self.swa and self._booking_kind != BOOK_SWA:
-                self._ev_free_swa = a.free_swa
+                self._ev_free_swa = _callable_method(a, "free_swa", "token_to_kv_pool_allocator")
             if self.mamba and self.mamba_pool is not None and self._state_booking == NULL:
-                self._ev_free_states = self.mamba_pool.free
+                self._ev_free_states = _callable_method(self.mamba_pool, "free", "mamba_pool")
             if self.on_node_evict is not None:
                 self._ev_uids = []
         except BaseException:
@@ -4238,11 +4255,13 @@ cdef class MambaTreeCore(RadixTreeCore):
         slot: an int or a length-1 array, the state after the key's last token) to the node
         ending at the key's end, splitting there if needed.
 
-        Returns ``InsertResult(prefix_len, last_node, mamba_exist)``. Ownership: KV as in
-        RadixCache; the state slot passes to the tree unless ``mamba_exist`` is True (another
-        state was already stored at that point), in which case it stays the caller's to
-        free; the node's own slot handed back is not another state (``mamba_exist`` False,
-        the tree keeps it). A state needs a non-empty key of whole pages. Over a pool that
+        Returns ``InsertResult(prefix_len, last_node, mamba_exist)``; ``mamba_exist`` says a
+        state was already stored at the key's end. Ownership: KV as in RadixCache; the state
+        slot passes to the tree unless ``mamba_exist`` is True (another state was already
+        stored at that point), in which case it stays the caller's to free; the node's own
+        slot handed back is not another state (``mamba_exist`` False, the tree keeps it).
+        Without a *mamba_value* there is nothing to free: ``mamba_exist`` True says the
+        state at that point need not be saved. A state needs a non-empty key of whole pages. Over a pool that
         books states (``MambaPool``), a state slot that is free, out of range or another
         node's raises ``InvalidValueError``. Bad input changes nothing.
         ``priority`` as in :meth:`RadixCache.insert` (``eviction_policy="priority"``).
@@ -4314,6 +4333,10 @@ cdef class MambaTreeCore(RadixTreeCore):
                 x.aux_lock_ref = 0
                 self._aux_evictable += 1
                 _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, last)
+        else:
+            # no state passed: the flag says whether one is stored at the key's end (a
+            # chunk cached again without a state need not save one there)
+            exist = last != ROOT and self.nodes[last].aux_value >= 0
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
         self._aim(h, last)
