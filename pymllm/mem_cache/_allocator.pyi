@@ -1,6 +1,6 @@
 """Typing for the compiled slot allocators (``pyx/pymllm/mem_cache/_allocator.pyx``)."""
 
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -10,6 +10,7 @@ _Slots: TypeAlias = npt.NDArray[np.int32]
 
 _BOOL_TYPES: frozenset[type]
 
+def _cannot_pickle(owner: object) -> NoReturn: ...
 def _sequence_as_list(name: str, x: Any, error: type[Exception] = ...) -> Any: ...
 def _check_ints(name: str, arr: np.ndarray, lo: int, hi: int) -> None: ...
 def _integer_slots(name: str, indices: Any) -> np.ndarray: ...

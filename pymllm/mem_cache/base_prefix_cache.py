@@ -265,15 +265,27 @@ class RadixKey:
         return RadixKey(tokens[i : i + 1], self.extra_key)
 
     def __repr__(self) -> str:
-        tokens = self.token_ids
-        # an array's first ten as Python ints, so that it prints as the same list key would
-        head = (
-            tokens[:10].tolist()
-            if isinstance(tokens, np.ndarray) and tokens.ndim == 1
-            else list(itertools.islice(tokens, 10))
-        )
-        more = "..." if len(self.token_ids) > 10 else ""
-        return f"RadixKey(extra_key={self.extra_key!r}, token_ids={head}{more})"
+        return f"RadixKey(extra_key={self.extra_key!r}, token_ids={_tokens_repr(self.token_ids)})"
+
+
+def _tokens_repr(tokens: Any) -> str:
+    """At most the first ten tokens, then ``...``: an array's as Python ints (an array of
+    another kind, a jax one, read as numpy), so that it prints as the same list key would.
+    What is no collection (an iterator, which reading would consume; a value the caches
+    refuse, ``None`` or an int) is shown by its own repr, cut short: the repr of a key must
+    answer, for the error handler that logs a refused one too."""
+    try:
+        if hasattr(tokens, "__array__") and not isinstance(tokens, np.ndarray):
+            tokens = np.asarray(tokens)
+        if isinstance(tokens, np.ndarray) and tokens.ndim == 1:
+            head, n = tokens[:10].tolist(), len(tokens)
+        elif hasattr(tokens, "__len__") and hasattr(tokens, "__iter__"):
+            head, n = list(itertools.islice(tokens, 10)), len(tokens)
+        else:
+            return f"{tokens!r:.80}"
+    except Exception:  # a collection whose own methods raise
+        return f"<{type(tokens).__name__}>"
+    return f"{head}{'...' if n > 10 else ''}"
 
 
 def _sliceable(tokens: Any) -> Any:
@@ -288,19 +300,31 @@ def _sliceable(tokens: Any) -> Any:
     return list(tokens)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class MatchResult:
     """Returned by :meth:`BasePrefixCache.match_prefix`.
 
     ``indices`` is a 1-D ``numpy.int32`` array of the KV slots of the matched prefix, on
     the host. They stay owned by the tree: lock ``last_node`` before relying on them past
-    the next ``evict``.
+    the next ``evict``. Results compare field by field, ``indices`` by value.
     """
 
     indices: np.ndarray
     last_node: Any = None
     prefix_len: int = 0
     mamba_branching_seqlen: int | None = None
+
+    def __eq__(self, other: object) -> bool:
+        # the generated __eq__ compared the tuples of fields, and with them the index
+        # arrays, whose truth value numpy refuses (ValueError for any two results)
+        if not isinstance(other, MatchResult) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return (
+            self.prefix_len == other.prefix_len
+            and self.mamba_branching_seqlen == other.mamba_branching_seqlen
+            and self.last_node == other.last_node
+            and bool(np.array_equal(self.indices, other.indices))
+        )
 
 
 @dataclass(slots=True)

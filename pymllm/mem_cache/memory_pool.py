@@ -69,6 +69,7 @@ from jax.sharding import PartitionSpec as P
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
 from pymllm.mem_cache._allocator import (
+    _cannot_pickle,
     _check_ints,
     _integer_slots,
     _refuse_bool_slots,
@@ -407,7 +408,10 @@ class _SlotOwner:
             )
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError(f"cannot pickle '{type(self).__name__}' object: it owns slots")
+        _cannot_pickle(self)
+
+    def __reduce__(self) -> Any:
+        _cannot_pickle(self)
 
 
 _Init = TypeVar("_Init", bound=Any)
@@ -1051,6 +1055,8 @@ class KVPool(_SlotOwner):
         )
 
     def __repr__(self) -> str:
+        if not getattr(self, "_initialized", False):  # __new__, or an __init__ that raised
+            return "KVPool(uninitialized)"
         return (
             f"KVPool(size={self.size}, layers={self.layer_num}, k={self.head_num}x"
             f"{self.head_dim}, v={self.v_head_num}x{self.v_head_dim}, {self.dtype}, "

@@ -569,6 +569,15 @@ cdef str _not_owned(int32_t s, uint8_t st, uint8_t owner, int32_t ps):
     )
 
 
+def _cannot_pickle(object owner):
+    """``TypeError`` for pickling or copying a slot owner (an allocator, a cache, a node
+    handle, a pool): the copy would be a second owner of the same slots. Their
+    ``__reduce_ex__`` and ``__reduce__`` raise it at every protocol; at 0 and 1 Python would
+    otherwise rebuild a base class from the object itself and fail with whatever that
+    class's ``__init__`` says about such an argument."""
+    raise TypeError(f"cannot pickle {type(owner).__name__!r} object: it owns slots")
+
+
 cdef class PageCore:
     def __cinit__(self, int32_t num_pages, int32_t page_size, bint need_sort):
         self.pages = NULL
@@ -1205,6 +1214,12 @@ cdef class TokenToKVPoolAllocator:
     threads (see the module docstring).
     """
 
+    def __reduce_ex__(self, protocol):
+        _cannot_pickle(self)
+
+    def __reduce__(self):
+        _cannot_pickle(self)
+
     def __init__(self, size, page_size=1, need_sort=True):
         _check_fresh(self, self.core)
         page_size = _size_arg("page_size", page_size, 1)
@@ -1361,6 +1376,12 @@ cdef class SWATokenToKVPoolAllocator:
     ``available_size()`` is the smaller side. Each call is atomic with respect to Python
     threads (see the module docstring).
     """
+
+    def __reduce_ex__(self, protocol):
+        _cannot_pickle(self)
+
+    def __reduce__(self):
+        _cannot_pickle(self)
 
     def __init__(self, size, swa_size, page_size=1, need_sort=True):
         _check_fresh(self, self.full)

@@ -50,7 +50,7 @@ from pymllm.mem_cache._allocator cimport (
 )
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, first_outside, move32_down
 
-from pymllm.mem_cache._allocator import _refuse_deleted_array
+from pymllm.mem_cache._allocator import _cannot_pickle, _refuse_deleted_array
 from pymllm.mem_cache.base_prefix_cache import (
     _BOOL_TYPES,
     EvictResult,
@@ -1379,6 +1379,12 @@ cdef class RadixTreeCore:
     # the tree hands its slots back through it, even when the tree dies in a cycle.
     cdef PyObject* _booking_allocator
     cdef int _booking_kind          # 0: none; BOOK_PLAIN or BOOK_SWA: its type
+
+    def __reduce_ex__(self, protocol):
+        _cannot_pickle(self)
+
+    def __reduce__(self):
+        _cannot_pickle(self)
 
     def __cinit__(self, *args, **kwargs):
         self.hash_key[0] = int.from_bytes(_urandom(8), "little")
@@ -4045,6 +4051,12 @@ cdef class TreeNode:
     cdef nid_t _slot
     cdef int64_t _uid
 
+    def __reduce_ex__(self, protocol):
+        _cannot_pickle(self)
+
+    def __reduce__(self):
+        _cannot_pickle(self)
+
     def __init__(self):
         raise TypeError("TreeNode handles are returned by the cache; they cannot be created")
 
@@ -4133,7 +4145,9 @@ cdef class TreeNode:
         return hash((id(self._tree), self._uid))
 
     def __repr__(self):
-        if self.evicted:
+        # no tree at all (a reset that ran out of memory): its nodes are gone too, and a
+        # repr must answer, in the handler of that very error as anywhere
+        if self._tree is None or self._tree.nodes == NULL or self.evicted:
             return f"TreeNode(id={self._uid}, evicted)"
         cdef Node* x = self._node()
         if self._slot == ROOT:
