@@ -2,8 +2,10 @@
 
 Every error below subclasses :class:`CacheError` and one built-in exception
 (``ValueError`` or ``RuntimeError``), so callers can catch either our family or the
-built-in one. An argument of the wrong type (a float where an int goes, a key that is not a
-``RadixKey``) raises a plain ``TypeError``, outside the family.
+built-in one. An argument of the wrong type passed to a method (a float where an int
+goes, a key that is not a ``RadixKey``) raises a plain ``TypeError``, outside the family;
+a constructor's size or count that is not an int in its range (``page_size=1.5`` as much
+as ``page_size=0``) raises ``InvalidValueError``.
 
 An error raised by a public call leaves the cache, its allocator and every KV slot exactly
 as they were, except where the call's docstring says otherwise: an ``evict`` or ``reset``

@@ -35,8 +35,8 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
       popular prompts change is better served by ``"lru"``.
       With a sliding window the same order picks the nodes whose window KV goes first.
 
-    KV slot ownership: ``match_prefix`` hands out *views* (the tree keeps owning them; lock
-    ``last_node`` to keep them); ``insert`` takes ``value[prefix_len:aligned_len]``; of
+    KV slot ownership: ``match_prefix`` hands out the tree's slots (in a new array; the
+    tree keeps owning them: lock ``last_node`` to keep them); ``insert`` takes ``value[prefix_len:aligned_len]``; of
     ``value[:prefix_len]``, tokens the tree already held, the slots the caller allocated
     itself are duplicates for it to free (usually ``value[match.prefix_len:prefix_len]``;
     with a sliding window the tree settles all of ``value[prev_prefix_len:aligned_len]``
@@ -61,8 +61,8 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     queries and node-handle reads. A callback that calls back into the same cache gets
     ``ReentrantCallError`` (size queries and handle reads are allowed there, and see the
     call's state as it stands: an ``extra_key``'s ``__hash__`` run while ``evict`` drops a
-    namespace's last node sees the sizes without that node and the node not yet marked
-    evicted; ``on_node_evict`` sees each node gone), and so does a
+    namespace's last node sees the sizes without that node and its handle already stale
+    (``evicted``); ``on_node_evict`` sees each node gone), and so does a
     finalizer that a callback's own code runs, and a callback's call into another cache
     whose running call, in another thread, waits for this one (it would wait forever).
     The garbage collector is held off while a call runs, so the finalizer of cyclic

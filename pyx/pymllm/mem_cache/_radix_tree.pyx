@@ -222,8 +222,11 @@ cdef inline void _hold_gc() noexcept:
 cdef inline void _release_gc() noexcept:
     global _gc_holds
     _gc_holds -= 1
-    if _gc_holds == 0 and _gc_was_enabled:
-        PyGC_Enable()
+    if _gc_holds == 0:
+        if _gc_was_enabled:
+            PyGC_Enable()
+        else:  # off when the first call began: a callback's gc.enable() is undone too
+            PyGC_Disable()
 
 
 cdef bint _BIG_ENDIAN = sys.byteorder == "big"
@@ -3462,7 +3465,9 @@ cdef class RadixTreeCore:
         its locks are all its descendants' (an unlock through an ancestor would strand the
         descendant's lock: unlock the node that was locked), or when ``swa_boundary_id`` is
         not what ``inc_lock_ref`` returned: with a sliding window, when it matches no held
-        SWA lock; without one, and for the root, when it is not None.
+        SWA lock; without one, and for the root, when it is not None. With a window, a
+        ``swa_boundary_id`` that cannot be a node id at all raises as an argument does:
+        ``TypeError`` for a non-integer, ``InvalidValueError`` for a negative or huge int.
         Unlocking the root is a no-op, and so is undoing a lock that a dropped cache's
         finalizer found held when it handed everything back (a request's ``__del__`` may
         run after the cache's, when both are collected together).
