@@ -19,9 +19,9 @@ from pymllm.mem_cache.memory_pool import KVPool
 
 @pytest.mark.parametrize("make", [RadixCache, MambaRadixCache], ids=["radix", "mamba"])
 def test_handle_repr_after_a_reset_that_ran_out_of_memory(make) -> None:
-    """TreeNode's docstring: once its node is gone a handle's ``repr`` says evicted. A
-    reset that runs out of memory rebuilding the tree has handed every node's slots back;
-    reading the handle's repr then raised NotInitializedError."""
+    """TreeNode's docstring: once its node is gone a handle reads ``evicted`` and its ``repr``
+    says so. A reset that runs out of memory rebuilding the tree has handed every node's
+    slots back; reading the handle's ``evicted`` or repr then raised NotInitializedError."""
     alloc = TokenToKVPoolAllocator(16)
     cache = make(token_to_kv_pool_allocator=alloc)
     node = cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3)).last_node
@@ -30,6 +30,7 @@ def test_handle_repr_after_a_reset_that_ran_out_of_memory(make) -> None:
     with pytest.raises(MemoryError):
         cache.reset()
     assert alloc.available_size() == 16  # the node is gone
+    assert node.evicted and root.evicted  # a handle to a node that is gone says so
     assert "evicted" in repr(node)
     assert "evicted" in str(node)
     assert isinstance(repr(root), str)

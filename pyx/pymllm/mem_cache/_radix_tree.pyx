@@ -4082,6 +4082,8 @@ cdef class TreeNode:
     def evicted(self):
         if self._tree is None:  # made with __new__: no node
             return True
+        if self._tree.nodes == NULL:  # a reset that ran out of memory: every node is gone
+            return True
         self._tree._await_idle()
         return self._tree._stale(self._slot, self._uid)
 
@@ -4150,9 +4152,7 @@ cdef class TreeNode:
         return hash((id(self._tree), self._uid))
 
     def __repr__(self):
-        # no tree at all (a reset that ran out of memory): its nodes are gone too, and a
-        # repr must answer, in the handler of that very error as anywhere
-        if self._tree is None or self._tree.nodes == NULL or self.evicted:
+        if self.evicted:  # answers without a tree too (a reset that ran out of memory)
             return f"TreeNode(id={self._uid}, evicted)"
         cdef Node* x = self._node()
         if self._slot == ROOT:
