@@ -199,7 +199,11 @@ class RefMambaRadixCache(RefRadixCache):
                 node.mamba_lock_ref = 0
                 self._mamba_evictable += 1
         else:
-            exist = node is not self.root_node and node.mamba_value is not None
+            exist = (
+                node is not self.root_node
+                and len(tokens) % self.page_size == 0
+                and node.mamba_value is not None
+            )
         self._raise_priority(node, prio)
         return InsertResult(prefix_len=prefix_len, last_node=node, mamba_exist=exist)
 

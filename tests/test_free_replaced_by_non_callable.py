@@ -129,3 +129,33 @@ def test_mamba_evict_with_state_pool_free_replaced_by_non_callable_loses_no_stat
     }
     assert states.live == held
     assert a.live == tree_slots(cache)
+
+
+class CountingAlloc:
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def free(self, indices: Any) -> None:
+        self.calls.append(np.asarray(indices).tolist())
+
+    def free_swa(self, indices: Any) -> None:
+        self.calls.append(np.asarray(indices).tolist())
+
+
+def test_insert_of_new_tokens_makes_no_empty_free_call() -> None:
+    for window in (None, 2):
+        a = CountingAlloc()
+        cache = RadixCache(sliding_window_size=window, token_to_kv_pool_allocator=a)
+        cache.insert(RadixKey([1, 2, 3]), np.array([1, 2, 3], np.int32))
+        cache.insert(RadixKey([1, 2, 3, 4]), np.array([1, 2, 3, 4], np.int32), prev_prefix_len=3)
+        assert a.calls == []
+
+
+def test_insert_needing_no_free_runs_with_free_replaced() -> None:
+    """Only an insert that will call ``free`` needs it callable."""
+    a = CountingAlloc()
+    cache = RadixCache(sliding_window_size=2, token_to_kv_pool_allocator=a)
+    a.free = None  # type: ignore[assignment,method-assign]
+    r = cache.insert(RadixKey([1, 2, 3]), np.array([1, 2, 3], np.int32))
+    assert r.prefix_len == 0
+    assert cache.total_size() == 3

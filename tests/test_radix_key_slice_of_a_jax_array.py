@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,4 +24,38 @@ def test_slicing_a_jax_array_key_slices_the_array_not_a_list_of_device_scalars()
     assert np.asarray(one.token_ids).tolist() == [7]
     cache = RadixCache()
     cache.insert(key)
+    assert cache.match_prefix(key[:6]).prefix_len == 6
+
+
+class HostTensor:
+    """A host tensor of another library: iterating it gives 0-d tensors, ``__array__`` the
+    whole array at once."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self._a = a
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    def __iter__(self) -> Any:
+        return (HostTensor(np.asarray(x)) for x in self._a)
+
+    def __index__(self) -> int:
+        return int(self._a)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self._a if dtype is None else self._a.astype(dtype)
+
+
+def test_slicing_an_array_like_key_reads_it_as_numpy() -> None:
+    key = RadixKey(HostTensor(np.arange(8, dtype=np.int32)), "a")
+    part = key[2:5]
+    assert isinstance(part.token_ids, np.ndarray)
+    assert part.token_ids.tolist() == [2, 3, 4]
+    one = key[-1]
+    assert isinstance(one.token_ids, np.ndarray)
+    assert one.token_ids.tolist() == [7]
+    cache = RadixCache()
+    cache.insert(RadixKey(np.arange(8, dtype=np.int32), "a"))
+    assert cache.match_prefix(part).prefix_len == 0
     assert cache.match_prefix(key[:6]).prefix_len == 6

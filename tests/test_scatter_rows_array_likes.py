@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -62,3 +63,33 @@ def test_what_holds_no_integer_slots_is_an_invalid_value_error(loc: Any) -> None
     docstring promises InvalidValueError for a non-integer loc."""
     with pytest.raises(InvalidValueError, match="expected integer slot ids"):
         scatter_rows(loc, 8)
+
+
+class Wrapped:
+    """A JAX-side container (a model-state variable of a neural-network library): JAX reads
+    it as an array, numpy does not."""
+
+    def __init__(self, a: jax.Array) -> None:
+        self.a = a
+
+    def __jax_array__(self) -> jax.Array:
+        return self.a
+
+
+def test_a_jax_array_protocol_object_is_read_as_the_array_it_wraps() -> None:
+    slots = jnp.array([0, 3, 5], jnp.int32)
+    assert scatter_rows(Wrapped(slots), 8).tolist() == [8, 3, 5]
+
+
+def test_a_wrapped_tracer_is_read_inside_jit() -> None:
+    slots = jnp.array([0, 3, 5], jnp.int32)
+    out = jax.jit(lambda a: scatter_rows(Wrapped(a), 8))(slots)
+    assert out.tolist() == [8, 3, 5]
+
+
+def test_a_python_int_past_int32_is_refused_as_in_a_list() -> None:
+    """With x64 off JAX cannot hold it; a list of it is refused, and so is the int alone
+    (it is not routed as a numpy int64 would be)."""
+    for loc in (2**40, [2**40]):
+        with pytest.raises(InvalidValueError, match="does not fit"):
+            scatter_rows(loc, 8)

@@ -104,3 +104,39 @@ def test_a_guard_on_explicit_transfers_refuses_and_changes_nothing(call: str) ->
     for a, b in zip(after, before, strict=True):
         np.testing.assert_array_equal(a, b)
     calls[call]()
+
+
+_K = np.arange(24, dtype=np.float32).reshape(3, 2, 4)
+_CONV = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+_TEMPORAL = np.arange(6, dtype=np.float32).reshape(2, 3, 1)
+
+
+def test_pool_calls_run_under_a_host_to_device_guard_alone() -> None:
+    """``jax.transfer_guard_host_to_device("disallow")`` guards exactly the transfers a pool
+    call makes explicitly (its slot lists): the calls run as under ``jax.transfer_guard``."""
+    kv = KVPool(16, 2, 2, 4, dtype=jnp.float32)
+    mamba = MambaPool(8, 2, (4,), (1,), conv_dtype=jnp.float32, temporal_dtype=jnp.float32)
+    with jax.transfer_guard_host_to_device("disallow"):
+        kv.set_kv_buffer(1, [3, 4, 5], _K, -_K)
+        k, v = kv.get_kv(1, [3, 4, 5])
+        kv.copy([3], [9])
+        mamba.set_states([1, 2, 3], _CONV, _TEMPORAL)
+        conv = mamba.get_states([2]).conv
+        rows = scatter_rows(np.array([0, 5, 2], np.int32), 16)
+    np.testing.assert_array_equal(np.asarray(k), _K)
+    np.testing.assert_array_equal(np.asarray(v), -_K)
+    np.testing.assert_array_equal(np.asarray(kv.get_kv(1, [9])[0]), _K[:1])
+    np.testing.assert_array_equal(np.asarray(conv), _CONV[:, 1:2])
+    assert np.asarray(rows).tolist() == [16, 5, 2]
+
+
+def test_a_device_to_host_guard_alone_does_not_lift_the_host_to_device_one() -> None:
+    """Only the host-to-device level decides: a pool call under a guard on device-to-host
+    transfers and ``"disallow_explicit"`` host-to-device is still refused."""
+    kv = KVPool(16, 1, 2, 4, dtype=jnp.float32)
+    with (
+        jax.transfer_guard_device_to_host("disallow"),
+        jax.transfer_guard_host_to_device("disallow_explicit"),
+        pytest.raises(jax.errors.JaxRuntimeError, match="host-to-device"),
+    ):
+        kv.get_kv(0, [1])

@@ -206,9 +206,10 @@ def _scatter_rows(loc: Any, rows: int, valid: Any) -> jax.Array:
     loc = _refuse_bool_slots("loc", loc)
     if isinstance(loc, (list, tuple)) and not loc:
         loc = np.zeros(0, np.int32)  # no slots, as everywhere else (JAX reads [] as float)
-    elif not isinstance(loc, (list, tuple, jax.Array, jax.core.Tracer)):
+    elif not isinstance(loc, (int, list, tuple, jax.Array)) and not hasattr(loc, "__jax_array__"):
         # host data that is not numpy yet (a memoryview, an __array__ object): read as numpy
-        # first, so a 64-bit slot is routed below rather than narrowed by jnp.asarray
+        # first, so a 64-bit slot is routed below rather than narrowed by jnp.asarray (a
+        # Python int, as a list of them, and what JAX reads itself go to jnp.asarray)
         loc = np.asarray(loc)
         if loc.dtype.kind not in "iu":  # JAX would raise a bare TypeError for most
             raise InvalidValueError(f"loc: expected integer slot ids, got dtype {loc.dtype}")

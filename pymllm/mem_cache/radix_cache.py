@@ -36,9 +36,10 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
       With a sliding window the same order picks the nodes whose window KV goes first.
 
     KV slot ownership: ``match_prefix`` hands out the tree's slots (in a new array; the
-    tree keeps owning them: lock ``last_node`` to keep them); ``insert`` takes ``value[prefix_len:aligned_len]``; of
-    ``value[:prefix_len]``, tokens the tree already held, the slots the caller allocated
-    itself are duplicates for it to free (usually ``value[match.prefix_len:prefix_len]``;
+    tree keeps owning them: lock ``last_node`` to keep them); ``insert`` takes
+    ``value[prefix_len:aligned_len]``; of ``value[:prefix_len]``, tokens the tree already
+    held, the slots the caller allocated itself are duplicates for it to free (usually
+    ``value[match.prefix_len:prefix_len]``;
     with a sliding window the tree settles all of ``value[prev_prefix_len:aligned_len]``
     itself and the caller frees none of it: see ``insert``; a partial last page
     ``value[aligned_len:]`` stays the caller's in every case), and the tree's own slots it

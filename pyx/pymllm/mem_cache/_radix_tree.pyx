@@ -3600,7 +3600,9 @@ cdef class RadixTreeCore:
         cache then raises ``NotInitializedError`` until ``__init__`` is called again. As
         with ``evict``, the tree is empty whatever the pools' ``free`` does: when a Python
         ``free`` (of an allocator subclass or a state pool) raises, the slots it was handed
-        are its to keep or lose, and its exception propagates.
+        are its to keep or lose, and its exception propagates. A ``free`` that is no longer
+        callable (replaced since the cache was built) is refused first (``TypeError``,
+        nothing changed).
         """
         self._enter()
         try:
@@ -4354,8 +4356,10 @@ cdef class MambaTreeCore(RadixTreeCore):
                 _heap_push(&self.aux_heap, self.nodes, HEAP_AUX, last)
         else:
             # no state passed: the flag says whether one is stored at the key's end (a
-            # chunk cached again without a state need not save one there)
-            exist = last != ROOT and self.nodes[last].aux_value >= 0
+            # chunk cached again without a state need not save one there); a key that ends
+            # inside a page has no state at its end (the node's is a page earlier)
+            exist = (last != ROOT and kv.n % self.page_size == 0
+                     and self.nodes[last].aux_value >= 0)
         if self.policy == POLICY_PRIORITY:
             self._raise_priority(last, prio)
         self._aim(h, last)
