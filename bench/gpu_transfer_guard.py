@@ -23,34 +23,31 @@ from pymllm.mem_cache.memory_pool import KVPool, MambaPool, ReqToTokenPool, scat
 
 
 def calls(as_slots: Callable[[Any], Any]) -> dict[str, Callable[[], Any]]:
-    """The calls, each building what it needs (so that a refused one leaves no trace)."""
+    """The calls, each on objects and slot arrays made here, outside any guard (so that a
+    refused call leaves no trace, and the guard sees the calls' transfers alone)."""
     k = np.ones((3, 2, 4), np.float32)
     conv = np.ones((2, 3, 4), np.float32)
     temporal = np.ones((2, 3, 1), np.float32)
     kv = KVPool(64, 2, 2, 4, dtype=jnp.float32)
     mamba = MambaPool(8, 2, (4,), (1,), conv_dtype=jnp.float32, temporal_dtype=jnp.float32)
     table = ReqToTokenPool(4, 16)
-
-    def insert() -> Any:
-        alloc = TokenToKVPoolAllocator(64)
-        cache = RadixCache(token_to_kv_pool_allocator=alloc)
-        slots = alloc.alloc(3)
-        return cache.insert(RadixKey(as_slots([5, 6, 7])), as_slots(slots))
-
-    def free() -> None:
-        alloc = TokenToKVPoolAllocator(64)
-        alloc.free(as_slots(alloc.alloc(3)))
-
+    alloc = TokenToKVPoolAllocator(64)
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    key, value = as_slots([5, 6, 7]), as_slots(alloc.alloc(3))
+    freed = as_slots(alloc.alloc(3))
+    s123, s12, s45, s789, s035 = (
+        as_slots(x) for x in ([1, 2, 3], [1, 2], [4, 5], [7, 8, 9], [0, 3, 5])
+    )
     return {
-        "KVPool.set_kv_buffer": lambda: kv.set_kv_buffer(0, as_slots([1, 2, 3]), k, k),
-        "KVPool.get_kv": lambda: kv.get_kv(0, as_slots([1, 2, 3])),
-        "KVPool.copy": lambda: kv.copy(as_slots([1, 2]), as_slots([4, 5])),
-        "MambaPool.set_states": lambda: mamba.set_states(as_slots([1, 2, 3]), conv, temporal),
-        "MambaPool.get_states": lambda: mamba.get_states(as_slots([1, 2])),
-        "ReqToTokenPool.write": lambda: table.write((1, slice(0, 3)), as_slots([7, 8, 9])),
-        "scatter_rows": lambda: scatter_rows(as_slots([0, 3, 5]), 16),
-        "RadixCache.insert (key and value)": insert,
-        "TokenToKVPoolAllocator.free": free,
+        "KVPool.set_kv_buffer": lambda: kv.set_kv_buffer(0, s123, k, k),
+        "KVPool.get_kv": lambda: kv.get_kv(0, s123),
+        "KVPool.copy": lambda: kv.copy(s12, s45),
+        "MambaPool.set_states": lambda: mamba.set_states(s123, conv, temporal),
+        "MambaPool.get_states": lambda: mamba.get_states(s12),
+        "ReqToTokenPool.write": lambda: table.write((1, slice(0, 3)), s789),
+        "scatter_rows": lambda: scatter_rows(s035, 16),
+        "RadixCache.insert (key and value)": lambda: cache.insert(RadixKey(key), value),
+        "TokenToKVPoolAllocator.free": lambda: alloc.free(freed),
     }
 
 

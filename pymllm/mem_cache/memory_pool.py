@@ -45,7 +45,11 @@ transfer. Under ``jax.transfer_guard("disallow")`` or ``"log"`` they run and log
 under ``"disallow_explicit"`` or ``"log_explicit"`` they are refused or logged as
 ``jax.device_put`` would be (a refused call raises JAX's error and changes nothing). The
 guard's level is read once a call (0.3 us); the module-level jitted functions follow JAX's
-rules, as above.
+rules, as above. The other direction is the caller's: a ``jax.Array`` passed where a pool,
+an allocator or a cache reads slots or tokens on the host is read as JAX reads any array
+into numpy, an implicit device-to-host transfer (on a GPU, a sync), which a
+device-to-host guard refuses; pass host (numpy) slots, as the tree returns them, to keep a
+guarded loop free of syncs (``bench/gpu_transfer_guard.py``).
 
 Threads: slot allocation (``alloc``/``free`` of every pool) goes through the compiled
 allocator and is atomic with respect to Python threads. The device buffers are not shared
