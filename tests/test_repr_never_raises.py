@@ -54,3 +54,13 @@ def test_radix_key_repr_of_tokens_the_caches_refuse(tokens) -> None:
     raised TypeError (``len()`` / iteration of a non-sequence)."""
     text = repr(RadixKey(tokens))
     assert text.startswith("RadixKey(")
+
+
+@pytest.mark.parametrize(
+    "tokens", [np.int32(3), np.int64(3), np.array(3)], ids=["int32", "int64", "0d-array"]
+)
+def test_radix_key_repr_of_scalar_token_ids_shows_the_value(tokens) -> None:
+    """A numpy scalar or 0-d array is read as a 0-d array, which does not iterate: the repr
+    printed ``<ndarray>``, losing the refused value the handler logs."""
+    text = repr(RadixKey(tokens))
+    assert "<ndarray>" not in text and "3" in text

@@ -274,17 +274,20 @@ def _tokens_repr(tokens: Any) -> str:
     What is no collection (an iterator, which reading would consume; a value the caches
     refuse, ``None`` or an int) is shown by its own repr, cut short: the repr of a key must
     answer, for the error handler that logs a refused one too."""
+    given = tokens
     try:
         if hasattr(tokens, "__array__") and not isinstance(tokens, np.ndarray):
             tokens = np.asarray(tokens)
+        if isinstance(tokens, np.ndarray) and tokens.ndim == 0:  # a scalar, an int array
+            return f"{given!r:.80}"
         if isinstance(tokens, np.ndarray) and tokens.ndim == 1:
             head, n = tokens[:10].tolist(), len(tokens)
         elif hasattr(tokens, "__len__") and hasattr(tokens, "__iter__"):
             head, n = list(itertools.islice(tokens, 10)), len(tokens)
         else:
-            return f"{tokens!r:.80}"
+            return f"{given!r:.80}"
     except Exception:  # a collection whose own methods raise
-        return f"<{type(tokens).__name__}>"
+        return f"<{type(given).__name__}>"
     return f"{head}{'...' if n > 10 else ''}"
 
 

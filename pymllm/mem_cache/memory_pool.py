@@ -76,6 +76,7 @@ from pymllm.mem_cache._allocator import (
     _cannot_pickle,
     _check_ints,
     _integer_slots,
+    _reduce_owner,
     _refuse_bool_slots,
     _refuse_deleted_array,
 )
@@ -413,7 +414,7 @@ class _SlotOwner:
             )
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        _cannot_pickle(self)
+        return _reduce_owner(self, _SlotOwner)
 
     def __reduce__(self) -> Any:
         _cannot_pickle(self)

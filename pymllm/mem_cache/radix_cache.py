@@ -30,9 +30,10 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
       (the nodes an insert makes start at ``p``, even a negative one, and it raises every
       node on its path to at least ``p``); ``"slru"`` nodes never
       hit since insertion (probationary) before nodes hit at least once (protected).
-      ``"lfu"`` counts and ``"slru"`` segments never decay: a prefix that was popular
-      once outranks every newer one for as long as it stays cached, so a long run whose
-      popular prompts change is better served by ``"lru"``.
+      Neither decays: under ``"lfu"`` a prefix that was popular once outranks every
+      newer one for as long as it stays cached; under ``"slru"`` a prefix hit once
+      outranks every one not hit yet, so new prefixes go first, possibly before their
+      first hit. A long run whose popular prompts change is better served by ``"lru"``.
       With a sliding window the same order picks the nodes whose window KV goes first.
 
     KV slot ownership: ``match_prefix`` hands out the tree's slots (in a new array; the

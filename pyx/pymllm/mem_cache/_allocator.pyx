@@ -570,12 +570,26 @@ cdef str _not_owned(int32_t s, uint8_t st, uint8_t owner, int32_t ps):
 
 
 def _cannot_pickle(object owner):
-    """``TypeError`` for pickling or copying a slot owner (an allocator, a cache, a node
-    handle, a pool): the copy would be a second owner of the same slots. Their
-    ``__reduce_ex__`` and ``__reduce__`` raise it at every protocol; at 0 and 1 Python would
-    otherwise rebuild a base class from the object itself and fail with whatever that
-    class's ``__init__`` says about such an argument."""
-    raise TypeError(f"cannot pickle {type(owner).__name__!r} object: it owns slots")
+    """``TypeError`` for pickling or copying a slot owner (an allocator, a cache, a pool) or
+    a node handle: the copy would be a second owner of the same slots, or a handle to a node
+    of no cache. Their ``__reduce__`` raises it, and so does their ``__reduce_ex__`` (through
+    :func:`_reduce_owner`) at every protocol: at 0 and 1 Python would otherwise rebuild a
+    base class from the object itself and fail with whatever that class's ``__init__`` says
+    about such an argument."""
+    raise TypeError(
+        f"cannot pickle {type(owner).__name__!r} object: it is bound to the slots of a live "
+        "cache or allocator"
+    )
+
+
+def _reduce_owner(object owner, type base):
+    """``__reduce_ex__`` of a slot owner or handle whose compiled (or pool) base is *base*:
+    the subclass's own ``__reduce__`` when it defines one (one that knows how to build an
+    empty object of its configuration, which ``object.__reduce_ex__`` would call too), else
+    :func:`_cannot_pickle`."""
+    if type(owner).__reduce__ is not base.__reduce__:
+        return owner.__reduce__()
+    _cannot_pickle(owner)
 
 
 cdef class PageCore:
@@ -1215,7 +1229,7 @@ cdef class TokenToKVPoolAllocator:
     """
 
     def __reduce_ex__(self, protocol):
-        _cannot_pickle(self)
+        return _reduce_owner(self, TokenToKVPoolAllocator)
 
     def __reduce__(self):
         _cannot_pickle(self)
@@ -1378,7 +1392,7 @@ cdef class SWATokenToKVPoolAllocator:
     """
 
     def __reduce_ex__(self, protocol):
-        _cannot_pickle(self)
+        return _reduce_owner(self, SWATokenToKVPoolAllocator)
 
     def __reduce__(self):
         _cannot_pickle(self)

@@ -50,7 +50,7 @@ from pymllm.mem_cache._allocator cimport (
 )
 from pymllm.mem_cache._copy cimport copy32, copy32_set_mode, first_outside, move32_down
 
-from pymllm.mem_cache._allocator import _cannot_pickle, _refuse_deleted_array
+from pymllm.mem_cache._allocator import _cannot_pickle, _reduce_owner, _refuse_deleted_array
 from pymllm.mem_cache.base_prefix_cache import (
     _BOOL_TYPES,
     EvictResult,
@@ -1384,7 +1384,7 @@ cdef class RadixTreeCore:
     cdef int _booking_kind          # 0: none; BOOK_PLAIN or BOOK_SWA: its type
 
     def __reduce_ex__(self, protocol):
-        _cannot_pickle(self)
+        return _reduce_owner(self, RadixTreeCore)
 
     def __reduce__(self):
         _cannot_pickle(self)
@@ -3466,8 +3466,9 @@ cdef class RadixTreeCore:
         descendant's lock: unlock the node that was locked), or when ``swa_boundary_id`` is
         not what ``inc_lock_ref`` returned: with a sliding window, when it matches no held
         SWA lock; without one, and for the root, when it is not None. With a window, a
-        ``swa_boundary_id`` that cannot be a node id at all raises as an argument does:
-        ``TypeError`` for a non-integer, ``InvalidValueError`` for a negative or huge int.
+        ``swa_boundary_id`` that is neither None nor a possible token (a boundary position)
+        raises as an argument does: ``TypeError`` for a non-integer, ``InvalidValueError``
+        for a negative or huge int.
         Unlocking the root is a no-op, and so is undoing a lock that a dropped cache's
         finalizer found held when it handed everything back (a request's ``__del__`` may
         run after the cache's, when both are collected together).
@@ -4059,7 +4060,7 @@ cdef class TreeNode:
     cdef int64_t _uid
 
     def __reduce_ex__(self, protocol):
-        _cannot_pickle(self)
+        return _reduce_owner(self, TreeNode)
 
     def __reduce__(self):
         _cannot_pickle(self)
