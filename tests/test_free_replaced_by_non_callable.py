@@ -82,12 +82,19 @@ def test_reset_with_free_replaced_by_non_callable_loses_no_slot() -> None:
     assert a.live == tree_slots(cache)
 
 
-def test_swa_evict_with_free_swa_replaced_by_non_callable_loses_no_window_slot() -> None:
+def _windowed_two_nodes() -> tuple[Alloc, RadixCache]:
+    """A window-1 cache holding [1, 2, 3] and, below it, [4] (the inner node can be
+    tombstoned by an SWA evict)."""
     a = Alloc()
     cache = RadixCache(sliding_window_size=1, token_to_kv_pool_allocator=a)
     cache.insert(RadixKey([1, 2, 3]), a.alloc(3))
     m = cache.match_prefix(RadixKey([1, 2, 3]))
     cache.insert(RadixKey([1, 2, 3, 4]), np.concatenate([m.indices, a.alloc(1)]), prev_prefix_len=3)
+    return a, cache
+
+
+def test_swa_evict_with_free_swa_replaced_by_non_callable_loses_no_window_slot() -> None:
+    a, cache = _windowed_two_nodes()
     a.free_swa = 5  # type: ignore[assignment,method-assign]
     with pytest.raises(TypeError, match="not callable"):
         cache.evict(0, 2)
@@ -97,11 +104,7 @@ def test_swa_evict_with_free_swa_replaced_by_non_callable_loses_no_window_slot()
 
 
 def test_windowed_insert_with_free_replaced_by_non_callable_loses_no_slot() -> None:
-    a = Alloc()
-    cache = RadixCache(sliding_window_size=1, token_to_kv_pool_allocator=a)
-    cache.insert(RadixKey([1, 2, 3]), a.alloc(3))
-    m = cache.match_prefix(RadixKey([1, 2, 3]))
-    cache.insert(RadixKey([1, 2, 3, 4]), np.concatenate([m.indices, a.alloc(1)]), prev_prefix_len=3)
+    a, cache = _windowed_two_nodes()
     cache.evict(0, 2)  # tombstones the inner node [1, 2, 3] (slots 1, 2, 3)
     new = a.alloc(3)  # the caller's: a revival of the tombstone would free 1, 2, 3
     a.free = None  # type: ignore[assignment,method-assign]
