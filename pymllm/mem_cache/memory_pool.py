@@ -715,6 +715,12 @@ def _concrete(new: _T) -> _T:
     return new
 
 
+def _dispatch(f: Callable[..., _T], *args: Any) -> _T:
+    """A pool's jitted call: ``f(*args)`` with the pool's own transfers explicit
+    (:func:`_explicitly`), its result checked to be concrete (:func:`_concrete`)."""
+    return _concrete(_explicitly(f, *args))
+
+
 def _device_buffers(x: jax.Array) -> set[tuple[int, int]]:
     """``(device id, address)`` of each device buffer behind *x*: two ``jax.Array`` objects
     can stand for one buffer (``jax.device_put`` of an array already placed so)."""
@@ -983,7 +989,7 @@ class KVPool(_SlotOwner):
             return
         k = _placed(k, self._row_shardings[0])
         v = _placed(v, self._row_shardings[1])
-        self._buffers = _concrete(_explicitly(self._write, _live_buffers(self), layer, loc, k, v))
+        self._buffers = _dispatch(self._write, _live_buffers(self), layer, loc, k, v)
 
     def set_kv_all(self, loc: Any, k: Any, v: Any) -> None:
         """Write every layer at once: ``k`` ``[L, n, Hk, Dk]``, ``v`` ``[L, n, Hv, Dv]``.
@@ -998,7 +1004,7 @@ class KVPool(_SlotOwner):
         buffers = _live_buffers(self)
         _refuse_own_buffers("k", k, buffers)
         _refuse_own_buffers("v", v, buffers)
-        self._buffers = _concrete(_explicitly(self._write_all, buffers, loc, k, v))
+        self._buffers = _dispatch(self._write_all, buffers, loc, k, v)
 
     def get_kv(self, layer_id: int, loc: Any) -> tuple[jax.Array, jax.Array]:
         """``(k [n, Hk, Dk], v [n, Hv, Dv])`` at slots ``loc`` of one layer (fresh arrays).
@@ -1012,7 +1018,7 @@ class KVPool(_SlotOwner):
         layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
-        k, v = _concrete(_explicitly(self._read, _live_buffers(self), layer, _pad(loc)))
+        k, v = _dispatch(self._read, _live_buffers(self), layer, _pad(loc))
         return (k, v) if n == k.shape[0] else _trim_rows((k, v), n=n, axis=0)
 
     def get_kv_all(self, loc: Any) -> tuple[jax.Array, jax.Array]:
@@ -1020,7 +1026,7 @@ class KVPool(_SlotOwner):
         :meth:`get_kv`)."""
         loc = _slots("loc", loc, self.rows)
         n = len(loc)
-        k, v = _concrete(_explicitly(self._read_all, _live_buffers(self), _pad(loc)))
+        k, v = _dispatch(self._read_all, _live_buffers(self), _pad(loc))
         return (k, v) if n == k.shape[1] else _trim_rows((k, v), n=n, axis=1)
 
     def get_kv_buffer(self, layer_id: int) -> tuple[jax.Array, jax.Array]:
@@ -1056,9 +1062,7 @@ class KVPool(_SlotOwner):
             _live_buffers(self)
             return
         m = bucket_size(len(src))
-        self._buffers = _concrete(
-            _explicitly(self._copy, _live_buffers(self), _pad(src, m), _pad(dst, m))
-        )
+        self._buffers = _dispatch(self._copy, _live_buffers(self), _pad(src, m), _pad(dst, m))
 
     def __repr__(self) -> str:
         if not getattr(self, "_initialized", False):  # __new__, or an __init__ that raised
@@ -1364,7 +1368,7 @@ class MambaPool(_SlotOwner):
         buffers = _live_buffers(self)  # lost buffers are reported by an empty call too
         if len(s):
             m = bucket_size(len(s))
-            self._buffers = _concrete(_explicitly(self._copy, buffers, _pad(s, m), _pad(d, m)))
+            self._buffers = _dispatch(self._copy, buffers, _pad(s, m), _pad(d, m))
 
     def reset_states(self, slots: Any) -> None:
         """Zero the states of *slots* (distinct) in every layer."""
@@ -1372,7 +1376,7 @@ class MambaPool(_SlotOwner):
         _check_distinct("slots", s)
         buffers = _live_buffers(self)
         if len(s):
-            self._buffers = _concrete(_explicitly(self._reset, buffers, _pad(s)))
+            self._buffers = _dispatch(self._reset, buffers, _pad(s))
 
     def set_states(self, slots: Any, conv: Any, temporal: Any) -> None:
         """Write ``conv`` ``[L, n, *conv_shape]`` and ``temporal`` ``[L, n, *temporal_shape]``
@@ -1395,7 +1399,7 @@ class MambaPool(_SlotOwner):
             temporal = _placed(temporal, self._sharding)
             _refuse_own_buffers("conv", conv, buffers)
             _refuse_own_buffers("temporal", temporal, buffers)
-            self._buffers = _concrete(_explicitly(self._write, buffers, _pad(s, m), conv, temporal))
+            self._buffers = _dispatch(self._write, buffers, _pad(s, m), conv, temporal)
 
     def get_states(self, slots: Any) -> MambaBuffers:
         """``MambaBuffers(conv [L, n, ...], temporal [L, n, ...])`` of *slots* (fresh).
@@ -1403,7 +1407,7 @@ class MambaPool(_SlotOwner):
         The gather runs at the bucket size; trimming to ``n`` is one small jitted call, as
         in :meth:`KVPool.get_kv`."""
         s = _slots("slots", slots, self.rows)
-        out = _concrete(_explicitly(self._read, _live_buffers(self), _pad(s)))
+        out = _dispatch(self._read, _live_buffers(self), _pad(s))
         n = len(s)
         return out if n == out.conv.shape[1] else MambaBuffers(*_trim_rows(out, n=n, axis=1))
 
