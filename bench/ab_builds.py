@@ -17,8 +17,10 @@ Usage (from the repository root)::
 ``--match-tree TOKENS`` times ``match_prefix`` instead (the benchmark's 128-token probes on
 a tree of TOKENS cached tokens, one tree per build; ``--requests`` probes a round), where
 a change shows in how a large tree's memory is reached rather than in the serving loop.
-``--evict-tree TOKENS`` times 200 ``evict(1)`` on a fresh tree of TOKENS cached tokens per
-build and round (the benchmark's per-node eviction cost).
+``--evict-tree TOKENS`` times one-node ``evict(1)`` calls on a fresh tree of TOKENS cached
+tokens per build and round, handing the slots back to its allocator (the benchmark's
+per-node eviction cost: as many calls as it makes, a tenth of the tree's leaves, at most
+200).
 
 Only ``_radix_tree`` is swapped: builds whose ``_allocator`` differs (its C interface is
 cimported by the tree) are compared as whole checkouts with ``bench/ab_checkouts.py``.
@@ -44,7 +46,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_radix_cache import _grown_tree, _probes
+from bench_radix_cache import _evictions, _grown_tree, _probes
 from conftest import SystemPromptWorkload, fresh_cache, keep_freed_memory, paired_ratio, serve
 from reference_model import RefRadixCache
 from seed_style import SeedStyleRadixCache
@@ -83,21 +85,25 @@ def compare(
     classes = [load_build(p, i) for i, p in enumerate(builds)]
     if (match_tree or evict_tree) is not None and any(str(p) in PURE_PYTHON for p in builds):
         raise ValueError("--match-tree and --evict-tree compare compiled builds only")
+    hits: set[int] = {0} if (match_tree or evict_tree) is not None else set()
     if evict_tree is not None:
-        hits = {0}
+        n_evict = _evictions(evict_tree)
 
         def one_round(i: int) -> float:
-            cache = _grown_tree(evict_tree, cache_cls=classes[i])[0]  # its keys freed here
-            gc.collect()
+            cache = _grown_tree(evict_tree, cache_cls=classes[i], with_allocator=True)[0]
+            gc.collect()  # the tree's keys are freed here
+            before = cache.total_size()
             t0 = time.perf_counter()
-            for _ in range(200):
+            for _ in range(n_evict):
                 cache.evict(1)
-            return (time.perf_counter() - t0) / 200 * 1e6
+            elapsed = time.perf_counter() - t0
+            if before - cache.total_size() != n_evict * 64:  # _grown_tree's 64-token nodes
+                raise AssertionError(f"{n_evict} evict(1) did not free {n_evict} nodes")
+            return elapsed / n_evict * 1e6
 
     elif match_tree is None:
         wl = SystemPromptWorkload(n_requests=requests)
         data = wl.lists if keys == "list" else wl.arrays
-        hits: set[int] = set()
 
         def one_round(i: int) -> float:
             cache, alloc = fresh_cache(classes[i])
@@ -109,7 +115,6 @@ def compare(
     else:
         grown = [_grown_tree(match_tree, cache_cls=cls) for cls in classes]
         probes = _probes(grown[0][1], requests)
-        hits = {0}
 
         def one_round(i: int) -> float:
             match = grown[i][0].match_prefix
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "--evict-tree",
         type=int,
         metavar="TOKENS",
-        help="time 200 evict(1) on a fresh tree of TOKENS cached tokens instead",
+        help="time evict(1) on a fresh tree of TOKENS cached tokens instead",
     )
     args = ap.parse_args(argv)
     if not keep_freed_memory():
@@ -166,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.evict_tree is not None:
         unit = "node"
         print(
-            f"200 evict(1) on a fresh {args.evict_tree:,}-token tree, {args.rounds} paired rounds"
+            f"{_evictions(args.evict_tree)} evict(1) on a fresh {args.evict_tree:,}-token tree,"
+            f" {args.rounds} paired rounds"
         )
     elif args.match_tree is None:
         unit = "request"

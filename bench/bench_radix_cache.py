@@ -278,16 +278,25 @@ def test_match_cost_vs_tree_size(benchmark, size, probes):
     )
 
 
+def _evictions(size: int) -> int:
+    """One-node evictions a timed round makes on a fresh `size`-token tree: a tenth of its
+    leaves, at most 200, so that the tree still holds about 90% of `size` at the round's
+    end and the figure is the cost at that size (a 1e3-token tree has 16 leaves)."""
+    return max(1, min(200, _n_keys(size) // 10))
+
+
 def _time_evictions(benchmark, make_cache, group: str, case: str, n_evict: int = 200) -> None:
     """Median time per evicted node of `n_evict` one-node evictions from a fresh cache
-    (`n_evict` at most the cache's leaves, so that every call evicts one)."""
+    (`n_evict` at most the cache's leaves, so that every call evicts one), over enough
+    rounds for at least 200 evictions in all."""
 
     def run(cache):
         for _ in range(n_evict):
             cache.evict(1)
 
     benchmark.group = group
-    benchmark.pedantic(run, setup=lambda: ((make_cache(),), {}), rounds=5, iterations=1)
+    rounds = max(5, -(-200 // n_evict))
+    benchmark.pedantic(run, setup=lambda: ((make_cache(),), {}), rounds=rounds, iterations=1)
     record(benchmark, group, case, per=n_evict)
 
 
@@ -298,7 +307,7 @@ def test_evict_cost_vs_tree_size(benchmark, size):
         lambda: _grown_tree(size, with_allocator=True)[0],
         "evict of one leaf (64 tokens, handed back to the allocator), per node",
         f"{size:>9,} tokens",
-        n_evict=min(200, _n_keys(size)),
+        n_evict=_evictions(size),
     )
 
 

@@ -11,7 +11,7 @@ cache at all (``bench_radix_cache._serve_without_cache``) gives the cache calls'
 
 Usage (from the repository root; needs valgrind; the full workload takes ~10 minutes)::
 
-    python bench/instructions.py                   # all five, 4,000 requests
+    python bench/instructions.py                   # all four, 4,000 requests
     python bench/instructions.py --requests 500    # a shorter workload (less eviction)
 
 Not a pytest-benchmark suite: it times nothing, and its figures are a property of the code

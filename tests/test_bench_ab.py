@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import child_env  # tests/ is on sys.path (rootdir conftest)
+from conftest import child_env, run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import _radix_tree
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ab_builds.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPT = BENCH / "ab_builds.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -48,7 +49,7 @@ def _copies(tmp_path: Path, *names: str) -> list[str]:
         ),
         (
             ("--evict-tree", "20000", "--rounds", "3"),
-            "200 evict(1) on a fresh 20,000-token tree, 3 paired rounds",
+            "29 evict(1) on a fresh 20,000-token tree, 3 paired rounds",
             "us/node",
         ),
     ],
@@ -124,3 +125,31 @@ def test_two_checkouts_are_compared_in_alternating_children(tmp_path: Path) -> N
         timeout=300,
     )
     assert out.returncode != 0 and "the child imported pymllm from" in out.stderr
+
+
+@pytest.mark.parametrize("size", [1_000, 10_000, 100_000])
+def test_the_evict_benchmark_times_the_tree_at_its_size(size: int) -> None:
+    """bench_radix_cache's per-node evict cost "at" 1e3..1e6 tokens: a timed round must
+    leave the tree near that size (it drained a 1e3 or 1e4 tree to 6%), and every timed
+    evict(1) must free one 64-token node; --evict-tree makes the same calls."""
+    out = run_child(
+        f"""
+        import sys
+        sys.path[:0] = [{str(BENCH)!r}, {str(BENCH.parent / "tests")!r}]
+        import bench_radix_cache as b
+
+        class Timer:
+            stats = None  # record() skips a benchmark that has no stats
+
+            def pedantic(self, run, setup, rounds, iterations):
+                (cache,), _ = setup()
+                before = cache.total_size()
+                run(cache)
+                print(before, cache.total_size(), b._evictions({size}))
+
+        b.test_evict_cost_vs_tree_size(Timer(), {size})
+        """
+    )
+    before, after, calls = map(int, out.split()[:3])
+    assert after >= 0.85 * before >= 0.85 * 0.95 * size
+    assert before - after == 64 * calls
