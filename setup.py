@@ -90,11 +90,37 @@ def _extensions() -> list[Extension]:
     return exts
 
 
+# The switches each extension was last built with: cythonize and build_ext redo a build by
+# timestamps only, so a switch changed after a build (PYMLLM_DEBUG=1 after a release build)
+# would otherwise reuse the old generated C and binary without a word. Regenerating the C
+# makes it newer than the binary, which build_ext then compiles again.
+SWITCHES = f"debug={debug} linetrace={linetrace} sanitize={sanitize}"
+STAMPS = ROOT / "build" / "pymllm-switches"
+
+
+def _stale(exts: list[Extension]) -> bool:
+    """Whether any of *exts* was last built with other switches (or not by this script)."""
+    for ext in exts:
+        stamp = STAMPS / ext.name
+        if not stamp.is_file() or stamp.read_text() != SWITCHES:
+            return True
+    return False
+
+
+def _stamp(exts: list[Extension]) -> None:
+    STAMPS.mkdir(parents=True, exist_ok=True)
+    for ext in exts:
+        (STAMPS / ext.name).write_text(SWITCHES)
+
+
+extensions = _extensions()
 setup(
     ext_modules=cythonize(
-        _extensions(),
+        extensions,
         include_path=[PYX_ROOT],
         compiler_directives=directives,
         annotate=False,
+        force=_stale(extensions),
     ),
 )
+_stamp(extensions)

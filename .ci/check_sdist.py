@@ -1,5 +1,6 @@
-"""Check an sdist of this project: it must carry every Cython source the build compiles
-and what the test suite imports, and none of the C that Cython generates.
+"""Check an sdist of this project: it must carry every Cython source the build compiles,
+what the test suite imports and the CI scripts .ci/run runs, and none of the C that Cython
+generates.
 
 Usage: python .ci/check_sdist.py dist/pymllm-X.tar.gz (from the repository root)
 """
@@ -25,6 +26,13 @@ def main(sdist: str) -> int:
         "pymllm/mem_cache/py.typed",
         "pymllm/mem_cache/_radix_tree.pyi",
         "pymllm/mem_cache/_allocator.pyi",
+    }
+    # .ci/run ships, so whatever .ci/ script it runs ships with it
+    ci_run = (root / ".ci" / "run").read_text()
+    need |= {
+        p.relative_to(root).as_posix()
+        for p in (root / ".ci").iterdir()
+        if p.is_file() and f".ci/{p.name}" in ci_run
     }
     missing = sorted(need - shipped)
     generated = sorted(n for n in shipped if n.endswith((".c", ".so")))

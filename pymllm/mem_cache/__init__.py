@@ -4,6 +4,8 @@ The compiled radix tree (:class:`RadixCache`, :class:`MambaRadixCache`) hands ou
 indices; the JAX pools (:mod:`pymllm.mem_cache.memory_pool`) hold the KV those slots name.
 """
 
+from typing import TYPE_CHECKING
+
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator as SWATokenToKVPoolAllocator
 from pymllm.mem_cache._allocator import TokenToKVPoolAllocator as TokenToKVPoolAllocator
 from pymllm.mem_cache._radix_tree import EVICTION_POLICIES as EVICTION_POLICIES
@@ -22,7 +24,17 @@ from pymllm.mem_cache.radix_cache import RadixCache as RadixCache
 from pymllm.mem_cache.radix_cache import TreeNode as TreeNode
 
 # The device pools need JAX; import them on first use so that a host-only user of the
-# tree (a replay tool, a scheduler test) does not pay for initialising JAX.
+# tree (a replay tool, a scheduler test) does not pay for initialising JAX. A type checker
+# sees them as imported (the package ships py.typed: they are typed, not Any).
+if TYPE_CHECKING:
+    from pymllm.mem_cache.memory_pool import KVPool as KVPool
+    from pymllm.mem_cache.memory_pool import MambaPool as MambaPool
+    from pymllm.mem_cache.memory_pool import ReqToTokenPool as ReqToTokenPool
+    from pymllm.mem_cache.memory_pool import (
+        make_full_attention_net_mem_pool as make_full_attention_net_mem_pool,
+    )
+    from pymllm.mem_cache.memory_pool import make_req_to_token_pool as make_req_to_token_pool
+
 _DEVICE_NAMES = frozenset(
     {
         "KVPool",
