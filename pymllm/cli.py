@@ -115,28 +115,28 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-running",
-        type=int,
+        type=_slots,
         default=16,
         metavar="N",
         help="decode batch: requests running at once (default: %(default)s)",
     )
     p.add_argument(
         "--state-slots",
-        type=int,
+        type=_slots,
         metavar="N",
         help="recurrent-state slots (hybrid model): running requests plus the states "
         "MambaRadixCache saves (default: 64)",
     )
     p.add_argument(
         "--chunk-tokens",
-        type=int,
+        type=_slots,
         default=256,
         metavar="N",
         help="prefill tokens per step (default: %(default)s)",
     )
     p.add_argument(
         "--prefill-batch",
-        type=int,
+        type=_slots,
         default=4,
         metavar="N",
         help="requests per prefill step (default: %(default)s)",

@@ -94,3 +94,42 @@ def test_the_reported_latency_percentiles_are_the_requests() -> None:
     assert stats.ttft_p50 == pytest.approx(float(np.percentile(ttft, 50)))
     assert stats.ttft_p99 == pytest.approx(float(np.percentile(ttft, 99)))
     assert stats.ttft_p99 > stats.ttft_p50
+
+
+def test_an_admission_that_cannot_fit_does_not_flush_the_cache() -> None:
+    """A pool of 150 slots, all requests at t=0: q (30 tokens) ends at once and leaves its
+    prompt cached (30 evictable slots); a and b (one 20-token prompt, 40 new tokens each)
+    decode for 40 steps; x needs 55 slots, more than the free 22 plus the 30 evictable, so
+    it waits until a and b end (then 61 slots are free). Its every failed admission used to
+    evict first (q's prompt) and only then find the pool short: r, which extends q's
+    prompt, found nothing cached and the run evicted 30 tokens that bought nothing."""
+    from pymllm.engine.config import get_config
+    from pymllm.engine.memory import EngineMemory
+    from pymllm.engine.model import init_params
+    from pymllm.engine.scheduler import SchedulerConfig
+
+    cfg = get_config("micro", "full")
+    rng = np.random.default_rng(7)
+    q, p, x, y = (rng.integers(1, 250, n).astype(np.int32) for n in (30, 20, 50, 5))
+    reqs = [
+        RequestSpec(rid="q", prompt=q, max_new_tokens=1),
+        RequestSpec(rid="a", prompt=p, max_new_tokens=40),
+        RequestSpec(rid="b", prompt=p, max_new_tokens=40),
+        RequestSpec(rid="x", prompt=x, max_new_tokens=6),
+        RequestSpec(rid="r", prompt=np.concatenate([q, y]), max_new_tokens=1),
+    ]
+    mem = EngineMemory(cfg, 150)
+    cache = RadixCache(token_to_kv_pool_allocator=mem.token_to_kv_pool_allocator)
+    sched = SchedulerConfig(
+        max_running=4,
+        max_prefill_batch=2,
+        pad_prefill_batch=True,
+        chunk_tokens=32,
+        wait_for_shared_prefix=False,
+    )
+    engine = Engine(cfg, mem, cache, params=init_params(cfg), sched=sched)
+    stats = engine.run(Workload(name="w", description="", requests=reqs))
+    assert stats.leak_free
+    got = {res.rid: res.cached_tokens for res in stats.results}
+    assert got["r"] == 30, got
+    assert stats.evicted_tokens == 0

@@ -131,7 +131,8 @@ def _bucket(n: int, minimum: int) -> int:
 def ideal_cached_tokens(results: list[RequestResult]) -> int:
     """Prompt tokens an unbounded cache could reuse serving ``results`` one at a time in
     order: each prompt's longest prefix (at most ``len - 1``) among the earlier sequences
-    (prompt + output) of the same ``extra_key``. The yardstick for a run's hit rate."""
+    of the same ``extra_key``, each its prompt and its output but the last token (which
+    never gets KV). The yardstick for a run's hit rate."""
     from pymllm.mem_cache.radix_cache import RadixCache
 
     tree = RadixCache(page_size=1)
@@ -470,20 +471,32 @@ class Engine:
     # -- slots ------------------------------------------------------------------------------
 
     def _alloc_kv(self, n: int, prefix: np.ndarray) -> np.ndarray | None:
-        """``prefix`` then ``n`` new slots (ours), evicting first when the pool is short."""
-        alloc = self._alloc
+        """``prefix`` then ``n`` new slots (ours), evicting first when the pool is short;
+        None, with nothing evicted, when even evicting all the tree may free would leave
+        it short (a request retried every step would otherwise flush the cache for
+        nothing while it waits for running requests to end)."""
+        alloc, cache = self._alloc, self.cache
         if self.memory.swa_pool is None:
             short = n - alloc.available_size()
+            if short > cache.evictable_size():
+                return None
             if short > 0:
-                self._evicted += self.cache.evict(short).full_evicted
+                self._evicted += cache.evict(short).full_evicted
         else:
             full_short = n - alloc.full_available_size()  # type: ignore[union-attr]
             swa_short = n - alloc.swa_available_size()  # type: ignore[union-attr]
+            if self._window:  # the tree can free SWA KV alone (tombstones)
+                if full_short > cache.evictable_size() or swa_short > max(
+                    cache.swa_evictable_size(), cache.evictable_size()
+                ):
+                    return None
+            elif max(full_short, swa_short) > cache.evictable_size():
+                return None  # freeing a token frees both of its slots
             if full_short > 0 or swa_short > 0:
-                if self._window:  # the tree can free SWA KV alone (tombstones)
-                    res = self.cache.evict(max(full_short, 0), max(swa_short, 0))
-                else:  # freeing a token frees both of its slots
-                    res = self.cache.evict(max(full_short, swa_short))
+                if self._window:
+                    res = cache.evict(max(full_short, 0), max(swa_short, 0))
+                else:
+                    res = cache.evict(max(full_short, swa_short))
                 self._evicted += res.full_evicted
         return alloc.alloc(n, prefix=prefix)
 
