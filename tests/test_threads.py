@@ -190,3 +190,56 @@ def test_swa_clear_holds_the_gil_throughout() -> None:
         stop.set()
         t.join()
     assert moved == 0
+
+
+@pytest.mark.parametrize("where", ["new child", "split"])
+@pytest.mark.parametrize("window", [None, 64], ids=["plain", "windowed"])
+def test_a_key_another_thread_writes_never_corrupts_the_tree(
+    window: int | None, where: str
+) -> None:
+    """insert reads an int32 key array in place: the walk looks its pages up, and the new
+    leaf's key is copied from the same memory later in the call. Another thread's numpy
+    copy (it releases the GIL) could rewrite the array in between, and the leaf then
+    started with a page the walk never looked up: a second child with the same first page
+    as one already there, which the child map cannot tell apart (a prefix stored twice).
+    The tree now checks the leaf's copied first page (plain: InvalidKeyError when it
+    changed, nothing inserted) or reads one copy of the key (windowed)."""
+    from pymllm.mem_cache import RadixCache, RadixKey
+    from pymllm.mem_cache.errors import InvalidKeyError
+
+    n = 4096
+    cached = np.full(8, 1, np.int32)
+    walked = np.full(n, 2, np.int32)  # what the walk sees: no root child starting with 2
+    if where == "split":  # the walk ends inside [1]*8 at 4: the leaf must not start with 1
+        walked[:4] = 1
+    copied = np.full(n, 1, np.int32)  # what the copy may see: starts as the cached child
+    copied[8:] = 9
+    key = walked.copy()
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            np.copyto(key, walked)
+            np.copyto(key, copied)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    refused = inserts = 0
+    deadline = time.monotonic() + 4.0
+    try:
+        while time.monotonic() < deadline and refused < 20:
+            cache = RadixCache(sliding_window_size=window)
+            cache.insert(RadixKey(cached), np.arange(1, 9, dtype=np.int32))
+            try:
+                cache.insert(RadixKey(key), np.arange(100, 100 + n, dtype=np.int32))
+                inserts += 1
+            except InvalidKeyError:
+                refused += 1
+                assert cache.total_size() == 8
+            cache._check_invariants()
+    finally:
+        stop.set()
+        t.join(10)
+    assert inserts + refused > 0
+    if window is not None:
+        assert refused == 0  # one snapshot: nothing to refuse

@@ -2759,22 +2759,25 @@ cdef class RadixTreeCore:
         self._reserve_nodes(4)      # a split at prev_prefix_len, one at the match end, 2 new
         # duplicates in [0, 2 * aligned); booked, the revived tombstones' own slots and the
         # kept ones (unbooked too: the revived parts' slots) after them, then the new
-        # tombstone's slots that still hold SWA KV; for a new namespace, a copy of the
-        # value after those
+        # tombstone's slots that still hold SWA KV, then a copy of the value
         cdef int64_t n_dup = 4 * aligned
-        dup = <idx_t*>self._idx_out.reserve(n_dup + aligned + (aligned if ns < 0 else 0))
+        dup = <idx_t*>self._idx_out.reserve(n_dup + 2 * aligned)
         tree_old = dup + 2 * aligned
         kept = dup + 3 * aligned
         swa_live = dup + n_dup
         self._nid_scratch.reserve(aligned // P + 3)   # the path, and the two splits' halves
         revive = <int64_t*>self._flag_scratch.reserve(aligned // P + 1)   # a flag per segment
+        # The insert reads its copies of the slots and the key from here on. It reads each
+        # several times (duplicates, kept and booked slots, the new nodes' blocks), and the
+        # caller's arrays could change in between: taking a new namespace runs the
+        # extra_key's Python code, and another thread may write them (numpy copies
+        # without the GIL). From one copy, what the tree keeps, what it books and what it
+        # frees agree, and the new nodes start with the page the walk found missing.
+        copy32(dup + n_dup + aligned, vals, aligned)
+        vals = dup + n_dup + aligned
+        kv = self._pin_key(kv, &pinned)
         allocated = ns < 0
         if allocated:
-            # the insert reads its copy of the slots from here on: taking the namespace runs
-            # the extra_key's Python code, which could rewrite the caller's array
-            copy32(dup + n_dup + aligned, vals, aligned)
-            vals = dup + n_dup + aligned
-            kv = self._pin_key(kv, &pinned)     # and of the key, as _insert_kv
             # a new namespace matches nothing: the new nodes' arrays are allocated before
             # the namespace is taken (all or nothing)
             _alloc_swa_suffix(0, aligned, es, w, &k1, &v1, &k2, &v2)
@@ -3022,6 +3025,9 @@ cdef class RadixTreeCore:
                 taken = aligned - matched
             if r is None or matched > 0:    # not built above, or the namespace was there
                 r = _insert_result(matched, h)
+            if matched < aligned:
+                copy32(new_key, kv.tok + matched * w, (aligned - matched) * w)
+                self._check_leaf_page(last, part_node, part_m, ns, new_key, w)
             self._split_end(part_node, part_m, &last, &n_path)
         except BaseException:
             self._disown(new_val, taken)
@@ -3033,10 +3039,33 @@ cdef class RadixTreeCore:
             free(new_key)   # NULL, or a fresh namespace's arrays, unused
             out_last[0] = last
             return r
-        # a new leaf for the rest under `last` (its slots were copied and taken above)
-        copy32(new_key, kv.tok + matched * w, (aligned - matched) * w)
+        # a new leaf for the rest under `last` (its key and slots were copied above)
         out_last[0] = self._link_leaf(last, ns, w, new_key, new_val, aligned - matched, True)
         return r
+
+    cdef int _check_leaf_page(self, nid_t last, nid_t part_node, int64_t part_m, int32_t ns,
+                              const tok_t* page, int32_t w) except -1:
+        """An insert's new leaf, its key copied from the caller's array, must start with the
+        page the walk found missing: neither a child of `last` nor, when the match ends
+        inside part_node (split at part_m), part_node's rest may start with it. The walk
+        and the copy read the caller's array twice with no Python code between, but
+        another thread may write it meanwhile (numpy copies without the GIL), and the leaf
+        would then be a second child with the same first page. InvalidKeyError then,
+        before the tree changes."""
+        cdef int64_t ntok = self.page_size * w
+        cdef bint taken
+        if part_m > 0:
+            taken = memcmp(self.nodes[part_node].key + part_m * w, page,
+                           ntok * sizeof(tok_t)) == 0
+        else:
+            taken = _map_find(&self.cmap, self.nodes, last, ns, page, ntok,
+                              _page_hash(self.hash_key, last, ns, page, ntok)) != NIL
+        if taken:
+            raise InvalidKeyError(
+                "insert: the key changed while the insert read it (another thread wrote "
+                "the array); nothing was inserted"
+            )
+        return 0
 
     cdef int _adopt(self, const idx_t* vals, int64_t n) except -1:
         """The slots vals[0:n] become the tree's: with our own allocators, it checks that a
