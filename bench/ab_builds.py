@@ -26,7 +26,9 @@ Only ``_radix_tree`` is swapped: builds whose ``_allocator`` differs (its C inte
 cimported by the tree) are compared as whole checkouts with ``bench/ab_checkouts.py``.
 
 A build may also be named ``seed-style`` or ``reference``: the pure-Python caches the
-benchmark compares against (``bench/seed_style.py``, ``tests/reference_model.py``). Paired
+benchmark compares against (``bench/seed_style.py``, ``tests/reference_model.py``), or
+``seed-style-tolist``, the SGLang-style tree converting a numpy key to a list once a call
+(what its numpy-key rounds cost without comparing numpy scalars). Paired
 with a compiled build, round by round, their ratio is the benchmark's ratio with the
 machine's drift taken out (workload only)::
 
@@ -49,11 +51,15 @@ import numpy as np
 from bench_radix_cache import _evictions, _grown_tree, _probes
 from conftest import SystemPromptWorkload, fresh_cache, keep_freed_memory, paired_ratio, serve
 from reference_model import RefRadixCache
-from seed_style import SeedStyleRadixCache
+from seed_style import SeedStyleRadixCache, SeedStyleTolistRadixCache
 
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
 
-PURE_PYTHON = {"seed-style": SeedStyleRadixCache, "reference": RefRadixCache}
+PURE_PYTHON = {
+    "seed-style": SeedStyleRadixCache,
+    "seed-style-tolist": SeedStyleTolistRadixCache,
+    "reference": RefRadixCache,
+}
 
 
 def load_build(path: str | Path, index: int) -> type:

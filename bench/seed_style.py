@@ -191,3 +191,22 @@ class SeedStyleRadixCache:
 
     def total_size(self):
         return self._evictable + self._protected
+
+
+class SeedStyleTolistRadixCache(SeedStyleRadixCache):
+    """The same tree with a numpy key converted to a list of ints once per call
+    (``tolist()``), as an implementation that stores list keys would do at its boundary: the
+    baseline with the cost of comparing numpy scalars taken out of its numpy-key rounds
+    (``python bench/ab_builds.py BUILD.so seed-style seed-style-tolist``)."""
+
+    def _walk(self, tokens, extra_key):
+        if isinstance(tokens, np.ndarray):
+            tokens = tokens.tolist()
+        return super()._walk(tokens, extra_key)
+
+    def insert(self, key, value=None):
+        from pymllm.mem_cache import RadixKey
+
+        if isinstance(key.token_ids, np.ndarray):
+            key = RadixKey(key.token_ids.tolist(), key.extra_key)
+        return super().insert(key, value)

@@ -27,6 +27,7 @@ def _bench_module(name: str) -> ModuleType:
 
 
 SeedStyleRadixCache = _bench_module("seed_style").SeedStyleRadixCache
+SeedStyleTolistRadixCache = _bench_module("seed_style").SeedStyleTolistRadixCache
 _bench_serve = _bench_module("conftest").serve  # the benchmarks' own serving loop
 
 
@@ -51,10 +52,12 @@ def _serve_one(cache, alloc, tokens) -> tuple[int, int]:
     return hit, before + len(tokens) - hit - cache.total_size()
 
 
+@pytest.mark.parametrize("baseline", ["seed-style", "seed-style-tolist"])
 @pytest.mark.parametrize("as_list", [False, True], ids=["numpy-keys", "list-keys"])
-def test_seed_style_baseline_matches_radix_cache(as_list: bool) -> None:
+def test_seed_style_baseline_matches_radix_cache(as_list: bool, baseline: str) -> None:
     pair = []
-    for cls in (RadixCache, SeedStyleRadixCache):
+    other = SeedStyleRadixCache if baseline == "seed-style" else SeedStyleTolistRadixCache
+    for cls in (RadixCache, other):
         alloc = TokenToKVPoolAllocator(300, need_sort=False)
         pair.append((cls(token_to_kv_pool_allocator=alloc), alloc))
     evictions = 0
