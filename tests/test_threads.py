@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from conftest import load_bench  # tests/ is on sys.path (rootdir conftest)
+from conftest import load_bench, run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import SWATokenToKVPoolAllocator, TokenToKVPoolAllocator
 
@@ -243,3 +243,51 @@ def test_a_key_another_thread_writes_never_corrupts_the_tree(
     assert inserts + refused > 0
     if window is not None:
         assert refused == 0  # one snapshot: nothing to refuse
+
+
+def test_a_fork_while_another_thread_is_inside_a_call() -> None:
+    """os.fork() while a thread is parked in a cache's callback: in the child that thread
+    does not exist and its call never ends. The child's calls on that cache used to wait
+    for ever and its garbage collector stayed off for good (the call's hold was never
+    released), cache or no cache; now the calls raise NotInitializedError at once, the
+    collector is back on, and a new cache works. The parent is unaffected."""
+    out = run_child(
+        """
+        import gc, os, signal, threading
+        import numpy as np
+        from pymllm.mem_cache import RadixCache, RadixKey
+        from pymllm.mem_cache.errors import NotInitializedError
+
+        parked, release = threading.Event(), threading.Event()
+
+        def on_evict(node_id):
+            parked.set()
+            release.wait()
+
+        cache = RadixCache(on_node_evict=on_evict)
+        cache.insert(RadixKey([1, 2, 3]), np.array([1, 2, 3], np.int32))
+        t = threading.Thread(target=cache.evict, args=(3,))
+        t.start()
+        parked.wait()
+        assert not gc.isenabled()  # held off by the evict in t
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a hang ends the child, and the test sees no line
+            enabled = gc.isenabled()
+            try:
+                cache.total_size()
+                res = "answered"
+            except NotInitializedError:
+                res = "refused"
+            fresh = RadixCache()
+            fresh.insert(RadixKey([5]), np.array([9], np.int32))
+            os.write(1, f"child {enabled} {res} {fresh.total_size()}\\n".encode())
+            os._exit(0)
+        release.set()
+        t.join()
+        os.waitpid(pid, 0)
+        print("parent", gc.isenabled(), cache.total_size())
+        """,
+        timeout=120,
+    )
+    assert out.splitlines() == ["child True refused 1", "parent True 0"]

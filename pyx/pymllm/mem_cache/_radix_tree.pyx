@@ -35,6 +35,7 @@ from libc.string cimport memcmp, memset
 cimport cython
 cimport numpy as cnp
 import numpy as np
+import os as _os
 import sys
 from hashlib import sha256 as _sha256
 from os import urandom as _urandom
@@ -1302,6 +1303,10 @@ cdef int _count_down_storage_failure() except -1:
 # follows these to refuse a wait that would never end.
 cdef dict _WAITING = {}
 
+# _owner of a cache that a thread was inside a call of when the process forked: that
+# thread does not exist in the child, and the call will never end there.
+cdef unsigned long _FORKED_OWNER = <unsigned long>-1
+
 # pretty_print's deepest indentation, in levels
 cdef int _PRINT_INDENT = 32
 
@@ -1654,6 +1659,12 @@ cdef class RadixTreeCore:
         threads closing such a cycle the last one finds it and raises."""
         cdef unsigned long t = self._owner
         cdef Py_ssize_t hops = 0
+        if t == _FORKED_OWNER:
+            raise NotInitializedError(
+                f"this {type(self).__name__} was inside a call in another thread when the "
+                "process forked: that call never ends in this process and the tree may be "
+                "half changed; make a new cache here"
+            )
         while t != 0 and hops <= len(_WAITING):
             if t == me:
                 raise ReentrantCallError(
@@ -4700,3 +4711,28 @@ def _copy_set_mode(int mode):
     stepped loop in the 4 KiB-aliasing window, 0 memcpy, -1 by CPU vendor (the default).
     Returns the mode in force before. For tests and benchmarks."""
     return copy32_set_mode(mode)
+
+
+def _after_fork_in_child():
+    """``os.register_at_fork(after_in_child=...)``. Only the forking thread lives on in a
+    child process: a call that another thread was inside (parked in a Python callback)
+    never ends there. Each such cache is marked so that its calls raise instead of waiting
+    for ever (its tree may be half changed), the garbage collector holds those calls took
+    are released (the collector was otherwise off for the child's whole life, cache or
+    not), and other threads' wait records go. Costs nothing unless a call was running."""
+    cdef unsigned long me = PyThread_get_thread_ident()
+    cdef RadixTreeCore core
+    for t in [t for t in _WAITING if t != me]:
+        del _WAITING[t]
+    if _gc_holds == 0:
+        return
+    import gc
+    for obj in gc.get_objects():
+        if isinstance(obj, RadixTreeCore):
+            core = <RadixTreeCore>obj
+            if core._owner != 0 and core._owner != me and core._owner != _FORKED_OWNER:
+                core._owner = _FORKED_OWNER
+                _release_gc()
+
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)
