@@ -114,13 +114,17 @@ def _stamp(exts: list[Extension]) -> None:
 
 
 extensions = _extensions()
+stale = _stale(extensions)
+if stale:  # until this build ends well: a build that fails midway leaves no stamp to trust
+    for ext in extensions:
+        (STAMPS / ext.name).unlink(missing_ok=True)
 setup(
     ext_modules=cythonize(
         extensions,
         include_path=[PYX_ROOT],
         compiler_directives=directives,
         annotate=False,
-        force=_stale(extensions),
+        force=stale,
     ),
 )
 _stamp(extensions)

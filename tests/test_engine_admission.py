@@ -12,9 +12,13 @@ import pytest
 from test_engine import POOL, assert_slots_accounted
 from test_engine_errors import make_engine, ramp
 
-from pymllm.engine.scheduler import Engine, EngineError
+from pymllm.engine.config import get_config
+from pymllm.engine.memory import EngineMemory
+from pymllm.engine.model import init_params
+from pymllm.engine.scheduler import Engine, EngineError, SchedulerConfig
 from pymllm.engine.workloads import RequestSpec, Workload
 from pymllm.mem_cache import ChunkCache, RadixCache, RadixKey
+from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
 
 
 def _admissions(monkeypatch: Any) -> list[tuple[str, str]]:
@@ -103,11 +107,6 @@ def test_an_admission_that_cannot_fit_does_not_flush_the_cache() -> None:
     it waits until a and b end (then 61 slots are free). Its every failed admission used to
     evict first (q's prompt) and only then find the pool short: r, which extends q's
     prompt, found nothing cached and the run evicted 30 tokens that bought nothing."""
-    from pymllm.engine.config import get_config
-    from pymllm.engine.memory import EngineMemory
-    from pymllm.engine.model import init_params
-    from pymllm.engine.scheduler import SchedulerConfig
-
     cfg = get_config("micro", "full")
     rng = np.random.default_rng(7)
     q, p, x, y = (rng.integers(1, 250, n).astype(np.int32) for n in (30, 20, 50, 5))
@@ -133,3 +132,152 @@ def test_an_admission_that_cannot_fit_does_not_flush_the_cache() -> None:
     got = {res.rid: res.cached_tokens for res in stats.results}
     assert got["r"] == 30, got
     assert stats.evicted_tokens == 0
+
+
+@pytest.mark.parametrize("window", [None, 32])
+def test_an_admission_short_of_swa_slots_does_not_flush_the_cache(window: int | None) -> None:
+    """The scenario of test_an_admission_that_cannot_fit_does_not_flush_the_cache, with a
+    large full pool and an SWA pool of 150: x is short of SWA slots by more than the tree
+    can free, so it waits for a and b without evicting (or, windowed, tombstoning) q's
+    prompt, which r then reuses whole."""
+    cfg = get_config("micro", "swa")
+    rng = np.random.default_rng(7)
+    q, p, x, y = (rng.integers(1, 250, n).astype(np.int32) for n in (30, 20, 50, 5))
+    reqs = [
+        RequestSpec(rid="q", prompt=q, max_new_tokens=1),
+        RequestSpec(rid="a", prompt=p, max_new_tokens=40),
+        RequestSpec(rid="b", prompt=p, max_new_tokens=40),
+        RequestSpec(rid="x", prompt=x, max_new_tokens=6),
+        RequestSpec(rid="r", prompt=np.concatenate([q, y]), max_new_tokens=1),
+    ]
+    mem = EngineMemory(cfg, 1000, swa_size=150)
+    cache = RadixCache(
+        token_to_kv_pool_allocator=mem.token_to_kv_pool_allocator, sliding_window_size=window
+    )
+    sched = SchedulerConfig(
+        max_running=4,
+        max_prefill_batch=2,
+        pad_prefill_batch=True,
+        chunk_tokens=32,
+        wait_for_shared_prefix=False,
+    )
+    engine = Engine(cfg, mem, cache, params=init_params(cfg), sched=sched)
+    stats = engine.run(Workload(name="w", description="", requests=reqs))
+    assert stats.leak_free
+    got = {res.rid: res.cached_tokens for res in stats.results}
+    assert got["r"] == 30, got
+    assert stats.evicted_tokens == 0
+
+
+class _Delegating(BasePrefixCache):
+    """A user's cache: the abstract API and total_size, forwarded to a RadixCache."""
+
+    def __init__(self, inner: RadixCache) -> None:
+        self.inner = inner
+        self.token_to_kv_pool_allocator = inner.token_to_kv_pool_allocator
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def match_prefix(self, key: Any) -> Any:
+        return self.inner.match_prefix(key)
+
+    def insert(self, key: Any, value: Any = None, **kwargs: Any) -> Any:
+        return self.inner.insert(key, value, **kwargs)
+
+    def evict(self, num_tokens: int, swa_num_tokens: int = 0) -> Any:
+        return self.inner.evict(num_tokens, swa_num_tokens)
+
+    def inc_lock_ref(self, node: Any) -> Any:
+        return self.inner.inc_lock_ref(node)
+
+    def dec_lock_ref(self, node: Any, **kwargs: Any) -> None:
+        self.inner.dec_lock_ref(node, **kwargs)
+
+    def total_size(self) -> int:
+        return self.inner.total_size()
+
+
+def test_a_cache_without_evictable_size_is_still_asked_to_evict() -> None:
+    """Pool 150, one request at a time: a (100-token prompt) finishes and stays cached,
+    leaving 50 slots free; b (another 100-token prompt) fits only once a's prompt is
+    evicted. With nothing running, the engine must evict and serve b; it now raises
+    EngineError ("cannot be admitted with nothing running") without asking the cache."""
+    cfg = get_config("micro", "full")
+    mem = EngineMemory(cfg, 150)
+    cache = _Delegating(RadixCache(token_to_kv_pool_allocator=mem.token_to_kv_pool_allocator))
+    sched = SchedulerConfig(max_running=1, max_prefill_batch=1, chunk_tokens=64)
+    engine = Engine(cfg, mem, cache, params=init_params(cfg), sched=sched)
+    rng = np.random.default_rng(3)
+    a, b = (rng.integers(1, 250, 100).astype(np.int32) for _ in range(2))
+    reqs = [RequestSpec("a", a, 2), RequestSpec("b", b, 2)]
+    stats = engine.run(Workload(name="w", description="", requests=reqs))
+    assert stats.requests == 2 and stats.leak_free
+    assert stats.evicted_tokens > 0
+
+
+def _engine(full: int, swa: int) -> tuple[Engine, RadixCache, object]:
+    cfg = get_config("micro", "swa")
+    mem = EngineMemory(cfg, full, swa_size=swa)
+    alloc = mem.token_to_kv_pool_allocator
+    cache = RadixCache(token_to_kv_pool_allocator=alloc, sliding_window_size=32)
+    engine = Engine(cfg, mem, cache, params=init_params(cfg), sched=SchedulerConfig())
+    engine._evicted = 0  # a run's counter, set by run()
+    return engine, cache, alloc
+
+
+def _insert(cache: RadixCache, alloc: object, tokens: np.ndarray, prev: int = 0) -> None:
+    m = cache.match_prefix(RadixKey(tokens))
+    slots = alloc.alloc(len(tokens) - len(m.indices), prefix=m.indices)  # type: ignore[attr-defined]
+    cache.insert(RadixKey(tokens), slots, prev_prefix_len=len(m.indices))
+
+
+def test_swa_slots_freed_by_tombstoning_locked_nodes_admit_a_request() -> None:
+    """A locked 100-token path (two nodes; the lock's window covers the second) keeps 68
+    live SWA tokens outside the window: nothing is evictable, 68 SWA tokens are. With the
+    SWA pool exhausted, 10 new slots are served by tombstoning them."""
+    engine, cache, alloc = _engine(1000, 150)
+    toks = (np.arange(100) % 250 + 1).astype(np.int32)
+    _insert(cache, alloc, toks[:68])
+    _insert(cache, alloc, toks)
+    m = cache.match_prefix(RadixKey(toks))
+    token = cache.inc_lock_ref(m.last_node)
+    assert cache.evictable_size() == 0 and cache.swa_evictable_size() == 68
+    held = alloc.alloc(50)  # type: ignore[attr-defined]
+    assert held is not None and alloc.swa_available_size() == 0  # type: ignore[attr-defined]
+    got = engine._alloc_kv(10, np.empty(0, np.int32))
+    assert got is not None and len(got) == 10
+    alloc.free(got)  # type: ignore[attr-defined]
+    alloc.free(held)  # type: ignore[attr-defined]
+    cache.dec_lock_ref(m.last_node, swa_boundary_id=token)
+    cache._check_invariants()
+
+
+def test_a_full_pool_short_beyond_the_evictable_is_refused_without_evicting() -> None:
+    """Full pool 150: 30 tokens cached (evictable), 110 slots held: 50 more cannot be served
+    even by evicting all 30, so None, and the cache keeps its 30 tokens."""
+    engine, cache, alloc = _engine(150, 1000)
+    _insert(cache, alloc, (np.arange(30) + 1).astype(np.int32))
+    held = alloc.alloc(110)  # type: ignore[attr-defined]
+    assert held is not None
+    assert engine._alloc_kv(50, np.empty(0, np.int32)) is None
+    assert cache.total_size() == 30 and cache.evictable_size() == 30
+    alloc.free(held)  # type: ignore[attr-defined]
+
+
+def test_an_swa_shortage_beyond_the_live_swa_kv_is_refused_without_evicting() -> None:
+    """The docstring: None, with nothing evicted, when even evicting all the tree may free
+    would leave the pool short. A windowed tree of 100 tokens whose first 60 are a tombstone
+    holds 40 live SWA tokens (all it can free for the SWA pool), yet 100 evictable ones: an
+    SWA shortage of 50 passes the ``max(swa_evictable_size, evictable_size)`` bound, the
+    whole tree is evicted, and the allocation still fails."""
+    engine, cache, alloc = _engine(1000, 150)
+    toks = (np.arange(100) % 250 + 1).astype(np.int32)
+    slots = alloc.alloc(100)  # type: ignore[attr-defined]
+    cache.insert(RadixKey(toks), slots, swa_evicted_seqlen=60)
+    assert cache.evictable_size() == 100 and cache.swa_evictable_size() == 40
+    held = alloc.alloc(alloc.swa_available_size())  # type: ignore[attr-defined]
+    assert held is not None and alloc.swa_available_size() == 0  # type: ignore[attr-defined]
+    assert engine._alloc_kv(50, np.empty(0, np.int32)) is None
+    assert cache.total_size() == 100 and cache.swa_evictable_size() == 40
+    alloc.free(held)  # type: ignore[attr-defined]

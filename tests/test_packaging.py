@@ -149,3 +149,29 @@ def test_a_build_switch_changed_after_a_build_rebuilds(tmp_path: Path) -> None:
     assert _digest(so) != release_so, "PYMLLM_DEBUG=1 left the release binary in place"
     _setup_py(work, "build_ext", "--inplace", "-q")
     assert c_file.read_text() == release_c
+
+
+def test_a_failed_build_leaves_no_stamp_naming_other_switches(tmp_path: Path) -> None:
+    """setup.py's stamps name the switches each extension's generated C was made with. A
+    release build after a debug one regenerates the C and then fails to compile (CC=false):
+    the stamps must not still say debug, or the next debug build keeps the release C."""
+    pytest.importorskip("Cython")
+    work = _buildable_copy(tmp_path)
+    debug = "debug=True linetrace=False sanitize=0"
+    stamps = work / "build" / "pymllm-switches"
+    stamps.mkdir(parents=True)
+    (stamps / "pymllm.mem_cache._allocator").write_text(debug)  # a finished debug build
+    env = {k: v for k, v in os.environ.items() if k != "PYMLLM_DEBUG"}
+    env.update(PYTHONPATH="", PYMLLM_EXT_FILTER="_allocator", CC="false", LDSHARED="false")
+    run = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode != 0  # the compile failed
+    assert (work / "pyx" / "pymllm" / "mem_cache" / "_allocator.c").is_file()  # C regenerated
+    stamp = stamps / "pymllm.mem_cache._allocator"
+    assert not stamp.is_file() or stamp.read_text() != debug

@@ -291,3 +291,63 @@ def test_a_fork_while_another_thread_is_inside_a_call() -> None:
         timeout=120,
     )
     assert out.splitlines() == ["child True refused 1", "parent True 0"]
+
+
+@pytest.mark.parametrize(
+    ("page_size", "where"),
+    [(2, "new child"), (2, "split"), (1, "deep child"), (2, "deep child")],
+)
+def test_a_rewritten_key_never_leaves_two_children_with_one_first_page(
+    page_size: int, where: str
+) -> None:
+    """A writer thread flips the key between what the walk should see (no child for its
+    next page) and a key whose next page is an existing child's (or the rest of the node
+    the walk ends inside). Every insert either succeeds with a consistent tree or raises
+    InvalidKeyError with nothing inserted; the tree's invariants hold after each."""
+    from pymllm.mem_cache import RadixCache, RadixKey
+    from pymllm.mem_cache.errors import InvalidKeyError
+
+    n = 4096
+    base = np.full(8, 5, np.int32) if where == "deep child" else np.zeros(0, np.int32)
+    b = len(base)
+    # the cached child; for "split" its rest differs from its first page, so that only a
+    # compare with the rest (not a child-map lookup under the parent) sees the collision
+    child = np.array([1] * 8 if where != "split" else [1] * 4 + [3] * 4, np.int32)
+    walked = np.full(n, 2, np.int32)
+    walked[:b] = base
+    if where == "split":  # the walk ends inside the child at 4, a page boundary
+        walked[b : b + 4] = 1
+    copied = np.full(n, 9, np.int32)  # the whole child, then pages no node has
+    copied[:b] = base
+    copied[b : b + 8] = child
+    key = walked.copy()
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            np.copyto(key, walked)
+            np.copyto(key, copied)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    refused = inserts = 0
+    before = b + 8
+    deadline = time.monotonic() + 4.0
+    try:
+        while time.monotonic() < deadline and refused < 20:
+            cache = RadixCache(page_size=page_size)
+            if len(base):
+                cache.insert(RadixKey(base), np.arange(1, 9, dtype=np.int32))
+            prefix = np.concatenate([base, child])
+            cache.insert(RadixKey(prefix), np.arange(1, before + 1, dtype=np.int32))
+            try:
+                cache.insert(RadixKey(key), np.arange(100, 100 + n, dtype=np.int32))
+                inserts += 1
+            except InvalidKeyError:
+                refused += 1
+                assert cache.total_size() == before
+            cache._check_invariants()
+    finally:
+        stop.set()
+        t.join(10)
+    assert inserts + refused > 0

@@ -335,3 +335,47 @@ def test_mamba_evict_out_of_memory_at_any_growth_keeps_the_tree_whole(count: int
     assert cache.total_size() == 0 and alloc.available_size() == total
     assert sorted(pool.freed) == list(range(1, n_keys + 1))
     cache._check_invariants()
+
+
+def test_a_bigram_split_whose_rest_overlaps_the_new_page_is_not_refused() -> None:
+    """Node [(1,2),(3,4)]; insert [(1,2),(2,3)]: the match ends inside the node at 1, the
+    node's rest is (3,4), the new leaf starts with (2,3), the tokens at offset 1 (not 2) of
+    the node's key."""
+    cache = RadixCache()
+    cache.insert(RadixKey([(1, 2), (3, 4)]), np.array([1, 2], np.int32))
+    res = cache.insert(RadixKey([(1, 2), (2, 3)]), np.array([1, 7], np.int32))
+    assert res.prefix_len == 1 and cache.total_size() == 3
+    cache._check_invariants()
+
+
+def test_a_paged_split_differing_late_in_the_page_is_not_refused() -> None:
+    """page_size 2: node [1,2,3,4]; insert [1,2,3,5]: the new page [3,5] and the node's
+    rest [3,4] share their first token only."""
+    for cache in (RadixCache(page_size=2), MambaRadixCache(page_size=2)):
+        cache.insert(RadixKey(np.array([1, 2, 3, 4], np.int32)), np.arange(1, 5, dtype=np.int32))
+        key = RadixKey(np.array([1, 2, 3, 5], np.int32))
+        res = cache.insert(key, np.array([1, 2, 8, 9], np.int32))
+        assert res.prefix_len == 2 and cache.total_size() == 6
+        cache._check_invariants()
+
+
+def test_a_bigram_child_page_is_looked_up_whole() -> None:
+    """Bigram keys under a node, page_size 2: children [(5,6),(7,8)] and a new leaf
+    [(5,6),(7,9)] differ only in the last token of their first page."""
+    cache = RadixCache(page_size=2)
+    base = [(1, 1), (2, 2)]
+    cache.insert(RadixKey(base), np.array([1, 2], np.int32))
+    cache.insert(RadixKey([*base, (5, 6), (7, 8)]), np.array([1, 2, 3, 4], np.int32))
+    res = cache.insert(RadixKey([*base, (5, 6), (7, 9)]), np.array([1, 2, 5, 6], np.int32))
+    assert res.prefix_len == 2 and cache.total_size() == 6
+    cache._check_invariants()
+
+
+def test_a_split_whose_new_page_is_the_nodes_first_page_is_not_refused() -> None:
+    """Node [1,2,2,2]; insert [1,1,1,1]: the match ends inside it at 1 and the new leaf's
+    page [1] is the node's own first page (a child of the root), not its rest [2]."""
+    cache = RadixCache()
+    cache.insert(RadixKey(np.array([1, 2, 2, 2], np.int32)), np.arange(1, 5, dtype=np.int32))
+    res = cache.insert(RadixKey(np.array([1, 1, 1, 1], np.int32)), np.array([1, 6, 7, 8], np.int32))
+    assert res.prefix_len == 1 and cache.total_size() == 7
+    cache._check_invariants()

@@ -396,6 +396,9 @@ class Engine:
         if memory.cfg != cfg:
             raise ValueError("memory was built for another model config")
         self._window = getattr(cache, "sliding_window_size", None)
+        # whether the cache says what an evict can free: BasePrefixCache's own
+        # evictable_size answers 0, and such a cache is asked to evict whenever it is short
+        self._sizes_known = type(cache).evictable_size is not BasePrefixCache.evictable_size
         if self._window is not None and memory.swa_pool is None:
             raise ValueError(
                 "a cache with a sliding window frees SWA KV on its own: build EngineMemory "
@@ -474,24 +477,26 @@ class Engine:
         """``prefix`` then ``n`` new slots (ours), evicting first when the pool is short;
         None, with nothing evicted, when even evicting all the tree may free would leave
         it short (a request retried every step would otherwise flush the cache for
-        nothing while it waits for running requests to end)."""
-        alloc, cache = self._alloc, self.cache
+        nothing while it waits for running requests to end), as far as the cache's
+        ``evictable_size`` (and ``swa_evictable_size``) tell."""
+        alloc, cache, known = self._alloc, self.cache, self._sizes_known
         if self.memory.swa_pool is None:
             short = n - alloc.available_size()
-            if short > cache.evictable_size():
+            if known and short > cache.evictable_size():
                 return None
             if short > 0:
                 self._evicted += cache.evict(short).full_evicted
         else:
             full_short = n - alloc.full_available_size()  # type: ignore[union-attr]
             swa_short = n - alloc.swa_available_size()  # type: ignore[union-attr]
-            if self._window:  # the tree can free SWA KV alone (tombstones)
-                if full_short > cache.evictable_size() or swa_short > max(
-                    cache.swa_evictable_size(), cache.evictable_size()
-                ):
-                    return None
-            elif max(full_short, swa_short) > cache.evictable_size():
-                return None  # freeing a token frees both of its slots
+            # with a window the tree frees SWA KV alone (tombstones): its live SWA KV at
+            # most; without, freeing a token frees both of its slots
+            if known and (
+                full_short > cache.evictable_size()
+                or swa_short
+                > (cache.swa_evictable_size() if self._window else cache.evictable_size())
+            ):
+                return None
             if full_short > 0 or swa_short > 0:
                 if self._window:
                     res = cache.evict(max(full_short, 0), max(swa_short, 0))

@@ -2595,8 +2595,9 @@ cdef class RadixTreeCore:
         (a match's) stay the tree's. Returns ``InsertResult(prefix_len, last_node)`` with
         ``last_node`` ending at ``aligned`` (with a window, see below). Bad input raises and
         changes nothing, as does a key array another thread rewrites while the insert reads
-        it, when the new leaf's first page is no longer the one it looked up
-        (``InvalidKeyError``; a windowed insert reads a copy of the key and the value).
+        it so that the new leaf would start with a page the tree already has there
+        (``InvalidKeyError``; any other rewrite is cached as read; a windowed insert reads
+        a copy of the key and the value).
 
         Over a ``TokenToKVPoolAllocator`` or ``SWATokenToKVPoolAllocator`` (of exactly
         that type: a subclass is used like any other allocator, through its own Python
