@@ -100,14 +100,13 @@ def test_the_reported_latency_percentiles_are_the_requests() -> None:
     assert stats.ttft_p99 > stats.ttft_p50
 
 
-def test_an_admission_that_cannot_fit_does_not_flush_the_cache() -> None:
-    """A pool of 150 slots, all requests at t=0: q (30 tokens) ends at once and leaves its
-    prompt cached (30 evictable slots); a and b (one 20-token prompt, 40 new tokens each)
-    decode for 40 steps; x needs 55 slots, more than the free 22 plus the 30 evictable, so
-    it waits until a and b end (then 61 slots are free). Its every failed admission used to
-    evict first (q's prompt) and only then find the pool short: r, which extends q's
-    prompt, found nothing cached and the run evicted 30 tokens that bought nothing."""
-    cfg = get_config("micro", "full")
+def _serve_past_a_request_that_cannot_fit(
+    variant: str, full: int, swa: int | None, window: int | None
+) -> None:
+    """All at t=0: q (30 tokens) ends at once and leaves its prompt cached; a and b (one
+    20-token prompt, 40 new tokens each) decode for 40 steps; x (55 slots) cannot fit
+    until they end; r extends q's prompt and must find it all cached, nothing evicted."""
+    cfg = get_config("micro", variant)
     rng = np.random.default_rng(7)
     q, p, x, y = (rng.integers(1, 250, n).astype(np.int32) for n in (30, 20, 50, 5))
     reqs = [
@@ -117,40 +116,7 @@ def test_an_admission_that_cannot_fit_does_not_flush_the_cache() -> None:
         RequestSpec(rid="x", prompt=x, max_new_tokens=6),
         RequestSpec(rid="r", prompt=np.concatenate([q, y]), max_new_tokens=1),
     ]
-    mem = EngineMemory(cfg, 150)
-    cache = RadixCache(token_to_kv_pool_allocator=mem.token_to_kv_pool_allocator)
-    sched = SchedulerConfig(
-        max_running=4,
-        max_prefill_batch=2,
-        pad_prefill_batch=True,
-        chunk_tokens=32,
-        wait_for_shared_prefix=False,
-    )
-    engine = Engine(cfg, mem, cache, params=init_params(cfg), sched=sched)
-    stats = engine.run(Workload(name="w", description="", requests=reqs))
-    assert stats.leak_free
-    got = {res.rid: res.cached_tokens for res in stats.results}
-    assert got["r"] == 30, got
-    assert stats.evicted_tokens == 0
-
-
-@pytest.mark.parametrize("window", [None, 32])
-def test_an_admission_short_of_swa_slots_does_not_flush_the_cache(window: int | None) -> None:
-    """The scenario of test_an_admission_that_cannot_fit_does_not_flush_the_cache, with a
-    large full pool and an SWA pool of 150: x is short of SWA slots by more than the tree
-    can free, so it waits for a and b without evicting (or, windowed, tombstoning) q's
-    prompt, which r then reuses whole."""
-    cfg = get_config("micro", "swa")
-    rng = np.random.default_rng(7)
-    q, p, x, y = (rng.integers(1, 250, n).astype(np.int32) for n in (30, 20, 50, 5))
-    reqs = [
-        RequestSpec(rid="q", prompt=q, max_new_tokens=1),
-        RequestSpec(rid="a", prompt=p, max_new_tokens=40),
-        RequestSpec(rid="b", prompt=p, max_new_tokens=40),
-        RequestSpec(rid="x", prompt=x, max_new_tokens=6),
-        RequestSpec(rid="r", prompt=np.concatenate([q, y]), max_new_tokens=1),
-    ]
-    mem = EngineMemory(cfg, 1000, swa_size=150)
+    mem = EngineMemory(cfg, full, swa_size=swa)
     cache = RadixCache(
         token_to_kv_pool_allocator=mem.token_to_kv_pool_allocator, sliding_window_size=window
     )
@@ -167,6 +133,22 @@ def test_an_admission_short_of_swa_slots_does_not_flush_the_cache(window: int | 
     got = {res.rid: res.cached_tokens for res in stats.results}
     assert got["r"] == 30, got
     assert stats.evicted_tokens == 0
+
+
+def test_an_admission_that_cannot_fit_does_not_flush_the_cache() -> None:
+    """A pool of 150 slots: x needs 55, more than the free 22 plus the 30 evictable, so it
+    waits until a and b end (then 61 slots are free). Its every failed admission used to
+    evict first (q's prompt) and only then find the pool short: r found nothing cached
+    and the run evicted 30 tokens that bought nothing."""
+    _serve_past_a_request_that_cannot_fit("full", 150, None, None)
+
+
+@pytest.mark.parametrize("window", [None, 32])
+def test_an_admission_short_of_swa_slots_does_not_flush_the_cache(window: int | None) -> None:
+    """The same with a large full pool and an SWA pool of 150: x is short of SWA slots by
+    more than the tree can free, so it waits for a and b without evicting (or, windowed,
+    tombstoning) q's prompt, which r then reuses whole."""
+    _serve_past_a_request_that_cannot_fit("swa", 1000, 150, window)
 
 
 class _Delegating(BasePrefixCache):

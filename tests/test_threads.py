@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,28 +193,19 @@ def test_swa_clear_holds_the_gil_throughout() -> None:
     assert moved == 0
 
 
-@pytest.mark.parametrize("where", ["new child", "split"])
-@pytest.mark.parametrize("window", [None, 64], ids=["plain", "windowed"])
-def test_a_key_another_thread_writes_never_corrupts_the_tree(
-    window: int | None, where: str
-) -> None:
-    """insert reads an int32 key array in place: the walk looks its pages up, and the new
-    leaf's key is copied from the same memory later in the call. Another thread's numpy
-    copy (it releases the GIL) could rewrite the array in between, and the leaf then
-    started with a page the walk never looked up: a second child with the same first page
-    as one already there, which the child map cannot tell apart (a prefix stored twice).
-    The tree now checks the leaf's copied first page (plain: InvalidKeyError when it
-    changed, nothing inserted) or reads one copy of the key (windowed)."""
-    from pymllm.mem_cache import RadixCache, RadixKey
+def _insert_while_rewritten(
+    make_cache: Callable[[], object],
+    cached: list[np.ndarray],
+    walked: np.ndarray,
+    copied: np.ndarray,
+) -> tuple[int, int]:
+    """Insert a key, for 4 s or until 20 are refused, into fresh caches holding `cached`
+    while a writer thread flips the key's array between `walked` and `copied` (numpy
+    copies without the GIL). After each insert the tree's invariants hold, and a refused
+    one (InvalidKeyError) left the tree as it was. Returns (inserted, refused)."""
+    from pymllm.mem_cache import RadixKey
     from pymllm.mem_cache.errors import InvalidKeyError
 
-    n = 4096
-    cached = np.full(8, 1, np.int32)
-    walked = np.full(n, 2, np.int32)  # what the walk sees: no root child starting with 2
-    if where == "split":  # the walk ends inside [1]*8 at 4: the leaf must not start with 1
-        walked[:4] = 1
-    copied = np.full(n, 1, np.int32)  # what the copy may see: starts as the cached child
-    copied[8:] = 9
     key = walked.copy()
     stop = threading.Event()
 
@@ -228,21 +220,80 @@ def test_a_key_another_thread_writes_never_corrupts_the_tree(
     deadline = time.monotonic() + 4.0
     try:
         while time.monotonic() < deadline and refused < 20:
-            cache = RadixCache(sliding_window_size=window)
-            cache.insert(RadixKey(cached), np.arange(1, 9, dtype=np.int32))
+            cache: Any = make_cache()
+            for tokens in cached:
+                cache.insert(RadixKey(tokens), np.arange(1, len(tokens) + 1, dtype=np.int32))
+            before = cache.total_size()
             try:
-                cache.insert(RadixKey(key), np.arange(100, 100 + n, dtype=np.int32))
+                cache.insert(RadixKey(key), np.arange(100, 100 + len(key), dtype=np.int32))
                 inserts += 1
             except InvalidKeyError:
                 refused += 1
-                assert cache.total_size() == 8
+                assert cache.total_size() == before
             cache._check_invariants()
     finally:
         stop.set()
         t.join(10)
     assert inserts + refused > 0
+    return inserts, refused
+
+
+@pytest.mark.parametrize("where", ["new child", "split"])
+@pytest.mark.parametrize("window", [None, 64], ids=["plain", "windowed"])
+def test_a_key_another_thread_writes_never_corrupts_the_tree(
+    window: int | None, where: str
+) -> None:
+    """insert reads an int32 key array in place: the walk looks its pages up, and the new
+    leaf's key is copied from the same memory later in the call. Another thread's numpy
+    copy could rewrite the array in between, and the leaf then started with a page the
+    walk never looked up: a second child with the same first page as one already there,
+    which the child map cannot tell apart (a prefix stored twice). The tree now checks
+    the leaf's copied first page (plain: InvalidKeyError when it collides, nothing
+    inserted) or reads one copy of the key (windowed)."""
+    from pymllm.mem_cache import RadixCache
+
+    n = 4096
+    walked = np.full(n, 2, np.int32)  # what the walk sees: no root child starting with 2
+    if where == "split":  # the walk ends inside [1]*8 at 4: the leaf must not start with 1
+        walked[:4] = 1
+    copied = np.full(n, 1, np.int32)  # what the copy may see: starts as the cached child
+    copied[8:] = 9
+    _, refused = _insert_while_rewritten(
+        lambda: RadixCache(sliding_window_size=window),
+        [np.full(8, 1, np.int32)],
+        walked,
+        copied,
+    )
     if window is not None:
         assert refused == 0  # one snapshot: nothing to refuse
+
+
+@pytest.mark.parametrize(
+    ("page_size", "where"),
+    [(2, "new child"), (2, "split"), (1, "deep child"), (2, "deep child")],
+)
+def test_a_rewritten_key_never_leaves_two_children_with_one_first_page(
+    page_size: int, where: str
+) -> None:
+    """The same with pages of two tokens (the child map is looked up with the whole page)
+    and under a node other than the root (looked up under the walk's last node)."""
+    from pymllm.mem_cache import RadixCache
+
+    n = 4096
+    base = np.full(8, 5, np.int32) if where == "deep child" else np.zeros(0, np.int32)
+    b = len(base)
+    # the cached child; for "split" its rest differs from its first page, so that only a
+    # compare with the rest (not a child-map lookup under the parent) sees the collision
+    child = np.array([1] * 8 if where != "split" else [1] * 4 + [3] * 4, np.int32)
+    walked = np.full(n, 2, np.int32)
+    walked[:b] = base
+    if where == "split":  # the walk ends inside the child at 4, a page boundary
+        walked[b : b + 4] = 1
+    copied = np.full(n, 9, np.int32)  # the whole child, then pages no node has
+    copied[:b] = base
+    copied[b : b + 8] = child
+    cached = [base, np.concatenate([base, child])] if b else [child]
+    _insert_while_rewritten(lambda: RadixCache(page_size=page_size), cached, walked, copied)
 
 
 def test_a_fork_while_another_thread_is_inside_a_call() -> None:
@@ -291,63 +342,3 @@ def test_a_fork_while_another_thread_is_inside_a_call() -> None:
         timeout=120,
     )
     assert out.splitlines() == ["child True refused 1", "parent True 0"]
-
-
-@pytest.mark.parametrize(
-    ("page_size", "where"),
-    [(2, "new child"), (2, "split"), (1, "deep child"), (2, "deep child")],
-)
-def test_a_rewritten_key_never_leaves_two_children_with_one_first_page(
-    page_size: int, where: str
-) -> None:
-    """A writer thread flips the key between what the walk should see (no child for its
-    next page) and a key whose next page is an existing child's (or the rest of the node
-    the walk ends inside). Every insert either succeeds with a consistent tree or raises
-    InvalidKeyError with nothing inserted; the tree's invariants hold after each."""
-    from pymllm.mem_cache import RadixCache, RadixKey
-    from pymllm.mem_cache.errors import InvalidKeyError
-
-    n = 4096
-    base = np.full(8, 5, np.int32) if where == "deep child" else np.zeros(0, np.int32)
-    b = len(base)
-    # the cached child; for "split" its rest differs from its first page, so that only a
-    # compare with the rest (not a child-map lookup under the parent) sees the collision
-    child = np.array([1] * 8 if where != "split" else [1] * 4 + [3] * 4, np.int32)
-    walked = np.full(n, 2, np.int32)
-    walked[:b] = base
-    if where == "split":  # the walk ends inside the child at 4, a page boundary
-        walked[b : b + 4] = 1
-    copied = np.full(n, 9, np.int32)  # the whole child, then pages no node has
-    copied[:b] = base
-    copied[b : b + 8] = child
-    key = walked.copy()
-    stop = threading.Event()
-
-    def writer() -> None:
-        while not stop.is_set():
-            np.copyto(key, walked)
-            np.copyto(key, copied)
-
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
-    refused = inserts = 0
-    before = b + 8
-    deadline = time.monotonic() + 4.0
-    try:
-        while time.monotonic() < deadline and refused < 20:
-            cache = RadixCache(page_size=page_size)
-            if len(base):
-                cache.insert(RadixKey(base), np.arange(1, 9, dtype=np.int32))
-            prefix = np.concatenate([base, child])
-            cache.insert(RadixKey(prefix), np.arange(1, before + 1, dtype=np.int32))
-            try:
-                cache.insert(RadixKey(key), np.arange(100, 100 + n, dtype=np.int32))
-                inserts += 1
-            except InvalidKeyError:
-                refused += 1
-                assert cache.total_size() == before
-            cache._check_invariants()
-    finally:
-        stop.set()
-        t.join(10)
-    assert inserts + refused > 0
