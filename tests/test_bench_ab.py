@@ -142,10 +142,11 @@ def test_the_evict_benchmark_times_the_tree_at_its_size(size: int) -> None:
             stats = None  # record() skips a benchmark that has no stats
 
             def pedantic(self, run, setup, rounds, iterations):
-                (cache,), _ = setup()
-                before = cache.total_size()
-                run(cache)
-                print(before, cache.total_size(), b._evictions({size}))
+                (caches,), _ = setup()
+                before = [cache.total_size() for cache in caches]
+                run(caches)
+                for cache, was in zip(caches, before):
+                    print(was, cache.total_size(), b._evictions({size}))
 
         b.test_evict_cost_vs_tree_size(Timer(), {size})
         """
