@@ -15,10 +15,11 @@ from test_engine_errors import make_engine, ramp
 from pymllm.engine.config import get_config
 from pymllm.engine.memory import EngineMemory
 from pymllm.engine.model import init_params
-from pymllm.engine.scheduler import Engine, EngineError, SchedulerConfig
+from pymllm.engine.scheduler import Engine, EngineError, SchedulerConfig, _Req
 from pymllm.engine.workloads import RequestSpec, Workload
 from pymllm.mem_cache import ChunkCache, RadixCache, RadixKey
 from pymllm.mem_cache.base_prefix_cache import BasePrefixCache
+from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache
 
 
 def _admissions(monkeypatch: Any) -> list[tuple[str, str]]:
@@ -263,3 +264,33 @@ def test_an_swa_shortage_beyond_the_live_swa_kv_is_refused_without_evicting() ->
     assert engine._alloc_kv(50, np.empty(0, np.int32)) is None
     assert cache.total_size() == 100 and cache.swa_evictable_size() == 40
     alloc.free(held)  # type: ignore[attr-defined]
+
+
+def test_a_hybrid_admission_short_of_kv_keeps_the_saved_states() -> None:
+    """A hybrid model, its state pool all taken (one slot in the tree, one held) and its KV
+    pool short by more than the tree can free: the request is refused before a state slot
+    is sought, so the saved state and its 30 cached tokens stay. Taking the state slot
+    first evicted them (the state's leaf goes with it) and then found the KV short anyway."""
+    cfg = get_config("micro", "hybrid")
+    mem = EngineMemory(cfg, 100, state_size=2)
+    alloc, pool = mem.token_to_kv_pool_allocator, mem.state_pool
+    assert pool is not None
+    cache = MambaRadixCache(token_to_kv_pool_allocator=alloc, mamba_pool=pool)
+    engine = Engine(cfg, mem, cache, params=init_params(cfg), sched=SchedulerConfig())
+    engine._evicted = 0  # a run's counter, set by run()
+    toks = (np.arange(30) + 1).astype(np.int32)
+    state = pool.alloc(1)
+    slots = alloc.alloc(30)
+    assert state is not None and slots is not None
+    cache.insert(RadixKey(toks), slots, mamba_value=int(state[0]))
+    held_state, held_kv = pool.alloc(pool.available_size()), alloc.alloc(60)
+    assert held_state is not None and held_kv is not None and pool.available_size() == 0
+    spec = RequestSpec(rid="x", prompt=(np.arange(45) + 100).astype(np.int32), max_new_tokens=5)
+    r = _Req(spec=spec, seq=0, order=(0, 0), arrival=0.0, prompt=spec.prompt)
+    assert r.kv_len > alloc.available_size() + cache.evictable_size()
+    assert engine._try_admit(r) == "nomem"
+    assert cache.total_size() == 30 and engine._evicted == 0
+    assert len(cache.match_prefix(RadixKey(toks)).indices) == 30
+    cache._check_invariants()
+    alloc.free(held_kv)
+    pool.free(held_state)

@@ -473,30 +473,37 @@ class Engine:
 
     # -- slots ------------------------------------------------------------------------------
 
+    def _kv_cannot_fit(self, n: int) -> bool:
+        """Whether ``n`` new KV slots stay out of reach even after evicting all the tree
+        may free, as far as the cache's ``evictable_size`` (and ``swa_evictable_size``)
+        tell; False when the cache does not report them."""
+        alloc, cache = self._alloc, self.cache
+        if not self._sizes_known:
+            return False
+        if self.memory.swa_pool is None:
+            return n - alloc.available_size() > cache.evictable_size()
+        full_short = n - alloc.full_available_size()  # type: ignore[union-attr]
+        swa_short = n - alloc.swa_available_size()  # type: ignore[union-attr]
+        # with a window the tree frees SWA KV alone (tombstones): its live SWA KV at most;
+        # without, freeing a token frees both of its slots
+        swa_room = cache.swa_evictable_size() if self._window else cache.evictable_size()
+        return full_short > cache.evictable_size() or swa_short > swa_room
+
     def _alloc_kv(self, n: int, prefix: np.ndarray) -> np.ndarray | None:
         """``prefix`` then ``n`` new slots (ours), evicting first when the pool is short;
         None, with nothing evicted, when even evicting all the tree may free would leave
         it short (a request retried every step would otherwise flush the cache for
-        nothing while it waits for running requests to end), as far as the cache's
-        ``evictable_size`` (and ``swa_evictable_size``) tell."""
-        alloc, cache, known = self._alloc, self.cache, self._sizes_known
+        nothing while it waits for running requests to end): see ``_kv_cannot_fit``."""
+        alloc, cache = self._alloc, self.cache
+        if self._kv_cannot_fit(n):
+            return None
         if self.memory.swa_pool is None:
             short = n - alloc.available_size()
-            if known and short > cache.evictable_size():
-                return None
             if short > 0:
                 self._evicted += cache.evict(short).full_evicted
         else:
             full_short = n - alloc.full_available_size()  # type: ignore[union-attr]
             swa_short = n - alloc.swa_available_size()  # type: ignore[union-attr]
-            # with a window the tree frees SWA KV alone (tombstones): its live SWA KV at
-            # most; without, freeing a token frees both of its slots
-            if known and (
-                full_short > cache.evictable_size()
-                or swa_short
-                > (cache.swa_evictable_size() if self._window else cache.evictable_size())
-            ):
-                return None
             if full_short > 0 or swa_short > 0:
                 if self._window:
                     res = cache.evict(max(full_short, 0), max(swa_short, 0))
@@ -572,6 +579,10 @@ class Engine:
         pool = self.memory.state_pool
         state_slot, short = 0, False
         if pool is not None:
+            # A request whose KV cannot fit is refused before its state slot is taken:
+            # taking it may evict a saved state (and the leaf it sat on) for nothing.
+            if self._kv_cannot_fit(r.kv_len - cached):
+                return "nomem"
             # The state slot before the lock: with every slot taken, the state to drop may
             # be the one the match ends at (the match made it the most recent, so only when
             # no other is left), which the lock would have kept: with a pool of one, no
