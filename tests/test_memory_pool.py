@@ -386,6 +386,42 @@ def test_bucket_sized_device_inputs_do_not_compile_again(compiles: list[str]) ->
     assert compiles == []
 
 
+def _forms(shape: tuple[int, ...]) -> list[Any]:
+    """One array in each form a caller may hand a pool: host, an uncommitted device array,
+    a committed one, a weakly typed one (float32)."""
+    return [
+        np.full(shape, 2.0, np.float32),
+        jnp.ones(shape, jnp.float32),
+        jax.device_put(np.ones(shape, np.float32), jax.devices()[0]),
+        jnp.full(shape, 2.0),
+    ]
+
+
+@pytest.mark.parametrize("n", [16, 5])  # a whole bucket; one padded on the device
+def test_every_form_of_an_input_compiles_one_update(compiles: list[str], n: int) -> None:
+    """A jit is keyed on committed-ness and weak types too: an uncommitted ``jnp.ones`` and
+    a weakly typed ``jnp.full(shape, 2.0)`` each compiled the update (and the padding)
+    again. The pools place every input in one form first, so each call compiles once."""
+    kv = KVPool(64, 2, 2, 8, dtype=jnp.float32)
+    ms = MambaPool(8, 2, (3,), (2,), conv_dtype=jnp.float32, temporal_dtype=jnp.float32)
+    loc, slots = np.arange(1, n + 1), np.arange(1, min(n, 7) + 1)
+    m = len(slots)
+    calls = [
+        (kv.set_kv_buffer, (1, loc), (n, 2, 8), (n, 2, 8)),
+        (kv.set_kv_all, (loc,), (2, n, 2, 8), (2, n, 2, 8)),
+        (ms.set_states, (slots,), (2, m, 3), (2, m, 2)),
+    ]
+    for call, args, a_shape, b_shape in calls:
+        pairs = list(zip(_forms(a_shape), _forms(b_shape), strict=True))  # made uncounted
+        call(*args, jnp.zeros(a_shape, jnp.float32), jnp.zeros(b_shape, jnp.float32))  # warm
+        compiles.clear()
+        for a, b in pairs:
+            call(*args, a, b)
+        assert compiles == [], call
+    k, _ = kv.get_kv(1, loc)
+    assert float(host(k).min()) == 2.0  # the weakly typed write landed, as float32
+
+
 def test_mamba_updates_and_module_helpers_donate() -> None:
     pool = MambaPool(6, 2, (3,), (2,), conv_dtype=jnp.float32)
     for update in (

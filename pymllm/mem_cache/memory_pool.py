@@ -605,25 +605,38 @@ def _check_buffer(name: str, x: Any, shape: tuple[int, ...], dtype: Any, shardin
 
 
 def _placed(x: Any, sharding: Any) -> jax.Array:
-    """*x* on *sharding*: a ``jax.Array`` already laid out so is used as it is (immutable;
-    ``jax.device_put`` would still build a new array, about 90 us on CPU), anything else
-    goes through ``jax.device_put``."""
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-        return x
+    """*x* on *sharding*, committed there and strongly typed: one form per shape and dtype,
+    so a jitted update compiles once per bucket however the caller made its arrays (a jit
+    is keyed on committed-ness and weak types as well: host data, an uncommitted
+    ``jnp.ones`` and a weakly typed ``jnp.full(shape, 2.0)`` were three compilations).
+    A ``jax.Array`` already in that form is used as it is (immutable; ``jax.device_put``
+    would still build a new array, about 90 us on CPU); anything else goes through
+    ``jax.device_put``. A weakly typed array is first rebuilt strong over its own shards
+    (no copy, no compilation: ``astype`` would compile a conversion for every shape)."""
+    if isinstance(x, jax.Array):
+        if x.weak_type:
+            shards = [s.data for s in x.addressable_shards]
+            x = jax.make_array_from_single_device_arrays(x.shape, x.sharding, shards)
+        if x.committed and x.sharding == sharding:
+            return x
     return jax.device_put(x, sharding)
 
 
-def _pad_pair(a: Any, b: Any, m: int, axis: int) -> tuple[Any, Any]:
+def _pad_pair(a: Any, b: Any, m: int, axis: int, shardings: tuple[Any, Any]) -> tuple[Any, Any]:
     """*a* and *b* (a call's K and V, or conv and temporal states: the same length) with
     zero rows appended along *axis* up to length *m*, as arrays the caller cannot change
-    afterwards. Two ``jax.Array`` short of *m* on the same devices are padded in one
-    jitted call (on different devices, each on its own, as JAX runs a call on one set)."""
+    afterwards. A ``jax.Array`` is first placed on its sharding of *shardings* (see
+    ``_placed``: the padding compiles once per form too); two of them short of *m* are
+    padded in one jitted call."""
+    if isinstance(a, jax.Array):
+        a = _placed(a, shardings[0])
+    if isinstance(b, jax.Array):
+        b = _placed(b, shardings[1])
     if (
         isinstance(a, jax.Array)
         and isinstance(b, jax.Array)
         and a.shape[axis] != m
         and b.shape[axis] != m
-        and a.sharding.device_set == b.sharding.device_set  # one jitted call: one set
     ):
         pa, pb = _pad_rows((a, b), m=m, axis=axis)
         return pa, pb
@@ -963,7 +976,7 @@ class KVPool(_SlotOwner):
                 )
 
     def _prep_rows(
-        self, loc: Any, k: Any, v: Any, lead: tuple[int, ...]
+        self, loc: Any, k: Any, v: Any, lead: tuple[int, ...], shardings: tuple[Any, Any]
     ) -> tuple[np.ndarray, Any, Any, int]:
         loc = _slots("loc", loc, self.rows)
         self._refuse_padding_page("loc", loc)
@@ -973,7 +986,7 @@ class KVPool(_SlotOwner):
         _check_array("k", k, (*lead, n, self.head_num, self.head_dim), self.dtype)
         _check_array("v", v, (*lead, n, self.v_head_num, self.v_head_dim), self.dtype)
         m = bucket_size(n)
-        return (_pad(loc, m), *_pad_pair(k, v, m, axis), n)
+        return (_pad(loc, m), *_pad_pair(k, v, m, axis, shardings), n)
 
     def set_kv_buffer(self, layer_id: int, loc: Any, k: Any, v: Any) -> None:
         """Write ``k`` ``[n, Hk, Dk]`` and ``v`` ``[n, Hv, Dv]`` at slots ``loc`` ``[n]`` of
@@ -983,7 +996,7 @@ class KVPool(_SlotOwner):
         by whoever owned them; the pool holds the K/V passed at call time, and the caller
         may reuse ``loc``, ``k`` and ``v`` as soon as this returns."""
         layer = self._layer_ids[_layer_id(layer_id, self.layer_num)]
-        loc, k, v, n = self._prep_rows(loc, k, v, ())
+        loc, k, v, n = self._prep_rows(loc, k, v, (), self._row_shardings)
         if n == 0:
             _live_buffers(self)  # lost buffers are reported by any call, an empty one too
             return
@@ -995,7 +1008,9 @@ class KVPool(_SlotOwner):
         """Write every layer at once: ``k`` ``[L, n, Hk, Dk]``, ``v`` ``[L, n, Hv, Dv]``.
 
         Checks and ownership as :meth:`set_kv_buffer`."""
-        loc, k, v, n = self._prep_rows(loc, k, v, (self.layer_num,))
+        loc, k, v, n = self._prep_rows(
+            loc, k, v, (self.layer_num,), (self.shardings.k, self.shardings.v)
+        )
         if n == 0:
             _live_buffers(self)
             return
@@ -1394,7 +1409,7 @@ class MambaPool(_SlotOwner):
         buffers = _live_buffers(self)
         if n:
             m = bucket_size(n)
-            conv, temporal = _pad_pair(conv, temporal, m, 1)
+            conv, temporal = _pad_pair(conv, temporal, m, 1, (self._sharding, self._sharding))
             conv = _placed(conv, self._sharding)
             temporal = _placed(temporal, self._sharding)
             _refuse_own_buffers("conv", conv, buffers)
