@@ -143,35 +143,43 @@ print(stopped, total - left == Alloc.freed, left)
 
 
 class _TouchyKey:
-    """An extra_key whose __hash__ raises `exc` once armed (Python code the cache runs)."""
+    """An extra_key whose __eq__ raises `exc` once armed (Python code the cache runs).
+    Every one hashes alike, so the registry compares them whenever one is looked up."""
 
     def __init__(self, exc: BaseException | None = None) -> None:
         self.exc = exc
         self.armed = False
 
     def __hash__(self) -> int:
-        if self.armed:
-            self.armed = False
-            raise self.exc  # type: ignore[misc]
         return 7
 
     def __eq__(self, other: object) -> bool:
+        if self.armed:
+            self.armed = False
+            raise self.exc  # type: ignore[misc]
         return other is self
 
 
-def test_an_interrupt_in_an_extra_key_hash_during_evict_loses_nothing() -> None:
+def test_an_interrupt_in_an_extra_key_eq_during_evict_loses_nothing() -> None:
+    """Releasing a namespace looks its registry key up again (its hash kept: the extra_key's
+    __hash__ does not run), comparing it with the keys of that hash registered earlier:
+    an interrupt in that __eq__ is held back until the evict has handed everything over."""
     alloc = TokenToKVPoolAllocator(64)
     cache = RadixCache(token_to_kv_pool_allocator=alloc)
-    ek = _TouchyKey(KeyboardInterrupt("Ctrl-C in __hash__"))
-    cache.insert(RadixKey([1, 2, 3, 4], ek), alloc.alloc(4))
-    cache.insert(RadixKey([5, 6, 7, 8]), alloc.alloc(4))
-    ek.armed = True  # evict hashes it again to release the namespace
+    first = _TouchyKey(KeyboardInterrupt("Ctrl-C in __eq__"))
+    ek = _TouchyKey()
+    cache.insert(RadixKey([1, 2, 3, 4], first), alloc.alloc(4))  # registered first
+    cache.insert(RadixKey([5, 6, 7, 8], ek), alloc.alloc(4))
+    cache.insert(RadixKey([9, 10, 11, 12]), alloc.alloc(4))
+    cache.match_prefix(RadixKey([1, 2, 3, 4], first))  # the least recently used: ek's leaf
+    first.armed = True
     with pytest.raises(KeyboardInterrupt):
         cache.evict(8)
-    assert cache.total_size() == 0 and alloc.available_size() == 64  # all handed over
+    assert cache.total_size() == 4 and alloc.available_size() == 60  # all handed over
     cache._check_invariants()
     alloc._check_invariants()
     cache.insert(RadixKey([1, 2, 3, 4], "other"), alloc.alloc(4))  # still usable
+    assert cache.match_prefix(RadixKey([1, 2, 3, 4], first)).prefix_len == 4
     cache._check_invariants()
 
 
@@ -202,17 +210,23 @@ def test_an_interrupt_held_back_in_a_window_evict_wins_over_a_failing_free_swa()
 
     alloc = FailingSWA(64, 64)
     cache = RadixCache(sliding_window_size=2, token_to_kv_pool_allocator=alloc)
-    ek = _TouchyKey(KeyboardInterrupt("Ctrl-C in __hash__"))
+    first, ek = _TouchyKey(KeyboardInterrupt("Ctrl-C in __eq__")), _TouchyKey()
+    cache.insert(RadixKey([20, 21], first), alloc.alloc(2))  # registered first; kept locked
+    held = cache.match_prefix(RadixKey([20, 21], first)).last_node
+    boundary = cache.inc_lock_ref(held)
     x = alloc.alloc(6)
     cache.insert(RadixKey([1, 2, 3, 4]), x[:4])
     cache.insert(RadixKey([1, 2, 3, 4, 5, 6]), x)  # [1..4] an inner node; x[:4] freed
     cache.insert(RadixKey([9, 10], ek), alloc.alloc(2))
-    ek.armed = True
+    first.armed = True
     # in LRU order: [1..4] tombstoned (its window KV to free_swa), [5, 6] removed (and the
-    # tombstone with it), then ek's leaf removed (releasing ek's namespace: the interrupt)
+    # tombstone with it), then ek's leaf removed (releasing ek's namespace compares its key
+    # with first's: the interrupt)
     with pytest.raises(KeyboardInterrupt):
         cache.evict(0, swa_num_tokens=8)
-    assert cache.total_size() == 0 and alloc.full_available_size() == 64
+    assert cache.total_size() == 2 and alloc.full_available_size() == 62
+    cache._check_invariants()
+    cache.dec_lock_ref(held, swa_boundary_id=boundary)
     cache._check_invariants()
 
 

@@ -10,6 +10,8 @@ prompts spread out in a tree keyed at random. The probe distances come from the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -153,3 +155,58 @@ def test_paged_and_namespaced_trees_find_every_page_under_a_random_key(page_size
         assert cache.match_prefix(RadixKey(k, extra)).prefix_len == k.size
     entries, _, longest = _map_probe_stats(cache)
     assert entries == 200 and longest < 40
+
+
+_P61 = 2**61 - 1  # Python hashes an int modulo this: k + i * _P61 all hash alike
+
+
+class _Tenant(int):
+    """An int extra_key (a tenant or adapter id) that counts the comparisons made on it."""
+
+    eqs = 0
+
+    def __eq__(self, other: object) -> bool:
+        _Tenant.eqs += 1
+        return int.__eq__(self, other)
+
+    __hash__ = int.__hash__
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda i: _Tenant(7 + i * _P61),
+        lambda i: (_Tenant(7 + i * _P61), "lora"),  # a tuple hashes its items' hashes
+    ],
+    ids=["int", "tuple"],
+)
+def test_extra_keys_whose_python_hashes_collide_cost_no_walk(make: Any) -> None:
+    """The namespace registry hashes extra_keys with a key of the tree's: 400 tenants whose
+    Python hashes are all one cost a match or an insert one comparison (with the equal
+    key), not one per colliding namespace, as a dict keyed by the extra_key did."""
+    n = 400
+    cache = RadixCache()
+    for i in range(n):
+        cache.insert(RadixKey([1, 2, 3], make(i)))
+    assert len({hash(make(i)) for i in range(n)}) == 1
+    _Tenant.eqs = 0
+    for i in range(n):  # equal keys, new objects: a comparison finds each namespace
+        assert cache.match_prefix(RadixKey([1, 2, 3], make(i))).prefix_len == 3
+        cache.insert(RadixKey([1, 2, 3, 4], make(i)))
+    assert _Tenant.eqs <= 2 * 2 * n, _Tenant.eqs / (2 * n)  # a dict: about n/2 a call
+    cache._check_invariants()
+    assert cache.total_size() == 4 * n
+
+
+def test_extra_keys_python_finds_equal_still_share_a_namespace() -> None:
+    """Hashing by value keeps Python's equality: 1, True, 1.0 and numpy's 1 are one
+    namespace, as are -1 and -1.0 (Python hashes -1 as -2), 2**70 and its float, and tuples
+    of such items; keys that differ never share one."""
+    cache = RadixCache()
+    for ek in (1, -1, 2**70, (1, "a", (2, 3.0))):
+        cache.insert(RadixKey([5, 6], ek))
+    for ek in (True, 1.0, np.int64(1), -1.0, np.int64(-1), float(2**70), (True, "a", (2.0, 3))):
+        assert cache.match_prefix(RadixKey([5, 6], ek)).prefix_len == 2, ek
+    for ek in (2, -2, 2**70 + 1, 1.5, (1,), (1, "a", (2, 4)), "1", None):
+        assert cache.match_prefix(RadixKey([5, 6], ek)).prefix_len == 0, ek
+    assert cache.total_size() == 8

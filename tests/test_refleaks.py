@@ -188,13 +188,14 @@ class PyAlloc:
 
 class Tag:
     """An extra_key. Every Tag hashes alike, so a lookup next to another Tag runs
-    ``__eq__``; ``hash_fail`` / ``eq_fail`` make them raise Boom, and ``hook`` runs inside
-    ``__hash__``."""
+    ``__eq__``; ``hash_fail`` / ``eq_fail`` make them raise Boom (``eq_interrupt``:
+    KeyboardInterrupt), and ``hook`` runs inside ``__hash__``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.hash_fail = False
         self.eq_fail = False
+        self.eq_interrupt = False
         self.hook: Callable[[], object] | None = None
 
     def __hash__(self) -> int:
@@ -205,6 +206,8 @@ class Tag:
         return 7
 
     def __eq__(self, other: object) -> bool:
+        if self.eq_interrupt or getattr(other, "eq_interrupt", False):
+            raise KeyboardInterrupt
         if self.eq_fail or getattr(other, "eq_fail", False):  # whichever side is asked
             raise Boom("eq")
         return isinstance(other, Tag) and other.name == self.name
@@ -1493,8 +1496,9 @@ def _evict_free_reentrant() -> Case:
 
 @case("evict_extra_key_hash_raises_on_release[p1]")
 def _evict_ns_release_hash() -> Case:
-    """The namespace's extra_key cannot be found again when its last node goes; the
-    namespace stays registered (documented), and is taken again by the same key."""
+    """The namespace's extra_key would raise if hashed again when its last node goes: the
+    registry keeps its keyed hash, so the namespace is released all the same, and the key
+    (hashing again) takes a namespace again."""
     cache, _a, slots = _radix("p1")
     tag = Tag("t")
     key = RadixKey([1, 2, 3, 4], tag)
@@ -1531,31 +1535,30 @@ def _evict_ns_release_eq() -> Case:
     return step, (key, tag, first)
 
 
-@case("evict_extra_key_hash_interrupt[p1]")
+@case("evict_extra_key_eq_interrupt[p1]")
 def _evict_ns_release_interrupt() -> Case:
+    """The comparison of ``_evict_ns_release_eq`` interrupted: held back, raised once the
+    evict has handed everything over."""
     cache, _a, slots = _radix("p1")
+    first = RadixKey([1, 2], Tag("a"))
+    _insert_request(cache, slots, first)  # registered first: probed first
     tag = Tag("t")
-    key = RadixKey([1, 2, 3, 4], tag)
-
-    def hook() -> None:
-        if tag.hash_fail:
-            raise KeyboardInterrupt
+    key = RadixKey([5, 6, 7, 8], tag)
 
     def step() -> None:
-        tag.hook = None
-        tag.hash_fail = False
+        tag.eq_interrupt = False
         _insert_request(cache, slots, key)
-        tag.hook = hook
-        tag.hash_fail = True
+        cache.match_prefix(first)  # key's leaf is now the least recently used
+        tag.eq_interrupt = True
         try:
-            cache.evict(1 << 30)
+            cache.evict(4)
         except KeyboardInterrupt:
-            tag.hook = None
-            tag.hash_fail = False
+            tag.eq_interrupt = False
+            assert cache.total_size() == 2
             return
         raise AssertionError("no KeyboardInterrupt")
 
-    return step, (key, tag, hook)
+    return step, (key, tag, first)
 
 
 @case("reset_free_raises[p1_pyalloc]")

@@ -36,6 +36,12 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
       first hit. A long run whose popular prompts change is better served by ``"lru"``.
       With a sliding window the same order picks the nodes whose window KV goes first.
 
+    Namespaces: keys whose ``extra_key`` differ (by ``==``) never share a node; equal ones
+    (``1``, ``True``, ``1.0``) share one. The registry of extra_keys hashes them with a
+    random key of the tree's (an int by its value, a tuple by its items), so extra_keys
+    whose Python hashes collide (the ints ``k + i * (2**61 - 1)``) cost a match or an
+    insert no more than any others.
+
     KV slot ownership: ``match_prefix`` hands out the tree's slots (in a new array; the
     tree keeps owning them: lock ``last_node`` to keep them); ``insert`` takes
     ``value[prefix_len:aligned_len]``; of ``value[:prefix_len]``, tokens the tree already
@@ -62,9 +68,10 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     the cache's own guard: another thread's call waits until it returns, and so do its size
     queries and node-handle reads. A callback that calls back into the same cache gets
     ``ReentrantCallError`` (size queries and handle reads are allowed there, and see the
-    call's state as it stands: an ``extra_key``'s ``__hash__`` run while ``evict`` drops a
-    namespace's last node sees the sizes without that node and its handle already stale
-    (``evicted``); ``on_node_evict`` sees each node gone), and so does a
+    call's state as it stands: an ``extra_key``'s ``__eq__`` run while ``evict`` drops a
+    namespace's last node (compared with another registered key of its hash) sees the
+    sizes without that node and its handle already stale (``evicted``); ``on_node_evict``
+    sees each node gone), and so does a
     finalizer that a callback's own code runs, and a callback's call into another cache
     whose running call, in another thread, waits for this one (it would wait forever).
     The garbage collector is held off while a call runs, so the finalizer of cyclic

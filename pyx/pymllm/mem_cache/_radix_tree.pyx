@@ -1236,6 +1236,84 @@ cdef int _alloc_swa_suffix(int64_t matched, int64_t aligned, int64_t es, int32_t
     return 0
 
 
+# The namespace registry's keys. A Python dict keyed by (extra_key, arity) walks every
+# entry whose Python hash equals the key's, and int hashes are public arithmetic: the ints
+# k + i * (2**61 - 1) all hash alike, as do -1 and -2, and a tuple's hash is an invertible
+# mix of its items' hashes, so pairs of ints with one hash are cheap to make. Tenants or
+# adapters named by such ints made every match and insert under them cost one __eq__ per
+# colliding namespace. The registry hashes its keys with SipHash under a random key of the
+# tree's instead: an int (bool, int subclass, integral float) by its value, a tuple by its
+# items' keyed hashes, anything else (str, bytes: already salted per process) by its own
+# hash. Numbers Python finds equal keep one keyed hash where their Python hashes are their
+# values (|v| < 2**61 - 1), as equal extra_keys share a namespace; equality stays Python's
+# ==, so two keys share a namespace only if equal.
+cdef Py_ssize_t _NS_HASH_DEPTH = 32    # tuples nested deeper: their own hash past this
+cdef long long _NS_HASH_SPAN = (1LL << 61) - 2   # Python's int hash is the value within
+
+
+cdef uint64_t _ns_hash(const uint64_t* key, object x, Py_ssize_t depth) except? 0:
+    """The registry's keyed hash of the extra_key *x* (see above)."""
+    cdef int overflow = 0
+    cdef long long v
+    cdef uint64_t h
+    cdef uint32_t words[2]
+    cdef Py_ssize_t i, n
+    cdef cnp.ndarray buf
+    if type(x) is float and (<double>x) == (<double>x) and (<float>x).is_integer():
+        x = int(x)
+    if PyLong_Check(x):
+        v = PyLong_AsLongLongAndOverflow(x, &overflow)
+        if not overflow and -_NS_HASH_SPAN <= v <= _NS_HASH_SPAN:
+            # Python's hash but for -1 (which hashes as -2): so an equal float or numpy
+            # int, hashed by its own hash below, lands with it
+            return _siphash(key[0], key[1], <uint64_t>(-2 if v == -1 else v), NULL, 0, 1, 3)
+        n = ((<object>x).bit_length() + 8 + 31) // 32   # 4-byte words, sign bit included
+        raw = int.__int__(x).to_bytes(4 * n, "little", signed=True)
+        buf = np.frombuffer(raw, dtype="<u4")
+        return _siphash(key[0], key[1], 1, <const uint32_t*>cnp.PyArray_DATA(buf), n, 1, 3)
+    if type(x) is tuple and depth < _NS_HASH_DEPTH:
+        n = len(<tuple>x)
+        h = _siphash(key[0], key[1], <uint64_t>n, NULL, 0, 1, 3)
+        for i in range(n):
+            v = <long long>_ns_hash(key, (<tuple>x)[i], depth + 1)
+            words[0] = <uint32_t>(<uint64_t>v)
+            words[1] = <uint32_t>(<uint64_t>v >> 32)
+            h = _siphash(key[0], key[1], h, words, 2, 1, 3)
+        return h
+    return _siphash(key[0], key[1], <uint64_t>hash(x), NULL, 0, 1, 3)
+
+
+@cython.final
+@cython.freelist(8)
+cdef class _NsKey:
+    """A namespace's registry key: (extra_key, arity) with the tree's keyed hash of it."""
+    cdef readonly object extra_key
+    cdef readonly int32_t arity
+    cdef Py_hash_t h
+
+    def __hash__(self):
+        return self.h
+
+    def __eq__(self, other):
+        if type(other) is not _NsKey:
+            return NotImplemented
+        cdef _NsKey o = <_NsKey>other
+        if self.h != o.h or self.arity != o.arity:
+            return False
+        return self.extra_key is o.extra_key or bool(self.extra_key == o.extra_key)
+
+
+cdef _NsKey _ns_key(const uint64_t* key, object extra_key, int32_t arity):
+    """The registry key of (extra_key, arity); ``TypeError`` for an unhashable extra_key."""
+    cdef _NsKey k = _NsKey.__new__(_NsKey)
+    cdef uint64_t h = _ns_hash(key, extra_key, 0)
+    h = _siphash(key[0], key[1], h ^ (<uint64_t><uint32_t>arity), NULL, 0, 1, 3)
+    k.extra_key = extra_key
+    k.arity = arity
+    k.h = <Py_hash_t>(h >> 1)   # never -1 (Python's error value)
+    return k
+
+
 cdef class _Scratch:
     """A growable C buffer reused across calls (no malloc per request)."""
     cdef void* data
@@ -1366,8 +1444,9 @@ cdef class RadixTreeCore:
     cdef _Scratch _key_pin          # an insert's copy of a key read in place (_pin_key)
     cdef _Scratch _state_out
     cdef _Scratch _swa_out
-    cdef dict _ns_ids               # (extra_key, arity) -> namespace id
-    cdef list _ns_keys              # namespace id -> (extra_key, arity) or None when free
+    cdef uint64_t ns_hash_key[2]    # the namespace registry's SipHash key (_ns_key)
+    cdef dict _ns_ids               # _NsKey(extra_key, arity) -> namespace id
+    cdef list _ns_keys              # namespace id -> its _NsKey, or None when free
     cdef dict _swa_locks            # SWA: _lock_key(locked node's id, boundary) -> inc_lock_refs
     cdef dict _hash_cache           # slot -> list of page hashes (compute_node_hash)
     cdef readonly object token_to_kv_pool_allocator
@@ -1397,6 +1476,8 @@ cdef class RadixTreeCore:
     def __cinit__(self, *args, **kwargs):
         self.hash_key[0] = int.from_bytes(_urandom(8), "little")
         self.hash_key[1] = int.from_bytes(_urandom(8), "little")
+        self.ns_hash_key[0] = int.from_bytes(_urandom(8), "little")
+        self.ns_hash_key[1] = int.from_bytes(_urandom(8), "little")
         self.nodes = NULL
         self.cap = 0
         self.hwm = 0
@@ -1723,8 +1804,9 @@ cdef class RadixTreeCore:
             # the old tree's namespaces and lock records are dropped only once the new tree
             # is whole (below): an extra_key's __del__ that reads the cache sees it so
             dropped = (self._ns_ids, self._ns_keys, self._swa_locks, self._hash_cache)
-            self._ns_ids = {(None, 0): 0}
-            self._ns_keys = [(None, 0)]
+            root_ns = _ns_key(self.ns_hash_key, None, 0)
+            self._ns_ids = {root_ns: 0}
+            self._ns_keys = [root_ns]
             self._swa_locks = {}
             self._hash_cache = {}
             # no slot is initialized until _take_slot hands it out (hwm); the root: slot 0,
@@ -1839,7 +1921,7 @@ cdef class RadixTreeCore:
         if extra_key is None and arity == 0:
             return 0
         try:
-            return self._ns_ids.get((extra_key, arity), -1)
+            return self._ns_ids.get(_ns_key(self.ns_hash_key, extra_key, arity), -1)
         except TypeError:
             raise TypeError(f"extra_key: must be hashable, got {extra_key!r:.60} ({type(extra_key).__name__})") from None
 
@@ -1871,7 +1953,7 @@ cdef class RadixTreeCore:
         cdef int32_t ns = self._find_ns(extra_key, arity)
         if ns >= 0:
             return ns
-        ns_key = (extra_key, arity)
+        ns_key = _ns_key(self.ns_hash_key, extra_key, arity)
         cdef bint reused = self.ns_free_head >= 0
         if reused:
             ns = self.ns_free_head
@@ -1897,8 +1979,10 @@ cdef class RadixTreeCore:
         """Drop a reference to namespace ns; the last one frees its id for reuse. Runs in
         the middle of a node's removal, so nothing here may raise, and nothing but the
         registry's update allocates (the free ids are linked through the C table). That
-        update hashes the caller's extra_key again: the entry it takes out must be ns's own
-        for ns to be freed. An extra_key whose hash or equality changed since (or raises),
+        update looks up ns's own registry key, its keyed hash kept in it (the extra_key's
+        __hash__ does not run again), and the entry it takes out must be ns's own for ns
+        to be freed. The extra_key's __eq__ may run, against keys whose hash it meets: one
+        whose equality changed since (or raises),
         or memory running out there, leaves ns registered, empty and never reused (no other
         extra_key can land in its nodes); an entry of another namespace that the changed key
         hit instead is put back (or, if even that fails, that namespace is never reused
@@ -3757,9 +3841,9 @@ cdef class RadixTreeCore:
         run finalizers that change the tree (reuse the slot, move the node array)."""
         cdef Node* x = &self.nodes[n]
         cdef int64_t length = x.len
+        cdef int32_t arity = (<_NsKey>self._ns_keys[x.ns]).arity
         cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [length * x.width], cnp.NPY_UINT32, 0)
         copy32(cnp.PyArray_DATA(arr), x.key, length * x.width)   # a numpy array is untracked
-        extra_key, arity = self._ns_keys[x.ns]
         if arity == 0:
             return arr.tolist()
         return [tuple(row) for row in arr.reshape(length, arity).tolist()]
@@ -4142,7 +4226,7 @@ cdef class TreeNode:
         if self._slot == ROOT:
             return RadixKey([], None)
         x = self._node()
-        extra_key, _ = self._tree._ns_keys[x.ns]
+        extra_key = (<_NsKey>self._tree._ns_keys[x.ns]).extra_key
         return RadixKey(self._tree._node_tokens(self._slot), extra_key)
 
     @property
