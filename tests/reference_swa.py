@@ -173,7 +173,7 @@ class RefSWARadixCache(RefRadixCache):
         )
         return MatchResult(indices=indices, last_node=last, prefix_len=len(indices))
 
-    def insert(  # type: ignore[override]  # the compiled cache's order: prev_prefix_len 3rd
+    def insert(  # the compiled cache's keyword order: prev_prefix_len third
         self,
         key: RadixKey,
         value: Any = None,

@@ -116,6 +116,17 @@ def test_write_then_read_round_trip(shape: str, page_size: int) -> None:
     np.testing.assert_array_equal(host(pool.buffers.k), want_k)  # nothing else written
 
 
+def test_the_factory_places_the_pool_as_kv_pool_does() -> None:
+    """``make_full_attention_net_mem_pool`` takes KVPool's placement arguments, ``device``
+    among them (it had no such argument), and passes them on: the same checks apply."""
+    dev = jax.devices()[-1]
+    pool, _ = make_full_attention_net_mem_pool(32, 1, 2, 4, dtype=jnp.float32, device=dev)
+    assert pool.buffers.k.sharding.device_set == {dev} == pool.buffers.v.sharding.device_set
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("tp",))
+    with pytest.raises(InvalidValueError, match="not both"):
+        make_full_attention_net_mem_pool(32, 1, 2, 4, mesh=mesh, device=dev)
+
+
 def test_all_layer_calls_and_whole_layer_views() -> None:
     pool = KVPool(64, 3, 2, 8, v_head_num=1, v_head_dim=4)
     rng = np.random.default_rng(9)

@@ -183,12 +183,37 @@ def test_pools_init_again_raise_and_keep_their_state() -> None:
 # -- found by the review of session 9 ----------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [2, -1, 2.0, True])
-def test_pad_slots_rejects_a_size_that_cannot_hold_the_slots(size) -> None:
+@pytest.mark.parametrize(
+    ("size", "exc"),
+    [(2, InvalidValueError), (-1, InvalidValueError), (2.0, TypeError), (True, TypeError)],
+)
+def test_pad_slots_rejects_a_size_that_cannot_hold_the_slots(size, exc: type) -> None:
     """A short or negative size raised numpy's bare ValueError (a float or True was taken
-    as an int)."""
-    with pytest.raises(InvalidValueError, match="size"):
+    as an int); a size that is not an int is a call's argument of the wrong type."""
+    with pytest.raises(exc, match="size") as got:
         pad_slots([1, 2, 3], size)
+    assert exc is InvalidValueError or not isinstance(got.value, InvalidValueError)
+
+
+@pytest.mark.parametrize("bad", [1.0, True, "1", None])
+def test_a_call_argument_that_is_not_an_int_is_a_type_error(bad: object) -> None:
+    """errors.py: a float where an int goes, passed to a method, raises a plain TypeError
+    (it raised InvalidValueError, the family's error for a value out of range); the range
+    check stays InvalidValueError. Nothing is written."""
+    pool = KVPool(16, 2, 1, 4, dtype=jnp.float32)
+    rows = np.ones((1, 1, 4), np.float32)
+    calls = [
+        lambda i: pool.get_kv(i, [1]),
+        lambda i: pool.get_kv_buffer(i),
+        lambda i: pool.set_kv_buffer(i, [1], rows, rows),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="layer_id must be an int") as got:
+            call(bad)
+        assert not isinstance(got.value, InvalidValueError)
+        with pytest.raises(InvalidValueError, match="layer_id"):
+            call(2)
+    assert float(np.abs(np.asarray(pool.get_kv(1, [1])[0])).max()) == 0.0
 
 
 @pytest.mark.parametrize("swa", [False, True], ids=["full", "swa"])
@@ -322,13 +347,24 @@ def test_pool_dtype_is_the_dtype_its_buffers_hold() -> None:
     mamba.buffers = mamba.buffers
 
 
-@pytest.mark.parametrize("max_len", [2.5, -7, 0, True, "8"])
-def test_to_device_refuses_a_max_len_that_is_not_a_positive_int(max_len) -> None:
-    """2.5 raised a TypeError naming `n`; -7 and 0 were taken (one bucket of 16 columns)."""
+@pytest.mark.parametrize(
+    ("max_len", "exc"),
+    [
+        (2.5, TypeError),
+        (-7, InvalidValueError),
+        (0, InvalidValueError),
+        (True, TypeError),
+        ("8", TypeError),
+    ],
+)
+def test_to_device_refuses_a_max_len_that_is_not_a_positive_int(max_len, exc: type) -> None:
+    """2.5 raised a TypeError naming `n`; -7 and 0 were taken (one bucket of 16 columns). Not
+    an int: a TypeError naming max_len (not the family's InvalidValueError, see errors.py)."""
     pool = ReqToTokenPool(4, 64)
     slots = pool.alloc(2)
-    with pytest.raises(InvalidValueError, match="max_len"):
+    with pytest.raises(exc, match="max_len") as got:
         pool.to_device(slots, max_len=max_len)
+    assert exc is InvalidValueError or not isinstance(got.value, InvalidValueError)
     assert pool.to_device(slots, max_len=1).shape == (16, 16)
 
 

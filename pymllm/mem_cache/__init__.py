@@ -46,12 +46,14 @@ _DEVICE_NAMES = frozenset(
 )
 
 
-def __getattr__(name: str):
-    if name in _DEVICE_NAMES:
-        from pymllm.mem_cache import memory_pool
+if not TYPE_CHECKING:  # a type checker would take every misspelt name for a lazy one
 
-        return getattr(memory_pool, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str):
+        if name in _DEVICE_NAMES:
+            from pymllm.mem_cache import memory_pool
+
+            return getattr(memory_pool, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

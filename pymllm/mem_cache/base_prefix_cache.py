@@ -19,13 +19,16 @@ import operator
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 # the compiled allocators own the reading of slot and token sequences the caches share
 from pymllm.mem_cache._allocator import _BOOL_TYPES, _sequence_as_list
 from pymllm.mem_cache.errors import InvalidKeyError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 _U32_LIMIT = 1 << 32
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
@@ -193,7 +196,7 @@ def hash_to_int64(hex_str: str) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def hash_bytes(data: bytes) -> int:
+def hash_bytes(data: Buffer | np.ndarray) -> int:
     """SHA-256 -> unsigned 64-bit int (first 8 digest bytes, big-endian).
 
     Useful for multimodal embedding keys (``extra_key``). ``TypeError`` unless *data*
@@ -202,7 +205,7 @@ def hash_bytes(data: bytes) -> int:
     equal arrays and between runs, so it is refused.
     """
     try:
-        view = memoryview(data)
+        view = memoryview(data)  # type: ignore[arg-type]  # numpy declares no __buffer__
         if _holds_objects(data, view):
             raise TypeError
         digest = hashlib.sha256(view).digest()

@@ -124,10 +124,11 @@ def pad_slots(loc: Any, size: int | None = None) -> np.ndarray:
     (default ``bucket_size(len)``); the caller owns both.
 
     ``InvalidValueError`` for slots that are not integers or lie outside ``[0, 2**31)``
-    (never wrapped or truncated into another slot), a bool among them included."""
+    (never wrapped or truncated into another slot), a bool among them included;
+    ``TypeError`` for a *size* that is not an int."""
     _not_traced("loc", loc)
     slots = _slots("loc", _integer_slots("loc", loc).reshape(-1), 1 << 31)
-    if size is not None and _positive("size", size, 0) < len(slots):
+    if size is not None and _positive("size", size, 0, TypeError) < len(slots):
         raise InvalidValueError(f"size: {size} is shorter than loc ({len(slots)} slots)")
     return _pad(slots, size)
 
@@ -455,19 +456,22 @@ def _live_buffers(pool: Any) -> Any:
     return buffers
 
 
-def _int_arg(name: str, value: Any) -> int:
-    """*value* as an int (``operator.index``: not a float, not a bool), else
-    ``InvalidValueError`` naming *name*."""
+def _int_arg(name: str, value: Any, wrong_type: type[Exception] = InvalidValueError) -> int:
+    """*value* as an int (``operator.index``: not a float, not a bool), else *wrong_type*
+    naming *name*: a constructor's size or count raises ``InvalidValueError``, a call's
+    argument a plain ``TypeError`` (see :mod:`pymllm.mem_cache.errors`)."""
     try:
         if isinstance(value, (bool, np.bool_)):
             raise TypeError
         return operator.index(value)
     except TypeError:
-        raise InvalidValueError(f"{name} must be an int, got {value!r}") from None
+        raise wrong_type(f"{name} must be an int, got {value!r}") from None
 
 
-def _positive(name: str, value: Any, minimum: int = 1) -> int:
-    value = _int_arg(name, value)
+def _positive(
+    name: str, value: Any, minimum: int = 1, wrong_type: type[Exception] = InvalidValueError
+) -> int:
+    value = _int_arg(name, value, wrong_type)
     if value < minimum:
         raise InvalidValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -667,7 +671,7 @@ def _pad_to(x: Any, m: int, axis: int) -> Any:
 
 
 def _layer_id(layer_id: Any, layer_num: int) -> np.int32:
-    i = _int_arg("layer_id", layer_id)
+    i = _int_arg("layer_id", layer_id, TypeError)
     if not 0 <= i < layer_num:
         raise InvalidValueError(f"layer_id: {i} is out of range [0, {layer_num})")
     return np.int32(i)
@@ -1173,16 +1177,16 @@ class ReqToTokenPool(_SlotOwner):
 
         Shape ``[bucket_size(len(slots)), cols]``: padding rows are row 0 (zeros); ``cols`` is
         ``min(bucket_size(max_len), max_context_len)`` or the full width without *max_len*
-        (``InvalidValueError`` unless *max_len* is an int >= 1). The rows are gathered into a
-        new host array first: the device array holds the table as it was at call time, and
-        later :meth:`write` calls do not reach it. The caller owns the result.
+        (``TypeError`` unless *max_len* is an int, ``InvalidValueError`` below 1). The rows
+        are gathered into a new host array first: the device array holds the table as it
+        was at call time, and later :meth:`write` calls do not reach it. The caller owns the result.
         ``InvalidValueError`` when *sharding* is not a sharding or device the rows can take.
         """
         rows = _pad(_slots("slots", slots, self.size + 1))
         cols = (
             self.max_context_len
             if max_len is None
-            else min(bucket_size(_positive("max_len", max_len)), self.max_context_len)
+            else min(bucket_size(_positive("max_len", max_len, 1, TypeError)), self.max_context_len)
         )
         host = self.req_to_token[rows, :cols]
         try:
@@ -1445,8 +1449,10 @@ def make_full_attention_net_mem_pool(
     need_sort: bool = True,
     mesh: Mesh | None = None,
     head_axis: str | None = None,
+    device: jax.Device | None = None,
 ) -> tuple[KVPool, TokenToKVPoolAllocator]:
-    """A :class:`KVPool` of *size* slots and the allocator that hands them out."""
+    """A :class:`KVPool` of *size* slots and the allocator that hands them out; *mesh*,
+    *head_axis* and *device* place the pool as :class:`KVPool`'s do."""
     pool = KVPool(
         size,
         layer_num,
@@ -1458,6 +1464,7 @@ def make_full_attention_net_mem_pool(
         page_size=page_size,
         mesh=mesh,
         head_axis=head_axis,
+        device=device,
     )
     return pool, TokenToKVPoolAllocator(size, page_size=page_size, need_sort=need_sort)
 
