@@ -1527,6 +1527,13 @@ cdef class RadixTreeCore:
         """The child map's hash of node x's first page as a child of `parent`."""
         return _page_hash(self.hash_key, parent, x.ns, x.key, self.page_size * x.width)
 
+    cdef inline nid_t _child_with_page(self, nid_t parent, int32_t ns, const tok_t* page,
+                                       int64_t ntok) noexcept nogil:
+        """The child of `parent` in namespace `ns` whose first page is `page` (`ntok`
+        tokens' words), or NIL."""
+        return _map_find(&self.cmap, self.nodes, parent, ns, page, ntok,
+                         _page_hash(self.hash_key, parent, ns, page, ntok))
+
     cdef int _check_fresh(self) except -1:
         """__init__ runs once: calling it again on a live cache would drop the tree without
         giving its KV slots back (reset() does that)."""
@@ -3156,8 +3163,7 @@ cdef class RadixTreeCore:
             taken = memcmp(self.nodes[part_node].key + part_m * w, page,
                            ntok * sizeof(tok_t)) == 0
         else:
-            taken = _map_find(&self.cmap, self.nodes, last, ns, page, ntok,
-                              _page_hash(self.hash_key, last, ns, page, ntok)) != NIL
+            taken = self._child_with_page(last, ns, page, ntok) != NIL
         if taken:
             raise InvalidKeyError(
                 "insert: the key changed while the insert read it (another thread wrote "
@@ -4534,8 +4540,7 @@ cdef class MambaTreeCore(RadixTreeCore):
         if ns < 0 or aligned == 0:
             return NIL
         while pos < aligned:
-            child = _map_find(&self.cmap, self.nodes, cur, ns, kv.tok + pos * w, P * w,
-                              _page_hash(self.hash_key, cur, ns, kv.tok + pos * w, P * w))
+            child = self._child_with_page(cur, ns, kv.tok + pos * w, P * w)
             if child == NIL:
                 return NIL
             c = &self.nodes[child]
