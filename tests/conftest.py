@@ -1,10 +1,10 @@
 """Shared test helpers: a recording allocator, cache factories, hypothesis profiles.
 
-Hypothesis profiles: ``ci`` (loaded by default; bounded so the whole suite runs in about two
-minutes on two cores), ``long`` (``pytest --hypothesis-profile=long``; for soak runs) and
-``memcheck`` (a few short runs, for the valgrind run of ``.ci/memcheck``).
-Every state machine counts the steps it checked with :func:`count_step`; the counts are
-printed at the end of the session ("stateful steps").
+Hypothesis profiles: ``ci`` (loaded by default; bounded so the whole suite runs in about 13
+minutes on two cores: 12:41 for 8,435 tests at eda94c5), ``long`` (``pytest
+--hypothesis-profile=long``; for soak runs) and ``memcheck`` (a few short runs, for the
+valgrind run of ``.ci/memcheck``). Every state machine counts the steps it checked with
+:func:`count_step`; the counts are printed at the end of the session ("stateful steps").
 """
 
 from __future__ import annotations
