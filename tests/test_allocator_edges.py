@@ -173,3 +173,25 @@ def test_swa_padding_page_slots_named_padding(method: str) -> None:
     with pytest.raises(InvalidFreeError, match="padding"):
         getattr(a, method)([held[0], 2])
     a._check_invariants()
+
+
+@pytest.mark.parametrize("swa", [False, True], ids=["full", "swa"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, object, "U1"])
+def test_an_empty_non_integer_array_of_slots_is_refused(swa: bool, dtype: object) -> None:
+    """An empty float array was taken as no slots by ``free``, ``is_allocated`` and
+    ``alloc``'s prefix while a non-empty one was refused, and the tree refuses an empty
+    float value: every one of them now refuses it, as it does a non-empty one. An empty
+    list or tuple (which numpy reads as float64) is still no slots."""
+    alloc = SWATokenToKVPoolAllocator(16, 16) if swa else TokenToKVPoolAllocator(16)
+    empty = np.array([], dtype=dtype)
+    calls = [
+        lambda x: alloc.free(x),
+        lambda x: alloc.is_allocated(x),
+        lambda x: alloc.alloc(2, prefix=x),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidValueError, match="expected integer slot ids"):
+            call(empty)
+        call([])
+        call(())
+    alloc._check_invariants()

@@ -496,6 +496,13 @@ cdef object _integer_array(object indices, str name="indices"):
         raise InvalidValueError(
             f"{name}: expected integer slot ids, got an item numpy cannot read ({exc})"
         ) from None
+    if arr.size == 0 and arr.dtype.kind not in "iu":
+        # an empty array of floats (or objects, text...) is refused as a non-empty one is,
+        # and as the tree's value and the pools' index arrays are; an empty list or tuple,
+        # which numpy reads as float64, is no slots (as integers, so read again it passes)
+        if not isinstance(indices, (list, tuple)):
+            raise InvalidValueError(f"{name}: expected integer slot ids, got dtype {arr.dtype}")
+        arr = np.zeros(arr.shape, np.int64)
     if arr.dtype.kind == "f" and arr.size and not isinstance(indices, np.ndarray):
         # a sequence that numpy found no integer dtype for ([2**63, -1]); its floats, if
         # any, are refused below one by one
