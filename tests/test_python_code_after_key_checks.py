@@ -262,3 +262,49 @@ def test_value_rewritten_by_an_extra_key_property_over_a_booked_window() -> None
     # the windowed insert looked the rewritten slots up in the allocator's SWA mapping
     # (int32 min: 8 GiB before it) and crashed
     assert run_child(_VALUE_REWRITTEN_BOOKED_WINDOW).split() == ["done"]
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["no-allocator", "python-allocator"])
+def test_the_windowed_insert_keeps_the_value_it_checked(pool: bool) -> None:
+    """A windowed insert into a new namespace takes the namespace (running the extra_key's
+    ``__hash__`` again) after it checked the value and before it fills the new nodes: it
+    fills them from its own copy, so a value rewritten there is not what the tree keeps
+    (nor a slot id no check saw)."""
+    import numpy as np
+
+    from pymllm.mem_cache import RadixCache, RadixKey
+
+    class Pool:
+        def free(self, slots: object) -> None:
+            pass
+
+        def free_swa(self, slots: object) -> None:
+            pass
+
+    value = np.arange(1, 9, dtype=np.int32)
+    hashes = [0]
+
+    class Rewriting:
+        def __hash__(self) -> int:
+            hashes[0] += 1
+            if hashes[0] == 2:  # the namespace taken, after the value's checks
+                value[:] = 40
+            return 3
+
+        def __eq__(self, other: object) -> bool:
+            return self is other
+
+    ek = Rewriting()
+    cache = RadixCache(sliding_window_size=4, token_to_kv_pool_allocator=Pool() if pool else None)
+    cache.insert(RadixKey(list(range(1, 9)), ek), value, swa_evicted_seqlen=2)
+    assert value.tolist() == [40] * 8  # the hook ran
+    cache._check_invariants()
+    got = cache.match_prefix(RadixKey(list(range(1, 9)), ek))
+    assert got.prefix_len == 8
+    assert cache.total_size() == 8
+    node = got.last_node
+    values = []
+    while node is not None and node.parent is not None:
+        values = node.value.tolist() + values
+        node = node.parent
+    assert values == list(range(1, 9))
