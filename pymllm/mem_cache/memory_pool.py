@@ -30,6 +30,10 @@ Index lists are padded with slot 0 up to :func:`bucket_size` (16, 24, 32, 48, 64
 powers of two and the midpoints between), so a serving loop compiles each update a handful
 of times, not once per request size. For zero recompilation produce K/V at the bucket size
 in the model step (pad the batch); host (numpy) K/V of any length are padded on the host.
+A jitted call is also keyed on committed-ness and weak types: host, committed and weakly
+typed K/V share one compilation per bucket (a weakly typed array is made strong first);
+an uncommitted device array (``jnp.ones``, a step over uncommitted parameters) is taken as
+it is, at the cost of one more the first time (committing it every call would cost more).
 
 Interrupts: an update donates the old buffers when it is dispatched, and the pool stores the
 new ones when it returns; a ``KeyboardInterrupt`` raised in between (Python raises a pending
@@ -632,8 +636,8 @@ def _pad_pair(a: Any, b: Any, m: int, axis: int, shardings: tuple[Any, Any]) -> 
     """*a* and *b* (a call's K and V, or conv and temporal states: the same length) with
     zero rows appended along *axis* up to length *m*, as arrays the caller cannot change
     afterwards. A ``jax.Array`` is first placed on its sharding of *shardings* (see
-    ``_placed``: the padding compiles once per form too); two of them short of *m* are
-    padded in one jitted call."""
+    ``_placed``: its padding then compiles as the update does); two of them short of *m*
+    are padded in one jitted call."""
     if isinstance(a, jax.Array):
         a = _placed(a, shardings[0])
     if isinstance(b, jax.Array):
