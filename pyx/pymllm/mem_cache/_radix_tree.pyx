@@ -1259,7 +1259,7 @@ cdef uint64_t _ns_hash(const uint64_t* key, object x, Py_ssize_t depth) except? 
     cdef uint32_t words[2]
     cdef Py_ssize_t i, n
     cdef cnp.ndarray buf
-    if type(x) is float and (<double>x) == (<double>x) and (<float>x).is_integer():
+    if type(x) is float and float.is_integer(x):
         x = int(x)
     if PyLong_Check(x):
         v = PyLong_AsLongLongAndOverflow(x, &overflow)
@@ -1267,7 +1267,7 @@ cdef uint64_t _ns_hash(const uint64_t* key, object x, Py_ssize_t depth) except? 
             # Python's hash but for -1 (which hashes as -2): so an equal float or numpy
             # int, hashed by its own hash below, lands with it
             return _siphash(key[0], key[1], <uint64_t>(-2 if v == -1 else v), NULL, 0, 1, 3)
-        n = ((<object>x).bit_length() + 8 + 31) // 32   # 4-byte words, sign bit included
+        n = (int.bit_length(x) + 1 + 31) // 32   # 4-byte words, the sign bit included
         raw = int.__int__(x).to_bytes(4 * n, "little", signed=True)
         buf = np.frombuffer(raw, dtype="<u4")
         return _siphash(key[0], key[1], 1, <const uint32_t*>cnp.PyArray_DATA(buf), n, 1, 3)
