@@ -195,3 +195,18 @@ def test_an_empty_non_integer_array_of_slots_is_refused(swa: bool, dtype: object
         call([])
         call(())
     alloc._check_invariants()
+
+
+@pytest.mark.parametrize("typecode", ["d", "f"])
+def test_an_empty_float_array_array_of_slots_is_refused(typecode: str) -> None:
+    """An ``array.array`` is read as a list (whose emptiness says nothing of its type): an
+    empty one of floats was taken as no slots while a non-empty one was refused."""
+    import array
+
+    alloc = TokenToKVPoolAllocator(16)
+    for arr in (array.array(typecode), array.array(typecode, [1.0])):
+        for call in (alloc.free, alloc.is_allocated, lambda x: alloc.alloc(2, prefix=x)):
+            with pytest.raises(InvalidValueError, match="expected integer slot ids"):
+                call(arr)
+    alloc.free(array.array("i"))  # an empty one of ints is no slots
+    alloc._check_invariants()

@@ -10,14 +10,18 @@ prompts spread out in a tree keyed at random. The probe distances come from the 
 
 from __future__ import annotations
 
+import collections
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import pytest
 
-from pymllm.mem_cache import RadixCache, RadixKey
+from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
 from pymllm.mem_cache._radix_tree import (
     _map_probe_stats,
+    _namespace_hash,
     _page_hash_for_test,
     _set_hash_key,
     _siphash_for_test,
@@ -159,54 +163,121 @@ def test_paged_and_namespaced_trees_find_every_page_under_a_random_key(page_size
 
 _P61 = 2**61 - 1  # Python hashes an int modulo this: k + i * _P61 all hash alike
 
-
-class _Tenant(int):
-    """An int extra_key (a tenant or adapter id) that counts the comparisons made on it."""
-
-    eqs = 0
-
-    def __eq__(self, other: object) -> bool:
-        _Tenant.eqs += 1
-        return int.__eq__(self, other)
-
-    __hash__ = int.__hash__
+Adapter = collections.namedtuple("Adapter", "tenant lora")
 
 
 @pytest.mark.parametrize(
     "make",
     [
-        lambda i: _Tenant(7 + i * _P61),
-        lambda i: (_Tenant(7 + i * _P61), "lora"),  # a tuple hashes its items' hashes
+        lambda i: 7 + i * _P61,
+        lambda i: -(7 + i * _P61),
+        lambda i: (7 + i * _P61, "lora"),  # a tuple's hash mixes its items' hashes
+        lambda i: Adapter(7 + i * _P61, "lora"),
+        lambda i: ((7 + i * _P61,), 3),
     ],
-    ids=["int", "tuple"],
+    ids=["int", "negative", "tuple", "namedtuple", "nested"],
 )
-def test_extra_keys_whose_python_hashes_collide_cost_no_walk(make: Any) -> None:
-    """The namespace registry hashes extra_keys with a key of the tree's: 400 tenants whose
-    Python hashes are all one cost a match or an insert one comparison (with the equal
-    key), not one per colliding namespace, as a dict keyed by the extra_key did."""
+def test_extra_keys_whose_python_hashes_collide_spread_in_the_registry(make: Any) -> None:
+    """The namespace registry (a dict) filed extra_keys under their Python hash: 400
+    tenants whose hashes are all one made a match or an insert compare with each of them.
+    It files them under a hash keyed with the tree's random key, of an int's value and of
+    a tuple's items: all 400 differ, and each is found (one comparison, with its equal)."""
     n = 400
     cache = RadixCache()
+    assert len({hash(make(i)) for i in range(n)}) == 1
+    assert len({_namespace_hash(cache, make(i)) for i in range(n)}) == n
     for i in range(n):
         cache.insert(RadixKey([1, 2, 3], make(i)))
-    assert len({hash(make(i)) for i in range(n)}) == 1
-    _Tenant.eqs = 0
-    for i in range(n):  # equal keys, new objects: a comparison finds each namespace
+    for i in range(n):
         assert cache.match_prefix(RadixKey([1, 2, 3], make(i))).prefix_len == 3
         cache.insert(RadixKey([1, 2, 3, 4], make(i)))
-    assert _Tenant.eqs <= 2 * 2 * n, _Tenant.eqs / (2 * n)  # a dict: about n/2 a call
     cache._check_invariants()
     assert cache.total_size() == 4 * n
+    other = RadixCache()  # another tree, another key
+    assert _namespace_hash(other, make(0)) != _namespace_hash(cache, make(0))
 
 
-def test_extra_keys_python_finds_equal_still_share_a_namespace() -> None:
-    """Hashing by value keeps Python's equality: 1, True, 1.0 and numpy's 1 are one
-    namespace, as are -1 and -1.0 (Python hashes -1 as -2), 2**70 and its float, and tuples
-    of such items; keys that differ never share one."""
+def _shares(kind: str, a: object, b: object) -> bool:
+    """Whether a key under extra_key *b* finds what was inserted under *a*."""
+    if kind == "mamba":
+        cache: Any = MambaRadixCache()
+        cache.insert(RadixKey([5, 6], a), np.arange(1, 3, dtype=np.int32), mamba_value=1)
+    else:
+        cache = RadixCache(sliding_window_size=4 if kind == "swa" else None)
+        cache.insert(RadixKey([5, 6], a), np.arange(1, 3, dtype=np.int32))
+    got = cache.match_prefix(RadixKey([5, 6], b)).prefix_len == 2
+    cache._check_invariants()
+    return got
+
+
+class _Mod10(int):
+    """An int subclass with an equality of its own (consistent with its hash)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, int) and int(self) % 10 == int(other) % 10
+
+    def __hash__(self) -> int:
+        return int(self) % 10
+
+
+_EQUAL = [
+    (1, True),
+    (1, 1.0),
+    (1, np.int64(1)),
+    (1, Fraction(1)),
+    (1, Decimal(1)),
+    (1, 1 + 0j),
+    (-1, -1.0),
+    (-1, np.int64(-1)),
+    (0, -0.0),
+    (2**70, float(2**70)),
+    (2**70, Decimal(2**70)),
+    (_P61, np.int64(_P61)),
+    (-_P61, np.int64(-_P61)),
+    (2**62, np.int64(2**62)),
+    (-(2**63), np.int64(-(2**63))),
+    (2**63, np.uint64(2**63)),
+    (2**61, np.float64(2.0**61)),
+    (0.5, Fraction(1, 2)),
+    ((1, "a", (2, 3.0)), (True, "a", (2.0, 3))),
+    ((1, "lora"), Adapter(1, "lora")),
+    ((0, (1, "lora")), (0, Adapter(1, "lora"))),
+    (_Mod10(3), _Mod10(13)),
+]
+
+
+@pytest.mark.parametrize("kind", ["full", "swa", "mamba"])
+@pytest.mark.parametrize(("a", "b"), _EQUAL, ids=[f"{a!r}={b!r}"[:40] for a, b in _EQUAL])
+def test_extra_keys_python_finds_equal_share_a_namespace(kind: str, a: Any, b: Any) -> None:
+    """Hashing by value keeps Python's equality: numbers equal to an int are hashed as
+    that int (numpy's, floats, Fraction, Decimal, complex; past 2**61 too), a namedtuple
+    as the equal tuple, an int subclass with an equality of its own by its own hash."""
+    assert a == b and hash(a) == hash(b)
+    assert _shares(kind, a, b) and _shares(kind, b, a)
+
+
+@pytest.mark.parametrize(
+    "b", [2, -2, 2**70 + 1, 1.5, (1,), (1, "a"), "1", None, _Mod10(4), Fraction(3, 2)]
+)
+def test_extra_keys_that_differ_never_share_a_namespace(b: Any) -> None:
+    for a in (1, -1, 2**70, (1, "b"), _Mod10(3)):
+        assert a != b
+        assert not _shares("full", a, b)
+
+
+class _Unhashable(int):
+    __hash__ = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("ek", [_Unhashable(3), (_Unhashable(3), "x"), [1], (1, [1])])
+def test_an_unhashable_extra_key_is_refused(ek: Any) -> None:
+    """An int subclass made unhashable was hashed by its value, and accepted."""
     cache = RadixCache()
-    for ek in (1, -1, 2**70, (1, "a", (2, 3.0))):
-        cache.insert(RadixKey([5, 6], ek))
-    for ek in (True, 1.0, np.int64(1), -1.0, np.int64(-1), float(2**70), (True, "a", (2.0, 3))):
-        assert cache.match_prefix(RadixKey([5, 6], ek)).prefix_len == 2, ek
-    for ek in (2, -2, 2**70 + 1, 1.5, (1,), (1, "a", (2, 4)), "1", None):
-        assert cache.match_prefix(RadixKey([5, 6], ek)).prefix_len == 0, ek
-    assert cache.total_size() == 8
+    for call in (
+        lambda: cache.insert(RadixKey([1, 2], ek)),
+        lambda: cache.match_prefix(RadixKey([1, 2], ek)),
+    ):
+        with pytest.raises(TypeError, match="extra_key: must be hashable"):
+            call()
+    cache._check_invariants()
+    assert cache.total_size() == 0

@@ -36,6 +36,7 @@ cimport cython
 cimport numpy as cnp
 import numpy as np
 import os as _os
+from numbers import Number as _Number, Real as _Real
 import sys
 from hashlib import sha256 as _sha256
 from os import urandom as _urandom
@@ -574,6 +575,11 @@ def _namespace_ids(RadixTreeCore tree):
     """Test hook: (ids ever handed out, ids free for reuse, namespaces registered now) of
     the tree's namespace table, the root namespace included."""
     return len(tree._ns_keys), len(tree._free_ns_ids()), len(tree._ns_ids)
+
+
+def _namespace_hash(RadixTreeCore tree, extra_key, int32_t arity=0):
+    """Test hook: the hash the tree's namespace registry files (extra_key, arity) under."""
+    return _ns_key(tree.ns_hash_key, extra_key, arity).h
 
 
 def _set_map_tuning(per_entry, minimum, initial_capacity):
@@ -1242,44 +1248,78 @@ cdef int _alloc_swa_suffix(int64_t matched, int64_t aligned, int64_t es, int32_t
 # mix of its items' hashes, so pairs of ints with one hash are cheap to make. Tenants or
 # adapters named by such ints made every match and insert under them cost one __eq__ per
 # colliding namespace. The registry hashes its keys with SipHash under a random key of the
-# tree's instead: an int (bool, int subclass, integral float) by its value, a tuple by its
-# items' keyed hashes, anything else (str, bytes: already salted per process) by its own
-# hash. Numbers Python finds equal keep one keyed hash where their Python hashes are their
-# values (|v| < 2**61 - 1), as equal extra_keys share a namespace; equality stays Python's
+# tree's instead: an int (a bool, an int subclass that compares as int does, any number
+# equal to an int: an integral float, numpy int, Fraction, Decimal) by its value, a tuple
+# (or a subclass that compares as tuple does: a namedtuple) by its items' keyed hashes,
+# anything else (str, bytes: already salted per process) by its own hash. Equal numbers
+# thus keep one keyed hash, as equal extra_keys share a namespace; equality stays Python's
 # ==, so two keys share a namespace only if equal.
 cdef Py_ssize_t _NS_HASH_DEPTH = 32    # tuples nested deeper: their own hash past this
 cdef long long _NS_HASH_SPAN = (1LL << 61) - 2   # Python's int hash is the value within
 
 
+cdef uint64_t _int_ns_hash(const uint64_t* key, object n) except? 0:
+    """The keyed hash of the exact int *n* (its value's)."""
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(n, &overflow)
+    cdef Py_ssize_t words
+    cdef cnp.ndarray buf
+    if not overflow and -_NS_HASH_SPAN <= v <= _NS_HASH_SPAN:
+        # Python's hash but for -1 (which hashes as -2): so an equal number of a type not
+        # read as an int below (a user's, say), hashed by its own hash, lands with it
+        return _siphash(key[0], key[1], <uint64_t>(-2 if v == -1 else v), NULL, 0, 1, 3)
+    words = (int.bit_length(n) + 1 + 31) // 32   # 4-byte words, the sign bit included
+    buf = np.frombuffer(int.to_bytes(n, 4 * words, "little", signed=True), dtype="<u4")
+    return _siphash(key[0], key[1], 1, <const uint32_t*>cnp.PyArray_DATA(buf), words, 1, 3)
+
+
+cdef object _integral_value(object x):
+    """The int equal to the number *x* (a float, a numpy number, a Fraction, a Decimal, a
+    complex with no imaginary part: what ``numbers.Number`` covers), or None: every number
+    equal to an int is hashed as that int, so that equal extra_keys share a namespace past
+    the range where Python's hash of an int is its value."""
+    if not isinstance(x, _Number):
+        return None
+    try:
+        if not isinstance(x, _Real):
+            if x.imag != 0:
+                return None
+            x = x.real
+        n = int(x)
+        return n if n == x else None
+    except (TypeError, ValueError, ArithmeticError):   # nan, inf, a signalling Decimal
+        return None
+
+
+cdef inline bint _plain(object t, object base):
+    """Whether the subclass *t* of *base* compares and hashes as *base* does."""
+    return t.__eq__ is base.__eq__ and t.__hash__ is base.__hash__
+
+
 cdef uint64_t _ns_hash(const uint64_t* key, object x, Py_ssize_t depth) except? 0:
     """The registry's keyed hash of the extra_key *x* (see above)."""
-    cdef int overflow = 0
-    cdef long long v
-    cdef uint64_t h
+    cdef uint64_t h, v
     cdef uint32_t words[2]
     cdef Py_ssize_t i, n
-    cdef cnp.ndarray buf
-    if type(x) is float and float.is_integer(x):
-        x = int(x)
-    if PyLong_Check(x):
-        v = PyLong_AsLongLongAndOverflow(x, &overflow)
-        if not overflow and -_NS_HASH_SPAN <= v <= _NS_HASH_SPAN:
-            # Python's hash but for -1 (which hashes as -2): so an equal float or numpy
-            # int, hashed by its own hash below, lands with it
-            return _siphash(key[0], key[1], <uint64_t>(-2 if v == -1 else v), NULL, 0, 1, 3)
-        n = (int.bit_length(x) + 1 + 31) // 32   # 4-byte words, the sign bit included
-        raw = int.__int__(x).to_bytes(4 * n, "little", signed=True)
-        buf = np.frombuffer(raw, dtype="<u4")
-        return _siphash(key[0], key[1], 1, <const uint32_t*>cnp.PyArray_DATA(buf), n, 1, 3)
-    if type(x) is tuple and depth < _NS_HASH_DEPTH:
+    cdef object t = type(x)
+    if t is str or t is bytes:
+        return _siphash(key[0], key[1], <uint64_t>hash(x), NULL, 0, 1, 3)
+    if t is int or t is bool or (PyLong_Check(x) and _plain(t, int)):
+        return _int_ns_hash(key, int.__int__(x) if t is not int else x)
+    if (t is tuple or (PyTuple_Check(x) and _plain(t, tuple))) and depth < _NS_HASH_DEPTH:
         n = len(<tuple>x)
         h = _siphash(key[0], key[1], <uint64_t>n, NULL, 0, 1, 3)
         for i in range(n):
-            v = <long long>_ns_hash(key, (<tuple>x)[i], depth + 1)
-            words[0] = <uint32_t>(<uint64_t>v)
-            words[1] = <uint32_t>(<uint64_t>v >> 32)
+            v = _ns_hash(key, (<tuple>x)[i], depth + 1)
+            words[0] = <uint32_t>v
+            words[1] = <uint32_t>(v >> 32)
             h = _siphash(key[0], key[1], h, words, 2, 1, 3)
         return h
+    if not PyLong_Check(x):
+        value = _integral_value(x)
+        if value is not None:
+            return _int_ns_hash(key, value)
+    # anything else (an int or tuple subclass with its own equality too): its own hash
     return _siphash(key[0], key[1], <uint64_t>hash(x), NULL, 0, 1, 3)
 
 
