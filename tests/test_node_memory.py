@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import heap_bytes_in_use, run_child  # tests/ is on sys.path (rootdir conftest)
 
-from pymllm.mem_cache import RadixCache, RadixKey
+from pymllm.mem_cache import RadixCache, RadixKey, TokenToKVPoolAllocator
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallinfo2 is glibc's")
 
@@ -172,3 +172,22 @@ cache._check_invariants()
 
 def test_out_of_memory_inserting_into_a_new_namespace_leaves_no_namespace_behind() -> None:
     assert run_child(NEW_NAMESPACE_OUT_OF_MEMORY, timeout=120).split() == ["MemoryError", "0", "0"]
+
+
+def test_reset_gives_back_the_scratch_buffers() -> None:
+    """The scratch buffers kept their peak size after ``reset()``, which itself sized one
+    to the whole tree (its copy-out of every slot): an emptied cache held on to memory of
+    its largest moment. They are given back, and grow again as calls need them."""
+    alloc = TokenToKVPoolAllocator(300_000)
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    for i in range(50):
+        tokens = list(range(i * 4_000 + 1, (i + 1) * 4_000 + 1))  # a list key: scratch
+        cache.insert(RadixKey(tokens), alloc.alloc(4_000))
+    assert cache._storage_state()["scratch_bytes"] >= 4_000 * 4
+    cache.reset()
+    assert cache._storage_state()["scratch_bytes"] == 0
+    assert alloc.available_size() == 300_000
+    cache.insert(RadixKey([1, 2, 3]), alloc.alloc(3))
+    assert cache.match_prefix(RadixKey([1, 2, 3])).prefix_len == 3
+    assert 0 < cache._storage_state()["scratch_bytes"] < 4_000 * 4
+    cache._check_invariants()

@@ -1368,6 +1368,12 @@ cdef class _Scratch:
     def __dealloc__(self):
         free(self.data)
 
+    cdef void release(self) noexcept:
+        """Give the buffer back (it grows again from nothing on the next reserve)."""
+        free(self.data)
+        self.data = NULL
+        self.cap = 0
+
     cdef inline void* reserve(self, int64_t n) except NULL:
         if n > self.cap and _scratch_fuse >= 0:  # test hook, checked on growth only
             _burn_scratch_fuse()
@@ -3809,7 +3815,30 @@ cdef class RadixTreeCore:
             self._init_storage()
         finally:  # the slots and states copied out above leave the tree either way
             self.n_states_out = n_states
-            self._after_evict(total, 0)
+            try:
+                self._after_evict(total, 0)
+            finally:
+                # the scratch buffers go too: the copy-out above sized one to the whole
+                # tree, and an emptied cache should hold no memory of its peak
+                self._release_scratch()
+
+    cdef void _release_scratch(self) noexcept:
+        self._tok_scratch.release()
+        self._val_scratch.release()
+        self._idx_out.release()
+        self._nid_scratch.release()
+        self._flag_scratch.release()
+        self._key_pin.release()
+        self._state_out.release()
+        self._swa_out.release()
+
+    cdef int64_t _scratch_bytes(self) noexcept:
+        cdef _Scratch b
+        cdef int64_t total = 0
+        for b in (self._tok_scratch, self._val_scratch, self._idx_out, self._nid_scratch,
+                  self._flag_scratch, self._key_pin, self._state_out, self._swa_out):
+            total += b.cap * <int64_t>b.elsize
+        return total
 
     # -- introspection --------------------------------------------------------------------
 
@@ -3918,6 +3947,7 @@ cdef class RadixTreeCore:
             "map_draining": self.cmap.old != NULL,
             "map_old_capacity": self.cmap.old_mask + 1 if self.cmap.old != NULL else 0,
             "map_old_drained": self.cmap.old_next if self.cmap.old != NULL else 0,
+            "scratch_bytes": self._scratch_bytes(),
         }
 
     def _nodes(self):
