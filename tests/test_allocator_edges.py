@@ -5,6 +5,8 @@ five survivors and passes on the real code).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -197,14 +199,16 @@ def test_an_empty_non_integer_array_of_slots_is_refused(swa: bool, dtype: object
     alloc._check_invariants()
 
 
-@pytest.mark.parametrize("typecode", ["d", "f"])
+# "u" (text) is deprecated from Python 3.13 on: its warning would fail the run there
+@pytest.mark.parametrize("typecode", ["d", "f"] + (["u"] if sys.version_info < (3, 13) else []))
 def test_an_empty_float_array_array_of_slots_is_refused(typecode: str) -> None:
     """An ``array.array`` is read as a list (whose emptiness says nothing of its type): an
     empty one of floats was taken as no slots while a non-empty one was refused."""
     import array
 
     alloc = TokenToKVPoolAllocator(16)
-    for arr in (array.array(typecode), array.array(typecode, [1.0])):
+    item = "a" if typecode == "u" else 1.0
+    for arr in (array.array(typecode), array.array(typecode, [item])):
         for call in (alloc.free, alloc.is_allocated, lambda x: alloc.alloc(2, prefix=x)):
             with pytest.raises(InvalidValueError, match="expected integer slot ids"):
                 call(arr)

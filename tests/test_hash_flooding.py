@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import run_child  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
 from pymllm.mem_cache._radix_tree import (
@@ -174,8 +175,10 @@ Adapter = collections.namedtuple("Adapter", "tenant lora")
         lambda i: (7 + i * _P61, "lora"),  # a tuple's hash mixes its items' hashes
         lambda i: Adapter(7 + i * _P61, "lora"),
         lambda i: ((7 + i * _P61,), 3),
+        lambda i: Fraction(1 + 2 * i * _P61, 2),  # not integral: hashed by its ratio
+        lambda i: Decimal(f"{5 + 10 * i * _P61}e-1"),
     ],
-    ids=["int", "negative", "tuple", "namedtuple", "nested"],
+    ids=["int", "negative", "tuple", "namedtuple", "nested", "fraction", "decimal"],
 )
 def test_extra_keys_whose_python_hashes_collide_spread_in_the_registry(make: Any) -> None:
     """The namespace registry (a dict) filed extra_keys under their Python hash: 400
@@ -239,6 +242,11 @@ _EQUAL = [
     (2**63, np.uint64(2**63)),
     (2**61, np.float64(2.0**61)),
     (0.5, Fraction(1, 2)),
+    (0.5, Decimal("0.5")),
+    (0.5, np.float32(0.5)),
+    (2**70, np.longdouble(2**70)),
+    (1, np.complex64(1)),
+    (Decimal("-0"), 0),
     ((1, "a", (2, 3.0)), (True, "a", (2.0, 3))),
     ((1, "lora"), Adapter(1, "lora")),
     ((0, (1, "lora")), (0, Adapter(1, "lora"))),
@@ -281,3 +289,42 @@ def test_an_unhashable_extra_key_is_refused(ek: Any) -> None:
             call()
     cache._check_invariants()
     assert cache.total_size() == 0
+
+
+def test_a_number_with_a_huge_exponent_is_hashed_without_expanding_it() -> None:
+    """An earlier registry expanded a number equal to an int into that int: a 16-character
+    Decimal('1e999999999') would have taken hours. Past 10**1233 a Decimal (and a numpy
+    long double past float's range) is hashed by its own hash."""
+    out = run_child(
+        """
+        from decimal import Decimal
+        import numpy as np
+        from pymllm.mem_cache import RadixCache, RadixKey
+        cache = RadixCache()
+        keys = [Decimal("1e999999999"), Decimal("-1e-999999999"), np.longdouble("1e4000")]
+        for ek in keys:
+            cache.insert(RadixKey([1, 2], ek))
+        print(all(cache.match_prefix(RadixKey([1, 2], ek)).prefix_len == 2 for ek in keys))
+        """,
+        timeout=120,
+    )
+    assert out.split() == ["True"]
+
+
+def test_a_type_error_of_a_hashable_extra_keys_equality_is_its_own() -> None:
+    """Every TypeError of the registry's look-up was reported as "must be hashable", also
+    one raised by a hashable extra_key's ``__eq__``: that one now propagates as it is."""
+
+    class Touchy:
+        def __hash__(self) -> int:
+            return 5
+
+        def __eq__(self, other: object) -> bool:
+            raise TypeError("Touchy cannot compare")
+
+    cache = RadixCache()
+    cache.insert(RadixKey([1, 2], Touchy()))
+    with pytest.raises(TypeError, match="Touchy cannot compare"):
+        cache.match_prefix(RadixKey([1, 2], Touchy()))
+    cache._check_invariants()
+    assert cache.total_size() == 2

@@ -37,11 +37,14 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
       With a sliding window the same order picks the nodes whose window KV goes first.
 
     Namespaces: keys whose ``extra_key`` differ (by ``==``) never share a node; equal ones
-    (``1``, ``True``, ``1.0``, ``numpy.int64(1)``; a namedtuple and the equal tuple) share
-    one. The registry of extra_keys hashes them with a random key of the tree's (an int,
-    or a number equal to one, by its value; a tuple by its items; anything else by its own
-    hash), so extra_keys whose Python hashes collide (the ints ``k + i * (2**61 - 1)``)
-    cost a match or an insert no more than any others.
+    (``1``, ``True``, ``1.0``, ``numpy.int64(1)``, ``Fraction(1)``; a namedtuple and the
+    equal tuple) share one. The registry of extra_keys hashes them with a random key of
+    the tree's (ints by value; floats, complex, Fraction, Decimal and numpy numbers by
+    their exact ratio; tuples by their items; anything else by its own hash), so
+    extra_keys whose Python hashes collide (the ints ``k + i * (2**61 - 1)``) cost a match
+    or an insert no more than any others. An extra_key of your own class that compares
+    equal to an int past ``2**61`` or to a tuple may be kept apart from it: a miss, never
+    a wrong hit.
 
     KV slot ownership: ``match_prefix`` hands out the tree's slots (in a new array; the
     tree keeps owning them: lock ``last_node`` to keep them); ``insert`` takes

@@ -478,9 +478,11 @@ cdef object _integer_array(object indices, str name="indices"):
     come back as an object array of exact ints. Nesting that forms no array (ragged, or
     deeper than numpy's 64 dimensions) is ``InvalidValueError``. A sequence numpy would
     read item by item (a deque, a ``UserList``) is read once, as a list."""
-    if isinstance(indices, _array_type) and indices.typecode in "fd" and not len(indices):
+    if (isinstance(indices, _array_type) and indices.typecode not in "bBhHiIlLqQ"
+            and not len(indices)):
         # an array.array has a type of its own (read below as a list, whose emptiness
-        # would say nothing): an empty one of floats is refused as a non-empty one is
+        # would say nothing): an empty one of floats or text is refused as a non-empty
+        # one is
         raise InvalidValueError(
             f"{name}: expected integer slot ids, got an array.array of {indices.typecode!r}"
         )

@@ -36,7 +36,8 @@ cimport cython
 cimport numpy as cnp
 import numpy as np
 import os as _os
-from numbers import Number as _Number, Real as _Real
+from decimal import Decimal as _Decimal
+from fractions import Fraction as _Fraction
 import sys
 from hashlib import sha256 as _sha256
 from os import urandom as _urandom
@@ -1248,12 +1249,14 @@ cdef int _alloc_swa_suffix(int64_t matched, int64_t aligned, int64_t es, int32_t
 # mix of its items' hashes, so pairs of ints with one hash are cheap to make. Tenants or
 # adapters named by such ints made every match and insert under them cost one __eq__ per
 # colliding namespace. The registry hashes its keys with SipHash under a random key of the
-# tree's instead: an int (a bool, an int subclass that compares as int does, any number
-# equal to an int: an integral float, numpy int, Fraction, Decimal) by its value, a tuple
-# (or a subclass that compares as tuple does: a namedtuple) by its items' keyed hashes,
-# anything else (str, bytes: already salted per process) by its own hash. Equal numbers
-# thus keep one keyed hash, as equal extra_keys share a namespace; equality stays Python's
-# ==, so two keys share a namespace only if equal.
+# tree's instead: an int (a bool, an int subclass that compares as int does) by its value;
+# a float, complex, Fraction, Decimal or numpy number by its exact ratio (an integral one
+# as the equal int); a tuple (or a subclass that compares as tuple does: a namedtuple) by
+# its items' keyed hashes; anything else (str, bytes: already salted per process; a class
+# of the caller's) by its own hash. Equal keys of these types thus keep one keyed hash, as
+# equal extra_keys share a namespace. A key of the caller's own class that compares equal
+# to an int past 2**61 or to a tuple may be kept apart from it (a cache miss, never a
+# wrong hit): equality stays Python's ==, so two keys share a namespace only if equal.
 cdef Py_ssize_t _NS_HASH_DEPTH = 32    # tuples nested deeper: their own hash past this
 cdef long long _NS_HASH_SPAN = (1LL << 61) - 2   # Python's int hash is the value within
 
@@ -1273,22 +1276,46 @@ cdef uint64_t _int_ns_hash(const uint64_t* key, object n) except? 0:
     return _siphash(key[0], key[1], 1, <const uint32_t*>cnp.PyArray_DATA(buf), words, 1, 3)
 
 
-cdef object _integral_value(object x):
-    """The int equal to the number *x* (a float, a numpy number, a Fraction, a Decimal, a
-    complex with no imaginary part: what ``numbers.Number`` covers), or None: every number
-    equal to an int is hashed as that int, so that equal extra_keys share a namespace past
-    the range where Python's hash of an int is its value."""
-    if not isinstance(x, _Number):
-        return None
-    try:
-        if not isinstance(x, _Real):
-            if x.imag != 0:
-                return None
-            x = x.real
-        n = int(x)
-        return n if n == x else None
-    except (TypeError, ValueError, ArithmeticError):   # nan, inf, a signalling Decimal
-        return None
+# Decimals this far from 1 (10**1233 > 2**4096) are hashed by their own hash: their exact
+# ratio would be an int of thousands of digits (Decimal('1e999999999') is a short key)
+_INF = float("inf")
+cdef int _DECIMAL_EXPONENT_SPAN = 1233
+cdef int _FLOAT_EXPONENT_SPAN = 1100   # numpy's long doubles past float's range: likewise
+# the numpy scalar types of numbers: their equality is their value's (bool_ is not one)
+_NUMPY_NUMBERS = frozenset(
+    t for t in set(np.sctypeDict.values()) if isinstance(t, type) and issubclass(t, np.number)
+)
+
+
+cdef object _exact_ratio(object x):
+    """``(numerator, denominator)`` of the number *x* when its type's equality is its
+    value's and the ratio is cheap to get: a float, complex with no imaginary part,
+    Fraction, Decimal or numpy number (their exact types only; a subclass may compare
+    otherwise); else None, and *x* is hashed by its own hash. Equal numbers of these types
+    have one ratio, so they share a namespace with each other and with the equal int."""
+    t = type(x)
+    if t is complex or (t in _NUMPY_NUMBERS and isinstance(x, np.complexfloating)):
+        if x.imag != 0:
+            return None
+        x = x.real
+        t = type(x)
+    if t is float:
+        if x != x or x == _INF or x == -_INF:
+            return None
+        return float.as_integer_ratio(x)
+    if t is _Fraction:
+        return (x.numerator, x.denominator)
+    if t is _Decimal:
+        if not x.is_finite() or abs(x.adjusted()) > _DECIMAL_EXPONENT_SPAN:
+            return None
+        return x.as_integer_ratio()
+    if t in _NUMPY_NUMBERS:
+        if isinstance(x, np.integer):
+            return (int(x), 1)
+        if not np.isfinite(x) or (x != 0 and abs(int(np.frexp(x)[1])) > _FLOAT_EXPONENT_SPAN):
+            return None
+        return x.as_integer_ratio()
+    return None
 
 
 cdef inline bint _plain(object t, object base):
@@ -1315,10 +1342,15 @@ cdef uint64_t _ns_hash(const uint64_t* key, object x, Py_ssize_t depth) except? 
             words[1] = <uint32_t>(v >> 32)
             h = _siphash(key[0], key[1], h, words, 2, 1, 3)
         return h
-    if not PyLong_Check(x):
-        value = _integral_value(x)
-        if value is not None:
-            return _int_ns_hash(key, value)
+    ratio = _exact_ratio(x)
+    if ratio is not None:
+        if ratio[1] == 1:
+            return _int_ns_hash(key, ratio[0])
+        v = _int_ns_hash(key, ratio[1])
+        h = _int_ns_hash(key, ratio[0])
+        words[0] = <uint32_t>v
+        words[1] = <uint32_t>(v >> 32)
+        return _siphash(key[0], key[1], h, words, 2, 1, 3)
     # anything else (an int or tuple subclass with its own equality too): its own hash
     return _siphash(key[0], key[1], <uint64_t>hash(x), NULL, 0, 1, 3)
 
@@ -1976,7 +2008,11 @@ cdef class RadixTreeCore:
         try:
             return self._ns_ids.get(_ns_key(self.ns_hash_key, extra_key, arity), -1)
         except TypeError:
-            raise TypeError(f"extra_key: must be hashable, got {extra_key!r:.60} ({type(extra_key).__name__})") from None
+            try:    # an unhashable key's error is named so; any other (its __eq__'s) stays
+                hash(extra_key)
+            except TypeError:
+                raise TypeError(f"extra_key: must be hashable, got {extra_key!r:.60} ({type(extra_key).__name__})") from None
+            raise
 
     cdef int32_t _find_ns_late(self, object extra_key, int32_t arity) except -2:
         """_find_ns for an insert, run before its value is read (the look-up runs the
