@@ -473,17 +473,29 @@ class Engine:
 
     # -- slots ------------------------------------------------------------------------------
 
-    def _kv_cannot_fit(self, n: int) -> bool:
-        """Whether ``n`` new KV slots stay out of reach even after evicting all the tree
-        may free, as far as the cache's ``evictable_size`` (and ``swa_evictable_size``)
-        tell; False when the cache does not report them."""
-        alloc, cache = self._alloc, self.cache
+    def _kv_short(self, n: int) -> tuple[int, int]:
+        """How many slots the full and the SWA pool lack for ``n`` new KV slots (without an
+        SWA pool, the one pool's shortfall twice)."""
+        alloc = self._alloc
+        if self.memory.swa_pool is None:
+            short = n - alloc.available_size()
+            return short, short
+        return (
+            n - alloc.full_available_size(),  # type: ignore[union-attr]
+            n - alloc.swa_available_size(),  # type: ignore[union-attr]
+        )
+
+    def _kv_cannot_fit(self, n: int, short: tuple[int, int] | None = None) -> bool:
+        """Whether ``n`` new KV slots (lacking ``short``, from ``_kv_short``, when given)
+        stay out of reach even after evicting all the tree may free, as far as the cache's
+        ``evictable_size`` (and ``swa_evictable_size``) tell; False when the cache does not
+        report them."""
         if not self._sizes_known:
             return False
+        cache = self.cache
+        full_short, swa_short = self._kv_short(n) if short is None else short
         if self.memory.swa_pool is None:
-            return n - alloc.available_size() > cache.evictable_size()
-        full_short = n - alloc.full_available_size()  # type: ignore[union-attr]
-        swa_short = n - alloc.swa_available_size()  # type: ignore[union-attr]
+            return full_short > cache.evictable_size()
         # with a window the tree frees SWA KV alone (tombstones): its live SWA KV at most;
         # without, freeing a token frees both of its slots
         swa_room = cache.swa_evictable_size() if self._window else cache.evictable_size()
@@ -494,23 +506,20 @@ class Engine:
         None, with nothing evicted, when even evicting all the tree may free would leave
         it short (a request retried every step would otherwise flush the cache for
         nothing while it waits for running requests to end): see ``_kv_cannot_fit``."""
-        alloc, cache = self._alloc, self.cache
-        if self._kv_cannot_fit(n):
+        short = full_short, swa_short = self._kv_short(n)
+        if self._kv_cannot_fit(n, short):
             return None
+        cache = self.cache
         if self.memory.swa_pool is None:
-            short = n - alloc.available_size()
-            if short > 0:
-                self._evicted += cache.evict(short).full_evicted
-        else:
-            full_short = n - alloc.full_available_size()  # type: ignore[union-attr]
-            swa_short = n - alloc.swa_available_size()  # type: ignore[union-attr]
-            if full_short > 0 or swa_short > 0:
-                if self._window:
-                    res = cache.evict(max(full_short, 0), max(swa_short, 0))
-                else:
-                    res = cache.evict(max(full_short, swa_short))
-                self._evicted += res.full_evicted
-        return alloc.alloc(n, prefix=prefix)
+            if full_short > 0:
+                self._evicted += cache.evict(full_short).full_evicted
+        elif full_short > 0 or swa_short > 0:
+            if self._window:
+                res = cache.evict(max(full_short, 0), max(swa_short, 0))
+            else:
+                res = cache.evict(max(full_short, swa_short))
+            self._evicted += res.full_evicted
+        return self._alloc.alloc(n, prefix=prefix)
 
     def _alloc_state(self) -> int | None:
         pool = self.memory.state_pool
