@@ -235,10 +235,11 @@ class RadixKey:
     a 1-D integer numpy array (taken without a copy by the compiled caches). ``extra_key``
     isolates independent namespaces so that sequences with identical leading tokens but
     different adapters / LoRA ids / multimodal context hashes never share prefix nodes.
-    The caches look namespaces up in a Python dict, so an ``extra_key`` taken from untrusted
-    input should be a ``str`` or ``bytes`` (hashed with the interpreter's random key): ints
-    hash to themselves, and ints chosen to share one hash make each namespace lookup walk
-    all of them.
+    Equal ``extra_key`` values (by ``==``: ``1``, ``1.0``, ``numpy.int64(1)``) share a
+    namespace. The compiled caches find namespaces through a registry hashed with a random
+    key of each tree's own, so extra_keys chosen to collide in Python's hash (the ints
+    ``k + i * (2**61 - 1)``) cost a lookup no more than any others; an extra_key of a class
+    of your own is hashed by its own ``__hash__``.
     """
 
     __slots__ = ("token_ids", "extra_key")  # noqa: RUF023 (the seed's order)

@@ -857,9 +857,27 @@ cdef extern from *:
 
     /* items[i:n] read four at a time while a whole group of four is small non-negative
        ints: returns where it stopped, a group with another item or the last n % 4 items,
-       for the one-at-a-time loop. */
+       for the one-at-a-time loop. A key's ints are usually read from memory (a list made
+       by the tokenizer, not read since): while it reads a group, it asks the CPU for the
+       ints PYMLLM_INTS_AHEAD items on (two loads per group of four 32-byte ints, one per
+       cache line when they lie in order, as a list's fresh ints do). Builds paired round
+       by round: reading each of the issue-2 workload's 4,000 list keys once took 0.89x
+       the time (quartiles 0.84-0.93, 30 rounds; 64 and 128 items on did no better), and
+       the workload with list keys 0.95x (0.92-1.00, 60 rounds). */
+    #define PYMLLM_INTS_AHEAD 32
+    #if defined(__GNUC__) || defined(__clang__)
+    #define PYMLLM_PREFETCH(p) __builtin_prefetch(p)
+    #else
+    #define PYMLLM_PREFETCH(p) ((void)0)
+    #endif
     static inline Py_ssize_t pymllm_small_nonneg_run(PyObject** items, Py_ssize_t i,
                                                      Py_ssize_t n, uint32_t* out) {
+        for (; i + 4 + PYMLLM_INTS_AHEAD <= n; i += 4) {
+            PYMLLM_PREFETCH(items[i + PYMLLM_INTS_AHEAD]);
+            PYMLLM_PREFETCH(items[i + PYMLLM_INTS_AHEAD + 2]);
+            if (!pymllm_small_nonneg4(items[i], items[i + 1], items[i + 2], items[i + 3], out + i))
+                return i;
+        }
         for (; i + 4 <= n; i += 4)
             if (!pymllm_small_nonneg4(items[i], items[i + 1], items[i + 2], items[i + 3], out + i))
                 break;
