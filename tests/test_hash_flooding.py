@@ -311,6 +311,31 @@ def test_a_number_with_a_huge_exponent_is_hashed_without_expanding_it() -> None:
     assert out.split() == ["True"]
 
 
+def test_numbers_past_the_exact_ratio_spans_are_kept_apart_as_documented() -> None:
+    """The exception RadixCache's docstring lists (a review of session 31 found it
+    undocumented): a Decimal of 10**1233 shares the equal int's namespace, one of 10**1234
+    (or 10**-1234) is hashed by its own hash and kept apart from the equal int or Fraction,
+    a miss that never turns into a wrong hit."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    cases = [
+        (10**1233, Decimal("1e1233"), 2),
+        (Fraction(1, 10**1233), Decimal("1e-1233"), 2),
+        (10**1234, Decimal("1e1234"), 0),
+        (Fraction(1, 10**1234), Decimal("1e-1234"), 0),
+    ]
+    for stored, asked, shared in cases:
+        assert stored == asked
+        cache = RadixCache()
+        cache.insert(RadixKey([1, 2], stored))
+        assert cache.match_prefix(RadixKey([1, 2], asked)).prefix_len == shared
+        cache.insert(RadixKey([1, 2, 3], asked))    # its own namespace when kept apart
+        assert cache.total_size() == (3 if shared else 5)
+        assert cache.match_prefix(RadixKey([1, 2, 3], stored)).prefix_len == (3 if shared else 2)
+        cache._check_invariants()
+
+
 def test_a_type_error_of_a_hashable_extra_keys_equality_is_its_own() -> None:
     """Every TypeError of the registry's look-up was reported as "must be hashable", also
     one raised by a hashable extra_key's ``__eq__``: that one now propagates as it is."""

@@ -42,9 +42,12 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     the tree's (ints by value; floats, complex, Fraction, Decimal and numpy numbers by
     their exact ratio; tuples by their items; anything else by its own hash), so
     extra_keys whose Python hashes collide (the ints ``k + i * (2**61 - 1)``) cost a match
-    or an insert no more than any others. An extra_key of your own class that compares
-    equal to an int past ``2**61`` or to a tuple may be kept apart from it: a miss, never
-    a wrong hit.
+    or an insert no more than any others. Kept apart although equal (a miss, never a
+    wrong hit): an extra_key of your own class and the int past ``2**61`` or the tuple it
+    compares equal to; a ``Decimal`` beyond ``10**1233`` in size (or below ``10**-1233``)
+    or a numpy long double beyond ``2**1100`` (or below ``2**-1100``) and the equal int,
+    Fraction or float. Those are hashed by their own hash rather than expanded into their
+    exact ratio, an int that could take hours to build (``Decimal('1e999999999')``).
 
     KV slot ownership: ``match_prefix`` hands out the tree's slots (in a new array; the
     tree keeps owning them: lock ``last_node`` to keep them); ``insert`` takes

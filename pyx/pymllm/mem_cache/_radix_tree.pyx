@@ -1274,7 +1274,9 @@ cdef int _alloc_swa_suffix(int64_t matched, int64_t aligned, int64_t es, int32_t
 # of the caller's) by its own hash. Equal keys of these types thus keep one keyed hash, as
 # equal extra_keys share a namespace. A key of the caller's own class that compares equal
 # to an int past 2**61 or to a tuple may be kept apart from it (a cache miss, never a
-# wrong hit): equality stays Python's ==, so two keys share a namespace only if equal.
+# wrong hit), and so are a Decimal or numpy long double far from 1 (past the spans below)
+# and the equal int, Fraction or float: equality stays Python's ==, so two keys share a
+# namespace only if equal.
 cdef Py_ssize_t _NS_HASH_DEPTH = 32    # tuples nested deeper: their own hash past this
 cdef long long _NS_HASH_SPAN = (1LL << 61) - 2   # Python's int hash is the value within
 
