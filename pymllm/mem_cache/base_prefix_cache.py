@@ -236,10 +236,11 @@ class RadixKey:
     isolates independent namespaces so that sequences with identical leading tokens but
     different adapters / LoRA ids / multimodal context hashes never share prefix nodes.
     Equal ``extra_key`` values (by ``==``: ``1``, ``1.0``, ``numpy.int64(1)``) share a
-    namespace, but for the few kept apart that ``RadixCache`` lists. The compiled caches find namespaces through a registry hashed with a random
-    key of each tree's own, so extra_keys chosen to collide in Python's hash (the ints
-    ``k + i * (2**61 - 1)``) cost a lookup no more than any others; an extra_key of a class
-    of your own is hashed by its own ``__hash__``.
+    namespace, but for the few kept apart that ``RadixCache`` lists. The compiled caches
+    find namespaces through a registry hashed with a random key of each tree's own, so
+    extra_keys chosen to collide in Python's hash (the ints ``k + i * (2**61 - 1)``) cost a
+    lookup no more than any others; an extra_key of a class of your own is hashed by its
+    own ``__hash__``.
     """
 
     __slots__ = ("token_ids", "extra_key")  # noqa: RUF023 (the seed's order)
