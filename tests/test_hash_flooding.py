@@ -330,7 +330,7 @@ def test_numbers_past_the_exact_ratio_spans_are_kept_apart_as_documented() -> No
         cache = RadixCache()
         cache.insert(RadixKey([1, 2], stored))
         assert cache.match_prefix(RadixKey([1, 2], asked)).prefix_len == shared
-        cache.insert(RadixKey([1, 2, 3], asked))    # its own namespace when kept apart
+        cache.insert(RadixKey([1, 2, 3], asked))  # its own namespace when kept apart
         assert cache.total_size() == (3 if shared else 5)
         assert cache.match_prefix(RadixKey([1, 2, 3], stored)).prefix_len == (3 if shared else 2)
         cache._check_invariants()
