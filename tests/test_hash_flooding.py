@@ -316,9 +316,6 @@ def test_numbers_past_the_exact_ratio_spans_are_kept_apart_as_documented() -> No
     undocumented): a Decimal of 10**1233 shares the equal int's namespace, one of 10**1234
     (or 10**-1234) is hashed by its own hash and kept apart from the equal int or Fraction,
     a miss that never turns into a wrong hit."""
-    from decimal import Decimal
-    from fractions import Fraction
-
     cases = [
         (10**1233, Decimal("1e1233"), 2),
         (Fraction(1, 10**1233), Decimal("1e-1233"), 2),
