@@ -1343,10 +1343,18 @@ cdef inline bint _plain(object t, object base):
     return t.__eq__ is base.__eq__ and t.__hash__ is base.__hash__
 
 
+cdef inline uint64_t _ns_mix(const uint64_t* key, uint64_t h, uint64_t v) noexcept:
+    """The keyed hash *h* extended by the 64-bit hash *v* (a tuple's next item, a ratio's
+    denominator)."""
+    cdef uint32_t words[2]
+    words[0] = <uint32_t>v
+    words[1] = <uint32_t>(v >> 32)
+    return _siphash(key[0], key[1], h, words, 2, 1, 3)
+
+
 cdef uint64_t _ns_hash(const uint64_t* key, object x, Py_ssize_t depth) except? 0:
     """The registry's keyed hash of the extra_key *x* (see above)."""
-    cdef uint64_t h, v
-    cdef uint32_t words[2]
+    cdef uint64_t h
     cdef Py_ssize_t i, n
     cdef object t = type(x)
     if t is str or t is bytes:
@@ -1357,20 +1365,13 @@ cdef uint64_t _ns_hash(const uint64_t* key, object x, Py_ssize_t depth) except? 
         n = len(<tuple>x)
         h = _siphash(key[0], key[1], <uint64_t>n, NULL, 0, 1, 3)
         for i in range(n):
-            v = _ns_hash(key, (<tuple>x)[i], depth + 1)
-            words[0] = <uint32_t>v
-            words[1] = <uint32_t>(v >> 32)
-            h = _siphash(key[0], key[1], h, words, 2, 1, 3)
+            h = _ns_mix(key, h, _ns_hash(key, (<tuple>x)[i], depth + 1))
         return h
     ratio = _exact_ratio(x)
     if ratio is not None:
         if ratio[1] == 1:
             return _int_ns_hash(key, ratio[0])
-        v = _int_ns_hash(key, ratio[1])
-        h = _int_ns_hash(key, ratio[0])
-        words[0] = <uint32_t>v
-        words[1] = <uint32_t>(v >> 32)
-        return _siphash(key[0], key[1], h, words, 2, 1, 3)
+        return _ns_mix(key, _int_ns_hash(key, ratio[0]), _int_ns_hash(key, ratio[1]))
     # anything else (an int or tuple subclass with its own equality too): its own hash
     return _siphash(key[0], key[1], <uint64_t>hash(x), NULL, 0, 1, 3)
 
