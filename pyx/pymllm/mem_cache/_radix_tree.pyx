@@ -872,15 +872,14 @@ cdef extern from *:
     #endif
     static inline Py_ssize_t pymllm_small_nonneg_run(PyObject** items, Py_ssize_t i,
                                                      Py_ssize_t n, uint32_t* out) {
-        for (; i + 4 + PYMLLM_INTS_AHEAD <= n; i += 4) {
-            PYMLLM_PREFETCH(items[i + PYMLLM_INTS_AHEAD]);
-            PYMLLM_PREFETCH(items[i + PYMLLM_INTS_AHEAD + 2]);
-            if (!pymllm_small_nonneg4(items[i], items[i + 1], items[i + 2], items[i + 3], out + i))
-                return i;
-        }
-        for (; i + 4 <= n; i += 4)
+        for (; i + 4 <= n; i += 4) {
+            if (i + 4 + PYMLLM_INTS_AHEAD <= n) {  /* the items ahead are the list's */
+                PYMLLM_PREFETCH(items[i + PYMLLM_INTS_AHEAD]);
+                PYMLLM_PREFETCH(items[i + PYMLLM_INTS_AHEAD + 2]);
+            }
             if (!pymllm_small_nonneg4(items[i], items[i + 1], items[i + 2], items[i + 3], out + i))
                 break;
+        }
         return i;
     }
 
