@@ -350,3 +350,34 @@ def test_a_type_error_of_a_hashable_extra_keys_equality_is_its_own() -> None:
         cache.match_prefix(RadixKey([1, 2], Touchy()))
     cache._check_invariants()
     assert cache.total_size() == 2
+
+
+@pytest.mark.parametrize("make", [RadixCache, lambda: RadixCache(sliding_window_size=4)])
+def test_a_new_namespace_hashes_its_extra_key_once_a_look_up(make: Any) -> None:
+    """Registering a namespace hashed its extra_key twice in a row (a look-up, then the
+    entry's own key made afresh): an insert under a new extra_key ran its ``__hash__``
+    three times. Now twice: the look-up made before the value is read (the value's Python
+    code may change what the extra_key hashes to), and the one the registration files
+    under. A match or an insert into a known namespace runs it once."""
+    calls = 0
+
+    class Counted:
+        def __hash__(self) -> int:
+            nonlocal calls
+            calls += 1
+            return 7
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Counted)
+
+    cache = make()
+    cache.insert(RadixKey([1, 2], Counted()))
+    assert calls == 2
+    for call in (
+        lambda: cache.match_prefix(RadixKey([1, 2], Counted())),
+        lambda: cache.insert(RadixKey([1, 2, 3], Counted())),
+    ):
+        calls = 0
+        call()
+        assert calls == 1
+    cache._check_invariants()

@@ -189,7 +189,8 @@ class PyAlloc:
 class Tag:
     """An extra_key. Every Tag hashes alike, so a lookup next to another Tag runs
     ``__eq__``; ``hash_fail`` / ``eq_fail`` make them raise Boom (``eq_interrupt``:
-    KeyboardInterrupt), and ``hook`` runs inside ``__hash__``."""
+    KeyboardInterrupt), and ``hook`` runs inside ``__hash__`` (``eq_hook`` inside
+    ``__eq__``, on the Tag asked)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -197,6 +198,7 @@ class Tag:
         self.eq_fail = False
         self.eq_interrupt = False
         self.hook: Callable[[], object] | None = None
+        self.eq_hook: Callable[[], object] | None = None
 
     def __hash__(self) -> int:
         if self.hook is not None:
@@ -206,6 +208,8 @@ class Tag:
         return 7
 
     def __eq__(self, other: object) -> bool:
+        if self.eq_hook is not None:
+            self.eq_hook()
         if self.eq_interrupt or getattr(other, "eq_interrupt", False):
             raise KeyboardInterrupt
         if self.eq_fail or getattr(other, "eq_fail", False):  # whichever side is asked
@@ -1220,31 +1224,48 @@ def _insert_swa_nothing() -> Case:
     return step, (key, tag, value)
 
 
-def _intern_fails(config: str, failing_hash: int, reuse: bool) -> Case:
-    """A new namespace whose extra_key's `failing_hash`-th hash raises (2: the registry's
-    look-up, 3: its store), with a free namespace id to reuse or not."""
+def _intern_fails(config: str, fail: str, reuse: bool) -> Case:
+    """A new namespace whose registration fails, with a free namespace id to reuse or
+    not. ``fail="hash2"``: the extra_key's second hash raises (the first is the look-up
+    made before the value is read, the second the registration's key, which serves both
+    its look-up and its store). ``fail="eq3"``: another Tag's namespace is registered
+    (every Tag hashes alike, so each registry access compares the two) and the third
+    ``__eq__`` raises: the store's, after both look-ups found nothing."""
     cache, _alloc, slots = _radix(config)
     if reuse:  # a namespace made and dropped: its id is free
         _insert_request(cache, slots, RadixKey([1, 2], "gone"))
         cache.evict(1 << 30)
     tag = Tag("fresh")
     calls = [0]
+    held = 0
+    other = Tag("other")
+    if fail == "eq3":
+        _insert_request(cache, slots, RadixKey([1, 2], other))
+        held = cache.total_size()
 
     def hook() -> None:
         calls[0] += 1
-        tag.hash_fail = calls[0] == failing_hash
+        if fail == "hash2":
+            tag.hash_fail = calls[0] == 2
+        else:
+            tag.eq_fail = calls[0] == 3
 
-    tag.hook = hook
+    if fail == "hash2":
+        tag.hook = hook
+    else:  # the registry asks the Tag it holds: other == tag
+        other.eq_hook = hook
     key = RadixKey(list(range(100, 108)), tag)
     value = slots.get(8)
 
     def step() -> None:
         calls[0] = 0
-        tag.hash_fail = False
+        tag.hash_fail = tag.eq_fail = False
         try:
             cache.insert(key, value)
         except Boom:
-            assert cache.total_size() == 0
+            assert calls[0] == int(fail[-1])
+            assert cache.total_size() == held
+            cache._check_invariants()
             return
         raise AssertionError("no Boom")
 
@@ -1252,11 +1273,13 @@ def _intern_fails(config: str, failing_hash: int, reuse: bool) -> Case:
 
 
 for _config in ("p1", "p1_pyalloc", "swa", "swa_pyalloc"):
-    for _nth in (2, 3):
-        for _reuse in (False, True):
-            case(f"extra_key_hash_raises_on_intern[{_config}-hash{_nth}-reuse{int(_reuse)}]")(
-                lambda c=_config, n=_nth, r=_reuse: _intern_fails(c, n, r)
-            )
+    for _reuse in (False, True):
+        case(f"extra_key_hash_raises_on_intern[{_config}-reuse{int(_reuse)}]")(
+            lambda c=_config, r=_reuse: _intern_fails(c, "hash2", r)
+        )
+        case(f"extra_key_eq_raises_on_intern_store[{_config}-reuse{int(_reuse)}]")(
+            lambda c=_config, r=_reuse: _intern_fails(c, "eq3", r)
+        )
 
 
 @case("extra_key_reentrant_hash[p1]")

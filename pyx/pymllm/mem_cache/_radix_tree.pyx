@@ -1395,10 +1395,28 @@ cdef class _NsKey:
         return self.extra_key is o.extra_key or bool(self.extra_key == o.extra_key)
 
 
+cdef int _name_unhashable(object extra_key) except -1:
+    """Called while a TypeError is handled: raises it as "must be hashable" when the
+    extra_key is unhashable; returns when the error came from elsewhere (its ``__eq__``,
+    say), for the caller to re-raise as it was."""
+    try:
+        hash(extra_key)
+    except TypeError:
+        raise TypeError(
+            f"extra_key: must be hashable, got {extra_key!r:.60} ({type(extra_key).__name__})"
+        ) from None
+    return 0
+
+
 cdef _NsKey _ns_key(const uint64_t* key, object extra_key, int32_t arity):
     """The registry key of (extra_key, arity); ``TypeError`` for an unhashable extra_key."""
     cdef _NsKey k = _NsKey.__new__(_NsKey)
-    cdef uint64_t h = _ns_hash(key, extra_key, 0)
+    cdef uint64_t h
+    try:
+        h = _ns_hash(key, extra_key, 0)
+    except TypeError:
+        _name_unhashable(extra_key)
+        raise
     h = _siphash(key[0], key[1], h ^ (<uint64_t><uint32_t>arity), NULL, 0, 1, 3)
     k.extra_key = extra_key
     k.arity = arity
@@ -2025,13 +2043,16 @@ cdef class RadixTreeCore:
         """Namespace id of (extra_key, arity), or -1 when no node has it."""
         if extra_key is None and arity == 0:
             return 0
+        return self._lookup_ns(_ns_key(self.ns_hash_key, extra_key, arity))
+
+    cdef int32_t _lookup_ns(self, _NsKey ns_key) except -2:
+        """The namespace id registered under ns_key, or -1. The look-up may run the
+        extra_key's ``__eq__`` against keys whose hash it meets: a ``TypeError`` there that
+        comes from the key being unhashable is named so; any other stays as it is."""
         try:
-            return self._ns_ids.get(_ns_key(self.ns_hash_key, extra_key, arity), -1)
+            return self._ns_ids.get(ns_key, -1)
         except TypeError:
-            try:    # an unhashable key's error is named so; any other (its __eq__'s) stays
-                hash(extra_key)
-            except TypeError:
-                raise TypeError(f"extra_key: must be hashable, got {extra_key!r:.60} ({type(extra_key).__name__})") from None
+            _name_unhashable(ns_key.extra_key)
             raise
 
     cdef int32_t _find_ns_late(self, object extra_key, int32_t arity) except -2:
@@ -2059,10 +2080,13 @@ cdef class RadixTreeCore:
         raise (the extra_key's __hash__ and __eq__, Python code; out of memory) runs before
         the registry changes, and nothing after its last step allocates, so an error
         leaves it as it was."""
-        cdef int32_t ns = self._find_ns(extra_key, arity)
+        if extra_key is None and arity == 0:
+            return 0
+        # one registry key (one hash of the extra_key) for the look-up and the entry
+        cdef _NsKey ns_key = _ns_key(self.ns_hash_key, extra_key, arity)
+        cdef int32_t ns = self._lookup_ns(ns_key)
         if ns >= 0:
             return ns
-        ns_key = _ns_key(self.ns_hash_key, extra_key, arity)
         cdef bint reused = self.ns_free_head >= 0
         if reused:
             ns = self.ns_free_head
