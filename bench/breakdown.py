@@ -13,8 +13,6 @@ Run: ``python bench/breakdown.py [--rounds N] [--requests N]``.
 
 from __future__ import annotations
 
-import argparse
-import gc
 import sys
 import time
 from pathlib import Path
@@ -88,14 +86,7 @@ def key_read_ns(data: list) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per key kind (5)")
-    parser.add_argument("--requests", type=int, default=4000, help="requests a round (4000)")
-    args = parser.parse_args(argv)
-    bench.keep_freed_memory()
-    wl = bench.SystemPromptWorkload(n_requests=args.requests)
-    gc.collect()
-    gc.freeze()
+    args, wl = bench.script_workload(__doc__ or "", 5, argv)
     kinds = {"list keys": wl.lists, "numpy keys": wl.arrays}
     medians = {}
     for kind, data in kinds.items():

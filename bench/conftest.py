@@ -15,6 +15,7 @@ from collections import defaultdict
 # timed code; nothing here needs BLAS threads (set before numpy is imported).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import argparse
 import ctypes
 import ctypes.util
 import platform
@@ -232,6 +233,26 @@ def admit(cache, allocator, tokens, extra_key=None, concatenate=False):
         value = allocator.alloc(need, prefix=m.indices)
     assert value is not None, "pool too small for one request"
     return key, m, lock, value
+
+
+def script_workload(
+    doc: str, rounds: int, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, SystemPromptWorkload]:
+    """The start of a script that serves the workload (``breakdown.py``, ``hot_keys.py``):
+    its ``--rounds`` (default `rounds`) and ``--requests`` options, read from `argv`, and
+    the workload, set up as the benchmark sets it up (freed memory kept, the workload's
+    objects frozen out of the collector's way)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help=f"rounds per key kind ({rounds})"
+    )
+    parser.add_argument("--requests", type=int, default=4000, help="requests a round (4000)")
+    args = parser.parse_args(argv)
+    keep_freed_memory()
+    wl = SystemPromptWorkload(n_requests=args.requests)
+    gc.collect()
+    gc.freeze()
+    return args, wl
 
 
 @pytest.fixture(scope="session")

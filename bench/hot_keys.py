@@ -21,7 +21,6 @@ Run: ``python bench/hot_keys.py [--rounds N] [--requests N]``.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -63,14 +62,7 @@ def serve_ns(cache_cls, data: list, hot: bool, hits: set[int]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=8, help="rounds per key kind (8)")
-    parser.add_argument("--requests", type=int, default=4000, help="requests a round (4000)")
-    args = parser.parse_args(argv)
-    bench.keep_freed_memory()
-    wl = bench.SystemPromptWorkload(n_requests=args.requests)
-    gc.collect()
-    gc.freeze()
+    args, wl = bench.script_workload(__doc__ or "", 8, argv)
     for kind, data in (("list", wl.lists), ("numpy", wl.arrays)):
         times: dict[bool, tuple[list[float], list[float]]] = {False: ([], []), True: ([], [])}
         hits: set[int] = set()

@@ -670,6 +670,20 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def run_script(script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a bench script as its users run it (``python bench/NAME.py ARGS``), in a fresh
+    process outside the checkout that imports this process's ``pymllm`` (:func:`child_env`);
+    returns the finished run (its exit status unchecked)."""
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tempfile.gettempdir(),
+        env=child_env(),
+    )
+
+
 def run_child(code: str, timeout: float = 300, **env: str) -> str:
     """Run *code* in a fresh Python process (for cases that crash or limit the process) and
     return its stdout; a non-zero exit fails the test with the child's stderr.

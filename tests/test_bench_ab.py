@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import child_env, run_child  # tests/ is on sys.path (rootdir conftest)
+from conftest import run_child, run_script  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import _radix_tree
 
@@ -17,13 +17,7 @@ SCRIPT = BENCH / "ab_builds.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=child_env(),
-    )
+    return run_script(SCRIPT, *args)
 
 
 def _copies(tmp_path: Path, *names: str) -> list[str]:

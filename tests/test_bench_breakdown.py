@@ -3,25 +3,15 @@ call of the serving loop and both key kinds."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-from conftest import child_env  # tests/ is on sys.path (rootdir conftest)
+from conftest import run_script  # tests/ is on sys.path (rootdir conftest)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "breakdown.py"
 
 
 def test_breakdown_prints_every_call_for_both_key_kinds() -> None:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--rounds", "1", "--requests", "40"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=child_env(),
-        cwd=tempfile.gettempdir(),
-    )
+    out = run_script(SCRIPT, "--rounds", "1", "--requests", "40")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["per", "request", "(us)", "list", "keys", "numpy", "keys"]

@@ -5,12 +5,9 @@ prints a paired ratio for each key kind and way."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-from conftest import child_env, run_child  # tests/ is on sys.path (rootdir conftest)
+from conftest import run_child, run_script  # tests/ is on sys.path (rootdir conftest)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "hot_keys.py"
 LINE = re.compile(
@@ -20,14 +17,7 @@ LINE = re.compile(
 
 
 def test_hot_keys_prints_a_ratio_for_each_kind_and_way() -> None:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--rounds", "2", "--requests", "60"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=child_env(),
-        cwd=tempfile.gettempdir(),
-    )
+    out = run_script(SCRIPT, "--rounds", "2", "--requests", "60")
     assert out.returncode == 0, out.stderr
     rows = [LINE.fullmatch(line) for line in out.stdout.splitlines()]
     assert all(rows), out.stdout
