@@ -316,3 +316,50 @@ def test_init_again_raises_and_keeps_the_tree() -> None:
     the node array was a mapped block, freed it with free(): SIGSEGV). It now raises and
     changes nothing (a child process: the old failure was a crash)."""
     assert run_child(REINIT).strip() == "ok"
+
+
+def test_a_list_keys_read_never_touches_the_item_array_past_its_end() -> None:
+    """The list-key read prefetches the ints some items ahead; the item pointer it
+    prefetches through is loaded from the list's array, so that load must stay inside
+    it. A list whose item array ends right before a page without access (its header
+    pointed there through ctypes) is matched and inserted at every length around the
+    groups of four and the prefetch distance: a read past the end ends the child."""
+    out = run_child(
+        """
+        import ctypes, mmap
+        from pymllm.mem_cache import RadixCache, RadixKey
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        PAGE = mmap.PAGESIZE
+        buf = mmap.mmap(-1, 2 * PAGE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        assert libc.mprotect(base + PAGE, PAGE, 0) == 0  # the second page: no access
+
+        class ListHead(ctypes.Structure):
+            _fields_ = [("ob_refcnt", ctypes.c_ssize_t), ("ob_type", ctypes.c_void_p),
+                        ("ob_size", ctypes.c_ssize_t), ("ob_item", ctypes.c_void_p),
+                        ("allocated", ctypes.c_ssize_t)]
+
+        ints = list(range(1000, 1100))  # the borrowed items, kept alive here
+        cache = RadixCache()
+        for n in range(90):
+            lst = [0] * n
+            head = ListHead.from_address(id(lst))
+            saved = head.ob_item, head.allocated
+            start = base + PAGE - 8 * n  # items[n] would be on the closed page
+            items = (ctypes.c_void_p * n).from_address(start)
+            for j in range(n):
+                items[j] = id(ints[j])
+            head.ob_item, head.allocated = start, n
+            try:
+                cache.match_prefix(RadixKey(lst))
+                cache.insert(RadixKey(lst), list(range(n)))
+                assert cache.match_prefix(RadixKey(lst)).prefix_len == n
+            finally:
+                head.ob_item, head.allocated = saved
+        cache._check_invariants()
+        print("read", n)
+        """
+    )
+    assert out.split() == ["read", "89"]

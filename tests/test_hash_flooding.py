@@ -11,6 +11,7 @@ prompts spread out in a tree keyed at random. The probe distances come from the 
 from __future__ import annotations
 
 import collections
+import itertools
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -23,6 +24,7 @@ from pymllm.mem_cache import MambaRadixCache, RadixCache, RadixKey
 from pymllm.mem_cache._radix_tree import (
     _map_probe_stats,
     _namespace_hash,
+    _namespace_ids,
     _page_hash_for_test,
     _set_hash_key,
     _siphash_for_test,
@@ -251,6 +253,9 @@ _EQUAL = [
     ((1, "lora"), Adapter(1, "lora")),
     ((0, (1, "lora")), (0, Adapter(1, "lora"))),
     (_Mod10(3), _Mod10(13)),
+    (np.timedelta64(1, "ns"), np.timedelta64(1000, "ps")),
+    (np.timedelta64(1, "s"), np.timedelta64(1000, "ms")),
+    (np.timedelta64(1, "W"), np.timedelta64(7, "D")),
 ]
 
 
@@ -381,3 +386,142 @@ def test_a_new_namespace_hashes_its_extra_key_once_a_look_up(make: Any) -> None:
         call()
         assert calls == 1
     cache._check_invariants()
+
+
+def test_unequal_extra_keys_of_different_kinds_are_not_hashed_alike() -> None:
+    """The registry's hash of a tuple began as the hash of the int of its length, an int's
+    was Python's (-1 hashed as -2), and a ratio's and a tuple's items were mixed alike: ()
+    was hashed as 0, (d,) as 1/d, -1 as -2, so each item of a tuple could be picked from
+    such a pair and 2**n unequal tuples had one keyed hash (1,024 tenants, each match
+    compared with all of them). A tuple's hash is tagged as a tuple's and -1 is hashed
+    as itself now."""
+    cache = RadixCache()
+
+    def h(x: object) -> int:
+        return int(_namespace_hash(cache, x))
+
+    assert h(()) != h(0)
+    assert h(-1) != h(-2)
+    for d in (2, 4, 8):  # 1/d exact as a float
+        assert h((d,)) != h(Fraction(1, d)) == h(1 / d)
+    assert h(0.5) == h(Fraction(1, 2))
+    for pair in ((-1, -2), (0, ())):
+        family = list(itertools.product(pair, repeat=10))
+        assert len({h(t) for t in family}) == len(family)
+    # a tuple's hash follows its items' order, and a ratio's its two sides
+    pairs = [(a, b) for a in range(25) for b in range(25)]
+    assert len({h(t) for t in pairs}) == len(pairs)
+    ratios = {Fraction(a, b) for a in range(1, 25) for b in range(2, 25)}
+    assert len({h(f) for f in ratios}) == len(ratios)
+    # and they are found again, each in its own namespace
+    family = list(itertools.product((-1, -2), repeat=4))
+    for i, t in enumerate(family):
+        cache.insert(RadixKey([1, 2], t), np.array([2 * i + 1, 2 * i + 2], np.int32))
+    for i, t in enumerate(family):
+        assert cache.match_prefix(RadixKey([1, 2], t)).indices.tolist() == [2 * i + 1, 2 * i + 2]
+    cache._check_invariants()
+
+
+class _MinusOne:
+    """A class of the caller's equal to -1 (Python makes its hash -2, as the int's)."""
+
+    def __eq__(self, other: object) -> bool:
+        return other == -1
+
+    def __hash__(self) -> int:
+        return -2
+
+
+@pytest.mark.parametrize(
+    ("a", "b"), [(-1, _MinusOne()), (1, np.timedelta64(1, "s")), (7, np.timedelta64(7, "ns"))]
+)
+def test_equal_extra_keys_kept_apart_as_documented(a: Any, b: Any) -> None:
+    """RadixCache's docstring lists them: a class of the caller's equal to -1 (the registry
+    hashes -1 as itself, not as -2), and a timedelta64 and the int it equals (their Python
+    hashes differ: a dict keeps them apart too). A miss, never a wrong hit."""
+    assert a == b
+    assert not _shares("full", a, b) and not _shares("full", b, a)
+
+
+@pytest.mark.parametrize("unit", ["W", "D", "h", "m", "s", "ms", "us", "ns", "ps", "Y", "M"])
+def test_a_timedelta64_extra_key_is_accepted_in_every_unit(unit: str) -> None:
+    """numpy's timedelta64 is a signed integer type, and the registry read it through
+    int(): that gives a datetime.timedelta for seconds to weeks (TypeError, every call
+    refused) and the count in the value's own unit otherwise (1 ns and 1000 ps apart). It
+    is hashed by its own hash now, as a dict files it."""
+    key = np.timedelta64(3, unit)
+    assert _shares("full", key, np.timedelta64(3, unit))
+    assert not _shares("full", key, np.timedelta64(4, unit))
+
+
+def test_a_store_whose_equality_changes_its_answer_leaves_the_registry_whole() -> None:
+    """A namespace was registered by a look-up, then a store; an extra_key whose __eq__
+    said "different" to the look-ups and "equal" to the store overwrote the other
+    namespace's entry: that namespace's id could never be found or freed again, and the
+    invariant check did not see it. The store now keeps the entry it finds and the key
+    takes that namespace (what its __eq__ said last); the check compares the registry
+    with the id list."""
+    calls = [0]
+
+    class Shifty:
+        def __init__(self, n: int, lie_at: int | None = None) -> None:
+            self.n, self.lie_at = n, lie_at
+
+        def __hash__(self) -> int:
+            return 7
+
+        def __eq__(self, other: object) -> bool:
+            calls[0] += 1
+            if self.lie_at == calls[0] or getattr(other, "lie_at", None) == calls[0]:
+                return True
+            return isinstance(other, Shifty) and other.n == self.n
+
+    cache = RadixCache()
+    cache.insert(RadixKey([1, 2], Shifty(1)), np.array([10, 11], np.int32))
+    calls[0] = 0
+    liar = Shifty(2, lie_at=3)  # the insert's two look-ups say no, the store says yes
+    r = cache.insert(RadixKey([3, 4], liar), np.array([12, 13], np.int32))
+    assert calls[0] == 3 and r.prefix_len == 0
+    cache._check_invariants()
+    assert _namespace_ids(cache) == (2, 0, 2)  # the root's and Shifty(1)'s: none lost
+    liar.lie_at = None
+    # the tokens went where the store's answer put them: Shifty(1)'s namespace
+    assert cache.match_prefix(RadixKey([3, 4], Shifty(1))).prefix_len == 2
+    assert cache.match_prefix(RadixKey([1, 2], Shifty(1))).prefix_len == 2
+    cache.evict(1 << 30)
+    cache._check_invariants()
+    assert _namespace_ids(cache) == (2, 1, 1) and cache.total_size() == 0
+
+
+def test_the_registry_hash_is_built_as_documented() -> None:
+    """Known answers, from the SipHash-1-3 the child map uses (checked against the
+    reference vectors above): an int is hashed by its value, a tuple starts from its
+    length tagged as a tuple's (one 4-byte word, 0x656c7074) and mixes in each item's
+    hash as two 4-byte words, a ratio mixes its denominator's hash into its
+    numerator's, and the registry key is the hash of that hash xor the arity, shifted
+    right by one (never Python's -1)."""
+    cache = RadixCache()
+
+    def sip(first: int, *words: int) -> int:
+        return int(_siphash_for_test(K0, K1, first % 2**64, np.array(words, np.uint32)))
+
+    def mix(h: int, v: int) -> int:
+        return sip(h, v & 0xFFFFFFFF, v >> 32)
+
+    def key_of(h: int, arity: int = 0) -> int:
+        return sip(h ^ arity) >> 1
+
+    def got(x: object, arity: int = 0) -> int:
+        return int(_namespace_hash(cache, x, arity, key=(K0, K1)))
+
+    assert got(5) == key_of(sip(5))
+    assert got(5, 2) == key_of(sip(5), 2)
+    assert got(-1) == key_of(sip(-1)) != got(-2) == key_of(sip(-2))
+    assert got(True) == got(1.0) == got(np.int64(1)) == key_of(sip(1))
+    tagged = sip(2, 0x656C7074)
+    assert got((5, 7)) == key_of(mix(mix(tagged, sip(5)), sip(7)))
+    assert got(()) == key_of(sip(0, 0x656C7074))
+    assert got(Fraction(3, 4)) == got(0.75) == key_of(mix(sip(3), sip(4)))
+    assert got(Fraction(-3, 4)) == key_of(mix(sip(-3), sip(4)))
+    # and the tree's own key is another
+    assert int(_namespace_hash(cache, 5)) != got(5)

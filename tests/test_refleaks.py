@@ -1230,18 +1230,24 @@ def _intern_fails(config: str, fail: str, reuse: bool) -> Case:
     made before the value is read, the second the registration's key, which serves both
     its look-up and its store). ``fail="eq3"``: another Tag's namespace is registered
     (every Tag hashes alike, so each registry access compares the two) and the third
-    ``__eq__`` raises: the store's, after both look-ups found nothing."""
+    ``__eq__`` raises: the store's, after both look-ups found nothing. That Tag is
+    registered (and its node locked) before the namespace that is dropped, so that the
+    dropped one's id is still free when the failing registration runs; the step checks
+    that the registry's ids (in all, free, registered) are as they were."""
     cache, _alloc, slots = _radix(config)
-    if reuse:  # a namespace made and dropped: its id is free
-        _insert_request(cache, slots, RadixKey([1, 2], "gone"))
-        cache.evict(1 << 30)
     tag = Tag("fresh")
     calls = [0]
     held = 0
     other = Tag("other")
     if fail == "eq3":
-        _insert_request(cache, slots, RadixKey([1, 2], other))
+        r, _value = _insert_request(cache, slots, RadixKey([1, 2], other))
+        cache.inc_lock_ref(r.last_node)  # stays through the evict below
         held = cache.total_size()
+    if reuse:  # a namespace made and dropped: its id is free
+        _insert_request(cache, slots, RadixKey([1, 2], "gone"))
+        cache.evict(1 << 30)
+    ids = rt._namespace_ids(cache)
+    assert ids[1] == (1 if reuse else 0), ids  # a free id to reuse, or none
 
     def hook() -> None:
         calls[0] += 1
@@ -1265,6 +1271,7 @@ def _intern_fails(config: str, fail: str, reuse: bool) -> Case:
         except Boom:
             assert calls[0] == int(fail[-1])
             assert cache.total_size() == held
+            assert rt._namespace_ids(cache) == ids
             cache._check_invariants()
             return
         raise AssertionError("no Boom")

@@ -578,9 +578,15 @@ def _namespace_ids(RadixTreeCore tree):
     return len(tree._ns_keys), len(tree._free_ns_ids()), len(tree._ns_ids)
 
 
-def _namespace_hash(RadixTreeCore tree, extra_key, int32_t arity=0):
-    """Test hook: the hash the tree's namespace registry files (extra_key, arity) under."""
-    return _ns_key(tree.ns_hash_key, extra_key, arity).h
+def _namespace_hash(RadixTreeCore tree, extra_key, int32_t arity=0, key=None):
+    """Test hook: the hash the tree's namespace registry files (extra_key, arity) under;
+    with ``key=(k0, k1)``, the hash the registry would give it under that SipHash key
+    (the tree's own key and registry untouched)."""
+    cdef uint64_t k[2]
+    if key is None:
+        return _ns_key(tree.ns_hash_key, extra_key, arity).h
+    k[0], k[1] = key
+    return _ns_key(k, extra_key, arity).h
 
 
 def _set_map_tuning(per_entry, minimum, initial_capacity):
@@ -1269,15 +1275,19 @@ cdef int _alloc_swa_suffix(int64_t matched, int64_t aligned, int64_t es, int32_t
 # tree's instead: an int (a bool, an int subclass that compares as int does) by its value;
 # a float, complex, Fraction, Decimal or numpy number by its exact ratio (an integral one
 # as the equal int); a tuple (or a subclass that compares as tuple does: a namedtuple) by
-# its items' keyed hashes; anything else (str, bytes: already salted per process; a class
-# of the caller's) by its own hash. Equal keys of these types thus keep one keyed hash, as
-# equal extra_keys share a namespace. A key of the caller's own class that compares equal
-# to an int past 2**61 or to a tuple may be kept apart from it (a cache miss, never a
-# wrong hit), and so are a Decimal or numpy long double far from 1 (past the spans below)
-# and the equal int, Fraction or float: equality stays Python's ==, so two keys share a
-# namespace only if equal.
+# its length, tagged as a tuple's, and its items' keyed hashes; anything else (str, bytes:
+# already salted per process; a class of the caller's) by its own hash. Equal keys of these
+# types thus keep one keyed hash, as equal extra_keys share a namespace, and unequal ones
+# of these types share one only by chance: no kind's hash is built like another's (a
+# tuple's is tagged, so () is not 0 and (d,) not 1/d), and -1 is hashed as itself, where
+# Python hashes it as -2 (so that tuples over {-1, -2} would all collide). A key of the
+# caller's own class that compares equal to -1, to an int past 2**61 or to a tuple may be
+# kept apart from it (a cache miss, never a wrong hit), and so are a Decimal or numpy long
+# double far from 1 (past the spans below) and the equal int, Fraction or float: equality
+# stays Python's ==, so two keys share a namespace only if equal.
 cdef Py_ssize_t _NS_HASH_DEPTH = 32    # tuples nested deeper: their own hash past this
 cdef long long _NS_HASH_SPAN = (1LL << 61) - 2   # Python's int hash is the value within
+cdef uint32_t _NS_TUPLE_TAG = 0x656c7074          # a tuple's length is hashed with it
 
 
 cdef uint64_t _int_ns_hash(const uint64_t* key, object n) except? 0:
@@ -1287,9 +1297,11 @@ cdef uint64_t _int_ns_hash(const uint64_t* key, object n) except? 0:
     cdef Py_ssize_t words
     cdef cnp.ndarray buf
     if not overflow and -_NS_HASH_SPAN <= v <= _NS_HASH_SPAN:
-        # Python's hash but for -1 (which hashes as -2): so an equal number of a type not
-        # read as an int below (a user's, say), hashed by its own hash, lands with it
-        return _siphash(key[0], key[1], <uint64_t>(-2 if v == -1 else v), NULL, 0, 1, 3)
+        # Python's hash (so an equal number of a type not read as an int below, a user's
+        # say, hashed by its own hash, lands with it), but for -1: Python hashes it as -2,
+        # which no hash here copies (a tuple's items -1 and -2 would then collide, and
+        # every tuple over them; a class equal to -1, its hash -2, is kept apart)
+        return _siphash(key[0], key[1], <uint64_t>v, NULL, 0, 1, 3)
     words = (int.bit_length(n) + 1 + 31) // 32   # 4-byte words, the sign bit included
     buf = np.frombuffer(int.to_bytes(n, 4 * words, "little", signed=True), dtype="<u4")
     return _siphash(key[0], key[1], 1, <const uint32_t*>cnp.PyArray_DATA(buf), words, 1, 3)
@@ -1300,9 +1312,12 @@ cdef uint64_t _int_ns_hash(const uint64_t* key, object n) except? 0:
 _INF = float("inf")
 cdef int _DECIMAL_EXPONENT_SPAN = 1233
 cdef int _FLOAT_EXPONENT_SPAN = 1100   # numpy's long doubles past float's range: likewise
-# the numpy scalar types of numbers: their equality is their value's (bool_ is not one)
+# the numpy scalar types of numbers: their equality is their value's (bool_ is not one;
+# timedelta64 is a signed integer type to numpy, but 1 ns equals 1000 ps and its int()
+# of a second is a datetime.timedelta: it is hashed by its own hash, as datetime64 is)
 _NUMPY_NUMBERS = frozenset(
-    t for t in set(np.sctypeDict.values()) if isinstance(t, type) and issubclass(t, np.number)
+    t for t in set(np.sctypeDict.values())
+    if isinstance(t, type) and issubclass(t, np.number) and not issubclass(t, np.timedelta64)
 )
 
 
@@ -1362,7 +1377,7 @@ cdef uint64_t _ns_hash(const uint64_t* key, object x, Py_ssize_t depth) except? 
         return _int_ns_hash(key, int.__int__(x) if t is not int else x)
     if (t is tuple or (PyTuple_Check(x) and _plain(t, tuple))) and depth < _NS_HASH_DEPTH:
         n = len(<tuple>x)
-        h = _siphash(key[0], key[1], <uint64_t>n, NULL, 0, 1, 3)
+        h = _siphash(key[0], key[1], <uint64_t>n, &_NS_TUPLE_TAG, 1, 1, 3)
         for i in range(n):
             h = _ns_mix(key, h, _ns_hash(key, (<tuple>x)[i], depth + 1))
         return h
@@ -2046,14 +2061,10 @@ cdef class RadixTreeCore:
         return self._lookup_ns(_ns_key(self.ns_hash_key, extra_key, arity))
 
     cdef int32_t _lookup_ns(self, _NsKey ns_key) except -2:
-        """The namespace id registered under ns_key, or -1. The look-up may run the
-        extra_key's ``__eq__`` against keys whose hash it meets: a ``TypeError`` there that
-        comes from the key being unhashable is named so; any other stays as it is."""
-        try:
-            return self._ns_ids.get(ns_key, -1)
-        except TypeError:
-            _name_unhashable(ns_key.extra_key)
-            raise
+        """The namespace id registered under ns_key, or -1. The look-up runs no hash (the
+        key carries its own) but may run the extra_key's ``__eq__`` against keys whose
+        hash it meets; what that raises stays as it is."""
+        return self._ns_ids.get(ns_key, -1)
 
     cdef int32_t _find_ns_late(self, object extra_key, int32_t arity) except -2:
         """_find_ns for an insert, run before its value is read (the look-up runs the
@@ -2094,12 +2105,20 @@ cdef class RadixTreeCore:
             ns = len(self._ns_keys)
             _grow(<void**>&self.ns_tab, &self.ns_cap, ns + 1, sizeof(NsSlot))
             self._ns_keys.append(None)  # the id's slot, empty until it is taken below
+        cdef long got
         try:
-            self._ns_ids[ns_key] = ns   # hashes the extra_key: may raise
+            # the key carries its hash; the extra_key's __eq__ may run (and raise), and an
+            # __eq__ that now finds an entry the look-up did not is answered by that entry
+            # (stored over, it would leave that namespace's id unreachable)
+            got = self._ns_ids.setdefault(ns_key, ns)
         except BaseException:
             if not reused:
                 self._ns_keys.pop()     # just appended: shrinks in place
             raise
+        if got != ns:
+            if not reused:
+                self._ns_keys.pop()
+            return <int32_t>got
         if reused:
             self.ns_free_head = self.ns_tab[ns].next_free
         self._ns_keys[ns] = ns_key      # the slot held None: nothing allocated, nothing freed
@@ -4296,8 +4315,14 @@ cdef class RadixTreeCore:
             assert self.ns_tab[ns_id].ref == cnt, f"namespace {ns_id}: {self.ns_tab[ns_id].ref} != {cnt}"
         free_ids = self._free_ns_ids()
         assert len(free_ids) == len(set(free_ids)), f"namespace free list {free_ids}"
+        for ns_key, ns_id in self._ns_ids.items():  # each entry is its namespace's own
+            assert self._ns_keys[ns_id] is ns_key, f"namespace {ns_id}: registry entry"
+        registered = set(self._ns_ids.values())
+        assert len(registered) == len(self._ns_ids), "namespace registry: an id twice"
         for ns_id, ns_key in enumerate(self._ns_keys):
             assert (ns_key is None) == (ns_id in free_ids), f"namespace {ns_id}: free list"
+            if ns_key is not None and not self.ns_tab[ns_id].stuck:
+                assert ns_id in registered, f"namespace {ns_id}: not in the registry"
             if ns_key is not None and ns_id != 0 and not self.ns_tab[ns_id].stuck:
                 assert ns_count.get(ns_id, 0) > 0, f"namespace {ns_id} has no root child"
         free_count = 0
