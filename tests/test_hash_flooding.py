@@ -179,8 +179,20 @@ Adapter = collections.namedtuple("Adapter", "tenant lora")
         lambda i: ((7 + i * _P61,), 3),
         lambda i: Fraction(1 + 2 * i * _P61, 2),  # not integral: hashed by its ratio
         lambda i: Decimal(f"{5 + 10 * i * _P61}e-1"),
+        lambda i: frozenset({7 + i * _P61, "lora"}),  # hashed by its items, as a tuple
+        lambda i: (frozenset({-(7 + i * _P61)}), 2),
     ],
-    ids=["int", "negative", "tuple", "namedtuple", "nested", "fraction", "decimal"],
+    ids=[
+        "int",
+        "negative",
+        "tuple",
+        "namedtuple",
+        "nested",
+        "fraction",
+        "decimal",
+        "frozenset",
+        "frozenset-in-tuple",
+    ],
 )
 def test_extra_keys_whose_python_hashes_collide_spread_in_the_registry(make: Any) -> None:
     """The namespace registry (a dict) filed extra_keys under their Python hash: 400
@@ -253,6 +265,8 @@ _EQUAL = [
     ((1, "lora"), Adapter(1, "lora")),
     ((0, (1, "lora")), (0, Adapter(1, "lora"))),
     (_Mod10(3), _Mod10(13)),
+    (frozenset({1, "a", (2, 3.0)}), frozenset({(2.0, 3), "a", True})),
+    (frozenset(), frozenset()),
     (np.timedelta64(1, "ns"), np.timedelta64(1000, "ps")),
     (np.timedelta64(1, "s"), np.timedelta64(1000, "ms")),
     (np.timedelta64(1, "W"), np.timedelta64(7, "D")),
@@ -525,3 +539,23 @@ def test_the_registry_hash_is_built_as_documented() -> None:
     assert got(Fraction(-3, 4)) == key_of(mix(sip(-3), sip(4)))
     # and the tree's own key is another
     assert int(_namespace_hash(cache, 5)) != got(5)
+
+
+def test_frozensets_are_hashed_by_their_items_in_any_order() -> None:
+    """A frozenset extra_key was hashed by Python's own hash: a public function of its
+    items' hashes, so sets of ints whose hashes collide collided too. It is hashed by
+    its items' keyed hashes now, added up (a set's order is its own) and tagged, so it
+    is not hashed as a tuple or an int of the same items."""
+    cache = RadixCache()
+
+    def h(x: object) -> int:
+        return int(_namespace_hash(cache, x))
+
+    items = [5, -1, -2, "x", (1, 2), 0.5]
+    forward = frozenset(items)
+    backward = frozenset(reversed(items))
+    assert h(forward) == h(backward)
+    assert h(frozenset({-1})) != h(frozenset({-2}))
+    assert len({h(frozenset()), h(()), h(0), h(frozenset({0})), h((0,))}) == 5
+    subsets = [frozenset(c) for r in range(4) for c in itertools.combinations(items, r)]
+    assert len({h(f) for f in subsets}) == len(subsets)

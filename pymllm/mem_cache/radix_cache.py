@@ -40,16 +40,17 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     (``1``, ``True``, ``1.0``, ``numpy.int64(1)``, ``Fraction(1)``; a namedtuple and the
     equal tuple) share one. The registry of extra_keys hashes them with a random key of
     the tree's (ints by value; floats, complex, Fraction, Decimal and numpy numbers by
-    their exact ratio; tuples by their items, tagged as a tuple's; anything else by its
+    their exact ratio; tuples and frozensets by their items, tagged; anything else by its
     own hash), so extra_keys whose Python hashes collide (the ints ``k + i * (2**61 - 1)``,
     ``-1`` and ``-2``, tuples over such ints) cost a match or an insert no more than any
     others. Kept apart although equal (a miss, never a wrong hit): an extra_key of your
-    own class and ``-1``, the int past ``2**61`` or the tuple it compares equal to; a
-    numpy ``timedelta64`` and the int it compares equal to (as in a dict: their hashes
-    differ); a ``Decimal`` beyond ``10**1233`` in size (or below ``10**-1233``) or a numpy
-    long double beyond ``2**1100`` (or below ``2**-1100``) and the equal int, Fraction or
-    float. Those are hashed by their own hash rather than expanded into their
-    exact ratio, an int that could take hours to build (``Decimal('1e999999999')``).
+    own class and ``-1``, the int past ``2**61``, the tuple or the frozenset it compares
+    equal to; a numpy ``timedelta64`` and the int it compares equal to (as in a dict:
+    their hashes differ); a ``Decimal`` beyond ``10**1233`` in size (or below
+    ``10**-1233``) or a numpy long double beyond ``2**1100`` (or below ``2**-1100``) and
+    the equal int, Fraction or float. Those are hashed by their own hash rather than
+    expanded into their exact ratio, an int that could take hours to build
+    (``Decimal('1e999999999')``).
 
     KV slot ownership: ``match_prefix`` hands out the tree's slots (in a new array; the
     tree keeps owning them: lock ``last_node`` to keep them); ``insert`` takes

@@ -24,6 +24,7 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check, PyLong_Che
 from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.list cimport PyList_Check
+from cpython.set cimport PyFrozenSet_Check
 from cpython.tuple cimport PyTuple_Check
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
@@ -1275,19 +1276,22 @@ cdef int _alloc_swa_suffix(int64_t matched, int64_t aligned, int64_t es, int32_t
 # tree's instead: an int (a bool, an int subclass that compares as int does) by its value;
 # a float, complex, Fraction, Decimal or numpy number by its exact ratio (an integral one
 # as the equal int); a tuple (or a subclass that compares as tuple does: a namedtuple) by
-# its length, tagged as a tuple's, and its items' keyed hashes; anything else (str, bytes:
+# its length, tagged as a tuple's, and its items' keyed hashes; a frozenset by the sum of
+# its items' keyed hashes (their order is the set's), tagged; anything else (str, bytes:
 # already salted per process; a class of the caller's) by its own hash. Equal keys of these
 # types thus keep one keyed hash, as equal extra_keys share a namespace, and unequal ones
 # of these types share one only by chance: no kind's hash is built like another's (a
 # tuple's is tagged, so () is not 0 and (d,) not 1/d), and -1 is hashed as itself, where
 # Python hashes it as -2 (so that tuples over {-1, -2} would all collide). A key of the
-# caller's own class that compares equal to -1, to an int past 2**61 or to a tuple may be
-# kept apart from it (a cache miss, never a wrong hit), and so are a Decimal or numpy long
-# double far from 1 (past the spans below) and the equal int, Fraction or float: equality
-# stays Python's ==, so two keys share a namespace only if equal.
-cdef Py_ssize_t _NS_HASH_DEPTH = 32    # tuples nested deeper: their own hash past this
+# caller's own class that compares equal to -1, to an int past 2**61, to a tuple or to a
+# frozenset may be kept apart from it (a cache miss, never a wrong hit), and so are a
+# Decimal or numpy long double far from 1 (past the spans below) and the equal int,
+# Fraction or float: equality stays Python's ==, so two keys share a namespace only if
+# equal.
+cdef Py_ssize_t _NS_HASH_DEPTH = 32    # tuples, frozensets nested deeper: their own hash
 cdef long long _NS_HASH_SPAN = (1LL << 61) - 2   # Python's int hash is the value within
 cdef uint32_t _NS_TUPLE_TAG = 0x656c7074          # a tuple's length is hashed with it
+cdef uint32_t _NS_FROZENSET_TAG = 0x7465737a      # a frozenset's items' sum likewise
 
 
 cdef uint64_t _int_ns_hash(const uint64_t* key, object n) except? 0:
@@ -1381,6 +1385,11 @@ cdef uint64_t _ns_hash(const uint64_t* key, object x, Py_ssize_t depth) except? 
         for i in range(n):
             h = _ns_mix(key, h, _ns_hash(key, (<tuple>x)[i], depth + 1))
         return h
+    if (t is frozenset or (PyFrozenSet_Check(x) and _plain(t, frozenset))) and depth < _NS_HASH_DEPTH:
+        h = 0   # equal sets hold equal items, in any order: a sum of their keyed hashes
+        for item in <frozenset>x:
+            h += _ns_hash(key, item, depth + 1)
+        return _siphash(key[0], key[1], h, &_NS_FROZENSET_TAG, 1, 1, 3)
     ratio = _exact_ratio(x)
     if ratio is not None:
         if ratio[1] == 1:
