@@ -955,3 +955,40 @@ print("ok")
 """
     )
     assert out.split() == ["refused", "refused", "refused", "ok"]
+
+
+def test_a_slot_listed_twice_is_named_so_and_nothing_is_freed() -> None:
+    a = TokenToKVPoolAllocator(8)
+    x = a.alloc(3)
+    with pytest.raises(InvalidFreeError, match=f"slot {x[0]} is listed twice"):
+        a.free([x[0], x[1], x[0]])
+    assert a.is_allocated(x).all() and a.available_size() == 5
+    a._check_invariants()
+
+
+def test_the_pools_end_bound_must_fit_int32() -> None:
+    """With the padding page first, slots end before (pages + 1) * page_size, a bound kept
+    in int32: the largest pool of 2**20-slot pages has 2,046 of them (its last slot
+    2**31 - 2**20 - 1); one more page is refused, by its end bound, before any memory is
+    taken."""
+    page = 2**20
+    a = TokenToKVPoolAllocator(2046 * page, page_size=page)
+    assert a.num_pages == 2046 and a.available_size() == 2046 * page
+    with pytest.raises(InvalidValueError, match=r"end before slot 2147483648"):
+        TokenToKVPoolAllocator(2047 * page, page_size=page)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_a_full_pool_churned_one_slot_at_a_time_keeps_its_free_list_in_bounds(n: int) -> None:
+    """need_sort=False appends frees at the tail of a list twice the pool's size and
+    compacts it when the tail reaches the end: a full pool whose one slot is freed and
+    taken again many times crosses that end again and again (AddressSanitizer, in
+    .ci/asan, sees a write past it)."""
+    a = TokenToKVPoolAllocator(n, need_sort=False)
+    held = list(a.alloc(n))
+    for i in range(6 * n + 6):
+        a.free([held[i % n]])
+        (slot,) = a.alloc(1)
+        held[i % n] = slot
+        a._check_invariants()
+    assert sorted(held) == list(range(1, n + 1)) and a.available_size() == 0

@@ -826,6 +826,32 @@ def test_mamba_an_insert_refuses_a_state_it_cannot_take(bad: str, mamba_stack: A
     cache._check_invariants()
 
 
+@pytest.mark.parametrize("end", ["a stateless node's end", "inside the state's node"])
+def test_mamba_another_nodes_state_is_refused_where_the_key_ends(
+    end: str, mamba_stack: Any
+) -> None:
+    """An insert may hand back the state its key's end node already holds (nothing
+    changes); another node's state is refused, also where the key ends at an existing node
+    without a state, and where it ends inside the node that holds that state (a key that
+    is a view of a longer array: the walk must stop at the key's end, not read on into the
+    array's next tokens, which equal the node's)."""
+    cache, alloc, pool = mamba_stack
+    state = pool.alloc(1)
+    if end == "a stateless node's end":
+        cache.insert(RadixKey([9, 9]), alloc.alloc(2), mamba_value=state)
+        cache.insert(RadixKey([1, 2]), alloc.alloc(2))
+        key = RadixKey([1, 2])
+    else:
+        cache.insert(RadixKey([1, 2, 3, 4]), alloc.alloc(4), mamba_value=state)
+        key = RadixKey(np.array([1, 2, 3, 4], dtype=np.int32)[:2])
+    value = alloc.alloc(2)
+    before = _mamba_state(cache, alloc, pool)
+    with pytest.raises(InvalidValueError, match="mamba_value: state slot"):
+        cache.insert(key, value, mamba_value=state)
+    assert _mamba_state(cache, alloc, pool) == before
+    cache._check_invariants()
+
+
 def test_mamba_the_nodes_own_state_handed_back_changes_nothing(mamba_stack: Any) -> None:
     cache, alloc, pool = mamba_stack
     state = pool.alloc(1)

@@ -45,12 +45,10 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     ``-1`` and ``-2``, tuples over such ints) cost a match or an insert no more than any
     others. Kept apart although equal (a miss, never a wrong hit): an extra_key of your
     own class and ``-1``, the int past ``2**61``, the tuple or the frozenset it compares
-    equal to; a numpy ``timedelta64`` and the int it compares equal to (as in a dict:
-    their hashes differ); a ``Decimal`` beyond ``10**1233`` in size (or below
-    ``10**-1233``) or a numpy long double beyond ``2**1100`` (or below ``2**-1100``) and
-    the equal int, Fraction or float. Those are hashed by their own hash rather than
-    expanded into their exact ratio, an int that could take hours to build
-    (``Decimal('1e999999999')``).
+    equal to; a ``Decimal`` beyond ``10**1233`` in size (or below ``10**-1233``) or a
+    numpy long double beyond ``2**1100`` (or below ``2**-1100``) and the equal int,
+    Fraction or float. Those are hashed by their own hash rather than expanded into their
+    exact ratio, an int that could take hours to build (``Decimal('1e999999999')``).
 
     KV slot ownership: ``match_prefix`` hands out the tree's slots (in a new array; the
     tree keeps owning them: lock ``last_node`` to keep them); ``insert`` takes
