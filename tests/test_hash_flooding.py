@@ -11,6 +11,7 @@ prompts spread out in a tree keyed at random. The probe distances come from the 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 from decimal import Decimal
 from fractions import Fraction
@@ -402,6 +403,11 @@ def test_a_new_namespace_hashes_its_extra_key_once_a_look_up(make: Any) -> None:
     cache._check_invariants()
 
 
+def _keyed_hash(cache: RadixCache, x: object, arity: int = 0, key: Any = None) -> int:
+    """The registry's keyed hash of the extra_key *x* in *cache* (under *key* if given)."""
+    return int(_namespace_hash(cache, x, arity, key=key))
+
+
 def test_unequal_extra_keys_of_different_kinds_are_not_hashed_alike() -> None:
     """The registry's hash of a tuple began as the hash of the int of its length, an int's
     was Python's (-1 hashed as -2), and a ratio's and a tuple's items were mixed alike: ()
@@ -410,9 +416,7 @@ def test_unequal_extra_keys_of_different_kinds_are_not_hashed_alike() -> None:
     compared with all of them). A tuple's hash is tagged as a tuple's and -1 is hashed
     as itself now."""
     cache = RadixCache()
-
-    def h(x: object) -> int:
-        return int(_namespace_hash(cache, x))
+    h = functools.partial(_keyed_hash, cache)
 
     assert h(()) != h(0)
     assert h(-1) != h(-2)
@@ -522,7 +526,7 @@ def test_the_registry_hash_is_built_as_documented() -> None:
         return sip(h ^ arity) >> 1
 
     def got(x: object, arity: int = 0) -> int:
-        return int(_namespace_hash(cache, x, arity, key=(K0, K1)))
+        return _keyed_hash(cache, x, arity, key=(K0, K1))
 
     assert got(5) == key_of(sip(5))
     assert got(5, 2) == key_of(sip(5), 2)
@@ -534,7 +538,7 @@ def test_the_registry_hash_is_built_as_documented() -> None:
     assert got(Fraction(3, 4)) == got(0.75) == key_of(mix(sip(3), sip(4)))
     assert got(Fraction(-3, 4)) == key_of(mix(sip(-3), sip(4)))
     # and the tree's own key is another
-    assert int(_namespace_hash(cache, 5)) != got(5)
+    assert _keyed_hash(cache, 5) != got(5)
 
 
 def test_frozensets_are_hashed_by_their_items_in_any_order() -> None:
@@ -543,9 +547,7 @@ def test_frozensets_are_hashed_by_their_items_in_any_order() -> None:
     its items' keyed hashes now, added up (a set's order is its own) and tagged, so it
     is not hashed as a tuple or an int of the same items."""
     cache = RadixCache()
-
-    def h(x: object) -> int:
-        return int(_namespace_hash(cache, x))
+    h = functools.partial(_keyed_hash, cache)
 
     items = [5, -1, -2, "x", (1, 2), 0.5]
     forward = frozenset(items)

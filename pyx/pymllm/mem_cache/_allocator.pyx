@@ -620,13 +620,12 @@ cdef class PageCore:
             raise InvalidValueError(f"size: expected >= 0, got {num_pages} pages")
         if page_size < 1:
             raise InvalidValueError(f"page_size: expected an int >= 1, got {page_size!r}")
-        if (<int64_t>num_pages + 1) * page_size > 0x7FFFFFFF:
-            # the padding page first: the slots end before (num_pages + 1) * page_size, a
-            # bound the pool keeps in int32 too
+        # the padding page first: the slots end before this bound, kept in int32 too
+        cdef int64_t end = (<int64_t>num_pages + 1) * page_size
+        if end > 0x7FFFFFFF:
             raise InvalidValueError(
                 f"size: {num_pages} pages of {page_size} slots do not fit int32 slot ids (after "
-                f"the padding page they end before slot {(<int64_t>num_pages + 1) * page_size}, "
-                f"which must be at most 2**31 - 1)"
+                f"the padding page they end before slot {end}, which must be at most 2**31 - 1)"
             )
         self.num_pages = num_pages
         self.page_size = page_size

@@ -1420,9 +1420,9 @@ cdef class _NsKey:
 
 
 cdef int _name_unhashable(object extra_key) except -1:
-    """Called while a TypeError is handled: raises it as "must be hashable" when the
-    extra_key is unhashable; returns when the error came from elsewhere (its ``__eq__``,
-    say), for the caller to re-raise as it was."""
+    """Called while a TypeError of hashing the extra_key is handled: raises it as "must be
+    hashable" when the extra_key is unhashable; returns when the error came from elsewhere
+    (the code of a number or item it holds, say), for the caller to re-raise as it was."""
     try:
         hash(extra_key)
     except TypeError:
@@ -2114,19 +2114,16 @@ cdef class RadixTreeCore:
             ns = len(self._ns_keys)
             _grow(<void**>&self.ns_tab, &self.ns_cap, ns + 1, sizeof(NsSlot))
             self._ns_keys.append(None)  # the id's slot, empty until it is taken below
-        cdef long got
+        cdef long got = -1
         try:
             # the key carries its hash; the extra_key's __eq__ may run (and raise), and an
             # __eq__ that now finds an entry the look-up did not is answered by that entry
             # (stored over, it would leave that namespace's id unreachable)
             got = self._ns_ids.setdefault(ns_key, ns)
-        except BaseException:
-            if not reused:
-                self._ns_keys.pop()     # just appended: shrinks in place
-            raise
+        finally:
+            if got != ns and not reused:  # raised, or another entry's: the id goes back
+                self._ns_keys.pop()       # just appended: shrinks in place
         if got != ns:
-            if not reused:
-                self._ns_keys.pop()
             return <int32_t>got
         if reused:
             self.ns_free_head = self.ns_tab[ns].next_free
@@ -4332,8 +4329,8 @@ cdef class RadixTreeCore:
             assert (ns_key is None) == (ns_id in free_ids), f"namespace {ns_id}: free list"
             if ns_key is not None and not self.ns_tab[ns_id].stuck:
                 assert ns_id in registered, f"namespace {ns_id}: not in the registry"
-            if ns_key is not None and ns_id != 0 and not self.ns_tab[ns_id].stuck:
-                assert ns_count.get(ns_id, 0) > 0, f"namespace {ns_id} has no root child"
+                if ns_id != 0:
+                    assert ns_count.get(ns_id, 0) > 0, f"namespace {ns_id} has no root child"
         free_count = 0
         f = self.free_head
         while f != NIL:
