@@ -281,7 +281,7 @@ def test_an_init_that_runs_out_of_memory_leaves_no_half_tree() -> None:
 
 
 def test_a_reset_whose_python_free_raises_still_empties_the_tree() -> None:
-    """As documented (``reset``, README): the pool's own ``free`` decides what happens to
+    """As documented (``reset``, docs/design.md): the pool's own ``free`` decides what happens to
     the slots it was handed; the tree is empty either way and the exception propagates."""
 
     class Busy(TokenToKVPoolAllocator):

@@ -1,5 +1,5 @@
 """A pool whose buffers a step donated without handing its result back raises
-``BuffersDeletedError`` on its next call (README, memory_pool's module docstring), also when
+``BuffersDeletedError`` on its next call (docs/design.md, memory_pool's module docstring), also when
 that call writes or copies no slot: the reads of nothing already raise it."""
 
 from __future__ import annotations
