@@ -8,10 +8,11 @@ a constructor's size or count that is not an int in its range (``page_size=1.5``
 as ``page_size=0``) raises ``InvalidValueError``.
 
 An error raised by a public call leaves the cache, its allocator and every KV slot exactly
-as they were, except where the call's docstring says otherwise: an ``evict`` or ``reset``
-whose ``on_node_evict`` callback, or whose allocator's ``free`` (a Python subclass or
-stand-in), raises still finishes its work (every slot it took out is freed, or handed to
-that ``free``) and then raises the first such error.
+as they were, except where the call's docstring says otherwise: an ``evict`` whose
+``on_node_evict`` callback raises, and an ``evict`` or ``reset`` whose allocator's ``free``
+(a Python subclass or stand-in) raises, still finish their work (every slot taken out is
+freed, or handed to that ``free``) and then raise the first such error (``reset`` calls
+no ``on_node_evict``).
 """
 
 from __future__ import annotations
