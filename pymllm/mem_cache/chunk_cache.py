@@ -84,7 +84,9 @@ class ChunkCache(BasePrefixCache):
     def insert(self, key: RadixKey, value: Any = None, **kwargs: Any) -> InsertResult:
         """Stores nothing: the caller keeps ownership of every index in *value*. Takes the
         radix caches' keyword arguments (``prev_prefix_len``, ``swa_evicted_seqlen``,
-        ``priority``, ``mamba_value``) and ignores them."""
+        ``priority``, ``mamba_value``) and ignores them, but for ``priority``, which is
+        checked as the radix caches check it (``TypeError`` unless an int,
+        ``InvalidValueError`` outside 64 bits)."""
         _check_key(key)
         _check_kwargs("insert", kwargs, _INSERT_KWARGS)
         if "priority" in kwargs:  # the one the radix caches check before reading tokens

@@ -2,10 +2,13 @@
 
 Every error below subclasses :class:`CacheError` and one built-in exception
 (``ValueError`` or ``RuntimeError``), so callers can catch either our family or the
-built-in one. An argument of the wrong type passed to a method (a float where an int
-goes, a key that is not a ``RadixKey``) raises a plain ``TypeError``, outside the family;
-a constructor's size or count that is not an int in its range (``page_size=1.5`` as much
-as ``page_size=0``) raises ``InvalidValueError``.
+built-in one. A scalar argument of the wrong type passed to a method (a float count or
+priority, a key that is not a ``RadixKey``, a node that is not a handle) raises a plain
+``TypeError``, outside the family. Slot ids and tokens that are not integers (a float, a
+bool, a string, even one alone) raise ``InvalidValueError`` and ``InvalidKeyError``: they
+are data, checked as data (but ``mamba_value=True``, a ``TypeError``). A constructor's size
+or count that is not an int in its range (``page_size=1.5`` as much as ``page_size=0``)
+raises ``InvalidValueError``.
 
 An error raised by a public call leaves the cache, its allocator and every KV slot exactly
 as they were, except where the call's docstring says otherwise: an ``evict`` whose
@@ -27,7 +30,9 @@ class InvalidKeyError(CacheError, ValueError):
 
 
 class InvalidValueError(CacheError, ValueError):
-    """KV indices of the wrong length, dtype or range were passed."""
+    """A value out of its domain: KV indices of the wrong length, dtype or range, slots an
+    insert would take that no caller holds, a constructor's size or policy, an insert's
+    ``prev_prefix_len``."""
 
 
 class StaleNodeError(CacheError, ValueError):
@@ -39,7 +44,8 @@ class LockStateError(CacheError, ValueError):
 
 
 class InvalidFreeError(CacheError, ValueError):
-    """Freeing a slot that is not allocated: double free, padding slot 0, out of range."""
+    """Freeing a slot that is not the caller's: not allocated (a double free), a cache's,
+    the padding slot 0, out of range, or (page size 1) listed twice in one call."""
 
 
 class AllocatorStateError(CacheError, RuntimeError):

@@ -20,8 +20,14 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     on_node_evict=None, eviction_policy="lru")``
 
     * ``page_size``: keys are matched and stored in whole pages of this many tokens.
-    * ``token_to_kv_pool_allocator``: anything with ``free(int32 array)``; evicted KV slots
-      go back through it.
+    * ``sliding_window_size``: ``None`` for full attention; ``W`` for a model with
+      windowed layers, which need only the last ``W`` tokens' SWA KV: ``evict`` may then
+      drop a node's SWA KV and keep its full KV (a tombstone), and a match stops where
+      its prefix would have fewer than ``W`` live tokens after a tombstone (see ``insert``
+      and ``inc_lock_ref``).
+    * ``token_to_kv_pool_allocator``: anything with ``free(int32 array)`` (with a window,
+      ``free_swa(int32 array)`` too, as a ``SWATokenToKVPoolAllocator`` has); evicted KV
+      slots go back through it.
     * ``on_node_evict``: optional ``callback(node_id)`` called for each evicted node.
     * ``eviction_policy``: which unlocked leaf ``evict`` removes first (every policy breaks
       ties by recency, then node id): ``"lru"`` least recently matched or inserted;
@@ -65,7 +71,9 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
     one raises ``InvalidFreeError`` and ``clear()``
     raises ``AllocatorStateError``; an insert handing the tree a slot no caller holds (free,
     or already the cache's) or, with pages, a page-aligned run that is not one whole page
-    in order raises ``InvalidValueError`` and takes nothing. ``page_size`` must be a
+    in order raises ``InvalidValueError`` and takes nothing (in a windowed insert, a
+    duplicate the tree would free that the caller does not hold raises
+    ``InvalidFreeError``, also with nothing taken). ``page_size`` must be a
     multiple of the allocator's. A cache that is dropped hands its slots back, to any
     allocator (through its ``free`` when it is not one of these two, from the cache's
     finalizer: without ``on_node_evict``, as ``reset``).

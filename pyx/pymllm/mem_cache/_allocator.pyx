@@ -11,12 +11,14 @@ frees nothing of the call. With pages, a call frees each page once, however many
 slots it lists (the same slot twice included).
 
 The state byte also says who owns an allocated slot: the caller that allocated it, or a
-prefix cache. A ``RadixCache`` or ``MambaRadixCache`` over a ``TokenToKVPoolAllocator`` (or
-a windowed ``RadixCache`` over a ``SWATokenToKVPoolAllocator``, on its full side) takes the
-slots it stores in ``insert`` (``value[prefix_len:aligned]``: they must be held by
-a caller, and with pages each page-aligned run must be one page, else the insert raises
-``InvalidValueError`` and takes nothing) and frees them when it evicts them, resets, or is
-dropped; until then a caller's ``free`` (or ``free_swa``) of one of them raises
+prefix cache. A ``RadixCache`` or ``MambaRadixCache`` over a ``TokenToKVPoolAllocator``, or
+a ``RadixCache`` (with a window or without) over a ``SWATokenToKVPoolAllocator`` (on its
+full side), of exactly these types, takes the slots it keeps in ``insert``: without a
+window ``value[prefix_len:aligned]``, with one what it keeps of
+``value[prev_prefix_len:aligned]`` (see ``RadixCache.insert``: it frees the rest itself).
+They must be held by a caller, and with pages each page-aligned run must be one page, else
+the insert raises ``InvalidValueError`` and takes nothing. The cache frees them when it
+evicts them, resets, or is dropped; until then a caller's ``free`` (or ``free_swa``) of one of them raises
 ``InvalidFreeError`` and
 ``clear()`` raises ``AllocatorStateError``. So every slot is free, a caller's, or a cache's,
 and the allocator knows which (``is_allocated``, ``is_cached``).
@@ -1242,8 +1244,8 @@ cdef class TokenToKVPoolAllocator:
     the fast path): they are the allocator's again. Slots a prefix cache took in
     ``insert`` are not the caller's to free (``InvalidFreeError``): the cache frees them.
     With pages, a freed slot frees its whole page. A slot that is not the caller's to free
-    (free already, a cache's, padding, out of range, listed twice) raises
-    ``InvalidFreeError``; indices that are not slot ids at all (floats, bools, a 2-D array)
+    (free already, a cache's, padding, out of range, or with ``page_size`` 1 listed twice)
+    raises ``InvalidFreeError``; indices that are not slot ids at all (floats, bools, a 2-D array)
     raise ``InvalidValueError``. Both are ``ValueError`` and free nothing of that call. With ``need_sort`` (default) freed slots
     are handed out again lowest first, once the current free list runs out. Each call is atomic with respect to Python
     threads (see the module docstring).

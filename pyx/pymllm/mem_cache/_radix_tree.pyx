@@ -2852,7 +2852,9 @@ cdef class RadixTreeCore:
         them out) raises ``InvalidValueError`` and changes nothing: every slot keeps its owner,
         and the tree is as it was (no split, no recency or hit count refreshed), as when
         memory runs out or the allocator's ``free`` raises.
-        ``prev_prefix_len`` and ``swa_evicted_seqlen`` only matter with a sliding window.
+        ``prev_prefix_len`` and ``swa_evicted_seqlen`` only matter with a sliding window
+        (there ``prev_prefix_len`` must be a multiple of ``page_size``, at most the key's
+        length, else ``InvalidValueError``).
         ``priority`` only matters with ``eviction_policy="priority"``: the nodes this insert
         makes start at ``priority`` (a negative one too) and every node on the path from the
         root to ``last_node`` is raised to at least it (lower priorities are evicted first;
@@ -3425,11 +3427,20 @@ cdef class RadixTreeCore:
         (whole nodes, so it may free more).
 
         A parent whose last child goes becomes a candidate itself. The freed KV slots go
-        back in one ``allocator.free(int32 array)`` call (for a ``TokenToKVPoolAllocator``,
-        straight through its C entry point, no array); ``on_node_evict(node_id)`` is
-        called for each evicted node, after the tree is consistent again. Cost is
+        back in one ``allocator.free(int32 array)`` call (for a ``TokenToKVPoolAllocator``
+        or ``SWATokenToKVPoolAllocator`` of exactly that type, straight through its C entry
+        point, no array; a subclass's own ``free`` is called); ``on_node_evict(node_id)``
+        is called for each evicted node, after the tree is consistent again. Cost is
         proportional to what is evicted (heap pops), never a walk over the tree.
         ``swa_num_tokens`` is ignored without a sliding window.
+
+        With a sliding window, a second phase then drops SWA KV, in policy order, until at
+        least *swa_num_tokens* SWA tokens are freed, over the nodes whose SWA KV is not
+        locked: one that has children or whose full KV is locked becomes a tombstone (its
+        SWA KV freed, its full KV kept), an unlocked leaf goes whole, and
+        the full KV of such a leaf counts in ``full_evicted`` too (``evict(0, n)`` can
+        return ``full_evicted > 0``). The SWA side goes back in one ``free_swa`` call,
+        before the ``free`` call of the full side.
 
         Ownership: the evicted slots (and Mamba states) leave the tree; they are handed to
         the allocator (and the state pool) in that call. If a callback raises, the others
@@ -3681,8 +3692,10 @@ cdef class RadixTreeCore:
         With a sliding window W the SWA KV is locked only over the nearest W live tokens
         (whole nodes, stopping at a tombstone), and the return value is the boundary token
         to pass back as ``dec_lock_ref(node, swa_boundary_id)``: the prefix position where
-        the SWA lock stopped, or None when it reached the root. Positions, unlike node ids,
-        survive the splits that other requests cause while the lock is held.
+        the SWA lock stopped (0 when the W tokens end exactly at the root), or None when it
+        reached the root with fewer than W live tokens (``dec_lock_ref`` takes 0 and None
+        alike). Positions, unlike node ids, survive the splits that other requests cause
+        while the lock is held.
         """
         self._enter()
         try:
