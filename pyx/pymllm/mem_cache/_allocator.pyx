@@ -18,10 +18,10 @@ window ``value[prefix_len:aligned]``, with one what it keeps of
 ``value[prev_prefix_len:aligned]`` (see ``RadixCache.insert``: it frees the rest itself).
 They must be held by a caller, and with pages each page-aligned run must be one page, else
 the insert raises ``InvalidValueError`` and takes nothing. The cache frees them when it
-evicts them, resets, or is dropped; until then a caller's ``free`` (or ``free_swa``) of one of them raises
-``InvalidFreeError`` and
-``clear()`` raises ``AllocatorStateError``. So every slot is free, a caller's, or a cache's,
-and the allocator knows which (``is_allocated``, ``is_cached``).
+evicts them, resets, or is dropped; until then a caller's ``free`` (or ``free_swa``) of one
+of them raises ``InvalidFreeError`` and ``clear()`` raises ``AllocatorStateError``. So
+every slot is free, a caller's, or a cache's, and the allocator knows which
+(``is_allocated``, ``is_cached``).
 
 Thread safety: every public call is atomic with respect to other Python threads. A call
 first converts its arguments (which may run Python code, e.g. copying a jax array to the
