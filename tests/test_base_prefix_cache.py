@@ -257,3 +257,17 @@ def test_the_package_lists_its_lazily_loaded_pools():
         """
     )
     assert out.strip() == "ok"
+
+
+def test_the_package_exports_every_error_class():
+    """``from pymllm.mem_cache import CacheError`` works for every exception the package
+    raises: the same class objects as in ``pymllm.mem_cache.errors``, listed in the
+    package's ``__all__`` (they were importable from the errors module only)."""
+    import pymllm.mem_cache as mc
+    from pymllm.mem_cache import errors
+
+    assert errors.__all__, "errors lists no exception"
+    for name in errors.__all__:
+        assert getattr(mc, name) is getattr(errors, name), name
+        assert name in mc.__all__, name
+        assert issubclass(getattr(mc, name), mc.CacheError)

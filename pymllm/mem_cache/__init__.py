@@ -18,6 +18,17 @@ from pymllm.mem_cache.base_prefix_cache import hash_bytes as hash_bytes
 from pymllm.mem_cache.base_prefix_cache import hash_to_int64 as hash_to_int64
 from pymllm.mem_cache.base_prefix_cache import hash_token_ids as hash_token_ids
 from pymllm.mem_cache.chunk_cache import ChunkCache as ChunkCache
+from pymllm.mem_cache.errors import AllocatorStateError as AllocatorStateError
+from pymllm.mem_cache.errors import AlreadyInitializedError as AlreadyInitializedError
+from pymllm.mem_cache.errors import BuffersDeletedError as BuffersDeletedError
+from pymllm.mem_cache.errors import CacheError as CacheError
+from pymllm.mem_cache.errors import InvalidFreeError as InvalidFreeError
+from pymllm.mem_cache.errors import InvalidKeyError as InvalidKeyError
+from pymllm.mem_cache.errors import InvalidValueError as InvalidValueError
+from pymllm.mem_cache.errors import LockStateError as LockStateError
+from pymllm.mem_cache.errors import NotInitializedError as NotInitializedError
+from pymllm.mem_cache.errors import ReentrantCallError as ReentrantCallError
+from pymllm.mem_cache.errors import StaleNodeError as StaleNodeError
 from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache as MambaRadixCache
 from pymllm.mem_cache.mamba_radix_cache import MambaTreeNode as MambaTreeNode
 from pymllm.mem_cache.radix_cache import RadixCache as RadixCache
@@ -64,19 +75,30 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "EVICTION_POLICIES",
+    "AllocatorStateError",
+    "AlreadyInitializedError",
     "BasePrefixCache",
+    "BuffersDeletedError",
+    "CacheError",
     "ChunkCache",
     "EvictResult",
     "InsertResult",
+    "InvalidFreeError",
+    "InvalidKeyError",
+    "InvalidValueError",
     "KVPool",
+    "LockStateError",
     "MambaPool",
     "MambaRadixCache",
     "MambaTreeNode",
     "MatchResult",
+    "NotInitializedError",
     "RadixCache",
     "RadixKey",
+    "ReentrantCallError",
     "ReqToTokenPool",
     "SWATokenToKVPoolAllocator",
+    "StaleNodeError",
     "TokenToKVPoolAllocator",
     "TreeNode",
     "hash_bytes",
