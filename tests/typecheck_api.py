@@ -29,6 +29,8 @@ def radix(cache: RadixCache, key: RadixKey) -> None:
     assert_type(node.value, NDArray[np.int32])
     assert_type(cache.inc_lock_ref(node), int | None)
     assert_type(cache.children(node), list[TreeNode])
+    TreeNode()  # type: ignore[call-arg]  # handles come from a cache
+    MambaTreeNode()  # type: ignore[call-arg]
 
 
 def mamba(cache: MambaRadixCache, key: RadixKey) -> None:

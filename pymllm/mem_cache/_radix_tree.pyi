@@ -1,7 +1,7 @@
 """Typing for the compiled radix tree (pyx/pymllm/mem_cache/_radix_tree.pyx)."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Never
 
 import numpy as np
 from numpy.typing import NDArray
@@ -13,6 +13,9 @@ EVICTION_POLICIES: tuple[str, ...]
 
 @disjoint_base
 class TreeNode:
+    # Handles come from a cache (TreeNode() raises TypeError); a parameter that no value
+    # fills makes a type checker reject the call too.
+    def __init__(self, _from_a_cache_only: Never, /) -> None: ...
     @property
     def id(self) -> int: ...
     @property
