@@ -271,3 +271,38 @@ def test_the_package_exports_every_error_class():
         assert getattr(mc, name) is getattr(errors, name), name
         assert name in mc.__all__, name
         assert issubclass(getattr(mc, name), mc.CacheError)
+
+
+@pytest.mark.parametrize(
+    ("cls", "required"),
+    [
+        ("RadixCache", {}),
+        ("MambaRadixCache", {}),
+        ("TokenToKVPoolAllocator", {"size": 8}),
+        ("SWATokenToKVPoolAllocator", {"size": 8, "swa_size": 8}),
+    ],
+)
+def test_the_compiled_classes_constructors_have_signatures(cls, required):
+    """inspect.signature (IDEs, help()) gives each compiled class's constructor; it raised
+    ValueError ("no signature found for builtin type"). The signature is written by hand
+    in the class docstring, so this pins it to what __init__ accepts: every name it lists
+    is a keyword __init__ takes, its defaults are accepted, and __init__ takes no more
+    positional arguments than it lists."""
+    import inspect
+
+    import pymllm.mem_cache as mc
+
+    klass = getattr(mc, cls)
+    params = inspect.signature(klass).parameters
+    assert set(required) <= set(params)
+    values = {
+        name: required.get(name, p.default)
+        for name, p in params.items()
+        if p.kind is p.POSITIONAL_OR_KEYWORD
+    }
+    assert list(values) == list(params), "the signature lists a keyword-only or *args"
+    assert inspect.Parameter.empty not in values.values()
+    klass(**values)
+    klass(*values.values())
+    with pytest.raises(TypeError):
+        klass(*values.values(), None)

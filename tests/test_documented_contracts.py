@@ -13,7 +13,7 @@ from pymllm.mem_cache import (
     SWATokenToKVPoolAllocator,
     TokenToKVPoolAllocator,
 )
-from pymllm.mem_cache.errors import CacheError
+from pymllm.mem_cache.errors import CacheError, StaleNodeError
 
 
 def test_sliding_window_insert_leaves_the_partial_page_to_the_caller() -> None:
@@ -68,3 +68,70 @@ def test_an_evict_whose_callback_raises_changes_state() -> None:
     with pytest.raises(RuntimeError):
         cache.evict(100)
     assert cache.total_size() == 0 and alloc.available_size() == 16 and len(seen) == 2
+
+
+def test_a_running_request_locks_what_it_inserted_before_dropping_its_match_lock() -> None:
+    """README, insert's docstring: the slots an insert takes are not locked by the match's
+    lock, so an evict for another request hands them out while the first request still
+    reads them; locking ``r.last_node`` first keeps them."""
+    for relock in (False, True):
+        alloc = TokenToKVPoolAllocator(40)
+        cache = RadixCache(token_to_kv_pool_allocator=alloc)
+        key = RadixKey(list(range(100, 130)))
+        m = cache.match_prefix(key)
+        lock = cache.inc_lock_ref(m.last_node)
+        slots = alloc.alloc(30, prefix=m.indices)
+        r = cache.insert(key, slots)
+        assert r.prefix_len == 0 and alloc.is_cached(slots).all()
+        if relock:
+            lock2 = cache.inc_lock_ref(r.last_node)
+            cache.dec_lock_ref(m.last_node, swa_boundary_id=lock)
+        assert cache.protected_size() == (30 if relock else 0)
+        # another request needs 35 slots: the loop evicts what it is short of
+        cache.evict(35 - alloc.available_size())
+        if relock:
+            assert alloc.is_cached(slots).all(), "a locked request's slots were evicted"
+            assert alloc.alloc(35) is None
+            cache.dec_lock_ref(r.last_node, swa_boundary_id=lock2)
+            assert cache.evictable_size() == 30
+        else:
+            assert not alloc.is_allocated(slots).any(), "the slots were not evictable"
+            handed_out = alloc.alloc(35)
+            assert handed_out is not None and set(slots.tolist()) <= set(handed_out.tolist())
+            cache.dec_lock_ref(m.last_node, swa_boundary_id=lock)
+
+
+def test_reset_frees_locked_nodes_and_their_handles_go_stale() -> None:
+    """reset's docstring: locked nodes go too (their slots back to the allocator), and a
+    later dec_lock_ref of such a handle raises StaleNodeError; protected_size() says
+    whether a request holds a lock before a flush."""
+    alloc = TokenToKVPoolAllocator(16)
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    slots = alloc.alloc(4)
+    node = cache.insert(RadixKey([1, 2, 3, 4]), slots).last_node
+    cache.inc_lock_ref(node)
+    assert cache.protected_size() == 4
+    cache.reset()
+    assert cache.protected_size() == cache.total_size() == 0
+    assert alloc.available_size() == 16 and not alloc.is_allocated(slots).any()
+    with pytest.raises(StaleNodeError):
+        cache.dec_lock_ref(node)
+    assert alloc.available_size() == 16
+
+
+@pytest.mark.parametrize("allocator", [None, "pool"])
+def test_evict_returns_what_it_freed_and_a_count_below_one_evicts_nothing(allocator) -> None:
+    """evict's docstring: EvictResult counts the tokens freed; 0 or a negative count is a
+    no-op; without an allocator the slots go to no one (nothing raises)."""
+    alloc = TokenToKVPoolAllocator(16) if allocator else None
+    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    slots = alloc.alloc(3) if alloc else None
+    cache.insert(RadixKey([1, 2, 3]), slots)
+    for n in (0, -5):
+        r = cache.evict(n)
+        assert (r.full_evicted, r.swa_evicted) == (0, 0)
+        assert cache.evictable_size() == 3
+    r = cache.evict(1)
+    assert (r.full_evicted, r.swa_evicted, cache.total_size()) == (3, 0, 0)
+    if alloc is not None:
+        assert alloc.available_size() == 16

@@ -27,7 +27,8 @@ class RadixCache(RadixTreeCore, BasePrefixCache):  # type: ignore[misc]
       and ``inc_lock_ref``).
     * ``token_to_kv_pool_allocator``: anything with ``free(int32 array)`` (with a window,
       ``free_swa(int32 array)`` too, as a ``SWATokenToKVPoolAllocator`` has); evicted KV
-      slots go back through it.
+      slots go back through it. ``None``: evicted slots go to no one (a tree that models
+      hit rates).
     * ``on_node_evict``: optional ``callback(node_id)`` called for each evicted node.
     * ``eviction_policy``: which unlocked leaf ``evict`` removes first (every policy breaks
       ties by recency, then node id): ``"lru"`` least recently matched or inserted;

@@ -31,6 +31,7 @@ code that holds the GIL throughout and calls nothing in Python. A sequence of ca
 serialise such sequences themselves.
 """
 
+cimport cython
 from cpython.list cimport PyList_Check
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.object cimport PyTypeObject
@@ -1226,8 +1227,10 @@ cdef int32_t _check_alloc_size(object n, int32_t ps) except -1:
     return <int32_t>(n // ps) if n <= 0x7FFFFFFF else 0x7FFFFFFF
 
 
+@cython.embedsignature(False)  # the docstring states it, as CPython reads it
 cdef class TokenToKVPoolAllocator:
-    """Hands out KV slots ``1..size`` (slot 0 is the padding slot, never handed out).
+    """TokenToKVPoolAllocator(size, page_size=1, need_sort=True)\n--\n
+    Hands out KV slots ``1..size`` (slot 0 is the padding slot, never handed out).
 
     With ``page_size`` P > 1 the unit is the page: ``size`` is cut to whole pages, page 0
     (slots ``0..P-1``) is the padding page, and the slots handed out are ``P..size+P-1``
@@ -1399,8 +1402,10 @@ cdef class TokenToKVPoolAllocator:
         )
 
 
+@cython.embedsignature(False)  # the docstring states it, as CPython reads it
 cdef class SWATokenToKVPoolAllocator:
-    """Allocates a full-attention slot and a sliding-window slot per token.
+    """SWATokenToKVPoolAllocator(size, swa_size, page_size=1, need_sort=True)\n--\n
+    Allocates a full-attention slot and a sliding-window slot per token.
 
     ``alloc(n)`` returns ``n`` full slots (``np.int32``, caller-owned) and records, for each,
     the SWA slot allocated with it (``translate_loc_from_full_to_swa``); ``None`` when

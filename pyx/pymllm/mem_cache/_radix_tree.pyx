@@ -1529,8 +1529,11 @@ cdef unsigned long _FORKED_OWNER = <unsigned long>-1
 cdef int _PRINT_INDENT = 32
 
 
+@cython.embedsignature(False)  # the docstring states it, as CPython reads it
 cdef class RadixTreeCore:
-    """Compiled radix tree: node storage, child map, eviction heap, locking.
+    """RadixTreeCore(page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
+    on_node_evict=None, eviction_policy='lru')\n--\n
+    Compiled radix tree: node storage, child map, eviction heap, locking.
 
     Not used directly: :class:`pymllm.mem_cache.radix_cache.RadixCache` is the public class.
     """
@@ -2835,7 +2838,11 @@ cdef class RadixTreeCore:
         the tree's own indices, so the caller frees its duplicates (usually
         ``value[match.prefix_len:prefix_len]``), while the tree's own indices it passed back
         (a match's) stay the tree's. Returns ``InsertResult(prefix_len, last_node)`` with
-        ``last_node`` ending at ``aligned`` (with a window, see below). Bad input raises and
+        ``last_node`` ending at ``aligned`` (with a window, see below). The slots the tree
+        takes are not locked: a request that goes on reading them (decode, the next chunk)
+        locks ``last_node`` before it drops its match's lock, or an ``evict`` can hand them
+        to another request (with a window, it re-matches instead: see the end). Bad input
+        raises and
         changes nothing, as does a key array another thread rewrites while the insert reads
         it so that the new leaf would start with a page the tree already has there
         (``InvalidKeyError``; any other rewrite is cached as read; a windowed insert reads
@@ -3432,7 +3439,11 @@ cdef class RadixTreeCore:
         point, no array; a subclass's own ``free`` is called); ``on_node_evict(node_id)``
         is called for each evicted node, after the tree is consistent again. Cost is
         proportional to what is evicted (heap pops), never a walk over the tree.
-        ``swa_num_tokens`` is ignored without a sliding window.
+        ``swa_num_tokens`` is ignored without a sliding window; a count of 0 or less
+        evicts nothing. Returns ``EvictResult(full_evicted, swa_evicted)``, the tokens whose
+        full and SWA KV slots were freed. Without an allocator
+        (``token_to_kv_pool_allocator=None``) the evicted slots are handed to no one: such a
+        tree models hit rates, it does not manage a pool.
 
         With a sliding window, a second phase then drops SWA KV, in policy order, until at
         least *swa_num_tokens* SWA tokens are freed, over the nodes whose SWA KV is not
@@ -3892,7 +3903,11 @@ cdef class RadixTreeCore:
         Mamba state (one ``mamba_pool.free`` call, or straight into the allocator of a pool
         that books them), and empty the tree.
 
-        Handles held by callers become stale; ``on_node_evict`` is not called. Node ids are
+        Locked nodes go too: their slots return to the allocator like the others', so a
+        request still reading them must not go on (check ``protected_size() == 0`` to flush
+        only when no request holds a lock, as a server's cache flush does). Handles held by
+        callers become stale (``dec_lock_ref`` of one raises ``StaleNodeError``);
+        ``on_node_evict`` is not called. Node ids are
         not reused afterwards. If memory runs out while the empty tree is rebuilt, the
         slots and states are handed over all the same and ``MemoryError`` propagates; the
         cache then raises ``NotInitializedError`` until ``__init__`` is called again. As
@@ -4517,8 +4532,11 @@ cdef class MambaTreeNode(TreeNode):
         return self._node().lock_ref
 
 
+@cython.embedsignature(False)  # the docstring states it, as CPython reads it
 cdef class MambaTreeCore(RadixTreeCore):
-    """Compiled core of MambaRadixCache: the same tree, plus one optional SSM state slot per
+    """MambaTreeCore(page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,
+    on_node_evict=None, eviction_policy='lru')\n--\n
+    Compiled core of MambaRadixCache: the same tree, plus one optional SSM state slot per
     node (the state after the node's last token), a second heap of droppable states and
     a state lock count per node. Public class: ``pymllm.mem_cache.MambaRadixCache``."""
 
