@@ -718,3 +718,38 @@ def test_the_state_pools_last_slot_is_a_state_like_any_other() -> None:
     assert m.prefix_len == 3 and int(m.last_node.mamba_value[0]) == last
     cache.evict(3)
     assert not states.is_allocated([last]).any()
+
+
+@pytest.mark.parametrize("save_at_branch", [False, True])
+def test_saving_a_state_at_the_branching_point_makes_the_shared_prefix_hit(save_at_branch):
+    """MambaRadixCache's docstring: with states saved only at each prompt's end, prompts
+    that share a system prefix and then differ never hit; a request that stops at
+    ``mamba_branching_seqlen`` and inserts the prefix with a state there makes every
+    later request with that prefix hit it."""
+    from pymllm.mem_cache import TokenToKVPoolAllocator
+
+    kv, states = TokenToKVPoolAllocator(256), TokenToKVPoolAllocator(16)
+    cache = MambaRadixCache(token_to_kv_pool_allocator=kv, mamba_pool=states)
+    system = list(range(100, 108))
+    hits = []
+    for suffix in ([1, 2], [3, 4], [5, 6], [7, 8]):
+        prompt = system + suffix
+        m = cache.match_prefix(K(prompt))
+        hits.append(m.prefix_len)
+        slots = kv.alloc(len(prompt) - m.prefix_len, prefix=m.indices)
+        b = m.mamba_branching_seqlen
+        if save_at_branch and b is not None and m.prefix_len < b < len(prompt):
+            r = cache.insert(K(prompt[:b]), slots[:b], mamba_value=states.alloc(1))
+            assert not r.mamba_exist
+            kv.free(slots[m.prefix_len : r.prefix_len])
+            m = cache.match_prefix(K(prompt))
+            assert m.prefix_len == b
+            slots = np.concatenate([m.indices, slots[b:]])
+        r = cache.insert(K(prompt), slots, mamba_value=states.alloc(1))
+        assert not r.mamba_exist
+        kv.free(slots[m.prefix_len : r.prefix_len])
+    # the first request has nothing to match; the second finds the system prompt's KV
+    # but no state at its end
+    assert hits == ([0, 0, 8, 8] if save_at_branch else [0, 0, 0, 0])
+    cache.reset()
+    assert kv.available_size() == 256 and states.available_size() == 16

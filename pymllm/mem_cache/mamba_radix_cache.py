@@ -39,6 +39,14 @@ class MambaRadixCache(MambaTreeCore, BasePrefixCache):  # type: ignore[misc]
     for that chunk back from a match: it keeps reading its own duplicates and frees them
     when it ends (they hold the same KV as the tree's copies).
 
+    Where states are saved decides the hit rate: a match stops at the last node with a
+    state, even where the KV matches further. ``MatchResult.mamba_branching_seqlen``, when
+    not None, is how far the KV matches (whole pages): a request that stops its prefill
+    there, inserts ``key[:mamba_branching_seqlen]`` with a copy of its state at that point
+    (``insert(..., mamba_value=slot)``), then goes on, lets every later request with that
+    prefix hit it. A loop that saves a state only at each prompt's end hits only where a
+    whole earlier prompt is a prefix of the new one.
+
     Locks: ``inc_lock_ref(node)`` returns a token (True when it also locked the node's
     state); pass it back to ``dec_lock_ref`` on the same node. As in RadixCache, a node
     whose locks are all its descendants' cannot be unlocked (``LockStateError``): undoing a
