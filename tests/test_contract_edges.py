@@ -694,3 +694,27 @@ def test_pretty_print_of_a_deep_chain_is_linear_in_its_nodes(capsys) -> None:
         line = nodes[d - 1]
         assert line.startswith("  " * 32 + f"(depth {d}) ")
         assert not line.startswith("  " * 33)
+
+
+def test_pretty_print_names_the_namespace_of_each_root_child(capsys) -> None:
+    """Namespaces with equal tokens printed identical lines; a root child in a namespace
+    now ends with its extra_key's repr (taken after the tree is released, so a repr that
+    calls the cache works), and the default namespace prints no extra_key."""
+    cache = RadixCache()
+
+    class CallsTheCache:
+        def __repr__(self) -> str:
+            return f"CallsTheCache(total={cache.total_size()})"
+
+    cache.insert(RadixKey([1, 2, 3], "lora-a"))
+    cache.insert(RadixKey([1, 2, 3], "lora-b"))
+    cache.insert(RadixKey([1, 2, 4], "lora-b"))
+    cache.insert(RadixKey([1, 2, 3]))
+    cache.insert(RadixKey([1, 2, 3], CallsTheCache()))
+    cache.pretty_print()
+    lines = capsys.readouterr().out.splitlines()
+    roots = [line for line in lines[:-1] if not line.startswith(" ")]
+    assert len(roots) == 4 and len(lines) == 7
+    ends = sorted(line.split("  extra_key=")[1] for line in roots if "extra_key=" in line)
+    assert ends == ["'lora-a'", "'lora-b'", "CallsTheCache(total=13)"]
+    assert sum("extra_key=" in line for line in lines) == 3

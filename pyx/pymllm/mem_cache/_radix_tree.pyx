@@ -4110,14 +4110,19 @@ cdef class RadixTreeCore:
     def pretty_print(self):
         """Print the tree, one node per line, indented by depth: two spaces a level up to
         _PRINT_INDENT levels, then the depth itself (so that a deep chain prints in space
-        linear in its nodes)."""
+        linear in its nodes). A child of the root whose key has an ``extra_key`` ends with
+        ``extra_key=`` and its repr, so that namespaces with equal tokens tell apart (the
+        reprs are taken after the tree is released: a repr that calls the cache works)."""
         self._enter()
         try:
-            return self._pretty_print_locked()
+            lines = self._pretty_print_locked()
         finally:
             self._leave()
+        print("\n".join([line if type(line) is str else f"{line[0]}  extra_key={line[1]!r}"
+                         for line in lines]))
 
-    cdef object _pretty_print_locked(self):
+    cdef list _pretty_print_locked(self):
+        """The printout's lines; a child of the root in a namespace is (line, extra_key)."""
         kids = self._children_slots()
         lines = []
         stack = [(ROOT, 0)]
@@ -4126,16 +4131,18 @@ cdef class RadixTreeCore:
             if n != ROOT:
                 x = self._handle(n)
                 if depth - 1 <= _PRINT_INDENT:
-                    lines.append(f"{'  ' * (depth - 1)}{x!r}")
+                    line = f"{'  ' * (depth - 1)}{x!r}"
                 else:
-                    lines.append(f"{'  ' * _PRINT_INDENT}(depth {depth}) {x!r}")
+                    line = f"{'  ' * _PRINT_INDENT}(depth {depth}) {x!r}"
+                extra_key = x.key.extra_key if depth == 1 else None
+                lines.append(line if extra_key is None else (line, extra_key))
             for c in reversed(kids.get(n, [])):
                 stack.append((c, depth + 1))
         lines.append(
             f"#tokens: {self.total_size()} (evictable {self._evictable}, "
             f"protected {self._protected})"
         )
-        print("\n".join(lines))
+        return lines
 
     cdef int _check_map(self) except -1:
         """Both tables' live entries add up to `used`; `filled` counts the current table's
