@@ -135,3 +135,20 @@ def test_evict_returns_what_it_freed_and_a_count_below_one_evicts_nothing(alloca
     assert (r.full_evicted, r.swa_evicted, cache.total_size()) == (3, 0, 0)
     if alloc is not None:
         assert alloc.available_size() == 16
+
+
+@pytest.mark.parametrize("cls", [RadixCache, "MambaRadixCache"])
+def test_an_allocator_passed_as_page_size_says_to_pass_it_by_keyword(cls) -> None:
+    """RadixCache(alloc) put the allocator in page_size's place and said only that
+    page_size wants an int; the message now says where the allocator goes."""
+    from pymllm.mem_cache import MambaRadixCache
+    from pymllm.mem_cache.errors import InvalidValueError
+
+    klass = MambaRadixCache if cls == "MambaRadixCache" else cls
+    alloc = TokenToKVPoolAllocator(8)
+    with pytest.raises(InvalidValueError, match="by keyword, token_to_kv_pool_allocator="):
+        klass(alloc)
+    with pytest.raises(InvalidValueError) as e:
+        klass(1.5)
+    assert "keyword" not in str(e.value)
+    klass(token_to_kv_pool_allocator=alloc)

@@ -1688,7 +1688,14 @@ cdef class RadixTreeCore:
 
     cdef int _setup(self, object page_size, object allocator, object on_node_evict,
                     object eviction_policy) except -1:
-        page_size = _size_arg("page_size", page_size, 1)
+        try:
+            page_size = _size_arg("page_size", page_size, 1)
+        except InvalidValueError as e:
+            if callable(getattr(page_size, "free", None)):  # RadixCache(allocator)
+                raise InvalidValueError(
+                    f"{e}: the allocator goes in by keyword, token_to_kv_pool_allocator="
+                ) from None
+            raise
         if not isinstance(eviction_policy, str) or eviction_policy not in EVICTION_POLICIES:
             raise InvalidValueError(
                 f"eviction_policy: expected one of {', '.join(EVICTION_POLICIES)}, "
