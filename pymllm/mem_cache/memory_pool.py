@@ -1458,7 +1458,12 @@ def make_full_attention_net_mem_pool(
     device: jax.Device | None = None,
 ) -> tuple[KVPool, TokenToKVPoolAllocator]:
     """A :class:`KVPool` of *size* slots and the allocator that hands them out; *mesh*,
-    *head_axis* and *device* place the pool as :class:`KVPool`'s do."""
+    *head_axis* and *device* place the pool as :class:`KVPool`'s do.
+
+    With ``page_size`` P > 1, *size* is cut to whole pages (``size // P * P`` slots are
+    handed out, as :class:`TokenToKVPoolAllocator` does), and a cache over this allocator
+    takes ``page_size=P`` (or a multiple of it) too: ``RadixCache(page_size=P, ...)``,
+    whose default of 1 it refuses."""
     pool = KVPool(
         size,
         layer_num,
