@@ -775,3 +775,60 @@ def test_bad_unlocks_raise_and_change_nothing(make_cache, pool):
     with pytest.raises(StaleNodeError):
         cache.dec_lock_ref(n3, b3)
     cache._check_invariants()
+
+
+# ------------------------------------------- prev_prefix_len inside a node (a review's fuzzer)
+
+
+def test_prev_prefix_len_inside_the_node_the_match_ends_in(make_cache, pool):
+    """prev_prefix_len=4 falls inside the 8-token node the insert's match ends in (at 6):
+    the node splits at 4 and 6, the caller's [101..104] prefix is left alone, its
+    duplicates [205, 206] are freed, and the new leaf takes [207, 208]. (No hand-computed
+    test had prev_prefix_len inside a node: the length of the matched part past it was
+    computed from the node's start, and a mutant that did so made a node of length -2.)"""
+    cache = make_cache(sliding_window_size=2)
+    cache.insert(K(slots(range(1, 9))), slots(range(101, 109)))
+    pool.calls.clear()
+    r = cache.insert(
+        K([1, 2, 3, 4, 5, 6, 90, 91]), [101, 102, 103, 104, 205, 206, 207, 208], prev_prefix_len=4
+    )
+    assert (r.prefix_len, r.last_node.id) == (6, 4)
+    assert tree(cache) == {
+        1: (3, [7, 8], [107, 108], False),
+        2: (0, [1, 2, 3, 4], [101, 102, 103, 104], False),
+        3: (2, [5, 6], [105, 106], False),
+        4: (3, [90, 91], [207, 208], False),
+    }
+    assert pool.calls == [("free", [205, 206])]
+    cache._check_invariants()
+
+
+def test_prev_prefix_len_inside_a_full_node_then_a_tombstone_is_revived(make_cache, pool):
+    """prev_prefix_len=2 falls inside a live node, and the match goes on into a tombstone
+    (tokens 5-8, whose SWA KV a request freed) that no one locks: the insert revives it
+    with the incoming [205, 206] where it splits, frees the duplicates [203, 204] first and
+    the tombstone's old [105, 106] after. A mutant that revived the node of the path at
+    the tombstone's index in the wrong list (the split shifted it) went unnoticed."""
+    cache = make_cache(sliding_window_size=2)
+    cache.insert(K([1, 2, 3, 4]), [101, 102, 103, 104])
+    cache.insert(
+        K(slots(range(1, 11))),
+        slots(range(101, 111)),
+        prev_prefix_len=4,
+        swa_evicted_seqlen=8,
+    )
+    pool.calls.clear()
+    r = cache.insert(
+        K([1, 2, 3, 4, 5, 6, 70, 71]), [101, 102, 203, 204, 205, 206, 207, 208], prev_prefix_len=2
+    )
+    assert (r.prefix_len, r.last_node.id) == (6, 6)
+    assert tree(cache) == {
+        1: (4, [3, 4], [103, 104], False),
+        2: (5, [7, 8], [107, 108], True),
+        3: (2, [9, 10], [109, 110], False),
+        4: (0, [1, 2], [101, 102], False),
+        5: (1, [5, 6], [205, 206], False),
+        6: (5, [70, 71], [207, 208], False),
+    }
+    assert pool.calls == [("free", [203, 204]), ("free", [105, 106])]
+    cache._check_invariants()

@@ -217,9 +217,11 @@ class SWACacheComparison(PairedCaches, RuleBasedStateMachine):
             choice = data.draw(st.integers(0, 3), label="prev_prefix_len choice")
             ppl = prefix_len
             # A shorter prev_prefix_len hands the matched slots back for comparison; that is
-            # only sound while they are still the tree's: reviving a tombstone inside a
-            # locked prefix frees its old slots (see test_swa_radix_cache.py::
-            # test_revival_frees_slots_of_a_locked_prefix).
+            # only sound while they are still the tree's: since the match, an evict or an
+            # insert that revived a tombstone on the path (possible where this request
+            # holds no lock; see test_swa_radix_cache.py::
+            # test_insert_revives_a_tombstone_at_or_beyond_swa_evicted_seqlen) may have
+            # replaced them, so the path's current slots are compared first.
             node = self.handles[node_id][0]
             current = [v for n in self.ref._path(node) for v in n.value.tolist()]
             if current == indices.tolist():
