@@ -38,6 +38,11 @@ directives = {
     "cdivision": True,
     "initializedcheck": debug,
     "embedsignature": True,
+    # Argument Clinic's form: a method's signature goes to its __text_signature__ (inspect,
+    # help) instead of the head of its docstring; a class's is written in its docstring,
+    # "Name(...)\n--\n", which CPython reads the same way (Cython embeds none for a class
+    # in this form).
+    "embedsignature.format": "clinic",
     "linetrace": linetrace,
     # No pickling or copying generated for the extension types: allocators, caches and node
     # handles stand for slot ownership, which a copy would share (copy.copy) or forge

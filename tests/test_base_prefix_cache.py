@@ -273,27 +273,53 @@ def test_the_package_exports_every_error_class():
         assert issubclass(getattr(mc, name), mc.CacheError)
 
 
+def _pyx_init_signature(module: str, core: str) -> list[tuple[str, object]]:
+    """(name, default, or ``inspect.Parameter.empty`` for a required one) of each parameter
+    of ``def __init__`` of ``cdef class core`` in ``pyx/pymllm/mem_cache/<module>.pyx``
+    (read with ast: these signatures are plain Python)."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    pyx = Path(__file__).resolve().parents[1] / f"pyx/pymllm/mem_cache/{module}.pyx"
+    src = pyx.read_text()
+    start = src.index("def __init__(", src.index(f"cdef class {core}"))
+    header = src[start : src.index("):", start) + 2]
+    (fn,) = ast.parse(" ".join(header.split()) + " pass").body
+    assert isinstance(fn, ast.FunctionDef)
+    names = [a.arg for a in fn.args.args[1:]]  # after self
+    defaults = [ast.literal_eval(d) for d in fn.args.defaults]
+    padded = [inspect.Parameter.empty] * (len(names) - len(defaults)) + defaults
+    return list(zip(names, padded, strict=True))
+
+
 @pytest.mark.parametrize(
-    ("cls", "required"),
+    ("cls", "source", "required"),
     [
-        ("RadixCache", {}),
-        ("MambaRadixCache", {}),
-        ("TokenToKVPoolAllocator", {"size": 8}),
-        ("SWATokenToKVPoolAllocator", {"size": 8, "swa_size": 8}),
+        ("RadixCache", ("_radix_tree", "RadixTreeCore"), {}),
+        ("MambaRadixCache", ("_radix_tree", "MambaTreeCore"), {}),
+        ("TokenToKVPoolAllocator", ("_allocator", "TokenToKVPoolAllocator"), {"size": 8}),
+        (
+            "SWATokenToKVPoolAllocator",
+            ("_allocator", "SWATokenToKVPoolAllocator"),
+            {"size": 8, "swa_size": 8},
+        ),
     ],
 )
-def test_the_compiled_classes_constructors_have_signatures(cls, required):
+def test_the_compiled_classes_constructors_have_signatures(cls, source, required):
     """inspect.signature (IDEs, help()) gives each compiled class's constructor; it raised
     ValueError ("no signature found for builtin type"). The signature is written by hand
-    in the class docstring, so this pins it to what __init__ accepts: every name it lists
-    is a keyword __init__ takes, its defaults are accepted, and __init__ takes no more
-    positional arguments than it lists."""
+    in the class docstring, so this pins it to the ``def __init__`` in the .pyx source
+    (names, order and defaults) and to what the built __init__ accepts: every keyword,
+    every default, and no more positional arguments than it lists."""
     import inspect
 
     import pymllm.mem_cache as mc
 
     klass = getattr(mc, cls)
     params = inspect.signature(klass).parameters
+    stated = [(n, p.default) for n, p in params.items()]
+    assert stated == _pyx_init_signature(*source)
     assert set(required) <= set(params)
     values = {
         name: required.get(name, p.default)

@@ -216,19 +216,17 @@ class SWACacheComparison(PairedCaches, RuleBasedStateMachine):
             fresh = self._alloc(len(tokens) - prefix_len)
             choice = data.draw(st.integers(0, 3), label="prev_prefix_len choice")
             ppl = prefix_len
-            # A shorter prev_prefix_len hands the matched slots back for comparison; that is
-            # only sound while they are still the tree's: since the match, an evict or an
-            # insert that revived a tombstone on the path (possible where this request
-            # holds no lock; see test_swa_radix_cache.py::
-            # test_insert_revives_a_tombstone_at_or_beyond_swa_evicted_seqlen) may have
-            # replaced them, so the path's current slots are compared first.
+            # A shorter prev_prefix_len hands the matched slots back for comparison, which
+            # is sound because they are still the tree's: the request's lock keeps every
+            # node of its path from being evicted or revived with other slots (a tombstone
+            # keeps its full KV), whatever other requests inserted or evicted meanwhile.
             node = self.handles[node_id][0]
             current = [v for n in self.ref._path(node) for v in n.value.tolist()]
-            if current == indices.tolist():
-                if choice == 0:
-                    ppl = 0
-                elif choice == 1:
-                    ppl = data.draw(st.integers(0, prefix_len // self.page)) * self.page
+            assert current == indices.tolist(), "a locked prefix's slots changed"
+            if choice == 0:
+                ppl = 0
+            elif choice == 1:
+                ppl = data.draw(st.integers(0, prefix_len // self.page)) * self.page
             es = self._draw_evicted_seqlen(data, tokens)
             self._swa_evict_own(fresh, prefix_len, es)
             value = np.concatenate([indices, fresh]).astype(np.int64)

@@ -36,8 +36,10 @@ class MambaRadixCache(MambaTreeCore, BasePrefixCache):  # type: ignore[misc]
     ``match_prefix`` results end at a node holding a state; copy that state
     (``last_node.mamba_value``) into the request's own slot before extending it. So a
     request that caches a chunk without a state and goes on cannot get the tree's slots
-    for that chunk back from a match: it keeps reading its own duplicates and frees them
-    when it ends (they hold the same KV as the tree's copies).
+    for that chunk back from a match: it keeps reading the slots it passed (its duplicates
+    it frees when it ends; they hold the same KV as the tree's copies), and it locks the
+    insert's ``last_node`` before any ``evict`` can run, since the slots the tree took
+    are not locked by its match's lock (as in ``RadixCache.insert``).
 
     Where states are saved decides the hit rate: a match stops at the last node with a
     state, even where the KV matches further. ``MatchResult.mamba_branching_seqlen``, when

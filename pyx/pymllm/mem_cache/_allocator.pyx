@@ -31,7 +31,6 @@ code that holds the GIL throughout and calls nothing in Python. A sequence of ca
 serialise such sequences themselves.
 """
 
-cimport cython
 from cpython.list cimport PyList_Check
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.object cimport PyTypeObject
@@ -1227,7 +1226,6 @@ cdef int32_t _check_alloc_size(object n, int32_t ps) except -1:
     return <int32_t>(n // ps) if n <= 0x7FFFFFFF else 0x7FFFFFFF
 
 
-@cython.embedsignature(False)  # the docstring states it, as CPython reads it
 cdef class TokenToKVPoolAllocator:
     """TokenToKVPoolAllocator(size, page_size=1, need_sort=True)\n--\n
     Hands out KV slots ``1..size`` (slot 0 is the padding slot, never handed out).
@@ -1402,7 +1400,6 @@ cdef class TokenToKVPoolAllocator:
         )
 
 
-@cython.embedsignature(False)  # the docstring states it, as CPython reads it
 cdef class SWATokenToKVPoolAllocator:
     """SWATokenToKVPoolAllocator(size, swa_size, page_size=1, need_sort=True)\n--\n
     Allocates a full-attention slot and a sliding-window slot per token.

@@ -1529,7 +1529,6 @@ cdef unsigned long _FORKED_OWNER = <unsigned long>-1
 cdef int _PRINT_INDENT = 32
 
 
-@cython.embedsignature(False)  # the docstring states it, as CPython reads it
 cdef class RadixTreeCore:
     """RadixTreeCore(page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
     on_node_evict=None, eviction_policy='lru')\n--\n
@@ -2847,7 +2846,7 @@ cdef class RadixTreeCore:
         (a match's) stay the tree's. Returns ``InsertResult(prefix_len, last_node)`` with
         ``last_node`` ending at ``aligned`` (with a window, see below). The slots the tree
         takes are not locked: a request that goes on reading them (decode, the next chunk)
-        locks ``last_node`` before it drops its match's lock, or an ``evict`` can hand them
+        locks ``last_node`` before any ``evict`` can run, or that ``evict`` can hand them
         to another request (with a window, it re-matches instead: see the end). Bad input
         raises and
         changes nothing, as does a key array another thread rewrites while the insert reads
@@ -3446,8 +3445,8 @@ cdef class RadixTreeCore:
         point, no array; a subclass's own ``free`` is called); ``on_node_evict(node_id)``
         is called for each evicted node, after the tree is consistent again. Cost is
         proportional to what is evicted (heap pops), never a walk over the tree.
-        ``swa_num_tokens`` is ignored without a sliding window; a count of 0 or less
-        evicts nothing. Returns ``EvictResult(full_evicted, swa_evicted)``, the tokens whose
+        ``swa_num_tokens`` is ignored without a sliding window; ``num_tokens`` <= 0 (and,
+        with a window, ``swa_num_tokens`` <= 0) evicts nothing. Returns ``EvictResult(full_evicted, swa_evicted)``, the tokens whose
         full and SWA KV slots were freed. Without an allocator
         (``token_to_kv_pool_allocator=None``) the evicted slots are handed to no one: such a
         tree models hit rates, it does not manage a pool.
@@ -4546,7 +4545,6 @@ cdef class MambaTreeNode(TreeNode):
         return self._node().lock_ref
 
 
-@cython.embedsignature(False)  # the docstring states it, as CPython reads it
 cdef class MambaTreeCore(RadixTreeCore):
     """MambaTreeCore(page_size=1, token_to_kv_pool_allocator=None, mamba_pool=None,
     on_node_evict=None, eviction_policy='lru')\n--\n
