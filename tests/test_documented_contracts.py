@@ -139,8 +139,9 @@ def test_evict_returns_what_it_freed_and_a_count_below_one_evicts_nothing(alloca
 
 @pytest.mark.parametrize("cls", [RadixCache, "MambaRadixCache"])
 def test_an_allocator_passed_as_page_size_says_to_pass_it_by_keyword(cls) -> None:
-    """RadixCache(alloc) put the allocator in page_size's place and said only that
-    page_size wants an int; the message now says where the allocator goes."""
+    """RadixCache(alloc) put the allocator in page_size's place (RadixCache(1, alloc), in
+    sliding_window_size's) and said only that an int was expected; the message now says
+    where the allocator goes."""
     from pymllm.mem_cache import MambaRadixCache
     from pymllm.mem_cache.errors import InvalidValueError
 
@@ -148,6 +149,10 @@ def test_an_allocator_passed_as_page_size_says_to_pass_it_by_keyword(cls) -> Non
     alloc = TokenToKVPoolAllocator(8)
     with pytest.raises(InvalidValueError, match="by keyword, token_to_kv_pool_allocator="):
         klass(alloc)
+    if klass is RadixCache:  # MambaRadixCache's order: the allocator in the window's place
+        swa = SWATokenToKVPoolAllocator(8, 8)
+        with pytest.raises(InvalidValueError, match=r"sliding_window_size: .* by keyword"):
+            klass(1, swa)
     with pytest.raises(InvalidValueError) as e:
         klass(1.5)
     assert "keyword" not in str(e.value)

@@ -1529,6 +1529,18 @@ cdef unsigned long _FORKED_OWNER = <unsigned long>-1
 cdef int _PRINT_INDENT = 32
 
 
+cdef object _tree_size_arg(str name, object value):
+    """A cache constructor's size (an int >= 1, as ``_size_arg`` checks), whose refusal of
+    an allocator passed in its place (``RadixCache(alloc)``, ``RadixCache(1, alloc)``)
+    says where the allocator goes."""
+    if callable(getattr(type(value), "free", None)):
+        raise InvalidValueError(
+            f"{name}: expected an int >= 1, got the allocator {type(value).__name__}: pass "
+            "it by keyword, token_to_kv_pool_allocator="
+        )
+    return _size_arg(name, value, 1)
+
+
 cdef class RadixTreeCore:
     """RadixTreeCore(page_size=1, sliding_window_size=None, token_to_kv_pool_allocator=None,
     on_node_evict=None, eviction_policy='lru')\n--\n
@@ -1651,7 +1663,7 @@ cdef class RadixTreeCore:
             self.swa = False  # not left over from an __init__ that raised
             self.window = 0
             if sliding_window_size is not None:
-                sliding_window_size = _size_arg("sliding_window_size", sliding_window_size, 1)
+                sliding_window_size = _tree_size_arg("sliding_window_size", sliding_window_size)
                 if (token_to_kv_pool_allocator is not None
                         and not callable(getattr(token_to_kv_pool_allocator, "free_swa", None))):
                     raise TypeError(
@@ -1687,14 +1699,7 @@ cdef class RadixTreeCore:
 
     cdef int _setup(self, object page_size, object allocator, object on_node_evict,
                     object eviction_policy) except -1:
-        try:
-            page_size = _size_arg("page_size", page_size, 1)
-        except InvalidValueError as e:
-            if callable(getattr(page_size, "free", None)):  # RadixCache(allocator)
-                raise InvalidValueError(
-                    f"{e}: the allocator goes in by keyword, token_to_kv_pool_allocator="
-                ) from None
-            raise
+        page_size = _tree_size_arg("page_size", page_size)
         if not isinstance(eviction_policy, str) or eviction_policy not in EVICTION_POLICIES:
             raise InvalidValueError(
                 f"eviction_policy: expected one of {', '.join(EVICTION_POLICIES)}, "
