@@ -8,12 +8,13 @@ import pytest
 
 from pymllm.mem_cache import (
     ChunkCache,
+    MambaRadixCache,
     RadixCache,
     RadixKey,
     SWATokenToKVPoolAllocator,
     TokenToKVPoolAllocator,
 )
-from pymllm.mem_cache.errors import CacheError, StaleNodeError
+from pymllm.mem_cache.errors import CacheError, InvalidValueError, StaleNodeError
 
 
 def test_sliding_window_insert_leaves_the_partial_page_to_the_caller() -> None:
@@ -137,15 +138,11 @@ def test_evict_returns_what_it_freed_and_a_count_below_one_evicts_nothing(alloca
         assert alloc.available_size() == 16
 
 
-@pytest.mark.parametrize("cls", [RadixCache, "MambaRadixCache"])
-def test_an_allocator_passed_as_page_size_says_to_pass_it_by_keyword(cls) -> None:
+@pytest.mark.parametrize("klass", [RadixCache, MambaRadixCache])
+def test_an_allocator_passed_as_page_size_says_to_pass_it_by_keyword(klass) -> None:
     """RadixCache(alloc) put the allocator in page_size's place (RadixCache(1, alloc), in
     sliding_window_size's) and said only that an int was expected; the message now says
     where the allocator goes."""
-    from pymllm.mem_cache import MambaRadixCache
-    from pymllm.mem_cache.errors import InvalidValueError
-
-    klass = MambaRadixCache if cls == "MambaRadixCache" else cls
     alloc = TokenToKVPoolAllocator(8)
     with pytest.raises(InvalidValueError, match="by keyword, token_to_kv_pool_allocator="):
         klass(alloc)

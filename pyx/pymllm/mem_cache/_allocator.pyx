@@ -1241,15 +1241,16 @@ cdef class TokenToKVPoolAllocator:
     followed by the ``n`` new ones, the value of a request's insert in one array. With
     ``page_size > 1`` it hands out whole pages: ``n`` must be a multiple of ``page_size``
     and each run of ``page_size`` slots is one page, contiguous. ``free(indices)`` gives
-    slots back (numpy array of any integer dtype, list, int or jax array; int32 numpy is
-    the fast path): they are the allocator's again. Slots a prefix cache took in
-    ``insert`` are not the caller's to free (``InvalidFreeError``): the cache frees them.
-    With pages, a freed slot frees its whole page. A slot that is not the caller's to free
-    (free already, a cache's, padding, out of range, or with ``page_size`` 1 listed twice)
-    raises ``InvalidFreeError``; indices that are not slot ids at all (floats, bools, a 2-D array)
-    raise ``InvalidValueError``. Both are ``ValueError`` and free nothing of that call. With ``need_sort`` (default) freed slots
-    are handed out again lowest first, once the current free list runs out. Each call is atomic with respect to Python
-    threads (see the module docstring).
+    slots back (numpy array of any integer dtype, list, int or jax array; int32 numpy is the
+    fast path): they are the allocator's again. Slots a prefix cache took in ``insert`` are
+    not the caller's to free (``InvalidFreeError``): the cache frees them. With pages, a
+    freed slot frees its whole page. A slot that is not the caller's to free (free already,
+    a cache's, padding, out of range, or with ``page_size`` 1 listed twice) raises
+    ``InvalidFreeError``; indices that are not slot ids at all (floats, bools, a 2-D array)
+    raise ``InvalidValueError``. Both are ``ValueError`` and free nothing of that call. With
+    ``need_sort`` (default) freed slots are handed out again lowest first, once the current
+    free list runs out. Each call is atomic with respect to Python threads (see the module
+    docstring).
     """
 
     def __reduce_ex__(self, protocol):

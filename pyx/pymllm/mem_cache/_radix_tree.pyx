@@ -2853,11 +2853,10 @@ cdef class RadixTreeCore:
         takes are not locked: a request that goes on reading them (decode, the next chunk)
         locks ``last_node`` before any ``evict`` can run, or that ``evict`` can hand them
         to another request (with a window, it re-matches instead: see the end). Bad input
-        raises and
-        changes nothing, as does a key array another thread rewrites while the insert reads
-        it so that the new leaf would start with a page the tree already has there
-        (``InvalidKeyError``; any other rewrite is cached as read; a windowed insert reads
-        a copy of the key and the value).
+        raises and changes nothing, as does a key array another thread rewrites while the
+        insert reads it so that the new leaf would start with a page the tree already has
+        there (``InvalidKeyError``; any other rewrite is cached as read; a windowed insert
+        reads a copy of the key and the value).
 
         Over a ``TokenToKVPoolAllocator`` or ``SWATokenToKVPoolAllocator`` (of exactly
         that type: a subclass is used like any other allocator, through its own Python
@@ -3451,10 +3450,11 @@ cdef class RadixTreeCore:
         is called for each evicted node, after the tree is consistent again. Cost is
         proportional to what is evicted (heap pops), never a walk over the tree.
         ``swa_num_tokens`` is ignored without a sliding window; ``num_tokens`` <= 0 (and,
-        with a window, ``swa_num_tokens`` <= 0) evicts nothing. Returns ``EvictResult(full_evicted, swa_evicted)``, the tokens whose
-        full and SWA KV slots were freed. Without an allocator
-        (``token_to_kv_pool_allocator=None``) the evicted slots are handed to no one: such a
-        tree models hit rates, it does not manage a pool.
+        with a window, ``swa_num_tokens`` <= 0) evicts nothing. Returns
+        ``EvictResult(full_evicted, swa_evicted)``, the tokens whose full and SWA KV slots
+        were freed. Without an allocator (``token_to_kv_pool_allocator=None``) the evicted
+        slots are handed to no one: such a tree models hit rates, it does not manage a
+        pool.
 
         With a sliding window, a second phase then drops SWA KV, in policy order, until at
         least *swa_num_tokens* SWA tokens are freed, over the nodes whose SWA KV is not
@@ -3918,15 +3918,14 @@ cdef class RadixTreeCore:
         request still reading them must not go on (check ``protected_size() == 0`` to flush
         only when no request holds a lock, as a server's cache flush does). Handles held by
         callers become stale (``dec_lock_ref`` of one raises ``StaleNodeError``);
-        ``on_node_evict`` is not called. Node ids are
-        not reused afterwards. If memory runs out while the empty tree is rebuilt, the
-        slots and states are handed over all the same and ``MemoryError`` propagates; the
-        cache then raises ``NotInitializedError`` until ``__init__`` is called again. As
-        with ``evict``, the tree is empty whatever the pools' ``free`` does: when a Python
-        ``free`` (of an allocator subclass or a state pool) raises, the slots it was handed
-        are its to keep or lose, and its exception propagates. A ``free`` that is no longer
-        callable (replaced since the cache was built) is refused first (``TypeError``,
-        nothing changed).
+        ``on_node_evict`` is not called. Node ids are not reused afterwards. If memory runs
+        out while the empty tree is rebuilt, the slots and states are handed over all the
+        same and ``MemoryError`` propagates; the cache then raises ``NotInitializedError``
+        until ``__init__`` is called again. As with ``evict``, the tree is empty whatever
+        the pools' ``free`` does: when a Python ``free`` (of an allocator subclass or a
+        state pool) raises, the slots it was handed are its to keep or lose, and its
+        exception propagates. A ``free`` that is no longer callable (replaced since the
+        cache was built) is refused first (``TypeError``, nothing changed).
         """
         self._enter()
         try:
@@ -4145,7 +4144,9 @@ cdef class RadixTreeCore:
                     line = f"{'  ' * (depth - 1)}{x!r}"
                 else:
                     line = f"{'  ' * _PRINT_INDENT}(depth {depth}) {x!r}"
-                extra_key = x.key.extra_key if depth == 1 else None
+                extra_key = None
+                if depth == 1:  # from the registry (x.key would copy the node's tokens)
+                    extra_key = (<_NsKey>self._ns_keys[self.nodes[n].ns]).extra_key
                 lines.append(line if extra_key is None else (line, extra_key))
             for c in reversed(kids.get(n, [])):
                 stack.append((c, depth + 1))
