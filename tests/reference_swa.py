@@ -26,7 +26,11 @@ What a window W adds (the compiled ``RadixTreeCore`` with ``swa`` on implements 
   in common is revived with the incoming indices (its old ones are freed, in a second call
   after the duplicates'); a new suffix is a
   tombstone up to ``swa_evicted_seqlen`` and live after it, or, lying wholly below it, is
-  freed and not cached.
+  freed and not cached. Over an allocator that tells which SWA sides are still held
+  (``translate_loc_from_full_to_swa``, as the compiled cache reads the exact
+  ``SWATokenToKVPoolAllocator``'s mapping) the new tombstone's slots whose SWA side the
+  caller did not free (the rest of the page holding ``swa_evicted_seqlen``, say) have it
+  freed in one ``allocator.free_swa`` call, after the ``free`` calls.
 * ``evict(num_tokens, swa_num_tokens)``: phase 1 removes LRU leaves (tombstones included),
   and a tombstoned parent left childless and unlocked goes with its child at once; phase 2
   takes LRU live nodes without an SWA lock until ``swa_num_tokens`` SWA tokens are freed in
@@ -213,6 +217,7 @@ class RefSWARadixCache(RefRadixCache):
             self._walk(tokens, ppl, ns, count_hit=False)
         node, matched, _ = self._walk(tokens, aligned, ns, count_hit=False)
         to_free: list[int] = []  # the caller's duplicates
+        swa_live: np.ndarray = _EMPTY_I32  # a new tombstone's slots with an SWA side
         old: list[int] = []  # the revived tombstones' own slots, freed after them
         start = 0
         for n in self._path(node):
@@ -240,12 +245,23 @@ class RefSWARadixCache(RefRadixCache):
                 if es > matched:
                     node = self._add_leaf(node, tokens, arr, matched, es, ns, live=False)
                     live_from = es
+                    swa_live = self._swa_still_held(node.value)
                 node = self._add_leaf(node, tokens, arr, live_from, aligned, ns, live=True)
         for slots in (to_free, old):
             if slots and self.token_to_kv_pool_allocator is not None:
                 self.token_to_kv_pool_allocator.free(np.array(slots, dtype=np.int32))
+        if len(swa_live):
+            self.token_to_kv_pool_allocator.free_swa(swa_live)
         self._raise_priority(node, prio)
         return InsertResult(prefix_len=matched, last_node=node)
+
+    def _swa_still_held(self, slots: np.ndarray) -> np.ndarray:
+        """Those of *slots* whose SWA side the allocator still holds; none when it cannot
+        tell (no ``translate_loc_from_full_to_swa``)."""
+        translate = getattr(self.token_to_kv_pool_allocator, "translate_loc_from_full_to_swa", None)
+        if translate is None:
+            return _EMPTY_I32
+        return slots[np.asarray(translate(slots)) != 0].astype(np.int32)
 
     def _add_leaf(
         self,

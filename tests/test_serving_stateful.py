@@ -22,11 +22,13 @@ Operations, the way ``pymllm.engine.scheduler`` makes them: admit a request (mat
 allocate its uncached tokens, evicting when short; no memory: unlock, give everything back),
 chunked prefill (insert the prefix computed so far, free the duplicates, re-match, move the
 lock), decode (allocate slots for new tokens), finish (SWA: free the window's SWA side;
-insert, free duplicates, unlock; Mamba: hand the state over), abort (unlock, free), evict,
-flush (abort all, reset), plain lookups; and bad calls (double frees in the KV, state and
-request pools, unlocks of nodes holding no lock, stale handles, values of the wrong length,
-lock tokens matching no lock) that must raise their ``pymllm.mem_cache.errors`` type and
-change nothing (trees, counters and every pool compared before and after).
+insert, free duplicates, unlock; Mamba: hand the state over), a short request admitted and
+finished in one step (it fills the tree, so that later admissions hit), abort (unlock,
+free), evict, flush (abort all, reset), plain lookups; and bad calls (double frees in the
+KV, state and request pools, unlocks of nodes holding no lock, stale handles, values of the
+wrong length, lock tokens matching no lock) that must raise their
+``pymllm.mem_cache.errors`` type and change nothing (trees, counters and every pool
+compared before and after).
 
 After every step: both caches pass ``_check_invariants()`` and are the same node for node;
 the real allocators pass theirs and agree slot by slot with the books; and the ownership
@@ -35,9 +37,13 @@ the tree, or held by exactly one live request. A live request's locked prefix st
 the same slots in the tree, and its ``req_to_token`` row holds its slots. After the final
 flush every slot is free.
 
-Page size 1 here (the real allocators hand out pages); tuple keys, other page sizes and bad
-keys are the other state machines' (``test_radix_stateful.py``, ``test_swa_stateful.py``,
-``test_mamba_stateful.py``). Step counts are printed at the end ("stateful steps").
+Page size 1 for all four stacks, and the ``radix`` and ``swa`` stacks again at page size 2
+or 4 (drawn per run; ``RadixServingPaged``, ``SWAServingPaged``), where the real allocators
+hand out whole pages: a request holds whole pages (its last one partly used), inserts cut
+its key to whole pages and leave the partial page its own, and it frees the SWA side of
+whole pages. Tuple keys and bad keys are the other state machines'
+(``test_radix_stateful.py``, ``test_swa_stateful.py``, ``test_mamba_stateful.py``). Step
+counts are printed at the end ("stateful steps").
 """
 
 from __future__ import annotations
@@ -85,7 +91,9 @@ from pymllm.mem_cache.errors import (
 )
 from pymllm.mem_cache.memory_pool import MambaPool, ReqToTokenPool
 
-KV_SIZE = 40  # small pools: admissions evict and fail often
+# Small pools (in slots; a page size P > 1 keeps the page counts of page size 2):
+# admissions evict and fail often.
+KV_SIZE = 40
 SWA_SIZE = 24
 STATES = 6
 MAX_REQS = 5
@@ -102,11 +110,18 @@ class SlotBooks:
     with :meth:`take`). ``free``/``free_swa`` check every slot first and raise
     ``InvalidFreeError``, recording nothing, on a slot that is not held or is listed twice.
     With *swa*, ``swa_held`` is the set of held full slots whose SWA side is held too;
-    ``free_swa`` skips SWA sides already gone, as ``SWATokenToKVPoolAllocator`` does."""
+    ``free_swa`` skips SWA sides already gone, as ``SWATokenToKVPoolAllocator`` does.
 
-    def __init__(self, size: int, swa: bool = False) -> None:
+    With *page* P > 1 the slots are ``P..size+P-1`` (page 0 pads), and a free must list
+    whole pages: the real allocator frees a page when any of its slots is listed, so a
+    partial page freed by the tree, the reference model or this test would be a bug that
+    the books would otherwise hide."""
+
+    def __init__(self, size: int, swa: bool = False, page: int = 1) -> None:
         self.size = size
-        self.free_set = set(range(1, size + 1))
+        self.page = page
+        self.slots = range(page, size + page)
+        self.free_set = set(self.slots)
         self.swa_held: set[int] | None = set() if swa else None
 
     def take(self, slots: Any) -> None:
@@ -119,8 +134,10 @@ class SlotBooks:
     def _held(self, indices: Any) -> list[int]:
         slots = np.asarray(indices).reshape(-1).tolist()
         for i, s in enumerate(slots):
-            if not 1 <= s <= self.size or s in self.free_set or s in slots[:i]:
+            if s not in self.slots or s in self.free_set or s in slots[:i]:
                 raise InvalidFreeError(f"indices: slot {s} is not held (double free?)")
+        pages = {s // self.page for s in slots}
+        assert len(slots) == len(pages) * self.page, f"a free of part of a page: {slots}"
         return slots
 
     def free(self, indices: Any) -> None:
@@ -134,6 +151,14 @@ class SlotBooks:
         assert self.swa_held is not None
         self.swa_held.difference_update(slots)
 
+    def translate_loc_from_full_to_swa(self, full_indices: Any) -> np.ndarray:
+        """Nonzero where the full slot's SWA side is held (which SWA slot, the books do not
+        keep): the reference model reads it as the compiled cache reads the real
+        allocator's mapping, to free what a new tombstone still holds."""
+        assert self.swa_held is not None
+        slots = np.asarray(full_indices)
+        return np.isin(slots, sorted(self.swa_held)).astype(np.int32)
+
 
 @dataclass(eq=False)
 class Request:
@@ -141,7 +166,9 @@ class Request:
     ns: Any  # extra_key
     tokens: list[int]  # prompt and decoded tokens; slots[i] holds the KV of tokens[i]
     rslot: int  # ReqToTokenPool row
-    slots: np.ndarray  # int32; slots[:cached] are the tree's (locked), the rest ours
+    # int32, whole pages (the last one's slots past len(tokens) unused yet);
+    # slots[:cached] are the tree's (locked), the rest ours
+    slots: np.ndarray
     cached: int
     node: int  # id of the node locked for slots[:cached] (0: the root; -1: ChunkCache)
     token: Any  # the lock token inc_lock_ref returned
@@ -149,9 +176,9 @@ class Request:
     branch: int = 0  # Mamba: where the next chunked prefill stops to save a state
 
 
-def _free_slots(universe: int, is_allocated: Any) -> set[int]:
-    held = is_allocated(np.arange(1, universe + 1))
-    return set((np.flatnonzero(~held) + 1).tolist())
+def _free_slots(universe: range, is_allocated: Any) -> set[int]:
+    held = is_allocated(np.arange(universe.start, universe.stop))
+    return set((np.flatnonzero(~held) + universe.start).tolist())
 
 
 class ServingStack(PairedCaches, RuleBasedStateMachine):
@@ -159,6 +186,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
     NAMESPACES: ClassVar[list[tuple[Any, int]]] = [(None, 0), (None, 0), ("a", 0)]
     MAX_KEY_LEN = 14
     MAX_SUFFIX = 6
+    PAGES: ClassVar[tuple[int, ...]] = (1,)  # the page sizes a run draws from
     _mamba_pools: ClassVar[dict[str, MambaPool]] = {}  # one per process: JAX buffers
 
     def __init__(self) -> None:
@@ -170,11 +198,22 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ setup
 
-    @initialize(window=st.integers(1, 6), policy=st.sampled_from(EVICTION_POLICIES))
-    def setup(self, window: int, policy: str) -> None:
+    @initialize(
+        window=st.integers(1, 6),
+        policy=st.sampled_from(EVICTION_POLICIES),
+        page=st.integers(0, 3),
+    )
+    def setup(self, window: int, policy: str, page: int) -> None:
         count_run(type(self).__name__)
         kind = self.KIND
         self.policy = policy
+        P = self.page = self.PAGES[page % len(self.PAGES)]
+        if P > 1:
+            event(f"page size {P}")
+        # page size 1 keeps the sizes; a larger page keeps their page counts at size 2
+        self.kv_size = KV_SIZE if P == 1 else KV_SIZE // 2 * P
+        self.swa_size = SWA_SIZE if P == 1 else SWA_SIZE // 2 * P
+        self.universe = range(P, self.kv_size + P)  # the slots the KV allocator hands out
         self.evicted_ref: list[int] = []
         self.evicted_c: list[int] = []
         hooks_r = {"on_node_evict": self.evicted_ref.append, "eviction_policy": policy}
@@ -182,20 +221,20 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         self.req_pool = ReqToTokenPool(MAX_REQS, CONTEXT)
         self.states: MambaPool | None = None
         if kind == "swa":
-            self.kv: Any = SWATokenToKVPoolAllocator(KV_SIZE, SWA_SIZE)
-            self.books = SlotBooks(KV_SIZE, swa=True)
+            self.kv: Any = SWATokenToKVPoolAllocator(self.kv_size, self.swa_size, P)
+            self.books = SlotBooks(self.kv_size, swa=True, page=P)
             self.ref: Any = RefSWARadixCache(
-                1, sliding_window_size=window, token_to_kv_pool_allocator=self.books, **hooks_r
+                P, sliding_window_size=window, token_to_kv_pool_allocator=self.books, **hooks_r
             )
             self.c: Any = RadixCache(
-                1, sliding_window_size=window, token_to_kv_pool_allocator=self.kv, **hooks_c
+                P, sliding_window_size=window, token_to_kv_pool_allocator=self.kv, **hooks_c
             )
         else:
-            self.kv = TokenToKVPoolAllocator(KV_SIZE)
-            self.books = SlotBooks(KV_SIZE)
+            self.kv = TokenToKVPoolAllocator(self.kv_size, P)
+            self.books = SlotBooks(self.kv_size, page=P)
         if kind == "radix":
-            self.ref = RefRadixCache(1, token_to_kv_pool_allocator=self.books, **hooks_r)
-            self.c = RadixCache(1, token_to_kv_pool_allocator=self.kv, **hooks_c)
+            self.ref = RefRadixCache(P, token_to_kv_pool_allocator=self.books, **hooks_r)
+            self.c = RadixCache(P, token_to_kv_pool_allocator=self.kv, **hooks_c)
         elif kind == "mamba":
             if "pool" not in self._mamba_pools:
                 self._mamba_pools["pool"] = MambaPool(STATES, 1, (1,), (1,))
@@ -224,6 +263,10 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ the stack's calls
 
+    def _whole_pages(self, n: int) -> int:
+        """The slots n tokens take: n rounded up to whole pages."""
+        return -(-n // self.page) * self.page
+
     def _evict(self, *args: int, **kwargs: int) -> Any:
         rr = self.ref.evict(*args, **kwargs)
         rc = self.c.evict(*args, **kwargs)
@@ -232,8 +275,8 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         return rr
 
     def _alloc_kv(self, n: int, prefix: np.ndarray | None = None) -> np.ndarray | None:
-        """n KV slots, evicting first when short (as the scheduler does), after the prefix's
-        (copied: ``alloc(n, prefix=)``) when given; None: no memory."""
+        """n KV slots (whole pages), evicting first when short (as the scheduler does), after
+        the prefix's (copied: ``alloc(n, prefix=)``) when given; None: no memory."""
         if n == 0 and prefix is None:
             return np.zeros(0, dtype=np.int32)
         if self.KIND == "swa":
@@ -313,8 +356,9 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
     ) -> tuple[np.ndarray, int, bool]:
         """Insert the request's first n tokens with its slots on both. Returns (duplicates
         the request frees, how many leading slots the tree settled, mamba_exist); every slot
-        past that stays the request's. A windowed tree settles everything past the locked
-        prefix itself (keeps or frees it), so it leaves no duplicates to the caller."""
+        past that stays the request's (the tree settles whole pages: a partial last page
+        stays the request's). A windowed tree settles everything past the locked prefix
+        itself (keeps or frees it), so it leaves no duplicates to the caller."""
         make = draw_key_maker(data, (req.ns, 0), req.tokens[:n])
         kwargs: dict[str, Any] = {}
         if state:
@@ -337,13 +381,14 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             return req.slots[:0], 0, False
         self._register(rr.last_node, rc.last_node)
         assert rc.prefix_len >= req.cached, f"prefix_len {rc.prefix_len} < locked {req.cached}"
+        aligned = n // self.page * self.page
         if self.KIND == "swa":
-            return req.slots[:0], n, False
+            return req.slots[:0], aligned, False
         covered = rc.prefix_len + self.c.total_size() - before
-        assert covered == n, f"the tree settled {covered} of {n} slots"
+        assert covered == aligned, f"the tree settled {covered} of {n} slots ({aligned} paged)"
         if rc.prefix_len > req.cached:
             event("insert: duplicates to free")
-        return req.slots[req.cached : rc.prefix_len].copy(), n, bool(rc.mamba_exist)
+        return req.slots[req.cached : rc.prefix_len].copy(), aligned, bool(rc.mamba_exist)
 
     def _write_row(self, req: Request) -> None:
         self.req_pool.write((req.rslot, slice(0, len(req.slots))), req.slots)
@@ -368,18 +413,20 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
     @precondition(lambda self: self.ready)
     @rule(data=st.data())
     def admit(self, data: st.DataObject) -> None:
-        ns, tokens = self._draw_key(data, data.draw(st.booleans(), label="extend"), 1)
+        space, tokens = self._draw_key(data, data.draw(st.booleans(), label="extend"), 1)
+        ns = space[0]  # the extra_key
         got = self.req_pool.alloc(1)
         if got is None:
             event("admit: no request slot")
             return
         indices, node_id, branch = self._match(data, ns, tokens)
         token = self._lock(node_id)
+        need = self._whole_pages(len(tokens)) - len(indices)
         # the value in one array from the allocator, or the new slots concatenated to it
         if data.draw(st.booleans(), label="alloc(prefix=)"):
-            slots = self._alloc_kv(len(tokens) - len(indices), indices)
+            slots = self._alloc_kv(need, indices)
         else:
-            new = self._alloc_kv(len(tokens) - len(indices))
+            new = self._alloc_kv(need)
             slots = None if new is None else np.concatenate([indices, new]).astype(np.int32)
         state = 0
         if slots is not None and self.states is not None:
@@ -407,7 +454,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         )
         self.next_rid += 1
         self.reqs.append(req)
-        self.keys.append(((ns, 0), tokens))
+        self.keys.append((space, tokens))
         self._write_row(req)
 
     @precondition(lambda self: self.ready and self.reqs)
@@ -461,7 +508,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         new_tokens = data.draw(st.lists(TOKEN, min_size=1, max_size=3), label="decoded")
         if len(req.tokens) + len(new_tokens) > CONTEXT:
             return
-        new = self._alloc_kv(len(new_tokens))
+        new = self._alloc_kv(self._whole_pages(len(req.tokens) + len(new_tokens)) - len(req.slots))
         if new is None:
             event("decode: no memory")
             return
@@ -469,17 +516,36 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         req.slots = np.concatenate([req.slots, new]).astype(np.int32)
         self._write_row(req)
 
+    @precondition(lambda self: self.ready)
+    @rule(data=st.data())
+    def admit_and_finish(self, data: st.DataObject) -> None:
+        """A whole request in one step, as a short one is served: admit, then finish. Half
+        the steps of a run may have no finish (hypothesis turns rules off per run), and a
+        tree filled only by finishes stays nearly empty; this one fills it, so that later
+        admissions hit, share pages and leave duplicates."""
+        rid = self.next_rid
+        self.admit(data)
+        if self.next_rid > rid:
+            self._finish(data, self.reqs[-1])
+
     @precondition(lambda self: self.ready and self.reqs)
     @rule(data=st.data())
     def finish(self, data: st.DataObject) -> None:
-        req = self._pick_request(data)
+        self._finish(data, self._pick_request(data))
+
+    def _finish(self, data: st.DataObject, req: Request) -> None:
         n = len(req.tokens)
         ppl, es = None, 0
         if self.KIND == "swa":
             if data.draw(st.integers(0, 2), label="SWA evicted?") == 0:
                 es = data.draw(st.integers(0, n + 3), label="swa_evicted_seqlen")
-            # the request already freed the SWA side of its own slots below the window
-            own = req.slots[req.cached : max(req.cached, min(es, n))]
+            # the request already freed the SWA side of its own slots below the window, of
+            # whole pages: of every page holding one of them, or of the pages wholly below
+            # (the tree frees what the page holding position es still has)
+            below = min(es, n)
+            if data.draw(st.booleans(), label="free the page holding es too"):
+                below = self._whole_pages(below)
+            own = req.slots[req.cached : max(req.cached, below // self.page * self.page)]
             if len(own):
                 self.kv.free_swa(own)
                 self.books.free_swa(own)
@@ -491,15 +557,16 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         self._end(req, np.concatenate([dups, req.slots[covered:]]))
         self.keys.append(((req.ns, 0), req.tokens))
 
-    @staticmethod
-    def _draw_short_ppl(data: st.DataObject, req: Request) -> int:
-        """SWA: a prev_prefix_len shorter than the locked prefix hands the tree its own slots
-        back (compared, not freed). Sound because the locked prefix still names the path's
-        slots (checked after every step: a locked tombstone is never revived)."""
+    def _draw_short_ppl(self, data: st.DataObject, req: Request) -> int:
+        """SWA: a prev_prefix_len shorter than the locked prefix (whole pages) hands the tree
+        its own slots back (compared, not freed). Sound because the locked prefix still
+        names the path's slots (checked after every step: a locked tombstone is never
+        revived)."""
         choice = data.draw(st.integers(0, 3), label="prev_prefix_len choice")
         if choice >= 2:
             return req.cached
-        return 0 if choice == 0 else data.draw(st.integers(0, req.cached), label="ppl")
+        pages = 0 if choice == 0 else data.draw(st.integers(0, req.cached // self.page))
+        return pages * self.page
 
     # Named so that it sorts last: hypothesis draws the first rules (by name) most often.
     @precondition(lambda self: self.ready and self.reqs)
@@ -510,8 +577,8 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
     @precondition(lambda self: self.ready)
     @rule(data=st.data())
     def lookup(self, data: st.DataObject) -> None:
-        ns, tokens = self._draw_key(data, extend=True)
-        self._match(data, ns, tokens)
+        space, tokens = self._draw_key(data, extend=True)
+        self._match(data, space[0], tokens)
 
     @precondition(lambda self: self.ready)
     @rule(num_tokens=EVICT_TOKENS, second=EVICT_SECOND)
@@ -702,7 +769,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         return tuple(out)
 
     def _pools_state(self) -> tuple[Any, ...]:
-        everything = np.arange(0, KV_SIZE + 2)
+        everything = np.arange(0, self.universe.stop + 1)
         out: list[Any] = [
             self.kv.is_allocated(everything).tolist(),
             self.kv.is_cached(everything).tolist() if self.tree else None,
@@ -751,7 +818,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
                 if self.KIND == "mamba" and node.mamba_value is not None:
                     tree_states += node.mamba_value.tolist()
         self.kv._check_invariants()
-        free = _free_slots(KV_SIZE, self.kv.is_allocated)
+        free = _free_slots(self.universe, self.kv.is_allocated)
         assert free == self.books.free_set, (
             f"free: compiled side {sorted(free ^ self.books.free_set)} differs from the books"
         )
@@ -762,12 +829,12 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             assert self._path_values(r.node) == r.slots[: r.cached].tolist(), f"request {r.rid}"
             row = self.req_pool.req_to_token[r.rslot, : len(r.slots)]
             assert row.tolist() == r.slots.tolist()
-            assert len(r.slots) == len(r.tokens)
-        assert_slot_ledger("KV", range(1, KV_SIZE + 1), places)
+            assert len(r.slots) == self._whole_pages(len(r.tokens))
+        assert_slot_ledger("KV", self.universe, places)
         if self.tree:
             # the allocator books as the cache's exactly the slots the tree holds
-            cached = self.kv.is_cached(np.arange(1, KV_SIZE + 1))
-            assert set((np.flatnonzero(cached) + 1).tolist()) == set(tree_kv)
+            cached = self.kv.is_cached(np.arange(self.universe.start, self.universe.stop))
+            assert set((np.flatnonzero(cached) + self.universe.start).tolist()) == set(tree_kv)
         if self.tree:
             self._check_locks()
         rslots = self.req_pool._slots
@@ -776,7 +843,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             "request",
             range(1, MAX_REQS + 1),
             {
-                "free": _free_slots(MAX_REQS, rslots.is_allocated),
+                "free": _free_slots(range(1, MAX_REQS + 1), rslots.is_allocated),
                 **{f"request {r.rid}": [r.rslot] for r in self.reqs},
             },
         )
@@ -784,7 +851,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             self._check_swa_side(free)
         if self.states is not None:
             self.states._allocator._check_invariants()
-            free_states = _free_slots(STATES, self.states._allocator.is_allocated)
+            free_states = _free_slots(range(1, STATES + 1), self.states._allocator.is_allocated)
             assert free_states == self.state_books.free_set
             assert_slot_ledger(
                 "state",
@@ -822,7 +889,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         """SWA slots: a live node's slots hold their SWA side, a tombstone's do not, a
         request's own slots do (they give it up only on finishing), a free slot does not."""
         mapping = self.kv.full_to_swa_index_mapping
-        held = {s for s in range(1, KV_SIZE + 1) if mapping[s]}
+        held = {s for s in self.universe if mapping[s]}
         assert held == self.books.swa_held, "SWA sides: compiled side differs from the books"
         assert not held & free
         for node in self.c._nodes():
@@ -832,16 +899,16 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         for r in self.reqs:
             assert held.issuperset(r.slots[r.cached :].tolist()), f"request {r.rid}: SWA side"
         swa_in_use = len({int(mapping[s]) for s in held})
-        assert swa_in_use == len(held) == SWA_SIZE - self.kv.swa_available_size()
+        assert swa_in_use == len(held) == self.swa_size - self.kv.swa_available_size()
 
     def teardown(self) -> None:
         if not self.ready:
             return
         self._flush()
         self._check()
-        assert len(self.books.free_set) == KV_SIZE, "slots leaked past the final flush"
+        assert len(self.books.free_set) == self.kv_size, "slots leaked past the final flush"
         if self.KIND == "swa":
-            assert self.kv.swa_available_size() == SWA_SIZE
+            assert self.kv.swa_available_size() == self.swa_size
         assert self.req_pool.available_size() == MAX_REQS
         if self.states is not None:
             assert self.states.available_size() == STATES
@@ -860,6 +927,16 @@ class SWAServing(ServingStack):
     KIND = "swa"
 
 
+class RadixServingPaged(ServingStack):
+    KIND = "radix"
+    PAGES = (2, 4)
+
+
+class SWAServingPaged(ServingStack):
+    KIND = "swa"
+    PAGES = (2, 4)
+
+
 class MambaServing(ServingStack):
     KIND = "mamba"
 
@@ -872,6 +949,15 @@ TestRadixServing = RadixServing.TestCase
 TestSWAServing = SWAServing.TestCase
 TestMambaServing = MambaServing.TestCase
 TestChunkServing = ChunkServing.TestCase
-for _case in (TestRadixServing, TestSWAServing, TestMambaServing, TestChunkServing):
+TestRadixServingPaged = RadixServingPaged.TestCase
+TestSWAServingPaged = SWAServingPaged.TestCase
+for _case in (
+    TestRadixServing,
+    TestSWAServing,
+    TestMambaServing,
+    TestChunkServing,
+    TestRadixServingPaged,
+    TestSWAServingPaged,
+):
     _case.settings = _SETTINGS
 del _case
