@@ -37,11 +37,12 @@ the tree, or held by exactly one live request. A live request's locked prefix st
 the same slots in the tree, and its ``req_to_token`` row holds its slots. After the final
 flush every slot is free.
 
-Page size 1 for all four stacks, and the ``radix`` and ``swa`` stacks again at page size 2
-or 4 (drawn per run; ``RadixServingPaged``, ``SWAServingPaged``), where the real allocators
-hand out whole pages: a request holds whole pages (its last one partly used), inserts cut
-its key to whole pages and leave the partial page its own, and it frees the SWA side of
-whole pages. Tuple keys and bad keys are the other state machines'
+Page size 1 for all four stacks, and the three trees again at page size 2 or 4 (drawn per
+run; ``RadixServingPaged``, ``SWAServingPaged``, ``MambaServingPaged``), where the real
+KV allocators hand out whole pages: a request holds whole pages (its last one partly used),
+inserts cut its key to whole pages and leave the partial page its own, it frees the SWA
+side of whole pages, and it hands a Mamba state over only where its tokens end a page (a
+chunked prefill stops at a page's end). Tuple keys and bad keys are the other state machines'
 (``test_radix_stateful.py``, ``test_swa_stateful.py``, ``test_mamba_stateful.py``). Step
 counts are printed at the end ("stateful steps").
 """
@@ -245,10 +246,10 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
                 self.states = self._mamba_pools["pool"] = MambaPool(STATES, 1, (1,), (1,))
             self.state_books = SlotBooks(STATES)
             self.ref = RefMambaRadixCache(
-                1, token_to_kv_pool_allocator=self.books, mamba_pool=self.state_books, **hooks_r
+                P, token_to_kv_pool_allocator=self.books, mamba_pool=self.state_books, **hooks_r
             )
             self.c = MambaRadixCache(
-                1, token_to_kv_pool_allocator=self.kv, mamba_pool=self.states, **hooks_c
+                P, token_to_kv_pool_allocator=self.kv, mamba_pool=self.states, **hooks_c
             )
         elif kind == "chunk":
             self.ref = ChunkCache(self.books)
@@ -470,13 +471,18 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             upto = data.draw(st.integers(req.cached + 1, len(req.tokens)), label="upto")
         else:
             event("chunked prefill: stop at the branching point")
-        req.branch = 0
         snap = 0
         if self.states is not None:
-            snap = self._alloc_state()  # the tree's own copy of the state at upto
+            # the tree's own copy of the state at upto: a state follows a page's last token,
+            # and a chunk cached without one would not match back (the re-match below)
+            upto = upto // self.page * self.page
+            if upto <= req.cached:
+                return
+            snap = self._alloc_state()
             if not snap:
                 event("chunked prefill: no state slot")
                 return
+        req.branch = 0
         dups, covered, exist = self._insert(data, req, upto, snap)
         if snap and exist:
             self._free_state(snap)
@@ -550,8 +556,10 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
                 self.kv.free_swa(own)
                 self.books.free_swa(own)
             ppl = self._draw_short_ppl(data, req)
-        dups, covered, exist = self._insert(data, req, n, req.state, ppl, es)
-        if req.state and not exist:
+        # the request's state goes to the tree when its tokens end a page (else it frees it)
+        state = req.state if n % self.page == 0 else 0
+        dups, covered, exist = self._insert(data, req, n, state, ppl, es)
+        if state and not exist:
             req.state = 0  # the tree's now
         self._unlock(req.node, req.token)
         self._end(req, np.concatenate([dups, req.slots[covered:]]))
@@ -941,6 +949,11 @@ class MambaServing(ServingStack):
     KIND = "mamba"
 
 
+class MambaServingPaged(ServingStack):
+    KIND = "mamba"
+    PAGES = (2, 4)
+
+
 class ChunkServing(ServingStack):
     KIND = "chunk"
 
@@ -951,6 +964,7 @@ TestMambaServing = MambaServing.TestCase
 TestChunkServing = ChunkServing.TestCase
 TestRadixServingPaged = RadixServingPaged.TestCase
 TestSWAServingPaged = SWAServingPaged.TestCase
+TestMambaServingPaged = MambaServingPaged.TestCase
 for _case in (
     TestRadixServing,
     TestSWAServing,
@@ -958,6 +972,7 @@ for _case in (
     TestChunkServing,
     TestRadixServingPaged,
     TestSWAServingPaged,
+    TestMambaServingPaged,
 ):
     _case.settings = _SETTINGS
 del _case
