@@ -33,6 +33,7 @@ def test_a_new_tombstone_on_the_pools_last_page_loses_its_swa_side(order: str) -
     length; a bound a page lower would skip it and leave 4 SWA slots no size counts)."""
     alloc, cache = _windowed(12)
     x = alloc.alloc(12)  # pages 1..3: slots 4..15; page 3 is the pool's last
+    assert x is not None
     pages = [x[8:], x[4:8], x[:4]] if order == "last page first" else [x[4:8], x[8:], x[:4]]
     value = np.concatenate(pages)
     result = cache.insert(RadixKey(list(range(12))), value, swa_evicted_seqlen=6)
@@ -52,16 +53,18 @@ def test_a_run_of_consecutive_slots_across_two_pages_is_not_a_page(window: bool)
     consecutive but lie in pages 1 and 2, so the tree refuses them (a page boundary is
     checked, not only consecutiveness) and nothing changes hands. With and without a
     window: both allocators book pages through the same code."""
+    alloc: SWATokenToKVPoolAllocator | TokenToKVPoolAllocator
     if window:
         alloc, cache = _windowed(8)
     else:
         alloc = TokenToKVPoolAllocator(8, page_size=P)
         cache = RadixCache(page_size=P, token_to_kv_pool_allocator=alloc)
     x = alloc.alloc(8)  # slots 4..11
+    assert x is not None
     with pytest.raises(InvalidValueError):
         cache.insert(RadixKey([1, 2, 3, 4]), x[1:5])  # [5, 6, 7, 8]
     assert not alloc.is_cached(x).any() and alloc.is_allocated(x).all()
-    if window:
+    if isinstance(alloc, SWATokenToKVPoolAllocator):
         assert (alloc.translate_loc_from_full_to_swa(x) != 0).all()
     assert cache.total_size() == 0
     alloc.free(x)
