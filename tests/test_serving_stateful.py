@@ -119,7 +119,6 @@ class SlotBooks:
     the books would otherwise hide."""
 
     def __init__(self, size: int, swa: bool = False, page: int = 1) -> None:
-        self.size = size
         self.page = page
         self.slots = range(page, size + page)
         self.free_set = set(self.slots)
@@ -268,6 +267,10 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         """The slots n tokens take: n rounded up to whole pages."""
         return -(-n // self.page) * self.page
 
+    def _pages_below(self, n: int) -> int:
+        """n rounded down to whole pages: the tokens of the pages wholly below position n."""
+        return n // self.page * self.page
+
     def _evict(self, *args: int, **kwargs: int) -> Any:
         rr = self.ref.evict(*args, **kwargs)
         rc = self.c.evict(*args, **kwargs)
@@ -382,7 +385,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             return req.slots[:0], 0, False
         self._register(rr.last_node, rc.last_node)
         assert rc.prefix_len >= req.cached, f"prefix_len {rc.prefix_len} < locked {req.cached}"
-        aligned = n // self.page * self.page
+        aligned = self._pages_below(n)
         if self.KIND == "swa":
             return req.slots[:0], aligned, False
         covered = rc.prefix_len + self.c.total_size() - before
@@ -475,7 +478,7 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         if self.states is not None:
             # the tree's own copy of the state at upto: a state follows a page's last token,
             # and a chunk cached without one would not match back (the re-match below)
-            upto = upto // self.page * self.page
+            upto = self._pages_below(upto)
             if upto <= req.cached:
                 return
             snap = self._alloc_state()
@@ -550,8 +553,10 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
             # (the tree frees what the page holding position es still has)
             below = min(es, n)
             if data.draw(st.booleans(), label="free the page holding es too"):
-                below = self._whole_pages(below)
-            own = req.slots[req.cached : max(req.cached, below // self.page * self.page)]
+                end = self._whole_pages(below)
+            else:
+                end = self._pages_below(below)
+            own = req.slots[req.cached : max(req.cached, end)]
             if len(own):
                 self.kv.free_swa(own)
                 self.books.free_swa(own)
@@ -573,8 +578,8 @@ class ServingStack(PairedCaches, RuleBasedStateMachine):
         choice = data.draw(st.integers(0, 3), label="prev_prefix_len choice")
         if choice >= 2:
             return req.cached
-        pages = 0 if choice == 0 else data.draw(st.integers(0, req.cached // self.page))
-        return pages * self.page
+        ppl = 0 if choice == 0 else data.draw(st.integers(0, req.cached), label="ppl")
+        return self._pages_below(ppl)
 
     # Named so that it sorts last: hypothesis draws the first rules (by name) most often.
     @precondition(lambda self: self.ready and self.reqs)
