@@ -718,3 +718,23 @@ def test_pretty_print_names_the_namespace_of_each_root_child(capsys) -> None:
     ends = sorted(line.split("  extra_key=")[1] for line in roots if "extra_key=" in line)
     assert ends == ["'lora-a'", "'lora-b'", "CallsTheCache(total=13)"]
     assert sum("extra_key=" in line for line in lines) == 3
+
+
+def test_pretty_print_keeps_a_multi_line_extra_key_repr_on_one_line(capsys) -> None:
+    """An extra_key whose repr spans lines (a frozen dataclass holding a prompt template,
+    say) printed its node over several lines, so the printout no longer read one node a
+    line; its line breaks are now escaped."""
+
+    class Template:
+        def __repr__(self) -> str:
+            return "Template(\n  'system'\r\n)"
+
+    cache, template = RadixCache(), Template()
+    cache.insert(RadixKey([1, 2, 3], template))
+    cache.insert(RadixKey([1, 2, 3, 4], template))
+    cache.insert(RadixKey([5], Template()))  # another namespace (compared by identity)
+    cache.pretty_print()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4  # two root children, the first with a child; the totals
+    ends = [line.split("  extra_key=")[1] for line in lines if "extra_key=" in line]
+    assert ends == ["Template(\\n  'system'\\r\\n)"] * 2

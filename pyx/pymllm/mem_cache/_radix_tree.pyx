@@ -1529,6 +1529,12 @@ cdef unsigned long _FORKED_OWNER = <unsigned long>-1
 cdef int _PRINT_INDENT = 32
 
 
+cdef str _one_line_repr(object obj):
+    """``repr(obj)`` with its line breaks escaped: one node, one printed line."""
+    cdef str r = repr(obj)
+    return r.replace("\r", "\\r").replace("\n", "\\n") if "\n" in r or "\r" in r else r
+
+
 cdef object _tree_size_arg(str name, object value):
     """A cache constructor's size (an int >= 1, as ``_size_arg`` checks), whose refusal of
     an allocator passed in its place (``RadixCache(alloc)``, ``RadixCache(1, alloc)``)
@@ -4122,13 +4128,16 @@ cdef class RadixTreeCore:
         _PRINT_INDENT levels, then the depth itself (so that a deep chain prints in space
         linear in its nodes). A child of the root whose key has an ``extra_key`` ends with
         ``extra_key=`` and its repr, so that namespaces with equal tokens tell apart (the
-        reprs are taken after the tree is released: a repr that calls the cache works)."""
+        reprs are taken after the tree is released: a repr that calls the cache works). A
+        repr that spans lines prints its line breaks escaped (``\\n``, ``\\r``), so that
+        every node stays one line."""
         self._enter()
         try:
             lines = self._pretty_print_locked()
         finally:
             self._leave()
-        print("\n".join([line if type(line) is str else f"{line[0]}  extra_key={line[1]!r}"
+        print("\n".join([line if type(line) is str
+                         else f"{line[0]}  extra_key={_one_line_repr(line[1])}"
                          for line in lines]))
 
     cdef list _pretty_print_locked(self):
