@@ -108,10 +108,10 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         type=_slots,
         metavar="N",
         help="slots of the sliding-window layers' KV pool (swa model; default: --pool-size). "
-        "The engine keeps a running request's window-layer KV for its whole sequence (it "
-        "does not free what left the window): a pool smaller than the running requests' "
-        "tokens makes the tree drop the window KV of every cached prefix, and hits fall "
-        "toward 0",
+        "A request is admitted with a window-layer slot for every position it will have; "
+        "with the radix cache it frees those that left the window as it decodes. A pool "
+        "smaller than the running requests' tokens makes the tree drop the window KV of "
+        "cached prefixes, and hits fall",
     )
     p.add_argument(
         "--max-running",

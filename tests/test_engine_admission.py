@@ -102,14 +102,15 @@ def test_the_reported_latency_percentiles_are_the_requests() -> None:
 
 
 def _serve_past_a_request_that_cannot_fit(
-    variant: str, full: int, swa: int | None, window: int | None
+    variant: str, full: int, swa: int | None, window: int | None, x_len: int = 50
 ) -> None:
     """All at t=0: q (30 tokens) ends at once and leaves its prompt cached; a and b (one
-    20-token prompt, 40 new tokens each) decode for 40 steps; x (55 slots) cannot fit
-    until they end; r extends q's prompt and must find it all cached, nothing evicted."""
+    20-token prompt, 40 new tokens each) decode for 40 steps; x (``x_len + 5`` slots)
+    cannot fit until they end; r extends q's prompt and must find it all cached, nothing
+    evicted."""
     cfg = get_config("micro", variant)
     rng = np.random.default_rng(7)
-    q, p, x, y = (rng.integers(1, 250, n).astype(np.int32) for n in (30, 20, 50, 5))
+    q, p, x, y = (rng.integers(1, 250, n).astype(np.int32) for n in (30, 20, x_len, 5))
     reqs = [
         RequestSpec(rid="q", prompt=q, max_new_tokens=1),
         RequestSpec(rid="a", prompt=p, max_new_tokens=40),
@@ -148,8 +149,14 @@ def test_an_admission_that_cannot_fit_does_not_flush_the_cache() -> None:
 def test_an_admission_short_of_swa_slots_does_not_flush_the_cache(window: int | None) -> None:
     """The same with a large full pool and an SWA pool of 150: x is short of SWA slots by
     more than the tree can free, so it waits for a and b without evicting (or, windowed,
-    tombstoning) q's prompt, which r then reuses whole."""
-    _serve_past_a_request_that_cannot_fit("swa", 1000, 150, window)
+    tombstoning) q's prompt, which r then reuses whole.
+
+    Windowed, a and b free the SWA KV that left their window as they decode (down to 32
+    slots each: the 7 past their prompt's window before the last step), so up to 36 slots
+    are free and q's 30 evictable: x is made 67 slots, still short by more than the tree
+    can free until a and b end (then 68 are free: q 30, the prompt 20 and a's last 32
+    positions live in the tree)."""
+    _serve_past_a_request_that_cannot_fit("swa", 1000, 150, window, 50 if window is None else 62)
 
 
 class _Delegating(BasePrefixCache):

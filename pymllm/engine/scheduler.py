@@ -17,12 +17,40 @@ The life of a request, and who owns its KV slots at each point (the rule of
    runs through a tombstone that another request holds locked (the tree cannot revive it,
    and freed our copies there): we then prefill the positions past it again, in new slots.
 3. **Decode** greedily, all running requests per step.
+
+   **Sliding window** (a windowed ``RadixCache`` over a ``SWATokenToKVPoolAllocator``):
+   after every step each running request whose prompt went to the tree frees the SWA side
+   of its own slots (never of the tree's locked ``slots[:cached_len]``, whose SWA sides the
+   tree settles) at the positions that no later token of its own can read: the model's
+   ``swa`` layers let a token at position ``p`` read positions ``p - W + 1 .. p`` (``W``
+   the model's ``sliding_window``), and the next token is at position ``prefilled``, so
+   the SWA KV of positions below ``prefilled - W + 1`` is dead. The engine frees below
+   ``prefilled - Wc + 1``, ``Wc`` the cache's ``sliding_window_size`` (``>= W``, checked
+   at construction; equal to it unless configured otherwise), rounded down to a whole page
+   of the cache's ``page_size`` (always 1 here), and records how far in ``swa_evicted``:
+   ``slots[cached_len:swa_evicted]`` are then ours as full slots with no SWA side, the rest
+   of ``slots[cached_len:]`` ours with both sides. Keeping ``Wc - 1`` positions (then
+   ``Wc`` at the finish, the last step's own position included) is what the tree needs to
+   match a later request through the tombstone this leaves (``Wc`` live tokens after it).
+   Every insert passes ``swa_evicted_seqlen=swa_evicted``: the tree stores those positions
+   as a tombstone (it frees their full slots when it drops the node, and never revives a
+   tombstone from them); ``free`` of a full slot whose SWA side is gone frees the full slot
+   alone, so a release after an error gives back exactly what is left. Nothing of a
+   prompt is freed before it is cached (``_cache_prompt``): the tree gets it whole, so other
+   requests can reuse it, and the tree's own SWA eviction drops what no lock covers when
+   the SWA pool is short. The prompt positions a short re-match makes a request compute
+   again (``_refill``) are its own and freed as it goes (they are cached at the finish).
+   A request's SWA use thus shrinks while it decodes: the positions still to come (all
+   allocated at admission) plus ``Wc - 1`` (see ``check_slots``).
 4. **Finish**: ``insert`` prompt + output (the last token has no KV) and, for a recurrent
    model with a state-tracking cache, our state slot; free the duplicates and whatever the
-   tree did not take, unlock.
+   tree did not take, unlock. With a window the insert names the positions whose SWA side
+   the request freed (``swa_evicted_seqlen``): the tree takes every slot past the locked
+   prefix, tombstoned below that point, live after it.
 5. **Error** (anything raised during a run: a refused follow-up, a callback, the cache):
-   every running request frees the slots it owns (``slots[cached_len:]``) and its state
-   slot and drops its lock, a request being admitted gives back what it took so far; then
+   every running request frees the slots it owns (``slots[cached_len:]``, both sides, or
+   the full side alone where it freed the SWA side already) and its state slot and drops
+   its lock, a request being admitted gives back what it took so far; then
    the error propagates. The tree keeps what it owns, so every slot is free or the tree's.
 
 What the tree took from an ``insert`` is measured as the growth of ``total_size()``, so the
@@ -192,6 +220,10 @@ class _Req:
     # Prefilling again past a windowed re-match that came back short (_cache_prompt): the
     # first token is out already, and the prompt is cached at the finish only.
     refill: bool = False
+    # With a window: the SWA sides of slots[cached_len:swa_evicted] are freed (positions no
+    # later token reads; Engine._free_out_of_window); the full slots stay ours. Every
+    # insert passes it as swa_evicted_seqlen. At most cached_len: nothing freed.
+    swa_evicted: int = 0
     output: list[int] = field(default_factory=list)
     t_admit: float = 0.0
     t_first: float = 0.0
@@ -457,6 +489,12 @@ class Engine:
         wait = self.sched.wait_for_shared_prefix
         self._wait_shared = not isinstance(cache, ChunkCache) if wait is None else wait
         self._alloc = alloc
+        # With a window, the SWA KV a running request keeps behind its next position: the
+        # cache's window less one (the next token reads W - 1 earlier positions of the
+        # model's window W <= the cache's; the tree matches through a tombstone only with
+        # Wc live tokens after it, which the finish's insert then has). In whole pages.
+        self._swa_keep = (self._window - 1) if self._window else 0
+        self._swa_page = page_size
         # The requests of the current (or last) run, by stage.
         self._pending: list[tuple[float, int, _Req]] = []
         self._rids: set[str] = set()  # the request ids of a run, each used once
@@ -546,7 +584,9 @@ class Engine:
         """Insert ``tokens`` with our slots (and ``state``, a state slot, when the cache
         tracks states). Returns the duplicates ours to free (tokens another request cached
         meanwhile), how many leading tokens the tree now holds for us (the slots past that
-        stay ours), and whether it already had a state there."""
+        stay ours), and whether it already had a state there. With a window the tree takes
+        every slot past ``cached_len``, those whose SWA side we freed (``swa_evicted``) as a
+        tombstone; the caller then sets ``cached_len`` and resets ``swa_evicted``."""
         n = len(tokens)
         before = self.cache.total_size()
         key, value = RadixKey(tokens, r.spec.extra_key), r.slots[:n]
@@ -555,8 +595,12 @@ class Engine:
             kwargs["mamba_value"] = state
         if self._window:
             # A windowed tree settles every index past our locked prefix itself (stores,
-            # frees or revives it): none of value[cached_len:] stays ours.
+            # frees or revives it): none of value[cached_len:] stays ours. The positions
+            # whose SWA side we freed become a tombstone (a tombstone there is not revived
+            # from our slots, which have no SWA KV): the tree frees their full slots when it
+            # drops them.
             kwargs["prev_prefix_len"] = r.cached_len
+            kwargs["swa_evicted_seqlen"] = r.swa_evicted
         res = self.cache.insert(key, value, **kwargs)
         if res.prefix_len < r.cached_len:
             raise EngineError(
@@ -668,7 +712,7 @@ class Engine:
         # are the tree's but for our duplicates among them (loose: freed below, or by
         # _release should that fail); slots[covered:] stay ours.
         r.loose = dups.copy()
-        r.cached_len = covered
+        r.cached_len, r.swa_evicted = covered, 0  # the tree's now, tombstones included
         try:
             m = self.cache.match_prefix(key)
             got = len(m.indices)
@@ -704,8 +748,10 @@ class Engine:
                 f"no memory to recompute {covered - got} prompt tokens of {r.spec.rid} past "
                 "a tombstone another request holds locked"
             )
-        # one step from the old records to the new: slots[got:] are ours
+        # one step from the old records to the new: slots[got:] are ours, every SWA side
+        # live (nothing is freed before the prompt is cached: swa_evicted is 0)
         r.slots, r.cached_len = np.concatenate([slots, r.slots[covered:]]), got
+        r.swa_evicted = 0
         r.prefilled = min(r.prefilled, got)
         r.refill = True
 
@@ -719,6 +765,27 @@ class Engine:
             self._free_state_slot(r.loose_state)
             r.loose_state = 0
 
+    def _free_out_of_window(self) -> None:
+        """With a window, after a step: every running request frees the SWA side of its own
+        slots at the positions no later token of its own reads (see the module docstring):
+        below ``prefilled - Wc + 1``, in whole pages, from ``max(swa_evicted, cached_len)``
+        on (the tree's locked prefix is the tree's to settle). A prompt not cached yet is
+        kept whole (a request with no output yet). ``swa_evicted`` moves only once the
+        free succeeded (``free_swa`` frees nothing when it raises), so the records stay
+        exact for ``_release``."""
+        if not self._window:
+            return
+        page = self._swa_page
+        free_swa = self._alloc.free_swa  # type: ignore[union-attr]
+        for r in self._running:
+            if not r.output:  # the prompt goes to the tree whole (_cache_prompt)
+                continue
+            start = max(r.swa_evicted, r.cached_len)
+            end = (r.prefilled - self._swa_keep) // page * page
+            if end > start:
+                free_swa(r.slots[start:end])
+                r.swa_evicted = end
+
     def _finish(self, r: _Req) -> None:
         seq = np.concatenate([r.prompt, np.asarray(r.output[:-1], dtype=np.int32)])
         state = r.state_slot if self._state_cache else None
@@ -727,7 +794,7 @@ class Engine:
         if state is not None and not state_exists:
             r.state_slot = 0  # the tree owns it now
         # all we own now, on its way back to the pool (_release frees it after an error)
-        r.loose, r.slots, r.cached_len = ours, r.slots[:0], 0
+        r.loose, r.slots, r.cached_len, r.swa_evicted = ours, r.slots[:0], 0, 0
         self._free_loose(r)
         self._unlock_req(r)
         self._free_state(r)
@@ -753,8 +820,8 @@ class Engine:
         """Give back everything an unfinished request owns: its slots past the tree's, its
         state slot and its lock (each tried even if another fails; the first error is
         raised). Its tree slots stay the tree's."""
-        ours = r.slots[r.cached_len :]
-        r.slots, r.cached_len = r.slots[:0], 0
+        ours = r.slots[r.cached_len :]  # free() skips the SWA sides freed already
+        r.slots, r.cached_len, r.swa_evicted = r.slots[:0], 0, 0
         steps = (
             lambda: self._alloc.free(ours) if ours.size else None,
             lambda: self._free_loose(r),
@@ -881,6 +948,7 @@ class Engine:
             self._cache_prompt(r)
             if len(r.output) == r.spec.max_new_tokens and not r.in_prefill:
                 self._retire(r)
+        self._free_out_of_window()
 
     def _decode_step(self) -> None:
         rows = [(r, 1) for r in self._running if not r.in_prefill]
@@ -891,6 +959,7 @@ class Engine:
             r.output.append(int(next_tokens[i]))
             if len(r.output) == r.spec.max_new_tokens:
                 self._retire(r)
+        self._free_out_of_window()
 
     def _retire(self, r: _Req) -> None:
         self._finish(r)
@@ -1051,7 +1120,10 @@ class Engine:
     def check_slots(self) -> tuple[int, int, bool]:
         """``(free, in_cache, ok)``: every KV slot is free, in the cache or held by a running
         request, the counts add up to the pool size, no cache node is left locked, and the
-        pools still hold live device buffers."""
+        pools still hold live device buffers. With an SWA pool the same holds for the SWA
+        side: free, live in the tree (a windowed tree's tombstones hold none), or held by a
+        running request, which holds none for ``slots[cached_len:swa_evicted]`` (freed out
+        of the window)."""
         alloc, cache, split = self._alloc, self.cache, self.memory.swa_pool is not None
         free = alloc.full_available_size() if split else alloc.available_size()  # type: ignore[union-attr]
         in_cache = cache.total_size()
@@ -1062,7 +1134,9 @@ class Engine:
             if self._window:
                 swa_in_cache = cache.swa_evictable_size() + cache.swa_protected_size()
             swa_free = alloc.swa_available_size()  # type: ignore[union-attr]
-            ok = ok and swa_free + swa_in_cache + held == self.memory.swa_size
+            # ours but those whose SWA side a request freed (slots[cached_len:swa_evicted])
+            swa_held = held - sum(max(0, r.swa_evicted - r.cached_len) for r in self._running)
+            ok = ok and swa_free + swa_in_cache + swa_held == self.memory.swa_size
         if not self._running:
             ok = ok and cache.protected_size() == 0 and cache.swa_protected_size() == 0
             if self.memory.state_pool is not None:
