@@ -109,7 +109,8 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="slots of the sliding-window layers' KV pool (swa model; default: --pool-size). "
         "A request is admitted with a window-layer slot for every position it will have; "
-        "with the radix cache it frees those that left the window as it decodes. A pool "
+        "the engine frees those that left the window after each step (the radix cache once "
+        "the prompt is cached, ChunkCache from the first prefill chunk on). A pool "
         "smaller than the running requests' tokens makes the tree drop the window KV of "
         "cached prefixes, and hits fall",
     )

@@ -105,7 +105,8 @@ def assert_settled(engine: Engine) -> None:
     assert ok and free + in_cache == POOL
     assert engine.cache.protected_size() == engine.cache.swa_protected_size() == 0
     engine._alloc._check_invariants()
-    engine.cache._check_invariants()
+    if not isinstance(engine.cache, ChunkCache):  # a ChunkCache holds nothing to check
+        engine.cache._check_invariants()
 
 
 def chats() -> Workload:
@@ -201,15 +202,17 @@ def test_swa_in_use_shrinks_to_the_window_while_decoding() -> None:
     assert b.ttft < a.latency  # its first token before the first request ended
 
 
+@pytest.mark.parametrize("kind", ["radix", "chunk"])
 @pytest.mark.parametrize("keep, same", [(31, True), (30, False)])
-def test_the_window_reaches_back_w_minus_one_positions(keep: int, same: bool) -> None:
+def test_the_window_reaches_back_w_minus_one_positions(keep: int, same: bool, kind: str) -> None:
     """The model's swa layers read positions p - W + 1 .. p for a token at p (model.py's
     mask: ``kv_pos > q_pos - sliding_window``): keeping W - 1 positions behind the next one
-    changes nothing, keeping one fewer (freeing one position too many) changes outputs."""
+    changes nothing, keeping one fewer (freeing one position too many) changes outputs,
+    with the tree and with ChunkCache (which frees from the first prefill chunk on)."""
     assert cfg().sliding_window - 1 == 31
     wl = chats()
-    reference = make_engine("chunk").run(wl)
-    engine = make_engine(keep=keep)
+    reference = make_engine("chunk", keep=NEVER).run(wl)
+    engine = make_engine(kind, keep=keep)
     got = engine.run(wl)
     assert_settled(engine)
     identical = all(
@@ -243,3 +246,34 @@ def test_an_error_mid_decode_gives_back_full_slots_whose_swa_side_is_gone() -> N
     again = engine.run(wl)
     assert_same_outputs(again, engine2.run(wl))
     assert_settled(engine)
+
+
+def test_chunk_cache_frees_out_of_window_swa_between_prefill_chunks() -> None:
+    """A ChunkCache over split pools caches nothing, so every slot is the request's: it
+    frees the SWA side of what left the model's window after every step, prompt positions
+    included, between the chunks of a long prefill. Outputs equal the same engine that
+    frees nothing; a request's live SWA is at most its positions still to come plus W - 1
+    after every step, prefill included; and the pools add up after every step and after
+    the run."""
+    rng = np.random.default_rng(5)
+    specs = [RequestSpec(f"p{i}", rng.integers(1, 250, 200).astype(np.int32), 40) for i in range(3)]
+    wl = Workload("long-prompts", "three 200-token prompts, 40 generated", specs)
+    keep = cfg().sliding_window - 1
+    freed_in_prefill: list[str] = []
+
+    def sample(engine: Engine) -> None:
+        exact_slots(engine)
+        for r in engine._running:
+            live = int(np.count_nonzero(engine._alloc.translate_loc_from_full_to_swa(r.slots)))
+            assert live <= r.kv_len - r.prefilled + keep, (r.spec.rid, r.prefilled, live)
+            if r.in_prefill and r.swa_evicted > 0:
+                freed_in_prefill.append(r.spec.rid)
+
+    reference = make_engine("chunk", keep=NEVER).run(wl)
+    engine = make_engine("chunk")
+    after_every_step(engine, sample)
+    got = engine.run(wl)
+    assert got.leak_free and reference.leak_free
+    assert_same_outputs(got, reference)
+    assert_settled(engine)
+    assert set(freed_in_prefill) == {"p0", "p1", "p2"}

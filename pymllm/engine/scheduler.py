@@ -41,7 +41,9 @@ The life of a request, and who owns its KV slots at each point (the rule of
    the SWA pool is short. The prompt positions a short re-match makes a request compute
    again (``_refill``) are its own and freed as it goes (they are cached at the finish).
    A request's SWA use thus shrinks while it decodes: the positions still to come (all
-   allocated at admission) plus ``Wc - 1`` (see ``check_slots``).
+   allocated at admission) plus ``Wc - 1`` (see ``check_slots``). A ``ChunkCache`` over
+   the same split pools frees the same way, with the model's ``W``, and from the first
+   prefill chunk on: it caches nothing, so every slot is the request's to the end.
 4. **Finish**: ``insert`` prompt + output (the last token has no KV) and, for a recurrent
    model with a state-tracking cache, our state slot; free the duplicates and whatever the
    tree did not take, unlock. With a window the insert names the positions whose SWA side
@@ -493,7 +495,12 @@ class Engine:
         # cache's window less one (the next token reads W - 1 earlier positions of the
         # model's window W <= the cache's; the tree matches through a tombstone only with
         # Wc live tokens after it, which the finish's insert then has). In whole pages.
-        self._swa_keep = (self._window - 1) if self._window else 0
+        # A ChunkCache over split pools caches nothing: every slot stays the request's, so
+        # it frees the SWA side of all that left the model's window, prompt included.
+        self._chunk_swa = isinstance(cache, ChunkCache) and memory.swa_pool is not None
+        self._swa_free = bool(self._window) or self._chunk_swa
+        window = self._window if self._window else cfg.sliding_window
+        self._swa_keep = window - 1 if self._swa_free else 0
         self._swa_page = page_size
         # The requests of the current (or last) run, by stage.
         self._pending: list[tuple[float, int, _Req]] = []
@@ -712,7 +719,9 @@ class Engine:
         # are the tree's but for our duplicates among them (loose: freed below, or by
         # _release should that fail); slots[covered:] stay ours.
         r.loose = dups.copy()
-        r.cached_len, r.swa_evicted = covered, 0  # the tree's now, tombstones included
+        # the tree's now, tombstones included (a ChunkCache took nothing: covered is 0 and
+        # what the request freed of its prompt's SWA stays on the record)
+        r.cached_len, r.swa_evicted = covered, max(r.swa_evicted, covered)
         try:
             m = self.cache.match_prefix(key)
             got = len(m.indices)
@@ -770,15 +779,17 @@ class Engine:
         slots at the positions no later token of its own reads (see the module docstring):
         below ``prefilled - Wc + 1``, in whole pages, from ``max(swa_evicted, cached_len)``
         on (the tree's locked prefix is the tree's to settle). A prompt not cached yet is
-        kept whole (a request with no output yet). ``swa_evicted`` moves only once the
-        free succeeded (``free_swa`` frees nothing when it raises), so the records stay
-        exact for ``_release``."""
-        if not self._window:
+        kept whole (a request with no output yet). With a ``ChunkCache`` over split pools
+        (no window of the cache's: the model's ``W``) every slot is the request's and
+        nothing is cached, so the prompt's positions go too, between prefill chunks.
+        ``swa_evicted`` moves only once the free succeeded (``free_swa`` frees nothing
+        when it raises), so the records stay exact for ``_release``."""
+        if not self._swa_free:
             return
-        page = self._swa_page
+        page, whole_prompt = self._swa_page, not self._chunk_swa
         free_swa = self._alloc.free_swa  # type: ignore[union-attr]
         for r in self._running:
-            if not r.output:  # the prompt goes to the tree whole (_cache_prompt)
+            if whole_prompt and not r.output:  # the prompt goes to the tree whole
                 continue
             start = max(r.swa_evicted, r.cached_len)
             end = (r.prefilled - self._swa_keep) // page * page
