@@ -40,10 +40,11 @@ The life of a request, and who owns its KV slots at each point (the rule of
    requests can reuse it, and the tree's own SWA eviction drops what no lock covers when
    the SWA pool is short. The prompt positions a short re-match makes a request compute
    again (``_refill``) are its own and freed as it goes (they are cached at the finish).
-   A request's SWA use thus shrinks while it decodes: the positions still to come (all
-   allocated at admission) plus ``Wc - 1`` (see ``check_slots``). A ``ChunkCache`` over
-   the same split pools frees the same way, with the model's ``W``, and from the first
-   prefill chunk on: it caches nothing, so every slot is the request's to the end.
+   A request's SWA use thus shrinks while it decodes: at most the positions still to come
+   (all allocated at admission) plus ``Wc - 1`` (``check_slots`` counts it exactly). A
+   ``ChunkCache`` over the same split pools frees the same way, with the model's ``W``, and
+   from the first prefill chunk on: it caches nothing, so every slot is the request's to
+   the end.
 4. **Finish**: ``insert`` prompt + output (the last token has no KV) and, for a recurrent
    model with a state-tracking cache, our state slot; free the duplicates and whatever the
    tree did not take, unlock. With a window the insert names the positions whose SWA side
@@ -593,7 +594,8 @@ class Engine:
         meanwhile), how many leading tokens the tree now holds for us (the slots past that
         stay ours), and whether it already had a state there. With a window the tree takes
         every slot past ``cached_len``, those whose SWA side we freed (``swa_evicted``) as a
-        tombstone; the caller then sets ``cached_len`` and resets ``swa_evicted``."""
+        tombstone; the caller then sets ``cached_len`` and moves ``swa_evicted`` to at least
+        it (nothing of ours is left without an SWA side below the new ``cached_len``)."""
         n = len(tokens)
         before = self.cache.total_size()
         key, value = RadixKey(tokens, r.spec.extra_key), r.slots[:n]
@@ -778,10 +780,13 @@ class Engine:
         """With a window, after a step: every running request frees the SWA side of its own
         slots at the positions no later token of its own reads (see the module docstring):
         below ``prefilled - Wc + 1``, in whole pages, from ``max(swa_evicted, cached_len)``
-        on (the tree's locked prefix is the tree's to settle). A prompt not cached yet is
-        kept whole (a request with no output yet). With a ``ChunkCache`` over split pools
-        (no window of the cache's: the model's ``W``) every slot is the request's and
-        nothing is cached, so the prompt's positions go too, between prefill chunks.
+        on (the tree's locked prefix is the tree's to settle). A prompt before its first
+        caching (a request with no output yet) is kept whole; the prompt positions a
+        request computes again after a short re-match (``_refill``: it has output, its
+        prompt is cached at the finish) are its own and freed as it goes. With a
+        ``ChunkCache`` over split pools (no window of the cache's: the model's ``W``) every
+        slot is the request's and nothing is cached, so the prompt's positions go too,
+        between prefill chunks.
         ``swa_evicted`` moves only once the free succeeded (``free_swa`` frees nothing
         when it raises), so the records stay exact for ``_release``."""
         if not self._swa_free:
