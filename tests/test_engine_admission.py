@@ -152,9 +152,9 @@ def test_an_admission_short_of_swa_slots_does_not_flush_the_cache(window: int | 
     tombstoning) q's prompt, which r then reuses whole.
 
     Windowed, a and b free the SWA KV that left their window as they decode (down to 32
-    slots each: 7 output positions fall out of the window before the last step), so up to 36 slots
-    are free and q's 30 evictable: x is made 67 slots, still short by more than the tree
-    can free until a and b end (then 68 are free: q 30, the prompt 20 and a's last 32
+    slots each: 7 output positions fall out of the window before the last step), so up to
+    36 slots are free and q's 30 evictable: x is made 67 slots, still short by more than
+    the tree can free until a and b end (then 68 are free: q 30, the prompt 20 and a's last 32
     positions live in the tree)."""
     _serve_past_a_request_that_cannot_fit("swa", 1000, 150, window, 50 if window is None else 62)
 

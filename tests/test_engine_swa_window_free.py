@@ -41,7 +41,7 @@ def params() -> Any:
     return M.init_params(cfg())
 
 
-def make_engine(kind: str = "radix", keep: int | None = None, max_running: int = 4) -> Engine:
+def make_engine(kind: str = "radix", keep: int | None = None) -> Engine:
     c = cfg()
     mem = EngineMemory(c, POOL, swa_size=SWA_POOL)
     alloc = mem.token_to_kv_pool_allocator
@@ -49,21 +49,10 @@ def make_engine(kind: str = "radix", keep: int | None = None, max_running: int =
         cache: Any = ChunkCache(alloc)
     else:
         cache = RadixCache(token_to_kv_pool_allocator=alloc, sliding_window_size=c.sliding_window)
-    sched = SCHED if max_running == SCHED.max_running else _sched(max_running)
-    engine = Engine(c, mem, cache, params=params(), sched=sched)
+    engine = Engine(c, mem, cache, params=params(), sched=SCHED)
     if keep is not None:
         engine._swa_keep = keep
     return engine
-
-
-def _sched(max_running: int) -> SchedulerConfig:
-    return SchedulerConfig(
-        max_running=max_running,
-        max_prefill_batch=2,
-        pad_prefill_batch=True,
-        chunk_tokens=32,
-        record_logits=True,
-    )
 
 
 def after_every_step(engine: Engine, check: Callable[[Engine], None]) -> None:
@@ -79,16 +68,17 @@ def after_every_step(engine: Engine, check: Callable[[Engine], None]) -> None:
         setattr(engine, name, wrapped)
 
 
+def live_swa(engine: Engine, slots: np.ndarray) -> int:
+    """How many of the full ``slots`` still have an SWA slot."""
+    return int(np.count_nonzero(engine._alloc.translate_loc_from_full_to_swa(slots)))
+
+
 def exact_slots(engine: Engine) -> None:
     """check_slots, and the SWA side counted by hand: free + live in the tree + the live SWA
     sides of every running request's own slots == the SWA pool."""
     assert engine.check_slots()[2], f"check_slots failed after step {engine._steps}"
     alloc, cache = engine._alloc, engine.cache
-    mine = 0
-    for r in engine._running:
-        own = r.slots[r.cached_len :]
-        if own.size:
-            mine += int(np.count_nonzero(alloc.translate_loc_from_full_to_swa(own)))
+    mine = sum(live_swa(engine, r.slots[r.cached_len :]) for r in engine._running)
     live_in_tree = cache.swa_evictable_size() + cache.swa_protected_size()
     assert alloc.swa_available_size() + live_in_tree + mine == SWA_POOL
 
@@ -172,17 +162,16 @@ def test_swa_in_use_shrinks_to_the_window_while_decoding() -> None:
     keep = cfg().sliding_window - 1
     peaks: dict[str, int] = {}
 
-    def sample(engine: Engine) -> None:
-        exact_slots(engine)
-        peaks["running"] = max(peaks.get("running", 0), len(engine._running))
-        for r in engine._running:
-            if r.output:  # prompt cached: the request's own SWA is bounded
-                own = r.slots[r.cached_len :]
-                live = int(np.count_nonzero(engine._alloc.translate_loc_from_full_to_swa(own)))
-                assert live <= r.kv_len - r.prefilled + keep, (r.spec.rid, r.prefilled, live)
-
     def count_running(engine: Engine) -> None:
         peaks["running"] = max(peaks.get("running", 0), len(engine._running))
+
+    def sample(engine: Engine) -> None:
+        exact_slots(engine)
+        count_running(engine)
+        for r in engine._running:
+            if r.output:  # prompt cached: the request's own SWA is bounded
+                live = live_swa(engine, r.slots[r.cached_len :])
+                assert live <= r.kv_len - r.prefilled + keep, (r.spec.rid, r.prefilled, live)
 
     runs = {}
     for label, k in (("old", NEVER), ("new", None)):
@@ -264,7 +253,7 @@ def test_chunk_cache_frees_out_of_window_swa_between_prefill_chunks() -> None:
     def sample(engine: Engine) -> None:
         exact_slots(engine)
         for r in engine._running:
-            live = int(np.count_nonzero(engine._alloc.translate_loc_from_full_to_swa(r.slots)))
+            live = live_swa(engine, r.slots)
             assert live <= r.kv_len - r.prefilled + keep, (r.spec.rid, r.prefilled, live)
             if r.in_prefill and r.swa_evicted > 0:
                 freed_in_prefill.append(r.spec.rid)

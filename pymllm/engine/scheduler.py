@@ -492,16 +492,15 @@ class Engine:
         wait = self.sched.wait_for_shared_prefix
         self._wait_shared = not isinstance(cache, ChunkCache) if wait is None else wait
         self._alloc = alloc
-        # With a window, the SWA KV a running request keeps behind its next position: the
-        # cache's window less one (the next token reads W - 1 earlier positions of the
-        # model's window W <= the cache's; the tree matches through a tombstone only with
-        # Wc live tokens after it, which the finish's insert then has). In whole pages.
         # A ChunkCache over split pools caches nothing: every slot stays the request's, so
         # it frees the SWA side of all that left the model's window, prompt included.
         self._chunk_swa = isinstance(cache, ChunkCache) and memory.swa_pool is not None
         self._swa_free = bool(self._window) or self._chunk_swa
-        window = self._window if self._window else cfg.sliding_window
-        self._swa_keep = window - 1 if self._swa_free else 0
+        # The SWA KV a running request keeps behind its next position, in whole pages: the
+        # window less one (the next token reads W - 1 earlier positions of the model's
+        # window W <= the cache's Wc; the tree matches through a tombstone only with Wc
+        # live tokens after it, which the finish's insert then has).
+        self._swa_keep = (self._window or cfg.sliding_window) - 1
         self._swa_page = page_size
         # The requests of the current (or last) run, by stage.
         self._pending: list[tuple[float, int, _Req]] = []
@@ -786,9 +785,9 @@ class Engine:
         prompt is cached at the finish) are its own and freed as it goes. With a
         ``ChunkCache`` over split pools (no window of the cache's: the model's ``W``) every
         slot is the request's and nothing is cached, so the prompt's positions go too,
-        between prefill chunks.
-        ``swa_evicted`` moves only once the free succeeded (``free_swa`` frees nothing
-        when it raises), so the records stay exact for ``_release``."""
+        between prefill chunks. ``swa_evicted`` moves only once the free succeeded
+        (``free_swa`` frees nothing when it raises), so the records stay exact for
+        ``_release``."""
         if not self._swa_free:
             return
         page, whole_prompt = self._swa_page, not self._chunk_swa
