@@ -108,11 +108,13 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         type=_slots,
         metavar="N",
         help="slots of the sliding-window layers' KV pool (swa model; default: --pool-size). "
-        "A request is admitted with a window-layer slot for every position it will have; "
-        "the engine frees those that left the window after each step (the radix cache once "
-        "the prompt is cached, ChunkCache from the first prefill chunk on). A pool "
-        "smaller than the running requests' tokens makes the tree drop the window KV of "
-        "cached prefixes, and hits fall",
+        "A request takes a window-layer slot for a position just before the step that "
+        "writes it, and the engine frees those that left the window after each step (the "
+        "radix cache once the prompt is cached, ChunkCache from the first prefill chunk "
+        "on); admission reserves what a request can hold at once (its prompt plus the "
+        "window with the radix cache, the window plus a prefill chunk with ChunkCache). A "
+        "pool smaller than the running requests' windows makes the tree drop the window "
+        "KV of cached prefixes, and hits fall",
     )
     p.add_argument(
         "--max-running",

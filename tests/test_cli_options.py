@@ -31,7 +31,7 @@ def test_demo_builds_the_swa_pool_with_swa_pool_size(tmp_path, capsys):
     rc = main([*argv, "--cache", "chunk", "--quiet", *SMALL])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "needs 63 KV slots; the SWA pool has 50" in err
+    assert "needs 63 SWA slots at once (of its 63 KV slots); the SWA pool has 50" in err
 
 
 def test_demo_serves_the_swa_model_with_the_windowed_tree(tmp_path, capsys, monkeypatch):

@@ -300,11 +300,11 @@ def test_swa_prompt_cached_across_a_locked_tombstone_is_recomputed(monkeypatch):
 
     monkeypatch.setattr(Engine, "_refill", spy)
     runs = {}
-    for swa in (215, SWA_POOL):
+    for swa in (150, SWA_POOL):
         engine = swa_engine(swa)
         runs[swa] = engine.run(_tombstone_crossing_workload())
         assert_slots_accounted(engine)
-        if swa == 215:
+        if swa == 150:
             assert refills and refills[0][0] == "R1" and refills[0][1] < refills[0][2]
             n_refills = len(refills)
     assert len(refills) == n_refills  # none without the pressure
@@ -312,11 +312,11 @@ def test_swa_prompt_cached_across_a_locked_tombstone_is_recomputed(monkeypatch):
     for stats in runs.values():
         assert all(0 <= r.cached_tokens <= r.prompt_len for r in stats.results)
         assert stats.cached_tokens == sum(r.cached_tokens for r in stats.results) >= 0
-    r1 = {r.rid: r for r in runs[215].results}["R1"]
+    r1 = {r.rid: r for r in runs[150].results}["R1"]
     redone = sum(covered - got for _, got, covered in refills)
-    assert runs[215].prefill_tokens == runs[215].prompt_tokens - runs[215].cached_tokens + redone
+    assert runs[150].prefill_tokens == runs[150].prompt_tokens - runs[150].cached_tokens + redone
     assert r1.cached_tokens == 0
-    pressed, free = runs[215].outputs(), runs[SWA_POOL].outputs()
+    pressed, free = runs[150].outputs(), runs[SWA_POOL].outputs()
     assert pressed.keys() == free.keys() == {"R1", "R2", "R3", "R4", "R5"}
     for rid, out in free.items():
         np.testing.assert_array_equal(pressed[rid], out, err_msg=rid)

@@ -225,7 +225,9 @@ def _insert(cache: RadixCache, alloc: object, tokens: np.ndarray, prev: int = 0)
 def test_swa_slots_freed_by_tombstoning_locked_nodes_admit_a_request() -> None:
     """A locked 100-token path (two nodes; the lock's window covers the second) keeps 68
     live SWA tokens outside the window: nothing is evictable, 68 SWA tokens are. With the
-    SWA pool exhausted, 10 new slots are served by tombstoning them."""
+    SWA pool exhausted, 10 new slots are served by tombstoning them (the windowed engine
+    reserves them at admission and attaches them, tombstoning, just before a step: the
+    reservation is what is checked here)."""
     engine, cache, alloc = _engine(1000, 150)
     toks = (np.arange(100) % 250 + 1).astype(np.int32)
     _insert(cache, alloc, toks[:68])
@@ -235,7 +237,7 @@ def test_swa_slots_freed_by_tombstoning_locked_nodes_admit_a_request() -> None:
     assert cache.evictable_size() == 0 and cache.swa_evictable_size() == 68
     held = alloc.alloc(50)  # type: ignore[attr-defined]
     assert held is not None and alloc.swa_available_size() == 0  # type: ignore[attr-defined]
-    got = engine._alloc_kv(10, np.empty(0, np.int32))
+    got = engine._alloc_kv(10, np.empty(0, np.int32), swa_reserve=10)
     assert got is not None and len(got) == 10
     alloc.free(got)  # type: ignore[attr-defined]
     alloc.free(held)  # type: ignore[attr-defined]
@@ -260,7 +262,9 @@ def test_an_swa_shortage_beyond_the_live_swa_kv_is_refused_without_evicting() ->
     would leave the pool short. A windowed tree of 100 tokens whose first 60 are a tombstone
     holds 40 live SWA tokens (all it can free for the SWA pool), yet 100 evictable ones: an
     SWA shortage of 50 passes the ``max(swa_evictable_size, evictable_size)`` bound, the
-    whole tree is evicted, and the allocation still fails."""
+    whole tree is evicted, and the allocation still fails. The SWA side of a windowed
+    engine's allocation is a reservation (``swa_reserve``, the SWA slots are attached step by
+    step): the same shortage, reserved."""
     engine, cache, alloc = _engine(1000, 150)
     toks = (np.arange(100) % 250 + 1).astype(np.int32)
     slots = alloc.alloc(100)  # type: ignore[attr-defined]
@@ -268,7 +272,7 @@ def test_an_swa_shortage_beyond_the_live_swa_kv_is_refused_without_evicting() ->
     assert cache.evictable_size() == 100 and cache.swa_evictable_size() == 40
     held = alloc.alloc(alloc.swa_available_size())  # type: ignore[attr-defined]
     assert held is not None and alloc.swa_available_size() == 0  # type: ignore[attr-defined]
-    assert engine._alloc_kv(50, np.empty(0, np.int32)) is None
+    assert engine._alloc_kv(50, np.empty(0, np.int32), swa_reserve=50) is None
     assert cache.total_size() == 100 and cache.swa_evictable_size() == 40
     alloc.free(held)  # type: ignore[attr-defined]
 

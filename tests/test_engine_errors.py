@@ -336,7 +336,8 @@ def test_a_request_larger_than_the_swa_pool_is_refused_up_front():
         [RequestSpec("small", ramp(0, 30), 4), RequestSpec("big", ramp(0, 490), 4)],
     )
     engine = make_engine("swa", RadixCache, sliding_window_size=cfg_of("swa").sliding_window)
-    with pytest.raises(EngineError, match=r"request big needs 493 KV slots; the SWA pool has 480"):
+    msg = r"request big needs 493 SWA slots at once \(of its 493 KV slots\); the SWA pool has 480"
+    with pytest.raises(EngineError, match=msg):
         engine.run(wl)
     alloc = engine.memory.token_to_kv_pool_allocator  # "small" was not served either
     assert alloc.full_available_size() == POOL and alloc.swa_available_size() == SWA_POOL

@@ -57,7 +57,7 @@ def test_a_one_token_request_recomputed_past_a_locked_tombstone_finishes() -> No
         return real(self, r, matched, covered)
 
     outs = {}
-    for swa in (215, SWA_POOL):
+    for swa in (150, SWA_POOL):
         engine = TE.swa_engine(swa)
         engine._refill = spy.__get__(engine)
         wl = Workload(base.name, base.description, base.requests, one_token_r1, 5)
@@ -65,11 +65,11 @@ def test_a_one_token_request_recomputed_past_a_locked_tombstone_finishes() -> No
         assert stats.requests == 5 and stats.leak_free
         assert_slots_accounted(engine)
         outs[swa] = stats.outputs()
-        if swa == 215:
+        if swa == 150:
             assert "R1" in refills  # the refill path was taken
-    assert len(outs[215]["R1"]) == 1
+    assert len(outs[150]["R1"]) == 1
     for rid, out in outs[SWA_POOL].items():
-        np.testing.assert_array_equal(outs[215][rid], out, err_msg=rid)
+        np.testing.assert_array_equal(outs[150][rid], out, err_msg=rid)
 
 
 def test_split_pools_put_each_layer_kind_in_its_own_pool_only() -> None:

@@ -3,74 +3,30 @@ runs (``Engine._free_out_of_window``) and names them in its inserts (``swa_evict
 
 The ``micro`` swa model (window 32) over split pools: a full pool of 1024 slots and an SWA
 pool of 480, one pool shape for the module (it is part of every step's compile key). The
-engine's previous behaviour (an SWA slot held for every position until the request ends)
-is the same engine with ``_swa_keep`` past any length: nothing is ever out of the window.
+engine's behaviour before it freed (an SWA slot held for every position computed, until
+the request ends) is the same engine with ``_swa_keep`` past any length: nothing is ever
+out of the window.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from swa_engine import POOL, after_every_step, assert_same_outputs, cfg, live_swa
+from swa_engine import make_engine as make_swa_engine
 
-from pymllm.engine import model as M
-from pymllm.engine.config import get_config
-from pymllm.engine.memory import EngineMemory
-from pymllm.engine.scheduler import Engine, RunStats, SchedulerConfig
+from pymllm.engine.scheduler import Engine
 from pymllm.engine.workloads import RequestSpec, Workload, multi_turn
-from pymllm.mem_cache import ChunkCache, RadixCache
+from pymllm.mem_cache import ChunkCache
 
-SCHED = SchedulerConfig(
-    max_running=4, max_prefill_batch=2, pad_prefill_batch=True, chunk_tokens=32, record_logits=True
-)
-POOL = 1024
 SWA_POOL = 480
-NEVER = 1 << 30  # an _swa_keep no request reaches: the engine's previous behaviour
-
-
-@functools.cache
-def cfg() -> Any:
-    return get_config("micro", "swa")
-
-
-@functools.cache
-def params() -> Any:
-    return M.init_params(cfg())
+NEVER = 1 << 30  # an _swa_keep no request reaches: the engine before it freed
 
 
 def make_engine(kind: str = "radix", keep: int | None = None) -> Engine:
-    c = cfg()
-    mem = EngineMemory(c, POOL, swa_size=SWA_POOL)
-    alloc = mem.token_to_kv_pool_allocator
-    if kind == "chunk":
-        cache: Any = ChunkCache(alloc)
-    else:
-        cache = RadixCache(token_to_kv_pool_allocator=alloc, sliding_window_size=c.sliding_window)
-    engine = Engine(c, mem, cache, params=params(), sched=SCHED)
-    if keep is not None:
-        engine._swa_keep = keep
-    return engine
-
-
-def after_every_step(engine: Engine, check: Callable[[Engine], None]) -> None:
-    """Run ``check(engine)`` after every prefill and decode step (the out-of-window frees
-    included)."""
-    for name in ("_prefill_step", "_decode_step"):
-        step = getattr(engine, name)
-
-        def wrapped(step: Callable[[], None] = step) -> None:
-            step()
-            check(engine)
-
-        setattr(engine, name, wrapped)
-
-
-def live_swa(engine: Engine, slots: np.ndarray) -> int:
-    """How many of the full ``slots`` still have an SWA slot."""
-    return int(np.count_nonzero(engine._alloc.translate_loc_from_full_to_swa(slots)))
+    return make_swa_engine(kind, SWA_POOL, keep)
 
 
 def exact_slots(engine: Engine) -> None:
@@ -81,13 +37,6 @@ def exact_slots(engine: Engine) -> None:
     mine = sum(live_swa(engine, r.slots[r.cached_len :]) for r in engine._running)
     live_in_tree = cache.swa_evictable_size() + cache.swa_protected_size()
     assert alloc.swa_available_size() + live_in_tree + mine == SWA_POOL
-
-
-def assert_same_outputs(a: RunStats, b: RunStats) -> None:
-    assert [r.rid for r in a.results] == [r.rid for r in b.results]
-    for x, y in zip(a.results, b.results, strict=True):
-        np.testing.assert_array_equal(x.output, y.output, err_msg=x.rid)
-        np.testing.assert_allclose(x.first_logits, y.first_logits, rtol=0, atol=1e-4)
 
 
 def assert_settled(engine: Engine) -> None:

@@ -7,8 +7,10 @@ The life of a request, and who owns its KV slots at each point (the rule of
    computed, for its logits); ``inc_lock_ref`` pins it; the slots for the rest of the prompt
    and for the generated tokens are allocated at once (evicting from the cache when the pool
    is short), so a running request never stalls. ``slots[:cached_len]`` are the tree's
-   (locked), the rest ours. A recurrent model also takes a state slot of its own; its first
-   step reads the state the tree saved at the end of the match.
+   (locked), the rest ours. With a sliding window over split pools (see below) only the
+   full side is allocated at once; the SWA side is reserved and attached step by step. A
+   recurrent model also takes a state slot of its own; its first step reads the state the
+   tree saved at the end of the match.
 2. **Prefill** in chunks, several requests per step, then **cache the prompt**: ``insert``
    it, free the duplicates (prompt tokens another request inserted meanwhile), re-match to
    adopt the tree's slots and move our lock to the new node. Requests arriving later reuse
@@ -40,11 +42,24 @@ The life of a request, and who owns its KV slots at each point (the rule of
    requests can reuse it, and the tree's own SWA eviction drops what no lock covers when
    the SWA pool is short. The prompt positions a short re-match makes a request compute
    again (``_refill``) are its own and freed as it goes (they are cached at the finish).
-   A request's SWA use thus shrinks while it decodes: at most the positions still to come
-   (all allocated at admission) plus ``Wc - 1`` (``check_slots`` counts it exactly). A
-   ``ChunkCache`` over the same split pools frees the same way, with the model's ``W``, and
-   from the first prefill chunk on: it caches nothing, so every slot is the request's to
-   the end.
+   A ``ChunkCache`` over the same split pools frees the same way, with the model's ``W``,
+   and from the first prefill chunk on: it caches nothing, so every slot is the request's
+   to the end.
+
+   The SWA sides are also taken late, in both cases: admission allocates the full slots
+   alone (``alloc(swa=False)``), and just before each step (``_attach_swa``) a request
+   gets an SWA slot for each position the step writes (``alloc_swa``; the tree's SWA KV
+   evicted first when the pool is short). ``slots[swa_upto:]`` are ours as full slots with
+   no SWA side yet, so our slots with one are ``slots[max(cached_len, swa_evicted):
+   swa_upto]`` (``check_slots`` counts it exactly): about ``Wc`` of them while decoding,
+   whatever the request's length. No running request may then find the SWA pool empty:
+   each is admitted with a reservation ``R`` (``_swa_reserve``: the most it can hold at
+   once, its prompt and ``Wc`` with a windowed tree, which keeps the prompt's SWA KV locked
+   to the end, ``W - 1`` plus a prefill chunk with a ``ChunkCache``), counted in
+   ``swa_net`` (attached less freed out of the window), and only when what is free or
+   evictable covers its ``R`` plus what every running request may still attach
+   (``reserve - net``). A request is refused up front only when its ``R`` exceeds the SWA
+   pool (or its ``kv_len`` the full pool).
 4. **Finish**: ``insert`` prompt + output (the last token has no KV) and, for a recurrent
    model with a state-tracking cache, our state slot; free the duplicates and whatever the
    tree did not take, unlock. With a window the insert names the positions whose SWA side
@@ -52,7 +67,8 @@ The life of a request, and who owns its KV slots at each point (the rule of
    prefix, tombstoned below that point, live after it.
 5. **Error** (anything raised during a run: a refused follow-up, a callback, the cache):
    every running request frees the slots it owns (``slots[cached_len:]``, both sides, or
-   the full side alone where it freed the SWA side already) and its state slot and drops
+   the full side alone where it freed the SWA side already or never attached one) and its
+   state slot and drops
    its lock, a request being admitted gives back what it took so far; then
    the error propagates. The tree keeps what it owns, so every slot is free or the tree's.
 
@@ -227,6 +243,16 @@ class _Req:
     # later token reads; Engine._free_out_of_window); the full slots stay ours. Every
     # insert passes it as swa_evicted_seqlen. At most cached_len: nothing freed.
     swa_evicted: int = 0
+    # With SWA sides attached step by step (Engine._lazy_swa): slots[swa_upto:] are ours as
+    # full slots whose SWA side was never attached (no step wrote them yet); where SWA sides
+    # come with the full slots at once, len(slots). Our slots with a live SWA side are thus
+    # slots[max(cached_len, swa_evicted):swa_upto].
+    swa_upto: int = 0
+    # The SWA slots reserved for the request (Engine._swa_reserve: the most it can ever hold
+    # at once) and how many it holds against that: attached less freed out of the window.
+    # reserve - net is what it may still attach; admission keeps that within reach.
+    swa_reserve: int = 0
+    swa_net: int = 0
     output: list[int] = field(default_factory=list)
     t_admit: float = 0.0
     t_first: float = 0.0
@@ -502,6 +528,9 @@ class Engine:
         # live tokens after it, which the finish's insert then has).
         self._swa_keep = (self._window or cfg.sliding_window) - 1
         self._swa_page = page_size
+        # Where SWA sides are freed (_swa_free) they are also taken late: admission takes
+        # full slots alone and a reservation of SWA slots (_swa_reserve), and each step
+        # attaches the SWA sides of the positions it writes just before it (_attach_swa).
         # The requests of the current (or last) run, by stage.
         self._pending: list[tuple[float, int, _Req]] = []
         self._rids: set[str] = set()  # the request ids of a run, each used once
@@ -518,27 +547,39 @@ class Engine:
 
     # -- slots ------------------------------------------------------------------------------
 
-    def _kv_short(self, n: int) -> tuple[int, int]:
+    def _kv_short(self, n: int, swa_reserve: int = 0) -> tuple[int, int]:
         """How many slots the full and the SWA pool lack for ``n`` new KV slots (without an
-        SWA pool, the one pool's shortfall twice)."""
+        SWA pool, the one pool's shortfall twice). With SWA sides taken step by step
+        (``_swa_free``) the SWA side is a reservation: the pool lacks what the running
+        requests may still attach (``_swa_outstanding``) plus ``swa_reserve``, less what is
+        free."""
         alloc = self._alloc
         if self.memory.swa_pool is None:
             short = n - alloc.available_size()
             return short, short
+        swa_n = self._swa_outstanding() + swa_reserve if self._swa_free else n
         return (
             n - alloc.full_available_size(),  # type: ignore[union-attr]
-            n - alloc.swa_available_size(),  # type: ignore[union-attr]
+            swa_n - alloc.swa_available_size(),  # type: ignore[union-attr]
         )
 
-    def _kv_cannot_fit(self, n: int, short: tuple[int, int] | None = None) -> bool:
-        """Whether ``n`` new KV slots (lacking ``short``, from ``_kv_short``, when given)
-        stay out of reach even after evicting all the tree may free, as far as the cache's
-        ``evictable_size`` (and ``swa_evictable_size``) tell; False when the cache does not
-        report them."""
+    def _kv_cannot_fit(
+        self, n: int, short: tuple[int, int] | None = None, swa_reserve: int = 0
+    ) -> bool:
+        """Whether ``n`` new KV slots (lacking ``short``, from ``_kv_short``, when given;
+        ``swa_reserve`` as there) stay out of reach even after evicting all the tree may
+        free, as far as the cache's ``evictable_size`` (and ``swa_evictable_size``) tell;
+        False when the cache does not report them. An SWA reservation (``_swa_free``) is
+        checked whatever the cache reports: a running request's attach must never fail."""
+        cache = self.cache
+        full_short, swa_short = self._kv_short(n, swa_reserve) if short is None else short
+        if self._swa_free:
+            # a ChunkCache holds nothing to evict; a windowed tree frees SWA KV alone
+            if swa_short > (cache.swa_evictable_size() if self._window else 0):
+                return True
+            return self._sizes_known and full_short > cache.evictable_size()
         if not self._sizes_known:
             return False
-        cache = self.cache
-        full_short, swa_short = self._kv_short(n) if short is None else short
         if self.memory.swa_pool is None:
             return full_short > cache.evictable_size()
         # with a window the tree frees SWA KV alone (tombstones): its live SWA KV at most;
@@ -546,15 +587,24 @@ class Engine:
         swa_room = cache.swa_evictable_size() if self._window else cache.evictable_size()
         return full_short > cache.evictable_size() or swa_short > swa_room
 
-    def _alloc_kv(self, n: int, prefix: np.ndarray) -> np.ndarray | None:
+    def _alloc_kv(self, n: int, prefix: np.ndarray, swa_reserve: int = 0) -> np.ndarray | None:
         """``prefix`` then ``n`` new slots (ours), evicting first when the pool is short;
         None, with nothing evicted, when even evicting all the tree may free would leave
         it short (a request retried every step would otherwise flush the cache for
-        nothing while it waits for running requests to end): see ``_kv_cannot_fit``."""
-        short = full_short, swa_short = self._kv_short(n)
+        nothing while it waits for running requests to end): see ``_kv_cannot_fit``.
+        With SWA sides taken step by step (``_swa_free``) the new slots are full slots
+        alone (``alloc(swa=False)``): the SWA pool must only have ``swa_reserve`` more
+        slots within reach (free or evictable) beside what the running requests may still
+        attach; nothing of it is taken or evicted here (``_attach_swa`` does, step by
+        step)."""
+        short = full_short, swa_short = self._kv_short(n, swa_reserve)
         if self._kv_cannot_fit(n, short):
             return None
         cache = self.cache
+        if self._swa_free:
+            if full_short > 0:
+                self._evicted += cache.evict(full_short).full_evicted
+            return self._alloc.alloc(n, prefix=prefix, swa=False)  # type: ignore[call-arg]
         if self.memory.swa_pool is None:
             if full_short > 0:
                 self._evicted += cache.evict(full_short).full_evicted
@@ -565,6 +615,78 @@ class Engine:
                 res = cache.evict(max(full_short, swa_short))
             self._evicted += res.full_evicted
         return self._alloc.alloc(n, prefix=prefix)
+
+    def _swa_reserve(self, r: _Req, cached: int) -> int:
+        """R, the SWA slots reserved for ``r`` admitted with ``cached`` positions the tree's:
+        the most its ``swa_net`` (SWA sides it attached less those it freed out of the
+        window) can reach. With K = ``_swa_keep``, P = ``_swa_page`` and C the most
+        positions one step writes for it (a prefill chunk, at most
+        min(chunk_tokens, prompt_len - cached); a decode step, 1):
+
+        * ``_attach_swa`` attaches, before a step, the positions it writes, rounded up to a
+          page end: at most C + P - 1 more.
+        * ``_free_out_of_window`` frees, after every step, all below
+          floor_P(prefilled - K): what is left of ours is at most K + P - 1 (and nothing
+          is freed of what is not ours: it cannot bring net down for the tree's).
+        * A ``ChunkCache`` frees from the first step on: at most K + P - 1 before a step,
+          plus C + P - 1 during it.
+        * A windowed tree keeps the prompt whole until it is cached (nothing freed):
+          prompt_len - cached + P - 1 by the end of prefill. The insert hands it to the
+          tree, whose node the request keeps locked (SWA protected, not evictable: net
+          keeps counting it); decode then frees from prompt_len on, and attaches 1 a step:
+          K + 1 + 2 (P - 1) more.
+
+        Never more than its own slots, ``kv_len - cached`` (rounded up to a page). The
+        engine's allocator has pages of 1 (P = 1): R = min(kv_len - cached, K + max(C, 1))
+        for a ChunkCache, min(kv_len - cached, prompt_len - cached + K + 1) for a windowed
+        tree. A short re-match (``_refill``) raises R then (its prefill frees as it goes);
+        a ``ChunkCache`` request's R falls to K + 1 + 2 (P - 1) once its prefill is done
+        (``_free_out_of_window``)."""
+        keep, slack = self._swa_keep, self._swa_page - 1
+        own = -(-(r.kv_len - cached) // self._swa_page) * self._swa_page
+        if self._window:
+            held = r.prompt_len - cached + slack + keep + 1 + 2 * slack
+        else:
+            chunk = max(1, min(self.sched.chunk_tokens, r.prompt_len - cached))
+            held = keep + chunk + 2 * slack
+        return min(own, held)
+
+    def _swa_outstanding(self) -> int:
+        """SWA slots the running requests may still attach: reserved, not held."""
+        return sum(r.swa_reserve - r.swa_net for r in self._running)
+
+    def _attach_swa(self, rows: list[tuple[_Req, int]]) -> None:
+        """Before a step, where SWA sides are taken step by step (``_swa_free``): each row's
+        request gets an SWA side for the positions the step writes (``prefilled`` on, ``n``
+        of them, rounded up to a page end, within its slots), evicting the tree's SWA KV
+        first when the pool is short. Within its reservation by construction
+        (``_swa_reserve``) and admitted only with every running request's outstanding
+        reservation within reach (``_kv_cannot_fit``): a failure here is a bug of that
+        accounting, raised as ``EngineError``. ``swa_upto`` moves only once the attach
+        succeeded (``alloc_swa`` changes nothing when it fails), so ``_release`` frees
+        exactly what is attached."""
+        if not self._swa_free:
+            return
+        page, alloc = self._swa_page, self._alloc
+        for r, n in rows:
+            end = min(-(-(r.prefilled + n) // page) * page, len(r.slots))
+            need = end - r.swa_upto
+            if need <= 0:
+                continue
+            if need > r.swa_reserve - r.swa_net:
+                raise EngineError(
+                    f"request {r.spec.rid} would hold {r.swa_net + need} SWA slots, over the "
+                    f"{r.swa_reserve} reserved for it (an engine bug)"
+                )
+            short = need - alloc.swa_available_size()  # type: ignore[union-attr]
+            if short > 0 and self._window:
+                self._evicted += self.cache.evict(0, short).full_evicted
+            if not alloc.alloc_swa(r.slots[r.swa_upto : end]):  # type: ignore[union-attr]
+                raise EngineError(
+                    f"no SWA slots for {need} positions of request {r.spec.rid} within its "
+                    f"reservation: {alloc.swa_available_size()} free (an engine bug)"  # type: ignore[union-attr]
+                )
+            r.swa_upto, r.swa_net = end, r.swa_net + need
 
     def _alloc_state(self) -> int | None:
         pool = self.memory.state_pool
@@ -642,7 +764,7 @@ class Engine:
         if pool is not None:
             # A request whose KV cannot fit is refused before its state slot is taken:
             # taking it may evict a saved state (and the leaf it sat on) for nothing.
-            if self._kv_cannot_fit(r.kv_len - cached):
+            if self._kv_cannot_fit(r.kv_len - cached, swa_reserve=self._swa_reserve(r, cached)):
                 return "nomem"
             # The state slot before the lock: with every slot taken, the state to drop may
             # be the one the match ends at (the match made it the most recent, so only when
@@ -670,7 +792,9 @@ class Engine:
                 m = self.cache.match_prefix(key)
                 cached = len(m.indices)
             token, locked = self._lock(m.last_node), m.last_node
-            slots = self._alloc_kv(r.kv_len - cached, m.indices)
+            # (the reservation after the lock: what the lock protects is no longer evictable)
+            reserve = self._swa_reserve(r, cached) if self._swa_free else 0
+            slots = self._alloc_kv(r.kv_len - cached, m.indices, reserve)
         except BaseException:  # an evict that raised: give back what this admission took
             give_back()
             raise
@@ -679,6 +803,9 @@ class Engine:
             return "nomem"
         r.slots = slots
         r.cached_len = r.prefilled = cached
+        # SWA sides come step by step (none yet) or came with the slots
+        r.swa_upto = cached if self._swa_free else len(slots)
+        r.swa_reserve, r.swa_net = reserve, 0
         r.node, r.lock_token, r.locked = m.last_node, token, True
         r.state_slot = state_slot
         try:
@@ -752,16 +879,24 @@ class Engine:
         live tokens. Positions ``[len(matched), covered)`` are the tree's (or free) and have
         no SWA KV of ours: the request prefills them again in new slots, then decodes on."""
         got = len(matched)
-        slots = self._alloc_kv(covered - got, prefix=matched)
+        # Its SWA sides come step by step: none past `covered` yet (each step attaches
+        # exactly what it writes, pages of 1 with a window), none on the new slots. It
+        # keeps counting what it handed the tree (swa_net) and may now hold, past that,
+        # what a request that frees as it goes holds: K + C (see _swa_reserve).
+        assert r.swa_upto == covered, (r.swa_upto, covered)
+        chunk = max(1, min(self.sched.chunk_tokens, covered - got))
+        reserve = r.swa_net + self._swa_keep + chunk + 2 * (self._swa_page - 1)
+        grow = max(0, reserve - r.swa_reserve)
+        slots = self._alloc_kv(covered - got, prefix=matched, swa_reserve=grow)
         if slots is None:
             raise EngineError(
                 f"no memory to recompute {covered - got} prompt tokens of {r.spec.rid} past "
                 "a tombstone another request holds locked"
             )
-        # one step from the old records to the new: slots[got:] are ours, every SWA side
-        # live (nothing is freed before the prompt is cached: swa_evicted is 0)
+        # one step from the old records to the new: slots[got:] are ours, with no SWA side
+        # yet (nothing is freed before the prompt is cached: swa_evicted is 0)
         r.slots, r.cached_len = np.concatenate([slots, r.slots[covered:]]), got
-        r.swa_evicted = 0
+        r.swa_evicted, r.swa_upto, r.swa_reserve = 0, got, r.swa_reserve + grow
         r.prefilled = min(r.prefilled, got)
         r.refill = True
 
@@ -797,9 +932,13 @@ class Engine:
                 continue
             start = max(r.swa_evicted, r.cached_len)
             end = (r.prefilled - self._swa_keep) // page * page
-            if end > start:
+            if end > start:  # each of slots[start:end] has its SWA side (end <= prefilled)
                 free_swa(r.slots[start:end])
-                r.swa_evicted = end
+                r.swa_evicted, r.swa_net = end, r.swa_net - (end - start)
+            if self._chunk_swa and not r.in_prefill:
+                # Prefill done: a ChunkCache request (whose net is all its own) holds at most
+                # K + P - 1 now and attaches one page a step: its reservation shrinks so.
+                r.swa_reserve = min(r.swa_reserve, self._swa_keep + 1 + 2 * (page - 1))
 
     def _finish(self, r: _Req) -> None:
         seq = np.concatenate([r.prompt, np.asarray(r.output[:-1], dtype=np.int32)])
@@ -810,6 +949,7 @@ class Engine:
             r.state_slot = 0  # the tree owns it now
         # all we own now, on its way back to the pool (_release frees it after an error)
         r.loose, r.slots, r.cached_len, r.swa_evicted = ours, r.slots[:0], 0, 0
+        r.swa_upto = r.swa_reserve = r.swa_net = 0
         self._free_loose(r)
         self._unlock_req(r)
         self._free_state(r)
@@ -835,8 +975,10 @@ class Engine:
         """Give back everything an unfinished request owns: its slots past the tree's, its
         state slot and its lock (each tried even if another fails; the first error is
         raised). Its tree slots stay the tree's."""
-        ours = r.slots[r.cached_len :]  # free() skips the SWA sides freed already
+        # free() skips the SWA sides freed already, and those never attached
+        ours = r.slots[r.cached_len :]
         r.slots, r.cached_len, r.swa_evicted = r.slots[:0], 0, 0
+        r.swa_upto = r.swa_reserve = r.swa_net = 0
         steps = (
             lambda: self._alloc.free(ours) if ours.size else None,
             lambda: self._free_loose(r),
@@ -935,6 +1077,7 @@ class Engine:
                 budget -= n
                 if budget <= 0 or len(rows) == self.sched.max_prefill_batch:
                     break
+        self._attach_swa(rows)
         next_tokens, logits = self._run_step(rows, decode=False)
         self._prefill_steps += 1
         host_logits = None
@@ -967,6 +1110,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         rows = [(r, 1) for r in self._running if not r.in_prefill]
+        self._attach_swa(rows)
         next_tokens, _ = self._run_step(rows, decode=True)
         self._decode_steps += 1
         for i, (r, _) in enumerate(rows):
@@ -1017,12 +1161,22 @@ class Engine:
             )
         self._seq += 1
         r = _Req(spec=spec, seq=self._seq, order=order, arrival=start + spec.arrival, prompt=prompt)
-        # Admission allocates every slot at once, a full and (with an SWA pool) an SWA slot
-        # per position: a request must fit the smaller pool.
+        # Admission allocates every full slot at once: a request must fit the pool. Where
+        # SWA sides come step by step (_swa_free) it reserves at most R of them
+        # (_swa_reserve, no prefix cached): R must fit the SWA pool; elsewhere it takes an
+        # SWA slot per position with the full one: it must fit the smaller pool.
         limit, pool = self.memory.kv_size, "the pool"
         swa_size = self.memory.swa_size
-        if self.memory.swa_pool is not None and swa_size is not None and swa_size < limit:
-            limit, pool = swa_size, "the SWA pool"
+        if self.memory.swa_pool is not None and swa_size is not None:
+            if self._swa_free:
+                reserve = self._swa_reserve(r, 0)
+                if reserve > swa_size:
+                    raise EngineError(
+                        f"request {spec.rid} needs {reserve} SWA slots at once (of its "
+                        f"{r.kv_len} KV slots); the SWA pool has {swa_size}"
+                    )
+            elif swa_size < limit:
+                limit, pool = swa_size, "the SWA pool"
         if r.kv_len > limit:
             raise EngineError(f"request {spec.rid} needs {r.kv_len} KV slots; {pool} has {limit}")
         self._rids.add(spec.rid)
@@ -1138,7 +1292,7 @@ class Engine:
         pools still hold live device buffers. With an SWA pool the same holds for the SWA
         side: free, live in the tree (a windowed tree's tombstones hold none), or held by a
         running request, which holds none for ``slots[cached_len:swa_evicted]`` (freed out
-        of the window)."""
+        of the window) nor for ``slots[swa_upto:]`` (not attached yet)."""
         alloc, cache, split = self._alloc, self.cache, self.memory.swa_pool is not None
         free = alloc.full_available_size() if split else alloc.available_size()  # type: ignore[union-attr]
         in_cache = cache.total_size()
@@ -1150,7 +1304,10 @@ class Engine:
                 swa_in_cache = cache.swa_evictable_size() + cache.swa_protected_size()
             swa_free = alloc.swa_available_size()  # type: ignore[union-attr]
             # ours but those whose SWA side a request freed (slots[cached_len:swa_evicted])
-            swa_held = held - sum(max(0, r.swa_evicted - r.cached_len) for r in self._running)
+            # or never attached (slots[swa_upto:]): slots[max(cached_len, swa_evicted):swa_upto]
+            swa_held = sum(
+                max(0, r.swa_upto - max(r.cached_len, r.swa_evicted)) for r in self._running
+            )
             ok = ok and swa_free + swa_in_cache + swa_held == self.memory.swa_size
         if not self._running:
             ok = ok and cache.protected_size() == 0 and cache.swa_protected_size() == 0

@@ -107,6 +107,10 @@ cdef class SWATokenToKVPoolAllocator:
     cdef int free_c(self, const int32_t* data, Py_ssize_t n, uint8_t owner) except -1
     # Free only the SWA side of full slots data[0:n] (pages in state `owner`, kept).
     cdef int free_swa_c(self, const int32_t* data, Py_ssize_t n, uint8_t owner) except -1
+    # Attach an SWA page to each caller-owned (PAGE_ALLOCATED) full page of data[0:n] that
+    # has none: 1 done, 0 the SWA side is short; InvalidValueError for a page not the
+    # caller's or already mapped. Either way short of 1, nothing changed.
+    cdef int alloc_swa_c(self, const int32_t* data, Py_ssize_t n) except -1
     # As TokenToKVPoolAllocator's, on the full side.
     cdef int adopt_c(self, const int32_t* data, Py_ssize_t n) except -1
     cdef void disown_c(self, const int32_t* data, Py_ssize_t n) noexcept

@@ -1408,9 +1408,13 @@ cdef class SWATokenToKVPoolAllocator:
     ``alloc(n)`` returns ``n`` full slots (``np.int32``, caller-owned) and records, for each,
     the SWA slot allocated with it (``translate_loc_from_full_to_swa``); ``None`` when
     either side cannot serve ``n`` (nothing changes). ``alloc(n, prefix=...)``: the
-    prefix's full slots, copied, then the ``n`` new ones. ``free(full)`` frees both sides;
+    prefix's full slots, copied, then the ``n`` new ones. ``alloc(n, swa=False)`` takes
+    full slots alone (mapped to 0, only the full side need serve ``n``), and
+    ``alloc_swa(full)`` attaches SWA slots to such caller-owned full slots later, when
+    their KV is about to be written. ``free(full)`` frees both sides;
     ``free_swa(full)`` frees only the SWA side of still-allocated full slots (slots whose
-    SWA side is already gone are skipped, so a tombstoned node can later be freed whole).
+    SWA side is already gone, or was never attached, are skipped, so a tombstoned node can
+    later be freed whole).
     Full slots that are not allocated raise ``InvalidFreeError`` in both, indices that are
     not slot ids ``InvalidValueError``; either way nothing is freed.
     ``available_size()`` is the smaller side. Each call is atomic with respect to Python
@@ -1475,32 +1479,99 @@ cdef class SWATokenToKVPoolAllocator:
         self._live()
         return self.swa.free_pages_count() * self.page_size
 
-    def alloc(self, n, prefix=None):
+    def alloc(self, n, prefix=None, swa=True):
         """``n`` fresh full slots (``np.int32``, caller-owned, each with an SWA slot) or
         ``None`` when either side cannot serve ``n`` (nothing changes). *prefix* (full
         slots) as in ``TokenToKVPoolAllocator.alloc``: the result is ``prefix`` then the
-        fresh slots, copied as given (full slots inside the pool)."""
+        fresh slots, copied as given (full slots inside the pool).
+
+        With ``swa=False`` only the full side is checked and taken: the fresh full slots
+        are the caller's with no SWA side (``mapping`` 0, ``translate_loc_from_full_to_swa``
+        gives 0) until ``alloc_swa`` attaches one. ``free`` and ``free_swa`` skip the
+        missing SWA sides, and so does a prefix cache that takes such slots as a
+        tombstone (below ``swa_evicted_seqlen``), so they can go anywhere a full slot
+        whose SWA side was freed can. ``swa`` must be True or False (``InvalidValueError``)."""
         self._live()
+        cdef bint with_swa = _flag_arg("swa", swa)
         cdef int32_t ps = self.page_size
         cdef int32_t need = _check_alloc_size(n, ps)
         cdef int32_t i, j, fb, sb
         cdef Py_ssize_t k
         cdef cnp.ndarray pre = None if prefix is None else _prefix_slots(self.full, prefix)
-        if need > self.full.free_pages_count() or need > self.swa.free_pages_count():
+        cdef int32_t swa_need = need if with_swa else 0
+        if need > self.full.free_pages_count() or swa_need > self.swa.free_pages_count():
             return None
         # the result array first: if it cannot be made, no slot has changed hands
         cdef cnp.ndarray out = _alloc_result(self.full, pre, need, &k)
-        if need > self.full.free_pages_count() or need > self.swa.free_pages_count():
+        if need > self.full.free_pages_count() or swa_need > self.swa.free_pages_count():
             return None  # defensive, as in TokenToKVPoolAllocator.alloc
         cdef int32_t* full_pages = self.full.take_pages(need)
-        cdef int32_t* swa_pages = self.swa.take_pages(need)
         _pages_to_slots(<int32_t*>cnp.PyArray_DATA(out) + k, full_pages, need, ps)
+        if not with_swa:
+            return out  # free full pages are mapped to 0 already (freeing one unmaps it)
+        cdef int32_t* swa_pages = self.swa.take_pages(need)
         for i in range(need):
             fb = full_pages[i] * ps
             sb = swa_pages[i] * ps
             for j in range(ps):
                 self.mapping[fb + j] = sb + j
         return out
+
+    def alloc_swa(self, full_indices):
+        """Attach an SWA slot to each of *full_indices* (full slots the caller owns) that
+        has none, whole pages (a slot's page gets one SWA page); True when done.
+
+        Ownership: the full slots stay the caller's; the SWA slots attached are the
+        caller's too, through them (``free`` or ``free_swa`` of the full slots gives them
+        back, and a prefix cache that takes the full slots in ``insert`` takes them too).
+        ``False``, and nothing changes, when the SWA side has fewer free pages than the
+        pages to attach. Every slot must be the caller's and have no SWA side yet: a slot
+        not allocated, a prefix cache's, already having an SWA side (one from ``alloc``, or
+        one attached before), the padding slot or out of range, or (page size 1) listed
+        twice raise ``InvalidValueError``, as do indices that are not slot ids; nothing
+        changes then either. An empty list returns True."""
+        self._live()
+        cdef cnp.ndarray arr = _as_int32_slots(full_indices, InvalidValueError, "full_indices")
+        cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
+        if n == 0:
+            return True
+        return self.alloc_swa_c(<const int32_t*>cnp.PyArray_DATA(arr), n) == 1
+
+    cdef int alloc_swa_c(self, const int32_t* data, Py_ssize_t n) except -1:
+        """alloc_swa on data[0:n]: 1 attached, 0 the SWA side is short (nothing changed)."""
+        cdef int32_t ps = self.page_size
+        cdef int32_t i, j, fb, sb, count, bad = -1
+        cdef int32_t* swa_pages
+        try:
+            # the caller's pages, each once, into full.scratch (marked PAGE_PENDING)
+            count = self.full.collect(data, n, PAGE_ALLOCATED)
+        except InvalidFreeError as exc:  # collect speaks of frees; this call attaches
+            msg = str(exc).replace("indices:", "full_indices:", 1)
+            msg = msg.replace(" (double free?)", "").replace("one free()", "one alloc_swa()")
+            raise InvalidValueError(msg) from None
+        for i in range(count):
+            if self.mapping[self.full.scratch[i] * ps] != 0:
+                bad = self.full.scratch[i]
+                break
+        # validation only: the full pages stay the caller's, whatever happens next
+        for i in range(count):
+            self.full.state[self.full.scratch[i]] = PAGE_ALLOCATED
+        if bad >= 0:
+            raise InvalidValueError(
+                f"full_indices: slot {bad * ps} already has an SWA side (slot "
+                f"{self.mapping[bad * ps]})" if ps == 1 else
+                f"full_indices: page {bad} (slots {bad * ps}..{bad * ps + ps - 1}) already "
+                f"has an SWA side (SWA slots from {self.mapping[bad * ps]})"
+            )
+        if count > self.swa.free_pages_count():
+            return 0
+        swa_pages = self.swa.take_pages(count)
+        for i in range(count):
+            fb = self.full.scratch[i] * ps
+            sb = swa_pages[i] * ps
+            for j in range(ps):
+                self.mapping[fb + j] = sb + j
+        return 1
 
     cdef int32_t _swa_pages_of(self, int32_t count) noexcept:
         """Unmap the full pages in full.scratch[0:count]; their live SWA pages go to
@@ -1537,7 +1608,8 @@ cdef class SWATokenToKVPoolAllocator:
     def free_swa(self, indices):
         """Free only the SWA side of allocated full slots; the full slots stay the caller's.
 
-        Full slots whose SWA side was already freed are skipped. A full slot that is not
+        Full slots whose SWA side was already freed (or never attached: ``alloc(n,
+        swa=False)``) are skipped. A full slot that is not
         allocated, or that a prefix cache took (it frees their SWA side itself), raises
         ``InvalidFreeError`` and nothing is freed.
         """
