@@ -159,8 +159,14 @@ def test_alloc_swa_refuses_slots_that_are_not_the_callers_or_have_a_side(ps: int
         cases.append(([bare[0], bare[2], bare[0]], "listed twice"))
     for indices, msg in cases:
         before = snapshot(a)
-        with pytest.raises(InvalidValueError, match=msg):
+        with pytest.raises(InvalidValueError, match=msg) as info:
             a.alloc_swa(indices)
+        # the message names this call's argument and frees nothing
+        text = str(info.value)
+        if msg is not None:
+            assert text.startswith("full_indices: "), text
+            assert "free()" not in text and "double free" not in text, text
+            assert "cannot be freed" not in text, text
         assert snapshot(a) == before, indices
         a._check_invariants()
     # nothing was attached by the refused calls: the good slots take one now

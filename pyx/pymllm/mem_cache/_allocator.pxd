@@ -53,8 +53,11 @@ cdef class PageCore:
     # Validates slots[0:n] (each in a page in state `owner`: PAGE_ALLOCATED for a caller's
     # free, PAGE_CACHED for a prefix cache's) and collects the unique pages they touch into
     # `scratch` (marked PAGE_PENDING). Returns their count; raises InvalidFreeError with
-    # every state as it was before the call.
-    cdef int32_t collect(self, const int32_t* slots, Py_ssize_t n, uint8_t owner) except -1
+    # every state as it was before the call (InvalidValueError naming `full_indices` with
+    # `attach`: SWATokenToKVPoolAllocator.alloc_swa validates the slots it attaches to).
+    cdef int32_t collect(
+        self, const int32_t* slots, Py_ssize_t n, uint8_t owner, bint attach=*
+    ) except -1
     # Moves pages[0:count] (PENDING or ALLOCATED) to the free side: held while a group is
     # open, else onto `release` (need_sort) or the tail of `pages`.
     cdef void commit(self, const int32_t* pages, int32_t count) noexcept

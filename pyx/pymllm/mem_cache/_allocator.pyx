@@ -572,19 +572,27 @@ cdef inline bint _free_run(PageCore self, const int32_t* slots, Py_ssize_t i, in
     return False
 
 
-cdef str _not_owned(int32_t s, uint8_t st, uint8_t owner, int32_t ps):
+cdef str _not_owned(int32_t s, uint8_t st, uint8_t owner, int32_t ps, bint attach=False):
     """Why a free of slot s (its page in state st) was refused, the page's owner being
-    expected to be `owner`."""
+    expected to be `owner`; with `attach`, why ``alloc_swa`` refused it (the argument
+    is ``full_indices`` then, and nothing was being freed)."""
+    cdef str arg = "full_indices" if attach else "indices"
     if st == PAGE_CACHED:
         return (
-            f"indices: slot {s} is owned by a prefix cache (a radix tree took it in insert); "
+            f"{arg}: slot {s} is owned by a prefix cache (a radix tree took it in insert); "
             "it goes back to the pool when the cache evicts it"
         )
     if st == PAGE_ALLOCATED:  # and owner is PAGE_CACHED: the cache's own free
-        return f"indices: slot {s} is not owned by a prefix cache (a caller holds it)"
-    return f"indices: slot {s} is not allocated (double free?)" + (
+        return f"{arg}: slot {s} is not owned by a prefix cache (a caller holds it)"
+    return f"{arg}: slot {s} is not allocated" + ("" if attach else " (double free?)") + (
         f"; its page {s // ps} is free" if ps > 1 else ""
     )
+
+
+cdef object _slot_refused(bint attach, str msg):
+    """The exception for a slot `collect` refuses: ``InvalidFreeError`` in a free,
+    ``InvalidValueError`` in ``alloc_swa`` (`attach`), which frees nothing."""
+    return InvalidValueError(msg) if attach else InvalidFreeError(msg)
 
 
 def _cannot_pickle(object owner):
@@ -701,23 +709,26 @@ cdef class PageCore:
         self.n_allocated += need
         return got
 
-    cdef int32_t collect(self, const int32_t* slots, Py_ssize_t n, uint8_t owner) except -1:
+    cdef int32_t collect(
+        self, const int32_t* slots, Py_ssize_t n, uint8_t owner, bint attach=False
+    ) except -1:
         cdef Py_ssize_t i, j
         cdef int32_t s, p, count = 0
         cdef int32_t ps = self.page_size
         cdef int32_t hi = (self.num_pages + 1) * ps
         cdef uint8_t st
+        cdef str arg = "full_indices" if attach else "indices"
         for i in range(n):
             s = slots[i]
             if s < ps or s >= hi:
                 for j in range(count):
                     self.state[self.scratch[j]] = owner
                 if 0 <= s < ps:
-                    raise InvalidFreeError(
-                        f"indices: slot {s} is the reserved padding slot (page 0); it is never "
-                        "allocated and cannot be freed"
+                    raise _slot_refused(attach,
+                        f"{arg}: slot {s} is the reserved padding slot (page 0); it is never "
+                        "allocated" + (" and takes no SWA side" if attach else " and cannot be freed")
                     )
-                raise InvalidFreeError(f"indices: slot {s} is out of range [{ps}, {hi})")
+                raise _slot_refused(attach, f"{arg}: slot {s} is out of range [{ps}, {hi})")
             p = s if ps == 1 else s // ps
             st = self.state[p]
             if st == owner:
@@ -730,8 +741,9 @@ cdef class PageCore:
                 for j in range(count):
                     self.state[self.scratch[j]] = owner
                 if st == PAGE_PENDING:
-                    raise InvalidFreeError(f"indices: slot {s} is listed twice in one free()")
-                raise InvalidFreeError(_not_owned(s, st, owner, ps))
+                    raise _slot_refused(attach, f"{arg}: slot {s} is listed twice in one "
+                                        + ("alloc_swa()" if attach else "free()"))
+                raise _slot_refused(attach, _not_owned(s, st, owner, ps, attach))
         return count
 
     cdef int adopt(self, const int32_t* slots, Py_ssize_t n) except -1:
@@ -1542,13 +1554,8 @@ cdef class SWATokenToKVPoolAllocator:
         cdef int32_t ps = self.page_size
         cdef int32_t i, j, fb, sb, count, bad = -1
         cdef int32_t* swa_pages
-        try:
-            # the caller's pages, each once, into full.scratch (marked PAGE_PENDING)
-            count = self.full.collect(data, n, PAGE_ALLOCATED)
-        except InvalidFreeError as exc:  # collect speaks of frees; this call attaches
-            msg = str(exc).replace("indices:", "full_indices:", 1)
-            msg = msg.replace(" (double free?)", "").replace("one free()", "one alloc_swa()")
-            raise InvalidValueError(msg) from None
+        # the caller's pages, each once, into full.scratch (marked PAGE_PENDING)
+        count = self.full.collect(data, n, PAGE_ALLOCATED, True)
         for i in range(count):
             if self.mapping[self.full.scratch[i] * ps] != 0:
                 bad = self.full.scratch[i]
