@@ -38,7 +38,11 @@ from pymllm.engine.scheduler import (
 from pymllm.engine.workloads import RequestSpec, Workload
 from pymllm.mem_cache import ChunkCache, RadixCache
 from pymllm.mem_cache.mamba_radix_cache import MambaRadixCache
-from pymllm.mem_cache.memory_pool import MambaPool, TokenToKVPoolAllocator
+from pymllm.mem_cache.memory_pool import (
+    MambaPool,
+    SWATokenToKVPoolAllocator,
+    TokenToKVPoolAllocator,
+)
 
 
 def make_engine(variant: str, cache_cls: type = RadixCache, **cache_args: Any) -> Engine:
@@ -324,6 +328,23 @@ def test_caches_that_can_serve_are_accepted():
         "full",
         lambda m: RadixCache(token_to_kv_pool_allocator=m.token_to_kv_pool_allocator, page_size=4),
     )
+
+
+def test_split_pools_with_pages_are_refused_where_swa_goes_position_by_position():
+    """The engine attaches and frees SWA sides a position at a time (its reservation counts
+    them so): over split pools with pages of 4 (not EngineMemory's own) it refuses at
+    construction, with a ChunkCache as with a windowed tree; pages of 1 are served."""
+
+    def swapped(ps: int):
+        def make(m: EngineMemory) -> Any:
+            m.token_to_kv_pool_allocator = SWATokenToKVPoolAllocator(64, 48, page_size=ps)
+            return ChunkCache(m.token_to_kv_pool_allocator)
+
+        return make
+
+    with pytest.raises(ValueError, match="SWA allocator with page_size 4"):
+        engine_with("swa", swapped(4), 48)
+    engine_with("swa", swapped(1), 48)
 
 
 # -- capacity and accounting ----------------------------------------------------------------

@@ -28,8 +28,8 @@ The life of a request, and who owns its KV slots at each point (the rule of
    the model's ``sliding_window``), and the next token is at position ``prefilled``, so
    the SWA KV of positions below ``prefilled - W + 1`` is dead. The engine frees below
    ``prefilled - Wc + 1``, ``Wc`` the cache's ``sliding_window_size`` (``>= W``, checked
-   at construction; equal to it unless configured otherwise), rounded down to a whole page
-   of the cache's ``page_size`` (always 1 here), and records how far in ``swa_evicted``:
+   at construction; equal to it unless configured otherwise; the allocator's pages are of
+   one slot, checked at construction), and records how far in ``swa_evicted``:
    ``slots[cached_len:swa_evicted]`` are then ours as full slots with no SWA side, the rest
    of ``slots[cached_len:]`` ours with both sides. Keeping ``Wc - 1`` positions (then
    ``Wc`` at the finish, the last step's own position included) is what the tree needs to
@@ -522,12 +522,18 @@ class Engine:
         # it frees the SWA side of all that left the model's window, prompt included.
         self._chunk_swa = isinstance(cache, ChunkCache) and memory.swa_pool is not None
         self._swa_free = bool(self._window) or self._chunk_swa
-        # The SWA KV a running request keeps behind its next position, in whole pages: the
+        if self._swa_free and alloc.page_size != 1:
+            # SWA sides are taken and freed position by position (the reservation counts
+            # them so): the split pools must have pages of one slot, as EngineMemory's do.
+            raise ValueError(
+                f"an SWA allocator with page_size {alloc.page_size} is not supported: the "
+                "engine attaches and frees SWA sides one position at a time; use page_size=1"
+            )
+        # The SWA KV a running request keeps behind its next position: the
         # window less one (the next token reads W - 1 earlier positions of the model's
         # window W <= the cache's Wc; the tree matches through a tombstone only with Wc
         # live tokens after it, which the finish's insert then has).
         self._swa_keep = (self._window or cfg.sliding_window) - 1
-        self._swa_page = page_size
         # Where SWA sides are freed (_swa_free) they are also taken late: admission takes
         # full slots alone and a reservation of SWA slots (_swa_reserve), and each step
         # attaches the SWA sides of the positions it writes just before it (_attach_swa).
@@ -619,37 +625,30 @@ class Engine:
     def _swa_reserve(self, r: _Req, cached: int) -> int:
         """R, the SWA slots reserved for ``r`` admitted with ``cached`` positions the tree's:
         the most its ``swa_net`` (SWA sides it attached less those it freed out of the
-        window) can reach. With K = ``_swa_keep``, P = ``_swa_page`` and C the most
-        positions one step writes for it (a prefill chunk, at most
-        min(chunk_tokens, prompt_len - cached); a decode step, 1):
+        window) can reach. With K = ``_swa_keep`` and C the most positions one step writes
+        for it (a prefill chunk, at most min(chunk_tokens, prompt_len - cached); a decode
+        step, 1), and slots of one position each (the engine's allocators have pages of 1):
 
-        * ``_attach_swa`` attaches, before a step, the positions it writes, rounded up to a
-          page end: at most C + P - 1 more.
-        * ``_free_out_of_window`` frees, after every step, all below
-          floor_P(prefilled - K): what is left of ours is at most K + P - 1 (and nothing
-          is freed of what is not ours: it cannot bring net down for the tree's).
-        * A ``ChunkCache`` frees from the first step on: at most K + P - 1 before a step,
-          plus C + P - 1 during it.
+        * ``_attach_swa`` attaches, before a step, the C positions it writes.
+        * ``_free_out_of_window`` frees, after every step, all below prefilled - K: what is
+          left of ours is at most K (and nothing is freed of what is not ours: it cannot
+          bring net down for the tree's).
+        * A ``ChunkCache`` frees from the first step on: at most K before a step, plus C
+          during it: R = K + C.
         * A windowed tree keeps the prompt whole until it is cached (nothing freed):
-          prompt_len - cached + P - 1 by the end of prefill. The insert hands it to the
-          tree, whose node the request keeps locked (SWA protected, not evictable: net
-          keeps counting it); decode then frees from prompt_len on, and attaches 1 a step:
-          K + 1 + 2 (P - 1) more.
+          prompt_len - cached by the end of prefill. The insert hands it to the tree, whose
+          node the request keeps locked (SWA protected, not evictable: net keeps counting
+          it); decode then frees from prompt_len on, and attaches 1 a step: K + 1 more.
+          R = prompt_len - cached + K + 1.
 
-        Never more than its own slots, ``kv_len - cached`` (rounded up to a page). The
-        engine's allocator has pages of 1 (P = 1): R = min(kv_len - cached, K + max(C, 1))
-        for a ChunkCache, min(kv_len - cached, prompt_len - cached + K + 1) for a windowed
-        tree. A short re-match (``_refill``) raises R then (its prefill frees as it goes);
-        a ``ChunkCache`` request's R falls to K + 1 + 2 (P - 1) once its prefill is done
-        (``_free_out_of_window``)."""
-        keep, slack = self._swa_keep, self._swa_page - 1
-        own = -(-(r.kv_len - cached) // self._swa_page) * self._swa_page
+        Never more than its own slots, ``kv_len - cached``. A short re-match (``_refill``)
+        raises R then (its prefill frees as it goes); a ``ChunkCache`` request's R falls to
+        K + 1 once its prefill is done (``_free_out_of_window``)."""
         if self._window:
-            held = r.prompt_len - cached + slack + keep + 1 + 2 * slack
+            held = r.prompt_len - cached + self._swa_keep + 1
         else:
-            chunk = max(1, min(self.sched.chunk_tokens, r.prompt_len - cached))
-            held = keep + chunk + 2 * slack
-        return min(own, held)
+            held = self._swa_keep + max(1, min(self.sched.chunk_tokens, r.prompt_len - cached))
+        return min(r.kv_len - cached, held)
 
     def _swa_outstanding(self) -> int:
         """SWA slots the running requests may still attach: reserved, not held."""
@@ -658,7 +657,7 @@ class Engine:
     def _attach_swa(self, rows: list[tuple[_Req, int]]) -> None:
         """Before a step, where SWA sides are taken step by step (``_swa_free``): each row's
         request gets an SWA side for the positions the step writes (``prefilled`` on, ``n``
-        of them, rounded up to a page end, within its slots), evicting the tree's SWA KV
+        of them, within its slots), evicting the tree's SWA KV
         first when the pool is short. Within its reservation by construction
         (``_swa_reserve``) and admitted only with every running request's outstanding
         reservation within reach (``_kv_cannot_fit``): a failure here is a bug of that
@@ -667,9 +666,9 @@ class Engine:
         exactly what is attached."""
         if not self._swa_free:
             return
-        page, alloc = self._swa_page, self._alloc
+        alloc = self._alloc
         for r, n in rows:
-            end = min(-(-(r.prefilled + n) // page) * page, len(r.slots))
+            end = min(r.prefilled + n, len(r.slots))
             need = end - r.swa_upto
             if need <= 0:
                 continue
@@ -880,12 +879,12 @@ class Engine:
         no SWA KV of ours: the request prefills them again in new slots, then decodes on."""
         got = len(matched)
         # Its SWA sides come step by step: none past `covered` yet (each step attaches
-        # exactly what it writes, pages of 1 with a window), none on the new slots. It
+        # exactly what it writes), none on the new slots. It
         # keeps counting what it handed the tree (swa_net) and may now hold, past that,
         # what a request that frees as it goes holds: K + C (see _swa_reserve).
         assert r.swa_upto == covered, (r.swa_upto, covered)
         chunk = max(1, min(self.sched.chunk_tokens, covered - got))
-        reserve = r.swa_net + self._swa_keep + chunk + 2 * (self._swa_page - 1)
+        reserve = r.swa_net + self._swa_keep + chunk
         grow = max(0, reserve - r.swa_reserve)
         slots = self._alloc_kv(covered - got, prefix=matched, swa_reserve=grow)
         if slots is None:
@@ -913,7 +912,7 @@ class Engine:
     def _free_out_of_window(self) -> None:
         """With a window, after a step: every running request frees the SWA side of its own
         slots at the positions no later token of its own reads (see the module docstring):
-        below ``prefilled - Wc + 1``, in whole pages, from ``max(swa_evicted, cached_len)``
+        below ``prefilled - Wc + 1``, from ``max(swa_evicted, cached_len)``
         on (the tree's locked prefix is the tree's to settle). A prompt before its first
         caching (a request with no output yet) is kept whole; the prompt positions a
         request computes again after a short re-match (``_refill``: it has output, its
@@ -925,20 +924,20 @@ class Engine:
         ``_release``."""
         if not self._swa_free:
             return
-        page, whole_prompt = self._swa_page, not self._chunk_swa
+        whole_prompt = not self._chunk_swa
         free_swa = self._alloc.free_swa  # type: ignore[union-attr]
         for r in self._running:
             if whole_prompt and not r.output:  # the prompt goes to the tree whole
                 continue
             start = max(r.swa_evicted, r.cached_len)
-            end = (r.prefilled - self._swa_keep) // page * page
+            end = r.prefilled - self._swa_keep
             if end > start:  # each of slots[start:end] has its SWA side (end <= prefilled)
                 free_swa(r.slots[start:end])
                 r.swa_evicted, r.swa_net = end, r.swa_net - (end - start)
             if self._chunk_swa and not r.in_prefill:
                 # Prefill done: a ChunkCache request (whose net is all its own) holds at most
-                # K + P - 1 now and attaches one page a step: its reservation shrinks so.
-                r.swa_reserve = min(r.swa_reserve, self._swa_keep + 1 + 2 * (page - 1))
+                # K now and attaches one a step: its reservation shrinks so.
+                r.swa_reserve = min(r.swa_reserve, self._swa_keep + 1)
 
     def _finish(self, r: _Req) -> None:
         seq = np.concatenate([r.prompt, np.asarray(r.output[:-1], dtype=np.int32)])
