@@ -779,8 +779,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @invariant()
     def agree(self) -> None:
-        if self.pair is None:
-            return
+        assert self.pair is not None  # made by the @initialize step, before any invariant
         got, want = self.pair
         assert got.available_size() == want.available_size()
         got._check_invariants()

@@ -12,12 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    rule,
-)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from pymllm.mem_cache import RadixCache, RadixKey
 from pymllm.mem_cache._allocator import SWATokenToKVPoolAllocator
@@ -336,8 +331,7 @@ class LazySwaModel(RuleBasedStateMachine):
     @invariant()
     def matches_the_model(self) -> None:
         a = self.a
-        if a is None:
-            return
+        assert a is not None  # made by the @initialize step, before any invariant
         assert a.full_available_size() == (self.full_pages - len(self.held)) * self.ps
         assert a.swa_available_size() == (self.swa_pages - sum(self.held.values())) * self.ps
         mapping = a.full_to_swa_index_mapping
