@@ -4280,7 +4280,9 @@ cdef class RadixTreeCore:
         for i in range(self.hwm):
             x = &self.nodes[i]
             if x.uid < 0:
-                assert x.heap_pos[0] == -1 or True
+                # a free slot is in no eviction order: every removal takes it out first
+                assert x.heap_pos[HEAP_FULL] == -1 and x.heap_pos[HEAP_AUX] == -1, (
+                    f"free slot {i}: still in an eviction order")
                 continue
             live += 1
             assert x.num_children == len(kids.get(i, [])), f"node {x.uid}: child count"
