@@ -6,6 +6,7 @@ depends on the draw: a fixed case pins the rule on every run)."""
 from __future__ import annotations
 
 import numpy as np
+from conftest import RecordingAllocator  # tests/ is on sys.path (rootdir conftest)
 
 from pymllm.mem_cache import RadixCache, RadixKey
 
@@ -80,26 +81,18 @@ def test_pretty_print_totals_name_evictable_and_protected_tokens(capsys) -> None
 # -- caught only by the randomized state machines ---------------------------------------
 
 
-class _CountingAllocator:
-    def __init__(self) -> None:
-        self.calls: list[list[int]] = []
-
-    def free(self, slots: np.ndarray) -> None:
-        self.calls.append(slots.tolist())
-
-
-def test_an_evict_that_frees_nothing_makes_no_free_call() -> None:
+def test_an_evict_that_frees_nothing_makes_no_free_call(allocator: RecordingAllocator) -> None:
     """The freed slots go back in one ``free`` call, and an evict that frees nothing
     (nothing asked, nothing cached, everything locked) makes none.
     Mutant: ``free`` was called with an empty array."""
-    alloc = _CountingAllocator()
-    cache = RadixCache(token_to_kv_pool_allocator=alloc)
+    cache = RadixCache(token_to_kv_pool_allocator=allocator)
     assert cache.evict(5).full_evicted == 0
-    node = cache.insert(RadixKey([1, 2]), _arr(10, 11)).last_node
+    slots = allocator.alloc(2)
+    node = cache.insert(RadixKey([1, 2]), slots).last_node
     assert cache.evict(0).full_evicted == 0
     cache.inc_lock_ref(node)
     assert cache.evict(5).full_evicted == 0
-    assert alloc.calls == []
+    assert allocator.free_calls == []
     cache.dec_lock_ref(node)
     assert cache.evict(5).full_evicted == 2
-    assert alloc.calls == [[10, 11]]
+    assert allocator.freed_sequence == [slots.tolist()]
