@@ -696,6 +696,33 @@ def test_pretty_print_of_a_deep_chain_is_linear_in_its_nodes(capsys) -> None:
         assert not line.startswith("  " * 33)
 
 
+def test_children_and_pretty_print_list_siblings_oldest_first(capsys) -> None:
+    """Siblings come in node id order, the order their nodes were made, whichever freed
+    node slots they took (they came in slot order: a node made after an evict took the
+    evicted node's slot and printed before its older siblings)."""
+    cache = RadixCache()
+    first = cache.insert(RadixKey([1, 1]), None).last_node
+    cache.insert(RadixKey([2, 2]), None)
+    cache.insert(RadixKey([3, 3]), None)
+    cache.match_prefix(RadixKey([2, 2]))
+    cache.match_prefix(RadixKey([3, 3]))
+    assert cache.evict(2).full_evicted == 2 and first.evicted  # the oldest slot is free
+    cache.insert(RadixKey([4, 4]), None)  # the newest node, in the freed slot
+    cache.insert(RadixKey([2, 2, 5]), None)  # children of [2, 2]: made in this order
+    cache.insert(RadixKey([2, 2, 6]), None)
+    cache.insert(RadixKey([2, 2, 0]), None)
+    kids = cache.children(cache.root_node)
+    assert [k.key.token_ids for k in kids] == [[2, 2], [3, 3], [4, 4]]
+    assert [k.id for k in kids] == sorted(k.id for k in kids)
+    grandkids = cache.children(kids[0])
+    assert [k.key.token_ids for k in grandkids] == [[5], [6], [0]]
+    cache.pretty_print()
+    lines = capsys.readouterr().out.splitlines()[:-1]
+    keys = [line.split("key=")[1].split("]")[0] + "]" for line in lines]
+    assert keys == ["[2, 2]", "[5]", "[6]", "[0]", "[3, 3]", "[4, 4]"]
+    assert [line.startswith("  ") for line in lines] == [False, True, True, True, False, False]
+
+
 def test_pretty_print_names_the_namespace_of_each_root_child(capsys) -> None:
     """Namespaces with equal tokens printed identical lines; a root child in a namespace
     now ends with its extra_key's repr (taken after the tree is released, so a repr that

@@ -4076,14 +4076,17 @@ cdef class RadixTreeCore:
         return _copy_idx(self.nodes[n].value, self.nodes[n].len)
 
     cdef dict _children_slots(self):
-        """Map parent slot -> list of child slots (an O(tree) debugging aid). Only under
-        the call guard (_enter), which holds the collector off: the loop allocates, and a
-        finalizer's reset() would shrink the node array under it."""
-        kids = {}
+        """Map parent slot -> list of child slots, each list in node id order, the order
+        the nodes were made (an O(tree log tree) debugging aid; slot order would follow
+        which freed slots were reused). Only under the call guard (_enter), which holds
+        the collector off: the loop allocates, and a finalizer's reset() would shrink the
+        node array under it."""
         cdef int64_t i
-        for i in range(1, self.hwm):
-            if self.nodes[i].uid >= 0:
-                kids.setdefault(self.nodes[i].parent, []).append(i)
+        live = [(self.nodes[i].uid, i) for i in range(1, self.hwm) if self.nodes[i].uid >= 0]
+        live.sort()
+        kids = {}
+        for _, i in live:
+            kids.setdefault(self.nodes[i].parent, []).append(i)
         return kids
 
     def _storage_state(self):
@@ -4112,7 +4115,8 @@ cdef class RadixTreeCore:
         return [self._handle(<nid_t>i) for i in range(1, self.hwm) if self.nodes[i].uid >= 0]
 
     def children(self, node):
-        """Handles of *node*'s children (O(tree): a debugging aid, not for hot paths)."""
+        """Handles of *node*'s children, oldest first (by node id, the order the nodes were
+        made). O(tree): a debugging aid, not for hot paths."""
         self._enter()
         try:
             return self._children_locked(node)
@@ -4130,7 +4134,8 @@ cdef class RadixTreeCore:
         ``extra_key=`` and its repr, so that namespaces with equal tokens tell apart (the
         reprs are taken after the tree is released: a repr that calls the cache works). A
         repr that spans lines prints its line breaks escaped (``\\n``, ``\\r``), so that
-        every node stays one line."""
+        every node stays one line. A node's children follow it oldest first (by node id,
+        the order the nodes were made), each with its own subtree."""
         self._enter()
         try:
             lines = self._pretty_print_locked()
